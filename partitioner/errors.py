@@ -7,6 +7,7 @@ __all__ = [
     "TraceError",
     "ProfileError",
     "DeviceError",
+    "DeviceMismatchError",
     "InfeasibleError",
     "SolverError",
     "PlanFormatError",
@@ -28,6 +29,10 @@ class ProfileError(PartitionerError):
 
 class DeviceError(PartitionerError, ValueError):
     """A device string or profile name is unknown, unavailable, duplicated or empty."""
+
+
+class DeviceMismatchError(PartitionerError, RuntimeError):
+    """One op got tensors on two devices: a transfer is missing before it (simulated devices)."""
 
 
 class InfeasibleError(PartitionerError):
