@@ -1,0 +1,277 @@
+"""Group a traced graph's nodes into layers and build the `LayerGraph` the planner sees.
+
+Grouping rule. A node's layer is the outermost *block* module on its module stack
+(blocks: the classes held in `nn.ModuleList`/`nn.Sequential` containers, such as
+``GPT2Block``, or classes the caller names), else its innermost module when that module
+is a leaf or holds parameters of its own (``leaf`` granularity skips the blocks). Other
+ops (mask construction, residual adds at the root, a container's glue) join the layer of
+their first user, or their producer's when only the output reads them. A parameter
+belongs to the layer of its first user; other users read it as a value, so tied weights
+are transferred, never duplicated. Layers that depend on each other both ways are merged
+(the condensation of the layer graph), so the layer graph is a DAG. Edges that carry no
+tensor (SymInts, shapes) cost nothing to cross and do not order layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
+from partitioner.profiling import BACKWARD_FLOP_FACTOR, NodeStats
+from partitioner.trace import TracedModel
+
+__all__ = ["LayeredModel", "build_layers", "SKIP_TARGETS"]
+
+SKIP_TARGETS = ("_guards_fn",)
+"""Call targets that are never placed: torch.export's input-guard check does no compute."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayeredModel:
+    """A traced model with its layers: what the rewrite needs besides a placement."""
+
+    traced: TracedModel
+    graph: LayerGraph
+    node_layer: Mapping[str, int]
+    """Node name -> layer index, for every placed node (get_attr and call nodes)."""
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """(layer key, class name) from outermost to innermost, root excluded.
+
+    The key is the module's qualified name, with export's ``@k`` suffix for its k-th
+    repeated call (fx merges repeated calls, since a call_module node reads the module's
+    own parameters and cannot be split from them).
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    out: list[tuple[str, str]] = []
+    for key, (path, cls) in stack.items():
+        if not path or key.startswith("_empty_nn_module_stack"):
+            continue
+        suffix = key[key.rindex("@") :] if "@" in key else ""
+        cls_name = cls if isinstance(cls, str) else _qualname(cls)
+        out.append((path + suffix, cls_name))
+    if node.op == "call_module" and (not out or out[-1][0] != node.target):
+        out.append((str(node.target), ""))
+    return out
+
+
+def _is_block(cls_name: str, blocks: frozenset[str]) -> bool:
+    return cls_name in blocks or cls_name.rsplit(".", 1)[-1] in blocks
+
+
+def _own_key(node: fx.Node, traced: TracedModel) -> str | None:
+    """The node's layer key, or None for an op that belongs to no layer of its own.
+
+    Ops of a container module (e.g. ``GPT2Model`` building masks between its blocks)
+    count as root ops: grouping them by their container would tie every block together.
+    """
+    stack = _module_stack(node)
+    for key, cls_name in stack:
+        if _is_block(cls_name, traced.blocks):
+            return key
+    if stack and (node.op == "call_module" or stack[-1][0].split("@")[0] in traced.owners):
+        return stack[-1][0]
+    return None
+
+
+def _assign_keys(gm: fx.GraphModule, traced: TracedModel, stats: Mapping[str, NodeStats]) -> dict[fx.Node, str]:
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    placed = [n for n in nodes if n.op.startswith("call_") and n.target not in SKIP_TARGETS]
+    key: dict[fx.Node, str | None] = {n: _own_key(n, traced) for n in placed}
+
+    def first_keyed(candidates: list[fx.Node]) -> str | None:
+        keyed = sorted((c for c in candidates if key.get(c)), key=order.__getitem__)
+        return key[keyed[0]] if keyed else None
+
+    # Root ops join their first user's layer (walking backwards resolves chains of them) ...
+    for n in reversed(placed):
+        if key[n] is None:
+            key[n] = first_keyed(list(n.users))
+    # ... or their last producer's when only the output reads them ...
+    for n in placed:
+        if key[n] is None:
+            producers = [a for a in n.all_input_nodes if key.get(a)]
+            key[n] = key[max(producers, key=order.__getitem__)] if producers else None
+    # ... or, with no data edge to any layer (dead code), the layer before them in program order.
+    previous: str | None = None
+    for n in placed:
+        previous = key[n] = key[n] or previous
+    following: str | None = None
+    for n in reversed(placed):
+        following = key[n] = key[n] or following or "<root>"
+    # A tensor attribute belongs to the layer of its first user.
+    for n in nodes:
+        if n.op == "get_attr":
+            owner = first_keyed(list(n.users))
+            if owner is not None:
+                key[n] = owner
+    return {n: k for n, k in key.items() if k is not None}
+
+
+def _tensor_of(gm: fx.GraphModule, target: str) -> torch.Tensor | None:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _owned_tensors(gm: fx.GraphModule, n: fx.Node) -> list[tuple[str, torch.Tensor]]:
+    if n.op == "get_attr":
+        t = _tensor_of(gm, str(n.target))
+        return [(str(n.target), t)] if t is not None else []
+    if n.op == "call_module":
+        sub = gm.get_submodule(str(n.target))
+        named = list(sub.named_parameters(remove_duplicate=False)) + list(sub.named_buffers(remove_duplicate=False))
+        return [(f"{n.target}.{name}", t) for name, t in named]
+    return []
+
+
+def build_layers(traced: TracedModel, stats: Mapping[str, NodeStats], *, batch_size: int = 1) -> LayeredModel:
+    """Group `traced`'s nodes into layers and cost them with `stats` (from `profile_nodes`)."""
+    gm = traced.gm
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    key = _assign_keys(gm, traced, stats)
+
+    def carries_tensor(n: fx.Node) -> bool:
+        s = stats.get(n.name)
+        return s.is_tensor if s is not None else True
+
+    g = nx.DiGraph()
+    first_seen: dict[str, int] = {}
+    for n, k in key.items():
+        first_seen[k] = min(first_seen.get(k, order[n]), order[n])
+    g.add_nodes_from(first_seen)
+    for n, k in key.items():
+        for a in n.all_input_nodes:
+            if a in key and key[a] != k and carries_tensor(a):
+                g.add_edge(key[a], k)
+    # A tensor that several call_module nodes read inside their modules cannot be moved
+    # between them: their layers are tied together (a 2-cycle, merged below).
+    tensor_owner: dict[int, str] = {}
+    for n in sorted((n for n in key if n.op == "call_module"), key=order.__getitem__):
+        for _, t in _owned_tensors(gm, n):
+            owner = tensor_owner.setdefault(id(t), key[n])
+            if owner != key[n]:
+                g.add_edge(owner, key[n])
+                g.add_edge(key[n], owner)
+
+    cond = nx.condensation(g)
+    comp_of = cond.graph["mapping"]
+    comp_first = {c: min(first_seen[k] for k in cond.nodes[c]["members"]) for c in cond.nodes}
+    comp_order = list(nx.lexicographical_topological_sort(cond, key=comp_first.__getitem__))
+    comp_index = {c: i for i, c in enumerate(comp_order)}
+    node_layer = {n.name: comp_index[comp_of[k]] for n, k in key.items()}
+    members = [sorted(cond.nodes[c]["members"], key=first_seen.__getitem__) for c in comp_order]
+
+    layers = _layer_records(gm, traced, stats, key, node_layer, members, order)
+    values = _values(gm, stats, node_layer, carries_tensor)
+    graph = LayerGraph(
+        layers=tuple(layers),
+        values=tuple(values),
+        fingerprint=_fingerprint(gm, node_layer),
+        model_name=traced.model_name,
+        frontend=traced.frontend,
+        batch_size=batch_size,
+    )
+    return LayeredModel(traced=traced, graph=graph, node_layer=node_layer)
+
+
+def _layer_records(
+    gm: fx.GraphModule,
+    traced: TracedModel,
+    stats: Mapping[str, NodeStats],
+    key: Mapping[fx.Node, str],
+    node_layer: Mapping[str, int],
+    members: list[list[str]],
+    order: Mapping[fx.Node, int],
+) -> list[Layer]:
+    param_ids = {id(p) for p in gm.parameters()}
+    seen: set[int] = set()
+    acc = [
+        {"modules": [], "params": [], "param_bytes": 0, "buffer_bytes": 0, "flops": 0, "out": 0, "saved": 0, "traffic": 0, "nodes": 0}
+        for _ in members
+    ]
+    for n in sorted(key, key=order.__getitem__):
+        a = acc[node_layer[n.name]]
+        a["nodes"] += 1
+        for name, t in _owned_tensors(gm, n):
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            a["params"].append(name)
+            a["param_bytes" if id(t) in param_ids else "buffer_bytes"] += t.numel() * t.element_size()
+        if n.op != "get_attr" and _own_key(n, traced) is not None:
+            a["modules"].append(key[n].split("@")[0])
+        s = stats.get(n.name)
+        if s is not None and n.op != "get_attr":
+            a["flops"] += s.flops
+            a["out"] += s.output_bytes
+            a["saved"] += s.output_bytes if s.requires_grad else 0
+            a["traffic"] += s.traffic_bytes
+    layers = []
+    for i, (keys, a) in enumerate(zip(members, acc)):
+        name = keys[0] if len(keys) == 1 else f"{keys[0]}..{keys[-1]}"
+        layers.append(
+            Layer(
+                index=i,
+                name=name,
+                modules=tuple(dict.fromkeys(a["modules"])),
+                params=tuple(a["params"]),
+                param_bytes=a["param_bytes"],
+                buffer_bytes=a["buffer_bytes"],
+                output_bytes=a["out"],
+                saved_bytes=a["saved"],
+                fwd_flops=a["flops"],
+                bwd_flops=BACKWARD_FLOP_FACTOR * a["flops"],
+                traffic_bytes=a["traffic"],
+                num_nodes=a["nodes"],
+            )
+        )
+    return layers
+
+
+def _values(
+    gm: fx.GraphModule,
+    stats: Mapping[str, NodeStats],
+    node_layer: Mapping[str, int],
+    carries_tensor: object,
+) -> list[Value]:
+    out: list[Value] = []
+    for n in gm.graph.nodes:
+        if n.op == "output" or (n.op != "placeholder" and n.name not in node_layer):
+            continue
+        producer = INPUT if n.op == "placeholder" else node_layer[n.name]
+        consumers: set[int] = set()
+        for u in n.users:
+            if u.op == "output":
+                consumers.add(OUTPUT)
+            elif u.name in node_layer and node_layer[u.name] != producer:
+                consumers.add(node_layer[u.name])
+        s = stats.get(n.name)
+        if not consumers or (s is not None and not s.is_tensor):
+            continue
+        ordered = tuple(sorted(c for c in consumers if c != OUTPUT)) + ((OUTPUT,) if OUTPUT in consumers else ())
+        out.append(Value(name=n.name, producer=producer, consumers=ordered, bytes=s.value_bytes if s else 0))
+    return out
+
+
+def _fingerprint(gm: fx.GraphModule, node_layer: Mapping[str, int]) -> str:
+    """Hash of the graph's ops, their layers and the tensors' names, shapes and dtypes."""
+    parts = [[n.op, str(n.target), n.name, node_layer.get(n.name, -1)] for n in gm.graph.nodes]
+    tensors = [[k, list(t.shape), str(t.dtype)] for k, t in gm.state_dict(keep_vars=True).items()]
+    blob = json.dumps([parts, tensors], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

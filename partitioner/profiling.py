@@ -1,0 +1,158 @@
+"""Per-node FLOPs and bytes from one run of the graph on fake tensors.
+
+The graph runs under `FakeTensorMode`, so nothing is allocated: a Llama-70B-shaped model
+built on ``meta`` is profiled in seconds. FLOPs come from `FlopCounterMode`, read node by
+node (counting the ops a node dispatches to, so ``aten.linear`` counts as its ``addmm``).
+
+Backward FLOPs are estimated as twice the forward's (gradient with respect to the input
+and to the weight, each as costly as the forward matmul: Kaplan et al. 2020, "Scaling
+Laws for Neural Language Models", section 2.1).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.utils import stateless
+from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+from partitioner.errors import ProfileError
+
+__all__ = ["NodeStats", "profile_nodes", "tensor_bytes", "BACKWARD_FLOP_FACTOR"]
+
+BACKWARD_FLOP_FACTOR = 2
+"""Backward FLOPs per forward FLOP (see the module docstring)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStats:
+    """What one graph node costs in one forward."""
+
+    flops: int
+    """Forward floating-point operations."""
+    output_bytes: int
+    """Bytes of the tensors it returns (0 for views, which share their input's storage)."""
+    value_bytes: int
+    """Bytes that move if its result crosses devices (views included)."""
+    traffic_bytes: int
+    """Bytes its ops read and write (roofline memory term)."""
+    is_tensor: bool
+    """Whether its result holds at least one tensor (SymInts and ints cost nothing to move)."""
+    requires_grad: bool
+    """Whether any output tensor requires grad (it is kept for backward when training)."""
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of all tensors in a pytree value."""
+    return sum(t.numel() * t.element_size() for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
+def _is_view(target: Any) -> bool:
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+    return target in (getattr, "view", "reshape", "transpose", "permute", "expand", "squeeze", "unsqueeze")
+
+
+class _StatsInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.counter = counter
+        self.stats: dict[str, NodeStats] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        before = self.counter.get_total_flops()
+        try:
+            out = super().run_node(n)
+        except Exception as e:
+            where = n.meta.get("stack_trace", "").strip().splitlines()[-1:] or [""]
+            raise ProfileError(
+                f"profiling node {n.name!r} ({n.op} {n.target}) on fake tensors failed: "
+                f"{type(e).__name__}: {e} {where[0]}"
+            ) from e
+        if n.op in ("placeholder", "output"):
+            return out
+        flops = self.counter.get_total_flops() - before
+        value_bytes = tensor_bytes(out)
+        inputs = [self.env[a] for a in n.all_input_nodes if a in self.env]
+        in_bytes = sum(tensor_bytes(x) for x in inputs)
+        view = n.op in ("call_function", "call_method") and _is_view(n.target)
+        self.stats[n.name] = NodeStats(
+            flops=int(flops),
+            output_bytes=0 if view or n.op == "get_attr" else value_bytes,
+            value_bytes=value_bytes,
+            traffic_bytes=0 if view else in_bytes + value_bytes,
+            is_tensor=any(isinstance(t, torch.Tensor) for t in tree_leaves(out)),
+            requires_grad=any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)),
+        )
+        return out
+
+
+def profile_nodes(
+    gm: fx.GraphModule,
+    example_args: tuple[Any, ...],
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    training: bool = True,
+) -> dict[str, NodeStats]:
+    """Run `gm` once on fake tensors and return each node's `NodeStats`, by node name.
+
+    Parameters on ``meta`` are supported: inputs are then moved to ``meta`` as well.
+
+    Raises:
+        ProfileError: a node failed on fake tensors; the message names it.
+    """
+    state = dict(gm.named_parameters(remove_duplicate=False))
+    state.update(gm.named_buffers(remove_duplicate=False))
+    on_meta = any(t.is_meta for t in state.values())
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        t = x.to("meta") if on_meta and not x.is_meta else x
+        f = mode.from_tensor(t)
+        return f.requires_grad_(x.requires_grad) if f.is_floating_point() else f
+
+    fake_state = {k: fake(v) for k, v in state.items()}
+    args = tree_map(fake, tuple(example_args))
+    kwargs = tree_map(fake, dict(example_kwargs or {}))
+    counter = FlopCounterMode(display=False)
+    interp = _StatsInterpreter(gm, counter)
+    with torch.set_grad_enabled(training), mode, counter, stateless._reparametrize_module(gm, fake_state):
+        interp.run(*_flat_inputs(gm, args, kwargs))
+    return interp.stats
+
+
+def _flat_inputs(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """The values of the graph's placeholders for a call ``gm(*args, **kwargs)``.
+
+    Graphs from torch.export flatten their inputs (pytree codegen); fx graphs take the
+    forward's own signature, with defaults for missing keyword arguments.
+    """
+    in_spec = getattr(gm, "_in_spec", None)
+    if in_spec is not None:
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+        names = list(bound.arguments)
+        n_pos = in_spec.child(0).num_children
+        positional = [bound.arguments[k] for k in names[:n_pos]]
+        keywords = {k: bound.arguments[k] for k in names[n_pos:]}
+        return list(fx_pytree.tree_flatten_spec((positional, keywords), in_spec))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values: list[Any] = list(args)
+    for p in placeholders[len(args) :]:
+        if p.target in kwargs:
+            values.append(kwargs[p.target])
+        elif p.args:
+            values.append(p.args[0])
+        else:
+            raise ProfileError(f"no example value for input {p.target!r}; pass it in example_kwargs")
+    return values
