@@ -1,0 +1,320 @@
+"""Calibration: measure a present device's sustained FLOP/s and bandwidths into a `DeviceProfile`.
+
+What is measured, and how (each figure is the median of repeated timings after warm-up):
+
+- FLOP/s per dtype: square matmuls ``C = A @ B`` of ``2 n^3`` FLOPs, ``n`` doubled until
+  one call is long enough to time well (or a size cap);
+- memory bandwidth: ``dst.copy_(src)`` of a buffer larger than any cache, counting the
+  bytes read and written (``2 x size``);
+- host link (CUDA): copies between pinned host memory and the device, each direction; the
+  slower direction is kept. Latency: a 4-byte copy;
+- peer link (two or more GPUs): copies from this GPU to the next one.
+
+The figures are sustained rates, so the profile's efficiency factors are 1.0. On CPU the
+measurement runs with ``threads`` torch threads (1 by default, as layer profiling does) and
+restores the caller's setting afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from partitioner.devices import (
+    DTYPES,
+    DeviceProfile,
+    Link,
+    PeakFlops,
+    match_cuda_profile,
+    profile_to_json,
+    system_memory_bytes,
+)
+from partitioner.errors import DeviceError
+
+__all__ = ["measure_device", "write_profile"]
+
+_TORCH_DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class _Budget:
+    """How long each measurement may take, by device type and mode."""
+
+    min_matmul: int
+    """Smallest matmul side tried."""
+    max_matmul: int
+    """Largest matmul side tried (caps memory and time)."""
+    call_s: float
+    """A matmul call this long is long enough to time; stop growing n."""
+    sample_s: float
+    """Keep repeating a timing until this much time has passed (at least 3 repeats)."""
+    copy_bytes: int
+    """Size of the on-device copy (larger than the last-level cache)."""
+    host_bytes: int
+    """Size of the host <-> device copies."""
+
+
+_BUDGETS = {
+    # CPU: L3 caches reach 256 MiB on server parts; the full run's 512 MiB copy is past
+    # them, the quick one's 64 MiB past a laptop's. Under ~1 s per dtype in quick mode.
+    ("cpu", True): _Budget(256, 512, 0.02, 0.1, 64 << 20, 0),
+    ("cpu", False): _Budget(256, 2048, 0.1, 0.5, 512 << 20, 0),
+    # GPU: n = 8192 keeps an H100's bf16 tensor cores busy (~1.6 ms a call); L2 is at most
+    # ~100 MiB, so 1 GiB copies measure HBM.
+    ("cuda", True): _Budget(1024, 4096, 0.001, 0.1, 256 << 20, 64 << 20),
+    ("cuda", False): _Budget(1024, 8192, 0.002, 0.5, 1 << 30, 256 << 20),
+}
+
+
+def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], sample_s: float) -> float:
+    """Median seconds of one call of `fn`, after one warm-up call; at least three timings."""
+    fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < sample_s and len(times) < 100):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return max(statistics.median(times), 1e-9)
+
+
+@contextmanager
+def _fp32_matmul_precision(tf32: bool) -> Iterator[None]:
+    """Let float32 CUDA matmuls use TF32 tensor cores (or forbid it), restoring the setting after."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; mixing it with allow_tf32 raises
+        saved: Any = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = saved
+    else:
+        saved = matmul.allow_tf32
+        matmul.allow_tf32 = tf32
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = saved
+
+
+def _matmul_flops(dtype: str, device: torch.device, sync: Callable[[], None], budget: _Budget) -> tuple[float, int]:
+    """(sustained FLOP/s, matmul side used) for square matmuls in `dtype`."""
+    n = budget.min_matmul
+    while True:
+        a = torch.randn(n, n, device=device).to(_TORCH_DTYPES[dtype])
+        b = torch.randn(n, n, device=device).to(_TORCH_DTYPES[dtype])
+        with _fp32_matmul_precision(dtype == "tf32") if device.type == "cuda" else _nothing():
+            seconds = _median_seconds(lambda: torch.mm(a, b), sync, budget.call_s)
+            if seconds >= budget.call_s or n >= budget.max_matmul:
+                seconds = _median_seconds(lambda: torch.mm(a, b), sync, budget.sample_s)
+                return _rounded(2 * n**3 / seconds), n
+        n *= 2
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _copy_seconds(dst: torch.Tensor, src: torch.Tensor, sync: Callable[[], None], sample_s: float) -> float:
+    return _median_seconds(lambda: dst.copy_(src, non_blocking=True), sync, sample_s)
+
+
+_Alloc = Callable[[int], torch.Tensor]
+
+
+def _measured_link(
+    nbytes: int, make_src: _Alloc, make_dst: _Alloc, sync: Callable[[], None], sample_s: float
+) -> tuple[float, float]:
+    """(bytes per second, latency s) of copies from `make_src(n)` to `make_dst(n)`."""
+    seconds = _copy_seconds(make_dst(nbytes), make_src(nbytes), sync, sample_s)
+    latency = _copy_seconds(make_dst(4), make_src(4), sync, sample_s)
+    return _rounded(nbytes / seconds), _rounded(latency)
+
+
+def _rounded(x: float) -> float:
+    """Four significant digits: timing noise is larger than the rest."""
+    return float(f"{x:.4g}")
+
+
+def _cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def measure_device(
+    device: str,
+    dtypes: Sequence[str] = ("float32", "bfloat16", "float16"),
+    quick: bool = False,
+    *,
+    name: str | None = None,
+    threads: int | None = 1,
+) -> DeviceProfile:
+    """Measure `device` and return its profile (efficiencies 1.0: the figures are sustained).
+
+    Args:
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        dtypes: Matmul dtypes to measure, from ``float32``, ``tf32`` (CUDA only),
+            ``bfloat16``, ``float16``; float32 is always measured (the schema needs it). A
+            dtype whose matmul the device cannot run is left out of the profile.
+        quick: Smaller sizes and fewer repeats (CPU: a few seconds; for tests and a first
+            look).
+        name: Profile name; by default ``cpu``, or the name `match_cuda_profile` gives
+            the GPU, so that a measured profile on ``$PARTITIONER_PROFILE_PATH`` replaces
+            the built-in one.
+        threads: torch threads on CPU during the measurement (restored after); None keeps
+            the current setting.
+
+    Raises:
+        DeviceError: `device` is not ``cpu`` or a present CUDA device, or a dtype is unknown.
+    """
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        raise DeviceError(f"cannot measure dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
+    wanted = ["float32"] + [d for d in DTYPES if d in dtypes and d != "float32"]
+    dev = _parse_device(device)
+    if dev.type == "cpu":
+        saved = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            return _measure(dev, wanted, quick, name)
+        finally:
+            torch.set_num_threads(saved)
+    with torch.cuda.device(dev):
+        return _measure(dev, wanted, quick, name)
+
+
+def _parse_device(device: str) -> torch.device:
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = torch.cuda.current_device() if device == "cuda" and count else None
+        try:
+            dev = torch.device(device if index is None else f"cuda:{index}")
+        except RuntimeError:
+            raise DeviceError(f"cannot read device {device!r}; expected 'cuda' or 'cuda:N'") from None
+        if dev.index is None or dev.index >= count:
+            raise DeviceError(f"cannot measure {device!r}: this machine has {count} CUDA device(s)")
+        return dev
+    raise DeviceError(f"cannot measure {device!r}: measure 'cpu', 'cuda' or 'cuda:N' (present hardware only)")
+
+
+def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str | None) -> DeviceProfile:
+    on_cuda = dev.type == "cuda"
+    budget = _BUDGETS["cuda" if on_cuda else "cpu", quick]
+    sync: Callable[[], None] = (lambda: torch.cuda.synchronize(dev)) if on_cuda else (lambda: None)
+
+    peaks: dict[str, float] = {}
+    sizes: list[str] = []
+    skipped: list[str] = []
+    for dtype in dtypes:
+        if dtype == "tf32" and not (on_cuda and torch.cuda.get_device_capability(dev) >= (8, 0)):
+            skipped.append("tf32 (no TF32 tensor cores)")
+            continue
+        try:
+            peaks[dtype], n = _matmul_flops(dtype, dev, sync, budget)
+            sizes.append(f"{dtype} n={n}")
+        except RuntimeError as e:  # e.g. a dtype without a matmul kernel on this device
+            if dtype == "float32":
+                raise
+            skipped.append(f"{dtype} ({str(e).splitlines()[0][:80]})")
+
+    elements = budget.copy_bytes // 4
+    src = torch.empty(elements, dtype=torch.float32, device=dev).fill_(1.0)
+    dst = torch.empty_like(src)
+    bandwidth = _rounded(2 * budget.copy_bytes / _copy_seconds(dst, src, sync, budget.sample_s))
+    del src, dst
+
+    host_link = peer_link = None
+    if on_cuda:
+        props = torch.cuda.get_device_properties(dev)
+        memory = int(props.total_memory)
+        default_name = match_cuda_profile(props).name
+        hardware = props.name
+
+        def pinned(n: int) -> torch.Tensor:
+            return torch.empty(n, dtype=torch.uint8, pin_memory=True)
+
+        def on_device(n: int) -> torch.Tensor:
+            return torch.empty(n, dtype=torch.uint8, device=dev)
+
+        h2d = _measured_link(budget.host_bytes, pinned, on_device, sync, budget.sample_s)
+        d2h = _measured_link(budget.host_bytes, on_device, pinned, sync, budget.sample_s)
+        host_link = Link(
+            interface="pcie",
+            generation=None,
+            bandwidth_Bps=min(h2d[0], d2h[0]),
+            latency_s=max(h2d[1], d2h[1]),
+            efficiency=1.0,
+        )
+        count = torch.cuda.device_count()
+        if count >= 2:
+            peer = torch.device("cuda", (dev.index + 1) % count)
+
+            def on_peer(n: int) -> torch.Tensor:
+                return torch.empty(n, dtype=torch.uint8, device=peer)
+
+            def sync_both() -> None:
+                torch.cuda.synchronize(dev)
+                torch.cuda.synchronize(peer)
+
+            p2p = _measured_link(budget.host_bytes, on_device, on_peer, sync_both, budget.sample_s)
+            peer_link = Link(
+                interface="measured", generation=None, bandwidth_Bps=p2p[0], latency_s=p2p[1], efficiency=1.0
+            )
+    else:
+        memory = system_memory_bytes()
+        default_name = "cpu"
+        hardware = f"{_cpu_model_name()}, {torch.get_num_threads()} torch thread(s)"
+
+    mode = "quick" if quick else "full"
+    not_measured = f"; not measured: {', '.join(skipped)}" if skipped else ""
+    return DeviceProfile(
+        name=name or default_name,
+        description=f"Measured on {hardware} ({mode} mode, {time.strftime('%Y-%m-%d')})",
+        kind="gpu" if on_cuda else "cpu",
+        memory_bytes=memory,
+        memory_bandwidth_Bps=bandwidth,
+        peak_flops=PeakFlops(**peaks),
+        compute_efficiency=1.0,
+        memory_efficiency=1.0,
+        host_link=host_link,
+        peer_link=peer_link,
+        source=(
+            f"partitioner.calibrate.measure_device, torch {torch.__version__}: medians of square matmuls "
+            f"({', '.join(sizes)}), a {budget.copy_bytes >> 20} MiB copy"
+            + (f", {budget.host_bytes >> 20} MiB host and peer copies" if on_cuda else "")
+            + f"; sustained figures, efficiencies 1.0{not_measured}"
+        ),
+    )
+
+
+def write_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
+    """Write `profile` as JSON in the schema `load_profile` reads; returns the path.
+
+    The file is written whole or not at all (a temporary file renamed into place).
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(profile_to_json(profile), encoding="utf-8")
+    os.replace(tmp, target)
+    return target
