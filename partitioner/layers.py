@@ -76,14 +76,19 @@ def _own_key(node: fx.Node, traced: TracedModel) -> str | None:
 
     Ops of a container module (e.g. ``GPT2Model`` building masks between its blocks)
     count as root ops: grouping them by their container would tie every block together.
+    So do modules without tensors (an activation called at several places), which can
+    run on any device.
     """
     stack = _module_stack(node)
     for key, cls_name in stack:
         if _is_block(cls_name, traced.blocks):
             return key
-    if stack and (node.op == "call_module" or stack[-1][0].split("@")[0] in traced.owners):
-        return stack[-1][0]
-    return None
+    if not stack:
+        return None
+    path = stack[-1][0].split("@")[0]
+    if path in traced.stateless or (node.op != "call_module" and path not in traced.owners):
+        return None
+    return stack[-1][0]
 
 
 def _assign_keys(gm: fx.GraphModule, traced: TracedModel, stats: Mapping[str, NodeStats]) -> dict[fx.Node, str]:

@@ -46,6 +46,8 @@ class TracedModel:
     """Qualified class names grouped as one layer each (empty for leaf granularity)."""
     owners: frozenset[str]
     """Qualified names of modules that can be a layer: leaves and modules with direct parameters."""
+    stateless: frozenset[str]
+    """Qualified names of modules without any parameter or buffer (they can run anywhere)."""
 
 
 def block_classes(model: nn.Module, extra: Sequence[str] = ()) -> frozenset[str]:
@@ -107,6 +109,11 @@ def trace_model(
         model_name=type(model).__name__,
         blocks=block_classes(model, split_modules) if granularity == "block" else frozenset(split_modules),
         owners=_owner_paths(model),
+        stateless=frozenset(
+            name
+            for name, m in model.named_modules(remove_duplicate=False)
+            if next(m.parameters(), None) is None and next(m.buffers(), None) is None
+        ),
     )
 
 

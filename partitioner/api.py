@@ -1,0 +1,323 @@
+"""The front door: `plan` a model onto devices, or `auto_parallelize` it (plan, then rewrite).
+
+trace -> profile -> layers -> cost model -> solve -> plan -> rewrite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+from partitioner.cost_model import build_problem
+from partitioner.devices import Device, resolve_devices
+from partitioner.errors import DeviceError, PlanMismatchError, ProfileError
+from partitioner.ir import LayerGraph, Problem, Solution
+from partitioner.layers import LayeredModel, build_layers
+from partitioner.options import PlanOptions, Strategy
+from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
+from partitioner.profiling import profile_nodes
+from partitioner.replicate import Replicated
+from partitioner.rewrite import Transfer, node_devices, place_tensors, rewrite_graph, tensor_devices
+from partitioner.simdevice import SimulatedDevices
+from partitioner.solve import evaluate, solve
+from partitioner.trace import Frontend, Granularity, trace_model
+
+__all__ = ["plan", "auto_parallelize", "PartitionedModule", "Compiled", "compile_plan", "make_plan"]
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """Everything one planning run produced (for tools that want more than the plan)."""
+
+    layered: LayeredModel
+    devices: tuple[Device, ...]
+    problem: Problem
+    solution: Solution
+    plan: Plan
+    timings_s: Mapping[str, float]
+    """Seconds spent tracing, profiling and solving."""
+
+
+def compile_plan(
+    model: nn.Module,
+    devices: Sequence[str],
+    example_inputs: tuple[Any, ...] = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    options: PlanOptions | None = None,
+    max_memory: Mapping[str | int, int | str] | None = None,
+    frontend: Frontend = "auto",
+    granularity: Granularity = "block",
+    split_modules: Sequence[str] = (),
+    progress: Progress | None = None,
+) -> Compiled:
+    """Trace, profile and solve; see `plan` for the arguments."""
+    options = options or PlanOptions()
+    say = progress or (lambda _: None)
+    if isinstance(devices, str):
+        devices = [devices]
+    resolved = resolve_devices(list(devices), max_memory)
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    say(f"tracing {type(model).__name__}")
+    traced = trace_model(model, args, kwargs, frontend=frontend, granularity=granularity, split_modules=split_modules)
+    timings["trace_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    say(f"profiling {sum(1 for _ in traced.gm.graph.nodes)} graph nodes on fake tensors")
+    try:
+        stats = profile_nodes(traced.gm, args, kwargs, training=options.training)
+    except ProfileError:
+        if frontend != "auto" or traced.frontend != "fx":
+            raise
+        say("torch.fx graph did not replay; tracing again with torch.export")
+        traced = trace_model(model, args, kwargs, frontend="export", granularity=granularity, split_modules=split_modules)
+        stats = profile_nodes(traced.gm, args, kwargs, training=options.training)
+    layered = build_layers(traced, stats, batch_size=_batch_size(args, kwargs))
+    timings["profile_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    graph = layered.graph
+    say(f"solving: {len(graph.layers)} layers on {len(resolved)} device(s)")
+    problem = build_problem(graph, resolved, options, _dtype_of(model))
+    solution = solve(problem, options.solver)
+    timings["solve_s"] = time.perf_counter() - start
+    result = make_plan(graph, resolved, problem, solution, options, granularity)
+    return Compiled(layered, resolved, problem, solution, result, timings)
+
+
+def plan(
+    model: nn.Module,
+    devices: Sequence[str],
+    example_inputs: tuple[Any, ...] = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    **kw: Any,
+) -> Plan:
+    """Plan `model` onto `devices` without running anything on them.
+
+    Works for absent hardware named by a profile (``"a100-80gb x4"``) and for models
+    built on ``meta`` (nothing is allocated).
+
+    Args:
+        model: The model (not modified).
+        devices: Device strings (``cpu``, ``cuda:1``, ``cpu:0`` simulated, profile names).
+        example_inputs: Positional example inputs (their shapes are planned for).
+        example_kwargs: Keyword example inputs.
+        **kw: ``options`` (`PlanOptions`), ``max_memory`` (Accelerate-style caps),
+            ``frontend``, ``granularity``, ``split_modules``, ``progress``.
+
+    Returns:
+        The plan.
+    """
+    return compile_plan(model, devices, example_inputs, example_kwargs, **kw).plan
+
+
+class PartitionedModule(nn.Module):
+    """The rewritten model: layers on their devices, transfers inserted.
+
+    ``pm(*args, **kwargs)`` computes what the original computes. ``pm.plan`` is the plan,
+    ``pm.transfers`` the transfers the rewrite inserted, and, on simulated devices,
+    ``pm.simulator`` the `SimulatedDevices` mode whose log counts the bytes moved.
+    """
+
+    def __init__(
+        self, module: nn.Module, plan: Plan, transfers: Sequence[Transfer], simulator: SimulatedDevices | None
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.plan = plan
+        self.transfers = tuple(transfers)
+        self.simulator = simulator
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.simulator is None or any(isinstance(m, SimulatedDevices) for m in _get_current_dispatch_mode_stack()):
+            return self.module(*args, **kwargs)
+        with self.simulator:
+            return self.module(*args, **kwargs)
+
+
+def auto_parallelize(
+    model: nn.Module,
+    devices: Sequence[str],
+    example_inputs: tuple[Any, ...] = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    plan: Plan | None = None,
+    output_device: str | None = None,
+    inplace: bool = False,
+    simulate: bool = False,
+    **kw: Any,
+) -> PartitionedModule:
+    """Split `model` over `devices`: trace, profile, solve, and rewrite with transfers.
+
+    Example:
+        >>> import torch, partitioner
+        >>> model = torch.nn.Sequential(torch.nn.Linear(1024, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+        >>> x = torch.randn(8, 1024)
+        >>> pm = partitioner.auto_parallelize(model, ["cpu:0", "cpu:1"], (x,), max_memory={"cpu:0": "3MB"})
+        >>> torch.testing.assert_close(partitioner.to_plain(pm(x)), model(x))
+        >>> pm.plan.strategy.value
+        'model_parallel'
+
+    Args:
+        model: The model. It is not modified unless ``inplace=True``, which moves its own
+            parameters to the planned devices (no copy).
+        devices: As for `plan`; every device must be present (``cpu``, ``cuda:N``,
+            simulated ``cpu:N``), unless ``simulate=True``.
+        example_inputs: Positional example inputs.
+        example_kwargs: Keyword example inputs.
+        plan: A saved plan to apply instead of solving (its fingerprint must match).
+        output_device: Where outputs are gathered (default: the last layer's device).
+        inplace: Move the model's own tensors instead of copying them.
+        simulate: Run on simulated CPU devices ``cpu:0..`` standing for the planned ones
+            (dry-run a plan for absent GPUs on a laptop).
+        **kw: Planning arguments, as for `plan`.
+
+    Returns:
+        A `PartitionedModule`.
+
+    Raises:
+        DeviceError: A device is absent and ``simulate`` is off.
+        PlanMismatchError: ``plan`` was made for another model.
+    """
+    compiled = compile_plan(model, devices, example_inputs, example_kwargs, **kw)
+    chosen = compiled.plan
+    if plan is not None:
+        if plan.fingerprint != chosen.fingerprint:
+            raise PlanMismatchError(
+                f"the plan was made for {plan.model_name} (fingerprint {plan.fingerprint}) but this model "
+                f"traces to {chosen.model_name} (fingerprint {chosen.fingerprint}); plan this model again"
+            )
+        chosen = plan
+    targets = _run_devices(compiled.devices, simulate)
+    out = targets[chosen.output_device] if output_device is None else output_device
+    logical = all(t.startswith("cpu:") for t in targets)
+    simulator = SimulatedDevices(len(targets)) if logical else None
+    with simulator if simulator is not None else contextlib.nullcontext():
+        if chosen.strategy is Strategy.DATA_PARALLEL:
+            memo = place_tensors(model, {}, targets[0], inplace=inplace)
+            replica_module = model if inplace else copy.deepcopy(model, memo)
+            module: nn.Module = Replicated(replica_module, targets, out, compiled.layered.graph.batch_size)
+            transfers: list[Transfer] = []
+        else:
+            layered = compiled.layered
+            memo = place_tensors(
+                layered.traced.gm, tensor_devices(layered, chosen.assignment, targets), targets[0], inplace=inplace
+            )
+            module, transfers = rewrite_graph(layered, node_devices(layered, chosen.assignment, targets), out, memo)
+    if simulator is not None:
+        simulator.reset()
+    return PartitionedModule(module, chosen, transfers, simulator)
+
+
+def _run_devices(devices: Sequence[Device], simulate: bool) -> list[str]:
+    if simulate:
+        return [f"cpu:{k}" for k in range(len(devices))]
+    absent = [d.name for d in devices if d.torch_device is None]
+    if absent:
+        raise DeviceError(
+            f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} not present here, so the plan cannot run; "
+            "use partitioner.plan() to plan only, or simulate=True to dry-run on simulated CPU devices"
+        )
+    return [str(d.torch_device) for d in devices]
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
+    for x in tree_leaves((args, dict(kwargs))):
+        if isinstance(x, torch.Tensor) and x.ndim:
+            return int(x.shape[0])
+    return 1
+
+
+def _dtype_of(model: nn.Module) -> str:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(p.dtype, "float32")
+    return "float32"
+
+
+def make_plan(
+    graph: LayerGraph,
+    devices: Sequence[Device],
+    problem: Problem,
+    solution: Solution,
+    options: PlanOptions,
+    granularity: str,
+) -> Plan:
+    """The plan of `solution`: per-device and per-layer figures from `evaluate`."""
+    data_parallel = solution.strategy is Strategy.DATA_PARALLEL
+    ev = evaluate(problem, solution.assignment)
+    fastest = [min(row) for row in problem.compute_s]
+    bound = max(max(fastest, default=0.0), sum(fastest) / len(devices))
+    plan_devices = []
+    for d, dev in enumerate(devices):
+        params = sum(
+            l.param_bytes + l.buffer_bytes for l, a in zip(graph.layers, solution.assignment) if a == d or data_parallel
+        )
+        replica = problem.replica
+        plan_devices.append(
+            PlanDevice(
+                name=dev.name,
+                profile=dev.profile.name,
+                kind=dev.profile.kind,
+                torch_device=dev.torch_device,
+                capacity_bytes=problem.capacity[d],
+                memory_bytes=replica.memory[d] if data_parallel and replica else ev.memory[d],
+                param_bytes=params,
+                compute_s=replica.time_s if data_parallel and replica else ev.compute_s[d],
+                transfer_in_s=0.0 if data_parallel else ev.transfer_in_s[d],
+                transfer_out_s=0.0 if data_parallel else ev.transfer_out_s[d],
+            )
+        )
+    layers = tuple(
+        PlanLayer(
+            name=l.name,
+            modules=l.modules,
+            params=l.params,
+            device=a,
+            compute_s=problem.compute_s[l.index][a],
+            memory_bytes=problem.memory[l.index],
+        )
+        for l, a in zip(graph.layers, solution.assignment)
+    )
+    transfers = (
+        ()
+        if data_parallel
+        else tuple(
+            PlanTransfer(value=problem.values[t.value].name, src=t.src, dst=t.dst, bytes=t.bytes, seconds=t.seconds)
+            for t in ev.transfers
+        )
+    )
+    return Plan(
+        model_name=graph.model_name,
+        fingerprint=graph.fingerprint,
+        frontend=graph.frontend,
+        granularity=granularity,
+        strategy=solution.strategy,
+        objective=options.objective,
+        training=options.training,
+        batch_size=graph.batch_size,
+        devices=tuple(plan_devices),
+        layers=layers,
+        transfers=transfers,
+        output_device=solution.assignment[-1] if solution.assignment and not data_parallel else 0,
+        predicted_s=solution.objective_s,
+        bound_s=bound,
+        solver=SolverInfo(
+            method=solution.solver, optimal=solution.optimal, gap=solution.gap, time_s=solution.solve_time_s
+        ),
+    )
+

@@ -1,0 +1,284 @@
+"""A plan: what goes where, what it costs, and how sure the solver is. Pure data.
+
+A plan prints as a readable table (`partitioner.report`), saves as JSON and loads back
+(`Plan.to_json` / `Plan.from_json`, validated, never pickle), and exports an
+Accelerate-style ``device_map``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from partitioner.errors import PlanFormatError
+from partitioner.options import Objective, Strategy
+
+__all__ = ["PLAN_VERSION", "PlanDevice", "PlanLayer", "PlanTransfer", "SolverInfo", "Plan"]
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanDevice:
+    """One device of the plan and what it carries."""
+
+    name: str
+    """As the user named it (``cuda:0``, ``cpu:1``, ``a100-80gb:2``)."""
+    profile: str
+    """Device profile the estimates used."""
+    kind: str
+    """``cpu`` or ``gpu``."""
+    torch_device: str | None
+    """Device string for torch, None when the device is absent (estimated only)."""
+    capacity_bytes: int
+    """Memory the plan may use on it (after the reserve)."""
+    memory_bytes: int
+    """Memory the plan needs on it."""
+    param_bytes: int
+    """Parameter and buffer bytes on it."""
+    compute_s: float
+    """Seconds of compute per step."""
+    transfer_in_s: float
+    """Seconds of transfers into it per step."""
+    transfer_out_s: float
+    """Seconds of transfers out of it per step."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanLayer:
+    """One layer and where it goes."""
+
+    name: str
+    modules: tuple[str, ...]
+    """Qualified names of the modules it holds."""
+    params: tuple[str, ...]
+    """Qualified names of the tensors it owns."""
+    device: int
+    """Index into `Plan.devices` (0 for every layer under data parallelism)."""
+    compute_s: float
+    """Seconds on its device per step."""
+    memory_bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanTransfer:
+    """A value moved between devices once per step."""
+
+    value: str
+    """Graph node whose result moves."""
+    src: int
+    dst: int
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SolverInfo:
+    """How the placement was found."""
+
+    method: str
+    """``dp``, ``highs``, ``cbc``, ``brute`` or ``replicate``."""
+    optimal: bool
+    """Whether optimality was proved (within the requested gap)."""
+    gap: float
+    """Relative gap between the plan and the best proved bound."""
+    time_s: float
+    """Wall-clock solve time."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """A placement of a model's layers on devices, with its predicted costs."""
+
+    model_name: str
+    fingerprint: str
+    """Graph fingerprint of the model it was made for (checked when it is applied)."""
+    frontend: str
+    granularity: str
+    strategy: Strategy
+    objective: Objective
+    training: bool
+    batch_size: int
+    devices: tuple[PlanDevice, ...]
+    layers: tuple[PlanLayer, ...]
+    transfers: tuple[PlanTransfer, ...]
+    output_device: int
+    """Index of the device that receives the outputs."""
+    predicted_s: float
+    """Predicted objective: one step's latency, or the busiest device's time."""
+    bound_s: float
+    """Perfect balance: ``max(total compute / devices, largest layer)``, each layer on its fastest device."""
+    solver: SolverInfo
+
+    # ------------------------------------------------------------------ views
+    @property
+    def assignment(self) -> tuple[int, ...]:
+        """Device index of each layer."""
+        return tuple(layer.device for layer in self.layers)
+
+    @property
+    def transfer_bytes(self) -> int:
+        """Bytes moved between devices per forward."""
+        return sum(t.bytes for t in self.transfers)
+
+    def device_map(self) -> dict[str, int | str]:
+        """An Accelerate-style device map (module name -> GPU ordinal or ``"cpu"``).
+
+        Usable as ``from_pretrained(..., device_map=plan.device_map())`` and with
+        ``accelerate.dispatch_model``. GPUs are numbered in the plan's device order.
+
+        Raises:
+            ValueError: The plan is data parallel, or a module's tensors are split over
+                two devices (the cut falls inside a module; plan with ``granularity="block"``).
+        """
+        if self.strategy is Strategy.DATA_PARALLEL:
+            raise ValueError("a data-parallel plan replicates the model; it has no device_map")
+        gpu_ordinal = {i: n for n, i in enumerate(i for i, d in enumerate(self.devices) if d.kind == "gpu")}
+
+        def target(i: int) -> int | str:
+            return gpu_ordinal[i] if i in gpu_ordinal else "cpu"
+
+        out: dict[str, int | str] = {}
+        owner: dict[str, str] = {}
+        for layer in self.layers:
+            names = list(layer.modules) + [p.rsplit(".", 1)[0] if "." in p else "" for p in layer.params]
+            for module in dict.fromkeys(names):
+                dev = target(layer.device)
+                if module in out and out[module] != dev:
+                    raise ValueError(
+                        f"module {module!r} is split between {self.devices[layer.device].name} (layer "
+                        f"{layer.name!r}) and layer {owner[module]!r}; a device_map needs cuts on module boundaries"
+                    )
+                out[module], owner[module] = dev, layer.name
+        return _prune_covered(out)
+
+    def __str__(self) -> str:
+        from partitioner.report import render_text
+
+        return render_text(self)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (enums as strings)."""
+        d = asdict(self)
+        d["strategy"], d["objective"] = self.strategy.value, self.objective.value
+        return {"version": PLAN_VERSION, **d}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The plan as JSON, byte-for-byte the same for the same plan."""
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Load a plan written by `to_json`.
+
+        Raises:
+            PlanFormatError: Not JSON, or a key is missing, unknown, of the wrong type or
+                out of range.
+        """
+        try:
+            data = json.loads(text, parse_constant=_reject_constant)
+        except (json.JSONDecodeError, ValueError) as e:
+            raise PlanFormatError(f"a plan must be JSON written by Plan.to_json: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Plan:
+        """Validate plain data and build a plan (see `from_json`)."""
+        d = _record(data, "plan", {f.name for f in fields(cls)} | {"version"})
+        if d.pop("version") != PLAN_VERSION:
+            raise PlanFormatError(f"plan version must be {PLAN_VERSION}")
+        try:
+            d["strategy"] = Strategy(d["strategy"])
+            d["objective"] = Objective(d["objective"])
+        except ValueError as e:
+            raise PlanFormatError(f"plan: {e}") from None
+        d["devices"] = tuple(_build(PlanDevice, x, f"devices[{i}]") for i, x in enumerate(_list(d["devices"], "devices")))
+        d["layers"] = tuple(_build(PlanLayer, x, f"layers[{i}]") for i, x in enumerate(_list(d["layers"], "layers")))
+        d["transfers"] = tuple(
+            _build(PlanTransfer, x, f"transfers[{i}]") for i, x in enumerate(_list(d["transfers"], "transfers"))
+        )
+        d["solver"] = _build(SolverInfo, d["solver"], "solver")
+        plan = _build(Plan, d, "plan", nested=True)
+        _check_indices(plan)
+        return plan
+
+
+# ---------------------------------------------------------------------- validation
+_INT_LIMIT = 2**62
+_FLOAT_LIMIT = 1e30
+
+
+def _reject_constant(token: str) -> None:
+    raise PlanFormatError(f"plan contains {token}; plans hold finite numbers only")
+
+
+def _record(data: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise PlanFormatError(f"{where} must be a JSON object (got {type(data).__name__})")
+    unknown, missing = set(data) - allowed, allowed - set(data)
+    if unknown:
+        raise PlanFormatError(f"{where} has unknown keys {sorted(unknown)}")
+    if missing:
+        raise PlanFormatError(f"{where} misses keys {sorted(missing)}")
+    return dict(data)
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise PlanFormatError(f"{where} must be a list (got {type(value).__name__})")
+    return value
+
+
+def _check_value(value: Any, annotation: str, where: str) -> Any:
+    if annotation == "str":
+        if not isinstance(value, str):
+            raise PlanFormatError(f"{where} must be a string (got {value!r})")
+    elif annotation == "str | None":
+        if value is not None and not isinstance(value, str):
+            raise PlanFormatError(f"{where} must be a string or null (got {value!r})")
+    elif annotation == "bool":
+        if not isinstance(value, bool):
+            raise PlanFormatError(f"{where} must be true or false (got {value!r})")
+    elif annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _INT_LIMIT:
+            raise PlanFormatError(f"{where} must be an integer in [0, 2**62) (got {value!r})")
+    elif annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and 0 <= value < _FLOAT_LIMIT
+        ):
+            raise PlanFormatError(f"{where} must be a finite number in [0, 1e30) (got {value!r})")
+        return float(value)
+    elif annotation == "tuple[str, ...]":
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise PlanFormatError(f"{where} must be a list of strings")
+        return tuple(value)
+    return value
+
+
+def _build(cls: type, data: Any, where: str, nested: bool = False) -> Any:
+    d = data if nested else _record(data, where, {f.name for f in fields(cls)})
+    kwargs = {f.name: _check_value(d[f.name], str(f.type), f"{where}.{f.name}") for f in fields(cls)}
+    return cls(**kwargs)
+
+
+def _check_indices(plan: Plan) -> None:
+    n = len(plan.devices)
+    if n == 0:
+        raise PlanFormatError("plan has no devices")
+    bad = [l.name for l in plan.layers if l.device >= n] + [t.value for t in plan.transfers if max(t.src, t.dst) >= n]
+    if bad or plan.output_device >= n:
+        raise PlanFormatError(f"plan refers to devices beyond its {n} devices ({bad[:3] or 'output_device'})")
+
+
+def _prune_covered(device_map: dict[str, int | str]) -> dict[str, int | str]:
+    """Drop entries whose ancestor module is mapped to the same device."""
+    out: dict[str, int | str] = {}
+    for module in sorted(device_map, key=lambda m: (m.count("."), m)):
+        parts = module.split(".")
+        ancestors = [".".join(parts[:k]) for k in range(1, len(parts))]
+        if not any(a in out and out[a] == device_map[module] for a in ancestors):
+            out[module] = device_map[module]
+    return out

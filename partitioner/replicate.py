@@ -1,0 +1,79 @@
+"""Data parallelism inside one process: replicate, scatter the batch, gather the outputs.
+
+As `torch.nn.DataParallel` does, but on any devices (simulated ``cpu:k`` included): each
+forward copies the parameters to every device with differentiable ``.to`` (so autograd
+sums the replicas' gradients into the one set of parameters), splits every tensor whose
+first dimension is the batch, runs the replicas with `torch.func.functional_call`, and
+concatenates batched outputs on the output device. A 0-dim output (a loss) is averaged,
+weighted by shard size, which equals the full batch's mean for mean-reduced losses.
+
+Like `nn.DataParallel`, buffers updated in a forward (BatchNorm running statistics in
+training mode) are updated on replica copies and the updates are lost, and per-batch
+statistics are computed per shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from partitioner.rewrite import move_to
+
+__all__ = ["Replicated", "scatter"]
+
+
+def scatter(value: Any, batch_size: int, shards: int) -> list[Any]:
+    """Split every tensor whose dim 0 is `batch_size` into `shards` pieces; replicate the rest."""
+    leaves, spec = tree_flatten(value)
+    split = [
+        torch.tensor_split(x, shards) if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == batch_size else None
+        for x in leaves
+    ]
+    return [tree_unflatten([s[k] if s is not None else x for s, x in zip(split, leaves)], spec) for k in range(shards)]
+
+
+def _gather(outputs: list[Any], sizes: list[int], device: str) -> Any:
+    flat = [tree_flatten(o) for o in outputs]
+    spec = flat[0][1]
+    total = sum(sizes)
+    merged = []
+    for parts in zip(*(leaves for leaves, _ in flat)):
+        first = parts[0]
+        if not isinstance(first, torch.Tensor):
+            merged.append(first)
+        elif first.ndim == 0:
+            merged.append(sum(p.to(device) * (n / total) for p, n in zip(parts, sizes)))
+        elif all(p.shape[0] == n for p, n in zip(parts, sizes)):
+            merged.append(torch.cat([p.to(device) for p in parts]))
+        else:
+            merged.append(first.to(device))
+    return tree_unflatten(merged, spec)
+
+
+class Replicated(nn.Module):
+    """`module` replicated over `devices` for each forward; its parameters live on ``devices[0]``."""
+
+    def __init__(self, module: nn.Module, devices: Sequence[str], output_device: str, batch_size: int) -> None:
+        super().__init__()
+        self.module = module
+        self.devices = tuple(devices)
+        self.output_device = output_device
+        self.batch_size = batch_size
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        shards = min(len(self.devices), self.batch_size)
+        pieces = scatter((args, kwargs), self.batch_size, shards)
+        state = dict(self.module.named_parameters())
+        state.update(self.module.named_buffers())
+        # torch.tensor_split gives the first (batch % shards) shards one extra sample.
+        sizes = [self.batch_size // shards + (k < self.batch_size % shards) for k in range(shards)]
+        outputs = []
+        for device, (a, kw) in zip(self.devices, pieces):
+            replica_state = {name: t.to(device) for name, t in state.items()}
+            outputs.append(functional_call(self.module, replica_state, move_to(a, device), move_to(kw, device)))
+        return _gather(outputs, sizes, self.output_device)
