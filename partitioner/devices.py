@@ -160,6 +160,10 @@ class Device:
         """``cpu`` or ``gpu``."""
         return self.profile.kind
 
+    def __str__(self) -> str:
+        where = self.torch_device if self.present else "estimated"
+        return f"{self.name} ({self.profile.name}, {where}, {format_bytes(self.memory_bytes)})"
+
 
 # --------------------------------------------------------------------------- validation
 
@@ -186,7 +190,11 @@ class _InvalidProfile(ProfileError):
 def _check_number(key: str, value: object, upper: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _FieldError(key, "must be a number", value)
-    if not math.isfinite(value) or not 0 < value <= upper:
+    try:
+        in_range = math.isfinite(value) and 0 < value <= upper
+    except OverflowError:  # an int past float's range
+        in_range = False
+    if not in_range:
         raise _FieldError(key, f"must be finite and in (0, {upper:g}]", value)
 
 
@@ -245,11 +253,11 @@ def _object(where: str, key: str, value: object, required: set[str], optional: s
     prefix = f"{key}." if key else ""
     missing = sorted(required - value.keys())
     if missing:
-        raise ProfileError(f"{where}: missing key {prefix}{missing[0]!r} (required: {', '.join(sorted(required))})")
+        raise ProfileError(f"{where}: missing key {prefix + missing[0]!r} (required: {', '.join(sorted(required))})")
     unknown = sorted(value.keys() - required - optional)
     if unknown:
         allowed = ", ".join(sorted(required | optional))
-        raise ProfileError(f"{where}: unknown key {prefix}{unknown[0]!r} (allowed: {allowed})")
+        raise ProfileError(f"{where}: unknown key {prefix + unknown[0]!r} (allowed: {allowed})")
     return value
 
 
@@ -784,7 +792,7 @@ _UNITS = {"b": 1, "": 1}
 for _i, _prefix in enumerate("kmgtp", start=1):
     _UNITS[f"{_prefix}b"] = 1000**_i
     _UNITS[f"{_prefix}ib"] = 1024**_i
-_BYTES_RE = re.compile(r"\s*(?P<number>\d+(?:\.\d*)?|\.\d+)(?:e(?P<exp>[+-]?\d+))?\s*(?P<unit>[a-z]*)\s*")
+_BYTES_RE = re.compile(r"\s*(?P<number>(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*(?P<unit>[a-z]*)\s*")
 
 
 def parse_bytes(value: int | str) -> int:
@@ -808,8 +816,7 @@ def parse_bytes(value: int | str) -> int:
             f"cannot read {value!r} as a size: expected a number and a unit, e.g. '200MB' or '1.5GiB' "
             f"(units: B, kB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB)"
         )
-    number = float(m["number"]) * 10.0 ** int(m["exp"] or 0)
-    size = number * _UNITS[m["unit"]]
+    size = float(m["number"]) * _UNITS[m["unit"]]
     if not math.isfinite(size) or size > 2**63 - 1:
         raise DeviceError(f"size {value!r} is too large")
     return round(size)
