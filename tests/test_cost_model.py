@@ -1,0 +1,259 @@
+"""The pure cost model on hand-made profiles and graphs, with numbers worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from partitioner.cost_model import build_problem, layer_memory, layer_time, replica_cost, roofline_time
+from partitioner.devices import Device, DeviceProfile, Link, PeakFlops, link_cost
+from partitioner.errors import DeviceError
+from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
+from partitioner.options import Objective, Optimizer, PlanOptions
+
+# A toy GPU with round numbers: compute ceiling 1e12 * 0.5 = 5e11 FLOP/s (bfloat16: 2e12),
+# memory ceiling 1e11 * 0.5 = 5e10 B/s; ridge point at 10 FLOP per byte.
+HOST = Link(interface="pcie", generation=4, bandwidth_Bps=1e10, latency_s=1e-5, efficiency=1.0)
+PEER = Link(interface="nvlink", generation=3, bandwidth_Bps=1e11, latency_s=1e-6, efficiency=1.0)
+
+
+def toy_profile(name: str = "toy", speed: float = 1.0, peer: bool = True) -> DeviceProfile:
+    return DeviceProfile(
+        name=name,
+        description="toy GPU for tests",
+        kind="gpu",
+        memory_bytes=10_000,
+        memory_bandwidth_Bps=1e11 * speed,
+        peak_flops=PeakFlops(float32=1e12 * speed, bfloat16=4e12 * speed),
+        compute_efficiency=0.5,
+        memory_efficiency=0.5,
+        host_link=HOST,
+        peer_link=PEER if peer else None,
+        source="tests",
+    )
+
+
+def device(name: str, profile: DeviceProfile, memory: int = 10_000) -> Device:
+    return Device(name=name, torch_device=None, profile=profile, present=False, memory_bytes=memory)
+
+
+TOY = toy_profile()
+SLOW = toy_profile("slow", speed=0.5)
+
+# Three layers in a chain: L0 compute-bound, L1 timed on "toy", L2 memory-bound.
+LAYERS = (
+    Layer(index=0, name="l0", param_bytes=1000, buffer_bytes=100, output_bytes=400, saved_bytes=300,
+          fwd_flops=10**12, bwd_flops=2 * 10**12, traffic_bytes=10**9),
+    Layer(index=1, name="l1", param_bytes=2000, output_bytes=400, saved_bytes=400,
+          fwd_flops=10**12, bwd_flops=2 * 10**12, traffic_bytes=10**9,
+          fwd_time_s={"toy": 0.25}, bwd_time_s={"toy": 0.5}),
+    Layer(index=2, name="l2", param_bytes=0, output_bytes=800, saved_bytes=0,
+          fwd_flops=10**9, bwd_flops=0, traffic_bytes=10**11),
+)  # fmt: skip
+VALUES = (
+    Value(name="x", producer=INPUT, consumers=(0,), bytes=1000),
+    Value(name="h0", producer=0, consumers=(1,), bytes=400),
+    Value(name="h1", producer=1, consumers=(2,), bytes=400),
+    Value(name="y", producer=2, consumers=(OUTPUT,), bytes=800),
+)
+GRAPH = LayerGraph(layers=LAYERS, values=VALUES, fingerprint="toy", batch_size=8)
+
+TRAIN = PlanOptions(training=True, optimizer=Optimizer.ADAM, allow_data_parallel=False)
+INFER = PlanOptions(training=False, allow_data_parallel=False)
+
+
+# --------------------------------------------------------------------------- roofline
+
+
+def test_roofline_compute_bound() -> None:
+    # 1e12 FLOPs at 5e11 FLOP/s = 2 s; 1e9 bytes at 5e10 B/s = 0.02 s.
+    assert roofline_time(1e12, 1e9, TOY) == pytest.approx(2.0)
+
+
+def test_roofline_memory_bound() -> None:
+    # 1e9 FLOPs = 0.002 s; 1e11 bytes = 2 s.
+    assert roofline_time(1e9, 1e11, TOY) == pytest.approx(2.0)
+
+
+def test_roofline_dtype_and_fallback() -> None:
+    assert roofline_time(1e12, 0, TOY, "bfloat16") == pytest.approx(0.5)  # 4e12 * 0.5
+    assert roofline_time(1e12, 0, TOY, "float16") == pytest.approx(2.0)  # no float16 figure: float32 rate
+    assert roofline_time(0, 0, TOY) == 0.0
+    with pytest.raises(ValueError, match="int8"):
+        roofline_time(1, 1, TOY, "int8")
+    with pytest.raises(ValueError, match=">= 0"):
+        roofline_time(-1, 0, TOY)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (INFER, 1000 + 100 + 400),  # params + buffers + outputs
+        (PlanOptions(training=True, optimizer=Optimizer.ADAM), 1000 * 4 + 100 + 300),  # w, grad, 2 moments
+        (PlanOptions(training=True, optimizer=Optimizer.MOMENTUM), 1000 * 3 + 100 + 300),
+        (PlanOptions(training=True, optimizer=Optimizer.SGD), 1000 * 2 + 100 + 300),
+    ],
+)
+def test_layer_memory(options: PlanOptions, expected: int) -> None:
+    assert layer_memory(LAYERS[0], options) == expected
+
+
+def test_problem_memory_and_capacity() -> None:
+    devs = [device("a", TOY, memory=10_000), device("b", TOY, memory=20_000)]
+    train = build_problem(GRAPH, devs, PlanOptions(training=True, allow_data_parallel=False, memory_reserve=0.25))
+    assert train.memory == (4400, 2000 * 4 + 400, 0)
+    assert train.capacity == (7500, 15000)
+    infer = build_problem(GRAPH, devs, INFER)
+    assert infer.memory == (1500, 2400, 800)
+    assert infer.capacity == (9000, 18000)
+
+
+# --------------------------------------------------------------------------- compute
+
+
+def test_compute_roofline_training_adds_backward() -> None:
+    (dev,) = [device("a", SLOW)]  # "slow" has no measured times: every layer is estimated
+    infer = build_problem(GRAPH, [dev], INFER)
+    train = build_problem(GRAPH, [dev], TRAIN)
+    # SLOW: 2.5e11 FLOP/s, 2.5e10 B/s. l0 fwd: max(4, 0.04) = 4; bwd: max(8, 0.08) = 8.
+    assert infer.compute_s[0] == (pytest.approx(4.0),)
+    assert train.compute_s[0] == (pytest.approx(12.0),)
+    # l2 fwd: max(0.004, 4) = 4; bwd: no FLOPs, 2x the traffic: 8.
+    assert infer.compute_s[2] == (pytest.approx(4.0),)
+    assert train.compute_s[2] == (pytest.approx(12.0),)
+
+
+def test_measured_times_are_preferred_on_their_profile_only() -> None:
+    devs = [device("a", TOY), device("b", SLOW)]
+    infer = build_problem(GRAPH, devs, INFER)
+    train = build_problem(GRAPH, devs, TRAIN)
+    assert infer.compute_s[1] == (0.25, pytest.approx(4.0))  # measured on toy, roofline on slow
+    assert train.compute_s[1] == (0.75, pytest.approx(12.0))
+
+
+def test_measured_forward_only_falls_back_to_roofline_backward() -> None:
+    layer = Layer(index=0, name="f", fwd_flops=10**12, bwd_flops=2 * 10**12, fwd_time_s={"toy": 0.1})
+    assert layer_time(layer, TOY, TRAIN) == pytest.approx(0.1 + 4.0)
+    assert layer_time(layer, TOY, INFER) == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------- links and the rest
+
+
+def test_training_doubles_link_costs() -> None:
+    devs = [device("a", TOY), device("b", TOY), device("c", toy_profile("other"))]
+    infer = build_problem(GRAPH, devs, INFER)
+    train = build_problem(GRAPH, devs, TRAIN)
+    for i, a in enumerate(devs):
+        for j, b in enumerate(devs):
+            per_byte, latency = link_cost(a, b)
+            assert infer.seconds_per_byte[i][j] == per_byte and infer.latency_s[i][j] == latency
+            assert train.seconds_per_byte[i][j] == 2 * per_byte and train.latency_s[i][j] == 2 * latency
+    assert infer.seconds_per_byte[0][1] == pytest.approx(1e-11)  # peer link, same profile
+    assert infer.seconds_per_byte[0][2] == pytest.approx(2e-10)  # two PCIe hops: different profiles
+    assert infer.seconds_per_byte[1][1] == 0.0
+    # A transfer of h0 (400 bytes) from a to b when training: 2 * (400 * 1e-11 + 1e-6).
+    assert train.transfer_s(VALUES[1], 0, 1) == pytest.approx(2 * (400e-11 + 1e-6))
+
+
+def test_problem_carries_names_values_and_objective() -> None:
+    devs = [device("a", TOY), device("b", SLOW)]
+    options = PlanOptions(objective=Objective.THROUGHPUT, allow_data_parallel=False)
+    problem = build_problem(GRAPH, devs, options)
+    assert problem.names == ("l0", "l1", "l2") and problem.device_names == ("a", "b")
+    assert problem.values == VALUES and problem.objective is Objective.THROUGHPUT and problem.replica is None
+
+
+def test_build_problem_rejects_bad_input() -> None:
+    with pytest.raises(DeviceError, match="at least one device"):
+        build_problem(GRAPH, [], TRAIN)
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        build_problem(GRAPH, [device("a", TOY)], TRAIN, dtype="fp8")
+
+
+# --------------------------------------------------------------------------- data parallelism
+
+# One compute-bound layer of 1 GB of parameters, batch 4.
+BIG = Layer(index=0, name="big", param_bytes=10**9, saved_bytes=10**6, output_bytes=10**6,
+            fwd_flops=10**12, bwd_flops=2 * 10**12, traffic_bytes=10**9)  # fmt: skip
+BIG_VALUES = (
+    Value(name="x", producer=INPUT, consumers=(0,), bytes=10**6),
+    Value(name="y", producer=0, consumers=(OUTPUT,), bytes=10**6),
+)
+BIG_GRAPH = LayerGraph(layers=(BIG,), values=BIG_VALUES, fingerprint="big", batch_size=4)
+
+
+def test_replica_cost_by_hand_training() -> None:
+    a, b = device("a", TOY), device("b", TOY)
+    replica = replica_cost(BIG_GRAPH, [a, b], PlanOptions(training=True, optimizer=Optimizer.ADAM))
+    assert replica is not None
+    # Each replica: half the FLOPs. fwd 5e11 / 5e11 = 1 s, bwd 2 s; the parameter reads do
+    # not shrink (1e9 B / 5e10 = 0.02 s fwd) and stay under the compute time.
+    compute = 3.0
+    # Scatter half the input to b, gather half the output back, its gradient out again.
+    per_byte, latency = link_cost(a, b)
+    scatter = 0.5e6 * per_byte + latency + 2 * (0.5e6 * per_byte + latency)
+    # Ring all-reduce of 1e9 gradient bytes over k = 2: 2 (k-1)/k = 1 pass, two latencies.
+    allreduce = 1e9 * per_byte + 2 * latency
+    assert replica.time_s == pytest.approx(compute + scatter + allreduce)
+    assert allreduce == pytest.approx(0.01 + 2e-6)
+    # Memory: weights, grads, Adam's two moments, and half the saved activations.
+    assert replica.memory == (4 * 10**9 + 500_000, 4 * 10**9 + 500_000)
+
+
+def test_replica_cost_inference_has_no_allreduce() -> None:
+    a, b = device("a", TOY), device("b", TOY)
+    replica = replica_cost(BIG_GRAPH, [a, b], PlanOptions(training=False))
+    assert replica is not None
+    per_byte, latency = link_cost(a, b)
+    assert replica.time_s == pytest.approx(1.0 + 2 * (0.5e6 * per_byte + latency))
+    assert replica.memory == (10**9 + 500_000,) * 2
+
+
+def test_replicas_beat_one_device_on_compute_heavy_layers() -> None:
+    options = PlanOptions(training=True)
+    devs = [device(f"g{i}", TOY) for i in range(4)]
+    one = build_problem(BIG_GRAPH, devs[:1], options)
+    four = build_problem(BIG_GRAPH, devs, options)
+    assert one.replica is None
+    assert four.replica is not None
+    single = sum(row[0] for row in one.compute_s)  # 9 s on one device
+    assert four.replica.time_s < single / 3  # ~9/4 s plus a small all-reduce
+
+
+def test_uneven_batch_and_slowest_replica_set_the_time() -> None:
+    graph = LayerGraph(layers=(BIG,), values=BIG_VALUES, fingerprint="big", batch_size=5)
+    options = PlanOptions(training=False)
+    even = replica_cost(graph, [device("a", TOY), device("b", TOY)], options)
+    assert even is not None
+    # Shares 3 and 2 of 5: the larger replica does 3/5 of 2 s of forward.
+    assert even.time_s == pytest.approx(1.2, rel=1e-3)
+    assert even.memory == (10**9 + 600_000, 10**9 + 400_000)
+    mixed = replica_cost(graph, [device("a", TOY), device("b", SLOW)], options)
+    assert mixed is not None
+    # The slow device (half speed) gets 2/5: 2/5 of 4 s = 1.6 s, slower than 1.2 s.
+    assert mixed.time_s == pytest.approx(1.6, rel=1e-2)
+
+
+def test_measured_time_scales_with_the_batch_share() -> None:
+    timed = Layer(index=0, name="t", fwd_flops=10**12, traffic_bytes=10**6, fwd_time_s={"toy": 3.0})
+    assert layer_time(timed, TOY, INFER, batch_fraction=0.25) == pytest.approx(0.75)
+    untimed_zero = Layer(index=0, name="z", fwd_time_s={"toy": 1.0})  # nothing to estimate with
+    assert layer_time(untimed_zero, TOY, INFER, batch_fraction=0.5) == pytest.approx(0.5)
+
+
+def test_no_replica_when_not_allowed_or_batch_too_small() -> None:
+    devs = [device("a", TOY), device("b", TOY)]
+    assert build_problem(BIG_GRAPH, devs, PlanOptions(allow_data_parallel=False)).replica is None
+    assert build_problem(BIG_GRAPH, devs, PlanOptions(allow_data_parallel=True)).replica is not None
+    tiny = LayerGraph(layers=(BIG,), values=BIG_VALUES, fingerprint="big", batch_size=1)
+    assert build_problem(tiny, devs, PlanOptions()).replica is None
+
+
+def test_parameter_reads_do_not_shrink_with_the_batch() -> None:
+    # Memory-bound: 1e10 parameter bytes plus 2e9 activation bytes of traffic.
+    layer = Layer(index=0, name="emb", param_bytes=10**10, fwd_flops=10**6, traffic_bytes=12 * 10**9)
+    assert layer_time(layer, TOY, INFER) == pytest.approx(12e9 / 5e10)
+    assert layer_time(layer, TOY, INFER, batch_fraction=0.5) == pytest.approx(11e9 / 5e10)
