@@ -1,0 +1,519 @@
+"""Simulated logical devices ``cpu:0``, ``cpu:1``, ... on one CPU, for dry-running a placement.
+
+A `LogicalTensor` holds a real CPU tensor and reports a logical device
+``torch.device("cpu", k)``. Inside ``with SimulatedDevices(n) as sim:`` every op unwraps its
+arguments, runs the ordinary CPU kernel (so the numbers are bit-identical to plain CPU) and
+wraps its outputs again on the op's logical device. An op whose tensors live on two devices
+raises `DeviceMismatchError`, as a GPU would; only transfers cross devices, and the mode logs
+each one as a `Transfer` (source, destination, bytes, forward or backward).
+
+What may meet in one op, and why (CUDA draws the same lines):
+
+* Logical tensors on one device, plus 0-dim plain CPU tensors: CUDA kernels take CPU scalars.
+* The index tensors of advanced indexing (``aten.index``, ``aten.index_put``) may be plain CPU
+  tensors: ``x[[0, 2]]`` builds them on the host, and CUDA accepts host indices. Not logged.
+* Any other plain CPU tensor beside logical ones raises: it is an input, parameter or buffer
+  that was never placed.
+* ``_to_copy`` (``.to``, ``.cpu``) and ``copy_`` are the transfers: they may cross, and are
+  logged. Plain ``cpu`` (no index) is the host: ``.to("cpu")`` gives back a plain tensor.
+* Ops given ``device=`` (factories, ``*_like``, ``new_*``) create on that device and read no
+  data from their tensor arguments, so they never mismatch.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.utils._pytree as pytree
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from partitioner.errors import DeviceError, DeviceMismatchError
+
+__all__ = [
+    "LogicalTensor",
+    "SimulatedDevices",
+    "Transfer",
+    "is_logical",
+    "logical_device",
+    "to_plain",
+]
+
+_HOST = torch.device("cpu")
+_TENSOR_DATA = torch._C.TensorBase.data
+_aten = torch.ops.aten
+
+_TO_COPY = _aten._to_copy.default
+# (dst, src) ops: the output lives where dst lives, the data comes from src.
+_COPY_INTO = frozenset({_aten.copy_.default, _aten.copy.default})
+# Advanced indexing: argument 1 (the list of index tensors) may stay on the host.
+_HOST_INDICES = frozenset(
+    {
+        _aten.index.Tensor,
+        _aten.index_put.default,
+        _aten.index_put_.default,
+        _aten._index_put_impl_.default,
+    }
+)
+
+
+def logical_device(index: int) -> torch.device:
+    """The logical device ``cpu:<index>``.
+
+    Raises:
+        DeviceError: ``index`` is not a non-negative int.
+    """
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise DeviceError(f"a logical device index is an int >= 0, got {index!r}")
+    return torch.device("cpu", index)
+
+
+def is_logical(value: object) -> bool:
+    """Whether ``value`` is a tensor on a simulated device (a `LogicalTensor`)."""
+    return isinstance(value, LogicalTensor)
+
+
+def to_plain(tree: Any) -> Any:
+    """Replace every `LogicalTensor` in a pytree by the plain CPU tensor it holds.
+
+    For inspecting results (``torch.testing.assert_close`` checks devices): the plain tensors
+    share memory with the logical ones, carry no autograd history, and nothing is logged.
+    """
+    return pytree.tree_map_only(LogicalTensor, lambda t: t._elem.detach(), tree)
+
+
+class LogicalTensor(torch.Tensor):
+    """A real CPU tensor that reports the logical device ``cpu:<index>``.
+
+    Made by ops inside `SimulatedDevices` (``x.to("cpu:1")``, ``torch.zeros(..., device=
+    "cpu:1")``, ``module.to("cpu:1")``); autograd, ``nn.Parameter``, optimizers,
+    ``state_dict``, ``copy.deepcopy`` and printing work on it as on any tensor.
+    """
+
+    _elem: torch.Tensor
+    _index: int
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    @staticmethod
+    def __new__(
+        cls, elem: torch.Tensor, index: int, requires_grad: bool = False
+    ) -> LogicalTensor:
+        if isinstance(elem, LogicalTensor) or elem.device.type != "cpu":
+            raise TypeError(f"a LogicalTensor holds a plain CPU tensor, got {elem.device}")
+        out = torch.Tensor._make_wrapper_subclass(
+            cls,
+            elem.shape,
+            strides=elem.stride(),
+            storage_offset=elem.storage_offset(),
+            dtype=elem.dtype,
+            layout=elem.layout,
+            device=torch.device("cpu", index),
+            requires_grad=requires_grad,
+        )
+        out._elem = elem
+        out._index = index
+        return cast(LogicalTensor, out)
+
+    def __tensor_flatten__(self) -> tuple[list[str], int]:
+        return ["_elem"], self._index
+
+    @staticmethod
+    def __tensor_unflatten__(
+        inner: dict[str, torch.Tensor], index: int, outer_size: Any, outer_stride: Any
+    ) -> LogicalTensor:
+        return LogicalTensor(inner["_elem"], index)
+
+    @classmethod
+    def __torch_dispatch__(
+        cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        # Reached only outside SimulatedDevices (the mode runs first when active): the same
+        # rules apply, but nothing is logged.
+        return _run(func, args, kwargs or {}, None)
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        text = repr(self._elem)[:-1] + f", device='{self.device}'"
+        if self.grad_fn is not None:
+            text += f", grad_fn=<{type(self.grad_fn).__name__}>"
+        elif self.requires_grad:
+            text += ", requires_grad=True"
+        prefix = "Parameter containing:\n" if getattr(self, "_is_param", False) else ""
+        return f"{prefix}{text})"
+
+    def __format__(self, format_spec: str) -> str:
+        if self.dim() == 0:
+            return self._elem.item().__format__(format_spec)
+        return object.__format__(self, format_spec)
+
+    def tolist(self) -> Any:
+        return self._elem.tolist()
+
+    @property  # type: ignore[override]
+    def data(self) -> torch.Tensor:
+        return _TENSOR_DATA.__get__(self, LogicalTensor)  # type: ignore[no-any-return]
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        # Tensor's own setter copies shape, strides and device from `value`'s wrapper;
+        # the held tensor has to follow.
+        if not isinstance(value, LogicalTensor):
+            raise NotImplementedError(
+                f"cannot assign a plain tensor to .data of a tensor on {self.device}: "
+                "assign a tensor on a simulated device, or use .to() or .copy_()"
+            )
+        self._elem, self._index = value._elem, value._index
+        _TENSOR_DATA.__set__(self, value)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LogicalTensor:
+        if id(self) in memo:
+            return cast(LogicalTensor, memo[id(self)])
+        if not self.is_leaf:
+            raise RuntimeError(
+                "only graph leaves support deepcopy (the same rule as for plain tensors)"
+            )
+        # Deep-copying the held tensor through `memo` keeps views of one storage sharing it.
+        new = LogicalTensor(
+            copy.deepcopy(self._elem, memo), self._index, requires_grad=self.requires_grad
+        )
+        memo[id(self)] = new
+        if self.grad is not None:
+            new.grad = copy.deepcopy(self.grad, memo)
+        for name, value in self.__dict__.items():
+            if name not in ("_elem", "_index"):
+                setattr(new, name, copy.deepcopy(value, memo))
+        return new
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transfer:
+    """One copy between devices; the host (plain ``cpu``) counts as a device here."""
+
+    src: torch.device
+    """Where the data came from: ``cpu:k``, or ``cpu`` for the host."""
+    dst: torch.device
+    """Where the data went."""
+    nbytes: int
+    """Bytes read from the source: ``numel * element_size`` of the source tensor."""
+    shape: tuple[int, ...]
+    """Shape of the source tensor."""
+    dtype: torch.dtype
+    """Dtype of the source tensor."""
+    backward: bool
+    """Whether autograd's engine made it (a gradient copy during ``backward()``)."""
+    op: str
+    """The ATen op that moved it, e.g. ``aten._to_copy.default``."""
+
+    @property
+    def host(self) -> bool:
+        """Whether one end is the host rather than a simulated device."""
+        return self.src.index is None or self.dst.index is None
+
+    def __str__(self) -> str:
+        phase = "backward" if self.backward else "forward"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"{self.src} -> {self.dst}: {self.nbytes} B "
+            f"({dtype}{list(self.shape)}, {phase}, {self.op})"
+        )
+
+
+class SimulatedDevices(TorchDispatchMode):
+    """Run ops on simulated devices ``cpu:0`` .. ``cpu:<num_devices - 1>`` and log transfers.
+
+    Run the whole step (placement, forward, ``backward()``, optimizer step) inside one
+    ``with`` block: outside it, ``device="cpu:k"`` makes plain tensors, as in plain PyTorch.
+
+    Example:
+        >>> with SimulatedDevices(2) as sim:
+        ...     x = torch.ones(4, 8).to("cpu:0")
+        ...     y = (x * 2).to("cpu:1").sum()
+        >>> y.device, sim.bytes_moved(host=False)
+        (device(type='cpu', index=1), 128)
+
+    Args:
+        num_devices: how many logical devices exist; ``device="cpu:k"`` with
+            ``k >= num_devices`` raises `DeviceError`.
+    """
+
+    def __init__(self, num_devices: int) -> None:
+        if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+            raise DeviceError(f"SimulatedDevices needs num_devices >= 1, got {num_devices!r}")
+        super().__init__()
+        self.num_devices = num_devices
+        self._transfers: list[Transfer] = []
+        self._constructors: list[_Constructors] = []
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """The simulated devices, ``cpu:0`` first."""
+        return tuple(torch.device("cpu", k) for k in range(self.num_devices))
+
+    @property
+    def transfers(self) -> tuple[Transfer, ...]:
+        """Every transfer since construction or the last `reset`, in order."""
+        return tuple(self._transfers)
+
+    def bytes_moved(self, *, backward: bool | None = None, host: bool = True) -> int:
+        """Total bytes of the logged transfers.
+
+        Args:
+            backward: ``False`` counts forward transfers only, ``True`` backward ones only,
+                ``None`` both.
+            host: whether to count transfers to or from the host (placing inputs and
+                parameters, ``.to("cpu")``, ``load_state_dict`` from plain tensors).
+        """
+        return sum(t.nbytes for t in self._select(backward, host))
+
+    def _select(self, backward: bool | None, host: bool) -> Iterator[Transfer]:
+        for t in self._transfers:
+            if (backward is None or t.backward == backward) and (host or not t.host):
+                yield t
+
+    def reset(self) -> None:
+        """Forget the logged transfers."""
+        self._transfers.clear()
+
+    def _check_index(self, index: int) -> None:
+        if index >= self.num_devices:
+            raise DeviceError(
+                f"cpu:{index} is not a simulated device: SimulatedDevices({self.num_devices}) "
+                f"has cpu:0 .. cpu:{self.num_devices - 1}"
+            )
+
+    def _log(self, func: Any, source: torch.Tensor, src: int | None, dst: int | None) -> None:
+        self._transfers.append(
+            Transfer(
+                src=_device(src),
+                dst=_device(dst),
+                nbytes=source.numel() * source.element_size(),
+                shape=tuple(source.shape),
+                dtype=source.dtype,
+                # -1 outside backward(): the id of the graph task the engine is running.
+                backward=torch._C._current_graph_task_id() != -1,
+                op=str(func),
+            )
+        )
+
+    def __enter__(self) -> SimulatedDevices:
+        constructors = _Constructors(self)
+        constructors.__enter__()
+        self._constructors.append(constructors)
+        try:
+            super().__enter__()
+        except BaseException:
+            self._constructors.pop().__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._constructors.pop().__exit__(*exc)
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # TorchDispatchMode wraps a subclass's __torch_dispatch__ in torch._disable_dynamo
+        # unless this says False; the wrapper costs more than the rest of an op's overhead,
+        # and nothing here is compiled.
+        return False
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        return _run(func, args, kwargs or {}, self)
+
+
+# torch.tensor and friends build on the host and copy to `device` below the Python dispatch
+# key, so the dispatch mode never learns the device: catch them one level up.
+_DATA_CONSTRUCTORS = frozenset({torch.tensor, torch.as_tensor, torch.asarray})
+
+
+class _Constructors(TorchFunctionMode):
+    """Give ``torch.tensor(data, device="cpu:k")`` and ``t.new_tensor(data)`` a logical device."""
+
+    def __init__(self, sim: SimulatedDevices) -> None:
+        super().__init__()
+        self.sim = sim
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _DATA_CONSTRUCTORS:
+            device = kwargs.get("device")
+        elif func is torch.Tensor.new_tensor:
+            device = kwargs.get("device") or args[0].device
+        else:
+            return func(*args, **kwargs)
+        device = torch.device(device) if device is not None else None
+        if device is None or device.type != "cpu" or device.index is None:
+            return func(*args, **kwargs)
+        self.sim._check_index(device.index)
+        data = args[1] if func is torch.Tensor.new_tensor else args[0]
+        host_kwargs = {**kwargs, "device": _HOST}
+        requires_grad = bool(host_kwargs.pop("requires_grad", False))
+        if isinstance(data, torch.Tensor):
+            # A tensor argument moves (a logged transfer); as_tensor may alias it.
+            dtype = kwargs.get("dtype") or (
+                args[0].dtype if func is torch.Tensor.new_tensor else data.dtype
+            )
+            out = data.detach().to(device=device, dtype=dtype, copy=func is not torch.as_tensor)
+        else:
+            # Python data goes host -> device, as on a GPU; the copy is logged.
+            out = func(*args, **host_kwargs).to(device)
+        return out.requires_grad_(requires_grad) if requires_grad else out
+
+
+def _device(index: int | None) -> torch.device:
+    return _HOST if index is None else torch.device("cpu", index)
+
+
+def _index(value: object) -> int | None:
+    return value._index if isinstance(value, LogicalTensor) else None
+
+
+class _Found:
+    """What unwrapping one op's arguments saw."""
+
+    __slots__ = ("indices", "by_elem", "stray")
+
+    def __init__(self) -> None:
+        self.indices: set[int] = set()
+        # id(held tensor) -> its wrapper, to hand back the caller's tensor from in-place ops.
+        self.by_elem: dict[int, LogicalTensor] = {}
+        # Whether a plain tensor of rank >= 1 sits where only logical ones may be.
+        self.stray = False
+
+    def unwrap(self, value: Any, host_ok: bool) -> Any:
+        if isinstance(value, LogicalTensor):
+            self.indices.add(value._index)
+            self.by_elem[id(value._elem)] = value
+            return value._elem
+        if isinstance(value, torch.Tensor):
+            if not host_ok and value.dim() != 0:
+                self.stray = True
+            return value
+        if type(value) is list or type(value) is tuple:
+            return type(value)([self.unwrap(v, host_ok) for v in value])
+        return value
+
+
+def _run(func: Any, args: Any, kwargs: dict[str, Any], sim: SimulatedDevices | None) -> Any:
+    """Run one op on the held CPU tensors and wrap its outputs on the op's device."""
+    found = _Found()
+    host_arg = 1 if func in _HOST_INDICES else -1
+    plain_args = [found.unwrap(a, i == host_arg) for i, a in enumerate(args)]
+    plain_kwargs = {k: found.unwrap(v, False) for k, v in kwargs.items()} if kwargs else kwargs
+
+    out_index: int | None
+    device = kwargs.get("device")
+    if device is not None:
+        # A device argument names where the output goes; logical ones run on the host.
+        out_index = device.index if device.type == "cpu" else None
+        if out_index is not None:
+            if sim is not None:
+                sim._check_index(out_index)
+            plain_kwargs["device"] = _HOST
+    elif func in _COPY_INTO:
+        out_index = _index(args[0])
+    elif not found.indices:
+        return func(*args, **kwargs)
+    elif len(found.indices) > 1 or found.stray:
+        raise _mismatch(func, args, kwargs, sim)
+    else:
+        (out_index,) = found.indices
+
+    out = func(*plain_args, **plain_kwargs)
+
+    if sim is not None:
+        if func is _TO_COPY:
+            src = _index(args[0])
+            if device is not None and device.type == "cpu" and src != out_index:
+                sim._log(func, plain_args[0], src, out_index)
+        elif func in _COPY_INTO:
+            src = _index(args[1])
+            if src != out_index:
+                sim._log(func, plain_args[1], src, out_index)
+    if out_index is None and not found.by_elem:
+        return out
+    return _wrap(func, out, out_index, found.by_elem)
+
+
+def _wrap(func: Any, out: Any, index: int | None, by_elem: dict[int, LogicalTensor]) -> Any:
+    if isinstance(out, torch.Tensor):
+        same = by_elem.get(id(out))
+        if same is not None:
+            # In-place or out= op: hand back the caller's tensor, whose metadata must still
+            # describe the held one (a wrapper's shape cannot change after creation).
+            if (
+                same.shape != out.shape
+                or same.stride() != out.stride()
+                or same.storage_offset() != out.storage_offset()
+            ):
+                raise NotImplementedError(
+                    f"{func} changed the shape or strides of a tensor on {same.device} in "
+                    "place, which simulated devices cannot follow; use the out-of-place op"
+                )
+            return same
+        return out if index is None else LogicalTensor(out, index)
+    if isinstance(out, (list, tuple)):
+        return type(out)(_wrap(func, o, index, by_elem) for o in out)
+    return out
+
+
+def _named_tensors(func: Any, args: Any, kwargs: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """(argument name, tensor) for every tensor an op got, lists expanded as ``name[i]``."""
+    names = [a.name for a in func._schema.arguments]
+    named: list[tuple[str, torch.Tensor]] = []
+    items = [(names[i] if i < len(names) else str(i), a) for i, a in enumerate(args)]
+    for name, value in [*items, *kwargs.items()]:
+        if isinstance(value, torch.Tensor):
+            named.append((name, value))
+        elif isinstance(value, (list, tuple)):
+            named.extend(
+                (f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, torch.Tensor)
+            )
+    return named
+
+
+def _mismatch(
+    func: Any, args: Any, kwargs: dict[str, Any], sim: SimulatedDevices | None
+) -> DeviceMismatchError:
+    named = _named_tensors(func, args, kwargs)
+    host_ok = func in _HOST_INDICES
+    logical = [(n, t) for n, t in named if isinstance(t, LogicalTensor)]
+    strays = [
+        (n, t)
+        for n, t in named
+        if not isinstance(t, LogicalTensor)
+        and t.dim() != 0
+        and not (host_ok and n.startswith("indices"))
+    ]
+    first: dict[torch.device, str] = {}
+    for name, t in logical:
+        first.setdefault(t.device, f"{t.device} ({name}, shape {list(t.shape)})")
+    devices = sorted(first, key=lambda d: d.index)
+    if len(devices) > 1:
+        message = (
+            f"{func} got tensors on {' and '.join(first[d] for d in devices)}; a transfer is "
+            f"missing before this op: move the {devices[0]} tensor with .to('{devices[-1]}') "
+            f"(or the other way round)"
+        )
+    else:
+        name, t = strays[0]
+        message = (
+            f"{func} got a plain CPU tensor ({name}, shape {list(t.shape)}) beside tensors on "
+            f"{first[devices[0]]}; it was never placed (a model input, or a tensor Module.to "
+            f"does not move): call .to('{devices[0]}') on it first"
+        )
+    if sim is None:
+        message += (
+            ". No SimulatedDevices is active, so device='cpu:k' made plain tensors: run the "
+            "whole step inside `with SimulatedDevices(n):`"
+        )
+    return DeviceMismatchError(message)
