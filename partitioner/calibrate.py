@@ -22,8 +22,9 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,21 +112,18 @@ def _fp32_matmul_precision(tf32: bool) -> Iterator[None]:
 
 def _matmul_flops(dtype: str, device: torch.device, sync: Callable[[], None], budget: _Budget) -> tuple[float, int]:
     """(sustained FLOP/s, matmul side used) for square matmuls in `dtype`."""
-    n = budget.min_matmul
-    while True:
-        a = torch.randn(n, n, device=device).to(_TORCH_DTYPES[dtype])
-        b = torch.randn(n, n, device=device).to(_TORCH_DTYPES[dtype])
-        with _fp32_matmul_precision(dtype == "tf32") if device.type == "cuda" else _nothing():
-            seconds = _median_seconds(lambda: torch.mm(a, b), sync, budget.call_s)
+    precision = _fp32_matmul_precision(dtype == "tf32") if device.type == "cuda" else nullcontext()
+    with precision:
+        n = budget.min_matmul
+        while True:
+            a = torch.randn(n, n, device=device).to(_TORCH_DTYPES[dtype])
+            b = torch.randn(n, n, device=device).to(_TORCH_DTYPES[dtype])
+            matmul = partial(torch.mm, a, b)
+            seconds = _median_seconds(matmul, sync, budget.call_s)
             if seconds >= budget.call_s or n >= budget.max_matmul:
-                seconds = _median_seconds(lambda: torch.mm(a, b), sync, budget.sample_s)
+                seconds = _median_seconds(matmul, sync, budget.sample_s)
                 return _rounded(2 * n**3 / seconds), n
-        n *= 2
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+            n *= 2
 
 
 def _copy_seconds(dst: torch.Tensor, src: torch.Tensor, sync: Callable[[], None], sample_s: float) -> float:

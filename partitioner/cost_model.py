@@ -149,7 +149,7 @@ def replica_cost(
     shares = _batch_shares(graph.batch_size, k)
     fractions = [s / graph.batch_size for s in shares]
     replica_s: dict[tuple[DeviceProfile, float], float] = {}  # identical devices are costed once
-    for d, f in zip(devices, fractions):
+    for d, f in zip(devices, fractions, strict=True):
         if (d.profile, f) not in replica_s:
             replica_s[d.profile, f] = sum(layer_time(layer, d.profile, options, dtype, f) for layer in graph.layers)
     compute = max(replica_s.values())
@@ -203,9 +203,7 @@ def build_problem(
         raise DeviceError("build_problem needs at least one device (got none)")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    compute = tuple(
-        tuple(layer_time(layer, d.profile, options, dtype) for d in devices) for layer in graph.layers
-    )
+    compute = tuple(tuple(layer_time(layer, d.profile, options, dtype) for d in devices) for layer in graph.layers)
     direction_factor = 2.0 if options.training else 1.0
     links = [[link_cost(a, b) for b in devices] for a in devices]
     return Problem(

@@ -15,7 +15,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -35,6 +35,7 @@ __all__ = [
     "profile_to_json",
     "match_cuda_profile",
     "system_memory_bytes",
+    "MaxMemory",
     "resolve_devices",
     "link_cost",
     "parse_bytes",
@@ -506,7 +507,8 @@ def match_cuda_profile(props: _CudaProperties) -> DeviceProfile:
     flops = props.multi_processor_count * clock_hz
     mem_clock_hz = (getattr(props, "memory_clock_rate", 0) or 0) * 1e3
     bus_bits = getattr(props, "memory_bus_width", 0) or 0
-    # Double data rate: two transfers per memory clock on every bus line.
+    # Double data rate: two transfers per memory clock on every bus line. Unknown: 500 GB/s,
+    # between the GDDR6 (300 GB/s) and HBM (>= 900 GB/s) parts.
     bandwidth = 2 * mem_clock_hz * bus_bits / 8 if mem_clock_hz and bus_bits else 5e11
     tensor = flops * tensor_per_clock if cc >= (7, 0) else None
     slug = re.sub(r"[^a-z0-9]+", "-", props.name.lower()).strip("-")[:60] or "cuda"
@@ -581,6 +583,9 @@ def _cuda_device(index: int | None, spec: str) -> Device:
 
 # --------------------------------------------------------------------------- resolution
 
+MaxMemory = Mapping[str, int | str] | Mapping[int, int | str] | Mapping[str | int, int | str]
+"""Capacity overrides by device name or kind (an int ``N`` means ``cuda:N``), as in Accelerate."""
+
 _COUNT_RE = re.compile(r"(?P<base>.+?)(?:\s+x\s*|\s*[*×]\s*)(?P<count>\d+)")
 _INDEXED_RE = re.compile(r"(?P<base>[^:]+):(?P<index>\d+)")
 
@@ -625,9 +630,7 @@ def _profile_for_spec(spec: str, base: str) -> DeviceProfile:
         ) from None
 
 
-def resolve_devices(
-    specs: Sequence[str], max_memory: Mapping[str | int, int | str] | None = None
-) -> tuple[Device, ...]:
+def resolve_devices(specs: Sequence[str], max_memory: MaxMemory | None = None) -> tuple[Device, ...]:
     """Turn device strings into `Device` objects, in order.
 
     Forms: ``cpu`` (the host); ``cpu:N`` (a logical CPU device: real CPU numerics, for
@@ -718,7 +721,7 @@ def _check_unique(devices: list[Device]) -> None:
         seen[device.name] = position
 
 
-def _apply_max_memory(devices: list[Device], max_memory: Mapping[str | int, int | str]) -> list[Device]:
+def _apply_max_memory(devices: list[Device], max_memory: MaxMemory) -> list[Device]:
     names = {d.name for d in devices}
     by_name: dict[str, int] = {}
     by_kind: dict[str, int] = {}
@@ -740,13 +743,11 @@ def _apply_max_memory(devices: list[Device], max_memory: Mapping[str | int, int 
             )
     out = []
     for d in devices:
-        size = by_name.get(d.name)
+        cap = by_name.get(d.name)
         for kind in (d.profile.name, d.kind, "cuda" if d.kind == "gpu" else ""):
-            if size is None:
-                size = by_kind.get(kind)
-        out.append(d if size is None else Device(
-            name=d.name, torch_device=d.torch_device, profile=d.profile, present=d.present, memory_bytes=size
-        ))
+            if cap is None:
+                cap = by_kind.get(kind)
+        out.append(d if cap is None else replace(d, memory_bytes=cap))
     return out
 
 

@@ -328,10 +328,10 @@ def test_resolve_present_cuda(two_h100: SimpleNamespace) -> None:
 
 
 def test_max_memory_names_beat_kinds(two_h100: SimpleNamespace) -> None:
-    devs = resolve_devices(
-        ["cpu:0", "cpu:1", "a100-80gb x2", "cuda:0", "cuda:1"],
-        {"cpu": "1GiB", "cpu:1": "200MB", "a100-80gb": "40GB", "a100-80gb:1": 1000, 0: "1.5GiB", "gpu": "2GB"},
-    )
+    caps: dict[str | int, int | str] = {
+        "cpu": "1GiB", "cpu:1": "200MB", "a100-80gb": "40GB", "a100-80gb:1": 1000, 0: "1.5GiB", "gpu": "2GB"
+    }  # fmt: skip
+    devs = resolve_devices(["cpu:0", "cpu:1", "a100-80gb x2", "cuda:0", "cuda:1"], caps)
     assert [d.memory_bytes for d in devs] == [GiB, 200_000_000, 40 * 10**9, 1000, 1610612736, 2 * 10**9]
 
 
@@ -422,7 +422,9 @@ def test_parse_bytes(text: str | int, size: int) -> None:
     assert parse_bytes(text) == size
 
 
-@pytest.mark.parametrize("bad", ["", "MB", "-5MB", "5 ZB", "5 mbps", "1.2.3GB", "nan", "inf GB", "1e400GB", True, 1.5, -1])
+@pytest.mark.parametrize(
+    "bad", ["", "MB", "-5MB", "5 ZB", "5 mbps", "1.2.3GB", "nan", "inf GB", "1e400GB", True, 1.5, -1]
+)
 def test_parse_bytes_rejects(bad: Any) -> None:
     with pytest.raises(DeviceError):
         parse_bytes(bad)

@@ -1,0 +1,102 @@
+"""Calibration on the CPU in quick mode: a valid profile that survives write and load."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from partitioner import calibrate
+from partitioner.calibrate import measure_device, write_profile
+from partitioner.devices import DeviceProfile, load_profile, resolve_devices
+from partitioner.errors import DeviceError
+
+
+@pytest.fixture(scope="module")
+def measured() -> tuple[DeviceProfile, float]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        start = time.perf_counter()
+        profile = measure_device("cpu", dtypes=("float32", "bfloat16", "tf32"), quick=True)
+        elapsed = time.perf_counter() - start
+        assert torch.get_num_threads() == 2  # the caller's setting is back
+    finally:
+        torch.set_num_threads(saved)
+    return profile, elapsed
+
+
+def test_quick_cpu_profile_is_measured_and_quick(measured: tuple[DeviceProfile, float]) -> None:
+    profile, elapsed = measured
+    assert elapsed < 10.0
+    assert profile.name == "cpu" and profile.kind == "cpu"
+    assert profile.compute_efficiency == profile.memory_efficiency == 1.0
+    assert profile.host_link is None and profile.peer_link is None
+    # Any CPU of this century: more than 100 MFLOP/s and 100 MB/s, less than the caps.
+    assert profile.peak_flops.float32 > 1e8 and profile.memory_bandwidth_Bps > 1e8
+    assert profile.peak_flops.tf32 is None and "tf32 (no TF32 tensor cores)" in profile.source
+    assert profile.memory_bytes == resolve_devices(["cpu"])[0].memory_bytes
+    assert "1 torch thread" in profile.description
+
+
+def test_measured_profile_round_trips(measured: tuple[DeviceProfile, float], tmp_path: Path) -> None:
+    profile, _ = measured
+    path = write_profile(profile, tmp_path / "my-cpu.json")
+    assert load_profile(path) == profile
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed into place
+
+
+def test_measured_profile_replaces_the_builtin_one_on_the_path(
+    measured: tuple[DeviceProfile, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_profile(measured[0], tmp_path / "cpu.json")
+    monkeypatch.setenv("PARTITIONER_PROFILE_PATH", str(tmp_path))
+    assert resolve_devices(["cpu:0"])[0].profile == measured[0]
+
+
+def test_threads_are_restored_when_measuring_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> DeviceProfile:
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(calibrate, "_measure", broken)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            measure_device("cpu", quick=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtypes", "expected"),
+    [
+        ("tpu", ("float32",), "measure 'cpu', 'cuda' or 'cuda:N'"),
+        ("cpu:1", ("float32",), "measure 'cpu', 'cuda' or 'cuda:N'"),
+        ("a100-80gb", ("float32",), "present hardware only"),
+        ("cpu", ("int8",), "cannot measure dtype 'int8'"),
+    ],
+)
+def test_bad_requests(device: str, dtypes: tuple[str, ...], expected: str) -> None:
+    with pytest.raises(DeviceError, match=expected):
+        measure_device(device, dtypes=dtypes, quick=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_absent_cuda_is_refused() -> None:
+    with pytest.raises(DeviceError, match="this machine has 0 CUDA device"):
+        measure_device("cuda:0", quick=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quick_cuda_profile() -> None:
+    profile = measure_device("cuda", dtypes=("float32", "tf32", "bfloat16", "float16"), quick=True)
+    assert profile.kind == "gpu" and profile.host_link is not None
+    assert profile.memory_bytes == torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if torch.cuda.get_device_capability() >= (8, 0):
+        assert profile.peak_flops.bfloat16 is not None and profile.peak_flops.bfloat16 > profile.peak_flops.float32
+    assert (profile.peer_link is not None) == (torch.cuda.device_count() >= 2)
