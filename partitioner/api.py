@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from partitioner.cost_model import build_problem
 from partitioner.devices import Device, resolve_devices
 from partitioner.errors import DeviceError, PlanMismatchError, ProfileError
-from partitioner.ir import LayerGraph, Problem, Solution
+from partitioner.ir import OUTPUT, LayerGraph, Problem, Solution
 from partitioner.layers import LayeredModel, build_layers
 from partitioner.options import PlanOptions, Strategy
 from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
@@ -28,7 +28,7 @@ from partitioner.profiling import profile_nodes
 from partitioner.replicate import Replicated
 from partitioner.rewrite import Transfer, node_devices, place_tensors, rewrite_graph, tensor_devices
 from partitioner.simdevice import SimulatedDevices
-from partitioner.solve import evaluate, solve
+from partitioner.solve import Evaluation, evaluate, solve
 from partitioner.trace import Frontend, Granularity, trace_model
 
 __all__ = ["plan", "auto_parallelize", "PartitionedModule", "Compiled", "compile_plan", "make_plan"]
@@ -214,9 +214,9 @@ def auto_parallelize(
             transfers: list[Transfer] = []
         else:
             layered = compiled.layered
-            memo = place_tensors(
-                layered.traced.gm, tensor_devices(layered, chosen.assignment, targets), targets[0], inplace=inplace
-            )
+            device_of = tensor_devices(layered, chosen.assignment, targets)
+            memo = place_tensors(model, device_of, targets[0], inplace=True) if inplace else {}
+            memo = place_tensors(layered.traced.gm, device_of, targets[0], memo=memo)
             module, transfers = rewrite_graph(layered, node_devices(layered, chosen.assignment, targets), out, memo)
     if simulator is not None:
         simulator.reset()
@@ -293,14 +293,8 @@ def make_plan(
         )
         for l, a in zip(graph.layers, solution.assignment)
     )
-    transfers = (
-        ()
-        if data_parallel
-        else tuple(
-            PlanTransfer(value=problem.values[t.value].name, src=t.src, dst=t.dst, bytes=t.bytes, seconds=t.seconds)
-            for t in ev.transfers
-        )
-    )
+    output_device = solution.assignment[-1] if solution.assignment and not data_parallel else 0
+    transfers = () if data_parallel else _plan_transfers(problem, ev, output_device)
     return Plan(
         model_name=graph.model_name,
         fingerprint=graph.fingerprint,
@@ -313,7 +307,7 @@ def make_plan(
         devices=tuple(plan_devices),
         layers=layers,
         transfers=transfers,
-        output_device=solution.assignment[-1] if solution.assignment and not data_parallel else 0,
+        output_device=output_device,
         predicted_s=solution.objective_s,
         bound_s=bound,
         solver=SolverInfo(
@@ -321,3 +315,21 @@ def make_plan(
         ),
     )
 
+
+
+def _plan_transfers(problem: Problem, ev: Evaluation, output_device: int) -> tuple[PlanTransfer, ...]:
+    """The solver's transfers, plus outputs gathered onto `output_device` (which cost no step time
+    in the objective, since every placement pays them alike, but do move bytes)."""
+    out = [
+        PlanTransfer(value=problem.values[t.value].name, src=t.src, dst=t.dst, bytes=t.bytes, seconds=t.seconds)
+        for t in ev.transfers
+    ]
+    moved = {(t.value, t.dst) for t in out}
+    for v in problem.values:
+        if v.producer < 0 or OUTPUT not in v.consumers:
+            continue
+        src = ev.assignment[v.producer]
+        if src != output_device and (v.name, output_device) not in moved:
+            seconds = problem.transfer_s(v, src, output_device)
+            out.append(PlanTransfer(value=v.name, src=src, dst=output_device, bytes=v.bytes, seconds=seconds))
+    return tuple(out)

@@ -140,11 +140,20 @@ class Plan:
         def target(i: int) -> int | str:
             return gpu_ordinal[i] if i in gpu_ordinal else "cpu"
 
+        called = {m for layer in self.layers for m in layer.modules}
+
+        def covered(module: str) -> bool:
+            parts = module.split(".")
+            return any(".".join(parts[:k]) in called for k in range(1, len(parts) + 1))
+
         out: dict[str, int | str] = {}
         owner: dict[str, str] = {}
         for layer in self.layers:
-            names = list(layer.modules) + [p.rsplit(".", 1)[0] if "." in p else "" for p in layer.params]
-            for module in dict.fromkeys(names):
+            # A module goes where its calls run; a tensor read by no module call of its own
+            # (used directly by an op) where its owning layer runs. A tied weight follows the
+            # module that calls it first; Accelerate moves it to its other users.
+            loose = [p.rpartition(".")[0] for p in layer.params if not covered(p.rpartition(".")[0])]
+            for module in dict.fromkeys(list(layer.modules) + loose):
                 dev = target(layer.device)
                 if module in out and out[module] != dev:
                     raise ValueError(

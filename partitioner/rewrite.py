@@ -57,8 +57,13 @@ def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def place_tensors(
-    module: nn.Module, device_of: dict[str, str], default: str, *, inplace: bool = False
-) -> dict[int, torch.Tensor]:
+    module: nn.Module,
+    device_of: dict[str, str],
+    default: str,
+    *,
+    inplace: bool = False,
+    memo: dict[int, Any] | None = None,
+) -> dict[int, Any]:
     """Place each tensor of `module` on its device; return a deepcopy memo (id -> placed tensor).
 
     Args:
@@ -66,32 +71,47 @@ def place_tensors(
         device_of: Qualified tensor name -> device; a tensor reachable under several names
             (tied weights) takes the device of the first name found here.
         default: Device of tensors no layer owns (unused parameters).
-        inplace: Move the tensors themselves (``param.data``) rather than copies.
+        inplace: Also register the placed tensors in `module` in place of the old ones
+            (the caller's model then holds them; optimizers made before hold the old ones).
+        memo: Tensors already placed (by id); they are kept as they are.
 
     Raises:
         PartitionerError: a tensor is on ``meta`` (it has no values to place).
     """
-    memo: dict[int, torch.Tensor] = {}
+    aliases: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for name, t in _named_tensors(module):
-        if id(t) in memo:
+        aliases.setdefault(id(t), (t, []))[1].append(name)
+    memo = dict(memo or {})
+    for key, (t, names) in aliases.items():
+        if key in memo:
             continue
         if t.is_meta:
             raise PartitionerError(
-                f"tensor {name!r} is on the meta device and has no values to place; load the weights "
+                f"tensor {names[0]!r} is on the meta device and has no values to place; load the weights "
                 "first (e.g. accelerate.load_checkpoint_in_model), or plan only with partitioner.plan()"
             )
-        device = device_of.get(name, default)
-        if inplace:
-            with torch.no_grad():
-                t.data = t.data.to(device)
-            memo[id(t)] = t
-            continue
+        device = next((device_of[n] for n in names if n in device_of), default)
         moved = t.detach().to(device, copy=True)
         if isinstance(t, nn.Parameter):
-            memo[id(t)] = nn.Parameter(moved, requires_grad=t.requires_grad)
+            placed: torch.Tensor = nn.Parameter(moved, requires_grad=t.requires_grad)
         else:
-            memo[id(t)] = moved.requires_grad_(t.requires_grad) if moved.is_floating_point() else moved
+            placed = moved.requires_grad_(t.requires_grad) if moved.is_floating_point() else moved
+        if inplace:
+            for name in names:
+                _register(module, name, placed)
+        memo[key] = placed
     return memo
+
+
+def _register(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    path, _, attr = name.rpartition(".")
+    owner = root.get_submodule(path)
+    if attr in owner._parameters:
+        owner._parameters[attr] = tensor  # type: ignore[assignment]
+    elif attr in owner._buffers:
+        owner._buffers[attr] = tensor
+    else:
+        setattr(owner, attr, tensor)
 
 
 def rewrite_graph(
@@ -143,6 +163,10 @@ def rewrite_graph(
         n.args = fx.node.map_arg(n.args, lambda a: moved(a, device))
         n.kwargs = fx.node.map_arg(n.kwargs, lambda a: moved(a, device))
         n.args, n.kwargs = _retarget_devices(n.args, device), _retarget_devices(n.kwargs, device)
+        for a in n.all_input_nodes:  # subgraphs of higher-order ops (torch.cond, set_grad_enabled regions)
+            sub = _attr(gm, str(a.target)) if a.op == "get_attr" else None
+            if isinstance(sub, fx.GraphModule):
+                _retarget_subgraph(sub, device)
     graph.lint()
     gm.recompile()
     return gm, inserted
@@ -152,6 +176,19 @@ def _retarget_devices(value: Any, device: str) -> Any:
     """Replace device constants baked into the graph (``arange(..., device=cpu)``) by `device`."""
     target = torch.device(device)
     return tree_map(lambda x: target if isinstance(x, torch.device) else x, value)
+
+
+def _attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _retarget_subgraph(gm: fx.GraphModule, device: str) -> None:
+    for n in gm.graph.nodes:
+        n.args, n.kwargs = _retarget_devices(n.args, device), _retarget_devices(n.kwargs, device)
+    gm.recompile()
 
 
 def node_devices(layered: LayeredModel, assignment: Sequence[int], devices: Sequence[str]) -> dict[str, str]:

@@ -96,6 +96,8 @@ def trace_model(
             gm = _trace_fx(model, example_args, kwargs)
         except Exception as e:  # noqa: BLE001 - any tracing failure falls through to export
             failures.append(("torch.fx.symbolic_trace", e))
+        if gm is not None and frontend == "auto" and _ties_modules(gm):
+            gm = None  # export lifts a tied weight into the graph, where it can be moved between layers
     if gm is None and frontend in ("auto", "export"):
         try:
             gm, used = _trace_export(model, example_args, kwargs), "export"
@@ -144,6 +146,18 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return gm
 
 
+def _ties_modules(gm: fx.GraphModule) -> bool:
+    """Whether two call_module targets share a parameter or buffer (tied weights)."""
+    owner: dict[int, str] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            sub = gm.get_submodule(str(n.target))
+            for t in list(sub.parameters()) + list(sub.buffers()):
+                if owner.setdefault(id(t), str(n.target)) != n.target:
+                    return True
+    return False
+
+
 def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
     try:
         ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_batch_dynamic(model, args, kwargs))
@@ -157,7 +171,8 @@ def _batch_dynamic(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
 
     def spec(x: Any) -> Any:
-        return {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.ndim > 0 else None
+        # A batch of 1 would be specialised anyway (export treats sizes 0 and 1 as constants).
+        return {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] > 1 else None
 
     return {name: tree_map(spec, value) for name, value in bound.arguments.items()}
 

@@ -1,0 +1,227 @@
+"""auto_parallelize end to end on the zoo: outputs and gradients equal the original's."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import partitioner
+from partitioner import PlanOptions, SimulatedDevices, to_plain
+from partitioner.api import compile_plan
+from partitioner.errors import DeviceMismatchError
+from partitioner.rewrite import move_to
+from tests.models import ZOO, HandSplitMLP, ZooCase
+
+NO_DP = PlanOptions(memory_reserve=0.0, allow_data_parallel=False)
+_MEMORY: dict[str, tuple[int, ...]] = {}
+
+
+def _layer_memory(name: str) -> tuple[int, ...]:
+    """What each layer of a zoo model needs, as the planner counts it (cached per model)."""
+    if name not in _MEMORY:
+        model, args, kwargs = ZOO[name].build()
+        _MEMORY[name] = compile_plan(model, ["cpu:0"], args, kwargs, options=NO_DP).problem.memory
+    return _MEMORY[name]
+
+
+def _fits(memory: tuple[int, ...], cap: int, n: int) -> bool:
+    """Whether consecutive runs of layers fill at most `n` devices of `cap` bytes."""
+    bins, room = 1, cap
+    for m in memory:
+        if m > cap:
+            return False
+        if m > room:
+            bins, room = bins + 1, cap
+        room -= m
+    return bins <= n
+
+
+def forcing_caps(name: str, n: int) -> int:
+    """A per-device cap below the whole model's need, so the plan must use several devices."""
+    memory = _layer_memory(name)
+    cap = max(max(memory), math.ceil(sum(memory) / n))
+    while not _fits(memory, cap, n):
+        cap = math.ceil(cap * 1.05)
+    return min(math.ceil(cap * 1.05), sum(memory) - 1)
+
+
+def _loss(outputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    total = torch.zeros(())
+    for o in outputs:
+        if o.is_floating_point():
+            o = o.to("cpu")  # from a simulated device back to the host: a logged, differentiable copy
+            total = total + (o * torch.randn(o.shape, generator=gen)).sum()
+    return total
+
+
+def _reference(case: ZooCase, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
+    out = case.outputs(model(*args, **kwargs))
+    _loss(out).backward()
+    return [o.detach() for o in out], {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run_partitioned(case: ZooCase, pm: partitioner.PartitionedModule, args: tuple[Any, ...], kwargs: dict[str, Any]):
+    with pm.simulator:
+        out = case.outputs(pm(*args, **kwargs))
+        plain = [to_plain(o.detach()) for o in out]
+        pm.simulator.reset()
+        _loss(out).backward()
+    grads = {n: to_plain(p.grad) for n, p in pm.module.named_parameters() if p.grad is not None}
+    return plain, grads
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_split_matches_original(name: str, n: int) -> None:
+    case = ZOO[name]
+    model, args, kwargs = case.build()
+    before = {k: (v.clone(), v.device, v.requires_grad) for k, v in model.state_dict(keep_vars=True).items()}
+    devices = [f"cpu:{k}" for k in range(n)]
+    cap = forcing_caps(name, n)
+    pm = partitioner.auto_parallelize(model, devices, args, kwargs, options=NO_DP, max_memory={d: cap for d in devices})
+
+    used = set(pm.plan.assignment)
+    assert len(used) >= 2, f"caps of {cap} B should force a split, plan:\n{pm.plan}"
+    for d in pm.plan.devices:
+        assert d.memory_bytes <= d.capacity_bytes
+    # the user's model is untouched
+    for k, v in model.state_dict(keep_vars=True).items():
+        assert torch.equal(v, before[k][0]) and v.device == before[k][1] and v.requires_grad == before[k][2]
+
+    ref_out, ref_grads = _reference(case, model, args, kwargs)
+    model2, _, _ = case.build()  # fresh copy: the reference run put grads on `model`
+    del model2
+    out, grads = _run_partitioned(case, pm, args, kwargs)
+    for a, b in zip(out, ref_out, strict=True):
+        torch.testing.assert_close(a, b)
+    assert set(grads) == set(ref_grads)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], msg=lambda m: f"grad of {k}: {m}")
+
+
+@pytest.mark.parametrize("name", ["mlp", "gpt2", "branchy", "tied", "t5"])
+def test_counted_transfer_bytes_equal_plan(name: str) -> None:
+    case = ZOO[name]
+    model, args, kwargs = case.build()
+    devices = ["cpu:0", "cpu:1", "cpu:2"]
+    cap = forcing_caps(name, 3)
+    pm = partitioner.auto_parallelize(model, devices, args, kwargs, options=NO_DP, max_memory={d: cap for d in devices})
+    with pm.simulator:
+        pm(*args, **kwargs)
+    assert pm.plan.transfers, pm.plan
+    assert pm.simulator.bytes_moved(backward=False, host=False) == pm.plan.transfer_bytes
+
+
+def test_removing_a_transfer_fails_loudly() -> None:
+    model, args, kwargs = ZOO["gpt2"].build()
+    devices = ["cpu:0", "cpu:1"]
+    cap = forcing_caps("gpt2", 2)
+    pm = partitioner.auto_parallelize(model, devices, args, kwargs, options=NO_DP, max_memory={d: cap for d in devices})
+    gm = pm.module
+    moves = [n for n in gm.graph.nodes if n.target is move_to and n.args[0].op != "placeholder"]
+    assert moves
+    victim = moves[0]
+    victim.replace_all_uses_with(victim.args[0])
+    gm.graph.erase_node(victim)
+    gm.recompile()
+    with pytest.raises(DeviceMismatchError):
+        pm(*args, **kwargs)
+
+
+def test_seed_mlp_split_automatically_like_the_hand_written_one() -> None:
+    """The tutorials' split: two devices, memory forcing it, no more transfers than by hand."""
+    case = ZOO["mlp"]
+    model, args, _ = case.build()
+    devices = ["cpu:0", "cpu:1"]
+    cap = forcing_caps("mlp", 2)
+    pm = partitioner.auto_parallelize(model, devices, args, options=NO_DP, max_memory={d: cap for d in devices})
+    assert sorted(set(pm.plan.assignment)) == [0, 1]
+    assert list(pm.plan.assignment) == sorted(pm.plan.assignment)  # contiguous stages
+    with SimulatedDevices(2) as sim:
+        hand = HandSplitMLP("cpu:0", "cpu:1", source=model)
+        sim.reset()
+        expected = hand(*args)
+        hand_transfers = [t for t in sim.transfers if not t.host]
+    with pm.simulator:
+        pm.simulator.reset()
+        got = pm(*args)
+    auto_transfers = [t for t in pm.simulator.transfers if not t.host]
+    assert len(auto_transfers) <= len(hand_transfers) == 1
+    torch.testing.assert_close(to_plain(got), to_plain(expected))
+
+
+def test_data_parallel_plan_replicates_and_matches() -> None:
+    case = ZOO["mlp"]
+    model, _, _ = case.build()
+    x = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(1))  # compute-heavy: replicas pay off
+    pm = partitioner.auto_parallelize(model, ["cpu:0", "cpu:1"], (x,), options=PlanOptions(training=True))
+    assert pm.plan.strategy is partitioner.Strategy.DATA_PARALLEL, pm.plan
+    ref = model(x)
+    (ref * ref).mean().backward()
+    with pm.simulator:
+        y = pm(x)
+        (y * y).mean().to("cpu").backward()
+    torch.testing.assert_close(to_plain(y.detach()), ref.detach())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(to_plain(pm.module.module.get_parameter(n).grad), p.grad)
+
+
+def test_plain_cpu_devices_run_without_simulation() -> None:
+    model, args, kwargs = ZOO["branchy"].build()
+    pm = partitioner.auto_parallelize(model, ["cpu"], args, kwargs)
+    assert pm.simulator is None
+    torch.testing.assert_close(pm(*args, **kwargs), model(*args, **kwargs))
+
+
+def test_inplace_moves_the_users_parameters() -> None:
+    model, args, kwargs = ZOO["mlp"].build()
+    devices = ["cpu:0", "cpu:1"]
+    cap = forcing_caps("mlp", 2)
+    expected = model(*args)
+    with SimulatedDevices(2):
+        pm = partitioner.auto_parallelize(
+            model, devices, args, options=NO_DP, max_memory={d: cap for d in devices}, inplace=True
+        )
+        devices_seen = {p.device for p in model.parameters()}
+        got = pm(*args)
+    assert devices_seen == {torch.device("cpu", 0), torch.device("cpu", 1)}
+    torch.testing.assert_close(to_plain(got), expected)
+
+
+def test_absent_devices_need_simulate() -> None:
+    model, args, _ = ZOO["mlp"].build()
+    with pytest.raises(partitioner.DeviceError, match="simulate=True"):
+        partitioner.auto_parallelize(model, ["a100-80gb", "a100-80gb"], args)
+    pm = partitioner.auto_parallelize(model, ["a100-80gb", "a100-80gb"], args, simulate=True)
+    assert [d.name for d in pm.plan.devices] == ["a100-80gb:0", "a100-80gb:1"]
+    with pm.simulator:
+        torch.testing.assert_close(to_plain(pm(*args)), model(*args))
+
+
+def test_saved_plan_applies_and_mismatch_is_refused() -> None:
+    model, args, _ = ZOO["mlp"].build()
+    devices = ["cpu:0", "cpu:1"]
+    cap = forcing_caps("mlp", 2)
+    first = partitioner.plan(model, devices, args, options=NO_DP, max_memory={d: cap for d in devices})
+    loaded = partitioner.Plan.from_json(first.to_json())
+    pm = partitioner.auto_parallelize(model, devices, args, plan=loaded)
+    assert pm.plan == first
+    other, oargs, okw = ZOO["branchy"].build()
+    with pytest.raises(partitioner.PlanMismatchError, match="fingerprint"):
+        partitioner.auto_parallelize(other, devices, oargs, okw, plan=loaded)
+
+
+def test_device_map_is_accepted_by_accelerate() -> None:
+    accelerate_utils = pytest.importorskip("accelerate.utils")
+    model, args, kwargs = ZOO["gpt2"].build()
+    devices = ["a100-80gb", "a100-80gb"]
+    cap = forcing_caps("gpt2", 2)
+    result = partitioner.plan(model, devices, args, kwargs, options=NO_DP, max_memory={d: cap for d in ["a100-80gb:0", "a100-80gb:1"]})
+    device_map = result.device_map()
+    assert set(device_map.values()) == {0, 1}
+    accelerate_utils.check_device_map(model, device_map)
