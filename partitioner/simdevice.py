@@ -29,8 +29,12 @@ from typing import Any, cast
 
 import torch
 import torch.utils._pytree as pytree
+from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode_stack,
+)
 
 from partitioner.errors import DeviceError, DeviceMismatchError
 
@@ -40,11 +44,12 @@ __all__ = [
     "Transfer",
     "is_logical",
     "logical_device",
+    "place",
     "to_plain",
 ]
 
 _HOST = torch.device("cpu")
-_TENSOR_DATA = torch._C.TensorBase.data
+_TENSOR_DATA: Any = torch._C.TensorBase.data  # the getset descriptor behind Tensor.data
 _aten = torch.ops.aten
 
 _TO_COPY = _aten._to_copy.default
@@ -84,6 +89,56 @@ def to_plain(tree: Any) -> Any:
     share memory with the logical ones, carry no autograd history, and nothing is logged.
     """
     return pytree.tree_map_only(LogicalTensor, lambda t: t._elem.detach(), tree)
+
+
+def place(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Move `module`'s parameters (with their grads) and buffers to `device`, in place.
+
+    What ``module.to(device)`` does, for modules it cannot move: for a tensor subclass it
+    swaps each parameter's contents with `torch.utils.swap_tensors`, which refuses tensors
+    something holds a weak reference to, such as the parameters of a ``torch.export`` module
+    (the export's fake-tensor memo holds them). `place` puts new tensors in the module
+    instead, so other holders of the old ones (the model torch.export was given, an optimizer
+    made before) keep them unchanged. Parameters tied within `module` stay tied. Plain tensor
+    attributes (an export module's lifted constants) stay where they are, as with Module.to.
+
+    Args:
+        module: The module whose tensors move.
+        device: ``"cpu:k"`` (a simulated device; needs an active `SimulatedDevices`), or any
+            device ``Tensor.to`` accepts.
+
+    Returns:
+        `module`.
+
+    Raises:
+        DeviceError: `device` is a simulated one and no `SimulatedDevices` is active.
+    """
+    target = torch.device(device)
+    if target.type == "cpu" and target.index is not None and not any(
+        isinstance(m, SimulatedDevices) for m in _get_current_dispatch_mode_stack()
+    ):
+        raise DeviceError(f"place(..., '{target}') needs an active `with SimulatedDevices(n):`")
+    moved: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for sub in module.modules():
+            tables: tuple[dict[str, Any], ...] = (sub._parameters, sub._buffers)
+            for table in tables:
+                for name, tensor in table.items():
+                    if tensor is None:
+                        continue
+                    if id(tensor) not in moved:
+                        moved[id(tensor)] = _moved(tensor, target)
+                    table[name] = moved[id(tensor)]
+    return module
+
+
+def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if not isinstance(tensor, nn.Parameter):
+        return tensor.to(device)
+    out: torch.Tensor = nn.Parameter(tensor.to(device), requires_grad=tensor.requires_grad)
+    if tensor.grad is not None:
+        out.grad = tensor.grad.to(device)
+    return out
 
 
 class LogicalTensor(torch.Tensor):
@@ -128,14 +183,14 @@ class LogicalTensor(torch.Tensor):
         return LogicalTensor(inner["_elem"], index)
 
     @classmethod
-    def __torch_dispatch__(
+    def __torch_dispatch__(  # type: ignore[override]
         cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
     ) -> Any:
         # Reached only outside SimulatedDevices (the mode runs first when active): the same
         # rules apply, but nothing is logged.
         return _run(func, args, kwargs or {}, None)
 
-    def __repr__(self, *, tensor_contents: Any = None) -> str:
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         text = repr(self._elem)[:-1] + f", device='{self.device}'"
         if self.grad_fn is not None:
             text += f", grad_fn=<{type(self.grad_fn).__name__}>"
@@ -152,21 +207,39 @@ class LogicalTensor(torch.Tensor):
     def tolist(self) -> Any:
         return self._elem.tolist()
 
-    @property  # type: ignore[override]
+    @property
     def data(self) -> torch.Tensor:
-        return _TENSOR_DATA.__get__(self, LogicalTensor)  # type: ignore[no-any-return]
+        return cast(torch.Tensor, _TENSOR_DATA.__get__(self, LogicalTensor))
 
     @data.setter
     def data(self, value: torch.Tensor) -> None:
-        # Tensor's own setter copies shape, strides and device from `value`'s wrapper;
-        # the held tensor has to follow.
-        if not isinstance(value, LogicalTensor):
-            raise NotImplementedError(
-                f"cannot assign a plain tensor to .data of a tensor on {self.device}: "
-                "assign a tensor on a simulated device, or use .to() or .copy_()"
-            )
-        self._elem, self._index = value._elem, value._index
-        _TENSOR_DATA.__set__(self, value)
+        if isinstance(value, LogicalTensor):
+            # Tensor's own setter copies shape, strides and device from `value`'s wrapper;
+            # the held tensor has to follow.
+            self._elem, self._index = value._elem, value._index
+            _TENSOR_DATA.__set__(self, value)
+        else:
+            self._become_plain(value)
+
+    def _become_plain(self, value: torch.Tensor) -> None:
+        """Turn this object into a plain tensor holding `value`'s data (``p.data = plain``).
+
+        ``Module.to("cpu")`` moves parameters so, and their grads after them. The class must
+        change, which only `torch.utils.swap_tensors` does; autograd state stays as it was.
+        """
+        requires_grad, grad, extra = self.requires_grad, self.grad, dict(self.__dict__)
+        if grad is not None:
+            self.grad = None  # a grad must match its tensor's device: move it first
+            grad.data = grad._elem if isinstance(grad, LogicalTensor) else grad
+        is_param = extra.pop("_is_param", False)
+        for name in ("_elem", "_index"):
+            extra.pop(name, None)
+        plain = value.detach()
+        torch.utils.swap_tensors(self, nn.Parameter(plain, False) if is_param else plain)
+        self.__dict__.update(extra)
+        self.requires_grad_(requires_grad)
+        if grad is not None:
+            self.grad = grad
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LogicalTensor:
         if id(self) in memo:
@@ -309,7 +382,7 @@ class SimulatedDevices(TorchDispatchMode):
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         try:
             super().__exit__(*exc)
         finally:
@@ -380,7 +453,7 @@ def _index(value: object) -> int | None:
 class _Found:
     """What unwrapping one op's arguments saw."""
 
-    __slots__ = ("indices", "by_elem", "stray")
+    __slots__ = ("by_elem", "indices", "stray")
 
     def __init__(self) -> None:
         self.indices: set[int] = set()
@@ -505,15 +578,16 @@ def _mismatch(
             f"(or the other way round)"
         )
     else:
-        name, t = strays[0]
+        name, stray = strays[0]
         message = (
-            f"{func} got a plain CPU tensor ({name}, shape {list(t.shape)}) beside tensors on "
+            f"{func} got a plain CPU tensor ({name}, shape {list(stray.shape)}) beside tensors on "
             f"{first[devices[0]]}; it was never placed (a model input, or a tensor Module.to "
             f"does not move): call .to('{devices[0]}') on it first"
         )
     if sim is None:
+        where = "backward()" if torch._C._current_graph_task_id() != -1 else "this op"
         message += (
-            ". No SimulatedDevices is active, so device='cpu:k' made plain tensors: run the "
-            "whole step inside `with SimulatedDevices(n):`"
+            f". No SimulatedDevices is active around {where}, so device='cpu:k' made plain "
+            "tensors: run the whole step, backward() included, inside `with SimulatedDevices(n):`"
         )
     return DeviceMismatchError(message)
