@@ -58,6 +58,8 @@ class _Budget:
     """A matmul call this long is long enough to time; stop growing n."""
     sample_s: float
     """Keep repeating a timing until this much time has passed (at least 3 repeats)."""
+    batch_s: float
+    """Back-to-back calls per timing last about this long (see `_median_seconds`)."""
     copy_bytes: int
     """Size of the on-device copy (larger than the last-level cache)."""
     host_bytes: int
@@ -67,26 +69,36 @@ class _Budget:
 _BUDGETS = {
     # CPU: L3 caches reach 256 MiB on server parts; the full run's 512 MiB copy is past
     # them, the quick one's 64 MiB past a laptop's. Under ~1 s per dtype in quick mode.
-    ("cpu", True): _Budget(256, 512, 0.02, 0.1, 64 << 20, 0),
-    ("cpu", False): _Budget(256, 2048, 0.1, 0.5, 512 << 20, 0),
+    ("cpu", True): _Budget(256, 512, 0.02, 0.1, 0.0, 64 << 20, 0),
+    ("cpu", False): _Budget(256, 2048, 0.1, 0.5, 0.0, 512 << 20, 0),
     # GPU: n = 8192 keeps an H100's bf16 tensor cores busy (~1.6 ms a call); L2 is at most
-    # ~100 MiB, so 1 GiB copies measure HBM.
-    ("cuda", True): _Budget(1024, 4096, 0.001, 0.1, 256 << 20, 64 << 20),
-    ("cuda", False): _Budget(1024, 8192, 0.002, 0.5, 1 << 30, 256 << 20),
+    # ~100 MiB, so 1 GiB copies measure HBM. Timings batch 5-20 ms of back-to-back calls.
+    ("cuda", True): _Budget(1024, 4096, 0.001, 0.1, 0.005, 256 << 20, 64 << 20),
+    ("cuda", False): _Budget(1024, 8192, 0.002, 0.5, 0.02, 1 << 30, 256 << 20),
 }
 
 
-def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], sample_s: float) -> float:
-    """Median seconds of one call of `fn`, after one warm-up call; at least three timings."""
+def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], sample_s: float, batch_s: float = 0.0) -> float:
+    """Median seconds of one call of `fn`, after a warm-up call; at least three timings.
+
+    With `batch_s` > 0, each timing runs enough calls back to back to last about that long
+    and divides: a GPU kernel of microseconds is then not drowned by the cost of
+    synchronising after it. With 0, every call is synchronised (a latency).
+    """
     fn()
     sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    calls = max(1, min(1000, int(batch_s / max(time.perf_counter() - t0, 1e-9))))
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start < sample_s and len(times) < 100):
         t0 = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / calls)
     return max(statistics.median(times), 1e-9)
 
 
@@ -119,26 +131,31 @@ def _matmul_flops(dtype: str, device: torch.device, sync: Callable[[], None], bu
             a = torch.randn(n, n, device=device).to(_TORCH_DTYPES[dtype])
             b = torch.randn(n, n, device=device).to(_TORCH_DTYPES[dtype])
             matmul = partial(torch.mm, a, b)
-            seconds = _median_seconds(matmul, sync, budget.call_s)
+            seconds = _median_seconds(matmul, sync, budget.call_s, budget.batch_s)
             if seconds >= budget.call_s or n >= budget.max_matmul:
-                seconds = _median_seconds(matmul, sync, budget.sample_s)
+                seconds = _median_seconds(matmul, sync, budget.sample_s, budget.batch_s)
                 return _rounded(2 * n**3 / seconds), n
             n *= 2
 
 
-def _copy_seconds(dst: torch.Tensor, src: torch.Tensor, sync: Callable[[], None], sample_s: float) -> float:
-    return _median_seconds(lambda: dst.copy_(src, non_blocking=True), sync, sample_s)
+def _copy_seconds(
+    dst: torch.Tensor, src: torch.Tensor, sync: Callable[[], None], sample_s: float, batch_s: float = 0.0
+) -> float:
+    return _median_seconds(partial(dst.copy_, src, non_blocking=True), sync, sample_s, batch_s)
 
 
 _Alloc = Callable[[int], torch.Tensor]
 
 
 def _measured_link(
-    nbytes: int, make_src: _Alloc, make_dst: _Alloc, sync: Callable[[], None], sample_s: float
+    nbytes: int, make_src: _Alloc, make_dst: _Alloc, sync: Callable[[], None], budget: _Budget
 ) -> tuple[float, float]:
-    """(bytes per second, latency s) of copies from `make_src(n)` to `make_dst(n)`."""
-    seconds = _copy_seconds(make_dst(nbytes), make_src(nbytes), sync, sample_s)
-    latency = _copy_seconds(make_dst(4), make_src(4), sync, sample_s)
+    """(bytes per second, latency s) of copies from `make_src(n)` to `make_dst(n)`.
+
+    The latency is a synchronised 4-byte copy: what one transfer between stages costs.
+    """
+    seconds = _copy_seconds(make_dst(nbytes), make_src(nbytes), sync, budget.sample_s, budget.batch_s)
+    latency = _copy_seconds(make_dst(4), make_src(4), sync, budget.sample_s)
     return _rounded(nbytes / seconds), _rounded(latency)
 
 
@@ -239,7 +256,7 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str | None
     elements = budget.copy_bytes // 4
     src = torch.empty(elements, dtype=torch.float32, device=dev).fill_(1.0)
     dst = torch.empty_like(src)
-    bandwidth = _rounded(2 * budget.copy_bytes / _copy_seconds(dst, src, sync, budget.sample_s))
+    bandwidth = _rounded(2 * budget.copy_bytes / _copy_seconds(dst, src, sync, budget.sample_s, budget.batch_s))
     del src, dst
 
     host_link = peer_link = None
@@ -255,8 +272,8 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str | None
         def on_device(n: int) -> torch.Tensor:
             return torch.empty(n, dtype=torch.uint8, device=dev)
 
-        h2d = _measured_link(budget.host_bytes, pinned, on_device, sync, budget.sample_s)
-        d2h = _measured_link(budget.host_bytes, on_device, pinned, sync, budget.sample_s)
+        h2d = _measured_link(budget.host_bytes, pinned, on_device, sync, budget)
+        d2h = _measured_link(budget.host_bytes, on_device, pinned, sync, budget)
         host_link = Link(
             interface="pcie",
             generation=None,
@@ -275,7 +292,7 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str | None
                 torch.cuda.synchronize(dev)
                 torch.cuda.synchronize(peer)
 
-            p2p = _measured_link(budget.host_bytes, on_device, on_peer, sync_both, budget.sample_s)
+            p2p = _measured_link(budget.host_bytes, on_device, on_peer, sync_both, budget)
             peer_link = Link(
                 interface="measured", generation=None, bandwidth_Bps=p2p[0], latency_s=p2p[1], efficiency=1.0
             )
