@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (built-in models)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="parameter dtype")
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
-    p.add_argument("--inference", action="store_true", help="plan inference (forward only) instead of training")
+    p.add_argument("--train", action="store_true", help="plan a training step (forward, backward, optimizer state)")
     p.add_argument("--optimizer", default="adam", choices=["none", "sgd", "momentum", "adam"])
     p.add_argument("--no-data-parallel", action="store_true", help="never replicate the whole model")
     p.add_argument("--granularity", default="block", choices=["block", "leaf"])
@@ -73,7 +73,7 @@ def _plan(args: argparse.Namespace) -> int:
         max_memory[key] = parse_bytes(size)
     options = PlanOptions(
         objective=Objective(args.objective),
-        training=not args.inference,
+        training=args.train,
         optimizer=Optimizer(args.optimizer),
         allow_data_parallel=not args.no_data_parallel,
         memory_reserve=args.reserve,

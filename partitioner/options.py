@@ -81,7 +81,7 @@ class PlanOptions:
 
     objective: Objective = Objective.LATENCY
     """What the solver minimises."""
-    training: bool = True
+    training: bool = False
     """Plan a training step (forward + backward, gradients, optimizer state) rather than inference."""
     optimizer: Optimizer = Optimizer.ADAM
     """Optimizer whose state counts towards memory when training."""

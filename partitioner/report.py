@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from partitioner.devices import format_bytes
 from partitioner.options import Strategy
 from partitioner.plan import Plan, PlanLayer
 
-__all__ = ["render_text", "layer_ranges", "format_seconds", "format_bytes"]
+__all__ = ["render_text", "layer_ranges", "format_seconds"]
 
 
 def format_seconds(s: float) -> str:
@@ -15,15 +16,6 @@ def format_seconds(s: float) -> str:
     if s >= 1e-3:
         return f"{s * 1e3:.2f} ms"
     return f"{s * 1e6:.1f} us"
-
-
-def format_bytes(n: float) -> str:
-    """Binary units: ``1.5 GiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def layer_ranges(layers: tuple[PlanLayer, ...], device: int) -> list[str]:

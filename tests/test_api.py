@@ -16,7 +16,7 @@ from partitioner.errors import DeviceMismatchError
 from partitioner.rewrite import move_to
 from tests.models import ZOO, HandSplitMLP, ZooCase
 
-NO_DP = PlanOptions(memory_reserve=0.0, allow_data_parallel=False)
+NO_DP = PlanOptions(training=True, memory_reserve=0.0, allow_data_parallel=False)
 _MEMORY: dict[str, tuple[int, ...]] = {}
 
 
