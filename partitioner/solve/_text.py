@@ -1,0 +1,40 @@
+"""Names and sizes as error messages print them."""
+
+from __future__ import annotations
+
+from partitioner.ir import Problem
+
+__all__ = ["format_bytes", "layer_label", "device_label", "span_label"]
+
+_UNITS = ("B", "kB", "MB", "GB", "TB", "PB")
+
+
+def format_bytes(size: float) -> str:
+    """Decimal units with one decimal, as device specifications print them: ``3.2 GB``."""
+    value = float(size)
+    for unit in _UNITS[:-1]:
+        if abs(value) < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} {_UNITS[-1]}"
+
+
+def layer_label(problem: Problem, layer: int) -> str:
+    """``'transformer.h.3'`` when the problem names its layers, else ``#3``."""
+    if layer < len(problem.names):
+        return repr(problem.names[layer])
+    return f"#{layer}"
+
+
+def device_label(problem: Problem, device: int) -> str:
+    """``'cuda:1'`` when the problem names its devices, else ``device 1``."""
+    if device < len(problem.device_names):
+        return repr(problem.device_names[device])
+    return f"device {device}"
+
+
+def span_label(problem: Problem, first: int, last: int) -> str:
+    """Layers ``first..last`` (inclusive) as one label."""
+    if first == last:
+        return f"layer {layer_label(problem, first)}"
+    return f"layers {layer_label(problem, first)}..{layer_label(problem, last)}"

@@ -1,0 +1,178 @@
+"""Dynamic program over contiguous runs of layers: exact on chains, a heuristic on DAGs.
+
+A placement that respects the device order along every edge of a chain cuts the layers
+into runs ``[j, k)``, one per used device, the devices increasing from run to run (some
+may be skipped). A run on device ``g`` that follows a run on device ``e`` and precedes
+one on device ``h`` costs::
+
+    compute(j, k, g) = sum_{j <= i < k} compute_s[i][g]           (memory(j, k) <= capacity[g])
+    in               = cut(j, e, g),    out = cut(k, g, h)
+    cut(k, s, t)     = sum over values v crossing the boundary before layer k of
+                       bytes(v) * seconds_per_byte[s][t] + latency_s[s][t]
+
+The state ``G[k, g, h]`` is the best cost of layers ``0..k-1`` whose last run ends at ``k``
+on device ``g``, the next run starting on device ``h > g``; it already counts the cut into
+``h``. With ``P = G[j, e, g]`` (or 0 for the first run)::
+
+    LATENCY     G[k, g, h] = min_{j, e} P + compute(j, k, g) + cut(k, g, h)
+    THROUGHPUT  G[k, g, h] = min_{j, e} max(P, in + compute(j, k, g) + out)
+
+Both sides of a cut pay it under THROUGHPUT, hence ``in`` there. Time is
+``O(N^2 D^2)`` for LATENCY and ``O(N^2 D^3)`` for THROUGHPUT (the next device is part of
+the state because per-link costs differ), vectorised over the run starts.
+
+On a DAG the runs are taken along the given topological order (so every edge keeps the
+device order) and a value is charged at every boundary it crosses, as if it hopped from
+run to run: an estimate, whose true cost `evaluate` then gives. It seeds and backs up
+the ILP. Cf. alpa's ``training_dp`` (Zheng et al., OSDI 2022) and torchgpipe's
+``blockpartition`` (Bárány & Grinberg's block partitions).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from partitioner.ir import OUTPUT, Problem, Solution
+from partitioner.options import Objective
+from partitioner.solve.evaluate import placement_solution
+from partitioner.solve.feasibility import check_memory, no_contiguous_fit
+
+__all__ = ["is_chain", "solve_dp"]
+
+
+def is_chain(problem: Problem) -> bool:
+    """Whether the DP is exact: the layers form one path.
+
+    Every value goes from layer ``i`` to layer ``i + 1`` (or to `OUTPUT`, or comes from
+    `INPUT`), and every pair of consecutive layers is joined by a value. Without the
+    second condition (say a layer reads only model inputs) the device order would not
+    bind between the two parts, and runs along the layer order would be a restriction.
+    """
+    joined = [False] * problem.num_layers
+    for value in problem.values:
+        if value.producer < 0:
+            continue
+        for consumer in value.consumers:
+            if consumer == OUTPUT:
+                continue
+            if consumer != value.producer + 1:
+                return False
+            joined[consumer] = True
+    return all(joined[1:])
+
+
+def solve_dp(problem: Problem) -> Solution:
+    """Best placement in contiguous runs along the layer order.
+
+    Args:
+        problem: The cost tables; exact when `is_chain` holds, a heuristic otherwise.
+
+    Returns:
+        The placement, with its `evaluate` objective. On a chain it is optimal; otherwise
+        ``optimal`` is False and the lower bound is `simple_lower_bound`.
+
+    Raises:
+        InfeasibleError: If no run placement fits memory (on a chain: no placement at all).
+    """
+    check_memory(problem)
+    chain = is_chain(problem)
+    assignment = _runs(problem, _cut_table(problem, chain))
+    if assignment is None:
+        raise no_contiguous_fit(problem)
+    return placement_solution(problem, assignment, solver="dp", optimal=chain)
+
+
+def _cut_table(problem: Problem, chain: bool) -> np.ndarray:
+    """cut[k, s, t]: seconds to move what crosses the boundary before layer k from s to t.
+
+    On a chain a value crosses one boundary; otherwise every boundary between its
+    producer and its last consumer (the hop-by-hop estimate).
+    """
+    n, num_devices = problem.num_layers, problem.num_devices
+    # Difference arrays: a value adds its bytes and one transfer to boundaries p+1..last.
+    crossing_bytes = np.zeros(n + 2)
+    crossing_count = np.zeros(n + 2)
+    for value in problem.values:
+        readers = [c for c in value.consumers if c >= 0]
+        if value.producer < 0 or not readers:
+            continue
+        last = value.producer + 1 if chain else max(readers)
+        crossing_bytes[value.producer + 1] += value.bytes
+        crossing_bytes[last + 1] -= value.bytes
+        crossing_count[value.producer + 1] += 1
+        crossing_count[last + 1] -= 1
+    crossing_bytes = np.cumsum(crossing_bytes)[: n + 1]
+    crossing_count = np.cumsum(crossing_count)[: n + 1]
+    per_byte = np.asarray(problem.seconds_per_byte, dtype=float).reshape(num_devices, num_devices)
+    latency = np.asarray(problem.latency_s, dtype=float).reshape(num_devices, num_devices)
+    cut = crossing_bytes[:, None, None] * per_byte + crossing_count[:, None, None] * latency
+    cut[:, np.arange(num_devices), np.arange(num_devices)] = 0.0
+    return cut
+
+
+def _runs(problem: Problem, cut: np.ndarray) -> tuple[int, ...] | None:
+    """The DP of the module docstring; None when no run placement fits memory."""
+    n, num_devices = problem.num_layers, problem.num_devices
+    if n == 0:
+        return ()
+    throughput = problem.objective is Objective.THROUGHPUT
+    start = num_devices  # Row of G standing for "no earlier run" (only at j = 0).
+    compute = np.vstack(
+        [np.zeros(num_devices), np.cumsum(np.asarray(problem.compute_s, dtype=float), axis=0)]
+    )  # compute[k, g]: layers 0..k-1 on device g
+    memory = np.concatenate([[0], np.cumsum(np.asarray(problem.memory, dtype=np.int64))])
+    capacity = np.asarray(problem.capacity, dtype=np.int64)
+    # first[g, k]: the earliest start j of a run [j, k) that fits device g.
+    first = np.searchsorted(memory, memory[None, :] - capacity[:, None], side="left")
+
+    # cost[j, e, g] = G[j, e, g]; e = start is the empty prefix.
+    cost = np.full((n + 1, num_devices + 1, num_devices), np.inf)
+    cost[0, start, :] = 0.0
+    cut_in = np.zeros((n + 1, num_devices + 1, num_devices))
+    cut_in[:, :num_devices, :] = cut
+    back = np.zeros((n + 1, num_devices + 1, num_devices, 2), dtype=np.int64)
+    final = np.full(num_devices, np.inf)
+    final_back = np.zeros((num_devices, 2), dtype=np.int64)
+
+    for k in range(1, n + 1):
+        out = cut[k] if k < n else np.zeros((num_devices, num_devices))
+        for g in range(num_devices):
+            j0 = int(first[g, k])
+            if j0 >= k:
+                continue
+            nexts = np.arange(g + 1, num_devices) if k < n else np.array([g])
+            if len(nexts) == 0:
+                continue
+            before = cost[j0:k, :, g]  # (J, E)
+            run = (compute[k, g] - compute[j0:k, g])[:, None]  # (J, 1)
+            outs = out[g, nexts] if k < n else np.zeros(1)  # (H,)
+            if throughput:
+                total = np.maximum(
+                    before[:, :, None], (cut_in[j0:k, :, g] + run)[:, :, None] + outs
+                )
+            else:
+                total = (before + run)[:, :, None] + outs
+            flat = total.reshape(-1, len(nexts))
+            best = np.argmin(flat, axis=0)
+            values = flat[best, np.arange(len(nexts))]
+            j_best, e_best = np.divmod(best, num_devices + 1)
+            if k < n:
+                cost[k, g, nexts] = values
+                back[k, g, nexts, 0] = j0 + j_best
+                back[k, g, nexts, 1] = e_best
+            else:
+                final[g] = values[0]
+                final_back[g] = (j0 + j_best[0], e_best[0])
+
+    device = int(np.argmin(final))
+    if not np.isfinite(final[device]):
+        return None
+    assignment = [0] * n
+    end, (begin, previous) = n, final_back[device]
+    while True:
+        assignment[int(begin) : end] = [device] * (end - int(begin))
+        if previous == start:
+            break
+        end, device = int(begin), int(previous)
+        begin, previous = back[end, device, assignment[end]]
+    return tuple(assignment)

@@ -1,0 +1,360 @@
+"""The placement as a mixed-integer program (pulp; HiGHS when installed, else CBC).
+
+Sets: layers ``i`` (topological order), devices ``d, s, e`` (in order), edges ``(p, c)``
+(some value of layer ``p`` is read by layer ``c``), bundles ``b`` (the values of one
+producer with the same consumer set, which move together: ``B_b`` bytes, ``K_b``
+values). Times are in units of ``scale`` seconds (about the warm start's objective, so
+that the solver's absolute tolerances mean the same on microseconds as on hours)::
+
+    y[i, d] in {0, 1}        = [dev(i) <= d]                  d < D - 1; y[i, D-1] = 1
+    x[i, d]                  = y[i, d] - y[i, d-1]            = [dev(i) = d]
+    z[p, c, s, e] in [0, 1]  = [dev(p) = s and dev(c) = e]    s <= e
+    m[b, s, e]               = [bundle b moves from s to e]   s < e
+                             = z[p, c, s, e] when b has one consumer c, else a variable
+                               with m >= z[p, c, s, e] for each consumer c
+    cost[b, s, e]            = B_b * seconds_per_byte[s][e] + K_b * latency_s[s][e]
+
+    [Monotone]    y[i, d-1] <= y[i, d]
+    [Joint]       sum_{e >= s} z[p, c, s, e] = x[p, s],   sum_{s <= e} z[p, c, s, e] = x[c, e]
+    [Memory]      sum_i memory[i] x[i, d] <= capacity[d]
+    LATENCY       min sum_{i, d} compute_s[i][d] x[i, d] + sum_{b, s < e} cost[b, s, e] m[b, s, e]
+    THROUGHPUT    min T,  T >= sum_i compute_s[i][d] x[i, d]
+                               + sum_{b, s < d} cost[b, s, d] m[b, s, d]
+                               + sum_{b, e > d} cost[b, d, e] m[b, d, e]      for every d
+
+``z`` is the joint placement of an edge's two ends: integral ``x`` force it, and
+``z`` exists only for ``s <= e``, so [Joint] also keeps the device order along every
+edge (``dev(p) <= dev(c)``, as prefix sums ``sum_{d' <= d} x[c, d'] <= sum_{d' <= d} x[p, d']``
+even in the LP relaxation). Per-link costs are exact, and the relaxation is tighter than
+the usual ``m >= x[p, s] + x[c, e] - 1``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pulp
+
+from partitioner.errors import SolverError
+from partitioner.ir import Problem, Solution
+from partitioner.options import Objective, SolverBackend, SolverOptions
+from partitioner.solve.evaluate import evaluate, placement_solution, simple_lower_bound
+from partitioner.solve.feasibility import check_memory, no_contiguous_fit
+
+__all__ = ["highs_available", "solve_ilp"]
+
+MEMORY_TOLERANCE = 1e-6
+"""Relative slack a MIP solver may leave on a row (HiGHS' and CBC's default feasibility
+tolerance); capacities are tightened by it so that a solution the solver accepts fits
+to the byte."""
+
+
+class _HiGHSWithStart(pulp.HiGHS):
+    """pulp's HiGHS interface, also handing the variables' initial values to HiGHS."""
+
+    def callSolver(self, lp: Any) -> None:
+        start = [(v.index, v.varValue) for v in lp.variables() if v.varValue is not None]
+        if start:
+            index, value = zip(*start)
+            lp.solverModel.setSolution(
+                len(index), np.asarray(index, dtype=np.int32), np.asarray(value, dtype=float)
+            )
+        lp.solverModel.run()
+
+
+def highs_available() -> bool:
+    """Whether pulp can drive HiGHS (the ``highspy`` package is installed)."""
+    return bool(pulp.HiGHS().available())
+
+
+@dataclass(slots=True)
+class _Model:
+    """The pulp problem and its decision variables."""
+
+    problem: pulp.LpProblem
+    y: list[list[Any]]
+    z: dict[tuple[int, int], dict[tuple[int, int], Any]]
+    moved: list[tuple[tuple[int, ...], dict[tuple[int, int], Any]]]
+    """Per bundle: its layers (producer, consumers...) and m[s, e] as a variable or z."""
+    bottleneck: Any
+
+
+def solve_ilp(
+    problem: Problem,
+    options: SolverOptions = SolverOptions(),
+    *,
+    warm_start: Sequence[int] | None = None,
+) -> Solution:
+    """Solve the program of the module docstring.
+
+    Args:
+        problem: The cost tables (any DAG).
+        options: Backend (AUTO picks HiGHS when installed, else CBC), time limit, gap.
+        warm_start: A feasible placement to start from, e.g. `solve_dp`'s. If the solver
+            finds nothing better in time, it is returned, marked not optimal.
+
+    Returns:
+        The best placement found, its `evaluate` objective, the solver's lower bound, and
+        whether optimality was proved within ``options.gap``.
+
+    Raises:
+        InfeasibleError: If no placement fits memory.
+        SolverError: If the backend is unavailable or fails, or if time runs out with no
+            placement and no warm start.
+    """
+    begin = time.perf_counter()
+    check_memory(problem)
+    backend = _backend(options.backend)
+    if problem.num_devices == 1:  # Nothing to decide (and check_memory says it fits).
+        return placement_solution(problem, (0,) * problem.num_layers, solver=backend, optimal=True)
+    start = tuple(warm_start) if warm_start is not None else None
+    if start is not None and not evaluate(problem, start).feasible:
+        start = None
+    scale = _time_scale(problem, start)
+    model = _build(problem, scale)
+    if start is not None:
+        _set_start(model, problem, start, scale)
+
+    log_path = None
+    if backend == "highs":
+        solver = _HiGHSWithStart(
+            msg=False, timeLimit=options.time_limit_s, gapRel=options.gap
+        )
+    else:
+        handle, log_path = tempfile.mkstemp(prefix="partitioner-cbc-", suffix=".log")
+        os.close(handle)
+        solver = pulp.PULP_CBC_CMD(
+            msg=False,
+            timeLimit=options.time_limit_s,
+            gapRel=options.gap,
+            warmStart=start is not None,
+            logPath=log_path,
+        )
+    try:
+        model.problem.solve(solver)
+        bound = _bound(model.problem, backend, log_path, options.gap)
+    except pulp.PulpSolverError as error:
+        raise SolverError(f"{backend} failed on the placement ILP: {error}") from error
+    finally:
+        if log_path is not None:
+            os.unlink(log_path)
+
+    proved = model.problem.sol_status == pulp.LpSolutionOptimal
+    candidates: list[tuple[float, tuple[int, ...], str]] = []  # (objective, placement, by)
+    if model.problem.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        found = evaluate(problem, _assignment(model))
+        if found.feasible:
+            candidates.append((found.objective_s, found.assignment, backend))
+        else:
+            proved = False  # Rounding broke a row the solver met within its tolerance.
+    if start is not None:
+        candidates.append((evaluate(problem, start).objective_s, start, "dp"))
+    if not candidates:
+        if model.problem.status == pulp.LpStatusInfeasible:
+            raise no_contiguous_fit(problem)
+        raise SolverError(
+            f"{backend} found no placement within {options.time_limit_s:g} s "
+            f"(status {pulp.LpStatus[model.problem.status]}); raise time_limit_s or lower "
+            f"max_candidates"
+        )
+    objective, assignment, solver_name = min(candidates, key=lambda c: c[0])
+    lower = max(bound * scale if bound is not None else 0.0, simple_lower_bound(problem))
+    return placement_solution(
+        problem,
+        assignment,
+        solver=solver_name,
+        optimal=proved or objective - lower <= options.gap * objective,
+        lower_bound_s=lower,
+        solve_time_s=time.perf_counter() - begin,
+    )
+
+
+def _backend(choice: SolverBackend) -> str:
+    """``highs`` or ``cbc`` for the requested backend."""
+    if choice is SolverBackend.DP:
+        raise SolverError("the ILP needs a MIP backend (AUTO, HIGHS or CBC), not DP")
+    if choice is SolverBackend.CBC:
+        return "cbc"
+    if highs_available():
+        return "highs"
+    if choice is SolverBackend.HIGHS:
+        raise SolverError("HiGHS is not available: pip install highspy, or use SolverBackend.CBC")
+    return "cbc"
+
+
+def _bundles(problem: Problem) -> dict[tuple[int, ...], tuple[int, int]]:
+    """(producer, consumers...) -> (bytes, number of values), for values that can move."""
+    bundles: dict[tuple[int, ...], list[int]] = defaultdict(lambda: [0, 0])
+    for value in problem.values:
+        readers = tuple(sorted({c for c in value.consumers if c >= 0}))
+        if value.producer >= 0 and readers:
+            totals = bundles[(value.producer, *readers)]
+            totals[0] += value.bytes
+            totals[1] += 1
+    return {key: (b, k) for key, (b, k) in bundles.items()}
+
+
+def _time_scale(problem: Problem, start: tuple[int, ...] | None) -> float:
+    """Seconds per model time unit: the warm start's objective, else a crude upper bound."""
+    if start is not None:
+        scale = evaluate(problem, start).objective_s
+    else:
+        scale = sum(max(row) for row in problem.compute_s) + sum(
+            problem.transfer_s(v, s, e)
+            for v in problem.values
+            for s in range(problem.num_devices)
+            for e in range(problem.num_devices)
+        )
+    return scale if scale > 0 else 1.0
+
+
+def _build(problem: Problem, scale: float) -> _Model:
+    """The pulp model of the module docstring, times divided by ``scale``."""
+    n, num_devices = problem.num_layers, problem.num_devices
+    prob = pulp.LpProblem("placement", pulp.LpMinimize)
+
+    # y[i][d] = [dev(i) <= d] for d < D - 1 (binary; the last column is always 1).
+    y = [
+        [pulp.LpVariable(f"y_{i}_{d}", cat=pulp.LpBinary) for d in range(num_devices - 1)]
+        for i in range(n)
+    ]
+
+    def x(i: int, d: int) -> pulp.LpAffineExpression:
+        """[dev(i) = d] = y[i][d] - y[i][d-1]."""
+        terms = [(y[i][d], 1)] if d < num_devices - 1 else []
+        if d > 0:
+            terms.append((y[i][d - 1], -1))
+        return pulp.LpAffineExpression(terms, constant=1 if d == num_devices - 1 else 0)
+
+    # [Constraint] Monotone: the device index only grows with d.
+    for i in range(n):
+        for d in range(1, num_devices - 1):
+            prob += y[i][d - 1] <= y[i][d], f"monotone_{i}_{d}"
+
+    # z[(p, c)][(s, e)] = [dev(p) = s and dev(c) = e], s <= e (continuous; integral x force it).
+    edges = sorted({(key[0], c) for key in _bundles(problem) for c in key[1:]})
+    pairs = [(s, e) for s in range(num_devices) for e in range(s, num_devices)]
+    z = {
+        (p, c): {(s, e): pulp.LpVariable(f"z_{p}_{c}_{s}_{e}", 0, 1) for s, e in pairs}
+        for p, c in edges
+    }
+    # [Constraint] Joint: z's marginals are the placements of p and c (so dev(p) <= dev(c)).
+    for (p, c), joint in z.items():
+        for s in range(num_devices):
+            row = pulp.lpSum(joint[s, e] for e in range(s, num_devices))
+            prob += row == x(p, s), f"joint_src_{p}_{c}_{s}"
+        for e in range(num_devices):
+            column = pulp.lpSum(joint[s, e] for s in range(e + 1))
+            prob += column == x(c, e), f"joint_dst_{p}_{c}_{e}"
+
+    # m[b][(s, e)] = [bundle b moves s -> e]: z itself for one consumer, else a variable >= each z.
+    moved: list[tuple[tuple[int, ...], dict[tuple[int, int], Any]]] = []
+    transfer_terms: dict[tuple[int, int], list[tuple[Any, float]]] = defaultdict(list)
+    for b, (key, (size, count)) in enumerate(_bundles(problem).items()):
+        producer, readers = key[0], key[1:]
+        moves: dict[tuple[int, int], Any] = {}
+        for s, e in pairs:
+            seconds = size * problem.seconds_per_byte[s][e] + count * problem.latency_s[s][e]
+            seconds /= scale
+            if s == e or seconds == 0:
+                continue
+            if len(readers) == 1:
+                moves[s, e] = z[producer, readers[0]][s, e]
+            else:
+                moves[s, e] = pulp.LpVariable(f"m_{b}_{s}_{e}", 0, 1)
+                # [Constraint] Moved: the bundle moves s -> e if any consumer sits on e.
+                for c in readers:
+                    prob += moves[s, e] >= z[producer, c][s, e], f"moved_{b}_{s}_{e}_{c}"
+            transfer_terms[s, e].append((moves[s, e], seconds))
+        moved.append((key, moves))
+
+    # [Constraint] Memory: what a device holds fits its capacity (rows in units of capacity,
+    # tightened by the solver's tolerance; +0.5 byte as byte counts are integers).
+    for d in range(num_devices):
+        capacity = problem.capacity[d]
+        limit = (capacity + 0.5) / capacity - MEMORY_TOLERANCE if capacity > 0 else MEMORY_TOLERANCE
+        used = pulp.lpSum(
+            (problem.memory[i] / max(capacity, 1)) * x(i, d) for i in range(n) if problem.memory[i]
+        )
+        prob += used <= limit, f"memory_{d}"
+
+    compute = [
+        pulp.lpSum(
+            (problem.compute_s[i][d] / scale) * x(i, d) for i in range(n) if problem.compute_s[i][d]
+        )
+        for d in range(num_devices)
+    ]
+    bottleneck = None
+    if problem.objective is Objective.LATENCY:
+        prob += pulp.lpSum(compute) + pulp.lpSum(
+            coef * var for terms in transfer_terms.values() for var, coef in terms
+        )
+    else:
+        # T: the busiest device's compute plus its transfers in and out.
+        bottleneck = pulp.LpVariable("T", 0)
+        prob += bottleneck
+        # [Constraint] Bottleneck: T bounds every device's load.
+        for d in range(num_devices):
+            touching = [
+                coef * var
+                for (s, e), terms in transfer_terms.items()
+                if d in (s, e)
+                for var, coef in terms
+            ]
+            prob += bottleneck >= compute[d] + pulp.lpSum(touching), f"load_{d}"
+    return _Model(problem=prob, y=y, z=z, moved=moved, bottleneck=bottleneck)
+
+
+def _set_start(model: _Model, problem: Problem, start: tuple[int, ...], scale: float) -> None:
+    """Give every variable its value in the placement ``start``."""
+    for i, row in enumerate(model.y):
+        for d, var in enumerate(row):
+            var.setInitialValue(1 if start[i] <= d else 0)
+    for (p, c), joint in model.z.items():
+        for (s, e), var in joint.items():
+            var.setInitialValue(1 if (start[p], start[c]) == (s, e) else 0)
+    for key, moves in model.moved:
+        destinations = {start[c] for c in key[1:]}
+        for (s, e), var in moves.items():
+            if var.name.startswith("m_"):
+                var.setInitialValue(1 if start[key[0]] == s and e in destinations else 0)
+    if model.bottleneck is not None:
+        model.bottleneck.setInitialValue(evaluate(problem, start).bottleneck_s / scale)
+
+
+def _assignment(model: _Model) -> tuple[int, ...]:
+    """dev(i) = the number of d with y[i, d] = 0."""
+    return tuple(sum(1 for var in row if (var.varValue or 0.0) < 0.5) for row in model.y)
+
+
+_CBC_BOUND = re.compile(r"^Lower bound:\s*(\S+)", re.MULTILINE)
+
+
+def _bound(prob: pulp.LpProblem, backend: str, log_path: str | None, gap: float) -> float | None:
+    """The solver's proven lower bound on the objective (model units), if it reports one.
+
+    Neither backend sees the objective's constant term (pulp passes only the variables'
+    costs), so it is added back here.
+    """
+    offset = float(prob.objective.constant)
+    if backend == "highs":
+        bound = float(prob.solverModel.getInfo().mip_dual_bound)
+        return bound + offset if np.isfinite(bound) else None
+    assert log_path is not None
+    with open(log_path) as log:
+        match = _CBC_BOUND.search(log.read())
+    if match is not None:
+        return float(match.group(1)) + offset
+    incumbent = prob.objective.value()
+    if prob.sol_status == pulp.LpSolutionOptimal and incumbent is not None:
+        # CBC prints no bound when it proves optimality: it stopped within the gap.
+        return float(incumbent) * (1 - gap)
+    return None

@@ -1,0 +1,675 @@
+"""The solver on hand-made tables: exact DP, ILP (HiGHS and CBC), brute force, coarsening."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+
+import pulp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from partitioner.errors import InfeasibleError, SolverError
+from partitioner.ir import INPUT, OUTPUT, Problem, ReplicaCost, Solution, Value
+from partitioner.options import Objective, SolverBackend, SolverOptions, Strategy
+from partitioner.solve import (
+    coarsen,
+    evaluate,
+    expand,
+    highs_available,
+    is_chain,
+    simple_lower_bound,
+    solve,
+    solve_brute,
+    solve_dp,
+    solve_ilp,
+)
+from partitioner.solve import ilp as ilp_module
+
+GB = 10**9
+EXACT = SolverOptions(gap=0.0, time_limit_s=60)
+"""ILP options for cross-checks: gap 0, so the ILP must reach the optimum."""
+ILP_BACKENDS = [SolverBackend.HIGHS, SolverBackend.CBC]
+OBJECTIVES = [Objective.LATENCY, Objective.THROUGHPUT]
+
+pytestmark = pytest.mark.skipif(not highs_available(), reason="highspy is not installed")
+
+
+# --- Tables -------------------------------------------------------------------------------
+
+
+def make_problem(
+    compute: list[list[float]],
+    memory: list[int],
+    capacity: list[int],
+    edges: list[tuple[int, tuple[int, ...], int]],
+    *,
+    per_byte: float | list[list[float]] = 0.0,
+    latency: float | list[list[float]] = 0.0,
+    objective: Objective = Objective.LATENCY,
+    names: tuple[str, ...] = (),
+    device_names: tuple[str, ...] = (),
+    replica: ReplicaCost | None = None,
+) -> Problem:
+    """A problem from rows of compute, (producer, consumers, bytes) edges and link costs."""
+    num_devices = len(capacity)
+
+    def table(cost: float | list[list[float]]) -> tuple[tuple[float, ...], ...]:
+        if isinstance(cost, list):
+            return tuple(tuple(row) for row in cost)
+        return tuple(
+            tuple(0.0 if s == e else cost for e in range(num_devices)) for s in range(num_devices)
+        )
+
+    return Problem(
+        compute_s=tuple(tuple(row) for row in compute),
+        memory=tuple(memory),
+        capacity=tuple(capacity),
+        values=tuple(
+            Value(name=f"v{k}", producer=p, consumers=tuple(sorted(set(c))), bytes=b)
+            for k, (p, c, b) in enumerate(edges)
+        ),
+        seconds_per_byte=table(per_byte),
+        latency_s=table(latency),
+        objective=objective,
+        names=names,
+        device_names=device_names,
+        replica=replica,
+    )
+
+
+def random_problem(
+    rng: random.Random,
+    num_layers: int,
+    num_devices: int,
+    *,
+    objective: Objective,
+    dag: bool,
+    tightness: float,
+) -> Problem:
+    """Heterogeneous device speeds and per-link costs; a chain or a DAG with skips and branches.
+
+    ``tightness`` is the share of all memory one device holds (1: any device holds all).
+    """
+    speed = [rng.uniform(0.5, 2.0) for _ in range(num_devices)]
+    work = [rng.uniform(1.0, 5.0) * 1e-3 for _ in range(num_layers)]
+    memory = [rng.randint(1, 10) * 100 for _ in range(num_layers)]
+    room = max(max(memory), int(sum(memory) * tightness))
+    capacity = [room + rng.randint(0, 100) for _ in range(num_devices)]
+    edges: list[tuple[int, tuple[int, ...], int]] = [(INPUT, (0,), 1000)]
+    for i in range(num_layers - 1):
+        readers = {i + 1}
+        if dag and i + 2 < num_layers and rng.random() < 0.5:
+            readers.add(rng.randint(i + 2, num_layers - 1))
+        edges.append((i, tuple(readers), rng.randint(1, 50) * 10**5))
+        if dag and i + 2 < num_layers and rng.random() < 0.3:
+            edges.append((i, (rng.randint(i + 2, num_layers - 1),), rng.randint(1, 50) * 10**5))
+    edges.append((num_layers - 1, (OUTPUT,), 1000))
+    links = [
+        [0.0 if s == e else rng.uniform(0.2, 2.0) * 1e-9 for e in range(num_devices)]
+        for s in range(num_devices)
+    ]
+    delays = [
+        [0.0 if s == e else rng.uniform(0.0, 1.0) * 1e-4 for e in range(num_devices)]
+        for s in range(num_devices)
+    ]
+    return make_problem(
+        [[w / s for s in speed] for w in work],
+        memory,
+        capacity,
+        edges,
+        per_byte=links,
+        latency=delays,
+        objective=objective,
+    )
+
+
+def assert_plan_valid(problem: Problem, solution: Solution) -> None:
+    """Every layer placed, memory within capacity, device order kept, objective == evaluate."""
+    n, num_devices = problem.num_layers, problem.num_devices
+    assert len(solution.assignment) == n
+    assert all(0 <= d < num_devices for d in solution.assignment)
+    assert solution.lower_bound_s <= solution.objective_s * (1 + 1e-12)
+    assert solution.gap >= 0
+    if solution.strategy is Strategy.DATA_PARALLEL:
+        assert problem.replica is not None
+        assert all(m <= c for m, c in zip(problem.replica.memory, problem.capacity))
+        assert solution.assignment == (0,) * n
+        assert solution.objective_s == problem.replica.time_s
+        return
+    used = [0] * num_devices
+    for layer, device in enumerate(solution.assignment):
+        used[device] += problem.memory[layer]
+    assert all(u <= c for u, c in zip(used, problem.capacity)), (used, problem.capacity)
+    for value in problem.values:
+        for consumer in value.consumers:
+            if value.producer >= 0 and consumer != OUTPUT:
+                assert solution.assignment[value.producer] <= solution.assignment[consumer]
+    evaluation = evaluate(problem, solution.assignment)
+    assert evaluation.feasible, evaluation.violations
+    assert solution.objective_s == evaluation.objective_s
+    expected = Strategy.SINGLE if len(set(solution.assignment)) <= 1 else Strategy.MODEL_PARALLEL
+    assert solution.strategy is expected
+
+
+def same(a: float, b: float) -> bool:
+    """Equal objectives, up to the ILP's absolute tolerance (1e-6 of the scale)."""
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12)
+
+
+def assert_finds_the_optimum(problem: Problem, run: Callable[[Problem], Solution]) -> None:
+    """``run`` matches brute force: a valid plan as good, or InfeasibleError as well."""
+    try:
+        best = solve_brute(problem)
+    except InfeasibleError:
+        with pytest.raises(InfeasibleError):
+            run(problem)
+        return
+    found = run(problem)
+    assert_plan_valid(problem, found)
+    assert same(found.objective_s, best.objective_s), (found, best)
+
+
+# --- evaluate -------------------------------------------------------------------------------
+
+
+def three_layers(objective: Objective) -> Problem:
+    """0 -> 1 -> 2 plus a skip 0 -> 2; the output of 2 leaves the model."""
+    return make_problem(
+        [[1.0, 2.0], [1.0, 2.0], [3.0, 1.0]],
+        [4, 4, 4],
+        [8, 8],
+        [(INPUT, (0,), 50), (0, (1, 2), 100), (1, (2,), 200), (2, (OUTPUT,), 999)],
+        per_byte=[[0.0, 0.01], [0.02, 0.0]],
+        latency=[[0.0, 0.5], [0.5, 0.0]],
+        objective=objective,
+    )
+
+
+def test_evaluate_breaks_down_a_placement():
+    problem = three_layers(Objective.LATENCY)
+    evaluation = evaluate(problem, (0, 0, 1))
+    # Value 1 (100 B, read on devices 0 and 1) moves once; value 2 (200 B) moves once.
+    assert [(t.value, t.src, t.dst, t.bytes) for t in evaluation.transfers] == [
+        (1, 0, 1, 100),
+        (2, 0, 1, 200),
+    ]
+    assert evaluation.compute_s == (2.0, 1.0)
+    assert evaluation.transfer_out_s == pytest.approx((1.5 + 2.5, 0.0))
+    assert evaluation.transfer_in_s == pytest.approx((0.0, 4.0))
+    assert evaluation.memory == (8, 4)
+    assert evaluation.latency_s == pytest.approx(3.0 + 4.0)
+    assert evaluation.bottleneck_s == pytest.approx(6.0)
+    assert evaluation.objective_s == evaluation.latency_s
+    assert evaluation.feasible
+    assert evaluate(three_layers(Objective.THROUGHPUT), (0, 0, 1)).objective_s == pytest.approx(6.0)
+
+
+def test_evaluate_reports_memory_and_order_violations():
+    problem = three_layers(Objective.LATENCY)
+    crowded = evaluate(problem, (0, 0, 0))
+    assert not crowded.feasible
+    assert "device 0 holds 12 B but has 8 B" in crowded.violations
+    backwards = evaluate(problem, (1, 0, 1))
+    order = "layer #0 on device 1 feeds layer #1 on device 0, an earlier device"
+    assert order in backwards.violations
+
+
+def test_evaluate_rejects_what_is_no_placement():
+    problem = three_layers(Objective.LATENCY)
+    with pytest.raises(ValueError, match="3 layers"):
+        evaluate(problem, (0, 0))
+    with pytest.raises(ValueError, match="device 2 of 2"):
+        evaluate(problem, (0, 0, 2))
+
+
+def test_simple_lower_bound():
+    assert simple_lower_bound(three_layers(Objective.LATENCY)) == 3.0
+    assert simple_lower_bound(three_layers(Objective.THROUGHPUT)) == 1.5
+
+
+# --- Known optima ----------------------------------------------------------------------------
+
+SOLVERS = {
+    "auto": lambda p: solve(p, EXACT),
+    "dp": solve_dp,
+    "brute": solve_brute,
+    "highs": lambda p: solve_ilp(p, SolverOptions(backend=SolverBackend.HIGHS, gap=0.0)),
+    "cbc": lambda p: solve_ilp(p, SolverOptions(backend=SolverBackend.CBC, gap=0.0)),
+}
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_memory_forces_two_and_two(solver, objective):
+    # Four equal layers, each device holds two: one transfer of 100 B at 0.01 s/B.
+    problem = make_problem(
+        [[1.0, 1.0]] * 4,
+        [5] * 4,
+        [10, 10],
+        [(0, (1,), 100), (1, (2,), 100), (2, (3,), 100)],
+        per_byte=0.01,
+        objective=objective,
+    )
+    solution = SOLVERS[solver](problem)
+    assert_plan_valid(problem, solution)
+    assert solution.assignment == (0, 0, 1, 1)
+    assert solution.objective_s == pytest.approx(5.0 if objective is Objective.LATENCY else 3.0)
+    assert solution.optimal
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_throughput_balances_and_latency_does_not_split(solver):
+    # Six equal layers, three equal devices, cheap links: the pipeline splits 2+2+2,
+    # while one batch alone is fastest on one device.
+    edges = [(i, (i + 1,), 10) for i in range(5)]
+    for objective, expected, value in [
+        (Objective.THROUGHPUT, (0, 0, 1, 1, 2, 2), 2.0 + 0.1 + 0.1),
+        (Objective.LATENCY, (0,) * 6, 6.0),
+    ]:
+        problem = make_problem(
+            [[1.0] * 3] * 6, [1] * 6, [6] * 3, edges, per_byte=0.01, objective=objective
+        )
+        solution = SOLVERS[solver](problem)
+        assert_plan_valid(problem, solution)
+        assert solution.objective_s == pytest.approx(value)
+        assert solution.assignment == expected or solver in ("highs", "cbc")
+
+
+def test_per_link_costs_pick_the_cheap_link():
+    # Two layers must split (memory); device 1 is slow to reach, device 2 is cheap.
+    problem = make_problem(
+        [[1.0, 1.0, 1.0]] * 2,
+        [6, 6],
+        [8, 8, 8],
+        [(0, (1,), 100)],
+        per_byte=[[0.0, 0.1, 0.001], [0.1, 0.0, 0.1], [0.1, 0.1, 0.0]],
+    )
+    for solver in SOLVERS.values():
+        solution = solver(problem)
+        assert solution.assignment == (0, 2)
+        assert solution.objective_s == pytest.approx(2.1)
+
+
+# --- Cross-checks on grids -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ILP_BACKENDS)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("tightness", [1.0, 0.55, 0.3])
+@pytest.mark.parametrize("num_devices", [1, 2, 3])
+@pytest.mark.parametrize("num_layers", [3, 7, 12])
+def test_ilp_matches_dp_on_chains(num_layers, num_devices, tightness, objective, backend):
+    rng = random.Random(f"{num_layers}-{num_devices}-{tightness}-{objective}")
+    problem = random_problem(
+        rng, num_layers, num_devices, objective=objective, dag=False, tightness=tightness
+    )
+    assert is_chain(problem)
+    options = SolverOptions(backend=backend, gap=0.0)
+    try:
+        exact = solve_dp(problem)
+    except InfeasibleError:
+        with pytest.raises(InfeasibleError, match="no contiguous placement fits|in all but"):
+            solve_ilp(problem, options)
+        return
+    assert_plan_valid(problem, exact)
+    assert exact.optimal and exact.lower_bound_s == exact.objective_s
+    found = solve_ilp(problem, options)
+    assert_plan_valid(problem, found)
+    assert same(found.objective_s, exact.objective_s), (found, exact)
+    assert found.optimal
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("seed", range(8))
+def test_dp_matches_brute_force_on_chains(seed, objective):
+    rng = random.Random(seed)
+    problem = random_problem(
+        rng, rng.randint(1, 8), rng.randint(1, 3), objective=objective, dag=False,
+        tightness=rng.choice([1.0, 0.5, 0.35]),
+    )
+    assert_finds_the_optimum(problem, solve_dp)
+
+
+@pytest.mark.parametrize("backend", ILP_BACKENDS)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("seed", range(6))
+def test_ilp_matches_brute_force_on_dags(seed, objective, backend):
+    rng = random.Random(seed)
+    problem = random_problem(
+        rng, rng.randint(4, 7), rng.randint(2, 3), objective=objective, dag=True,
+        tightness=rng.choice([1.0, 0.5, 0.4]),
+    )
+    assert_finds_the_optimum(problem, lambda p: solve_ilp(p, SolverOptions(backend=backend, gap=0)))
+    if is_chain(problem):
+        return
+    try:
+        heuristic = solve_dp(problem)
+    except InfeasibleError:
+        return  # Runs along the order may not fit where interleaved branches do.
+    assert_plan_valid(problem, heuristic)
+    assert heuristic.objective_s >= solve_brute(problem).objective_s * (1 - 1e-12)
+    assert not heuristic.optimal
+
+
+@st.composite
+def small_problems(draw: st.DrawFn) -> Problem:
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = random.Random(seed)
+    return random_problem(
+        rng,
+        draw(st.integers(1, 6)),
+        draw(st.integers(1, 3)),
+        objective=draw(st.sampled_from(OBJECTIVES)),
+        dag=draw(st.booleans()),
+        tightness=draw(st.sampled_from([1.0, 0.6, 0.4])),
+    )
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_problems())
+def test_solve_matches_brute_force(problem):
+    assert_finds_the_optimum(problem, lambda p: solve(p, EXACT))
+
+
+def test_ilp_may_interleave_branches_where_runs_cannot_fit():
+    # 0 -> {1, 2} -> 3, two branches: device 0 holds 0 and 2, device 1 holds 1 and 3.
+    # No split of the order 0, 1, 2, 3 into two runs fits.
+    problem = make_problem(
+        [[1.0, 1.0]] * 4,
+        [1, 5, 1, 5],
+        [5, 10],
+        [(0, (1, 2), 10), (1, (3,), 10), (2, (3,), 10)],
+    )
+    assert not is_chain(problem)
+    with pytest.raises(InfeasibleError, match="no contiguous placement fits"):
+        solve_dp(problem)
+    for backend in ILP_BACKENDS:
+        solution = solve(problem, SolverOptions(backend=backend))
+        assert_plan_valid(problem, solution)
+        assert solution.assignment == (0, 1, 0, 1)
+
+
+# --- Chains --------------------------------------------------------------------------------
+
+
+def test_is_chain():
+    chain = [(INPUT, (0, 2), 1), (0, (1,), 1), (1, (2, OUTPUT), 1)]
+    assert is_chain(make_problem([[1.0]] * 3, [1] * 3, [9], chain))
+    skip = chain + [(0, (2,), 1)]
+    assert not is_chain(make_problem([[1.0]] * 3, [1] * 3, [9], skip))
+    # Layer 2 reads only a model input: nothing keeps it after layer 1.
+    apart = [(INPUT, (0, 2), 1), (0, (1,), 1)]
+    assert not is_chain(make_problem([[1.0]] * 3, [1] * 3, [9], apart))
+
+
+def test_dp_backend_refuses_a_dag():
+    problem = three_layers(Objective.LATENCY)
+    with pytest.raises(SolverError, match="exact only on chains"):
+        solve(problem, SolverOptions(backend=SolverBackend.DP))
+
+
+def test_single_device_strategy():
+    problem = three_layers(Objective.LATENCY)
+    solution = solve(problem)
+    assert_plan_valid(problem, solution)
+    assert solution.strategy is Strategy.MODEL_PARALLEL
+    roomy = make_problem([[1.0, 5.0]] * 3, [1] * 3, [9, 9], [(0, (1,), 1), (1, (2,), 1)])
+    assert solve(roomy).strategy is Strategy.SINGLE
+
+
+def test_no_layers():
+    problem = make_problem([], [], [5, 5], [])
+    solution = solve(problem)
+    assert solution.assignment == ()
+    assert solution.objective_s == 0.0
+    assert solution.strategy is Strategy.SINGLE
+
+
+# --- Data parallelism ------------------------------------------------------------------------
+
+
+def replicated(time_s: float, memory: tuple[int, ...], capacity: list[int]) -> Problem:
+    return make_problem(
+        [[1.0, 1.0]] * 4,
+        [5] * 4,
+        capacity,
+        [(0, (1,), 100), (1, (2,), 100), (2, (3,), 100)],
+        per_byte=0.01,
+        replica=ReplicaCost(time_s=time_s, memory=memory),
+    )
+
+
+def test_data_parallel_wins_when_faster_and_it_fits():
+    problem = replicated(2.5, (20, 20), [20, 20])
+    solution = solve(problem)
+    assert_plan_valid(problem, solution)
+    assert solution.strategy is Strategy.DATA_PARALLEL
+    assert solution.solver == "replicate"
+    assert solution.optimal
+
+
+def test_data_parallel_loses_a_tie_and_when_it_does_not_fit():
+    tie = replicated(4.0, (20, 20), [20, 20])  # The placement all on device 0 costs 4.0.
+    assert solve(tie).strategy is Strategy.SINGLE
+    too_big = replicated(0.1, (21, 20), [20, 20])
+    solution = solve(too_big)
+    assert_plan_valid(too_big, solution)
+    assert solution.strategy is Strategy.SINGLE
+
+
+def test_data_parallel_when_no_placement_fits():
+    # Each layer needs 5 of 10; the replica needs 8 (say, with activation checkpointing).
+    problem = replicated(9.0, (8, 8), [8, 8])
+    solution = solve(problem)
+    assert solution.strategy is Strategy.DATA_PARALLEL
+    assert solution.objective_s == 9.0
+    with pytest.raises(InfeasibleError, match="data parallelism needs 9 B on 'b', which has 8 B"):
+        solve(
+            make_problem(
+                [[1.0, 1.0]] * 4, [5] * 4, [8, 8], [], device_names=("a", "b"),
+                replica=ReplicaCost(time_s=1.0, memory=(8, 9)),
+            )
+        )
+
+
+# --- Infeasibility ---------------------------------------------------------------------------
+
+NAMES = ("transformer.wte", "transformer.h.0", "transformer.h.1", "transformer.h.2")
+DEVICES = ("cuda:0", "cuda:1")
+
+
+@pytest.mark.parametrize("backend", list(SolverBackend))
+def test_a_layer_larger_than_every_device(backend):
+    problem = make_problem(
+        [[1.0, 1.0]] * 4, [GB, 3_200_000_000, GB, GB], [GB, 2 * GB], [],
+        names=NAMES, device_names=DEVICES,
+    )
+    message = (
+        "layer 'transformer.h.0' needs 3.2 GB but the largest device 'cuda:1' has 2.0 GB; "
+        "give it more memory or split the layer finer"
+    )
+    with pytest.raises(InfeasibleError, match=message):
+        solve(problem, SolverOptions(backend=backend))
+
+
+def test_more_memory_than_all_devices():
+    problem = make_problem(
+        [[1.0, 1.0]] * 4, [2 * GB, 2 * GB, 3 * GB, 3 * GB], [4 * GB, 4 * GB], [],
+        names=NAMES, device_names=DEVICES,
+    )
+    with pytest.raises(InfeasibleError, match="need 10.0 GB in all but the devices hold 8.0 GB"):
+        solve(problem)
+
+
+@pytest.mark.parametrize("backend", list(SolverBackend))
+def test_memory_fits_in_total_but_not_in_order(backend):
+    # 3 + 4 + 3 GB on two 5 GB devices: the 4 GB layer shares a device with neither.
+    problem = make_problem(
+        [[1.0, 1.0]] * 3, [3 * GB, 4 * GB, 3 * GB], [5 * GB, 5 * GB],
+        [(0, (1,), 1), (1, (2,), 1)], names=NAMES[:3], device_names=DEVICES,
+    )
+    with pytest.raises(InfeasibleError) as caught:
+        solve(problem, SolverOptions(backend=backend))
+    message = str(caught.value)
+    assert message.startswith("no contiguous placement fits")
+    assert "leaves layer 'transformer.h.1' (3.0 GB) without room" in message
+
+
+@pytest.mark.parametrize("backend", ILP_BACKENDS)
+def test_the_ilp_proves_a_dag_infeasible(backend):
+    # Two branches that must share device 0 with layer 0 or device 1 with layer 3.
+    problem = make_problem(
+        [[1.0, 1.0]] * 4, [3, 3, 3, 3], [7, 5],
+        [(0, (1, 2), 10), (1, (3,), 10), (2, (3,), 10)],
+    )
+    with pytest.raises(InfeasibleError, match="no contiguous placement fits"):
+        solve_ilp(problem, SolverOptions(backend=backend))
+
+
+# --- The ILP under a time limit -----------------------------------------------------------
+
+
+def test_a_time_limited_run_reports_its_gap():
+    # A branchy DAG whose bottleneck no solver proves within half a second.
+    rng = random.Random(7)
+    problem = random_problem(
+        rng, 120, 6, objective=Objective.THROUGHPUT, dag=True, tightness=1.0
+    )
+    options = SolverOptions(backend=SolverBackend.HIGHS, time_limit_s=0.5)
+    solution = solve(problem, options)
+    assert_plan_valid(problem, solution)
+    assert not solution.optimal
+    assert solution.gap > options.gap
+    assert solution.lower_bound_s >= simple_lower_bound(problem)
+    assert solution.gap == pytest.approx(
+        (solution.objective_s - solution.lower_bound_s) / solution.objective_s
+    )
+
+
+@pytest.mark.parametrize("backend", ILP_BACKENDS)
+def test_the_gap_of_an_optimal_run_is_within_the_tolerance(backend):
+    rng = random.Random(3)
+    problem = random_problem(rng, 10, 3, objective=Objective.THROUGHPUT, dag=True, tightness=0.5)
+    options = SolverOptions(backend=backend, gap=0.01)
+    solution = solve_ilp(problem, options)
+    assert_plan_valid(problem, solution)
+    assert solution.optimal
+    assert solution.gap <= options.gap + 1e-6  # Up to the solver's feasibility tolerance.
+
+
+def test_no_integer_solution_in_time_falls_back_to_the_warm_start(monkeypatch):
+    problem = random_problem(
+        random.Random(1), 8, 3, objective=Objective.LATENCY, dag=True, tightness=0.5
+    )
+    heuristic = solve_dp(problem)
+    monkeypatch.setattr(pulp.LpProblem, "solve", lambda self, solver=None: pulp.LpStatusNotSolved)
+    options = SolverOptions(backend=SolverBackend.CBC, time_limit_s=1)
+    solution = solve_ilp(problem, options, warm_start=heuristic.assignment)
+    assert_plan_valid(problem, solution)
+    assert solution.assignment == heuristic.assignment
+    assert solution.solver == "dp"
+    with pytest.raises(SolverError, match="found no placement within 1 s"):
+        solve_ilp(problem, options)
+
+
+def test_highs_missing(monkeypatch):
+    monkeypatch.setattr(ilp_module, "highs_available", lambda: False)
+    problem = three_layers(Objective.LATENCY)
+    with pytest.raises(SolverError, match="pip install highspy"):
+        solve_ilp(problem, SolverOptions(backend=SolverBackend.HIGHS))
+    assert solve_ilp(problem, SolverOptions()).solver in ("cbc", "dp")
+
+
+# --- Coarsening ------------------------------------------------------------------------------
+
+
+def test_coarsen_keeps_totals_and_order():
+    rng = random.Random(5)
+    problem = random_problem(rng, 60, 3, objective=Objective.LATENCY, dag=True, tightness=1.0)
+    coarse, groups = coarsen(problem, 10)
+    assert len(groups) == coarse.num_layers == 10
+    assert [i for group in groups for i in group] == list(range(60))
+    for d in range(3):
+        assert sum(row[d] for row in coarse.compute_s) == pytest.approx(
+            sum(row[d] for row in problem.compute_s)
+        )
+    assert sum(coarse.memory) == sum(problem.memory)
+    for value in coarse.values:
+        assert value.consumers == tuple(sorted(set(value.consumers)))
+        assert all(c == OUTPUT or c > value.producer for c in value.consumers)
+    # A value read only inside its producer's group is dropped; the others stay.
+    kept = [
+        v for v in problem.values
+        if v.producer == INPUT
+        or any(c == OUTPUT or c not in groups_of(groups, v.producer) for c in v.consumers)
+    ]
+    assert [v.name for v in coarse.values] == [v.name for v in kept]
+    assert [v.bytes for v in coarse.values] == [v.bytes for v in kept]
+    solution = solve(coarse)
+    assignment = expand(solution.assignment, groups)
+    evaluation = evaluate(problem, assignment)
+    assert evaluation.feasible
+    assert evaluation.objective_s == pytest.approx(
+        evaluate(coarse, solution.assignment).objective_s
+    )
+
+
+def groups_of(groups: tuple[range, ...], layer: int) -> range:
+    if layer < 0:
+        return range(0)
+    return next(group for group in groups if layer in group)
+
+
+def test_coarsen_merges_empty_layers_first():
+    # Layers 1 and 3 are views: no compute, no memory.
+    compute = [[4.0], [0.0], [3.0], [0.0], [5.0]]
+    problem = make_problem(compute, [4, 0, 3, 0, 5], [99], [(i, (i + 1,), 1) for i in range(4)])
+    _, groups = coarsen(problem, 3)
+    assert [list(g) for g in groups] == [[0], [1, 2, 3], [4]]
+
+
+def test_coarsen_never_builds_a_group_larger_than_a_device():
+    problem = make_problem([[1.0]] * 6, [4] * 6, [8], [(i, (i + 1,), 1) for i in range(5)])
+    coarse, groups = coarsen(problem, 1)
+    assert len(groups) == 3
+    assert max(coarse.memory) == 8
+
+
+def test_coarsen_is_fast():
+    n = 20_000
+    problem = make_problem(
+        [[1.0 + (i % 7), 2.0] for i in range(n)], [i % 5 for i in range(n)], [10**9, 10**9],
+        [(i, (i + 1,) if i % 3 else (i + 1, min(i + 9, n - 1)), 8) for i in range(n - 1)],
+    )
+    begin = time.perf_counter()
+    coarse, _ = coarsen(problem, 256)
+    assert time.perf_counter() - begin < 10  # Quadratic merging would take minutes.
+    assert coarse.num_layers == 256
+
+
+def test_solve_coarsens_large_graphs():
+    rng = random.Random(11)
+    problem = random_problem(rng, 300, 4, objective=Objective.THROUGHPUT, dag=False, tightness=0.4)
+    solution = solve(problem, SolverOptions(max_candidates=40))
+    assert_plan_valid(problem, solution)
+    exact = solve(problem, SolverOptions(max_candidates=1000))
+    assert exact.solver == "dp" and exact.optimal
+    assert solution.objective_s >= exact.objective_s * (1 - 1e-12)
+    assert solution.lower_bound_s <= exact.objective_s
+    with pytest.raises(ValueError, match="max_layers"):
+        coarsen(problem, 0)
+    with pytest.raises(ValueError, match="2 groups"):
+        expand((0,), (range(0, 1), range(1, 2)))
+
+
+def test_a_warm_start_that_fills_a_device_to_the_byte_survives_the_ilp_margin():
+    # The ILP keeps MEMORY_TOLERANCE of a large device free (and its solver may use it up).
+    problem = make_problem([[1.0, 1.0]] * 2, [GB, GB], [2 * GB, 1], [(0, (1,), 8)])
+    for backend in ILP_BACKENDS:
+        solution = solve_ilp(problem, SolverOptions(backend=backend), warm_start=(0, 0))
+        assert_plan_valid(problem, solution)
+        assert solution.assignment == (0, 0)
