@@ -29,7 +29,7 @@ from partitioner.solve import (
 )
 from partitioner.solve import ilp as ilp_module
 
-GB = 10**9
+GiB = 2**30
 EXACT = SolverOptions(gap=0.0, time_limit_s=60)
 """ILP options for cross-checks: gap 0, so the ILP must reach the optimum."""
 ILP_BACKENDS = [SolverBackend.HIGHS, SolverBackend.CBC]
@@ -485,11 +485,11 @@ DEVICES = ("cuda:0", "cuda:1")
 @pytest.mark.parametrize("backend", list(SolverBackend))
 def test_a_layer_larger_than_every_device(backend):
     problem = make_problem(
-        [[1.0, 1.0]] * 4, [GB, 3_200_000_000, GB, GB], [GB, 2 * GB], [],
+        [[1.0, 1.0]] * 4, [GiB, int(3.2 * GiB), GiB, GiB], [GiB, 2 * GiB], [],
         names=NAMES, device_names=DEVICES,
     )
     message = (
-        "layer 'transformer.h.0' needs 3.2 GB but the largest device 'cuda:1' has 2.0 GB; "
+        "layer 'transformer.h.0' needs 3.2 GiB but the largest device 'cuda:1' has 2 GiB; "
         "give it more memory or split the layer finer"
     )
     with pytest.raises(InfeasibleError, match=message):
@@ -498,10 +498,10 @@ def test_a_layer_larger_than_every_device(backend):
 
 def test_more_memory_than_all_devices():
     problem = make_problem(
-        [[1.0, 1.0]] * 4, [2 * GB, 2 * GB, 3 * GB, 3 * GB], [4 * GB, 4 * GB], [],
+        [[1.0, 1.0]] * 4, [2 * GiB, 2 * GiB, 3 * GiB, 3 * GiB], [4 * GiB, 4 * GiB], [],
         names=NAMES, device_names=DEVICES,
     )
-    with pytest.raises(InfeasibleError, match="need 10.0 GB in all but the devices hold 8.0 GB"):
+    with pytest.raises(InfeasibleError, match="need 10 GiB in all but the devices hold 8 GiB"):
         solve(problem)
 
 
@@ -509,14 +509,14 @@ def test_more_memory_than_all_devices():
 def test_memory_fits_in_total_but_not_in_order(backend):
     # 3 + 4 + 3 GB on two 5 GB devices: the 4 GB layer shares a device with neither.
     problem = make_problem(
-        [[1.0, 1.0]] * 3, [3 * GB, 4 * GB, 3 * GB], [5 * GB, 5 * GB],
+        [[1.0, 1.0]] * 3, [3 * GiB, 4 * GiB, 3 * GiB], [5 * GiB, 5 * GiB],
         [(0, (1,), 1), (1, (2,), 1)], names=NAMES[:3], device_names=DEVICES,
     )
     with pytest.raises(InfeasibleError) as caught:
         solve(problem, SolverOptions(backend=backend))
     message = str(caught.value)
     assert message.startswith("no contiguous placement fits")
-    assert "leaves layer 'transformer.h.1' (3.0 GB) without room" in message
+    assert "leaves layer 'transformer.h.1' (3 GiB) without room" in message
 
 
 @pytest.mark.parametrize("backend", ILP_BACKENDS)
@@ -668,7 +668,7 @@ def test_solve_coarsens_large_graphs():
 
 def test_a_warm_start_that_fills_a_device_to_the_byte_survives_the_ilp_margin():
     # The ILP keeps MEMORY_TOLERANCE of a large device free (and its solver may use it up).
-    problem = make_problem([[1.0, 1.0]] * 2, [GB, GB], [2 * GB, 1], [(0, (1,), 8)])
+    problem = make_problem([[1.0, 1.0]] * 2, [GiB, GiB], [2 * GiB, 1], [(0, (1,), 8)])
     for backend in ILP_BACKENDS:
         solution = solve_ilp(problem, SolverOptions(backend=backend), warm_start=(0, 0))
         assert_plan_valid(problem, solution)

@@ -20,7 +20,8 @@ from dataclasses import replace
 from partitioner.errors import InfeasibleError, SolverError
 from partitioner.ir import Problem, Solution
 from partitioner.options import SolverBackend, SolverOptions, Strategy
-from partitioner.solve._text import device_label, format_bytes
+from partitioner.devices import format_bytes
+from partitioner.solve._text import device_label
 from partitioner.solve.brute import solve_brute
 from partitioner.solve.coarsen import coarsen, expand
 from partitioner.solve.dp import is_chain, solve_dp

@@ -1,22 +1,10 @@
-"""Names and sizes as error messages print them."""
+"""Layer and device names as messages print them."""
 
 from __future__ import annotations
 
 from partitioner.ir import Problem
 
-__all__ = ["format_bytes", "layer_label", "device_label", "span_label"]
-
-_UNITS = ("B", "kB", "MB", "GB", "TB", "PB")
-
-
-def format_bytes(size: float) -> str:
-    """Decimal units with one decimal, as device specifications print them: ``3.2 GB``."""
-    value = float(size)
-    for unit in _UNITS[:-1]:
-        if abs(value) < 1000:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} {_UNITS[-1]}"
+__all__ = ["layer_label", "device_label", "span_label"]
 
 
 def layer_label(problem: Problem, layer: int) -> str:

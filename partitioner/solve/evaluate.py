@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from partitioner.ir import Problem, Solution
 from partitioner.options import Objective, Strategy
-from partitioner.solve._text import device_label, format_bytes, layer_label
+from partitioner.devices import format_bytes
+from partitioner.solve._text import device_label, layer_label
 
 __all__ = ["Transfer", "Evaluation", "evaluate", "simple_lower_bound", "placement_solution"]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from partitioner.errors import InfeasibleError
 from partitioner.ir import Problem
-from partitioner.solve._text import device_label, format_bytes, layer_label, span_label
+from partitioner.devices import format_bytes
+from partitioner.solve._text import device_label, layer_label, span_label
 
 __all__ = ["check_memory", "no_contiguous_fit"]
 
