@@ -50,19 +50,25 @@ __all__ = [
 
 _HOST = torch.device("cpu")
 _TENSOR_DATA: Any = torch._C.TensorBase.data  # the getset descriptor behind Tensor.data
+_make_wrapper = torch.Tensor._make_wrapper_subclass
 _aten = torch.ops.aten
 
+# Ops are looked up by id(): OpOverloads are singletons, and their __hash__ is Python code
+# that would run several times per op.
 _TO_COPY = _aten._to_copy.default
 # (dst, src) ops: the output lives where dst lives, the data comes from src.
-_COPY_INTO = frozenset({_aten.copy_.default, _aten.copy.default})
+_COPY_INTO = frozenset(map(id, (_aten.copy_.default, _aten.copy.default)))
 # Advanced indexing: argument 1 (the list of index tensors) may stay on the host.
 _HOST_INDICES = frozenset(
-    {
-        _aten.index.Tensor,
-        _aten.index_put.default,
-        _aten.index_put_.default,
-        _aten._index_put_impl_.default,
-    }
+    map(
+        id,
+        (
+            _aten.index.Tensor,
+            _aten.index_put.default,
+            _aten.index_put_.default,
+            _aten._index_put_impl_.default,
+        ),
+    )
 )
 
 
@@ -159,19 +165,7 @@ class LogicalTensor(torch.Tensor):
     ) -> LogicalTensor:
         if isinstance(elem, LogicalTensor) or elem.device.type != "cpu":
             raise TypeError(f"a LogicalTensor holds a plain CPU tensor, got {elem.device}")
-        out = torch.Tensor._make_wrapper_subclass(
-            cls,
-            elem.shape,
-            strides=elem.stride(),
-            storage_offset=elem.storage_offset(),
-            dtype=elem.dtype,
-            layout=elem.layout,
-            device=torch.device("cpu", index),
-            requires_grad=requires_grad,
-        )
-        out._elem = elem
-        out._index = index
-        return cast(LogicalTensor, out)
+        return _hold(elem, logical_device(index), requires_grad)
 
     def __tensor_flatten__(self) -> tuple[list[str], int]:
         return ["_elem"], self._index
@@ -230,7 +224,8 @@ class LogicalTensor(torch.Tensor):
         requires_grad, grad, extra = self.requires_grad, self.grad, dict(self.__dict__)
         if grad is not None:
             self.grad = None  # a grad must match its tensor's device: move it first
-            grad.data = grad._elem if isinstance(grad, LogicalTensor) else grad
+            if isinstance(grad, LogicalTensor):
+                grad.data = grad._elem
         is_param = extra.pop("_is_param", False)
         for name in ("_elem", "_index"):
             extra.pop(name, None)
@@ -431,23 +426,52 @@ class _Constructors(TorchFunctionMode):
         host_kwargs = {**kwargs, "device": _HOST}
         requires_grad = bool(host_kwargs.pop("requires_grad", False))
         if isinstance(data, torch.Tensor):
-            # A tensor argument moves (a logged transfer); as_tensor may alias it.
+            # A tensor argument moves (a logged transfer). torch.tensor and new_tensor copy
+            # and detach; as_tensor and asarray keep autograd and alias where they can.
             dtype = kwargs.get("dtype") or (
                 args[0].dtype if func is torch.Tensor.new_tensor else data.dtype
             )
-            out = data.detach().to(device=device, dtype=dtype, copy=func is not torch.as_tensor)
+            if func is torch.tensor or func is torch.Tensor.new_tensor:
+                out = data.detach().to(device=device, dtype=dtype, copy=True)
+            else:
+                out = data.to(device=device, dtype=dtype, copy=bool(kwargs.get("copy")))
         else:
             # Python data goes host -> device, as on a GPU; the copy is logged.
             out = func(*args, **host_kwargs).to(device)
         return out.requires_grad_(requires_grad) if requires_grad else out
 
 
+_LOGICAL: dict[int, torch.device] = {}
+
+
 def _device(index: int | None) -> torch.device:
-    return _HOST if index is None else torch.device("cpu", index)
+    if index is None:
+        return _HOST
+    device = _LOGICAL.get(index)
+    if device is None:
+        device = _LOGICAL[index] = torch.device("cpu", index)
+    return device
 
 
 def _index(value: object) -> int | None:
     return value._index if isinstance(value, LogicalTensor) else None
+
+
+def _hold(elem: torch.Tensor, device: torch.device, requires_grad: bool = False) -> LogicalTensor:
+    """Wrap `elem` on `device`: `LogicalTensor` without its checks, for the per-op path."""
+    out = _make_wrapper(
+        LogicalTensor,
+        elem.shape,
+        strides=elem.stride(),
+        storage_offset=elem.storage_offset(),
+        dtype=elem.dtype,
+        layout=elem.layout,
+        device=device,
+        requires_grad=requires_grad,
+    )
+    out._elem = elem
+    out._index = device.index
+    return cast(LogicalTensor, out)
 
 
 class _Found:
@@ -462,7 +486,7 @@ class _Found:
         # Whether a plain tensor of rank >= 1 sits where only logical ones may be.
         self.stray = False
 
-    def unwrap(self, value: Any, host_ok: bool) -> Any:
+    def unwrap(self, value: Any, host_ok: bool = False) -> Any:
         if isinstance(value, LogicalTensor):
             self.indices.add(value._index)
             self.by_elem[id(value._elem)] = value
@@ -479,9 +503,20 @@ class _Found:
 def _run(func: Any, args: Any, kwargs: dict[str, Any], sim: SimulatedDevices | None) -> Any:
     """Run one op on the held CPU tensors and wrap its outputs on the op's device."""
     found = _Found()
-    host_arg = 1 if func in _HOST_INDICES else -1
-    plain_args = [found.unwrap(a, i == host_arg) for i, a in enumerate(args)]
-    plain_kwargs = {k: found.unwrap(v, False) for k, v in kwargs.items()} if kwargs else kwargs
+    host_arg = 1 if id(func) in _HOST_INDICES else -1
+    plain_args = list(args)
+    for i, arg in enumerate(args):
+        # Inlined `found.unwrap` for the common argument kinds: this runs for every op.
+        if isinstance(arg, LogicalTensor):
+            found.indices.add(arg._index)
+            found.by_elem[id(arg._elem)] = arg
+            plain_args[i] = arg._elem
+        elif isinstance(arg, torch.Tensor):
+            if i != host_arg and arg.dim() != 0:
+                found.stray = True
+        elif type(arg) is list or type(arg) is tuple:
+            plain_args[i] = found.unwrap(arg, i == host_arg)
+    plain_kwargs = {k: found.unwrap(v) for k, v in kwargs.items()} if kwargs else kwargs
 
     out_index: int | None
     device = kwargs.get("device")
@@ -492,7 +527,7 @@ def _run(func: Any, args: Any, kwargs: dict[str, Any], sim: SimulatedDevices | N
             if sim is not None:
                 sim._check_index(out_index)
             plain_kwargs["device"] = _HOST
-    elif func in _COPY_INTO:
+    elif id(func) in _COPY_INTO:
         out_index = _index(args[0])
     elif not found.indices:
         return func(*args, **kwargs)
@@ -508,7 +543,7 @@ def _run(func: Any, args: Any, kwargs: dict[str, Any], sim: SimulatedDevices | N
             src = _index(args[0])
             if device is not None and device.type == "cpu" and src != out_index:
                 sim._log(func, plain_args[0], src, out_index)
-        elif func in _COPY_INTO:
+        elif id(func) in _COPY_INTO:
             src = _index(args[1])
             if src != out_index:
                 sim._log(func, plain_args[1], src, out_index)
@@ -533,7 +568,7 @@ def _wrap(func: Any, out: Any, index: int | None, by_elem: dict[int, LogicalTens
                     "place, which simulated devices cannot follow; use the out-of-place op"
                 )
             return same
-        return out if index is None else LogicalTensor(out, index)
+        return out if index is None else _hold(out, _device(index))
     if isinstance(out, (list, tuple)):
         return type(out)(_wrap(func, o, index, by_elem) for o in out)
     return out
@@ -558,7 +593,7 @@ def _mismatch(
     func: Any, args: Any, kwargs: dict[str, Any], sim: SimulatedDevices | None
 ) -> DeviceMismatchError:
     named = _named_tensors(func, args, kwargs)
-    host_ok = func in _HOST_INDICES
+    host_ok = id(func) in _HOST_INDICES
     logical = [(n, t) for n, t in named if isinstance(t, LogicalTensor)]
     strays = [
         (n, t)

@@ -194,6 +194,7 @@ CREATORS: dict[str, Callable[[Any], Tensor]] = {
     "eye": lambda device: torch.eye(3, device=device),
     "tensor": lambda device: torch.tensor([[1.0, 2.0]], device=device),
     "as_tensor": lambda device: torch.as_tensor([1, 2, 3], device=device),
+    "asarray": lambda device: torch.asarray([[1.5], [2.5]], device=device),
     "new_tensor": lambda device: torch.zeros(1, device=device).new_tensor([4.0, 5.0]),
     "new_zeros": lambda device: torch.zeros(1, device=device).new_zeros(2, 2),
 }
@@ -252,11 +253,12 @@ def test_host_index_tensors_are_allowed_like_cuda() -> None:
         picked = x[[0, 2]]  # torch builds the index tensor on the host
         masked = x[torch.tensor([True, False, True])]
         x[torch.tensor([1])] = torch.tensor(-1.0)
+        x[torch.tensor([False, False, True])] = torch.tensor(5.0)
         with pytest.raises(DeviceMismatchError):
             x.index_select(0, torch.tensor([0, 1]))  # not advanced indexing: CUDA refuses too
     exact(picked, base[[0, 2]])
     exact(masked, base[[0, 2]])
-    assert to_plain(x)[1].eq(-1).all()
+    assert to_plain(x)[1].eq(-1).all() and to_plain(x)[2].eq(5).all()
 
 
 # --- autograd, parameters, optimizers, buffers -------------------------------------------------
