@@ -208,6 +208,17 @@ def test_evaluate_breaks_down_a_placement():
     assert evaluate(three_layers(Objective.THROUGHPUT), (0, 0, 1)).objective_s == pytest.approx(6.0)
 
 
+def test_evaluate_moves_a_value_once_per_device():
+    # Layer 0's value is read by layers 1, 2 (device 1) and 3 (device 2).
+    problem = make_problem(
+        [[1.0] * 3] * 4, [1] * 4, [9] * 3, [(0, (1, 2, 3, OUTPUT), 10)], per_byte=0.1
+    )
+    evaluation = evaluate(problem, (0, 1, 1, 2))
+    assert [(t.src, t.dst) for t in evaluation.transfers] == [(0, 1), (0, 2)]
+    assert evaluation.latency_s == pytest.approx(4.0 + 2.0)
+    assert evaluation.load_s == pytest.approx((1.0 + 2.0, 2.0 + 1.0, 1.0 + 1.0))
+
+
 def test_evaluate_reports_memory_and_order_violations():
     problem = three_layers(Objective.LATENCY)
     crowded = evaluate(problem, (0, 0, 0))
@@ -630,6 +641,11 @@ def test_coarsen_merges_empty_layers_first():
     problem = make_problem(compute, [4, 0, 3, 0, 5], [99], [(i, (i + 1,), 1) for i in range(4)])
     _, groups = coarsen(problem, 3)
     assert [list(g) for g in groups] == [[0], [1, 2, 3], [4]]
+    # Even before a lighter pair of real layers (3, 4).
+    compute = [[5.0], [0.0], [5.0], [1.0], [1.0]]
+    problem = make_problem(compute, [5, 0, 5, 1, 1], [99], [(i, (i + 1,), 1) for i in range(4)])
+    _, groups = coarsen(problem, 4)
+    assert [list(g) for g in groups] == [[0, 1], [2], [3], [4]]
 
 
 def test_coarsen_never_builds_a_group_larger_than_a_device():
