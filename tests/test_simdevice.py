@@ -116,7 +116,9 @@ def test_forward_transfer_bytes_equal_activation_size() -> None:
             op="aten._to_copy.default",
         )
     ]
-    assert str(crossing[0]) == "cpu:0 -> cpu:1: 1024 B (float32[8, 32], forward, aten._to_copy.default)"
+    assert str(crossing[0]) == (
+        "cpu:0 -> cpu:1: 1024 B (float32[8, 32], forward, aten._to_copy.default)"
+    )
 
 
 def test_backward_gradient_transfer_is_logged() -> None:
@@ -317,8 +319,8 @@ def test_optimizer_steps_update_logical_params_like_plain(make: Callable[..., An
     for (name, p), q in zip(split.named_parameters(), plain.parameters(), strict=True):
         assert p.device == (CPU0 if name.startswith("fc1") else CPU1)
         exact(p, q.detach())
-        state = opt.state[p]["exp_avg"] if "exp_avg" in opt.state[p] else opt.state[p]["momentum_buffer"]
-        assert state.device == p.device
+        state = opt.state[p]
+        assert state.get("exp_avg", state.get("momentum_buffer")).device == p.device
 
 
 def test_batchnorm_updates_buffers_in_train_mode() -> None:
@@ -414,23 +416,28 @@ def test_deepcopy_keeps_devices_values_grads_and_independence() -> None:
     assert to_plain(split.fc2.weight).abs().sum() > 0  # the copy owns its memory
 
 
+def _renamed(state: dict[str, Tensor], prefixes: dict[str, str]) -> dict[str, Tensor]:
+    """`state` with each key's first component renamed (``0.weight`` -> ``fc1.weight``)."""
+    return {prefixes[k.split(".")[0]] + k[k.index(".") :]: v for k, v in state.items()}
+
+
 def test_state_dict_round_trip() -> None:
     plain = mlp()
     with SimulatedDevices(2) as sim:
         split = TwoLayerMLP(mlp(), "cpu:0", "cpu:1")
-        state = split.state_dict()
-        assert state["fc2.weight"].device == CPU1
+        assert split.state_dict()["fc2.weight"].device == CPU1
         sim.reset()
-        split.load_state_dict({k.replace("0.", "fc1.").replace("2.", "fc2."): v for k, v in plain.state_dict().items()})
+        split.load_state_dict(_renamed(plain.state_dict(), {"0": "fc1", "2": "fc2"}))
         loaded = sim.transfers
         assert split.fc1.weight.device == CPU0 and split.fc2.bias.device == CPU1
         fresh = mlp()
-        fresh.load_state_dict({k.replace("fc1.", "0.").replace("fc2.", "2."): v for k, v in split.state_dict().items()})
+        fresh.load_state_dict(_renamed(split.state_dict(), {"fc1": "0", "fc2": "2"}))
     for p, q in zip(split.parameters(), plain.parameters(), strict=True):
         exact(p, q.detach())
     for p, q in zip(fresh.parameters(), plain.parameters(), strict=True):
         assert type(p) is nn.Parameter and torch.equal(p.detach(), q.detach())
-    assert {(t.src, t.dst) for t in loaded} == {(torch.device("cpu"), CPU0), (torch.device("cpu"), CPU1)}
+    host = torch.device("cpu")
+    assert {(t.src, t.dst) for t in loaded} == {(host, CPU0), (host, CPU1)}
 
 
 # --- a transformer-ish block, and graphs from torch.export and torch.fx --------------------------
@@ -442,13 +449,16 @@ class Block(nn.Module):
     def __init__(self, dim: int = 16, heads: int = 2) -> None:
         super().__init__()
         self.heads = heads
-        self.ln1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def attend(self, x: Tensor) -> Tensor:
         b, s, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).reshape(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(self.ln1(x)).reshape(b, s, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return x + self.proj(y.transpose(1, 2).reshape(b, s, d))
 
@@ -486,7 +496,7 @@ def test_transformer_block_split_over_two_devices_with_autograd() -> None:
         loss_of(out).backward()
     exact(out, ref)
     exact(x.grad, ref_x_grad)
-    for (name, p), q in zip(split.named_parameters(), plain.parameters(), strict=True):
+    for p, q in zip(split.parameters(), plain.parameters(), strict=True):
         exact(p.grad, q.grad)
     crossing = [(t.src, t.dst, t.nbytes, t.backward) for t in sim.transfers if not t.host]
     assert crossing == [(CPU0, CPU1, 2 * 5 * 16 * 4, False), (CPU1, CPU0, 2 * 5 * 16 * 4, True)]
@@ -508,7 +518,9 @@ def _insert_transfer(gm: torch.fx.GraphModule) -> None:
     )
     boundary = norm2.args[0]
     with gm.graph.inserting_after(boundary):
-        moved = gm.graph.call_function(torch.ops.aten._to_copy.default, (boundary,), {"device": CPU1})
+        moved = gm.graph.call_function(
+            torch.ops.aten._to_copy.default, (boundary,), {"device": CPU1}
+        )
     boundary.replace_all_uses_with(moved, delete_user_cb=lambda user: user is not moved)
     gm.graph.lint()
     gm.recompile()
