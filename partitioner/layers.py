@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
@@ -195,6 +195,21 @@ def build_layers(traced: TracedModel, stats: Mapping[str, NodeStats], *, batch_s
     return LayeredModel(traced=traced, graph=graph, node_layer=node_layer)
 
 
+@dataclass(slots=True)
+class _Totals:
+    """Running sums of one layer while its nodes are visited."""
+
+    modules: list[str] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)
+    param_bytes: int = 0
+    buffer_bytes: int = 0
+    flops: int = 0
+    out: int = 0
+    saved: int = 0
+    traffic: int = 0
+    nodes: int = 0
+
+
 def _layer_records(
     gm: fx.GraphModule,
     traced: TracedModel,
@@ -206,27 +221,27 @@ def _layer_records(
 ) -> list[Layer]:
     param_ids = {id(p) for p in gm.parameters()}
     seen: set[int] = set()
-    acc = [
-        {"modules": [], "params": [], "param_bytes": 0, "buffer_bytes": 0, "flops": 0, "out": 0, "saved": 0, "traffic": 0, "nodes": 0}
-        for _ in members
-    ]
+    acc = [_Totals() for _ in members]
     for n in sorted(key, key=order.__getitem__):
         a = acc[node_layer[n.name]]
-        a["nodes"] += 1
+        a.nodes += 1
         for name, t in _owned_tensors(gm, n):
             if id(t) in seen:
                 continue
             seen.add(id(t))
-            a["params"].append(name)
-            a["param_bytes" if id(t) in param_ids else "buffer_bytes"] += t.numel() * t.element_size()
+            a.params.append(name)
+            if id(t) in param_ids:
+                a.param_bytes += t.numel() * t.element_size()
+            else:
+                a.buffer_bytes += t.numel() * t.element_size()
         if n.op != "get_attr" and _own_key(n, traced) is not None:
-            a["modules"].append(key[n].split("@")[0])
+            a.modules.append(key[n].split("@")[0])
         s = stats.get(n.name)
         if s is not None and n.op != "get_attr":
-            a["flops"] += s.flops
-            a["out"] += s.output_bytes
-            a["saved"] += s.output_bytes if s.requires_grad else 0
-            a["traffic"] += s.traffic_bytes
+            a.flops += s.flops
+            a.out += s.output_bytes
+            a.saved += s.output_bytes if s.requires_grad else 0
+            a.traffic += s.traffic_bytes
     layers = []
     for i, (keys, a) in enumerate(zip(members, acc)):
         name = keys[0] if len(keys) == 1 else f"{keys[0]}..{keys[-1]}"
@@ -234,16 +249,16 @@ def _layer_records(
             Layer(
                 index=i,
                 name=name,
-                modules=tuple(dict.fromkeys(a["modules"])),
-                params=tuple(a["params"]),
-                param_bytes=a["param_bytes"],
-                buffer_bytes=a["buffer_bytes"],
-                output_bytes=a["out"],
-                saved_bytes=a["saved"],
-                fwd_flops=a["flops"],
-                bwd_flops=BACKWARD_FLOP_FACTOR * a["flops"],
-                traffic_bytes=a["traffic"],
-                num_nodes=a["nodes"],
+                modules=tuple(dict.fromkeys(a.modules)),
+                params=tuple(a.params),
+                param_bytes=a.param_bytes,
+                buffer_bytes=a.buffer_bytes,
+                output_bytes=a.out,
+                saved_bytes=a.saved,
+                fwd_flops=a.flops,
+                bwd_flops=BACKWARD_FLOP_FACTOR * a.flops,
+                traffic_bytes=a.traffic,
+                num_nodes=a.nodes,
             )
         )
     return layers

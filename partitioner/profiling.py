@@ -110,7 +110,7 @@ def profile_nodes(
     Raises:
         ProfileError: a node failed on fake tensors; the message names it.
     """
-    state = dict(gm.named_parameters(remove_duplicate=False))
+    state: dict[str, torch.Tensor] = dict(gm.named_parameters(remove_duplicate=False))
     state.update(gm.named_buffers(remove_duplicate=False))
     on_meta = any(t.is_meta for t in state.values())
     mode = FakeTensorMode(allow_non_fake_inputs=True)

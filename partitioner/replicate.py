@@ -68,7 +68,7 @@ class Replicated(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         shards = min(len(self.devices), self.batch_size)
         pieces = scatter((args, kwargs), self.batch_size, shards)
-        state = dict(self.module.named_parameters())
+        state: dict[str, torch.Tensor] = dict(self.module.named_parameters())
         state.update(self.module.named_buffers())
         # torch.tensor_split gives the first (batch % shards) shards one extra sample.
         sizes = [self.batch_size // shards + (k < self.batch_size % shards) for k in range(shards)]
