@@ -28,6 +28,7 @@ from partitioner.solve import (
     solve_ilp,
 )
 from partitioner.solve import ilp as ilp_module
+from partitioner.solve.feasibility import device_ranges
 
 GiB = 2**30
 EXACT = SolverOptions(gap=0.0, time_limit_s=60)
@@ -539,6 +540,25 @@ def test_the_ilp_proves_a_dag_infeasible(backend):
     )
     with pytest.raises(InfeasibleError, match="no contiguous placement fits"):
         solve_ilp(problem, SolverOptions(backend=backend))
+
+
+def test_device_ranges():
+    chain = [(i, (i + 1,), 1) for i in range(4)]
+    # Five 4-byte layers on 8 + 4 + 8 bytes: layers 0, 1 fill device 0, layer 2 device 1.
+    ranges = device_ranges(make_problem([[1.0] * 3] * 5, [4] * 5, [8, 4, 8], chain))
+    assert ranges == [range(0, 1), range(0, 1), range(1, 2), range(2, 3), range(2, 3)]
+    # With room to spare, only the ends are pinned.
+    ranges = device_ranges(make_problem([[1.0] * 3] * 5, [4] * 5, [8, 8, 8], chain))
+    assert ranges == [range(0, 1), range(0, 2), range(1, 2), range(1, 3), range(2, 3)]
+    # Branches: layer 2 is free, its sibling 1 must follow layer 0 onto device 1.
+    branches = [(0, (1, 2), 10), (1, (3,), 10), (2, (3,), 10)]
+    ranges = device_ranges(make_problem([[1.0, 1.0]] * 4, [1, 5, 1, 5], [5, 10], branches))
+    assert ranges == [range(0, 1), range(1, 2), range(0, 2), range(1, 2)]
+    # A layer too large for device 1 skips it at the ends of its range, not in the middle.
+    ranges = device_ranges(make_problem([[1.0] * 3] * 2, [9, 2], [9, 1, 9], [(0, (1,), 1)]))
+    assert ranges == [range(0, 1), range(2, 3)]
+    ranges = device_ranges(make_problem([[1.0] * 3] * 2, [1, 2], [9, 1, 9], [(0, (1,), 1)]))
+    assert ranges == [range(0, 3), range(0, 3)]
 
 
 # --- The ILP under a time limit -----------------------------------------------------------

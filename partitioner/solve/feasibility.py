@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from partitioner.devices import format_bytes
 from partitioner.errors import InfeasibleError
 from partitioner.ir import Problem
-from partitioner.devices import format_bytes
 from partitioner.solve._text import device_label, layer_label, span_label
 
-__all__ = ["check_memory", "no_contiguous_fit"]
+__all__ = ["check_memory", "device_ranges", "no_contiguous_fit"]
 
 
 def check_memory(problem: Problem) -> None:
@@ -40,6 +42,51 @@ def check_memory(problem: Problem) -> None:
             f"{format_bytes(room)} together; add devices or memory, or lower the memory use "
             f"(smaller batch, no optimizer state)"
         )
+
+
+def device_ranges(problem: Problem) -> list[range]:
+    """The devices each layer can take in a placement that fits memory and keeps the order.
+
+    A layer and its ancestors sit on its device or earlier ones, so together they must fit
+    in devices ``0..dev(i)``; the layer and its descendants must fit in ``dev(i)..D-1``; the
+    layer itself must fit its device; and along an edge ``p -> c`` the ranges start and
+    end no earlier for ``c`` than for ``p``. These are necessary conditions only: the ILP
+    drops the variables outside the ranges.
+
+    Returns:
+        ``ranges[i]``: the candidate devices of layer i, in order (empty if there are none).
+    """
+    n, num_devices = problem.num_layers, problem.num_devices
+    memory = np.asarray(problem.memory, dtype=np.int64)
+    edges = sorted(
+        {(v.producer, c) for v in problem.values if v.producer >= 0 for c in v.consumers if c >= 0}
+    )
+    ancestors = np.zeros((n, n), dtype=bool)
+    for p, c in edges:  # Sorted by producer, so every row of p is complete when it is read.
+        ancestors[c] |= ancestors[p]
+        ancestors[c, p] = True
+    before = memory + ancestors.astype(np.int64) @ memory
+    after = memory + ancestors.T.astype(np.int64) @ memory
+    capacity = np.asarray(problem.capacity, dtype=np.int64)
+    up_to = np.cumsum(capacity)  # up_to[d]: devices 0..d together
+    from_on = np.cumsum(capacity[::-1])[::-1]  # from_on[d]: devices d..D-1 together
+    lo = np.searchsorted(up_to, before, side="left")
+    hi = num_devices - 1 - np.searchsorted(from_on[::-1], after, side="left")
+    changed = True
+    while changed:
+        changed = False
+        for i in range(n):
+            while lo[i] <= hi[i] and memory[i] > capacity[lo[i]]:
+                lo[i], changed = lo[i] + 1, True
+            while hi[i] >= lo[i] and memory[i] > capacity[hi[i]]:
+                hi[i], changed = hi[i] - 1, True
+        for p, c in edges:
+            if lo[c] < lo[p]:
+                lo[c], changed = lo[p], True
+        for p, c in reversed(edges):
+            if hi[p] > hi[c]:
+                hi[p], changed = hi[c], True
+    return [range(int(lo[i]), max(int(lo[i]), int(hi[i]) + 1)) for i in range(n)]
 
 
 def _first_left_over(problem: Problem) -> int:

@@ -22,6 +22,10 @@ that the solver's absolute tolerances mean the same on microseconds as on hours)
                                + sum_{b, s < d} cost[b, s, d] m[b, s, d]
                                + sum_{b, e > d} cost[b, d, e] m[b, d, e]      for every d
 
+Variables exist only inside each layer's range of candidate devices (`device_ranges`:
+what its ancestors and descendants leave room for); ``x`` is 0 outside it. With tight
+memory this removes most of the model.
+
 ``z`` is the joint placement of an edge's two ends: integral ``x`` force it, and
 ``z`` exists only for ``s <= e``, so [Joint] also keeps the device order along every
 edge (``dev(p) <= dev(c)``, as prefix sums ``sum_{d' <= d} x[c, d'] <= sum_{d' <= d} x[p, d']``
@@ -47,7 +51,7 @@ from partitioner.errors import SolverError
 from partitioner.ir import Problem, Solution
 from partitioner.options import Objective, SolverBackend, SolverOptions
 from partitioner.solve.evaluate import evaluate, placement_solution, simple_lower_bound
-from partitioner.solve.feasibility import check_memory, no_contiguous_fit
+from partitioner.solve.feasibility import check_memory, device_ranges, no_contiguous_fit
 
 __all__ = ["highs_available", "solve_ilp"]
 
@@ -221,38 +225,53 @@ def _build(problem: Problem, scale: float) -> _Model:
     n, num_devices = problem.num_layers, problem.num_devices
     prob = pulp.LpProblem("placement", pulp.LpMinimize)
 
-    # y[i][d] = [dev(i) <= d] for d < D - 1 (binary; the last column is always 1).
-    y = [
-        [pulp.LpVariable(f"y_{i}_{d}", cat=pulp.LpBinary) for d in range(num_devices - 1)]
-        for i in range(n)
+    ranges = device_ranges(problem)  # Outside them, x is 0: no variables there.
+    if any(len(r) == 0 for r in ranges):
+        raise no_contiguous_fit(problem)
+
+    # y[i][d] = [dev(i) <= d]: binary inside layer i's range, 0 before it, 1 from its end on.
+    y: list[list[Any]] = [
+        [
+            pulp.LpVariable(f"y_{i}_{d}", cat=pulp.LpBinary) if d in r[:-1] else int(d >= r.start)
+            for d in range(num_devices)
+        ]
+        for i, r in enumerate(ranges)
     ]
 
     def x(i: int, d: int) -> pulp.LpAffineExpression:
         """[dev(i) = d] = y[i][d] - y[i][d-1]."""
-        terms = [(y[i][d], 1)] if d < num_devices - 1 else []
-        if d > 0:
-            terms.append((y[i][d - 1], -1))
-        return pulp.LpAffineExpression(terms, constant=1 if d == num_devices - 1 else 0)
+        terms, constant = [], 0
+        for term, sign in ((y[i][d], 1), (y[i][d - 1] if d > 0 else 0, -1)):
+            if isinstance(term, pulp.LpVariable):
+                terms.append((term, sign))
+            else:
+                constant += sign * term
+        return pulp.LpAffineExpression(terms, constant=constant)
 
     # [Constraint] Monotone: the device index only grows with d.
-    for i in range(n):
-        for d in range(1, num_devices - 1):
+    for i, r in enumerate(ranges):
+        for d in range(r.start + 1, r.stop - 1):
             prob += y[i][d - 1] <= y[i][d], f"monotone_{i}_{d}"
 
-    # z[(p, c)][(s, e)] = [dev(p) = s and dev(c) = e], s <= e (continuous; integral x force it).
+    # z[(p, c)][(s, e)] = [dev(p) = s and dev(c) = e], s <= e in the ranges (continuous; integral
+    # x force it).
     edges = sorted({(key[0], c) for key in _bundles(problem) for c in key[1:]})
-    pairs = [(s, e) for s in range(num_devices) for e in range(s, num_devices)]
     z = {
-        (p, c): {(s, e): pulp.LpVariable(f"z_{p}_{c}_{s}_{e}", 0, 1) for s, e in pairs}
+        (p, c): {
+            (s, e): pulp.LpVariable(f"z_{p}_{c}_{s}_{e}", 0, 1)
+            for s in ranges[p]
+            for e in ranges[c]
+            if s <= e
+        }
         for p, c in edges
     }
     # [Constraint] Joint: z's marginals are the placements of p and c (so dev(p) <= dev(c)).
     for (p, c), joint in z.items():
-        for s in range(num_devices):
-            row = pulp.lpSum(joint[s, e] for e in range(s, num_devices))
+        for s in ranges[p]:
+            row = pulp.lpSum(var for (s2, _), var in joint.items() if s2 == s)
             prob += row == x(p, s), f"joint_src_{p}_{c}_{s}"
-        for e in range(num_devices):
-            column = pulp.lpSum(joint[s, e] for s in range(e + 1))
+        for e in ranges[c]:
+            column = pulp.lpSum(var for (_, e2), var in joint.items() if e2 == e)
             prob += column == x(c, e), f"joint_dst_{p}_{c}_{e}"
 
     # m[b][(s, e)] = [bundle b moves s -> e]: z itself for one consumer, else a variable >= each z.
@@ -261,6 +280,7 @@ def _build(problem: Problem, scale: float) -> _Model:
     for b, (key, (size, count)) in enumerate(_bundles(problem).items()):
         producer, readers = key[0], key[1:]
         moves: dict[tuple[int, int], Any] = {}
+        pairs = sorted({pair for c in readers for pair in z[producer, c]})
         for s, e in pairs:
             seconds = size * problem.seconds_per_byte[s][e] + count * problem.latency_s[s][e]
             seconds /= scale
@@ -272,7 +292,8 @@ def _build(problem: Problem, scale: float) -> _Model:
                 moves[s, e] = pulp.LpVariable(f"m_{b}_{s}_{e}", 0, 1)
                 # [Constraint] Moved: the bundle moves s -> e if any consumer sits on e.
                 for c in readers:
-                    prob += moves[s, e] >= z[producer, c][s, e], f"moved_{b}_{s}_{e}_{c}"
+                    if (s, e) in z[producer, c]:
+                        prob += moves[s, e] >= z[producer, c][s, e], f"moved_{b}_{s}_{e}_{c}"
             transfer_terms[s, e].append((moves[s, e], seconds))
         moved.append((key, moves))
 
@@ -282,13 +303,17 @@ def _build(problem: Problem, scale: float) -> _Model:
         capacity = problem.capacity[d]
         limit = (capacity + 0.5) / capacity - MEMORY_TOLERANCE if capacity > 0 else MEMORY_TOLERANCE
         used = pulp.lpSum(
-            (problem.memory[i] / max(capacity, 1)) * x(i, d) for i in range(n) if problem.memory[i]
+            (problem.memory[i] / max(capacity, 1)) * x(i, d)
+            for i in range(n)
+            if problem.memory[i] and d in ranges[i]
         )
         prob += used <= limit, f"memory_{d}"
 
     compute = [
         pulp.lpSum(
-            (problem.compute_s[i][d] / scale) * x(i, d) for i in range(n) if problem.compute_s[i][d]
+            (problem.compute_s[i][d] / scale) * x(i, d)
+            for i in range(n)
+            if problem.compute_s[i][d] and d in ranges[i]
         )
         for d in range(num_devices)
     ]
@@ -317,7 +342,8 @@ def _set_start(model: _Model, problem: Problem, start: tuple[int, ...], scale: f
     """Give every variable its value in the placement ``start``."""
     for i, row in enumerate(model.y):
         for d, var in enumerate(row):
-            var.setInitialValue(1 if start[i] <= d else 0)
+            if isinstance(var, pulp.LpVariable):
+                var.setInitialValue(1 if start[i] <= d else 0)
     for (p, c), joint in model.z.items():
         for (s, e), var in joint.items():
             var.setInitialValue(1 if (start[p], start[c]) == (s, e) else 0)
@@ -332,7 +358,7 @@ def _set_start(model: _Model, problem: Problem, start: tuple[int, ...], scale: f
 
 def _assignment(model: _Model) -> tuple[int, ...]:
     """dev(i) = the number of d with y[i, d] = 0."""
-    return tuple(sum(1 for var in row if (var.varValue or 0.0) < 0.5) for row in model.y)
+    return tuple(sum(1 for y in row if pulp.value(y) < 0.5) for row in model.y)
 
 
 _CBC_BOUND = re.compile(r"^Lower bound:\s*(\S+)", re.MULTILINE)
