@@ -119,13 +119,13 @@ def _place(problem: Problem, options: SolverOptions) -> Solution:
             "use SolverBackend.AUTO, HIGHS or CBC"
         )
     if problem.num_layers <= options.max_candidates:
-        return _solve_uncoarsened(problem, options)
+        return _solve_as_is(problem, options)
     coarse, groups = coarsen(problem, options.max_candidates)
     try:
-        solution = _solve_uncoarsened(coarse, options)
+        solution = _solve_as_is(coarse, options)
     except InfeasibleError:
         # Merged layers can pack worse than single ones: try the original layers.
-        return _solve_uncoarsened(problem, options)
+        return _solve_as_is(problem, options)
     assignment = expand(solution.assignment, groups)
     objective = evaluate(problem, assignment).objective_s
     lower = min(objective, simple_lower_bound(problem))
@@ -138,7 +138,7 @@ def _place(problem: Problem, options: SolverOptions) -> Solution:
     )
 
 
-def _solve_uncoarsened(problem: Problem, options: SolverOptions) -> Solution:
+def _solve_as_is(problem: Problem, options: SolverOptions) -> Solution:
     """The DP on chains (AUTO, DP), else the ILP warm-started by the DP heuristic."""
     chain = is_chain(problem)
     if options.backend is SolverBackend.DP or (options.backend is SolverBackend.AUTO and chain):

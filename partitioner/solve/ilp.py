@@ -30,7 +30,14 @@ memory this removes most of the model.
 ``z`` exists only for ``s <= e``, so [Joint] also keeps the device order along every
 edge (``dev(p) <= dev(c)``, as prefix sums ``sum_{d' <= d} x[c, d'] <= sum_{d' <= d} x[p, d']``
 even in the LP relaxation). Per-link costs are exact, and the relaxation is tighter than
-the usual ``m >= x[p, s] + x[c, e] - 1``.
+the usual ``m >= x[p, s] + x[c, e] - 1`` (the product of two assignments linearised by
+their joint, as Adams & Johnson, 1994, do for the QAP). Cf. the contiguous-placement ILP
+of Tarnawski et al., "Efficient algorithms for device placement of DNN graph
+operators", NeurIPS 2020.
+
+The LATENCY bound is usually close. The THROUGHPUT bound is weak when memory is loose:
+the relaxation spreads every layer over all devices and moves nothing, so large DAGs
+often stop at the time limit with a gap although the placement found is good.
 """
 
 from __future__ import annotations
@@ -117,7 +124,7 @@ def solve_ilp(
     begin = time.perf_counter()
     check_memory(problem)
     backend = _backend(options.backend)
-    if problem.num_devices == 1:  # Nothing to decide (and check_memory says it fits).
+    if problem.num_devices == 1 or problem.num_layers == 0:  # Nothing to decide.
         return placement_solution(problem, (0,) * problem.num_layers, solver=backend, optimal=True)
     start = tuple(warm_start) if warm_start is not None else None
     if start is not None and not evaluate(problem, start).feasible:
