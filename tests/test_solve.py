@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pulp
 import pytest
@@ -36,8 +36,6 @@ EXACT = SolverOptions(gap=0.0, time_limit_s=60)
 ILP_BACKENDS = [SolverBackend.HIGHS, SolverBackend.CBC]
 OBJECTIVES = [Objective.LATENCY, Objective.THROUGHPUT]
 
-pytestmark = pytest.mark.skipif(not highs_available(), reason="highspy is not installed")
-
 
 # --- Tables -------------------------------------------------------------------------------
 
@@ -46,7 +44,7 @@ def make_problem(
     compute: list[list[float]],
     memory: list[int],
     capacity: list[int],
-    edges: list[tuple[int, tuple[int, ...], int]],
+    edges: Sequence[tuple[int, tuple[int, ...], int]],
     *,
     per_byte: float | list[list[float]] = 0.0,
     latency: float | list[list[float]] = 0.0,
@@ -608,6 +606,7 @@ def test_no_integer_solution_in_time_falls_back_to_the_warm_start(monkeypatch):
 
 
 def test_highs_missing(monkeypatch):
+    assert highs_available()  # highspy is a dependency; without it AUTO falls back to CBC.
     monkeypatch.setattr(ilp_module, "highs_available", lambda: False)
     problem = three_layers(Objective.LATENCY)
     with pytest.raises(SolverError, match="pip install highspy"):
