@@ -81,8 +81,8 @@ def _plan(args: argparse.Namespace) -> int:
     )
     err = Console(stderr=True)
     with err.status(f"building {args.model}") as status:
-        sizes = {} if ".py:" in args.model else {"batch_size": args.batch_size, "seq_len": args.seq_len}
-        built = build_model(args.model, dtype=args.dtype, **sizes)
+        # A file's factory makes its own inputs: build_model refuses sizes for it rather than ignore them.
+        built = build_model(args.model, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len)
         compiled = compile_plan(
             built.model,
             args.devices,
@@ -100,10 +100,13 @@ def _plan(args: argparse.Namespace) -> int:
         style="dim",
     )
     text = compiled.plan.to_json()
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
     print(text if args.json else str(compiled.plan))
+    if args.out:
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            raise PartitionerError(f"cannot write --out {args.out!r}: {e.strerror or e}") from None
     return 0
 
 

@@ -7,9 +7,11 @@ Accelerate-style ``device_map``.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from collections import Counter
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 from partitioner.errors import PlanFormatError
@@ -127,7 +129,10 @@ class Plan:
         """An Accelerate-style device map (module name -> GPU ordinal or ``"cpu"``).
 
         Usable as ``from_pretrained(..., device_map=plan.device_map())`` and with
-        ``accelerate.dispatch_model``. GPUs are numbered in the plan's device order.
+        ``accelerate.dispatch_model``. A present GPU keeps its CUDA index (``cuda:2`` -> 2);
+        absent GPUs (planned from a profile) take the lowest ordinals left, in plan order.
+        A key covers the tensors under it unless a longer key does (Accelerate's lookup);
+        a tensor of the root module is keyed by its own name (``""`` would be the whole model).
 
         Raises:
             ValueError: The plan is data parallel, or a module's tensors are split over
@@ -135,7 +140,7 @@ class Plan:
         """
         if self.strategy is Strategy.DATA_PARALLEL:
             raise ValueError("a data-parallel plan replicates the model; it has no device_map")
-        gpu_ordinal = {i: n for n, i in enumerate(i for i, d in enumerate(self.devices) if d.kind == "gpu")}
+        gpu_ordinal = _gpu_ordinals(self.devices)
 
         def target(i: int) -> int | str:
             return gpu_ordinal[i] if i in gpu_ordinal else "cpu"
@@ -152,7 +157,7 @@ class Plan:
             # A module goes where its calls run; a tensor read by no module call of its own
             # (used directly by an op) where its owning layer runs. A tied weight follows the
             # module that calls it first; Accelerate moves it to its other users.
-            loose = [p.rpartition(".")[0] for p in layer.params if not covered(p.rpartition(".")[0])]
+            loose = [p.rpartition(".")[0] or p for p in layer.params if not covered(p.rpartition(".")[0])]
             for module in dict.fromkeys(list(layer.modules) + loose):
                 dev = target(layer.device)
                 if module in out and out[module] != dev:
@@ -170,10 +175,8 @@ class Plan:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (enums as strings)."""
-        d = asdict(self)
-        d["strategy"], d["objective"] = self.strategy.value, self.objective.value
-        return {"version": PLAN_VERSION, **d}
+        """Plain data, as `from_json` reads it: lists for tuples, enums as strings, float fields as floats."""
+        return {"version": PLAN_VERSION, **_plain(self)}
 
     def to_json(self, indent: int | None = 2) -> str:
         """The plan as JSON, byte-for-byte the same for the same plan."""
@@ -184,11 +187,15 @@ class Plan:
         """Load a plan written by `to_json`.
 
         Raises:
-            PlanFormatError: Not JSON, or a key is missing, unknown, of the wrong type or
-                out of range.
+            PlanFormatError: Not JSON (or nested too deeply), or a key is missing, unknown,
+                repeated, of the wrong type or out of range, or an index names no device.
         """
         try:
-            data = json.loads(text, parse_constant=_reject_constant)
+            data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+        except PlanFormatError:
+            raise
+        except RecursionError:
+            raise PlanFormatError("a plan must be JSON written by Plan.to_json: nested too deeply") from None
         except (json.JSONDecodeError, ValueError) as e:
             raise PlanFormatError(f"a plan must be JSON written by Plan.to_json: {e}") from None
         return cls.from_dict(data)
@@ -197,8 +204,9 @@ class Plan:
     def from_dict(cls, data: Any) -> Plan:
         """Validate plain data and build a plan (see `from_json`)."""
         d = _record(data, "plan", {f.name for f in fields(cls)} | {"version"})
-        if d.pop("version") != PLAN_VERSION:
-            raise PlanFormatError(f"plan version must be {PLAN_VERSION}")
+        version = d.pop("version")
+        if type(version) is not int or version != PLAN_VERSION:
+            raise PlanFormatError(f"plan version must be {PLAN_VERSION} (got {version!r})")
         try:
             d["strategy"] = Strategy(d["strategy"])
             d["objective"] = Objective(d["objective"])
@@ -211,7 +219,7 @@ class Plan:
         )
         d["solver"] = _build(SolverInfo, d["solver"], "solver")
         plan = _build(Plan, d, "plan", nested=True)
-        _check_indices(plan)
+        _check_meaning(plan)
         return plan
 
 
@@ -222,6 +230,29 @@ _FLOAT_LIMIT = 1e30
 
 def _reject_constant(token: str) -> None:
     raise PlanFormatError(f"plan contains {token}; plans hold finite numbers only")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        twice = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise PlanFormatError(f"plan JSON repeats keys {twice[:3]}; each key may appear once per object")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """`value` as JSON-shaped data; a float field holds a float even when given an int (so
+    a loaded plan dumps to the same bytes)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_plain(x) for x in value]
+    if is_dataclass(value):
+        return {
+            f.name: float(getattr(value, f.name)) if f.type == "float" else _plain(getattr(value, f.name))
+            for f in fields(value)
+        }
+    return value
 
 
 def _record(data: Any, where: str, allowed: set[str]) -> dict[str, Any]:
@@ -243,10 +274,10 @@ def _list(value: Any, where: str) -> list[Any]:
 
 def _check_value(value: Any, annotation: str, where: str) -> Any:
     if annotation == "str":
-        if not isinstance(value, str):
+        if not isinstance(value, str) or not _is_utf8(value):
             raise PlanFormatError(f"{where} must be a string (got {value!r})")
     elif annotation == "str | None":
-        if value is not None and not isinstance(value, str):
+        if value is not None and not (isinstance(value, str) and _is_utf8(value)):
             raise PlanFormatError(f"{where} must be a string or null (got {value!r})")
     elif annotation == "bool":
         if not isinstance(value, bool):
@@ -261,10 +292,19 @@ def _check_value(value: Any, annotation: str, where: str) -> Any:
             raise PlanFormatError(f"{where} must be a finite number in [0, 1e30) (got {value!r})")
         return float(value)
     elif annotation == "tuple[str, ...]":
-        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        if not isinstance(value, list) or not all(isinstance(x, str) and _is_utf8(x) for x in value):
             raise PlanFormatError(f"{where} must be a list of strings")
         return tuple(value)
     return value
+
+
+def _is_utf8(text: str) -> bool:
+    """False for lone surrogates (``"\\ud800"`` in JSON), which no stream can print."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _build(cls: type, data: Any, where: str, nested: bool = False) -> Any:
@@ -273,21 +313,44 @@ def _build(cls: type, data: Any, where: str, nested: bool = False) -> Any:
     return cls(**kwargs)
 
 
-def _check_indices(plan: Plan) -> None:
+def _check_meaning(plan: Plan) -> None:
     n = len(plan.devices)
     if n == 0:
         raise PlanFormatError("plan has no devices")
+    kinds = [d.kind for d in plan.devices if d.kind not in ("cpu", "gpu")]
+    if kinds:
+        raise PlanFormatError(f"a device kind is 'cpu' or 'gpu' (got {kinds[0]!r})")
+    if plan.solver.gap > 1:
+        raise PlanFormatError(f"solver.gap is a relative gap in [0, 1] (got {plan.solver.gap})")
     bad = [l.name for l in plan.layers if l.device >= n] + [t.value for t in plan.transfers if max(t.src, t.dst) >= n]
     if bad or plan.output_device >= n:
         raise PlanFormatError(f"plan refers to devices beyond its {n} devices ({bad[:3] or 'output_device'})")
 
 
+def _gpu_ordinals(devices: tuple[PlanDevice, ...]) -> dict[int, int]:
+    """Device index -> GPU ordinal: a present GPU's CUDA index, else the next free ordinal."""
+    taken = {
+        i: int(d.torch_device.rpartition(":")[2])
+        for i, d in enumerate(devices)
+        if d.kind == "gpu" and d.torch_device is not None and d.torch_device.rpartition(":")[2].isdigit()
+    }
+    used = set(taken.values())
+    ordinals = dict(taken)
+    free = (k for k in range(len(devices) + len(used)) if k not in used)
+    for i, d in enumerate(devices):
+        if d.kind == "gpu" and i not in ordinals:
+            ordinals[i] = next(free)
+    return ordinals
+
+
 def _prune_covered(device_map: dict[str, int | str]) -> dict[str, int | str]:
-    """Drop entries whose ancestor module is mapped to the same device."""
+    """Drop entries whose nearest mapped ancestor module maps them to the same device
+    (Accelerate looks a tensor up by its longest mapped prefix)."""
     out: dict[str, int | str] = {}
     for module in sorted(device_map, key=lambda m: (m.count("."), m)):
         parts = module.split(".")
-        ancestors = [".".join(parts[:k]) for k in range(1, len(parts))]
-        if not any(a in out and out[a] == device_map[module] for a in ancestors):
+        ancestors = (".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1))
+        nearest = next((a for a in ancestors if a in device_map), None)
+        if nearest is None or device_map[nearest] != device_map[module]:
             out[module] = device_map[module]
     return out

@@ -10,10 +10,10 @@ __all__ = ["render_text", "layer_ranges", "format_seconds"]
 
 
 def format_seconds(s: float) -> str:
-    """``1.23 s``, ``45.6 ms``, ``7.8 us``."""
-    if s >= 1:
+    """``1.23 s``, ``45.60 ms``, ``7.8 us``: the largest unit the rounded figure reaches."""
+    if round(s * 1e3, 2) >= 1000:
         return f"{s:.2f} s"
-    if s >= 1e-3:
+    if round(s * 1e6, 1) >= 1000:
         return f"{s * 1e3:.2f} ms"
     return f"{s * 1e6:.1f} us"
 
@@ -31,6 +31,10 @@ def layer_ranges(layers: tuple[PlanLayer, ...], device: int) -> list[str]:
             runs.append([layer])
         previous = i
     return [r[0].name if len(r) == 1 else f"{r[0].name} .. {r[-1].name} ({len(r)} layers)" for r in runs]
+
+
+def _share(used: int, capacity: int) -> str:
+    return f"{used / capacity:.0%}" if capacity > 0 else "no capacity"
 
 
 def render_text(plan: Plan) -> str:
@@ -60,7 +64,7 @@ def render_text(plan: Plan) -> str:
                 d.name,
                 d.profile,
                 f"{format_bytes(d.memory_bytes)} / {format_bytes(d.capacity_bytes)} "
-                f"({d.memory_bytes / d.capacity_bytes:.0%})",
+                f"({_share(d.memory_bytes, d.capacity_bytes)})",
                 format_bytes(d.param_bytes),
                 format_seconds(d.compute_s),
                 f"{format_seconds(d.transfer_in_s)} / {format_seconds(d.transfer_out_s)}",

@@ -1,0 +1,198 @@
+"""Layer grouping: blocks and leaves, a DAG in topological order, each tensor owned once, fingerprints."""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from partitioner.ir import INPUT, OUTPUT
+from partitioner.layers import LayeredModel, build_layers
+from partitioner.profiling import NodeStats, profile_nodes
+from partitioner.trace import trace_model
+from tests.models import PLAIN_CASES, ZOO, TwiceModel
+
+
+@dataclass(frozen=True)
+class Grouped:
+    model: nn.Module
+    layered: LayeredModel
+    stats: dict[str, NodeStats]
+
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layered.graph.layers]
+
+    def layer(self, name: str) -> int:
+        return self.names().index(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor a layer's parameter name stands for, read from the graph module."""
+        t = operator.attrgetter(name)(self.layered.traced.gm)
+        assert isinstance(t, torch.Tensor)
+        return t
+
+
+def group(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], **trace_kw: Any) -> Grouped:
+    traced = trace_model(model, args, kwargs, **trace_kw)
+    stats = profile_nodes(traced.gm, args, kwargs, training=False)
+    return Grouped(model, build_layers(traced, stats), stats)
+
+
+def group_case(name: str, **trace_kw: Any) -> Grouped:
+    model, args, kwargs = ZOO[name].build()
+    return group(model, args, kwargs, **trace_kw)
+
+
+@pytest.fixture(scope="module")
+def gpt2_blocks() -> Grouped:
+    return group_case("gpt2")
+
+
+@pytest.fixture(scope="module")
+def gpt2_leaves() -> Grouped:
+    return group_case("gpt2", granularity="leaf")
+
+
+@pytest.fixture(params=[*PLAIN_CASES, "gpt2"])
+def any_model(request: pytest.FixtureRequest, gpt2_blocks: Grouped) -> Grouped:
+    return gpt2_blocks if request.param == "gpt2" else group_case(request.param)
+
+
+# --------------------------------------------------------------------------- granularity
+
+GPT2_BLOCKS = [
+    "transformer.wpe",
+    "transformer.wte",
+    "transformer.h.0",
+    "transformer.h.1",
+    "transformer.ln_f",
+    "lm_head",
+]
+
+
+def test_gpt2_blocks_are_layers(gpt2_blocks: Grouped) -> None:
+    assert gpt2_blocks.names() == GPT2_BLOCKS
+    for i in (0, 1):
+        layer = gpt2_blocks.layered.graph.layers[gpt2_blocks.layer(f"transformer.h.{i}")]
+        assert layer.modules == (f"transformer.h.{i}",)
+        block = gpt2_blocks.model.transformer.h[i]
+        assert {id(gpt2_blocks.tensor(p)) for p in layer.params} == {id(p) for p in block.parameters()}
+        assert layer.fwd_flops > 0 and layer.num_nodes > 10
+
+
+def test_gpt2_leaves_split_the_blocks(gpt2_leaves: Grouped) -> None:
+    names = gpt2_leaves.names()
+    assert len(names) > len(GPT2_BLOCKS)
+    assert not set(names) & {"transformer.h.0", "transformer.h.1"}
+    inside = [n for n in names if n.startswith("transformer.h.0.")]
+    assert {"transformer.h.0.ln_1", "transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj"} <= set(inside)
+
+
+def test_split_modules_make_a_class_one_layer() -> None:
+    plain = group_case("cnn").names()
+    assert "layer1.conv1" in plain and "layer1" not in plain
+    for split in (["_BasicBlock"], ["tests.models._BasicBlock"]):
+        grouped = group_case("cnn", split_modules=split)
+        assert grouped.names() == ["conv1", "bn1", "layer1", "layer2", "fc"]
+        block = grouped.layered.graph.layers[grouped.layer("layer2")]
+        assert {id(grouped.tensor(p)) for p in block.params} == {
+            id(t) for t in [*grouped.model.layer2.parameters(), *grouped.model.layer2.buffers()]
+        }
+    leaf = group_case("cnn", granularity="leaf", split_modules=["_BasicBlock"]).names()
+    assert leaf == ["conv1", "bn1", "layer1", "layer2", "fc"]
+
+
+# --------------------------------------------------------------------------- invariants
+
+
+def test_values_flow_forward_and_every_crossing_edge_is_a_value(any_model: Grouped) -> None:
+    gm = any_model.layered.traced.gm
+    layer_of = any_model.layered.node_layer
+    values = {v.name: v for v in any_model.layered.graph.values}
+    crossings = 0
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            for a in n.all_input_nodes:
+                if any_model.stats.get(a.name) is None or any_model.stats[a.name].is_tensor:
+                    assert OUTPUT in values[a.name].consumers, a.name
+        if n.name not in layer_of:
+            continue
+        for a in n.all_input_nodes:
+            if a.op == "placeholder":
+                assert layer_of[n.name] in values[a.name].consumers and values[a.name].producer == INPUT
+            elif layer_of[a.name] != layer_of[n.name] and any_model.stats[a.name].is_tensor:
+                crossings += 1
+                assert layer_of[a.name] < layer_of[n.name], f"{a.name} -> {n.name} goes backwards"
+                assert values[a.name].producer == layer_of[a.name]
+                assert layer_of[n.name] in values[a.name].consumers
+    assert crossings >= len(any_model.layered.graph.layers) - 1  # the layers are connected
+    for v in any_model.layered.graph.values:
+        assert list(v.consumers) == sorted(set(v.consumers), key=lambda c: (c == OUTPUT, c))
+        assert v.producer == INPUT or v.bytes > 0  # ints and shapes between layers are no values
+
+
+def test_each_tensor_is_owned_by_exactly_one_layer(any_model: Grouped) -> None:
+    owned = Counter(id(any_model.tensor(p)) for layer in any_model.layered.graph.layers for p in layer.params)
+    assert set(owned.values()) == {1}
+    model = any_model.model
+    assert set(owned) == {id(t) for t in [*model.parameters(), *model.buffers()]}  # shared, not copied
+    for layer in any_model.layered.graph.layers:
+        expected = sum(any_model.tensor(p).nbytes for p in layer.params)
+        assert layer.param_bytes + layer.buffer_bytes == expected
+
+
+def test_tied_weight_lives_in_one_layer_and_moves_as_a_value() -> None:
+    grouped = group_case("tied")
+    weight = grouped.model.embed.weight
+    (owner,) = [
+        layer for layer in grouped.layered.graph.layers if any(grouped.tensor(p) is weight for p in layer.params)
+    ]
+    assert owner.name == "embed"
+    (value,) = [v for v in grouped.layered.graph.values if v.producer == owner.index and v.bytes == weight.nbytes]
+    assert value.consumers == (grouped.layer("head"),)
+    assert grouped.layered.graph.layers[grouped.layer("head")].param_bytes == 0
+
+
+def test_module_called_twice_with_fx_keeps_both_calls_with_its_weights() -> None:
+    grouped = group_case("twice", frontend="fx")
+    calls = [n.name for n in grouped.layered.traced.gm.graph.nodes if n.target == "shared.0"]
+    assert len(calls) == 2
+    assert len({grouped.layered.node_layer[c] for c in calls}) == 1  # call_module nodes read the weight inside
+
+
+def test_module_called_twice_with_export_moves_its_weights_to_the_second_call() -> None:
+    grouped = group_case("twice", frontend="export")
+    assert grouped.names() == ["inp", "shared.0", "shared.1", "mid", "shared.0@1", "shared.1@1", "out"]
+    first, second = grouped.layer("shared.0"), grouped.layer("shared.0@1")
+    assert grouped.layered.graph.layers[second].params == ()
+    moved = {v.bytes for v in grouped.layered.graph.values if v.producer == first and second in v.consumers}
+    assert moved >= {16 * 16 * 4, 16 * 4}  # shared.0's weight and bias
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_keyword_inputs_and_dict_outputs_group(frontend: str) -> None:
+    grouped = group_case("kwargs_dict", frontend=frontend)
+    assert grouped.names() == ["encoder.proj", "classifier", "scorer"]
+    outputs = [v for v in grouped.layered.graph.values if OUTPUT in v.consumers]
+    assert len(outputs) == 3  # hidden, logits, score
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def test_fingerprint_is_stable_for_equal_models(gpt2_blocks: Grouped) -> None:
+    assert group_case("gpt2").layered.graph.fingerprint == gpt2_blocks.layered.graph.fingerprint
+    assert group_case("mlp").layered.graph.fingerprint == group_case("mlp").layered.graph.fingerprint
+
+
+def test_fingerprint_differs_for_other_models_and_groupings(gpt2_blocks: Grouped, gpt2_leaves: Grouped) -> None:
+    x = torch.randn(4, 8)
+    narrow, wide = (group(TwiceModel(dh=dh), (x,), {}).layered.graph.fingerprint for dh in (16, 17))
+    assert narrow != wide
+    assert narrow == group(TwiceModel(dh=16), (x,), {}).layered.graph.fingerprint  # weights do not count
+    assert gpt2_blocks.layered.graph.fingerprint != gpt2_leaves.layered.graph.fingerprint

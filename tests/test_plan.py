@@ -1,0 +1,349 @@
+"""Plan data: JSON round trips, determinism, hostile JSON, and the Accelerate device_map."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import partitioner
+from partitioner import Objective, PlanOptions, Strategy
+from partitioner.errors import PlanFormatError
+from partitioner.models import build_model
+from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
+from tests.models import ZOO
+
+NO_DP = PlanOptions(allow_data_parallel=False, memory_reserve=0.0)
+GPUS = ["a100-80gb", "a100-80gb"]
+
+
+def hand_plan(
+    devices: tuple[PlanDevice, ...] | None = None,
+    layers: tuple[PlanLayer, ...] | None = None,
+    strategy: Strategy = Strategy.MODEL_PARALLEL,
+) -> Plan:
+    """A small plan written out by hand: two absent GPUs, three layers, one transfer."""
+    if devices is None:
+        devices = tuple(
+            PlanDevice(
+                name=f"a100-80gb:{i}",
+                profile="a100-80gb",
+                kind="gpu",
+                torch_device=None,
+                capacity_bytes=80 * 2**30,
+                memory_bytes=(i + 1) * 2**20,
+                param_bytes=2**20,
+                compute_s=0.25 * (i + 1),
+                transfer_in_s=0.001 * i,
+                transfer_out_s=0.001 * (1 - i),
+            )
+            for i in range(2)
+        )
+    if layers is None:
+        layers = tuple(
+            PlanLayer(name=n, modules=(n,), params=(f"{n}.weight",), device=d, compute_s=0.125, memory_bytes=2**19)
+            for n, d in [("embed", 0), ("block", 0), ("head", 1)]
+        )
+    return Plan(
+        model_name="Toy",
+        fingerprint="0123456789abcdef",
+        frontend="fx",
+        granularity="block",
+        strategy=strategy,
+        objective=Objective.LATENCY,
+        training=False,
+        batch_size=4,
+        devices=devices,
+        layers=layers,
+        transfers=(PlanTransfer(value="block", src=0, dst=1, bytes=4096, seconds=0.001),),
+        output_device=1,
+        predicted_s=0.751,
+        bound_s=0.375,
+        solver=SolverInfo(method="dp", optimal=True, gap=0.0, time_s=0.002),
+    )
+
+
+def _layer(name: str, device: int, modules: tuple[str, ...] = (), params: tuple[str, ...] = ()) -> PlanLayer:
+    return PlanLayer(name=name, modules=modules, params=params, device=device, compute_s=0.0, memory_bytes=0)
+
+
+def split_plan(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], **kw: Any) -> Plan:
+    """`model` planned on two absent A100s whose memory caps force a split.
+
+    Memory per device is the sum of its layers' (see `partitioner.solve.evaluate`), so the
+    cap of the most even cut of the layer order fits two devices and not one.
+    """
+    memory = [layer.memory_bytes for layer in partitioner.plan(model, GPUS[:1], args, kwargs, options=NO_DP).layers]
+    cap = min(max(sum(memory[:k]), sum(memory[k:])) for k in range(1, len(memory)))
+    return partitioner.plan(model, GPUS, args, kwargs, options=NO_DP, max_memory={"a100-80gb": cap}, **kw)
+
+
+def _without_solve_time(plan: Plan) -> Plan:
+    return replace(plan, solver=replace(plan.solver, time_s=0.0))
+
+
+@pytest.fixture(scope="module")
+def gpt2_split() -> tuple[nn.Module, Plan]:
+    model, args, kwargs = ZOO["gpt2"].build()
+    return model, split_plan(model, args, kwargs)
+
+
+@pytest.fixture(scope="module")
+def data_parallel_plan() -> Plan:
+    built = build_model("mlp", batch_size=8192)  # on meta: compute-heavy enough for replicas to pay off
+    plan = partitioner.plan(built.model, GPUS, built.example_args)
+    assert plan.strategy is Strategy.DATA_PARALLEL, plan
+    return plan
+
+
+# --------------------------------------------------------------------------- JSON round trips
+
+
+def _assert_round_trips(plan: Plan) -> None:
+    text = plan.to_json()
+    loaded = Plan.from_json(text)
+    assert loaded == plan
+    assert loaded.to_json() == text
+    assert Plan.from_dict(plan.to_dict()) == plan
+    assert json.loads(text) == plan.to_dict()
+
+
+def test_hand_made_plan_round_trips() -> None:
+    _assert_round_trips(hand_plan())
+
+
+def test_int_in_a_float_field_dumps_the_same_after_loading() -> None:
+    plan = replace(hand_plan(), predicted_s=2, bound_s=1)
+    assert Plan.from_json(plan.to_json()).to_json() == plan.to_json()
+    assert '"predicted_s": 2.0' in plan.to_json()
+
+
+_names = st.text(min_size=1, max_size=8)
+_sizes = st.integers(min_value=0, max_value=2**62 - 1)
+_seconds = st.one_of(st.floats(min_value=0, max_value=1e6, allow_nan=False), st.integers(0, 10**6))
+
+
+@given(
+    layers=st.lists(st.tuples(_names, st.integers(0, 1), _seconds, _sizes), min_size=1, max_size=6),
+    capacity=_sizes,
+    predicted=_seconds,
+    gap=st.floats(min_value=0, max_value=1),
+    optimal=st.booleans(),
+    torch_device=st.one_of(st.none(), _names),
+)
+def test_any_valid_plan_round_trips(
+    layers: list[tuple[str, int, float, int]],
+    capacity: int,
+    predicted: float,
+    gap: float,
+    optimal: bool,
+    torch_device: str | None,
+) -> None:
+    base = hand_plan()
+    plan = replace(
+        base,
+        devices=(replace(base.devices[0], capacity_bytes=capacity, torch_device=torch_device), base.devices[1]),
+        layers=tuple(
+            PlanLayer(name=n, modules=(n,), params=(), device=d, compute_s=s, memory_bytes=m) for n, d, s, m in layers
+        ),
+        predicted_s=predicted,
+        solver=SolverInfo(method="highs", optimal=optimal, gap=gap, time_s=0.5),
+    )
+    _assert_round_trips(plan)
+
+
+@pytest.mark.parametrize("name", ["tied", "branchy"])
+def test_real_split_plan_round_trips_and_planning_is_deterministic(name: str) -> None:
+    model, args, kwargs = ZOO[name].build()
+    first = split_plan(model, args, kwargs)
+    assert len(set(first.assignment)) == 2 and first.transfers, first
+    _assert_round_trips(first)
+    again_model, again_args, again_kwargs = ZOO[name].build()
+    again = split_plan(again_model, again_args, again_kwargs)
+    # solver.time_s is the wall-clock solve time: the one field two runs do not share.
+    assert _without_solve_time(again).to_json() == _without_solve_time(first).to_json()
+
+
+def test_data_parallel_plan_round_trips(data_parallel_plan: Plan) -> None:
+    _assert_round_trips(data_parallel_plan)
+
+
+# --------------------------------------------------------------------------- hostile JSON
+
+
+def _edit(change: Callable[[dict[str, Any]], object]) -> str:
+    data = hand_plan().to_dict()
+    change(data)
+    return json.dumps(data)
+
+
+def _set(*path: Any) -> Callable[[dict[str, Any]], None]:
+    """A change that sets ``data[path[0]]...[path[-2]] = path[-1]``."""
+
+    def change(data: dict[str, Any]) -> None:
+        target: Any = data
+        for key in path[:-2]:
+            target = target[key]
+        target[path[-2]] = path[-1]
+
+    return change
+
+
+VALID = hand_plan().to_json()
+HOSTILE: dict[str, tuple[str, str]] = {
+    "not JSON": ("plan: fc1 on cuda:0", "must be JSON"),
+    "empty": ("", "must be JSON"),
+    "truncated": (VALID[: len(VALID) // 2], "must be JSON"),
+    "a list": ("[]", "JSON object"),
+    "NaN": (VALID.replace('"predicted_s": 0.751', '"predicted_s": NaN'), "NaN"),
+    "Infinity": (VALID.replace('"bound_s": 0.375', '"bound_s": Infinity'), "Infinity"),
+    "-Infinity": (VALID.replace('"bound_s": 0.375', '"bound_s": -Infinity'), "Infinity"),
+    "overflowing float": (VALID.replace('"bound_s": 0.375', '"bound_s": 1e999'), "bound_s"),
+    "huge float": (_edit(_set("devices", 0, "compute_s", 1e300)), "devices[0].compute_s"),
+    "huge int": (_edit(_set("devices", 0, "capacity_bytes", 2**80)), "devices[0].capacity_bytes"),
+    "5000-digit int": (VALID.replace('"batch_size": 4', '"batch_size": ' + "9" * 5000), "digits"),
+    "deeply nested": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    "string for int": (_edit(_set("batch_size", "4")), "batch_size"),
+    "float for int": (_edit(_set("layers", 0, "device", 0.0)), "layers[0].device"),
+    "bool for int": (_edit(_set("output_device", True)), "output_device"),
+    "int for bool": (_edit(_set("training", 0)), "training"),
+    "string for float": (_edit(_set("predicted_s", "0.751")), "predicted_s"),
+    "string for list": (_edit(_set("layers", 0, "modules", "embed")), "layers[0].modules"),
+    "object for list": (_edit(_set("transfers", {})), "transfers"),
+    "list for object": (_edit(_set("solver", [])), "solver"),
+    "number in names": (_edit(_set("layers", 1, "params", ["block.weight", 7])), "layers[1].params"),
+    "negative int": (_edit(_set("transfers", 0, "bytes", -1)), "transfers[0].bytes"),
+    "negative float": (_edit(_set("devices", 1, "transfer_in_s", -0.5)), "devices[1].transfer_in_s"),
+    "unknown key": (_edit(_set("pickle", "cos\nsystem\n")), "unknown keys ['pickle']"),
+    "unknown nested key": (_edit(_set("layers", 0, "device_map", 0)), "layers[0] has unknown keys"),
+    "missing key": (_edit(lambda d: d.pop("fingerprint")), "misses keys ['fingerprint']"),
+    "missing nested key": (_edit(lambda d: d["devices"][1].pop("kind")), "devices[1] misses keys ['kind']"),
+    "repeated key": (VALID.replace('"batch_size": 4', '"batch_size": 4, "batch_size": 5'), "repeats keys"),
+    "layer on absent device": (_edit(_set("layers", 2, "device", 2)), "beyond its 2 devices"),
+    "transfer to absent device": (_edit(_set("transfers", 0, "dst", 9)), "beyond its 2 devices"),
+    "output on absent device": (_edit(_set("output_device", 2)), "beyond its 2 devices"),
+    "no devices": (_edit(_set("devices", [])), "no devices"),
+    "unknown kind": (_edit(_set("devices", 0, "kind", "tpu")), "kind"),
+    "gap above 1": (_edit(_set("solver", "gap", 3.0)), "gap"),
+    "unknown strategy": (_edit(_set("strategy", "pipeline")), "Strategy"),
+    "unhashable strategy": (_edit(_set("strategy", ["single"])), "Strategy"),
+    "unknown objective": (_edit(_set("objective", "energy")), "Objective"),
+    "version 2": (_edit(_set("version", 2)), "version must be 1"),
+    "version true": (_edit(_set("version", True)), "version must be 1"),
+    "version 1.0": (_edit(_set("version", 1.0)), "version must be 1"),
+    "version missing": (_edit(lambda d: d.pop("version")), "misses keys ['version']"),
+    "lone surrogate": (_edit(_set("model_name", "\ud800")), "model_name"),
+}
+
+
+@pytest.mark.parametrize("text, message", list(HOSTILE.values()), ids=list(HOSTILE))
+def test_from_json_rejects_malformed_input(text: str, message: str) -> None:
+    with pytest.raises(PlanFormatError, match=re.escape(message)):
+        Plan.from_json(text)
+
+
+def test_the_valid_plan_the_hostile_cases_start_from_loads() -> None:
+    assert Plan.from_json(VALID) == hand_plan()
+
+
+# --------------------------------------------------------------------------- device_map
+
+
+def _lookup(device_map: dict[str, int | str], name: str) -> int | str:
+    """Where Accelerate puts tensor `name`: the value of its longest prefix in the map."""
+    parts = name.split(".")
+    for k in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:k])
+        if prefix in device_map:
+            return device_map[prefix]
+    raise AssertionError(f"{name} has no device_map key that is a prefix of it: {sorted(device_map)}")
+
+
+def _owner_device(model: nn.Module, plan: Plan) -> dict[int, int]:
+    """id of each tensor the plan's layers own -> that layer's device (names may be aliases)."""
+    state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    return {id(state[name]): layer.device for layer in plan.layers for name in layer.params}
+
+
+@pytest.mark.parametrize("name", ["mlp", "branchy", "tied"])
+def test_device_map_sends_each_tensor_to_its_layers_gpu(name: str) -> None:
+    model, args, kwargs = ZOO[name].build()
+    plan = split_plan(model, args, kwargs)
+    device_map = plan.device_map()
+    assert "" not in device_map  # the whole model on one device is what a split plan is not
+    owner = _owner_device(model, plan)
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    assert {_lookup(device_map, n) for n, _ in named} == {0, 1}
+    for n, t in named:
+        assert _lookup(device_map, n) == owner[id(t)], n
+
+
+def test_device_map_of_gpt2_covers_every_parameter(gpt2_split: tuple[nn.Module, Plan]) -> None:
+    model, plan = gpt2_split
+    assert set(plan.assignment) == {0, 1}
+    device_map = plan.device_map()
+    assert all(type(v) is int for v in device_map.values()), device_map
+    owner = _owner_device(model, plan)
+    for n, p in model.named_parameters():
+        assert _lookup(device_map, n) == owner[id(p)], n
+    block = next(layer for layer in plan.layers if layer.name == "transformer.h.0")
+    assert _lookup(device_map, "transformer.h.0.attn.c_attn.weight") == block.device
+
+
+def test_device_map_refuses_a_data_parallel_plan(data_parallel_plan: Plan) -> None:
+    with pytest.raises(ValueError, match="data-parallel"):
+        data_parallel_plan.device_map()
+
+
+def test_device_map_keeps_a_nested_module_that_returns_to_the_outer_device() -> None:
+    layers = (_layer("a", 0, ("a",)), _layer("a.b", 1, ("a.b",)), _layer("a.b.c", 0, ("a.b.c",)))
+    device_map = hand_plan(layers=layers).device_map()
+    assert device_map == {"a": 0, "a.b": 1, "a.b.c": 0}
+    assert _lookup(device_map, "a.b.c.weight") == 0
+
+
+def test_device_map_prunes_modules_their_parent_already_places() -> None:
+    layers = (_layer("a", 0, ("a", "a.x")), _layer("b", 1, ("b", "b.y", "b.y.z")))
+    assert hand_plan(layers=layers).device_map() == {"a": 0, "b": 1}
+
+
+def test_device_map_keys_root_tensors_by_name() -> None:
+    layers = (_layer("scale", 0, (), ("scale",)), _layer("head", 1, ("head",), ("head.weight",)))
+    assert hand_plan(layers=layers).device_map() == {"scale": 0, "head": 1}
+
+
+def test_device_map_of_present_gpus_uses_their_cuda_index() -> None:
+    base = hand_plan()
+    on_cuda = tuple(replace(d, name=f"cuda:{k}", torch_device=f"cuda:{k}") for d, k in zip(base.devices, (3, 1)))
+    assert replace(base, devices=on_cuda).device_map() == {"embed": 3, "block": 3, "head": 1}
+
+
+def test_device_map_sends_cpu_layers_to_cpu_and_numbers_gpus_in_plan_order() -> None:
+    cpu = replace(hand_plan().devices[0], name="cpu", profile="cpu", kind="cpu", torch_device="cpu")
+    gpu = hand_plan().devices[0]
+    layers = (_layer("a", 0, ("a",)), _layer("b", 1, ("b",)), _layer("c", 2, ("c",)))
+    plan = hand_plan(devices=(gpu, cpu, replace(gpu, name="a100-80gb:1")), layers=layers)
+    assert plan.device_map() == {"a": 0, "b": "cpu", "c": 1}
+
+
+def test_device_map_refuses_a_module_split_over_two_devices() -> None:
+    layers = (_layer("shared", 0, ("shared",)), _layer("shared@1", 1, ("shared",)))
+    with pytest.raises(ValueError, match="'shared' is split between a100-80gb:1"):
+        hand_plan(layers=layers).device_map()
+
+
+# --------------------------------------------------------------------------- views
+
+
+def test_assignment_and_transfer_bytes() -> None:
+    plan = hand_plan()
+    assert plan.assignment == (0, 0, 1)
+    assert plan.transfer_bytes == 4096
+

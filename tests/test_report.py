@@ -1,0 +1,149 @@
+"""The plan as text: header, one row per device, layer ranges, memory against capacity, transfers."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+import partitioner
+from partitioner import Plan, PlanOptions, Strategy
+from partitioner.devices import format_bytes
+from partitioner.models import build_model
+from partitioner.plan import PlanLayer, PlanTransfer
+from partitioner.report import format_seconds, layer_ranges, render_text
+from tests.models import ZOO
+
+
+@pytest.fixture(scope="module")
+def split() -> Plan:
+    """The tutorials' MLP on two absent A100s; a 2.1 MiB cap leaves fc1 (2.01 MiB) alone on the first."""
+    model, args, _ = ZOO["mlp"].build()
+    options = PlanOptions(allow_data_parallel=False, memory_reserve=0.0)
+    plan = partitioner.plan(model, ["a100-80gb x2"], args, options=options, max_memory={"a100-80gb": "2.1MiB"})
+    assert plan.assignment == (0, 1, 1, 1, 1, 1, 1), plan.assignment
+    return plan
+
+
+def _layers(*devices: int) -> tuple[PlanLayer, ...]:
+    return tuple(
+        PlanLayer(name=f"l{i}", modules=(), params=(), device=d, compute_s=0.0, memory_bytes=0)
+        for i, d in enumerate(devices)
+    )
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (0.0, "0.0 us"),
+        (7.84e-6, "7.8 us"),
+        (999.94e-6, "999.9 us"),
+        (999.96e-6, "1.00 ms"),  # 1000.0 us would be the same figure in the wrong unit
+        (1e-3, "1.00 ms"),
+        (0.0456, "45.60 ms"),
+        (0.999994, "999.99 ms"),
+        (0.999996, "1.00 s"),
+        (1.0, "1.00 s"),
+        (1234.5, "1234.50 s"),
+    ],
+)
+def test_format_seconds(seconds: float, text: str) -> None:
+    assert format_seconds(seconds) == text
+
+
+@pytest.mark.parametrize(
+    "devices, on, ranges",
+    [
+        ((0, 0, 1, 0, 0, 0), 0, ["l0 .. l1 (2 layers)", "l3 .. l5 (3 layers)"]),
+        ((0, 0, 1, 0, 0, 0), 1, ["l2"]),
+        ((0, 1, 0, 1), 1, ["l1", "l3"]),
+        ((0, 0), 1, []),
+        ((), 0, []),
+        ((2, 2, 2, 2), 2, ["l0 .. l3 (4 layers)"]),
+    ],
+)
+def test_layer_ranges(devices: tuple[int, ...], on: int, ranges: list[str]) -> None:
+    assert layer_ranges(_layers(*devices), on) == ranges
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _row(text: str, device: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(device + " "))
+
+
+def test_report_names_devices_strategy_times_and_bound(split: Plan) -> None:
+    text = str(split)
+    assert text == render_text(split)
+    assert text.splitlines()[0].startswith("partitioner plan for Sequential (7 layers, fx graph, batch 4, ")
+    assert "strategy: model_parallel on 2 device(s); objective: latency of one inference" in text
+    ratio = split.predicted_s / split.bound_s
+    assert (
+        f"predicted: {format_seconds(split.predicted_s)}   bound max(total/devices, largest layer): "
+        f"{format_seconds(split.bound_s)}   predicted/bound: {ratio:.2f}"
+    ) in text
+    assert "solver: dp, optimal" in text
+    assert text.splitlines()[-1] == "outputs gathered on a100-80gb:1"
+
+
+def test_report_rows_hold_layer_ranges_and_memory_against_capacity(split: Plan) -> None:
+    text = str(split)
+    for device, layers in zip(split.devices, ["fc1", "relu1 .. fc4 (6 layers)"]):
+        row = _row(text, device.name)
+        assert row.endswith(layers)
+        used = f"{format_bytes(device.memory_bytes)} / {format_bytes(device.capacity_bytes)}"
+        assert f"{used} ({device.memory_bytes / device.capacity_bytes:.0%})" in row
+        assert format_bytes(device.param_bytes) in row
+    assert "(96%)" in _row(text, "a100-80gb:0")  # 2.01 MiB of the 2.1 MiB cap
+
+
+def test_report_lists_the_transfers(split: Plan) -> None:
+    text = str(split)
+    (crossing,) = split.transfers
+    assert f"transfers per step: 1, {format_bytes(crossing.bytes)} forward" in text
+    assert f"  {crossing.value}: a100-80gb:0 -> a100-80gb:1, {format_bytes(crossing.bytes)}" in text
+    trained = replace(split, training=True)
+    assert "forward (and their gradients back)" in str(trained)
+    assert "of one training step" in str(trained)
+
+
+def test_report_cuts_a_long_transfer_list(split: Plan) -> None:
+    many = tuple(PlanTransfer(value=f"v{i}", src=0, dst=1, bytes=1024, seconds=1e-5) for i in range(15))
+    text = str(replace(split, transfers=many))
+    assert "transfers per step: 15, 15 KiB forward" in text
+    assert "  v11: " in text and "  v12: " not in text
+    assert text.splitlines()[-2] == "  ... 3 more"
+
+
+def test_report_shows_a_solver_that_stopped_short(split: Plan) -> None:
+    stopped = replace(split, solver=replace(split.solver, method="highs", optimal=False, gap=0.0525, time_s=60.0))
+    assert "solver: highs, not proved optimal (gap 5.25%), 60.00 s" in str(stopped)
+
+
+def test_report_of_a_device_without_capacity(split: Plan) -> None:
+    empty = replace(split.devices[1], capacity_bytes=0, memory_bytes=0)
+    text = str(replace(split, devices=(split.devices[0], empty)))
+    assert "0 B / 0 B (no capacity)" in _row(text, "a100-80gb:1")
+
+
+def test_report_of_an_idle_device_shows_a_dash(split: Plan) -> None:
+    single = replace(split, layers=tuple(replace(layer, device=0) for layer in split.layers), transfers=())
+    text = str(single)
+    assert _row(text, "a100-80gb:0").endswith("fc1 .. fc4 (7 layers)")
+    assert _row(text, "a100-80gb:1").endswith("-")
+    assert "transfers per step" not in text
+
+
+def test_report_of_a_data_parallel_plan() -> None:
+    built = build_model("mlp", batch_size=8192)
+    plan = partitioner.plan(built.model, ["a100-80gb x2"], built.example_args)
+    assert plan.strategy is Strategy.DATA_PARALLEL
+    text = str(plan)
+    assert "strategy: data_parallel on 2 device(s)" in text
+    for device in plan.devices:
+        assert _row(text, device.name).endswith("all layers (replica)")
+    assert "transfers per step" not in text
