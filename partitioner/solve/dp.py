@@ -18,8 +18,10 @@ on device ``g``, the next run starting on device ``h > g``; it already counts th
     THROUGHPUT  G[k, g, h] = min_{j, e} max(P, in + compute(j, k, g) + out)
 
 Both sides of a cut pay it under THROUGHPUT, hence ``in`` there. Time is
-``O(N^2 D^2)`` for LATENCY and ``O(N^2 D^3)`` for THROUGHPUT (the next device is part of
-the state because per-link costs differ), vectorised over the run starts.
+``O(N^2 D + N D^2)`` for LATENCY (the next device only adds its cut, and the best
+earlier device is taken once per boundary) and ``O(N^2 D^3)`` for THROUGHPUT (the
+device pair at both ends of a run matters, as link costs differ per pair), vectorised
+over the run starts; memory caps bound the runs' lengths.
 
 On a DAG the runs are taken along the given topological order (so every edge keeps the
 device order) and a value is charged at every boundary it crosses, as if it hopped from
@@ -133,9 +135,12 @@ def _runs(problem: Problem, cut: np.ndarray) -> tuple[int, ...] | None:
     back = np.zeros((n + 1, num_devices + 1, num_devices, 2), dtype=np.int64)
     final = np.full(num_devices, np.inf)
     final_back = np.zeros((num_devices, 2), dtype=np.int64)
+    # LATENCY only: entry[j, g] = min_e G[j, e, g], the best prefix before a run from j on g.
+    entry = np.full((n + 1, num_devices), np.inf)
+    entry[0, :] = 0.0
+    entry_from = np.full((n + 1, num_devices), start, dtype=np.int64)
 
     for k in range(1, n + 1):
-        out = cut[k] if k < n else np.zeros((num_devices, num_devices))
         for g in range(num_devices):
             j0 = int(first[g, k])
             if j0 >= k:
@@ -143,19 +148,23 @@ def _runs(problem: Problem, cut: np.ndarray) -> tuple[int, ...] | None:
             nexts = np.arange(g + 1, num_devices) if k < n else np.array([g])
             if len(nexts) == 0:
                 continue
-            before = cost[j0:k, :, g]  # (J, E)
-            run = (compute[k, g] - compute[j0:k, g])[:, None]  # (J, 1)
-            outs = out[g, nexts] if k < n else np.zeros(1)  # (H,)
+            run = compute[k, g] - compute[j0:k, g]  # (J,)
+            outs = cut[k, g, nexts] if k < n else np.zeros(1)  # (H,)
             if throughput:
                 total = np.maximum(
-                    before[:, :, None], (cut_in[j0:k, :, g] + run)[:, :, None] + outs
-                )
+                    cost[j0:k, :, g][:, :, None],
+                    (cut_in[j0:k, :, g] + run[:, None])[:, :, None] + outs,
+                )  # (J, E, H)
+                flat = total.reshape(-1, len(nexts))
+                best = np.argmin(flat, axis=0)
+                values = flat[best, np.arange(len(nexts))]
+                j_best, e_best = np.divmod(best, num_devices + 1)
             else:
-                total = (before + run)[:, :, None] + outs
-            flat = total.reshape(-1, len(nexts))
-            best = np.argmin(flat, axis=0)
-            values = flat[best, np.arange(len(nexts))]
-            j_best, e_best = np.divmod(best, num_devices + 1)
+                lead = entry[j0:k, g] + run  # (J,): the next device only adds its cut.
+                j = int(np.argmin(lead))
+                values = lead[j] + outs
+                j_best = np.full(len(nexts), j)
+                e_best = np.full(len(nexts), entry_from[j0 + j, g])
             if k < n:
                 cost[k, g, nexts] = values
                 back[k, g, nexts, 0] = j0 + j_best
@@ -163,6 +172,9 @@ def _runs(problem: Problem, cut: np.ndarray) -> tuple[int, ...] | None:
             else:
                 final[g] = values[0]
                 final_back[g] = (j0 + j_best[0], e_best[0])
+        if k < n and not throughput:
+            entry[k] = cost[k].min(axis=0)
+            entry_from[k] = cost[k].argmin(axis=0)
 
     device = int(np.argmin(final))
     if not np.isfinite(final[device]):
