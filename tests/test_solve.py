@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 import pulp
@@ -708,3 +711,23 @@ def test_a_warm_start_that_fills_a_device_to_the_byte_survives_the_ilp_margin():
         solution = solve_ilp(problem, SolverOptions(backend=backend), warm_start=(0, 0))
         assert_plan_valid(problem, solution)
         assert solution.assignment == (0, 0)
+
+
+def test_the_solver_runs_without_torch():
+    # Load partitioner.solve (and what it imports) with torch unimportable, bypassing the
+    # package's __init__ (the front door imports torch).
+    script = f"""
+import sys, types
+sys.modules["torch"] = None
+package = types.ModuleType("partitioner")
+package.__path__ = [{str(Path(__file__).parents[1] / "partitioner")!r}]
+sys.modules["partitioner"] = package
+from partitioner.solve import solve
+from partitioner.ir import Problem
+one = ((0.0,),)
+print(solve(Problem(compute_s=((1.0,),), memory=(1,), capacity=(1,), values=(),
+                    seconds_per_byte=one, latency_s=one)).objective_s)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1.0"
