@@ -311,7 +311,7 @@ def make_plan(
         predicted_s=solution.objective_s,
         bound_s=bound,
         solver=SolverInfo(
-            method=solution.solver, optimal=solution.optimal, gap=solution.gap, time_s=solution.solve_time_s
+            method=solution.solver, optimal=solution.optimal, gap=solution.gap
         ),
     )
 

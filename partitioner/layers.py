@@ -242,6 +242,16 @@ def _layer_records(
             a.out += s.output_bytes
             a.saved += s.output_bytes if s.requires_grad else 0
             a.traffic += s.traffic_bytes
+    # Tensors no node reads (unused parameters) still take memory somewhere: the first layer.
+    unused = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for name, t in unused:
+        if id(t) not in seen and acc:
+            seen.add(id(t))
+            acc[0].params.append(name)
+            if id(t) in param_ids:
+                acc[0].param_bytes += t.numel() * t.element_size()
+            else:
+                acc[0].buffer_bytes += t.numel() * t.element_size()
     layers = []
     for i, (keys, a) in enumerate(zip(members, acc)):
         name = keys[0] if len(keys) == 1 else f"{keys[0]}..{keys[-1]}"

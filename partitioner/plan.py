@@ -86,8 +86,6 @@ class SolverInfo:
     """Whether optimality was proved (within the requested gap)."""
     gap: float
     """Relative gap between the plan and the best proved bound."""
-    time_s: float
-    """Wall-clock solve time."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

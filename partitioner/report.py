@@ -49,7 +49,7 @@ def render_text(plan: Plan) -> str:
         f"of one {mode}",
         f"predicted: {format_seconds(plan.predicted_s)}   bound max(total/devices, largest layer): "
         f"{format_seconds(plan.bound_s)}   predicted/bound: {ratio:.2f}",
-        f"solver: {plan.solver.method}, {status}, {plan.solver.time_s:.2f} s",
+        f"solver: {plan.solver.method}, {status}",
         "",
     ]
     header = ("device", "profile", "memory / capacity", "params", "compute", "transfers in/out", "layers")

@@ -186,21 +186,21 @@ def _trace_failure_message(model: nn.Module, failures: list[tuple[str, BaseExcep
         if where:
             lines.append(f"    at {where}")
     lines.append(
-        "Fix: data-dependent Python control flow cannot be traced. Make the module that holds it a "
-        "single layer (pass its class in split_modules=[...], or move the branch into a submodule), "
-        "or rewrite the branch with torch.where / torch.cond."
+        "Fix: Python control flow on tensor values cannot be traced. Rewrite the branch with "
+        "torch.where (both sides computed) or torch.cond (one side run), or take the decision "
+        "outside forward and pass it in as an argument."
     )
     return "\n".join(lines)
 
 
 def _user_frame(err: BaseException) -> str:
-    """The innermost traceback frame outside torch: where the user's code failed."""
-    torch_dir = os.path.dirname(torch.__file__)
+    """The innermost traceback frame outside torch and partitioner: where the user's code failed."""
+    skipped = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
     frames = [
         f
         for e in _chain(err)
         for f in traceback.extract_tb(e.__traceback__)
-        if not f.filename.startswith(torch_dir) and "partitioner" not in f.filename
+        if not os.path.abspath(f.filename).startswith(skipped)
     ]
     if not frames:
         return ""

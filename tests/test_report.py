@@ -120,8 +120,8 @@ def test_report_cuts_a_long_transfer_list(split: Plan) -> None:
 
 
 def test_report_shows_a_solver_that_stopped_short(split: Plan) -> None:
-    stopped = replace(split, solver=replace(split.solver, method="highs", optimal=False, gap=0.0525, time_s=60.0))
-    assert "solver: highs, not proved optimal (gap 5.25%), 60.00 s" in str(stopped)
+    stopped = replace(split, solver=replace(split.solver, method="highs", optimal=False, gap=0.0525))
+    assert "solver: highs, not proved optimal (gap 5.25%)" in str(stopped)
 
 
 def test_report_of_a_device_without_capacity(split: Plan) -> None:
