@@ -6,6 +6,7 @@ trace -> profile -> layers -> cost model -> solve -> plan -> rewrite.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +23,7 @@ from partitioner.devices import Device, resolve_devices
 from partitioner.errors import DeviceError, PlanMismatchError, ProfileError
 from partitioner.ir import OUTPUT, LayerGraph, Problem, Solution
 from partitioner.layers import LayeredModel, build_layers
+from partitioner.measure import measure_layers
 from partitioner.options import PlanOptions, Strategy
 from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
 from partitioner.profiling import profile_nodes
@@ -60,6 +62,8 @@ def compile_plan(
     frontend: Frontend = "auto",
     granularity: Granularity = "block",
     split_modules: Sequence[str] = (),
+    measure: bool = True,
+    measure_budget_s: float = 10.0,
     progress: Progress | None = None,
 ) -> Compiled:
     """Trace, profile and solve; see `plan` for the arguments."""
@@ -87,6 +91,10 @@ def compile_plan(
         traced = trace_model(model, args, kwargs, frontend="export", granularity=granularity, split_modules=split_modules)
         stats = profile_nodes(traced.gm, args, kwargs, training=options.training)
     layered = build_layers(traced, stats, batch_size=_batch_size(args, kwargs))
+    if measure and any(d.present for d in resolved):
+        say("timing layers on the devices present")
+        timed = measure_layers(layered, args, kwargs, resolved, budget_s=measure_budget_s, progress=say)
+        layered = dataclasses.replace(layered, graph=timed)
     timings["profile_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -117,7 +125,12 @@ def plan(
         example_inputs: Positional example inputs (their shapes are planned for).
         example_kwargs: Keyword example inputs.
         **kw: ``options`` (`PlanOptions`), ``max_memory`` (Accelerate-style caps),
-            ``frontend``, ``granularity``, ``split_modules``, ``progress``.
+            ``frontend`` (``auto``, ``fx``, ``export``), ``granularity`` (``block``,
+            ``leaf``), ``split_modules`` (class names grouped as one layer each),
+            ``measure`` (time each layer on the present devices, default True; models on
+            ``meta`` are never timed; timings vary from run to run, so pass False for
+            reproducible plans), ``measure_budget_s``, ``progress`` (a callable taking a
+            status line).
 
     Returns:
         The plan.
