@@ -1,0 +1,587 @@
+"""One job of a suite: compare plans, time the planner, or measure plans on this CPU.
+
+Every figure of a placement comes from `partitioner.solve.evaluate` on the cost tables the
+planner used (`Problem`), so a baseline and the plan are priced alike:
+
+- a pipeline split (equal layers, parameter- or time-balanced) by the mode's objective:
+  ``latency`` (one batch through the stages) or ``throughput`` (the busiest stage, what a
+  pipeline schedule overlaps);
+- an Accelerate device map by ``latency`` in every mode: Accelerate runs one device at a
+  time (``dispatch_model``'s hooks), so its time per batch is the sum over devices plus the
+  transfers;
+- data parallelism by the planner's replica cost (`Problem.replica`).
+
+Each job returns plain JSON-able data (`benchmarks.schema` describes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from partitioner.api import _batch_size, _dtype_of, auto_parallelize, compile_plan
+from partitioner.calibrate import measure_device
+from partitioner.cost_model import build_problem, layer_time
+from partitioner.devices import Device, resolve_devices
+from partitioner.errors import InfeasibleError, ProfileError
+from partitioner.ir import LayerGraph, Problem, Solution
+from partitioner.layers import LayeredModel, build_layers
+from partitioner.models import BuiltModel
+from partitioner.options import Objective, Optimizer, PlanOptions, Strategy
+from partitioner.profiling import profile_nodes
+from partitioner.simdevice import SimulatedDevices
+from partitioner.solve import evaluate, solve
+from partitioner.trace import trace_model
+
+from benchmarks import baselines
+from benchmarks.models import build
+from benchmarks.suites import DEVICE_SETS, MODELS, MODES, AccuracyCase, DeviceSet, Job, Mode, ScalingPoint
+
+__all__ = ["run_job", "trace_once", "plan_options", "compare_run", "rss_bytes", "peak_rss_bytes"]
+
+_TOLERANCE = 1e-9
+"""Relative slack when comparing two prices of the same tables (float summation order)."""
+
+
+# ---------------------------------------------------------------------------- process figures
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux ``/proc``; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _page_size()
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _page_size() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (``getrusage``: KiB on Linux)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def plan_options(mode: Mode, **overrides: Any) -> PlanOptions:
+    """The planner options of a suite mode."""
+    return PlanOptions(
+        objective=Objective(mode.objective),
+        training=mode.training,
+        optimizer=Optimizer(mode.optimizer),
+        **overrides,
+    )
+
+
+def trace_once(built: BuiltModel, training: bool, granularity: str) -> tuple[LayeredModel, dict[str, float]]:
+    """The first half of `compile_plan` (trace, profile, group into layers), so that one
+    trace serves every device set and objective of a comparison group.
+
+    It calls the same phase functions in the same order as `compile_plan`, including its
+    retry with torch.export when a torch.fx graph does not replay (tests/test_benchmarks.py
+    checks that the problems agree).
+    """
+    model, args, kwargs = built.model, built.example_args, built.example_kwargs
+    start = time.perf_counter()
+    traced = trace_model(model, args, kwargs, granularity=granularity)  # type: ignore[arg-type]
+    trace_s = time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+        stats = profile_nodes(traced.gm, args, kwargs, training=training)
+    except ProfileError:
+        if traced.frontend != "fx":
+            raise
+        traced = trace_model(model, args, kwargs, frontend="export", granularity=granularity)  # type: ignore[arg-type]
+        stats = profile_nodes(traced.gm, args, kwargs, training=training)
+    layered = build_layers(traced, stats, batch_size=_batch_size(args, kwargs))
+    return layered, {"trace_s": trace_s, "profile_s": time.perf_counter() - start}
+
+
+def _graph_nodes(layered: LayeredModel) -> int:
+    return sum(1 for _ in layered.traced.gm.graph.nodes)
+
+
+def _solution_step(problem: Problem, solution: Solution) -> tuple[float, bool]:
+    """(seconds per step, whether `evaluate` agrees) of the planner's answer."""
+    if solution.strategy is Strategy.DATA_PARALLEL:
+        assert problem.replica is not None
+        return solution.objective_s, math.isclose(solution.objective_s, problem.replica.time_s, rel_tol=_TOLERANCE)
+    priced = evaluate(problem, solution.assignment).objective_s
+    return solution.objective_s, math.isclose(solution.objective_s, priced, rel_tol=_TOLERANCE, abs_tol=1e-15)
+
+
+def _planner_record(problem: Problem, options: PlanOptions) -> dict[str, Any]:
+    start = time.perf_counter()
+    try:
+        solution = solve(problem, options.solver)
+    except InfeasibleError as e:
+        return {"status": "infeasible", "reason": str(e), "solve_s": time.perf_counter() - start}
+    solve_s = time.perf_counter() - start
+    step, agrees = _solution_step(problem, solution)
+    record: dict[str, Any] = {
+        "status": "ok",
+        "strategy": solution.strategy.value,
+        "solver": solution.solver,
+        "optimal": solution.optimal,
+        "gap": solution.gap,
+        "solve_s": solve_s,
+        "step_s": step,
+        "evaluate_agrees": agrees,
+        "assignment": list(solution.assignment),
+    }
+    if solution.strategy is not Strategy.DATA_PARALLEL:
+        ev = evaluate(problem, solution.assignment)
+        record["slowest_stage_s"] = max(ev.load_s)
+        record["slowest_compute_s"] = max(ev.compute_s)
+    return record
+
+
+def _memory_over(problem: Problem, memory: Sequence[int]) -> list[int]:
+    return [d for d, (need, room) in enumerate(zip(memory, problem.capacity)) if need > room]
+
+
+def _price(
+    problem: Problem, name: str, assignment: Sequence[int], sequential: bool, note: str = ""
+) -> dict[str, Any]:
+    """A baseline's placement priced by `evaluate`: by latency when it runs one device at a
+    time (`sequential`), else by the problem's objective; feasible when it fits memory (and,
+    for a pipeline, keeps the device order along every edge)."""
+    ev = evaluate(problem, assignment)
+    over = _memory_over(problem, ev.memory)
+    reasons = [f"{problem.device_names[d]} needs {ev.memory[d]} B of {problem.capacity[d]} B" for d in over]
+    if not sequential:
+        reasons += [v for v in ev.violations if "earlier device" in v][:1]
+    return {
+        "name": name,
+        "implementation": baselines.IMPLEMENTATIONS[name],
+        "status": "ok" if not reasons else "infeasible",
+        "step_s": ev.latency_s if sequential else ev.objective_s,
+        "reason": "; ".join(reasons[:3]) if reasons else note,
+        "assignment": list(assignment),
+        "devices_used": len(set(assignment)),
+    }
+
+
+def _not_applicable(name: str, reason: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "implementation": baselines.IMPLEMENTATIONS[name],
+        "status": "n/a",
+        "step_s": None,
+        "reason": reason,
+        "assignment": None,
+        "devices_used": 0,
+    }
+
+
+def _producers(problem: Problem) -> list[list[int]]:
+    producers: list[list[int]] = [[] for _ in range(problem.num_layers)]
+    for value in problem.values:
+        if value.producer >= 0:
+            for consumer in value.consumers:
+                if consumer >= 0 and value.producer not in producers[consumer]:
+                    producers[consumer].append(value.producer)
+    return [sorted(p) for p in producers]
+
+
+def _accelerate(
+    problem: Problem, graph: LayerGraph, built: BuiltModel, balanced: bool
+) -> dict[str, Any]:
+    """Accelerate's ``device_map="auto"`` (or ``"balanced"``) with the devices' capacities as ``max_memory``."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    name = "accelerate-balanced" if balanced else "accelerate-sequential"
+    caps: dict[int | str, int] = {d: problem.capacity[d] for d in range(problem.num_devices)}
+    no_split = list(built.no_split_module_classes)
+    # Accelerate warns on stdout/stderr that the integer devices are not present; its maps
+    # for absent GPUs are what it computes for present ones.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        if balanced:
+            caps = dict(get_balanced_memory(built.model, max_memory=caps, no_split_module_classes=no_split))
+        device_map = infer_auto_device_map(built.model, max_memory=caps, no_split_module_classes=no_split)
+    layers = [(layer.modules, layer.params) for layer in graph.layers]
+    assignment, offloaded, split = baselines.device_map_to_assignment(device_map, layers, _producers(problem))
+    if offloaded:
+        record = _price(problem, name, assignment, sequential=True)
+        record.update(
+            status="infeasible",
+            step_s=None,
+            reason=f"offloads {len(offloaded)} layer(s) to cpu/disk: the weights do not fit the devices' max_memory",
+        )
+    else:
+        note = f"{len(split)} layer(s) split across devices" if split else ""
+        record = _price(problem, name, assignment, sequential=True, note=note)
+    record["device_map"] = {k: v for k, v in device_map.items()}
+    return record
+
+
+def _param_counts(graph: LayerGraph, model: nn.Module) -> list[int]:
+    """Trainable parameters per layer, as DeepSpeed counts them: the parameters of the
+    layer's modules (a tied head counts its shared weight again) and those it owns."""
+    counts = []
+    for layer in graph.layers:
+        seen: dict[int, int] = {}
+        for name in layer.modules:
+            for p in model.get_submodule(name).parameters():
+                if p.requires_grad:
+                    seen[id(p)] = p.numel()
+        for name in layer.params:
+            with contextlib.suppress(AttributeError):
+                p = model.get_parameter(name)
+                if p.requires_grad:
+                    seen[id(p)] = p.numel()
+        counts.append(sum(seen.values()))
+    return counts
+
+
+def _is_block(graph: LayerGraph, model: nn.Module, classes: Sequence[str]) -> list[bool]:
+    return [
+        bool(layer.modules) and type(model.get_submodule(layer.modules[0])).__name__ in classes
+        for layer in graph.layers
+    ]
+
+
+def _baselines(
+    problem: Problem,
+    graph: LayerGraph,
+    built: BuiltModel,
+    devices: Sequence[Device],
+    dtype: str,
+    param_counts: Sequence[int],
+    is_block: Sequence[bool],
+) -> list[dict[str, Any]]:
+    n, num_devices = problem.num_layers, problem.num_devices
+    out = [_accelerate(problem, graph, built, balanced=False), _accelerate(problem, graph, built, balanced=True)]
+    out.append(_price(problem, "equal-layers", baselines.parts_to_assignment(
+        baselines.partition_uniform(n, num_devices)), sequential=False))
+    if any(is_block):
+        out.append(_price(problem, "equal-blocks", baselines.equal_blocks(is_block, num_devices), sequential=False))
+    else:
+        out.append(_not_applicable("equal-blocks", "the model has no repeated blocks"))
+    out.append(_price(problem, "parameters", baselines.parts_to_assignment(
+        baselines.partition_balanced(param_counts, num_devices)), sequential=False))
+    forward = [layer_time(layer, devices[0].profile, PlanOptions(training=False), dtype) for layer in graph.layers]
+    partitions = min(num_devices, n)
+    sizes = baselines.block_partition(baselines.profiled_microseconds(forward), partitions)
+    note = f"{partitions} stages: torchgpipe needs a layer per stage" if partitions < num_devices else ""
+    out.append(_price(problem, "time-balanced", baselines.sizes_to_assignment(sizes), sequential=False, note=note))
+    replica = problem.replica
+    if replica is None or num_devices < 2:
+        out.append(_not_applicable("data-parallel", "needs two or more devices and a sample per device"))
+    else:
+        over = _memory_over(problem, replica.memory)
+        out.append({
+            "name": "data-parallel",
+            "implementation": baselines.IMPLEMENTATIONS["data-parallel"],
+            "status": "infeasible" if over else "ok",
+            "step_s": replica.time_s,
+            "reason": "; ".join(
+                f"{problem.device_names[d]} needs {replica.memory[d]} B of {problem.capacity[d]} B" for d in over[:3]
+            ),
+            "assignment": None,
+            "devices_used": num_devices,
+        })
+    return out
+
+
+def _bounds(problem: Problem, device_set: DeviceSet, pipeline: dict[str, Any] | None) -> dict[str, Any]:
+    """The plan against perfect balance: ``max(total / devices, largest layer)``, each layer
+    on its fastest device (`Plan.bound_s`), and the least heaviest stage that contiguous
+    stages of whole layers allow on identical devices."""
+    fastest = [min(row) for row in problem.compute_s]
+    bound = max(max(fastest, default=0.0), sum(fastest) / problem.num_devices)
+    record: dict[str, Any] = {"bound_s": bound, "granularity_ratio": None, "pipeline_ratio": None,
+                              "pipeline_compute_ratio": None}
+    if device_set.identical and bound > 0:
+        best = baselines.min_max_contiguous([row[0] for row in problem.compute_s], problem.num_devices)
+        record["granularity_ratio"] = best / bound
+    if pipeline is not None and pipeline.get("status") == "ok" and bound > 0:
+        record["pipeline_ratio"] = pipeline["slowest_stage_s"] / bound
+        record["pipeline_compute_ratio"] = pipeline["slowest_compute_s"] / bound
+    return record
+
+
+def compare_run(
+    layered: LayeredModel,
+    built: BuiltModel,
+    device_set: DeviceSet,
+    mode: Mode,
+    dtype: str,
+    param_counts: Sequence[int],
+    is_block: Sequence[bool],
+) -> dict[str, Any]:
+    """Plan one (device set, mode) on a traced model and price every baseline alike."""
+    options = plan_options(mode)
+    devices = resolve_devices(list(device_set.specs))
+    start = time.perf_counter()
+    problem = build_problem(layered.graph, devices, options, dtype)
+    build_s = time.perf_counter() - start
+    planner = _planner_record(problem, options)
+    planner["build_problem_s"] = build_s
+    pipeline = None
+    if mode.objective == "throughput":
+        pipeline = _planner_record(replace(problem, replica=None), options)
+    rows = _baselines(problem, layered.graph, built, devices, dtype, param_counts, is_block)
+    step = planner.get("step_s")
+    for row in rows:
+        row["ratio"] = row["step_s"] / step if row["step_s"] is not None and step else None
+    return {
+        "devices": device_set.name,
+        "mode": mode.name,
+        "device_names": list(problem.device_names),
+        "capacity_bytes": list(problem.capacity),
+        "layers": problem.num_layers,
+        "partitioner": planner,
+        "pipeline_only": pipeline,
+        "baselines": rows,
+        "bound": _bounds(problem, device_set, pipeline),
+    }
+
+
+def _compare(job: Job) -> dict[str, Any]:
+    spec = MODELS[job.model]
+    start = time.perf_counter()
+    built = build(spec)
+    build_s = time.perf_counter() - start
+    layered, timings = trace_once(built, job.training, spec.granularity)
+    dtype = _dtype_of(built.model)
+    counts = _param_counts(layered.graph, built.model)
+    blocks = _is_block(layered.graph, built.model, built.no_split_module_classes)
+    runs = []
+    for devices, mode in job.runs:
+        run = compare_run(layered, built, DEVICE_SETS[devices], MODES[mode], dtype, counts, blocks)
+        runs.append({"model": job.model, **run})
+    return {
+        "model": job.model,
+        "description": built.description,
+        "training": job.training,
+        "build_s": build_s,
+        **timings,
+        "graph_nodes": _graph_nodes(layered),
+        "layers": len(layered.graph.layers),
+        "layer_names": [layer.name for layer in layered.graph.layers],
+        "runs": runs,
+    }
+
+
+# ---------------------------------------------------------------------------- planner growth
+
+
+def _scaling(point: ScalingPoint) -> dict[str, Any]:
+    spec = MODELS[point.model]
+    start = time.perf_counter()
+    built = build(spec)
+    build_s = time.perf_counter() - start
+    rss_before = rss_bytes()
+    options = plan_options(MODES[point.mode])
+    start = time.perf_counter()
+    compiled = compile_plan(built.model, list(DEVICE_SETS[point.devices].specs), built.example_args,
+                            built.example_kwargs, options=options, granularity=spec.granularity)
+    wall = time.perf_counter() - start
+    graph = compiled.layered.graph
+    return {
+        "series": point.series,
+        "model": point.model,
+        "devices": point.devices,
+        "num_devices": len(compiled.devices),
+        "mode": point.mode,
+        "graph_nodes": _graph_nodes(compiled.layered),
+        "layers": len(graph.layers),
+        "chain": graph.is_chain,
+        "build_s": build_s,
+        "compile_s": wall,
+        "timings_s": dict(compiled.timings_s),
+        "solver": compiled.solution.solver,
+        "optimal": compiled.solution.optimal,
+        "gap": compiled.solution.gap,
+        "strategy": compiled.solution.strategy.value,
+        "rss_before_bytes": rss_before,
+    }
+
+
+# ---------------------------------------------------------------------------- runs on this CPU
+
+
+def _loss(out: Any) -> torch.Tensor:
+    floats = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return sum((t.float().sum() for t in floats[1:]), floats[0].float().sum())
+
+
+def _step(module: nn.Module, built: BuiltModel, training: bool, sim: SimulatedDevices | None) -> Callable[[], None]:
+    """One inference forward (no autograd), or one forward and backward, of `module`."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    args, kwargs = built.example_args, built.example_kwargs
+
+    def run() -> None:
+        with sim if sim is not None else contextlib.nullcontext():
+            if training:
+                _loss(module(*args, **kwargs)).backward()
+            else:
+                with torch.no_grad():
+                    module(*args, **kwargs)
+        for p in params:
+            p.grad = None
+
+    return run
+
+
+def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, dict[str, Any]]:
+    """Median seconds of each step, timed round-robin (the order reversed every other
+    round) so that a burst of load on the host spreads over all of them alike."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            steps[name]()
+            samples[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(s), "samples_s": s} for name, s in samples.items()}
+
+
+def _unmeasured(graph: LayerGraph) -> LayerGraph:
+    """`graph` without measured layer times, so that the cost model falls back to its roofline."""
+    return replace(graph, layers=tuple(replace(l, fwd_time_s={}, bwd_time_s={}) for l in graph.layers))
+
+
+def _accuracy_case(case: AccuracyCase, spec_name: str, built: BuiltModel, profile: Any, repeats: int) -> dict[str, Any]:
+    """Plan `built` for `case` as a user would (`compile_plan` times the layers on the CPU
+    here), run the rewritten module, and compare its measured step with the predictions:
+    the planner's own, and the roofline alone with the built-in and a calibrated profile."""
+    devices = list(case.devices)
+    options = PlanOptions(objective=Objective.THROUGHPUT, training=case.training, allow_data_parallel=False)
+    compiled = compile_plan(built.model, devices, built.example_args, built.example_kwargs, options=options)
+    pm = auto_parallelize(built.model, devices, built.example_args, built.example_kwargs, options=options,
+                          plan=compiled.plan, measure=False)
+    assignment = compiled.solution.assignment
+    dtype = _dtype_of(built.model)
+    plain = _unmeasured(compiled.layered.graph)
+    calibrated = tuple(replace(d, profile=profile) for d in compiled.devices)
+    # One CPU runs the devices one after another: a step takes the placement's latency.
+    predicted = {
+        "planner": evaluate(compiled.problem, assignment).latency_s,
+        "roofline-builtin": evaluate(build_problem(plain, compiled.devices, options, dtype), assignment).latency_s,
+        "roofline-calibrated": evaluate(build_problem(plain, calibrated, options, dtype), assignment).latency_s,
+    }
+    timed = interleaved_medians(
+        {
+            "eager": _step(built.model, built, case.training, None),
+            "partitioned": _step(pm, built, case.training, pm.simulator),
+        },
+        repeats,
+    )
+    measured = timed["partitioned"]["median_s"]
+    return {
+        "model": spec_name,
+        "devices": devices,
+        "training": case.training,
+        "assignment": list(assignment),
+        "transfers": len(pm.plan.transfers),
+        "predicted_s": predicted,
+        "measured_s": measured,
+        "eager_s": timed["eager"]["median_s"],
+        "error": {k: (v - measured) / measured for k, v in predicted.items()},
+        "overhead": measured / timed["eager"]["median_s"],
+        "planner_timings_s": dict(compiled.timings_s),
+        "samples_s": {k: v["samples_s"] for k, v in timed.items()},
+    }
+
+
+def _profile_figures(profile: Any) -> dict[str, float]:
+    return {
+        "float32_flops": profile.peak_flops.float32 * profile.compute_efficiency,
+        "memory_bandwidth_Bps": profile.memory_bandwidth_Bps * profile.memory_efficiency,
+    }
+
+
+def _accuracy(job: Job, repeats: int) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    spec = MODELS[job.model]
+    built = build(spec, device="cpu")
+    profile = measure_device("cpu", dtypes=("float32",), quick=True, threads=1)
+    builtin = resolve_devices(["cpu"])[0].profile
+    cases = [_accuracy_case(case, job.model, built, profile, repeats) for case in job.cases]
+    return {
+        "model": job.model,
+        "description": built.description,
+        "calibrated_profile": _profile_figures(profile),
+        "builtin_profile": _profile_figures(builtin),
+        "cases": cases,
+    }
+
+
+def _mlp_split(repeats: int) -> dict[str, Any]:
+    """The seed MLP split automatically (throughput objective) against the tutorials' hand split."""
+    from tests.models import HandSplitMLP
+
+    torch.set_num_threads(1)
+    built = build(MODELS["mlp"], device="cpu")
+    devices = ["cpu:0", "cpu:1"]
+    options = PlanOptions(objective=Objective.THROUGHPUT, allow_data_parallel=False)
+    compiled = compile_plan(built.model, devices, built.example_args, options=options)
+    pm = auto_parallelize(built.model, devices, built.example_args, options=options, plan=compiled.plan,
+                          measure=False)
+    first_stage = {"fc1", "relu1", "fc2", "relu2"}
+    hand = tuple(0 if set(layer.modules) <= first_stage else 1 for layer in compiled.layered.graph.layers)
+    problem = compiled.problem
+    priced = {name: evaluate(problem, a) for name, a in (("auto", compiled.solution.assignment), ("hand", hand))}
+    sim = SimulatedDevices(2)
+    with sim:
+        hand_module = HandSplitMLP("cpu:0", "cpu:1", source=built.model)
+    timed = interleaved_medians(
+        {
+            "eager": _step(built.model, built, True, None),
+            "auto": _step(pm, built, True, pm.simulator),
+            "hand": _step(hand_module, built, True, sim),
+        },
+        repeats,
+    )
+    return {
+        "layers": [layer.name for layer in compiled.layered.graph.layers],
+        "auto_assignment": list(compiled.solution.assignment),
+        "hand_assignment": list(hand),
+        "predicted": {
+            name: {"throughput_s": ev.bottleneck_s, "latency_s": ev.latency_s, "feasible": ev.feasible}
+            for name, ev in priced.items()
+        },
+        "throughput_ratio": priced["hand"].bottleneck_s / priced["auto"].bottleneck_s,
+        "measured_s": {name: v["median_s"] for name, v in timed.items()},
+        "measured_latency_ratio": timed["hand"]["median_s"] / timed["auto"]["median_s"],
+        "samples_s": {name: v["samples_s"] for name, v in timed.items()},
+    }
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def run_job(job: Job, repeats: int) -> dict[str, Any]:
+    """Run `job` in this process and return its record (the worker adds process figures)."""
+    if job.kind == "compare":
+        return _compare(job)
+    if job.kind == "scaling":
+        assert job.point is not None
+        return _scaling(job.point)
+    if job.kind == "accuracy":
+        return _accuracy(job, repeats)
+    return _mlp_split(repeats)

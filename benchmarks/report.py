@@ -1,0 +1,312 @@
+"""A result as Markdown tables and matplotlib plots (PNG)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["markdown", "plot_all", "BASELINES"]
+
+BASELINES = ("accelerate-sequential", "accelerate-balanced", "equal-layers", "equal-blocks", "parameters",
+             "time-balanced", "data-parallel")
+
+
+def _s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n else "-"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(b: dict[str, Any]) -> str:
+    if b["status"] == "n/a":
+        return "n/a"
+    ratio = f"{b['ratio']:.2f}x" if b["ratio"] is not None else ""
+    return ratio if b["status"] == "ok" else f"infeasible {ratio}".strip()
+
+
+def _geomean(values: Sequence[float]) -> float:
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
+def _headline(runs: Sequence[dict[str, Any]]) -> str:
+    rows = []
+    for name in BASELINES:
+        found = [b for r in runs for b in r["baselines"] if b["name"] == name]
+        ok = [b["ratio"] for b in found if b["status"] == "ok" and b["ratio"] is not None]
+        infeasible = sum(b["status"] == "infeasible" for b in found)
+        na = sum(b["status"] == "n/a" for b in found)
+        rows.append([
+            name, len(ok), infeasible, na,
+            f"{_geomean(ok):.2f}x" if ok else "-", f"{min(ok):.2f}x" if ok else "-", f"{max(ok):.2f}x" if ok else "-",
+        ])
+    return _table(["baseline", "feasible", "infeasible", "n/a", "geomean speedup", "min", "max"], rows)
+
+
+def _comparison_tables(runs: Sequence[dict[str, Any]]) -> str:
+    by_mode: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        by_mode[r["mode"]].append(r)
+    out = []
+    for mode, group in by_mode.items():
+        rows = []
+        for r in group:
+            p = r["partitioner"]
+            plan = f"{p['strategy']} ({p['solver']})" if p["status"] == "ok" else "infeasible"
+            cells = {b["name"]: _cell(b) for b in r["baselines"]}
+            bound = r["bound"]["pipeline_ratio"]
+            gran = r["bound"]["granularity_ratio"]
+            rows.append([
+                r["model"], r["devices"], plan, _s(p.get("step_s")),
+                *(cells.get(name, "-") for name in BASELINES),
+                f"{bound:.2f}" if bound is not None else "-", f"{gran:.2f}" if gran is not None else "-",
+            ])
+        out.append(f"#### {mode}\n\n" + _table(
+            ["model", "devices", "partitioner plan", "step", *BASELINES, "pipeline / bound", "layers allow"], rows))
+    return "\n".join(out)
+
+
+def _scaling_table(points: Sequence[dict[str, Any]]) -> str:
+    rows = [[
+        p["series"], p["model"], p["devices"], p["graph_nodes"], p["layers"], _s(p["timings_s"].get("trace_s")),
+        _s(p["timings_s"].get("profile_s")), _s(p["timings_s"].get("solve_s")), _s(p["compile_s"]),
+        f"{p['solver']}{'' if p['optimal'] else ' (not proved optimal)'}", _mib(p["peak_rss_bytes"]),
+        _mib(p["rss_before_bytes"]),
+    ] for p in points]
+    return _table(["series", "model", "devices", "graph nodes", "layers", "trace", "profile", "solve",
+                   "compile_plan", "solver", "peak RSS", "RSS before"], rows)
+
+
+def _accuracy_table(result: dict[str, Any]) -> str:
+    cases = result["accuracy"]["cases"]
+    if not cases:
+        return "No accuracy cases in this suite.\n"
+    rows = [[
+        c["model"], ", ".join(c["devices"]), "fwd+bwd" if c["training"] else "fwd", _s(c["measured_s"]),
+        _s(c["predicted_s"]["planner"]), f"{c['error']['planner']:+.0%}",
+        f"{c['error']['roofline-builtin']:+.0%}", f"{c['error']['roofline-calibrated']:+.0%}",
+        _s(c["eager_s"]), f"{c['overhead']:.2f}x",
+    ] for c in cases]
+    text = _table(["model", "devices", "step", "measured", "predicted", "error", "error (roofline, built-in cpu)",
+                   "error (roofline, calibrated)", "eager", "rewritten / eager"], rows)
+    medians = {k: statistics.median(abs(c["error"][k]) for c in cases) for k in cases[0]["error"]}
+    text += "\nMedian absolute error: " + ", ".join(f"{k} {v:.1%}" for k, v in medians.items()) + ".\n"
+    single = [c["overhead"] for c in cases if c["devices"] == ["cpu"]]
+    sim = [c["overhead"] for c in cases if c["devices"] != ["cpu"]]
+    if single:
+        text += (f"Rewritten module on one device against the original eager model (same run, interleaved): "
+                 f"median {statistics.median(single):.2f}x over {len(single)} case(s).\n")
+    if sim:
+        text += (f"On simulated devices `cpu:0`, `cpu:1` (the simulation's own cost included): median "
+                 f"{statistics.median(sim):.2f}x over {len(sim)} case(s).\n")
+    for p in result["accuracy"]["profiles"]:
+        cal, builtin = p["calibrated_profile"], p["builtin_profile"]
+        text += (f"- {p['model']}: calibrated CPU {cal['float32_flops'] / 1e9:.1f} GFLOP/s, "
+                 f"{cal['memory_bandwidth_Bps'] / 1e9:.1f} GB/s (built-in profile: "
+                 f"{builtin['float32_flops'] / 1e9:.1f} GFLOP/s, {builtin['memory_bandwidth_Bps'] / 1e9:.1f} GB/s)\n")
+    return text
+
+
+def _split_text(split: dict[str, Any] | None) -> str:
+    if split is None:
+        return "Not in this suite.\n"
+    auto, hand = split["predicted"]["auto"], split["predicted"]["hand"]
+    rows = [
+        ["automatic (throughput objective)", " ".join(map(str, split["auto_assignment"])), _s(auto["throughput_s"]),
+         _s(auto["latency_s"]), _s(split["measured_s"]["auto"])],
+        ["hand-written (HandSplitMLP)", " ".join(map(str, split["hand_assignment"])), _s(hand["throughput_s"]),
+         _s(hand["latency_s"]), _s(split["measured_s"]["hand"])],
+        ["original, one device", "-", "-", "-", _s(split["measured_s"]["eager"])],
+    ]
+    text = _table(["split", f"device per layer ({', '.join(split['layers'])})", "predicted pipelined step",
+                   "predicted latency", "measured fwd+bwd (simulated devices)"], rows)
+    return text + (f"\nPredicted pipelined speedup of the automatic split over the hand split: "
+                   f"{split['throughput_ratio']:.2f}x; measured latency hand / automatic on one CPU: "
+                   f"{split['measured_latency_ratio']:.2f}x (simulated devices run one after another, so only "
+                   f"latency can be measured here).\n")
+
+
+def markdown(result: dict[str, Any], images: Sequence[str] = (), prefix: str = "") -> str:
+    """The summary: targets first, then every table; `images` are linked with `prefix`."""
+    hw, v = result["hardware"], result["versions"]
+    runs = result["comparisons"]
+    errors = [j for j in result["jobs"] if j["status"] != "ok"]
+    dirty = v.get("partitioner_uncommitted_files")
+    parts = [
+        f"## Suite `{result['suite']}`\n",
+        f"{result['description']}\n",
+        f"Command: `{result['command']}` (started {result['started_utc']}, {result['wall_s']:.0f} s in all, "
+        f"{len(result['jobs'])} jobs, {len(errors)} failed).\n",
+        f"Hardware: {hw['cpu']}, {hw['usable_cpus']} usable CPUs, {hw['memory_bytes'] / 2**30:.0f} GiB, "
+        f"GPUs: {', '.join(hw['gpus']) or 'none'}; load average {hw['load_average_start'][:1]} at the start, "
+        f"{hw['load_average_end'][:1]} at the end. Versions: "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if k not in ("partitioner_commit",
+                                                                     "partitioner_uncommitted_files"))
+        + f"; partitioner commit `{(v.get('partitioner_commit') or 'unknown')[:12]}`"
+        + (f" with {dirty} uncommitted file(s) under partitioner/" if dirty not in (None, "0") else "") + ".\n",
+        "### Targets\n",
+        _table(["target", "status", "measured", "detail"], [
+            [t["name"], t["status"].upper(), "-" if t["measured"] is None else f"{t['measured']:.3g}",
+             t["detail"] + ("; misses: " + "; ".join(t["failures"][:5]) if t["failures"] else "")]
+            for t in result["targets"]
+        ]),
+    ]
+    if errors:
+        parts.append("### Failed jobs\n\n" + "\n".join(f"- {j['label']}: {j['error']}" for j in errors) + "\n")
+    parts += [
+        "### Speedup of partitioner's plan over each baseline\n",
+        "Every placement priced by `partitioner.solve.evaluate` on the planner's own cost tables; "
+        "ratio = baseline step / partitioner step (higher is better for partitioner). Accelerate's maps run one "
+        "device at a time (latency); pipeline splits by the mode's objective. Planner infeasible in "
+        f"{sum(r['partitioner']['status'] != 'ok' for r in runs)} of {len(runs)} case(s).\n",
+        _headline(runs) if runs else "No comparisons in this suite.\n",
+    ]
+    if runs:
+        parts += ["### Every case\n",
+                  "`pipeline / bound`: the planner's best pipeline (data parallelism off), its busiest stage "
+                  "against max(total / devices, largest layer); `layers allow`: the same for the best "
+                  "contiguous split of whole layers, compute only (identical devices).\n",
+                  _comparison_tables(runs)]
+    if result["traces"]:
+        parts += ["### Tracing and profiling, per model (one process each)\n", _table(
+            ["model", "step", "graph nodes", "layers", "build", "trace", "profile", "peak RSS"],
+            [[t["model"], "training" if t["training"] else "inference", t["graph_nodes"], t["layers"],
+              _s(t["build_s"]), _s(t["trace_s"]), _s(t["profile_s"]), _mib(t["peak_rss_bytes"])]
+             for t in result["traces"]])]
+    if result["scaling"]:
+        parts += ["### Planner time and memory as graphs and device sets grow (one process each)\n",
+                  _scaling_table(result["scaling"])]
+    parts += ["### Cost model against this CPU\n", _accuracy_table(result),
+              "### The seed MLP: automatic against hand-written split\n", _split_text(result["mlp_split"])]
+    if images:
+        parts.append("### Plots\n\n" + "\n".join(f"![{Path(i).stem}]({prefix}{i})" for i in images) + "\n")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def plot_all(result: dict[str, Any], out_dir: Path) -> list[str]:
+    """Write the plots this result has data for; returns their file names (none without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for name, draw in (("speedup.png", _speedup), ("planner_time_vs_nodes.png", _time_vs_nodes),
+                       ("planner_time_vs_devices.png", _time_vs_devices), ("accuracy.png", _accuracy)):
+        fig = draw(plt, result)
+        if fig is not None:
+            fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
+            plt.close(fig)
+            written.append(name)
+    return written
+
+
+def _speedup(plt: Any, result: dict[str, Any]) -> Any:
+    runs = result["comparisons"]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    modes = sorted({r["mode"] for r in runs})
+    labels = []
+    for x, name in enumerate(BASELINES):
+        found = [(r["mode"], b) for r in runs for b in r["baselines"] if b["name"] == name]
+        for k, mode in enumerate(modes):
+            ys = [b["ratio"] for m, b in found if m == mode and b["status"] == "ok" and b["ratio"] is not None]
+            xs = [x + (k - (len(modes) - 1) / 2) * 0.22 for _ in ys]
+            ax.scatter(xs, ys, s=14, alpha=0.7, label=mode if x == 0 else None, color=f"C{k}")
+        infeasible = sum(b["status"] == "infeasible" for _, b in found)
+        labels.append(f"{name.replace('-', chr(10), 1)}\n({infeasible} infeasible)")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    times = FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.yaxis.set_major_formatter(times)
+    ax.yaxis.set_minor_formatter(times)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_xticks(range(len(BASELINES)), labels, fontsize=8)
+    ax.set_ylabel("baseline step / partitioner step")
+    ax.set_title(f"Speedup of partitioner's plan over each baseline (suite {result['suite']}, feasible baselines)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _phase_lines(ax: Any, points: Sequence[dict[str, Any]], x_key: str, style: str, tag: str) -> None:
+    points = sorted(points, key=lambda p: p[x_key])
+    xs = [p[x_key] for p in points]
+    for k, (key, label) in enumerate((("trace_s", "trace"), ("profile_s", "profile"), ("solve_s", "solve"))):
+        ax.plot(xs, [p["timings_s"].get(key, 0.0) for p in points], style, color=f"C{k}", marker="o",
+                label=f"{label} ({tag})")
+    ax.plot(xs, [p["compile_s"] for p in points], style, color="black", marker="s", label=f"compile_plan ({tag})")
+
+
+def _time_vs(plt: Any, result: dict[str, Any], series: tuple[str, str], x_key: str, xlabel: str, title: str) -> Any:
+    chain = [p for p in result["scaling"] if p["series"] == series[0]]
+    dag = [p for p in result["scaling"] if p["series"] == series[1]]
+    if not chain and not dag:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if chain:
+        _phase_lines(ax, chain, x_key, "-", "chain MLP")
+    if dag:
+        _phase_lines(ax, dag, x_key, "--", "skip MLP (DAG)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("seconds")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _time_vs_nodes(plt: Any, result: dict[str, Any]) -> Any:
+    return _time_vs(plt, result, ("layers-chain", "layers-dag"), "graph_nodes", "graph nodes",
+                    "Planner time against graph size (a100-80gb x4)")
+
+
+def _time_vs_devices(plt: Any, result: dict[str, Any]) -> Any:
+    return _time_vs(plt, result, ("devices-chain", "devices-dag"), "num_devices", "devices",
+                    "Planner time against the number of devices")
+
+
+def _accuracy(plt: Any, result: dict[str, Any]) -> Any:
+    cases = result["accuracy"]["cases"]
+    if not cases:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for k, key in enumerate(("planner", "roofline-builtin", "roofline-calibrated")):
+        ax.scatter([c["measured_s"] for c in cases], [c["predicted_s"][key] for c in cases], s=18, color=f"C{k}",
+                   label=key)
+    low = min(min(c["measured_s"], *c["predicted_s"].values()) for c in cases) / 1.5
+    high = max(max(c["measured_s"], *c["predicted_s"].values()) for c in cases) * 1.5
+    ax.plot([low, high], [low, high], color="black", linewidth=0.8)
+    ax.fill_between([low, high], [low * 0.85, high * 0.85], [low * 1.15, high * 1.15], color="grey", alpha=0.2,
+                    label="±15%")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured step (s)")
+    ax.set_ylabel("predicted step (s)")
+    ax.set_title("Cost model against this CPU")
+    ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,163 @@
+"""The targets a suite reports against, each pass, fail or n/a, computed from the result.
+
+A target that no case of the suite exercises is ``n/a`` (never a silent pass); a miss lists
+the cases that missed. ``info`` lines give related figures that are not targets.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from benchmarks.suites import DEVICE_SETS, MODELS, MODES
+
+__all__ = ["evaluate_targets", "TARGETS"]
+
+_SLACK = 1e-9
+"""Two prices of the same tables may differ in the last bits (summation order)."""
+
+TARGETS = {
+    "never-worse": "partitioner's plan is never slower than a feasible baseline (ratio >= 1.00)",
+    "never-infeasible": "partitioner never fails to plan where a baseline fits",
+    "bound": "slowest pipeline stage within 1.10x of max(total / devices, largest layer) on transformer stacks, "
+             "identical devices, throughput modes, where contiguous whole layers allow 1.10x",
+    "training-vs-accelerate": "training on 4+ GPUs at least 2x faster than Accelerate's sequential execution",
+    "unbalanced-vs-equal": "at least 1.15x faster than the equal-layer (and equal-block) split on models with "
+                           "unbalanced layers, throughput modes",
+    "gpt2-xl-8-devices": "planning GPT-2 XL onto 8 devices takes at most 10 s end to end (compile_plan)",
+    "1000-layer-solve": "graphs of 1,000 layers or more solved in at most 5 s",
+    "cost-model": "cost model median absolute error at most 15% on the CPU cases (the planner's prediction)",
+}
+
+
+def _case(run: dict[str, Any]) -> str:
+    return f"{run['model']} / {run['devices']} / {run['mode']}"
+
+
+def _target(
+    key: str, threshold: float | None, checked: Iterable[tuple[str, float]], ok: Callable[[float], bool],
+    worst: Callable[[Iterable[float]], float], unit: str = "x", skipped: Iterable[str] = (),
+) -> dict[str, Any]:
+    rows = list(checked)
+    shown = (lambda v: f"{v:.2f}x") if unit == "x" else (lambda v: f"{v:.3g}{unit}")
+    failures = [f"{label}: {shown(value)}" for label, value in rows if not ok(value)]
+    measured = worst(v for _, v in rows) if rows else None
+    if not rows:
+        status, detail = "n/a", "no case of this suite exercises it"
+    else:
+        status = "fail" if failures else "pass"
+        detail = f"worst {shown(measured)} over {len(rows)} case(s)" + (f"; {len(failures)} miss(es)" if failures else "")
+    skipped = list(skipped)
+    if skipped:
+        detail += f"; not checked: {len(skipped)} case(s)"
+    return {"id": key, "name": TARGETS[key], "threshold": threshold, "status": status, "measured": measured,
+            "checked": len(rows), "detail": detail, "failures": failures[:20], "skipped": skipped[:20]}
+
+
+def _baseline(run: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((b for b in run["baselines"] if b["name"] == name), None)
+
+
+def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target of `TARGETS`, in that order, then ``info`` lines."""
+    runs = result["comparisons"]
+    planned = [r for r in runs if r["partitioner"]["status"] == "ok"]
+    out = []
+
+    ratios = [
+        (f"{_case(r)} vs {b['name']}", b["ratio"])
+        for r in planned for b in r["baselines"] if b["status"] == "ok" and b["ratio"] is not None
+    ]
+    out.append(_target("never-worse", 1.0, ratios, lambda v: v >= 1 - _SLACK, min))
+
+    def fits_only_baseline(r: dict[str, Any]) -> bool:
+        return r["partitioner"]["status"] != "ok" and any(b["status"] == "ok" for b in r["baselines"])
+
+    target = _target("never-infeasible", None, [(_case(r), 0.0 if fits_only_baseline(r) else 1.0) for r in runs],
+                     lambda v: v > 0, min, unit="")
+    if runs:
+        missed = sum(fits_only_baseline(r) for r in runs)
+        target["measured"] = float(missed)
+        target["detail"] = f"{missed} of {len(runs)} case(s) where a baseline fits and partitioner did not"
+    out.append(target)
+
+    bound_rows, bound_skipped = [], []
+    for r in runs:
+        if not (MODELS[r["model"]].transformer and MODES[r["mode"]].objective == "throughput"
+                and DEVICE_SETS[r["devices"]].identical):
+            continue
+        b = r["bound"]
+        if b["granularity_ratio"] is None or b["granularity_ratio"] > 1.10:
+            bound_skipped.append(f"{_case(r)}: whole layers allow only {b['granularity_ratio'] or 0:.3g}x")
+        elif b["pipeline_ratio"] is None:
+            bound_skipped.append(f"{_case(r)}: no pipeline plan fits")
+        else:
+            bound_rows.append((_case(r), b["pipeline_ratio"]))
+    out.append(_target("bound", 1.10, bound_rows, lambda v: v <= 1.10 + _SLACK, max, skipped=bound_skipped))
+    compute_only = [r["bound"]["pipeline_compute_ratio"] for r in runs if (_case(r), r["bound"]["pipeline_ratio"])
+                    in bound_rows]
+    info = []
+    if compute_only:
+        misses = sum(v > 1.10 + _SLACK for v in compute_only)
+        info.append(_info("bound-compute-only", "the bound target's cases, busiest stage's compute alone (transfers "
+                          "left out) against the bound",
+                          max(compute_only), f"worst {max(compute_only):.3g}x over {len(compute_only)} case(s); "
+                                             f"{misses} above 1.10x"))
+
+    acc_rows, acc_skipped = [], []
+    for r in planned:
+        if not (MODES[r["mode"]].training and DEVICE_SETS[r["devices"]].gpus >= 4):
+            continue
+        b = _baseline(r, "accelerate-sequential")
+        if b is None or b["status"] != "ok":
+            acc_skipped.append(f"{_case(r)}: Accelerate's map {b['reason'] if b else 'missing'}")
+        else:
+            acc_rows.append((_case(r), b["ratio"]))
+    out.append(_target("training-vs-accelerate", 2.0, acc_rows, lambda v: v >= 2.0, min, skipped=acc_skipped))
+
+    eq_rows, eq_skipped = [], []
+    for r in planned:
+        if not (MODELS[r["model"]].unbalanced and MODES[r["mode"]].objective == "throughput"):
+            continue
+        for name in ("equal-layers", "equal-blocks"):
+            b = _baseline(r, name)
+            if b is not None and b["status"] == "ok":
+                eq_rows.append((f"{_case(r)} vs {name}", b["ratio"]))
+            elif b is not None and b["status"] == "infeasible":
+                eq_skipped.append(f"{_case(r)} vs {name}: the split does not fit memory")
+    out.append(_target("unbalanced-vs-equal", 1.15, eq_rows, lambda v: v >= 1.15, min, skipped=eq_skipped))
+
+    e2e = [(f"{p['model']} on {p['devices']}", p["compile_s"]) for p in result["scaling"]
+           if p["series"] == "end-to-end" and p["model"] == "gpt2-xl" and p["num_devices"] == 8]
+    out.append(_target("gpt2-xl-8-devices", 10.0, e2e, lambda v: v <= 10.0, max, unit=" s"))
+
+    big = [(f"{p['model']} ({p['layers']} layers, {p['series']}) on {p['devices']}", p["timings_s"]["solve_s"])
+           for p in result["scaling"] if p["layers"] >= 1000]
+    out.append(_target("1000-layer-solve", 5.0, big, lambda v: v <= 5.0, max, unit=" s"))
+
+    cases = result["accuracy"]["cases"]
+    errors = [abs(c["error"]["planner"]) for c in cases]
+    target = _target("cost-model", 0.15, [("median over CPU cases", statistics.median(errors))] if errors else [],
+                     lambda v: v <= 0.15, max, unit="")
+    if errors:
+        target["detail"] = f"median abs error {statistics.median(errors):.1%} over {len(errors)} case(s)"
+    out.append(target)
+
+    for label, subset in (("one device (cpu)", [c for c in cases if c["devices"] == ["cpu"]]),
+                          ("simulated cpu:0, cpu:1", [c for c in cases if c["devices"] != ["cpu"]])):
+        errs = [abs(c["error"]["planner"]) for c in subset]
+        if errs:
+            info.append(_info(f"cost-model-{label.split()[0]}", f"cost model on {label}: median abs error",
+                              statistics.median(errs), f"{statistics.median(errs):.1%} over {len(errs)} case(s)"))
+    for key in ("roofline-builtin", "roofline-calibrated"):
+        errs = [abs(c["error"][key]) for c in cases]
+        if errs:
+            info.append(_info(key, f"cost model without layer timings ({key}): median abs error",
+                              statistics.median(errs), f"{statistics.median(errs):.1%} over {len(errs)} case(s)"))
+    return out + info
+
+
+def _info(key: str, name: str, measured: float, detail: str) -> dict[str, Any]:
+    return {"id": f"info-{key}", "name": name, "threshold": None, "status": "info", "measured": measured,
+            "checked": 0, "detail": detail, "failures": [], "skipped": []}

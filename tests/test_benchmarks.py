@@ -1,0 +1,266 @@
+"""The benchmark suite: baselines give their documented splits, results follow the schema,
+and a tiny suite runs end to end. No speed is asserted (timings here are noise)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import baselines, schema
+from benchmarks.cases import trace_once
+from benchmarks.models import build
+from benchmarks.run import _run_isolated, render, run_suite, write_results_md
+from benchmarks.suites import MODELS, SUITES, jobs
+from partitioner.api import compile_plan
+from partitioner.cost_model import build_problem
+from partitioner.options import Objective, PlanOptions
+
+# ---------------------------------------------------------------------------- equal layers (DeepSpeed "uniform")
+
+
+def test_uniform_split_of_8_layers_on_4_devices_is_2_each() -> None:
+    parts = baselines.partition_uniform(8, 4)
+    assert parts == [0, 2, 4, 6, 8]
+    assert baselines.parts_to_assignment(parts) == (0, 0, 1, 1, 2, 2, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("items", "parts", "expected"),
+    [(10, 4, [0, 3, 6, 8, 10]), (7, 3, [0, 3, 5, 7]), (2, 4, [0, 1, 2, 2, 2]), (5, 1, [0, 5])],
+)
+def test_uniform_gives_the_remainder_to_the_first_stages(items: int, parts: int, expected: list[int]) -> None:
+    assert baselines.partition_uniform(items, parts) == expected
+
+
+def test_equal_blocks_keeps_embeddings_first_and_head_last() -> None:
+    # wte, wpe, 4 blocks, ln_f, head on 2 stages: 2 blocks each.
+    is_block = [False, False, True, True, True, True, False, False]
+    assert baselines.equal_blocks(is_block, 2) == (0, 0, 0, 0, 1, 1, 1, 1)
+    assert baselines.equal_blocks(is_block, 4) == (0, 0, 0, 1, 2, 3, 3, 3)
+
+
+# ---------------------------------------------------------------------------- parameters (DeepSpeed default)
+
+
+def _spread(weights: list[float], parts: list[int]) -> float:
+    sums = [sum(weights[a:b]) for a, b in itertools.pairwise(parts)]
+    return max(sums) - min(sums)
+
+
+def test_parameter_balanced_split_on_a_hand_table() -> None:
+    # A big embedding, four small blocks, a big head: the spread is 0 with them alone.
+    assert baselines.partition_balanced([4, 1, 1, 1, 1, 4], 3) == [0, 1, 5, 6]
+    assert baselines.partition_balanced([1, 1, 1, 1, 4], 2) == [0, 4, 5]
+    assert baselines.partition_balanced([1, 2, 3, 4, 5, 6, 7, 8, 9], 3) == [0, 5, 7, 9]
+
+
+@pytest.mark.parametrize("weights", [[3, 1, 4, 1, 5, 9, 2, 6], [5, 5, 5, 1, 1, 1, 1], [2, 7, 1, 8, 2, 8]])
+@pytest.mark.parametrize("num_parts", [2, 3, 4])
+def test_parameter_balanced_minimises_the_spread(weights: list[float], num_parts: int) -> None:
+    """DeepSpeed's dynamic program minimises (heaviest - lightest stage): check by brute force."""
+    n = len(weights)
+    best = min(
+        _spread(weights, [0, *cuts, n]) for cuts in itertools.combinations(range(1, n), num_parts - 1)
+    )
+    parts = baselines.partition_balanced(weights, num_parts)
+    assert parts[0] == 0 and parts[-1] == n and parts == sorted(parts)
+    assert _spread(weights, parts) == best
+
+
+def _random_tables(count: int = 200) -> list[tuple[list[int], int]]:
+    rng = random.Random(0)
+    tables = []
+    for _ in range(count):
+        n = rng.randint(1, 24)
+        tables.append(([rng.randint(0, 100) for _ in range(n)], rng.randint(1, 8)))
+    return tables
+
+
+def test_parameter_balanced_matches_deepspeed_when_installed() -> None:
+    ds = pytest.importorskip("deepspeed.runtime.utils")
+    for weights, parts in [([4, 1, 1, 1, 1, 4], 3), ([1] * 7, 3), *_random_tables()]:
+        assert baselines.partition_balanced(weights, parts) == list(ds.partition_balanced(weights, parts))
+        assert baselines.partition_uniform(len(weights), parts) == ds.partition_uniform(len(weights), parts)
+
+
+# ---------------------------------------------------------------------------- torchgpipe balance_by_time
+
+
+def test_block_partition_on_a_hand_table() -> None:
+    # Costs normalise to [1, 1, 1, 0, 0, 0, 0, 0]; from 4 + 4 it moves two heavy layers'
+    # worth of boundary until the blocks differ by at most 1: sizes 2 and 6.
+    assert baselines.block_partition([10, 10, 10, 1, 1, 1, 1, 1], 2) == [2, 6]
+    # Already within 1 (normalised) of each other: equal counts stand.
+    assert baselines.block_partition([1, 1, 1, 1], 2) == [2, 2]
+    assert baselines.block_partition([1, 1, 1, 1, 1, 1, 1, 10], 2) == [4, 4]
+    with pytest.raises(ValueError, match="shorter than intended partitions"):
+        baselines.block_partition([1, 2], 3)
+
+
+def test_block_partition_matches_torchgpipe_when_installed() -> None:
+    blockpartition = pytest.importorskip("torchgpipe.balance.blockpartition")
+    tables = [([10, 10, 10, 1, 1, 1, 1, 1], 2), *((s, p) for s, p in _random_tables() if len(s) >= p)]
+    for sequence, parts in tables:
+        assert baselines.block_partition(sequence, parts) == [len(p) for p in blockpartition.solve(sequence, parts)]
+
+
+def test_profiled_times_are_whole_microseconds_summed_over_a_second() -> None:
+    # A 0.75 s step runs twice in torchgpipe's 1 s profiling loop.
+    assert baselines.profiled_microseconds([0.25, 0.5]) == [500_000, 1_000_000]
+    assert baselines.profiled_microseconds([0.0, 0.0]) == [0, 0]
+
+
+def test_min_max_contiguous_is_the_granularity_bound() -> None:
+    assert baselines.min_max_contiguous([3, 1, 1, 1], 2) == 3
+    assert baselines.min_max_contiguous([1, 1, 1, 1, 1, 1], 4) == 2  # 6 equal layers on 4 devices
+    assert baselines.min_max_contiguous([2, 2], 4) == 2
+
+
+# ---------------------------------------------------------------------------- Accelerate's device map
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 64)
+        self.blocks = nn.ModuleList(_Block() for _ in range(4))
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def _tiny_compiled() -> tuple[nn.Module, list[tuple[tuple[str, ...], tuple[str, ...]]], list[list[int]]]:
+    with torch.device("meta"):
+        model = _Tiny()
+    compiled = compile_plan(model, ["a100-80gb x2"], (torch.empty(4, 16, device="meta"),))
+    layers = [(layer.modules, layer.params) for layer in compiled.layered.graph.layers]
+    producers: list[list[int]] = [[] for _ in layers]
+    for v in compiled.problem.values:
+        for c in v.consumers:
+            if v.producer >= 0 and c >= 0:
+                producers[c].append(v.producer)
+    return model, layers, producers
+
+
+def test_device_map_converts_to_the_expected_assignment() -> None:
+    _, layers, producers = _tiny_compiled()
+    assert [m for m, _ in layers] == [("embed",), ("blocks.0",), ("blocks.1",), ("blocks.2",), ("blocks.3",), ("head",)]
+    device_map = {"embed": 0, "blocks.0": 0, "blocks.1": 0, "blocks.2": 1, "blocks.3": 1, "head": 1}
+    assert baselines.device_map_to_assignment(device_map, layers, producers) == ((0, 0, 0, 1, 1, 1), [], [])
+    # Accelerate's prefix lookup: "blocks" covers every block; "" the whole model.
+    coarse = {"embed": 0, "blocks": 1, "head": 0}
+    assert baselines.device_map_to_assignment(coarse, layers, producers)[0] == (0, 1, 1, 1, 1, 0)
+    assert baselines.device_map_to_assignment({"": 1}, layers, producers)[0] == (1,) * 6
+    offloaded = {"embed": 0, "blocks.0": 0, "blocks.1": 1, "blocks.2": 1, "blocks.3": "cpu", "head": "disk"}
+    assignment, off, _ = baselines.device_map_to_assignment(offloaded, layers, producers)
+    assert off == ["4", "5"] and assignment[:4] == (0, 0, 1, 1)
+
+
+def test_accelerate_map_of_a_tiny_model_converts_layer_by_layer() -> None:
+    """Accelerate called for real (two integer GPUs that are not here) with tight caps."""
+    from accelerate import infer_auto_device_map
+
+    model, layers, producers = _tiny_compiled()
+    block_bytes = 64 * 65 * 4
+    device_map = infer_auto_device_map(
+        model, max_memory={0: 3 * block_bytes, 1: 10 * block_bytes}, no_split_module_classes=["_Block"]
+    )
+    assignment, offloaded, split = baselines.device_map_to_assignment(device_map, layers, producers)
+    assert not offloaded and not split
+    assert set(assignment) == {0, 1}
+    for (modules, _), device in zip(layers, assignment):
+        assert baselines._lookup(modules[0], device_map) == device
+
+
+# ---------------------------------------------------------------------------- the planner's half the runner reuses
+
+
+@pytest.mark.parametrize(("name", "training"), [("mlp", False), ("skip-mlp-10", True)])
+def test_one_trace_gives_compile_plans_problem(name: str, training: bool) -> None:
+    """`trace_once` + `build_problem` (one trace for every device set) prices like `compile_plan`."""
+    spec = MODELS[name]
+    options = PlanOptions(objective=Objective.THROUGHPUT, training=training)
+    built = build(spec)
+    compiled = compile_plan(built.model, ["a100-80gb x2"], built.example_args, built.example_kwargs, options=options)
+    layered, _ = trace_once(built, training, spec.granularity)
+    problem = build_problem(layered.graph, compiled.devices, options, "float32")
+    assert problem == compiled.problem
+
+
+# ---------------------------------------------------------------------------- the runner and its result file
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("results") / "tiny"
+    result = run_suite(SUITES["tiny"], out, in_process=True)
+    return result, out
+
+
+def test_tiny_suite_runs_end_to_end(tiny_result: tuple[dict, Path]) -> None:
+    result, out = tiny_result
+    assert {p.name for p in out.iterdir()} >= {"result.json", "summary.md", "speedup.png", "accuracy.png"}
+    loaded = json.loads((out / "result.json").read_text())
+    schema.validate(loaded)
+    assert all(j["status"] == "ok" for j in loaded["jobs"]), [j["error"] for j in loaded["jobs"]]
+    assert len(loaded["comparisons"]) == 4 and loaded["mlp_split"] is not None
+    for run in loaded["comparisons"]:
+        names = [b["name"] for b in run["baselines"]]
+        assert names == list(baselines.IMPLEMENTATIONS)
+    assert loaded["versions"]["torch"] == torch.__version__
+    summary = (out / "summary.md").read_text()
+    assert "### Targets" in summary and "accelerate-sequential" in summary
+    assert render(out, plots=False)["targets"] == loaded["targets"]  # re-derived from the figures alone
+    md = write_results_md(out.parent, out.parent / "RESULTS.md")
+    assert "## Suite `tiny`" in md.read_text()
+
+
+def test_result_validator_rejects_broken_files(tiny_result: tuple[dict, Path]) -> None:
+    result, _ = tiny_result
+    broken = copy.deepcopy(result)
+    del broken["hardware"]["cpu"]
+    with pytest.raises(schema.ResultFormatError, match=r"result.hardware misses keys \['cpu'\]"):
+        schema.validate(broken)
+    broken = copy.deepcopy(result)
+    broken["comparisons"][0]["baselines"][0]["ratio"] *= 2
+    with pytest.raises(schema.ResultFormatError, match="ratio"):
+        schema.validate(broken)
+    broken = copy.deepcopy(result)
+    broken["comparisons"][0]["baselines"][0]["status"] = "maybe"
+    with pytest.raises(schema.ResultFormatError, match="must be one of"):
+        schema.validate(broken)
+    broken = copy.deepcopy(result)
+    broken["targets"] = broken["targets"][1:]
+    with pytest.raises(schema.ResultFormatError, match="targets must be"):
+        schema.validate(broken)
+    broken = copy.deepcopy(result)
+    broken["wall_s"] = float("nan")
+    with pytest.raises(schema.ResultFormatError, match="wall_s"):
+        schema.validate(broken)
+
+
+def test_a_job_runs_in_its_own_process(tmp_path: Path) -> None:
+    job = next(j for j in jobs(SUITES["tiny"]) if j.kind == "scaling")
+    record = _run_isolated(job, timeout_s=240, workdir=tmp_path)
+    assert record["status"] == "ok", record.get("traceback")
+    assert record["result"]["layers"] == 10 and record["peak_rss_bytes"] > 0
