@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import pulp
 import pytest
@@ -19,19 +21,27 @@ from partitioner.errors import InfeasibleError, SolverError
 from partitioner.ir import INPUT, OUTPUT, Problem, ReplicaCost, Solution, Value
 from partitioner.options import Objective, SolverBackend, SolverOptions, Strategy
 from partitioner.solve import (
+    canonical,
     coarsen,
     evaluate,
     expand,
     highs_available,
+    interchangeable,
     is_chain,
+    is_near_chain,
+    is_sequential,
     simple_lower_bound,
     solve,
     solve_brute,
     solve_dp,
     solve_ilp,
+    solve_near_chain,
 )
 from partitioner.solve import ilp as ilp_module
 from partitioner.solve.feasibility import device_ranges
+
+# The module, which `partitioner.solve.evaluate` (the function) hides.
+evaluate_module = importlib.import_module("partitioner.solve.evaluate")
 
 GiB = 2**30
 EXACT = SolverOptions(gap=0.0, time_limit_s=60)
@@ -126,6 +136,80 @@ def random_problem(
         per_byte=links,
         latency=delays,
         objective=objective,
+    )
+
+
+def random_near_chain(
+    rng: random.Random,
+    num_layers: int,
+    num_devices: int,
+    *,
+    objective: Objective = Objective.LATENCY,
+    links: str = "uniform",
+    tightness: float = 0.5,
+) -> Problem:
+    """A chain plus values broadcast from early layers to many later ones (a transformer's
+    mask and rotary tables).
+
+    ``links``: ``uniform`` (one cost for every link), ``inbound`` (one per destination),
+    ``islands`` (cheap inside the first ``num_devices // 2`` devices and inside the others,
+    dear across) or ``any``.
+    """
+    half = num_devices // 2
+    speed = [rng.uniform(0.5, 2.0) for _ in range(num_devices)]
+    work = [rng.uniform(1.0, 5.0) * 1e-3 for _ in range(num_layers)]
+    memory = [rng.randint(1, 10) * 100 for _ in range(num_layers)]
+    room = max(max(memory), int(sum(memory) * tightness))
+    edges: list[tuple[int, tuple[int, ...], int]] = [(INPUT, (0,), 1000)]
+    edges += [(i, (i + 1,), rng.randint(1, 50) * 10**5) for i in range(num_layers - 1)]
+    for _ in range(rng.randint(1, 3) if num_layers > 2 else 0):
+        producer = rng.randint(0, min(2, num_layers - 3))
+        later = range(producer + 1, num_layers)
+        readers = rng.sample(later, rng.randint(2, len(later)) if len(later) > 1 else 1)
+        edges.append((producer, tuple(readers), rng.randint(1, 50) * 10**5))
+    edges.append((num_layers - 1, (OUTPUT,), 1000))
+    cost: dict[str, Callable[[int, int], float]] = {
+        "uniform": lambda s, e: 1.0,
+        "inbound": lambda s, e: 1.0 + e,
+        "islands": lambda s, e: 1.0 if (s < half) == (e < half) else 4.0,
+        "any": lambda s, e: rng.uniform(0.5, 3.0),
+    }
+    price = cost[links]
+    per_byte = rng.uniform(0.2, 2.0) * 1e-9
+    delay = rng.uniform(0.0, 1.0) * 1e-4
+    return make_problem(
+        [[w / s for s in speed] for w in work],
+        memory,
+        [room + rng.randint(0, 100) for _ in range(num_devices)],
+        edges,
+        per_byte=[[0.0 if s == e else per_byte * price(s, e) for e in range(num_devices)]
+                  for s in range(num_devices)],
+        latency=[[0.0 if s == e else delay * price(s, e) for e in range(num_devices)]
+                 for s in range(num_devices)],
+        objective=objective,
+    )
+
+
+def with_kinds(problem: Problem, kinds: Sequence[int], rng: random.Random) -> Problem:
+    """``problem`` on devices of the given kinds: devices of one kind compute alike (the
+    column of the kind's first device), hold alike, and every link costs by its ends' kinds."""
+    first = [kinds.index(kind) for kind in kinds]
+    num_kinds = max(kinds) + 1
+    links = [[rng.uniform(0.2, 2.0) * 1e-9 for _ in range(num_kinds)] for _ in range(num_kinds)]
+    delays = [[rng.uniform(0.0, 1.0) * 1e-4 for _ in range(num_kinds)] for _ in range(num_kinds)]
+
+    def table(cost: list[list[float]]) -> tuple[tuple[float, ...], ...]:
+        return tuple(
+            tuple(0.0 if s == e else cost[kinds[s]][kinds[e]] for e in range(len(kinds)))
+            for s in range(len(kinds))
+        )
+
+    return replace(
+        problem,
+        compute_s=tuple(tuple(row[f] for f in first) for row in problem.compute_s),
+        capacity=tuple(problem.capacity[f] for f in first),
+        seconds_per_byte=table(links),
+        latency_s=table(delays),
     )
 
 
@@ -372,14 +456,22 @@ def test_ilp_matches_brute_force_on_dags(seed, objective, backend):
 def small_problems(draw: st.DrawFn) -> Problem:
     seed = draw(st.integers(0, 2**32 - 1))
     rng = random.Random(seed)
-    return random_problem(
-        rng,
-        draw(st.integers(1, 6)),
-        draw(st.integers(1, 3)),
-        objective=draw(st.sampled_from(OBJECTIVES)),
-        dag=draw(st.booleans()),
-        tightness=draw(st.sampled_from([1.0, 0.6, 0.4])),
+    num_layers, num_devices = draw(st.integers(1, 6)), draw(st.integers(1, 3))
+    objective = draw(st.sampled_from(OBJECTIVES))
+    tightness = draw(st.sampled_from([1.0, 0.6, 0.4]))
+    shape = draw(st.sampled_from(["chain", "dag", "identical devices", "near-chain"]))
+    if shape == "near-chain":
+        links = draw(st.sampled_from(["uniform", "inbound", "islands", "any"]))
+        return random_near_chain(
+            rng, num_layers, num_devices, objective=objective, links=links, tightness=tightness
+        )
+    problem = random_problem(
+        rng, num_layers, num_devices, objective=objective, dag=shape != "chain",
+        tightness=tightness,
     )
+    if shape == "identical devices":
+        return with_kinds(problem, [0] * num_devices, rng)
+    return problem
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -419,10 +511,21 @@ def test_is_chain():
     assert not is_chain(make_problem([[1.0]] * 3, [1] * 3, [9], apart))
 
 
-def test_dp_backend_refuses_a_dag():
-    problem = three_layers(Objective.LATENCY)
-    with pytest.raises(SolverError, match="exact only on chains"):
+def test_dp_backend_refuses_what_no_dp_solves_exactly():
+    # Layers 0, 1 and 2 of three_layers are joined in order: a near-chain, but for THROUGHPUT.
+    problem = three_layers(Objective.THROUGHPUT)
+    with pytest.raises(SolverError, match="exact only on chains .* and on near-chains"):
         solve(problem, SolverOptions(backend=SolverBackend.DP))
+    # Two branches: no single layer order.
+    branches = make_problem(
+        [[1.0, 1.0]] * 4, [1] * 4, [9, 9], [(0, (1, 2), 10), (1, (3,), 10), (2, (3,), 10)]
+    )
+    with pytest.raises(SolverError, match="this problem is neither"):
+        solve(branches, SolverOptions(backend=SolverBackend.DP))
+    near_chain = three_layers(Objective.LATENCY)
+    solution = solve(near_chain, SolverOptions(backend=SolverBackend.DP))
+    assert solution.solver == "dp" and solution.optimal
+    assert same(solution.objective_s, solve_brute(near_chain).objective_s)
 
 
 def test_single_device_strategy():
@@ -440,6 +543,207 @@ def test_no_layers():
     assert solution.assignment == ()
     assert solution.objective_s == 0.0
     assert solution.strategy is Strategy.SINGLE
+
+
+# --- Interchangeable devices ---------------------------------------------------------------
+
+
+def assert_canonical(problem: Problem, assignment: Sequence[int]) -> None:
+    """Of two interchangeable devices, the second holds layers only if the first does."""
+    used = set(assignment)
+    for d in interchangeable(problem):
+        assert d + 1 not in used or d in used, (assignment, interchangeable(problem))
+
+
+def test_interchangeable():
+    identical = make_problem([[1.0] * 4] * 2, [1, 1], [5] * 4, [], per_byte=1e-9, latency=1e-5)
+    assert interchangeable(identical) == (0, 1, 2)
+    slower = make_problem([[1.0, 1.0, 2.0, 1.0]] * 2, [1, 1], [5] * 4, [], per_byte=1e-9)
+    assert interchangeable(slower) == (0,)  # Device 2 computes apart from its neighbours.
+    smaller = make_problem([[1.0] * 4] * 2, [1, 1], [5, 5, 5, 4], [], per_byte=1e-9)
+    assert interchangeable(smaller) == (0, 1)
+    # Two islands of two (cheap inside, dear across): 0~1 and 2~3, but not 1~2.
+    islands = [[0.0 if s == e else (1.0 if s // 2 == e // 2 else 4.0) for e in range(4)]
+               for s in range(4)]
+    problem = make_problem([[1.0] * 4] * 2, [1, 1], [5] * 4, [], per_byte=islands)
+    assert interchangeable(problem) == (0, 2)
+    # A one-way dear link between two otherwise equal devices breaks their swap.
+    one_way = [[0.0, 1.0, 1.0], [2.0, 0.0, 1.0], [1.0, 1.0, 0.0]]
+    assert interchangeable(make_problem([[1.0] * 3], [1], [5] * 3, [], latency=one_way)) == ()
+    assert interchangeable(make_problem([[1.0]], [1], [5], [])) == ()
+
+
+def test_canonical_fills_twins_in_order_at_the_same_cost():
+    rng = random.Random(2)
+    for objective in OBJECTIVES:
+        base = random_problem(rng, 9, 6, objective=objective, dag=True, tightness=1.0)
+        problem = with_kinds(base, [0, 0, 0, 1, 1, 1], rng)
+        assert interchangeable(problem) == (0, 1, 3, 4)
+        placement = (1, 1, 2, 2, 2, 5, 5, 5, 5)
+        twin = canonical(problem, placement)
+        assert twin == (0, 0, 1, 1, 1, 3, 3, 3, 3)
+        assert evaluate(problem, twin).objective_s == evaluate(problem, placement).objective_s
+        assert canonical(problem, twin) == twin
+        assert canonical(base, placement) == placement  # No twins: nothing moves.
+
+
+KINDS = [[0, 0, 0], [0, 0, 1], [0, 1, 1], [0, 0, 0, 0], [0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("seed", range(5))
+def test_symmetry_breaking_keeps_the_optimum(seed, objective, monkeypatch):
+    rng = random.Random(f"twins-{seed}")
+    kinds = KINDS[seed]
+    problem = with_kinds(
+        random_problem(
+            rng, rng.randint(5, 7), len(kinds), objective=objective, dag=seed % 2 == 1,
+            tightness=rng.choice([0.5, 0.35]),
+        ),
+        kinds,
+        rng,
+    )
+    assert interchangeable(problem)
+    options = SolverOptions(backend=SolverBackend.HIGHS, gap=0.0)
+    # Without canonical answers, what the ILP returns is what its constraints allow.
+    monkeypatch.setattr(evaluate_module, "canonical", lambda p, a: tuple(a))
+    monkeypatch.setattr(ilp_module, "canonical", lambda p, a: tuple(a))
+    try:
+        best = solve_brute(problem)
+    except InfeasibleError:
+        with pytest.raises(InfeasibleError):
+            solve_ilp(problem, options)
+        return
+    ordered = solve_ilp(problem, options)
+    assert_plan_valid(problem, ordered)
+    assert same(ordered.objective_s, best.objective_s)
+    assert_canonical(problem, ordered.assignment)
+    monkeypatch.setattr(ilp_module, "interchangeable", lambda p: ())  # No [Symmetry] rows.
+    free = solve_ilp(problem, options)
+    assert same(free.objective_s, best.objective_s)
+
+
+@pytest.mark.parametrize("backend", ILP_BACKENDS)
+def test_every_solver_answers_with_idle_twins_last(backend):
+    # Six equal layers on five identical devices that hold two each: three are used.
+    problem = make_problem(
+        [[1.0] * 5] * 6, [5] * 6, [10] * 5, [(i, (i + 1,), 100) for i in range(5)], per_byte=0.01
+    )
+    expected = (0, 0, 1, 1, 2, 2)
+    assert solve_dp(problem).assignment == expected
+    assert solve_brute(problem).assignment == expected
+    assert solve_ilp(problem, SolverOptions(backend=backend, gap=0.0)).assignment == expected
+    skips = (0, 0, 2, 2, 4, 4)  # A warm start that skips devices is taken as its twin.
+    solution = solve_ilp(problem, SolverOptions(backend=backend), warm_start=skips)
+    assert solution.assignment == expected
+
+
+# --- Near-chains ---------------------------------------------------------------------------
+
+
+def test_is_near_chain():
+    rng = random.Random(0)
+    problem = random_near_chain(rng, 6, 3)
+    assert is_sequential(problem) and not is_chain(problem) and is_near_chain(problem)
+    assert is_near_chain(random_near_chain(rng, 6, 3, links="inbound"))
+    assert not is_near_chain(random_near_chain(rng, 6, 3, links="islands"))
+    assert not is_near_chain(replace(problem, objective=Objective.THROUGHPUT))
+    # Only forward links count: a dear way back changes nothing.
+    back = [[0.0 if s <= e else 9.0 for e in range(3)] for s in range(3)]
+    assert is_near_chain(replace(problem, latency_s=tuple(map(tuple, back))))
+    # Layers 0 and 1 both feed layer 2 (two embeddings): two layer orders.
+    apart = make_problem([[1.0] * 2] * 3, [1] * 3, [9] * 2, [(0, (2,), 8), (1, (2,), 8)])
+    assert not is_sequential(apart) and not is_near_chain(apart)
+
+
+@pytest.mark.parametrize("links", ["uniform", "inbound"])
+@pytest.mark.parametrize("seed", range(10))
+def test_near_chain_dp_matches_brute_force(seed, links):
+    rng = random.Random(f"near-{seed}-{links}")
+    num_devices = rng.randint(2, 4)
+    problem = random_near_chain(
+        rng, rng.randint(4, 9), num_devices, links=links,
+        tightness=rng.uniform(1.3 / num_devices, 0.8),  # Room for a split, on some devices.
+    )
+    assert is_near_chain(problem)
+    assert_finds_the_optimum(problem, solve_near_chain)
+    assert_finds_the_optimum(problem, lambda p: solve(p, SolverOptions(backend=SolverBackend.DP)))
+    try:
+        solution = solve(problem, EXACT)
+    except InfeasibleError:
+        return
+    assert solution.solver == "dp" and solution.optimal and solution.gap == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_near_chain_dp_matches_the_ilp(seed):
+    rng = random.Random(f"near-ilp-{seed}")
+    problem = random_near_chain(rng, 12, 4, tightness=0.3)
+    exact = solve_near_chain(problem)
+    assert_plan_valid(problem, exact)
+    found = solve_ilp(problem, SolverOptions(backend=SolverBackend.HIGHS, gap=0.0))
+    assert same(found.objective_s, exact.objective_s), (found, exact)
+
+
+@pytest.mark.parametrize(
+    "links, objective",
+    [("islands", Objective.LATENCY), ("any", Objective.LATENCY), ("uniform", Objective.THROUGHPUT)],
+)
+@pytest.mark.parametrize("seed", range(6))
+def test_where_the_near_chain_dp_is_not_exact(seed, links, objective):
+    rng = random.Random(f"not-{seed}-{links}-{objective}")
+    problem = random_near_chain(
+        rng, rng.randint(5, 8), rng.randint(3, 4), objective=objective, links=links,
+        tightness=rng.choice([0.6, 0.45]),
+    )
+    assert not is_near_chain(problem)
+    assert_finds_the_optimum(problem, lambda p: solve(p, EXACT))
+    try:
+        best = solve_brute(problem)
+    except InfeasibleError:
+        return
+    heuristic = solve_near_chain(problem)
+    assert_plan_valid(problem, heuristic)
+    # Its bound holds: under LATENCY on one layer order, the DP's with the cheapest links.
+    assert heuristic.lower_bound_s <= best.objective_s
+    if heuristic.optimal:
+        assert same(heuristic.objective_s, best.objective_s)
+
+
+def test_a_transformer_on_identical_gpus_takes_the_first_ones():
+    # Embedding, 14 blocks reading the mask and rotary tables made by layer 1, a head; eight
+    # identical devices, memory for four. The ILP proves the DP's answer.
+    blocks = 14
+    n = blocks + 3
+    blocks_read = tuple(range(2, 2 + blocks))
+    edges: list[tuple[int, tuple[int, ...], int]] = [(INPUT, (0,), 8)]
+    edges += [(i, (i + 1,), 16 * 2**20) for i in range(n - 1)]
+    edges += [(1, blocks_read, 2**16), (1, blocks_read, 2**14), (n - 1, (OUTPUT,), 2**20)]
+    problem = make_problem(
+        [[0.01] * 8] * n, [3 * GiB] * n, [15 * GiB] * 8, edges,
+        per_byte=1 / 255e9, latency=5e-6,
+    )
+    assert is_near_chain(problem) and interchangeable(problem) == tuple(range(7))
+    solution = solve(problem)
+    assert_plan_valid(problem, solution)
+    assert solution.solver == "dp" and solution.optimal
+    assert set(solution.assignment) == {0, 1, 2, 3}
+    found = solve_ilp(problem, SolverOptions(backend=SolverBackend.HIGHS, gap=0.0))
+    assert same(found.objective_s, solution.objective_s)
+    assert set(found.assignment) == {0, 1, 2, 3}
+
+
+def test_the_ilp_stops_at_the_gap_of_the_whole_objective():
+    # Compute the placement cannot change (identical devices) dwarfs the transfers: the
+    # solver must see it, or its relative gap would be measured on the transfers alone.
+    problem = random_near_chain(random.Random(5), 10, 3, links="islands", tightness=0.4)
+    problem = replace(problem, compute_s=tuple((row[0],) * 3 for row in problem.compute_s))
+    start = solve_near_chain(problem).assignment
+    scale = evaluate(problem, start).objective_s
+    model = ilp_module._build(problem, scale)
+    assert model.problem.objective.constant == 0
+    ilp_module._set_start(model, problem, start, scale)
+    assert model.problem.objective.value() == pytest.approx(1.0)  # The whole objective.
 
 
 # --- Data parallelism ------------------------------------------------------------------------

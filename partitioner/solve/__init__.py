@@ -8,8 +8,12 @@ its transfers in and out. Data parallelism (the whole model on every device) com
 when the problem prices it.
 
 `solve` coarsens large graphs (`coarsen`), then solves chains exactly with the dynamic
-program (`solve_dp`) and DAGs with the ILP (`solve_ilp`, HiGHS or CBC), warm-started
-by the DP run along the topological order. `solve_brute` is the tests' oracle.
+program (`solve_dp`), near-chains (one layer order, values broadcast to many layers,
+links priced by destination, LATENCY: transformers on identical GPUs) exactly with the
+run DP of `solve_near_chain`, and other graphs with the ILP (`solve_ilp`, HiGHS or
+CBC), warm-started by the better of the two DPs run along the topological order.
+Interchangeable devices are filled in order by every solver (`canonical`).
+`solve_brute` is the tests' oracle.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from partitioner.devices import format_bytes
 from partitioner.solve._text import device_label
 from partitioner.solve.brute import solve_brute
 from partitioner.solve.coarsen import coarsen, expand
-from partitioner.solve.dp import is_chain, solve_dp
+from partitioner.solve.dp import is_chain, is_sequential, solve_dp
 from partitioner.solve.evaluate import Evaluation, Transfer, evaluate, simple_lower_bound
 from partitioner.solve.feasibility import check_memory
 from partitioner.solve.ilp import highs_available, solve_ilp
+from partitioner.solve.nearchain import is_near_chain, solve_near_chain
+from partitioner.solve.symmetry import canonical, interchangeable
 
 __all__ = [
     "solve",
@@ -36,9 +42,14 @@ __all__ = [
     "Transfer",
     "simple_lower_bound",
     "solve_dp",
+    "solve_near_chain",
     "solve_ilp",
     "solve_brute",
     "is_chain",
+    "is_sequential",
+    "is_near_chain",
+    "canonical",
+    "interchangeable",
     "coarsen",
     "expand",
     "highs_available",
@@ -50,8 +61,9 @@ def solve(problem: Problem, options: SolverOptions = SolverOptions()) -> Solutio
 
     Graphs with more than ``options.max_candidates`` layers are coarsened first (the
     answer is then not proved optimal for the original layers). With
-    `SolverBackend.AUTO`, chains go to the exact DP and other graphs to the ILP; with
-    `SolverBackend.HIGHS` or `SolverBackend.CBC` every graph goes to the ILP.
+    `SolverBackend.AUTO` (or `SolverBackend.DP`), chains and near-chains go to their
+    exact DPs and, with AUTO, other graphs to the ILP; with `SolverBackend.HIGHS` or
+    `SolverBackend.CBC` every graph goes to the ILP.
 
     Args:
         problem: The cost tables.
@@ -65,8 +77,8 @@ def solve(problem: Problem, options: SolverOptions = SolverOptions()) -> Solutio
     Raises:
         InfeasibleError: If neither a placement nor data parallelism fits memory; the
             message names the layer or device that binds and the numbers.
-        SolverError: If `SolverBackend.DP` is asked for a graph that is not a chain, or
-            the ILP backend fails.
+        SolverError: If `SolverBackend.DP` is asked for a problem that neither `is_chain`
+            nor `is_near_chain`, or the ILP backend fails.
 
     Example:
         >>> from partitioner.ir import Problem, Value
@@ -112,11 +124,12 @@ def solve(problem: Problem, options: SolverOptions = SolverOptions()) -> Solutio
 def _place(problem: Problem, options: SolverOptions) -> Solution:
     """Best model-parallel placement of the original layers."""
     check_memory(problem)
-    if options.backend is SolverBackend.DP and not is_chain(problem):
+    if options.backend is SolverBackend.DP and not (is_chain(problem) or is_near_chain(problem)):
         raise SolverError(
             "SolverBackend.DP is exact only on chains (each layer feeding only the next "
-            "one, every layer fed by the previous one); this graph has skips or branches: "
-            "use SolverBackend.AUTO, HIGHS or CBC"
+            "one, every layer fed by the previous one) and on near-chains (every layer fed "
+            "by the previous one, links priced by destination alone, LATENCY); this problem "
+            "is neither: use SolverBackend.AUTO, HIGHS or CBC"
         )
     if problem.num_layers <= options.max_candidates:
         return _solve_as_is(problem, options)
@@ -139,15 +152,38 @@ def _place(problem: Problem, options: SolverOptions) -> Solution:
 
 
 def _solve_as_is(problem: Problem, options: SolverOptions) -> Solution:
-    """The DP on chains (AUTO, DP), else the ILP warm-started by the DP heuristic."""
-    chain = is_chain(problem)
-    if options.backend is SolverBackend.DP or (options.backend is SolverBackend.AUTO and chain):
-        return solve_dp(problem)
-    try:
-        start: tuple[int, ...] | None = solve_dp(problem).assignment
-    except InfeasibleError:
-        start = None  # No run along the layer order fits; the ILP may interleave branches.
-    return solve_ilp(problem, options, warm_start=start)
+    """An exact DP where one is (AUTO, DP), else the ILP seeded by both DPs.
+
+    The better DP placement warm-starts the ILP. `solve_near_chain` also proves a bound
+    where only the links' prices keep it from being exact: with AUTO, a DP placement
+    within ``options.gap`` of it is returned without the ILP, and else it may sharpen
+    the ILP's bound.
+    """
+    if options.backend in (SolverBackend.AUTO, SolverBackend.DP):
+        if is_chain(problem):
+            return solve_dp(problem)
+        if is_near_chain(problem):
+            return solve_near_chain(problem)
+    seeds = []
+    for heuristic in (solve_dp, solve_near_chain):
+        try:
+            seeds.append(heuristic(problem))
+        except InfeasibleError:
+            pass  # No run along the layer order fits; the ILP may interleave branches.
+    if not seeds:
+        return solve_ilp(problem, options)
+    lower = max(seed.lower_bound_s for seed in seeds)
+    best = _with_bound(min(seeds, key=lambda seed: seed.objective_s), lower, options.gap)
+    if options.backend is SolverBackend.AUTO and best.optimal:
+        return best
+    return _with_bound(solve_ilp(problem, options, warm_start=best.assignment), lower, options.gap)
+
+
+def _with_bound(solution: Solution, lower_bound_s: float, gap: float) -> Solution:
+    """``solution`` with the better of its bound and ``lower_bound_s``; optimal within ``gap``."""
+    lower = min(max(lower_bound_s, solution.lower_bound_s), solution.objective_s)
+    within = solution.objective_s - lower <= gap * solution.objective_s
+    return replace(solution, lower_bound_s=lower, optimal=solution.optimal or within)
 
 
 def _replica_note(problem: Problem) -> str:

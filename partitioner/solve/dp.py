@@ -39,7 +39,20 @@ from partitioner.options import Objective
 from partitioner.solve.evaluate import placement_solution
 from partitioner.solve.feasibility import check_memory, no_contiguous_fit
 
-__all__ = ["is_chain", "solve_dp"]
+__all__ = ["is_sequential", "is_chain", "solve_dp", "run_tables"]
+
+
+def is_sequential(problem: Problem) -> bool:
+    """Whether every pair of consecutive layers is joined by a value.
+
+    Then the layer order is the only topological order, and every placement that keeps
+    the device order along the edges is a run placement along it.
+    """
+    joined = [False] * problem.num_layers
+    for value in problem.values:
+        if value.producer >= 0 and value.producer + 1 in value.consumers:
+            joined[value.producer + 1] = True
+    return all(joined[1:])
 
 
 def is_chain(problem: Problem) -> bool:
@@ -50,17 +63,12 @@ def is_chain(problem: Problem) -> bool:
     second condition (say a layer reads only model inputs) the device order would not
     bind between the two parts, and runs along the layer order would be a restriction.
     """
-    joined = [False] * problem.num_layers
     for value in problem.values:
-        if value.producer < 0:
-            continue
-        for consumer in value.consumers:
-            if consumer == OUTPUT:
-                continue
-            if consumer != value.producer + 1:
-                return False
-            joined[consumer] = True
-    return all(joined[1:])
+        if value.producer >= 0 and any(
+            c not in (OUTPUT, value.producer + 1) for c in value.consumers
+        ):
+            return False
+    return is_sequential(problem)
 
 
 def solve_dp(problem: Problem) -> Solution:
@@ -112,6 +120,24 @@ def _cut_table(problem: Problem, chain: bool) -> np.ndarray:
     return cut
 
 
+def run_tables(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """What a DP over runs ``[j, k)`` of the layers needs to know of compute and memory.
+
+    Returns:
+        ``compute[k, g]``: seconds of layers ``0..k-1`` on device ``g`` (so a run costs
+        ``compute[k, g] - compute[j, g]``), and ``first[g, k]``: the earliest start ``j``
+        of a run ``[j, k)`` that fits device ``g`` (``k`` when not even layer ``k - 1`` does).
+    """
+    num_devices = problem.num_devices
+    compute = np.vstack(
+        [np.zeros(num_devices), np.cumsum(np.asarray(problem.compute_s, dtype=float), axis=0)]
+    )
+    memory = np.concatenate([[0], np.cumsum(np.asarray(problem.memory, dtype=np.int64))])
+    capacity = np.asarray(problem.capacity, dtype=np.int64)
+    first = np.searchsorted(memory, memory[None, :] - capacity[:, None], side="left")
+    return compute, first
+
+
 def _runs(problem: Problem, cut: np.ndarray) -> tuple[int, ...] | None:
     """The DP of the module docstring; None when no run placement fits memory."""
     n, num_devices = problem.num_layers, problem.num_devices
@@ -119,13 +145,7 @@ def _runs(problem: Problem, cut: np.ndarray) -> tuple[int, ...] | None:
         return ()
     throughput = problem.objective is Objective.THROUGHPUT
     start = num_devices  # Row of G standing for "no earlier run" (only at j = 0).
-    compute = np.vstack(
-        [np.zeros(num_devices), np.cumsum(np.asarray(problem.compute_s, dtype=float), axis=0)]
-    )  # compute[k, g]: layers 0..k-1 on device g
-    memory = np.concatenate([[0], np.cumsum(np.asarray(problem.memory, dtype=np.int64))])
-    capacity = np.asarray(problem.capacity, dtype=np.int64)
-    # first[g, k]: the earliest start j of a run [j, k) that fits device g.
-    first = np.searchsorted(memory, memory[None, :] - capacity[:, None], side="left")
+    compute, first = run_tables(problem)
 
     # cost[j, e, g] = G[j, e, g]; e = start is the empty prefix.
     cost = np.full((n + 1, num_devices + 1, num_devices), np.inf)

@@ -28,6 +28,7 @@ from partitioner.ir import Problem, Solution
 from partitioner.options import Objective, Strategy
 from partitioner.devices import format_bytes
 from partitioner.solve._text import device_label, layer_label
+from partitioner.solve.symmetry import canonical
 
 __all__ = ["Transfer", "Evaluation", "evaluate", "simple_lower_bound", "placement_solution"]
 
@@ -189,6 +190,9 @@ def placement_solution(
 ) -> Solution:
     """The `Solution` of a model-parallel placement, with its `evaluate` objective.
 
+    The placement is given as its `canonical` twin (interchangeable devices filled in
+    order, idle ones last), which costs the same, so that every solver answers alike.
+
     Args:
         problem: The cost tables.
         assignment: The placement.
@@ -202,6 +206,7 @@ def placement_solution(
         `Strategy.SINGLE` when one device holds every layer, else
         `Strategy.MODEL_PARALLEL`.
     """
+    assignment = canonical(problem, assignment)
     objective = evaluate(problem, assignment).objective_s
     if lower_bound_s is None:
         lower_bound_s = objective if optimal else simple_lower_bound(problem)

@@ -12,11 +12,14 @@ that the solver's absolute tolerances mean the same on microseconds as on hours)
     m[b, s, e]               = [bundle b moves from s to e]   s < e
                              = z[p, c, s, e] when b has one consumer c, else a variable
                                with m >= z[p, c, s, e] for each consumer c
+    u[d] in {0, 1}           = [device d holds a layer]       d of an interchangeable pair
     cost[b, s, e]            = B_b * seconds_per_byte[s][e] + K_b * latency_s[s][e]
 
     [Monotone]    y[i, d-1] <= y[i, d]
     [Joint]       sum_{e >= s} z[p, c, s, e] = x[p, s],   sum_{s <= e} z[p, c, s, e] = x[c, e]
     [Memory]      sum_i memory[i] x[i, d] <= capacity[d]
+    [Usage]       x[i, d] <= u[d] for every i,   u[d] <= sum_i x[i, d]
+    [Symmetry]    u[d+1] <= u[d]   when devices d and d + 1 are interchangeable
     LATENCY       min sum_{i, d} compute_s[i][d] x[i, d] + sum_{b, s < e} cost[b, s, e] m[b, s, e]
     THROUGHPUT    min T,  T >= sum_i compute_s[i][d] x[i, d]
                                + sum_{b, s < d} cost[b, s, d] m[b, s, d]
@@ -34,6 +37,18 @@ the usual ``m >= x[p, s] + x[c, e] - 1`` (the product of two assignments lineari
 their joint, as Adams & Johnson, 1994, do for the QAP). Cf. the contiguous-placement ILP
 of Tarnawski et al., "Efficient algorithms for device placement of DNN graph
 operators", NeurIPS 2020.
+
+[Symmetry] removes no optimum (`partitioner.solve.symmetry` has the proof) but spares
+the solver the proof of optimality over every relabelling of identical devices: with
+8 identical GPUs and room for the model on 4, there are 70 ways to pick the 4, all of
+them the same plan. The warm start is given as its canonical twin, which meets it.
+
+Neither backend sees the objective's constant term (pulp hands over only the
+variables' costs), yet the relative gap at which the solver stops is measured on
+what it sees. The constant (the compute of layers pinned to one device, and of the
+last device, ``x[i, D-1] = 1 - y[i, D-2]``) can be nearly all of a LATENCY objective,
+the placement moving only transfers, so it rides on a variable fixed at 1: the
+solver then stops at the gap of the whole objective, the one `Solution.gap` reports.
 
 The LATENCY bound is usually close. The THROUGHPUT bound is weak when memory is loose:
 the relaxation spreads every layer over all devices and moves nothing, so large DAGs
@@ -59,6 +74,7 @@ from partitioner.ir import Problem, Solution
 from partitioner.options import Objective, SolverBackend, SolverOptions
 from partitioner.solve.evaluate import evaluate, placement_solution, simple_lower_bound
 from partitioner.solve.feasibility import check_memory, device_ranges, no_contiguous_fit
+from partitioner.solve.symmetry import canonical, interchangeable
 
 __all__ = ["highs_available", "solve_ilp"]
 
@@ -95,6 +111,10 @@ class _Model:
     z: dict[tuple[int, int], dict[tuple[int, int], Any]]
     moved: list[tuple[tuple[int, ...], dict[tuple[int, int], Any]]]
     """Per bundle: its layers (producer, consumers...) and m[s, e] as a variable or z."""
+    usage: dict[int, Any]
+    """u[d] for the devices of interchangeable pairs."""
+    one: Any
+    """The variable fixed at 1 that carries the LATENCY objective's constant, or None."""
     bottleneck: Any
 
 
@@ -126,7 +146,7 @@ def solve_ilp(
     backend = _backend(options.backend)
     if problem.num_devices == 1 or problem.num_layers == 0:  # Nothing to decide.
         return placement_solution(problem, (0,) * problem.num_layers, solver=backend, optimal=True)
-    start = tuple(warm_start) if warm_start is not None else None
+    start = canonical(problem, warm_start) if warm_start is not None else None
     if start is not None and not evaluate(problem, start).feasible:
         start = None
     scale = _time_scale(problem, start)
@@ -176,7 +196,8 @@ def solve_ilp(
             f"(status {pulp.LpStatus[model.problem.status]}); raise time_limit_s or lower "
             f"max_candidates"
         )
-    objective, assignment, solver_name = min(candidates, key=lambda c: c[0])
+    # The cheapest; of equals, the one on the earliest devices (idle devices last).
+    objective, assignment, solver_name = min(candidates, key=lambda c: (c[0], c[1]))
     lower = max(bound * scale if bound is not None else 0.0, simple_lower_bound(problem))
     return placement_solution(
         problem,
@@ -304,6 +325,22 @@ def _build(problem: Problem, scale: float) -> _Model:
             transfer_terms[s, e].append((moves[s, e], seconds))
         moved.append((key, moves))
 
+    # u[d] = [device d holds a layer], for the devices of interchangeable pairs.
+    twins = interchangeable(problem)
+    usage = {
+        d: pulp.LpVariable(f"u_{d}", cat=pulp.LpBinary)
+        for d in sorted({*twins, *(d + 1 for d in twins)})
+    }
+    # [Constraint] Usage: u[d] is 1 exactly when some layer sits on d.
+    for d, u in usage.items():
+        holders = [i for i in range(n) if d in ranges[i]]
+        for i in holders:
+            prob += x(i, d) <= u, f"usage_{i}_{d}"
+        prob += u <= pulp.lpSum(x(i, d) for i in holders), f"usage_{d}"
+    # [Constraint] Symmetry: of two interchangeable devices, the first fills first.
+    for d in twins:
+        prob += usage[d + 1] <= usage[d], f"symmetry_{d}"
+
     # [Constraint] Memory: what a device holds fits its capacity (rows in units of capacity,
     # tightened by the solver's tolerance; +0.5 byte as byte counts are integers).
     for d in range(num_devices):
@@ -324,11 +361,18 @@ def _build(problem: Problem, scale: float) -> _Model:
         )
         for d in range(num_devices)
     ]
-    bottleneck = None
+    bottleneck = one = None
     if problem.objective is Objective.LATENCY:
-        prob += pulp.lpSum(compute) + pulp.lpSum(
+        objective = pulp.lpSum(compute) + pulp.lpSum(
             coef * var for terms in transfer_terms.values() for var, coef in terms
         )
+        constant = float(objective.constant)
+        if constant:
+            # one = 1: carries the objective's constant, so that the solver's gap is the
+            # whole objective's (the module docstring says why).
+            one = pulp.LpVariable("one", 1, 1)
+            objective += constant * one - constant
+        prob += objective
     else:
         # T: the busiest device's compute plus its transfers in and out.
         bottleneck = pulp.LpVariable("T", 0)
@@ -342,7 +386,7 @@ def _build(problem: Problem, scale: float) -> _Model:
                 for var, coef in terms
             ]
             prob += bottleneck >= compute[d] + pulp.lpSum(touching), f"load_{d}"
-    return _Model(problem=prob, y=y, z=z, moved=moved, bottleneck=bottleneck)
+    return _Model(problem=prob, y=y, z=z, moved=moved, usage=usage, one=one, bottleneck=bottleneck)
 
 
 def _set_start(model: _Model, problem: Problem, start: tuple[int, ...], scale: float) -> None:
@@ -359,6 +403,10 @@ def _set_start(model: _Model, problem: Problem, start: tuple[int, ...], scale: f
         for (s, e), var in moves.items():
             if var.name.startswith("m_"):
                 var.setInitialValue(1 if start[key[0]] == s and e in destinations else 0)
+    for d, u in model.usage.items():
+        u.setInitialValue(1 if d in start else 0)
+    if model.one is not None:
+        model.one.setInitialValue(1)
     if model.bottleneck is not None:
         model.bottleneck.setInitialValue(evaluate(problem, start).bottleneck_s / scale)
 
@@ -374,18 +422,17 @@ _CBC_BOUND = re.compile(r"^Lower bound:\s*(\S+)", re.MULTILINE)
 def _bound(prob: pulp.LpProblem, backend: str, log_path: str | None, gap: float) -> float | None:
     """The solver's proven lower bound on the objective (model units), if it reports one.
 
-    Neither backend sees the objective's constant term (pulp passes only the variables'
-    costs), so it is added back here.
+    The objective has no constant term (`_build` puts it on a variable), so the bound the
+    solver sees is the objective's.
     """
-    offset = float(prob.objective.constant)
     if backend == "highs":
         bound = float(prob.solverModel.getInfo().mip_dual_bound)
-        return bound + offset if np.isfinite(bound) else None
+        return bound if np.isfinite(bound) else None
     assert log_path is not None
     with open(log_path) as log:
         match = _CBC_BOUND.search(log.read())
     if match is not None:
-        return float(match.group(1)) + offset
+        return float(match.group(1))
     incumbent = prob.objective.value()
     if prob.sol_status == pulp.LpSolutionOptimal and incumbent is not None:
         # CBC prints no bound when it proves optimality: it stopped within the gap.
