@@ -209,6 +209,15 @@ class _Totals:
     traffic: int = 0
     nodes: int = 0
 
+    def own(self, name: str, tensor: torch.Tensor, is_param: bool) -> None:
+        """Count `tensor` (reachable as `name`) as placed with this layer."""
+        self.params.append(name)
+        size = tensor.numel() * tensor.element_size()
+        if is_param:
+            self.param_bytes += size
+        else:
+            self.buffer_bytes += size
+
 
 def _layer_records(
     gm: fx.GraphModule,
@@ -229,11 +238,7 @@ def _layer_records(
             if id(t) in seen:
                 continue
             seen.add(id(t))
-            a.params.append(name)
-            if id(t) in param_ids:
-                a.param_bytes += t.numel() * t.element_size()
-            else:
-                a.buffer_bytes += t.numel() * t.element_size()
+            a.own(name, t, id(t) in param_ids)
         if n.op != "get_attr" and _own_key(n, traced) is not None:
             a.modules.append(key[n].split("@")[0])
         s = stats.get(n.name)
@@ -247,11 +252,7 @@ def _layer_records(
     for name, t in unused:
         if id(t) not in seen and acc:
             seen.add(id(t))
-            acc[0].params.append(name)
-            if id(t) in param_ids:
-                acc[0].param_bytes += t.numel() * t.element_size()
-            else:
-                acc[0].buffer_bytes += t.numel() * t.element_size()
+            acc[0].own(name, t, id(t) in param_ids)
     layers = []
     for i, (keys, a) in enumerate(zip(members, acc)):
         name = keys[0] if len(keys) == 1 else f"{keys[0]}..{keys[-1]}"
