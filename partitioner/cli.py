@@ -2,17 +2,26 @@
 
     partitioner plan gpt2-xl --devices "a100-80gb x4"          plan and print the report
     partitioner plan llama-70b --devices "a100-80gb x8" --json  the plan as JSON
+    partitioner plan gpt2-xl --cluster mixed-8 --train --global-batch 64 --timeline step.png
+                                                                a training step: pipeline x data parallel
     partitioner profile --device cpu --out my-cpu.json          measure a device's profile
-    partitioner models | partitioner profiles                   what can be named
+    partitioner models | profiles | clusters                    what can be named
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from partitioner.errors import PartitionerError
+from partitioner.options import Precision, Recompute
+from partitioner.simulate.data import PipelineSchedule
+
+if TYPE_CHECKING:
+    from partitioner.options import TrainingOptions
 
 __all__ = ["main", "build_parser"]
 
@@ -24,11 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="plan a model onto devices and print the report")
     p.add_argument("model", help="a built-in model name (see `partitioner models`) or path/to/file.py:factory")
-    p.add_argument(
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
         "--devices",
         nargs="+",
-        required=True,
         help='device strings: "a100-80gb x4", "cuda:0", "cpu", "v100,v100", a profile file...',
+    )
+    where.add_argument(
+        "--cluster",
+        help="a cluster profile's name (see `partitioner clusters`) or .json file; plans a training step (--train)",
     )
     p.add_argument("--batch-size", type=int, default=1, help="examples per batch (built-in models)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (built-in models)")
@@ -44,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default="auto", choices=["auto", "highs", "cbc", "dp"])
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the report")
     p.add_argument("--out", default=None, help="also write the plan's JSON to this file")
+    t = p.add_argument_group("training plans (--train with --cluster or --global-batch): pipeline x data parallel")
+    t.add_argument("--global-batch", type=int, default=None, help="samples per optimizer step (default: --batch-size)")
+    t.add_argument("--precision", default="auto", choices=[x.value for x in Precision])
+    t.add_argument("--schedules", nargs="+", default=None, choices=[x.value for x in PipelineSchedule])
+    t.add_argument("--max-stages", type=int, default=None, help="most pipeline stages (default: one per layer)")
+    t.add_argument("--max-virtual-stages", type=int, default=4, help="most stages per rank when interleaved")
+    t.add_argument("--min-microbatches", type=int, default=1)
+    t.add_argument("--max-microbatches", type=int, default=128)
+    t.add_argument("--recompute", default="auto", choices=[x.value for x in Recompute])
+    t.add_argument("--overlap-allreduce", action="store_true", help="all-reduce gradients during the last backward")
+    t.add_argument("--timeline", default=None, metavar="PATH", help="draw the step as a Gantt chart (.png, .svg, .pdf)")
 
     q = sub.add_parser("profile", help="measure a present device and write its profile JSON")
     q.add_argument("--device", required=True, help="cpu, cuda or cuda:N")
@@ -54,16 +78,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the built-in models")
     sub.add_parser("profiles", help="list the device profiles found")
+    sub.add_parser("clusters", help="list the cluster profiles found")
     return parser
+
+
+def _training_options(args: argparse.Namespace) -> TrainingOptions:
+    from partitioner.options import Optimizer, TrainingOptions
+
+    schedules = {"schedules": tuple(PipelineSchedule(x) for x in args.schedules)} if args.schedules else {}
+    return TrainingOptions(
+        global_batch=args.global_batch or args.batch_size,
+        optimizer=Optimizer(args.optimizer),
+        precision=Precision(args.precision),
+        max_stages=args.max_stages,
+        max_virtual_stages=args.max_virtual_stages,
+        min_microbatches=args.min_microbatches,
+        max_microbatches=args.max_microbatches,
+        recompute=Recompute(args.recompute),
+        overlap_allreduce=args.overlap_allreduce,
+        memory_reserve=args.reserve,
+        **schedules,
+    )
+
+
+def _write_out(path: str | None, text: str) -> None:
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    except OSError as e:
+        raise PartitionerError(f"cannot write --out {path!r}: {e.strerror or e}") from None
 
 
 def _plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from partitioner.api import compile_plan
+    from partitioner.cluster import load_cluster
     from partitioner.devices import parse_bytes
     from partitioner.models import build_model
     from partitioner.options import Objective, Optimizer, PlanOptions, SolverBackend, SolverOptions
+    from partitioner.report import render_plan_timeline
+    from partitioner.training import compile_training
 
     max_memory: dict[str | int, int | str] = {}
     for item in args.max_memory:
@@ -71,42 +128,47 @@ def _plan(args: argparse.Namespace) -> int:
         if not sep:
             raise PartitionerError(f"--max-memory takes DEVICE=SIZE (e.g. cuda:0=20GB), got {item!r}")
         max_memory[key] = parse_bytes(size)
-    options = PlanOptions(
-        objective=Objective(args.objective),
-        training=args.train,
-        optimizer=Optimizer(args.optimizer),
-        allow_data_parallel=not args.no_data_parallel,
-        memory_reserve=args.reserve,
-        solver=SolverOptions(backend=SolverBackend(args.solver), time_limit_s=args.time_limit),
-    )
+    training = bool(args.cluster or args.global_batch)
+    if training and not args.train:
+        raise PartitionerError("--cluster and --global-batch plan a training step: add --train")
+    if args.timeline and not training:
+        raise PartitionerError("--timeline draws a training plan: add --train and --cluster or --global-batch")
+    compile_fn: Callable[..., Any]
+    if training:
+        compile_fn = functools.partial(compile_training, options=_training_options(args))
+        devices: Any = load_cluster(args.cluster) if args.cluster else args.devices
+    else:
+        options = PlanOptions(
+            objective=Objective(args.objective),
+            training=args.train,
+            optimizer=Optimizer(args.optimizer),
+            allow_data_parallel=not args.no_data_parallel,
+            memory_reserve=args.reserve,
+            solver=SolverOptions(backend=SolverBackend(args.solver), time_limit_s=args.time_limit),
+        )
+        compile_fn, devices = functools.partial(compile_plan, options=options), args.devices
     err = Console(stderr=True)
     with err.status(f"building {args.model}") as status:
         # A file's factory makes its own inputs: build_model refuses sizes for it rather than ignore them.
         built = build_model(args.model, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len)
-        compiled = compile_plan(
+        compiled = compile_fn(
             built.model,
-            args.devices,
+            devices,
             built.example_args,
             built.example_kwargs,
-            options=options,
             max_memory=max_memory or None,
             granularity=args.granularity,
             split_modules=built.no_split_module_classes,
             progress=status.update,
         )
     t = compiled.timings_s
-    err.print(
-        f"traced in {t['trace_s']:.1f} s, profiled in {t['profile_s']:.1f} s, solved in {t['solve_s']:.1f} s",
-        style="dim",
-    )
+    solved = f"planned in {t['tables_s'] + t['solve_s']:.1f} s" if training else f"solved in {t['solve_s']:.1f} s"
+    err.print(f"traced in {t['trace_s']:.1f} s, profiled in {t['profile_s']:.1f} s, {solved}", style="dim")
     text = compiled.plan.to_json()
     print(text if args.json else str(compiled.plan))
-    if args.out:
-        try:
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        except OSError as e:
-            raise PartitionerError(f"cannot write --out {args.out!r}: {e.strerror or e}") from None
+    if args.timeline:
+        err.print(f"timeline written to {render_plan_timeline(compiled.plan, args.timeline)}", style="dim")
+    _write_out(args.out, text)
     return 0
 
 
@@ -132,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from partitioner.models import available_models
 
             print("\n".join(available_models()))
+            return 0
+        if args.command == "clusters":
+            from partitioner.cluster import available_clusters
+
+            print("\n".join(available_clusters()))
             return 0
         from partitioner.devices import available_profiles
 

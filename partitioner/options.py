@@ -5,7 +5,19 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Objective", "Strategy", "Optimizer", "SolverBackend", "PlanOptions", "SolverOptions"]
+from partitioner.simulate.data import PipelineSchedule
+
+__all__ = [
+    "Objective",
+    "Strategy",
+    "Optimizer",
+    "SolverBackend",
+    "PlanOptions",
+    "SolverOptions",
+    "Precision",
+    "Recompute",
+    "TrainingOptions",
+]
 
 
 class Objective(str, enum.Enum):
@@ -99,5 +111,103 @@ class PlanOptions:
     """Solver settings."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.memory_reserve < 1:
+            raise ValueError(f"memory_reserve must be in [0, 1) (got {self.memory_reserve})")
+
+
+# --------------------------------------------------------------------------- training plans
+
+
+class Precision(str, enum.Enum):
+    """Number formats of a training step (what its memory and its compute ceiling depend on)."""
+
+    AUTO = "auto"
+    """``bf16`` where every device has a bfloat16 path, else ``fp16`` where every device
+    has a float16 one (V100), else ``fp32``."""
+    FP32 = "fp32"
+    """Weights, gradients, optimizer state and activations in float32."""
+    BF16 = "bf16"
+    """Mixed precision: bfloat16 weights, gradients and activations, float32 master weights
+    and optimizer state (Micikevicius et al. 2018, arXiv:1710.03740)."""
+    FP16 = "fp16"
+    """As `BF16` with float16 (and loss scaling, which costs no memory)."""
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype whose peak FLOP/s the roofline uses (``float32``, ``bfloat16``, ``float16``)."""
+        if self is Precision.AUTO:
+            raise ValueError("Precision.AUTO has no dtype until it is resolved for the devices")
+        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.value]
+
+    @property
+    def element_bytes(self) -> int:
+        """Bytes of one weight, gradient or activation element (4, or 2 when mixed)."""
+        return 4 if self is Precision.FP32 else 2
+
+    @property
+    def mixed(self) -> bool:
+        """Half-precision compute with float32 master weights."""
+        return self in (Precision.BF16, Precision.FP16)
+
+
+class Recompute(str, enum.Enum):
+    """Activation recomputation (checkpointing) per pipeline stage."""
+
+    NEVER = "never"
+    AUTO = "auto"
+    """A stage recomputes only where its layers would not fit otherwise."""
+    ALWAYS = "always"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingOptions:
+    """What a training plan (`partitioner.training.plan_training`) may choose from.
+
+    The planner picks the stages, replicas per stage, microbatch count, schedule and
+    recomputation inside these limits; see docs/training.md for the search space.
+    """
+
+    global_batch: int | None = None
+    """Samples per optimizer step; None takes the example inputs' batch size."""
+    optimizer: Optimizer = Optimizer.ADAM
+    """Whose state counts towards memory (Adam and AdamW keep two moments)."""
+    precision: Precision = Precision.AUTO
+    """Number formats; see `Precision`."""
+    schedules: tuple[PipelineSchedule, ...] = (
+        PipelineSchedule.GPIPE,
+        PipelineSchedule.ONE_F_ONE_B,
+        PipelineSchedule.INTERLEAVED_1F1B,
+    )
+    """Pipeline schedules to consider."""
+    max_stages: int | None = None
+    """Most pipeline stages (counting every virtual stage); None: up to one per layer."""
+    max_virtual_stages: int = 4
+    """Most stages per rank under interleaved 1F1B (2 up to this)."""
+    min_microbatches: int = 1
+    """Fewest microbatches per step."""
+    max_microbatches: int = 128
+    """Most microbatches per step (simulation time grows with stages x microbatches)."""
+    recompute: Recompute = Recompute.AUTO
+    """Activation recomputation per stage."""
+    overlap_allreduce: bool = False
+    """Start each stage's gradient all-reduce during its last backward (DDP's bucketing)
+    instead of after it (as torch.distributed.pipelining does by default)."""
+    memory_reserve: float = 0.1
+    """Fraction of each device's memory kept free (allocator, workspace, communicator buffers)."""
+
+    def __post_init__(self) -> None:
+        if self.global_batch is not None and (isinstance(self.global_batch, bool) or self.global_batch < 1):
+            raise ValueError(f"global_batch must be >= 1 samples (got {self.global_batch})")
+        object.__setattr__(self, "schedules", tuple(PipelineSchedule(s) for s in self.schedules))
+        if not self.schedules:
+            raise ValueError("schedules must name at least one pipeline schedule")
+        if self.max_stages is not None and self.max_stages < 1:
+            raise ValueError(f"max_stages must be >= 1 (got {self.max_stages})")
+        if self.max_virtual_stages < 2 and PipelineSchedule.INTERLEAVED_1F1B in self.schedules:
+            raise ValueError(f"max_virtual_stages must be >= 2 for interleaved 1F1B (got {self.max_virtual_stages})")
+        if not 1 <= self.min_microbatches <= self.max_microbatches:
+            raise ValueError(
+                f"need 1 <= min_microbatches <= max_microbatches (got {self.min_microbatches}, {self.max_microbatches})"
+            )
         if not 0 <= self.memory_reserve < 1:
             raise ValueError(f"memory_reserve must be in [0, 1) (got {self.memory_reserve})")

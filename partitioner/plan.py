@@ -2,7 +2,9 @@
 
 A plan prints as a readable table (`partitioner.report`), saves as JSON and loads back
 (`Plan.to_json` / `Plan.from_json`, validated, never pickle), and exports an
-Accelerate-style ``device_map``.
+Accelerate-style ``device_map``. A training plan from `partitioner.training` also holds a
+`PipelinePlan`: its stages (layer ranges on replicated device groups, per-stage times and
+memory), microbatches, schedule, runner-up strategies and throughput.
 """
 
 from __future__ import annotations
@@ -11,13 +13,27 @@ import enum
 import json
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from partitioner.errors import PlanFormatError
 from partitioner.options import Objective, Strategy
 
-__all__ = ["PLAN_VERSION", "PlanDevice", "PlanLayer", "PlanTransfer", "SolverInfo", "Plan"]
+if TYPE_CHECKING:
+    from partitioner.simulate import StageCost, Timeline
+
+__all__ = [
+    "PLAN_VERSION",
+    "PlanDevice",
+    "PlanLayer",
+    "PlanTransfer",
+    "SolverInfo",
+    "PlanStage",
+    "PlanCandidate",
+    "PipelinePlan",
+    "Plan",
+]
 
 PLAN_VERSION = 1
 
@@ -89,6 +105,147 @@ class SolverInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PlanStage:
+    """One pipeline stage of a training plan: contiguous layers, replicated over a device group.
+
+    Times are seconds per microbatch (all-reduce: per step), sizes bytes per device.
+    Peak memory is ``weight + grad + optimizer + buffer + recompute bytes`` plus
+    ``inflight_microbatches x microbatch_activation_bytes``.
+    """
+
+    index: int
+    rank: int
+    """The pipeline rank running it (its index, unless ranks hold several stages when interleaved)."""
+    first_layer: int
+    """Index into `Plan.layers` of its first layer."""
+    last_layer: int
+    """Index into `Plan.layers` of its last layer (inclusive)."""
+    devices: tuple[int, ...]
+    """Indices into `Plan.devices` of its replicas (data parallel inside the stage)."""
+    profile: str
+    """Device profile of its replicas (``a+b`` for a group of two kinds, run at the slower's pace)."""
+    samples: int
+    """Samples of one microbatch on each replica."""
+    recompute: bool
+    """Whether it recomputes its forward in backward, keeping only its input per microbatch."""
+    fwd_s: float
+    bwd_s: float
+    """Backward of one microbatch, the recomputed forward included."""
+    send_fwd_s: float
+    """Activations of one microbatch to the next stage."""
+    send_bwd_s: float
+    """Input gradients of one microbatch to the previous stage."""
+    allreduce_s: float
+    """Ring all-reduce of its gradients over its replicas, once per step."""
+    weight_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    """Optimizer state, and the float32 master weights under mixed precision."""
+    buffer_bytes: int
+    """Model buffers, and send and receive buffers for one microbatch at each boundary."""
+    recompute_bytes: int
+    """Activations of one microbatch rebuilt during its backward (0 without recomputation)."""
+    microbatch_activation_bytes: int
+    """Kept per microbatch in flight: saved activations, or the stage's input when recomputing."""
+    inflight_microbatches: int
+    """Most microbatches between forward and backward at once, under the schedule."""
+    peak_memory_bytes: int
+    capacity_bytes: int
+    """Memory each device of the stage may use (after the reserve; a share of it when interleaved)."""
+
+    @property
+    def static_bytes(self) -> int:
+        """What the stage holds throughout the step (the simulator's ``static_bytes``)."""
+        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes + self.buffer_bytes + self.recompute_bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanCandidate:
+    """A strategy the planner weighed, for the report's comparison."""
+
+    label: str
+    """``chosen``, ``data parallel``, ``pipeline``, ``hybrid``, ``equal layers`` or ``DP split``."""
+    description: str
+    """Its configuration in words (stages, replicas, schedule, microbatches)."""
+    step_time_s: float | None
+    """Simulated step time; None when nothing of its kind fits or exists."""
+    samples_per_s: float | None
+    note: str
+    """Why it is not the plan (or what binds)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelinePlan:
+    """How a training step runs: stages, microbatches, schedule, and what it costs."""
+
+    family: str
+    """``data parallel``, ``pipeline``, ``hybrid`` (stages on groups of devices) or ``single device``."""
+    description: str
+    """The configuration in words (stages, replicas, kinds, schedule, microbatches)."""
+    schedule: str
+    """``gpipe``, ``1f1b`` or ``interleaved_1f1b`` (`partitioner.simulate.PipelineSchedule`)."""
+    microbatches: int
+    virtual_stages: int
+    """Stages per rank (1 unless interleaved)."""
+    global_batch: int
+    precision: str
+    optimizer: str
+    overlap_allreduce: bool
+    layout: str
+    """How replicas and stages lie on the nodes, in words."""
+    split: str
+    """How the layers were cut: ``dp`` (the least-bottleneck split) or ``equal`` (equal layer
+    counts, which the simulator found faster)."""
+    stages: tuple[PlanStage, ...]
+    step_time_s: float
+    """Makespan of one step, simulated (`partitioner.simulate.simulate` of `stages`)."""
+    bubble_fraction: float
+    samples_per_s: float
+    model_flops: float
+    """Forward and backward FLOPs of one step, without recomputation."""
+    peak_flops: float
+    """Sum over every device of the cluster of its peak FLOP/s at the compute dtype."""
+    mfu: float
+    """Model FLOPs utilisation: ``model_flops / (step_time_s x peak_flops)``."""
+    bound_s: float
+    """Total compute / total device speed: every device busy, no bubble, no communication."""
+    lower_bound_s: float
+    """No plan in the search space steps faster: the bottleneck rank's busy time plus its
+    exposed all-reduce, minimised over the space by the DP."""
+    runner_ups: tuple[PlanCandidate, ...]
+    space: str
+    """The search space, in words."""
+    configurations: int
+    """Configurations (device groups x microbatches x schedule) in the space."""
+    solved: int
+    """Configurations whose stages the DP placed (the others were pruned by their bound)."""
+    simulated: int
+    """Partitions whose step was played out."""
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.stages) // self.virtual_stages
+
+    def stage_costs(self, device_names: Sequence[str]) -> tuple[StageCost, ...]:
+        """The simulator's input for these stages (`device_names`: the plan's device names)."""
+        from partitioner.simulate import StageCost
+
+        return tuple(
+            StageCost(
+                fwd_s=s.fwd_s,
+                bwd_s=s.bwd_s,
+                send_fwd_s=s.send_fwd_s,
+                send_bwd_s=s.send_bwd_s,
+                activation_bytes=s.microbatch_activation_bytes,
+                static_bytes=s.static_bytes,
+                allreduce_s=s.allreduce_s,
+                devices=tuple(device_names[d] for d in s.devices),
+            )
+            for s in self.stages
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:
     """A placement of a model's layers on devices, with its predicted costs."""
 
@@ -111,6 +268,9 @@ class Plan:
     bound_s: float
     """Perfect balance: ``max(total compute / devices, largest layer)``, each layer on its fastest device."""
     solver: SolverInfo
+    pipeline: PipelinePlan | None = None
+    """The training pipeline (stages, microbatches, schedule), for plans of `partitioner.training`.
+    Each layer's `PlanLayer.device` is then its stage's first replica."""
 
     # ------------------------------------------------------------------ views
     @property
@@ -138,6 +298,8 @@ class Plan:
         """
         if self.strategy is Strategy.DATA_PARALLEL:
             raise ValueError("a data-parallel plan replicates the model; it has no device_map")
+        if self.pipeline is not None and any(len(s.devices) > 1 for s in self.pipeline.stages):
+            raise ValueError("the plan replicates its stages over device groups; a device_map places one copy")
         gpu_ordinal = _gpu_ordinals(self.devices)
 
         def target(i: int) -> int | str:
@@ -171,10 +333,31 @@ class Plan:
 
         return render_text(self)
 
+    def simulate_pipeline(self) -> Timeline:
+        """Play the training plan's step in the simulator (its `PipelinePlan.step_time_s` comes from this).
+
+        Raises:
+            ValueError: The plan has no pipeline (it was not made by `partitioner.training`).
+        """
+        from partitioner.simulate import simulate
+
+        if self.pipeline is None:
+            raise ValueError("this plan has no pipeline; plan it with partitioner.training.plan_training")
+        p = self.pipeline
+        stages = p.stage_costs([d.name for d in self.devices])
+        return simulate(
+            stages, p.microbatches, p.schedule, overlap_allreduce=p.overlap_allreduce, virtual_stages=p.virtual_stages
+        )
+
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        """Plain data, as `from_json` reads it: lists for tuples, enums as strings, float fields as floats."""
-        return {"version": PLAN_VERSION, **_plain(self)}
+        """Plain data, as `from_json` reads it: lists for tuples, enums as strings, float fields as floats.
+
+        ``pipeline`` is left out when None, so plans without one read as they always did."""
+        data = {"version": PLAN_VERSION, **_plain(self)}
+        if data["pipeline"] is None:
+            del data["pipeline"]
+        return data
 
     def to_json(self, indent: int | None = 2) -> str:
         """The plan as JSON, byte-for-byte the same for the same plan."""
@@ -201,6 +384,8 @@ class Plan:
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
         """Validate plain data and build a plan (see `from_json`)."""
+        if isinstance(data, dict) and "pipeline" not in data:
+            data = {**data, "pipeline": None}
         d = _record(data, "plan", {f.name for f in fields(cls)} | {"version"})
         version = d.pop("version")
         if type(version) is not int or version != PLAN_VERSION:
@@ -216,6 +401,8 @@ class Plan:
             _build(PlanTransfer, x, f"transfers[{i}]") for i, x in enumerate(_list(d["transfers"], "transfers"))
         )
         d["solver"] = _build(SolverInfo, d["solver"], "solver")
+        if d["pipeline"] is not None:
+            d["pipeline"] = _build_pipeline(d["pipeline"])
         plan = _build(Plan, d, "plan", nested=True)
         _check_meaning(plan)
         return plan
@@ -246,10 +433,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(x) for x in value]
     if is_dataclass(value):
-        return {
-            f.name: float(getattr(value, f.name)) if f.type == "float" else _plain(getattr(value, f.name))
-            for f in fields(value)
-        }
+        out = {}
+        for f in fields(value):
+            x = getattr(value, f.name)
+            out[f.name] = float(x) if f.type in ("float", "float | None") and x is not None else _plain(x)
+        return out
     return value
 
 
@@ -283,17 +471,36 @@ def _check_value(value: Any, annotation: str, where: str) -> Any:
     elif annotation == "int":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _INT_LIMIT:
             raise PlanFormatError(f"{where} must be an integer in [0, 2**62) (got {value!r})")
-    elif annotation == "float":
+    elif annotation in ("float", "float | None"):
+        if value is None and annotation == "float | None":
+            return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             math.isfinite(value) and 0 <= value < _FLOAT_LIMIT
         ):
             raise PlanFormatError(f"{where} must be a finite number in [0, 1e30) (got {value!r})")
         return float(value)
+    elif annotation == "tuple[int, ...]":
+        if not isinstance(value, list):
+            raise PlanFormatError(f"{where} must be a list of integers")
+        return tuple(_check_value(x, "int", f"{where}[{k}]") for k, x in enumerate(value))
     elif annotation == "tuple[str, ...]":
         if not isinstance(value, list) or not all(isinstance(x, str) and _is_utf8(x) for x in value):
             raise PlanFormatError(f"{where} must be a list of strings")
         return tuple(value)
     return value
+
+
+def _build_pipeline(data: Any) -> PipelinePlan:
+    d = _record(data, "pipeline", {f.name for f in fields(PipelinePlan)})
+    d["stages"] = tuple(
+        _build(PlanStage, x, f"pipeline.stages[{i}]") for i, x in enumerate(_list(d["stages"], "pipeline.stages"))
+    )
+    d["runner_ups"] = tuple(
+        _build(PlanCandidate, x, f"pipeline.runner_ups[{i}]")
+        for i, x in enumerate(_list(d["runner_ups"], "pipeline.runner_ups"))
+    )
+    pipeline: PipelinePlan = _build(PipelinePlan, d, "pipeline", nested=True)
+    return pipeline
 
 
 def _is_utf8(text: str) -> bool:
@@ -323,6 +530,47 @@ def _check_meaning(plan: Plan) -> None:
     bad = [l.name for l in plan.layers if l.device >= n] + [t.value for t in plan.transfers if max(t.src, t.dst) >= n]
     if bad or plan.output_device >= n:
         raise PlanFormatError(f"plan refers to devices beyond its {n} devices ({bad[:3] or 'output_device'})")
+    if plan.pipeline is not None:
+        _check_pipeline(plan.pipeline, n, len(plan.layers))
+
+
+_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+def _check_pipeline(p: PipelinePlan, num_devices: int, num_layers: int) -> None:
+    """Stages cover the layers in order, ranks own disjoint devices, counts make sense."""
+    if p.schedule not in _SCHEDULES:
+        raise PlanFormatError(f"pipeline.schedule must be one of {', '.join(_SCHEDULES)} (got {p.schedule!r})")
+    if p.microbatches < 1 or p.virtual_stages < 1 or p.global_batch < 1:
+        raise PlanFormatError("pipeline.microbatches, virtual_stages and global_batch must be >= 1")
+    if not p.stages or len(p.stages) % p.virtual_stages:
+        raise PlanFormatError(
+            f"pipeline has {len(p.stages)} stages; it needs a positive multiple of virtual_stages ({p.virtual_stages})"
+        )
+    if p.bubble_fraction > 1:
+        raise PlanFormatError(f"pipeline.bubble_fraction is a fraction in [0, 1] (got {p.bubble_fraction})")
+    ranks = p.num_ranks
+    expected = 0
+    owner: dict[int, int] = {}
+    for j, s in enumerate(p.stages):
+        where = f"pipeline.stages[{j}]"
+        if s.index != j or s.rank != j % ranks:
+            raise PlanFormatError(f"{where} must have index {j} and rank {j % ranks} (got {s.index}, {s.rank})")
+        if s.first_layer != expected or s.last_layer < s.first_layer:
+            raise PlanFormatError(
+                f"{where} holds layers {s.first_layer}..{s.last_layer}; stages must cover the layers in order "
+                f"(this one starting at layer {expected})"
+            )
+        expected = s.last_layer + 1
+        if not s.devices or len(set(s.devices)) != len(s.devices) or max(s.devices) >= num_devices:
+            raise PlanFormatError(f"{where}.devices must be distinct indices below {num_devices} (got {list(s.devices)})")
+        if s.devices != p.stages[j % ranks].devices:
+            raise PlanFormatError(f"{where} runs on rank {s.rank}, so it needs that rank's devices")
+        for d in s.devices:
+            if owner.setdefault(d, s.rank) != s.rank:
+                raise PlanFormatError(f"device {d} is in ranks {owner[d]} and {s.rank}; a device belongs to one rank")
+    if expected != num_layers:
+        raise PlanFormatError(f"pipeline stages cover {expected} layers of {num_layers}")
 
 
 def _gpu_ordinals(devices: tuple[PlanDevice, ...]) -> dict[int, int]:

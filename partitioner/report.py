@@ -1,12 +1,20 @@
-"""Render a plan for people: per device, the layers it holds, memory, compute and transfers."""
+"""Render a plan for people: per device, the layers it holds, memory, compute and transfers.
+
+A training plan (with a `PipelinePlan`) renders per stage instead: the strategy and why,
+its runner-ups, throughput and MFU against the bounds, and each stage's memory broken down
+against its capacity.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 from partitioner.devices import format_bytes
 from partitioner.options import Strategy
-from partitioner.plan import Plan, PlanLayer
+from partitioner.plan import PipelinePlan, Plan, PlanLayer, PlanStage
 
-__all__ = ["render_text", "layer_ranges", "format_seconds"]
+__all__ = ["render_text", "render_training", "render_plan_timeline", "layer_ranges", "format_seconds", "device_list"]
 
 
 def format_seconds(s: float) -> str:
@@ -39,6 +47,8 @@ def _share(used: int, capacity: int) -> str:
 
 def render_text(plan: Plan) -> str:
     """The plan as a table, with the strategy, predicted time and the bound it is judged against."""
+    if plan.pipeline is not None:
+        return render_training(plan)
     mode = "training step" if plan.training else "inference"
     ratio = plan.predicted_s / plan.bound_s if plan.bound_s > 0 else float("nan")
     status = "optimal" if plan.solver.optimal else f"not proved optimal (gap {plan.solver.gap:.2%})"
@@ -91,3 +101,174 @@ def render_text(plan: Plan) -> str:
             lines.append(f"  ... {len(plan.transfers) - 12} more")
     lines.append(f"outputs gathered on {plan.devices[plan.output_device].name}")
     return "\n".join(lines)
+
+
+
+# --------------------------------------------------------------------------- training plans
+
+_MAX_STAGE_ROWS = 24
+"""Longer pipelines show their first and last stages (a 64-stage table hides the point)."""
+
+
+def device_list(names: Sequence[str]) -> str:
+    """``dgx0/0-7`` for a node's devices ``dgx0/0`` .. ``dgx0/7``; nodes after the third elided."""
+    by_node: dict[str, list[str]] = {}
+    for name in names:
+        node, sep, local = name.rpartition("/")
+        by_node.setdefault(node if sep else "", []).append(local if sep else name)
+    parts = []
+    for node, locals_ in by_node.items():
+        if node and all(x.isdigit() for x in locals_):
+            numbers = [int(x) for x in locals_]
+            contiguous = numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+            text = f"{numbers[0]}-{numbers[-1]}" if contiguous and len(numbers) > 1 else ",".join(locals_)
+            parts.append(f"{node}/{text}")
+        else:
+            parts.extend(f"{node}/{x}" if node else x for x in locals_)
+    if len(parts) > 3:
+        return f"{', '.join(parts[:3])} +{len(parts) - 3} more"
+    return ", ".join(parts)
+
+
+def _stage_layers(plan: Plan, stage: PlanStage) -> str:
+    first, last = plan.layers[stage.first_layer].name, plan.layers[stage.last_layer].name
+    count = stage.last_layer - stage.first_layer + 1
+    return first if count == 1 else f"{first} .. {last} ({count})"
+
+
+def _stage_rows(plan: Plan, p: PipelinePlan) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for s in p.stages:
+        activations = s.inflight_microbatches * s.microbatch_activation_bytes + s.recompute_bytes
+        rows.append(
+            (
+                str(s.index),
+                _stage_layers(plan, s),
+                device_list([plan.devices[d].name for d in s.devices]),
+                s.profile,
+                str(s.samples),
+                "yes" if s.recompute else "no",
+                f"{format_seconds(s.fwd_s)} / {format_seconds(s.bwd_s)}",
+                f"{format_seconds(s.send_fwd_s)} / {format_seconds(s.send_bwd_s)}",
+                format_seconds(s.allreduce_s) if len(s.devices) > 1 else "-",
+                format_bytes(s.weight_bytes),
+                format_bytes(s.grad_bytes),
+                format_bytes(s.optimizer_bytes),
+                f"{format_bytes(activations)} ({s.inflight_microbatches} mb)",
+                format_bytes(s.buffer_bytes),
+                f"{format_bytes(s.peak_memory_bytes)} / {format_bytes(s.capacity_bytes)} "
+                f"({_share(s.peak_memory_bytes, s.capacity_bytes)})",
+            )
+        )
+    if len(rows) > _MAX_STAGE_ROWS:
+        head, tail = _MAX_STAGE_ROWS * 2 // 3, _MAX_STAGE_ROWS // 3
+        gap = ("...", f"{len(rows) - head - tail} more stages") + ("",) * (len(rows[0]) - 2)
+        rows = rows[:head] + [gap] + rows[-tail:]
+    return rows
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+
+
+def _why(p: PipelinePlan) -> str:
+    """The runner-ups in one line: how much longer each takes, or why it is out."""
+    parts = []
+    for c in p.runner_ups:
+        if c.label == "chosen":
+            continue
+        name = {"data parallel": "data parallelism", "pipeline": "the best pipeline", "hybrid": "the best hybrid",
+                "equal layers": "equal layer counts", "DP split": "the DP's split"}.get(c.label, c.label)
+        if c.step_time_s is None:
+            parts.append(f"{name} {c.note}")
+        elif p.step_time_s > 0:
+            parts.append(f"{name} {c.step_time_s / p.step_time_s:.2f}x as long")
+    return "the fastest simulated step; " + "; ".join(parts) if parts else "the only configuration that fits"
+
+
+def render_training(plan: Plan) -> str:
+    """A training plan: strategy and why, throughput against the bounds, stages, runner-ups.
+
+    Raises:
+        ValueError: The plan has no pipeline section.
+    """
+    p = plan.pipeline
+    if p is None:
+        raise ValueError("render_training needs a plan with a pipeline (partitioner.training.plan_training)")
+    kinds: dict[str, int] = {}
+    for d in plan.devices:
+        kinds[d.profile] = kinds.get(d.profile, 0) + 1
+    cluster = " + ".join(f"{n} x {k}" for k, n in kinds.items())
+    gap = p.step_time_s / p.lower_bound_s - 1 if p.lower_bound_s > 0 else 0.0
+    lines = [
+        f"partitioner training plan for {plan.model_name} ({len(plan.layers)} layers, {plan.frontend} graph, "
+        f"fingerprint {plan.fingerprint}) on {cluster}",
+        f"strategy: {p.family}: {p.description}",
+        f"  why: {_why(p)}",
+        f"  layers split by {'the DP (least bottleneck)' if p.split == 'dp' else 'equal counts (simulated faster than the DP split)'}"
+        f"; layout: {p.layout}",
+        f"step: {format_seconds(p.step_time_s)} for {p.global_batch} samples = {p.samples_per_s:.4g} samples/s; "
+        f"bubble {p.bubble_fraction:.1%}; {p.precision}, {p.optimizer}"
+        + ("; all-reduce overlapped with backward" if p.overlap_allreduce else ""),
+        f"MFU: {p.mfu:.1%} ({p.model_flops:.3g} model FLOPs per step / step x {p.peak_flops:.3g} peak FLOP/s of all "
+        f"{len(plan.devices)} devices)",
+        f"bound: total compute / total device speed = {format_seconds(p.bound_s)} (step/bound "
+        f"{p.step_time_s / p.bound_s:.2f})" if p.bound_s > 0 else "bound: -",
+        f"search: exact DP per configuration (gap 0 on the bottleneck); no plan in the space steps faster than "
+        f"{format_seconds(p.lower_bound_s)} (this one is within {gap:.1%}); {p.solved} of {p.configurations} "
+        f"configurations solved, {p.simulated} splits simulated",
+        "",
+    ]
+    header = (
+        "stage", "layers", "devices", "kind", "mb", "recompute", "fwd / bwd", "send f / b", "all-reduce",
+        "weights", "grads", "optimizer", "activations", "buffers", "memory / capacity",
+    )
+    lines += _table(header, _stage_rows(plan, p))
+    if p.runner_ups:
+        lines += ["", "strategies compared (simulated step per global batch):"]
+        rows: list[tuple[str, ...]] = []
+        for c in p.runner_ups:
+            step = format_seconds(c.step_time_s) if c.step_time_s is not None else "-"
+            rate = f"{c.samples_per_s:.4g}/s" if c.samples_per_s is not None else "-"
+            rows.append((f"  {c.label}", step, rate, c.description, c.note))
+        lines += _table(("  strategy", "step", "samples", "configuration", "note"), rows)
+    lines += ["", f"space: {p.space}"]
+    return "\n".join(lines)
+
+
+def render_plan_timeline(plan: Plan, path: str | Path, *, max_actions: int = 1024) -> Path:
+    """Draw a training plan's step as a Gantt chart (PNG, SVG or PDF by suffix).
+
+    The step is played by the simulator from the plan's stages. A long pipeline (more
+    than `max_actions` forwards and backwards) is played and drawn with fewer
+    microbatches, the fewest its schedule takes from ``max_actions / (2 x stages)`` up, and
+    the title says so: the shape (warm-up, steady state, drain) is what a picture shows.
+
+    Raises:
+        ValueError: The plan has no pipeline, or a bad suffix.
+        ImportError: matplotlib is missing (``pip install 'partitioner[plot]'``).
+    """
+    from partitioner.simulate import peak_inflight_microbatches, render_timeline, simulate
+
+    p = plan.pipeline
+    if p is None:
+        raise ValueError("render_plan_timeline needs a plan with a pipeline (partitioner.training.plan_training)")
+    shown = p.microbatches
+    if 2 * len(p.stages) * shown > max_actions:
+        shown = max(1, max_actions // (2 * len(p.stages)))
+        while shown < p.microbatches:
+            try:
+                peak_inflight_microbatches(p.schedule, p.num_ranks, shown, p.virtual_stages)
+                break
+            except ValueError:
+                shown += 1  # interleaving takes only some counts
+    stages = p.stage_costs([d.name for d in plan.devices])
+    timeline = simulate(stages, shown, p.schedule, overlap_allreduce=p.overlap_allreduce, virtual_stages=p.virtual_stages)
+    head = f"{plan.model_name}: {p.family}, {len(p.stages)} stages, {p.schedule}"
+    title = (
+        f"{head}, {p.microbatches} microbatches; step {format_seconds(p.step_time_s)}, bubble {p.bubble_fraction:.1%}"
+        if shown == p.microbatches
+        else f"{head}; drawn with {shown} of its {p.microbatches} microbatches"
+    )
+    return render_timeline(timeline, path, title=title)

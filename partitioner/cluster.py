@@ -1,0 +1,405 @@
+"""Clusters: nodes of devices and the links between them (``profiles/clusters/*.json``) -> `Cluster`.
+
+A cluster profile lists node types (how many nodes of each, which devices each holds, the
+links inside a node between device kinds) and the network between nodes; the schema is in
+``profiles/README.md``. `Cluster` is what the training planner reads: the devices in order
+(node by node), the node of each, and a table of seconds per byte and latency for every
+ordered pair of devices. A plain device list (``["a100-80gb x4"]``) is a one-node cluster
+whose links are `partitioner.devices.link_cost`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from partitioner.devices import (
+    Device,
+    DeviceProfile,
+    Link,
+    MaxMemory,
+    _check_link,
+    _FieldError,
+    _object,
+    format_bytes,
+    link_cost,
+    load_profile,
+    profile_search_path,
+    resolve_devices,
+)
+from partitioner.errors import DeviceError, ProfileError
+
+__all__ = [
+    "CLUSTER_DIR",
+    "Cluster",
+    "cluster_from_dict",
+    "load_cluster",
+    "available_clusters",
+    "resolve_cluster",
+]
+
+CLUSTER_DIR = "clusters"
+"""Cluster profiles live in this subdirectory of every profile directory (`profile_search_path`)."""
+
+# Past these a cluster is a typo or too large for the dense link table (devices squared).
+_MAX_DEVICES = 1024
+_MAX_DEVICES_PER_NODE = 64
+_MAX_FILE_BYTES = 1 << 20
+_LINK_KEYS = {f.name for f in fields(Link)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cluster:
+    """Devices grouped in nodes, with the cost of a transfer between any two of them.
+
+    Moving ``n`` bytes from device ``a`` to device ``b`` takes
+    ``n * seconds_per_byte[a][b] + latency_s[a][b]`` seconds (0 when ``a == b``).
+    """
+
+    name: str
+    description: str
+    devices: tuple[Device, ...]
+    """Every device, node by node, in the order the profile lists them."""
+    node_of: tuple[int, ...]
+    """node_of[d]: index into `node_names` of the node holding device d."""
+    node_names: tuple[str, ...]
+    seconds_per_byte: tuple[tuple[float, ...], ...]
+    """seconds_per_byte[a][b]: inverse bandwidth of one transfer a -> b."""
+    latency_s: tuple[tuple[float, ...], ...]
+    """latency_s[a][b]: fixed cost of one transfer a -> b."""
+    links: tuple[str, ...] = ()
+    """One line per kind of link, for people (``nvlink 300 GB/s inside a node``)."""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.devices)
+        if n == 0:
+            raise DeviceError(f"cluster {self.name!r} has no devices")
+        if len(self.node_of) != n or any(not 0 <= k < len(self.node_names) for k in self.node_of):
+            raise DeviceError(f"cluster {self.name!r}: node_of needs one node index per device")
+        for table in (self.seconds_per_byte, self.latency_s):
+            if len(table) != n or any(len(row) != n for row in table):
+                raise DeviceError(f"cluster {self.name!r}: link tables must be {n} x {n}")
+        names = [d.name for d in self.devices]
+        if len(set(names)) != n:
+            raise DeviceError(f"cluster {self.name!r} names a device twice")
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Device profile names, in order of first appearance."""
+        return tuple(dict.fromkeys(d.profile.name for d in self.devices))
+
+    def transfer_s(self, nbytes: float, a: int, b: int) -> float:
+        """Seconds to move `nbytes` bytes from device `a` to device `b` (0 on the same device)."""
+        if a == b:
+            return 0.0
+        return nbytes * self.seconds_per_byte[a][b] + self.latency_s[a][b]
+
+    @classmethod
+    def from_devices(cls, devices: Sequence[Device], name: str = "devices") -> Cluster:
+        """A one-node cluster of `devices`, linked as `partitioner.devices.link_cost` says."""
+        devices = tuple(devices)
+        costs = [[link_cost(a, b) for b in devices] for a in devices]
+        return cls(
+            name=name,
+            description=", ".join(d.name for d in devices),
+            devices=devices,
+            node_of=(0,) * len(devices),
+            node_names=("node",),
+            seconds_per_byte=tuple(tuple(c[0] for c in row) for row in costs),
+            latency_s=tuple(tuple(c[1] for c in row) for row in costs),
+            links=("links from the device profiles (partitioner.devices.link_cost)",),
+            source="device list",
+        )
+
+    def __str__(self) -> str:
+        counts: dict[str, int] = {}
+        for d in self.devices:
+            counts[d.profile.name] = counts.get(d.profile.name, 0) + 1
+        what = ", ".join(f"{n} x {kind}" for kind, n in counts.items())
+        nodes = len(self.node_names)
+        return f"{self.name}: {self.num_devices} devices ({what}) in {nodes} node{'s' if nodes > 1 else ''}"
+
+
+# --------------------------------------------------------------------------- reading profiles
+
+
+def _link_line(link: Link, where: str) -> str:
+    generation = f" {link.generation}" if link.generation is not None else ""
+    return (
+        f"{link.interface}{generation} {link.bandwidth_Bps / 1e9:g} GB/s x {link.efficiency:g}, "
+        f"{link.latency_s * 1e6:g} us {where}"
+    )
+
+
+def _link(where: str, key: str, raw: object, extra: frozenset[str] = frozenset()) -> tuple[Link, dict[str, Any]]:
+    data = _object(where, key, raw, _LINK_KEYS | extra, set())
+    link = Link(**{k: data[k] for k in _LINK_KEYS})
+    try:
+        _check_link(key, link)
+    except _FieldError as e:
+        raise ProfileError(f"{where}: {e.detail}") from None
+    return link, data
+
+
+def _count(where: str, key: str, value: object, upper: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        raise ProfileError(f"{where}: key {key!r} must be an integer in [1, {upper}] (got {value!r})")
+    return value
+
+
+def _text(where: str, key: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ProfileError(f"{where}: key {key!r} must be a non-empty string (got {value!r})")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _NodeType:
+    """One entry of ``nodes``, checked: its devices' profiles and the links between their kinds."""
+
+    name: str
+    count: int
+    kinds: dict[str, tuple[DeviceProfile, int]]
+    """Profile name -> (profile, devices of it per node), in the order listed."""
+    links: dict[frozenset[str], Link]
+    lines: list[str]
+
+
+def _node_type(where: str, key: str, raw: object) -> _NodeType:
+    node = _object(where, key, raw, {"name", "count", "devices", "links"}, set())
+    name = _text(where, f"{key}.name", node["name"])
+    count = _count(where, f"{key}.count", node["count"], _MAX_DEVICES)
+    if not isinstance(node["devices"], list) or not node["devices"]:
+        raise ProfileError(f"{where}: key '{key}.devices' must be a non-empty list")
+    kinds: dict[str, tuple[DeviceProfile, int]] = {}
+    for k, entry in enumerate(node["devices"]):
+        item = _object(where, f"{key}.devices[{k}]", entry, {"profile", "count"}, set())
+        profile = _text(where, f"{key}.devices[{k}].profile", item["profile"])
+        if profile in kinds:
+            raise ProfileError(f"{where}: {key} lists device profile {profile!r} twice; give one count")
+        n = _count(where, f"{key}.devices[{k}].count", item["count"], _MAX_DEVICES_PER_NODE)
+        try:
+            kinds[profile] = (load_profile(profile), n)
+        except ProfileError as e:
+            raise ProfileError(f"{where}: {key} names device profile {profile!r}: {e}") from None
+    if sum(n for _, n in kinds.values()) > _MAX_DEVICES_PER_NODE:
+        raise ProfileError(f"{where}: {key} holds more than {_MAX_DEVICES_PER_NODE} devices")
+    if not isinstance(node["links"], list):
+        raise ProfileError(f"{where}: key '{key}.links' must be a list")
+    links: dict[frozenset[str], Link] = {}
+    lines = []
+    for k, entry in enumerate(node["links"]):
+        link, data = _link(where, f"{key}.links[{k}]", entry, frozenset({"between"}))
+        between = data["between"]
+        if not isinstance(between, list) or len(between) != 2 or not all(b in kinds for b in between):
+            raise ProfileError(
+                f"{where}: key '{key}.links[{k}].between' must name two device profiles of the node "
+                f"({', '.join(kinds)}) (got {between!r})"
+            )
+        if frozenset(between) in links:
+            raise ProfileError(f"{where}: {key} has two links between {' and '.join(sorted(between))}")
+        links[frozenset(between)] = link
+        lines.append(_link_line(link, f"between {between[0]} and {between[1]} in {name}"))
+    names = list(kinds)
+    for i, a in enumerate(names):
+        for b in names[i:]:
+            if (a != b or kinds[a][1] > 1) and frozenset((a, b)) not in links:
+                raise ProfileError(
+                    f"{where}: {key} has no link between {a} and {b}; add "
+                    f'{{"between": ["{a}", "{b}"], "interface": ..., ...}} to its links'
+                )
+    return _NodeType(name, count, kinds, links, lines)
+
+
+def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
+    """Build a `Cluster` from parsed JSON, strictly (the schema is in profiles/README.md).
+
+    Args:
+        data: The parsed JSON document.
+        where: What to name in error messages (usually the file path).
+
+    Raises:
+        ProfileError: Missing or unknown keys, wrong types, numbers out of range, an
+            unknown device profile, a pair of device kinds in a node without a link, or
+            several nodes without a network.
+    """
+    top = _object(where, "", data, {"name", "description", "nodes", "network", "source"}, set())
+    name = _text(where, "name", top["name"])
+    if not isinstance(top["nodes"], list) or not top["nodes"]:
+        raise ProfileError(f"{where}: key 'nodes' must be a non-empty list of node types")
+    devices: list[Device] = []
+    node_of: list[int] = []
+    node_names: list[str] = []
+    pair_link: list[dict[frozenset[str], Link]] = []  # per node: its two kinds -> link
+    lines: list[str] = []
+    for t, raw in enumerate(top["nodes"]):
+        node = _node_type(where, f"nodes[{t}]", raw)
+        lines += node.lines
+        for copy in range(node.count):
+            node_name = f"{node.name}{copy}" if node.count > 1 else node.name
+            if node_name in node_names:
+                raise ProfileError(f"{where}: two nodes are named {node_name!r}; give node types distinct names")
+            node_names.append(node_name)
+            pair_link.append(node.links)
+            members = [profile for profile, n in node.kinds.values() for _ in range(n)]
+            if len(devices) + len(members) > _MAX_DEVICES:
+                raise ProfileError(f"{where}: more than {_MAX_DEVICES} devices; at most {_MAX_DEVICES}")
+            for local, profile in enumerate(members):
+                devices.append(
+                    Device(
+                        name=f"{node_name}/{local}",
+                        torch_device=None,
+                        profile=profile,
+                        present=False,
+                        memory_bytes=profile.memory_bytes,
+                    )
+                )
+                node_of.append(len(node_names) - 1)
+    network: Link | None = None
+    if top["network"] is not None:
+        network, _ = _link(where, "network", top["network"])
+        lines.append(_link_line(network, "between nodes (per device)"))
+    elif len(node_names) > 1:
+        raise ProfileError(f"{where}: key 'network' must be a link: the cluster has {len(node_names)} nodes")
+    spb: list[list[float]] = []
+    lat: list[list[float]] = []
+    for src, dev_src in enumerate(devices):
+        row_s, row_l = [], []
+        for dst, dev_dst in enumerate(devices):
+            if src == dst:
+                row_s.append(0.0)
+                row_l.append(0.0)
+                continue
+            if node_of[src] == node_of[dst]:
+                link = pair_link[node_of[src]][frozenset((dev_src.profile.name, dev_dst.profile.name))]
+            else:
+                assert network is not None  # checked above: several nodes need a network
+                link = network
+            row_s.append(1.0 / (link.bandwidth_Bps * link.efficiency))
+            row_l.append(link.latency_s)
+        spb.append(row_s)
+        lat.append(row_l)
+    return Cluster(
+        name=name,
+        description=_text(where, "description", top["description"]),
+        devices=tuple(devices),
+        node_of=tuple(node_of),
+        node_names=tuple(node_names),
+        seconds_per_byte=tuple(tuple(r) for r in spb),
+        latency_s=tuple(tuple(r) for r in lat),
+        links=tuple(lines),
+        source=_text(where, "source", top["source"]),
+    )
+
+
+def _read_json(path: Path) -> object:
+    """Parse `path` as strict JSON: no duplicate keys, no NaN or Infinity, at most 1 MiB."""
+    where = str(path)
+
+    def reject_constant(token: str) -> None:
+        raise ProfileError(f"{where}: {token} is not a number a cluster profile may hold")
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            twice = sorted({k for k, _ in pairs if sum(1 for j, _ in pairs if j == k) > 1})
+            raise ProfileError(f"{where}: key {twice[0]!r} appears more than once in one object")
+        return out
+
+    try:
+        if path.stat().st_size > _MAX_FILE_BYTES:
+            raise ProfileError(f"{where}: larger than {format_bytes(_MAX_FILE_BYTES)}; not a cluster profile")
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject_constant, object_pairs_hook=no_duplicates)
+    except OSError as e:
+        raise ProfileError(f"{where}: cannot read cluster profile: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ProfileError(f"{where}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise ProfileError(f"{where}: JSON nested too deeply") from None
+
+
+def _cluster_dirs() -> tuple[Path, ...]:
+    return tuple(d / CLUSTER_DIR for d in profile_search_path())
+
+
+def available_clusters() -> tuple[str, ...]:
+    """Names of the cluster profiles found (``clusters/`` under each profile directory), sorted."""
+    names: set[str] = set()
+    for directory in _cluster_dirs():
+        if directory.is_dir():
+            names.update(p.stem for p in directory.glob("*.json"))
+    return tuple(sorted(names))
+
+
+def _find(name: str) -> Path | None:
+    if not name or "/" in name or os.sep in name or name.startswith("."):
+        return None
+    for directory in _cluster_dirs():
+        candidate = directory / f"{name}.json"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_cluster(name_or_path: str | os.PathLike[str]) -> Cluster:
+    """Load and validate a cluster profile.
+
+    Args:
+        name_or_path: A cluster name (``dgx-a100-8``), looked up as ``clusters/<name>.json``
+            under each directory of `partitioner.devices.profile_search_path`, or a path to
+            a JSON file (a `PathLike`, or a string ending in ``.json``).
+
+    Raises:
+        ProfileError: No such cluster, or the file is not JSON or breaks the schema, or
+            the file found for a name declares another name.
+    """
+    text = os.fspath(name_or_path)
+    if isinstance(name_or_path, os.PathLike) or text.endswith(".json"):
+        path = Path(text)
+        return cluster_from_dict(_read_json(path), str(path))
+    found = _find(text)
+    if found is None:
+        raise ProfileError(
+            f"no cluster profile named {text!r}; available: {', '.join(available_clusters()) or 'none'} "
+            f"(searched {', '.join(str(d) for d in _cluster_dirs())})"
+        )
+    cluster = cluster_from_dict(_read_json(found), str(found))
+    if cluster.name != text:
+        raise ProfileError(f"{found}: key 'name' is {cluster.name!r} but the file is {found.name}; make them agree")
+    return cluster
+
+
+def resolve_cluster(spec: Cluster | str | Sequence[str], max_memory: MaxMemory | None = None) -> Cluster:
+    """A cluster from a `Cluster`, a cluster name, or device strings (a one-node cluster).
+
+    Args:
+        spec: A `Cluster`; the name of a cluster profile (a file of one is read with
+            `load_cluster`); or device strings as `partitioner.devices.resolve_devices`
+            takes them (``["a100-80gb x4"]``, a device profile's path).
+        max_memory: Capacity overrides for device strings (see `resolve_devices`).
+
+    Raises:
+        DeviceError: Unknown devices, or `max_memory` given with a cluster profile.
+        ProfileError: A cluster profile that does not load.
+    """
+    if isinstance(spec, Cluster):
+        cluster = spec
+    elif isinstance(spec, str) and _find(spec) is not None:
+        cluster = load_cluster(spec)
+    else:
+        specs = [spec] if isinstance(spec, str) else list(spec)
+        return Cluster.from_devices(resolve_devices(specs, max_memory))
+    if max_memory:
+        raise DeviceError(f"max_memory applies to device lists, not to cluster {cluster.name!r}; edit its profile")
+    return cluster

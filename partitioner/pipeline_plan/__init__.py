@@ -1,0 +1,55 @@
+"""Pure training planner: a chain of layers -> pipeline stages on replicated device groups.
+
+No torch: it reads `partitioner.cost_model.TrainingCosts` (per-layer seconds, bytes and
+parameters), a `partitioner.cluster.Cluster` (devices and links) and
+`partitioner.options.TrainingOptions`, and answers with a `partitioner.plan.PipelinePlan`
+whose step time is what `partitioner.simulate.simulate` gives for its stages.
+
+**Search space** (`space`). A *configuration* fixes everything but the layer split:
+
+- which device kinds take part (every non-empty subset, in every order along the
+  pipeline), every device of a chosen kind;
+- the ranks: each kind's devices cut into groups of ``r_k`` replicas (``r_k`` divides the
+  kind's count; groups never mix kinds), laid out *replicas in a node* (a group is
+  consecutive devices, node by node, so replicas share a node and so do consecutive
+  stages) or, for one kind across nodes, *stages in a node* (each replica's pipeline
+  inside a node, the all-reduce across nodes); or one group of every chosen device (data
+  parallelism; kinds may mix, at the slowest replica's pace);
+- ``m`` microbatches (``m x r`` divides the global batch for every group, within the
+  options' limits) and the schedule: GPipe, 1F1B, or interleaved 1F1B with ``v = 2..``
+  stages per rank (microbatch counts torch's schedule takes);
+- per stage, whether it recomputes its activations (`partitioner.options.Recompute`).
+
+Stages hold contiguous layers, at least one each: ``ranks x v`` of them, at most one per
+layer and `TrainingOptions.max_stages`. Interleaved stages get ``1/v`` of their rank's
+memory each (a sufficient condition; the simulator reports the rank's true peak).
+
+**Algorithm** (`stages`, `search`). For each configuration an exact DP over the stages in
+order splits the layers: it minimises the largest per-microbatch stage cost
+``T = max(f + b + exposed all-reduce / m, send_fwd + send_bwd)`` (a rank's compute lane
+and its link) subject to every stage's memory under the schedule, then, among the splits
+reaching that, the sum of ``f + b + sends`` (fill and drain). A rank is busy at least
+``m (f + b)`` and then all-reduces, so ``m x T*`` bounds the step of *every* split of the
+configuration from below. Configurations go best estimate first; one whose bound cannot
+beat the best step so far is skipped; otherwise its DP split and its equal split are
+simulated (GPipe by its exact closed form) unless their own bounds rule them out. The plan
+is the fastest simulated. `PipelinePlan.lower_bound_s` is the least bound over the whole
+space, so ``step / lower_bound - 1`` bounds how far any plan of the space could beat it;
+the DP itself is exact for its objective (gap 0).
+"""
+
+from partitioner.pipeline_plan.search import PipelineResult, plan_pipeline
+from partitioner.pipeline_plan.space import FAMILIES, Configuration, Group, configurations, microbatch_sizes
+from partitioner.pipeline_plan.stages import Partition, StageModel
+
+__all__ = [
+    "plan_pipeline",
+    "PipelineResult",
+    "microbatch_sizes",
+    "configurations",
+    "Configuration",
+    "Group",
+    "Partition",
+    "StageModel",
+    "FAMILIES",
+]

@@ -1,0 +1,269 @@
+"""Best-first search over the space, and the plan it answers with (`plan_pipeline`)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
+from partitioner.cluster import Cluster
+from partitioner.cost_model import TrainingCosts
+from partitioner.devices import format_bytes
+from partitioner.errors import InfeasibleError
+from partitioner.options import TrainingOptions
+from partitioner.pipeline_plan.space import FAMILIES, Configuration, configurations
+from partitioner.pipeline_plan.stages import Partition, StageModel
+from partitioner.plan import PipelinePlan, PlanCandidate
+from partitioner.simulate import PipelineSchedule, Timeline, simulate
+
+__all__ = ["PipelineResult", "plan_pipeline", "search"]
+
+_INF = math.inf
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineResult:
+    """What `plan_pipeline` found."""
+
+    pipeline: PipelinePlan
+    partition: Partition
+    timeline: Timeline
+    """The chosen plan's step, played by `simulate` (its makespan is `PipelinePlan.step_time_s`)."""
+    solve_time_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """One family's search: its best split, the least bound over its configurations, how many fit."""
+
+    best: Partition | None
+    lower_bound_s: float
+    feasible: int
+
+
+def search(model: StageModel, configs: Sequence[Configuration], progress: Progress) -> _Found:
+    """Best-first over `configs` (by a balanced estimate), skipping those whose bound cannot win.
+
+    A configuration's bounds: ``work`` (perfect balance), then, once its DP has run,
+    ``m x T*``; a split's own bound (`StageModel.split_bound`) before it is simulated.
+    Each configuration offers two splits to the simulator: the DP's and equal layer
+    counts (the DP minimises the bottleneck, which is not quite the makespan).
+    """
+
+    def estimate(c: Configuration) -> float:
+        return model.work(c) * (c.microbatches + (c.ranks - 1) / c.virtual_stages) / c.microbatches
+
+    best: Partition | None = None
+    lower = _INF
+    feasible = 0
+    for k, config in enumerate(sorted(configs, key=estimate)):
+        incumbent = best.step_time_s if best else _INF
+        bound = model.work(config)
+        if bound >= incumbent:
+            lower = min(lower, bound)
+            continue
+        found = model.split(config) if model.may_fit(config) else None
+        if found is None:
+            continue
+        feasible += 1
+        t_star, ranges, flags = found
+        bound = max(bound, config.microbatches * t_star)
+        lower = min(lower, bound)
+        for candidate in (model.partition(config, ranges, flags, "dp"), model.equal_partition(config)):
+            incumbent = best.step_time_s if best else _INF
+            if candidate is None or bound >= incumbent:
+                continue
+            if model.split_bound(candidate) >= incumbent:
+                continue
+            played = model.timed(candidate)
+            if played.step_time_s < incumbent:
+                best = played
+                progress(f"{k + 1}/{len(configs)}: {config.describe(model.cluster)}: step {played.step_time_s:.4g} s")
+    return _Found(best, min(lower, best.step_time_s) if best else lower, feasible)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Hold the cyclic garbage collector: a long pipeline's simulation allocates ~10^5
+    events that form no cycles, and the collector rescanning them doubled its time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def plan_pipeline(
+    costs: TrainingCosts,
+    cluster: Cluster,
+    global_batch: int,
+    options: TrainingOptions | None = None,
+    progress: Progress | None = None,
+) -> PipelineResult:
+    """Plan one training step of `global_batch` samples (see the package docstring).
+
+    Args:
+        costs: Per-layer tables; `TrainingCosts.times` must cover every device kind of
+            `cluster` at every size of `microbatch_sizes`.
+        cluster: The devices and links.
+        global_batch: Samples per optimizer step.
+        options: Limits of the search (its ``global_batch`` is not read here).
+        progress: Called with a line on each better plan found.
+
+    Returns:
+        The chosen plan as `PipelinePlan` data, its split and its simulated timeline.
+
+    Raises:
+        InfeasibleError: No configuration fits memory; the message gives the sizes.
+        KeyError: `costs` lacks a time table the space needs.
+        ValueError: `global_batch` below 1.
+    """
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+        raise ValueError(f"global_batch must be an integer >= 1 samples (got {global_batch!r})")
+    options = options or TrainingOptions()
+    say = progress or (lambda _: None)
+    start = time.perf_counter()
+    model = StageModel(costs, cluster, global_batch, options)
+    configs = configurations(cluster, global_batch, model.n, options)
+    with _no_gc():
+        families = {}
+        for family in FAMILIES:
+            members = [c for c in configs if c.family == family]
+            if members:
+                families[family] = search(model, members, say)
+        found = [f.best for f in families.values() if f.best is not None]
+        if not found:
+            raise _infeasible(model)
+        chosen = min(found, key=lambda part: part.step_time_s)
+        config = chosen.configuration
+        timeline = chosen.timeline or simulate(
+            chosen.stages,
+            config.microbatches,
+            config.schedule,
+            overlap_allreduce=options.overlap_allreduce,
+            virtual_stages=config.virtual_stages,
+        )
+        step = timeline.step_time_s
+        runner_ups = _runner_ups(model, chosen, families, step)
+    dtype = costs.precision.compute_dtype
+    peak = sum(d.profile.peak_flops_for(dtype) for d in cluster.devices)
+    model_flops = global_batch * costs.flops_per_sample
+    pipeline = PipelinePlan(
+        family=config.family,
+        description=config.describe(cluster),
+        schedule=config.schedule.value,
+        microbatches=config.microbatches,
+        virtual_stages=config.virtual_stages,
+        global_batch=global_batch,
+        precision=costs.precision.value,
+        optimizer=costs.optimizer.value,
+        overlap_allreduce=options.overlap_allreduce,
+        layout=config.layout,
+        split=chosen.origin,
+        stages=chosen.plan_stages,
+        step_time_s=step,
+        bubble_fraction=timeline.bubble_fraction,
+        samples_per_s=global_batch / step if step > 0 else 0.0,
+        model_flops=model_flops,
+        peak_flops=peak,
+        mfu=model_flops / (step * peak) if step > 0 else 0.0,
+        bound_s=_balanced_bound(model, global_batch),
+        lower_bound_s=min(min(f.lower_bound_s for f in families.values()), step),
+        runner_ups=runner_ups,
+        space=_space(cluster, options, len(configs)),
+        configurations=len(configs),
+        solved=model.solved,
+        simulated=model.simulated,
+    )
+    return PipelineResult(pipeline=pipeline, partition=chosen, timeline=timeline, solve_time_s=time.perf_counter() - start)
+
+
+def _balanced_bound(model: StageModel, batch: int) -> float:
+    """``batch / sum over devices of samples per second``: every device at its best rate over
+    the tabulated microbatch sizes, no bubble, no communication, no memory limit."""
+    rate: dict[str, float] = {}
+    for t in model.costs.times:
+        seconds = sum(t.fwd_s) + sum(t.bwd_s)
+        rate[t.kind] = max(rate.get(t.kind, 0.0), t.samples / seconds if seconds > 0 else _INF)
+    total = sum(rate.get(d.profile.name, 0.0) for d in model.cluster.devices)
+    return batch / total if total > 0 else 0.0
+
+
+def _space(cluster: Cluster, options: TrainingOptions, count: int) -> str:
+    schedules = ", ".join(
+        s.value + (f" (2-{options.max_virtual_stages} stages per rank)" if s is PipelineSchedule.INTERLEAVED_1F1B else "")
+        for s in options.schedules
+    )
+    return (
+        f"{count} configurations: device kinds {', '.join(cluster.kinds)} (every subset, every order), all devices "
+        f"of a chosen kind; ranks of r replicas (r divides the kind's count; replicas in a node, or stages in a node "
+        f"across nodes) or one group of all; {options.min_microbatches}-{options.max_microbatches} microbatches "
+        f"dividing the batch; {schedules}; recompute {options.recompute.value}; contiguous stages, at most "
+        f"{options.max_stages or 'one per layer'}, split by the exact DP (and equal layer counts)"
+    )
+
+
+def _infeasible(model: StageModel) -> InfeasibleError:
+    costs, cluster = model.costs, model.cluster
+    return InfeasibleError(
+        f"no training plan fits {cluster.name}: the model's weights, gradients and optimizer state take "
+        f"{format_bytes(model.state_bytes)} ({costs.precision.value}, {costs.optimizer.value}) and one sample keeps "
+        f"{format_bytes(int(model.activations[-1]))} of activations; the {cluster.num_devices} devices hold "
+        f"{format_bytes(sum(model.capacity))} in all (the largest {format_bytes(max(model.capacity))}, after the "
+        f"{model.options.memory_reserve:.0%} reserve). Allow recomputation, more microbatches (smaller ones) or "
+        f"stages, a smaller optimizer or precision, or more devices"
+    )
+
+
+def _row(model: StageModel, label: str, part: Partition | None, note: str) -> PlanCandidate:
+    if part is None:
+        return PlanCandidate(label=label, description="-", step_time_s=None, samples_per_s=None, note=note)
+    return PlanCandidate(
+        label=label,
+        description=part.configuration.describe(model.cluster),
+        step_time_s=part.step_time_s,
+        samples_per_s=model.batch / part.step_time_s if part.step_time_s > 0 else None,
+        note=note,
+    )
+
+
+def _runner_ups(
+    model: StageModel, chosen: Partition, families: dict[str, _Found], step: float
+) -> tuple[PlanCandidate, ...]:
+    """The chosen plan, the best of every other family, and the chosen configuration split
+    the other way (equal layer counts, or the DP's split)."""
+    family = chosen.configuration.family
+    chosen = replace(chosen, step_time_s=step)  # the simulation's figure (GPipe was ranked by its closed form)
+    rows = [_row(model, "chosen", chosen, f"{family}: the fastest simulated step in the space")]
+    for other in ("data parallel", "pipeline", "hybrid"):
+        if other == family:
+            continue
+        found = families.get(other)
+        if found is None:
+            rows.append(_row(model, other, None, "not in the space for these devices"))
+        elif found.best is None:
+            rows.append(_row(model, other, None, "does not fit in memory"))
+        else:
+            rows.append(_row(model, other, found.best, f"{found.best.step_time_s / step:.2f}x the chosen step"))
+    config = chosen.configuration
+    if config.stages > 1:
+        if chosen.origin == "dp":
+            other_split, label = model.equal_partition(config), "equal layers"
+        else:
+            dp = model.split(config)
+            other_split = model.partition(config, dp[1], dp[2], "dp") if dp else None
+            label = "DP split"
+        if other_split is None:
+            rows.append(_row(model, label, None, "does not fit in memory"))
+        else:
+            played = model.timed(other_split)
+            same = played.ranges == chosen.ranges
+            note = "the same split" if same else f"same configuration, {played.step_time_s / step:.2f}x the chosen step"
+            rows.append(_row(model, label, played, note))
+    return tuple(rows)
