@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-from partitioner.cost_model import build_problem
+from partitioner.cost_model import build_problem, working_set_bytes
 from partitioner.devices import Device, resolve_devices
 from partitioner.errors import DeviceError, PlanMismatchError, ProfileError
 from partitioner.ir import OUTPUT, LayerGraph, Problem, Solution
@@ -275,6 +275,9 @@ def make_plan(
     ev = evaluate(problem, solution.assignment)
     fastest = [min(row) for row in problem.compute_s]
     bound = max(max(fastest, default=0.0), sum(fastest) / len(devices))
+    # The solver's capacities leave room for the inference working set; the plan shows it as used.
+    working = working_set_bytes(graph, options)
+    used = [data_parallel or d in solution.assignment for d in range(len(devices))]
     plan_devices = []
     for d, dev in enumerate(devices):
         params = sum(
@@ -287,8 +290,8 @@ def make_plan(
                 profile=dev.profile.name,
                 kind=dev.profile.kind,
                 torch_device=dev.torch_device,
-                capacity_bytes=problem.capacity[d],
-                memory_bytes=replica.memory[d] if data_parallel and replica else ev.memory[d],
+                capacity_bytes=problem.capacity[d] + working,
+                memory_bytes=replica.memory[d] if data_parallel and replica else ev.memory[d] + working * used[d],
                 param_bytes=params,
                 compute_s=replica.time_s if data_parallel and replica else ev.compute_s[d],
                 transfer_in_s=0.0 if data_parallel else ev.transfer_in_s[d],

@@ -7,9 +7,11 @@ Compute is a roofline unless the layer was timed on the device's profile:
 
 Memory per layer (bytes, on whichever device holds it):
 
-    inference: params + buffers + output activations
+    inference: params + buffers; each device also keeps room for the largest layer's
+               outputs (a forward frees a layer's activations once the next layer has
+               read them, so only one layer's working set is live at a time)
     training:  params + grads (= params) + optimizer state (state_factor x params)
-               + buffers + activations saved for backward
+               + buffers + activations saved for backward (all live until backward)
 
 Neither counts the framework's workspace or allocator slack; `PlanOptions.memory_reserve`
 keeps that fraction of every device free. Mixed-precision master weights are not modelled
@@ -36,6 +38,7 @@ from partitioner.options import Optimizer, PlanOptions, Precision
 __all__ = [
     "roofline_time",
     "layer_memory",
+    "working_set_bytes",
     "layer_time",
     "layer_fwd_bwd_time",
     "build_problem",
@@ -82,11 +85,20 @@ def _state_bytes(layer: Layer, options: PlanOptions) -> int:
 
 
 def _activation_bytes(layer: Layer, options: PlanOptions) -> int:
-    return layer.saved_bytes if options.training else layer.output_bytes
+    """Activations that stay live as long as the layer's device runs the step (training only)."""
+    return layer.saved_bytes if options.training else 0
+
+
+def working_set_bytes(graph: LayerGraph, options: PlanOptions) -> int:
+    """Room every device keeps for transient activations: the largest layer's outputs at
+    inference (0 when training, where `layer_memory` counts every saved activation)."""
+    if options.training:
+        return 0
+    return max((layer.output_bytes for layer in graph.layers), default=0)
 
 
 def layer_memory(layer: Layer, options: PlanOptions) -> int:
-    """Bytes `layer` needs on its device (the model is in the module docstring).
+    """Bytes `layer` needs on its device for the whole step (the model is in the module docstring).
 
     With Adam (state_factor 2), training needs 4x the parameter bytes: weights, grads and
     two moments.
@@ -219,7 +231,8 @@ def replica_cost(
         allreduce = ring_allreduce_s(param_bytes, [links[j][(j + 1) % k] for j in range(k)])
     state = sum(_state_bytes(layer, options) for layer in graph.layers)
     activations = sum(_activation_bytes(layer, options) for layer in graph.layers)
-    memory = tuple(state + math.ceil(activations * f) for f in fractions)
+    working = working_set_bytes(graph, options)
+    memory = tuple(state + math.ceil((activations + working) * f) for f in fractions)
     return ReplicaCost(time_s=compute + scatter + allreduce, memory=memory)
 
 
@@ -230,7 +243,8 @@ def build_problem(
 
     - ``compute_s[i][d]``: `layer_time` (measured if timed on the device's profile, else
       roofline); forward only for inference.
-    - ``memory[i]``: `layer_memory`; ``capacity[d] = memory_bytes x (1 - memory_reserve)``.
+    - ``memory[i]``: `layer_memory`; ``capacity[d] = memory_bytes x (1 - memory_reserve)``,
+      less `working_set_bytes` at inference.
     - links: `partitioner.devices.link_cost`. When training, every value that crosses
       devices forward has its gradient cross back, so per-byte and latency costs double.
     - ``replica``: `replica_cost` when ``options.allow_data_parallel``.
@@ -256,7 +270,10 @@ def build_problem(
     return Problem(
         compute_s=compute,
         memory=tuple(layer_memory(layer, options) for layer in graph.layers),
-        capacity=tuple(int(d.memory_bytes * (1 - options.memory_reserve)) for d in devices),
+        capacity=tuple(
+            max(0, int(d.memory_bytes * (1 - options.memory_reserve)) - working_set_bytes(graph, options))
+            for d in devices
+        ),
         values=graph.values,
         seconds_per_byte=tuple(tuple(direction_factor * c[0] for c in row) for row in links),
         latency_s=tuple(tuple(direction_factor * c[1] for c in row) for row in links),

@@ -80,8 +80,11 @@ def split_plan(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
     Memory per device is the sum of its layers' (see `partitioner.solve.evaluate`), so the
     cap of the most even cut of the layer order fits two devices and not one.
     """
-    memory = [layer.memory_bytes for layer in partitioner.plan(model, GPUS[:1], args, kwargs, options=NO_DP).layers]
-    cap = min(max(sum(memory[:k]), sum(memory[k:])) for k in range(1, len(memory)))
+    whole = partitioner.plan(model, GPUS[:1], args, kwargs, options=NO_DP)
+    memory = [layer.memory_bytes for layer in whole.layers]
+    # Every device also keeps room for the largest layer's outputs (inference working set).
+    working = whole.devices[0].memory_bytes - sum(memory)
+    cap = working + min(max(sum(memory[:k]), sum(memory[k:])) for k in range(1, len(memory)))
     return partitioner.plan(model, GPUS, args, kwargs, options=NO_DP, max_memory={"a100-80gb": cap}, **kw)
 
 
