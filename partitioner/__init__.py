@@ -9,11 +9,17 @@ The compiler's phases, one module each:
 5. `rewrite`    a runnable module: parameters placed, transfers inserted (`replicate` for DP)
 6. `report`     the plan as a table; `plan` holds it as data (JSON in and out)
 
-Front doors: `auto_parallelize` and `plan` (`api`), and the ``partitioner`` command (`cli`).
-`simdevice` provides simulated devices ``cpu:0``, ``cpu:1``, ... to dry-run plans on a CPU.
+Training plans (`training`, `pipeline_plan`, `simulate`, `cluster`) add pipelining with
+microbatches, replicated stages and heterogeneous clusters, judged by a schedule simulator;
+`distributed` runs plans on torch.distributed.
+
+Front doors: `auto_parallelize` and `plan` (`api`), `plan_training` (`training`), and the
+``partitioner`` command (`cli`). `simdevice` provides simulated devices ``cpu:0``,
+``cpu:1``, ... to dry-run plans on a CPU.
 """
 
 from partitioner.api import PartitionedModule, auto_parallelize, compile_plan, plan
+from partitioner.training import plan_training
 from partitioner.errors import (
     DeviceError,
     DeviceMismatchError,
@@ -25,7 +31,15 @@ from partitioner.errors import (
     SolverError,
     TraceError,
 )
-from partitioner.options import Objective, Optimizer, PlanOptions, SolverBackend, SolverOptions, Strategy
+from partitioner.options import (
+    Objective,
+    Optimizer,
+    PlanOptions,
+    SolverBackend,
+    SolverOptions,
+    Strategy,
+    TrainingOptions,
+)
 from partitioner.plan import Plan
 from partitioner.simdevice import SimulatedDevices, to_plain
 
@@ -33,9 +47,11 @@ __all__ = [
     "auto_parallelize",
     "plan",
     "compile_plan",
+    "plan_training",
     "PartitionedModule",
     "Plan",
     "PlanOptions",
+    "TrainingOptions",
     "SolverOptions",
     "Objective",
     "Optimizer",
