@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from partitioner.cost_model import build_problem, working_set_bytes
 from partitioner.devices import Device, resolve_devices
-from partitioner.errors import DeviceError, PlanMismatchError, ProfileError
+from partitioner.errors import DeviceError, PartitionerError, PlanMismatchError, ProfileError
 from partitioner.ir import OUTPUT, LayerGraph, Problem, Solution
 from partitioner.layers import LayeredModel, build_layers
 from partitioner.measure import measure_layers
@@ -28,12 +29,28 @@ from partitioner.options import PlanOptions, Strategy
 from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
 from partitioner.profiling import profile_nodes
 from partitioner.replicate import Replicated
-from partitioner.rewrite import Transfer, node_devices, place_tensors, rewrite_graph, tensor_devices
+from partitioner.rewrite import (
+    Transfer,
+    gather_graph,
+    mode_constants,
+    node_devices,
+    place_tensors,
+    rewrite_graph,
+    tensor_devices,
+)
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import Evaluation, evaluate, solve
 from partitioner.trace import Frontend, Granularity, trace_model
 
-__all__ = ["plan", "auto_parallelize", "PartitionedModule", "Compiled", "compile_plan", "make_plan"]
+__all__ = [
+    "plan",
+    "auto_parallelize",
+    "PartitionedModule",
+    "Compiled",
+    "compile_plan",
+    "make_plan",
+    "replication_hazards",
+]
 
 Progress = Callable[[str], None]
 
@@ -67,8 +84,13 @@ def compile_plan(
     progress: Progress | None = None,
 ) -> Compiled:
     """Trace, profile and solve; see `plan` for the arguments."""
+    model = _as_model(model)
     options = options or PlanOptions()
     say = progress or (lambda _: None)
+    hazards = replication_hazards(model)
+    if options.allow_data_parallel and hazards:
+        say(f"not considering data parallelism: {hazards[0]}")
+        options = dataclasses.replace(options, allow_data_parallel=False)
     if isinstance(devices, str):
         devices = [devices]
     resolved = resolve_devices(list(devices), max_memory)
@@ -144,22 +166,80 @@ class PartitionedModule(nn.Module):
     ``pm(*args, **kwargs)`` computes what the original computes. ``pm.plan`` is the plan,
     ``pm.transfers`` the transfers the rewrite inserted, and, on simulated devices,
     ``pm.simulator`` the `SimulatedDevices` mode whose log counts the bytes moved.
+
+    It is an ordinary module: ``pm.module.state_dict()`` has the original model's keys,
+    ``copy.deepcopy(pm)`` works, and ``pm.to(device)`` gathers every layer onto one
+    device (the transfers then stay there; ``pm.plan`` still describes the plan it was
+    made with). ``pm.train()`` and ``pm.eval()`` switch the mode where the graph can
+    follow; where the trace fixed dropout or BatchNorm to the model's mode at planning
+    time, switching raises `PartitionerError` (plan the model again in the other mode).
+    A `PartitionedModule` can be planned again: `auto_parallelize` and `plan` take it as
+    a model.
     """
 
     def __init__(
-        self, module: nn.Module, plan: Plan, transfers: Sequence[Transfer], simulator: SimulatedDevices | None
+        self,
+        module: nn.Module,
+        plan: Plan,
+        transfers: Sequence[Transfer],
+        simulator: SimulatedDevices | None,
+        training: bool = True,
     ) -> None:
         super().__init__()
         self.module = module
         self.plan = plan
         self.transfers = tuple(transfers)
         self.simulator = simulator
+        # The mode the model was traced in; only the top-level flags are set, so each
+        # submodule keeps the mode it had (a frozen BatchNorm stays in eval mode).
+        self.training = module.training = training
+        # (node name, mode) of the graph's nodes whose train/eval behaviour the trace fixed.
+        self.fixed_modes = tuple(mode_constants(module)) if isinstance(module, fx.GraphModule) else ()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.simulator is None or any(isinstance(m, SimulatedDevices) for m in _get_current_dispatch_mode_stack()):
             return self.module(*args, **kwargs)
         with self.simulator:
             return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> PartitionedModule:
+        """Set the mode, as `nn.Module.train` does.
+
+        Raises:
+            PartitionerError: `mode` is not the planned one and the graph fixed some op to
+                the planned mode (``aten.dropout(x, p, True)``); nothing is changed.
+        """
+        fixed = [name for name, m in self.fixed_modes if m != mode]
+        if mode != self.training and fixed:
+            raise PartitionerError(
+                f"cannot switch to {'train' if mode else 'eval'} mode: the trace fixed {len(fixed)} op(s) to "
+                f"{'eval' if mode else 'train'} mode (dropout, batch norm; first: node {fixed[0]!r}); "
+                f"put the model in {'train' if mode else 'eval'} mode and plan it again"
+            )
+        return super().train(mode)
+
+    def to(self, *args: Any, **kwargs: Any) -> PartitionedModule:
+        """`nn.Module.to`; a device gathers every layer, and every transfer, onto it."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        super().to(*args, **kwargs)
+        if device is not None:
+            self._gather(device)
+        return self
+
+    def cpu(self) -> PartitionedModule:
+        return self.to("cpu")
+
+    def cuda(self, device: int | torch.device | None = None) -> PartitionedModule:
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+
+    def _gather(self, device: torch.device) -> None:
+        target = str(device)
+        if isinstance(self.module, Replicated):
+            self.module.devices, self.module.output_device = (target,), target
+        elif isinstance(self.module, fx.GraphModule):
+            gather_graph(self.module, target)
+        if self.simulator is not None and not (device.type == "cpu" and device.index is not None):
+            self.simulator = None  # nothing is simulated any more
 
 
 def auto_parallelize(
@@ -206,19 +286,22 @@ def auto_parallelize(
         DeviceError: A device is absent and ``simulate`` is off.
         PlanMismatchError: ``plan`` was made for another model.
     """
+    model = _as_model(model)
     compiled = compile_plan(model, devices, example_inputs, example_kwargs, **kw)
     chosen = compiled.plan
     if plan is not None:
-        if plan.fingerprint != chosen.fingerprint:
-            raise PlanMismatchError(
-                f"the plan was made for {plan.model_name} (fingerprint {plan.fingerprint}) but this model "
-                f"traces to {chosen.model_name} (fingerprint {chosen.fingerprint}); plan this model again"
-            )
+        _check_applies(plan, chosen)
         chosen = plan
+    hazards = replication_hazards(model)
+    if chosen.strategy is Strategy.DATA_PARALLEL and hazards:
+        raise PlanMismatchError(
+            f"the plan replicates the model, but {hazards[0]}; "
+            "put those modules in eval mode, or plan this model again (it will not replicate it)"
+        )
     targets = _run_devices(compiled.devices, simulate)
     out = targets[chosen.output_device] if output_device is None else output_device
     logical = all(t.startswith("cpu:") for t in targets)
-    simulator = SimulatedDevices(len(targets)) if logical else None
+    simulator = SimulatedDevices(1 + max(torch.device(t).index or 0 for t in targets)) if logical else None
     with simulator if simulator is not None else contextlib.nullcontext():
         if chosen.strategy is Strategy.DATA_PARALLEL:
             memo = place_tensors(model, {}, targets[0], inplace=inplace)
@@ -233,7 +316,70 @@ def auto_parallelize(
             module, transfers = rewrite_graph(layered, node_devices(layered, chosen.assignment, targets), out, memo)
     if simulator is not None:
         simulator.reset()
-    return PartitionedModule(module, chosen, transfers, simulator)
+    return PartitionedModule(module, chosen, transfers, simulator, training=model.training)
+
+
+def _check_applies(plan: Plan, fresh: Plan) -> None:
+    """Raise unless `plan` was made for the model and devices `fresh` was planned for."""
+    if plan.fingerprint != fresh.fingerprint:
+        raise PlanMismatchError(
+            f"the plan was made for {plan.model_name} (fingerprint {plan.fingerprint}) but this model "
+            f"traces to {fresh.model_name} (fingerprint {fresh.fingerprint}); plan this model again"
+        )
+    if len(plan.devices) != len(fresh.devices):
+        raise PlanMismatchError(
+            f"the plan places layers on {len(plan.devices)} device(s) ({', '.join(d.name for d in plan.devices)}) "
+            f"but {len(fresh.devices)} were given ({', '.join(d.name for d in fresh.devices)}); "
+            "give as many devices as the plan has, or plan again"
+        )
+    names, expected = [layer.name for layer in plan.layers], [layer.name for layer in fresh.layers]
+    if names != expected:
+        raise PlanMismatchError(
+            f"the plan has {len(names)} layers but this model has {len(expected)} "
+            f"(first difference: {next((a, b) for a, b in zip([*names, None], [*expected, None]) if a != b)}); "
+            "the plan was edited or made with other granularity; plan this model again"
+        )
+
+
+def _as_model(model: nn.Module) -> nn.Module:
+    """`model`, or for a `PartitionedModule` a copy of what it computes as one plain module on
+    the host (no transfers, plain CPU tensors), to be traced and planned again. The
+    `PartitionedModule` itself is left as it is."""
+    if not isinstance(model, PartitionedModule):
+        return model
+    inner = model.module.module if isinstance(model.module, Replicated) else model.module
+    plain = copy.deepcopy(inner, place_tensors(inner, {}, "cpu"))
+    if isinstance(plain, fx.GraphModule):
+        gather_graph(plain, "cpu", drop_transfers=True)
+        plain.__class__.__name__ = model.plan.model_name  # GraphModule gives each instance its own class
+    plain.training = model.training
+    return plain
+
+
+def replication_hazards(model: nn.Module) -> list[str]:
+    """Why replicas would not compute what `model` computes, one line per module (empty if none).
+
+    A BatchNorm in training mode normalises by the statistics of the batch it sees, so a
+    replica given a shard of the batch computes other outputs; and a norm layer tracking
+    running statistics updates them in forward, an update a replica makes on its copy
+    and loses (as `torch.nn.DataParallel` does).
+    """
+    out = []
+    for name, m in model.named_modules():
+        if not m.training or not isinstance(m, nn.modules.batchnorm._NormBase):
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            out.append(f"{name or 'the model'} ({type(m).__name__}, training) normalises by batch statistics")
+        elif m.track_running_stats:
+            out.append(f"{name or 'the model'} ({type(m).__name__}, training) updates its running statistics")
+    if isinstance(model, fx.GraphModule):  # a torch.export graph holds batch norm as ops, not modules
+        targets = {n.name: str(n.target) for n in model.graph.nodes}
+        out += [
+            f"node {name} ({targets[name]}, training) normalises by batch statistics"
+            for name, training in mode_constants(model)
+            if training and "batch_norm" in targets[name]
+        ]
+    return out
 
 
 def _run_devices(devices: Sequence[Device], simulate: bool) -> list[str]:
@@ -245,7 +391,15 @@ def _run_devices(devices: Sequence[Device], simulate: bool) -> list[str]:
             f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} not present here, so the plan cannot run; "
             "use partitioner.plan() to plan only, or simulate=True to dry-run on simulated CPU devices"
         )
-    return [str(d.torch_device) for d in devices]
+    targets = [str(d.torch_device) for d in devices]
+    for t in targets:
+        try:
+            ok = str(torch.device(t)) == t
+        except RuntimeError:
+            ok = False
+        if not ok:  # torch keeps a device index in 8 bits: "cpu:200" becomes "cpu:-56", "cpu:255" the host
+            raise DeviceError(f"torch cannot address device {t!r} (indices go up to 127); number the devices from 0")
+    return targets
 
 
 def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:

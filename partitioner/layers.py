@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
 from partitioner.profiling import BACKWARD_FLOP_FACTOR, NodeStats
-from partitioner.trace import TracedModel
+from partitioner.trace import PIN, TracedModel
 
 __all__ = ["LayeredModel", "build_layers", "SKIP_TARGETS"]
 
@@ -96,6 +96,18 @@ def _assign_keys(gm: fx.GraphModule, traced: TracedModel, stats: Mapping[str, No
     order = {n: i for i, n in enumerate(nodes)}
     placed = [n for n in nodes if n.op.startswith("call_") and n.target not in SKIP_TARGETS]
     key: dict[fx.Node, str | None] = {n: _own_key(n, traced) for n in placed}
+    # An in-place change through a view, and the reads after it, run where the changed
+    # tensor lives (trace.thread_mutations pins them); before the rules below, so that
+    # the ops feeding them follow them there.
+    by_name = {n.name: n for n in nodes}
+    pinned = {n: by_name[n.meta[PIN]] for n in placed if n.meta.get(PIN) in by_name}
+
+    def pin(keys: dict[fx.Node, str | None]) -> None:
+        for n, base in pinned.items():
+            if keys.get(base) is not None:
+                keys[n] = keys[base]
+
+    pin(key)
 
     def first_keyed(candidates: list[fx.Node]) -> str | None:
         keyed = sorted((c for c in candidates if key.get(c)), key=order.__getitem__)
@@ -123,6 +135,7 @@ def _assign_keys(gm: fx.GraphModule, traced: TracedModel, stats: Mapping[str, No
             owner = first_keyed(list(n.users))
             if owner is not None:
                 key[n] = owner
+    pin(key)  # again, for tensors whose layer is known only now
     return {n: k for n, k in key.items() if k is not None}
 
 
@@ -300,9 +313,20 @@ def _values(
     return out
 
 
+def _target_name(target: object) -> str:
+    """A node's target by qualified name: ``str(torch.cat)`` holds a memory address, which
+    differs from process to process, and the fingerprint must not."""
+    if isinstance(target, str):
+        return target
+    try:
+        return fx.node._get_qualified_name(target)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - an unnamed callable: its type is what is stable about it
+        return f"{type(target).__module__}.{type(target).__qualname__}"
+
+
 def _fingerprint(gm: fx.GraphModule, node_layer: Mapping[str, int]) -> str:
     """Hash of the graph's ops, their layers and the tensors' names, shapes and dtypes."""
-    parts = [[n.op, str(n.target), n.name, node_layer.get(n.name, -1)] for n in gm.graph.nodes]
+    parts = [[n.op, _target_name(n.target), n.name, node_layer.get(n.name, -1)] for n in gm.graph.nodes]
     tensors = [[k, list(t.shape), str(t.dtype)] for k, t in gm.state_dict(keep_vars=True).items()]
     blob = json.dumps([parts, tensors], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

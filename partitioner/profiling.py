@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from partitioner.errors import ProfileError
+from partitioner.trace import read_after
 
 __all__ = ["NodeStats", "profile_nodes", "tensor_bytes", "BACKWARD_FLOP_FACTOR"]
 
@@ -59,7 +60,7 @@ def _is_view(target: Any) -> bool:
     schema = getattr(target, "_schema", None)
     if schema is not None:
         return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
-    return target in (getattr, "view", "reshape", "transpose", "permute", "expand", "squeeze", "unsqueeze")
+    return target in (getattr, read_after, "view", "reshape", "transpose", "permute", "expand", "squeeze", "unsqueeze")
 
 
 class _StatsInterpreter(fx.Interpreter):

@@ -9,7 +9,8 @@ weighted by shard size, which equals the full batch's mean for mean-reduced loss
 
 Like `nn.DataParallel`, buffers updated in a forward (BatchNorm running statistics in
 training mode) are updated on replica copies and the updates are lost, and per-batch
-statistics are computed per shard.
+statistics are computed per shard; so the planner never replicates a model that has such
+modules (`partitioner.api.replication_hazards`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,17 @@ def _gather(outputs: list[Any], sizes: list[int], device: str) -> Any:
     return tree_unflatten(merged, spec)
 
 
+def _drop_prefix(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    inner = prefix + "module."
+    for key in [k for k in state if k.startswith(inner)]:
+        state[prefix + key[len(inner) :]] = state.pop(key)
+
+
+def _add_prefix(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    for key in [k for k in state if k.startswith(prefix) and not k.startswith(prefix + "module.")]:
+        state[prefix + "module." + key[len(prefix) :]] = state.pop(key)
+
+
 class Replicated(nn.Module):
     """`module` replicated over `devices` for each forward; its parameters live on ``devices[0]``."""
 
@@ -64,6 +76,10 @@ class Replicated(nn.Module):
         self.devices = tuple(devices)
         self.output_device = output_device
         self.batch_size = batch_size
+        # The state dict keeps the model's own names (no "module." prefix), as a split
+        # model's does, so it loads into the original model and back.
+        self.register_state_dict_post_hook(_drop_prefix)
+        self.register_load_state_dict_pre_hook(_add_prefix)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         shards = min(len(self.devices), self.batch_size)

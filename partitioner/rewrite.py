@@ -14,6 +14,7 @@ computes, outputs and gradients, with every tensor an op reads on that op's devi
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +26,18 @@ from torch.utils._pytree import tree_map
 
 from partitioner.errors import PartitionerError
 from partitioner.layers import LayeredModel
+from partitioner.trace import named_tensors
 
-__all__ = ["move_to", "rewrite_graph", "place_tensors", "Transfer", "node_devices", "tensor_devices"]
+__all__ = [
+    "move_to",
+    "rewrite_graph",
+    "place_tensors",
+    "Transfer",
+    "node_devices",
+    "tensor_devices",
+    "gather_graph",
+    "mode_constants",
+]
 
 
 def move_to(value: Any, device: str) -> Any:
@@ -44,16 +55,6 @@ class Transfer:
     """Device it comes from (``input`` for a model input, which may be anywhere)."""
     dst: str
     """Device it goes to."""
-
-
-def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    named: list[tuple[str, torch.Tensor]] = list(module.named_parameters(remove_duplicate=False))
-    named += list(module.named_buffers(remove_duplicate=False))
-    for name, sub in module.named_modules(remove_duplicate=False):
-        for attr, value in vars(sub).items():
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and attr not in sub._buffers:
-                named.append((f"{name}.{attr}" if name else attr, value))  # tensor constants of export graphs
-    return named
 
 
 def place_tensors(
@@ -79,7 +80,7 @@ def place_tensors(
         PartitionerError: a tensor is on ``meta`` (it has no values to place).
     """
     aliases: dict[int, tuple[torch.Tensor, list[str]]] = {}
-    for name, t in _named_tensors(module):
+    for name, t in named_tensors(module):
         aliases.setdefault(id(t), (t, []))[1].append(name)
     memo = dict(memo or {})
     for key, (t, names) in aliases.items():
@@ -201,3 +202,63 @@ def tensor_devices(layered: LayeredModel, assignment: Sequence[int], devices: Se
     return {
         name: devices[assignment[layer.index]] for layer in layered.graph.layers for name in layer.params
     }
+
+
+def gather_graph(gm: fx.GraphModule, device: str, *, drop_transfers: bool = False) -> None:
+    """Point every transfer and device constant of a rewritten graph at one `device`, in place.
+
+    After ``module.to(device)`` has moved the tensors, the graph must stop sending values
+    to the devices of the plan. With `drop_transfers` the transfer nodes go altogether
+    (for a graph that is traced and planned again).
+    """
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target is move_to:
+            if drop_transfers:
+                n.replace_all_uses_with(n.args[0])
+                gm.graph.erase_node(n)
+            else:
+                n.args = (n.args[0], device)
+            continue
+        n.args, n.kwargs = _retarget_devices(n.args, device), _retarget_devices(n.kwargs, device)
+        sub = _attr(gm, str(n.target)) if n.op == "get_attr" else None
+        if isinstance(sub, fx.GraphModule):
+            _retarget_subgraph(sub, device)
+    gm.recompile()
+
+
+_MODE_ARGS = ("training", "train")
+
+
+def mode_constants(gm: fx.GraphModule) -> list[tuple[str, bool]]:
+    """(node name, mode) for each node whose train/eval behaviour the trace fixed.
+
+    torch.export writes ``aten.dropout(x, p, train)`` and ``aten.batch_norm(..., training,
+    ...)`` with the mode of the traced model as a constant, and a symbolic trace does the
+    same for ``F.dropout(x, training=self.training)``; ``module.train()`` cannot change
+    them. Dropout with ``p == 0`` computes the same in both modes and is left out.
+    """
+    found: list[tuple[str, bool]] = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        target = n.target
+        if target is torch.ops.aten._native_batch_norm_legit_no_training.default:
+            found.append((n.name, False))
+            continue
+        schema = getattr(target, "_schema", None)
+        try:
+            if schema is not None:
+                names = [a.name for a in schema.arguments]
+                defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+                bound = {**defaults, **dict(zip(names, n.args)), **n.kwargs}
+            else:
+                signature = inspect.signature(target)
+                call = signature.bind(*n.args, **n.kwargs)
+                call.apply_defaults()
+                bound = dict(call.arguments)
+        except (TypeError, ValueError):
+            continue  # builtins without a signature, calls that do not bind: no mode argument to read
+        mode = next((bound[k] for k in _MODE_ARGS if k in bound), None)
+        if isinstance(mode, bool) and bound.get("p") != 0:
+            found.append((n.name, mode))
+    return found

@@ -8,22 +8,33 @@ plain PyTorch models; `torch.export.export(strict=False)` works on Hugging Face 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import linecache
 import os
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, cast
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from partitioner.errors import TraceError
 
-__all__ = ["Frontend", "Granularity", "TracedModel", "trace_model", "block_classes"]
+__all__ = [
+    "Frontend",
+    "Granularity",
+    "TracedModel",
+    "trace_model",
+    "block_classes",
+    "named_tensors",
+    "read_after",
+    "thread_mutations",
+    "PIN",
+]
 
 Frontend = Literal["auto", "fx", "export"]
 Granularity = Literal["block", "leaf"]
@@ -91,10 +102,19 @@ def trace_model(
     failures: list[tuple[str, BaseException]] = []
     gm: fx.GraphModule | None = None
     used: Literal["fx", "export"] = "fx"
-    if frontend in ("auto", "fx"):
+    if frontend in ("auto", "export") and _exported(model):
+        gm, used = _shallow_copy(model), "export"  # already a torch.export graph: its nodes know their modules
+    elif frontend in ("auto", "fx"):
         try:
             gm = _trace_fx(model, example_args, kwargs)
+            differs = _differs_from_eager(model, gm, example_args, kwargs)
+            if differs:
+                raise _Diverged(
+                    f"{differs}: forward decides something on a module's output that a symbolic trace "
+                    "cannot see (`w is None`, isinstance); use frontend='export'"
+                )
         except Exception as e:  # noqa: BLE001 - any tracing failure falls through to export
+            gm = None
             failures.append(("torch.fx.symbolic_trace", e))
         if gm is not None and frontend == "auto" and _ties_modules(gm):
             gm = None  # export lifts a tied weight into the graph, where it can be moved between layers
@@ -116,6 +136,33 @@ def trace_model(
             for name, m in model.named_modules(remove_duplicate=False)
             if next(m.parameters(), None) is None and next(m.buffers(), None) is None
         ),
+    )
+
+
+def _shallow_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm`'s graph and modules that shares its tensors (the caller's stays as it is)."""
+    memo: dict[int, Any] = {id(t): t for _, t in named_tensors(gm)}
+    return copy.deepcopy(gm, memo)
+
+
+def named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of `module` by qualified name: parameters, buffers, and plain tensor
+    attributes (the constants torch.export lifts from ``forward``); aliases listed under each name."""
+    named: list[tuple[str, torch.Tensor]] = list(module.named_parameters(remove_duplicate=False))
+    named += list(module.named_buffers(remove_duplicate=False))
+    for name, sub in module.named_modules(remove_duplicate=False):
+        for attr, value in vars(sub).items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and attr not in sub._buffers:
+                named.append((f"{name}.{attr}" if name else attr, value))
+    return named
+
+
+def _exported(model: nn.Module) -> TypeGuard[fx.GraphModule]:
+    """Whether `model` is a graph module made by torch.export (``ExportedProgram.module()``)."""
+    return (
+        isinstance(model, fx.GraphModule)
+        and getattr(model, "_in_spec", None) is not None  # export's pytree calling convention
+        and any(n.op == "call_function" and n.meta.get("nn_module_stack") for n in model.graph.nodes)
     )
 
 
@@ -143,7 +190,235 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     unknown = set(kwargs) - set(placeholders)
     if unknown or len(args) > len(placeholders):
         raise TypeError(f"the traced forward takes {placeholders}, got {len(args)} positional and {sorted(kwargs)}")
+    if thread_mutations(gm):
+        gm.recompile()
+    _mirror_state(model, gm)
     return gm
+
+
+def _mirror_state(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Give `gm` every parameter and buffer of `model`, under the same names and persistence.
+
+    A symbolic trace copies only what the graph reads, and copies buffers read by
+    ``get_attr`` as persistent ones; the rewritten module's ``state_dict`` must load
+    into the original model (``strict=True``), so unused tensors (a module never called)
+    are added and non-persistent buffers stay out of the state dict. The tensors are the
+    model's own, as the trace's are.
+    """
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, tensor in tensors:
+        path, _, attr = name.rpartition(".")
+        src, dst = model.get_submodule(path), cast(nn.Module, gm)
+        for part in path.split(".") if path else ():
+            child = dst._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                dst.add_module(part, child)
+            dst = child
+        if dst is src:
+            continue  # the trace holds this module itself
+        if attr in src._parameters:
+            if attr not in dst._parameters:
+                dst.register_parameter(attr, src._parameters[attr])
+        elif attr not in dst._buffers:
+            dst.register_buffer(attr, tensor, persistent=attr not in src._non_persistent_buffers_set)
+        elif attr in src._non_persistent_buffers_set:
+            dst._non_persistent_buffers_set.add(attr)
+    if gm._non_persistent_buffers_set:
+        gm._register_deepcopy_hook(_RootPersistence(gm._non_persistent_buffers_set))
+
+
+class _RootPersistence:
+    """Deep-copy hook: `GraphModule.__deepcopy__` registers the root's buffers again, as
+    persistent ones; this marks the non-persistent ones again."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = frozenset(names)
+
+    def __call__(self, gm: fx.GraphModule) -> None:
+        gm._non_persistent_buffers_set |= {n for n in self.names if n in gm._buffers}
+
+
+class _Diverged(Exception):
+    """The symbolic trace ran but computed something else than the model."""
+
+
+def _differs_from_eager(model: nn.Module, gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """How the fx graph's output, or the buffers it leaves, differ from the model's ("" if not).
+
+    Symbolic tracing runs ``forward`` on proxies, and Python cannot hand a proxy every
+    question: ``w is None`` or ``isinstance(w, Tensor)`` on a leaf module's output is
+    answered about the proxy, so the graph silently takes a branch the model does not
+    (nn.MultiheadAttention returns None weights; ``1.0 if w is None else 0.5`` becomes
+    ``0.5``). Running both once catches that. Nothing is compared for models with
+    tensors on ``meta`` (no values), or when the model itself fails on the inputs; the
+    buffers a forward updates (BatchNorm statistics) are put back, and both runs see the
+    same random numbers.
+    """
+    inputs = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    tensors = [*model.parameters(), *model.buffers(), *inputs]
+    if any(t.is_meta for t in tensors):
+        return ""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    seed = torch.initial_seed() % 2**32
+
+    def run(fn: Any) -> tuple[Any, list[torch.Tensor]]:
+        """`fn`'s output on the inputs, and the buffers as it left them (then put back)."""
+        torch.manual_seed(seed)
+        fresh = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (args, kwargs))
+        try:
+            return fn(*fresh[0], **fresh[1]), [b.clone() for b, _ in buffers]
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        try:
+            expected, expected_state = run(model)
+        except Exception:  # noqa: BLE001 - the model fails on its own: nothing to compare
+            return ""
+        got, got_state = run(gm)
+    flat_expected, spec_expected = tree_flatten(expected)
+    flat_got, spec_got = tree_flatten(got)
+    if spec_expected != spec_got:
+        return f"the graph returns {spec_got} but the model returns {spec_expected}"
+    for k, (e, g) in enumerate(zip(flat_expected, flat_got)):
+        if not _same_value(e, g):
+            return f"output {k} of the graph differs from the model's on the example inputs"
+    names = {id(b): name for name, b in model.named_buffers(remove_duplicate=False)}
+    for (b, _), e, g in zip(buffers, expected_state, got_state):
+        if not _same_value(e, g):
+            return f"buffer {names.get(id(b), '?')} differs after a forward of the graph and of the model"
+    return ""
+
+
+def _same_value(e: Any, g: Any) -> bool:
+    if isinstance(e, torch.Tensor) and isinstance(g, torch.Tensor):
+        return e.shape == g.shape and e.dtype == g.dtype and torch.allclose(e, g, rtol=1e-5, atol=1e-6, equal_nan=True)
+    return type(e) is type(g) and e == g
+
+
+PIN = "partitioner_pin"
+"""Node meta key: the name of the node whose layer this node must join (see `thread_mutations`)."""
+
+# Tensor methods and torch functions whose result shares its input's storage (a view), or
+# may (reshape, contiguous): an in-place change through one changes the input too.
+_VIEWS = frozenset(
+    {
+        "view", "view_as", "reshape", "reshape_as", "transpose", "swapaxes", "permute", "movedim",
+        "expand", "expand_as", "squeeze", "unsqueeze", "narrow", "select", "t", "flatten", "unflatten",
+        "split", "chunk", "unbind", "diagonal", "as_strided", "contiguous", "detach", "getitem", "T", "mT",
+    }
+)  # fmt: skip
+
+
+def read_after(value: Any, *writes: Any) -> Any:
+    """`value`, read after the in-place changes `writes` made to it through views.
+
+    An identity that `thread_mutations` puts in the graph so that the order of a write
+    through a view and a later read of the base becomes data flow, which transfers follow.
+    """
+    return value
+
+
+def _mutated_arg(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
+    """The node whose tensor `n` changes in place (``h.relu_()``, ``torch.relu_(h)``,
+    ``F.relu(h, inplace=True)``, an ``inplace`` module, ``out=h``, an ATen op whose schema
+    marks an argument written, such as ``aten.fill_``), or None."""
+    if n.op not in ("call_method", "call_function", "call_module"):
+        return None
+    schema = getattr(n.target, "_schema", None)
+    if n.op == "call_function" and schema is not None:
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = n.args[i] if i < len(n.args) else n.kwargs.get(arg.name)
+                return value if isinstance(value, fx.Node) else None
+        return None
+    out = n.kwargs.get("out")
+    if isinstance(out, fx.Node):
+        return out
+    first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if n.op == "call_module":
+        return first if getattr(gm.get_submodule(str(n.target)), "inplace", False) is True else None
+    if n.op == "call_function" and n.kwargs.get("inplace") is True:
+        return first
+    name = str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return first if name.endswith("_") and not name.startswith("_") else None
+
+
+def _view_of(n: fx.Node) -> fx.Node | None:
+    """The node whose storage `n`'s result shares (it is a view of it), or None."""
+    source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if source is None or n.op not in ("call_method", "call_function"):
+        return None
+    schema = getattr(n.target, "_schema", None)
+    if schema is not None:
+        returns_alias = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+        return source if returns_alias else None
+    if n.target is getattr:
+        return source if len(n.args) > 1 and n.args[1] in _VIEWS else None
+    name = str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return source if name in _VIEWS else None
+
+
+def thread_mutations(gm: fx.GraphModule) -> bool:
+    """Make in-place changes data flow that transfers follow, in place.
+
+    Split over devices, a value is copied to another device once, right after it is
+    made; a later in-place change must reach the readers that come after it.
+
+    - A change to a tensor itself (``h.add_(x)``): later readers of ``h`` read the
+      in-place node, which returns ``h``. torch.export writes its graphs so; a symbolic
+      trace records ``h.add_(x)`` as a node nobody reads.
+    - A change through a view (``h[:, 0] = 0``, ``h.transpose(0, 1).mul_(2)``): later
+      readers of ``h``, or of views of ``h`` taken before the change, read
+      ``read_after(h, change)``; and the views, the change and those reads are pinned
+      (node meta `PIN`) to the layer of ``h``, so the change is made to ``h`` itself,
+      not to a copy on another device.
+
+    Returns:
+        Whether the graph changed.
+    """
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    base_of: dict[fx.Node, fx.Node] = {}
+    views: dict[fx.Node, list[fx.Node]] = {}
+    for n in nodes:
+        source = _view_of(n)
+        if source is not None:
+            base_of[n] = base = base_of.get(source, source)
+            views.setdefault(base, []).append(n)
+    changed = False
+    for m in nodes:
+        target = _mutated_arg(gm, m)
+        if target is None:
+            continue
+
+        def later(a: fx.Node, m: fx.Node = m) -> list[fx.Node]:
+            return [u for u in a.users if u is not m and u.target is not read_after and order.get(u, -1) > order[m]]
+
+        base = base_of.get(target, target)
+        earlier = [v for v in views.get(base, []) if order[v] < order[m]]
+        if target is base and not any(later(v) for v in earlier):
+            for user in later(target):
+                user.replace_input_with(target, m)
+                changed = True
+            continue
+        for n in (m, *earlier):
+            n.meta[PIN] = base.name
+        for alias in (base, *earlier):
+            readers = later(alias)
+            if not readers:
+                continue
+            with gm.graph.inserting_after(m):
+                read = gm.graph.call_function(read_after, (alias, m))
+            read.meta[PIN] = base.name
+            for user in readers:
+                user.replace_input_with(alias, read)
+            changed = True
+    return changed
 
 
 def _ties_modules(gm: fx.GraphModule) -> bool:
@@ -163,7 +438,10 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_batch_dynamic(model, args, kwargs))
     except Exception:  # noqa: BLE001 - a dynamic batch is a convenience; fall back to static shapes
         ep = torch.export.export(model, args, kwargs, strict=False)
-    return ep.module()
+    gm = ep.module()
+    if thread_mutations(gm):
+        gm.recompile()
+    return gm
 
 
 def _batch_dynamic(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -185,6 +463,9 @@ def _trace_failure_message(model: nn.Module, failures: list[tuple[str, BaseExcep
         where = _user_frame(err)
         if where:
             lines.append(f"    at {where}")
+    if all(isinstance(err, _Diverged) for _, err in failures):
+        lines.append("Fix: trace with frontend='export' (or 'auto', which falls back to it).")
+        return "\n".join(lines)
     lines.append(
         "Fix: Python control flow on tensor values cannot be traced. Rewrite the branch with "
         "torch.where (both sides computed) or torch.cond (one side run), or take the decision "

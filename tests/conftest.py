@@ -1,0 +1,17 @@
+"""Hypothesis profiles for the property tests, chosen with ``--hypothesis-profile``.
+
+``default`` (the test suite): 200 examples per property test, about two and a half minutes for
+tests/test_properties.py on a 2-core machine. ``long``: 2,500 per property test (see
+docs/robustness.md). Example runtimes vary from milliseconds to seconds (tracing,
+solving), so there is no deadline.
+"""
+
+from hypothesis import HealthCheck, settings
+
+_COMMON = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+    "print_blob": True,
+}
+settings.register_profile("default", max_examples=200, **_COMMON)
+settings.register_profile("long", max_examples=2500, **_COMMON)
