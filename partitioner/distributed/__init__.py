@@ -1,0 +1,41 @@
+"""Run plans on torch.distributed: pipeline stages and replica groups across processes and machines.
+
+No runtime of its own: a plan lowers to `torch.distributed.pipelining` (one `PipelineStage`
+per stage, the plan's `ScheduleGPipe` / `Schedule1F1B` / `ScheduleInterleaved1F1B`) and
+`DistributedDataParallel` over each stage's replicas, launched with ``torchrun``.
+
+- `layout`     pure: plan -> stages, device groups, process ranks, schedule, batch split
+- `stages`     the traced graph -> one `fx.GraphModule` per stage (tensors in, tensors out)
+- `launch`     rank and world size, process group and subgroups, each process's device
+- `runtime`    `build`: this process's stages, DDP and schedule; `PipelineRank.step`
+- `checkpoint` state under the original model's names: save per rank, load either way
+
+See docs/distributed.md.
+"""
+
+from partitioner.distributed.checkpoint import (
+    load_checkpoint,
+    load_from_original,
+    load_into_original,
+    save_checkpoint,
+)
+from partitioner.distributed.layout import SCHEDULES, Layout, StageSpec, check_launch, plan_layout
+from partitioner.distributed.runtime import LossFn, PipelineRank, build
+from partitioner.distributed.stages import StageGraphs, build_stages
+
+__all__ = [
+    "build",
+    "PipelineRank",
+    "LossFn",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_into_original",
+    "load_from_original",
+    "plan_layout",
+    "check_launch",
+    "Layout",
+    "StageSpec",
+    "SCHEDULES",
+    "build_stages",
+    "StageGraphs",
+]

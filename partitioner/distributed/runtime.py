@@ -1,0 +1,502 @@
+"""Build what one process runs from a plan: its stages, their schedule, DDP over its replicas.
+
+The lowering, step by step (on every process, from the same plan and model):
+
+1. `plan_layout`: stages, device groups, schedule, microbatches; the launch is checked
+   against it (world size, rank).
+2. The model is traced again as the plan was (front end, granularity) and its
+   fingerprint checked against the plan's; layers are grouped as they were.
+3. `build_stages` cuts the graph into one `fx.GraphModule` per stage, specialised to the
+   microbatch's shape.
+4. The process group starts (gloo on CPU, NCCL on CUDA) unless it runs already, with one
+   subgroup per pipeline (replica ``i`` of every rank) and per replica group.
+5. The process copies its own stages onto its device, wraps each in
+   `DistributedDataParallel` over its replica group (when the plan replicates it), in a
+   `torch.distributed.pipelining.PipelineStage` on its pipeline's group, and hands them
+   to the plan's schedule (`ScheduleGPipe`, `Schedule1F1B`, `ScheduleInterleaved1F1B`).
+
+`PipelineRank.step` then runs one training step: the pipeline's microbatches, gradients
+scaled by ``1 / microbatches`` (torch's ``scale_grads``) and averaged over replicas (DDP),
+so a loss that averages over its microbatch gives the gradients of the whole batch's mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+from torch.utils._pytree import tree_map
+
+from partitioner.api import replication_hazards
+from partitioner.distributed.launch import launch_rank, process_device, process_groups, start_process_group
+from partitioner.distributed.layout import Layout, check_launch, plan_layout
+from partitioner.distributed.stages import MicrobatchShapeError, StageGraphs, build_stages, flat_batch
+from partitioner.errors import PlanMismatchError
+from partitioner.layers import LayeredModel, build_layers
+from partitioner.plan import Plan
+from partitioner.profiling import profile_nodes
+from partitioner.rewrite import place_tensors
+from partitioner.trace import trace_model
+
+if TYPE_CHECKING:
+    from torch.distributed.pipelining.stage import _PipelineStageBase
+
+__all__ = ["PipelineRank", "build", "LossFn"]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+"""``loss_fn(output, target)``: the model's output for one microbatch (as the model returns
+it) and that microbatch's target -> a scalar loss, averaged over the microbatch."""
+
+
+class PipelineRank:
+    """What one process runs: its stages of the plan, their schedule, its replica group.
+
+    Make one with `build`. ``parameters()`` are this process's own (for its optimizer);
+    ``state_dict()`` holds its stages' tensors under the original model's names.
+    """
+
+    def __init__(
+        self,
+        *,
+        plan: Plan,
+        layout: Layout,
+        rank: int,
+        device: torch.device,
+        layered: LayeredModel,
+        graphs: StageGraphs,
+        aliases: Sequence[Mapping[str, tuple[str, ...]]],
+        extra: Mapping[str, torch.Tensor],
+        loss_fn: LossFn,
+        owns_process_group: bool,
+    ) -> None:
+        self.plan = plan
+        self.layout = layout
+        self.rank = rank
+        self.device = device
+        self.pipeline_rank, self.replica = layout.position(rank)
+        self._layered = layered
+        self._graphs = graphs
+        self._aliases = aliases
+        self._extra = extra
+        self._owns_process_group = owns_process_group
+        specs = layout.stages_of(self.pipeline_rank)
+        self.stage_indices = tuple(s.index for s in specs)
+        """Indices of the stages this process runs."""
+        self.modules = tuple(_to_device(graphs.modules[k], device) for k in self.stage_indices)
+        """Its stage modules (`fx.GraphModule`), on its device."""
+        self._pipeline_group, self._replica_group = process_groups(layout, rank)
+        self._wrapped = tuple(self._wrap(m, s.recompute) for m, s in zip(self.modules, specs))
+        num_stages = len(layout.stages)
+        # Shapes given up front: torch then skips its first-step shape inference, which would
+        # run a forward through DDP outside `no_sync` and leave DDP waiting for that backward.
+        stages: list[_PipelineStageBase] = [
+            PipelineStage(
+                w, k, num_stages, device, group=self._pipeline_group,
+                input_args=tuple(spec.example() for spec in graphs.input_specs[k]),
+                output_args=tuple(spec.example() for spec in graphs.output_specs[k]),
+            )
+            for k, w in zip(self.stage_indices, self._wrapped)
+        ]
+        self._stages = stages
+
+        def loss(output: Any, target: Any) -> torch.Tensor:
+            return loss_fn(graphs.model_output(output), target)
+
+        m = layout.microbatches
+        if layout.schedule == "gpipe":
+            self._schedule: Any = ScheduleGPipe(stages[0], m, loss_fn=loss)
+        elif layout.schedule == "1f1b":
+            self._schedule = Schedule1F1B(stages[0], m, loss_fn=loss)
+        else:
+            self._schedule = ScheduleInterleaved1F1B(stages, m, loss_fn=loss)
+
+    # ------------------------------------------------------------------ who
+    @property
+    def is_first(self) -> bool:
+        """Whether this process runs stage 0 (it needs the inputs)."""
+        return 0 in self.stage_indices
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this process runs the last stage (it needs the target and returns the loss)."""
+        return len(self.layout.stages) - 1 in self.stage_indices
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    def __repr__(self) -> str:
+        return (
+            f"PipelineRank(rank {self.rank} of {self.world_size} on {self.device}: stage(s) "
+            f"{', '.join(map(str, self.stage_indices))}, replica {self.replica} of {self.layout.replicas}; "
+            f"{self.layout.describe()})"
+        )
+
+    # ------------------------------------------------------------------ training
+    def step(self, batch: Any, target: Any = None, *, shard: bool = True, **kwargs: Any) -> torch.Tensor | None:
+        """Run one training step (forward, backward; gradients reduced, not applied).
+
+        Call it on every process with the same arguments; then step your optimizer over
+        `parameters` and zero the gradients, as for any model.
+
+        Args:
+            batch: The model's positional inputs: a tensor, or a tuple of them. Every tensor
+                input carries the batch in dimension 0.
+            target: The loss function's target, batch in dimension 0 (read by the
+                processes of the last stage).
+            shard: The batch is the whole step's (``global_batch`` samples, the same on every
+                process), and each replica takes its share in order. False: the batch is this
+                replica's share already (``global_batch / replicas`` samples, e.g. from a
+                ``DistributedSampler(num_replicas=part.layout.replicas, rank=part.replica)``).
+            **kwargs: The model's keyword inputs.
+
+        Returns:
+            On the processes of the last stage, the step's loss: the mean of the
+            microbatches' losses over every replica (the whole batch's loss for a loss that
+            averages); None elsewhere.
+
+        Raises:
+            PlanMismatchError: The batch has another size than the plan's, or a non-tensor
+                input differs from the example the stages were specialised to.
+        """
+        args = batch if isinstance(batch, tuple) else (batch,)
+        inputs = self._stage_inputs(args, kwargs, shard) if self.is_first else ()
+        if self.is_last:
+            if target is None:
+                raise ValueError("the last stage computes the loss: pass step(batch, target)")
+            target = self._share(target, shard, "target")
+        losses: list[torch.Tensor] = []
+        self._schedule.step(
+            *inputs, target=target if self.is_last else None, losses=losses if self.is_last else None,
+            return_outputs=False,
+        )
+        if not self.is_last:
+            return None
+        loss = torch.stack([x.detach() for x in losses]).mean()
+        if self.layout.replicas > 1:
+            dist.all_reduce(loss, group=self._replica_group)
+            loss = loss / self.layout.replicas
+        return loss
+
+    def _stage_inputs(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], shard: bool) -> tuple[torch.Tensor, ...]:
+        graphs = self._graphs
+        flat = flat_batch(self._layered, args, kwargs)
+        for i, value in graphs.constants.items():
+            if type(flat[i]) is not type(value) or flat[i] != value:
+                raise PlanMismatchError(
+                    f"input {graphs.input_names[i]!r} is {flat[i]!r} but the stages were built for {value!r} "
+                    "(the example inputs'); pass that, or build with example inputs holding this value"
+                )
+        return tuple(self._share(flat[i], shard, f"input {graphs.input_names[i]!r}") for i in graphs.inputs)
+
+    def _share(self, value: Any, shard: bool, what: str) -> Any:
+        """This replica's rows of `value` (every tensor in it), on this process's device."""
+        layout = self.layout
+        expected = layout.global_batch if shard else layout.replica_batch
+
+        def take(x: Any) -> Any:
+            if not isinstance(x, torch.Tensor):
+                return x
+            if x.ndim == 0 or x.shape[0] != expected:
+                got = "a scalar" if x.ndim == 0 else f"{x.shape[0]} samples"
+                raise PlanMismatchError(
+                    f"{what} holds {got}, but the plan's step takes {expected} per "
+                    f"{'step' if shard else 'replica'} ({layout.describe()}); pass that many, or build with "
+                    "global_batch=... to match your data"
+                )
+            if shard and layout.replicas > 1:
+                x = x.narrow(0, self.replica * layout.replica_batch, layout.replica_batch)
+            return x.to(self.device)
+
+        return tree_map(take, value)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This process's parameters (its stages'), for its optimizer."""
+        for m in self.modules:
+            yield from m.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This process's parameters under their names in the original model (a tied one under its first)."""
+        for m, names in zip(self.modules, self._stage_aliases()):
+            for name, p in m.named_parameters():
+                yield (names[name][0] if names.get(name) else name), p
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for m in self.modules:
+            m.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ state
+    def _stage_aliases(self) -> list[Mapping[str, tuple[str, ...]]]:
+        return [self._aliases[k] for k in self.stage_indices]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This process's tensors under every name the original model's ``state_dict`` gives them.
+
+        Tensors the graph never reads (unused parameters) are not held by any stage; process 0
+        returns them too, as they were at `build`.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for m, names in zip(self.modules, self._stage_aliases()):
+            for name, t in _named_tensors(m):
+                for original in names.get(name, ()):
+                    out[original] = t.detach()
+        if self.rank == 0:
+            out.update(self._extra)
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Copy this process's tensors from a state dict of the original model (its names).
+
+        Raises:
+            PlanMismatchError: A tensor of these stages is missing from `state_dict`, or has
+                another shape (the state dict is of another model).
+        """
+        with torch.no_grad():
+            for k, m, names in zip(self.stage_indices, self.modules, self._stage_aliases()):
+                for name, t in _named_tensors(m):
+                    originals = names.get(name, ())
+                    if not originals:
+                        continue
+                    found = next((o for o in originals if o in state_dict), None)
+                    if found is None:
+                        raise PlanMismatchError(
+                            f"the state dict has no {originals[0]!r}, which stage {k} holds; "
+                            "it is not a state dict of the model the plan was made for"
+                        )
+                    source = state_dict[found]
+                    if tuple(source.shape) != tuple(t.shape):
+                        raise PlanMismatchError(
+                            f"{found!r} has shape {tuple(source.shape)} in the state dict but {tuple(t.shape)} "
+                            f"in stage {k}; it is not a state dict of the model the plan was made for"
+                        )
+                    t.copy_(source)
+
+    def held_names(self, stage: int) -> tuple[str, ...]:
+        """The original model's state names of the tensors stage `stage` holds (any stage of the plan)."""
+        return tuple(sorted({o for names in self._aliases[stage].values() for o in names}))
+
+    @property
+    def unused_state(self) -> Mapping[str, torch.Tensor]:
+        """State entries of the original model that no stage holds (the graph never reads
+        them), as they were at `build`."""
+        return self._extra
+
+    def close(self) -> None:
+        """End the process group if `build` started it (call once, at the end of the script)."""
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_process_group = False
+
+    # ------------------------------------------------------------------ internals
+    def _wrap(self, module: nn.Module, recompute: bool) -> nn.Module:
+        """Activation checkpointing if the plan recomputes the stage; DDP over the replica group,
+        when there are replicas and something to train."""
+        if recompute:
+            module = _Recomputed(module)
+        if self.layout.replicas == 1 or not any(p.requires_grad for p in module.parameters()):
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, process_group=self._replica_group)
+
+
+class _Recomputed(nn.Module):
+    """A stage that keeps only its inputs for backward and runs its forward again there
+    (`torch.utils.checkpoint`, non-reentrant), as the plan's `PlanStage.recompute` says."""
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return checkpoint(self.stage, *args, use_reentrant=False)
+
+
+def build(
+    plan: Plan,
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    loss_fn: LossFn,
+    schedule: str | None = None,
+    microbatches: int | None = None,
+    global_batch: int | None = None,
+    device: str | torch.device | None = None,
+    split_modules: Sequence[str] = (),
+) -> PipelineRank:
+    """Build this process's part of `plan`: its stages, schedule and replica group.
+
+    Run it on every process of a launch (``torchrun --nproc-per-node N script.py``): the
+    rank and world size come from the environment torchrun sets (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``), or from a process group already started. A plan on
+    one device also runs without a launcher.
+
+    Example (``torchrun --nproc-per-node 2 train.py``)::
+
+        plan = partitioner.Plan.from_json(open("plan.json").read())
+        part = partitioner.distributed.build(plan, model, (x,), loss_fn=F.cross_entropy)
+        opt = torch.optim.SGD(part.parameters(), lr=0.1)
+        for x, y in batches:
+            loss = part.step(x, y)     # the loss on the last stage's processes, else None
+            opt.step()
+            opt.zero_grad()
+
+    Args:
+        plan: The plan (from `partitioner.training.plan_training`, `partitioner.plan`, or
+            `Plan.from_json`), the same on every process.
+        model: The model the plan was made for, with its weights (the same on every
+            process). It is not modified: the stages hold copies.
+        example_inputs: The example inputs the plan was made with (the fingerprint is
+            checked on them; shapes past the batch dimension are fixed by them).
+        example_kwargs: Keyword example inputs, likewise.
+        loss_fn: ``loss_fn(output, target)`` on one microbatch, averaged over it.
+        schedule: ``gpipe``, ``1f1b`` or ``interleaved_1f1b``; default the plan's (1F1B
+            for a plan without a pipeline).
+        microbatches: Microbatches per step; default the plan's (one per stage without a pipeline).
+        global_batch: Samples per step over all replicas; default the plan's (its batch
+            without a pipeline).
+        device: This process's device; default: ``cpu`` for a CPU plan device, else
+            ``cuda:LOCAL_RANK`` (``cuda:N`` when the plan device is a present ``cuda:N``).
+        split_modules: As given to the planner (they change the layers).
+
+    Returns:
+        This process's `PipelineRank`.
+
+    Raises:
+        PlanMismatchError: The launch's world size is not the number of devices the plan
+            uses, the model's fingerprint is not the plan's, the plan's ranks hold unequal
+            replica counts, or the model has BatchNorm layers in training mode while the
+            plan splits batches.
+        DeviceError: The plan device is a GPU and this process has no such GPU.
+        ValueError: The schedule, microbatches and batch do not fit the stages.
+    """
+    layout = plan_layout(plan, schedule=schedule, microbatches=microbatches, global_batch=global_batch)
+    rank, world_size = launch_rank()
+    check_launch(layout, world_size, rank, [d.name for d in plan.devices])
+    hazards = replication_hazards(model)
+    if hazards and (layout.replicas > 1 or layout.microbatches > 1):
+        raise PlanMismatchError(
+            f"{hazards[0]}, but the step splits its batch ({layout.describe()}), so it would normalise "
+            "each microbatch alone; put those modules in eval mode, or run one microbatch on one replica"
+        )
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    layered = _layers(plan, model, args, kwargs, split_modules)
+    target = process_device(plan, layout, rank, device)
+    stage_of_layer = [0] * len(plan.layers)
+    for s in layout.stages:
+        for i in s.layers:
+            stage_of_layer[i] = s.index
+    try:
+        graphs = build_stages(layered, stage_of_layer, args, kwargs, layout.microbatch_size, target)
+    except MicrobatchShapeError:
+        # Traced at a fixed batch (torch.export specialises a batch of 1): trace at the microbatch's.
+        args, kwargs = _resized((args, kwargs), layout.microbatch_size)
+        layered = _layers(plan, model, args, kwargs, split_modules, check_fingerprint=False)
+        graphs = build_stages(layered, stage_of_layer, args, kwargs, layout.microbatch_size, target)
+    aliases, extra = _original_names(model, layered, graphs)
+    owns = start_process_group(target, rank, world_size)
+    return PipelineRank(
+        plan=plan,
+        layout=layout,
+        rank=rank,
+        device=target,
+        layered=layered,
+        graphs=graphs,
+        aliases=aliases,
+        extra=extra,
+        loss_fn=loss_fn,
+        owns_process_group=owns,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _layers(
+    plan: Plan,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    split_modules: Sequence[str],
+    *,
+    check_fingerprint: bool = True,
+) -> LayeredModel:
+    """Trace and group `model` as the planner did, and check it is the plan's model."""
+    front = plan.frontend if plan.frontend in ("fx", "export") else "auto"
+    granularity = plan.granularity if plan.granularity in ("block", "leaf") else "block"
+    traced = trace_model(model, args, kwargs, frontend=front, granularity=granularity, split_modules=split_modules)  # type: ignore[arg-type]
+    stats = profile_nodes(traced.gm, args, dict(kwargs), training=plan.training)
+    layered = build_layers(traced, stats, batch_size=_batch(args, kwargs))
+    names = [layer.name for layer in layered.graph.layers]
+    planned = [layer.name for layer in plan.layers]
+    if check_fingerprint and layered.graph.fingerprint != plan.fingerprint:
+        raise PlanMismatchError(
+            f"the plan was made for {plan.model_name} (fingerprint {plan.fingerprint}) but this model traces to "
+            f"{layered.graph.model_name} (fingerprint {layered.graph.fingerprint}) on these example inputs; "
+            "pass the model and example inputs the plan was made with (and its split_modules), or plan again"
+        )
+    if names != planned:
+        raise PlanMismatchError(
+            f"the model traces to {len(names)} layers ({', '.join(names[:3])}, ...) but the plan has "
+            f"{len(planned)} ({', '.join(planned[:3])}, ...); plan this model again"
+        )
+    return layered
+
+
+def _batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
+    for x in [*args, *kwargs.values()]:
+        if isinstance(x, torch.Tensor) and x.ndim:
+            return int(x.shape[0])
+    return 1
+
+
+def _resized(value: Any, batch: int) -> Any:
+    """Every tensor of `value` with `batch` rows (its first rows, repeated as needed)."""
+
+    def resize(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.ndim == 0:
+            return x
+        reps = math.ceil(batch / x.shape[0])
+        return x.repeat(reps, *([1] * (x.ndim - 1)))[:batch].clone()
+
+    return tree_map(resize, value)
+
+
+def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of a stage module on `device` (the user's tensors are never trained in place)."""
+    return copy.deepcopy(module, place_tensors(module, {}, str(device)))
+
+
+def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+
+
+def _original_names(
+    model: nn.Module, layered: LayeredModel, graphs: StageGraphs
+) -> tuple[list[dict[str, tuple[str, ...]]], dict[str, torch.Tensor]]:
+    """Per stage, its tensor names -> the original model's ``state_dict`` names of the same
+    tensor (several for a tied weight); and the state entries no stage holds."""
+    state = model.state_dict(keep_vars=True)
+    by_id: dict[int, list[str]] = {}
+    for name, t in state.items():
+        by_id.setdefault(id(t), []).append(name)
+    held: set[str] = set()
+    aliases = []
+    for module in graphs.modules:
+        names: dict[str, tuple[str, ...]] = {}
+        for name, t in _named_tensors(module):
+            originals = tuple(by_id.get(id(t), [name] if name in state else []))
+            names[name] = originals
+            held.update(originals)
+        aliases.append(names)
+    extra = {k: t.detach().clone() for k, t in state.items() if k not in held}
+    return aliases, extra

@@ -1,0 +1,100 @@
+"""One process of a distributed test: run each case's training step, save what the test compares.
+
+Launched by tests/test_distributed.py as torchrun would launch a training script (the
+environment holds RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), with
+``python tests/dist_worker.py SPEC.json``. Every case of the spec runs in the same
+processes, one after the other: build the plan's part, optionally load a state dict or
+save a checkpoint, `STEPS` SGD steps on one batch, and ``torch.save`` of this rank's
+losses and state dict to ``<out>/<case>-rank<r>.pt``.
+
+The data and losses live here so that the test computes its single-process reference
+from the same definitions.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+LR = 0.1
+STEPS = 2
+"""Steps per case: DDP rebuilds its buckets at the second, and gradients must not leak between steps."""
+
+
+def batch(model: str, samples: int) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
+    """(positional inputs, keyword inputs, target) of one step of `samples` samples."""
+    g = torch.Generator().manual_seed(11)
+    if model == "mlp":
+        return (torch.randn(samples, 1024, generator=g),), {}, torch.randint(0, 10, (samples,), generator=g)
+    ids = torch.randint(0, 128, (samples, 8), generator=g)
+    return (ids,), {"use_cache": False}, ids
+
+
+def loss_fn(model: str) -> Any:
+    """The case's loss: cross entropy of the classes (mlp) or of the next token (gpt2), averaged."""
+    if model == "mlp":
+        return F.cross_entropy
+
+    def next_token(output: Any, ids: torch.Tensor) -> torch.Tensor:
+        logits = output.logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    return next_token
+
+
+def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict other than the model's own: floating tensors shifted by 0.01."""
+    return {k: v + 0.01 if v.is_floating_point() else v.clone() for k, v in state.items()}
+
+
+def run(spec: dict[str, Any]) -> None:
+    import partitioner.distributed as pd
+    from partitioner.plan import Plan
+    from tests.models import ZOO
+
+    out = Path(spec["out"])
+    parts = []
+    for case in spec["cases"]:
+        model_name = case["model"]
+        model, args, kwargs = ZOO[model_name].build()
+        plan = Plan.from_json(Path(case["plan"]).read_text())
+        part = pd.build(
+            plan,
+            model,
+            args,
+            kwargs,
+            loss_fn=loss_fn(model_name),
+            schedule=case.get("schedule"),
+            microbatches=case.get("microbatches"),
+            global_batch=case.get("global_batch"),
+        )
+        if case.get("checkpoint"):
+            pd.save_checkpoint(part, case["checkpoint"])
+        if case.get("load_perturbed"):
+            pd.load_from_original(part, perturbed(model.state_dict()))
+        optimizer = torch.optim.SGD(part.parameters(), lr=LR)
+        inputs, keywords, target = batch(model_name, part.layout.global_batch)
+        losses = []
+        for _ in range(STEPS):
+            losses.append(part.step(inputs if len(inputs) > 1 else inputs[0], target, **keywords))
+            optimizer.step()
+            optimizer.zero_grad()
+        torch.save(
+            {"losses": losses, "state": part.state_dict(), "stages": part.stage_indices, "repr": repr(part)},
+            out / f"{case['name']}-rank{part.rank}.pt",
+        )
+        parts.append(part)
+    for part in parts:
+        part.close()  # ends the process group on the part that started it
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT))
+    run(json.loads(Path(sys.argv[1]).read_text()))

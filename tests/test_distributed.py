@@ -1,0 +1,392 @@
+"""Plans lowered to torch.distributed: one training step equals single-process training.
+
+Pure layout checks and the stage split run in this process. Two launches (marked
+``distributed``) start gloo processes the way torchrun would (its environment variables,
+one thread each) on tests/dist_worker.py: 2 processes for 2-stage pipelines (GPipe, 1F1B,
+interleaved 1F1B, a plan without a pipeline section, a checkpoint), 4 for 2 stages x 2
+replicas; every case runs inside the same processes, since a start costs 15-20 s here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import partitioner.distributed as pd
+from partitioner.distributed.stages import flat_batch
+from partitioner.errors import PlanMismatchError
+from partitioner.options import Strategy
+from partitioner.plan import Plan
+from partitioner.training import plan_training
+from tests import dist_worker
+from tests.models import ZOO
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- plans by hand
+
+
+def hand_pipeline(
+    plan: Plan,
+    ranges: list[tuple[int, int]],
+    groups: list[tuple[int, ...]],
+    schedule: str,
+    microbatches: int,
+    global_batch: int,
+    recompute: bool = False,
+) -> Plan:
+    """`plan` (a training plan) with other stages: stage ``j`` holds layers ``ranges[j]`` on ``groups[j % p]``.
+
+    The planner's own stage records are the template (their costs no longer fit, and the
+    lowering reads none); the JSON round trip validates the result as a saved plan.
+    """
+    assert plan.pipeline is not None
+    template = plan.pipeline.stages[0]
+    ranks = len(groups)
+    stages = tuple(
+        dataclasses.replace(
+            template, index=j, rank=j % ranks, first_layer=first, last_layer=last, devices=groups[j % ranks],
+            samples=global_batch // (microbatches * len(groups[j % ranks])), recompute=recompute,
+        )
+        for j, (first, last) in enumerate(ranges)
+    )
+    pipeline = dataclasses.replace(
+        plan.pipeline, schedule=schedule, microbatches=microbatches, virtual_stages=len(ranges) // ranks,
+        global_batch=global_batch, stages=stages,
+    )
+    return Plan.from_json(dataclasses.replace(plan, pipeline=pipeline).to_json())
+
+
+def placed(plan: Plan, devices: list[int]) -> Plan:
+    """`plan` as a model-parallel plan (no pipeline section) with layer ``i`` on ``devices[i]``."""
+    layers = tuple(dataclasses.replace(layer, device=d) for layer, d in zip(plan.layers, devices))
+    return dataclasses.replace(
+        plan, strategy=Strategy.MODEL_PARALLEL, layers=layers, output_device=devices[-1], pipeline=None
+    )
+
+
+_BASE: dict[tuple[str, int], Plan] = {}
+
+
+def base_plan(model: str, devices: int) -> Plan:
+    """A training plan of the zoo model on ``cpu:0..`` (its layers, fingerprint, devices, records), cached."""
+    if (model, devices) not in _BASE:
+        m, args, kwargs = ZOO[model].build()
+        _BASE[model, devices] = plan_training(
+            m, [f"cpu:{i}" for i in range(devices)], args, kwargs, global_batch=8, measure=False
+        )
+    return _BASE[model, devices]
+
+
+# --------------------------------------------------------------------------- layout (pure)
+
+
+def test_layout_of_a_hybrid_plan() -> None:
+    plan = hand_pipeline(base_plan("mlp", 4), [(0, 3), (4, 6)], [(0, 1), (2, 3)], "1f1b", 2, 8)
+    layout = pd.plan_layout(plan)
+    assert (layout.world_size, layout.pipeline_ranks, layout.replicas) == (4, 2, 2)
+    assert [layout.position(g) for g in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert layout.pipeline_group(1) == (1, 3) and layout.replica_group(1) == (2, 3)
+    assert layout.stages[1].layers == (4, 5, 6)
+    assert (layout.replica_batch, layout.microbatch_size) == (4, 2)
+
+
+def test_layout_keeps_each_process_on_its_planned_device() -> None:
+    """Replicas across nodes ("stages in a node"): process g runs plan device g, as torchrun places it."""
+    plan = hand_pipeline(base_plan("mlp", 4), [(0, 3), (4, 6)], [(0, 2), (1, 3)], "gpipe", 2, 8)
+    layout = pd.plan_layout(plan)
+    assert layout.devices == (0, 1, 2, 3)
+    assert [layout.position(g) for g in range(4)] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert layout.pipeline_group(0) == (0, 1) and layout.replica_group(0) == (0, 2)
+
+
+def test_layout_of_plans_without_a_pipeline() -> None:
+    mp = pd.plan_layout(placed(base_plan("mlp", 3), [0, 0, 2, 2, 2, 2, 2]), microbatches=4)
+    assert mp.devices == (0, 2) and mp.groups == ((0,), (2,)) and mp.schedule == "1f1b"
+    assert [s.layers for s in mp.stages] == [(0, 1), (2, 3, 4, 5, 6)]
+    data_parallel = dataclasses.replace(placed(base_plan("mlp", 2), [0] * 7), strategy=Strategy.DATA_PARALLEL)
+    dp = pd.plan_layout(data_parallel, global_batch=8)
+    assert dp.groups == ((0, 1),) and len(dp.stages) == 1 and dp.microbatches == 1
+
+
+def test_layout_errors_carry_the_numbers() -> None:
+    base = base_plan("mlp", 3)
+    uneven = hand_pipeline(base, [(0, 3), (4, 6)], [(0, 1), (2,)], "1f1b", 2, 8)
+    with pytest.raises(PlanMismatchError, match="2/1 replicas"):
+        pd.plan_layout(uneven)
+    two = hand_pipeline(base_plan("mlp", 2), [(0, 3), (4, 6)], [(0,), (1,)], "1f1b", 2, 8)
+    with pytest.raises(ValueError, match="do not split into 1 replica"):
+        pd.plan_layout(two, global_batch=7)
+    with pytest.raises(ValueError, match="at least one microbatch per stage"):
+        pd.plan_layout(two, microbatches=1)
+    with pytest.raises(ValueError, match="only interleaved_1f1b"):
+        pd.plan_layout(hand_pipeline(base_plan("mlp", 2), [(0, 1), (2, 3), (4, 5), (6, 6)], [(0,), (1,)], "gpipe", 4, 8))
+    layout = pd.plan_layout(two)
+    with pytest.raises(PlanMismatchError, match=r"2 device\(s\).*but 3 process.*--nproc-per-node 2"):
+        pd.check_launch(layout, 3, 0, ["cpu:0", "cpu:1"])
+
+
+# --------------------------------------------------------------------------- stages (one process)
+
+
+@pytest.mark.parametrize(("model", "stage_of_layer"), [("mlp", [0, 0, 1, 1, 1, 2, 2]), ("gpt2", [0, 0, 1, 1, 2, 2])])
+def test_stages_in_a_row_compute_the_model(model: str, stage_of_layer: list[int]) -> None:
+    """Outputs and gradients of the chained stages equal the model's (GPT-2: a tied weight crosses two stages)."""
+    from partitioner.distributed.runtime import _layers
+
+    m, args, kwargs = ZOO[model].build()
+    layered = _layers(base_plan(model, 3), m, args, kwargs, ())
+    inputs, keywords, target = dist_worker.batch(model, 4)
+    graphs = pd.build_stages(layered, stage_of_layer, args, kwargs, 4, torch.device("cpu"))
+    assert len(graphs.modules) == 3 and all(graphs.boundaries)
+    flat = flat_batch(layered, inputs, keywords)
+    values: tuple[Any, ...] = tuple(flat[i] for i in graphs.inputs)
+    for stage in graphs.modules:  # the stages share the parameters of `m`
+        values = stage(*values)
+    loss = dist_worker.loss_fn(model)(graphs.model_output(values), target)
+    original = ZOO[model].make_model()
+    expected = dist_worker.loss_fn(model)(original(*inputs, **keywords), target)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    grads = dict(original.named_parameters())
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+
+
+def test_build_rejects_a_launch_of_another_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    model, args, kwargs = ZOO["mlp"].build()
+    plan = hand_pipeline(base_plan("mlp", 2), [(0, 3), (4, 6)], [(0,), (1,)], "1f1b", 2, 8)
+    with pytest.raises(PlanMismatchError, match=r"runs on 2 device\(s\).*3 process\(es\) were launched"):
+        pd.build(plan, model, args, kwargs, loss_fn=dist_worker.loss_fn("mlp"))
+
+
+def test_build_rejects_another_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    model, args, kwargs = ZOO["twice"].build()
+    plan = hand_pipeline(base_plan("mlp", 2), [(0, 3), (4, 6)], [(0,), (1,)], "1f1b", 2, 8)
+    with pytest.raises(PlanMismatchError, match="made for Sequential"):
+        pd.build(plan, model, args, kwargs, loss_fn=dist_worker.loss_fn("mlp"))
+
+
+def test_one_process_plan_steps_and_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-device plan runs without a launcher; checkpoints load both ways, exactly."""
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    model, args, kwargs = ZOO["mlp"].build()
+    plan = placed(base_plan("mlp", 2), [1] * 7)
+    part = pd.build(plan, model, args, kwargs, loss_fn=dist_worker.loss_fn("mlp"), schedule="gpipe",
+                    microbatches=2, global_batch=8)
+    try:
+        assert (part.world_size, part.stage_indices, part.is_first, part.is_last) == (1, (0,), True, True)
+        pd.save_checkpoint(part, tmp_path / "before")
+        restored = ZOO["mlp"].make_model()
+        with torch.no_grad():
+            for p in restored.parameters():
+                p.add_(1.0)
+        pd.load_into_original(restored, tmp_path / "before")
+        for k, v in model.state_dict().items():
+            assert torch.equal(restored.state_dict()[k], v), k
+        shifted = dist_worker.perturbed(model.state_dict())
+        pd.load_from_original(part, shifted)
+        assert all(torch.equal(v, shifted[k]) for k, v in part.state_dict().items())
+        pd.load_from_original(part, model.state_dict())
+        with pytest.raises(PlanMismatchError, match="has no 'fc1.weight'"):
+            pd.load_from_original(part, {})
+        inputs, _, target = dist_worker.batch("mlp", 8)
+        optimizer = torch.optim.SGD(part.parameters(), lr=dist_worker.LR)
+        loss = part.step(inputs[0], target)
+        optimizer.step()
+        (expected,), state = reference("mlp", 8)
+        torch.testing.assert_close(loss, expected)
+        for k, v in part.state_dict().items():
+            torch.testing.assert_close(v, state[k], msg=k)
+        with pytest.raises(PlanMismatchError, match="input 'input' holds 6 samples, but the plan's step takes 8"):
+            part.step(inputs[0][:6], target[:6])
+    finally:
+        part.close()
+
+
+def test_one_process_pipeline_recomputes_where_the_plan_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage planned with recomputation runs its forward again in backward, with the same numbers.
+
+    The plan is made from a one-sample example, as `plan_training` suggests: torch.export
+    then fixes the batch in the graph, and `build` traces again at the microbatch's size.
+    """
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    model, args, kwargs = ZOO["gpt2"].build()
+    one = (args[0][:1],)
+    planned = plan_training(model, ["cpu:0", "cpu:1"], one, kwargs, global_batch=4, measure=False)
+    plan = hand_pipeline(planned, [(0, 5)], [(1,)], "gpipe", 2, 4, recompute=True)
+    part = pd.build(plan, model, one, kwargs, loss_fn=dist_worker.loss_fn("gpt2"))
+    try:
+        calls = []
+        part.modules[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        inputs, keywords, target = dist_worker.batch("gpt2", 4)
+        optimizer = torch.optim.SGD(part.parameters(), lr=dist_worker.LR)
+        loss = part.step(inputs[0], target, **keywords)
+        optimizer.step()
+        assert len(calls) == 2 * 2  # two microbatches, each run forward twice
+        (expected,), state = reference("gpt2", 4)
+        torch.testing.assert_close(loss, expected)
+        for k, v in part.state_dict().items():
+            torch.testing.assert_close(v, state[k], msg=k)
+        with pytest.raises(PlanMismatchError, match="'use_cache' is True but the stages were built for False"):
+            part.step(inputs[0], target, use_cache=True)
+    finally:
+        part.close()
+
+
+# --------------------------------------------------------------------------- launches
+
+
+def reference(
+    model: str, samples: int, state: dict[str, torch.Tensor] | None = None, steps: int = 1
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """(losses, state dict after the SGD steps) of single-process training from `state` (default: the zoo's)."""
+    m = ZOO[model].make_model()
+    if state is not None:
+        m.load_state_dict(state)
+    inputs, keywords, target = dist_worker.batch(model, samples)
+    optimizer = torch.optim.SGD(m.parameters(), lr=dist_worker.LR)
+    losses = []
+    for _ in range(steps):
+        loss = dist_worker.loss_fn(model)(m(*inputs, **keywords), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    return losses, {k: v.detach() for k, v in m.state_dict().items()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(world: int, cases: list[dict[str, Any]], tmp_path: Path, timeout_s: float = 300) -> None:
+    """Run the cases in `world` processes with torchrun's environment; raise with their output if one fails."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"out": str(tmp_path), "cases": cases}))
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(spec)], env=env,
+                                       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+    failed = []
+    for rank, (proc, log) in enumerate(procs):
+        code: int | str
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            for other, _ in procs:
+                other.kill()
+            code = "timeout"
+        log.close()
+        if code != 0:
+            failed.append(f"rank {rank} exited with {code}:\n" + (tmp_path / f"rank{rank}.log").read_text()[-3000:])
+    if failed:
+        pytest.fail("\n".join(failed))
+
+
+def check_case(case: dict[str, Any], world: int, tmp_path: Path, start: dict[str, torch.Tensor] | None = None) -> None:
+    """Every rank's losses and the union of their state dicts equal single-process training's."""
+    expected_losses, expected_state = reference(case["model"], case["global_batch"], start, dist_worker.STEPS)
+    merged: dict[str, torch.Tensor] = {}
+    losses = []
+    for rank in range(world):
+        result = torch.load(tmp_path / f"{case['name']}-rank{rank}.pt", weights_only=False)
+        if result["losses"][0] is not None:
+            losses.append(torch.stack(result["losses"]))
+        for k, v in result["state"].items():
+            if k in merged:  # a replica: the same values as the other replicas of its stage
+                torch.testing.assert_close(v, merged[k], rtol=0, atol=0, msg=f"{case['name']}: replicas differ at {k}")
+            merged[k] = v
+    assert losses, f"{case['name']}: no rank returned the loss"
+    for loss in losses:
+        torch.testing.assert_close(loss, torch.stack(expected_losses), msg=f"{case['name']}: losses")
+    assert set(merged) == set(expected_state), case["name"]
+    for k, v in expected_state.items():
+        torch.testing.assert_close(merged[k], v, msg=f"{case['name']}: {k} after the SGD steps")
+
+
+def _write(tmp_path: Path, name: str, plan: Plan) -> str:
+    path = tmp_path / f"{name}.plan.json"
+    path.write_text(plan.to_json())
+    return str(path)
+
+
+@pytest.mark.distributed
+def test_two_process_pipelines_train_as_one_process(tmp_path: Path) -> None:
+    mlp, gpt2 = base_plan("mlp", 2), base_plan("gpt2", 2)
+    plans = {
+        "mlp": hand_pipeline(mlp, [(0, 3), (4, 6)], [(0,), (1,)], "1f1b", 4, 8),
+        "gpt2": hand_pipeline(gpt2, [(0, 2), (3, 5)], [(0,), (1,)], "1f1b", 4, 8),
+        "mlp-interleaved": hand_pipeline(mlp, [(0, 1), (2, 3), (4, 5), (6, 6)], [(0,), (1,)], "interleaved_1f1b", 4, 8),
+        "mlp-placed": placed(mlp, [0, 0, 0, 1, 1, 1, 1]),
+    }
+    files = {name: _write(tmp_path, name, plan) for name, plan in plans.items()}
+    checkpoint = tmp_path / "gpt2-checkpoint"
+    cases: list[dict[str, Any]] = [
+        {"name": f"{model}-{schedule}", "model": model, "plan": files[model], "schedule": schedule, "global_batch": 8}
+        for model in ("mlp", "gpt2")
+        for schedule in ("gpipe", "1f1b")
+    ]
+    cases[2]["checkpoint"] = str(checkpoint)
+    cases.append({"name": "mlp-interleaved", "model": "mlp", "plan": files["mlp-interleaved"], "global_batch": 8})
+    cases.append({"name": "mlp-placed", "model": "mlp", "plan": files["mlp-placed"], "microbatches": 2,
+                  "global_batch": 8, "load_perturbed": True})
+    launch(2, cases, tmp_path)
+    for case in cases:
+        start = dist_worker.perturbed(ZOO["mlp"].make_model().state_dict()) if case.get("load_perturbed") else None
+        check_case(case, 2, tmp_path, start)
+    # The checkpoint (saved before the step; GPT-2's tied weight under both names) restores the original exactly.
+    original = ZOO["gpt2"].make_model()
+    restored = ZOO["gpt2"].make_model()
+    with torch.no_grad():
+        for p in restored.parameters():
+            p.mul_(-1.0)
+    pd.load_into_original(restored, checkpoint)
+    for k, v in original.state_dict().items():
+        assert torch.equal(restored.state_dict()[k], v), k
+    stages = [torch.load(tmp_path / f"mlp-interleaved-rank{r}.pt", weights_only=False)["stages"] for r in range(2)]
+    assert stages == [(0, 2), (1, 3)]
+
+
+@pytest.mark.distributed
+def test_four_process_hybrid_trains_as_one_process(tmp_path: Path) -> None:
+    """2 stages x 2 replicas: pipelines over gloo, DDP over each stage's replicas."""
+    plans = {
+        "mlp": hand_pipeline(base_plan("mlp", 4), [(0, 3), (4, 6)], [(0, 1), (2, 3)], "1f1b", 2, 8),
+        # replicas across "nodes": pipeline rank 0 on processes 0 and 2
+        "gpt2": hand_pipeline(base_plan("gpt2", 4), [(0, 2), (3, 5)], [(0, 2), (1, 3)], "1f1b", 2, 8),
+    }
+    files = {name: _write(tmp_path, name, plan) for name, plan in plans.items()}
+    cases = [
+        {"name": f"{model}-{schedule}", "model": model, "plan": files[model], "schedule": schedule, "global_batch": 8}
+        for model in ("mlp", "gpt2")
+        for schedule in ("gpipe", "1f1b")
+    ]
+    launch(4, cases, tmp_path)
+    for case in cases:
+        check_case(case, 4, tmp_path)
+    placement = [torch.load(tmp_path / f"gpt2-1f1b-rank{r}.pt", weights_only=False)["stages"] for r in range(4)]
+    assert placement == [(0,), (1,), (0,), (1,)]
