@@ -545,7 +545,7 @@ def layer_memory(model: nn.Module, args: Any, kwargs: Any, options: PlanOptions)
 # Failures the generator found, kept as regression examples (each failed before its fix).
 _TIGHT = [0.0] * 4
 # torch.fx: ``v2.relu_()`` left later readers pointing at v2's producer, so the transfer
-# copied v2 before the relu_ ran (fixed: trace._thread_mutations).
+# copied v2 before the relu_ ran (fixed: trace.thread_mutations).
 _RELU_THEN_READ_ELSEWHERE = Spec(
     batch=1, seq=2, ids="positional", outputs=(4, 2), output_kind="tuple",
     nodes=(Node("relu_", (0,)), Node("linear", (0,)), Node("linear", (0,))),
@@ -561,6 +561,15 @@ _VIEW_CHANGES = [
     Spec(nodes=(Node("linear", (0,)), Node("mutate", (1, 0), how), Node("linear", (1,)), Node("linear", (2,))), outputs=(3,))
     for how in ("setitem", "view")
 ]
+# torch.export: a BatchNorm (training) called twice, its calls on two devices; the second
+# updated copies of the running statistics (fixed: trace.thread_mutations pins the updates).
+_SHARED_BATCHNORM = Spec(
+    width=8, outputs=(5,),
+    nodes=(
+        Node("batchnorm", (0,), "train"), Node("linear", (1,)), Node("mutate", (2, 0), "setitem"),
+        Node("linear", (2,)), Node("linear", (3,)), Node("shared", (4,), 0),
+    ),
+)  # fmt: skip
 # torch.fx answers ``weights is None`` about a proxy: the graph scaled by 0.5, the model by 1
 # (fixed: trace._differs_from_eager, then torch.export).
 _NONE_DECIDES_OUTPUT = Spec(nodes=(Node("none", (0,), "mha"), Node("maybe", (1,), (1, "scale"))), outputs=(2,))
@@ -584,6 +593,7 @@ _NONE_DECIDES_STATE = Spec(
 @example(spec=_ADD_IN_PLACE_ACROSS_DEVICES, num_devices=3, data_parallel=False, tightness=_TIGHT)
 @example(spec=_VIEW_CHANGES[0], num_devices=3, data_parallel=False, tightness=_TIGHT)
 @example(spec=_VIEW_CHANGES[1], num_devices=3, data_parallel=False, tightness=_TIGHT)
+@example(spec=_SHARED_BATCHNORM, num_devices=3, data_parallel=False, tightness=[0.3] * 4)
 @example(spec=_NONE_DECIDES_OUTPUT, num_devices=2, data_parallel=False, tightness=_TIGHT)
 @example(spec=_NONE_DECIDES_STATE, num_devices=1, data_parallel=False, tightness=_TIGHT)
 def test_random_model_split_computes_what_the_original_computes(
