@@ -1,6 +1,6 @@
 """Hypothesis profiles for the property tests, chosen with ``--hypothesis-profile``.
 
-``default`` (the test suite): 200 examples per property test, about two and a half minutes for
+``default`` (the test suite): 200 examples per property test, about two and a quarter minutes for
 tests/test_properties.py on a 2-core machine. ``long``: 2,500 per property test (see
 docs/robustness.md). Example runtimes vary from milliseconds to seconds (tracing,
 solving), so there is no deadline.
