@@ -4,8 +4,8 @@ Every figure of a placement comes from `partitioner.solve.evaluate` on the cost 
 planner used (`Problem`), so a baseline and the plan are priced alike:
 
 - a pipeline split (equal layers, parameter- or time-balanced) by the mode's objective:
-  ``latency`` (one batch through the stages) or ``throughput`` (the busiest stage, what a
-  pipeline schedule overlaps);
+  ``latency`` (one batch through the stages) or ``throughput`` (the pipeline's period: the busiest
+  stage's compute, or its link traffic, which overlaps compute);
 - an Accelerate device map by ``latency`` in every mode: Accelerate runs one device at a
   time (``dispatch_model``'s hooks), so its time per batch is the sum over devices plus the
   transfers;

@@ -26,7 +26,8 @@ class Objective(str, enum.Enum):
     LATENCY = "latency"
     """One batch through the model: compute on the assigned devices plus transfers."""
     THROUGHPUT = "throughput"
-    """The slowest device's compute plus its transfers (what pipelining overlaps)."""
+    """A pipeline's period: the busiest device's compute or its transfers in or out, which
+    overlap compute in the steady state (see `partitioner.solve.evaluate`)."""
 
 
 class Strategy(str, enum.Enum):

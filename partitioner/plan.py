@@ -264,7 +264,7 @@ class Plan:
     output_device: int
     """Index of the device that receives the outputs."""
     predicted_s: float
-    """Predicted objective: one step's latency, or the busiest device's time."""
+    """Predicted objective: one step's latency, or the pipeline's period (busiest device)."""
     bound_s: float
     """Perfect balance: ``max(total compute / devices, largest layer)``, each layer on its fastest device."""
     solver: SolverInfo

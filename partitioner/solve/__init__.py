@@ -3,11 +3,12 @@
 The model, written out in `partitioner.solve.evaluate`: each layer goes to one device;
 a device holds at most its capacity; the device index never goes back along an edge;
 a value crossing devices is moved once per destination device at a per-link cost.
-LATENCY minimises compute plus transfers, THROUGHPUT the busiest device's compute plus
-its transfers in and out. Data parallelism (the whole model on every device) competes
+LATENCY minimises compute plus transfers, THROUGHPUT a pipeline's period: the largest of
+any device's compute, transfers in and transfers out (which overlap compute). Data parallelism (the whole model on every device) competes
 when the problem prices it.
 
-`solve` coarsens large graphs (`coarsen`), then solves chains exactly with the dynamic
+`solve` coarsens large graphs (`coarsen`; chains only when even their DP would be slow),
+then solves chains exactly with the dynamic
 program (`solve_dp`), near-chains (one layer order, values broadcast to many layers,
 links priced by destination, LATENCY: transformers on identical GPUs) exactly with the
 run DP of `solve_near_chain`, and other graphs with the ILP (`solve_ilp`, HiGHS or
@@ -28,7 +29,7 @@ from partitioner.devices import format_bytes
 from partitioner.solve._text import device_label
 from partitioner.solve.brute import solve_brute
 from partitioner.solve.coarsen import coarsen, expand
-from partitioner.solve.dp import is_chain, is_sequential, solve_dp
+from partitioner.solve.dp import dp_work, is_chain, is_sequential, solve_dp, uniform_links
 from partitioner.solve.evaluate import Evaluation, Transfer, evaluate, simple_lower_bound
 from partitioner.solve.feasibility import check_memory
 from partitioner.solve.ilp import highs_available, solve_ilp
@@ -47,6 +48,8 @@ __all__ = [
     "solve_brute",
     "is_chain",
     "is_sequential",
+    "uniform_links",
+    "dp_work",
     "is_near_chain",
     "canonical",
     "interchangeable",
@@ -60,7 +63,8 @@ def solve(problem: Problem, options: SolverOptions = SolverOptions()) -> Solutio
     """Best placement of ``problem``'s layers, or data parallelism when that is faster.
 
     Graphs with more than ``options.max_candidates`` layers are coarsened first (the
-    answer is then not proved optimal for the original layers). With
+    answer is then not proved optimal for the original layers), but for chains whose
+    exact DP stays cheap (about ``10**8`` array entries, `dp_work`). With
     `SolverBackend.AUTO` (or `SolverBackend.DP`), chains and near-chains go to their
     exact DPs and, with AUTO, other graphs to the ILP; with `SolverBackend.HIGHS` or
     `SolverBackend.CBC` every graph goes to the ILP.
@@ -131,7 +135,7 @@ def _place(problem: Problem, options: SolverOptions) -> Solution:
             "by the previous one, links priced by destination alone, LATENCY); this problem "
             "is neither: use SolverBackend.AUTO, HIGHS or CBC"
         )
-    if problem.num_layers <= options.max_candidates:
+    if problem.num_layers <= options.max_candidates or _exact_dp_affordable(problem, options):
         return _solve_as_is(problem, options)
     coarse, groups = coarsen(problem, options.max_candidates)
     try:
@@ -148,6 +152,19 @@ def _place(problem: Problem, options: SolverOptions) -> Solution:
         objective_s=objective,
         lower_bound_s=lower,
         optimal=objective - lower <= options.gap * objective,
+    )
+
+
+_DP_WORK_LIMIT = 10**8
+"""Array entries the chain DP may touch before a long chain is coarsened (about a second)."""
+
+
+def _exact_dp_affordable(problem: Problem, options: SolverOptions) -> bool:
+    """Whether a chain too long for the ILP is cheap enough for its exact DP as it is."""
+    return (
+        options.backend in (SolverBackend.AUTO, SolverBackend.DP)
+        and dp_work(problem) <= _DP_WORK_LIMIT
+        and is_chain(problem)
     )
 
 

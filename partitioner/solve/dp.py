@@ -15,13 +15,23 @@ on device ``g``, the next run starting on device ``h > g``; it already counts th
 ``h``. With ``P = G[j, e, g]`` (or 0 for the first run)::
 
     LATENCY     G[k, g, h] = min_{j, e} P + compute(j, k, g) + cut(k, g, h)
-    THROUGHPUT  G[k, g, h] = min_{j, e} max(P, in + compute(j, k, g) + out)
+    THROUGHPUT  G[k, g, h] = min_{j, e} max(P, in, compute(j, k, g), out)
 
-Both sides of a cut pay it under THROUGHPUT, hence ``in`` there. Time is
+Both sides of a cut pay it under THROUGHPUT, the receiver on its inbound lane, the
+sender on its outbound one (`partitioner.solve.evaluate`), hence ``in`` there. Time is
 ``O(N^2 D + N D^2)`` for LATENCY (the next device only adds its cut, and the best
 earlier device is taken once per boundary) and ``O(N^2 D^3)`` for THROUGHPUT (the
 device pair at both ends of a run matters, as link costs differ per pair), vectorised
 over the run starts; memory caps bound the runs' lengths.
+
+When every link costs the same (`uniform_links`: one switch), a cut's price does not
+depend on the devices and THROUGHPUT needs no pair: with ``E[j, g] = min_{e < g} G[j, e]``
+(0 at ``j = 0``),
+
+    G[k, g] = min_j max(E[j, g], cut(j), compute(j, k, g), cut(k))
+
+in ``O(N^2 D)``, vectorised over run starts and devices (a thousand layers on 64
+devices in well under a second).
 
 On a DAG the runs are taken along the given topological order (so every edge keeps the
 device order) and a value is charged at every boundary it crosses, as if it hopped from
@@ -39,7 +49,7 @@ from partitioner.options import Objective
 from partitioner.solve.evaluate import placement_solution
 from partitioner.solve.feasibility import check_memory, no_contiguous_fit
 
-__all__ = ["is_sequential", "is_chain", "solve_dp", "run_tables"]
+__all__ = ["is_sequential", "is_chain", "uniform_links", "dp_work", "solve_dp", "run_tables", "trace_back"]
 
 
 def is_sequential(problem: Problem) -> bool:
@@ -71,6 +81,26 @@ def is_chain(problem: Problem) -> bool:
     return is_sequential(problem)
 
 
+def uniform_links(problem: Problem) -> bool:
+    """Whether every link between two different devices has the same price."""
+    n = problem.num_devices
+    prices = {
+        (problem.seconds_per_byte[s][t], problem.latency_s[s][t])
+        for s in range(n)
+        for t in range(n)
+        if s != t
+    }
+    return len(prices) <= 1
+
+
+def dp_work(problem: Problem) -> int:
+    """About how many array entries `solve_dp` touches: ``N^2 D``, or ``N^2 D^3`` for
+    THROUGHPUT over links of different prices (the module docstring)."""
+    n, d = problem.num_layers, problem.num_devices
+    pairs = problem.objective is Objective.THROUGHPUT and not uniform_links(problem)
+    return n * n * d * (d * d if pairs else 1)
+
+
 def solve_dp(problem: Problem) -> Solution:
     """Best placement in contiguous runs along the layer order.
 
@@ -86,7 +116,11 @@ def solve_dp(problem: Problem) -> Solution:
     """
     check_memory(problem)
     chain = is_chain(problem)
-    assignment = _runs(problem, _cut_table(problem, chain))
+    cut = _cut_table(problem, chain)
+    if problem.objective is Objective.THROUGHPUT and uniform_links(problem):
+        assignment = _uniform_throughput_runs(problem, cut)
+    else:
+        assignment = _runs(problem, cut)
     if assignment is None:
         raise no_contiguous_fit(problem)
     return placement_solution(problem, assignment, solver="dp", optimal=chain)
@@ -172,8 +206,8 @@ def _runs(problem: Problem, cut: np.ndarray) -> tuple[int, ...] | None:
             outs = cut[k, g, nexts] if k < n else np.zeros(1)  # (H,)
             if throughput:
                 total = np.maximum(
-                    cost[j0:k, :, g][:, :, None],
-                    (cut_in[j0:k, :, g] + run[:, None])[:, :, None] + outs,
+                    np.maximum(cost[j0:k, :, g], cut_in[j0:k, :, g])[:, :, None],
+                    np.maximum(run[:, None, None], outs[None, None, :]),
                 )  # (J, E, H)
                 flat = total.reshape(-1, len(nexts))
                 best = np.argmin(flat, axis=0)
@@ -207,4 +241,60 @@ def _runs(problem: Problem, cut: np.ndarray) -> tuple[int, ...] | None:
             break
         end, device = int(begin), int(previous)
         begin, previous = back[end, device, assignment[end]]
+    return tuple(assignment)
+
+
+def _uniform_throughput_runs(problem: Problem, cut: np.ndarray) -> tuple[int, ...] | None:
+    """THROUGHPUT over links of one price: the ``O(N^2 D)`` DP of the module docstring.
+
+    None when no run placement fits memory.
+    """
+    n, num_devices = problem.num_layers, problem.num_devices
+    if n == 0:
+        return ()
+    compute, first = run_tables(problem)
+    # cut(k): the price of the boundary before layer k between any two devices.
+    boundary = cut[:, 0, 1].copy() if num_devices > 1 else np.zeros(n + 1)
+    boundary[0] = 0.0  # Nothing moves into the first run.
+    starts = np.arange(n + 1)[:, None]
+    cost = np.full((n + 1, num_devices), np.inf)  # G[k, g]
+    start = np.zeros((n + 1, num_devices), dtype=np.int64)  # The best run's first layer.
+    # entry[j, g] = min_{e < g} G[j, e] (0 at j = 0), entry_from[j, g] its device e.
+    entry = np.full((n + 1, num_devices), np.inf)
+    entry[0, :] = 0.0
+    entry_from = np.full((n + 1, num_devices), -1, dtype=np.int64)
+    for k in range(1, n + 1):
+        out = boundary[k] if k < n else 0.0
+        stage = np.maximum(compute[k, :][None, :] - compute[:k, :], out)  # (J, G)
+        stage = np.maximum(stage, boundary[:k, None])
+        total = np.maximum(entry[:k, :], stage)
+        total[starts[:k] < first[:, k][None, :]] = np.inf  # Runs too large for memory.
+        best = np.argmin(total, axis=0)
+        cost[k] = total[best, np.arange(num_devices)]
+        start[k] = best
+        if k < n:
+            # Exclusive running minimum over devices (ties keep the lower device).
+            running = np.minimum.accumulate(cost[k])
+            entry[k, 1:] = running[:-1]
+            improves = np.concatenate([[True], cost[k, 1:] < running[:-1]])
+            position = np.where(improves, np.arange(num_devices), 0)
+            entry_from[k, 1:] = np.maximum.accumulate(position)[:-1]
+    device = int(np.argmin(cost[n]))
+    if not np.isfinite(cost[n, device]):
+        return None
+    return trace_back(start, entry_from, device)
+
+
+def trace_back(start: np.ndarray, entry_from: np.ndarray, device: int) -> tuple[int, ...]:
+    """The placement of a DP over runs that ends on ``device`` after the last layer.
+
+    ``start[k, g]``: the first layer of the best run ending at ``k`` on ``g``;
+    ``entry_from[j, g]``: the device of the run before one that starts at ``j`` on ``g``.
+    """
+    end = start.shape[0] - 1
+    assignment = [0] * end
+    while end > 0:
+        begin = int(start[end, device])
+        assignment[begin:end] = [device] * (end - begin)
+        end, device = begin, int(entry_from[begin, device])
     return tuple(assignment)

@@ -13,8 +13,16 @@ bytes::
                 t(v, dev(p), e) = bytes(v) * seconds_per_byte[dev(p)][e] + latency_s[dev(p)][e]
                 (INPUT producers and OUTPUT consumers cost nothing)
     LATENCY     sum_d compute_d + sum of every t
-    THROUGHPUT  max_d (compute_d + in_d + out_d), where in_d and out_d sum the t of the
+    THROUGHPUT  max_d max(compute_d, in_d, out_d), where in_d and out_d sum the t of the
                 transfers into and out of device d
+
+THROUGHPUT is the period of a pipeline in its steady state: while device ``d`` computes
+one microbatch, its links carry the previous one's outputs and the next one's inputs
+(asynchronous sends and receives on their own streams, as ``torch.distributed.pipelining``
+and GPipe-style runtimes do, and as PipeDream's planner prices a stage: Narayanan et al.,
+SOSP 2019, section 3.1). So a device is busy for the longest of its compute, its inbound
+and its outbound traffic, each link direction a lane of its own, as in
+`partitioner.simulate`.
 
 Every solver reports ``evaluate(problem, assignment).objective_s`` as its objective.
 """
@@ -68,7 +76,7 @@ class Evaluation:
     latency_s: float
     """All compute plus all transfers."""
     bottleneck_s: float
-    """The busiest device's compute plus its transfers in and out."""
+    """The busiest device's period: the largest of any device's compute, inbound and outbound transfers."""
     objective_s: float
     """`latency_s` or `bottleneck_s`, as the problem's objective says."""
     violations: tuple[str, ...]
@@ -81,9 +89,13 @@ class Evaluation:
 
     @property
     def load_s(self) -> tuple[float, ...]:
-        """load_s[d]: compute plus transfers in and out of device d (what THROUGHPUT maximises)."""
+        """load_s[d]: the largest of device d's compute, transfers in and transfers out.
+
+        Its period in a pipeline's steady state, where transfers overlap compute (what
+        THROUGHPUT maximises).
+        """
         return tuple(
-            c + i + o for c, i, o in zip(self.compute_s, self.transfer_in_s, self.transfer_out_s)
+            max(c, i, o) for c, i, o in zip(self.compute_s, self.transfer_in_s, self.transfer_out_s)
         )
 
 
@@ -149,7 +161,7 @@ def evaluate(problem: Problem, assignment: Sequence[int]) -> Evaluation:
 
     latency = sum(compute) + sum(t.seconds for t in transfers)
     bottleneck = max(
-        (c + i + o for c, i, o in zip(compute, transfer_in, transfer_out)), default=0.0
+        (max(c, i, o) for c, i, o in zip(compute, transfer_in, transfer_out)), default=0.0
     )
     return Evaluation(
         assignment=placement,

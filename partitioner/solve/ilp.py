@@ -22,8 +22,9 @@ that the solver's absolute tolerances mean the same on microseconds as on hours)
     [Symmetry]    u[d+1] <= u[d]   when devices d and d + 1 are interchangeable
     LATENCY       min sum_{i, d} compute_s[i][d] x[i, d] + sum_{b, s < e} cost[b, s, e] m[b, s, e]
     THROUGHPUT    min T,  T >= sum_i compute_s[i][d] x[i, d]
-                               + sum_{b, s < d} cost[b, s, d] m[b, s, d]
-                               + sum_{b, e > d} cost[b, d, e] m[b, d, e]      for every d
+                          T >= sum_{b, s < d} cost[b, s, d] m[b, s, d]
+                          T >= sum_{b, e > d} cost[b, d, e] m[b, d, e]        for every d
+                  (transfers overlap compute: `partitioner.solve.evaluate`)
 
 Variables exist only inside each layer's range of candidate devices (`device_ranges`:
 what its ancestors and descendants leave room for); ``x`` is 0 outside it. With tight
@@ -374,18 +375,21 @@ def _build(problem: Problem, scale: float) -> _Model:
             objective += constant * one - constant
         prob += objective
     else:
-        # T: the busiest device's compute plus its transfers in and out.
+        # T: the period, the longest of any device's compute, transfers in, transfers out.
         bottleneck = pulp.LpVariable("T", 0)
         prob += bottleneck
-        # [Constraint] Bottleneck: T bounds every device's load.
+        # [Constraint] Bottleneck: T bounds every device's compute and each of its two lanes.
         for d in range(num_devices):
-            touching = [
-                coef * var
-                for (s, e), terms in transfer_terms.items()
-                if d in (s, e)
-                for var, coef in terms
-            ]
-            prob += bottleneck >= compute[d] + pulp.lpSum(touching), f"load_{d}"
+            prob += bottleneck >= compute[d], f"compute_{d}"
+            for lane, side in (("in", 1), ("out", 0)):
+                terms = [
+                    coef * var
+                    for link, link_terms in transfer_terms.items()
+                    if link[side] == d
+                    for var, coef in link_terms
+                ]
+                if terms:
+                    prob += bottleneck >= pulp.lpSum(terms), f"{lane}_{d}"
     return _Model(problem=prob, y=y, z=z, moved=moved, usage=usage, one=one, bottleneck=bottleneck)
 
 

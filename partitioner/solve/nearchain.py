@@ -62,7 +62,7 @@ import numpy as np
 
 from partitioner.ir import OUTPUT, Problem, Solution
 from partitioner.options import Objective
-from partitioner.solve.dp import is_sequential, run_tables
+from partitioner.solve.dp import is_sequential, run_tables, trace_back
 from partitioner.solve.evaluate import evaluate, placement_solution, simple_lower_bound
 from partitioner.solve.feasibility import check_memory, no_contiguous_fit
 
@@ -203,10 +203,4 @@ def _runs(
     optimum = float(cost[n, device])
     if not np.isfinite(optimum):
         return None
-    assignment = [0] * n
-    end = n
-    while end > 0:
-        begin = int(start[end, device])
-        assignment[begin:end] = [device] * (end - begin)
-        end, device = begin, int(entry_from[begin, device])
-    return tuple(assignment), optimum
+    return trace_back(start, entry_from, device), optimum
