@@ -14,7 +14,9 @@ links priced by destination, LATENCY: transformers on identical GPUs) exactly wi
 run DP of `solve_near_chain`, and other graphs with the ILP (`solve_ilp`, HiGHS or
 CBC), warm-started by the better of the two DPs run along the topological order.
 Interchangeable devices are filled in order by every solver (`canonical`).
-`solve_brute` is the tests' oracle.
+`solve_brute` is the tests' oracle. `lower_bound` (`partitioner.solve.bounds`) settles
+what it can before any search: data parallelism that beats it needs no placement
+searched, and a DP placement within the gap of it needs no ILP.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from partitioner.ir import Problem, Solution
 from partitioner.options import SolverBackend, SolverOptions, Strategy
 from partitioner.devices import format_bytes
 from partitioner.solve._text import device_label
+from partitioner.solve.bounds import lower_bound, path_lower_bound
 from partitioner.solve.brute import solve_brute
 from partitioner.solve.coarsen import coarsen, expand
 from partitioner.solve.dp import dp_work, is_chain, is_sequential, solve_dp, uniform_links
@@ -42,6 +45,8 @@ __all__ = [
     "Evaluation",
     "Transfer",
     "simple_lower_bound",
+    "lower_bound",
+    "path_lower_bound",
     "solve_dp",
     "solve_near_chain",
     "solve_ilp",
@@ -101,12 +106,14 @@ def solve(problem: Problem, options: SolverOptions = SolverOptions()) -> Solutio
         and len(replica.memory) == problem.num_devices
         and all(need <= room for need, room in zip(replica.memory, problem.capacity))
     )
-    try:
-        placed = _place(problem, options)
-    except InfeasibleError as error:
-        if not replica_fits:
-            raise InfeasibleError(f"{error}{_replica_note(problem)}") from error
-        placed = None
+    # None: data parallelism wins with no placement to weigh, as none fits or none can beat it.
+    placed: Solution | None = None
+    if not (replica_fits and replica is not None and replica.time_s < lower_bound(problem)):
+        try:
+            placed = _place(problem, options)
+        except InfeasibleError as error:
+            if not replica_fits:
+                raise InfeasibleError(f"{error}{_replica_note(problem)}") from error
     if replica_fits and replica is not None and (
         placed is None or replica.time_s < placed.objective_s
     ):
@@ -145,7 +152,7 @@ def _place(problem: Problem, options: SolverOptions) -> Solution:
         return _solve_as_is(problem, options)
     assignment = expand(solution.assignment, groups)
     objective = evaluate(problem, assignment).objective_s
-    lower = min(objective, simple_lower_bound(problem))
+    lower = min(objective, lower_bound(problem))
     return replace(
         solution,
         assignment=assignment,
@@ -189,7 +196,7 @@ def _solve_as_is(problem: Problem, options: SolverOptions) -> Solution:
             pass  # No run along the layer order fits; the ILP may interleave branches.
     if not seeds:
         return solve_ilp(problem, options)
-    lower = max(seed.lower_bound_s for seed in seeds)
+    lower = max(lower_bound(problem), *(seed.lower_bound_s for seed in seeds))
     best = _with_bound(min(seeds, key=lambda seed: seed.objective_s), lower, options.gap)
     if options.backend is SolverBackend.AUTO and best.optimal:
         return best
