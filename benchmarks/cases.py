@@ -11,6 +11,10 @@ planner used (`Problem`), so a baseline and the plan are priced alike:
   transfers;
 - data parallelism by the planner's replica cost (`Problem.replica`).
 
+The training mode is planned and priced by the training planner instead
+(`benchmarks.training_runs`): microbatches, schedules and replicated stages, every split
+played by the same pipeline simulator.
+
 Each job returns plain JSON-able data (`benchmarks.schema` describes it).
 """
 
@@ -43,9 +47,10 @@ from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import evaluate, solve
 from partitioner.trace import trace_model
 
-from benchmarks import baselines
+from benchmarks import baselines, training_runs
 from benchmarks.models import build
 from benchmarks.suites import DEVICE_SETS, MODELS, MODES, AccuracyCase, DeviceSet, Job, Mode, ScalingPoint
+from benchmarks.training_runs import training_tables
 
 __all__ = ["run_job", "trace_once", "plan_options", "compare_run", "rss_bytes", "peak_rss_bytes"]
 
@@ -303,6 +308,23 @@ def _baselines(
     return out
 
 
+def _element_size(model: nn.Module) -> int:
+    """Bytes per element of the model's floating parameters (4 when it has none)."""
+    return next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
+
+
+def _simulated(tables: training_runs.TrainingTables, row: dict[str, Any]) -> dict[str, Any]:
+    """A baseline row re-priced by the training simulator (`benchmarks.training_runs`)."""
+    if row["status"] == "n/a" or (row["status"] == "infeasible" and row["step_s"] is None):
+        return row  # Not applicable, or Accelerate offloading weights: no pipeline to price.
+    if row["name"] == "data-parallel":
+        step, reason = training_runs.price_data_parallel(tables)
+    else:
+        step, reason = training_runs.price_split(tables, row["assignment"], row["name"].startswith("accelerate"))
+    return {**row, "status": "ok" if step is not None else "infeasible", "step_s": step,
+            "reason": reason or (row["reason"] if row["status"] == "ok" else "")}
+
+
 def _bounds(problem: Problem, device_set: DeviceSet, pipeline: dict[str, Any] | None) -> dict[str, Any]:
     """The plan against perfect balance: ``max(total / devices, largest layer)``, each layer
     on its fastest device (`Plan.bound_s`), and the least heaviest stage that contiguous
@@ -334,13 +356,16 @@ def compare_run(
     devices = resolve_devices(list(device_set.specs))
     start = time.perf_counter()
     problem = build_problem(layered.graph, devices, options, dtype)
+    tables = training_tables(layered, devices, dtype, _element_size(built.model)) if mode.training else None
     build_s = time.perf_counter() - start
-    planner = _planner_record(problem, options)
+    planner = _planner_record(problem, options) if tables is None else training_runs.planner_record(tables)
     planner["build_problem_s"] = build_s
     pipeline = None
     if mode.objective == "throughput":
         pipeline = _planner_record(replace(problem, replica=None), options)
     rows = _baselines(problem, layered.graph, built, devices, dtype, param_counts, is_block)
+    if tables is not None:
+        rows = [_simulated(tables, row) for row in rows]
     step = planner.get("step_s")
     for row in rows:
         row["ratio"] = row["step_s"] / step if row["step_s"] is not None and step else None

@@ -42,7 +42,7 @@ ANY = object()
 _PLANNER = {
     "status": OneOf(("ok", "infeasible")),
     "reason?": str,
-    "strategy?": OneOf(("single", "model_parallel", "data_parallel")),
+    "strategy?": OneOf(("single", "model_parallel", "data_parallel", "hybrid")),
     "solver?": str,
     "optimal?": bool,
     "gap?": float,

@@ -142,6 +142,15 @@ def test_data_parallel_when_the_model_fits_and_links_are_fast() -> None:
     assert_plan_valid(result, cluster, costs, options)
 
 
+def test_one_device_when_more_only_add_communication() -> None:
+    # Dear links: any split or replica waits longer on its sends or all-reduce than it saves.
+    result, cluster, costs, options = plan(["a100-80gb x4"], 8, spb=1e-6, speed={"a100-80gb": 1e-4}, cut=10**6)
+    p = result.pipeline
+    assert p.family == "single device"
+    assert len(p.stages) == 1 and len(p.stages[0].devices) == 1
+    assert_plan_valid(result, cluster, costs, options)
+
+
 def test_a_pipeline_when_the_model_does_not_fit_on_one_device() -> None:
     # 8 layers x 10^8 parameters x 8 bytes = 6.4 GB; each device may use 90% of 2.2 GB.
     result, cluster, costs, options = plan(["a100-80gb x4"], 64, memory={"a100-80gb": "2.2GB"}, params=10**8)

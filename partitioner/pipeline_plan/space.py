@@ -102,7 +102,8 @@ def _divisors(n: int) -> list[int]:
 def shapes(cluster: Cluster) -> list[tuple[tuple[Group, ...], str]]:
     """Every (ranks in pipeline order, layout) of the space.
 
-    For each non-empty subset of device kinds: one group of all their devices (data
+    One device of each kind alone (a model too small to gain from more). For each
+    non-empty subset of device kinds: one group of all their devices (data
     parallelism, kinds mixed); and for each order of the kinds along the pipeline and
     each replica count ``r_k`` dividing each kind's count, that kind's devices (node by
     node) cut into groups of ``r_k`` consecutive ones. For one kind spread over several
@@ -118,6 +119,8 @@ def shapes(cluster: Cluster) -> list[tuple[tuple[Group, ...], str]]:
             seen.add(groups)
             out.append((groups, layout))
 
+    for devices in by_kind.values():
+        add((Group((devices[0],)),), "one group")
     for size in range(1, len(by_kind) + 1):
         for subset in itertools.combinations(cluster.kinds, size):
             if size > 1:

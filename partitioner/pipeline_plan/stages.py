@@ -417,14 +417,18 @@ class StageModel:
         policy allows and a stage must; None when it does not fit."""
         sizes = [self.n // config.stages + (k < self.n % config.stages) for k in range(config.stages)]
         ends = np.cumsum(sizes).tolist()
-        ranges = tuple(zip([0, *ends[:-1]], ends))
+        return self.policy_partition(config, tuple(zip([0, *ends[:-1]], ends)), "equal")
+
+    def policy_partition(self, config: Configuration, ranges: Split, origin: str) -> Partition | None:
+        """The stages of a given split, recomputing where the options' policy allows and a
+        stage does not fit otherwise; None when it does not fit."""
         policy = self.options.recompute
         flags = [
             policy is Recompute.ALWAYS
             or (policy is Recompute.AUTO and not self._fits(spec, i, e, config.microbatches, False))
             for spec, (i, e) in zip(self.specs(config), ranges)
         ]
-        return self.partition(config, ranges, flags, "equal")
+        return self.partition(config, ranges, flags, origin)
 
     def timed(self, part: Partition) -> Partition:
         """`part` with its step time: simulated, or GPipe's closed form (which equals the
