@@ -399,6 +399,8 @@ class SimulatedDevices(TorchDispatchMode):
 # torch.tensor and friends build on the host and copy to `device` below the Python dispatch
 # key, so the dispatch mode never learns the device: catch them one level up.
 _DATA_CONSTRUCTORS = frozenset({torch.tensor, torch.as_tensor, torch.asarray})
+_NEW_TENSOR = torch.Tensor.new_tensor
+_INTERCEPTED = _DATA_CONSTRUCTORS | {_NEW_TENSOR}
 
 
 class _Constructors(TorchFunctionMode):
@@ -411,27 +413,28 @@ class _Constructors(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: Any = (), kwargs: Any = None
     ) -> Any:
+        # Every torch call made inside the mode comes here: pass the others on first.
+        if func not in _INTERCEPTED:
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
-        if func in _DATA_CONSTRUCTORS:
-            device = kwargs.get("device")
-        elif func is torch.Tensor.new_tensor:
+        if func is _NEW_TENSOR:
             device = kwargs.get("device") or args[0].device
         else:
-            return func(*args, **kwargs)
+            device = kwargs.get("device")
         device = torch.device(device) if device is not None else None
         if device is None or device.type != "cpu" or device.index is None:
             return func(*args, **kwargs)
         self.sim._check_index(device.index)
-        data = args[1] if func is torch.Tensor.new_tensor else args[0]
+        data = args[1] if func is _NEW_TENSOR else args[0]
         host_kwargs = {**kwargs, "device": _HOST}
         requires_grad = bool(host_kwargs.pop("requires_grad", False))
         if isinstance(data, torch.Tensor):
             # A tensor argument moves (a logged transfer). torch.tensor and new_tensor copy
             # and detach; as_tensor and asarray keep autograd and alias where they can.
             dtype = kwargs.get("dtype") or (
-                args[0].dtype if func is torch.Tensor.new_tensor else data.dtype
+                args[0].dtype if func is _NEW_TENSOR else data.dtype
             )
-            if func is torch.tensor or func is torch.Tensor.new_tensor:
+            if func is torch.tensor or func is _NEW_TENSOR:
                 out = data.detach().to(device=device, dtype=dtype, copy=True)
             else:
                 out = data.to(device=device, dtype=dtype, copy=bool(kwargs.get("copy")))
@@ -457,17 +460,28 @@ def _index(value: object) -> int | None:
     return value._index if isinstance(value, LogicalTensor) else None
 
 
+_STRIDED = torch.strided
+_NO_KWARGS: dict[str, Any] = {}
+_NUMBERS = frozenset({int, float, bool})
+
+
 def _hold(elem: torch.Tensor, device: torch.device, requires_grad: bool = False) -> LogicalTensor:
     """Wrap `elem` on `device`: `LogicalTensor` without its checks, for the per-op path."""
+    # Keyword arguments left at their defaults (strided, no grad) are not passed: parsing
+    # each costs about as much as a dict lookup, and this runs for every output.
+    rare = (
+        {"layout": elem.layout, "requires_grad": requires_grad}
+        if requires_grad or elem.layout is not _STRIDED
+        else _NO_KWARGS
+    )
     out = _make_wrapper(
         LogicalTensor,
         elem.shape,
         strides=elem.stride(),
         storage_offset=elem.storage_offset(),
         dtype=elem.dtype,
-        layout=elem.layout,
         device=device,
-        requires_grad=requires_grad,
+        **rare,
     )
     out._elem = elem
     out._index = device.index
@@ -475,14 +489,15 @@ def _hold(elem: torch.Tensor, device: torch.device, requires_grad: bool = False)
 
 
 class _Found:
-    """What unwrapping one op's arguments saw."""
+    """What unwrapping an op's list and keyword arguments saw (the positional tensors are
+    unwrapped inline in `_run`)."""
 
     __slots__ = ("by_elem", "indices", "stray")
 
-    def __init__(self) -> None:
+    def __init__(self, by_elem: dict[int, LogicalTensor]) -> None:
         self.indices: set[int] = set()
         # id(held tensor) -> its wrapper, to hand back the caller's tensor from in-place ops.
-        self.by_elem: dict[int, LogicalTensor] = {}
+        self.by_elem = by_elem
         # Whether a plain tensor of rank >= 1 sits where only logical ones may be.
         self.stray = False
 
@@ -502,24 +517,47 @@ class _Found:
 
 def _run(func: Any, args: Any, kwargs: dict[str, Any], sim: SimulatedDevices | None) -> Any:
     """Run one op on the held CPU tensors and wrap its outputs on the op's device."""
-    found = _Found()
+    # This runs for every op, so the common case is inlined: positional tensors, all on one
+    # device. `index` is the first device seen, `crossed` whether a second one (or a stray
+    # plain tensor) was; lists and keyword arguments go through `_Found`.
+    index: int | None = None
+    crossed = False
+    by_elem: dict[int, LogicalTensor] = {}
+    found: _Found | None = None
     host_arg = 1 if id(func) in _HOST_INDICES else -1
     plain_args = list(args)
-    for i, arg in enumerate(args):
-        # Inlined `found.unwrap` for the common argument kinds: this runs for every op.
+    i = 0
+    for arg in args:
         if isinstance(arg, LogicalTensor):
-            found.indices.add(arg._index)
-            found.by_elem[id(arg._elem)] = arg
-            plain_args[i] = arg._elem
+            if index is None:
+                index = arg._index
+            elif arg._index != index:
+                crossed = True
+            elem = plain_args[i] = arg._elem
+            by_elem[id(elem)] = arg
         elif isinstance(arg, torch.Tensor):
             if i != host_arg and arg.dim() != 0:
-                found.stray = True
-        elif type(arg) is list or type(arg) is tuple:
+                crossed = True
+        elif (type(arg) is list or type(arg) is tuple) and arg and type(arg[0]) not in _NUMBERS:
+            # ATen lists hold one type: int[] and friends (sizes, strides) hold no tensors.
+            found = found or _Found(by_elem)
             plain_args[i] = found.unwrap(arg, i == host_arg)
-    plain_kwargs = {k: found.unwrap(v) for k, v in kwargs.items()} if kwargs else kwargs
+        i += 1
+    plain_kwargs = kwargs
+    if kwargs:
+        found = found or _Found(by_elem)
+        plain_kwargs = {k: found.unwrap(v) for k, v in kwargs.items()}
+    if found is not None:
+        crossed = crossed or found.stray
+        if index is not None:
+            found.indices.add(index)
+        if found.indices:
+            if len(found.indices) > 1:
+                crossed = True
+            index = next(iter(found.indices))
 
     out_index: int | None
-    device = kwargs.get("device")
+    device = kwargs.get("device") if kwargs else None
     if device is not None:
         # A device argument names where the output goes; logical ones run on the host.
         out_index = device.index if device.type == "cpu" else None
@@ -529,14 +567,15 @@ def _run(func: Any, args: Any, kwargs: dict[str, Any], sim: SimulatedDevices | N
             plain_kwargs["device"] = _HOST
     elif id(func) in _COPY_INTO:
         out_index = _index(args[0])
-    elif not found.indices:
-        return func(*args, **kwargs)
-    elif len(found.indices) > 1 or found.stray:
+    elif index is None:
+        return func._op(*args, **kwargs)
+    elif crossed:
         raise _mismatch(func, args, kwargs, sim)
     else:
-        (out_index,) = found.indices
+        out_index = index
 
-    out = func(*plain_args, **plain_kwargs)
+    # OpOverload.__call__ only forwards to `_op`; calling it directly saves a Python frame.
+    out = func._op(*plain_args, **plain_kwargs)
 
     if sim is not None:
         if func is _TO_COPY:
@@ -547,9 +586,14 @@ def _run(func: Any, args: Any, kwargs: dict[str, Any], sim: SimulatedDevices | N
             src = _index(args[1])
             if src != out_index:
                 sim._log(func, plain_args[1], src, out_index)
-    if out_index is None and not found.by_elem:
+    if out_index is None and not by_elem:
         return out
-    return _wrap(func, out, out_index, found.by_elem)
+    if type(out) is torch.Tensor:
+        # One plain output (most ops): `_wrap` inlined.
+        same = by_elem.get(id(out))
+        if same is None:
+            return out if out_index is None else _hold(out, _device(out_index))
+    return _wrap(func, out, out_index, by_elem)
 
 
 def _wrap(func: Any, out: Any, index: int | None, by_elem: dict[int, LogicalTensor]) -> Any:
