@@ -21,6 +21,7 @@ Each job returns plain JSON-able data (`benchmarks.schema` describes it).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import math
 import statistics
@@ -30,10 +31,11 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from partitioner.api import _batch_size, _dtype_of, auto_parallelize, compile_plan
+from partitioner.api import PartitionedModule, _batch_size, _dtype_of, auto_parallelize, compile_plan
 from partitioner.calibrate import measure_device
 from partitioner.cost_model import build_problem, layer_time
 from partitioner.devices import Device, resolve_devices
@@ -43,6 +45,7 @@ from partitioner.layers import LayeredModel, build_layers
 from partitioner.models import BuiltModel
 from partitioner.options import Objective, Optimizer, PlanOptions, Strategy
 from partitioner.profiling import profile_nodes
+from partitioner.rewrite import gather_graph, place_tensors
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import evaluate, solve
 from partitioner.trace import trace_model
@@ -52,7 +55,8 @@ from benchmarks.models import build
 from benchmarks.suites import DEVICE_SETS, MODELS, MODES, AccuracyCase, DeviceSet, Job, Mode, ScalingPoint
 from benchmarks.training_runs import training_tables
 
-__all__ = ["run_job", "trace_once", "plan_options", "compare_run", "rss_bytes", "peak_rss_bytes"]
+__all__ = ["run_job", "trace_once", "plan_options", "compare_run", "without_simulation", "rss_bytes",
+           "peak_rss_bytes"]
 
 _TOLERANCE = 1e-9
 """Relative slack when comparing two prices of the same tables (float summation order)."""
@@ -490,10 +494,34 @@ def _unmeasured(graph: LayerGraph) -> LayerGraph:
     return replace(graph, layers=tuple(replace(l, fwd_time_s={}, bwd_time_s={}) for l in graph.layers))
 
 
+def without_simulation(pm: PartitionedModule) -> nn.Module:
+    """`pm`'s rewritten graph and placement on plain CPU tensors: the simulation layer taken out.
+
+    Each transfer between two of the plan's devices stays a real copy of the same bytes,
+    forward and backward (`gather_graph` with ``copy_transfers``); model inputs are read where
+    they are, as on one device. So a step costs compute plus the plan's copies, what two
+    devices sharing this CPU's memory would cost, which is what the cost model predicts; the
+    simulated run costs that plus the simulation's own per-op Python work.
+
+    Raises:
+        ValueError: `pm` replicates the model (its module is no rewritten graph).
+    """
+    if not isinstance(pm.module, fx.GraphModule):
+        raise ValueError(f"without_simulation needs a rewritten graph, got {type(pm.module).__name__} "
+                         f"({pm.plan.strategy.value}); plan with allow_data_parallel=False")
+    host = copy.deepcopy(pm.module, place_tensors(pm.module, {}, "cpu"))
+    gather_graph(host, "cpu", copy_transfers=True)
+    return host
+
+
 def _accuracy_case(case: AccuracyCase, spec_name: str, built: BuiltModel, profile: Any, repeats: int) -> dict[str, Any]:
     """Plan `built` for `case` as a user would (`compile_plan` times the layers on the CPU
     here), run the rewritten module, and compare its measured step with the predictions:
-    the planner's own, and the roofline alone with the built-in and a calibrated profile."""
+    the planner's own, and the roofline alone with the built-in and a calibrated profile.
+
+    On simulated devices the step is measured twice, interleaved with the original: without
+    the simulation (`without_simulation`: compute plus real copies, the figure the errors
+    are computed from) and on the simulated devices (with the simulation's own cost)."""
     devices = list(case.devices)
     options = PlanOptions(objective=Objective.THROUGHPUT, training=case.training, allow_data_parallel=False)
     compiled = compile_plan(built.model, devices, built.example_args, built.example_kwargs, options=options)
@@ -509,14 +537,15 @@ def _accuracy_case(case: AccuracyCase, spec_name: str, built: BuiltModel, profil
         "roofline-builtin": evaluate(build_problem(plain, compiled.devices, options, dtype), assignment).latency_s,
         "roofline-calibrated": evaluate(build_problem(plain, calibrated, options, dtype), assignment).latency_s,
     }
-    timed = interleaved_medians(
-        {
-            "eager": _step(built.model, built, case.training, None),
-            "partitioned": _step(pm, built, case.training, pm.simulator),
-        },
-        repeats,
-    )
+    steps = {"eager": _step(built.model, built, case.training, None)}
+    if pm.simulator is None:
+        steps["partitioned"] = _step(pm, built, case.training, None)
+    else:
+        steps["partitioned"] = _step(without_simulation(pm), built, case.training, None)
+        steps["simulated"] = _step(pm, built, case.training, pm.simulator)
+    timed = interleaved_medians(steps, repeats)
     measured = timed["partitioned"]["median_s"]
+    simulated = timed["simulated"]["median_s"] if "simulated" in timed else None
     return {
         "model": spec_name,
         "devices": devices,
@@ -525,6 +554,8 @@ def _accuracy_case(case: AccuracyCase, spec_name: str, built: BuiltModel, profil
         "transfers": len(pm.plan.transfers),
         "predicted_s": predicted,
         "measured_s": measured,
+        "simulated_s": simulated,
+        "simulation_cost": simulated / measured if simulated is not None else None,
         "eager_s": timed["eager"]["median_s"],
         "error": {k: (v - measured) / measured for k, v in predicted.items()},
         "overhead": measured / timed["eager"]["median_s"],

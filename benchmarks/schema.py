@@ -101,7 +101,11 @@ _POINT = {
 _CASE = {
     "model": str, "devices": [str], "training": bool, "assignment": [int], "transfers": int,
     "predicted_s": {"planner": float, "roofline-builtin": float, "roofline-calibrated": float},
-    "measured_s": float, "eager_s": float,
+    # measured_s: the rewritten module's step without the simulation (on simulated devices:
+    # `cases.without_simulation`), which `error` compares with; simulated_s: the same plan on
+    # the simulated devices, simulation_cost = simulated_s / measured_s (both null on one
+    # device). Results written before these two keys existed timed simulated devices only.
+    "measured_s": float, "simulated_s?": Nullable(float), "simulation_cost?": Nullable(float), "eager_s": float,
     "error": {"planner": float, "roofline-builtin": float, "roofline-calibrated": float},
     "overhead": float, "planner_timings_s": MapOf(float), "samples_s": MapOf([float]),
 }

@@ -142,6 +142,8 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                      lambda v: v <= 0.15, max, unit="")
     if errors:
         target["detail"] = f"median abs error {statistics.median(errors):.1%} over {len(errors)} case(s)"
+        if any(c.get("simulated_s") is not None for c in cases):
+            target["detail"] += " (simulated devices timed without the simulation: compute plus real copies)"
     out.append(target)
 
     for label, subset in (("one device (cpu)", [c for c in cases if c["devices"] == ["cpu"]]),
@@ -150,6 +152,17 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         if errs:
             info.append(_info(f"cost-model-{label.split()[0]}", f"cost model on {label}: median abs error",
                               statistics.median(errs), f"{statistics.median(errs):.1%} over {len(errs)} case(s)"))
+    simulated = [c for c in cases if c.get("simulated_s") is not None]
+    if simulated:
+        errs = [abs(c["predicted_s"]["planner"] / c["simulated_s"] - 1) for c in simulated]
+        info.append(_info("cost-model-with-simulation",
+                          "cost model on simulated cpu:0, cpu:1 timed with the simulation: median abs error",
+                          statistics.median(errs), f"{statistics.median(errs):.1%} over {len(errs)} case(s)"))
+        costs = [c["simulation_cost"] for c in simulated]
+        info.append(_info("simulation-cost", "the simulation's own cost: simulated step / step without it, median",
+                          statistics.median(costs),
+                          f"{statistics.median(costs):.2f}x over {len(costs)} case(s) "
+                          f"({min(costs):.2f}x to {max(costs):.2f}x)"))
     for key in ("roofline-builtin", "roofline-calibrated"):
         errs = [abs(c["error"][key]) for c in cases]
         if errs:

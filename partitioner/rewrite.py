@@ -30,6 +30,7 @@ from partitioner.trace import named_tensors
 
 __all__ = [
     "move_to",
+    "copy_to",
     "rewrite_graph",
     "place_tensors",
     "Transfer",
@@ -43,6 +44,31 @@ __all__ = [
 def move_to(value: Any, device: str) -> Any:
     """Move every tensor in a pytree `value` to `device` (the inserted transfer op)."""
     return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, value)
+
+
+def copy_to(value: Any, device: str) -> Any:
+    """`move_to` that always copies: every tensor in a pytree `value` is copied to `device`, and
+    its gradient is copied back in backward.
+
+    A transfer between two devices that share one memory: the graph gathered onto the host
+    with ``gather_graph(..., copy_transfers=True)`` still pays for the bytes the plan moves.
+    """
+    return tree_map(lambda x: _Copy.apply(x, device) if isinstance(x, torch.Tensor) else x, value)
+
+
+class _Copy(torch.autograd.Function):
+    """A copy to a device whose backward copies the gradient back (``Tensor.to`` returns the
+    gradient itself when it is already where it should go, so copies it nothing)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, device: str) -> torch.Tensor:
+        ctx.set_materialize_grads(False)
+        ctx.device = x.device
+        return x.to(device, copy=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:
+        return (None if grad is None else grad.to(ctx.device, copy=True)), None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,19 +230,25 @@ def tensor_devices(layered: LayeredModel, assignment: Sequence[int], devices: Se
     }
 
 
-def gather_graph(gm: fx.GraphModule, device: str, *, drop_transfers: bool = False) -> None:
+def gather_graph(
+    gm: fx.GraphModule, device: str, *, drop_transfers: bool = False, copy_transfers: bool = False
+) -> None:
     """Point every transfer and device constant of a rewritten graph at one `device`, in place.
 
     After ``module.to(device)`` has moved the tensors, the graph must stop sending values
     to the devices of the plan. With `drop_transfers` the transfer nodes go altogether
-    (for a graph that is traced and planned again).
+    (for a graph that is traced and planned again). With `copy_transfers` each transfer
+    of a value between two of the plan's devices becomes a copy on `device` (`copy_to`,
+    forward and backward) while model inputs are read where they are: the graph then costs
+    what it would on devices that share one memory, compute plus the plan's copies.
     """
     for n in list(gm.graph.nodes):
-        if n.op == "call_function" and n.target is move_to:
+        if n.op == "call_function" and (n.target is move_to or n.target is copy_to):
             if drop_transfers:
                 n.replace_all_uses_with(n.args[0])
                 gm.graph.erase_node(n)
             else:
+                n.target = copy_to if copy_transfers and n.args[0].op != "placeholder" else move_to
                 n.args = (n.args[0], device)
             continue
         n.args, n.kwargs = _retarget_devices(n.args, device), _retarget_devices(n.kwargs, device)

@@ -7,20 +7,28 @@ import copy
 import itertools
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from benchmarks import baselines, schema
-from benchmarks.cases import trace_once
+from benchmarks.cases import _accuracy_case, trace_once, without_simulation
 from benchmarks.models import build
 from benchmarks.run import _run_isolated, render, run_suite, write_results_md
-from benchmarks.suites import MODELS, SUITES, jobs
-from partitioner.api import compile_plan
+from benchmarks.suites import MODELS, SUITES, AccuracyCase, jobs
+from partitioner.api import auto_parallelize, compile_plan
 from partitioner.cost_model import build_problem
+from partitioner.devices import resolve_devices
 from partitioner.options import Objective, PlanOptions
+from partitioner.simdevice import is_logical, to_plain
+from tests.models import ZOO
+from tests.test_api import NO_DP, _loss, forcing_caps
 
 # ---------------------------------------------------------------------------- equal layers (DeepSpeed "uniform")
 
@@ -205,6 +213,76 @@ def test_one_trace_gives_compile_plans_problem(name: str, training: bool) -> Non
     layered, _ = trace_once(built, training, spec.granularity)
     problem = build_problem(layered.graph, compiled.devices, options, "float32")
     assert problem == compiled.problem
+
+
+# ---------------------------------------------------------------------------- accuracy: the step without the simulation
+
+
+class _CopiedBytes(TorchDispatchMode):
+    """Bytes of every same-dtype ``aten._to_copy`` (what `copy_to` does), forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forward = self.backward = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default and out.dtype == args[0].dtype:
+            nbytes = args[0].numel() * args[0].element_size()
+            if torch._C._current_graph_task_id() != -1:
+                self.backward += nbytes
+            else:
+                self.forward += nbytes
+        return out
+
+
+@pytest.mark.parametrize("name", ["mlp", "gpt2", "branchy", "tied"])
+def test_without_simulation_computes_alike_and_copies_the_plans_bytes(name: str) -> None:
+    """The simulation-free module: plain CPU tensors, the simulated run's outputs and gradients,
+    and a real copy of each transfer's bytes, forward (the plan's transfers) and backward."""
+    case = ZOO[name]
+    model, args, kwargs = case.build()
+    devices = ["cpu:0", "cpu:1", "cpu:2"]
+    cap = forcing_caps(name, 3)
+    pm = auto_parallelize(model, devices, args, kwargs, options=NO_DP, max_memory={d: cap for d in devices})
+    assert pm.plan.transfers, pm.plan
+    host = without_simulation(pm)
+    assert not any(is_logical(t) for t in [*host.parameters(), *host.buffers()])
+
+    with pm.simulator as sim:
+        sim.reset()
+        out = case.outputs(pm(*args, **kwargs))
+        _loss(out).backward()
+    with _CopiedBytes() as copied:
+        host_out = case.outputs(host(*args, **kwargs))
+        _loss(host_out).backward()
+
+    assert copied.forward == pm.plan.transfer_bytes == sim.bytes_moved(backward=False, host=False)
+    assert copied.backward == sim.bytes_moved(backward=True, host=False) > 0
+    for a, b in zip(host_out, out, strict=True):
+        torch.testing.assert_close(a, to_plain(b), rtol=0, atol=0)
+    grads = {n: to_plain(p.grad) for n, p in pm.module.named_parameters() if p.grad is not None}
+    host_grads = {n: p.grad for n, p in host.named_parameters() if p.grad is not None}
+    assert host_grads.keys() == grads.keys()
+    for k, g in grads.items():
+        torch.testing.assert_close(host_grads[k], g, rtol=0, atol=0, msg=lambda m: f"grad of {k}: {m}")
+    for p in pm.module.parameters():  # the simulated module keeps its own tensors
+        assert is_logical(p)
+
+
+def test_accuracy_case_on_simulated_devices_times_both_runs() -> None:
+    built = build(MODELS["mlp"], device="cpu")
+    profile = resolve_devices(["cpu"])[0].profile
+    case = AccuracyCase(model="mlp", devices=("cpu:0", "cpu:1"), training=True)
+    record = _accuracy_case(case, "mlp", built, profile, repeats=1)
+    assert set(record["samples_s"]) == {"eager", "partitioned", "simulated"}
+    assert record["simulation_cost"] == record["simulated_s"] / record["measured_s"]
+    measured = record["measured_s"]
+    assert record["error"]["planner"] == (record["predicted_s"]["planner"] - measured) / measured
+    one = _accuracy_case(replace(case, devices=("cpu",)), "mlp", built, profile, repeats=1)
+    assert one["simulated_s"] is None and one["simulation_cost"] is None
+    assert set(one["samples_s"]) == {"eager", "partitioned"}
 
 
 # ---------------------------------------------------------------------------- the runner and its result file
