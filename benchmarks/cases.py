@@ -151,6 +151,7 @@ def _planner_record(problem: Problem, options: PlanOptions) -> dict[str, Any]:
         "solver": solution.solver,
         "optimal": solution.optimal,
         "gap": solution.gap,
+        "lower_bound_s": solution.lower_bound_s,
         "solve_s": solve_s,
         "step_s": step,
         "evaluate_agrees": agrees,

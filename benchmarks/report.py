@@ -194,11 +194,16 @@ def markdown(result: dict[str, Any], images: Sequence[str] = (), prefix: str = "
             for t in result["targets"]
         ]),
     ]
+    unchecked = [(t["name"], reason) for t in result["targets"] if t["status"] != "info" for reason in t["skipped"]]
+    if unchecked:
+        parts.append("Cases a target does not judge, and why (at most 20 per target):\n\n"
+                     + "\n".join(f"- {reason}" for _, reason in unchecked) + "\n")
     if errors:
         parts.append("### Failed jobs\n\n" + "\n".join(f"- {j['label']}: {j['error']}" for j in errors) + "\n")
     parts += [
         "### Speedup of partitioner's plan over each baseline\n",
-        "Every placement priced by `partitioner.solve.evaluate` on the planner's own cost tables; "
+        "Every placement priced by `partitioner.solve.evaluate` on the planner's own cost tables (training: every "
+        "split played by the training planner's pipeline simulator, `benchmarks/training_runs.py`); "
         "ratio = baseline step / partitioner step (higher is better for partitioner). Accelerate's maps run one "
         "device at a time (latency); pipeline splits by the mode's objective. Planner infeasible in "
         f"{sum(r['partitioner']['status'] != 'ok' for r in runs)} of {len(runs)} case(s).\n",

@@ -46,6 +46,7 @@ _PLANNER = {
     "solver?": str,
     "optimal?": bool,
     "gap?": float,
+    "lower_bound_s?": float,
     "solve_s": float,
     "step_s?": float,
     "evaluate_agrees?": bool,

@@ -93,6 +93,7 @@ def planner_record(tables: TrainingTables) -> dict[str, Any]:
         "solver": pipeline.description,
         "optimal": False,
         "gap": max(0.0, 1 - pipeline.lower_bound_s / pipeline.step_time_s) if pipeline.step_time_s > 0 else 0.0,
+        "lower_bound_s": pipeline.lower_bound_s,
         "solve_s": result.solve_time_s,
         "step_s": pipeline.step_time_s,
         "evaluate_agrees": math.isclose(result.timeline.step_time_s, pipeline.step_time_s, rel_tol=1e-9),

@@ -59,3 +59,32 @@ def test_partitioners_training_plan_is_never_slower_than_a_baseline(mlp: tuple, 
         assert b["ratio"] >= 1 - 1e-9, (b["name"], b["ratio"])
     tables = training_tables(layered, resolve_devices(list(DEVICE_SETS[devices].specs)), "float32", 4)
     assert priced["data-parallel"]["step_s"] == price_data_parallel(tables)[0]
+
+
+def _run(model: str, devices: str, mode: str, step: float, bound: float, baselines: dict[str, float]) -> dict:
+    return {
+        "model": model, "devices": devices, "mode": mode,
+        "partitioner": {"status": "ok", "step_s": step, "lower_bound_s": bound},
+        "baselines": [{"name": n, "status": "ok", "step_s": s, "ratio": s / step} for n, s in baselines.items()],
+        "bound": {"granularity_ratio": None, "pipeline_ratio": None, "pipeline_compute_ratio": None},
+    }
+
+
+def test_a_target_out_of_the_spaces_reach_is_not_judged_but_listed() -> None:
+    from benchmarks.targets import evaluate_targets
+
+    runs = [
+        # No plan can be 2x faster than Accelerate: 1.5 / 1.0 < 2, the bound proves it.
+        _run("mlp", "l4 x4", "training", 1.0, 1.0, {"accelerate-sequential": 1.5}),
+        # Reachable (3 / 1 >= 2) and missed (3 / 2 < 2): a failure.
+        _run("gpt2", "l4 x4", "training", 2.0, 1.0, {"accelerate-sequential": 3.0}),
+        # Unbalanced model: out of reach against equal layers, met against equal blocks.
+        _run("big-head", "l4 x4", "inference-throughput", 1.0, 1.0, {"equal-layers": 1.05, "equal-blocks": 1.3}),
+    ]
+    targets = {t["id"]: t for t in evaluate_targets({"comparisons": runs, "scaling": [], "accuracy": {"cases": []}})}
+    accelerate = targets["training-vs-accelerate"]
+    assert accelerate["status"] == "fail" and accelerate["checked"] == 1
+    assert len(accelerate["skipped"]) == 1 and "mlp / l4 x4 / training" in accelerate["skipped"][0]
+    assert "beats 1.50x" in accelerate["skipped"][0]
+    equal = targets["unbalanced-vs-equal"]
+    assert equal["status"] == "pass" and equal["checked"] == 1 and "equal-layers" in equal["skipped"][0]
