@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_leaves
 
 from partitioner.api import PartitionedModule, _batch_size, _dtype_of, auto_parallelize, compile_plan
 from partitioner.calibrate import measure_device
+from partitioner.cluster import Cluster, load_cluster
 from partitioner.cost_model import build_problem, layer_time
 from partitioner.devices import Device, resolve_devices
 from partitioner.errors import InfeasibleError, ProfileError
@@ -313,6 +314,19 @@ def _baselines(
     return out
 
 
+def _cluster(device_set: DeviceSet) -> Cluster:
+    """The devices of a set and their links: its cluster profile's (several nodes), else one node's."""
+    devices = resolve_devices(list(device_set.specs))
+    if device_set.cluster is None:
+        return Cluster.from_devices(devices)
+    cluster = load_cluster(device_set.cluster)
+    kinds = [d.profile.name for d in cluster.devices]
+    if kinds != [d.profile.name for d in devices]:
+        raise ValueError(f"device set {device_set.name!r}: cluster {device_set.cluster} has {kinds}, "
+                         f"its specs say {[d.profile.name for d in devices]}")
+    return cluster
+
+
 def _element_size(model: nn.Module) -> int:
     """Bytes per element of the model's floating parameters (4 when it has none)."""
     return next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
@@ -358,10 +372,12 @@ def compare_run(
 ) -> dict[str, Any]:
     """Plan one (device set, mode) on a traced model and price every baseline alike."""
     options = plan_options(mode)
-    devices = resolve_devices(list(device_set.specs))
+    cluster = _cluster(device_set)
+    devices = cluster.devices
     start = time.perf_counter()
-    problem = build_problem(layered.graph, devices, options, dtype)
-    tables = training_tables(layered, devices, dtype, _element_size(built.model)) if mode.training else None
+    links = [list(zip(spb, lat)) for spb, lat in zip(cluster.seconds_per_byte, cluster.latency_s)]
+    problem = build_problem(layered.graph, devices, options, dtype, links)
+    tables = training_tables(layered, cluster, dtype, _element_size(built.model)) if mode.training else None
     build_s = time.perf_counter() - start
     planner = _planner_record(problem, options) if tables is None else training_runs.planner_record(tables)
     planner["build_problem_s"] = build_s

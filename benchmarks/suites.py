@@ -56,6 +56,10 @@ class DeviceSet:
 
     name: str
     specs: tuple[str, ...]
+    """Device strings (`partitioner.devices.resolve_devices`); for a cluster, its devices."""
+    cluster: str | None = None
+    """A cluster profile (`profiles/clusters/`) whose devices and links (several nodes) replace
+    the one-node links of `specs`."""
 
     @property
     def identical(self) -> bool:
@@ -172,6 +176,7 @@ DEVICE_SETS: dict[str, DeviceSet] = {
         *(DeviceSet(name=f"a100-80gb x{n}", specs=(f"a100-80gb x{n}",)) for n in (2, 4, 8, 16, 32, 64)),
         *(DeviceSet(name=f"l4 x{n}", specs=(f"l4 x{n}",)) for n in (2, 4, 8)),
         DeviceSet(name="a100-40gb x4 + v100 x4", specs=("a100-40gb x4", "v100 x4")),
+        DeviceSet(name="a100-80gb 2 nodes x 4", specs=("a100-80gb x8",), cluster="a100-2x4-ib"),
         DeviceSet(name="cpu x2", specs=("cpu:0", "cpu:1")),
     )
 }
@@ -187,7 +192,7 @@ MODES: dict[str, Mode] = {
 
 _ALL_MODES = tuple(MODES)
 _GPU_SETS = ("a100-80gb x2", "a100-80gb x4", "a100-80gb x8", "l4 x2", "l4 x4", "l4 x8")
-_MIXED_AND_CPU = ("a100-40gb x4 + v100 x4", "cpu x2")
+_MIXED_AND_CPU = ("a100-40gb x4 + v100 x4", "a100-80gb 2 nodes x 4", "cpu x2")
 _ACCURACY_MODELS = ("mlp", "deep-mlp-8", "resnet-small", "gpt2-mini")
 
 
@@ -239,7 +244,8 @@ SUITES: dict[str, Suite] = {
             name="quick",
             description=(
                 "A few minutes on 2 cores: the seed MLP, a ResNet-style CNN, GPT-2 small, BERT base and the "
-                "big-head model on 2-8 GPUs of two kinds, a mixed set and two CPU devices, in all modes; "
+                "big-head model on 2-8 GPUs of two kinds, a mixed set, two 4-GPU nodes and two CPU devices, in "
+                "all modes; "
                 "planner growth to 5,000 nodes and 64 devices; GPT-2 XL end to end; accuracy on this CPU."
             ),
             comparisons=(
@@ -335,6 +341,8 @@ def suite_data(suite: Suite) -> dict[str, Any]:
     return {
         "suite": asdict(suite),
         "models": {n: asdict(MODELS[n]) for n in sorted(names)},
-        "device_sets": {d: list(DEVICE_SETS[d].specs) for d in sorted(device_sets)},
+        "device_sets": {d: list(DEVICE_SETS[d].specs) + ([f"cluster {DEVICE_SETS[d].cluster}"]
+                                                         if DEVICE_SETS[d].cluster else [])
+                        for d in sorted(device_sets)},
         "modes": {m: asdict(MODES[m]) for m in sorted(modes)},
     }

@@ -46,11 +46,11 @@ _PIPELINE_SCHEDULES = (PipelineSchedule.GPIPE, PipelineSchedule.ONE_F_ONE_B)
 class TrainingTables:
     """The training planner's tables for one traced model on one device set."""
 
-    def __init__(self, layered: LayeredModel, devices: Sequence[Device], dtype: str, element_size: int,
+    def __init__(self, layered: LayeredModel, cluster: Cluster, dtype: str, element_size: int,
                  optimizer: Optimizer, memory_reserve: float) -> None:
         graph = layered.graph
         self.batch = graph.batch_size
-        self.cluster = Cluster.from_devices(devices)
+        self.cluster = cluster
         precision = Precision.FP32 if dtype == "float32" else Precision.BF16 if dtype == "bfloat16" else Precision.FP16
         self.options = TrainingOptions(optimizer=optimizer, precision=precision, memory_reserve=memory_reserve)
         parameters = {n.name for n in layered.traced.gm.graph.nodes if n.op == "get_attr"}
@@ -71,9 +71,13 @@ class TrainingTables:
         return best
 
 
-def training_tables(layered: LayeredModel, devices: Sequence[Device], dtype: str, element_size: int) -> TrainingTables:
-    """The tables of the suite's training mode (Adam, the model's own precision, 10% memory kept free)."""
-    return TrainingTables(layered, devices, dtype, element_size, Optimizer.ADAM, memory_reserve=0.1)
+def training_tables(
+    layered: LayeredModel, devices: Sequence[Device] | Cluster, dtype: str, element_size: int
+) -> TrainingTables:
+    """The tables of the suite's training mode (Adam, the model's own precision, 10% memory
+    kept free) on a cluster, or on devices in one node."""
+    cluster = devices if isinstance(devices, Cluster) else Cluster.from_devices(devices)
+    return TrainingTables(layered, cluster, dtype, element_size, Optimizer.ADAM, memory_reserve=0.1)
 
 
 def planner_record(tables: TrainingTables) -> dict[str, Any]:

@@ -42,6 +42,8 @@ __all__ = [
     "layer_time",
     "layer_fwd_bwd_time",
     "build_problem",
+    "device_links",
+    "Links",
     "replica_cost",
     "ring_allreduce_s",
     "StateBytes",
@@ -181,8 +183,21 @@ def _batch_shares(batch_size: int, k: int) -> tuple[int, ...]:
     return tuple(batch_size // k + (1 if j < batch_size % k else 0) for j in range(k))
 
 
+Links = Sequence[Sequence[tuple[float, float]]]
+"""``links[a][b]``: (seconds per byte, latency) from device ``a`` to device ``b``."""
+
+
+def device_links(devices: Sequence[Device]) -> list[list[tuple[float, float]]]:
+    """Every pair's `link_cost`: the links of devices in one node, from their profiles."""
+    return [[link_cost(a, b) for b in devices] for a in devices]
+
+
 def replica_cost(
-    graph: LayerGraph, devices: Sequence[Device], options: PlanOptions, dtype: str = "float32"
+    graph: LayerGraph,
+    devices: Sequence[Device],
+    options: PlanOptions,
+    dtype: str = "float32",
+    links: Links | None = None,
 ) -> ReplicaCost | None:
     """Cost of data parallelism: the whole model on every device, the batch split evenly.
 
@@ -197,7 +212,7 @@ def replica_cost(
           + 2 (k-1) x max_ring_hop(latency)                        gradients (training)
 
     Inputs start and outputs end on the first device; the ring visits the devices in
-    the order given. Memory per device: the state of the whole model plus the
+    the order given. `links` (default `device_links`) prices every move. Memory per device: the state of the whole model plus the
     activations of its share of the batch.
 
     Returns:
@@ -213,7 +228,7 @@ def replica_cost(
         if (d.profile, f) not in replica_s:
             replica_s[d.profile, f] = sum(layer_time(layer, d.profile, options, dtype, f) for layer in graph.layers)
     compute = max(replica_s.values())
-    links = [[link_cost(a, b) for b in devices] for a in devices]
+    links = device_links(devices) if links is None else links
     inputs = [v for v in graph.values if v.producer == INPUT]
     outputs = [v for v in graph.values if OUTPUT in v.consumers]
     gather_factor = 2 if options.training else 1
@@ -237,7 +252,11 @@ def replica_cost(
 
 
 def build_problem(
-    graph: LayerGraph, devices: Sequence[Device], options: PlanOptions, dtype: str = "float32"
+    graph: LayerGraph,
+    devices: Sequence[Device],
+    options: PlanOptions,
+    dtype: str = "float32",
+    links: Links | None = None,
 ) -> Problem:
     """The solver's tables for placing `graph`'s layers on `devices`.
 
@@ -245,8 +264,10 @@ def build_problem(
       roofline); forward only for inference.
     - ``memory[i]``: `layer_memory`; ``capacity[d] = memory_bytes x (1 - memory_reserve)``,
       less `working_set_bytes` at inference.
-    - links: `partitioner.devices.link_cost`. When training, every value that crosses
-      devices forward has its gradient cross back, so per-byte and latency costs double.
+    - links: `links` when given (a multi-node cluster's, `partitioner.cluster.Cluster`),
+      else `partitioner.devices.link_cost` of each pair. When training, every value that
+      crosses devices forward has its gradient cross back, so per-byte and latency costs
+      double.
     - ``replica``: `replica_cost` when ``options.allow_data_parallel``.
 
     Args:
@@ -255,9 +276,11 @@ def build_problem(
         options: Training or inference, optimizer, memory reserve, objective.
         dtype: Compute dtype for the roofline: one of ``float32``, ``tf32``,
             ``bfloat16``, ``float16``.
+        links: ``links[a][b]``, (seconds per byte, latency) from device ``a`` to ``b``;
+            None: `device_links`.
 
     Raises:
-        DeviceError: No devices.
+        DeviceError: No devices, or `links` not one row and column per device.
         ValueError: Unknown dtype.
     """
     if not devices:
@@ -266,7 +289,10 @@ def build_problem(
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     compute = tuple(tuple(layer_time(layer, d.profile, options, dtype) for d in devices) for layer in graph.layers)
     direction_factor = 2.0 if options.training else 1.0
-    links = [[link_cost(a, b) for b in devices] for a in devices]
+    if links is None:
+        links = device_links(devices)
+    elif len(links) != len(devices) or any(len(row) != len(devices) for row in links):
+        raise DeviceError(f"links must be {len(devices)} x {len(devices)} (one per pair of devices)")
     return Problem(
         compute_s=compute,
         memory=tuple(layer_memory(layer, options) for layer in graph.layers),
@@ -280,7 +306,7 @@ def build_problem(
         objective=options.objective,
         names=tuple(layer.name for layer in graph.layers),
         device_names=tuple(d.name for d in devices),
-        replica=replica_cost(graph, devices, options, dtype) if options.allow_data_parallel else None,
+        replica=replica_cost(graph, devices, options, dtype, links) if options.allow_data_parallel else None,
     )
 
 

@@ -88,3 +88,14 @@ def test_a_target_out_of_the_spaces_reach_is_not_judged_but_listed() -> None:
     assert "beats 1.50x" in accelerate["skipped"][0]
     equal = targets["unbalanced-vs-equal"]
     assert equal["status"] == "pass" and equal["checked"] == 1 and "equal-layers" in equal["skipped"][0]
+
+
+def test_a_multi_node_set_plans_on_its_clusters_links(mlp: tuple) -> None:
+    built, layered = mlp
+    n = len(layered.graph.layers)
+    name = "a100-80gb 2 nodes x 4"
+    for mode in ("inference-throughput", "training"):
+        run = compare_run(layered, built, DEVICE_SETS[name], MODES[mode], "float32", [0] * n, [False] * n)
+        assert run["device_names"] == [f"hgx{k}/{j}" for k in range(2) for j in range(4)]
+        assert run["partitioner"]["status"] == "ok"
+        assert all(b["ratio"] >= 1 - 1e-9 for b in run["baselines"] if b["status"] == "ok")

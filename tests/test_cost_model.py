@@ -171,6 +171,26 @@ def test_build_problem_rejects_bad_input() -> None:
         build_problem(GRAPH, [], TRAIN)
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         build_problem(GRAPH, [device("a", TOY)], TRAIN, dtype="fp8")
+    with pytest.raises(DeviceError, match="links must be 2 x 2"):
+        build_problem(GRAPH, [device("a", TOY), device("b", TOY)], TRAIN, links=[[(0.0, 0.0)]])
+
+
+def test_given_links_price_moves_and_the_replicas_ring() -> None:
+    # Two nodes' links (a cluster's): dearer than the devices' own peer link.
+    a, b = device("a", TOY), device("b", TOY)
+    slow = (1e-9, 1e-4)
+    links = [[(0.0, 0.0), slow], [slow, (0.0, 0.0)]]
+    options = PlanOptions(training=True, optimizer=Optimizer.ADAM)
+    problem = build_problem(BIG_GRAPH, [a, b], options, links=links)
+    # Training: a value and its gradient cross, so both prices double.
+    assert problem.seconds_per_byte[0][1] == 2 * slow[0] and problem.latency_s[1][0] == 2 * slow[1]
+    assert problem.replica == replica_cost(BIG_GRAPH, [a, b], options, links=links)
+    assert problem.replica is not None
+    own = replica_cost(BIG_GRAPH, [a, b], options)
+    assert own is not None and problem.replica.time_s > own.time_s
+    assert build_problem(BIG_GRAPH, [a, b], options) == build_problem(
+        BIG_GRAPH, [a, b], options, links=[[link_cost(x, y) for y in (a, b)] for x in (a, b)]
+    )
 
 
 # --------------------------------------------------------------------------- data parallelism
