@@ -263,17 +263,25 @@ def test_the_planner_does_not_replicate_a_model_with_batch_statistics() -> None:
 
 
 class Ladder(nn.Module):
-    """Two interleaved towers, each block reading both: a DAG whose placement ILP takes a while to prove."""
+    """Two towers, the right one twice as heavy, crossing every third block: a DAG whose
+    placement ILP takes a while to prove (no path holds all the work, so the path bound
+    of `partitioner.solve.bounds` cannot settle it, as it does when every block reads both)."""
 
-    def __init__(self, depth: int = 60, width: int = 32) -> None:
+    def __init__(self, depth: int = 60, width: int = 32, cross_every: int = 3) -> None:
         super().__init__()
+        self.cross_every = cross_every
         self.left = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self.right = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.right = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, 2 * width), nn.Linear(2 * width, width)) for _ in range(depth)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x, x
-        for f, g in zip(self.left, self.right):
-            a, b = torch.relu(f(a)) + b, torch.tanh(g(b)) + a
+        for i, (f, g) in enumerate(zip(self.left, self.right)):
+            if i % self.cross_every == 0:
+                a, b = torch.relu(f(a)) + b, torch.tanh(g(b)) + a
+            else:
+                a, b = torch.relu(f(a)), torch.tanh(g(b))
         return a + b
 
 
