@@ -74,10 +74,9 @@ class _StatsInterpreter(fx.Interpreter):
         try:
             out = super().run_node(n)
         except Exception as e:
-            where = n.meta.get("stack_trace", "").strip().splitlines()[-1:] or [""]
             raise ProfileError(
                 f"profiling node {n.name!r} ({n.op} {n.target}) on fake tensors failed: "
-                f"{type(e).__name__}: {e} {where[0]}"
+                f"{type(e).__name__}: {e}{_where(n)}"
             ) from e
         if n.op in ("placeholder", "output"):
             return out
@@ -95,6 +94,19 @@ class _StatsInterpreter(fx.Interpreter):
             requires_grad=any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)),
         )
         return out
+
+
+def _where(n: fx.Node) -> str:
+    """Where `n` comes from: its source line if the trace kept one, else its module."""
+    lines = (n.meta.get("stack_trace") or "").strip().splitlines()
+    if lines:
+        return f" {lines[-1].strip()}"
+    stack = n.meta.get("nn_module_stack") or {}
+    if stack:
+        path, cls = list(stack.values())[-1]
+        name = cls if isinstance(cls, str) else cls.__qualname__
+        return f" (in module {path or 'the model'}, {name.rsplit('.', 1)[-1]})"
+    return ""
 
 
 def profile_nodes(

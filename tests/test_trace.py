@@ -155,3 +155,12 @@ def test_tracing_leaves_the_model_as_it_was() -> None:
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_export_records_modules_not_stacks_and_leaves_the_fx_config_alone() -> None:
+    model, x = TiedLM(), torch.randint(0, 10, (4, 6))
+    traced = trace_model(model, (x,), frontend="export")
+    calls = [n for n in traced.gm.graph.nodes if n.op == "call_function"]
+    assert calls and all(n.meta.get("nn_module_stack") is not None for n in calls)
+    assert not any(n.meta.get("stack_trace") for n in calls)  # not recorded: it costs time, nothing reads it
+    assert torch.fx.config.do_not_emit_stack_traces is False
