@@ -35,21 +35,19 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from partitioner.api import PartitionedModule, _batch_size, _dtype_of, auto_parallelize, compile_plan
+from partitioner.api import PartitionedModule, auto_parallelize, compile_plan, dtype_of, trace_layers
 from partitioner.calibrate import measure_device
 from partitioner.cluster import Cluster, load_cluster
 from partitioner.cost_model import build_problem, layer_time
 from partitioner.devices import Device, resolve_devices
-from partitioner.errors import InfeasibleError, ProfileError
+from partitioner.errors import InfeasibleError
 from partitioner.ir import LayerGraph, Problem, Solution
-from partitioner.layers import LayeredModel, build_layers
+from partitioner.layers import LayeredModel
 from partitioner.models import BuiltModel
 from partitioner.options import Objective, Optimizer, PlanOptions, Strategy
-from partitioner.profiling import profile_nodes
 from partitioner.rewrite import gather_graph, place_tensors
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import evaluate, solve
-from partitioner.trace import trace_model
 
 from benchmarks import baselines, training_runs
 from benchmarks.models import build
@@ -102,27 +100,11 @@ def plan_options(mode: Mode, **overrides: Any) -> PlanOptions:
 
 
 def trace_once(built: BuiltModel, training: bool, granularity: str) -> tuple[LayeredModel, dict[str, float]]:
-    """The first half of `compile_plan` (trace, profile, group into layers), so that one
-    trace serves every device set and objective of a comparison group.
-
-    It calls the same phase functions in the same order as `compile_plan`, including its
-    retry with torch.export when a torch.fx graph does not replay (tests/test_benchmarks.py
-    checks that the problems agree).
-    """
-    model, args, kwargs = built.model, built.example_args, built.example_kwargs
-    start = time.perf_counter()
-    traced = trace_model(model, args, kwargs, granularity=granularity)  # type: ignore[arg-type]
-    trace_s = time.perf_counter() - start
-    start = time.perf_counter()
-    try:
-        stats = profile_nodes(traced.gm, args, kwargs, training=training)
-    except ProfileError:
-        if traced.frontend != "fx":
-            raise
-        traced = trace_model(model, args, kwargs, frontend="export", granularity=granularity)  # type: ignore[arg-type]
-        stats = profile_nodes(traced.gm, args, kwargs, training=training)
-    layered = build_layers(traced, stats, batch_size=_batch_size(args, kwargs))
-    return layered, {"trace_s": trace_s, "profile_s": time.perf_counter() - start}
+    """`partitioner.api.trace_layers`, the first half of `compile_plan`, so that one trace
+    serves every device set and objective of a comparison group (tests/test_benchmarks.py
+    checks that the problems agree with `compile_plan`'s)."""
+    return trace_layers(built.model, built.example_args, built.example_kwargs, training=training,
+                        granularity=granularity)  # type: ignore[arg-type]
 
 
 def _graph_nodes(layered: LayeredModel) -> int:
@@ -409,7 +391,7 @@ def _compare(job: Job) -> dict[str, Any]:
     built = build(spec)
     build_s = time.perf_counter() - start
     layered, timings = trace_once(built, job.training, spec.granularity)
-    dtype = _dtype_of(built.model)
+    dtype = dtype_of(built.model)
     counts = _param_counts(layered.graph, built.model)
     blocks = _is_block(layered.graph, built.model, built.no_split_module_classes)
     runs = []
@@ -545,7 +527,7 @@ def _accuracy_case(case: AccuracyCase, spec_name: str, built: BuiltModel, profil
     pm = auto_parallelize(built.model, devices, built.example_args, built.example_kwargs, options=options,
                           plan=compiled.plan, measure=False)
     assignment = compiled.solution.assignment
-    dtype = _dtype_of(built.model)
+    dtype = dtype_of(built.model)
     plain = _unmeasured(compiled.layered.graph)
     calibrated = tuple(replace(d, profile=profile) for d in compiled.devices)
     # One CPU runs the devices one after another: a step takes the placement's latency.

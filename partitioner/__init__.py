@@ -18,7 +18,7 @@ Front doors: `auto_parallelize` and `plan` (`api`), `plan_training` (`training`)
 ``cpu:1``, ... to dry-run plans on a CPU.
 """
 
-from partitioner.api import PartitionedModule, auto_parallelize, compile_plan, plan
+from partitioner.api import PartitionedModule, auto_parallelize, compile_plan, plan, trace_layers
 from partitioner.training import plan_training
 from partitioner.errors import (
     DeviceError,
@@ -47,6 +47,7 @@ __all__ = [
     "auto_parallelize",
     "plan",
     "compile_plan",
+    "trace_layers",
     "plan_training",
     "PartitionedModule",
     "Plan",

@@ -48,7 +48,9 @@ __all__ = [
     "PartitionedModule",
     "Compiled",
     "compile_plan",
+    "trace_layers",
     "make_plan",
+    "dtype_of",
     "replication_hazards",
 ]
 
@@ -96,37 +98,80 @@ def compile_plan(
     resolved = resolve_devices(list(devices), max_memory)
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    timings: dict[str, float] = {}
+    layered, timings = trace_layers(
+        model, args, kwargs, training=options.training, frontend=frontend, granularity=granularity,
+        split_modules=split_modules, progress=say,
+    )
+    if measure and any(d.present for d in resolved):
+        start = time.perf_counter()
+        say("timing layers on the devices present")
+        timed = measure_layers(layered, args, kwargs, resolved, budget_s=measure_budget_s, progress=say)
+        layered = dataclasses.replace(layered, graph=timed)
+        timings["profile_s"] += time.perf_counter() - start
 
+    start = time.perf_counter()
+    graph = layered.graph
+    say(f"solving: {len(graph.layers)} layers on {len(resolved)} device(s)")
+    problem = build_problem(graph, resolved, options, dtype_of(model))
+    solution = solve(problem, options.solver)
+    timings["solve_s"] = time.perf_counter() - start
+    result = make_plan(graph, resolved, problem, solution, options, granularity)
+    return Compiled(layered, resolved, problem, solution, result, timings)
+
+
+def trace_layers(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    training: bool = False,
+    frontend: Frontend = "auto",
+    granularity: Granularity = "block",
+    split_modules: Sequence[str] = (),
+    progress: Progress | None = None,
+) -> tuple[LayeredModel, dict[str, float]]:
+    """Trace `model`, profile every graph node on fake tensors and group the nodes into layers.
+
+    The first half of `compile_plan`, device-independent (nothing runs on a device, nothing
+    is allocated for a model on ``meta``): one call serves any number of device sets and
+    objectives through `partitioner.cost_model.build_problem`. A torch.fx graph that does
+    not replay under profiling is traced again with torch.export (``frontend="auto"``).
+
+    Args:
+        model: The model (not modified); a `PartitionedModule` is traced as what it computes.
+        example_inputs: Positional example inputs.
+        example_kwargs: Keyword example inputs.
+        training: Profile forward and backward (else forward only).
+        frontend, granularity, split_modules, progress: As for `plan`.
+
+    Returns:
+        The layered model, and seconds spent tracing (``trace_s``) and profiling (``profile_s``).
+
+    Raises:
+        TraceError: Neither frontend traces the model.
+        ProfileError: The graph does not run on fake tensors.
+    """
+    model = _as_model(model)
+    say = progress or (lambda _: None)
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
     start = time.perf_counter()
     say(f"tracing {type(model).__name__}")
     traced = trace_model(model, args, kwargs, frontend=frontend, granularity=granularity, split_modules=split_modules)
-    timings["trace_s"] = time.perf_counter() - start
+    timings = {"trace_s": time.perf_counter() - start}
     start = time.perf_counter()
     say(f"profiling {sum(1 for _ in traced.gm.graph.nodes)} graph nodes on fake tensors")
     try:
-        stats = profile_nodes(traced.gm, args, kwargs, training=options.training)
+        stats = profile_nodes(traced.gm, args, kwargs, training=training)
     except ProfileError:
         if frontend != "auto" or traced.frontend != "fx":
             raise
         say("torch.fx graph did not replay; tracing again with torch.export")
         traced = trace_model(model, args, kwargs, frontend="export", granularity=granularity, split_modules=split_modules)
-        stats = profile_nodes(traced.gm, args, kwargs, training=options.training)
+        stats = profile_nodes(traced.gm, args, kwargs, training=training)
     layered = build_layers(traced, stats, batch_size=_batch_size(args, kwargs))
-    if measure and any(d.present for d in resolved):
-        say("timing layers on the devices present")
-        timed = measure_layers(layered, args, kwargs, resolved, budget_s=measure_budget_s, progress=say)
-        layered = dataclasses.replace(layered, graph=timed)
     timings["profile_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    graph = layered.graph
-    say(f"solving: {len(graph.layers)} layers on {len(resolved)} device(s)")
-    problem = build_problem(graph, resolved, options, _dtype_of(model))
-    solution = solve(problem, options.solver)
-    timings["solve_s"] = time.perf_counter() - start
-    result = make_plan(graph, resolved, problem, solution, options, granularity)
-    return Compiled(layered, resolved, problem, solution, result, timings)
+    return layered, timings
 
 
 def plan(
@@ -409,7 +454,9 @@ def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
     return 1
 
 
-def _dtype_of(model: nn.Module) -> str:
+def dtype_of(model: nn.Module) -> str:
+    """The roofline dtype of `model`: that of its first floating parameter (``float32``,
+    ``bfloat16`` or ``float16``; ``float32`` for any other or none)."""
     for p in model.parameters():
         if p.is_floating_point():
             return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(p.dtype, "float32")

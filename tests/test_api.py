@@ -171,6 +171,19 @@ def test_data_parallel_plan_replicates_and_matches() -> None:
         torch.testing.assert_close(to_plain(pm.module.module.get_parameter(n).grad), p.grad)
 
 
+@pytest.mark.parametrize("name", ["mlp", "gpt2"])
+def test_one_trace_serves_any_devices(name: str) -> None:
+    # trace_layers is compile_plan's first half: its layers price like compile_plan's.
+    model, args, kwargs = ZOO[name].build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layered, timings = partitioner.trace_layers(model, args, kwargs, training=True)
+    assert set(timings) == {"trace_s", "profile_s"}
+    for devices in (["a100-80gb x2"], ["l4 x4"]):
+        compiled = compile_plan(model, devices, args, kwargs, options=NO_DP, measure=False)
+        assert layered.graph == compiled.layered.graph
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_plain_cpu_devices_run_without_simulation() -> None:
     model, args, kwargs = ZOO["branchy"].build()
     pm = partitioner.auto_parallelize(model, ["cpu"], args, kwargs)
