@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_leaves
 from partitioner.api import PartitionedModule, auto_parallelize, compile_plan, dtype_of, trace_layers
 from partitioner.calibrate import measure_device
 from partitioner.cluster import Cluster, load_cluster
-from partitioner.cost_model import build_problem, layer_time
+from partitioner.cost_model import build_problem, layer_time, training_state_bytes
 from partitioner.devices import Device, resolve_devices
 from partitioner.errors import InfeasibleError
 from partitioner.ir import LayerGraph, Problem, Solution
@@ -196,14 +196,17 @@ def _producers(problem: Problem) -> list[list[int]]:
 
 
 def _accelerate(
-    problem: Problem, graph: LayerGraph, built: BuiltModel, balanced: bool
+    problem: Problem, graph: LayerGraph, built: BuiltModel, balanced: bool, weight_share: float = 1.0
 ) -> dict[str, Any]:
-    """Accelerate's ``device_map="auto"`` (or ``"balanced"``) with the devices' capacities as ``max_memory``."""
+    """Accelerate's ``device_map="auto"`` (or ``"balanced"``) with the devices' capacities as
+    ``max_memory``, times `weight_share`: Accelerate packs weights alone, so a user who trains
+    leaves room for the gradients and optimizer state (a quarter of the memory for weights
+    with Adam in float32)."""
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
     name = "accelerate-balanced" if balanced else "accelerate-sequential"
-    caps: dict[int | str, int] = {d: problem.capacity[d] for d in range(problem.num_devices)}
+    caps: dict[int | str, int] = {d: int(problem.capacity[d] * weight_share) for d in range(problem.num_devices)}
     no_split = list(built.no_split_module_classes)
     # Accelerate warns on stdout/stderr that the integer devices are not present; its maps
     # for absent GPUs are what it computes for present ones.
@@ -261,9 +264,10 @@ def _baselines(
     dtype: str,
     param_counts: Sequence[int],
     is_block: Sequence[bool],
+    weight_share: float = 1.0,
 ) -> list[dict[str, Any]]:
     n, num_devices = problem.num_layers, problem.num_devices
-    out = [_accelerate(problem, graph, built, balanced=False), _accelerate(problem, graph, built, balanced=True)]
+    out = [_accelerate(problem, graph, built, False, weight_share), _accelerate(problem, graph, built, True, weight_share)]
     out.append(_price(problem, "equal-layers", baselines.parts_to_assignment(
         baselines.partition_uniform(n, num_devices)), sequential=False))
     if any(is_block):
@@ -319,7 +323,9 @@ def _simulated(tables: training_runs.TrainingTables, row: dict[str, Any]) -> dic
     if row["status"] == "n/a" or (row["status"] == "infeasible" and row["step_s"] is None):
         return row  # Not applicable, or Accelerate offloading weights: no pipeline to price.
     if row["name"] == "data-parallel":
-        step, reason = training_runs.price_data_parallel(tables)
+        step, reason, applies = training_runs.price_data_parallel(tables)
+        if not applies:
+            return _not_applicable("data-parallel", reason)
     else:
         step, reason = training_runs.price_split(tables, row["assignment"], row["name"].startswith("accelerate"))
     return {**row, "status": "ok" if step is not None else "infeasible", "step_s": step,
@@ -366,7 +372,11 @@ def compare_run(
     pipeline = None
     if mode.objective == "throughput":
         pipeline = _planner_record(replace(problem, replica=None), options)
-    rows = _baselines(problem, layered.graph, built, devices, dtype, param_counts, is_block)
+    share = 1.0
+    if tables is not None:
+        state = training_state_bytes(1, tables.options.precision, tables.options.optimizer)
+        share = state.weights / (state.weights + state.grads + state.optimizer)
+    rows = _baselines(problem, layered.graph, built, devices, dtype, param_counts, is_block, share)
     if tables is not None:
         rows = [_simulated(tables, row) for row in rows]
     step = planner.get("step_s")

@@ -106,7 +106,8 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         if b["granularity_ratio"] is None or b["granularity_ratio"] > 1.10:
             bound_skipped.append(f"{_case(r)}: whole layers allow only {b['granularity_ratio'] or 0:.3g}x")
         elif b["pipeline_ratio"] is None:
-            bound_skipped.append(f"{_case(r)}: no pipeline plan fits")
+            bound_skipped.append(f"{_case(r)}: no placement of whole layers fits memory with the full batch at once"
+                                 + (" (the training planner's microbatches fit)" if MODES[r["mode"]].training else ""))
         else:
             bound_rows.append((_case(r), b["pipeline_ratio"]))
     out.append(_target("bound", 1.10, bound_rows, lambda v: v <= 1.10 + _SLACK, max, skipped=bound_skipped))

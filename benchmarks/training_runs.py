@@ -10,8 +10,9 @@ plan is `plan_pipeline`'s answer, and every baseline's split is priced on the sa
   stage, the best of GPipe and 1F1B at the best microbatch count (what DeepSpeed's
   pipeline engine, torchgpipe and ``torch.distributed.pipelining`` offer), recomputing
   activations only where a stage does not fit otherwise;
-- an Accelerate device map: one microbatch, the devices one after another (forward
-  through them, backward back): GPipe with one microbatch;
+- an Accelerate device map: one microbatch at a time, the devices one after another
+  (forward through them, backward back, a device visited again where the map returns to
+  it), gradients accumulated over the best microbatch count that fits;
 - data parallelism: one stage replicated on every device (DDP), the best microbatch count
   (gradient accumulation).
 """
@@ -32,7 +33,7 @@ from partitioner.layers import LayeredModel
 from partitioner.options import Optimizer, Precision, TrainingOptions
 from partitioner.pipeline_plan import plan_pipeline
 from partitioner.pipeline_plan.space import Configuration, Group, microbatch_counts, microbatch_sizes
-from partitioner.pipeline_plan.stages import StageModel
+from partitioner.pipeline_plan.stages import Partition, StageModel
 from partitioner.simulate import PipelineSchedule
 
 __all__ = ["TrainingTables", "training_tables", "planner_record", "price_split", "price_data_parallel"]
@@ -88,9 +89,10 @@ def planner_record(tables: TrainingTables) -> dict[str, Any]:
     except InfeasibleError as e:
         return {"status": "infeasible", "reason": str(e), "solve_s": time.perf_counter() - start}
     pipeline = result.pipeline
-    assignment = [0] * tables.model.n
+    assignment = [0] * tables.model.n  # Each layer's stage's first device.
     for stage in pipeline.stages:
-        assignment[stage.first_layer : stage.last_layer + 1] = [stage.devices[0]] * (stage.last_layer + 1 - stage.first_layer)
+        size = stage.last_layer + 1 - stage.first_layer
+        assignment[stage.first_layer : stage.last_layer + 1] = [stage.devices[0]] * size
     return {
         "status": "ok",
         "strategy": _STRATEGY[pipeline.family],
@@ -100,9 +102,15 @@ def planner_record(tables: TrainingTables) -> dict[str, Any]:
         "lower_bound_s": pipeline.lower_bound_s,
         "solve_s": result.solve_time_s,
         "step_s": pipeline.step_time_s,
-        "evaluate_agrees": math.isclose(result.timeline.step_time_s, pipeline.step_time_s, rel_tol=1e-9),
+        "evaluate_agrees": _replayed(tables, result.partition, pipeline.step_time_s),
         "assignment": assignment,
     }
+
+
+def _replayed(tables: TrainingTables, chosen: Partition, step_s: float) -> bool:
+    """Whether the chosen split, priced again on the tables the baselines use, steps as planned."""
+    part = tables.model.partition(chosen.configuration, chosen.ranges, chosen.recompute, "replay")
+    return part is not None and math.isclose(tables.model.timed(part).step_time_s, step_s, rel_tol=1e-9)
 
 
 def _runs(assignment: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -118,38 +126,72 @@ def _runs(assignment: Sequence[int]) -> list[tuple[int, int, int]]:
 def price_split(tables: TrainingTables, assignment: Sequence[int], sequential: bool) -> tuple[float | None, str]:
     """Simulated step of a baseline's split, or None and why it cannot run.
 
-    One stage per run of equal devices; a device may hold one run only (a pipeline's stages
-    go forward through the devices).
+    One stage per run of equal devices. A pipeline (`sequential` False) goes forward
+    through the devices, so a device may hold one run only. A sequential map (Accelerate)
+    runs one microbatch at a time through every run, forward then backward, and may come
+    back to a device (its hooks move the data); it accumulates gradients over ``m``
+    microbatches of ``batch / m`` samples where that fits: ``m`` times the step of one.
     """
     runs = _runs(assignment)
     devices = [d for d, _, _ in runs]
-    if len(set(devices)) < len(devices):
-        return None, "a device holds two separate runs of layers: not a pipeline"
     groups = tuple(Group((d,)) for d in devices)
     ranges = tuple((i, e) for _, i, e in runs)
     layout = "one group" if len(groups) == 1 else "one device per stage"
     if sequential:
-        configs = [Configuration(groups=groups, layout=layout, microbatches=1, schedule=PipelineSchedule.GPIPE)]
-    else:
-        counts = microbatch_counts(tables.batch, [1], tables.options)
-        configs = [Configuration(groups=groups, layout=layout, microbatches=m, schedule=s)
-                   for m in counts for s in _PIPELINE_SCHEDULES]
+        return _sequential(tables, groups, ranges, layout)
+    if len(set(devices)) < len(devices):
+        return None, "a device holds two separate runs of layers: not a pipeline"
+    counts = microbatch_counts(tables.batch, [1], tables.options)
+    configs = [Configuration(groups=groups, layout=layout, microbatches=m, schedule=s)
+               for m in counts for s in _PIPELINE_SCHEDULES]
     step = tables.best(configs, ranges)
     if math.isinf(step):
         return None, "a stage does not fit its device, even recomputing activations"
     return step, ""
 
 
-def price_data_parallel(tables: TrainingTables) -> tuple[float | None, str]:
-    """Simulated step of the whole model replicated on every device (DDP, gradient accumulation)."""
+def _sequential(
+    tables: TrainingTables, groups: tuple[Group, ...], ranges: tuple[tuple[int, int], ...], layout: str
+) -> tuple[float | None, str]:
+    """The least step of one-microbatch-at-a-time runs, over the accumulation counts that fit.
+
+    With one microbatch nothing overlaps: GPipe's step is the sum of every stage's forward,
+    backward and sends. Memory is checked per device (all its runs' peaks together, as a
+    step holds every run's activations until its backward).
+    """
+    best = math.inf
+    config = Configuration(groups=groups, layout=layout, microbatches=1, schedule=PipelineSchedule.GPIPE)
+    for m in microbatch_counts(tables.batch, [1], tables.options):
+        model = tables.model if m == 1 else StageModel(tables.costs, tables.cluster, tables.batch // m, tables.options)
+        part = model.policy_partition(config, ranges, "baseline")
+        if part is None:
+            continue
+        held: dict[int, int] = {}
+        for stage in part.plan_stages:
+            held[stage.devices[0]] = held.get(stage.devices[0], 0) + stage.peak_memory_bytes
+        if any(need > model.capacity[d] for d, need in held.items()):
+            continue
+        best = min(best, m * model.timed(part).step_time_s)
+    if math.isinf(best):
+        return None, "a device's runs do not fit it at any accumulation count, even recomputing activations"
+    return best, ""
+
+
+def price_data_parallel(tables: TrainingTables) -> tuple[float | None, str, bool]:
+    """Simulated step of the whole model replicated on every device (DDP, gradient accumulation).
+
+    Returns:
+        The step (None when it cannot run), why not, and whether it applies at all (two
+        or more devices and a batch that divides among them).
+    """
     k = tables.cluster.num_devices
     counts = microbatch_counts(tables.batch, [k], tables.options)
     if k < 2 or not counts:
-        return None, f"needs two or more devices and a batch that divides among them ({tables.batch} on {k})"
+        return None, f"needs two or more devices and a batch that divides among them ({tables.batch} on {k})", False
     group = (Group(tuple(range(k))),)
     configs = [Configuration(groups=group, layout="one group", microbatches=m, schedule=PipelineSchedule.GPIPE)
                for m in counts]
     step = tables.best(configs, ((0, tables.model.n),))
     if math.isinf(step):
-        return None, "the whole model does not fit one device, even recomputing activations"
-    return step, ""
+        return None, "the whole model does not fit one device, even recomputing activations", True
+    return step, "", True

@@ -486,12 +486,16 @@ def _no_stack_traces() -> Iterator[None]:
     2,600 stacks walked and their source lines read) and nothing here needs them: errors
     name a node's module (``nn_module_stack``), which export records anyway.
     """
-    previous = torch.fx.config.do_not_emit_stack_traces
-    torch.fx.config.do_not_emit_stack_traces = True
+    config: Any = getattr(torch.fx, "config", None)
+    if not hasattr(config, "do_not_emit_stack_traces"):
+        yield  # An older torch without the switch records the stacks.
+        return
+    previous = config.do_not_emit_stack_traces
+    config.do_not_emit_stack_traces = True
     try:
         yield
     finally:
-        torch.fx.config.do_not_emit_stack_traces = previous
+        config.do_not_emit_stack_traces = previous
 
 
 def _batch_dynamic(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

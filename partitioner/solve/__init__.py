@@ -4,8 +4,8 @@ The model, written out in `partitioner.solve.evaluate`: each layer goes to one d
 a device holds at most its capacity; the device index never goes back along an edge;
 a value crossing devices is moved once per destination device at a per-link cost.
 LATENCY minimises compute plus transfers, THROUGHPUT a pipeline's period: the largest of
-any device's compute, transfers in and transfers out (which overlap compute). Data parallelism (the whole model on every device) competes
-when the problem prices it.
+any device's compute, transfers in and transfers out (which overlap compute). Data
+parallelism (the whole model on every device) competes when the problem prices it.
 
 `solve` coarsens large graphs (`coarsen`; chains only when even their DP would be slow),
 then solves chains exactly with the dynamic
@@ -170,8 +170,8 @@ def _exact_dp_affordable(problem: Problem, options: SolverOptions) -> bool:
     """Whether a chain too long for the ILP is cheap enough for its exact DP as it is."""
     return (
         options.backend in (SolverBackend.AUTO, SolverBackend.DP)
-        and dp_work(problem) <= _DP_WORK_LIMIT
         and is_chain(problem)
+        and dp_work(problem) <= _DP_WORK_LIMIT
     )
 
 

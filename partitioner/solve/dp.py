@@ -49,7 +49,7 @@ from partitioner.options import Objective
 from partitioner.solve.evaluate import placement_solution
 from partitioner.solve.feasibility import check_memory, no_contiguous_fit
 
-__all__ = ["is_sequential", "is_chain", "uniform_links", "dp_work", "solve_dp", "run_tables", "trace_back"]
+__all__ = ["dp_work", "is_chain", "is_sequential", "run_tables", "solve_dp", "trace_back", "uniform_links"]
 
 
 def is_sequential(problem: Problem) -> bool:
@@ -94,11 +94,12 @@ def uniform_links(problem: Problem) -> bool:
 
 
 def dp_work(problem: Problem) -> int:
-    """About how many array entries `solve_dp` touches: ``N^2 D``, or ``N^2 D^3`` for
-    THROUGHPUT over links of different prices (the module docstring)."""
+    """About how many array entries `solve_dp` touches: ``N^2 D + N D^2`` (its tables hold
+    ``N D^2`` entries), or ``N^2 D^3`` for THROUGHPUT over links of different prices (the
+    module docstring)."""
     n, d = problem.num_layers, problem.num_devices
     pairs = problem.objective is Objective.THROUGHPUT and not uniform_links(problem)
-    return n * n * d * (d * d if pairs else 1)
+    return n * n * d * (d * d if pairs else 1) + n * d * d
 
 
 def solve_dp(problem: Problem) -> Solution:
