@@ -332,6 +332,37 @@ def _simulated(tables: training_runs.TrainingTables, row: dict[str, Any]) -> dic
             "reason": reason or (row["reason"] if row["status"] == "ok" else "")}
 
 
+# What a user whose training run does not fit tries next: a lower ``max_memory``.
+LOWERED_MAX_MEMORY = (0.75, 0.5, 0.25)
+
+
+def _accelerate_lowered(
+    tables: training_runs.TrainingTables,
+    problem: Problem,
+    graph: LayerGraph,
+    built: BuiltModel,
+    share: float,
+    row: dict[str, Any],
+) -> dict[str, Any]:
+    """An Accelerate map that does not fit training memory, re-made with ``max_memory``
+    lowered step by step (`LOWERED_MAX_MEMORY` of the weight share) until its runs fit: the
+    first map that trains, as a user lowering the caps would get it. Stops once a map
+    offloads weights (lower caps only offload more)."""
+    if not row["name"].startswith("accelerate") or row["status"] != "infeasible":
+        return row
+    if row.get("reason", "").startswith("offloads"):
+        return row
+    for fraction in LOWERED_MAX_MEMORY:
+        lowered = _accelerate(problem, graph, built, row["name"] == "accelerate-balanced", share * fraction)
+        if lowered.get("reason", "").startswith("offloads"):
+            return row
+        priced = _simulated(tables, lowered)
+        if priced["status"] == "ok":
+            note = f"max_memory lowered to {fraction:.0%} of the weight share for training to fit"
+            return {**priced, "reason": "; ".join(x for x in (priced["reason"], note) if x)}
+    return row
+
+
 def _bounds(problem: Problem, device_set: DeviceSet, pipeline: dict[str, Any] | None) -> dict[str, Any]:
     """The plan against perfect balance: ``max(total / devices, largest layer)``, each layer
     on its fastest device (`Plan.bound_s`), and the least heaviest stage that contiguous
@@ -379,6 +410,7 @@ def compare_run(
     rows = _baselines(problem, layered.graph, built, devices, dtype, param_counts, is_block, share)
     if tables is not None:
         rows = [_simulated(tables, row) for row in rows]
+        rows = [_accelerate_lowered(tables, problem, layered.graph, built, share, row) for row in rows]
     step = planner.get("step_s")
     for row in rows:
         row["ratio"] = row["step_s"] / step if row["step_s"] is not None and step else None

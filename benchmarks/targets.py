@@ -127,7 +127,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         b = _baseline(r, "accelerate-sequential")
         if b is None or b["status"] != "ok":
-            acc_skipped.append(f"{_case(r)}: Accelerate's map {b['reason'] if b else 'missing'}")
+            acc_skipped.append(f"{_case(r)}: Accelerate's map: {b['reason'] if b else 'missing'}")
         elif reach := _out_of_reach(r, b, 2.0):
             acc_skipped.append(reach)
         else:

@@ -173,7 +173,7 @@ def _sequential(
             continue
         best = min(best, m * model.timed(part).step_time_s)
     if math.isinf(best):
-        return None, "a device's runs do not fit it at any accumulation count, even recomputing activations"
+        return None, "some device cannot hold its layers' training state and activations at any accumulation count, even recomputing activations"
     return best, ""
 
 

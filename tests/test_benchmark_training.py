@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
+from benchmarks import cases
 from benchmarks.cases import compare_run, trace_once
 from benchmarks.models import build
-from benchmarks.suites import DEVICE_SETS, MODELS, MODES
+from benchmarks.suites import DEVICE_SETS, MODELS, MODES, DeviceSet
 from benchmarks.training_runs import price_data_parallel, price_split, training_tables
+from partitioner.cluster import Cluster
+from partitioner.cost_model import build_problem, training_state_bytes
 from partitioner.devices import resolve_devices
 from partitioner.pipeline_plan.space import Configuration, Group, microbatch_counts
 from partitioner.pipeline_plan.stages import StageModel
@@ -66,7 +71,7 @@ def test_a_sequential_map_must_fit_each_device_with_all_its_runs(mlp: tuple) -> 
     cap = math.ceil(room / (1 - roomy.options.memory_reserve)) + 1
     tight = training_tables(layered, resolve_devices(["a100-80gb x2"], {"a100-80gb": cap}), "float32", 4)
     step, reason = price_split(tight, [0] + [1] * (n - 2) + [0], sequential=True)
-    assert step is None and "do not fit" in reason
+    assert step is None and "at any accumulation count" in reason
 
 
 def test_a_pipeline_split_is_priced_at_its_best_schedule_and_microbatches(mlp: tuple) -> None:
@@ -136,3 +141,37 @@ def test_a_multi_node_set_plans_on_its_clusters_links(mlp: tuple) -> None:
         assert run["device_names"] == [f"hgx{k}/{j}" for k in range(2) for j in range(4)]
         assert run["partitioner"]["status"] == "ok"
         assert all(b["ratio"] >= 1 - 1e-9 for b in run["baselines"] if b["status"] == "ok")
+
+
+def test_an_accelerate_map_that_overflows_training_memory_is_remade_with_lower_max_memory(tmp_path: Path) -> None:
+    # gpt2-mini on four devices of six times its weight bytes: Accelerate's map at the weight
+    # share of the memory (a quarter, Adam in float32) leaves no room for activations on the
+    # devices it fills, so a user lowers max_memory until the run fits.
+    built = build(MODELS["gpt2-mini"])
+    layered, _ = trace_once(built, True, MODELS["gpt2-mini"].granularity)
+    n = len(layered.graph.layers)
+    weights = sum(p.numel() * p.element_size() for p in built.model.parameters())
+    profile = json.loads((Path(cases.__file__).parents[1] / "profiles" / "a100-80gb.json").read_text())
+    profile.update(name="small-a100", memory_bytes=6 * weights)
+    path = tmp_path / "small-a100.json"
+    path.write_text(json.dumps(profile))
+    device_set = DeviceSet(name="small-a100 x4", specs=(f"{path} x4",))
+
+    cluster = Cluster.from_devices(resolve_devices(list(device_set.specs)))
+    problem = build_problem(layered.graph, cluster.devices, cases.plan_options(MODES["training"]), "float32")
+    tables = training_tables(layered, cluster, "float32", 4)
+    state = training_state_bytes(1, tables.options.precision, tables.options.optimizer)
+    share = state.weights / (state.weights + state.grads + state.optimizer)
+    full = cases._simulated(tables, cases._accelerate(problem, layered.graph, built, False, share))
+    assert full["status"] == "infeasible" and "at any accumulation count" in full["reason"]
+
+    run = compare_run(layered, built, device_set, MODES["training"], "float32", [0] * n, [False] * n)
+    row = next(b for b in run["baselines"] if b["name"] == "accelerate-sequential")
+    assert row["status"] == "ok" and "max_memory lowered to" in row["reason"]
+    fraction = next(f for f in cases.LOWERED_MAX_MEMORY if f"{f:.0%} of the weight share" in row["reason"])
+    step, reason = price_split(tables, row["assignment"], sequential=True)
+    assert reason == "" and step == pytest.approx(row["step_s"])
+    remade = cases._accelerate(problem, layered.graph, built, False, share * fraction)
+    assert remade["assignment"] == row["assignment"]
+    assert len(set(row["assignment"])) > len(set(full["assignment"]))  # spread over more devices
+    assert row["ratio"] >= 1 - 1e-9
