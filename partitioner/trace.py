@@ -409,7 +409,7 @@ def thread_mutations(gm: fx.GraphModule) -> bool:
         Whether the graph changed.
     """
     nodes = list(gm.graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
+    order: dict[fx.Node, float] = {n: i for i, n in enumerate(nodes)}
     writes = {n: _writes(gm, n) for n in nodes}
     # Each alias's base (the node that made the storage), and whether a view lies between.
     base_of: dict[fx.Node, tuple[fx.Node, bool]] = {}
@@ -446,6 +446,10 @@ def thread_mutations(gm: fx.GraphModule) -> bool:
                 with gm.graph.inserting_after(m):
                     read = gm.graph.call_function(read_after, (alias, m))
                 read.meta[PIN] = base.name
+                # The read is the alias its readers now hold: a later change must reach them too.
+                order[read] = order[m] + 0.5
+                base_of[read] = (base, base_of.get(alias, (alias, False))[1])
+                aliases.setdefault(base, []).append(read)
                 for user in readers:
                     user.replace_input_with(alias, read)
                 changed = True

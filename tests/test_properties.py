@@ -561,6 +561,13 @@ _VIEW_CHANGES = [
     Spec(nodes=(Node("linear", (0,)), Node("mutate", (1, 0), how), Node("linear", (1,)), Node("linear", (2,))), outputs=(3,))
     for how in ("setitem", "view")
 ]
+# Two changes of one value, the second through a view of the value the first left: the
+# copy to another device was taken between them (fixed: trace.thread_mutations follows its
+# own reads as aliases).
+_TWO_CHANGES = Spec(
+    seq=2, batch=1, ids="positional", tie_embedding=True, outputs=(2,),
+    nodes=(Node("linear", (0,)), Node("mutate", (2, 0), "setitem"), Node("mutate", (2, 0), "view")),
+)  # fmt: skip
 # torch.export: a BatchNorm (training) called twice, its calls on two devices; the second
 # updated copies of the running statistics (fixed: trace.thread_mutations pins the updates).
 _SHARED_BATCHNORM = Spec(
@@ -593,6 +600,7 @@ _NONE_DECIDES_STATE = Spec(
 @example(spec=_ADD_IN_PLACE_ACROSS_DEVICES, num_devices=3, data_parallel=False, tightness=_TIGHT)
 @example(spec=_VIEW_CHANGES[0], num_devices=3, data_parallel=False, tightness=_TIGHT)
 @example(spec=_VIEW_CHANGES[1], num_devices=3, data_parallel=False, tightness=_TIGHT)
+@example(spec=_TWO_CHANGES, num_devices=2, data_parallel=False, tightness=[0.0, 0.5, 0.0, 0.0])
 @example(spec=_SHARED_BATCHNORM, num_devices=3, data_parallel=False, tightness=[0.3] * 4)
 @example(spec=_NONE_DECIDES_OUTPUT, num_devices=2, data_parallel=False, tightness=_TIGHT)
 @example(spec=_NONE_DECIDES_STATE, num_devices=1, data_parallel=False, tightness=_TIGHT)
