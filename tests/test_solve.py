@@ -39,10 +39,12 @@ from partitioner.solve import (
     uniform_links,
 )
 from partitioner.solve import ilp as ilp_module
+from partitioner.solve import nearchain as nearchain_module
 from partitioner.solve.feasibility import device_ranges
 
 # The module, which `partitioner.solve.evaluate` (the function) hides.
 evaluate_module = importlib.import_module("partitioner.solve.evaluate")
+solve_module = importlib.import_module("partitioner.solve")
 
 GiB = 2**30
 EXACT = SolverOptions(gap=0.0, time_limit_s=60)
@@ -736,6 +738,131 @@ def test_where_the_near_chain_dp_is_not_exact(seed, links, objective):
         assert same(heuristic.objective_s, best.objective_s)
 
 
+def skip_chain(
+    rng: random.Random, num_layers: int, num_devices: int, *, reach: int = 2, tightness: float = 0.5,
+    links: str = "uniform",
+) -> Problem:
+    """Layer ``i`` reads layers ``i - 1 .. i - reach`` (residual or dense skips), THROUGHPUT;
+    ``links``: ``uniform`` (identical devices on a switch) or ``any``."""
+    speed = [rng.uniform(0.5, 2.0) for _ in range(num_devices)]
+    work = [rng.uniform(1.0, 5.0) * 1e-3 for _ in range(num_layers)]
+    memory = [rng.randint(1, 10) * 100 for _ in range(num_layers)]
+    room = max(max(memory), int(sum(memory) * tightness))
+    edges: list[tuple[int, tuple[int, ...], int]] = [(INPUT, (0,), 1000)]
+    edges += [
+        (i, tuple(range(i + 1, min(i + reach, num_layers - 1) + 1)), rng.randint(1, 50) * 10**5)
+        for i in range(num_layers - 1)
+    ]
+    edges.append((num_layers - 1, (OUTPUT,), 1000))
+    per_byte = rng.uniform(0.2, 2.0) * 1e-9
+    delay = rng.uniform(0.0, 1.0) * 1e-4
+
+    def table(base: float) -> list[list[float]]:
+        return [
+            [0.0 if s == e else base * (1.0 if links == "uniform" else rng.uniform(0.5, 3.0))
+             for e in range(num_devices)]
+            for s in range(num_devices)
+        ]
+
+    return make_problem(
+        [[w / s for s in speed] for w in work], memory,
+        [room + rng.randint(0, 100) for _ in range(num_devices)], edges,
+        per_byte=table(per_byte), latency=table(delay), objective=Objective.THROUGHPUT,
+    )
+
+
+def test_outbound_tables_count_what_leaves_a_run():
+    rng = random.Random(3)
+    problem = random_near_chain(rng, 7, 3, objective=Objective.THROUGHPUT)
+    out_bytes, out_count = nearchain_module._outbound(problem)
+    n = problem.num_layers
+    for j in range(n + 1):
+        for k in range(j, n + 1):
+            leaving = [
+                v for v in problem.values
+                if j <= v.producer < k and any(c != OUTPUT and c >= k for c in v.consumers)
+            ]
+            assert out_bytes[j, k] == sum(v.bytes for v in leaving)
+            assert out_count[j, k] == len(leaving)
+
+
+@pytest.mark.parametrize("shape", ["near-chain", "skip", "skip-any-links", "dense"])
+@pytest.mark.parametrize("seed", range(8))
+def test_throughput_run_dp_bounds_every_placement(seed, shape):
+    # Sequential problems under THROUGHPUT: the bottleneck DP's optimum never exceeds the
+    # best placement's period, and when its placement meets it, that is the optimum.
+    rng = random.Random(f"bottleneck-{seed}-{shape}")
+    num_layers, num_devices = rng.randint(4, 8), rng.randint(2, 4)
+    tightness = rng.uniform(1.3 / num_devices, 0.8)
+    if shape == "near-chain":
+        problem = random_near_chain(
+            rng, num_layers, num_devices, objective=Objective.THROUGHPUT, tightness=tightness
+        )
+    else:
+        problem = skip_chain(
+            rng, num_layers, num_devices, reach=3 if shape == "dense" else 2,
+            tightness=tightness, links="any" if shape == "skip-any-links" else "uniform",
+        )
+    assert is_sequential(problem) and not is_chain(problem) and not is_near_chain(problem)
+    try:
+        best = solve_brute(problem)
+    except InfeasibleError:
+        with pytest.raises(InfeasibleError):
+            solve_near_chain(problem)
+        return
+    found = solve_near_chain(problem)
+    assert_plan_valid(problem, found)
+    assert found.lower_bound_s <= best.objective_s * (1 + 1e-12)
+    assert found.lower_bound_s > simple_lower_bound(problem) or found.optimal
+    if found.optimal:
+        assert same(found.objective_s, best.objective_s), (found, best)
+    assert_finds_the_optimum(problem, lambda p: solve(p, EXACT))
+
+
+def test_throughput_on_skip_connections_needs_no_ilp(monkeypatch):
+    # Forty residual layers (each reads the last two) on 16 identical devices: the THROUGHPUT
+    # ILP's relaxation spreads every layer over every device (the benchmark's skip MLP on
+    # 32 GPUs ran the ILP to its time limit); the bottleneck DP proves its placement.
+    n, num_devices = 40, 16
+    edges: list[tuple[int, tuple[int, ...], int]] = [(INPUT, (0,), 8)]
+    edges += [(i, tuple(range(i + 1, min(i + 2, n - 1) + 1)), 2**20) for i in range(n - 1)]
+    edges.append((n - 1, (OUTPUT,), 8))
+    problem = make_problem(
+        [[1e-5] * num_devices] * n, [2**20] * n, [2**40] * num_devices, edges,
+        per_byte=1 / 100e9, latency=5e-6, objective=Objective.THROUGHPUT,
+    )
+
+    def no_ilp(*args, **kwargs):
+        raise AssertionError("the ILP ran")
+
+    monkeypatch.setattr(solve_module, "solve_ilp", no_ilp)
+    solution = solve(problem)
+    assert_plan_valid(problem, solution)
+    assert solution.solver == "dp" and solution.optimal
+    # A run of three layers computes 30 us and takes in and sends out two values of 1 MiB
+    # (2 x 15.5 us with latency), as any run of two or more does: the lanes set the period,
+    # and 40 layers need 14 such runs.
+    two_values = 2 * (2**20 / 100e9 + 5e-6)
+    assert solution.objective_s == pytest.approx(two_values, rel=1e-9)
+    assert len(set(solution.assignment)) == 14
+    assert solution.lower_bound_s == pytest.approx(solution.objective_s, rel=1e-9)
+
+
+def test_long_skip_chains_are_bounded_without_coarsening(monkeypatch):
+    # 600 residual layers, more than max_candidates: the bottleneck DP runs on every layer
+    # (proving its placement), where coarsening would only give merged layers' answer.
+    problem = skip_chain(random.Random(7), 600, 4, tightness=0.4)
+
+    def no_coarsening(*args, **kwargs):
+        raise AssertionError("coarsened")
+
+    monkeypatch.setattr(solve_module, "coarsen", no_coarsening)
+    solution = solve(problem)
+    assert_plan_valid(problem, solution)
+    assert solution.solver == "dp" and solution.optimal
+    assert solution.lower_bound_s > simple_lower_bound(problem)
+
+
 def test_a_transformer_on_identical_gpus_takes_the_first_ones():
     # Embedding, 14 blocks reading the mask and rotary tables made by layer 1, a head; eight
     # identical devices, memory for four. The ILP proves the DP's answer.
@@ -1061,3 +1188,27 @@ print(solve(Problem(compute_s=((1.0,),), memory=(1,), capacity=(1,), values=(),
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1.0"
+
+
+@pytest.mark.parametrize("backend", ILP_BACKENDS)
+def test_the_ilp_writes_nothing_to_stdout(backend):
+    # HiGHS prints its banner below Python's sys.stdout (file descriptor 1) unless told not
+    # to before its first call: `partitioner plan --json > plan.json` then held no JSON.
+    # Only a separate process sees what reaches the descriptor.
+    script = f"""
+from partitioner.ir import INPUT, OUTPUT, Problem, Value
+from partitioner.options import Objective, SolverBackend, SolverOptions
+from partitioner.solve import solve_ilp
+links = ((0.0, 1e-9), (1e-9, 0.0))
+problem = Problem(
+    compute_s=((1.0, 1.0),) * 4, memory=(1, 1, 1, 1), capacity=(2, 2),
+    values=(Value(name="a", producer=0, consumers=(1, 2), bytes=10),
+            Value(name="b", producer=1, consumers=(3,), bytes=10),
+            Value(name="c", producer=2, consumers=(3,), bytes=10)),
+    seconds_per_byte=links, latency_s=links, objective=Objective.THROUGHPUT,
+)
+solve_ilp(problem, SolverOptions(backend=SolverBackend.{backend.name}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""

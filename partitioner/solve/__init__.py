@@ -13,6 +13,9 @@ program (`solve_dp`), near-chains (one layer order, values broadcast to many lay
 links priced by destination, LATENCY: transformers on identical GPUs) exactly with the
 run DP of `solve_near_chain`, and other graphs with the ILP (`solve_ilp`, HiGHS or
 CBC), warm-started by the better of the two DPs run along the topological order.
+Under THROUGHPUT, `solve_near_chain`'s bottleneck DP bounds every placement of a graph
+with one layer order (skip and residual edges) and usually meets its bound, which
+settles the placement with no ILP.
 Interchangeable devices are filled in order by every solver (`canonical`).
 `solve_brute` is the tests' oracle. `lower_bound` (`partitioner.solve.bounds`) settles
 what it can before any search: data parallelism that beats it needs no placement
@@ -26,7 +29,7 @@ from dataclasses import replace
 
 from partitioner.errors import InfeasibleError, SolverError
 from partitioner.ir import Problem, Solution
-from partitioner.options import SolverBackend, SolverOptions, Strategy
+from partitioner.options import Objective, SolverBackend, SolverOptions, Strategy
 from partitioner.devices import format_bytes
 from partitioner.solve._text import device_label
 from partitioner.solve.bounds import lower_bound, path_lower_bound
@@ -144,15 +147,23 @@ def _place(problem: Problem, options: SolverOptions) -> Solution:
         )
     if problem.num_layers <= options.max_candidates or _exact_dp_affordable(problem, options):
         return _solve_as_is(problem, options)
+    runs = _runs_as_is(problem, options)
+    if runs is not None and runs.optimal:
+        return runs
     coarse, groups = coarsen(problem, options.max_candidates)
     try:
         solution = _solve_as_is(coarse, options)
     except InfeasibleError:
         # Merged layers can pack worse than single ones: try the original layers.
-        return _solve_as_is(problem, options)
+        return runs if runs is not None else _solve_as_is(problem, options)
     assignment = expand(solution.assignment, groups)
     objective = evaluate(problem, assignment).objective_s
-    lower = min(objective, lower_bound(problem))
+    lower = lower_bound(problem)
+    if runs is not None:
+        lower = max(lower, runs.lower_bound_s)
+        if runs.objective_s < objective:
+            solution, assignment, objective = runs, runs.assignment, runs.objective_s
+    lower = min(objective, lower)
     return replace(
         solution,
         assignment=assignment,
@@ -173,6 +184,30 @@ def _exact_dp_affordable(problem: Problem, options: SolverOptions) -> bool:
         and is_chain(problem)
         and dp_work(problem) <= _DP_WORK_LIMIT
     )
+
+
+_RUN_TABLE_LIMIT = 4 * 10**6
+"""Entries of one of `solve_near_chain`'s ``(N + 1)^2`` run tables (32 MB; about 2,000 layers)."""
+
+
+def _runs_as_is(problem: Problem, options: SolverOptions) -> Solution | None:
+    """`solve_near_chain` on a graph too large for the ILP, where it bounds every placement
+    (one layer order: LATENCY near-chains, or THROUGHPUT) and its tables stay small;
+    None elsewhere, or when no run placement fits."""
+    n = problem.num_layers
+    affordable = (
+        options.backend in (SolverBackend.AUTO, SolverBackend.DP)
+        and (n + 1) ** 2 <= _RUN_TABLE_LIMIT
+        and n * n * problem.num_devices <= _DP_WORK_LIMIT
+        and is_sequential(problem)
+        and (problem.objective is Objective.THROUGHPUT or is_near_chain(problem))
+    )
+    if not affordable:
+        return None
+    try:
+        return solve_near_chain(problem)
+    except InfeasibleError:
+        return None
 
 
 def _solve_as_is(problem: Problem, options: SolverOptions) -> Solution:

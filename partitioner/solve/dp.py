@@ -42,6 +42,8 @@ the ILP. Cf. alpa's ``training_dp`` (Zheng et al., OSDI 2022) and torchgpipe's
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from partitioner.ir import OUTPUT, Problem, Solution
@@ -49,7 +51,7 @@ from partitioner.options import Objective
 from partitioner.solve.evaluate import placement_solution
 from partitioner.solve.feasibility import check_memory, no_contiguous_fit
 
-__all__ = ["dp_work", "is_chain", "is_sequential", "run_tables", "solve_dp", "trace_back", "uniform_links"]
+__all__ = ["bottleneck_runs", "dp_work", "exclusive_running_min", "is_chain", "is_sequential", "run_tables", "solve_dp", "trace_back", "uniform_links"]
 
 
 def is_sequential(problem: Problem) -> bool:
@@ -251,12 +253,40 @@ def _uniform_throughput_runs(problem: Problem, cut: np.ndarray) -> tuple[int, ..
     None when no run placement fits memory.
     """
     n, num_devices = problem.num_layers, problem.num_devices
-    if n == 0:
-        return ()
-    compute, first = run_tables(problem)
+    compute, _ = run_tables(problem)
     # cut(k): the price of the boundary before layer k between any two devices.
     boundary = cut[:, 0, 1].copy() if num_devices > 1 else np.zeros(n + 1)
     boundary[0] = 0.0  # Nothing moves into the first run.
+
+    def stage(k: int) -> np.ndarray:
+        out = boundary[k] if k < n else 0.0
+        return np.maximum(np.maximum(compute[k, :][None, :] - compute[:k, :], out), boundary[:k, None])
+
+    found = bottleneck_runs(problem, stage)
+    return None if found is None else found[0]
+
+
+def bottleneck_runs(
+    problem: Problem, stage: Callable[[int], np.ndarray]
+) -> tuple[tuple[int, ...], float] | None:
+    """The least largest run cost over run placements, in ``O(N^2 D)``.
+
+    ``G[k, g] = min_j max(min_{e < g} G[j, e], stage(k)[j, g])`` (the prefix term is 0 at
+    ``j = 0``) over the runs ``[j, k)`` that fit ``g``'s memory: Bellman holds for a
+    maximum as for a sum.
+
+    Args:
+        problem: The cost tables (layers, devices, memory).
+        stage: ``stage(k)[j, g]``: the cost of the run ``[j, k)`` on device ``g``, for
+            ``0 <= j < k``, as a ``(k, D)`` array.
+
+    Returns:
+        The placement and its DP cost; None if no run placement fits memory.
+    """
+    n, num_devices = problem.num_layers, problem.num_devices
+    if n == 0:
+        return (), 0.0
+    _, first = run_tables(problem)
     starts = np.arange(n + 1)[:, None]
     cost = np.full((n + 1, num_devices), np.inf)  # G[k, g]
     start = np.zeros((n + 1, num_devices), dtype=np.int64)  # The best run's first layer.
@@ -265,25 +295,33 @@ def _uniform_throughput_runs(problem: Problem, cut: np.ndarray) -> tuple[int, ..
     entry[0, :] = 0.0
     entry_from = np.full((n + 1, num_devices), -1, dtype=np.int64)
     for k in range(1, n + 1):
-        out = boundary[k] if k < n else 0.0
-        stage = np.maximum(compute[k, :][None, :] - compute[:k, :], out)  # (J, G)
-        stage = np.maximum(stage, boundary[:k, None])
-        total = np.maximum(entry[:k, :], stage)
+        total = np.maximum(entry[:k, :], stage(k))
         total[starts[:k] < first[:, k][None, :]] = np.inf  # Runs too large for memory.
         best = np.argmin(total, axis=0)
         cost[k] = total[best, np.arange(num_devices)]
         start[k] = best
         if k < n:
-            # Exclusive running minimum over devices (ties keep the lower device).
-            running = np.minimum.accumulate(cost[k])
-            entry[k, 1:] = running[:-1]
-            improves = np.concatenate([[True], cost[k, 1:] < running[:-1]])
-            position = np.where(improves, np.arange(num_devices), 0)
-            entry_from[k, 1:] = np.maximum.accumulate(position)[:-1]
+            entry[k], entry_from[k] = exclusive_running_min(cost[k])
     device = int(np.argmin(cost[n]))
-    if not np.isfinite(cost[n, device]):
+    optimum = float(cost[n, device])
+    if not np.isfinite(optimum):
         return None
-    return trace_back(start, entry_from, device)
+    return trace_back(start, entry_from, device), optimum
+
+
+def exclusive_running_min(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``min_{e < g} row[e]`` for every ``g`` and the ``e`` it is found at (ties keep the
+    lower ``e``); ``inf`` and ``-1`` at ``g = 0``, which has no earlier device."""
+    size = len(row)
+    entry = np.full(size, np.inf)
+    entry_from = np.full(size, -1, dtype=np.int64)
+    if size > 1:
+        running = np.minimum.accumulate(row)
+        entry[1:] = running[:-1]
+        improves = np.concatenate([[True], row[1:] < running[:-1]])
+        position = np.where(improves, np.arange(size), 0)
+        entry_from[1:] = np.maximum.accumulate(position)[:-1]
+    return entry, entry_from
 
 
 def trace_back(start: np.ndarray, entry_from: np.ndarray, device: int) -> tuple[int, ...]:

@@ -58,6 +58,7 @@ often stop at the time limit with a gap although the placement found is good.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -86,7 +87,13 @@ to the byte."""
 
 
 class _HiGHSWithStart(pulp.HiGHS):
-    """pulp's HiGHS interface, also handing the variables' initial values to HiGHS."""
+    """pulp's HiGHS interface, silent from the start, also handing the variables' initial
+    values to HiGHS."""
+
+    def createAndConfigureSolver(self, lp: Any) -> None:
+        lp.solverModel = _quiet_highs()
+        lp.solverModel.setOptionValue("mip_rel_gap", float(self.gapRel))
+        lp.solverModel.setOptionValue("time_limit", float(self.timeLimit))
 
     def callSolver(self, lp: Any) -> None:
         start = [(v.index, v.varValue) for v in lp.variables() if v.varValue is not None]
@@ -96,6 +103,32 @@ class _HiGHSWithStart(pulp.HiGHS):
                 len(index), np.asarray(index, dtype=np.int32), np.asarray(value, dtype=float)
             )
         lp.solverModel.run()
+
+
+@functools.cache
+def _quiet_highs_class() -> type:
+    """``highspy.Highs`` with its output switched off before its first call.
+
+    highspy 1.16's constructor enables callbacks, and HiGHS prints its banner to the
+    process's stdout (file descriptor 1, below Python's ``sys.stdout``) at an instance's
+    first call unless ``output_flag`` is off by then: pulp turns it off one call too late,
+    and ``partitioner plan --json > plan.json`` wrote a file that is not JSON.
+    """
+    import highspy
+
+    class QuietHighs(highspy.Highs):
+        def enableCallbacks(self) -> None:
+            self.setOptionValue("output_flag", False)  # Setting options prints nothing.
+            super().enableCallbacks()
+
+    return QuietHighs
+
+
+def _quiet_highs() -> Any:
+    """A new HiGHS instance that writes nothing."""
+    highs = _quiet_highs_class()()
+    highs.setOptionValue("output_flag", False)  # Where the constructor made no call.
+    return highs
 
 
 def highs_available() -> bool:

@@ -51,6 +51,31 @@ cheapest one, ``a[e] = min_{s < e} seconds_per_byte[s][e]`` (and so for ``b``), 
 every transfer at most at its cost, so the DP's optimum is a lower bound on every
 placement's cost; its placement, costed by `evaluate`, may meet it. Elsewhere the DP is
 a heuristic over runs along the given order. `solve` uses both to seed the ILP.
+
+THROUGHPUT (a pipeline's period, the busiest device's compute, inbound or outbound
+traffic) on a sequential problem. The placements are still the run placements, and a
+run ``[j, k)`` on ``g`` has its compute, and its inbound traffic ``bytes(j, k) a[g] +
+count(j, k) b[g]`` as above. Its outbound traffic depends on the later runs: a value
+made in the run goes once to every later run holding a consumer. It is at least once
+if any consumer comes at or after ``k``, at the cheapest forward link out of ``g``::
+
+    out(j, k, g) = out_bytes(j, k) a_out[g] + out_count(j, k) b_out[g]
+    out_bytes(j, k), out_count(j, k) = the bytes and number of the values v with
+                                       j <= producer(v) < k and a consumer >= k
+    a_out[g] = min_{e > g} seconds_per_byte[g][e]                  (and so for b_out)
+
+and a device's load is the largest of the three, so the bottleneck DP::
+
+    G[k, g] = min over j < k with memory(j, k) <= capacity[g] of
+              max(0 if j = 0 else min_{e < g} G[j, e],
+                  compute(j, k, g), in(j, k, g), out(j, k, g))
+
+(Bellman holds for a max as for a sum: the prefix's best is the best prefix) prices every
+run placement at most at its period: its optimum bounds every placement from below. Its
+placement, costed by `evaluate`, meets the bound when each value's later consumers fall
+in one run and links are priced alike (identical GPUs on one switch, runs longer than
+the skip edges): then it is optimal, proved with no ILP. ``O(N^2 D)`` time, vectorised
+over run starts and devices. Without (1) it is a heuristic along the given order.
 """
 
 from __future__ import annotations
@@ -62,7 +87,7 @@ import numpy as np
 
 from partitioner.ir import OUTPUT, Problem, Solution
 from partitioner.options import Objective
-from partitioner.solve.dp import is_sequential, run_tables, trace_back
+from partitioner.solve.dp import bottleneck_runs, is_sequential, run_tables, trace_back
 from partitioner.solve.evaluate import evaluate, placement_solution, simple_lower_bound
 from partitioner.solve.feasibility import check_memory, no_contiguous_fit
 
@@ -83,7 +108,7 @@ def is_near_chain(problem: Problem) -> bool:
 
 
 def solve_near_chain(problem: Problem) -> Solution:
-    """Best LATENCY placement in runs along the layer order, each value charged once per run.
+    """Best placement in runs along the layer order, each value charged once per run.
 
     Args:
         problem: The cost tables; exact when `is_near_chain` holds.
@@ -93,28 +118,37 @@ def solve_near_chain(problem: Problem) -> Solution:
         optimal. When only (2) fails, the lower bound is the DP's optimum with the
         cheapest forward links, and the placement the better of that DP's and the one
         with mean link prices: optimal if the first pays no more than its bound (up to
-        `ROUNDING`). Otherwise (THROUGHPUT, or branches) it is a heuristic whose lower
-        bound is `simple_lower_bound`.
+        `ROUNDING`). Under THROUGHPUT on a sequential problem, the bottleneck DP of the
+        module docstring gives the bound and the placement likewise. Otherwise (branches)
+        it is a heuristic whose lower bound is `simple_lower_bound`.
 
     Raises:
         InfeasibleError: If no run placement fits memory (when `is_sequential` holds: no
             placement at all).
     """
     check_memory(problem)
+    throughput = problem.objective is Objective.THROUGHPUT
     inbound = _inbound(problem)
-    cheapest = _runs(problem, *inbound, *_prices(problem, np.min))
+    outbound = _outbound(problem) if throughput else None
+
+    def runs(pick: Callable[..., Any]) -> tuple[tuple[int, ...], float] | None:
+        if outbound is None:
+            return _runs(problem, *inbound, *_prices(problem, pick))
+        return _bottleneck_runs(problem, inbound, outbound, pick)
+
+    cheapest = runs(np.min)
     if cheapest is None:
         raise no_contiguous_fit(problem)
     if is_near_chain(problem):
         return placement_solution(problem, cheapest[0], solver="dp", optimal=True)
-    if problem.objective is Objective.LATENCY and is_sequential(problem):
-        bound = cheapest[1]  # Conditions (1) and (3): no placement costs less.
+    if is_sequential(problem):
+        bound = cheapest[1]  # No placement costs less (condition (1)).
         if evaluate(problem, cheapest[0]).objective_s <= bound * (1 + ROUNDING):
             return placement_solution(problem, cheapest[0], solver="dp", optimal=True)
         lower = max(bound * (1 - ROUNDING), simple_lower_bound(problem))
     else:
         lower = None
-    mean = _runs(problem, *inbound, *_prices(problem, np.mean))
+    mean = runs(np.mean)
     assert mean is not None  # Which runs fit memory does not depend on the prices.
     assignment = min(cheapest[0], mean[0], key=lambda a: evaluate(problem, a).objective_s)
     return placement_solution(
@@ -129,6 +163,19 @@ def _prices(problem: Problem, pick: Callable[..., Any]) -> tuple[np.ndarray, np.
     """
     per_byte, latency = (
         np.array([float(pick(column[:e])) if e else 0.0 for e, column in enumerate(zip(*table))])
+        for table in (problem.seconds_per_byte, problem.latency_s)
+    )
+    return per_byte, latency
+
+
+def _out_prices(problem: Problem, pick: Callable[..., Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``pick`` over the forward links out of each device: ``(a_out, b_out)``.
+
+    The last device has none (a run there sends nothing forward): 0.
+    """
+    last = problem.num_devices - 1
+    per_byte, latency = (
+        np.array([float(pick(row[g + 1 :])) if g < last else 0.0 for g, row in enumerate(table)])
         for table in (problem.seconds_per_byte, problem.latency_s)
     )
     return per_byte, latency
@@ -158,6 +205,55 @@ def _inbound(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
         np.add.at(delta_bytes, at, np.concatenate(sizes))
         np.add.at(delta_count, at, 1.0)
     return np.cumsum(delta_bytes, axis=1)[:, : n + 1], np.cumsum(delta_count, axis=1)[:, : n + 1]
+
+
+def _outbound(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """``out_bytes[j, k]`` and ``out_count[j, k]`` of the module docstring, ``0 <= j <= k <= N``.
+
+    A value made by ``p`` whose last consumer is ``q`` counts for every run ``[j, k)``
+    with ``j <= p < k <= q``: a rectangle, added with a two-dimensional difference array.
+    """
+    n = problem.num_layers
+    delta_bytes = np.zeros((n + 2, n + 2))
+    delta_count = np.zeros((n + 2, n + 2))
+    for value in problem.values:
+        readers = [c for c in value.consumers if c != OUTPUT]
+        if value.producer < 0 or not readers:
+            continue
+        p, q = value.producer, max(readers)
+        for delta, amount in ((delta_bytes, float(value.bytes)), (delta_count, 1.0)):
+            delta[0, p + 1] += amount
+            delta[0, q + 1] -= amount
+            delta[p + 1, p + 1] -= amount
+            delta[p + 1, q + 1] += amount
+    out_bytes, out_count = (
+        np.cumsum(np.cumsum(delta, axis=0), axis=1)[: n + 1, : n + 1]
+        for delta in (delta_bytes, delta_count)
+    )
+    return out_bytes, out_count
+
+
+def _bottleneck_runs(
+    problem: Problem,
+    inbound: tuple[np.ndarray, np.ndarray],
+    outbound: tuple[np.ndarray, np.ndarray],
+    pick: Callable[..., Any],
+) -> tuple[tuple[int, ...], float] | None:
+    """The THROUGHPUT DP of the module docstring, links priced by ``pick``: the placement
+    and its DP cost; None if no run fits."""
+    compute, _ = run_tables(problem)
+    (in_bytes, in_count), (out_bytes, out_count) = inbound, outbound
+    a_in, b_in = _prices(problem, pick)
+    a_out, b_out = _out_prices(problem, pick)
+
+    def stage(k: int) -> np.ndarray:
+        return np.maximum.reduce([
+            compute[k, :][None, :] - compute[:k, :],
+            in_bytes[:k, k, None] * a_in + in_count[:k, k, None] * b_in,
+            out_bytes[:k, k, None] * a_out + out_count[:k, k, None] * b_out,
+        ])
+
+    return bottleneck_runs(problem, stage)
 
 
 def _runs(
