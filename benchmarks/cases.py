@@ -578,6 +578,7 @@ def _accuracy_case(case: AccuracyCase, spec_name: str, built: BuiltModel, profil
         "roofline-builtin": evaluate(build_problem(plain, compiled.devices, options, dtype), assignment).latency_s,
         "roofline-calibrated": evaluate(build_problem(plain, calibrated, options, dtype), assignment).latency_s,
     }
+    layers = _layer_accuracy(compiled, plain, calibrated[0], options, dtype)
     steps = {"eager": _step(built.model, built, case.training, None)}
     if pm.simulator is None:
         steps["partitioned"] = _step(pm, built, case.training, None)
@@ -599,10 +600,32 @@ def _accuracy_case(case: AccuracyCase, spec_name: str, built: BuiltModel, profil
         "simulation_cost": simulated / measured if simulated is not None else None,
         "eager_s": timed["eager"]["median_s"],
         "error": {k: (v - measured) / measured for k, v in predicted.items()},
+        "layers": layers,
         "overhead": measured / timed["eager"]["median_s"],
         "planner_timings_s": dict(compiled.timings_s),
         "samples_s": {k: v["samples_s"] for k, v in timed.items()},
     }
+
+
+def _layer_accuracy(compiled: Any, plain: LayerGraph, calibrated: Device, options: PlanOptions,
+                    dtype: str) -> list[dict[str, Any]]:
+    """Per layer timed by `compile_plan` on the first device's kind: the measured seconds of
+    one step (forward, plus backward when training) against the roofline's, with the built-in
+    and the calibrated profile (what the cost model predicts for a device that is not here)."""
+    device = compiled.devices[0]
+    rows = []
+    for layer, unmeasured in zip(compiled.layered.graph.layers, plain.layers):
+        if device.profile.name not in layer.fwd_time_s:
+            continue  # The measurement budget ran out before this layer.
+        rows.append({
+            "name": layer.name,
+            "measured_s": layer_time(layer, device.profile, options, dtype),
+            "predicted_s": {
+                "roofline-builtin": layer_time(unmeasured, device.profile, options, dtype),
+                "roofline-calibrated": layer_time(unmeasured, calibrated.profile, options, dtype),
+            },
+        })
+    return rows
 
 
 def _profile_figures(profile: Any) -> dict[str, float]:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.targets import layer_errors, weighted_layer_error
+
 __all__ = ["markdown", "plot_all", "BASELINES"]
 
 BASELINES = ("accelerate-sequential", "accelerate-balanced", "equal-layers", "equal-blocks", "parameters",
@@ -150,6 +152,34 @@ def _accuracy_table(result: dict[str, Any]) -> str:
     return text
 
 
+def _layer_accuracy_table(result: dict[str, Any]) -> str:
+    cases = [c for c in result["accuracy"]["cases"] if c.get("layers")]
+    if not cases:
+        return ""
+    keys = ("roofline-builtin", "roofline-calibrated")
+    rows = []
+    for c in cases:
+        errors = {k: [abs(e) for e in layer_errors(c, k)] for k in keys}
+        worst = max(c["layers"], key=lambda layer: layer["measured_s"])
+        rows.append([
+            c["model"], ", ".join(c["devices"]), "fwd+bwd" if c["training"] else "fwd", len(c["layers"]),
+            _s(sum(layer["measured_s"] for layer in c["layers"])), _s(c["measured_s"]),
+            *(f"{statistics.median(errors[k]):.0%}" for k in keys),
+            *(f"{weighted_layer_error(c, k):.0%}" for k in keys),
+            f"{worst['name']} {(worst['predicted_s']['roofline-calibrated'] / worst['measured_s'] - 1):+.0%}",
+        ])
+    text = (
+        "\nPer layer: every layer `compile_plan` timed on this CPU (what the planner prices it at when the "
+        "device is present) against the roofline estimate it would use for a device that is not "
+        "(`max(flops / peak, bytes / bandwidth)`, with the built-in and the calibrated `cpu` profile); "
+        "`time-weighted`: the sum of the absolute errors over the sum of the measured times.\n\n"
+    )
+    text += _table(["model", "devices", "step", "layers", "sum of layers", "measured step",
+                    "median error (built-in)", "median error (calibrated)", "time-weighted (built-in)",
+                    "time-weighted (calibrated)", "heaviest layer (calibrated)"], rows)
+    return text
+
+
 def _split_text(split: dict[str, Any] | None) -> str:
     if split is None:
         return "Not in this suite.\n"
@@ -224,7 +254,7 @@ def markdown(result: dict[str, Any], images: Sequence[str] = (), prefix: str = "
     if result["scaling"]:
         parts += ["### Planner time and memory as graphs and device sets grow (one process each)\n",
                   _scaling_table(result["scaling"])]
-    parts += ["### Cost model against this CPU\n", _accuracy_table(result),
+    parts += ["### Cost model against this CPU\n", _accuracy_table(result) + _layer_accuracy_table(result),
               "### The seed MLP: automatic against hand-written split\n", _split_text(result["mlp_split"])]
     if images:
         parts.append("### Plots\n\n" + "\n".join(f"![{Path(i).stem}]({prefix}{i})" for i in images) + "\n")
@@ -245,7 +275,8 @@ def plot_all(result: dict[str, Any], out_dir: Path) -> list[str]:
         return []
     written = []
     for name, draw in (("speedup.png", _speedup), ("planner_time_vs_nodes.png", _time_vs_nodes),
-                       ("planner_time_vs_devices.png", _time_vs_devices), ("accuracy.png", _accuracy)):
+                       ("planner_time_vs_devices.png", _time_vs_devices), ("accuracy.png", _accuracy),
+                       ("accuracy_layers.png", _layer_accuracy)):
         fig = draw(plt, result)
         if fig is not None:
             fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
@@ -340,5 +371,25 @@ def _accuracy(plt: Any, result: dict[str, Any]) -> Any:
     ax.set_xlabel("measured step (s)")
     ax.set_ylabel("predicted step (s)")
     ax.set_title("Cost model against this CPU")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _layer_accuracy(plt: Any, result: dict[str, Any]) -> Any:
+    layers = [layer for c in result["accuracy"]["cases"] for layer in c.get("layers", []) if layer["measured_s"] > 0]
+    if not layers:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for k, key in enumerate(("roofline-builtin", "roofline-calibrated")):
+        ax.scatter([layer["measured_s"] for layer in layers], [layer["predicted_s"][key] for layer in layers],
+                   s=10, color=f"C{k + 1}", label=key, alpha=0.7)
+    values = [v for layer in layers for v in (layer["measured_s"], *layer["predicted_s"].values()) if v > 0]
+    low, high = min(values) / 1.5, max(values) * 1.5
+    ax.plot([low, high], [low, high], color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured layer step (s)")
+    ax.set_ylabel("roofline estimate (s)")
+    ax.set_title("Per-layer roofline against this CPU")
     ax.legend(fontsize=8)
     return fig

@@ -108,6 +108,9 @@ _CASE = {
     # device). Results written before these two keys existed timed simulated devices only.
     "measured_s": float, "simulated_s?": Nullable(float), "simulation_cost?": Nullable(float), "eager_s": float,
     "error": {"planner": float, "roofline-builtin": float, "roofline-calibrated": float},
+    # layers: every layer `compile_plan` timed, its measured step against the roofline's.
+    "layers?": [{"name": str, "measured_s": float,
+                 "predicted_s": {"roofline-builtin": float, "roofline-calibrated": float}}],
     "overhead": float, "planner_timings_s": MapOf(float), "samples_s": MapOf([float]),
 }
 

@@ -189,7 +189,29 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         if errs:
             info.append(_info(key, f"cost model without layer timings ({key}): median abs error",
                               statistics.median(errs), f"{statistics.median(errs):.1%} over {len(errs)} case(s)"))
+    single = [c for c in cases if c["devices"] == ["cpu"]]
+    for key in ("roofline-builtin", "roofline-calibrated"):
+        errs = [abs(e) for c in single for e in layer_errors(c, key)]
+        if errs:
+            info.append(_info(f"layers-{key}", f"per layer, {key} against each layer's measured step: "
+                              "median abs error", statistics.median(errs),
+                              f"{statistics.median(errs):.1%} over {len(errs)} layer(s) of {len(single)} case(s); "
+                              f"time-weighted {statistics.fmean(weighted_layer_error(c, key) for c in single):.1%}"))
     return out + info
+
+
+def layer_errors(case: dict[str, Any], key: str) -> list[float]:
+    """(predicted - measured) / measured per layer of an accuracy case (none in older results)."""
+    return [(layer["predicted_s"][key] - layer["measured_s"]) / layer["measured_s"]
+            for layer in case.get("layers", []) if layer["measured_s"] > 0]
+
+
+def weighted_layer_error(case: dict[str, Any], key: str) -> float:
+    """Sum of |predicted - measured| over the sum of measured, over a case's layers: the
+    error where the time is."""
+    layers = [layer for layer in case.get("layers", []) if layer["measured_s"] > 0]
+    total = sum(layer["measured_s"] for layer in layers)
+    return sum(abs(layer["predicted_s"][key] - layer["measured_s"]) for layer in layers) / total if total else 0.0
 
 
 def _info(key: str, name: str, measured: float, detail: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from benchmarks.cases import _accuracy_case, trace_once, without_simulation
 from benchmarks.models import build
 from benchmarks.run import _run_isolated, render, run_suite, write_results_md
 from benchmarks.suites import MODELS, SUITES, AccuracyCase, jobs
+from benchmarks.targets import layer_errors, weighted_layer_error
 from partitioner.api import auto_parallelize, compile_plan
 from partitioner.cost_model import build_problem
 from partitioner.devices import resolve_devices
@@ -306,11 +307,27 @@ def test_tiny_suite_runs_end_to_end(tiny_result: tuple[dict, Path]) -> None:
         names = [b["name"] for b in run["baselines"]]
         assert names == list(baselines.IMPLEMENTATIONS)
     assert loaded["versions"]["torch"] == torch.__version__
+    # Per layer: every layer of the seed MLP timed, against the roofline's estimates.
+    (case,) = loaded["accuracy"]["cases"]
+    assert [layer["name"] for layer in case["layers"]] == loaded["mlp_split"]["layers"]
+    assert all(layer["measured_s"] > 0 and min(layer["predicted_s"].values()) > 0 for layer in case["layers"])
     summary = (out / "summary.md").read_text()
     assert "### Targets" in summary and "accelerate-sequential" in summary
+    assert "Per layer:" in summary and (out / "accuracy_layers.png").exists()
     assert render(out, plots=False)["targets"] == loaded["targets"]  # re-derived from the figures alone
     md = write_results_md(out.parent, out.parent / "RESULTS.md")
     assert "## Suite `tiny`" in md.read_text()
+
+
+def test_layer_errors_are_relative_and_weighted_by_time() -> None:
+    case = {"layers": [
+        {"name": "a", "measured_s": 1.0, "predicted_s": {"k": 1.5}},
+        {"name": "b", "measured_s": 3.0, "predicted_s": {"k": 2.0}},
+        {"name": "c", "measured_s": 0.0, "predicted_s": {"k": 1.0}},  # Untimed: left out.
+    ]}
+    assert layer_errors(case, "k") == [0.5, -1 / 3]
+    assert weighted_layer_error(case, "k") == pytest.approx(1.5 / 4.0)
+    assert layer_errors({}, "k") == [] and weighted_layer_error({}, "k") == 0.0  # Older results.
 
 
 def test_result_validator_rejects_broken_files(tiny_result: tuple[dict, Path]) -> None:
