@@ -363,16 +363,21 @@ def _accuracy(plt: Any, result: dict[str, Any]) -> Any:
                    label=key)
     low = min(min(c["measured_s"], *c["predicted_s"].values()) for c in cases) / 1.5
     high = max(max(c["measured_s"], *c["predicted_s"].values()) for c in cases) * 1.5
-    ax.plot([low, high], [low, high], color="black", linewidth=0.8)
     ax.fill_between([low, high], [low * 0.85, high * 0.85], [low * 1.15, high * 1.15], color="grey", alpha=0.2,
                     label="±15%")
+    _against_measured(ax, low, high, "measured step (s)", "predicted step (s)", "Cost model against this CPU")
+    return fig
+
+
+def _against_measured(ax: Any, low: float, high: float, xlabel: str, ylabel: str, title: str) -> None:
+    """Log-log axes from `low` to `high` with the line predicted = measured."""
+    ax.plot([low, high], [low, high], color="black", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("measured step (s)")
-    ax.set_ylabel("predicted step (s)")
-    ax.set_title("Cost model against this CPU")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
-    return fig
 
 
 def _layer_accuracy(plt: Any, result: dict[str, Any]) -> Any:
@@ -385,11 +390,6 @@ def _layer_accuracy(plt: Any, result: dict[str, Any]) -> Any:
                    s=10, color=f"C{k + 1}", label=key, alpha=0.7)
     values = [v for layer in layers for v in (layer["measured_s"], *layer["predicted_s"].values()) if v > 0]
     low, high = min(values) / 1.5, max(values) * 1.5
-    ax.plot([low, high], [low, high], color="black", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("measured layer step (s)")
-    ax.set_ylabel("roofline estimate (s)")
-    ax.set_title("Per-layer roofline against this CPU")
-    ax.legend(fontsize=8)
+    _against_measured(ax, low, high, "measured layer step (s)", "roofline estimate (s)",
+                      "Per-layer roofline against this CPU")
     return fig
