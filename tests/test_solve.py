@@ -813,7 +813,6 @@ def test_throughput_run_dp_bounds_every_placement(seed, shape):
     found = solve_near_chain(problem)
     assert_plan_valid(problem, found)
     assert found.lower_bound_s <= best.objective_s * (1 + 1e-12)
-    assert found.lower_bound_s > simple_lower_bound(problem) or found.optimal
     if found.optimal:
         assert same(found.objective_s, best.objective_s), (found, best)
     assert_finds_the_optimum(problem, lambda p: solve(p, EXACT))

@@ -29,7 +29,7 @@ from dataclasses import replace
 
 from partitioner.errors import InfeasibleError, SolverError
 from partitioner.ir import Problem, Solution
-from partitioner.options import Objective, SolverBackend, SolverOptions, Strategy
+from partitioner.options import SolverBackend, SolverOptions, Strategy
 from partitioner.devices import format_bytes
 from partitioner.solve._text import device_label
 from partitioner.solve.bounds import lower_bound, path_lower_bound
@@ -148,14 +148,16 @@ def _place(problem: Problem, options: SolverOptions) -> Solution:
     if problem.num_layers <= options.max_candidates or _exact_dp_affordable(problem, options):
         return _solve_as_is(problem, options)
     runs = _runs_as_is(problem, options)
-    if runs is not None and runs.optimal:
-        return runs
+    if runs is not None:
+        runs = _with_bound(runs, lower_bound(problem), options.gap)
+        if runs.optimal:
+            return runs
     coarse, groups = coarsen(problem, options.max_candidates)
     try:
         solution = _solve_as_is(coarse, options)
     except InfeasibleError:
         # Merged layers can pack worse than single ones: try the original layers.
-        return runs if runs is not None else _solve_as_is(problem, options)
+        return _solve_as_is(problem, options)
     assignment = expand(solution.assignment, groups)
     objective = evaluate(problem, assignment).objective_s
     lower = lower_bound(problem)
@@ -187,20 +189,20 @@ def _exact_dp_affordable(problem: Problem, options: SolverOptions) -> bool:
 
 
 _RUN_TABLE_LIMIT = 4 * 10**6
-"""Entries of one of `solve_near_chain`'s ``(N + 1)^2`` run tables (32 MB; about 2,000 layers)."""
+"""Entries of one of `solve_near_chain`'s ``(N + 2)^2`` run tables (about 2,000 layers: four
+tables of 32 MB)."""
 
 
 def _runs_as_is(problem: Problem, options: SolverOptions) -> Solution | None:
-    """`solve_near_chain` on a graph too large for the ILP, where it bounds every placement
-    (one layer order: LATENCY near-chains, or THROUGHPUT) and its tables stay small;
-    None elsewhere, or when no run placement fits."""
+    """`solve_near_chain` on a graph too large for the ILP but with one layer order, where
+    it bounds every placement, and its tables stay small; None elsewhere, or when no run
+    placement fits."""
     n = problem.num_layers
     affordable = (
         options.backend in (SolverBackend.AUTO, SolverBackend.DP)
-        and (n + 1) ** 2 <= _RUN_TABLE_LIMIT
+        and (n + 2) ** 2 <= _RUN_TABLE_LIMIT
         and n * n * problem.num_devices <= _DP_WORK_LIMIT
         and is_sequential(problem)
-        and (problem.objective is Objective.THROUGHPUT or is_near_chain(problem))
     )
     if not affordable:
         return None

@@ -91,6 +91,8 @@ class _HiGHSWithStart(pulp.HiGHS):
     values to HiGHS."""
 
     def createAndConfigureSolver(self, lp: Any) -> None:
+        # What `solve_ilp` asks for, gap and time limit, on a silent instance (pulp's own
+        # method would also set threads, callbacks and extra options, which it never passes).
         lp.solverModel = _quiet_highs()
         lp.solverModel.setOptionValue("mip_rel_gap", float(self.gapRel))
         lp.solverModel.setOptionValue("time_limit", float(self.timeLimit))

@@ -94,8 +94,15 @@ from partitioner.solve.feasibility import check_memory, no_contiguous_fit
 __all__ = ["is_near_chain", "solve_near_chain"]
 
 ROUNDING = 1e-12
-"""Relative error allowed the DP's float sums (N terms, N up to a few thousand, round
-by ~N * 1e-16): taken off its optimum before that is reported as a lower bound."""
+"""Least relative error allowed the DP's float sums before its optimum is reported as a
+lower bound (`_slack`)."""
+
+
+def _slack(problem: Problem) -> float:
+    """Relative error of the DP's run costs: a run's compute is a difference of prefix sums
+    over up to N layers, off by about N eps of the prefix, which is at most D times the
+    busiest run (4x for the margin)."""
+    return max(ROUNDING, 4.0 * problem.num_layers * problem.num_devices * float(np.finfo(float).eps))
 
 
 def is_near_chain(problem: Problem) -> bool:
@@ -118,7 +125,7 @@ def solve_near_chain(problem: Problem) -> Solution:
         optimal. When only (2) fails, the lower bound is the DP's optimum with the
         cheapest forward links, and the placement the better of that DP's and the one
         with mean link prices: optimal if the first pays no more than its bound (up to
-        `ROUNDING`). Under THROUGHPUT on a sequential problem, the bottleneck DP of the
+        `_slack`). Under THROUGHPUT on a sequential problem, the bottleneck DP of the
         module docstring gives the bound and the placement likewise. Otherwise (branches)
         it is a heuristic whose lower bound is `simple_lower_bound`.
 
@@ -143,9 +150,10 @@ def solve_near_chain(problem: Problem) -> Solution:
         return placement_solution(problem, cheapest[0], solver="dp", optimal=True)
     if is_sequential(problem):
         bound = cheapest[1]  # No placement costs less (condition (1)).
-        if evaluate(problem, cheapest[0]).objective_s <= bound * (1 + ROUNDING):
+        slack = _slack(problem)
+        if evaluate(problem, cheapest[0]).objective_s <= bound * (1 + slack):
             return placement_solution(problem, cheapest[0], solver="dp", optimal=True)
-        lower = max(bound * (1 - ROUNDING), simple_lower_bound(problem))
+        lower = max(bound * (1 - slack), simple_lower_bound(problem))
     else:
         lower = None
     mean = runs(np.mean)
@@ -204,7 +212,9 @@ def _inbound(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
         at = (np.concatenate(rows), np.concatenate(columns))
         np.add.at(delta_bytes, at, np.concatenate(sizes))
         np.add.at(delta_count, at, 1.0)
-    return np.cumsum(delta_bytes, axis=1)[:, : n + 1], np.cumsum(delta_count, axis=1)[:, : n + 1]
+    for delta in (delta_bytes, delta_count):
+        np.cumsum(delta, axis=1, out=delta)  # In place: the tables are (N + 1)^2.
+    return delta_bytes[:, : n + 1], delta_count[:, : n + 1]
 
 
 def _outbound(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
@@ -226,11 +236,10 @@ def _outbound(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
             delta[0, q + 1] -= amount
             delta[p + 1, p + 1] -= amount
             delta[p + 1, q + 1] += amount
-    out_bytes, out_count = (
-        np.cumsum(np.cumsum(delta, axis=0), axis=1)[: n + 1, : n + 1]
-        for delta in (delta_bytes, delta_count)
-    )
-    return out_bytes, out_count
+    for delta in (delta_bytes, delta_count):
+        np.cumsum(delta, axis=0, out=delta)  # In place: the tables are (N + 2)^2.
+        np.cumsum(delta, axis=1, out=delta)
+    return delta_bytes[: n + 1, : n + 1], delta_count[: n + 1, : n + 1]
 
 
 def _bottleneck_runs(
