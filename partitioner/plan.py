@@ -136,7 +136,8 @@ class PlanStage:
     send_bwd_s: float
     """Input gradients of one microbatch to the previous stage."""
     allreduce_s: float
-    """Ring all-reduce of its gradients over its replicas, once per step."""
+    """Ring all-reduce of its gradients over its replicas, and of a tied weight's gradients
+    with the other stages holding a copy, once per step."""
     weight_bytes: int
     grad_bytes: int
     optimizer_bytes: int

@@ -150,7 +150,7 @@ def _stage_rows(plan: Plan, p: PipelinePlan) -> list[tuple[str, ...]]:
                 "yes" if s.recompute else "no",
                 f"{format_seconds(s.fwd_s)} / {format_seconds(s.bwd_s)}",
                 f"{format_seconds(s.send_fwd_s)} / {format_seconds(s.send_bwd_s)}",
-                format_seconds(s.allreduce_s) if len(s.devices) > 1 else "-",
+                format_seconds(s.allreduce_s) if len(s.devices) > 1 or s.allreduce_s > 0 else "-",
                 format_bytes(s.weight_bytes),
                 format_bytes(s.grad_bytes),
                 format_bytes(s.optimizer_bytes),

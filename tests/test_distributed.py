@@ -162,6 +162,17 @@ def test_stages_in_a_row_compute_the_model(model: str, stage_of_layer: list[int]
     grads = dict(original.named_parameters())
     for name, p in m.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+    if model == "gpt2":
+        # The tied embedding and head weight: a copy in stages 0 and 2, never sent between stages.
+        ((target, stages),) = graphs.tied
+        assert stages == (0, 2)
+        assert all(target in dict(graphs.modules[k].named_parameters()) for k in stages)
+        assert target not in dict(graphs.modules[1].named_parameters())
+        sent = {n for boundary in graphs.boundaries for n in boundary}
+        weight = next(n for n in layered.traced.gm.graph.nodes if n.op == "get_attr" and n.target == target)
+        assert weight.name not in sent
+    else:
+        assert graphs.tied == ()
 
 
 def test_build_rejects_a_launch_of_another_size(monkeypatch: pytest.MonkeyPatch) -> None:

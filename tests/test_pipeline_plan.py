@@ -11,6 +11,7 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -428,6 +429,13 @@ def test_a_tied_weight_is_copied_to_the_stage_that_reads_it() -> None:
     assert head.weight_bytes == 4 * (owned + 2 * 10**7)  # its layers' float32 weights and the copy
     assert first.weight_bytes == 4 * sum(costs.layers[i].params for i in range(0, first.last_layer + 1))
     assert_plan_valid(result, cluster, costs, options)
+    # Both copies sum their gradients once per step: a ring of two devices moves the tied
+    # weight's float32 gradients once, 1e-12 s per byte (no latency), and nothing else
+    # all-reduces (one replica each).
+    tied_grads = 4 * 2 * 10**7
+    assert first.allreduce_s == head.allreduce_s == pytest.approx(tied_grads * 1e-12)
+    untied = plan_pipeline(replace(costs, tied=()), cluster, 8, options)
+    assert all(s.allreduce_s == 0 for s in untied.pipeline.stages)
 
 
 def test_the_space_has_every_family_and_the_tables_cover_it() -> None:

@@ -323,7 +323,7 @@ def test_interleaved_memory_counts_every_stage_of_the_rank() -> None:
         ({"devices": ()}, "at least one device"),
         ({"devices": "cuda:0"}, "tuple of device names"),
         ({"devices": ("a", "a")}, "appears twice"),
-        ({"allreduce_s": 1.0}, "one replica"),
+        ({"allreduce_s": -1.0}, "allreduce_s must be a finite number of seconds >= 0"),
     ],
 )
 def test_stage_cost_rejects_bad_numbers(fields: dict[str, object], message: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ from partitioner.distributed.layout import Layout
 from partitioner.errors import DeviceError, PlanMismatchError
 from partitioner.plan import Plan
 
-__all__ = ["launch_rank", "start_process_group", "process_groups", "process_device"]
+__all__ = ["launch_rank", "start_process_group", "process_groups", "tie_groups", "process_device"]
 
 
 def launch_rank() -> tuple[int, int]:
@@ -56,6 +57,24 @@ def process_groups(layout: Layout, rank: int) -> tuple[dist.ProcessGroup | None,
     pipelines = [dist.new_group(list(layout.pipeline_group(i))) for i in range(layout.replicas)]
     replicas = [dist.new_group(list(layout.replica_group(r))) for r in range(layout.pipeline_ranks)]
     return pipelines[replica], replicas[pipeline_rank]
+
+
+def tie_groups(
+    layout: Layout, tied: Sequence[tuple[str, tuple[int, ...]]], rank: int
+) -> list[tuple[str, dist.ProcessGroup | None]]:
+    """For each tied parameter this process holds (`StageGraphs.tied`), the group of every
+    process holding a copy: each replica of each stage that holds it. None when this
+    process holds every copy (one process, or replicas and stages all its own).
+
+    Every process creates every group, in the same order (`dist.new_group` is collective).
+    """
+    mine: list[tuple[str, dist.ProcessGroup | None]] = []
+    for target, stages in tied:
+        ranks = sorted({layout.process(layout.stages[s].rank, i) for s in stages for i in range(layout.replicas)})
+        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        if rank in ranks:
+            mine.append((target, group))
+    return mine
 
 
 def process_device(plan: Plan, layout: Layout, rank: int, override: str | torch.device | None) -> torch.device:

@@ -18,6 +18,10 @@ The lowering, step by step (on every process, from the same plan and model):
 `PipelineRank.step` then runs one training step: the pipeline's microbatches, gradients
 scaled by ``1 / microbatches`` (torch's ``scale_grads``) and averaged over replicas (DDP),
 so a loss that averages over its microbatch gives the gradients of the whole batch's mean.
+A tied weight (`StageGraphs.tied`) has a copy in every stage that reads it; DDP leaves
+those alone, and after the schedule each copy's gradient becomes the sum over the
+stages' copies (added up within a process, all-reduced across processes) averaged over
+replicas, so every copy takes the same optimizer step and the copies stay equal.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_map
 
 from partitioner.api import replication_hazards
-from partitioner.distributed.launch import launch_rank, process_device, process_groups, start_process_group
+from partitioner.distributed.launch import launch_rank, process_device, process_groups, start_process_group, tie_groups
 from partitioner.distributed.layout import Layout, check_launch, plan_layout
 from partitioner.distributed.stages import MicrobatchShapeError, StageGraphs, build_stages, flat_batch
 from partitioner.errors import PlanMismatchError
@@ -93,6 +97,8 @@ class PipelineRank:
         self.modules = tuple(_to_device(graphs.modules[k], device) for k in self.stage_indices)
         """Its stage modules (`fx.GraphModule`), on its device."""
         self._pipeline_group, self._replica_group = process_groups(layout, rank)
+        self._ties = tie_groups(layout, graphs.tied, rank)
+        self._tied_names = {target for target, _ in self._ties}
         self._wrapped = tuple(self._wrap(m, s.recompute) for m, s in zip(self.modules, specs))
         num_stages = len(layout.stages)
         # Shapes given up front: torch then skips its first-step shape inference, which would
@@ -178,6 +184,7 @@ class PipelineRank:
             *inputs, target=target if self.is_last else None, losses=losses if self.is_last else None,
             return_outputs=False,
         )
+        self._sum_tied_gradients()
         if not self.is_last:
             return None
         loss = torch.stack([x.detach() for x in losses]).mean()
@@ -298,13 +305,36 @@ class PipelineRank:
     # ------------------------------------------------------------------ internals
     def _wrap(self, module: nn.Module, recompute: bool) -> nn.Module:
         """Activation checkpointing if the plan recomputes the stage; DDP over the replica group,
-        when there are replicas and something to train."""
+        when there are replicas and something to train (tied weights left to `_sum_tied_gradients`)."""
+        tied = {id(module.get_parameter(t)) for t in self._tied_names if _has_parameter(module, t)}
         if recompute:
             module = _Recomputed(module)
-        if self.layout.replicas == 1 or not any(p.requires_grad for p in module.parameters()):
+        trained = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in tied]
+        if self.layout.replicas == 1 or not trained:
             return module
+        ignored = [n for n, p in module.named_parameters() if id(p) in tied]
+        if ignored:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids, process_group=self._replica_group)
+
+    def _sum_tied_gradients(self) -> None:
+        """Each tied weight's gradient, summed over its copies and averaged over replicas, on every copy."""
+        for target, group in self._ties:
+            copies = [m.get_parameter(target) for m in self.modules if _has_parameter(m, target)]
+            copies = [p for p in copies if p.requires_grad]
+            if not copies:
+                continue
+            total = torch.zeros_like(copies[0])
+            for p in copies:
+                if p.grad is not None:
+                    total += p.grad
+            if group is not None:
+                dist.all_reduce(total, group=group)
+            if self.layout.replicas > 1:
+                total /= self.layout.replicas
+            for p in copies:
+                p.grad = total.clone()
 
 
 class _Recomputed(nn.Module):
@@ -474,6 +504,14 @@ def _resized(value: Any, batch: int) -> Any:
 def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
     """A copy of a stage module on `device` (the user's tensors are never trained in place)."""
     return copy.deepcopy(module, place_tensors(module, {}, str(device)))
+
+
+def _has_parameter(module: nn.Module, target: str) -> bool:
+    try:
+        module.get_parameter(target)
+    except AttributeError:
+        return False
+    return True
 
 
 def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

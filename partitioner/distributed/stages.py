@@ -13,9 +13,12 @@ original qualified names. Its inputs are the values *live* at its start: produce
 earlier stage (or a model input) and read by this stage or a later one; it returns the
 values live at its end, passing through those it does not read (a skip connection
 crossing a stage, a model input a later stage reads), and the last stage returns the
-model's output tensors. A tied weight read by two stages is owned by the first and sent
-to the other as an activation, so its gradient flows back to its owner, as the planner
-priced it.
+model's output tensors. A tied weight (a parameter read by layers of several stages, such
+as GPT-2's embedding and head) is held by every stage that reads it, each its own copy
+under the same name (`StageGraphs.tied`); the runtime sums its gradients over the copies
+once per step before the optimizer runs (as DeepSpeed's tied layers and Megatron's
+embedding group do), so it is never sent with the microbatches. The planner prices it so:
+a copy's weights, gradients and optimizer state on each stage that reads it.
 
 Why not `torch.fx.passes.split_module`: it lifts ``get_attr`` nodes into the parent graph
 and passes parameters to each partition as arguments, so a partition owns no parameters
@@ -116,6 +119,9 @@ class StageGraphs:
     """What each stage takes, for one microbatch."""
     output_specs: tuple[tuple[TensorSpec, ...], ...]
     """What each stage returns, for one microbatch."""
+    tied: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Each parameter held by several stages (its attribute name in the stage modules) and
+    the stages that hold it, in order: their gradients are to be summed once per step."""
 
     def model_output(self, last_stage_output: Any) -> Any:
         """The model's output (as the original returns it) from the last stage's tuple."""
@@ -178,12 +184,14 @@ def build_stages(
     for leaf in output_tensors:
         if not _is_tensor(values, leaf):
             raise PartitionerError(f"output value {leaf.name!r} is not a tensor; the last stage returns tensors only")
-    live = _liveness(work, label, num_stages, output_tensors, values)
+    tied = _tied_parameters(work, label)
+    live = _liveness(work, label, num_stages, output_tensors, values, tied)
     ins = [sorted(live[k][0], key=order.__getitem__) for k in range(num_stages)]
     outs = [sorted(live[k][1], key=order.__getitem__) for k in range(num_stages - 1)] + [output_tensors]
     return StageGraphs(
         modules=tuple(
-            _stage_module(work, k, label, ins[k], outs[k], device, {n for n in outs[k] if not _spec(values, n).contiguous})
+            _stage_module(work, k, label, ins[k], outs[k], device,
+                          {n for n in outs[k] if not _spec(values, n).contiguous}, tied)
             for k in range(num_stages)
         ),
         inputs=tuple(placeholders.index(n) for n in ins[0]),
@@ -195,6 +203,7 @@ def build_stages(
         boundaries=tuple(tuple(n.name for n in out) for out in outs),
         input_specs=tuple(tuple(_spec(values, n).made_contiguous() for n in group) for group in ins),
         output_specs=tuple(tuple(_spec(values, n).made_contiguous() for n in group) for group in outs),
+        tied=tuple((str(n.target), stages) for n, stages in tied.items()),
     )
 
 
@@ -351,12 +360,30 @@ def _spec(values: Mapping[str, Any], node: fx.Node) -> TensorSpec:
     return spec
 
 
+def _tied_parameters(gm: fx.GraphModule, label: Mapping[fx.Node, int]) -> dict[fx.Node, tuple[int, ...]]:
+    """Parameters (``get_attr`` nodes of an ``nn.Parameter``) read by stages other than the
+    one of the layer that owns them -> every stage that reads or owns them, in order.
+
+    Buffers are left to travel with the microbatches: a stage may update one in place
+    (batch norm statistics), which a copy elsewhere would not see.
+    """
+    tied: dict[fx.Node, tuple[int, ...]] = {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or n not in label or not isinstance(_attr(gm, str(n.target)), torch.nn.Parameter):
+            continue
+        stages = {label[n], *(label[u] for u in n.users if u in label)}
+        if len(stages) > 1:
+            tied[n] = tuple(sorted(stages))
+    return tied
+
+
 def _liveness(
     gm: fx.GraphModule,
     label: Mapping[fx.Node, int],
     num_stages: int,
     outputs: Sequence[fx.Node],
     values: Mapping[str, Any],
+    tied: Mapping[fx.Node, tuple[int, ...]],
 ) -> list[tuple[set[fx.Node], set[fx.Node]]]:
     """Per stage, (values live at its start, values live at its end)."""
     live: list[tuple[set[fx.Node], set[fx.Node]]] = [(set(), set()) for _ in range(num_stages)]
@@ -364,6 +391,8 @@ def _liveness(
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             producer = -1
+        elif n in tied and n not in output_set:
+            continue  # every stage that reads it holds a copy
         elif n in label:
             producer = label[n]
         else:
@@ -404,6 +433,7 @@ def _stage_module(
     outputs: Sequence[fx.Node],
     device: torch.device,
     strided: set[fx.Node],
+    tied: Mapping[fx.Node, tuple[int, ...]],
 ) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -414,8 +444,9 @@ def _stage_module(
         if n in env or label.get(n) != k:
             continue
         for a in n.all_input_nodes:
-            if a not in env and a.op == "get_attr" and a not in label:
-                env[a] = graph.node_copy(a)  # a submodule or non-tensor attribute the stage calls
+            if a not in env and a.op == "get_attr" and (a not in label or k in tied.get(a, ())):
+                # A submodule or non-tensor attribute the stage calls, or its copy of a tied weight.
+                env[a] = graph.node_copy(a)
         missing = [a.name for a in n.all_input_nodes if a not in env]
         if missing:
             raise AssertionError(f"stage {k}: {n.name} reads {missing}, which the stage does not receive")

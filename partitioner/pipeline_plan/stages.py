@@ -11,7 +11,9 @@ per microbatch (bytes per device, seconds per microbatch)::
     f, b        forward and backward (+ f when recomputed), the slowest kind of its group
     send_fwd    b x cut(e) x s/B + latency, to the next stage's group (0 for the last)
     send_bwd    b x cut(i) x s/B + latency, to the previous one (0 for the first)
-    allreduce   ring all-reduce of its gradients over its r replicas, once per step
+    allreduce   ring all-reduce of its gradients over its r replicas, once per step, and of
+                a tied weight's gradients between its copies (a stage that reads it
+                without owning it, and its owner)
     T           max(f + b + exposed all-reduce / m,  send_fwd + send_bwd)
 
 The DP minimises the largest ``T``, then the sum of ``f + b + sends`` among the splits
@@ -212,6 +214,33 @@ class StageModel:
             )
         return out
 
+    def _tied_sum(self, spec: _Spec, i: Any, e: Any) -> Any:
+        """Seconds of summing tied weights' gradients between this stage and another holding a
+        copy, once per step (`partitioner.distributed` does it after the schedule).
+
+        A stage joins when it owns a tied weight that a layer past it reads, or reads one it
+        does not own: a ring all-reduce over the copies' ``2 r`` devices (two stages, as an
+        embedding and its head), each hop on the slower of the replica ring and the link
+        between stages.
+        """
+        total: Any = 0.0
+        if not self.tied:
+            return total
+        members = 2 * spec.replicas
+        per_byte = max(spec.ring[0], spec.send_in[0], spec.send_out[0])
+        latency = max(spec.ring[1], spec.send_in[1], spec.send_out[1])
+        one = 2 * (members - 1) / members * per_byte, 2 * (members - 1) * latency
+        for owner, users, state in self.tied:
+            owns = (i <= owner) & (owner < e)
+            reads = np.zeros(np.broadcast(i, e).shape, dtype=bool)
+            past = np.zeros(np.broadcast(i, e).shape, dtype=bool)
+            for u in users:
+                reads = reads | ((i <= u) & (u < e))
+                past = past | (u >= e)
+            joins = (owns & past) | (reads & ~owns)
+            total = total + joins * (state.grads * one[0] + one[1])
+        return total
+
     def terms(self, spec: _Spec, i: Any, e: Any, m: int) -> _Terms:
         """Every figure of a stage on layers ``[i, e)`` (the module docstring's model).
 
@@ -245,6 +274,7 @@ class StageModel:
         send_bwd = 0.0 if spec.first else cut_in * spec.send_in[0] + spec.send_in[1]
         r = spec.replicas
         allreduce = 0.0 if r < 2 else 2 * (r - 1) / r * grads * spec.ring[0] + 2 * (r - 1) * spec.ring[1]
+        allreduce = allreduce + self._tied_sum(spec, i, e)
         bwd_rc = bwd + fwd
 
         def exposed(backward: Any) -> Any:

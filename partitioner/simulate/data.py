@@ -48,7 +48,8 @@ class StageCost:
     static_bytes: int = 0
     """Parameters, gradients, optimizer state and buffers, per device of the stage."""
     allreduce_s: float = 0
-    """All-reduce of the stage's gradients over its replicas, once per step (0 on one device)."""
+    """All-reduces of the stage's gradients, once per step: over its replicas, and of a tied
+    weight's gradients with the other stages holding a copy (0 when neither)."""
     devices: tuple[str, ...]
     """Names of the devices that hold a replica of the stage (one or more, distinct)."""
 
@@ -65,11 +66,6 @@ class StageCost:
             _check_seconds(owner, name, getattr(self, name))
         for name in ("activation_bytes", "static_bytes"):
             _check_bytes(owner, name, getattr(self, name))
-        if self.allreduce_s > 0 and len(self.devices) == 1:
-            raise ValueError(
-                f"{owner}: allreduce_s is {self.allreduce_s} but the stage has one replica; "
-                "set allreduce_s=0 or list every replica in devices"
-            )
 
     @property
     def replicas(self) -> int:

@@ -13,7 +13,7 @@ The model (times in seconds, sizes in bytes; ``p`` ranks, ``m`` microbatches):
   a rank's sends share its link and leave one at a time, in the order they were made.
   Links are full duplex and receivers always ready: a receive occupies nothing, and its
   ``RECV`` event is the send's interval seen from the receiver.
-- **Gradient all-reduce** (``allreduce_s``, replicated stages) runs on a third lane per
+- **Gradient all-reduce** (``allreduce_s``: replicated stages, tied weights) runs on a third lane per
   rank, one collective at a time. Serial: every all-reduce of a rank starts after the
   rank's last backward. Overlapped: the stage's gradients become ready at an even rate
   during its last backward (bucketing in the limit of small buckets), so its all-reduce
