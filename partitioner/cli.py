@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-microbatches", type=int, default=128)
     t.add_argument("--recompute", default="auto", choices=[x.value for x in Recompute])
     t.add_argument("--overlap-allreduce", action="store_true", help="all-reduce gradients during the last backward")
+    t.add_argument("--equal-replicas", action="store_true",
+                   help="only plans partitioner.distributed can run (the same replica count on every pipeline rank)")
     t.add_argument("--timeline", default=None, metavar="PATH", help="draw the step as a Gantt chart (.png, .svg, .pdf)")
 
     q = sub.add_parser("profile", help="measure a present device and write its profile JSON")
@@ -97,6 +99,7 @@ def _training_options(args: argparse.Namespace) -> TrainingOptions:
         recompute=Recompute(args.recompute),
         overlap_allreduce=args.overlap_allreduce,
         memory_reserve=args.reserve,
+        equal_replicas=args.equal_replicas,
         **schedules,
     )
 

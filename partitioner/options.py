@@ -195,6 +195,11 @@ class TrainingOptions:
     instead of after it (as torch.distributed.pipelining does by default)."""
     memory_reserve: float = 0.1
     """Fraction of each device's memory kept free (allocator, workspace, communicator buffers)."""
+    equal_replicas: bool = False
+    """Only plans whose pipeline ranks hold the same number of replicas each: what
+    `partitioner.distributed` (on `torch.distributed.pipelining`) can run. Without it a mixed
+    cluster may get ranks of unequal groups (say one A100 per rank and pairs of V100s),
+    which the simulator prices but no pipelining runtime here launches."""
 
     def __post_init__(self) -> None:
         if self.global_batch is not None and (isinstance(self.global_batch, bool) or self.global_batch < 1):

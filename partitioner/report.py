@@ -218,8 +218,15 @@ def render_training(plan: Plan) -> str:
         f"search: exact DP per configuration (gap 0 on the bottleneck); no plan in the space steps faster than "
         f"{format_seconds(p.lower_bound_s)} (this one is within {gap:.1%}); {p.solved} of {p.configurations} "
         f"configurations solved, {p.simulated} splits simulated",
-        "",
     ]
+    counts = [len(p.stages[r].devices) for r in range(p.num_ranks)]
+    if len(set(counts)) > 1:
+        lines.append(
+            f"runs on: the simulator only: its ranks hold {'/'.join(map(str, counts))} replicas, which "
+            "partitioner.distributed cannot launch; plan with --equal-replicas (TrainingOptions(equal_replicas=True)) "
+            "for a plan it runs"
+        )
+    lines.append("")
     header = (
         "stage", "layers", "devices", "kind", "mb", "recompute", "fwd / bwd", "send f / b", "all-reduce",
         "weights", "grads", "optimizer", "activations", "buffers", "memory / capacity",

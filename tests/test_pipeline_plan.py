@@ -450,6 +450,20 @@ def test_the_space_has_every_family_and_the_tables_cover_it() -> None:
     assert hetero.describe(cluster) == "2 stages (1 on 2 x a100-80gb, 1 on v100); gpipe, 1 microbatch"
 
 
+def test_equal_replicas_keeps_only_plans_the_runtime_launches() -> None:
+    # Two A100s and four V100s: ranks of 1 A100 and 2 V100s are in the space, and out of it
+    # when every rank must hold as many replicas.
+    cluster = hand_cluster(["a100-80gb x2", "v100 x4"])
+    free = configurations(cluster, 16, 8, TrainingOptions(max_microbatches=8))
+    assert any(len({g.replicas for g in c.groups}) > 1 for c in free)
+    options = TrainingOptions(max_microbatches=8, equal_replicas=True)
+    equal = configurations(cluster, 16, 8, options)
+    assert equal and all(len({g.replicas for g in c.groups}) == 1 for c in equal)
+    assert {c.family for c in equal} == {c.family for c in free}
+    result = plan_pipeline(hand_costs(cluster, 16, options), cluster, 16, options)
+    assert len({len(s.devices) for s in result.pipeline.stages}) == 1
+
+
 def test_a_missing_table_is_named() -> None:
     options = TrainingOptions()
     cluster = hand_cluster(["a100-80gb x2"])

@@ -160,6 +160,31 @@ def test_cli_json_of_a_training_plan_on_devices(capsys: pytest.CaptureFixture[st
     assert plan.pipeline.precision == "fp32" and not any(s.recompute for s in plan.pipeline.stages)
 
 
+def test_cli_plans_what_the_runtime_launches_with_equal_replicas(capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import replace
+
+    from partitioner.distributed.layout import plan_layout
+    from partitioner.report import render_training
+
+    status, out, err = _run(
+        capsys, "plan", "gpt2", "--cluster", "mixed-8", "--train", "--global-batch", "16", "--seq-len", "64",
+        "--equal-replicas", "--json",
+    )
+    assert status == 0, err
+    plan = Plan.from_json(out)
+    assert plan.pipeline is not None
+    assert len({len(s.devices) for s in plan.pipeline.stages}) == 1
+    plan_layout(plan)  # partitioner.distributed takes it
+    assert "runs on:" not in render_training(plan)
+    # A plan whose ranks hold unequal groups says it runs in the simulator only, and how to get one that runs.
+    p, first = plan.pipeline, plan.pipeline.stages[0]
+    uneven = replace(p, virtual_stages=1, stages=(
+        replace(first, index=0, rank=0, devices=(0,)), replace(first, index=1, rank=1, devices=(1, 2)),
+    ))
+    text = render_training(replace(plan, pipeline=uneven))
+    assert "runs on: the simulator only: its ranks hold 1/2 replicas" in text and "--equal-replicas" in text
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

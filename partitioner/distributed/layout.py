@@ -193,7 +193,8 @@ def plan_layout(
             raise PlanMismatchError(
                 f"the plan's pipeline ranks hold {'/'.join(map(str, counts))} replicas; torch.distributed.pipelining "
                 "passes each microbatch from one process to one process, so every rank needs the same number of "
-                "replicas. Plan again with devices that split evenly, or lower a plan of equal groups"
+                "replicas. Plan again with TrainingOptions(equal_replicas=True) (partitioner plan --train "
+                "--equal-replicas), or with devices that split evenly"
             )
         stages = tuple(
             StageSpec(

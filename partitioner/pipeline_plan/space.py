@@ -177,13 +177,14 @@ def configurations(cluster: Cluster, global_batch: int, layers: int, options: Tr
     """The space: every shape x microbatch count x schedule (x stages per rank, interleaved).
 
     At most one stage per layer and `TrainingOptions.max_stages`; interleaving needs two
-    ranks or more and a microbatch count torch's schedule takes.
+    ranks or more and a microbatch count torch's schedule takes; with
+    `TrainingOptions.equal_replicas`, the same replica count on every rank.
     """
     out = []
     max_stages = min(layers, options.max_stages or layers)
     for groups, layout in shapes(cluster):
         p = len(groups)
-        if p > max_stages:
+        if p > max_stages or (options.equal_replicas and len({g.replicas for g in groups}) > 1):
             continue
         for m in microbatch_counts(global_batch, [g.replicas for g in groups], options):
             for schedule in options.schedules:
