@@ -457,7 +457,9 @@ def thread_mutations(gm: fx.GraphModule) -> bool:
 
 
 def _ties_modules(gm: fx.GraphModule) -> bool:
-    """Whether two call_module targets share a parameter or buffer (tied weights)."""
+    """Whether two call_module targets share a parameter or buffer, or a ``get_attr`` reads
+    one that a called module holds (tied weights: ``F.linear(h, self.embed.weight)`` beside
+    ``self.embed(ids)``), so that two layers would own one tensor."""
     owner: dict[int, str] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
@@ -465,7 +467,19 @@ def _ties_modules(gm: fx.GraphModule) -> bool:
             for t in list(sub.parameters()) + list(sub.buffers()):
                 if owner.setdefault(id(t), str(n.target)) != n.target:
                     return True
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            value = _attribute(gm, str(n.target))
+            if isinstance(value, torch.Tensor) and id(value) in owner:
+                return True
     return False
+
+
+def _attribute(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:

@@ -32,14 +32,20 @@ def batch(model: str, samples: int) -> tuple[tuple[Any, ...], dict[str, Any], to
     g = torch.Generator().manual_seed(11)
     if model == "mlp":
         return (torch.randn(samples, 1024, generator=g),), {}, torch.randint(0, 10, (samples,), generator=g)
+    if model == "tied_read":
+        ids = torch.randint(0, 64, (samples, 6), generator=g)
+        return (ids,), {}, ids
     ids = torch.randint(0, 128, (samples, 8), generator=g)
     return (ids,), {"use_cache": False}, ids
 
 
 def loss_fn(model: str) -> Any:
-    """The case's loss: cross entropy of the classes (mlp) or of the next token (gpt2), averaged."""
+    """The case's loss: cross entropy of the classes (mlp), of the tokens (tied_read) or of
+    the next token (gpt2), averaged."""
     if model == "mlp":
         return F.cross_entropy
+    if model == "tied_read":
+        return lambda output, ids: F.cross_entropy(output.reshape(-1, output.shape[-1]), ids.reshape(-1))
 
     def next_token(output: Any, ids: torch.Tensor) -> torch.Tensor:
         logits = output.logits[:, :-1]

@@ -33,6 +33,7 @@ __all__ = [
     "KwargsDictModel",
     "SmallResNet",
     "TiedLM",
+    "ReadTiedLM",
     "TwiceModel",
     "ZooCase",
     "tensor_leaves",
@@ -190,6 +191,24 @@ class TiedLM(nn.Module):
         for block in self.blocks:
             h = h + block(h)
         return self.head(self.norm(h))
+
+
+class ReadTiedLM(nn.Module):
+    """A toy language model whose head reads the embedding's weight directly
+    (``F.linear(h, self.embed.weight)``): one parameter, a module call in one layer and a
+    plain read in another, with no second module holding it."""
+
+    def __init__(self, vocab: int = 64, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.Tanh()) for _ in range(3))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.embed(ids)
+        for block in self.blocks:
+            h = h + block(h)
+        return nn.functional.linear(self.norm(h), self.embed.weight)
 
 
 # --- kwargs_dict: keyword inputs, a dict output and non-tensor values between modules ---------
@@ -440,6 +459,13 @@ _CASES = (
         name="tied",
         description="Embedding and output projection share one weight (head.weight is embed.weight).",
         make_model=_plain(TiedLM),
+        make_inputs=lambda: ((torch.randint(0, 64, (2, 6), generator=_generator(3)),), {}),
+        fx_traceable=True,
+    ),
+    ZooCase(
+        name="tied_read",
+        description="The head reads the embedding's weight directly (F.linear(h, embed.weight)).",
+        make_model=_plain(ReadTiedLM),
         make_inputs=lambda: ((torch.randint(0, 64, (2, 6), generator=_generator(3)),), {}),
         fx_traceable=True,
     ),

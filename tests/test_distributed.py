@@ -139,7 +139,10 @@ def test_layout_errors_carry_the_numbers() -> None:
 # --------------------------------------------------------------------------- stages (one process)
 
 
-@pytest.mark.parametrize(("model", "stage_of_layer"), [("mlp", [0, 0, 1, 1, 1, 2, 2]), ("gpt2", [0, 0, 1, 1, 2, 2])])
+@pytest.mark.parametrize(
+    ("model", "stage_of_layer"),
+    [("mlp", [0, 0, 1, 1, 1, 2, 2]), ("gpt2", [0, 0, 1, 1, 2, 2]), ("tied_read", [0, 0, 0, 1, 1, 1, 2, 2])],
+)
 def test_stages_in_a_row_compute_the_model(model: str, stage_of_layer: list[int]) -> None:
     """Outputs and gradients of the chained stages equal the model's (GPT-2: a tied weight crosses two stages)."""
     from partitioner.distributed.runtime import _layers
@@ -164,13 +167,16 @@ def test_stages_in_a_row_compute_the_model(model: str, stage_of_layer: list[int]
         torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
     if model == "gpt2":
         # The tied embedding and head weight: a copy in stages 0 and 2, never sent between stages.
-        ((target, stages),) = graphs.tied
-        assert stages == (0, 2)
-        assert all(target in dict(graphs.modules[k].named_parameters()) for k in stages)
+        ((first, last),) = graphs.tied
+        assert (first[0], last[0]) == (0, 2) and first[1] == last[1]
+        target = first[1]
         assert target not in dict(graphs.modules[1].named_parameters())
         sent = {n for boundary in graphs.boundaries for n in boundary}
         weight = next(n for n in layered.traced.gm.graph.nodes if n.op == "get_attr" and n.target == target)
         assert weight.name not in sent
+    elif model == "tied_read":
+        # The embedding module in stage 0, its weight read directly by the head in stage 2.
+        assert graphs.tied == (((0, "embed.weight"), (2, "embed.weight")),)
     else:
         assert graphs.tied == ()
 
@@ -351,6 +357,7 @@ def test_two_process_pipelines_train_as_one_process(tmp_path: Path) -> None:
     plans = {
         "mlp": hand_pipeline(mlp, [(0, 3), (4, 6)], [(0,), (1,)], "1f1b", 4, 8),
         "gpt2": hand_pipeline(gpt2, [(0, 2), (3, 5)], [(0,), (1,)], "1f1b", 4, 8),
+        "tied_read": hand_pipeline(base_plan("tied_read", 2), [(0, 3), (4, 7)], [(0,), (1,)], "1f1b", 4, 8),
         "mlp-interleaved": hand_pipeline(mlp, [(0, 1), (2, 3), (4, 5), (6, 6)], [(0,), (1,)], "interleaved_1f1b", 4, 8),
         "mlp-placed": placed(mlp, [0, 0, 0, 1, 1, 1, 1]),
     }
@@ -363,6 +370,7 @@ def test_two_process_pipelines_train_as_one_process(tmp_path: Path) -> None:
     ]
     cases[2]["checkpoint"] = str(checkpoint)
     cases.append({"name": "mlp-interleaved", "model": "mlp", "plan": files["mlp-interleaved"], "global_batch": 8})
+    cases.append({"name": "tied_read-1f1b", "model": "tied_read", "plan": files["tied_read"], "global_batch": 8})
     cases.append({"name": "mlp-placed", "model": "mlp", "plan": files["mlp-placed"], "microbatches": 2,
                   "global_batch": 8, "load_perturbed": True})
     launch(2, cases, tmp_path)

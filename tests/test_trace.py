@@ -16,7 +16,7 @@ from partitioner.trace import TracedModel, block_classes, trace_model
 from tests.models import PLAIN_CASES, ZOO, TiedLM
 
 # torch.fx.symbolic_trace handles every plain zoo model; auto picks torch.export only for ties.
-FX_CASES = [name for name in PLAIN_CASES if name != "tied"]
+FX_CASES = [name for name in PLAIN_CASES if name not in ("tied", "tied_read")]
 
 
 Traced = tuple[nn.Module, tuple[Any, ...], dict[str, Any], TracedModel]
@@ -38,9 +38,11 @@ def test_plain_models_trace_with_fx(name: str) -> None:
         torch.testing.assert_close(traced.gm(*args, **kwargs), model(*args, **kwargs))
 
 
-def test_tied_weights_switch_auto_to_export() -> None:
-    """fx reads a tied weight inside two call_module nodes; export lifts it so it can move."""
-    model, args, kwargs = ZOO["tied"].build()
+@pytest.mark.parametrize("name", ["tied", "tied_read"])
+def test_tied_weights_switch_auto_to_export(name: str) -> None:
+    """fx reads a tied weight inside two call_module nodes (tied), or inside one and through a
+    get_attr (tied_read: the head reads the embedding's weight); export lifts it so it can move."""
+    model, args, kwargs = ZOO[name].build()
     assert trace_model(model, args, kwargs, frontend="fx").frontend == "fx"
     traced = trace_model(model, args, kwargs)
     assert traced.frontend == "export"

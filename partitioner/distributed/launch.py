@@ -60,20 +60,21 @@ def process_groups(layout: Layout, rank: int) -> tuple[dist.ProcessGroup | None,
 
 
 def tie_groups(
-    layout: Layout, tied: Sequence[tuple[str, tuple[int, ...]]], rank: int
-) -> list[tuple[str, dist.ProcessGroup | None]]:
-    """For each tied parameter this process holds (`StageGraphs.tied`), the group of every
-    process holding a copy: each replica of each stage that holds it. None when this
-    process holds every copy (one process, or replicas and stages all its own).
+    layout: Layout, tied: Sequence[tuple[tuple[int, str], ...]], rank: int
+) -> list[tuple[tuple[tuple[int, str], ...], dist.ProcessGroup | None]]:
+    """For each tied parameter this process holds (`StageGraphs.tied`: its copies), the
+    group of every process holding a copy: each replica of each stage that holds one.
+    None when this process holds every copy (one process, its stages, one replica).
 
     Every process creates every group, in the same order (`dist.new_group` is collective).
     """
-    mine: list[tuple[str, dist.ProcessGroup | None]] = []
-    for target, stages in tied:
+    mine: list[tuple[tuple[tuple[int, str], ...], dist.ProcessGroup | None]] = []
+    for copies in tied:
+        stages = {s for s, _ in copies}
         ranks = sorted({layout.process(layout.stages[s].rank, i) for s in stages for i in range(layout.replicas)})
         group = dist.new_group(ranks) if len(ranks) > 1 else None
         if rank in ranks:
-            mine.append((target, group))
+            mine.append((copies, group))
     return mine
 
 

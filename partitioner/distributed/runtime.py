@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_map
 
 from partitioner.api import replication_hazards
 from partitioner.distributed.launch import launch_rank, process_device, process_groups, start_process_group, tie_groups
-from partitioner.distributed.layout import Layout, check_launch, plan_layout
+from partitioner.distributed.layout import Layout, StageSpec, check_launch, plan_layout
 from partitioner.distributed.stages import MicrobatchShapeError, StageGraphs, build_stages, flat_batch
 from partitioner.errors import PlanMismatchError
 from partitioner.layers import LayeredModel, build_layers
@@ -98,8 +98,7 @@ class PipelineRank:
         """Its stage modules (`fx.GraphModule`), on its device."""
         self._pipeline_group, self._replica_group = process_groups(layout, rank)
         self._ties = tie_groups(layout, graphs.tied, rank)
-        self._tied_names = {target for target, _ in self._ties}
-        self._wrapped = tuple(self._wrap(m, s.recompute) for m, s in zip(self.modules, specs))
+        self._wrapped = tuple(self._wrap(m, s) for m, s in zip(self.modules, specs))
         num_stages = len(layout.stages)
         # Shapes given up front: torch then skips its first-step shape inference, which would
         # run a forward through DDP outside `no_sync` and leave DDP waiting for that backward.
@@ -226,7 +225,13 @@ class PipelineRank:
         return tree_map(take, value)
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        """This process's parameters (its stages'), for its optimizer."""
+        """This process's parameters (its stages'), for its optimizer.
+
+        A tied weight appears once per stage of this process that holds a copy, each copy a
+        tensor of its own with the same gradient after `step`: give them all to the
+        optimizer (not ``dict(named_parameters())``, which keeps one name's), and mind that
+        a gradient norm over them counts the weight once per copy.
+        """
         for m in self.modules:
             yield from m.parameters()
 
@@ -303,25 +308,28 @@ class PipelineRank:
             self._owns_process_group = False
 
     # ------------------------------------------------------------------ internals
-    def _wrap(self, module: nn.Module, recompute: bool) -> nn.Module:
+    def _wrap(self, module: nn.Module, spec: StageSpec) -> nn.Module:
         """Activation checkpointing if the plan recomputes the stage; DDP over the replica group,
         when there are replicas and something to train (tied weights left to `_sum_tied_gradients`)."""
-        tied = {id(module.get_parameter(t)) for t in self._tied_names if _has_parameter(module, t)}
-        if recompute:
+        tied = {id(module.get_parameter(name)) for copies, _ in self._ties for s, name in copies if s == spec.index}
+        if spec.recompute:
             module = _Recomputed(module)
         trained = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in tied]
         if self.layout.replicas == 1 or not trained:
             return module
         ignored = [n for n, p in module.named_parameters() if id(p) in tied]
         if ignored:
+            # DDP's own switch for parameters it must not all-reduce (private, but what torch's
+            # tests and FSDP use; tests/test_distributed.py's replicated tied case fails without it).
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids, process_group=self._replica_group)
 
     def _sum_tied_gradients(self) -> None:
         """Each tied weight's gradient, summed over its copies and averaged over replicas, on every copy."""
-        for target, group in self._ties:
-            copies = [m.get_parameter(target) for m in self.modules if _has_parameter(m, target)]
+        for held, group in self._ties:
+            local = {s: m for s, m in zip(self.stage_indices, self.modules)}
+            copies = [local[s].get_parameter(name) for s, name in held if s in local]
             copies = [p for p in copies if p.requires_grad]
             if not copies:
                 continue
@@ -504,14 +512,6 @@ def _resized(value: Any, batch: int) -> Any:
 def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
     """A copy of a stage module on `device` (the user's tensors are never trained in place)."""
     return copy.deepcopy(module, place_tensors(module, {}, str(device)))
-
-
-def _has_parameter(module: nn.Module, target: str) -> bool:
-    try:
-        module.get_parameter(target)
-    except AttributeError:
-        return False
-    return True
 
 
 def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

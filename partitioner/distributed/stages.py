@@ -119,9 +119,9 @@ class StageGraphs:
     """What each stage takes, for one microbatch."""
     output_specs: tuple[tuple[TensorSpec, ...], ...]
     """What each stage returns, for one microbatch."""
-    tied: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    """Each parameter held by several stages (its attribute name in the stage modules) and
-    the stages that hold it, in order: their gradients are to be summed once per step."""
+    tied: tuple[tuple[tuple[int, str], ...], ...] = ()
+    """Each parameter held by several stages: ``(stage, its name in that stage's module)``
+    per copy, in stage order. Their gradients are to be summed once per step."""
 
     def model_output(self, last_stage_output: Any) -> Any:
         """The model's output (as the original returns it) from the last stage's tuple."""
@@ -188,12 +188,12 @@ def build_stages(
     live = _liveness(work, label, num_stages, output_tensors, values, tied)
     ins = [sorted(live[k][0], key=order.__getitem__) for k in range(num_stages)]
     outs = [sorted(live[k][1], key=order.__getitem__) for k in range(num_stages - 1)] + [output_tensors]
+    modules = tuple(
+        _stage_module(work, k, label, ins[k], outs[k], device, {n for n in outs[k] if not _spec(values, n).contiguous}, tied)
+        for k in range(num_stages)
+    )
     return StageGraphs(
-        modules=tuple(
-            _stage_module(work, k, label, ins[k], outs[k], device,
-                          {n for n in outs[k] if not _spec(values, n).contiguous}, tied)
-            for k in range(num_stages)
-        ),
+        modules=modules,
         inputs=tuple(placeholders.index(n) for n in ins[0]),
         constants=constants,
         input_names=tuple(str(p.target) for p in placeholders),
@@ -203,7 +203,7 @@ def build_stages(
         boundaries=tuple(tuple(n.name for n in out) for out in outs),
         input_specs=tuple(tuple(_spec(values, n).made_contiguous() for n in group) for group in ins),
         output_specs=tuple(tuple(_spec(values, n).made_contiguous() for n in group) for group in outs),
-        tied=tuple((str(n.target), stages) for n, stages in tied.items()),
+        tied=shared_parameters(modules),
     )
 
 
@@ -358,6 +358,23 @@ def _spec(values: Mapping[str, Any], node: fx.Node) -> TensorSpec:
     if not isinstance(spec, TensorSpec):
         raise PartitionerError(f"value {node.name!r} crosses stages but is not one tensor; stages exchange tensors")
     return spec
+
+
+def shared_parameters(modules: Sequence[torch.nn.Module]) -> tuple[tuple[tuple[int, str], ...], ...]:
+    """The parameters several of `modules` hold (the same tensor), as `StageGraphs.tied` lists them.
+
+    By identity, so that every way a model reads a weight in two stages counts: a
+    ``get_attr`` in each (`_tied_parameters`), or a module called in one stage whose
+    weight another reads directly (``F.linear(h, self.embed.weight)``).
+    """
+    holders: dict[int, list[tuple[int, str]]] = {}
+    for k, module in enumerate(modules):
+        seen: set[int] = set()
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if id(p) not in seen:  # one name per stage for a weight it holds twice
+                seen.add(id(p))
+                holders.setdefault(id(p), []).append((k, name))
+    return tuple(tuple(copies) for copies in holders.values() if len(copies) > 1)
 
 
 def _tied_parameters(gm: fx.GraphModule, label: Mapping[fx.Node, int]) -> dict[fx.Node, tuple[int, ...]]:
