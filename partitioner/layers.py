@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -186,6 +187,14 @@ def build_layers(traced: TracedModel, stats: Mapping[str, NodeStats], *, batch_s
             if owner != key[n]:
                 g.add_edge(owner, key[n])
                 g.add_edge(key[n], owner)
+    # So is a tensor a called module holds and a get_attr reads elsewhere (fx, when asked
+    # for: `frontend="auto"` traces such models with export, where the weight is a value).
+    for n in key:
+        if n.op == "get_attr":
+            holder = tensor_owner.get(id(operator.attrgetter(str(n.target))(gm)))
+            if holder is not None and holder != key[n]:
+                g.add_edge(holder, key[n])
+                g.add_edge(key[n], holder)
 
     cond = nx.condensation(g)
     comp_of = cond.graph["mapping"]

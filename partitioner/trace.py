@@ -12,6 +12,7 @@ import contextlib
 import copy
 import inspect
 import linecache
+import operator
 import os
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -469,17 +470,10 @@ def _ties_modules(gm: fx.GraphModule) -> bool:
                     return True
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            value = _attribute(gm, str(n.target))
+            value = operator.attrgetter(str(n.target))(gm)
             if isinstance(value, torch.Tensor) and id(value) in owner:
                 return True
     return False
-
-
-def _attribute(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:

@@ -158,6 +158,22 @@ def test_tied_weight_lives_in_one_layer_and_moves_as_a_value() -> None:
     assert grouped.layered.graph.layers[grouped.layer("head")].param_bytes == 0
 
 
+@pytest.mark.parametrize("frontend", ["fx", "auto"])
+def test_a_weight_read_directly_and_inside_a_module_has_one_owner(frontend: str) -> None:
+    # tied_read: `F.linear(h, self.embed.weight)` beside `self.embed(ids)`. Forced fx cannot
+    # move a weight a called module reads inside: the two layers become one. auto traces
+    # with export, where the weight is a value the head's layer receives.
+    grouped = group_case("tied_read", frontend=frontend)
+    weight = grouped.model.embed.weight
+    owners = [layer for layer in grouped.layered.graph.layers if any(grouped.tensor(p) is weight for p in layer.params)]
+    assert len(owners) == 1
+    if frontend == "fx":
+        assert len(grouped.layered.graph.layers) == 1
+    else:
+        assert grouped.layered.traced.frontend == "export" and len(grouped.layered.graph.layers) > 1
+        assert any(v.producer == owners[0].index and v.bytes == weight.nbytes for v in grouped.layered.graph.values)
+
+
 def test_module_called_twice_with_fx_keeps_both_calls_with_its_weights() -> None:
     grouped = group_case("twice", frontend="fx")
     calls = [n.name for n in grouped.layered.traced.gm.graph.nodes if n.target == "shared.0"]
