@@ -5,7 +5,7 @@ width)``: Linear, Conv1d, LayerNorm, BatchNorm (train and eval), Embedding, atte
 (nn.MultiheadAttention and F.scaled_dot_product_attention) and activation modules, ops
 outside every module, residual adds and long skips, one or two float inputs and token ids
 (positional or keyword), single, tuple and dict outputs, a module called at two places,
-weights tied between modules, buffers, in-place ops (``relu_``, ``add_``, and an
+weights tied between modules or read directly by F.linear, buffers, in-place ops (``relu_``, ``add_``, and an
 ``add_`` on a value other layers read), and an int and a None passed between modules.
 A `Spec` is plain data; `build` turns it into a module whose ``forward`` is generated
 source (`Spec.source`, shown in failure reports), as torch.fx and torch.export would see
@@ -65,6 +65,7 @@ KINDS = (
     #            None: a.add_(b); "setitem": a[:, 0] = b[:, 0]; "view": a.transpose(1, 2).add_(b.transpose(1, 2))
     "shared",  # the module of an earlier node, called again; arg: that node's index
     "tied",  # a new Linear whose weight is an earlier Linear's; arg: that node's index
+    "read",  # F.linear(a, weight of an earlier Linear), read directly; arg: that node's index
     "width",  # a module returning (tanh(Linear(a)), a.shape[-1]): an int for a "scale" node
     "scale",  # a module computing Linear(a) * n ** -0.5, n from a "width" node; arg: its value index
     "none",  # a module returning (Linear(a), None) or MHA's (output, None); arg: "linear" or "mha"
@@ -281,6 +282,8 @@ def _forward_source(spec: Spec) -> str:
             lines.append(f"    {name} = {m}({a}, {b})")
         elif kind == "gelu_fn":
             lines.append(f"    {name} = F.gelu({a})")
+        elif kind == "read":
+            lines.append(f"    {name} = F.linear({a}, self.m{node.arg}.weight)")
         elif kind == "add":
             lines.append(f"    {name} = {a} + {b}")
         elif kind == "gate":
@@ -381,14 +384,14 @@ def specs(draw: st.DrawFn, max_nodes: int = 10) -> Spec:
     nodes: list[Node] = []
     for i in range(draw(st.integers(1, max_nodes))):
         values = range(len(producer))
-        options = [k for k in KINDS if k not in ("shared", "tied", "scale", "maybe", "mutate")]
+        options = [k for k in KINDS if k not in ("shared", "tied", "read", "scale", "maybe", "mutate")]
         shareable = [j for j, n in enumerate(nodes) if n.kind in _MODULE_KINDS]
         linears = [j for j, n in enumerate(nodes) if n.kind in _LINEAR_KINDS]
         widths = [j for j, p in enumerate(producer) if p == "width"]
         nones = [j for j, p in enumerate(producer) if p == "none"]
         mutable = [j for j in values if producer[j] in _MUTABLE and not saved[j]]
         # Kinds that need an earlier node are drawn half the time when they can be.
-        dependent = ["shared"] * bool(shareable) + ["tied"] * bool(linears) + ["scale"] * bool(widths)
+        dependent = ["shared"] * bool(shareable) + ["tied", "read"] * bool(linears) + ["scale"] * bool(widths)
         dependent += ["maybe"] * bool(nones) + ["mutate"] * bool(mutable)
         kind = draw(st.sampled_from(dependent if dependent and draw(st.booleans()) else options))
         arg: Any = None
@@ -409,7 +412,7 @@ def specs(draw: st.DrawFn, max_nodes: int = 10) -> Spec:
             arg = draw(st.sampled_from(shareable))
             if nodes[arg].kind in _TWO_INPUTS and len(inputs) == 1:
                 inputs = (inputs[0], draw(st.sampled_from(values)))
-        elif kind == "tied":
+        elif kind in ("tied", "read"):
             arg = draw(st.sampled_from(linears))
         elif kind == "scale":
             arg = draw(st.sampled_from(widths))
@@ -577,6 +580,12 @@ _SHARED_BATCHNORM = Spec(
         Node("linear", (2,)), Node("linear", (3,)), Node("shared", (4,), 0),
     ),
 )  # fmt: skip
+# torch.fx kept a weight a called Linear holds and a later F.linear reads directly in two
+# layers: the split rewrite raised DeviceMismatchError (fixed: trace._ties_modules, then export).
+_READ_ANOTHER_WEIGHT = Spec(
+    width=8, outputs=(4,),
+    nodes=(Node("linear", (0,)), Node("linear", (1,)), Node("linear", (2,)), Node("read", (3,), 0)),
+)  # fmt: skip
 # torch.fx answers ``weights is None`` about a proxy: the graph scaled by 0.5, the model by 1
 # (fixed: trace._differs_from_eager, then torch.export).
 _NONE_DECIDES_OUTPUT = Spec(nodes=(Node("none", (0,), "mha"), Node("maybe", (1,), (1, "scale"))), outputs=(2,))
@@ -603,6 +612,7 @@ _NONE_DECIDES_STATE = Spec(
 @example(spec=_TWO_CHANGES, num_devices=2, data_parallel=False, tightness=[0.0, 0.5, 0.0, 0.0])
 @example(spec=_SHARED_BATCHNORM, num_devices=3, data_parallel=False, tightness=[0.3] * 4)
 @example(spec=_NONE_DECIDES_OUTPUT, num_devices=2, data_parallel=False, tightness=_TIGHT)
+@example(spec=_READ_ANOTHER_WEIGHT, num_devices=3, data_parallel=False, tightness=_TIGHT)
 @example(spec=_NONE_DECIDES_STATE, num_devices=1, data_parallel=False, tightness=_TIGHT)
 def test_random_model_split_computes_what_the_original_computes(
     spec: Spec, num_devices: int, data_parallel: bool, tightness: list[float]
