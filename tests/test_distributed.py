@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +237,120 @@ def test_one_process_plan_steps_and_checkpoints(tmp_path: Path, monkeypatch: pyt
             part.step(inputs[0][:6], target[:6])
     finally:
         part.close()
+
+
+# --------------------------------------------------------------------------- checkpoints (one process)
+
+
+@pytest.fixture(scope="module")
+def one_process_part() -> Iterator[pd.PipelineRank]:
+    """The seed MLP on one device, built without a launcher (a checkpoint of one part and unused.pt)."""
+    with pytest.MonkeyPatch.context() as env:
+        for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+            env.delenv(var, raising=False)
+        model, args, kwargs = ZOO["mlp"].build()
+        part = pd.build(placed(base_plan("mlp", 2), [1] * 7), model, args, kwargs, loss_fn=dist_worker.loss_fn("mlp"),
+                        schedule="gpipe", microbatches=2, global_batch=8)
+        try:
+            yield part
+        finally:
+            part.close()
+
+
+def _saved(part: pd.PipelineRank, directory: Path, step: int, state: dict[str, torch.Tensor]) -> Path:
+    """A checkpoint of `part` holding `state` at `step`; the part is then back at the zoo's weights."""
+    pd.load_from_original(part, state)
+    pd.save_checkpoint(part, directory, step=step)
+    pd.load_from_original(part, ZOO["mlp"].make_model().state_dict())
+    return directory
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} was overwritten by a refused load"
+
+
+def test_checkpoint_part_of_another_step_is_refused(one_process_part: pd.PipelineRank, tmp_path: Path) -> None:
+    """A part copied in from another save of the same plan would mix the weights of two steps."""
+    state = ZOO["mlp"].make_model().state_dict()
+    early = _saved(one_process_part, tmp_path / "step10", 10, state)
+    late = _saved(one_process_part, tmp_path / "step20", 20, dist_worker.perturbed(state))
+    shutil.copy(late / "part-0-of-1.pt", early / "part-0-of-1.pt")
+    restored = ZOO["mlp"].make_model()
+    before = _state(restored)
+    with pytest.raises(PlanMismatchError, match=r"part-0-of-1.pt comes from another save.*step 20.*step 10.*mix"):
+        pd.load_into_original(restored, early)
+    _unchanged(restored, before)
+    assert json.loads((late / "index.json").read_text())["step"] == 20
+    assert set(pd.load_checkpoint(late)) == set(state)  # each save alone loads
+
+
+def test_checkpoint_of_another_shape_leaves_every_tensor_unchanged(
+    one_process_part: pd.PipelineRank, tmp_path: Path
+) -> None:
+    """A mismatch found at the last tensor used to raise after the others were copied (model half-loaded)."""
+    saved = _saved(one_process_part, tmp_path / "ckpt", 1, dist_worker.perturbed(ZOO["mlp"].make_model().state_dict()))
+    other = ZOO["mlp"].make_model()
+    other.fc4 = torch.nn.Linear(128, 12)  # same names, fc4 of another shape
+    before = _state(other)
+    with pytest.raises(PlanMismatchError, match=r"'fc4.weight' has shape \(10, 128\) in the checkpoint but \(12, 128\)"):
+        pd.load_into_original(other, saved)
+    _unchanged(other, before)
+    half = ZOO["mlp"].make_model().half()
+    before = _state(half)
+    with pytest.raises(PlanMismatchError, match=r"torch.float32 in the checkpoint but torch.float16.*model.to"):
+        pd.load_into_original(half, saved)
+    _unchanged(half, before)
+    # Into the stages: the same, whichever tensor is wrong.
+    part_before = {k: v.clone() for k, v in one_process_part.state_dict().items()}
+    wrong = dist_worker.perturbed(ZOO["mlp"].make_model().state_dict())
+    wrong["fc4.bias"] = torch.zeros(12)
+    with pytest.raises(PlanMismatchError, match=r"'fc4.bias' has shape \(12,\) in the state dict but \(10,\)"):
+        pd.load_from_original(one_process_part, wrong)
+    for k, v in one_process_part.state_dict().items():
+        assert torch.equal(v, part_before[k]), f"stage tensor {k} was overwritten by a refused load"
+
+
+def test_checkpoint_file_outside_its_directory_is_refused(one_process_part: pd.PipelineRank, tmp_path: Path) -> None:
+    saved = _saved(one_process_part, tmp_path / "ckpt", 1, ZOO["mlp"].make_model().state_dict())
+    shutil.copytree(saved, tmp_path / "other")
+    index = json.loads((saved / "index.json").read_text())
+    index["files"]["../other/part-0-of-1.pt"] = index["files"].pop("part-0-of-1.pt")
+    (saved / "index.json").write_text(json.dumps(index))
+    with pytest.raises(PlanMismatchError, match=r"index.json names an unexpected file '../other/part-0-of-1.pt'"):
+        pd.load_checkpoint(saved)
+    # A link inside the directory that leads out of it.
+    linked = _saved(one_process_part, tmp_path / "linked", 1, ZOO["mlp"].make_model().state_dict())
+    (linked / "part-0-of-1.pt").unlink()
+    (linked / "part-0-of-1.pt").symlink_to(tmp_path / "other" / "part-0-of-1.pt")
+    with pytest.raises(PlanMismatchError, match=r"part-0-of-1.pt \(listed in the index\) leads to .*outside"):
+        pd.load_checkpoint(linked)
+
+
+def test_checkpoint_truncated_or_missing_part_raises_a_typed_error(
+    one_process_part: pd.PipelineRank, tmp_path: Path
+) -> None:
+    saved = _saved(one_process_part, tmp_path / "ckpt", 1, ZOO["mlp"].make_model().state_dict())
+    part = saved / "part-0-of-1.pt"
+    data = part.read_bytes()
+    part.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PlanMismatchError, match=r"part-0-of-1.pt is damaged or truncated"):
+        pd.load_checkpoint(saved)
+    part.unlink()
+    with pytest.raises(PlanMismatchError, match=r"part-0-of-1.pt \(listed in the index\) is missing"):
+        pd.load_checkpoint(saved)
+    (saved / "unused.pt").unlink()
+    (saved / "unused.pt").mkdir()
+    part.write_bytes(data)
+    with pytest.raises(PlanMismatchError, match=r"unused.pt \(listed in the index\) is not a regular file"):
+        pd.load_checkpoint(saved)
+    (saved / "index.json").unlink()
+    with pytest.raises(PlanMismatchError, match=r"index.json .*is missing"):
+        pd.load_checkpoint(saved)
 
 
 def test_one_process_pipeline_recomputes_where_the_plan_says(monkeypatch: pytest.MonkeyPatch) -> None:

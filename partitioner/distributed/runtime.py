@@ -267,29 +267,41 @@ class PipelineRank:
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Copy this process's tensors from a state dict of the original model (its names).
 
+        Every tensor is checked before the first is copied: a refused state dict leaves the
+        stages as they were.
+
         Raises:
             PlanMismatchError: A tensor of these stages is missing from `state_dict`, or has
-                another shape (the state dict is of another model).
+                another shape or dtype (the state dict is of another model).
         """
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for k, m, names in zip(self.stage_indices, self.modules, self._stage_aliases()):
+            for name, t in _named_tensors(m):
+                originals = names.get(name, ())
+                if not originals:
+                    continue
+                found = next((o for o in originals if o in state_dict), None)
+                if found is None:
+                    raise PlanMismatchError(
+                        f"the state dict has no {originals[0]!r}, which stage {k} holds; "
+                        "it is not a state dict of the model the plan was made for (nothing was loaded)"
+                    )
+                source = state_dict[found]
+                if tuple(source.shape) != tuple(t.shape):
+                    raise PlanMismatchError(
+                        f"{found!r} has shape {tuple(source.shape)} in the state dict but {tuple(t.shape)} "
+                        f"in stage {k}; it is not a state dict of the model the plan was made for "
+                        "(nothing was loaded)"
+                    )
+                if source.dtype != t.dtype:
+                    raise PlanMismatchError(
+                        f"{found!r} is {source.dtype} in the state dict but {t.dtype} in stage {k} (nothing was "
+                        "loaded); cast the state dict's tensors, or build from a model of that dtype"
+                    )
+                pairs.append((t, source))
         with torch.no_grad():
-            for k, m, names in zip(self.stage_indices, self.modules, self._stage_aliases()):
-                for name, t in _named_tensors(m):
-                    originals = names.get(name, ())
-                    if not originals:
-                        continue
-                    found = next((o for o in originals if o in state_dict), None)
-                    if found is None:
-                        raise PlanMismatchError(
-                            f"the state dict has no {originals[0]!r}, which stage {k} holds; "
-                            "it is not a state dict of the model the plan was made for"
-                        )
-                    source = state_dict[found]
-                    if tuple(source.shape) != tuple(t.shape):
-                        raise PlanMismatchError(
-                            f"{found!r} has shape {tuple(source.shape)} in the state dict but {tuple(t.shape)} "
-                            f"in stage {k}; it is not a state dict of the model the plan was made for"
-                        )
-                    t.copy_(source)
+            for t, source in pairs:
+                t.copy_(source)
 
     def held_names(self, stage: int) -> tuple[str, ...]:
         """The original model's state names of the tensors stage `stage` holds (any stage of the plan)."""
