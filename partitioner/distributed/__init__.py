@@ -9,6 +9,7 @@ per stage, the plan's `ScheduleGPipe` / `Schedule1F1B` / `ScheduleInterleaved1F1
 - `launch`     rank and world size, process group and subgroups, each process's device
 - `runtime`    `build`: this process's stages, DDP and schedule; `PipelineRank.step`
 - `checkpoint` state under the original model's names: save per rank, load either way
+- `interop`    a plan's stages for torch's `pipeline()` (`split_spec`) and DeepSpeed (`deepspeed_parts`)
 
 See docs/distributed.md.
 """
@@ -19,7 +20,8 @@ from partitioner.distributed.checkpoint import (
     load_into_original,
     save_checkpoint,
 )
-from partitioner.distributed.layout import SCHEDULES, Layout, StageSpec, check_launch, plan_layout
+from partitioner.distributed.interop import deepspeed_parts, split_spec
+from partitioner.distributed.layout import SCHEDULES, Layout, StageSpec, check_launch, plan_layout, stage_layers
 from partitioner.distributed.runtime import LossFn, PipelineRank, build
 from partitioner.distributed.stages import StageGraphs, build_stages
 
@@ -31,7 +33,10 @@ __all__ = [
     "load_checkpoint",
     "load_into_original",
     "load_from_original",
+    "split_spec",
+    "deepspeed_parts",
     "plan_layout",
+    "stage_layers",
     "check_launch",
     "Layout",
     "StageSpec",

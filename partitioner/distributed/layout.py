@@ -24,7 +24,7 @@ from partitioner.errors import PlanMismatchError
 from partitioner.options import Strategy
 from partitioner.plan import Plan
 
-__all__ = ["SCHEDULES", "StageSpec", "Layout", "plan_layout", "check_launch"]
+__all__ = ["SCHEDULES", "StageSpec", "Layout", "plan_layout", "stage_layers", "check_launch"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 """Schedules that lower to `torch.distributed.pipelining` (`ScheduleGPipe`, `Schedule1F1B`,
@@ -208,12 +208,9 @@ def plan_layout(
     else:
         if plan.strategy is Strategy.DATA_PARALLEL:
             groups = (tuple(range(len(plan.devices))),)
-            by_stage = [tuple(range(len(plan.layers)))]
         else:
-            used = sorted(set(plan.assignment))
-            groups = tuple((d,) for d in used)
-            by_stage = [tuple(i for i, d in enumerate(plan.assignment) if d == device) for device in used]
-        stages = tuple(StageSpec(index=k, rank=k, layers=layers) for k, layers in enumerate(by_stage))
+            groups = tuple((d,) for d in sorted(set(plan.assignment)))
+        stages = tuple(StageSpec(index=k, rank=k, layers=layers) for k, layers in enumerate(stage_layers(plan)))
         chosen_schedule = schedule or "1f1b"
         chosen_microbatches = microbatches or len(stages)
         batch = global_batch or plan.batch_size
@@ -227,6 +224,21 @@ def plan_layout(
         schedule=chosen_schedule,
         microbatches=chosen_microbatches,
         global_batch=batch,
+    )
+
+
+def stage_layers(plan: Plan) -> tuple[tuple[int, ...], ...]:
+    """The layers of each stage of `plan` (indices into `Plan.layers`), stage by stage, as `plan_layout` runs them.
+
+    A plan with a pipeline: its stages' layer ranges. Without one: one stage per device
+    the plan uses, by device index; a data-parallel plan: one stage of every layer.
+    """
+    if plan.pipeline is not None:
+        return tuple(tuple(range(s.first_layer, s.last_layer + 1)) for s in plan.pipeline.stages)
+    if plan.strategy is Strategy.DATA_PARALLEL:
+        return (tuple(range(len(plan.layers))),)
+    return tuple(
+        tuple(i for i, d in enumerate(plan.assignment) if d == device) for device in sorted(set(plan.assignment))
     )
 
 
