@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.distributed.pipelining import SplitPoint, pipeline
 
+import partitioner
 import partitioner.distributed as pd
 from partitioner.plan import Plan
 from tests.models import ZOO
@@ -61,6 +62,20 @@ def test_split_spec_gives_pipeline_the_plans_stages(model: str, ranges: list[tup
         held = _names(canonical, (n for n, _ in pipe.get_stage_module(k).named_parameters()))
         assert expected <= held, f"stage {k} lacks {expected - held}"
         assert held - expected <= tied, f"stage {k} holds {held - expected - tied} of another stage"
+
+
+def test_split_spec_cuts_inside_a_block_of_a_leaf_plan() -> None:
+    """Leaf layers: the cut falls between GPT-2's attention and MLP inside block 0 (the residual crosses it)."""
+    m, args, kwargs = ZOO["gpt2"].build()
+    leaf = partitioner.plan(m, ["cpu:0", "cpu:1"], args, kwargs, measure=False, granularity="leaf")
+    cut = [layer.name for layer in leaf.layers].index("transformer.h.0.mlp.c_fc")
+    spec = pd.split_spec(placed(leaf, [0] * cut + [1] * (len(leaf.layers) - cut)))
+    assert spec == {"transformer.h.0.mlp.c_fc": SplitPoint.BEGINNING}
+    m, args, kwargs = ZOO["gpt2"].build()
+    pipe = pipeline(m, mb_args=args, mb_kwargs=kwargs, split_spec=spec)
+    assert pipe.num_stages == 2
+    second = {n for n, _ in pipe.get_stage_module(1).named_parameters()}
+    assert "transformer.h.0.mlp.c_fc.weight" in second and "transformer.h.0.attn.c_attn.weight" not in second
 
 
 def test_split_spec_of_one_stage_is_empty() -> None:
