@@ -142,8 +142,10 @@ def deepspeed_parts(plan: Plan, layers: Sequence[Any], model: nn.Module | None =
         if not modules:  # a function or a module of no tensors: it runs where the entry before it runs
             entry_stage.append(current)
             continue
-        hit = sorted({k for j, layer in enumerate(plan.layers) for m in layer.modules for p in modules
-                      if _related(m, p) for k in (stage_of_layer[j],)})
+        touched = [
+            j for j, layer in enumerate(plan.layers) if any(_related(m, p) for m in layer.modules for p in modules)
+        ]
+        hit = sorted({stage_of_layer[j] for j in touched})
         label = f"entry {i} ({', '.join(modules)})"
         if not hit and model is not None and not _holds_tensors(model, modules):
             entry_stage.append(current)  # a module of no tensors that the plan folded into its callers' layers
@@ -155,10 +157,9 @@ def deepspeed_parts(plan: Plan, layers: Sequence[Any], model: nn.Module | None =
                 "model the plan was made for, or their paths"
             )
         if len(hit) > 1:
-            cut = [layer.name for j, layer in enumerate(plan.layers)
-                   if stage_of_layer[j] in hit and any(_related(m, p) for m in layer.modules for p in modules)]
+            cut = ", ".join(plan.layers[j].name for j in touched)
             raise ValueError(
-                f"{label} spans stages {hit[0]}..{hit[-1]}: the plan cuts inside it (its layers {', '.join(cut)}); "
+                f"{label} spans stages {hit[0]}..{hit[-1]}: the plan cuts inside it (its layers {cut}); "
                 "list its parts as entries of their own, or plan with coarser layers"
             )
         if hit[0] < current:
@@ -178,6 +179,7 @@ def deepspeed_parts(plan: Plan, layers: Sequence[Any], model: nn.Module | None =
 
 
 def _holds_tensors(model: nn.Module, modules: tuple[str, ...]) -> bool:
+    """Whether any of these modules of `model` holds a parameter or buffer (or is not a module of it)."""
     for path in modules:
         try:
             sub = model.get_submodule(path)
