@@ -76,7 +76,7 @@ def _check_int(obj: object, name: str, lowest: int, optional: bool = False) -> N
 def _check_fraction(obj: object, name: str) -> None:
     value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
-        raise ValueError(f"{type(obj).__name__}.{name} must be a number in [0, 1) (got {value!r})")
+        raise ValueError(f"{type(obj).__name__}.{name} must be in [0, 1) (got {value!r})")
 
 
 class Objective(_Choice):
