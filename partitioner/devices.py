@@ -815,21 +815,24 @@ def _apply_max_memory(devices: list[Device], max_memory: MaxMemory) -> list[Devi
                 f"(a key may also be a kind: 'cpu', 'gpu', or a profile name; or an integer: the N-th GPU)"
             )
     out = []
+    too_large: dict[tuple[int, int, str], list[str]] = {}  # (cap, memory, whose) -> devices: one warning each
     for d in devices:
         cap = by_name.get(d.name)
         for kind in (d.profile.name, d.kind, "cuda" if d.kind == "gpu" else ""):
             if cap is None:
                 cap = by_kind.get(kind)
         if cap is not None and d.memory_bytes < cap < _MAX_MEMORY_BYTES:
-            what = "this machine has" if d.present else f"its profile {d.profile.name!r} gives"
-            warnings.warn(
-                f"max_memory caps {d.name} at {format_bytes(cap)}, but {what} {format_bytes(d.memory_bytes)}: "
-                f"a plan that uses the difference will not fit the hardware. Lower the cap, or name a profile "
-                f"with more memory",
-                UserWarning,
-                stacklevel=3,
-            )
+            whose = "this machine has" if d.present else f"its profile {d.profile.name!r} gives"
+            too_large.setdefault((cap, d.memory_bytes, whose), []).append(d.name)
         out.append(d if cap is None else replace(d, memory_bytes=cap))
+    for (cap, memory, whose), names in too_large.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        warnings.warn(
+            f"max_memory caps {shown} at {format_bytes(cap)}, but {whose} {format_bytes(memory)}: a plan that "
+            f"uses the difference will not fit the hardware. Lower the cap, or name a profile with more memory",
+            UserWarning,
+            stacklevel=3,
+        )
     return out
 
 
