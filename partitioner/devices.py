@@ -825,8 +825,8 @@ def _apply_max_memory(devices: list[Device], max_memory: MaxMemory) -> list[Devi
             whose = "this machine has" if d.present else f"its profile {d.profile.name!r} gives"
             too_large.setdefault((cap, d.memory_bytes, whose), []).append(d.name)
         out.append(d if cap is None else replace(d, memory_bytes=cap))
-    for (cap, memory, whose), names in too_large.items():
-        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    for (cap, memory, whose), capped in too_large.items():
+        shown = ", ".join(capped[:4]) + (f" and {len(capped) - 4} more" if len(capped) > 4 else "")
         warnings.warn(
             f"max_memory caps {shown} at {format_bytes(cap)}, but {whose} {format_bytes(memory)}: a plan that "
             f"uses the difference will not fit the hardware. Lower the cap, or name a profile with more memory",

@@ -68,14 +68,14 @@ def _check_int(obj: object, name: str, lowest: int, optional: bool = False) -> N
     value = getattr(obj, name)
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < lowest:
         none = " or None" if optional else ""
         raise ValueError(f"{type(obj).__name__}.{name} must be an integer >= {lowest}{none} (got {value!r})")
 
 
 def _check_fraction(obj: object, name: str) -> None:
     value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) < 1:
         raise ValueError(f"{type(obj).__name__}.{name} must be in [0, 1) (got {value!r})")
 
 
