@@ -108,19 +108,7 @@ class Cluster:
     def from_devices(cls, devices: Sequence[Device], name: str = "devices") -> Cluster:
         """A one-node cluster of `devices`, linked as `partitioner.devices.link_cost` says."""
         devices = tuple(devices)
-        # link_cost depends on the two profiles only: price each pair of profiles once
-        # (1024 identical devices would otherwise take a million calls).
-        by_profiles: dict[tuple[int, int], tuple[float, float]] = {}
-
-        def cost(a: Device, b: Device) -> tuple[float, float]:
-            if a.name == b.name:
-                return 0.0, 0.0
-            key = (id(a.profile), id(b.profile))
-            if key not in by_profiles:
-                by_profiles[key] = link_cost(a, b)
-            return by_profiles[key]
-
-        costs = [[cost(a, b) for b in devices] for a in devices]
+        costs = [[link_cost(a, b) for b in devices] for a in devices]
         return cls(
             name=name,
             description=", ".join(d.name for d in devices),

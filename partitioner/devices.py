@@ -710,17 +710,15 @@ def resolve_devices(specs: Sequence[str], max_memory: MaxMemory | None = None) -
     for spec, base, _ in entries:
         if base not in ("cpu", "cuda") and base not in loaded:
             loaded[base] = _profile_for_spec(spec, base)
-    if any(base == "cpu" for _, base, _ in entries):
-        host_profile, host_bytes = load_profile("cpu"), system_memory_bytes()
     profiles = {i: loaded[base] for i, (_, base, _) in enumerate(entries) if base in loaded}
     labels = _estimated_names({i: (p.name, entries[i][2]) for i, p in profiles.items()})
     devices: list[Device] = []
+    host: tuple[DeviceProfile, int] | None = None  # the cpu profile and this machine's memory
     for i, (spec, base, index) in enumerate(entries):
         if base == "cpu":
             name = "cpu" if index is None else f"cpu:{index}"
-            devices.append(
-                Device(name=name, torch_device=name, profile=host_profile, present=True, memory_bytes=host_bytes)
-            )
+            host = host or (load_profile("cpu"), system_memory_bytes())  # once for "cpu x1000"
+            devices.append(Device(name=name, torch_device=name, profile=host[0], present=True, memory_bytes=host[1]))
         elif base == "cuda":
             devices.append(_cuda_device(index, spec))
         else:
