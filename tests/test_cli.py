@@ -92,7 +92,8 @@ def test_max_memory_takes_accelerates_gpu_index(capsys: pytest.CaptureFixture[st
 
 
 def test_max_memory_above_the_devices_memory_warns(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.warns(UserWarning, match="caps a100-80gb:0, a100-80gb:1 at 186.26 GiB, but its profile 'a100-80gb' gives 80 GiB"):
+    message = "caps a100-80gb:0, a100-80gb:1 at 186.26 GiB, but its profile 'a100-80gb' gives 80 GiB"
+    with pytest.warns(UserWarning, match=message):
         plan_of(capsys, "mlp", *TWO_GPUS, "--max-memory", "a100-80gb=200GB")
 
 

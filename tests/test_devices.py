@@ -541,7 +541,8 @@ def test_parse_bytes_agrees_with_accelerate(text: str | int) -> None:
 
 @pytest.mark.parametrize(("text", "bits"), [("20Gb", "2.5 GB"), ("20gb", "2.5 GB"), ("5 mb", "625 kB"), ("8b", "1 B")])
 def test_lowercase_b_is_refused_as_accelerate_reads_bits(text: str, bits: str) -> None:
-    with pytest.raises(DeviceError, match=f"{re.escape(repr(text))} is ambiguous: Accelerate reads a lowercase 'b' as bits \\({bits}\\)"):
+    message = f"{re.escape(repr(text))} is ambiguous: Accelerate reads a lowercase 'b' as bits \\({bits}\\)"
+    with pytest.raises(DeviceError, match=message):
         parse_bytes(text)
 
 
