@@ -25,7 +25,7 @@ from partitioner.errors import DeviceError, PartitionerError, PlanMismatchError,
 from partitioner.ir import OUTPUT, LayerGraph, Problem, Solution
 from partitioner.layers import LayeredModel, build_layers
 from partitioner.measure import measure_layers
-from partitioner.options import PlanOptions, Strategy
+from partitioner.options import PlanOptions, Strategy, check_split_modules
 from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
 from partitioner.profiling import profile_nodes
 from partitioner.replicate import Replicated
@@ -81,6 +81,7 @@ def compile_plan(
     frontend: Frontend = "auto",
     granularity: Granularity = "block",
     split_modules: Sequence[str] = (),
+    no_split_module_classes: Sequence[str] = (),
     measure: bool = True,
     measure_budget_s: float = 10.0,
     progress: Progress | None = None,
@@ -100,7 +101,7 @@ def compile_plan(
     kwargs = dict(example_kwargs or {})
     layered, timings = trace_layers(
         model, args, kwargs, training=options.training, frontend=frontend, granularity=granularity,
-        split_modules=split_modules, progress=say,
+        split_modules=split_modules, no_split_module_classes=no_split_module_classes, progress=say,
     )
     if measure and any(d.present for d in resolved):
         start = time.perf_counter()
@@ -128,6 +129,7 @@ def trace_layers(
     frontend: Frontend = "auto",
     granularity: Granularity = "block",
     split_modules: Sequence[str] = (),
+    no_split_module_classes: Sequence[str] = (),
     progress: Progress | None = None,
 ) -> tuple[LayeredModel, dict[str, float]]:
     """Trace `model`, profile every graph node on fake tensors and group the nodes into layers.
@@ -142,7 +144,7 @@ def trace_layers(
         example_inputs: Positional example inputs.
         example_kwargs: Keyword example inputs.
         training: Profile forward and backward (else forward only).
-        frontend, granularity, split_modules, progress: As for `plan`.
+        frontend, granularity, split_modules, no_split_module_classes, progress: As for `plan`.
 
     Returns:
         The layered model, and seconds spent tracing (``trace_s``) and profiling (``profile_s``).
@@ -156,6 +158,10 @@ def trace_layers(
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     start = time.perf_counter()
+    classes = {f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()}
+    split_modules = check_split_modules(
+        split_modules, classes, type(model).__name__, no_split_module_classes=no_split_module_classes
+    )
     say(f"tracing {type(model).__name__}")
     traced = trace_model(model, args, kwargs, frontend=frontend, granularity=granularity, split_modules=split_modules)
     timings = {"trace_s": time.perf_counter() - start}
@@ -193,7 +199,8 @@ def plan(
         example_kwargs: Keyword example inputs.
         **kw: ``options`` (`PlanOptions`), ``max_memory`` (Accelerate-style caps),
             ``frontend`` (``auto``, ``fx``, ``export``), ``granularity`` (``block``,
-            ``leaf``), ``split_modules`` (class names grouped as one layer each),
+            ``leaf``), ``split_modules`` (class names kept whole, one layer each; also
+            spelt ``no_split_module_classes``, as in Accelerate),
             ``measure`` (time each layer on the present devices, default True; models on
             ``meta`` are never timed; timings vary from run to run, so pass False for
             reproducible plans), ``measure_budget_s``, ``progress`` (a callable taking a

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adam", choices=["none", "sgd", "momentum", "adam"])
     p.add_argument("--no-data-parallel", action="store_true", help="never replicate the whole model")
     p.add_argument("--granularity", default="block", choices=["block", "leaf"])
-    p.add_argument("--max-memory", nargs="*", default=[], metavar="DEVICE=SIZE", help='caps, e.g. cuda:0=20GB')
+    p.add_argument("--max-memory", nargs="*", default=[], metavar="DEVICE=SIZE",
+                   help="caps, e.g. cuda:0=20GB, or 0=20GiB for the first GPU (as in Accelerate)")
     p.add_argument("--reserve", type=float, default=0.1, help="fraction of memory kept free (default 0.1)")
     p.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in seconds")
     p.add_argument("--solver", default="auto", choices=["auto", "highs", "cbc", "dp"])
@@ -60,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training plans (--train with --cluster or --global-batch): pipeline x data parallel")
     t.add_argument("--global-batch", type=int, default=None, help="samples per optimizer step (default: --batch-size)")
     t.add_argument("--precision", default="auto", choices=[x.value for x in Precision])
-    t.add_argument("--schedules", nargs="+", default=None, choices=[x.value for x in PipelineSchedule])
+    t.add_argument("--schedules", nargs="+", default=None, metavar="SCHEDULE",
+                   help=f"{', '.join(x.value for x in PipelineSchedule)}, or torch's names "
+                        "(GPipe, 1F1B, Interleaved1F1B)")
     t.add_argument("--max-stages", type=int, default=None, help="most pipeline stages (default: one per layer)")
     t.add_argument("--max-virtual-stages", type=int, default=4, help="most stages per rank when interleaved")
     t.add_argument("--min-microbatches", type=int, default=1)
@@ -161,7 +164,7 @@ def _plan(args: argparse.Namespace) -> int:
             built.example_kwargs,
             max_memory=max_memory or None,
             granularity=args.granularity,
-            split_modules=built.no_split_module_classes,
+            split_modules=built.no_split_module_classes if args.granularity == "block" else (),
             progress=status.update,
         )
     t = compiled.timings_s

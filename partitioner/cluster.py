@@ -23,9 +23,10 @@ from partitioner.devices import (
     Link,
     MaxMemory,
     _check_link,
+    _MAX_DEVICES,
     _FieldError,
     _object,
-    format_bytes,
+    _read_capped,
     link_cost,
     load_profile,
     profile_search_path,
@@ -45,8 +46,8 @@ __all__ = [
 CLUSTER_DIR = "clusters"
 """Cluster profiles live in this subdirectory of every profile directory (`profile_search_path`)."""
 
-# Past these a cluster is a typo or too large for the dense link table (devices squared).
-_MAX_DEVICES = 1024
+# Past these a cluster is a typo or too large for the dense link table (devices squared);
+# `_MAX_DEVICES` (1024) is also the most a device list may name.
 _MAX_DEVICES_PER_NODE = 64
 _MAX_FILE_BYTES = 1 << 20
 _LINK_KEYS = {f.name for f in fields(Link)}
@@ -200,7 +201,11 @@ def _node_type(where: str, key: str, raw: object) -> _NodeType:
     for k, entry in enumerate(node["links"]):
         link, data = _link(where, f"{key}.links[{k}]", entry, frozenset({"between"}))
         between = data["between"]
-        if not isinstance(between, list) or len(between) != 2 or not all(b in kinds for b in between):
+        if (
+            not isinstance(between, list)
+            or len(between) != 2
+            or not all(isinstance(b, str) and b in kinds for b in between)
+        ):
             raise ProfileError(
                 f"{where}: key '{key}.links[{k}].between' must name two device profiles of the node "
                 f"({', '.join(kinds)}) (got {between!r})"
@@ -302,7 +307,7 @@ def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
 
 
 def _read_json(path: Path) -> object:
-    """Parse `path` as strict JSON: no duplicate keys, no NaN or Infinity, at most 1 MiB."""
+    """Parse `path` as strict JSON: a regular file of at most 1 MiB, no duplicate keys, no NaN or Infinity."""
     where = str(path)
 
     def reject_constant(token: str) -> None:
@@ -315,14 +320,9 @@ def _read_json(path: Path) -> object:
             raise ProfileError(f"{where}: key {twice[0]!r} appears more than once in one object")
         return out
 
+    text = _read_capped(path, _MAX_FILE_BYTES, "cluster profile")
     try:
-        if path.stat().st_size > _MAX_FILE_BYTES:
-            raise ProfileError(f"{where}: larger than {format_bytes(_MAX_FILE_BYTES)}; not a cluster profile")
-        return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject_constant, object_pairs_hook=no_duplicates)
-    except OSError as e:
-        raise ProfileError(f"{where}: cannot read cluster profile: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ProfileError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return json.loads(text, parse_constant=reject_constant, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as e:
         raise ProfileError(f"{where}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
     except RecursionError:

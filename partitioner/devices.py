@@ -14,6 +14,8 @@ import json
 import math
 import os
 import re
+import stat
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -56,7 +58,16 @@ _MAX_MEMORY_BYTES = 2**50  # 1 PiB
 _MAX_BANDWIDTH_BPS = 1e15  # 1 PB/s
 _MAX_FLOPS = 1e18  # 1 EFLOP/s
 _MAX_LATENCY_S = 1.0
+# Lower bounds as far below every real device (a 1990s PC moved 1 MB/s and did 1 MFLOP/s;
+# no link or roofline reaches only 0.1% of its nominal rate). They also keep every
+# seconds = amount / (rate x efficiency) finite: with 1e-200 x 1e-200 the product
+# underflows to 0 and the division fails; a time of 1e300 s breaks the plan's JSON.
+_MIN_BANDWIDTH_BPS = 1e6  # 1 MB/s
+_MIN_FLOPS = 1e6  # 1 MFLOP/s
+_MIN_EFFICIENCY = 1e-3
 _MAX_PROFILE_FILE_BYTES = 1 << 20
+_MAX_DEVICES = 1024
+"""Most devices one device list may name (as many as a cluster profile may hold)."""
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 # Fixed cost of one tensor copy between two logical CPU devices (allocation plus the
@@ -188,15 +199,17 @@ class _InvalidProfile(ProfileError):
         self.detail = detail
 
 
-def _check_number(key: str, value: object, upper: float) -> None:
+def _check_number(key: str, value: object, upper: float, lower: float = 0.0) -> None:
+    """`value` must be a finite number in (0, upper], or in [lower, upper] when lower > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _FieldError(key, "must be a number", value)
     try:
-        in_range = math.isfinite(value) and 0 < value <= upper
+        in_range = math.isfinite(value) and (lower <= value if lower > 0 else 0 < value) and value <= upper
     except OverflowError:  # an int past float's range
         in_range = False
     if not in_range:
-        raise _FieldError(key, f"must be finite and in (0, {upper:g}]", value)
+        interval = f"[{lower:g}, {upper:g}]" if lower > 0 else f"(0, {upper:g}]"
+        raise _FieldError(key, f"must be finite and in {interval}", value)
 
 
 def _check_int(key: str, value: object, upper: int) -> None:
@@ -212,9 +225,9 @@ def _check_link(key: str, link: object) -> None:
         raise _FieldError(f"{key}.interface", "must be a short name such as 'pcie' or 'nvlink'", link.interface)
     if link.generation is not None:
         _check_int(f"{key}.generation", link.generation, 32)
-    _check_number(f"{key}.bandwidth_Bps", link.bandwidth_Bps, _MAX_BANDWIDTH_BPS)
+    _check_number(f"{key}.bandwidth_Bps", link.bandwidth_Bps, _MAX_BANDWIDTH_BPS, _MIN_BANDWIDTH_BPS)
     _check_number(f"{key}.latency_s", link.latency_s, _MAX_LATENCY_S)
-    _check_number(f"{key}.efficiency", link.efficiency, 1.0)
+    _check_number(f"{key}.efficiency", link.efficiency, 1.0, _MIN_EFFICIENCY)
 
 
 def _validate_profile(p: DeviceProfile) -> None:
@@ -227,15 +240,15 @@ def _validate_profile(p: DeviceProfile) -> None:
     if p.kind not in ("cpu", "gpu"):
         raise _FieldError("kind", "must be 'cpu' or 'gpu'", p.kind)
     _check_int("memory_bytes", p.memory_bytes, _MAX_MEMORY_BYTES)
-    _check_number("memory_bandwidth_Bps", p.memory_bandwidth_Bps, _MAX_BANDWIDTH_BPS)
+    _check_number("memory_bandwidth_Bps", p.memory_bandwidth_Bps, _MAX_BANDWIDTH_BPS, _MIN_BANDWIDTH_BPS)
     if not isinstance(p.peak_flops, PeakFlops):
         raise _FieldError("peak_flops", "must be a PeakFlops", p.peak_flops)
     for dtype in DTYPES:
         value = getattr(p.peak_flops, dtype)
         if dtype == "float32" or value is not None:
-            _check_number(f"peak_flops.{dtype}", value, _MAX_FLOPS)
-    _check_number("compute_efficiency", p.compute_efficiency, 1.0)
-    _check_number("memory_efficiency", p.memory_efficiency, 1.0)
+            _check_number(f"peak_flops.{dtype}", value, _MAX_FLOPS, _MIN_FLOPS)
+    _check_number("compute_efficiency", p.compute_efficiency, 1.0, _MIN_EFFICIENCY)
+    _check_number("memory_efficiency", p.memory_efficiency, 1.0, _MIN_EFFICIENCY)
     for key in ("host_link", "peer_link"):
         link = getattr(p, key)
         if link is not None:
@@ -388,17 +401,37 @@ def _looks_like_path(text: str) -> bool:
     return text.endswith(".json") or "/" in text or os.sep in text or bool(os.altsep and os.altsep in text)
 
 
-def _read_profile_file(path: Path) -> DeviceProfile:
+def _read_capped(path: Path, cap: int, what: str) -> str:
+    """The UTF-8 text of `path`, a regular file of at most `cap` bytes.
+
+    Only regular files (after following links): a FIFO would block until a writer comes,
+    and ``/dev/zero`` or ``/dev/urandom`` never end. At most ``cap + 1`` bytes are read,
+    whatever `stat` said, so a file that grows while read cannot exhaust memory.
+
+    Raises:
+        ProfileError: Not a regular file, larger than `cap`, unreadable, or not UTF-8.
+    """
     where = str(path)
     try:
-        size = path.stat().st_size
-        if size > _MAX_PROFILE_FILE_BYTES:
-            raise ProfileError(f"{where}: file is {size} bytes; a profile is at most {_MAX_PROFILE_FILE_BYTES}")
-        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+            raise ProfileError(f"{where}: is {kind}, not a regular file; a {what} is a JSON file")
+        with path.open("rb") as f:
+            data = f.read(cap + 1)
     except OSError as e:
-        raise ProfileError(f"{where}: cannot read profile: {e.strerror or e}") from None
+        raise ProfileError(f"{where}: cannot read {what}: {e.strerror or e}") from None
+    if len(data) > cap:
+        raise ProfileError(f"{where}: larger than {format_bytes(cap)}; a {what} is at most {format_bytes(cap)}")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ProfileError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_profile_file(path: Path) -> DeviceProfile:
+    where = str(path)
+    text = _read_capped(path, _MAX_PROFILE_FILE_BYTES, "device profile")
 
     def reject_constant(token: str) -> None:
         raise ProfileError(f"{where}: {token} is not a number a profile may hold")
@@ -604,11 +637,19 @@ def _expand(specs: Sequence[str]) -> list[tuple[str, str]]:
                 raise DeviceError(f"empty device name in {raw!r}; remove the stray comma or blank")
             m = _COUNT_RE.fullmatch(spec)
             if m is None:
+                if len(out) >= _MAX_DEVICES:
+                    raise DeviceError(f"too many devices: a device list may name at most {_MAX_DEVICES}")
                 out.append((spec, spec))
                 continue
             base, count = m["base"].strip(), int(m["count"])
             if count < 1:
                 raise DeviceError(f"device count in {spec!r} must be >= 1 (got {count})")
+            if len(out) + count > _MAX_DEVICES:  # checked before the list grows: 'x100000000' is a typo
+                raise DeviceError(
+                    f"too many devices: {spec!r} asks for {count}"
+                    + (f" after {len(out)} others" if out else "")
+                    + f"; a device list may name at most {_MAX_DEVICES} (a cluster profile as many)"
+                )
             if base in ("cpu", "cuda"):  # "cpu x2" -> cpu:0, cpu:1
                 out.extend((spec, f"{base}:{i}") for i in range(count))
             else:
@@ -643,10 +684,15 @@ def resolve_devices(specs: Sequence[str], max_memory: MaxMemory | None = None) -
     Args:
         specs: The device strings.
         max_memory: Capacity overrides, as in Accelerate: keys are device names as shown
-            (``cpu:0``, ``cuda:1``, ``a100-80gb:0``; an int ``N`` means ``cuda:N``) or
-            kinds (``cpu``, ``gpu``, ``cuda``, a profile name) for every device of that
-            kind; values are bytes or strings such as ``"200MB"``, ``"1.5GiB"``. A name
-            beats a kind.
+            (``cpu:0``, ``cuda:1``, ``a100-80gb:0``) or kinds (``cpu``, ``gpu``,
+            ``cuda``, a profile name) for every device of that kind, or integers (also
+            as strings, ``"0"``): ``N`` is ``cuda:N`` where the plan has CUDA devices,
+            else the N-th GPU of the plan (``{0: "20GiB", 1: "20GiB"}`` for
+            ``"a100-80gb x2"``). A ``"cpu"`` key is ignored when no CPU is planned for
+            (Accelerate's dicts always hold one). Values are bytes or strings such as
+            ``"200MB"``, ``"1.5GiB"`` (see `parse_bytes`). A name beats a kind. A cap
+            above the device's memory warns (UserWarning); one of 1 PiB or more reads as
+            "no limit" and does not.
 
     Returns:
         The devices, in the order given.
@@ -660,18 +706,19 @@ def resolve_devices(specs: Sequence[str], max_memory: MaxMemory | None = None) -
     for spec, text in _expand(specs):
         m = _INDEXED_RE.fullmatch(text)
         entries.append((spec, m["base"], int(m["index"])) if m else (spec, text, None))
-    profiles = {
-        i: _profile_for_spec(spec, base) for i, (spec, base, _) in enumerate(entries) if base not in ("cpu", "cuda")
-    }
+    loaded: dict[str, DeviceProfile] = {}  # one load per name: "a100-80gb x1024" reads one file
+    for spec, base, _ in entries:
+        if base not in ("cpu", "cuda") and base not in loaded:
+            loaded[base] = _profile_for_spec(spec, base)
+    profiles = {i: loaded[base] for i, (_, base, _) in enumerate(entries) if base in loaded}
     labels = _estimated_names({i: (p.name, entries[i][2]) for i, p in profiles.items()})
     devices: list[Device] = []
+    host: tuple[DeviceProfile, int] | None = None  # the cpu profile and this machine's memory
     for i, (spec, base, index) in enumerate(entries):
         if base == "cpu":
             name = "cpu" if index is None else f"cpu:{index}"
-            cpu = load_profile("cpu")
-            devices.append(
-                Device(name=name, torch_device=name, profile=cpu, present=True, memory_bytes=system_memory_bytes())
-            )
+            host = host or (load_profile("cpu"), system_memory_bytes())  # once for "cpu x1000"
+            devices.append(Device(name=name, torch_device=name, profile=host[0], present=True, memory_bytes=host[1]))
         elif base == "cuda":
             devices.append(_cuda_device(index, spec))
         else:
@@ -721,14 +768,36 @@ def _check_unique(devices: list[Device]) -> None:
         seen[device.name] = position
 
 
+def _gpu_for_index(key: int, devices: list[Device]) -> str:
+    """The device an integer max_memory key means, as Accelerate reads it.
+
+    With CUDA devices present in the plan, ``N`` is ``cuda:N`` (torch's index). Estimated
+    GPUs have no torch index: ``N`` is then the N-th GPU of the plan, in order.
+    """
+    gpus = [d for d in devices if d.kind == "gpu"]
+    if any(d.present for d in gpus):
+        return f"cuda:{key}"
+    if not 0 <= key < len(gpus):
+        listed = ", ".join(d.name for d in gpus) or "none"
+        raise DeviceError(
+            f"max_memory key {key}: an integer key is the N-th GPU of the plan (as in Accelerate), "
+            f"and the plan has {len(gpus)} GPU(s) ({listed}); use 0 to {len(gpus) - 1} or a device name"
+        )
+    return gpus[key].name
+
+
 def _apply_max_memory(devices: list[Device], max_memory: MaxMemory) -> list[Device]:
     names = {d.name for d in devices}
     by_name: dict[str, int] = {}
     by_kind: dict[str, int] = {}
     for key, value in max_memory.items():
-        name = f"cuda:{key}" if isinstance(key, int) and not isinstance(key, bool) else key
+        name: object = key
+        if isinstance(key, str) and key.strip().isdigit():  # "--max-memory 0=20GiB"
+            name = key = int(key)
+        if isinstance(key, int) and not isinstance(key, bool):
+            name = _gpu_for_index(key, devices)
         if not isinstance(name, str):
-            raise DeviceError(f"max_memory key {key!r} must be a device name or kind (a string)")
+            raise DeviceError(f"max_memory key {key!r} must be a device name or kind (a string) or a GPU index")
         size = parse_bytes(value)
         if size <= 0:
             raise DeviceError(f"max_memory[{key!r}] must be > 0 bytes (got {value!r})")
@@ -736,18 +805,32 @@ def _apply_max_memory(devices: list[Device], max_memory: MaxMemory) -> list[Devi
             by_name[name] = size
         elif any(name in (d.kind, d.profile.name) or (name == "cuda" and d.kind == "gpu") for d in devices):
             by_kind[name] = size
+        elif name == "cpu":
+            continue  # Accelerate's dicts always cap the host (its offload target); no CPU is planned here
         else:
             raise DeviceError(
                 f"max_memory key {key!r} matches no device; devices: {', '.join(d.name for d in devices)} "
-                f"(a key may also be a kind: 'cpu', 'gpu', or a profile name)"
+                f"(a key may also be a kind: 'cpu', 'gpu', or a profile name; or an integer: the N-th GPU)"
             )
     out = []
+    too_large: dict[tuple[int, int, str], list[str]] = {}  # (cap, memory, whose) -> devices: one warning each
     for d in devices:
         cap = by_name.get(d.name)
         for kind in (d.profile.name, d.kind, "cuda" if d.kind == "gpu" else ""):
             if cap is None:
                 cap = by_kind.get(kind)
+        if cap is not None and d.memory_bytes < cap < _MAX_MEMORY_BYTES:
+            whose = "this machine has" if d.present else f"its profile {d.profile.name!r} gives"
+            too_large.setdefault((cap, d.memory_bytes, whose), []).append(d.name)
         out.append(d if cap is None else replace(d, memory_bytes=cap))
+    for (cap, memory, whose), capped in too_large.items():
+        shown = ", ".join(capped[:4]) + (f" and {len(capped) - 4} more" if len(capped) > 4 else "")
+        warnings.warn(
+            f"max_memory caps {shown} at {format_bytes(cap)}, but {whose} {format_bytes(memory)}: a plan that "
+            f"uses the difference will not fit the hardware. Lower the cap, or name a profile with more memory",
+            UserWarning,
+            stacklevel=3,
+        )
     return out
 
 
@@ -800,7 +883,11 @@ def parse_bytes(value: int | str) -> int:
     """Bytes from an int or a string such as ``"200MB"``, ``"1.5GiB"``, ``"4096"``.
 
     Decimal units (kB, MB, GB, TB, PB: powers of 1000) and binary ones (KiB ... PiB:
-    powers of 1024), case-insensitive, as in Accelerate's ``max_memory``.
+    powers of 1024), as Accelerate's ``convert_file_size_to_int`` reads ``max_memory``:
+    ``"20GB"`` is 20 x 10^9 bytes and ``"20GiB"`` 20 x 2^30, in any case (``"20gib"``).
+    A decimal unit that ends in a lowercase ``b`` (``"20Gb"``, ``"20gb"``) is refused:
+    Accelerate reads it as bits (an eighth of the bytes), so either reading would
+    surprise someone.
 
     Raises:
         DeviceError: Not a non-negative int or a number with a known unit.
@@ -817,6 +904,17 @@ def parse_bytes(value: int | str) -> int:
             f"cannot read {value!r} as a size: expected a number and a unit, e.g. '200MB' or '1.5GiB' "
             f"(units: B, kB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB)"
         )
+    unit = value.strip()[len(value.strip()) - len(m["unit"]) :]
+    if unit.endswith("b") and not unit.lower().endswith("ib"):
+        number, prefix = m["number"], unit[:-1].upper()
+        bits = format_bytes(round(float(number) * _UNITS[m["unit"]] / 8), binary=False)
+        fix = (
+            f"write '{number}{prefix}B' ({number} x 10^{3 * ('KMGTP'.index(prefix) + 1)} bytes) "
+            f"or '{number}{prefix}iB' ({number} x 2^{10 * ('KMGTP'.index(prefix) + 1)} bytes)"
+            if prefix
+            else f"write '{number}B' or '{number}' for bytes"
+        )
+        raise DeviceError(f"{value!r} is ambiguous: Accelerate reads a lowercase 'b' as bits ({bits}); {fix}")
     size = float(m["number"]) * _UNITS[m["unit"]]
     if not math.isfinite(size) or size > 2**63 - 1:
         raise DeviceError(f"size {value!r} is too large")

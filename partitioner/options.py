@@ -1,9 +1,18 @@
-"""Typed options for planning: objective, training set-up, granularity and solver."""
+"""Typed options for planning: objective, training set-up, granularity and solver.
+
+Every options dataclass checks its fields on construction and takes an enum's value as a
+string (``PlanOptions(objective="throughput")``); a wrong value raises ValueError naming
+the field, the choices and the closest one.
+"""
 
 from __future__ import annotations
 
+import difflib
 import enum
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from partitioner.simulate.data import PipelineSchedule
 
@@ -17,10 +26,60 @@ __all__ = [
     "Precision",
     "Recompute",
     "TrainingOptions",
+    "check_split_modules",
 ]
 
 
-class Objective(str, enum.Enum):
+class _Choice(str, enum.Enum):
+    """An enum whose members are also read from their value or name in any case."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Any:
+        if isinstance(value, str):
+            for member in cls:
+                if value.lower() in (member.value.lower(), member.name.lower()):
+                    return member
+        choices = [m.value for m in cls]
+        close = difflib.get_close_matches(value.lower(), choices, n=1) if isinstance(value, str) else []
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {cls.__name__} {value!r}: choose one of {', '.join(map(repr, choices))}{hint}")
+
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _set_choice(obj: object, name: str, cls: type[_E]) -> None:
+    """Coerce field `name` of `obj` to `cls` (a string names a member), naming the field on error."""
+    value = getattr(obj, name)
+    try:
+        member = cls(value)
+    except ValueError as e:
+        raise ValueError(f"{type(obj).__name__}.{name}: {e}") from None
+    object.__setattr__(obj, name, member)
+
+
+def _check_flag(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, bool):
+        raise ValueError(f"{type(obj).__name__}.{name} must be True or False (got {value!r})")
+
+
+def _check_int(obj: object, name: str, lowest: int, optional: bool = False) -> None:
+    value = getattr(obj, name)
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < lowest:
+        none = " or None" if optional else ""
+        raise ValueError(f"{type(obj).__name__}.{name} must be an integer >= {lowest}{none} (got {value!r})")
+
+
+def _check_fraction(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) < 1:
+        raise ValueError(f"{type(obj).__name__}.{name} must be in [0, 1) (got {value!r})")
+
+
+class Objective(_Choice):
     """What the solver minimises."""
 
     LATENCY = "latency"
@@ -30,7 +89,7 @@ class Objective(str, enum.Enum):
     overlap compute in the steady state (see `partitioner.solve.evaluate`)."""
 
 
-class Strategy(str, enum.Enum):
+class Strategy(_Choice):
     """How a plan uses its devices."""
 
     SINGLE = "single"
@@ -41,7 +100,7 @@ class Strategy(str, enum.Enum):
     """The whole model replicated on every device, the batch split between them."""
 
 
-class Optimizer(str, enum.Enum):
+class Optimizer(_Choice):
     """Training optimizer, for its state's memory (bytes per parameter byte)."""
 
     NONE = "none"
@@ -55,7 +114,7 @@ class Optimizer(str, enum.Enum):
         return {"none": 0, "sgd": 0, "momentum": 1, "adam": 2}[self.value]
 
 
-class SolverBackend(str, enum.Enum):
+class SolverBackend(_Choice):
     """Which solver places the layers."""
 
     AUTO = "auto"
@@ -86,12 +145,12 @@ class SolverOptions:
     """The layer graph is coarsened to at most this many layers before solving."""
 
     def __post_init__(self) -> None:
-        if not self.time_limit_s > 0:
-            raise ValueError(f"time_limit_s must be > 0 (got {self.time_limit_s})")
-        if not 0 <= self.gap < 1:
-            raise ValueError(f"gap must be in [0, 1) (got {self.gap})")
-        if self.max_candidates < 1:
-            raise ValueError(f"max_candidates must be >= 1 (got {self.max_candidates})")
+        _set_choice(self, "backend", SolverBackend)
+        limit = self.time_limit_s
+        if isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not limit > 0:
+            raise ValueError(f"SolverOptions.time_limit_s must be a number of seconds > 0 (got {limit!r})")
+        _check_fraction(self, "gap")
+        _check_int(self, "max_candidates", 1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,14 +171,70 @@ class PlanOptions:
     """Solver settings."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.memory_reserve < 1:
-            raise ValueError(f"memory_reserve must be in [0, 1) (got {self.memory_reserve})")
+        _set_choice(self, "objective", Objective)
+        _check_flag(self, "training")
+        _set_choice(self, "optimizer", Optimizer)
+        _check_flag(self, "allow_data_parallel")
+        _check_fraction(self, "memory_reserve")
+        if not isinstance(self.solver, SolverOptions):
+            raise ValueError(f"PlanOptions.solver must be a SolverOptions (got {self.solver!r})")
+
+
+def check_split_modules(
+    split_modules: str | type | Iterable[str | type],
+    model_classes: Iterable[str],
+    model_name: str = "the model",
+    *,
+    no_split_module_classes: str | type | Iterable[str | type] = (),
+) -> tuple[str, ...]:
+    """The class names to keep whole (one layer each), checked against the model's classes.
+
+    Args:
+        split_modules: Class names, plain (``GPT2Block``) or qualified
+            (``transformers.models.gpt2.modeling_gpt2.GPT2Block``), or the classes
+            themselves; one name alone is taken as a list of one.
+        model_classes: Qualified class names (``module.QualName``) of the model's modules.
+        model_name: What to call the model in messages.
+        no_split_module_classes: More of them, in Accelerate's spelling (joined to the first).
+
+    Returns:
+        The names, qualified where a class was given.
+
+    Raises:
+        ValueError: A name that no module of the model has (a typo would otherwise group
+            nothing, silently); the message names the close matches and the model's classes.
+    """
+    given: list[str | type] = []
+    for group in (split_modules, no_split_module_classes):
+        given += [group] if isinstance(group, (str, type)) else list(group)
+    names: list[str] = []
+    for item in given:
+        if isinstance(item, type):
+            item = f"{item.__module__}.{item.__qualname__}"
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"split_modules must hold class names (strings) or classes (got {item!r})")
+        names.append(item)
+    qualified = set(model_classes)
+    plain = {q.rsplit(".", 1)[-1]: q for q in sorted(qualified)}
+    for name in names:
+        if name in qualified or name in plain:
+            continue
+        close = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(plain), n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        # The model's own classes first: torch.nn's leaves (Linear, Dropout) rarely are what is meant.
+        ordered = sorted(plain, key=lambda c: (plain[c].startswith("torch.nn."), c))
+        shown = ", ".join(ordered[:20]) + (f", ... ({len(ordered)} in all)" if len(ordered) > 20 else "")
+        raise ValueError(
+            f"split_modules names {name!r}, but no module of {model_name} has that class{hint} "
+            f"(its classes: {shown})"
+        )
+    return tuple(dict.fromkeys(names))
 
 
 # --------------------------------------------------------------------------- training plans
 
 
-class Precision(str, enum.Enum):
+class Precision(_Choice):
     """Number formats of a training step (what its memory and its compute ceiling depend on)."""
 
     AUTO = "auto"
@@ -151,7 +266,7 @@ class Precision(str, enum.Enum):
         return self in (Precision.BF16, Precision.FP16)
 
 
-class Recompute(str, enum.Enum):
+class Recompute(_Choice):
     """Activation recomputation (checkpointing) per pipeline stage."""
 
     NEVER = "never"
@@ -202,18 +317,31 @@ class TrainingOptions:
     which the simulator prices but no pipelining runtime here launches."""
 
     def __post_init__(self) -> None:
-        if self.global_batch is not None and (isinstance(self.global_batch, bool) or self.global_batch < 1):
-            raise ValueError(f"global_batch must be >= 1 samples (got {self.global_batch})")
-        object.__setattr__(self, "schedules", tuple(PipelineSchedule(s) for s in self.schedules))
+        _check_int(self, "global_batch", 1, optional=True)
+        _set_choice(self, "optimizer", Optimizer)
+        _set_choice(self, "precision", Precision)
+        _set_choice(self, "recompute", Recompute)
+        # One schedule named alone ("1f1b") is a one-schedule tuple, not a tuple of characters.
+        named = (self.schedules,) if isinstance(self.schedules, (str, type)) else self.schedules
+        try:
+            object.__setattr__(self, "schedules", tuple(PipelineSchedule(s) for s in named))
+        except TypeError:
+            raise ValueError(f"TrainingOptions.schedules must be a tuple of schedules (got {named!r})") from None
+        except ValueError as e:
+            raise ValueError(f"TrainingOptions.schedules: {e}") from None
         if not self.schedules:
             raise ValueError("schedules must name at least one pipeline schedule")
-        if self.max_stages is not None and self.max_stages < 1:
-            raise ValueError(f"max_stages must be >= 1 (got {self.max_stages})")
+        _check_int(self, "max_stages", 1, optional=True)
+        _check_int(self, "max_virtual_stages", 1)
+        _check_int(self, "min_microbatches", 1)
+        _check_int(self, "max_microbatches", 1)
+        for flag in ("overlap_allreduce", "equal_replicas"):
+            _check_flag(self, flag)
+        _check_fraction(self, "memory_reserve")
         if self.max_virtual_stages < 2 and PipelineSchedule.INTERLEAVED_1F1B in self.schedules:
             raise ValueError(f"max_virtual_stages must be >= 2 for interleaved 1F1B (got {self.max_virtual_stages})")
         if not 1 <= self.min_microbatches <= self.max_microbatches:
             raise ValueError(
                 f"need 1 <= min_microbatches <= max_microbatches (got {self.min_microbatches}, {self.max_microbatches})"
             )
-        if not 0 <= self.memory_reserve < 1:
-            raise ValueError(f"memory_reserve must be in [0, 1) (got {self.memory_reserve})")
+

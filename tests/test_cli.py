@@ -86,6 +86,30 @@ def test_max_memory_and_reserve_set_the_capacity(capsys: pytest.CaptureFixture[s
     assert [d.capacity_bytes for d in reserved.devices] == [900_000_000, 900_000_000]  # --reserve 0.1
 
 
+def test_max_memory_takes_accelerates_gpu_index(capsys: pytest.CaptureFixture[str]) -> None:
+    plan = plan_of(capsys, "mlp", *TWO_GPUS, "--max-memory", "0=20GiB", "1=3MB", "--reserve", "0")
+    assert [d.capacity_bytes for d in plan.devices] == [20 * 2**30, 3_000_000]
+
+
+def test_max_memory_above_the_devices_memory_warns(capsys: pytest.CaptureFixture[str]) -> None:
+    message = "caps a100-80gb:0, a100-80gb:1 at 186.26 GiB, but its profile 'a100-80gb' gives 80 GiB"
+    with pytest.warns(UserWarning, match=message):
+        plan_of(capsys, "mlp", *TWO_GPUS, "--max-memory", "a100-80gb=200GB")
+
+
+def test_leaf_granularity_splits_a_built_in_models_blocks(capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI passed the model's block classes as split_modules, which kept the blocks whole."""
+    plan = plan_of(capsys, "gpt2", *TWO_GPUS, "--seq-len", "8", "--granularity", "leaf")
+    names = [layer.name for layer in plan.layers]
+    assert "transformer.h.0.attn.c_attn" in names and "transformer.h.0" not in names
+
+
+def test_schedules_take_torchs_names(capsys: pytest.CaptureFixture[str]) -> None:
+    plan = plan_of(capsys, "mlp", *TWO_GPUS, "--train", "--global-batch", "8", "--max-microbatches", "2",
+                   "--schedules", "ScheduleGPipe")  # fmt: skip
+    assert plan.pipeline is not None and plan.pipeline.schedule == "gpipe"
+
+
 def test_a_model_from_a_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     source = tmp_path / "tiny.py"
     source.write_text(
@@ -135,6 +159,12 @@ FILE_MODEL = "model.py:factory"  # refused before the file is read
         (["plan", "mlp", *TWO_GPUS, "--batch-size", "0"], "batch_size must be at least 1"),
         (["plan", "mlp", *TWO_GPUS, "--seq-len", "16"], "has no sequence axis"),
         (["plan", FILE_MODEL, *TWO_GPUS, "--batch-size", "4"], "apply to built-in names only"),
+        (["plan", "mlp", "--devices", "/dev/zero"], "/dev/zero: is a special file, not a regular file"),
+        (["plan", "mlp", "--devices", "a100-80gb x100000000"], "a device list may name at most 1024"),
+        (["plan", "mlp", *TWO_GPUS, "--max-memory", "0=20Gb"], "Accelerate reads a lowercase 'b' as bits"),
+        (["plan", "mlp", *TWO_GPUS, "--max-memory", "2=20GB"], "the plan has 2 GPU(s)"),
+        (["plan", "mlp", *TWO_GPUS, "--train", "--global-batch", "8", "--schedules", "ZBVZeroBubble"],
+         "torch has that schedule, but partitioner cannot simulate it"),
     ],
 )
 def test_bad_input_exits_2_naming_the_problem(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,12 @@ HOSTILE = {
     "no network": (_edit(("network",), None), "the cluster has 2 nodes"),
     "string for link": (_edit(("network",), "ib"), "must be a JSON object"),
     "empty name": (_edit(("name",), " "), "key 'name' must be a non-empty string"),
+    # Lists in "between" were a TypeError (unhashable), tiny figures a ZeroDivisionError.
+    "lists in between": (_edit((*_LINKS, 1, "between"), [["x"], ["y"]]), "must name two device profiles"),
+    "underflowing link": (
+        _edit(("network",), dict(TWO_NODES["network"], bandwidth_Bps=1e-200, efficiency=1e-200)),
+        "key 'network.bandwidth_Bps' must be finite and in [1e+06, 1e+15] (got 1e-200)",
+    ),
 }
 
 
@@ -165,6 +172,28 @@ def test_a_bad_file_is_refused(tmp_path: Path, text: str, message: str) -> None:
     path.write_text(text)
     with pytest.raises(ProfileError, match=message):
         load_cluster(path)
+
+
+def test_special_files_are_refused_without_reading_them(tmp_path: Path) -> None:
+    """/dev/zero never ends and a FIFO blocks until written: neither may be read."""
+    paths = [tmp_path]
+    if Path("/dev/zero").exists():
+        (tmp_path / "zero.json").symlink_to("/dev/zero")
+        paths.append(tmp_path / "zero.json")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo.json")
+        paths.append(tmp_path / "fifo.json")
+    for path in paths:
+        with pytest.raises(ProfileError, match=re.escape(f"{path}: is a ") + ".* not a regular file"):
+            load_cluster(path)
+
+
+def test_a_device_list_of_1024_devices_is_one_cluster() -> None:
+    cluster = resolve_cluster(["a100-80gb x1000", "v100 x24"])
+    devices = cluster.devices
+    assert cluster.num_devices == 1024 and cluster.kinds == ("a100-80gb", "v100")
+    for a, b in [(0, 1), (999, 0), (0, 1000), (1023, 5), (1000, 1001), (7, 7)]:
+        assert (cluster.seconds_per_byte[a][b], cluster.latency_s[a][b]) == link_cost(devices[a], devices[b])
 
 
 def test_a_cluster_file_found_by_name_must_carry_that_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

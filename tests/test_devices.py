@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,6 +32,7 @@ from partitioner.devices import (
     resolve_devices,
     system_memory_bytes,
 )
+from partitioner.devices import _MAX_DEVICES as MAX_DEVICES
 from partitioner.errors import DeviceError, ProfileError
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
@@ -146,11 +150,11 @@ def _delete(path: str) -> Any:
         (_set("memory_bytes", -1), "'memory_bytes' must be finite and in (0"),
         (_set("memory_bytes", 0), "'memory_bytes' must be finite and in (0"),
         (_set("memory_bytes", 10**400), "'memory_bytes' must be finite"),
-        (_set("memory_bandwidth_Bps", 1e30), "'memory_bandwidth_Bps' must be finite and in (0, 1e+15]"),
+        (_set("memory_bandwidth_Bps", 1e30), "'memory_bandwidth_Bps' must be finite and in [1e+06, 1e+15]"),
         (_set("peak_flops.float32", 1e300), "'peak_flops.float32' must be finite"),
         (_set("peak_flops.bfloat16", "fast"), "'peak_flops.bfloat16' must be a number"),
         (_set("compute_efficiency", True), "'compute_efficiency' must be a number"),
-        (_set("compute_efficiency", 1.5), "'compute_efficiency' must be finite and in (0, 1]"),
+        (_set("compute_efficiency", 1.5), "'compute_efficiency' must be finite and in [0.001, 1]"),
         (_set("host_link.efficiency", 0), "'host_link.efficiency'"),
         (_set("host_link.latency_s", -1e-5), "'host_link.latency_s'"),
         (_set("peer_link.generation", 2.5), "'peer_link.generation' must be an integer"),
@@ -207,16 +211,70 @@ def test_malformed_json_is_rejected(tmp_path: Path, text: str, expected: str) ->
 
 
 def test_unreadable_oversized_and_binary_files_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ProfileError, match="cannot read profile"):
+    with pytest.raises(ProfileError, match="cannot read device profile"):
         load_profile(tmp_path / "absent.json")
     big = tmp_path / "big.json"
     big.write_text(" " * (2 << 20))
-    with pytest.raises(ProfileError, match="a profile is at most 1048576"):
+    with pytest.raises(ProfileError, match="a device profile is at most 1 MiB"):
         load_profile(big)
     binary = tmp_path / "bin.json"
     binary.write_bytes(b"\xff\xfe{}")
     with pytest.raises(ProfileError, match="not UTF-8"):
         load_profile(binary)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        # 1e-200 x 1e-200 underflows to 0: seconds per byte was a ZeroDivisionError.
+        (lambda d: d["host_link"].update(bandwidth_Bps=1e-200, efficiency=1e-200), "'host_link.bandwidth_Bps'"),
+        (_set("peer_link.efficiency", 1e-200), "'peer_link.efficiency' must be finite and in [0.001, 1]"),
+        # A denormal peak: every layer took "infinite" time and the plan said it did not fit.
+        (_set("peak_flops.float32", 5e-324), "'peak_flops.float32' must be finite and in [1e+06, 1e+18]"),
+        # 1e-300 FLOP/s: times of 1e300 s, a plan whose JSON from_json refused.
+        (_set("peak_flops.bfloat16", 1e-300), "'peak_flops.bfloat16' must be finite and in [1e+06"),
+        (_set("memory_bandwidth_Bps", 1e-300), "'memory_bandwidth_Bps' must be finite and in [1e+06"),
+        (_set("compute_efficiency", 1e-200), "'compute_efficiency' must be finite and in [0.001, 1]"),
+    ],
+)
+def test_figures_that_underflow_are_refused(tmp_path: Path, mutate: Any, expected: str) -> None:
+    data = _valid()
+    mutate(data)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=re.escape(expected)):
+        resolve_devices([str(path), "cpu"])
+
+
+def _special_files(tmp_path: Path) -> list[tuple[Path, str]]:
+    files = [(tmp_path, "is a directory, not a regular file")]
+    if Path("/dev/zero").exists():
+        files.append((Path("/dev/zero"), "is a special file, not a regular file"))
+        link = tmp_path / "random.json"
+        link.symlink_to("/dev/urandom")
+        files.append((link, "is a special file, not a regular file"))
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "fifo.json"
+        os.mkfifo(fifo)
+        files.append((fifo, "is a FIFO, not a regular file"))
+    return files
+
+
+def test_special_files_are_refused_without_reading_them(tmp_path: Path) -> None:
+    """/dev/zero never ends and a FIFO blocks until written: neither may be read."""
+    for path, expected in _special_files(tmp_path):
+        with pytest.raises(ProfileError, match=re.escape(f"{path}: {expected}")):
+            load_profile(path)
+        with pytest.raises(ProfileError, match=re.escape(expected)):
+            resolve_devices([str(path)])
+
+
+def test_a_file_read_is_capped_whatever_its_size_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps(_valid()) + " " * 100)
+    monkeypatch.setattr(devmod, "_MAX_PROFILE_FILE_BYTES", 64)
+    with pytest.raises(ProfileError, match="larger than 64 B"):
+        load_profile(big)
 
 
 def test_search_path_and_name_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -349,6 +407,48 @@ def test_max_memory_errors(max_memory: dict[str, Any], expected: str) -> None:
         resolve_devices(["cpu:0", "l4"], max_memory)
 
 
+def test_device_count_is_capped_before_the_list_is_built() -> None:
+    """'x100000000' was a MemoryError; the cap is checked before any device is made."""
+    with pytest.raises(DeviceError, match=f"'a100-80gb x100000000' asks for 100000000; .*at most {MAX_DEVICES}"):
+        resolve_devices(["a100-80gb x100000000"])
+    with pytest.raises(DeviceError, match=f"'a100-80gb x30' asks for 30 after 1000 others; .*at most {MAX_DEVICES}"):
+        resolve_devices(["cpu x1000", "a100-80gb x30"])
+    many = resolve_devices([f"a100-80gb x{MAX_DEVICES}"])
+    assert len(many) == MAX_DEVICES and many[-1].name == f"a100-80gb:{MAX_DEVICES - 1}"
+    assert len({id(d.profile) for d in many}) == 1  # one profile read for all of them
+
+
+def test_integer_max_memory_keys_are_the_plans_gpus_as_in_accelerate() -> None:
+    caps: dict[str | int, int | str] = {0: "20GiB", 1: "30GiB", "cpu": "4GiB"}
+    gpu0, gpu1, cpu = resolve_devices(["a100-80gb x2", "cpu"], caps)
+    assert (gpu0.memory_bytes, gpu1.memory_bytes, cpu.memory_bytes) == (20 * GiB, 30 * GiB, 4 * GiB)
+    # The CLI's "--max-memory 0=20GiB" gives the key as text.
+    assert [d.memory_bytes for d in resolve_devices(["v100", "l4"], {"1": "1GB"})] == [32 * GiB, 10**9]
+    # Accelerate's dicts always cap "cpu" (its offload target): no CPU planned, nothing to cap.
+    assert [d.memory_bytes for d in resolve_devices(["a100-80gb x2"], caps)] == [20 * GiB, 30 * GiB]
+
+
+def test_integer_max_memory_key_past_the_gpus_raises() -> None:
+    with pytest.raises(DeviceError, match=r"max_memory key 2: .*the plan has 2 GPU\(s\) \(a100-80gb:0, a100-80gb:1\)"):
+        resolve_devices(["a100-80gb x2", "cpu"], {2: "1GB"})
+
+
+def test_integer_max_memory_key_is_the_cuda_index_with_present_gpus(two_h100: SimpleNamespace) -> None:
+    a, b = resolve_devices(["cuda:1", "cuda:0"], {0: "1GB", "1": "2GB"})
+    assert (a.name, a.memory_bytes, b.name, b.memory_bytes) == ("cuda:1", 2 * 10**9, "cuda:0", 10**9)
+
+
+def test_cap_above_the_devices_memory_warns() -> None:
+    with pytest.warns(UserWarning, match=r"caps a100-80gb at 186.26 GiB, but its profile 'a100-80gb' gives 80 GiB"):
+        resolve_devices(["a100-80gb", "cpu"], {"a100-80gb": "200GB"})
+    host = system_memory_bytes()
+    with pytest.warns(UserWarning, match=f"caps cpu at .*, but this machine has {re.escape(format_bytes(host))}"):
+        resolve_devices(["cpu"], {"cpu": 2 * host})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_devices(["a100-80gb", "cpu"], {"a100-80gb": "80GiB", "cpu": 2**50})  # 1 PiB: no limit
+
+
 @pytest.mark.parametrize(
     ("name", "profile"),
     [
@@ -428,6 +528,22 @@ def test_parse_bytes(text: str | int, size: int) -> None:
 def test_parse_bytes_rejects(bad: Any) -> None:
     with pytest.raises(DeviceError):
         parse_bytes(bad)
+
+
+ACCELERATE_SPELLINGS = ["200MB", "1.5GiB", "20GB", "20GiB", "20gib", "2KB", "2kB", "512MiB", "1KiB", "0.5GB", 4096]
+
+
+@pytest.mark.parametrize("text", ACCELERATE_SPELLINGS)
+def test_parse_bytes_agrees_with_accelerate(text: str | int) -> None:
+    convert = pytest.importorskip("accelerate.utils").convert_file_size_to_int
+    assert parse_bytes(text) == convert(text)
+
+
+@pytest.mark.parametrize(("text", "bits"), [("20Gb", "2.5 GB"), ("20gb", "2.5 GB"), ("5 mb", "625 kB"), ("8b", "1 B")])
+def test_lowercase_b_is_refused_as_accelerate_reads_bits(text: str, bits: str) -> None:
+    message = f"{re.escape(repr(text))} is ambiguous: Accelerate reads a lowercase 'b' as bits \\({bits}\\)"
+    with pytest.raises(DeviceError, match=message):
+        parse_bytes(text)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
+import re
 from dataclasses import dataclass
 
 __all__ = ["StageCost", "PipelineSchedule", "EventKind", "Event", "RankTimeline", "Timeline"]
@@ -87,6 +88,38 @@ class PipelineSchedule(str, enum.Enum):
     """Each rank holds ``v`` stages (``r, r + p, ...``) and runs 1F1B over them, a round of
     microbatches per stage at a time (Narayanan et al. 2021, arXiv:2104.04473, as torch's
     ``ScheduleInterleaved1F1B`` orders it)."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> PipelineSchedule:
+        """Also read torch's spellings: ``GPipe``, ``1F1B``, ``Interleaved1F1B`` (the names
+        ``torch.distributed.pipelining.schedules.get_schedule_class`` takes, any case) and
+        the class names or classes ``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``.
+
+        Raises:
+            ValueError: Another name; the message lists the names accepted.
+        """
+        text = value.__name__ if isinstance(value, type) else value
+        key = _schedule_key(text) if isinstance(text, str) else None
+        for member in cls:
+            if key == _schedule_key(member.value):
+                return member
+        accepted = ", ".join(f"{m.value!r} ({_TORCH_SCHEDULE_NAMES[m]})" for m in cls)
+        known_to_torch = "; torch has that schedule, but partitioner cannot simulate it" if key in _TORCH_ONLY else ""
+        raise ValueError(f"unknown pipeline schedule {value!r}{known_to_torch}; accepted: {accepted}")
+
+
+def _schedule_key(name: str) -> str:
+    """``ScheduleInterleaved1F1B``, ``Interleaved1F1B``, ``interleaved_1f1b`` -> ``interleaved1f1b``."""
+    return re.sub(r"[\s_-]", "", name).lower().removeprefix("schedule")
+
+
+# torch's names (`get_schedule_class`) for each schedule, and those partitioner does not simulate.
+_TORCH_SCHEDULE_NAMES = {
+    PipelineSchedule.GPIPE: "torch: GPipe, ScheduleGPipe",
+    PipelineSchedule.ONE_F_ONE_B: "torch: 1F1B, Schedule1F1B",
+    PipelineSchedule.INTERLEAVED_1F1B: "torch: Interleaved1F1B, ScheduleInterleaved1F1B",
+}
+_TORCH_ONLY = frozenset({"loopedbfs", "interleavedzerobubble", "zbvzerobubble", "dualpipev"})
 
 
 class EventKind(str, enum.Enum):
