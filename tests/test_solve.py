@@ -601,6 +601,35 @@ def test_interchangeable():
     assert interchangeable(make_problem([[1.0]], [1], [5], [])) == ()
 
 
+def test_interchangeable_agrees_with_the_swap_it_defines():
+    """Every pair found, and no other, leaves compute, capacity and both link tables as
+    they are under the swap, on random tables built from few distinct prices (so that
+    rows and columns often agree in part)."""
+    rng = random.Random(7)
+    for _ in range(300):
+        n = rng.randint(2, 6)
+        prices = [1.0, 2.0, 3.0][: rng.randint(1, 3)]
+
+        def table() -> list[list[float]]:
+            return [[0.0 if s == e else rng.choice(prices) for e in range(n)] for s in range(n)]
+
+        per_byte, latency = table(), table()
+        compute = [[rng.choice(prices) for _ in range(n)] for _ in range(2)]
+        capacity = [rng.choice([4, 5]) for _ in range(n)]
+        problem = make_problem(compute, [1, 1], capacity, [], per_byte=per_byte, latency=latency)
+        expected = []
+        for d in range(n - 1):
+            tau = list(range(n))
+            tau[d], tau[d + 1] = d + 1, d
+            kept = all(
+                t[tau[s]][tau[e]] == t[s][e] for t in (per_byte, latency) for s in range(n) for e in range(n) if s != e
+            )
+            same = capacity[d] == capacity[d + 1] and all(row[d] == row[d + 1] for row in compute)
+            if kept and same:
+                expected.append(d)
+        assert interchangeable(problem) == tuple(expected), (per_byte, latency, compute, capacity)
+
+
 def test_canonical_fills_twins_in_order_at_the_same_cost():
     rng = random.Random(2)
     for objective in OBJECTIVES:
