@@ -286,11 +286,11 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
     sizes: list[str] = []
     skipped: list[str] = []
     for k, dtype in enumerate(dtypes, 1):
+        say(f"{k}/{len(dtypes)}: {dtype} matmuls")
         if dtype == "tf32" and not (on_cuda and torch.cuda.get_device_capability(dev) >= (8, 0)):
             skipped.append("tf32 (no TF32 tensor cores)")
             continue
         try:
-            say(f"{k}/{len(dtypes)}: {dtype} matmuls")
             peaks[dtype], n = _matmul_flops(dtype, dev, sync, budget)
             sizes.append(f"{dtype} n={n}")
             say(f"{dtype}: {peaks[dtype] / 1e9:.4g} GFLOP/s (n = {n})")

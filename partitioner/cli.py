@@ -235,7 +235,8 @@ def _plan(args: argparse.Namespace) -> int:
         )
         compile_fn, devices = functools.partial(compile_plan, options=options), args.devices
     err = Console(stderr=True)
-    with err.status(f"building {args.model}") as status, reporting(status.update, note=err.print):
+    keep = functools.partial(err.print, soft_wrap=True)  # A solver's note stays above the status line.
+    with err.status(f"building {args.model}") as status, reporting(status.update, note=keep):
         # A file's factory makes its own inputs: build_model refuses sizes for it rather than ignore them.
         built = build_model(args.model, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len)
         compiled = compile_fn(
@@ -259,7 +260,7 @@ def _plan(args: argparse.Namespace) -> int:
             files.enter_context(_staged("--out", args.out)).write_text(text + "\n", encoding="utf-8")
     print(text if args.json else str(compiled.plan))
     if args.timeline:
-        err.print(f"timeline written to {args.timeline}", style="dim")
+        err.print(f"timeline written to {args.timeline}", style="dim", soft_wrap=True)
     return 0
 
 
@@ -274,7 +275,9 @@ def _profile(args: argparse.Namespace) -> int:
     name = args.name or (Path(args.out).stem if args.out else default_profile_name(args.device))
     check_profile_name(name)
     out = args.out or f"{name}.json"
-    if Path(out).name != f"{name}.json":
+    if Path(out).suffix != ".json":
+        raise PartitionerError(f"--out {out!r}: a profile is a .json file (it is looked up as NAME.json)")
+    if Path(out).stem != name:
         raise PartitionerError(
             f"--out {out!r} would hold the profile {name!r}, which is looked up as {name}.json: "
             f"write it to {Path(out).with_name(f'{name}.json')} or pass --name {Path(out).stem}"
@@ -286,6 +289,7 @@ def _profile(args: argparse.Namespace) -> int:
             f"a profile named {name!r} exists: the new one replaces it where its folder comes first "
             f"on {PROFILE_PATH_ENV}",
             style="dim",
+            soft_wrap=True,
         )
     with err.status(f"measuring {args.device}") as status:
         profile = measure_device(args.device, args.dtypes, quick=args.quick, name=name, progress=status.update)
@@ -293,7 +297,9 @@ def _profile(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {profile.name}, float32 {profile.peak_flops.float32 / 1e9:.1f} GFLOP/s, "
           f"memory bandwidth {profile.memory_bandwidth_Bps / 1e9:.1f} GB/s")
     err.print(
-        f"use it as --devices {profile.name} with {PROFILE_PATH_ENV}={path.parent.resolve()}", style="dim"
+        f"use it as --devices {profile.name} with {PROFILE_PATH_ENV}={path.parent.resolve()}",
+        style="dim",
+        soft_wrap=True,
     )
     return 0
 
