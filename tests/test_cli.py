@@ -326,6 +326,30 @@ def test_a_measured_profile_is_usable_by_the_name_profiles_lists(
     assert [d.name for d in plan.devices] == [f"{name}:0", f"{name}:1"]
 
 
+def test_a_profile_under_a_built_in_name_replaces_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, measured_names: list[str]
+) -> None:
+    status, _, err = run(capsys, "profile", "--device", "cpu", "--quick", "--out", str(tmp_path / "cpu.json"))
+    assert status == 0, err
+    assert err.splitlines()[0] == (
+        "a profile named 'cpu' exists: the new one replaces it where its folder comes first on PARTITIONER_PROFILE_PATH"
+    )
+    monkeypatch.setenv("PARTITIONER_PROFILE_PATH", str(tmp_path))
+    assert load_profile("cpu") == load_profile(tmp_path / "cpu.json")
+
+
+def test_ctrl_c_while_measuring_exits_130_and_writes_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object) -> DeviceProfile:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate, "_measure", interrupted)
+    status, out, err = run(capsys, "profile", "--device", "cpu", "--quick", "--out", str(tmp_path / "my-cpu.json"))
+    assert (status, out, err) == (130, "", "partitioner: interrupted; nothing written\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- The solver's phase ------------------------------------------------------------------------
 
 
