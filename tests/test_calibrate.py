@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,6 +77,12 @@ def test_the_default_name_is_the_cpu_model(monkeypatch: pytest.MonkeyPatch, mode
     monkeypatch.setattr(calibrate, "_cpu_model_name", lambda: model)
     assert default_profile_name("cpu") == name
     load_profile("cpu")  # the built-in one, which the default name leaves alone
+
+
+def test_the_default_name_of_a_gpu_is_its_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(calibrate, "_parse_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(name="NVIDIA H100 80GB HBM3"))
+    assert default_profile_name("cuda:0") == "nvidia-h100-80gb-hbm3"  # not the built-in h100-80gb
 
 
 def test_a_bad_name_is_refused_before_measuring(monkeypatch: pytest.MonkeyPatch) -> None:

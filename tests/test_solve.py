@@ -1118,7 +1118,7 @@ def test_highs_reports_progress_and_stops_on_ctrl_c():
 
 
 def test_highs_progress_line():
-    assert ilp_module._highs_line(None, 1e-3, 0.4, 60) == "HiGHS: 0 s of 60 s, presolving"
+    assert ilp_module._highs_line(None, 1e-3, 0.4, 60) == "HiGHS: 0 s of 60 s, no bound yet"
     inf = float("inf")
     assert ilp_module._highs_line((inf, -inf), 1e-3, 2.0, 60) == "HiGHS: 2 s of 60 s, no placement yet"
     assert (

@@ -139,8 +139,8 @@ def _run_highs(highs: Any, scale: float, limit_s: float) -> None:
 
     HiGHS runs in C and holds its caller until it returns: a Ctrl-C used to wait for the
     time limit. Here the calling thread waits instead, hands the incumbent, bound and gap
-    to `progress.say` every `_REPORT_EVERY_S`, and on KeyboardInterrupt stops HiGHS and
-    re-raises. HiGHS looks at its interrupt callbacks only between search steps (none during
+    to `progress.say` every `_REPORT_EVERY_S`, and on KeyboardInterrupt (or any exception
+    while it waits) stops HiGHS and re-raises. HiGHS looks at its interrupt callbacks only between search steps (none during
     presolve; seconds apart at the root), but at its time limit also inside presolve and LP
     solves, so both are pulled: HiGHS stops at the first of its checks (0.1-3 s measured on
     a loaded 2-core machine). The thread is waited for, not left behind: a HiGHS thread that
@@ -167,7 +167,7 @@ def _run_highs(highs: Any, scale: float, limit_s: float) -> None:
     try:
         while not done.wait(_REPORT_EVERY_S):
             say(_highs_line(watch.bounds, scale, time.perf_counter() - begin, limit_s))
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, or a progress sink that raised: HiGHS stops first.
         watch.stop.set()
         highs.setOptionValue("time_limit", 0.0)  # A double HiGHS reads at each time check.
         done.wait()
@@ -180,7 +180,7 @@ def _highs_line(bounds: tuple[float, float] | None, scale: float, elapsed_s: flo
     """``HiGHS: 12 s of 60 s, best 4.212 ms, bound 4.05 ms, gap 3.8%``."""
     line = f"HiGHS: {elapsed_s:.0f} s of {limit_s:g} s"
     if bounds is None:
-        return f"{line}, presolving"
+        return f"{line}, no bound yet"  # Presolve and the root node call no MIP callback.
     best, lower = bounds
     line += f", best {format_seconds(best * scale)}" if np.isfinite(best) else ", no placement yet"
     if np.isfinite(lower):
@@ -280,6 +280,7 @@ def solve_ilp(
         )
         solver.scale = scale
     else:
+        # CBC runs as a subprocess whose log pulp buffers 4 KiB at a time: no progress to show.
         say(f"solving the placement ILP with CBC (time limit {options.time_limit_s:g} s)")
         handle, log_path = tempfile.mkstemp(prefix="partitioner-cbc-", suffix=".log")
         os.close(handle)
