@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,17 +32,19 @@ from typing import Any
 import torch
 
 from partitioner.devices import (
+    _NAME_RE,
     DTYPES,
     DeviceProfile,
     Link,
     PeakFlops,
-    match_cuda_profile,
     profile_to_json,
     system_memory_bytes,
 )
 from partitioner.errors import DeviceError
 
-__all__ = ["measure_device", "write_profile"]
+__all__ = ["measure_device", "write_profile", "default_profile_name", "check_profile_name"]
+
+Progress = Callable[[str], None]
 
 _TORCH_DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -164,6 +167,40 @@ def _rounded(x: float) -> float:
     return float(f"{x:.4g}")
 
 
+def default_profile_name(device: str) -> str:
+    """The name a measured profile of `device` gets: its hardware's model, which no built-in
+    profile has (``cpu-amd-epyc-7r13``, ``nvidia-a100-sxm4-80gb``).
+
+    Raises:
+        DeviceError: `device` is not ``cpu`` or a present CUDA device.
+    """
+    dev = _parse_device(device)
+    if dev.type == "cuda":
+        return _slug(torch.cuda.get_device_properties(dev).name)
+    # "AMD EPYC 7R13 Processor", "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz": the clock
+    # and the trademarks add nothing to the model.
+    model = re.sub(r"\((r|tm)\)|\b(cpu|processor)\b|@.*", " ", _cpu_model_name(), flags=re.IGNORECASE)
+    return _slug(f"cpu {model}")
+
+
+def _slug(text: str) -> str:
+    """``Intel Xeon 8375C`` -> ``intel-xeon-8375c``: a valid profile name (64 characters at most)."""
+    slug = re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.")[:64].rstrip("-.")
+    return slug or "measured"
+
+
+def check_profile_name(name: str) -> None:
+    """Raise `DeviceError` unless `name` is a valid profile name (what ``--devices`` takes).
+
+    Raises:
+        DeviceError: `name` breaks the schema's rule for names.
+    """
+    if not _NAME_RE.fullmatch(name):
+        raise DeviceError(
+            f"profile name {name!r} is not 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+        )
+
+
 def _cpu_model_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -181,6 +218,7 @@ def measure_device(
     *,
     name: str | None = None,
     threads: int | None = 1,
+    progress: Progress | None = None,
 ) -> DeviceProfile:
     """Measure `device` and return its profile (efficiencies 1.0: the figures are sustained).
 
@@ -191,11 +229,13 @@ def measure_device(
             dtype whose matmul the device cannot run is left out of the profile.
         quick: Smaller sizes and fewer repeats (CPU: a few seconds; for tests and a first
             look).
-        name: Profile name; by default ``cpu``, or the name `match_cuda_profile` gives
-            the GPU, so that a measured profile on ``$PARTITIONER_PROFILE_PATH`` replaces
-            the built-in one.
+        name: Profile name; by default `default_profile_name`, the hardware's model, which
+            no built-in profile has. Name it ``cpu``, or the built-in profile
+            `match_cuda_profile` gives the GPU, to replace that one where its file comes
+            first on ``$PARTITIONER_PROFILE_PATH``.
         threads: torch threads on CPU during the measurement (restored after); None keeps
             the current setting.
+        progress: Called with a line before each measurement and with its result.
 
     Raises:
         DeviceError: `device` is not ``cpu`` or a present CUDA device, or a dtype is unknown.
@@ -204,17 +244,21 @@ def measure_device(
     if unknown:
         raise DeviceError(f"cannot measure dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
     wanted = ["float32"] + [d for d in DTYPES if d in dtypes and d != "float32"]
+    if name is not None:
+        check_profile_name(name)
+    say = progress or (lambda _: None)
     dev = _parse_device(device)
+    name = name or default_profile_name(device)
     if dev.type == "cpu":
         saved = torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(threads)
         try:
-            return _measure(dev, wanted, quick, name)
+            return _measure(dev, wanted, quick, name, say)
         finally:
             torch.set_num_threads(saved)
     with torch.cuda.device(dev):
-        return _measure(dev, wanted, quick, name)
+        return _measure(dev, wanted, quick, name, say)
 
 
 def _parse_device(device: str) -> torch.device:
@@ -233,7 +277,7 @@ def _parse_device(device: str) -> torch.device:
     raise DeviceError(f"cannot measure {device!r}: measure 'cpu', 'cuda' or 'cuda:N' (present hardware only)")
 
 
-def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str | None) -> DeviceProfile:
+def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: Progress) -> DeviceProfile:
     on_cuda = dev.type == "cuda"
     budget = _BUDGETS["cuda" if on_cuda else "cpu", quick]
     sync: Callable[[], None] = (lambda: torch.cuda.synchronize(dev)) if on_cuda else (lambda: None)
@@ -241,18 +285,21 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str | None
     peaks: dict[str, float] = {}
     sizes: list[str] = []
     skipped: list[str] = []
-    for dtype in dtypes:
+    for k, dtype in enumerate(dtypes, 1):
+        say(f"{k}/{len(dtypes)}: {dtype} matmuls")
         if dtype == "tf32" and not (on_cuda and torch.cuda.get_device_capability(dev) >= (8, 0)):
             skipped.append("tf32 (no TF32 tensor cores)")
             continue
         try:
             peaks[dtype], n = _matmul_flops(dtype, dev, sync, budget)
             sizes.append(f"{dtype} n={n}")
+            say(f"{dtype}: {peaks[dtype] / 1e9:.4g} GFLOP/s (n = {n})")
         except RuntimeError as e:  # e.g. a dtype without a matmul kernel on this device
             if dtype == "float32":
                 raise
             skipped.append(f"{dtype} ({str(e).splitlines()[0][:80]})")
 
+    say(f"memory bandwidth: copying {budget.copy_bytes >> 20} MiB")
     elements = budget.copy_bytes // 4
     src = torch.empty(elements, dtype=torch.float32, device=dev).fill_(1.0)
     dst = torch.empty_like(src)
@@ -263,7 +310,6 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str | None
     if on_cuda:
         props = torch.cuda.get_device_properties(dev)
         memory = int(props.total_memory)
-        default_name = match_cuda_profile(props).name
         hardware = props.name
 
         def pinned(n: int) -> torch.Tensor:
@@ -272,6 +318,7 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str | None
         def on_device(n: int) -> torch.Tensor:
             return torch.empty(n, dtype=torch.uint8, device=dev)
 
+        say(f"host link: copying {budget.host_bytes >> 20} MiB each way")
         h2d = _measured_link(budget.host_bytes, pinned, on_device, sync, budget)
         d2h = _measured_link(budget.host_bytes, on_device, pinned, sync, budget)
         host_link = Link(
@@ -292,19 +339,19 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str | None
                 torch.cuda.synchronize(dev)
                 torch.cuda.synchronize(peer)
 
+            say(f"peer link: copying {budget.host_bytes >> 20} MiB to {peer}")
             p2p = _measured_link(budget.host_bytes, on_device, on_peer, sync_both, budget)
             peer_link = Link(
                 interface="measured", generation=None, bandwidth_Bps=p2p[0], latency_s=p2p[1], efficiency=1.0
             )
     else:
         memory = system_memory_bytes()
-        default_name = "cpu"
         hardware = f"{_cpu_model_name()}, {torch.get_num_threads()} torch thread(s)"
 
     mode = "quick" if quick else "full"
     not_measured = f"; not measured: {', '.join(skipped)}" if skipped else ""
     return DeviceProfile(
-        name=name or default_name,
+        name=name,
         description=f"Measured on {hardware} ({mode} mode, {time.strftime('%Y-%m-%d')})",
         kind="gpu" if on_cuda else "cpu",
         memory_bytes=memory,
@@ -326,10 +373,15 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str | None
 def write_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
     """Write `profile` as JSON in the schema `load_profile` reads; returns the path.
 
-    The file is written whole or not at all (a temporary file renamed into place).
+    The file is written whole or not at all (a temporary file renamed into place, removed
+    if anything fails). `load_profile` finds it by name only when the file is
+    ``<profile.name>.json``.
     """
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(profile_to_json(profile), encoding="utf-8")
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(profile_to_json(profile), encoding="utf-8")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target

@@ -6,14 +6,24 @@
                                                                 a training step: pipeline x data parallel
     partitioner profile --device cpu --out my-cpu.json          measure a device's profile
     partitioner models | profiles | clusters                    what can be named
+    partitioner --version                                       the versions planning depends on
+
+Output paths are checked before any work and written whole or not at all. Ctrl-C stops
+any phase, the solver included, within seconds: one line, exit status 130, nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
+import importlib.util
+import math
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from partitioner.errors import PartitionerError
@@ -25,10 +35,49 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "build_parser"]
 
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
+def _version() -> str:
+    """``partitioner 0.1.0 (torch 2.13.0, pulp 3.3.2, highspy 1.16.0)``: what plans depend on."""
+    from partitioner import __version__
+
+    parts = []
+    for package in ("torch", "pulp", "highspy"):
+        try:
+            parts.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{package} not installed")
+    return f"partitioner {__version__} ({', '.join(parts)})"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and the tests)."""
     parser = argparse.ArgumentParser(prog="partitioner", description="Automatic model partitioning for PyTorch.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="plan a model onto devices and print the report")
@@ -43,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cluster",
         help="a cluster profile's name (see `partitioner clusters`) or .json file; plans a training step (--train)",
     )
-    p.add_argument("--batch-size", type=int, default=1, help="examples per batch (built-in models)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (built-in models)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="examples per batch (built-in models)")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per sequence (built-in models)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="parameter dtype")
     p.add_argument("--objective", default="latency", choices=["latency", "throughput"])
     p.add_argument("--train", action="store_true", help="plan a training step (forward, backward, optimizer state)")
@@ -54,20 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", nargs="*", default=[], metavar="DEVICE=SIZE",
                    help="caps, e.g. cuda:0=20GB, or 0=20GiB for the first GPU (as in Accelerate)")
     p.add_argument("--reserve", type=float, default=0.1, help="fraction of memory kept free (default 0.1)")
-    p.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in seconds")
+    p.add_argument("--time-limit", type=_positive_seconds, default=60.0, help="ILP time limit in seconds")
     p.add_argument("--solver", default="auto", choices=["auto", "highs", "cbc", "dp"])
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the report")
     p.add_argument("--out", default=None, help="also write the plan's JSON to this file")
     t = p.add_argument_group("training plans (--train with --cluster or --global-batch): pipeline x data parallel")
-    t.add_argument("--global-batch", type=int, default=None, help="samples per optimizer step (default: --batch-size)")
+    t.add_argument("--global-batch", type=_positive_int, default=None, help="samples per optimizer step (default: --batch-size)")
     t.add_argument("--precision", default="auto", choices=[x.value for x in Precision])
     t.add_argument("--schedules", nargs="+", default=None, metavar="SCHEDULE",
                    help=f"{', '.join(x.value for x in PipelineSchedule)}, or torch's names "
                         "(GPipe, 1F1B, Interleaved1F1B)")
-    t.add_argument("--max-stages", type=int, default=None, help="most pipeline stages (default: one per layer)")
-    t.add_argument("--max-virtual-stages", type=int, default=4, help="most stages per rank when interleaved")
-    t.add_argument("--min-microbatches", type=int, default=1)
-    t.add_argument("--max-microbatches", type=int, default=128)
+    t.add_argument("--max-stages", type=_positive_int, default=None, help="most pipeline stages (default: one per layer)")
+    t.add_argument("--max-virtual-stages", type=_positive_int, default=4, help="most stages per rank when interleaved")
+    t.add_argument("--min-microbatches", type=_positive_int, default=1)
+    t.add_argument("--max-microbatches", type=_positive_int, default=128)
     t.add_argument("--recompute", default="auto", choices=[x.value for x in Recompute])
     t.add_argument("--overlap-allreduce", action="store_true", help="all-reduce gradients during the last backward")
     t.add_argument("--equal-replicas", action="store_true",
@@ -76,8 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("profile", help="measure a present device and write its profile JSON")
     q.add_argument("--device", required=True, help="cpu, cuda or cuda:N")
-    q.add_argument("--out", required=True, help="file to write (put its folder on PARTITIONER_PROFILE_PATH)")
-    q.add_argument("--name", default=None, help="profile name (default: cpu, or the matching GPU profile's)")
+    q.add_argument(
+        "--out", default=None,
+        help="file to write (default: NAME.json; put its folder on PARTITIONER_PROFILE_PATH)",
+    )
+    q.add_argument(
+        "--name", default=None,
+        help="profile name, the file's stem (default: --out's stem, else from the CPU or GPU model, "
+        "e.g. cpu-intel-xeon-platinum-8375c); name it cpu, or a built-in GPU profile's name, to replace that one",
+    )
     q.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     q.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"])
 
@@ -107,14 +163,33 @@ def _training_options(args: argparse.Namespace) -> TrainingOptions:
     )
 
 
-def _write_out(path: str | None, text: str) -> None:
-    if not path:
-        return
+def _check_output(flag: str, path: str) -> None:
+    """Refuse an output path before any work is done: its folder must exist and take files."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise PartitionerError(f"{flag} {path!r} is a folder; give a file name, e.g. {target / 'plan.json'}")
+    if not folder.is_dir():
+        raise PartitionerError(
+            f"cannot write {flag} {path!r}: the folder {str(folder)!r} does not exist; create it first"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PartitionerError(f"cannot write {flag} {path!r}: the folder {str(folder)!r} is not writable")
+
+
+@contextmanager
+def _staged(flag: str, path: str) -> Iterator[Path]:
+    """A temporary file beside ``path`` (same suffix), renamed onto it when the block succeeds
+    and removed when it fails: a reader never sees half a file, and Ctrl-C leaves none."""
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp{target.suffix}")
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        yield temporary
+        os.replace(temporary, target)
     except OSError as e:
-        raise PartitionerError(f"cannot write --out {path!r}: {e.strerror or e}") from None
+        raise PartitionerError(f"cannot write {flag} {path!r}: {e.strerror or e}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -126,6 +201,7 @@ def _plan(args: argparse.Namespace) -> int:
     from partitioner.models import build_model
     from partitioner.options import Objective, Optimizer, PlanOptions, SolverBackend, SolverOptions
     from partitioner.report import render_plan_timeline
+    from partitioner.solve.progress import reporting
     from partitioner.training import compile_training
 
     max_memory: dict[str | int, int | str] = {}
@@ -139,6 +215,14 @@ def _plan(args: argparse.Namespace) -> int:
         raise PartitionerError("--cluster and --global-batch plan a training step: add --train")
     if args.timeline and not training:
         raise PartitionerError("--timeline draws a training plan: add --train and --cluster or --global-batch")
+    if args.timeline:
+        if Path(args.timeline).suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise PartitionerError(f"--timeline writes .png, .svg or .pdf files, got {args.timeline!r}")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise PartitionerError("--timeline needs matplotlib: pip install 'partitioner[plot]'")
+        _check_output("--timeline", args.timeline)
+    if args.out:
+        _check_output("--out", args.out)
     compile_fn: Callable[..., Any]
     if training:
         compile_fn = functools.partial(compile_training, options=_training_options(args))
@@ -154,7 +238,8 @@ def _plan(args: argparse.Namespace) -> int:
         )
         compile_fn, devices = functools.partial(compile_plan, options=options), args.devices
     err = Console(stderr=True)
-    with err.status(f"building {args.model}") as status:
+    keep = functools.partial(err.print, soft_wrap=True)  # A solver's note stays above the status line.
+    with err.status(f"building {args.model}") as status, reporting(status.update, note=keep):
         # A file's factory makes its own inputs: build_model refuses sizes for it rather than ignore them.
         built = build_model(args.model, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len)
         compiled = compile_fn(
@@ -171,25 +256,59 @@ def _plan(args: argparse.Namespace) -> int:
     solved = f"planned in {t['tables_s'] + t['solve_s']:.1f} s" if training else f"solved in {t['solve_s']:.1f} s"
     err.print(f"traced in {t['trace_s']:.1f} s, profiled in {t['profile_s']:.1f} s, {solved}", style="dim")
     text = compiled.plan.to_json()
+    with ExitStack() as files:  # Both files or neither.
+        if args.timeline:
+            render_plan_timeline(compiled.plan, files.enter_context(_staged("--timeline", args.timeline)))
+        if args.out:
+            files.enter_context(_staged("--out", args.out)).write_text(text + "\n", encoding="utf-8")
     print(text if args.json else str(compiled.plan))
     if args.timeline:
-        err.print(f"timeline written to {render_plan_timeline(compiled.plan, args.timeline)}", style="dim")
-    _write_out(args.out, text)
+        err.print(f"timeline written to {args.timeline}", style="dim", soft_wrap=True)
     return 0
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from partitioner.calibrate import measure_device, write_profile
+    from rich.console import Console
 
-    profile = measure_device(args.device, args.dtypes, quick=args.quick, name=args.name)
-    path = write_profile(profile, args.out)
+    from partitioner.calibrate import check_profile_name, default_profile_name, measure_device, write_profile
+    from partitioner.devices import PROFILE_PATH_ENV, available_profiles
+
+    # Everything that can be refused is refused before the measurement: a profile is found
+    # by its file's name, so the name and the file agree, and the file can be written.
+    name = args.name or (Path(args.out).stem if args.out else default_profile_name(args.device))
+    check_profile_name(name)
+    out = args.out or f"{name}.json"
+    if Path(out).suffix != ".json":
+        raise PartitionerError(f"--out {out!r}: a profile is a .json file (it is looked up as NAME.json)")
+    if Path(out).stem != name:
+        raise PartitionerError(
+            f"--out {out!r} would hold the profile {name!r}, which is looked up as {name}.json: "
+            f"write it to {Path(out).with_name(f'{name}.json')} or pass --name {Path(out).stem}"
+        )
+    _check_output("--out", out)
+    err = Console(stderr=True)
+    if name in available_profiles():
+        err.print(
+            f"a profile named {name!r} exists: the new one replaces it where its folder comes first "
+            f"on {PROFILE_PATH_ENV}",
+            style="dim",
+            soft_wrap=True,
+        )
+    with err.status(f"measuring {args.device}") as status:
+        profile = measure_device(args.device, args.dtypes, quick=args.quick, name=name, progress=status.update)
+    path = write_profile(profile, out)
     print(f"wrote {path}: {profile.name}, float32 {profile.peak_flops.float32 / 1e9:.1f} GFLOP/s, "
           f"memory bandwidth {profile.memory_bandwidth_Bps / 1e9:.1f} GB/s")
+    err.print(
+        f"use it as --devices {profile.name} with {PROFILE_PATH_ENV}={path.parent.resolve()}",
+        style="dim",
+        soft_wrap=True,
+    )
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for a partitioner error)."""
+    """Run the command line; returns the exit status (2 for a partitioner error, 130 after Ctrl-C)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "plan":
@@ -213,6 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PartitionerError, ValueError) as e:
         print(f"partitioner: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = " (--time-limit SECONDS stops the solver early with its best plan)" if args.command == "plan" else ""
+        print(f"partitioner: interrupted; nothing written{hint}", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from partitioner import calibrate
-from partitioner.calibrate import measure_device, write_profile
+from partitioner.calibrate import default_profile_name, measure_device, write_profile
 from partitioner.devices import DeviceProfile, load_profile, resolve_devices
 from partitioner.errors import DeviceError
+
+
+PROGRESS: list[str] = []
+"""The lines the module's measurement reported."""
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +26,9 @@ def measured() -> tuple[DeviceProfile, float]:
     torch.set_num_threads(2)
     try:
         start = time.perf_counter()
-        profile = measure_device("cpu", dtypes=("float32", "bfloat16", "tf32"), quick=True)
+        profile = measure_device(
+            "cpu", dtypes=("float32", "bfloat16", "tf32"), quick=True, progress=PROGRESS.append
+        )
         elapsed = time.perf_counter() - start
         assert torch.get_num_threads() == 2  # the caller's setting is back
     finally:
@@ -31,7 +39,7 @@ def measured() -> tuple[DeviceProfile, float]:
 def test_quick_cpu_profile_is_measured_and_quick(measured: tuple[DeviceProfile, float]) -> None:
     profile, elapsed = measured
     assert elapsed < 10.0
-    assert profile.name == "cpu" and profile.kind == "cpu"
+    assert profile.name == default_profile_name("cpu") != "cpu" and profile.kind == "cpu"
     assert profile.compute_efficiency == profile.memory_efficiency == 1.0
     assert profile.host_link is None and profile.peer_link is None
     # Any CPU of this century: more than 100 MFLOP/s and 100 MB/s, less than the caps.
@@ -39,6 +47,48 @@ def test_quick_cpu_profile_is_measured_and_quick(measured: tuple[DeviceProfile, 
     assert profile.peak_flops.tf32 is None and "tf32 (no TF32 tensor cores)" in profile.source
     assert profile.memory_bytes == resolve_devices(["cpu"])[0].memory_bytes
     assert "1 torch thread" in profile.description
+
+
+def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]) -> None:
+    profile, _ = measured
+    figures = [line for line in PROGRESS if "GFLOP/s" in line]
+    assert [line for line in PROGRESS if line not in figures] == [
+        "1/3: float32 matmuls",
+        "2/3: tf32 matmuls",  # then skipped on a CPU
+        "3/3: bfloat16 matmuls",
+        "memory bandwidth: copying 64 MiB",
+    ]
+    assert [line.split(" GFLOP/s")[0] for line in figures] == [
+        f"float32: {profile.peak_flops.float32 / 1e9:.4g}",
+        f"bfloat16: {profile.peak_flops.bfloat16 / 1e9:.4g}",
+    ]
+
+
+@pytest.mark.parametrize(
+    "model, name",
+    [
+        ("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", "cpu-intel-xeon-platinum-8375c"),
+        ("AMD EPYC 7R13 Processor", "cpu-amd-epyc-7r13"),
+        ("Apple M2 Pro", "cpu-apple-m2-pro"),
+        ("arm64", "cpu-arm64"),
+    ],
+)
+def test_the_default_name_is_the_cpu_model(monkeypatch: pytest.MonkeyPatch, model: str, name: str) -> None:
+    monkeypatch.setattr(calibrate, "_cpu_model_name", lambda: model)
+    assert default_profile_name("cpu") == name
+    load_profile("cpu")  # the built-in one, which the default name leaves alone
+
+
+def test_the_default_name_of_a_gpu_is_its_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(calibrate, "_parse_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(name="NVIDIA H100 80GB HBM3"))
+    assert default_profile_name("cuda:0") == "nvidia-h100-80gb-hbm3"  # not the built-in h100-80gb
+
+
+def test_a_bad_name_is_refused_before_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(calibrate, "_measure", lambda *args: pytest.fail("measured"))
+    with pytest.raises(DeviceError, match="profile name 'my cpu' is not 1-64 of"):
+        measure_device("cpu", quick=True, name="my cpu")
 
 
 def test_measured_profile_round_trips(measured: tuple[DeviceProfile, float], tmp_path: Path) -> None:
@@ -51,9 +101,10 @@ def test_measured_profile_round_trips(measured: tuple[DeviceProfile, float], tmp
 def test_measured_profile_replaces_the_builtin_one_on_the_path(
     measured: tuple[DeviceProfile, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_profile(measured[0], tmp_path / "cpu.json")
+    named_cpu = dataclasses.replace(measured[0], name="cpu")  # measure_device(..., name="cpu")
+    write_profile(named_cpu, tmp_path / "cpu.json")
     monkeypatch.setenv("PARTITIONER_PROFILE_PATH", str(tmp_path))
-    assert resolve_devices(["cpu:0"])[0].profile == measured[0]
+    assert resolve_devices(["cpu:0"])[0].profile == named_cpu
 
 
 def test_threads_are_restored_when_measuring_fails(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from partitioner import Objective, Plan, Strategy
+import partitioner
+from partitioner import Objective, Plan, Strategy, calibrate
+from partitioner.calibrate import default_profile_name
 from partitioner.cli import main
-from partitioner.devices import available_profiles
+from partitioner.devices import DeviceProfile, available_profiles, load_profile
+from partitioner.solve import ilp as ilp_module
 from partitioner.models import available_models
 
 TWO_GPUS = ["--devices", "a100-80gb x2"]
@@ -156,7 +167,6 @@ FILE_MODEL = "model.py:factory"  # refused before the file is read
         (["plan", "mlp", *TWO_GPUS, "--max-memory", "h100-80gb=1GB"], "max_memory key 'h100-80gb' matches no device"),
         (["plan", "mlp", *TWO_GPUS, "--max-memory", "a100-80gb=1kB"], "layer 'fc1' needs"),
         (["plan", "mlp", *TWO_GPUS, "--reserve", "1"], "memory_reserve must be in [0, 1)"),
-        (["plan", "mlp", *TWO_GPUS, "--batch-size", "0"], "batch_size must be at least 1"),
         (["plan", "mlp", *TWO_GPUS, "--seq-len", "16"], "has no sequence axis"),
         (["plan", FILE_MODEL, *TWO_GPUS, "--batch-size", "4"], "apply to built-in names only"),
         (["plan", "mlp", "--devices", "/dev/zero"], "/dev/zero: is a special file, not a regular file"),
@@ -177,12 +187,93 @@ def test_bad_input_exits_2_naming_the_problem(
     assert message in err
 
 
-def test_unwritable_out_file_exits_2_after_the_report(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    target = tmp_path / "missing" / "plan.json"
-    status, out, err = run(capsys, "plan", "mlp", *TWO_GPUS, "--out", str(target))
+TRAIN = ["--train", "--global-batch", "8"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--out", "{tmp}/missing/plan.json"], "cannot write --out '{tmp}/missing/plan.json': the folder '{tmp}/missing' "
+         "does not exist; create it first"),
+        (["--out", "{tmp}"], "--out '{tmp}' is a folder; give a file name, e.g. {tmp}/plan.json"),
+        ([*TRAIN, "--timeline", "{tmp}/missing/step.png"], "cannot write --timeline '{tmp}/missing/step.png': the "
+         "folder '{tmp}/missing' does not exist; create it first"),
+        ([*TRAIN, "--timeline", "{tmp}/step.gif"], "--timeline writes .png, .svg or .pdf files, got '{tmp}/step.gif'"),
+    ],
+)
+def test_output_paths_are_refused_before_any_work(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], message: str
+) -> None:
+    status, out, err = run(capsys, "plan", "mlp", *TWO_GPUS, "--json", *(f.format(tmp=tmp_path) for f in flags))
     assert status == 2
-    assert out.startswith("partitioner plan for Sequential")
-    assert f"cannot write --out '{target}': No such file or directory" in err
+    assert out == ""  # no JSON printed before the refusal
+    assert err == f"partitioner: error: {message.format(tmp=tmp_path)}\n"  # nothing traced either
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_writing_leaves_no_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(plan: Plan, path: Path) -> Path:
+        path.write_bytes(b"half a picture")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("partitioner.report.render_plan_timeline", interrupted)
+    status, out, err = run(
+        capsys, "plan", "mlp", *TWO_GPUS, *TRAIN, "--timeline", str(tmp_path / "step.png"),
+        "--out", str(tmp_path / "plan.json"),
+    )
+    assert status == 130
+    assert out == ""
+    assert err.splitlines()[-1] == (
+        "partitioner: interrupted; nothing written (--time-limit SECONDS stops the solver early with its best plan)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_timeline_and_out_are_written_together(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    status, out, err = run(
+        capsys, "plan", "mlp", *TWO_GPUS, *TRAIN, "--json", "--timeline", str(tmp_path / "step.svg"),
+        "--out", str(tmp_path / "plan.json"),
+    )
+    assert status == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "step.svg"]
+    assert (tmp_path / "plan.json").read_text() == out
+    assert (tmp_path / "step.svg").read_text().lstrip().startswith("<?xml")
+    assert f"timeline written to {tmp_path / 'step.svg'}" in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--global-batch", "0", "--train"], "argument --global-batch: must be at least 1, got 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["--batch-size", "two"], "argument --batch-size: expected a whole number, got 'two'"),
+        (["--seq-len", "-8"], "argument --seq-len: must be at least 1, got -8"),
+        (["--time-limit", "0"], "argument --time-limit: must be a number of seconds above 0, got '0'"),
+        (["--time-limit", "nan"], "argument --time-limit: must be a number of seconds above 0, got 'nan'"),
+        (["--time-limit", "inf"], "argument --time-limit: must be a number of seconds above 0, got 'inf'"),
+        (["--max-stages", "0"], "argument --max-stages: must be at least 1, got 0"),
+        (["--max-virtual-stages", "0"], "argument --max-virtual-stages: must be at least 1, got 0"),
+        (["--min-microbatches", "0"], "argument --min-microbatches: must be at least 1, got 0"),
+        (["--max-microbatches", "-1"], "argument --max-microbatches: must be at least 1, got -1"),
+    ],
+)
+def test_argparse_refuses_counts_and_limits_below_one(
+    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "mlp", *TWO_GPUS, *flags])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"partitioner plan: error: {message}"
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "pulp", "highspy"))
+    assert capsys.readouterr().out == f"partitioner {partitioner.__version__} ({versions})\n"
 
 
 def test_argparse_rejects_an_unknown_choice(capsys: pytest.CaptureFixture[str]) -> None:
@@ -200,3 +291,188 @@ def test_gpt2_small_on_two_gpus(capsys: pytest.CaptureFixture[str]) -> None:
     assert [n for n in names if n.startswith("transformer.h.")] == [f"transformer.h.{i}" for i in range(12)]
     params = sum(d.param_bytes for d in plan.devices)
     assert params == 4 * 124_439_808  # GPT-2 small's float32 parameters, the tied embedding counted once
+
+
+# --- partitioner profile ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def measured_names(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The measurement replaced by the built-in cpu profile under the name asked for; the
+    names measured are listed."""
+    names: list[str] = []
+
+    def measure(dev: object, dtypes: list[str], quick: bool, name: str, say: object) -> DeviceProfile:
+        names.append(name)
+        return dataclasses.replace(load_profile("cpu"), name=name)
+
+    monkeypatch.setattr(calibrate, "_measure", measure)
+    return names
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--out", "{tmp}/missing/my-cpu.json"],
+         "cannot write --out '{tmp}/missing/my-cpu.json': the folder '{tmp}/missing' does not exist; create it first"),
+        (["--out", "{tmp}/a.json", "--name", "b"],
+         "--out '{tmp}/a.json' would hold the profile 'b', which is looked up as b.json: write it to {tmp}/b.json "
+         "or pass --name a"),
+        (["--out", "{tmp}/a.txt"], "--out '{tmp}/a.txt': a profile is a .json file (it is looked up as NAME.json)"),
+        (["--name", "my cpu"], "profile name 'my cpu' is not 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"),
+        (["--out", "{tmp}/my cpu.json"], "profile name 'my cpu' is not 1-64 of"),
+    ],
+)
+def test_profile_refuses_a_bad_name_or_out_before_measuring(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, measured_names: list[str], flags: list[str], message: str
+) -> None:
+    status, out, err = run(capsys, "profile", "--device", "cpu", "--quick", *(f.format(tmp=tmp_path) for f in flags))
+    assert status == 2
+    assert out == ""
+    assert err.startswith(f"partitioner: error: {message.format(tmp=tmp_path)}")
+    assert measured_names == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("out", [None, "my-cpu.json"])
+def test_a_measured_profile_is_usable_by_the_name_profiles_lists(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    measured_names: list[str],
+    out: str | None,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    status, stdout, err = run(capsys, "profile", "--device", "cpu", "--quick", *(["--out", out] if out else []))
+    assert status == 0, err
+    # Named after the file, else after the CPU model: never the built-in "cpu" it would replace.
+    name = "my-cpu" if out else default_profile_name("cpu")
+    assert name != "cpu" and measured_names == [name]
+    assert stdout.startswith(f"wrote {name}.json: {name}, float32 ")
+    assert [p.name for p in tmp_path.iterdir()] == [f"{name}.json"]
+    monkeypatch.setenv("PARTITIONER_PROFILE_PATH", str(tmp_path))
+    assert name in run(capsys, "profiles")[1].split()
+    plan = plan_of(capsys, "mlp", "--devices", f"{name} x2")
+    assert [d.name for d in plan.devices] == [f"{name}:0", f"{name}:1"]
+
+
+def test_a_profile_under_a_built_in_name_replaces_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, measured_names: list[str]
+) -> None:
+    status, _, err = run(capsys, "profile", "--device", "cpu", "--quick", "--out", str(tmp_path / "cpu.json"))
+    assert status == 0, err
+    assert err.splitlines()[0] == (
+        "a profile named 'cpu' exists: the new one replaces it where its folder comes first on PARTITIONER_PROFILE_PATH"
+    )
+    monkeypatch.setenv("PARTITIONER_PROFILE_PATH", str(tmp_path))
+    assert load_profile("cpu") == load_profile(tmp_path / "cpu.json")
+
+
+def test_ctrl_c_while_measuring_exits_130_and_writes_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object) -> DeviceProfile:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate, "_measure", interrupted)
+    status, out, err = run(capsys, "profile", "--device", "cpu", "--quick", "--out", str(tmp_path / "my-cpu.json"))
+    assert (status, out, err) == (130, "", "partitioner: interrupted; nothing written\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- The solver's phase ------------------------------------------------------------------------
+
+
+BRANCHY = '''
+import random
+import torch
+
+
+class Branchy(torch.nn.Module):
+    """Layers that read the previous one and often one further back: a DAG, not a chain."""
+
+    def __init__(self):
+        super().__init__()
+        rng = random.Random(7)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(256, 256) for _ in range({layers}))
+        self.skips = [rng.randrange(0, i) if i > 1 and rng.random() < 0.5 else None for i in range({layers})]
+
+    def forward(self, x):
+        outs = []
+        for i, layer in enumerate(self.layers):
+            h = outs[-1] if outs else x
+            if self.skips[i] is not None:
+                h = h + outs[self.skips[i]]
+            outs.append(torch.relu(layer(h)))
+        return outs[-1]
+
+
+def factory():
+    return Branchy(), (torch.randn(64, 256),)
+'''
+
+
+def branchy(folder: Path, layers: int) -> str:
+    """``file.py:factory`` of a `BRANCHY` model with this many layers of 256 KiB."""
+    path = folder / "branchy.py"
+    path.write_text(BRANCHY.format(layers=layers))
+    return f"{path}:factory"
+
+
+def test_the_fallback_to_cbc_is_said(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(ilp_module, "highs_available", lambda: False)
+    # 30 layers (7.5 MiB) in 4 MB per device: the DPs' placements are not proved optimal, the ILP runs.
+    status, out, err = run(
+        capsys, "plan", branchy(tmp_path, 30), "--devices", "a100-80gb", "v100", "l4", "--no-data-parallel",
+        "--reserve", "0", "--max-memory", "a100-80gb=4MB", "v100=4MB", "l4=4MB",
+    )
+    assert status == 0, err
+    assert "solver: cbc" in out
+    assert err.splitlines()[0] == (
+        "HiGHS (highspy) is not installed: solving the placement ILP with CBC, which is slower; pip install highspy"
+    )
+
+
+def test_ctrl_c_during_the_solve_exits_130_in_one_line(tmp_path: Path) -> None:
+    """Ctrl-C while HiGHS runs (here for 20 s, with a 600 s limit) stops it: one line, 130, no file."""
+    command = [
+        sys.executable, "-m", "partitioner.cli", "plan", branchy(tmp_path, 120),
+        "--devices", "a100-80gb x2", "v100 x2", "l4 x2", "--objective", "throughput", "--no-data-parallel",
+        "--solver", "highs", "--time-limit", "600", "--out", str(tmp_path / "plan.json"),
+    ]
+    root = Path(__file__).resolve().parents[1]
+    # A terminal as far as rich knows, so that the status line (the solver's progress) is drawn.
+    env = {**os.environ, "PYTHONPATH": str(root), "TTY_COMPATIBLE": "1", "COLUMNS": "200"}
+    cli = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert cli.stderr is not None and cli.stdout is not None
+    err = bytearray()
+    solving = threading.Event()
+
+    def read_stderr() -> None:
+        assert cli.stderr is not None
+        while chunk := cli.stderr.read1(4096):
+            err.extend(chunk)
+            if b"HiGHS: " in err:
+                solving.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert solving.wait(timeout=300), err.decode(errors="replace")[-2000:]
+        cli.send_signal(signal.SIGINT)
+        out = cli.stdout.read()
+        status = cli.wait(timeout=120)
+    finally:
+        cli.kill()
+    reader.join()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", err.decode(errors="replace"))  # rich's control sequences
+    lines = [line for line in re.split(r"[\r\n]", text) if line.startswith("partitioner")]
+    assert status == 130, text[-2000:]
+    assert "Traceback" not in text and "terminate called" not in text
+    assert lines == [
+        "partitioner: interrupted; nothing written (--time-limit SECONDS stops the solver early with its best plan)"
+    ]
+    assert out == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["branchy.py"]

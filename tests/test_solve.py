@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib
 import math
 import random
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -41,6 +44,7 @@ from partitioner.solve import (
 from partitioner.solve import ilp as ilp_module
 from partitioner.solve import nearchain as nearchain_module
 from partitioner.solve.feasibility import device_ranges
+from partitioner.solve.progress import reporting
 
 # The module, which `partitioner.solve.evaluate` (the function) hides.
 evaluate_module = importlib.import_module("partitioner.solve.evaluate")
@@ -1099,7 +1103,57 @@ def test_highs_missing(monkeypatch):
     problem = three_layers(Objective.LATENCY)
     with pytest.raises(SolverError, match="pip install highspy"):
         solve_ilp(problem, SolverOptions(backend=SolverBackend.HIGHS))
-    assert solve_ilp(problem, SolverOptions()).solver in ("cbc", "dp")
+    with pytest.warns(RuntimeWarning, match="HiGHS"):
+        assert solve_ilp(problem, SolverOptions()).solver in ("cbc", "dp")
+
+
+CBC_NOTE = (
+    "HiGHS (highspy) is not installed: solving the placement ILP with CBC, which is slower; "
+    "pip install highspy"
+)
+
+
+def test_the_fallback_to_cbc_is_said_in_one_line(monkeypatch):
+    monkeypatch.setattr(ilp_module, "highs_available", lambda: False)
+    problem = three_layers(Objective.LATENCY)
+    lines: list[str] = []
+    notes: list[str] = []
+    with reporting(lines.append, note=notes.append):
+        solve_ilp(problem, SolverOptions())
+        solve_ilp(problem, SolverOptions(backend=SolverBackend.CBC))  # asked for: no note
+    assert notes == [CBC_NOTE]
+    assert lines == ["solving the placement ILP with CBC (time limit 60 s)"] * 2
+
+
+def test_highs_reports_progress_and_stops_on_ctrl_c():
+    """A Ctrl-C during a HiGHS solve stops it within HiGHS' next check, not at the time limit."""
+    # The branchy DAG of the time-limit test, which HiGHS takes 5-20 s to prove here.
+    problem = random_problem(random.Random(7), 120, 6, objective=Objective.THROUGHPUT, dag=True, tightness=1.0)
+    lines: list[str] = []
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        if "best" in line:  # The first line with an incumbent: press Ctrl-C.
+            signal.raise_signal(signal.SIGINT)
+
+    with reporting(progress), pytest.raises(KeyboardInterrupt):
+        solve_ilp(problem, SolverOptions(backend=SolverBackend.HIGHS, time_limit_s=600))
+    assert lines[0] == "solving the placement ILP with HiGHS (time limit 600 s)"
+    assert re.fullmatch(
+        r"HiGHS: \d+ s of 600 s, best [\d.]+ m?s, bound [\d.]+ m?s, gap \d+\.\d%", lines[-1]
+    ), lines[-1]
+    # HiGHS has stopped: a thread left in it could abort the interpreter's exit.
+    assert not [t for t in threading.enumerate() if t.name == "partitioner-highs"]
+
+
+def test_highs_progress_line():
+    assert ilp_module._highs_line(None, 1e-3, 0.4, 60) == "HiGHS: 0 s of 60 s, no bound yet"
+    inf = float("inf")
+    assert ilp_module._highs_line((inf, -inf), 1e-3, 2.0, 60) == "HiGHS: 2 s of 60 s, no placement yet"
+    assert (
+        ilp_module._highs_line((4.0, 3.0), 1e-3, 12.6, 60)
+        == "HiGHS: 13 s of 60 s, best 4 ms, bound 3 ms, gap 25.0%"
+    )
 
 
 # --- Coarsening ------------------------------------------------------------------------------

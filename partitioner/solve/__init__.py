@@ -16,7 +16,9 @@ CBC), warm-started by the better of the two DPs run along the topological order.
 Under THROUGHPUT, `solve_near_chain`'s bottleneck DP bounds every placement of a graph
 with one layer order (skip and residual edges) and usually meets its bound, which
 settles the placement with no ILP.
-Interchangeable devices are filled in order by every solver (`canonical`).
+Interchangeable devices are filled in order by every solver (`canonical`). The ILP reports
+its incumbent, bound and gap while it runs, and stops on Ctrl-C, to the sink a caller sets
+with `progress.reporting` (the ``partitioner`` command's status line).
 `solve_brute` is the tests' oracle. `lower_bound` (`partitioner.solve.bounds`) settles
 what it can before any search: data parallelism that beats it needs no placement
 searched, and a DP placement within the gap of it needs no ILP.

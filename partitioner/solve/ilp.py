@@ -62,6 +62,7 @@ import functools
 import os
 import re
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -76,6 +77,7 @@ from partitioner.ir import Problem, Solution
 from partitioner.options import Objective, SolverBackend, SolverOptions
 from partitioner.solve.evaluate import evaluate, placement_solution, simple_lower_bound
 from partitioner.solve.feasibility import check_memory, device_ranges, no_contiguous_fit
+from partitioner.solve.progress import format_seconds, note, say
 from partitioner.solve.symmetry import canonical, interchangeable
 
 __all__ = ["highs_available", "solve_ilp"]
@@ -88,7 +90,10 @@ to the byte."""
 
 class _HiGHSWithStart(pulp.HiGHS):
     """pulp's HiGHS interface, silent from the start, also handing the variables' initial
-    values to HiGHS."""
+    values to HiGHS, reporting progress and stopping on Ctrl-C (`_run_highs`)."""
+
+    scale = 1.0
+    """Seconds per model time unit (`_time_scale`), for the progress lines."""
 
     def createAndConfigureSolver(self, lp: Any) -> None:
         # What `solve_ilp` asks for, gap and time limit, on a silent instance (pulp's own
@@ -104,7 +109,85 @@ class _HiGHSWithStart(pulp.HiGHS):
             lp.solverModel.setSolution(
                 len(index), np.asarray(index, dtype=np.int32), np.asarray(value, dtype=float)
             )
-        lp.solverModel.run()
+        _run_highs(lp.solverModel, self.scale, float(self.timeLimit))
+
+
+_REPORT_EVERY_S = 0.5
+"""Seconds between two progress lines of a running HiGHS solve."""
+
+
+class _Watch:
+    """HiGHS' interrupt callbacks: keep the MIP's latest bounds, and stop it on request."""
+
+    def __init__(self) -> None:
+        from highspy import cb
+
+        self._mip = cb.HighsCallbackType.kCallbackMipInterrupt
+        self.stop = threading.Event()
+        self.bounds: tuple[float, float] | None = None
+        """(incumbent, lower bound) in model units, as of the last MIP callback."""
+
+    def __call__(self, event: Any) -> None:
+        if event.callback_type == self._mip:
+            self.bounds = (float(event.data_out.mip_primal_bound), float(event.data_out.mip_dual_bound))
+        if self.stop.is_set():
+            event.interrupt()
+
+
+def _run_highs(highs: Any, scale: float, limit_s: float) -> None:
+    """``highs.run()`` in a thread, so that this one can report and take Ctrl-C.
+
+    HiGHS runs in C and holds its caller until it returns: a Ctrl-C used to wait for the
+    time limit. Here the calling thread waits instead, hands the incumbent, bound and gap
+    to `progress.say` every `_REPORT_EVERY_S`, and on KeyboardInterrupt (or any exception
+    while it waits) stops HiGHS and re-raises. HiGHS looks at its interrupt callbacks only between search steps (none during
+    presolve; seconds apart at the root), but at its time limit also inside presolve and LP
+    solves, so both are pulled: HiGHS stops at the first of its checks (0.1-3 s measured on
+    a loaded 2-core machine). The thread is waited for, not left behind: a HiGHS thread that
+    enters a Python callback while the interpreter exits aborts the process ("terminate
+    called without an active exception"). A second Ctrl-C stops the waiting.
+    """
+    watch = _Watch()
+    for callbacks in (highs.cbSimplexInterrupt, highs.cbIpmInterrupt, highs.cbMipInterrupt):
+        callbacks.subscribe(watch)
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            highs.run()
+        except BaseException as error:  # Raised in the calling thread below.
+            failures.append(error)
+        finally:
+            done.set()
+
+    begin = time.perf_counter()
+    say(f"solving the placement ILP with HiGHS (time limit {limit_s:g} s)")
+    threading.Thread(target=run, name="partitioner-highs", daemon=True).start()
+    try:
+        while not done.wait(_REPORT_EVERY_S):
+            say(_highs_line(watch.bounds, scale, time.perf_counter() - begin, limit_s))
+    except BaseException:  # Ctrl-C, or a progress sink that raised: HiGHS stops first.
+        watch.stop.set()
+        highs.setOptionValue("time_limit", 0.0)  # A double HiGHS reads at each time check.
+        done.wait()
+        raise
+    if failures:
+        raise failures[0]
+
+
+def _highs_line(bounds: tuple[float, float] | None, scale: float, elapsed_s: float, limit_s: float) -> str:
+    """``HiGHS: 12 s of 60 s, best 4.212 ms, bound 4.05 ms, gap 3.8%``."""
+    line = f"HiGHS: {elapsed_s:.0f} s of {limit_s:g} s"
+    if bounds is None:
+        return f"{line}, no bound yet"  # Presolve and the root node call no MIP callback.
+    best, lower = bounds
+    line += f", best {format_seconds(best * scale)}" if np.isfinite(best) else ", no placement yet"
+    if np.isfinite(lower):
+        line += f", bound {format_seconds(lower * scale)}"
+        if np.isfinite(best) and best > 0:
+            line += f", gap {max(best - lower, 0.0) / best:.1%}"
+    return line
 
 
 @functools.cache
@@ -195,7 +278,10 @@ def solve_ilp(
         solver = _HiGHSWithStart(
             msg=False, timeLimit=options.time_limit_s, gapRel=options.gap
         )
+        solver.scale = scale
     else:
+        # CBC runs as a subprocess whose log pulp buffers 4 KiB at a time: no progress to show.
+        say(f"solving the placement ILP with CBC (time limit {options.time_limit_s:g} s)")
         handle, log_path = tempfile.mkstemp(prefix="partitioner-cbc-", suffix=".log")
         os.close(handle)
         solver = pulp.PULP_CBC_CMD(
@@ -255,6 +341,7 @@ def _backend(choice: SolverBackend) -> str:
         return "highs"
     if choice is SolverBackend.HIGHS:
         raise SolverError("HiGHS is not available: pip install highspy, or use SolverBackend.CBC")
+    note("HiGHS (highspy) is not installed: solving the placement ILP with CBC, which is slower; pip install highspy")
     return "cbc"
 
 
