@@ -229,10 +229,10 @@ def _mirror_state(model: nn.Module, gm: fx.GraphModule) -> None:
             dst.register_buffer(attr, tensor, persistent=attr not in src._non_persistent_buffers_set)
         elif attr in src._non_persistent_buffers_set:
             dst._non_persistent_buffers_set.add(attr)
-    for path, src in model.named_modules(remove_duplicate=False):
-        dst = _submodule(gm, path)
-        if dst is not None and dst is not src:  # a module the trace made: its tensors in the original's order
-            _reorder(dst, tuple(src._parameters), tuple(src._buffers))
+    for path, original in model.named_modules(remove_duplicate=False):
+        made = _submodule(gm, path)
+        if made is not None and made is not original:  # a module the trace made: the original's order
+            _reorder(made, tuple(original._parameters), tuple(original._buffers))
     first: dict[int, str] = {}
     aliases = {
         name: first[id(t)]
@@ -277,7 +277,11 @@ def _submodule(root: nn.Module, path: str) -> nn.Module | None:
 
 def _reorder(module: nn.Module, parameters: tuple[str, ...], buffers: tuple[str, ...]) -> None:
     """Put `module`'s parameters and buffers in these orders (the state dict's); others after them."""
-    for table, order in ((module._parameters, parameters), (module._buffers, buffers)):
+    tables: tuple[tuple[dict[str, Any], tuple[str, ...]], ...] = (
+        (module._parameters, parameters),
+        (module._buffers, buffers),
+    )
+    for table, order in tables:
         rank = {name: k for k, name in enumerate(order)}
         ordered = sorted(table.items(), key=lambda item: rank.get(item[0], len(rank)))
         table.clear()
