@@ -7,6 +7,7 @@ microbatch (``F3``, ``B3``; ``4F3`` for stage 4 when ranks hold several stages).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,7 @@ _MIXED = "#9A7B94"
 """Forwards and backwards merged into one span (between their colours)."""
 
 
-def _merged(events: list[Event], gap_s: float) -> dict[str, list[tuple[float, float]]]:
+def _merged(events: Sequence[Event], gap_s: float) -> dict[str, list[tuple[float, float]]]:
     """Compute events joined into spans wherever less than `gap_s` (about a pixel) lies between
     them, by colour: all forwards, all backwards, or both (`_MIXED`). (start, duration) each."""
     out: dict[str, list[tuple[float, float]]] = {}
@@ -179,10 +180,11 @@ def gantt_figure(timeline: Timeline, *, title: str | None = None) -> Any:
     dense = boxes > _DENSE_BOXES
     drawn: set[str] = set()  # colours of merged spans (dense charts)
 
-    def shade(colour: str, stage: int | None) -> tuple[float, ...]:
+    def shade(colour: str, stage: int | None) -> tuple[float, float, float]:
         """Stage ``r + k*p`` of rank ``r`` in the ``k``-th lighter shade (interleaving)."""
         lighten = 0.45 * ((stage or 0) // n) / max(1, v - 1)
-        return tuple(c + (1 - c) * lighten for c in to_rgb(colour))
+        r, g, b = (c + (1 - c) * lighten for c in to_rgb(colour))
+        return r, g, b
 
     def span(e: Event) -> tuple[float, float]:
         return e.start_s * factor, e.duration_s * factor
