@@ -209,3 +209,19 @@ def test_data_parallel_report_bound_is_below_the_prediction() -> None:
     assert plan.strategy is Strategy.DATA_PARALLEL
     assert plan.predicted_s >= plan.bound_s
     assert f"bound total/devices (replicas share every layer): {format_seconds(plan.bound_s)}" in str(plan)
+
+
+def test_documented_cluster_example_plans_what_distributed_launches() -> None:
+    # docs/training.md's first example: its plan must be one partitioner.distributed runs.
+    from pathlib import Path
+
+    from partitioner.distributed.layout import plan_layout
+
+    text = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, object] = {}
+    exec(compile(code.replace("print(plan)", "report = str(plan)"), "docs/training.md", "exec"), scope)
+    plan = scope["plan"]
+    assert isinstance(plan, Plan) and plan.pipeline is not None
+    assert "runs on: the simulator only" not in str(scope["report"])
+    plan_layout(plan)  # raised PlanMismatchError: ranks of 1 and 2 replicas
