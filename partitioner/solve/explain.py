@@ -35,9 +35,21 @@ def best_split(problem: Problem, device: int) -> Evaluation | None:
     another, `device` being one of the two (None when no such split fits)."""
     n = problem.num_layers
     best: Evaluation | None = None
+    tried = set()
     for other in range(problem.num_devices):
-        if other == device:
+        # Devices alike as seen from `device` (same speeds, link, memory and side) split alike.
+        alike = (
+            other > device,
+            tuple(row[other] for row in problem.compute_s),
+            problem.capacity[other],
+            problem.seconds_per_byte[device][other],
+            problem.seconds_per_byte[other][device],
+            problem.latency_s[device][other],
+            problem.latency_s[other][device],
+        )
+        if other == device or alike in tried:
             continue
+        tried.add(alike)
         first, second = min(device, other), max(device, other)  # the device index never goes back
         for k in _cuts(n):
             ev = evaluate(problem, (first,) * k + (second,) * (n - k))
