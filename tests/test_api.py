@@ -14,6 +14,7 @@ import partitioner
 from partitioner import PlanOptions, SimulatedDevices, to_plain
 from partitioner.api import compile_plan
 from partitioner.errors import DeviceMismatchError
+from partitioner.models import build_model
 from partitioner.rewrite import move_to
 from tests.models import ZOO, HandSplitMLP, ZooCase
 
@@ -285,3 +286,15 @@ def test_aliased_tensor_keeps_both_state_dict_keys(frontend: str, strategy: str)
         fresh.load_state_dict({k: to_plain(v) for k, v in state.items()})  # strict
         assert fresh.p0 is fresh.p1
         torch.testing.assert_close(fresh.p0, model.p0)
+
+
+# --- the plan's bound is a lower bound for the strategy it reports -----------------------------
+
+
+@pytest.mark.parametrize("devices", [["a100-80gb x2"], ["a100-80gb x4"], ["a100-80gb", "a100-40gb", "l4"]])
+@pytest.mark.parametrize("training", [False, True])
+def test_data_parallel_plan_never_beats_its_bound(devices: list[str], training: bool) -> None:
+    built = build_model("mlp", batch_size=8192)  # on meta, compute-heavy: replicas pay off
+    plan = partitioner.plan(built.model, devices, built.example_args, options=PlanOptions(training=training))
+    assert plan.strategy is partitioner.Strategy.DATA_PARALLEL, plan
+    assert plan.predicted_s >= plan.bound_s > 0  # was 0.44 on 4 A100s: the largest layer bounded whole layers only
