@@ -40,6 +40,7 @@ from partitioner.rewrite import (
 )
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import Evaluation, evaluate, solve
+from partitioner.solve.explain import why_single_device
 from partitioner.trace import Frontend, Granularity, trace_model
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "compile_plan",
     "trace_layers",
     "make_plan",
+    "annotate_plan",
     "dtype_of",
     "replication_hazards",
 ]
@@ -116,7 +118,7 @@ def compile_plan(
     problem = build_problem(graph, resolved, options, dtype_of(model))
     solution = solve(problem, options.solver)
     timings["solve_s"] = time.perf_counter() - start
-    result = make_plan(graph, resolved, problem, solution, options, granularity)
+    result = annotate_plan(make_plan(graph, resolved, problem, solution, options, granularity), layered, problem)
     return Compiled(layered, resolved, problem, solution, result, timings)
 
 
@@ -482,7 +484,10 @@ def make_plan(
     data_parallel = solution.strategy is Strategy.DATA_PARALLEL
     ev = evaluate(problem, solution.assignment)
     fastest = [min(row) for row in problem.compute_s]
-    bound = max(max(fastest, default=0.0), sum(fastest) / len(devices))
+    # A placement of whole layers finishes no sooner than its largest layer; replicas split
+    # every layer's batch, so only perfect balance binds them (`Plan.bound_s`).
+    balanced = sum(fastest) / len(devices)
+    bound = balanced if data_parallel else max(max(fastest, default=0.0), balanced)
     # The solver's capacities leave room for the inference working set; the plan shows it as used.
     working = working_set_bytes(graph, options)
     used = [data_parallel or d in solution.assignment for d in range(len(devices))]
@@ -539,6 +544,51 @@ def make_plan(
         ),
     )
 
+
+
+def annotate_plan(plan: Plan, layered: LayeredModel, problem: Problem | None = None) -> Plan:
+    """`plan` with what only the traced model knows: each layer's tensors under all their
+    names (a tied weight's aliases, which a ``device_map`` must cover), the module that
+    produces each transfer (`PlanTransfer.module`), and, given the `problem` it was solved
+    on, why a single-device plan on several devices keeps one (`Plan.why`)."""
+    gm = layered.traced.gm
+    by_id: dict[int, list[str]] = {}
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        by_id.setdefault(id(t), []).append(name)
+    names = {n: group for group in by_id.values() for n in group}
+    layers = tuple(
+        dataclasses.replace(layer, params=tuple(dict.fromkeys(a for p in layer.params for a in names.get(p, [p]))))
+        for layer in plan.layers
+    )
+    nodes = {n.name: n for n in gm.graph.nodes}
+    transfers = tuple(
+        dataclasses.replace(t, module=_producer(nodes[t.value], plan.model_name)) if t.value in nodes else t
+        for t in plan.transfers
+    )
+    why = plan.why
+    if problem is not None and plan.strategy is Strategy.SINGLE:
+
+        def describe(value: str) -> str:
+            node = nodes.get(value)
+            if node is None:
+                return value
+            if node.op == "get_attr":
+                tied = len(names.get(str(node.target), ())) > 1
+                return f"the {'tied ' if tied else ''}weight {node.target}"
+            return f"the output of {_producer(node, plan.model_name)}"
+
+        why = why_single_device(problem, plan.assignment, plan.predicted_s, describe)
+    return dataclasses.replace(plan, layers=layers, transfers=transfers, why=why)
+
+
+def _producer(node: fx.Node, model_name: str) -> str:
+    """The module whose code computes `node`, as `PlanTransfer.module` names it."""
+    if node.op == "placeholder":
+        return f"input {node.target}"
+    if node.op in ("get_attr", "call_module"):
+        return str(node.target)
+    paths = [path for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items() if path]
+    return paths[-1] if paths else model_name
 
 
 def _plan_transfers(problem: Problem, ev: Evaluation, output_device: int) -> tuple[PlanTransfer, ...]:

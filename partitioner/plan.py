@@ -14,7 +14,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
 from partitioner.errors import PlanFormatError
@@ -72,7 +72,8 @@ class PlanLayer:
     modules: tuple[str, ...]
     """Qualified names of the modules it holds."""
     params: tuple[str, ...]
-    """Qualified names of the tensors it owns."""
+    """Qualified names of the tensors it owns; a tied tensor under each of its names
+    (T5's ``shared.weight`` and ``encoder.embed_tokens.weight``)."""
     device: int
     """Index into `Plan.devices` (0 for every layer under data parallelism)."""
     compute_s: float
@@ -85,11 +86,15 @@ class PlanTransfer:
     """A value moved between devices once per step."""
 
     value: str
-    """Graph node whose result moves."""
+    """Graph node whose result moves (``add_32``; the fx or export graph's name)."""
     src: int
     dst: int
     bytes: int
     seconds: float
+    module: str = ""
+    """The module that produces it, as a person names it: its qualified name (``encoder.block.1``),
+    ``input <name>`` for a model input, the tensor's name for a weight, the model's class for
+    an op of its own ``forward``; empty in plans written before this field existed."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,8 +272,14 @@ class Plan:
     predicted_s: float
     """Predicted objective: one step's latency, or the pipeline's period (busiest device)."""
     bound_s: float
-    """Perfect balance: ``max(total compute / devices, largest layer)``, each layer on its fastest device."""
+    """No plan of its strategy runs faster (compute only, each layer on its fastest device):
+    ``max(total compute / devices, largest layer)`` for whole layers placed on devices,
+    ``total compute / devices`` for data parallelism (each replica computes its share of
+    every layer)."""
     solver: SolverInfo
+    why: str = ""
+    """Why this strategy, in one line, where a reader would ask (every layer on one device of
+    several: what the best split would add and save); empty otherwise."""
     pipeline: PipelinePlan | None = None
     """The training pipeline (stages, microbatches, schedule), for plans of `partitioner.training`.
     Each layer's `PlanLayer.device` is then its stage's first replica."""
@@ -354,11 +365,9 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as `from_json` reads it: lists for tuples, enums as strings, float fields as floats.
 
-        ``pipeline`` is left out when None, so plans without one read as they always did."""
-        data = {"version": PLAN_VERSION, **_plain(self)}
-        if data["pipeline"] is None:
-            del data["pipeline"]
-        return data
+        A field added after version 1 (``pipeline``, a transfer's ``module``) is left out while
+        it holds its default, so such plans read as they always did, also by older releases."""
+        return {"version": PLAN_VERSION, **_plain(self)}
 
     def to_json(self, indent: int | None = 2) -> str:
         """The plan as JSON, byte-for-byte the same for the same plan."""
@@ -384,10 +393,9 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
-        """Validate plain data and build a plan (see `from_json`)."""
-        if isinstance(data, dict) and "pipeline" not in data:
-            data = {**data, "pipeline": None}
-        d = _record(data, "plan", {f.name for f in fields(cls)} | {"version"})
+        """Validate plain data and build a plan (see `from_json`); a field added after version 1
+        may be missing (it takes its default)."""
+        d = _record(_with_defaults(cls, data), "plan", {f.name for f in fields(cls)} | {"version"})
         version = d.pop("version")
         if type(version) is not int or version != PLAN_VERSION:
             raise PlanFormatError(f"plan version must be {PLAN_VERSION} (got {version!r})")
@@ -437,9 +445,18 @@ def _plain(value: Any) -> Any:
         out = {}
         for f in fields(value):
             x = getattr(value, f.name)
+            if f.default is not MISSING and x == f.default:
+                continue  # a field added later, at its default: the JSON of version 1
             out[f.name] = float(x) if f.type in ("float", "float | None") and x is not None else _plain(x)
         return out
     return value
+
+
+def _with_defaults(cls: type, data: Any) -> Any:
+    """`data` with the fields of `cls` that have a default filled in where missing."""
+    if not isinstance(data, dict):
+        return data
+    return {**{f.name: f.default for f in fields(cls) if f.default is not MISSING}, **data}
 
 
 def _record(data: Any, where: str, allowed: set[str]) -> dict[str, Any]:
@@ -514,7 +531,7 @@ def _is_utf8(text: str) -> bool:
 
 
 def _build(cls: type, data: Any, where: str, nested: bool = False) -> Any:
-    d = data if nested else _record(data, where, {f.name for f in fields(cls)})
+    d = data if nested else _record(_with_defaults(cls, data), where, {f.name for f in fields(cls)})
     kwargs = {f.name: _check_value(d[f.name], str(f.type), f"{where}.{f.name}") for f in fields(cls)}
     return cls(**kwargs)
 

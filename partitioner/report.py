@@ -12,9 +12,17 @@ from pathlib import Path
 
 from partitioner.devices import format_bytes
 from partitioner.options import Strategy
-from partitioner.plan import PipelinePlan, Plan, PlanLayer, PlanStage
+from partitioner.plan import PipelinePlan, Plan, PlanLayer, PlanStage, PlanTransfer
 
-__all__ = ["render_text", "render_training", "render_plan_timeline", "layer_ranges", "format_seconds", "device_list"]
+__all__ = [
+    "render_text",
+    "render_training",
+    "render_plan_timeline",
+    "layer_ranges",
+    "format_seconds",
+    "device_list",
+    "transfer_names",
+]
 
 
 def format_seconds(s: float) -> str:
@@ -57,11 +65,13 @@ def render_text(plan: Plan) -> str:
         f"batch {plan.batch_size}, fingerprint {plan.fingerprint})",
         f"strategy: {plan.strategy.value} on {len(plan.devices)} device(s); objective: {plan.objective.value} "
         f"of one {mode}",
-        f"predicted: {format_seconds(plan.predicted_s)}   bound max(total/devices, largest layer): "
+        f"predicted: {format_seconds(plan.predicted_s)}   bound {_bound_formula(plan)}: "
         f"{format_seconds(plan.bound_s)}   predicted/bound: {ratio:.2f}",
         f"solver: {plan.solver.method}, {status}",
-        "",
     ]
+    if plan.why:
+        lines.append(f"why: {plan.why}")
+    lines.append("")
     header = ("device", "profile", "memory / capacity", "params", "compute", "transfers in/out", "layers")
     rows: list[tuple[str, ...]] = []
     for i, d in enumerate(plan.devices):
@@ -92,15 +102,35 @@ def render_text(plan: Plan) -> str:
             f"transfers per step: {len(plan.transfers)}, {format_bytes(total)} forward"
             + (" (and their gradients back)" if plan.training else "")
         )
-        for t in plan.transfers[:12]:
+        names = transfer_names(plan.transfers)
+        for t, name in zip(plan.transfers[:12], names):
             lines.append(
-                f"  {t.value}: {plan.devices[t.src].name} -> {plan.devices[t.dst].name}, "
+                f"  {name}: {plan.devices[t.src].name} -> {plan.devices[t.dst].name}, "
                 f"{format_bytes(t.bytes)}, {format_seconds(t.seconds)}"
             )
         if len(plan.transfers) > 12:
             lines.append(f"  ... {len(plan.transfers) - 12} more")
     lines.append(f"outputs gathered on {plan.devices[plan.output_device].name}")
     return "\n".join(lines)
+
+
+def _bound_formula(plan: Plan) -> str:
+    """What `Plan.bound_s` is for the plan's strategy (replicas split every layer)."""
+    if plan.strategy is Strategy.DATA_PARALLEL:
+        return "total/devices (replicas share every layer)"
+    return "max(total/devices, largest layer)"
+
+
+def transfer_names(transfers: Sequence[PlanTransfer]) -> list[str]:
+    """How the report names each transfer: the module that produces it (`PlanTransfer.module`),
+    with the graph node's name after it where one module produces several, and the node's
+    name alone for plans that do not record the module."""
+    count: dict[str, int] = {}
+    for t in transfers:
+        count[t.module] = count.get(t.module, 0) + 1
+    return [
+        t.value if not t.module else t.module if count[t.module] == 1 else f"{t.module} [{t.value}]" for t in transfers
+    ]
 
 
 

@@ -205,7 +205,10 @@ def _mirror_state(model: nn.Module, gm: fx.GraphModule) -> None:
     ``get_attr`` as persistent ones; the rewritten module's ``state_dict`` must load
     into the original model (``strict=True``), so unused tensors (a module never called)
     are added and non-persistent buffers stay out of the state dict. The tensors are the
-    model's own, as the trace's are.
+    model's own, as the trace's are. A tensor the root holds under two names
+    (``self.p1 = self.p0 = nn.Parameter(...)``) keeps both, as the original's state dict
+    does, also in deep copies (`GraphModule.__deepcopy__` copies the root's tensors by
+    their first name only).
     """
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, tensor in tensors:
@@ -226,19 +229,63 @@ def _mirror_state(model: nn.Module, gm: fx.GraphModule) -> None:
             dst.register_buffer(attr, tensor, persistent=attr not in src._non_persistent_buffers_set)
         elif attr in src._non_persistent_buffers_set:
             dst._non_persistent_buffers_set.add(attr)
-    if gm._non_persistent_buffers_set:
-        gm._register_deepcopy_hook(_RootPersistence(gm._non_persistent_buffers_set))
+    for path, original in model.named_modules(remove_duplicate=False):
+        made = _submodule(gm, path)
+        if made is not None and made is not original:  # a module the trace made: the original's order
+            _reorder(made, tuple(original._parameters), tuple(original._buffers))
+    first: dict[int, str] = {}
+    aliases = {
+        name: first[id(t)]
+        for name, t in named_tensors(gm)
+        if first.setdefault(id(t), name) != name and "." not in name and (name in gm._parameters or name in gm._buffers)
+    }
+    if gm._non_persistent_buffers_set or aliases:
+        gm._register_deepcopy_hook(_RootState(gm, aliases))
 
 
-class _RootPersistence:
-    """Deep-copy hook: `GraphModule.__deepcopy__` registers the root's buffers again, as
-    persistent ones; this marks the non-persistent ones again."""
+class _RootState:
+    """Deep-copy hook: `GraphModule.__deepcopy__` registers the root's tensors again, by
+    their first name and as persistent buffers; this puts back the second names of tied
+    root tensors and marks the non-persistent buffers again."""
 
-    def __init__(self, names: set[str]) -> None:
-        self.names = frozenset(names)
+    def __init__(self, gm: fx.GraphModule, aliases: dict[str, str]) -> None:
+        self.non_persistent = frozenset(gm._non_persistent_buffers_set)
+        self.aliases = dict(aliases)
+        """Root attribute -> qualified name of the tensor it aliases."""
+        self.order = (tuple(gm._parameters), tuple(gm._buffers))
+        """The root's parameter and buffer names in the original's order (the state dict's)."""
 
     def __call__(self, gm: fx.GraphModule) -> None:
-        gm._non_persistent_buffers_set |= {n for n in self.names if n in gm._buffers}
+        for name, target in self.aliases.items():
+            path, _, attr = target.rpartition(".")
+            owner = gm.get_submodule(path)
+            if attr in owner._parameters and name not in gm._parameters:
+                gm._parameters[name] = owner._parameters[attr]
+            elif attr in owner._buffers and name not in gm._buffers:
+                gm._buffers[name] = owner._buffers[attr]
+        _reorder(gm, *self.order)
+        gm._non_persistent_buffers_set |= {n for n in self.non_persistent if n in gm._buffers}
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    """``root.get_submodule(path)``, or None where `root` has no such module."""
+    try:
+        return root.get_submodule(path) if path else root
+    except AttributeError:
+        return None
+
+
+def _reorder(module: nn.Module, parameters: tuple[str, ...], buffers: tuple[str, ...]) -> None:
+    """Put `module`'s parameters and buffers in these orders (the state dict's); others after them."""
+    tables: tuple[tuple[dict[str, Any], tuple[str, ...]], ...] = (
+        (module._parameters, parameters),
+        (module._buffers, buffers),
+    )
+    for table, order in tables:
+        rank = {name: k for k, name in enumerate(order)}
+        ordered = sorted(table.items(), key=lambda item: rank.get(item[0], len(rank)))
+        table.clear()
+        table.update(ordered)
 
 
 class _Diverged(Exception):

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from partitioner.api import compile_plan
+from partitioner.api import annotate_plan, compile_plan
 from partitioner.cluster import Cluster, resolve_cluster
 from partitioner.cost_model import TrainingCosts, resolve_precision, training_costs, training_state_bytes
 from partitioner.devices import MaxMemory
@@ -122,6 +122,7 @@ def compile_training(
     timings["solve_s"] = time.perf_counter() - start
     plan = make_training_plan(graph, cluster, costs, result, granularity=granularity, element_size=element_size,
                               parameter_values=parameters, memory_reserve=options.memory_reserve)
+    plan = annotate_plan(plan, compiled.layered)
     return TrainingCompiled(plan, result, cluster, graph, costs, timings)
 
 

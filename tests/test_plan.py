@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+import torch
 from torch import nn
 
 import partitioner
@@ -295,6 +296,59 @@ def test_device_map_of_gpt2_covers_every_parameter(gpt2_split: tuple[nn.Module, 
     assert _lookup(device_map, "transformer.h.0.attn.c_attn.weight") == block.device
 
 
+def _bart() -> nn.Module:
+    """A small BART from a config (random weights): ``model.shared`` tied to both embeddings and the head."""
+    from tests.models import _hf_model
+
+    return _hf_model(
+        "BartForConditionalGeneration",
+        "BartConfig",
+        vocab_size=128,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        use_cache=False,
+    )
+
+
+def _tied_encoder_decoder(name: str) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any], str]:
+    """(model, args, kwargs, the tied module no layer calls) for T5 and BART."""
+    if name == "t5":
+        model, args, kwargs = ZOO["t5"].build()
+        return model, args, kwargs, "shared"
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    return _bart(), (ids,), {"decoder_input_ids": ids}, "model.shared"
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_device_map_of_tied_encoder_decoder_is_accepted_by_accelerate(name: str) -> None:
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.utils import check_device_map
+
+    model, args, kwargs, shared = _tied_encoder_decoder(name)
+    plan = split_plan(model, args, kwargs, measure=False)
+    assert set(plan.assignment) == {0, 1}
+    device_map = plan.device_map()
+    check_device_map(model, device_map)  # raised: shared.weight has no device
+    owner = _owner_device(model, plan)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if n.startswith(shared + "."):
+            assert _lookup(device_map, n) == owner[id(p)], n
+    # dispatch_model on this machine: the same keys, every one on the CPU.
+    with torch.no_grad():
+        expected = model(*args, **kwargs).logits
+        dispatched = accelerate.dispatch_model(model, {k: "cpu" for k in device_map})
+        torch.testing.assert_close(dispatched(*args, **kwargs).logits, expected)
+
+
 def test_device_map_refuses_a_data_parallel_plan(data_parallel_plan: Plan) -> None:
     with pytest.raises(ValueError, match="data-parallel"):
         data_parallel_plan.device_map()
@@ -345,3 +399,39 @@ def test_assignment_and_transfer_bytes() -> None:
     assert plan.assignment == (0, 0, 1)
     assert plan.transfer_bytes == 4096
 
+
+
+# --------------------------------------------------------------------------- fields added after version 1
+
+
+def test_plan_of_version_1_without_later_fields_loads_and_dumps_the_same() -> None:
+    old = hand_plan().to_json()  # no transfer module, no why: the JSON plans had before them
+    data = json.loads(old)
+    assert "module" not in data["transfers"][0] and "why" not in data
+    loaded = Plan.from_json(old)
+    assert loaded.transfers[0].module == "" and loaded.why == ""
+    assert loaded.to_json() == old
+
+
+def test_transfer_module_and_why_round_trip() -> None:
+    base = hand_plan()
+    plan = replace(
+        base,
+        transfers=(replace(base.transfers[0], module="encoder.block.1"),),
+        why="one device is fastest",
+    )
+    data = json.loads(plan.to_json())
+    assert data["transfers"][0]["module"] == "encoder.block.1" and data["transfers"][0]["value"] == "block"
+    assert Plan.from_json(plan.to_json()) == plan
+    data["transfers"][0]["module"] = 3
+    with pytest.raises(PlanFormatError, match=r"transfers\[0\].module must be a string"):
+        Plan.from_dict(data)
+
+
+def test_split_plan_names_each_transfer_by_its_module(gpt2_split: tuple[nn.Module, Plan]) -> None:
+    model, plan = gpt2_split
+    modules = dict(model.named_modules())
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    assert plan.transfers
+    for t in plan.transfers:
+        assert t.module in modules or t.module in tensors or t.module == plan.model_name, t

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -11,7 +12,8 @@ from partitioner import Plan, PlanOptions, Strategy
 from partitioner.devices import format_bytes
 from partitioner.models import build_model
 from partitioner.plan import PlanLayer, PlanTransfer
-from partitioner.report import format_seconds, layer_ranges, render_text
+from partitioner.report import format_seconds, layer_ranges, render_text, transfer_names
+from partitioner.solve.explain import best_split
 from tests.models import ZOO
 
 
@@ -147,3 +149,79 @@ def test_report_of_a_data_parallel_plan() -> None:
     for device in plan.devices:
         assert _row(text, device.name).endswith("all layers (replica)")
     assert "transfers per step" not in text
+
+
+# --------------------------------------------------------------------------- names, why, bound
+
+
+def test_report_names_transfers_by_module_not_graph_node() -> None:
+    from tests.test_plan import split_plan
+
+    model, args, kwargs = ZOO["gpt2"].build()
+    plan = split_plan(model, args, kwargs, measure=False)
+    text = str(plan)
+    lines = text[text.index("transfers per step") :].splitlines()[1:-1]
+    assert len(lines) == len(plan.transfers) > 0
+    for t, line in zip(plan.transfers, lines):
+        assert t.module and line.startswith(f"  {t.module}"), line
+        assert t.value not in line.split(":")[0] or t.value == t.module  # the graph name only to tell two apart
+    assert all(f'"value": "{t.value}"' in plan.to_json() for t in plan.transfers)  # kept for tools
+
+
+def test_transfer_names_tell_apart_two_values_of_one_module() -> None:
+    transfers = [
+        PlanTransfer(value="add_3", src=0, dst=1, bytes=1, seconds=0.0, module="h.0"),
+        PlanTransfer(value="add_4", src=0, dst=1, bytes=1, seconds=0.0, module="h.0"),
+        PlanTransfer(value="x", src=0, dst=1, bytes=1, seconds=0.0, module="input x"),
+        PlanTransfer(value="old_9", src=0, dst=1, bytes=1, seconds=0.0),  # a plan written before modules
+    ]
+    assert transfer_names(transfers) == ["h.0 [add_3]", "h.0 [add_4]", "input x", "old_9"]
+
+
+def test_single_device_plan_on_two_devices_says_why() -> None:
+    model, args, kwargs = ZOO["tied"].build()
+    options = PlanOptions(allow_data_parallel=False, memory_reserve=0.0)
+    plan = partitioner.plan(model, ["a100-80gb x2"], args, kwargs, options=options, measure=False)
+    assert plan.strategy is Strategy.SINGLE
+    why = next(line for line in str(plan).splitlines() if line.startswith("why: "))
+    assert why.startswith(f"why: one device is fastest ({format_seconds(plan.predicted_s)}): the best split over ")
+    assert "its transfers add" in why and "would be sent every step" in why
+    assert plan.why and json.loads(plan.to_json())["why"] == plan.why
+
+
+def test_why_names_a_tied_weight_the_split_would_send() -> None:
+    from partitioner.api import compile_plan
+
+    model, args, kwargs = ZOO["tied"].build()
+    options = PlanOptions(allow_data_parallel=False, memory_reserve=0.0)
+    compiled = compile_plan(model, ["a100-80gb x2"], args, kwargs, options=options, measure=False)
+    split = best_split(compiled.problem, 0)
+    assert split is not None
+    largest = max(split.transfers, key=lambda t: t.seconds)
+    assert compiled.problem.values[largest.value].name == "head_weight"  # the tied head crosses every cut
+    assert f"takes {format_seconds(split.objective_s)}" in compiled.plan.why
+    assert f"the tied weight head.weight ({format_bytes(largest.bytes)}, " in compiled.plan.why
+
+
+def test_data_parallel_report_bound_is_below_the_prediction() -> None:
+    built = build_model("mlp", batch_size=8192)
+    plan = partitioner.plan(built.model, ["a100-80gb x2"], built.example_args)
+    assert plan.strategy is Strategy.DATA_PARALLEL
+    assert plan.predicted_s >= plan.bound_s
+    assert f"bound total/devices (replicas share every layer): {format_seconds(plan.bound_s)}" in str(plan)
+
+
+def test_documented_cluster_example_plans_what_distributed_launches() -> None:
+    # docs/training.md's first example: its plan must be one partitioner.distributed runs.
+    from pathlib import Path
+
+    from partitioner.distributed.layout import plan_layout
+
+    text = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, object] = {}
+    exec(compile(code.replace("print(plan)", "report = str(plan)"), "docs/training.md", "exec"), scope)
+    plan = scope["plan"]
+    assert isinstance(plan, Plan) and plan.pipeline is not None
+    assert "runs on: the simulator only" not in str(scope["report"])
+    plan_layout(plan)  # raised PlanMismatchError: ranks of 1 and 2 replicas

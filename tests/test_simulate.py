@@ -23,11 +23,13 @@ from partitioner.simulate import (
     gpipe_step_time,
     ideal_bubble_fraction,
     peak_inflight_microbatches,
+    gantt_figure,
     rank_actions,
     render_timeline,
     simulate,
     uniform_step_time,
 )
+from partitioner.simulate.render import time_unit
 
 GPIPE, ONE_F_ONE_B = PipelineSchedule.GPIPE, PipelineSchedule.ONE_F_ONE_B
 INTERLEAVED = PipelineSchedule.INTERLEAVED_1F1B
@@ -406,3 +408,47 @@ print(t)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.splitlines()[0]) == 6
+
+
+@pytest.mark.parametrize("step, unit", [(5.1, "s"), (1.0, "s"), (0.0584, "ms"), (1e-3, "ms"), (4e-4, "us")])
+def test_time_unit_picks_what_the_step_reads_best_in(step: float, unit: str) -> None:
+    factor, name = time_unit(step)
+    assert name == unit and 1 <= step * factor < 1000
+
+
+def test_gantt_axis_reads_in_ms_with_a_legend_for_each_stage_of_an_interleaved_rank() -> None:
+    pytest.importorskip("matplotlib")
+    stages = [
+        StageCost(fwd_s=1e-3, bwd_s=2e-3, send_fwd_s=1e-4 if s < 7 else 0, send_bwd_s=1e-4 if s else 0,
+                  devices=(f"cuda:{s % 4}",))
+        for s in range(8)
+    ]
+    timeline = simulate(stages, 8, PipelineSchedule.INTERLEAVED_1F1B, virtual_stages=2)
+    assert 1e-3 < timeline.step_time_s < 1
+    fig = gantt_figure(timeline)
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "time (ms)"
+    assert ax.get_xlim()[1] == pytest.approx(timeline.step_time_s * 1e3)
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert labels[:4] == ["forward, stages 0-3", "forward, stages 4-7", "backward, stages 0-3", "backward, stages 4-7"]
+
+
+def test_gantt_of_a_deep_long_pipeline_shows_its_shape() -> None:
+    pytest.importorskip("matplotlib")
+    n, microbatches = 64, 256
+    stages = [
+        StageCost(fwd_s=1e-3, bwd_s=2e-3, send_fwd_s=1e-4 if s < n - 1 else 0, send_bwd_s=1e-4 if s else 0,
+                  devices=(f"n{s // 8}/{s % 8}",))
+        for s in range(n)
+    ]
+    timeline = simulate(stages, microbatches, ONE_F_ONE_B)
+    fig = gantt_figure(timeline)
+    (ax,) = fig.axes
+    assert fig.get_figheight() <= 18
+    assert len(ax.get_yticklabels()) <= 32 and ax.get_ylabel() == "64 stages, one in 2 labelled"
+    boxes = sum(len(c.get_paths()) for c in ax.collections)
+    events = sum(len(r.of_kind(EventKind.FORWARD, EventKind.BACKWARD, EventKind.SEND)) for r in timeline.ranks)
+    assert boxes <= events // 10  # spans merged where under a pixel apart, not a sliver per event
+    assert not ax.texts  # no microbatch numbers a pixel wide
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert "forwards and backwards, too close to draw apart" in labels and "idle" in labels

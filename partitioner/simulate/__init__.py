@@ -21,7 +21,7 @@ from partitioner.simulate.data import (
     Timeline,
 )
 from partitioner.simulate.engine import simulate
-from partitioner.simulate.render import ascii_timeline, render_timeline
+from partitioner.simulate.render import ascii_timeline, gantt_figure, render_timeline
 from partitioner.simulate.schedules import (
     Action,
     peak_inflight_microbatches,
@@ -44,4 +44,5 @@ __all__ = [
     "ideal_bubble_fraction",
     "ascii_timeline",
     "render_timeline",
+    "gantt_figure",
 ]
