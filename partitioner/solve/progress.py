@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-__all__ = ["reporting", "say", "note", "format_seconds"]
+__all__ = ["reporting", "say", "note"]
 
 Progress = Callable[[str], None]
 
@@ -59,11 +59,3 @@ def note(line: str) -> None:
         sink.note(line)
     else:
         warnings.warn(line, RuntimeWarning, stacklevel=3)
-
-
-def format_seconds(s: float) -> str:
-    """``1.23 s``, ``45.6 ms``, ``7.8 us``: four significant digits at most."""
-    for unit, scale in (("s", 1.0), ("ms", 1e-3)):
-        if abs(s) >= scale:
-            return f"{s / scale:.4g} {unit}"
-    return f"{s * 1e6:.4g} us"
