@@ -40,7 +40,7 @@ from partitioner.rewrite import (
 )
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import Evaluation, evaluate, solve
-from partitioner.trace import Frontend, Granularity, trace_model
+from partitioner.trace import TRACE_LOCK, Frontend, Granularity, trace_model
 
 __all__ = [
     "plan",
@@ -105,7 +105,8 @@ def compile_plan(
     if measure and any(d.present for d in resolved):
         start = time.perf_counter()
         say("timing layers on the devices present")
-        timed = measure_layers(layered, args, kwargs, resolved, budget_s=measure_budget_s, progress=say)
+        with TRACE_LOCK:  # one timing at a time: it sets torch's thread count, and runs the user's modules
+            timed = measure_layers(layered, args, kwargs, resolved, budget_s=measure_budget_s, progress=say)
         layered = dataclasses.replace(layered, graph=timed)
         timings["profile_s"] += time.perf_counter() - start
 

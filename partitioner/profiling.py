@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from partitioner.errors import ProfileError
-from partitioner.trace import read_after
+from partitioner.trace import TRACE_LOCK, named_tensors, read_after
 
 __all__ = ["NodeStats", "profile_nodes", "tensor_bytes", "BACKWARD_FLOP_FACTOR"]
 
@@ -123,8 +123,9 @@ def profile_nodes(
     Raises:
         ProfileError: a node failed on fake tensors; the message names it.
     """
-    state: dict[str, torch.Tensor] = dict(gm.named_parameters(remove_duplicate=False))
-    state.update(gm.named_buffers(remove_duplicate=False))
+    # Plain tensor attributes too (constants an export graph reads): an in-place op on a
+    # real tensor would change it for real.
+    state: dict[str, torch.Tensor] = dict(named_tensors(gm))
     on_meta = any(t.is_meta for t in state.values())
     mode = FakeTensorMode(allow_non_fake_inputs=True)
 
@@ -140,7 +141,8 @@ def profile_nodes(
     kwargs = tree_map(fake, dict(example_kwargs or {}))
     counter = FlopCounterMode(display=False)
     interp = _StatsInterpreter(gm, counter)
-    with torch.set_grad_enabled(training), mode, counter, stateless._reparametrize_module(gm, fake_state):
+    # Under the lock: the fx graph's submodules are the user's, and the fake tensors are swapped into them.
+    with TRACE_LOCK, torch.set_grad_enabled(training), mode, counter, stateless._reparametrize_module(gm, fake_state):
         interp.run(*_flat_inputs(gm, args, kwargs))
     return interp.stats
 
