@@ -312,7 +312,10 @@ def _check_grad_modes(gm: fx.GraphModule) -> None:
         grad, inference = n.meta.get(GRAD_MODE, (True, False))
         if n.op not in ("call_function", "call_method", "call_module") or (grad and not inference):
             continue
-        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        if n.op == "call_module":
+            target = f"module {n.target}"
+        else:
+            target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
         if inference:
             raise _InferenceMode(
                 f"node {n.name!r} ({target}) runs under torch.inference_mode(), which a graph does not record: "
