@@ -223,6 +223,16 @@ def plan(
 
     Returns:
         The plan.
+
+    The model is left as it was, also when its forward changes it (a counter, a buffer
+    updated in place): tracing runs forward, and puts back whatever it changed.
+
+    Thread safety: threads may plan at once (other models, or the same one). Tracing,
+    profiling and timing hold a process-wide lock (`partitioner.trace.TRACE_LOCK`:
+    torch.fx patches ``nn.Module`` for every thread while it traces, and torch.export
+    keeps global tracing state), so those phases run one at a time; solving runs in
+    parallel. Do not run a model eagerly in one thread while another plans with the
+    torch.fx front end: fx's patch of ``nn.Module.__call__`` would see its calls.
     """
     return compile_plan(model, devices, example_inputs, example_kwargs, **kw).plan
 
@@ -352,6 +362,9 @@ def auto_parallelize(
     Raises:
         DeviceError: A device is absent and ``simulate`` is off.
         PlanMismatchError: ``plan`` was made for another model.
+
+    Thread safety: as for `plan` (tracing, profiling and timing run one at a time across
+    threads; the rest in parallel).
     """
     model = _as_model(model)
     compiled = compile_plan(model, devices, example_inputs, example_kwargs, **kw)

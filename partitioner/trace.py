@@ -118,7 +118,11 @@ def trace_model(
         raise ValueError(f"frontend must be 'auto', 'fx' or 'export' (got {frontend!r})")
     kwargs = dict(example_kwargs or {})
     with TRACE_LOCK, _recording_modes():
-        gm, used = _trace(model, example_args, kwargs, frontend)
+        # Inputs made under the caller's inference_mode cannot enter autograd: normal copies.
+        args, kwargs = tree_map(
+            lambda x: x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x, (example_args, kwargs)
+        )
+        gm, used = _trace(model, args, kwargs, frontend)
     return TracedModel(
         gm=gm,
         frontend=used,
@@ -163,9 +167,11 @@ def _trace(
         except Exception as e:  # noqa: BLE001 - any tracing failure falls through to export
             gm = None
             failures.append(("torch.fx.symbolic_trace", e))
+        # With ties, auto prefers export: it lifts a tied weight into the graph, where it can
+        # be moved between layers.
         if gm is not None and not (frontend == "auto" and _ties_modules(gm)):
             _constants_out_of_state(gm, state)
-            return gm, "fx"  # export lifts a tied weight into the graph, where it can be moved between layers
+            return gm, "fx"
     if frontend in ("auto", "export"):
         try:
             with preserved(model), _InferenceWatch() as watch:
@@ -239,7 +245,7 @@ def _owner_paths(model: nn.Module) -> frozenset[str]:
     )
 
 
-GRAD_MODE = "partitioner_grad_mode"
+_GRAD_MODE = "partitioner_grad_mode"
 """Node meta key (torch.fx graphs): ``(grad enabled, inference mode on)`` when the node was recorded."""
 
 
@@ -249,7 +255,7 @@ class _Tracer(fx.Tracer):
     - A buffer read in ``forward`` is a graph value (a ``get_attr``), not the tensor: an
       op on it alone (``self.c.clone()``) then runs each call on the buffer as it is,
       instead of once at trace time into a constant that fx would store on the model.
-    - Each node records the grad mode it was made under (`GRAD_MODE`): a symbolic trace
+    - Each node records the grad mode it was made under (`_GRAD_MODE`): a symbolic trace
       runs ``with torch.no_grad():`` for real but records no trace of it in the graph.
     """
 
@@ -257,7 +263,7 @@ class _Tracer(fx.Tracer):
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
-        node.meta[GRAD_MODE] = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        node.meta[_GRAD_MODE] = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         return node
 
 
@@ -309,7 +315,7 @@ def _check_grad_modes(gm: fx.GraphModule) -> None:
     graph drops: the graph would compute gradients the model does not.
     """
     for n in gm.graph.nodes:
-        grad, inference = n.meta.get(GRAD_MODE, (True, False))
+        grad, inference = n.meta.get(_GRAD_MODE, (True, False))
         if n.op not in ("call_function", "call_method", "call_module") or (grad and not inference):
             continue
         if n.op == "call_module":

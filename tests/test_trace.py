@@ -251,3 +251,16 @@ def test_tracing_a_forward_that_counts_its_calls_traces_the_model_as_it_is() -> 
         assert model.calls == 0
         with torch.no_grad():
             torch.testing.assert_close(traced.gm(x), model.lin(x))  # the first call's factor, 1
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_planning_under_the_callers_inference_mode_traces(frontend: str) -> None:
+    """Tracing runs with autograd on (to see no_grad regions); inputs made under the caller's
+    inference_mode cannot enter autograd, so they are traced as normal copies."""
+    model, args, _ = ZOO["mlp"].build()
+    with torch.inference_mode():
+        inputs = tuple(a.clone() for a in args)
+        traced = trace_model(model, inputs, frontend=frontend)  # type: ignore[arg-type]
+    assert traced.frontend == frontend
+    with torch.no_grad():
+        torch.testing.assert_close(traced.gm(*args), model(*args))
