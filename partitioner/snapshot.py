@@ -33,20 +33,17 @@ __all__ = ["preserved"]
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module, *, watch_writes: bool = True) -> Iterator[None]:
-    """Run the body, then put `model` back as it was before it.
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Run the body, then put `model` back as it was before it (see the module docstring).
 
-    Args:
-        model: The module whose state is kept.
-        watch_writes: Save tensors before an op writes to them in place (a dispatch mode
-            active in the body). Leave it off around code that pushes dispatch modes of
-            its own and never writes to real tensors (torch.export traces on fake ones).
+    A dispatch mode is active in the body: it saves a parameter or buffer before the first
+    op that writes to it in place.
     """
     modules = _state_modules(model)
     saved = [_ModuleState(m) for m in modules]
     tensors = _TensorStates(modules)
     try:
-        with _SaveBeforeWrite(tensors) if watch_writes else contextlib.nullcontext():
+        with _SaveBeforeWrite(tensors):
             yield
     finally:
         for state in saved:
@@ -89,7 +86,7 @@ def _storage_key(t: torch.Tensor) -> int | None:
         return None
     try:
         ptr = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
+    except Exception:  # noqa: BLE001 - a tensor subclass without a real storage: nothing to save
         return None
     return ptr or None
 
