@@ -391,6 +391,8 @@ def test_an_op_on_a_buffer_alone_is_computed_each_call_not_frozen_onto_the_model
     second = partitioner.plan(model, ["cpu:0", "cpu:1"], args, measure=False, frontend=frontend)
     assert first.frontend == ("export" if frontend == "export" else "fx")
     assert first.fingerprint == second.fingerprint
+    saved = partitioner.Plan.from_json(first.to_json())
+    partitioner.auto_parallelize(model, ["cpu:0", "cpu:1"], args, plan=saved, measure=False, frontend=frontend)
     pm = _split_matches(case, frontend)
     assert list(pm.module.state_dict()) == keys
     model.load_state_dict(pm.module.state_dict())  # strict: the keys are the model's
