@@ -414,7 +414,9 @@ def test_threads_plan_fx_and_export_models_at_once() -> None:
     expected = {}
     for name, frontend in jobs:
         model, args, kwargs = ZOO[name].build()
-        expected[name, frontend] = partitioner.plan(model, ["cpu:0", "cpu:1"], args, kwargs, measure=False, frontend=frontend)
+        expected[name, frontend] = partitioner.plan(
+            model, ["cpu:0", "cpu:1"], args, kwargs, measure=False, frontend=frontend
+        )
     got: dict[tuple[str, str], list[Any]] = {job: [] for job in jobs}
 
     def plan_repeatedly(name: str, frontend: str) -> None:
