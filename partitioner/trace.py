@@ -704,6 +704,11 @@ def _trace_failure_message(model: nn.Module, failures: list[tuple[str, BaseExcep
         "torch.where (both sides computed) or torch.cond (one side run), or take the decision "
         "outside forward and pass it in as an argument."
     )
+    if all(name == "torch.fx.symbolic_trace" for name, _ in failures):
+        lines.append(
+            "Or trace with frontend='export' (or 'auto'): torch.export also traces what torch.fx "
+            "cannot, such as a buffer assigned in forward (`self.step = self.step + 1`)."
+        )
     return "\n".join(lines)
 
 

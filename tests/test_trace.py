@@ -264,3 +264,22 @@ def test_planning_under_the_callers_inference_mode_traces(frontend: str) -> None
     assert traced.frontend == frontend
     with torch.no_grad():
         torch.testing.assert_close(traced.gm(*args), model(*args))
+
+
+def test_fx_alone_failing_suggests_the_export_front_end() -> None:
+    class Stepping(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("step", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.step = self.step + 1  # a buffer read in forward is a graph value: fx cannot assign it
+            return self.lin(x) + self.step
+
+    model, x = Stepping(), torch.randn(2, 2)
+    with pytest.raises(TraceError, match="Or trace with frontend='export'"):
+        trace_model(model, (x,), frontend="fx")
+    assert model.step.item() == 0
+    traced = trace_model(model, (x,))
+    assert traced.frontend == "export" and model.step.item() == 0
