@@ -25,9 +25,9 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from partitioner.errors import ProfileError
-from partitioner.trace import read_after
+from partitioner.trace import TRACE_LOCK, named_tensors, read_after
 
-__all__ = ["NodeStats", "profile_nodes", "tensor_bytes", "BACKWARD_FLOP_FACTOR"]
+__all__ = ["NodeStats", "profile_nodes", "written_parameters", "tensor_bytes", "BACKWARD_FLOP_FACTOR"]
 
 BACKWARD_FLOP_FACTOR = 2
 """Backward FLOPs per forward FLOP (see the module docstring)."""
@@ -123,8 +123,40 @@ def profile_nodes(
     Raises:
         ProfileError: a node failed on fake tensors; the message names it.
     """
-    state: dict[str, torch.Tensor] = dict(gm.named_parameters(remove_duplicate=False))
-    state.update(gm.named_buffers(remove_duplicate=False))
+    mode, fake_state, args, kwargs = _faked(gm, example_args, example_kwargs)
+    counter = FlopCounterMode(display=False)
+    interp = _StatsInterpreter(gm, counter)
+    # Under the lock: the fx graph's submodules are the user's, and the fake tensors are swapped into them.
+    with TRACE_LOCK, torch.set_grad_enabled(training), mode, counter, stateless._reparametrize_module(gm, fake_state):
+        interp.run(*_flat_inputs(gm, args, kwargs))
+    return interp.stats
+
+
+def written_parameters(
+    gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: Mapping[str, Any] | None = None
+) -> frozenset[str]:
+    """Names of the parameters a forward of `gm` writes in place (``self.w.mul_(0.5)`` under
+    ``no_grad``), from one run on fake tensors: their version counters tell.
+
+    Raises:
+        ProfileError: a node failed on fake tensors; the message names it.
+    """
+    mode, fake_state, args, kwargs = _faked(gm, example_args, example_kwargs)
+    params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    before = {name: t._version for name, t in fake_state.items() if name in params}
+    interp = _StatsInterpreter(gm, FlopCounterMode(display=False))
+    with TRACE_LOCK, torch.no_grad(), mode, stateless._reparametrize_module(gm, fake_state):
+        interp.run(*_flat_inputs(gm, args, kwargs))
+    return frozenset(name for name, version in before.items() if fake_state[name]._version != version)
+
+
+def _faked(
+    gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: Mapping[str, Any] | None
+) -> tuple[FakeTensorMode, dict[str, torch.Tensor], tuple[Any, ...], dict[str, Any]]:
+    """A fake tensor mode, and fakes of `gm`'s tensors (by name) and of the inputs."""
+    # Plain tensor attributes too (constants an export graph reads): an in-place op on a
+    # real tensor would change it for real.
+    state: dict[str, torch.Tensor] = dict(named_tensors(gm))
     on_meta = any(t.is_meta for t in state.values())
     mode = FakeTensorMode(allow_non_fake_inputs=True)
 
@@ -136,13 +168,7 @@ def profile_nodes(
         return f.requires_grad_(x.requires_grad) if f.is_floating_point() else f
 
     fake_state = {k: fake(v) for k, v in state.items()}
-    args = tree_map(fake, tuple(example_args))
-    kwargs = tree_map(fake, dict(example_kwargs or {}))
-    counter = FlopCounterMode(display=False)
-    interp = _StatsInterpreter(gm, counter)
-    with torch.set_grad_enabled(training), mode, counter, stateless._reparametrize_module(gm, fake_state):
-        interp.run(*_flat_inputs(gm, args, kwargs))
-    return interp.stats
+    return mode, fake_state, tree_map(fake, tuple(example_args)), tree_map(fake, dict(example_kwargs or {}))
 
 
 def _flat_inputs(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:

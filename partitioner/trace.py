@@ -14,6 +14,7 @@ import inspect
 import linecache
 import operator
 import os
+import threading
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from typing import Any, Literal, TypeGuard, cast
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from partitioner.errors import TraceError
+from partitioner.snapshot import preserved
 
 __all__ = [
     "Frontend",
@@ -36,12 +39,25 @@ __all__ = [
     "read_after",
     "thread_mutations",
     "PIN",
+    "TRACE_LOCK",
 ]
 
 Frontend = Literal["auto", "fx", "export"]
 Granularity = Literal["block", "leaf"]
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+TRACE_LOCK = threading.RLock()
+"""Held while a model is traced or its graph is profiled or timed: one at a time per process.
+
+These phases touch process-wide state. torch.fx patches ``nn.Module.__call__`` and
+``__getattr__`` for every thread while it traces (two traces at once can leave the patch
+in place); torch.export keeps its tracing state (mode stacks, the proxy slot of each
+tensor) where another export overwrites it; the fx graph shares submodules with the
+user's model, and profiling swaps fake tensors into them; timing sets torch's thread
+count. Threads that plan at once therefore wait for each other here and solve in
+parallel. A thread that runs a model eagerly while another traces with torch.fx may
+still hit fx's patched ``nn.Module.__call__``: plan before serving the model."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,32 +117,12 @@ def trace_model(
     if frontend not in ("auto", "fx", "export"):
         raise ValueError(f"frontend must be 'auto', 'fx' or 'export' (got {frontend!r})")
     kwargs = dict(example_kwargs or {})
-    failures: list[tuple[str, BaseException]] = []
-    gm: fx.GraphModule | None = None
-    used: Literal["fx", "export"] = "fx"
-    if frontend in ("auto", "export") and _exported(model):
-        gm, used = _shallow_copy(model), "export"  # already a torch.export graph: its nodes know their modules
-    elif frontend in ("auto", "fx"):
-        try:
-            gm = _trace_fx(model, example_args, kwargs)
-            differs = _differs_from_eager(model, gm, example_args, kwargs)
-            if differs:
-                raise _Diverged(
-                    f"{differs}: forward decides something on a module's output that a symbolic trace "
-                    "cannot see (`w is None`, isinstance); use frontend='export'"
-                )
-        except Exception as e:  # noqa: BLE001 - any tracing failure falls through to export
-            gm = None
-            failures.append(("torch.fx.symbolic_trace", e))
-        if gm is not None and frontend == "auto" and _ties_modules(gm):
-            gm = None  # export lifts a tied weight into the graph, where it can be moved between layers
-    if gm is None and frontend in ("auto", "export"):
-        try:
-            gm, used = _trace_export(model, example_args, kwargs), "export"
-        except Exception as e:  # noqa: BLE001
-            failures.append(("torch.export.export", e))
-    if gm is None:
-        raise TraceError(_trace_failure_message(model, failures)) from failures[-1][1]
+    with TRACE_LOCK, _recording_modes():
+        # Inputs made under the caller's inference_mode cannot enter autograd: normal copies.
+        args, kwargs = tree_map(
+            lambda x: x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x, (example_args, kwargs)
+        )
+        gm, used = _trace(model, args, kwargs, frontend)
     return TracedModel(
         gm=gm,
         frontend=used,
@@ -139,6 +135,69 @@ def trace_model(
             if next(m.parameters(), None) is None and next(m.buffers(), None) is None
         ),
     )
+
+
+def _trace(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], frontend: Frontend
+) -> tuple[fx.GraphModule, Literal["fx", "export"]]:
+    """The graph of the front end that traces `model` faithfully, and its name.
+
+    Each attempt starts from the model as the user left it, and leaves it so (`preserved`):
+    a forward that counts its calls or updates a buffer is traced as it stood, not as an
+    earlier attempt left it.
+    """
+    failures: list[tuple[str, BaseException]] = []
+    if frontend in ("auto", "export") and _exported(model):
+        return _shallow_copy(model), "export"  # already a torch.export graph: its nodes know their modules
+    state = set(model.state_dict(keep_vars=True))
+    if frontend in ("auto", "fx"):
+        gm: fx.GraphModule | None = None
+        try:
+            with preserved(model):
+                gm = _trace_fx(model, args, kwargs)
+            _check_grad_modes(gm)
+            differs = _differs_from_eager(model, gm, args, kwargs)
+            if differs:
+                raise _Unfaithful(
+                    f"{differs}: forward decides something on a module's output that a symbolic trace "
+                    "cannot see (`w is None`, isinstance); use frontend='export'"
+                )
+        except _InferenceMode as e:
+            raise TraceError(_trace_failure_message(model, [("torch.fx.symbolic_trace", e)])) from e
+        except Exception as e:  # noqa: BLE001 - any tracing failure falls through to export
+            gm = None
+            failures.append(("torch.fx.symbolic_trace", e))
+        # With ties, auto prefers export: it lifts a tied weight into the graph, where it can
+        # be moved between layers.
+        if gm is not None and not (frontend == "auto" and _ties_modules(gm)):
+            _constants_out_of_state(gm, state)
+            return gm, "fx"
+    if frontend in ("auto", "export"):
+        try:
+            with preserved(model), _InferenceWatch() as watch:
+                gm = _trace_export(model, args, kwargs)
+            watch.check()
+            _constants_out_of_state(gm, state)
+            return gm, "export"
+        except _InferenceMode as e:
+            raise TraceError(_trace_failure_message(model, [("torch.export.export", e)])) from e
+        except Exception as e:  # noqa: BLE001
+            failures.append(("torch.export.export", e))
+    raise TraceError(_trace_failure_message(model, failures)) from failures[-1][1]
+
+
+def _constants_out_of_state(gm: fx.GraphModule, state: set[str]) -> None:
+    """Keep the tensors a trace stored on `gm`'s root out of its state dict, which must
+    load into the model: constants made in ``forward`` (``torch.tensor([1.0, 2.0])``, which
+    torch.fx stores as ``_tensor_constant0`` and torch.export as ``lifted_tensor_0``) and
+    plain tensor attributes read there: the graph module registers them as buffers (a
+    deep copy of an export graph does), but they are no part of the model's `state` (its
+    state dict keys)."""
+    tensors = [*gm._buffers, *(k for k, v in vars(gm).items() if isinstance(v, torch.Tensor))]
+    extra = {name for name in tensors if name not in state and name not in gm._non_persistent_buffers_set}
+    if extra:
+        gm._non_persistent_buffers_set |= extra
+        gm._register_deepcopy_hook(_RootPersistence(gm._non_persistent_buffers_set))
 
 
 def _shallow_copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -186,8 +245,32 @@ def _owner_paths(model: nn.Module) -> frozenset[str]:
     )
 
 
+_GRAD_MODE = "partitioner_grad_mode"
+"""Node meta key (torch.fx graphs): ``(grad enabled, inference mode on)`` when the node was recorded."""
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with two changes.
+
+    - A buffer read in ``forward`` is a graph value (a ``get_attr``), not the tensor: an
+      op on it alone (``self.c.clone()``) then runs each call on the buffer as it is,
+      instead of once at trace time into a constant that fx would store on the model.
+    - Each node records the grad mode it was made under (`_GRAD_MODE`): a symbolic trace
+      runs ``with torch.no_grad():`` for real but records no trace of it in the graph.
+    """
+
+    proxy_buffer_attributes = True
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta[_GRAD_MODE] = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        return node
+
+
 def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
-    gm = fx.symbolic_trace(model)
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     unknown = set(kwargs) - set(placeholders)
     if unknown or len(args) > len(placeholders):
@@ -196,6 +279,97 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         gm.recompile()
     _mirror_state(model, gm)
     return gm
+
+
+@contextlib.contextmanager
+def _recording_modes() -> Iterator[None]:
+    """Trace with autograd on, as a training forward runs: a ``torch.no_grad()`` region in
+    ``forward`` is then a change the trace can see (torch.export records it), also when the
+    caller plans under ``no_grad`` or ``inference_mode``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+class _Unfaithful(Exception):
+    """The trace ran but its graph would compute something else than the model."""
+
+    fix = "trace with frontend='export' (or 'auto', which falls back to it)."
+
+
+class _InferenceMode(_Unfaithful):
+    """``forward`` runs ops under ``torch.inference_mode()``, which no front end records."""
+
+    fix = (
+        "write `with torch.no_grad():` for `with torch.inference_mode():` inside forward "
+        "(the graph keeps no_grad regions; both stop gradients there), or plan the model "
+        "with inference_mode in the caller instead."
+    )
+
+
+def _check_grad_modes(gm: fx.GraphModule) -> None:
+    """Raise if a node of the symbolic trace was recorded with autograd off.
+
+    The trace runs with autograd on (`_recording_modes`), so such a node ran in a
+    ``torch.no_grad()``, ``torch.set_grad_enabled(False)`` or ``torch.inference_mode()``
+    region of ``forward`` (or of a ``@torch.no_grad`` function it calls), which the fx
+    graph drops: the graph would compute gradients the model does not.
+    """
+    for n in gm.graph.nodes:
+        grad, inference = n.meta.get(_GRAD_MODE, (True, False))
+        if n.op not in ("call_function", "call_method", "call_module") or (grad and not inference):
+            continue
+        if n.op == "call_module":
+            target = f"module {n.target}"
+        else:
+            target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        if inference:
+            raise _InferenceMode(
+                f"node {n.name!r} ({target}) runs under torch.inference_mode(), which a graph does not record: "
+                "split, it would compute gradients the model does not"
+            )
+        raise _Unfaithful(
+            f"node {n.name!r} ({target}) runs with autograd off (torch.no_grad(), set_grad_enabled(False) "
+            "or a @torch.no_grad function), which a torch.fx graph does not record: split, it would "
+            "compute gradients the model does not"
+        )
+
+
+class _InferenceWatch(TorchFunctionMode):
+    """Notes the first torch function ``forward`` calls under ``torch.inference_mode()``.
+
+    torch.export records ``no_grad`` regions (``wrap_with_set_grad_enabled``) but drops
+    inference-mode ones, so their ops would compute gradients in the graph.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: tuple[str, str] | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if self.first is None and torch.is_inference_mode_enabled():
+            where = next(
+                (f for f in reversed(traceback.extract_stack()) if not _internal(f.filename)),
+                None,
+            )
+            at = f" at {where.filename}:{where.lineno}: {(where.line or '').strip()}" if where else ""
+            self.first = (getattr(func, "__name__", str(func)), at)
+        return func(*args, **(kwargs or {}))
+
+    def check(self) -> None:
+        if self.first is not None:
+            name, at = self.first
+            raise _InferenceMode(
+                f"forward calls {name} under torch.inference_mode(){at}, which torch.export does not "
+                "record: split, the graph would compute gradients the model does not"
+            )
+
+
+def _internal(filename: str) -> bool:
+    """Whether `filename` belongs to torch or partitioner (not to the user's code)."""
+    path = os.path.abspath(filename)
+    return path.startswith((os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))) or (
+        filename.startswith("<frozen ")
+    )
 
 
 def _mirror_state(model: nn.Module, gm: fx.GraphModule) -> None:
@@ -288,10 +462,6 @@ def _reorder(module: nn.Module, parameters: tuple[str, ...], buffers: tuple[str,
         table.update(ordered)
 
 
-class _Diverged(Exception):
-    """The symbolic trace ran but computed something else than the model."""
-
-
 def _differs_from_eager(model: nn.Module, gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """How the fx graph's output, or the buffers it leaves, differ from the model's ("" if not).
 
@@ -301,27 +471,23 @@ def _differs_from_eager(model: nn.Module, gm: fx.GraphModule, args: tuple[Any, .
     (nn.MultiheadAttention returns None weights; ``1.0 if w is None else 0.5`` becomes
     ``0.5``). Running both once catches that. Nothing is compared for models with
     tensors on ``meta`` (no values), or when the model itself fails on the inputs; the
-    buffers a forward updates (BatchNorm statistics) are put back, and both runs see the
-    same random numbers.
+    model is put back as it was after each run (`preserved`: BatchNorm statistics, counters),
+    and both runs see the same random numbers.
     """
     inputs = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
     tensors = [*model.parameters(), *model.buffers(), *inputs]
     if any(t.is_meta for t in tensors):
         return ""
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     seed = torch.initial_seed() % 2**32
 
     def run(fn: Any) -> tuple[Any, list[torch.Tensor]]:
-        """`fn`'s output on the inputs, and the buffers as it left them (then put back)."""
+        """`fn`'s output on the inputs, and the buffers as it left them (the model is then put back)."""
         torch.manual_seed(seed)
         fresh = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (args, kwargs))
-        try:
-            return fn(*fresh[0], **fresh[1]), [b.clone() for b, _ in buffers]
-        finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
+        with preserved(model):  # outputs copied first: one may be a buffer that is put back
+            out = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, fn(*fresh[0], **fresh[1]))
+            return out, [b.detach().clone() for b in model.buffers()]
 
     with torch.random.fork_rng(devices=cuda), torch.no_grad():
         try:
@@ -336,10 +502,10 @@ def _differs_from_eager(model: nn.Module, gm: fx.GraphModule, args: tuple[Any, .
     for k, (e, g) in enumerate(zip(flat_expected, flat_got)):
         if not _same_value(e, g):
             return f"output {k} of the graph differs from the model's on the example inputs"
-    names = {id(b): name for name, b in model.named_buffers(remove_duplicate=False)}
-    for (b, _), e, g in zip(buffers, expected_state, got_state):
+    names = [name for name, _ in model.named_buffers()]
+    for name, e, g in zip(names, expected_state, got_state):
         if not _same_value(e, g):
-            return f"buffer {names.get(id(b), '?')} differs after a forward of the graph and of the model"
+            return f"buffer {name} differs after a forward of the graph and of the model"
     return ""
 
 
@@ -576,26 +742,26 @@ def _trace_failure_message(model: nn.Module, failures: list[tuple[str, BaseExcep
         where = _user_frame(err)
         if where:
             lines.append(f"    at {where}")
-    if all(isinstance(err, _Diverged) for _, err in failures):
-        lines.append("Fix: trace with frontend='export' (or 'auto', which falls back to it).")
+    unfaithful = [err for _, err in failures if isinstance(err, _Unfaithful)]
+    if len(unfaithful) == len(failures):
+        lines.append(f"Fix: {unfaithful[0].fix}")
         return "\n".join(lines)
     lines.append(
         "Fix: Python control flow on tensor values cannot be traced. Rewrite the branch with "
         "torch.where (both sides computed) or torch.cond (one side run), or take the decision "
         "outside forward and pass it in as an argument."
     )
+    if all(name == "torch.fx.symbolic_trace" for name, _ in failures):
+        lines.append(
+            "Or trace with frontend='export' (or 'auto'): torch.export also traces what torch.fx "
+            "cannot, such as a buffer assigned in forward (`self.step = self.step + 1`)."
+        )
     return "\n".join(lines)
 
 
 def _user_frame(err: BaseException) -> str:
     """The innermost traceback frame outside torch and partitioner: where the user's code failed."""
-    skipped = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
-    frames = [
-        f
-        for e in _chain(err)
-        for f in traceback.extract_tb(e.__traceback__)
-        if not os.path.abspath(f.filename).startswith(skipped)
-    ]
+    frames = [f for e in _chain(err) for f in traceback.extract_tb(e.__traceback__) if not _internal(f.filename)]
     if not frames:
         return ""
     f = frames[-1]

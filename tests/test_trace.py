@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 from types import ModuleType
@@ -166,3 +167,119 @@ def test_export_records_modules_not_stacks_and_leaves_the_fx_config_alone() -> N
     assert calls and all(n.meta.get("nn_module_stack") is not None for n in calls)
     assert not any(n.meta.get("stack_trace") for n in calls)  # not recorded: it costs time, nothing reads it
     assert torch.fx.config.do_not_emit_stack_traces is False
+
+
+class _NoGradFirst(nn.Module):
+    def __init__(self, region: str) -> None:
+        super().__init__()
+        self.region = region
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad() if self.region == "no_grad" else torch.inference_mode():
+            h = self.a(x)
+        return self.b(h.clone())
+
+
+def test_fx_refuses_a_no_grad_region_it_would_drop_and_names_the_fix() -> None:
+    model, x = _NoGradFirst("no_grad"), torch.randn(2, 8)
+    with pytest.raises(TraceError) as raised:
+        trace_model(model, (x,), frontend="fx")
+    message = str(raised.value)
+    assert "node 'a' (module a) runs with autograd off" in message
+    assert "Fix: trace with frontend='export'" in message
+    traced = trace_model(model, (x,))  # auto: torch.export keeps the region
+    assert traced.frontend == "export"
+    traced.gm(x).sum().backward()
+    assert model.a.weight.grad is None and model.b.weight.grad is not None
+
+
+@pytest.mark.parametrize("frontend", ["auto", "fx", "export"])
+def test_inference_mode_region_is_refused_by_every_front_end(frontend: str) -> None:
+    """torch.export drops inference-mode regions too (its graph would compute their gradients)."""
+    model, x = _NoGradFirst("inference_mode"), torch.randn(2, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TraceError, match=r"torch\.inference_mode\(\)") as raised:
+        trace_model(model, (x,), frontend=frontend)  # type: ignore[arg-type]
+    assert "Fix: write `with torch.no_grad():` for `with torch.inference_mode():` inside forward" in str(raised.value)
+    if frontend == "export":
+        assert f"{__file__}:" in str(raised.value)  # the line of forward that entered the region
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class _Constants(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("scale", torch.full((3,), 2.0))
+        self.shift = torch.ones(3)  # a plain tensor attribute: no state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale.clone() + self.shift + torch.tensor([0.5, 1.0, 1.5])
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_trace_constants_stay_off_the_model_and_out_of_the_state_dict(frontend: str) -> None:
+    model, x = _Constants(), torch.randn(2, 3)
+    attrs = set(vars(model))
+    traced = trace_model(model, (x,), frontend=frontend)  # type: ignore[arg-type]
+    assert set(vars(model)) == attrs  # fx stored `_tensor_constant0` on the model
+    assert list(traced.gm.state_dict()) == list(model.state_dict())
+    copied = copy.deepcopy(traced.gm)  # a deep copy registers constants as buffers again
+    assert list(copied.state_dict()) == list(model.state_dict())
+    if frontend == "fx":  # the buffer is read each call, not cloned once into a constant
+        assert any(n.op == "get_attr" and n.target == "scale" for n in traced.gm.graph.nodes)
+    with torch.no_grad():
+        model.scale.fill_(3.0)
+        torch.testing.assert_close(traced.gm(x), model(x))
+
+
+def test_tracing_a_forward_that_counts_its_calls_traces_the_model_as_it_is() -> None:
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.lin(x) * self.calls
+
+    model, x = Counting(), torch.randn(2, 2)
+    for frontend in ("fx", "export", "auto"):
+        traced = trace_model(model, (x,), frontend=frontend)  # type: ignore[arg-type]
+        assert model.calls == 0
+        with torch.no_grad():
+            torch.testing.assert_close(traced.gm(x), model.lin(x))  # the first call's factor, 1
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_planning_under_the_callers_inference_mode_traces(frontend: str) -> None:
+    """Tracing runs with autograd on (to see no_grad regions); inputs made under the caller's
+    inference_mode cannot enter autograd, so they are traced as normal copies."""
+    model, args, _ = ZOO["mlp"].build()
+    with torch.inference_mode():
+        inputs = tuple(a.clone() for a in args)
+        traced = trace_model(model, inputs, frontend=frontend)  # type: ignore[arg-type]
+    assert traced.frontend == frontend
+    with torch.no_grad():
+        torch.testing.assert_close(traced.gm(*args), model(*args))
+
+
+def test_fx_alone_failing_suggests_the_export_front_end() -> None:
+    class Stepping(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("step", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.step = self.step + 1  # a buffer read in forward is a graph value: fx cannot assign it
+            return self.lin(x) + self.step
+
+    model, x = Stepping(), torch.randn(2, 2)
+    with pytest.raises(TraceError, match="Or trace with frontend='export'"):
+        trace_model(model, (x,), frontend="fx")
+    assert model.step.item() == 0
+    traced = trace_model(model, (x,))
+    assert traced.frontend == "export" and model.step.item() == 0
