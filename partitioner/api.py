@@ -41,6 +41,7 @@ from partitioner.rewrite import (
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import Evaluation, evaluate, solve
 from partitioner.solve.explain import why_single_device
+from partitioner.solve.progress import listening, reporting
 from partitioner.trace import TRACE_LOCK, Frontend, Granularity, named_tensors, trace_model
 
 __all__ = [
@@ -118,7 +119,9 @@ def compile_plan(
     graph = layered.graph
     say(f"solving: {len(graph.layers)} layers on {len(resolved)} device(s)")
     problem = build_problem(graph, resolved, options, dtype_of(model))
-    solution = solve(problem, options.solver)
+    # The solver's progress (incumbent, bound, gap) goes where the caller's progress goes.
+    with reporting(say) if progress is not None and not listening() else contextlib.nullcontext():
+        solution = solve(problem, options.solver)
     timings["solve_s"] = time.perf_counter() - start
     result = annotate_plan(make_plan(graph, resolved, problem, solution, options, granularity), layered, problem)
     return Compiled(layered, resolved, problem, solution, result, timings)

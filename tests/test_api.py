@@ -496,3 +496,15 @@ def test_threads_plan_fx_and_export_models_at_once() -> None:
         t.join()
     for job, plans in got.items():
         assert plans == [expected[job]] * 3, (job, plans)
+
+
+def test_the_callers_progress_hears_the_solver() -> None:
+    """`plan(progress=...)` gets the ILP's own lines (which solver, its time limit), not only the phases'."""
+    model, args, kwargs = ZOO["branchy"].build()
+    lines: list[str] = []
+    options = PlanOptions(objective="throughput", allow_data_parallel=False)
+    result = partitioner.plan(
+        model, ["a100-80gb x2", "v100 x2"], args, kwargs, options=options, measure=False, progress=lines.append
+    )
+    assert result.solver.method == "highs"
+    assert any(line.startswith("solving the placement ILP with HiGHS") for line in lines), lines

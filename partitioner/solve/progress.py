@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-__all__ = ["reporting", "say", "note"]
+__all__ = ["reporting", "listening", "say", "note"]
 
 Progress = Callable[[str], None]
 
@@ -43,6 +43,11 @@ def reporting(progress: Progress, note: Progress | None = None) -> Iterator[None
         yield
     finally:
         _SINK.reset(token)
+
+
+def listening() -> bool:
+    """Whether a sink is set in this thread or task."""
+    return _SINK.get() is not None
 
 
 def say(line: str) -> None:
