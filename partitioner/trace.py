@@ -197,7 +197,7 @@ def _constants_out_of_state(gm: fx.GraphModule, state: set[str]) -> None:
     extra = {name for name in tensors if name not in state and name not in gm._non_persistent_buffers_set}
     if extra:
         gm._non_persistent_buffers_set |= extra
-        gm._register_deepcopy_hook(_RootPersistence(gm._non_persistent_buffers_set))
+        gm._register_deepcopy_hook(_RootState(gm, {}))
 
 
 def _shallow_copy(gm: fx.GraphModule) -> fx.GraphModule:

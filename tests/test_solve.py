@@ -1152,7 +1152,7 @@ def test_highs_progress_line():
     assert ilp_module._highs_line((inf, -inf), 1e-3, 2.0, 60) == "HiGHS: 2 s of 60 s, no placement yet"
     assert (
         ilp_module._highs_line((4.0, 3.0), 1e-3, 12.6, 60)
-        == "HiGHS: 13 s of 60 s, best 4 ms, bound 3 ms, gap 25.0%"
+        == "HiGHS: 13 s of 60 s, best 4.00 ms, bound 3.00 ms, gap 25.0%"
     )
 
 
