@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from partitioner.errors import ProfileError
-from partitioner.trace import read_after
+from partitioner.trace import quiet_fake_tensor_log, read_after
 
 __all__ = ["NodeStats", "profile_nodes", "tensor_bytes", "BACKWARD_FLOP_FACTOR"]
 
@@ -64,10 +64,19 @@ def _is_view(target: Any) -> bool:
 
 
 class _StatsInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode, home: torch.device | None = None) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.counter = counter
+        self.home = home
         self.stats: dict[str, NodeStats] = {}
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if self.home is not None:  # ``arange(device=meta)``, ``_assert_tensor_metadata(device=meta)``
+            args, kwargs = tree_map(self._rehome, (args, kwargs))
+        return super().call_function(target, args, kwargs)
+
+    def _rehome(self, x: Any) -> Any:
+        return self.home if isinstance(x, torch.device) and x.type == "meta" else x
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
@@ -118,31 +127,62 @@ def profile_nodes(
 ) -> dict[str, NodeStats]:
     """Run `gm` once on fake tensors and return each node's `NodeStats`, by node name.
 
-    Parameters on ``meta`` are supported: inputs are then moved to ``meta`` as well.
+    Tensors on ``meta`` are supported, also beside tensors on one other device (the
+    Accelerate habit: parameters on meta from ``init_empty_weights()``, buffers and
+    inputs on CPU): the fake run holds them all on that device, where the meta ones
+    would be, and reads ``device=meta`` in the graph as that device. Beside several
+    other devices, everything is run on ``meta``.
 
     Raises:
         ProfileError: a node failed on fake tensors; the message names it.
     """
     state: dict[str, torch.Tensor] = dict(gm.named_parameters(remove_duplicate=False))
     state.update(gm.named_buffers(remove_duplicate=False))
-    on_meta = any(t.is_meta for t in state.values())
+    example_kwargs = dict(example_kwargs or {})
+    home = _home_device([*state.values(), *tree_leaves((tuple(example_args), example_kwargs))])
     mode = FakeTensorMode(allow_non_fake_inputs=True)
 
     def fake(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
-        t = x.to("meta") if on_meta and not x.is_meta else x
-        f = mode.from_tensor(t)
+        f: torch.Tensor
+        if home is not None and x.device != home:
+            if home.type == "meta" or not x.is_meta:
+                f = mode.from_tensor(x.to(home))
+            else:  # a meta tensor stands for one on `home`: make it there, without storage
+                with mode:
+                    f = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=home)
+        else:
+            f = mode.from_tensor(x)
         return f.requires_grad_(x.requires_grad) if f.is_floating_point() else f
 
     fake_state = {k: fake(v) for k, v in state.items()}
     args = tree_map(fake, tuple(example_args))
-    kwargs = tree_map(fake, dict(example_kwargs or {}))
+    kwargs = tree_map(fake, example_kwargs)
     counter = FlopCounterMode(display=False)
-    interp = _StatsInterpreter(gm, counter)
-    with torch.set_grad_enabled(training), mode, counter, stateless._reparametrize_module(gm, fake_state):
+    interp = _StatsInterpreter(gm, counter, home if home is not None and home.type != "meta" else None)
+    with (
+        quiet_fake_tensor_log(),
+        torch.set_grad_enabled(training),
+        mode,
+        counter,
+        stateless._reparametrize_module(gm, fake_state),
+    ):
         interp.run(*_flat_inputs(gm, args, kwargs))
     return interp.stats
+
+
+def _home_device(values: list[Any]) -> torch.device | None:
+    """The one device a fake run holds every tensor on, or None to keep each on its own.
+
+    None without meta tensors. With them: the other device if there is exactly one (a
+    meta tensor has no storage, so it can stand for one anywhere), else ``meta``.
+    """
+    devices = {x.device for x in values if isinstance(x, torch.Tensor)}
+    if not any(d.type == "meta" for d in devices):
+        return None
+    real = [d for d in devices if d.type != "meta"]
+    return real[0] if len(real) == 1 else torch.device("meta")
 
 
 def _flat_inputs(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:

@@ -12,10 +12,12 @@ import contextlib
 import copy
 import inspect
 import linecache
+import logging
 import operator
 import os
+import threading
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard, cast
 
@@ -35,6 +37,7 @@ __all__ = [
     "named_tensors",
     "read_after",
     "thread_mutations",
+    "quiet_fake_tensor_log",
     "PIN",
 ]
 
@@ -477,17 +480,139 @@ def _ties_modules(gm: fx.GraphModule) -> bool:
 
 
 def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
-    with _no_stack_traces():
+    """Export `model` with a dynamic batch dimension where it can be, else with static shapes.
+
+    Example inputs of a batch of 1 are traced as a batch of 2 (each repeated): export
+    fixes sizes 0 and 1 as constants, and the graph would accept no other batch. A
+    model with weights is then checked on the original inputs, as a symbolic trace is.
+    A model on ``meta`` is traced with its inputs on ``meta`` too (a meta convolution
+    weight does not take a CPU image), and a Hugging Face model asked for no
+    ``use_cache`` is traced with its cache off (see `_cache_off`).
+    """
+    state = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in state):
+        args, kwargs = _map_inputs(lambda x: x.to("meta"), args, kwargs)
+    batched = _batch_of_two(args, kwargs)
+    with _no_stack_traces(), quiet_fake_tensor_log(), _cache_off(model, kwargs):
+        gm: fx.GraphModule | None = None
         try:
-            ep = torch.export.export(
-                model, args, kwargs, strict=False, dynamic_shapes=_batch_dynamic(model, args, kwargs)
-            )
+            ex_args, ex_kwargs = batched or (args, kwargs)
+            dynamic = _batch_dynamic(model, ex_args, ex_kwargs)
+            gm = torch.export.export(model, ex_args, ex_kwargs, strict=False, dynamic_shapes=dynamic).module()
         except Exception:  # noqa: BLE001 - a dynamic batch is a convenience; fall back to static shapes
-            ep = torch.export.export(model, args, kwargs, strict=False)
-        gm = ep.module()
+            gm = None
+        if gm is not None and batched is not None and _differs_from_eager(model, gm, args, kwargs):
+            gm = None  # forward decides something on the batch size: keep the batch it was given
+        if gm is None:
+            gm = torch.export.export(model, args, kwargs, strict=False).module()
+    if kwargs.get("use_cache") is False:
+        _CacheOffByDefault().attach(gm)
+        gm._register_deepcopy_hook(_CacheOffByDefault().attach)  # copies (the rewrite's) keep it
     if thread_mutations(gm):
         gm.recompile()
     return gm
+
+
+class _CacheOffByDefault:
+    """Forward pre-hook of a graph traced with ``use_cache=False``: a call may leave it out.
+
+    The graph holds the flag as a constant and its calling convention would demand it
+    (``pm(ids)``: "missing 'use_cache'"); the model's own call takes ``model(ids)``. Left
+    out, it is the traced False: the same outputs, without the cache the graph cannot
+    return. Any other keyword the trace fixed stays required (its default may differ).
+    """
+
+    def attach(self, gm: fx.GraphModule) -> None:
+        """Hook `gm` (a deep copy drops forward hooks; `GraphModule` runs deepcopy hooks)."""
+        gm.register_forward_pre_hook(self.fill, with_kwargs=True, prepend=True)
+
+    @staticmethod
+    def fill(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return None if "use_cache" in kwargs else (args, {**kwargs, "use_cache": False})
+
+
+def _batch_of_two(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The example inputs as a batch of 2, if they are a batch of 1 (every tensor with a
+    dimension has size 1 in dimension 0); else None."""
+    tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and x.ndim]
+    if not tensors or any(t.shape[0] != 1 for t in tensors):
+        return None
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.detach(), x.detach()]).requires_grad_(x.requires_grad) if x.ndim else x
+
+    return _map_inputs(double, args, kwargs)
+
+
+def _map_inputs(
+    fn: Callable[[torch.Tensor], torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`fn` applied to every tensor input once: one tensor passed twice stays one (export
+    gives aliased inputs one set of sizes)."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def apply(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if id(x) not in memo:
+            memo[id(x)] = fn(x)
+        return memo[id(x)]
+
+    return cast(tuple[tuple[Any, ...], dict[str, Any]], tree_map(apply, (args, kwargs)))
+
+
+@contextlib.contextmanager
+def _cache_off(model: nn.Module, kwargs: Mapping[str, Any]) -> Iterator[None]:
+    """Trace a Hugging Face model that takes ``use_cache`` but was given none with its cache off.
+
+    Its forward then reads ``config.use_cache``, True for decoders (Llama, GPT-2, T5), and
+    returns a ``DynamicCache``, which torch.export cannot return. Turning the config's
+    flag off while tracing (and back after) traces what ``use_cache=False`` computes,
+    and the graph takes the inputs the call gave: ``pm(ids)`` as ``model(ids)``.
+    """
+    try:
+        takes_it = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_it = False
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    flipped = [c for c in configs.values() if getattr(c, "use_cache", False) is True]
+    if not takes_it or "use_cache" in kwargs or not flipped:
+        yield
+        return
+    for c in flipped:
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c in flipped:
+            c.use_cache = True
+
+
+class _DropFailedMetaLog(logging.Filter):
+    """Drops fake_tensor's log of a failing meta kernel, in threads inside `quiet_fake_tensor_log`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_quiet, "depth", 0)
+
+
+_quiet = threading.local()
+_fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")
+_fake_tensor_log.addFilter(_DropFailedMetaLog())
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_log() -> Iterator[None]:
+    """Silence `FakeTensorMode`'s error log in this thread (other threads keep theirs).
+
+    When a kernel fails on fake tensors (a matmul of mismatched shapes), torch logs the
+    whole traceback at ERROR level, some 35 lines per attempt, before raising; the error
+    is raised anyway, and partitioner names it once in the TraceError or ProfileError.
+    """
+    _quiet.depth = getattr(_quiet, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _quiet.depth -= 1
 
 
 @contextlib.contextmanager
@@ -532,12 +657,37 @@ def _trace_failure_message(model: nn.Module, failures: list[tuple[str, BaseExcep
     if all(isinstance(err, _Diverged) for _, err in failures):
         lines.append("Fix: trace with frontend='export' (or 'auto', which falls back to it).")
         return "\n".join(lines)
+    # The last front end tried is the one that goes furthest (export, under "auto").
+    texts = [str(e) for e in _chain(failures[-1][1])]
+    if any("not a known type" in t or "register a pytree" in t for t in texts):
+        lines.append(
+            "Fix: forward returns an object torch.export cannot take apart (named above). Return "
+            "tensors, tuples, lists, dicts or dataclasses, or register the type with "
+            "torch.utils._pytree.register_pytree_node; a Hugging Face cache is left out with "
+            "use_cache=False."
+        )
+        return "\n".join(lines)
+    if not any(marker in t for t in texts for marker in _DATA_DEPENDENT):
+        lines.append(
+            "Fix: the model fails on these example inputs (the error above names the op): check "
+            "their shapes, dtypes, devices and keyword names against forward, e.g. by calling "
+            "the model on them once."
+        )
+        return "\n".join(lines)
     lines.append(
         "Fix: Python control flow on tensor values cannot be traced. Rewrite the branch with "
         "torch.where (both sides computed) or torch.cond (one side run), or take the decision "
         "outside forward and pass it in as an argument."
     )
     return "\n".join(lines)
+
+
+# How tracers say that forward branched on a tensor's value (symbolic_trace, torch.export).
+_DATA_DEPENDENT = (
+    "cannot be used as inputs to control flow",
+    "data-dependent",
+    "data dependent",
+)
 
 
 def _user_frame(err: BaseException) -> str:
