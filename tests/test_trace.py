@@ -326,3 +326,18 @@ def test_a_model_that_branches_on_batch_1_keeps_its_batch() -> None:
     traced = trace_model(model, (x,), frontend="export")
     with torch.no_grad():
         torch.testing.assert_close(traced.gm(x), model(x))
+
+
+def test_a_split_planned_at_batch_1_runs_at_batch_5() -> None:
+    # The README's promise: only non-batch dimensions are fixed by the example inputs.
+    import partitioner
+    from partitioner.options import PlanOptions
+
+    model, args, kwargs = ZOO["gpt2"].build()
+    one, five = args[0][:1], torch.cat([args[0], args[0], args[0]])[:5]
+    pm = partitioner.auto_parallelize(
+        model, ["cpu:0", "cpu:1"], (one,), kwargs, options=PlanOptions(allow_data_parallel=False), measure=False
+    )
+    with torch.no_grad():
+        got = partitioner.to_plain(pm(five, **kwargs).logits)
+        torch.testing.assert_close(got, model(five, **kwargs).logits)
