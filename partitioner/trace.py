@@ -504,7 +504,10 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         if gm is not None and batched is not None and _differs_from_eager(model, gm, args, kwargs):
             gm = None  # forward decides something on the batch size: keep the batch it was given
         if gm is None:
-            gm = torch.export.export(model, args, kwargs, strict=False).module()
+            # New tensor objects: export would reuse its symbolic sizes of the ones it saw (an
+            # error then reads "[s31, 5] X [8, 8]" where the inputs are [2, 5]).
+            fresh = _map_inputs(lambda x: x.detach().requires_grad_(x.requires_grad), args, kwargs)
+            gm = torch.export.export(model, fresh[0], fresh[1], strict=False).module()
     if kwargs.get("use_cache") is False:
         _CacheOffByDefault().attach(gm)
         gm._register_deepcopy_hook(_CacheOffByDefault().attach)  # copies (the rewrite's) keep it
@@ -690,6 +693,10 @@ _DATA_DEPENDENT = (
 )
 
 
+# Code torch generates and runs (exec'd lambdas, fx's graph code): never the user's line.
+_GENERATED = ("<string>", "<eval_with_key>")
+
+
 def _user_frame(err: BaseException) -> str:
     """The innermost traceback frame outside torch and partitioner: where the user's code failed."""
     skipped = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
@@ -697,7 +704,7 @@ def _user_frame(err: BaseException) -> str:
         f
         for e in _chain(err)
         for f in traceback.extract_tb(e.__traceback__)
-        if not os.path.abspath(f.filename).startswith(skipped)
+        if not os.path.abspath(f.filename).startswith(skipped) and not f.filename.startswith(_GENERATED)
     ]
     if not frames:
         return ""

@@ -290,7 +290,7 @@ def test_a_wrong_input_shape_is_named_with_its_fix_and_logs_nothing(caplog: pyte
     with pytest.raises(TraceError) as raised:
         trace_model(model, (torch.randn(2, 5),), frontend="export")
     message = str(raised.value)
-    assert "[2, 5] X [8, 8]" in message or "[s" in message  # the op's shapes
+    assert "[2, 5] X [8, 8]" in message  # the inputs' shapes, not export's symbols for them
     assert "check their shapes, dtypes, devices" in message and "control flow" not in message
     assert not [r for r in caplog.records if r.name.startswith("torch._subclasses.fake_tensor")]
 
