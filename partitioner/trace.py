@@ -493,7 +493,7 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     if any(t.is_meta for t in state):
         args, kwargs = _map_inputs(lambda x: x.to("meta"), args, kwargs)
     batched = _batch_of_two(args, kwargs)
-    with _no_stack_traces(), quiet_fake_tensor_log(), _cache_off(model, kwargs):
+    with _no_stack_traces(), quiet_fake_tensor_log(), _cache_off(model, kwargs) as cache_off:
         gm: fx.GraphModule | None = None
         try:
             ex_args, ex_kwargs = batched or (args, kwargs)
@@ -508,30 +508,42 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             # error then reads "[s31, 5] X [8, 8]" where the inputs are [2, 5]).
             fresh = _map_inputs(lambda x: x.detach().requires_grad_(x.requires_grad), args, kwargs)
             gm = torch.export.export(model, fresh[0], fresh[1], strict=False).module()
-    if kwargs.get("use_cache") is False:
-        _CacheOffByDefault().attach(gm)
-        gm._register_deepcopy_hook(_CacheOffByDefault().attach)  # copies (the rewrite's) keep it
+    if cache_off or kwargs.get("use_cache") is False:
+        hook = _CacheOff(takes_flag=not cache_off)
+        hook.attach(gm)
+        gm._register_deepcopy_hook(hook.attach)  # copies (the rewrite's) keep it
     if thread_mutations(gm):
         gm.recompile()
     return gm
 
 
-class _CacheOffByDefault:
-    """Forward pre-hook of a graph traced with ``use_cache=False``: a call may leave it out.
+class _CacheOff:
+    """Forward pre-hook of a graph traced with the cache off: calls as the model takes them.
 
-    The graph holds the flag as a constant and its calling convention would demand it
-    (``pm(ids)``: "missing 'use_cache'"); the model's own call takes ``model(ids)``. Left
-    out, it is the traced False: the same outputs, without the cache the graph cannot
-    return. Any other keyword the trace fixed stays required (its default may differ).
+    A graph traced with ``use_cache=False`` holds the flag as a constant and its calling
+    convention demands it (``pm(ids)``: "missing 'use_cache'"); one traced with the flag
+    off in the config (`_cache_off`) takes no flag (``pm(ids, use_cache=False)``:
+    "unexpected keyword"). The model takes both, so the graph does: the flag is filled
+    in or dropped. The outputs are those of ``use_cache=False``; ``use_cache=True``,
+    a cache the graph cannot return, is refused.
     """
+
+    def __init__(self, takes_flag: bool) -> None:
+        self.takes_flag = takes_flag
 
     def attach(self, gm: fx.GraphModule) -> None:
         """Hook `gm` (a deep copy drops forward hooks; `GraphModule` runs deepcopy hooks)."""
         gm.register_forward_pre_hook(self.fill, with_kwargs=True, prepend=True)
 
-    @staticmethod
-    def fill(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return None if "use_cache" in kwargs else (args, {**kwargs, "use_cache": False})
+    def fill(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        flag = kwargs.get("use_cache")
+        if flag:
+            raise ValueError(
+                "use_cache=True: this module was traced with the cache off and returns no cache; "
+                "call it with use_cache=False or without use_cache"
+            )
+        rest = {k: v for k, v in kwargs.items() if k != "use_cache"}
+        return args, ({**rest, "use_cache": False} if self.takes_flag else rest)
 
 
 def _batch_of_two(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -565,13 +577,14 @@ def _map_inputs(
 
 
 @contextlib.contextmanager
-def _cache_off(model: nn.Module, kwargs: Mapping[str, Any]) -> Iterator[None]:
+def _cache_off(model: nn.Module, kwargs: Mapping[str, Any]) -> Iterator[bool]:
     """Trace a Hugging Face model that takes ``use_cache`` but was given none with its cache off.
 
     Its forward then reads ``config.use_cache``, True for decoders (Llama, GPT-2, T5), and
     returns a ``DynamicCache``, which torch.export cannot return. Turning the config's
     flag off while tracing (and back after) traces what ``use_cache=False`` computes,
     and the graph takes the inputs the call gave: ``pm(ids)`` as ``model(ids)``.
+    Yields whether it turned the flag off.
     """
     try:
         takes_it = "use_cache" in inspect.signature(model.forward).parameters
@@ -580,12 +593,12 @@ def _cache_off(model: nn.Module, kwargs: Mapping[str, Any]) -> Iterator[None]:
     configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
     flipped = [c for c in configs.values() if getattr(c, "use_cache", False) is True]
     if not takes_it or "use_cache" in kwargs or not flipped:
-        yield
+        yield False
         return
     for c in flipped:
         c.use_cache = False
     try:
-        yield
+        yield True
     finally:
         for c in flipped:
             c.use_cache = True

@@ -255,11 +255,15 @@ def test_a_cache_model_traces_without_use_cache_and_the_split_takes_the_original
     with torch.no_grad():
         expected = model(*args, use_cache=False).logits
         torch.testing.assert_close(partitioner.to_plain(pm(*args).logits), expected, rtol=0, atol=0)
+        torch.testing.assert_close(partitioner.to_plain(pm(*args, **kwargs).logits), expected, rtol=0, atol=0)
         # Traced with use_cache=False, as the docs said to: the call without it works too.
         given = partitioner.auto_parallelize(model, ["cpu:0", "cpu:1"], args, kwargs, options=single)
         torch.testing.assert_close(partitioner.to_plain(given(*args).logits), expected, rtol=0, atol=0)
         torch.testing.assert_close(partitioner.to_plain(given(*args, **kwargs).logits), expected, rtol=0, atol=0)
     assert given.plan.fingerprint == pm.plan.fingerprint  # one model, one fingerprint, flag or not
+    for split in (pm, given):
+        with pytest.raises(ValueError, match="use_cache=True: this module was traced with the cache off"):
+            split(*args, use_cache=True)
 
 
 class _Cache:
