@@ -683,7 +683,8 @@ def _trace_failure_message(model: nn.Module, failures: list[tuple[str, BaseExcep
             "use_cache=False."
         )
         return "\n".join(lines)
-    if not any(marker in t for t in texts for marker in _DATA_DEPENDENT):
+    exported = failures[-1][0] == "torch.export.export"  # it ran forward on the inputs: a shape error is theirs
+    if exported and not any(marker in t for t in texts for marker in _DATA_DEPENDENT):
         lines.append(
             "Fix: the model fails on these example inputs (the error above names the op): check "
             "their shapes, dtypes, devices and keyword names against forward, e.g. by calling "
