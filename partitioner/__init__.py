@@ -24,6 +24,7 @@ from partitioner.errors import (
     DeviceError,
     DeviceMismatchError,
     InfeasibleError,
+    ModelError,
     PartitionerError,
     PlanFormatError,
     PlanMismatchError,
@@ -69,6 +70,7 @@ __all__ = [
     "SolverError",
     "PlanFormatError",
     "PlanMismatchError",
+    "ModelError",
 ]
 
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ __all__ = [
     "SolverError",
     "PlanFormatError",
     "PlanMismatchError",
+    "ModelError",
 ]
 
 
@@ -49,3 +50,8 @@ class PlanFormatError(PartitionerError, ValueError):
 
 class PlanMismatchError(PartitionerError):
     """A saved plan was made for another model (graph fingerprints differ)."""
+
+
+class ModelError(PartitionerError, TypeError):
+    """A ``path/to/file.py:factory`` does not give a model: the file or the factory fails,
+    the factory takes arguments, or it returns something else than a model and its inputs."""

@@ -333,9 +333,34 @@ def _target_name(target: object) -> str:
         return f"{type(target).__module__}.{type(target).__qualname__}"
 
 
+# Ops that change a tensor's memory layout, never its values: whether torch.export records
+# one depends on the strides of the device the model was traced on (an sdpa output is
+# contiguous on CPU but not on meta, so every sdpa model gains two ``aten.contiguous``
+# nodes on meta), not on what the model computes.
+_LAYOUT_ONLY = frozenset({"torch.ops.aten.contiguous.default"})
+
+
 def _fingerprint(gm: fx.GraphModule, node_layer: Mapping[str, int]) -> str:
-    """Hash of the graph's ops, their layers and the tensors' names, shapes and dtypes."""
-    parts = [[n.op, _target_name(n.target), n.name, node_layer.get(n.name, -1)] for n in gm.graph.nodes]
+    """Hash of the graph's ops, their inputs and layers, and the tensors' names, shapes and dtypes.
+
+    It names what the model computes, wherever its tensors are: a model planned on
+    ``meta`` and its real weights on CPU agree. So nodes are named by their place in the
+    graph, not by export's names (its counters run on over nodes it drops, and those
+    differ by device); layout-only ops are left out; and so is the placeholder of an
+    export input that is no tensor (a constant folded into the ops), so that a graph
+    given ``use_cache=False`` and one traced with the flag off in the config agree.
+    """
+    index: dict[fx.Node, int] = {}
+    parts: list[list[object]] = []
+    for n in gm.graph.nodes:
+        name = _target_name(n.target)
+        if name in _LAYOUT_ONLY and n.all_input_nodes:
+            index[n] = index.get(n.all_input_nodes[0], -1)  # its readers read its input
+            continue
+        if n.op == "placeholder" and "val" in n.meta and not isinstance(n.meta["val"], torch.Tensor):
+            continue
+        index[n] = len(parts)
+        parts.append([n.op, name, node_layer.get(n.name, -1), [index[a] for a in n.all_input_nodes if a in index]])
     tensors = [[k, list(t.shape), str(t.dtype)] for k, t in gm.state_dict(keep_vars=True).items()]
     blob = json.dumps([parts, tensors], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

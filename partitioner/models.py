@@ -18,11 +18,13 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+from partitioner.errors import ModelError
 
 __all__ = ["BuiltModel", "available_models", "build_model"]
 
@@ -284,7 +286,8 @@ def build_model(
     Raises:
         ValueError: Unknown name (the message lists the available ones), a bad file spec,
             an argument the model does not take, or a sequence longer than its positions.
-        TypeError: A file's factory is not callable or returned something else.
+        ModelError: A file's factory is not callable, takes arguments, raises, or returned
+            something else (also a TypeError); importing the file raised.
         ImportError: A Hugging Face model was asked for without `transformers` installed.
     """
     if batch_size < 1:
@@ -440,6 +443,9 @@ def _load_file_model(spec: str, *, device: str, dtype: str | None) -> BuiltModel
     sys.path.insert(0, str(path.parent))  # so the file imports its neighbours
     try:
         file_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[module_name]
+        raise ModelError(f"{spec}: importing {path.name} raised {_failure(e)}") from e
     except BaseException:
         del sys.modules[module_name]
         raise
@@ -453,26 +459,7 @@ def _load_file_model(spec: str, *, device: str, dtype: str | None) -> BuiltModel
             if inspect.isfunction(v) and v.__module__ == module_name and not n.startswith("_")
         )
         raise ValueError(f"{path} defines no {factory_name!r}; its functions: {', '.join(found)}")
-    if not callable(factory):
-        raise TypeError(f"{spec}: {factory_name!r} is a {type(factory).__name__}, not callable")
-
-    result = factory()
-    if isinstance(result, torch.nn.Module):
-        model, args, kwargs = result, (), {}
-    elif isinstance(result, tuple) and len(result) in (2, 3):
-        model, args, kwargs = (*result, {}) if len(result) == 2 else result
-    else:
-        raise TypeError(
-            f"{spec}: factory() returned {type(result).__name__}; expected an nn.Module, "
-            "(model, args) or (model, args, kwargs)"
-        )
-    if not isinstance(model, torch.nn.Module) or not isinstance(args, tuple):
-        raise TypeError(
-            f"{spec}: factory() returned ({type(model).__name__}, {type(args).__name__}, ...); "
-            "expected an nn.Module then a tuple of positional inputs"
-        )
-    if not isinstance(kwargs, dict):
-        raise TypeError(f"{spec}: the keyword inputs are a {type(kwargs).__name__}, not a dict")
+    model, args, kwargs = _call_factory(spec, factory_name, factory)
 
     torch_dtype = None if dtype is None else _torch_dtype(dtype)
 
@@ -483,7 +470,8 @@ def _load_file_model(spec: str, *, device: str, dtype: str | None) -> BuiltModel
             return x.to(device, dtype=torch_dtype)
         return x.to(device)
 
-    model = model.to(device=device, dtype=torch_dtype).eval()
+    _move_state(model, device, torch_dtype)
+    model.eval()
     params = sum(p.numel() for p in model.parameters())
     return BuiltModel(
         model=model,
@@ -492,3 +480,93 @@ def _load_file_model(spec: str, *, device: str, dtype: str | None) -> BuiltModel
         description=f"{type(model).__name__} from {spec}; {params / 1e6:,.1f}M parameters",
         no_split_module_classes=(),
     )
+
+
+def _call_factory(spec: str, factory_name: str, factory: object) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """Call a file's factory and check that it returned a model and its inputs.
+
+    Raises:
+        ModelError: The factory is not callable, needs arguments, fails, or returns
+            something else than ``model``, ``(model, args)`` or ``(model, args, kwargs)``.
+    """
+    import torch
+
+    if not callable(factory):
+        raise ModelError(
+            f"{spec}: {factory_name!r} is a {type(factory).__name__}, not callable; "
+            f"name a function that returns the model, e.g. 'def {factory_name}(): return Net()'"
+        )
+    try:
+        required = [
+            p.name
+            for p in inspect.signature(factory).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+    except (TypeError, ValueError):  # a builtin without a signature: find out by calling it
+        required = []
+    if required:
+        raise ModelError(
+            f"{spec}: {factory_name}() takes {len(required)} required argument(s) ({', '.join(required)}) "
+            "but is called with none; give them defaults, or add a factory without arguments that calls it"
+        )
+    try:
+        result = factory()
+    except Exception as e:
+        raise ModelError(f"{spec}: {factory_name}() raised {_failure(e)}") from e
+    expected = "expected an nn.Module, (model, args) or (model, args, kwargs)"
+    if isinstance(result, torch.nn.Module):
+        return result, (), {}
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        size = f" of {len(result)}" if isinstance(result, tuple) else ""
+        raise ModelError(f"{spec}: {factory_name}() returned {type(result).__name__}{size}; {expected}")
+    model, args, kwargs = (*result, {}) if len(result) == 2 else result
+    if not isinstance(model, torch.nn.Module) or not isinstance(args, tuple):
+        raise ModelError(
+            f"{spec}: {factory_name}() returned ({type(model).__name__}, {type(args).__name__}, ...); "
+            "expected an nn.Module then a tuple of positional inputs"
+        )
+    if not isinstance(kwargs, dict):
+        raise ModelError(f"{spec}: the keyword inputs {factory_name}() returned are a {type(kwargs).__name__}, not a dict")
+    return model, args, kwargs
+
+
+def _failure(e: BaseException) -> str:
+    """``RuntimeError: boom (at model.py:12)``: an exception and the innermost line that raised it."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def _move_state(model: nn.Module, device: str, dtype: torch.dtype | None) -> None:
+    """Move `model`'s parameters and buffers to `device` (floating ones to `dtype`), in place.
+
+    ``Module.to("meta")`` would untie shared weights: torch cannot swap a CPU tensor's
+    storage for a meta one, so it makes a new parameter in each module that holds one,
+    and T5's shared embedding becomes four. Moving each tensor once, by identity, keeps
+    every tie (and so the graph, the layers and the plan's fingerprint) as it was.
+    """
+    import torch
+    from torch import nn
+
+    moved: dict[int, torch.Tensor] = {}
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in moved:
+            to_dtype = dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else t.dtype
+            if t.device == torch.device(device) and t.dtype == to_dtype:
+                moved[id(t)] = t  # already there: the factory's own tensor
+            else:
+                data = t.detach().to(device=device, dtype=to_dtype)
+                moved[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
+        return moved[id(t)]
+
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    module._parameters[name] = cast("nn.Parameter", move(p))
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = move(b)

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from partitioner.errors import ProfileError
-from partitioner.trace import TRACE_LOCK, named_tensors, read_after
+from partitioner.trace import TRACE_LOCK, named_tensors, quiet_fake_tensor_log, read_after
 
 __all__ = ["NodeStats", "profile_nodes", "written_parameters", "tensor_bytes", "BACKWARD_FLOP_FACTOR"]
 
@@ -64,10 +64,19 @@ def _is_view(target: Any) -> bool:
 
 
 class _StatsInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode, home: torch.device | None = None) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.counter = counter
+        self.home = home
         self.stats: dict[str, NodeStats] = {}
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if self.home is not None:  # ``arange(device=meta)``, ``_assert_tensor_metadata(device=meta)``
+            args, kwargs = tree_map(self._rehome, (args, kwargs))
+        return super().call_function(target, args, kwargs)
+
+    def _rehome(self, x: Any) -> Any:
+        return self.home if isinstance(x, torch.device) and x.type == "meta" else x
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
@@ -118,16 +127,27 @@ def profile_nodes(
 ) -> dict[str, NodeStats]:
     """Run `gm` once on fake tensors and return each node's `NodeStats`, by node name.
 
-    Parameters on ``meta`` are supported: inputs are then moved to ``meta`` as well.
+    Tensors on ``meta`` are supported, also beside tensors on one other device (the
+    Accelerate habit: parameters on meta from ``init_empty_weights()``, buffers and
+    inputs on CPU): the fake run holds them all on that device, where the meta ones
+    would be, and reads ``device=meta`` in the graph as that device. Beside several
+    other devices, everything is run on ``meta``.
 
     Raises:
         ProfileError: a node failed on fake tensors; the message names it.
     """
-    mode, fake_state, args, kwargs = _faked(gm, example_args, example_kwargs)
+    mode, fake_state, args, kwargs, home = _faked(gm, example_args, example_kwargs)
     counter = FlopCounterMode(display=False)
-    interp = _StatsInterpreter(gm, counter)
+    interp = _StatsInterpreter(gm, counter, home)
     # Under the lock: the fx graph's submodules are the user's, and the fake tensors are swapped into them.
-    with TRACE_LOCK, torch.set_grad_enabled(training), mode, counter, stateless._reparametrize_module(gm, fake_state):
+    with (
+        TRACE_LOCK,
+        quiet_fake_tensor_log(),
+        torch.set_grad_enabled(training),
+        mode,
+        counter,
+        stateless._reparametrize_module(gm, fake_state),
+    ):
         interp.run(*_flat_inputs(gm, args, kwargs))
     return interp.stats
 
@@ -141,34 +161,57 @@ def written_parameters(
     Raises:
         ProfileError: a node failed on fake tensors; the message names it.
     """
-    mode, fake_state, args, kwargs = _faked(gm, example_args, example_kwargs)
+    mode, fake_state, args, kwargs, home = _faked(gm, example_args, example_kwargs)
     params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
     before = {name: t._version for name, t in fake_state.items() if name in params}
-    interp = _StatsInterpreter(gm, FlopCounterMode(display=False))
-    with TRACE_LOCK, torch.no_grad(), mode, stateless._reparametrize_module(gm, fake_state):
+    interp = _StatsInterpreter(gm, FlopCounterMode(display=False), home)
+    with TRACE_LOCK, quiet_fake_tensor_log(), torch.no_grad(), mode, stateless._reparametrize_module(gm, fake_state):
         interp.run(*_flat_inputs(gm, args, kwargs))
     return frozenset(name for name, version in before.items() if fake_state[name]._version != version)
 
 
 def _faked(
     gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: Mapping[str, Any] | None
-) -> tuple[FakeTensorMode, dict[str, torch.Tensor], tuple[Any, ...], dict[str, Any]]:
-    """A fake tensor mode, and fakes of `gm`'s tensors (by name) and of the inputs."""
+) -> tuple[FakeTensorMode, dict[str, torch.Tensor], tuple[Any, ...], dict[str, Any], torch.device | None]:
+    """A fake tensor mode, fakes of `gm`'s tensors (by name) and of the inputs, and the
+    device that stands for ``meta`` in the run (None: every tensor stays where it is)."""
     # Plain tensor attributes too (constants an export graph reads): an in-place op on a
     # real tensor would change it for real.
     state: dict[str, torch.Tensor] = dict(named_tensors(gm))
-    on_meta = any(t.is_meta for t in state.values())
+    kwargs = dict(example_kwargs or {})
+    home = _home_device([*state.values(), *tree_leaves((tuple(example_args), kwargs))])
     mode = FakeTensorMode(allow_non_fake_inputs=True)
 
     def fake(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
-        t = x.to("meta") if on_meta and not x.is_meta else x
-        f = mode.from_tensor(t)
+        f: torch.Tensor
+        if home is not None and x.device != home:
+            if home.type == "meta" or not x.is_meta:
+                f = mode.from_tensor(x.to(home))
+            else:  # a meta tensor stands for one on `home`: make it there, without storage
+                with mode:
+                    f = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=home)
+        else:
+            f = mode.from_tensor(x)
         return f.requires_grad_(x.requires_grad) if f.is_floating_point() else f
 
     fake_state = {k: fake(v) for k, v in state.items()}
-    return mode, fake_state, tree_map(fake, tuple(example_args)), tree_map(fake, dict(example_kwargs or {}))
+    rehome = home if home is not None and home.type != "meta" else None
+    return mode, fake_state, tree_map(fake, tuple(example_args)), tree_map(fake, kwargs), rehome
+
+
+def _home_device(values: list[Any]) -> torch.device | None:
+    """The one device a fake run holds every tensor on, or None to keep each on its own.
+
+    None without meta tensors. With them: the other device if there is exactly one (a
+    meta tensor has no storage, so it can stand for one anywhere), else ``meta``.
+    """
+    devices = {x.device for x in values if isinstance(x, torch.Tensor)}
+    if not any(d.type == "meta" for d in devices):
+        return None
+    real = [d for d in devices if d.type != "meta"]
+    return real[0] if len(real) == 1 else torch.device("meta")
 
 
 def _flat_inputs(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:

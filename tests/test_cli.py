@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 import partitioner
 from partitioner import Objective, Plan, Strategy, calibrate
@@ -476,3 +477,90 @@ def test_ctrl_c_during_the_solve_exits_130_in_one_line(tmp_path: Path) -> None:
     ]
     assert out == b""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["branchy.py"]
+
+# --- file factories: typed errors, one clear line, plans that apply (issue 12, items 4 and 12) --
+
+_FACTORIES = """
+import torch
+import transformers
+
+
+def returns_dict():
+    return {"model": torch.nn.Linear(2, 2)}
+
+
+def needs_args(width):
+    return torch.nn.Linear(width, width)
+
+
+NOT_CALLABLE = 3
+
+
+def wrong_shape():
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)), (torch.randn(2, 5),)
+
+
+def t5():
+    config = transformers.T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    return model, (ids,), {"decoder_input_ids": ids[:, :6].clone(), "use_cache": False}
+"""
+
+
+@pytest.fixture
+def factories(tmp_path: Path) -> Path:
+    path = tmp_path / "factories.py"
+    path.write_text(_FACTORIES)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("returns_dict", "returns_dict() returned dict; expected an nn.Module"),
+        ("needs_args", "needs_args() takes 1 required argument(s) (width) but is called with none"),
+        ("NOT_CALLABLE", "'NOT_CALLABLE' is a int, not callable"),
+    ],
+)
+def test_a_bad_factory_exits_2_in_one_line(
+    capsys: pytest.CaptureFixture[str], factories: Path, factory: str, message: str
+) -> None:
+    status, out, err = run(capsys, "plan", f"{factories}:{factory}", "--devices", "cpu")
+    assert (status, out) == (2, "")
+    assert err.startswith("partitioner: error: ") and message in err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_wrong_input_shape_exits_2_without_torch_logs(capfd: pytest.CaptureFixture[str], factories: Path) -> None:
+    status = main(["plan", f"{factories}:wrong_shape", "--devices", "cpu:0", "cpu:1"])
+    out, err = capfd.readouterr()
+    assert (status, out) == (2, "")
+    assert "fake_tensor" not in err and "Traceback" not in err  # torch logged 504 lines here
+    assert "a and b must have same reduction dim, but got [2, 5] X [8, 8]" in err and "check their shapes" in err
+    assert "<string>" not in err  # torch's generated code is no place to look
+    assert len(err.splitlines()) == 3
+
+
+def test_a_plan_of_a_file_model_on_meta_applies_to_its_real_weights(
+    capsys: pytest.CaptureFixture[str], factories: Path
+) -> None:
+    # The CLI builds the factory's model on meta; T5 ties its embedding and runs sdpa: the plan
+    # used to count the embedding four times and to carry another fingerprint.
+    import partitioner
+    from partitioner.models import build_model
+
+    plan = plan_of(capsys, f"{factories}:t5", "--devices", "cpu:0", "cpu:1")
+    module = build_model(f"{factories}:t5", device="cpu")
+    pm = partitioner.auto_parallelize(
+        module.model, ["cpu:0", "cpu:1"], module.example_args, module.example_kwargs, plan=plan, measure=False
+    )
+    with torch.no_grad():
+        expected = module.model(*module.example_args, **module.example_kwargs).logits
+        got = partitioner.to_plain(pm(*module.example_args, **module.example_kwargs).logits)
+    torch.testing.assert_close(got, expected)
+    assert pm.plan.fingerprint == plan.fingerprint

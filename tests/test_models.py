@@ -359,3 +359,86 @@ def test_file_factory_refuses_shape_arguments_and_missing_files(user_file: Path)
         build_model(f"{user_file}:make", seq_len=64)
     with pytest.raises(ValueError, match="does not exist"):
         build_model(f"{user_file.parent / 'nope.py'}:make")
+
+
+# --- file factories: ties kept on meta, typed errors (issue 12, items 4 and 12) -------------------
+
+_TIED_FILE = """
+import torch
+import transformers
+
+
+def t5():
+    config = transformers.T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    return model, (ids,), {"decoder_input_ids": ids[:, :6].clone(), "use_cache": False}
+"""
+
+
+def test_file_factory_on_meta_keeps_tied_weights(tmp_path: Path) -> None:
+    # Module.to("meta") makes a new parameter per holder: T5's shared embedding became four.
+    path = tmp_path / "tied.py"
+    path.write_text(textwrap.dedent(_TIED_FILE))
+    on_cpu, on_meta = build_model(f"{path}:t5", device="cpu"), build_model(f"{path}:t5")
+    assert next(on_meta.model.parameters()).is_meta
+    names = lambda m: [n for n, _ in m.named_parameters()]  # noqa: E731 - deduplicated by identity
+    assert names(on_meta.model) == names(on_cpu.model)
+    model = on_meta.model
+    assert model.shared.weight is model.encoder.embed_tokens.weight is model.decoder.embed_tokens.weight
+    assert on_meta.example_kwargs["decoder_input_ids"].is_meta
+
+
+_FACTORY_ERRORS_FILE = """
+import torch
+
+
+def needs_width(width, depth=2):
+    return torch.nn.Linear(width, width)
+
+
+def returns_dict():
+    return {"model": torch.nn.Linear(2, 2)}
+
+
+def raises():
+    raise RuntimeError("no weights here")
+
+
+def long_tuple():
+    return torch.nn.Linear(2, 2), (), {}, None
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("needs_width", r"needs_width\(\) takes 1 required argument\(s\) \(width\) but is called with none; "
+                        "give them defaults"),
+        ("returns_dict", r"returns_dict\(\) returned dict; expected an nn.Module, \(model, args\)"),
+        ("raises", r"raises\(\) raised RuntimeError: no weights here \(at bad_factories.py:\d+\)"),
+        ("long_tuple", r"returned tuple of 4; expected"),
+        ("NOT_A_FUNCTION", r"'NOT_A_FUNCTION' is a int, not callable; name a function"),
+    ],
+)  # fmt: skip
+def test_bad_factories_raise_a_model_error(tmp_path: Path, factory: str, message: str) -> None:
+    from partitioner.errors import ModelError, PartitionerError
+
+    path = tmp_path / "bad_factories.py"
+    path.write_text(textwrap.dedent(_FACTORY_ERRORS_FILE) + "\nNOT_A_FUNCTION = 3\n")
+    with pytest.raises(ModelError, match=message) as raised:
+        build_model(f"{path}:{factory}")
+    assert isinstance(raised.value, PartitionerError) and isinstance(raised.value, TypeError)
+
+
+def test_a_file_that_fails_to_import_raises_a_model_error(tmp_path: Path) -> None:
+    from partitioner.errors import ModelError
+
+    path = tmp_path / "broken.py"
+    path.write_text("import torch\nraise ImportError('needs a package that is not installed')\n")
+    with pytest.raises(ModelError, match=r"importing broken.py raised ImportError: needs a package .*broken.py:2"):
+        build_model(f"{path}:make")

@@ -283,3 +283,181 @@ def test_fx_alone_failing_suggests_the_export_front_end() -> None:
     assert model.step.item() == 0
     traced = trace_model(model, (x,))
     assert traced.frontend == "export" and model.step.item() == 0
+
+# --- meta models, the cache flag, the batch size, quiet failures (issue 12, items 4, 12, 14) ---
+
+# The built-in models' families, small, with sdpa attention (as `partitioner.models` builds them).
+_SMALL_HF: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2": ("GPT2LMHeadModel", {"vocab_size": 128, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2,
+                                 "bos_token_id": 1, "eos_token_id": 2}),
+    "bert": ("BertForMaskedLM", {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2,
+                                 "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}),
+    "llama": ("LlamaForCausalLM", {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+                                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2}),
+    "t5": ("T5ForConditionalGeneration", {"vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
+                                          "num_decoder_layers": 2, "num_heads": 4,
+                                          "relative_attention_num_buckets": 8, "decoder_start_token_id": 0}),
+    "vit": ("ViTForImageClassification", {"image_size": 16, "patch_size": 4, "num_channels": 3, "hidden_size": 32,
+                                          "num_hidden_layers": 2, "num_attention_heads": 2,
+                                          "intermediate_size": 64, "num_labels": 10}),
+}  # fmt: skip
+
+
+def _small_hf(family: str, device: str, empty: str = "") -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """A small `family` model built on `device` (``empty``: under accelerate's init_empty_weights,
+    ``"params"`` or ``"all"`` with buffers), and CPU inputs of batch 2."""
+    import accelerate
+    import transformers
+
+    class_name, config = _SMALL_HF[family]
+    model_class = getattr(transformers, class_name)
+    hf_config = model_class.config_class(attn_implementation="sdpa", **config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if empty:
+            with accelerate.init_empty_weights(include_buffers=empty == "all"):
+                model = model_class(hf_config)
+        else:
+            with torch.device(device):
+                model = model_class(hf_config)
+        if family == "vit":
+            return model.eval(), (torch.randn(2, 3, 16, 16),), {}
+        ids = torch.randint(0, 128, (2, 8))
+    if family == "bert":
+        return model.eval(), (ids,), {"attention_mask": torch.ones_like(ids)}
+    if family == "t5":
+        return model.eval(), (ids,), {"decoder_input_ids": ids[:, :6].clone(), "use_cache": False}
+    return model.eval(), (ids,), {"use_cache": False}
+
+
+@pytest.mark.parametrize("family", list(_SMALL_HF))
+def test_a_model_on_meta_has_the_fingerprint_of_its_weights_on_cpu(family: str) -> None:
+    import partitioner
+
+    real, args, kwargs = _small_hf(family, "cpu")
+    on_cpu = partitioner.plan(real, ["cpu:0", "cpu:1"], args, kwargs, measure=False)
+    meta, _, _ = _small_hf(family, "meta")
+    meta_inputs = tuple(a.to("meta") for a in args)
+    # On meta, sdpa returns other strides, so export records aten.contiguous where CPU needs none.
+    for inputs in (args, meta_inputs):  # a meta model with CPU inputs (a meta convolution takes no CPU image)
+        on_meta = partitioner.plan(meta, ["cpu:0", "cpu:1"], inputs, kwargs, measure=False)
+        assert on_meta.fingerprint == on_cpu.fingerprint, family
+        assert [layer.name for layer in on_meta.layers] == [layer.name for layer in on_cpu.layers]
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_init_empty_weights_without_buffers_plans_as_with_them(family: str) -> None:
+    # Parameters on meta, buffers (Llama's rotary inv_freq, BERT's position ids) on CPU.
+    import partitioner
+
+    model, args, kwargs = _small_hf(family, "", empty="params")
+    model.tie_weights()  # init_empty_weights(include_buffers=False) unties BERT's decoder (accelerate 1.15)
+    assert {b.device.type for b in model.buffers()} == {"cpu"} and next(model.parameters()).is_meta
+    mixed = partitioner.plan(model, ["cpu:0", "cpu:1"], args, kwargs, measure=False)
+    real, _, _ = _small_hf(family, "cpu")
+    assert mixed.fingerprint == partitioner.plan(real, ["cpu:0", "cpu:1"], args, kwargs, measure=False).fingerprint
+    assert {b.device.type for b in model.buffers()} == {"cpu"}  # the model is left as it was
+
+
+def test_a_cache_model_traces_without_use_cache_and_the_split_takes_the_original_call() -> None:
+    import partitioner
+    from partitioner.options import PlanOptions
+
+    model, args, kwargs = ZOO["llama"].build()
+    single = PlanOptions(allow_data_parallel=False)  # a split graph, not a replica of the model
+    pm = partitioner.auto_parallelize(model, ["cpu:0", "cpu:1"], args, options=single)  # no use_cache given
+    assert model.config.use_cache is True  # turned off while tracing only
+    with torch.no_grad():
+        expected = model(*args, use_cache=False).logits
+        torch.testing.assert_close(partitioner.to_plain(pm(*args).logits), expected, rtol=0, atol=0)
+        torch.testing.assert_close(partitioner.to_plain(pm(*args, **kwargs).logits), expected, rtol=0, atol=0)
+        # Traced with use_cache=False, as the docs said to: the call without it works too.
+        given = partitioner.auto_parallelize(model, ["cpu:0", "cpu:1"], args, kwargs, options=single)
+        torch.testing.assert_close(partitioner.to_plain(given(*args).logits), expected, rtol=0, atol=0)
+        torch.testing.assert_close(partitioner.to_plain(given(*args, **kwargs).logits), expected, rtol=0, atol=0)
+    assert given.plan.fingerprint == pm.plan.fingerprint  # one model, one fingerprint, flag or not
+    for split in (pm, given):
+        with pytest.raises(ValueError, match="use_cache=True: this module was traced with the cache off"):
+            split(*args, use_cache=True)
+
+
+class _Cache:
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+class _ReturnsObject(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, _Cache]:
+        h = self.lin(x)
+        return h, _Cache(h)
+
+
+def test_an_unknown_output_type_is_named_with_its_fix() -> None:
+    with pytest.raises(TraceError) as raised:
+        trace_model(_ReturnsObject(), (torch.randn(2, 4),), frontend="export")
+    message = str(raised.value)
+    assert "register_pytree_node" in message and "use_cache=False" in message
+    assert "control flow" not in message  # the old hint, wrong here
+
+
+def test_a_wrong_input_shape_is_named_with_its_fix_and_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(TraceError) as raised:
+        trace_model(model, (torch.randn(2, 5),), frontend="export")
+    message = str(raised.value)
+    assert "[2, 5] X [8, 8]" in message  # the inputs' shapes, not export's symbols for them
+    assert "check their shapes, dtypes, devices" in message and "control flow" not in message
+    assert not [r for r in caplog.records if r.name.startswith("torch._subclasses.fake_tensor")]
+
+
+@pytest.mark.parametrize("name", ["llama", "vit", "mlp"])
+def test_a_graph_exported_at_batch_1_takes_other_batches(name: str) -> None:
+    model, args, kwargs = ZOO[name].build()
+    one = tuple(a[:1] for a in args)
+    traced = trace_model(model, one, kwargs, frontend="export")
+    five = tuple(torch.cat([a, a, a[:1]])[:5] if a.shape[0] < 5 else a[:5] for a in args)
+    with torch.no_grad():
+        for inputs in (one, five):
+            got, expected = traced.gm(*inputs, **kwargs), model(*inputs, **kwargs)
+            got_t = got if isinstance(got, torch.Tensor) else got["logits"]
+            expected_t = expected if isinstance(expected, torch.Tensor) else expected["logits"]
+            assert got_t.shape[0] == inputs[0].shape[0]
+            torch.testing.assert_close(got_t, expected_t, rtol=1e-5, atol=1e-5)
+
+
+class _BatchOfOne(nn.Module):
+    """Decides on the batch size: a graph traced at another batch would take the other branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * (2.0 if x.shape[0] == 1 else 3.0)
+
+
+def test_a_model_that_branches_on_batch_1_keeps_its_batch() -> None:
+    model, x = _BatchOfOne(), torch.randn(1, 4)
+    traced = trace_model(model, (x,), frontend="export")
+    with torch.no_grad():
+        torch.testing.assert_close(traced.gm(x), model(x))
+
+
+def test_a_split_planned_at_batch_1_runs_at_batch_5() -> None:
+    # The README's promise: only non-batch dimensions are fixed by the example inputs.
+    import partitioner
+    from partitioner.options import PlanOptions
+
+    model, args, kwargs = ZOO["gpt2"].build()
+    one, five = args[0][:1], torch.cat([args[0], args[0], args[0]])[:5]
+    pm = partitioner.auto_parallelize(
+        model, ["cpu:0", "cpu:1"], (one,), kwargs, options=PlanOptions(allow_data_parallel=False), measure=False
+    )
+    with torch.no_grad():
+        got = partitioner.to_plain(pm(five, **kwargs).logits)
+        torch.testing.assert_close(got, model(five, **kwargs).logits)
