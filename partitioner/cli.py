@@ -307,6 +307,10 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+BROKEN_PIPE = 141
+"""Exit status when stdout's reader has gone (128 + SIGPIPE, as a shell reports it)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for a partitioner error, 130 after Ctrl-C)."""
     args = build_parser().parse_args(argv)
@@ -336,6 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = " (--time-limit SECONDS stops the solver early with its best plan)" if args.command == "plan" else ""
         print(f"partitioner: interrupted; nothing written{hint}", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`partitioner profiles | head -1`): stop quietly, as Unix tools do,
+        # and keep Python's own flush at exit from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -564,3 +564,15 @@ def test_a_plan_of_a_file_model_on_meta_applies_to_its_real_weights(
         got = partitioner.to_plain(pm(*module.example_args, **module.example_kwargs).logits)
     torch.testing.assert_close(got, expected)
     assert pm.plan.fingerprint == plan.fingerprint
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """`partitioner models | head -0`: stdout closed before the list is written gives exit 141, no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "partitioner.cli", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
