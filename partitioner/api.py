@@ -27,7 +27,7 @@ from partitioner.layers import LayeredModel, build_layers
 from partitioner.measure import measure_layers
 from partitioner.options import PlanOptions, Strategy, check_split_modules
 from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
-from partitioner.profiling import profile_nodes, written_parameters
+from partitioner.profiling import profile_nodes
 from partitioner.replicate import Replicated
 from partitioner.rewrite import (
     Transfer,
@@ -42,7 +42,7 @@ from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import Evaluation, evaluate, solve
 from partitioner.solve.explain import why_single_device
 from partitioner.solve.progress import listening, reporting
-from partitioner.trace import TRACE_LOCK, Frontend, Granularity, named_tensors, trace_model
+from partitioner.trace import Frontend, Granularity, trace_model
 
 __all__ = [
     "plan",
@@ -109,9 +109,7 @@ def compile_plan(
     if measure and any(d.present for d in resolved):
         start = time.perf_counter()
         say("timing layers on the devices present")
-        with TRACE_LOCK:  # one timing at a time: it sets torch's thread count, and runs the user's modules
-            measured = _own_written_parameters(layered, args, kwargs)
-            timed = measure_layers(measured, args, kwargs, resolved, budget_s=measure_budget_s, progress=say)
+        timed = measure_layers(layered, args, kwargs, resolved, budget_s=measure_budget_s, progress=say)
         layered = dataclasses.replace(layered, graph=timed)
         timings["profile_s"] += time.perf_counter() - start
 
@@ -125,26 +123,6 @@ def compile_plan(
     timings["solve_s"] = time.perf_counter() - start
     result = annotate_plan(make_plan(graph, resolved, problem, solution, options, granularity), layered, problem)
     return Compiled(layered, resolved, problem, solution, result, timings)
-
-
-def _own_written_parameters(layered: LayeredModel, args: tuple[Any, ...], kwargs: dict[str, Any]) -> LayeredModel:
-    """`layered`, or, where its forward writes a parameter in place, a copy that writes its own.
-
-    Timing runs the graph many times on the model's parameters (shared, not copied, to
-    spare memory); a forward that updates a weight in place (``self.w.mul_(0.5)`` under
-    ``no_grad``) would update the user's weight each time. One run on fake tensors finds
-    such parameters, and only those are copied.
-    """
-    gm = layered.traced.gm
-    written = written_parameters(gm, args, kwargs)
-    if not written:
-        return layered
-    memo: dict[int, Any] = {id(t): t for _, t in named_tensors(gm)}
-    for name in written:
-        p = gm.get_parameter(name)
-        memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-    own = copy.deepcopy(gm, memo)
-    return dataclasses.replace(layered, traced=dataclasses.replace(layered.traced, gm=own))
 
 
 def trace_layers(

@@ -40,8 +40,9 @@ then keep what was measured, and a layer never timed gets no entry (the cost mod
 falls back to its estimate).
 
 Nothing of the caller's is changed: the work runs on a host copy of the graph module whose
-parameters share storage with the originals where they are on the host (read only: no
-forward writes its parameters, and gradients are returned, not stored) and whose buffers
+parameters share storage with the originals where they are on the host (read only:
+gradients are returned, not stored, and the parameters a forward writes in place, found by
+`profiling.written_parameters` on fake tensors, are copied) and whose buffers
 and other tensors are copies (BatchNorm's running statistics advance there); the example
 inputs are copied; the random number generators are restored afterwards.
 
@@ -74,8 +75,9 @@ from partitioner.devices import Device
 from partitioner.errors import ProfileError
 from partitioner.ir import LayerGraph
 from partitioner.layers import LayeredModel
-from partitioner.profiling import _flat_inputs
+from partitioner.profiling import _flat_inputs, written_parameters
 from partitioner.rewrite import place_tensors
+from partitioner.trace import TRACE_LOCK
 
 __all__ = ["measure_layers", "whole_step_time"]
 
@@ -177,8 +179,10 @@ def measure_layers(
 
     cuda = sorted({t.index or 0 for t in targets.values() if t.type == "cuda"})
     measured: dict[str, dict[int, tuple[float, float]]] = {}
-    with _timing_settings(cuda):
-        units = _capture_units(layered, _flat_inputs(gm, tuple(example_args), kwargs), say)
+    written = written_parameters(gm, tuple(example_args), kwargs)
+    # One measurement at a time: it sets torch's thread count and runs the model's modules.
+    with TRACE_LOCK, _timing_settings(cuda):
+        units = _capture_units(layered, _flat_inputs(gm, tuple(example_args), kwargs), written, say)
         for k, (profile, device) in enumerate(targets.items()):
             remaining = budget_s - (time.perf_counter() - start)
             deadline = time.perf_counter() + remaining / (len(targets) - k)
@@ -332,11 +336,13 @@ def _retarget(module: nn.Module, device: torch.device) -> None:
             m.recompile()
 
 
-def _working_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A CPU copy of `gm` to split and run: parameters share storage, the rest is copied."""
+def _working_copy(gm: fx.GraphModule, written: frozenset[str] = frozenset()) -> fx.GraphModule:
+    """A CPU copy of `gm` to split and run: parameters share storage, but for the `written`
+    ones (that forward changes in place: the timing runs must not change the caller's), and
+    the rest is copied."""
     memo: dict[int, Any] = {
-        id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-        for p in gm.parameters()
+        id(p): nn.Parameter(p.detach().clone() if name in written else p.detach(), requires_grad=p.requires_grad)
+        for name, p in gm.named_parameters(remove_duplicate=False)
         if p.device == _HOST
     }
     work = copy.deepcopy(gm, place_tensors(gm, {}, "cpu", memo=memo))
@@ -466,12 +472,14 @@ def _labels(gm: fx.GraphModule, node_layer: Mapping[str, int]) -> dict[str, int]
     return labels
 
 
-def _capture_units(layered: LayeredModel, flat_inputs: Sequence[Any], say: Progress) -> list[_Unit]:
+def _capture_units(
+    layered: LayeredModel, flat_inputs: Sequence[Any], written: frozenset[str], say: Progress
+) -> list[_Unit]:
     """Split a working copy of the graph by layer and record every layer's inputs.
 
     Where split_module fails, or its split graph does not run, every node is a unit.
     """
-    work = _working_copy(layered.traced.gm)
+    work = _working_copy(layered.traced.gm, written)
     labels = _labels(work, layered.node_layer)
 
     def record(gm: fx.GraphModule, unit_layer: Mapping[str, int]) -> list[_Unit]:

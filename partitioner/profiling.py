@@ -20,7 +20,9 @@ import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.utils import stateless
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -156,18 +158,39 @@ def written_parameters(
     gm: fx.GraphModule, example_args: tuple[Any, ...], example_kwargs: Mapping[str, Any] | None = None
 ) -> frozenset[str]:
     """Names of the parameters a forward of `gm` writes in place (``self.w.mul_(0.5)`` under
-    ``no_grad``), from one run on fake tensors: their version counters tell.
+    ``no_grad``, ``self.w.data.mul_(0.5)``), from one run on fake tensors: an op whose schema
+    writes an argument sharing a parameter's storage tells (``.data`` is another tensor, with
+    a version counter of its own, over the same storage).
 
     Raises:
         ProfileError: a node failed on fake tensors; the message names it.
     """
     mode, fake_state, args, kwargs, home = _faked(gm, example_args, example_kwargs)
     params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
-    before = {name: t._version for name, t in fake_state.items() if name in params}
     interp = _StatsInterpreter(gm, FlopCounterMode(display=False), home)
-    with TRACE_LOCK, quiet_fake_tensor_log(), torch.no_grad(), mode, stateless._reparametrize_module(gm, fake_state):
-        interp.run(*_flat_inputs(gm, args, kwargs))
-    return frozenset(name for name, version in before.items() if fake_state[name]._version != version)
+    writes = _StorageWrites()
+    with TRACE_LOCK, quiet_fake_tensor_log(), torch.no_grad(), mode, writes:
+        with stateless._reparametrize_module(gm, fake_state):
+            interp.run(*_flat_inputs(gm, args, kwargs))
+    return frozenset(name for name in params if StorageWeakRef(fake_state[name].untyped_storage()) in writes.storages)
+
+
+class _StorageWrites(TorchDispatchMode):
+    """Records the storages of the arguments each op writes (its schema's mutable arguments)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: set[StorageWeakRef] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                for t in tree_leaves(value):
+                    if isinstance(t, torch.Tensor):
+                        self.storages.add(StorageWeakRef(t.untyped_storage()))
+        return func(*args, **kwargs)
 
 
 def _faked(

@@ -408,6 +408,9 @@ class MutatingModel(nn.Module):
             with torch.no_grad():
                 self.l0.weight.mul_(0.5)
             h = self.l0(x)
+        elif self.kind == "data":
+            self.l0.weight.data.mul_(0.5)  # another tensor over the weight's storage: no autograd, any front end
+            h = self.l0(x)
         elif self.kind == "list":
             self.seen.append(len(self.seen))
             h = self.l0(x) * len(self.seen)
@@ -418,7 +421,7 @@ class MutatingModel(nn.Module):
 
 
 @pytest.mark.parametrize("frontend", ["auto", "export"])
-@pytest.mark.parametrize("kind", ["buffer", "int", "weight", "list", "plain"])
+@pytest.mark.parametrize("kind", ["buffer", "int", "weight", "data", "list", "plain"])
 def test_planning_a_forward_that_changes_its_model_leaves_it_as_it_was(kind: str, frontend: str) -> None:
     """Tracing and the eager check run forward; the model is put back after each, so the
     graph is that of the model as the user has it and computes what a fresh model does."""
@@ -429,6 +432,16 @@ def test_planning_a_forward_that_changes_its_model_leaves_it_as_it_was(kind: str
     assert model.calls == 0 and model.seen == seen and model.step.item() == 0
     assert torch.equal(model.offset, offset)
     _split_matches(case, frontend)
+
+
+@pytest.mark.parametrize(("kind", "frontend"), [("weight", "export"), ("data", "fx"), ("data", "export")])
+def test_timing_a_forward_that_writes_a_weight_leaves_the_weight(kind: str, frontend: str) -> None:
+    """Timing runs the graph many times over the model's own parameters (shared, to spare
+    memory): those forward writes, by `mul_` or through `.data`, are copied first."""
+    model = MutatingModel(kind)
+    weight = model.l0.weight.detach().clone()
+    partitioner.plan(model, ["cpu:0", "cpu:1"], (torch.randn(3, 4),), measure=True, measure_budget_s=1.0, frontend=frontend)
+    assert torch.equal(model.l0.weight.detach(), weight)
 
 
 class BufferCloneModel(nn.Module):

@@ -202,7 +202,7 @@ def _time_on_simulated_device(name: str, say: Any = lambda _: None) -> dict[int,
     """The CUDA path (each layer copied to the device for its visit) on a simulated device,
     which raises on any tensor or device constant left on the host."""
     _, args, kwargs, layered = zoo_case(name)
-    units = measure._capture_units(layered, _flat_inputs(layered.traced.gm, args, kwargs), say)
+    units = measure._capture_units(layered, _flat_inputs(layered.traced.gm, args, kwargs), frozenset(), say)
     with SimulatedDevices(2):
         samples = measure._time_rounds(
             units,
