@@ -41,6 +41,7 @@ from partitioner.devices import (
     system_memory_bytes,
 )
 from partitioner.errors import DeviceError
+from partitioner.files import staged
 
 __all__ = ["measure_device", "write_profile", "default_profile_name", "check_profile_name"]
 
@@ -377,11 +378,6 @@ def write_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
     if anything fails). `load_profile` finds it by name only when the file is
     ``<profile.name>.json``.
     """
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_text(profile_to_json(profile), encoding="utf-8")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    with staged(path) as temporary:
+        temporary.write_text(profile_to_json(profile), encoding="utf-8")
+    return Path(path)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from partitioner.errors import PartitionerError
+from partitioner.files import staged
 from partitioner.options import Precision, Recompute
 from partitioner.simulate.data import PipelineSchedule
 
@@ -179,17 +180,12 @@ def _check_output(flag: str, path: str) -> None:
 
 @contextmanager
 def _staged(flag: str, path: str) -> Iterator[Path]:
-    """A temporary file beside ``path`` (same suffix), renamed onto it when the block succeeds
-    and removed when it fails: a reader never sees half a file, and Ctrl-C leaves none."""
-    target = Path(path)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp{target.suffix}")
+    """`files.staged`, its failures as `PartitionerError` naming the flag."""
     try:
-        yield temporary
-        os.replace(temporary, target)
+        with staged(path) as temporary:
+            yield temporary
     except OSError as e:
         raise PartitionerError(f"cannot write {flag} {path!r}: {e.strerror or e}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _plan(args: argparse.Namespace) -> int:

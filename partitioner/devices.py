@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from partitioner.errors import DeviceError, ProfileError
+from partitioner.files import FileTooLarge, NotRegularFile, read_capped
 
 __all__ = [
     "PROFILE_PATH_ENV",
@@ -413,16 +414,13 @@ def _read_capped(path: Path, cap: int, what: str) -> str:
     """
     where = str(path)
     try:
-        mode = path.stat().st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
-            raise ProfileError(f"{where}: is {kind}, not a regular file; a {what} is a JSON file")
-        with path.open("rb") as f:
-            data = f.read(cap + 1)
+        data = read_capped(path, cap)
+    except FileTooLarge:
+        raise ProfileError(f"{where}: larger than {format_bytes(cap)}; a {what} is at most {format_bytes(cap)}") from None
+    except NotRegularFile as e:
+        raise ProfileError(f"{where}: {e}; a {what} is a JSON file") from None
     except OSError as e:
         raise ProfileError(f"{where}: cannot read {what}: {e.strerror or e}") from None
-    if len(data) > cap:
-        raise ProfileError(f"{where}: larger than {format_bytes(cap)}; a {what} is at most {format_bytes(cap)}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

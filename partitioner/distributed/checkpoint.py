@@ -34,6 +34,7 @@ from torch import nn
 
 from partitioner.distributed.runtime import PipelineRank
 from partitioner.errors import PlanMismatchError
+from partitioner.files import read_capped, staged
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -67,9 +68,8 @@ def _save_id(part: PipelineRank) -> str:
 
 def _write(obj: Any, path: Path) -> None:
     """`torch.save` to a temporary name, then rename: a crash never leaves a torn file under `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with staged(path) as temporary:
+        torch.save(obj, temporary)
 
 
 def save_checkpoint(part: PipelineRank, directory: str | os.PathLike[str], *, step: int | None = None) -> Path:
@@ -108,9 +108,8 @@ def save_checkpoint(part: PipelineRank, directory: str | os.PathLike[str], *, st
             "layout": layout.describe(),
             "files": files,
         }
-        tmp = out / (_INDEX + ".tmp")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out / _INDEX)
+        with staged(out / _INDEX) as temporary:
+            temporary.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     return out
@@ -145,11 +144,7 @@ def _regular_file(root: Path, name: str, what: str) -> Path:
 def _read_index(root: Path) -> dict[str, Any]:
     path = _regular_file(root, _INDEX, "the index; is this a partitioner checkpoint?")
     try:
-        with path.open("rb") as f:
-            raw = f.read(_INDEX_LIMIT + 1)
-        if len(raw) > _INDEX_LIMIT:
-            raise ValueError(f"larger than {_INDEX_LIMIT // 2**20} MiB")
-        index = json.loads(raw)
+        index = json.loads(read_capped(path, _INDEX_LIMIT))
     except (OSError, ValueError) as e:
         raise PlanMismatchError(f"{root} is not a partitioner checkpoint ({_INDEX}: {e})") from None
     if not isinstance(index, dict):
