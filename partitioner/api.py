@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from partitioner.measure import measure_layers
 from partitioner.options import PlanOptions, Strategy, check_split_modules
 from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
 from partitioner.profiling import profile_nodes
+from partitioner.progress import Progress, listening, reporting
 from partitioner.replicate import Replicated
 from partitioner.rewrite import (
     Transfer,
@@ -41,7 +42,6 @@ from partitioner.rewrite import (
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import Evaluation, evaluate, solve
 from partitioner.solve.explain import why_single_device
-from partitioner.solve.progress import listening, reporting
 from partitioner.trace import Frontend, Granularity, trace_model
 
 __all__ = [
@@ -57,7 +57,6 @@ __all__ = [
     "replication_hazards",
 ]
 
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)

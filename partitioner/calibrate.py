@@ -42,10 +42,10 @@ from partitioner.devices import (
 )
 from partitioner.errors import DeviceError
 from partitioner.files import staged
+from partitioner.progress import Progress
 
 __all__ = ["measure_device", "write_profile", "default_profile_name", "check_profile_name"]
 
-Progress = Callable[[str], None]
 
 _TORCH_DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

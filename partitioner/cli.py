@@ -197,7 +197,7 @@ def _plan(args: argparse.Namespace) -> int:
     from partitioner.models import build_model
     from partitioner.options import Objective, Optimizer, PlanOptions, SolverBackend, SolverOptions
     from partitioner.report import render_plan_timeline
-    from partitioner.solve.progress import reporting
+    from partitioner.progress import reporting
     from partitioner.training import compile_training
 
     max_memory: dict[str | int, int | str] = {}

@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 
 from partitioner.errors import DeviceError, ProfileError
 from partitioner.files import FileTooLarge, NotRegularFile, read_capped
+from partitioner.units import format_bytes
 
 __all__ = [
     "PROFILE_PATH_ENV",
@@ -917,20 +918,3 @@ def parse_bytes(value: int | str) -> int:
     if not math.isfinite(size) or size > 2**63 - 1:
         raise DeviceError(f"size {value!r} is too large")
     return round(size)
-
-
-def format_bytes(n: int, binary: bool = True) -> str:
-    """``1610612736`` -> ``"1.5 GiB"`` (or ``"1.61 GB"`` with ``binary=False``).
-
-    Three significant decimals at most; `parse_bytes` reads the result back to within 0.5%.
-    """
-    base = 1024 if binary else 1000
-    units = ("KiB", "MiB", "GiB", "TiB", "PiB") if binary else ("kB", "MB", "GB", "TB", "PB")
-    if abs(n) < base:
-        return f"{n} B"
-    value, unit = float(n), "B"
-    for unit in units:
-        value /= base
-        if abs(value) < base or unit == units[-1]:
-            break
-    return f"{value:.2f}".rstrip("0").rstrip(".") + f" {unit}"

@@ -76,12 +76,12 @@ from partitioner.errors import ProfileError
 from partitioner.ir import LayerGraph
 from partitioner.layers import LayeredModel
 from partitioner.profiling import _flat_inputs, written_parameters
+from partitioner.progress import Progress
 from partitioner.rewrite import place_tensors
 from partitioner.trace import TRACE_LOCK
 
 __all__ = ["measure_layers", "whole_step_time"]
 
-Progress = Callable[[str], None]
 
 _HOST = torch.device("cpu")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from partitioner.devices import format_bytes
+from partitioner.units import format_bytes, format_seconds
 from partitioner.options import Strategy
 from partitioner.plan import PipelinePlan, Plan, PlanLayer, PlanStage, PlanTransfer
 
@@ -23,15 +23,6 @@ __all__ = [
     "device_list",
     "transfer_names",
 ]
-
-
-def format_seconds(s: float) -> str:
-    """``1.23 s``, ``45.60 ms``, ``7.8 us``: the largest unit the rounded figure reaches."""
-    if round(s * 1e3, 2) >= 1000:
-        return f"{s:.2f} s"
-    if round(s * 1e6, 1) >= 1000:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s * 1e6:.1f} us"
 
 
 def layer_ranges(layers: tuple[PlanLayer, ...], device: int) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +24,12 @@ from partitioner.ir import OUTPUT, LayerGraph
 from partitioner.options import Objective, PlanOptions, Strategy, TrainingOptions
 from partitioner.pipeline_plan import PipelineResult, microbatch_sizes, plan_pipeline
 from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
+from partitioner.progress import Progress
 from partitioner.simulate import EventKind, Timeline
 from partitioner.trace import Frontend, Granularity
 
 __all__ = ["TrainingCompiled", "compile_training", "plan_training", "make_training_plan"]
 
-Progress = Callable[[str], None]
 
 # compile_plan places the layers on one device per kind as a by-product; a capacity no
 # model reaches (1 PiB) keeps that placement from failing on models larger than a device.

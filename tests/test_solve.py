@@ -44,7 +44,7 @@ from partitioner.solve import (
 from partitioner.solve import ilp as ilp_module
 from partitioner.solve import nearchain as nearchain_module
 from partitioner.solve.feasibility import device_ranges
-from partitioner.solve.progress import reporting
+from partitioner.progress import reporting
 
 # The module, which `partitioner.solve.evaluate` (the function) hides.
 evaluate_module = importlib.import_module("partitioner.solve.evaluate")

@@ -6,12 +6,13 @@ import contextlib
 import gc
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from partitioner.cluster import Cluster
 from partitioner.cost_model import TrainingCosts
-from partitioner.devices import format_bytes
+from partitioner.progress import Progress
+from partitioner.units import format_bytes
 from partitioner.errors import InfeasibleError
 from partitioner.options import TrainingOptions
 from partitioner.pipeline_plan.space import FAMILIES, Configuration, configurations
@@ -22,7 +23,6 @@ from partitioner.simulate import PipelineSchedule, Timeline, simulate
 __all__ = ["PipelineResult", "plan_pipeline", "search"]
 
 _INF = math.inf
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -32,7 +32,7 @@ from dataclasses import replace
 from partitioner.errors import InfeasibleError, SolverError
 from partitioner.ir import Problem, Solution
 from partitioner.options import SolverBackend, SolverOptions, Strategy
-from partitioner.devices import format_bytes
+from partitioner.units import format_bytes
 from partitioner.solve._text import device_label
 from partitioner.solve.bounds import lower_bound, path_lower_bound
 from partitioner.solve.brute import solve_brute

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from partitioner.ir import Problem, Solution
 from partitioner.options import Objective, Strategy
-from partitioner.devices import format_bytes
+from partitioner.units import format_bytes
 from partitioner.solve._text import device_label, layer_label
 from partitioner.solve.symmetry import canonical
 

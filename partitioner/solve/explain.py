@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from partitioner.devices import format_bytes
+from partitioner.units import format_bytes
 from partitioner.ir import Problem
 from partitioner.options import Objective
-from partitioner.report import format_seconds
+from partitioner.units import format_seconds
 from partitioner.solve.evaluate import Evaluation, evaluate
 
 __all__ = ["why_single_device", "best_split", "MAX_CUTS"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from partitioner.devices import format_bytes
+from partitioner.units import format_bytes
 from partitioner.errors import InfeasibleError
 from partitioner.ir import Problem
 from partitioner.solve._text import device_label, layer_label, span_label

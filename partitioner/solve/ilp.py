@@ -77,8 +77,8 @@ from partitioner.ir import Problem, Solution
 from partitioner.options import Objective, SolverBackend, SolverOptions
 from partitioner.solve.evaluate import evaluate, placement_solution, simple_lower_bound
 from partitioner.solve.feasibility import check_memory, device_ranges, no_contiguous_fit
-from partitioner.report import format_seconds
-from partitioner.solve.progress import note, say
+from partitioner.units import format_seconds
+from partitioner.progress import note, say
 from partitioner.solve.symmetry import canonical, interchangeable
 
 __all__ = ["highs_available", "solve_ilp"]

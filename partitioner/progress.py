@@ -1,4 +1,5 @@
-"""Where the solvers report while they run: a sink the caller sets around a block of code.
+"""Progress lines: the `Progress` callables the phases take, and the sink the solvers report
+to while they run, which a caller sets around a block of code.
 
 The ``partitioner`` command shows these lines on stderr. A library caller that sets no
 sink sees nothing of the progress; a note (a line worth keeping, such as the fallback to
@@ -13,9 +14,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-__all__ = ["reporting", "listening", "say", "note"]
+__all__ = ["Progress", "reporting", "listening", "say", "note"]
 
 Progress = Callable[[str], None]
+"""Takes a status line (``"tracing GPT2LMHeadModel"``)."""
 
 
 @dataclass(frozen=True, slots=True)
