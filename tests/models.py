@@ -533,3 +533,18 @@ _CASES = (
 ZOO: dict[str, ZooCase] = {case.name: case for case in _CASES}
 HF_CASES: list[str] = ["gpt2", "bert", "llama", "t5", "vit"]
 PLAIN_CASES: list[str] = [name for name in ZOO if name not in HF_CASES]
+
+
+T5_FACTORY = '''
+def t5():
+    config = transformers.T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    return model, (ids,), {"decoder_input_ids": ids[:, :6].clone(), "use_cache": False}
+'''
+"""Source of a `file.py:factory` building a small T5 (tied shared embedding) from a config;
+the file must import torch and transformers first."""

@@ -22,6 +22,7 @@ from partitioner.cli import main
 from partitioner.devices import DeviceProfile, available_profiles, load_profile
 from partitioner.solve import ilp as ilp_module
 from partitioner.models import available_models
+from tests.models import T5_FACTORY
 
 TWO_GPUS = ["--devices", "a100-80gb x2"]
 
@@ -500,16 +501,7 @@ def wrong_shape():
     return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)), (torch.randn(2, 5),)
 
 
-def t5():
-    config = transformers.T5Config(
-        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, decoder_start_token_id=0, attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    model = transformers.T5ForConditionalGeneration(config).eval()
-    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
-    return model, (ids,), {"decoder_input_ids": ids[:, :6].clone(), "use_cache": False}
-"""
+""" + T5_FACTORY
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from partitioner.models import DEFAULT_SEQ_LEN, available_models, build_model
-from tests.models import HF_CASES, PLAIN_CASES, ZOO, HandSplitMLP, ZooCase
+from tests.models import HF_CASES, PLAIN_CASES, T5_FACTORY, ZOO, HandSplitMLP, ZooCase
 
 
 def _assert_same(actual: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> None:
@@ -368,16 +368,7 @@ import torch
 import transformers
 
 
-def t5():
-    config = transformers.T5Config(
-        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, decoder_start_token_id=0, attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    model = transformers.T5ForConditionalGeneration(config).eval()
-    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
-    return model, (ids,), {"decoder_input_ids": ids[:, :6].clone(), "use_cache": False}
-"""
+""" + T5_FACTORY
 
 
 def test_file_factory_on_meta_keeps_tied_weights(tmp_path: Path) -> None:
