@@ -448,7 +448,7 @@ def build(
     try:
         graphs = build_stages(layered, stage_of_layer, args, kwargs, layout.microbatch_size, target)
     except MicrobatchShapeError:
-        # Traced at a fixed batch (torch.export specialises a batch of 1): trace at the microbatch's.
+        # Traced at a fixed batch (the model branches on its batch size): trace at the microbatch's.
         args, kwargs = _resized((args, kwargs), layout.microbatch_size)
         layered = _layers(plan, model, args, kwargs, split_modules, check_fingerprint=False)
         graphs = build_stages(layered, stage_of_layer, args, kwargs, layout.microbatch_size, target)

@@ -32,9 +32,9 @@ Shapes. `torch.distributed.pipelining` sends tensors only, and every microbatch 
 same shape. So the graph is specialised to one microbatch first: it runs once on fake
 tensors of the microbatch's shape, and every value that is not a tensor (``sym_size``
 of a batch-dynamic export graph, ``x.size(0)`` of a symbolic trace, keyword flags such as
-``use_cache``) becomes the constant it takes there. Graphs exported at batch 1 hold the
-batch as a constant and do not run at another size; `build_stages` is then given a trace
-at the microbatch's size.
+``use_cache``) becomes the constant it takes there. A graph that holds its batch as a
+constant (a model branching on its batch size, traced at that batch) does not run at
+another size; `build_stages` is then given a trace at the microbatch's size.
 """
 
 from __future__ import annotations
