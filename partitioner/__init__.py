@@ -18,8 +18,13 @@ Front doors: `auto_parallelize` and `plan` (`api`), `plan_training` (`training`)
 ``cpu:1``, ... to dry-run plans on a CPU.
 """
 
-from partitioner.api import PartitionedModule, auto_parallelize, compile_plan, plan, trace_layers
-from partitioner.training import plan_training
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Errors, options and the plan are torch-free and cheap: imported now. The front doors
+# import torch (4 s), so they load on first use (PEP 562): `import partitioner.solve`,
+# `partitioner.simulate`, `partitioner.pipeline_plan`, `partitioner.plan` and the report
+# work without torch installed.
 from partitioner.errors import (
     DeviceError,
     DeviceMismatchError,
@@ -42,7 +47,45 @@ from partitioner.options import (
     TrainingOptions,
 )
 from partitioner.plan import Plan
-from partitioner.simdevice import SimulatedDevices, to_plain
+
+# `partitioner.plan` is the front door, the function; importing `Plan` above bound the
+# module `partitioner/plan.py` to that name: unbind it, so that `__getattr__` gives the function.
+del globals()["plan"]
+
+if TYPE_CHECKING:
+    from partitioner.api import PartitionedModule, auto_parallelize, compile_plan, plan, trace_layers
+    from partitioner.simdevice import SimulatedDevices, to_plain
+    from partitioner.training import plan_training
+
+_LAZY = {
+    "auto_parallelize": "partitioner.api",
+    "plan": "partitioner.api",
+    "compile_plan": "partitioner.api",
+    "trace_layers": "partitioner.api",
+    "PartitionedModule": "partitioner.api",
+    "plan_training": "partitioner.training",
+    "SimulatedDevices": "partitioner.simdevice",
+    "to_plain": "partitioner.simdevice",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:  # a submodule, as `import partitioner; partitioner.api` always gave
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'partitioner' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "auto_parallelize",
