@@ -31,7 +31,7 @@ from partitioner.profiling import profile_nodes
 from partitioner.progress import Progress, listening, reporting
 from partitioner.replicate import Replicated
 from partitioner.rewrite import (
-    Transfer,
+    InsertedTransfer,
     gather_graph,
     mode_constants,
     node_devices,
@@ -247,7 +247,7 @@ class PartitionedModule(nn.Module):
         self,
         module: nn.Module,
         plan: Plan,
-        transfers: Sequence[Transfer],
+        transfers: Sequence[InsertedTransfer],
         simulator: SimulatedDevices | None,
         training: bool = True,
     ) -> None:
@@ -376,7 +376,7 @@ def auto_parallelize(
             memo = place_tensors(model, {}, targets[0], inplace=inplace)
             replica_module = model if inplace else copy.deepcopy(model, memo)
             module: nn.Module = Replicated(replica_module, targets, out, compiled.layered.graph.batch_size)
-            transfers: list[Transfer] = []
+            transfers: list[InsertedTransfer] = []
         else:
             layered = compiled.layered
             device_of = tensor_devices(layered, chosen.assignment, targets)

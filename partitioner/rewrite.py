@@ -33,7 +33,7 @@ __all__ = [
     "copy_to",
     "rewrite_graph",
     "place_tensors",
-    "Transfer",
+    "InsertedTransfer",
     "node_devices",
     "tensor_devices",
     "gather_graph",
@@ -72,7 +72,7 @@ class _Copy(torch.autograd.Function):
 
 
 @dataclass(frozen=True, slots=True)
-class Transfer:
+class InsertedTransfer:
     """A transfer node the rewrite inserted."""
 
     value: str
@@ -146,7 +146,7 @@ def rewrite_graph(
     node_device: dict[str, str],
     output_device: str,
     memo: dict[int, Any],
-) -> tuple[fx.GraphModule, list[Transfer]]:
+) -> tuple[fx.GraphModule, list[InsertedTransfer]]:
     """Copy the traced graph module with `memo`'s tensors and insert the transfers.
 
     Args:
@@ -163,7 +163,7 @@ def rewrite_graph(
     nodes = list(graph.nodes)
     last_placeholder = max((n for n in nodes if n.op == "placeholder"), key=nodes.index, default=None)
     transfers: dict[tuple[str, str], fx.Node] = {}
-    inserted: list[Transfer] = []
+    inserted: list[InsertedTransfer] = []
 
     def moved(a: fx.Node, device: str) -> fx.Node:
         src = node_device.get(a.name)
@@ -177,7 +177,7 @@ def rewrite_graph(
             t.name = graph._graph_namespace.create_name(f"{a.name}_to_{device.replace(':', '_')}", None)
             t.meta = {k2: v for k2, v in a.meta.items() if k2 in ("val", "tensor_meta")}
             transfers[k] = t
-            inserted.append(Transfer(a.name, src or "input", device))
+            inserted.append(InsertedTransfer(a.name, src or "input", device))
         return transfers[k]
 
     for n in nodes:

@@ -5,7 +5,7 @@ A `LogicalTensor` holds a real CPU tensor and reports a logical device
 arguments, runs the ordinary CPU kernel (so the numbers are bit-identical to plain CPU) and
 wraps its outputs again on the op's logical device. An op whose tensors live on two devices
 raises `DeviceMismatchError`, as a GPU would; only transfers cross devices, and the mode logs
-each one as a `Transfer` (source, destination, bytes, forward or backward).
+each one as a `CopyRecord` (source, destination, bytes, forward or backward).
 
 What may meet in one op, and why (CUDA draws the same lines):
 
@@ -41,7 +41,7 @@ from partitioner.errors import DeviceError, DeviceMismatchError
 __all__ = [
     "LogicalTensor",
     "SimulatedDevices",
-    "Transfer",
+    "CopyRecord",
     "is_logical",
     "logical_device",
     "place",
@@ -257,7 +257,7 @@ class LogicalTensor(torch.Tensor):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Transfer:
+class CopyRecord:
     """One copy between devices; the host (plain ``cpu``) counts as a device here."""
 
     src: torch.device
@@ -312,7 +312,7 @@ class SimulatedDevices(TorchDispatchMode):
             raise DeviceError(f"SimulatedDevices needs num_devices >= 1, got {num_devices!r}")
         super().__init__()
         self.num_devices = num_devices
-        self._transfers: list[Transfer] = []
+        self._transfers: list[CopyRecord] = []
         self._constructors: list[_Constructors] = []
 
     @property
@@ -321,7 +321,7 @@ class SimulatedDevices(TorchDispatchMode):
         return tuple(torch.device("cpu", k) for k in range(self.num_devices))
 
     @property
-    def transfers(self) -> tuple[Transfer, ...]:
+    def transfers(self) -> tuple[CopyRecord, ...]:
         """Every transfer since construction or the last `reset`, in order."""
         return tuple(self._transfers)
 
@@ -336,7 +336,7 @@ class SimulatedDevices(TorchDispatchMode):
         """
         return sum(t.nbytes for t in self._select(backward, host))
 
-    def _select(self, backward: bool | None, host: bool) -> Iterator[Transfer]:
+    def _select(self, backward: bool | None, host: bool) -> Iterator[CopyRecord]:
         for t in self._transfers:
             if (backward is None or t.backward == backward) and (host or not t.host):
                 yield t
@@ -354,7 +354,7 @@ class SimulatedDevices(TorchDispatchMode):
 
     def _log(self, func: Any, source: torch.Tensor, src: int | None, dst: int | None) -> None:
         self._transfers.append(
-            Transfer(
+            CopyRecord(
                 src=_device(src),
                 dst=_device(dst),
                 nbytes=source.numel() * source.element_size(),

@@ -15,7 +15,7 @@ from partitioner.errors import DeviceError, DeviceMismatchError, PartitionerErro
 from partitioner.simdevice import (
     LogicalTensor,
     SimulatedDevices,
-    Transfer,
+    CopyRecord,
     is_logical,
     logical_device,
     place,
@@ -106,7 +106,7 @@ def test_forward_transfer_bytes_equal_activation_size() -> None:
     assert sim.bytes_moved(backward=False) == activation + x.numel() * 4  # plus placing x
     crossing = [t for t in sim.transfers if not t.host]
     assert crossing == [
-        Transfer(
+        CopyRecord(
             src=CPU0,
             dst=CPU1,
             nbytes=activation,

@@ -38,7 +38,7 @@ from partitioner.solve.bounds import lower_bound, path_lower_bound
 from partitioner.solve.brute import solve_brute
 from partitioner.solve.coarsen import coarsen, expand
 from partitioner.solve.dp import dp_work, is_chain, is_sequential, solve_dp, uniform_links
-from partitioner.solve.evaluate import Evaluation, Transfer, evaluate, simple_lower_bound
+from partitioner.solve.evaluate import Evaluation, PricedTransfer, evaluate, simple_lower_bound
 from partitioner.solve.feasibility import check_memory
 from partitioner.solve.ilp import highs_available, solve_ilp
 from partitioner.solve.nearchain import is_near_chain, solve_near_chain
@@ -48,7 +48,7 @@ __all__ = [
     "solve",
     "evaluate",
     "Evaluation",
-    "Transfer",
+    "PricedTransfer",
     "simple_lower_bound",
     "lower_bound",
     "path_lower_bound",

@@ -38,11 +38,11 @@ from partitioner.units import format_bytes
 from partitioner.solve._text import device_label, layer_label
 from partitioner.solve.symmetry import canonical
 
-__all__ = ["Transfer", "Evaluation", "evaluate", "simple_lower_bound", "placement_solution"]
+__all__ = ["PricedTransfer", "Evaluation", "evaluate", "simple_lower_bound", "placement_solution"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Transfer:
+class PricedTransfer:
     """One value moved between two devices."""
 
     value: int
@@ -71,7 +71,7 @@ class Evaluation:
     """transfer_out_s[d]: seconds of the transfers out of device d."""
     memory: tuple[int, ...]
     """memory[d]: bytes the layers on device d need."""
-    transfers: tuple[Transfer, ...]
+    transfers: tuple[PricedTransfer, ...]
     """Every transfer, by value then destination."""
     latency_s: float
     """All compute plus all transfers."""
@@ -131,7 +131,7 @@ def evaluate(problem: Problem, assignment: Sequence[int]) -> Evaluation:
         for d in range(num_devices)
         if memory[d] > problem.capacity[d]
     ]
-    transfers: list[Transfer] = []
+    transfers: list[PricedTransfer] = []
     transfer_in = [0.0] * num_devices
     transfer_out = [0.0] * num_devices
     for index, value in enumerate(problem.values):
@@ -154,7 +154,7 @@ def evaluate(problem: Problem, assignment: Sequence[int]) -> Evaluation:
         for dst in sorted(destinations):
             seconds = problem.transfer_s(value, src, dst)
             transfers.append(
-                Transfer(value=index, src=src, dst=dst, bytes=value.bytes, seconds=seconds)
+                PricedTransfer(value=index, src=src, dst=dst, bytes=value.bytes, seconds=seconds)
             )
             transfer_out[src] += seconds
             transfer_in[dst] += seconds
