@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import pytest
@@ -17,48 +16,7 @@ from partitioner.errors import DeviceMismatchError
 from partitioner.models import build_model
 from partitioner.rewrite import move_to
 from tests.models import ZOO, HandSplitMLP, ZooCase
-
-NO_DP = PlanOptions(training=True, memory_reserve=0.0, allow_data_parallel=False)
-_MEMORY: dict[str, tuple[int, ...]] = {}
-
-
-def _layer_memory(name: str, case: ZooCase | None = None, **kw: Any) -> tuple[int, ...]:
-    """What each layer of a zoo model (or of `case`) needs, as the planner counts it (cached per model)."""
-    if name not in _MEMORY:
-        model, args, kwargs = (case or ZOO[name]).build()
-        _MEMORY[name] = compile_plan(model, ["cpu:0"], args, kwargs, options=NO_DP, **kw).problem.memory
-    return _MEMORY[name]
-
-
-def _fits(memory: tuple[int, ...], cap: int, n: int) -> bool:
-    """Whether consecutive runs of layers fill at most `n` devices of `cap` bytes."""
-    bins, room = 1, cap
-    for m in memory:
-        if m > cap:
-            return False
-        if m > room:
-            bins, room = bins + 1, cap
-        room -= m
-    return bins <= n
-
-
-def forcing_caps(name: str, n: int, case: ZooCase | None = None, **kw: Any) -> int:
-    """A per-device cap below the whole model's need, so the plan must use several devices."""
-    memory = _layer_memory(name, case, **kw)
-    cap = max(max(memory), math.ceil(sum(memory) / n))
-    while not _fits(memory, cap, n):
-        cap = math.ceil(cap * 1.05)
-    return min(math.ceil(cap * 1.05), sum(memory) - 1)
-
-
-def _loss(outputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    total = torch.zeros(())
-    for o in outputs:
-        if o.is_floating_point():
-            o = o.to("cpu")  # from a simulated device back to the host: a logged, differentiable copy
-            total = total + (o * torch.randn(o.shape, generator=gen)).sum()
-    return total
+from tests.helpers import NO_DP, fits_in_order, forcing_caps, weighted_loss as _loss
 
 
 def _reference(case: ZooCase, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
@@ -278,7 +236,7 @@ def test_aliased_tensor_keeps_both_state_dict_keys(frontend: str, strategy: str)
     else:
         memory = compile_plan(model, ["cpu:0"], (x,), frontend=frontend, options=NO_DP, measure=False).problem.memory
         cap = max(memory)  # below the whole model's need: two devices
-        assert _fits(memory, cap, 2) and cap < sum(memory)
+        assert fits_in_order(memory, cap, 2) and cap < sum(memory)
         kw = {"options": NO_DP, "max_memory": {d: cap for d in devices}}
     pm = partitioner.auto_parallelize(model, devices, (x,), frontend=frontend, measure=False, **kw)
     assert pm.plan.strategy.value == strategy

@@ -29,7 +29,7 @@ from partitioner.devices import resolve_devices
 from partitioner.options import Objective, PlanOptions
 from partitioner.simdevice import is_logical, to_plain
 from tests.models import ZOO
-from tests.test_api import NO_DP, _loss, forcing_caps
+from tests.helpers import NO_DP, forcing_caps, weighted_loss as _loss
 
 # ---------------------------------------------------------------------------- equal layers (DeepSpeed "uniform")
 

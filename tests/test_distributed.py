@@ -31,63 +31,12 @@ from partitioner.plan import Plan
 from partitioner.training import plan_training
 from tests import dist_worker
 from tests.models import ZOO
+from tests.helpers import base_plan, hand_pipeline, placed
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- plans by hand
-
-
-def hand_pipeline(
-    plan: Plan,
-    ranges: list[tuple[int, int]],
-    groups: list[tuple[int, ...]],
-    schedule: str,
-    microbatches: int,
-    global_batch: int,
-    recompute: bool = False,
-) -> Plan:
-    """`plan` (a training plan) with other stages: stage ``j`` holds layers ``ranges[j]`` on ``groups[j % p]``.
-
-    The planner's own stage records are the template (their costs no longer fit, and the
-    lowering reads none); the JSON round trip validates the result as a saved plan.
-    """
-    assert plan.pipeline is not None
-    template = plan.pipeline.stages[0]
-    ranks = len(groups)
-    stages = tuple(
-        dataclasses.replace(
-            template, index=j, rank=j % ranks, first_layer=first, last_layer=last, devices=groups[j % ranks],
-            samples=global_batch // (microbatches * len(groups[j % ranks])), recompute=recompute,
-        )
-        for j, (first, last) in enumerate(ranges)
-    )
-    pipeline = dataclasses.replace(
-        plan.pipeline, schedule=schedule, microbatches=microbatches, virtual_stages=len(ranges) // ranks,
-        global_batch=global_batch, stages=stages,
-    )
-    return Plan.from_json(dataclasses.replace(plan, pipeline=pipeline).to_json())
-
-
-def placed(plan: Plan, devices: list[int]) -> Plan:
-    """`plan` as a model-parallel plan (no pipeline section) with layer ``i`` on ``devices[i]``."""
-    layers = tuple(dataclasses.replace(layer, device=d) for layer, d in zip(plan.layers, devices))
-    return dataclasses.replace(
-        plan, strategy=Strategy.MODEL_PARALLEL, layers=layers, output_device=devices[-1], pipeline=None
-    )
-
-
-_BASE: dict[tuple[str, int], Plan] = {}
-
-
-def base_plan(model: str, devices: int) -> Plan:
-    """A training plan of the zoo model on ``cpu:0..`` (its layers, fingerprint, devices, records), cached."""
-    if (model, devices) not in _BASE:
-        m, args, kwargs = ZOO[model].build()
-        _BASE[model, devices] = plan_training(
-            m, [f"cpu:{i}" for i in range(devices)], args, kwargs, global_batch=8, measure=False
-        )
-    return _BASE[model, devices]
 
 
 # --------------------------------------------------------------------------- layout (pure)

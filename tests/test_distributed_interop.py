@@ -18,7 +18,7 @@ import partitioner
 import partitioner.distributed as pd
 from partitioner.plan import Plan
 from tests.models import ZOO
-from tests.test_distributed import base_plan, hand_pipeline, placed
+from tests.helpers import base_plan, hand_pipeline, placed
 
 
 def _staged(model: str, ranges: list[tuple[int, int]]) -> Plan:

@@ -20,6 +20,7 @@ from partitioner.errors import PlanFormatError
 from partitioner.models import build_model
 from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
 from tests.models import ZOO
+from tests.helpers import split_plan
 
 NO_DP = PlanOptions(allow_data_parallel=False, memory_reserve=0.0)
 GPUS = ["a100-80gb", "a100-80gb"]
@@ -73,20 +74,6 @@ def hand_plan(
 
 def _layer(name: str, device: int, modules: tuple[str, ...] = (), params: tuple[str, ...] = ()) -> PlanLayer:
     return PlanLayer(name=name, modules=modules, params=params, device=device, compute_s=0.0, memory_bytes=0)
-
-
-def split_plan(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], **kw: Any) -> Plan:
-    """`model` planned on two absent A100s whose memory caps force a split.
-
-    Memory per device is the sum of its layers' (see `partitioner.solve.evaluate`), so the
-    cap of the most even cut of the layer order fits two devices and not one.
-    """
-    whole = partitioner.plan(model, GPUS[:1], args, kwargs, options=NO_DP)
-    memory = [layer.memory_bytes for layer in whole.layers]
-    # Every device also keeps room for the largest layer's outputs (inference working set).
-    working = whole.devices[0].memory_bytes - sum(memory)
-    cap = working + min(max(sum(memory[:k]), sum(memory[k:])) for k in range(1, len(memory)))
-    return partitioner.plan(model, GPUS, args, kwargs, options=NO_DP, max_memory={"a100-80gb": cap}, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -398,7 +385,6 @@ def test_assignment_and_transfer_bytes() -> None:
     plan = hand_plan()
     assert plan.assignment == (0, 0, 1)
     assert plan.transfer_bytes == 4096
-
 
 
 # --------------------------------------------------------------------------- fields added after version 1

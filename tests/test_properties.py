@@ -41,6 +41,7 @@ import partitioner
 from partitioner import PlanOptions, Strategy, to_plain
 from partitioner.api import replication_hazards
 from partitioner.errors import InfeasibleError, PlanMismatchError
+from tests.helpers import assert_unchanged, layer_memory, snapshot
 
 VOCAB = 11
 
@@ -453,30 +454,6 @@ def specs(draw: st.DrawFn, max_nodes: int = 10) -> Spec:
 # --------------------------------------------------------------------------- checks
 
 
-def snapshot(model: nn.Module) -> dict[str, Any]:
-    """What must not change when the model is planned: tensors, devices, flags, modes, ties."""
-    tensors = {
-        name: (t.detach().clone(), t.device, t.requires_grad, t.grad is None, id(t))
-        for name, t in model.state_dict(keep_vars=True).items()
-    }
-    tensors |= {
-        f"{name} (param)": (p.detach().clone(), p.device, p.requires_grad, p.grad is None, id(p))
-        for name, p in model.named_parameters(remove_duplicate=False)
-    }
-    modes = {name: m.training for name, m in model.named_modules()}
-    return {"tensors": tensors, "modes": modes}
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
-    after = snapshot(model)
-    assert after["modes"] == before["modes"], "planning changed a module's train/eval mode"
-    assert after["tensors"].keys() == before["tensors"].keys()
-    for name, (value, device, requires_grad, no_grad, ident) in before["tensors"].items():
-        v2, d2, r2, n2, i2 = after["tensors"][name]
-        assert (d2, r2, n2, i2) == (device, requires_grad, no_grad, ident), f"{name} changed"
-        assert torch.equal(v2, value), f"planning changed the values of {name}"
-
-
 def loss_of(output: Any) -> Tensor:
     """A fixed random weighting of every float tensor in `output`, summed on the host."""
     gen = torch.Generator().manual_seed(0)
@@ -534,12 +511,6 @@ def assert_same_result(model: nn.Module, pm: partitioner.PartitionedModule, spec
         torch.testing.assert_close(to_plain(inner.get_buffer(name)), b, msg=lambda m: f"buffer {name}: {m}")
     if pm.plan.strategy is Strategy.MODEL_PARALLEL:
         assert moved == pm.plan.transfer_bytes, f"moved {moved} B, plan says {pm.plan.transfer_bytes} B"
-
-
-def layer_memory(model: nn.Module, args: Any, kwargs: Any, options: PlanOptions) -> list[int]:
-    """What each layer needs on its device, as the planner counts it (one device, no caps)."""
-    plan = partitioner.plan(model, ["cpu:0"], args, kwargs, options=options, measure=False)
-    return [layer.memory_bytes for layer in plan.layers]
 
 
 # --------------------------------------------------------------------------- properties

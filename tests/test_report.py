@@ -155,7 +155,7 @@ def test_report_of_a_data_parallel_plan() -> None:
 
 
 def test_report_names_transfers_by_module_not_graph_node() -> None:
-    from tests.test_plan import split_plan
+    from tests.helpers import split_plan
 
     model, args, kwargs = ZOO["gpt2"].build()
     plan = split_plan(model, args, kwargs, measure=False)

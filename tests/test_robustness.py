@@ -36,8 +36,7 @@ from partitioner.errors import (
 )
 from partitioner.options import Objective
 from tests.models import ZOO, BranchyModel
-from tests.test_api import forcing_caps
-from tests.test_properties import assert_unchanged, layer_memory, snapshot
+from tests.helpers import assert_unchanged, forcing_caps, layer_memory, snapshot
 
 NO_DP = PlanOptions(training=True, memory_reserve=0.0, allow_data_parallel=False)
 TWO = ["cpu:0", "cpu:1"]
@@ -316,7 +315,7 @@ DETERMINISM_SCRIPT = """
 import torch, partitioner
 from partitioner import PlanOptions
 from tests.models import ZOO
-from tests.test_api import forcing_caps
+from tests.helpers import forcing_caps
 for name in ("branchy", "tied"):
     model, args, kwargs = ZOO[name].build()
     options = PlanOptions(training=True, memory_reserve=0.0)
