@@ -10,7 +10,7 @@ weighted by shard size, which equals the full batch's mean for mean-reduced loss
 Like `nn.DataParallel`, buffers updated in a forward (BatchNorm running statistics in
 training mode) are updated on replica copies and the updates are lost, and per-batch
 statistics are computed per shard; so the planner never replicates a model that has such
-modules (`partitioner.api.replication_hazards`).
+modules (`replication_hazards`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from partitioner.rewrite import move_to
+from partitioner.rewrite import mode_constants, move_to
 
-__all__ = ["Replicated", "scatter"]
+__all__ = ["Replicated", "scatter", "replication_hazards"]
 
 
 def scatter(value: Any, batch_size: int, shards: int) -> list[Any]:
@@ -93,3 +94,29 @@ class Replicated(nn.Module):
             replica_state = {name: t.to(device) for name, t in state.items()}
             outputs.append(functional_call(self.module, replica_state, move_to(a, device), move_to(kw, device)))
         return _gather(outputs, sizes, self.output_device)
+
+
+def replication_hazards(model: nn.Module) -> list[str]:
+    """Why replicas would not compute what `model` computes, one line per module (empty if none).
+
+    A BatchNorm in training mode normalises by the statistics of the batch it sees, so a
+    replica given a shard of the batch computes other outputs; and a norm layer tracking
+    running statistics updates them in forward, an update a replica makes on its copy
+    and loses (as `torch.nn.DataParallel` does).
+    """
+    out = []
+    for name, m in model.named_modules():
+        if not m.training or not isinstance(m, nn.modules.batchnorm._NormBase):
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            out.append(f"{name or 'the model'} ({type(m).__name__}, training) normalises by batch statistics")
+        elif m.track_running_stats:
+            out.append(f"{name or 'the model'} ({type(m).__name__}, training) updates its running statistics")
+    if isinstance(model, fx.GraphModule):  # a torch.export graph holds batch norm as ops, not modules
+        targets = {n.name: str(n.target) for n in model.graph.nodes}
+        out += [
+            f"node {name} ({targets[name]}, training) normalises by batch statistics"
+            for name, training in mode_constants(model)
+            if training and "batch_norm" in targets[name]
+        ]
+    return out

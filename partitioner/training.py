@@ -16,7 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from partitioner.api import annotate_plan, compile_plan
+from partitioner.api import compile_plan
+from partitioner.assemble import annotate_plan
 from partitioner.cluster import Cluster, resolve_cluster
 from partitioner.cost_model import TrainingCosts, resolve_precision, training_costs, training_state_bytes
 from partitioner.devices import MaxMemory

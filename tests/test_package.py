@@ -23,6 +23,7 @@ PURE = [
     "partitioner.units",
     "partitioner.progress",
     "partitioner.files",
+    "partitioner.assemble",
 ]
 
 _BLOCK_TORCH = """

@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten
 
 import partitioner
 from partitioner import PlanOptions, Strategy, to_plain
-from partitioner.api import replication_hazards
+from partitioner.replicate import replication_hazards
 from partitioner.errors import InfeasibleError, PlanMismatchError
 from tests.helpers import assert_unchanged, layer_memory, snapshot
 

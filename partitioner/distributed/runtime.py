@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_map
 
-from partitioner.api import replication_hazards
+from partitioner.replicate import replication_hazards
 from partitioner.distributed.launch import launch_rank, process_device, process_groups, start_process_group, tie_groups
 from partitioner.distributed.layout import Layout, StageSpec, check_launch, plan_layout
 from partitioner.distributed.stages import MicrobatchShapeError, StageGraphs, build_stages, flat_batch
