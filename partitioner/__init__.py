@@ -53,7 +53,7 @@ from partitioner.plan import Plan
 del globals()["plan"]
 
 if TYPE_CHECKING:
-    from partitioner.api import PartitionedModule, auto_parallelize, compile_plan, plan, trace_layers
+    from partitioner.api import PartitionedModule, analyze, auto_parallelize, compile_plan, plan, trace_layers
     from partitioner.simdevice import SimulatedDevices, to_plain
     from partitioner.training import plan_training
 
@@ -61,6 +61,7 @@ _LAZY = {
     "auto_parallelize": "partitioner.api",
     "plan": "partitioner.api",
     "compile_plan": "partitioner.api",
+    "analyze": "partitioner.api",
     "trace_layers": "partitioner.api",
     "PartitionedModule": "partitioner.api",
     "plan_training": "partitioner.training",
@@ -91,6 +92,7 @@ __all__ = [
     "auto_parallelize",
     "plan",
     "compile_plan",
+    "analyze",
     "trace_layers",
     "plan_training",
     "PartitionedModule",

@@ -45,6 +45,9 @@ from partitioner.solve import solve
 from partitioner.trace import Frontend, Granularity, trace_model
 
 __all__ = [
+    "analyze",
+    "Analysis",
+    "solve_analysis",
     "plan",
     "auto_parallelize",
     "PartitionedModule",
@@ -71,7 +74,21 @@ class Compiled:
     """Seconds spent tracing, profiling and solving."""
 
 
-def compile_plan(
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """The model, traced, profiled and timed for a set of devices: what every planner solves on."""
+
+    layered: LayeredModel
+    devices: tuple[Device, ...]
+    options: PlanOptions
+    """The options asked for, with data parallelism off where replicas would compute something else."""
+    dtype: str
+    """The roofline dtype of the model's parameters (`dtype_of`)."""
+    timings_s: dict[str, float]
+    """Seconds spent tracing (``trace_s``) and profiling and timing (``profile_s``)."""
+
+
+def analyze(
     model: nn.Module,
     devices: Sequence[str],
     example_inputs: tuple[Any, ...] = (),
@@ -86,8 +103,10 @@ def compile_plan(
     measure: bool = True,
     measure_budget_s: float = 10.0,
     progress: Progress | None = None,
-) -> Compiled:
-    """Trace, profile and solve; see `plan` for the arguments."""
+) -> Analysis:
+    """Resolve `devices`, trace and profile `model`, and time its layers on the present
+    devices: the half of planning before any solver, which `compile_plan`, training plans
+    and checking a saved plan share. See `plan` for the arguments."""
     model = _as_model(model)
     options = options or PlanOptions()
     say = progress or (lambda _: None)
@@ -110,17 +129,47 @@ def compile_plan(
         timed = measure_layers(layered, args, kwargs, resolved, budget_s=measure_budget_s, progress=say)
         layered = dataclasses.replace(layered, graph=timed)
         timings["profile_s"] += time.perf_counter() - start
+    return Analysis(layered, resolved, options, dtype_of(model), timings)
 
+
+def compile_plan(
+    model: nn.Module,
+    devices: Sequence[str],
+    example_inputs: tuple[Any, ...] = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    options: PlanOptions | None = None,
+    max_memory: Mapping[str | int, int | str] | None = None,
+    frontend: Frontend = "auto",
+    granularity: Granularity = "block",
+    split_modules: Sequence[str] = (),
+    no_split_module_classes: Sequence[str] = (),
+    measure: bool = True,
+    measure_budget_s: float = 10.0,
+    progress: Progress | None = None,
+) -> Compiled:
+    """Analyse (`analyze`) and solve (`solve_analysis`); see `plan` for the arguments."""
+    analysis = analyze(
+        model, devices, example_inputs, example_kwargs, options=options, max_memory=max_memory, frontend=frontend,
+        granularity=granularity, split_modules=split_modules, no_split_module_classes=no_split_module_classes,
+        measure=measure, measure_budget_s=measure_budget_s, progress=progress,
+    )
+    return solve_analysis(analysis, granularity, progress)
+
+
+def solve_analysis(analysis: Analysis, granularity: str = "block", progress: Progress | None = None) -> Compiled:
+    """Price `analysis`'s layers on its devices, solve, and assemble the plan."""
+    say = progress or (lambda _: None)
     start = time.perf_counter()
-    graph = layered.graph
+    graph, resolved, options = analysis.layered.graph, analysis.devices, analysis.options
     say(f"solving: {len(graph.layers)} layers on {len(resolved)} device(s)")
-    problem = build_problem(graph, resolved, options, dtype_of(model))
+    problem = build_problem(graph, resolved, options, analysis.dtype)
     # The solver's progress (incumbent, bound, gap) goes where the caller's progress goes.
     with reporting(say) if progress is not None and not listening() else contextlib.nullcontext():
         solution = solve(problem, options.solver)
-    timings["solve_s"] = time.perf_counter() - start
-    result = annotate_plan(make_plan(graph, resolved, problem, solution, options, granularity), layered, problem)
-    return Compiled(layered, resolved, problem, solution, result, timings)
+    timings = {**analysis.timings_s, "solve_s": time.perf_counter() - start}
+    result = annotate_plan(make_plan(graph, resolved, problem, solution, options, granularity), analysis.layered, problem)
+    return Compiled(analysis.layered, resolved, problem, solution, result, timings)
 
 
 def trace_layers(
@@ -355,18 +404,20 @@ def auto_parallelize(
     threads; the rest in parallel).
     """
     model = _as_model(model)
-    compiled = compile_plan(model, devices, example_inputs, example_kwargs, **kw)
-    chosen = compiled.plan
-    if plan is not None:
-        _check_applies(plan, chosen)
-        chosen = plan
+    if plan is not None:  # a saved plan: checked against the model's analysis, nothing solved or timed
+        analysis = analyze(model, devices, example_inputs, example_kwargs, **{**kw, "measure": False})
+        _check_applies(plan, analysis)
+        layered, resolved, chosen = analysis.layered, analysis.devices, plan
+    else:
+        compiled = compile_plan(model, devices, example_inputs, example_kwargs, **kw)
+        layered, resolved, chosen = compiled.layered, compiled.devices, compiled.plan
     hazards = replication_hazards(model)
     if chosen.strategy is Strategy.DATA_PARALLEL and hazards:
         raise PlanMismatchError(
             f"the plan replicates the model, but {hazards[0]}; "
             "put those modules in eval mode, or plan this model again (it will not replicate it)"
         )
-    targets = _run_devices(compiled.devices, simulate)
+    targets = _run_devices(resolved, simulate)
     out = targets[chosen.output_device] if output_device is None else output_device
     logical = all(t.startswith("cpu:") for t in targets)
     simulator = SimulatedDevices(1 + max(torch.device(t).index or 0 for t in targets)) if logical else None
@@ -374,10 +425,9 @@ def auto_parallelize(
         if chosen.strategy is Strategy.DATA_PARALLEL:
             memo = place_tensors(model, {}, targets[0], inplace=inplace)
             replica_module = model if inplace else copy.deepcopy(model, memo)
-            module: nn.Module = Replicated(replica_module, targets, out, compiled.layered.graph.batch_size)
+            module: nn.Module = Replicated(replica_module, targets, out, layered.graph.batch_size)
             transfers: list[InsertedTransfer] = []
         else:
-            layered = compiled.layered
             device_of = tensor_devices(layered, chosen.assignment, targets)
             memo = place_tensors(model, device_of, targets[0], inplace=True) if inplace else {}
             memo = place_tensors(layered.traced.gm, device_of, targets[0], memo=memo)
@@ -387,12 +437,13 @@ def auto_parallelize(
     return PartitionedModule(module, chosen, transfers, simulator, training=model.training)
 
 
-def _check_applies(plan: Plan, fresh: Plan) -> None:
-    """Raise unless `plan` was made for the model and devices `fresh` was planned for."""
-    if plan.fingerprint != fresh.fingerprint:
+def _check_applies(plan: Plan, fresh: Analysis) -> None:
+    """Raise unless `plan` was made for the model and devices `fresh` analysed."""
+    graph = fresh.layered.graph
+    if plan.fingerprint != graph.fingerprint:
         raise PlanMismatchError(
             f"the plan was made for {plan.model_name} (fingerprint {plan.fingerprint}) but this model "
-            f"traces to {fresh.model_name} (fingerprint {fresh.fingerprint}); plan this model again"
+            f"traces to {graph.model_name} (fingerprint {graph.fingerprint}); plan this model again"
         )
     if len(plan.devices) != len(fresh.devices):
         raise PlanMismatchError(
@@ -400,7 +451,7 @@ def _check_applies(plan: Plan, fresh: Plan) -> None:
             f"but {len(fresh.devices)} were given ({', '.join(d.name for d in fresh.devices)}); "
             "give as many devices as the plan has, or plan again"
         )
-    names, expected = [layer.name for layer in plan.layers], [layer.name for layer in fresh.layers]
+    names, expected = [layer.name for layer in plan.layers], [layer.name for layer in graph.layers]
     if names != expected:
         raise PlanMismatchError(
             f"the plan has {len(names)} layers but this model has {len(expected)} "

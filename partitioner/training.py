@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from partitioner.api import compile_plan
+from partitioner.api import analyze
 from partitioner.assemble import annotate_plan
 from partitioner.cluster import Cluster, resolve_cluster
 from partitioner.cost_model import TrainingCosts, resolve_precision, training_costs, training_state_bytes
@@ -30,11 +30,6 @@ from partitioner.simulate import EventKind, Timeline
 from partitioner.trace import Frontend, Granularity
 
 __all__ = ["TrainingCompiled", "compile_training", "plan_training", "make_training_plan"]
-
-
-# compile_plan places the layers on one device per kind as a by-product; a capacity no
-# model reaches (1 PiB) keeps that placement from failing on models larger than a device.
-_UNBOUNDED = 2**50
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +78,12 @@ def compile_training(
         if d.present or d.profile.name not in by_kind:
             by_kind.setdefault(d.profile.name, d.name if d.present else d.profile.name)
     representatives = list(by_kind.values())
-    compiled = compile_plan(
+    compiled = analyze(
         model,
         representatives,
         example_inputs,
         example_kwargs,
         options=PlanOptions(training=True, allow_data_parallel=False, memory_reserve=0.0),
-        max_memory={name: _UNBOUNDED for name in representatives},
         frontend=frontend,
         granularity=granularity,
         split_modules=split_modules,
@@ -98,7 +92,7 @@ def compile_training(
         measure_budget_s=measure_budget_s,
         progress=say,
     )
-    timings = {k: v for k, v in compiled.timings_s.items() if k != "solve_s"}
+    timings = dict(compiled.timings_s)
     graph = compiled.layered.graph
     batch = global_batch or options.global_batch or graph.batch_size
     start = time.perf_counter()

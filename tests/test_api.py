@@ -192,6 +192,26 @@ def test_saved_plan_applies_and_mismatch_is_refused() -> None:
         partitioner.auto_parallelize(other, devices, oargs, okw, plan=loaded)
 
 
+def test_a_saved_plan_is_checked_without_solving_or_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Applying a saved plan traces the model to check the plan fits it; it never solves or times."""
+    model, args, _ = ZOO["mlp"].build()
+    devices = ["cpu:0", "cpu:1"]
+    cap = forcing_caps("mlp", 2)
+    saved = partitioner.Plan.from_json(
+        partitioner.plan(model, devices, args, options=NO_DP, max_memory={d: cap for d in devices}).to_json()
+    )
+
+    def refuse(*_: Any, **__: Any) -> None:
+        raise AssertionError("applying a saved plan solved or timed the model")
+
+    monkeypatch.setattr(partitioner.api, "solve", refuse)
+    monkeypatch.setattr(partitioner.api, "measure_layers", refuse)
+    pm = partitioner.auto_parallelize(model, devices, args, plan=saved)
+    assert pm.plan == saved
+    with pm.simulator:
+        torch.testing.assert_close(to_plain(pm(*args)), model(*args))
+
+
 def test_device_map_is_accepted_by_accelerate() -> None:
     accelerate_utils = pytest.importorskip("accelerate.utils")
     model, args, kwargs = ZOO["gpt2"].build()
