@@ -84,6 +84,8 @@ class Analysis:
     """The options asked for, with data parallelism off where replicas would compute something else."""
     dtype: str
     """The roofline dtype of the model's parameters (`dtype_of`)."""
+    granularity: Granularity
+    """The layer granularity it was traced at (the plan records it)."""
     timings_s: dict[str, float]
     """Seconds spent tracing (``trace_s``) and profiling and timing (``profile_s``)."""
 
@@ -129,7 +131,7 @@ def analyze(
         timed = measure_layers(layered, args, kwargs, resolved, budget_s=measure_budget_s, progress=say)
         layered = dataclasses.replace(layered, graph=timed)
         timings["profile_s"] += time.perf_counter() - start
-    return Analysis(layered, resolved, options, dtype_of(model), timings)
+    return Analysis(layered, resolved, options, dtype_of(model), granularity, timings)
 
 
 def compile_plan(
@@ -154,10 +156,10 @@ def compile_plan(
         granularity=granularity, split_modules=split_modules, no_split_module_classes=no_split_module_classes,
         measure=measure, measure_budget_s=measure_budget_s, progress=progress,
     )
-    return solve_analysis(analysis, granularity, progress)
+    return solve_analysis(analysis, progress)
 
 
-def solve_analysis(analysis: Analysis, granularity: str = "block", progress: Progress | None = None) -> Compiled:
+def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Compiled:
     """Price `analysis`'s layers on its devices, solve, and assemble the plan."""
     say = progress or (lambda _: None)
     start = time.perf_counter()
@@ -168,7 +170,9 @@ def solve_analysis(analysis: Analysis, granularity: str = "block", progress: Pro
     with reporting(say) if progress is not None and not listening() else contextlib.nullcontext():
         solution = solve(problem, options.solver)
     timings = {**analysis.timings_s, "solve_s": time.perf_counter() - start}
-    result = annotate_plan(make_plan(graph, resolved, problem, solution, options, granularity), analysis.layered, problem)
+    result = annotate_plan(
+        make_plan(graph, resolved, problem, solution, options, analysis.granularity), analysis.layered, problem
+    )
     return Compiled(analysis.layered, resolved, problem, solution, result, timings)
 
 
