@@ -35,16 +35,19 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from partitioner.api import PartitionedModule, auto_parallelize, compile_plan, dtype_of, trace_layers
+from partitioner.analysis import trace_layers
+from partitioner.api import auto_parallelize, compile_plan
 from partitioner.calibrate import measure_device
 from partitioner.cluster import Cluster, load_cluster
 from partitioner.cost_model import build_problem, layer_time, training_state_bytes
 from partitioner.devices import Device, resolve_devices
+from partitioner.dtypes import dtype_of
 from partitioner.errors import InfeasibleError
 from partitioner.ir import LayerGraph, Problem, Solution
 from partitioner.layers import LayeredModel
 from partitioner.models import BuiltModel
-from partitioner.options import Objective, Optimizer, PlanOptions, Strategy
+from partitioner.options import Granularity, Objective, Optimizer, PlanOptions, Strategy, TraceOptions
+from partitioner.partitioned import PartitionedModule
 from partitioner.rewrite import gather_graph, place_tensors
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import evaluate, solve
@@ -100,11 +103,11 @@ def plan_options(mode: Mode, **overrides: Any) -> PlanOptions:
 
 
 def trace_once(built: BuiltModel, training: bool, granularity: str) -> tuple[LayeredModel, dict[str, float]]:
-    """`partitioner.api.trace_layers`, the first half of `compile_plan`, so that one trace
+    """`partitioner.analysis.trace_layers`, the first half of `compile_plan`, so that one trace
     serves every device set and objective of a comparison group (tests/test_benchmarks.py
     checks that the problems agree with `compile_plan`'s)."""
     return trace_layers(built.model, built.example_args, built.example_kwargs, training=training,
-                        granularity=granularity)  # type: ignore[arg-type]
+                        trace=TraceOptions(granularity=Granularity(granularity)))
 
 
 def _graph_nodes(layered: LayeredModel) -> int:

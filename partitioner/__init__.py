@@ -3,10 +3,12 @@
 The compiler's phases, one module each:
 
 1. `trace`      model -> torch.fx graph (torch.fx.symbolic_trace, or torch.export)
-2. `profiling`  per-node FLOPs and bytes on fake tensors; `layers` groups nodes into layers
+2. `profiling`  per-node FLOPs and bytes on fake tensors; `layers` groups nodes into layers;
+                `measure` times them on the devices present (`analysis` runs 1-2 for every planner)
 3. `cost_model` layers x devices (`devices`, ``profiles/*.json``) -> seconds and bytes
 4. `solve`      placement by exact DP (chains) or ILP (pulp: HiGHS, CBC), or data parallelism
-5. `rewrite`    a runnable module: parameters placed, transfers inserted (`replicate` for DP)
+5. `rewrite`    a runnable module: parameters placed, transfers inserted (`replicate` for DP),
+                wrapped as a `PartitionedModule` (`partitioned`)
 6. `report`     the plan as a table; `plan` holds it as data (JSON in and out)
 
 Training plans (`training`, `pipeline_plan`, `simulate`, `cluster`) add pipelining with
@@ -44,6 +46,7 @@ from partitioner.options import (
     SolverBackend,
     SolverOptions,
     Strategy,
+    TraceOptions,
     TrainingOptions,
 )
 from partitioner.plan import Plan
@@ -53,7 +56,9 @@ from partitioner.plan import Plan
 del globals()["plan"]
 
 if TYPE_CHECKING:
-    from partitioner.api import PartitionedModule, analyze, auto_parallelize, compile_plan, plan, trace_layers
+    from partitioner.analysis import analyze, trace_layers
+    from partitioner.api import auto_parallelize, compile_plan, plan
+    from partitioner.partitioned import PartitionedModule
     from partitioner.simdevice import SimulatedDevices, to_plain
     from partitioner.training import plan_training
 
@@ -61,9 +66,9 @@ _LAZY = {
     "auto_parallelize": "partitioner.api",
     "plan": "partitioner.api",
     "compile_plan": "partitioner.api",
-    "analyze": "partitioner.api",
-    "trace_layers": "partitioner.api",
-    "PartitionedModule": "partitioner.api",
+    "analyze": "partitioner.analysis",
+    "trace_layers": "partitioner.analysis",
+    "PartitionedModule": "partitioner.partitioned",
     "plan_training": "partitioner.training",
     "SimulatedDevices": "partitioner.simdevice",
     "to_plain": "partitioner.simdevice",
@@ -98,6 +103,7 @@ __all__ = [
     "PartitionedModule",
     "Plan",
     "PlanOptions",
+    "TraceOptions",
     "TrainingOptions",
     "SolverOptions",
     "Objective",

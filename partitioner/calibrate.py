@@ -40,6 +40,7 @@ from partitioner.devices import (
     profile_to_json,
     system_memory_bytes,
 )
+from partitioner.dtypes import torch_dtype
 from partitioner.errors import DeviceError
 from partitioner.files import staged
 from partitioner.progress import Progress
@@ -47,7 +48,6 @@ from partitioner.progress import Progress
 __all__ = ["measure_device", "write_profile", "default_profile_name", "check_profile_name"]
 
 
-_TORCH_DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +132,8 @@ def _matmul_flops(dtype: str, device: torch.device, sync: Callable[[], None], bu
     with precision:
         n = budget.min_matmul
         while True:
-            a = torch.randn(n, n, device=device).to(_TORCH_DTYPES[dtype])
-            b = torch.randn(n, n, device=device).to(_TORCH_DTYPES[dtype])
+            a = torch.randn(n, n, device=device).to(torch_dtype(dtype))
+            b = torch.randn(n, n, device=device).to(torch_dtype(dtype))
             matmul = partial(torch.mm, a, b)
             seconds = _median_seconds(matmul, sync, budget.call_s, budget.batch_s)
             if seconds >= budget.call_s or n >= budget.max_matmul:

@@ -315,7 +315,7 @@ def _build_spec(
 ) -> BuiltModel:
     import torch
 
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = _model_dtype(dtype)
     model_class: Any = None
     config: Any = None
     if spec.model_class != "mlp":
@@ -410,14 +410,10 @@ def _example_inputs(
     return (ids,), {"use_cache": False}
 
 
-def _torch_dtype(dtype: str) -> torch.dtype:
-    import torch
+def _model_dtype(dtype: str) -> Any:
+    from partitioner.dtypes import torch_dtype
 
-    allowed = ("float32", "float16", "bfloat16", "float64")
-    if dtype not in allowed:
-        raise ValueError(f"dtype must be one of {', '.join(allowed)}, got {dtype!r}")
-    result: torch.dtype = getattr(torch, dtype)
-    return result
+    return torch_dtype(dtype, allowed=("float32", "float16", "bfloat16", "float64"))
 
 
 def _is_file_spec(name: str) -> bool:
@@ -461,7 +457,7 @@ def _load_file_model(spec: str, *, device: str, dtype: str | None) -> BuiltModel
         raise ValueError(f"{path} defines no {factory_name!r}; its functions: {', '.join(found)}")
     model, args, kwargs = _call_factory(spec, factory_name, factory)
 
-    torch_dtype = None if dtype is None else _torch_dtype(dtype)
+    torch_dtype = None if dtype is None else _model_dtype(dtype)
 
     def move(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):

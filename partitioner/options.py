@@ -1,4 +1,4 @@
-"""Typed options for planning: objective, training set-up, granularity and solver.
+"""Typed options for planning: tracing, objective, training set-up and solver.
 
 Every options dataclass checks its fields on construction and takes an enum's value as a
 string (``PlanOptions(objective="throughput")``); a wrong value raises ValueError naming
@@ -26,6 +26,10 @@ __all__ = [
     "Precision",
     "Recompute",
     "TrainingOptions",
+    "Frontend",
+    "Granularity",
+    "TraceOptions",
+    "trace_options",
     "check_split_modules",
 ]
 
@@ -204,16 +208,10 @@ def check_split_modules(
         ValueError: A name that no module of the model has (a typo would otherwise group
             nothing, silently); the message names the close matches and the model's classes.
     """
-    given: list[str | type] = []
-    for group in (split_modules, no_split_module_classes):
-        given += [group] if isinstance(group, (str, type)) else list(group)
-    names: list[str] = []
-    for item in given:
-        if isinstance(item, type):
-            item = f"{item.__module__}.{item.__qualname__}"
-        if not isinstance(item, str) or not item:
-            raise ValueError(f"split_modules must hold class names (strings) or classes (got {item!r})")
-        names.append(item)
+    names = [
+        *_class_names(split_modules, "split_modules"),
+        *_class_names(no_split_module_classes, "no_split_module_classes"),
+    ]
     qualified = set(model_classes)
     plain = {q.rsplit(".", 1)[-1]: q for q in sorted(qualified)}
     for name in names:
@@ -228,6 +226,90 @@ def check_split_modules(
             f"split_modules names {name!r}, but no module of {model_name} has that class{hint} "
             f"(its classes: {shown})"
         )
+    return tuple(dict.fromkeys(names))
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+class Frontend(_Choice):
+    """Which tracer turns the model into a graph."""
+
+    AUTO = "auto"
+    """torch.fx, and torch.export where fx fails or would record the model unfaithfully."""
+    FX = "fx"
+    """torch.fx symbolic tracing only."""
+    EXPORT = "export"
+    """torch.export only."""
+
+
+class Granularity(_Choice):
+    """What one layer of the plan is."""
+
+    BLOCK = "block"
+    """A repeated block (a transformer layer, a module of a ModuleList) and the ops between blocks."""
+    LEAF = "leaf"
+    """Every leaf module (Linear, LayerNorm) and every op outside one."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TraceOptions:
+    """How the model is traced and cut into layers (what a plan's layers are)."""
+
+    frontend: Frontend = Frontend.AUTO
+    """The tracer; see `Frontend`."""
+    granularity: Granularity = Granularity.BLOCK
+    """The layer size; see `Granularity`."""
+    split_modules: tuple[str, ...] = ()
+    """Classes kept whole, one layer each: plain (``GPT2Block``) or qualified class names,
+    or the classes (stored as qualified names). Accelerate spells it ``no_split_module_classes``.
+    Checked against the model's classes when it is traced (`check_split_modules`)."""
+
+    def __post_init__(self) -> None:
+        _set_choice(self, "frontend", Frontend)
+        _set_choice(self, "granularity", Granularity)
+        object.__setattr__(self, "split_modules", _class_names(self.split_modules, "TraceOptions.split_modules"))
+
+
+def trace_options(
+    trace: TraceOptions | None = None,
+    *,
+    frontend: Frontend | str | None = None,
+    granularity: Granularity | str | None = None,
+    split_modules: str | type | Iterable[str | type] = (),
+    no_split_module_classes: str | type | Iterable[str | type] = (),
+) -> TraceOptions:
+    """`trace`, or the `TraceOptions` that the keyword spellings of the front doors name.
+
+    Raises:
+        ValueError: Both `trace` and a keyword spelling are given (which one holds would be a guess).
+    """
+    names = (*_class_names(split_modules, "split_modules"), *_class_names(no_split_module_classes, "no_split_module_classes"))
+    if trace is None:
+        fields: dict[str, Any] = {"frontend": frontend or Frontend.AUTO, "granularity": granularity or Granularity.BLOCK}
+        return TraceOptions(**fields, split_modules=names)  # strings are read (and checked) there
+    if not isinstance(trace, TraceOptions):
+        raise ValueError(f"trace must be a TraceOptions (got {trace!r})")
+    given = [k for k, v in (("frontend", frontend), ("granularity", granularity), ("split_modules", names)) if v]
+    if given:
+        raise ValueError(f"give either trace=TraceOptions(...) or {', '.join(given)}=, not both")
+    return trace
+
+
+def _class_names(value: object, what: str) -> tuple[str, ...]:
+    """Class names (qualified for a class) from a name, a class, or an iterable of them."""
+    items = [value] if isinstance(value, (str, type)) else value
+    try:
+        items = list(items)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(f"{what} must hold class names (strings) or classes (got {value!r})") from None
+    names: list[str] = []
+    for item in items:
+        if isinstance(item, type):
+            item = f"{item.__module__}.{item.__qualname__}"
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"{what} must hold class names (strings) or classes (got {item!r})")
+        names.append(item)
     return tuple(dict.fromkeys(names))
 
 

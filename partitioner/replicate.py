@@ -15,6 +15,7 @@ modules (`replication_hazards`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,9 +25,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from partitioner.rewrite import mode_constants, move_to
+from partitioner.rewrite import mode_constants, move_to, place_tensors
 
-__all__ = ["Replicated", "scatter", "replication_hazards"]
+__all__ = ["Replicated", "replicate", "scatter", "replication_hazards"]
 
 
 def scatter(value: Any, batch_size: int, shards: int) -> list[Any]:
@@ -94,6 +95,15 @@ class Replicated(nn.Module):
             replica_state = {name: t.to(device) for name, t in state.items()}
             outputs.append(functional_call(self.module, replica_state, move_to(a, device), move_to(kw, device)))
         return _gather(outputs, sizes, self.output_device)
+
+
+def replicate(
+    model: nn.Module, devices: Sequence[str], output_device: str, batch_size: int, *, inplace: bool = False
+) -> Replicated:
+    """`model` replicated over `devices` (a data-parallel plan applied): a copy of its
+    tensors on ``devices[0]``, or with `inplace` the model itself moved there."""
+    memo = place_tensors(model, {}, devices[0], inplace=inplace)
+    return Replicated(model if inplace else copy.deepcopy(model, memo), devices, output_device, batch_size)
 
 
 def replication_hazards(model: nn.Module) -> list[str]:

@@ -7,12 +7,18 @@ against its capacity.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
-from partitioner.units import format_bytes, format_seconds
+from rich.cells import cell_len
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
 from partitioner.options import Strategy
 from partitioner.plan import PipelinePlan, Plan, PlanLayer, PlanStage, PlanTransfer
+from partitioner.units import format_bytes, format_seconds
 
 __all__ = [
     "render_text",
@@ -83,9 +89,7 @@ def render_text(plan: Plan) -> str:
             )
         )
         rows.extend(("", "", "", "", "", "", more) for more in held[1:])
-    widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
-    for r in [header, *rows]:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    lines.extend(_table(header, rows))
     if plan.transfers:
         total = sum(t.bytes for t in plan.transfers)
         lines.append("")
@@ -189,8 +193,18 @@ def _stage_rows(plan: Plan, p: PipelinePlan) -> list[tuple[str, ...]]:
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    """Plain-text lines of a table: columns two spaces apart, aligned by display width (rich
+    measures wide characters, as in a CJK module name, as two cells), no markup read."""
+    table = Table(box=None, show_edge=False, pad_edge=False, padding=(0, 2, 0, 0), header_style="", expand=False)
+    for name in header:
+        table.add_column(Text(name), no_wrap=True, overflow="ignore")
+    for r in rows:
+        table.add_row(*map(Text, r))
+    width = sum(max(cell_len(c) for c in column) + 2 for column in zip(header, *rows))
+    console = Console(file=io.StringIO(), width=width, color_system=None, emoji=False, highlight=False)
+    with console.capture() as captured:
+        console.print(table)
+    return [line.rstrip() for line in captured.get().splitlines()]
 
 
 def _why(p: PipelinePlan) -> str:

@@ -29,6 +29,7 @@ from partitioner.layers import LayeredModel
 from partitioner.trace import named_tensors
 
 __all__ = [
+    "split_model",
     "move_to",
     "copy_to",
     "rewrite_graph",
@@ -39,6 +40,35 @@ __all__ = [
     "gather_graph",
     "mode_constants",
 ]
+
+
+def split_model(
+    model: nn.Module,
+    layered: LayeredModel,
+    assignment: Sequence[int],
+    devices: Sequence[str],
+    output_device: str,
+    *,
+    inplace: bool = False,
+) -> tuple[fx.GraphModule, list[InsertedTransfer]]:
+    """Apply a placement: `layered`'s graph with layer ``i`` on ``devices[assignment[i]]``.
+
+    Args:
+        model: The model `layered` was traced from (its tensors are copied, or with
+            `inplace` moved, to their layers' devices).
+        layered: The traced model and its layers.
+        assignment: Device index of each layer.
+        devices: Torch device strings.
+        output_device: Where the outputs are gathered.
+        inplace: Move `model`'s own tensors instead of copying them.
+
+    Returns:
+        The rewritten graph module and the transfers inserted.
+    """
+    device_of = tensor_devices(layered, assignment, devices)
+    memo = place_tensors(model, device_of, devices[0], inplace=True) if inplace else {}
+    memo = place_tensors(layered.traced.gm, device_of, devices[0], memo=memo)
+    return rewrite_graph(layered, node_devices(layered, assignment, devices), output_device, memo)
 
 
 def move_to(value: Any, device: str) -> Any:

@@ -10,26 +10,43 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from typing_extensions import Unpack
+
 from torch import nn
 
-from partitioner.api import analyze
+from partitioner.analysis import AnalysisArgs, analyze
 from partitioner.assemble import annotate_plan
 from partitioner.cluster import Cluster, resolve_cluster
 from partitioner.cost_model import TrainingCosts, resolve_precision, training_costs, training_state_bytes
 from partitioner.devices import MaxMemory
 from partitioner.ir import OUTPUT, LayerGraph
-from partitioner.options import Objective, PlanOptions, Strategy, TrainingOptions
+from partitioner.options import (
+    Frontend,
+    Granularity,
+    Objective,
+    PlanOptions,
+    Strategy,
+    TraceOptions,
+    TrainingOptions,
+    trace_options,
+)
 from partitioner.pipeline_plan import PipelineResult, microbatch_sizes, plan_pipeline
 from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
 from partitioner.progress import Progress
 from partitioner.simulate import EventKind, Timeline
-from partitioner.trace import Frontend, Granularity
 
-__all__ = ["TrainingCompiled", "compile_training", "plan_training", "make_training_plan"]
+__all__ = ["TrainingArgs", "TrainingCompiled", "compile_training", "plan_training", "make_training_plan"]
+
+
+class TrainingArgs(AnalysisArgs, total=False):
+    """The keyword arguments `plan_training` passes to `compile_training`."""
+
+    global_batch: int | None
+    options: TrainingOptions | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +76,12 @@ def compile_training(
     *,
     global_batch: int | None = None,
     options: TrainingOptions | None = None,
+    trace: TraceOptions | None = None,
     max_memory: MaxMemory | None = None,
-    frontend: Frontend = "auto",
-    granularity: Granularity = "block",
-    split_modules: Sequence[str] = (),
-    no_split_module_classes: Sequence[str] = (),
+    frontend: Frontend | str | None = None,
+    granularity: Granularity | str | None = None,
+    split_modules: str | type | Iterable[str | type] = (),
+    no_split_module_classes: str | type | Iterable[str | type] = (),
     measure: bool = True,
     measure_budget_s: float = 10.0,
     progress: Progress | None = None,
@@ -84,10 +102,10 @@ def compile_training(
         example_inputs,
         example_kwargs,
         options=PlanOptions(training=True, allow_data_parallel=False, memory_reserve=0.0),
-        frontend=frontend,
-        granularity=granularity,
-        split_modules=split_modules,
-        no_split_module_classes=no_split_module_classes,
+        trace=trace_options(
+            trace, frontend=frontend, granularity=granularity, split_modules=split_modules,
+            no_split_module_classes=no_split_module_classes,
+        ),
         measure=measure,
         measure_budget_s=measure_budget_s,
         progress=say,
@@ -115,7 +133,7 @@ def compile_training(
     say(f"planning {len(graph.layers)} layers on {cluster}")
     result = plan_pipeline(costs, cluster, batch, options, say)
     timings["solve_s"] = time.perf_counter() - start
-    plan = make_training_plan(graph, cluster, costs, result, granularity=granularity, element_size=element_size,
+    plan = make_training_plan(graph, cluster, costs, result, granularity=compiled.granularity, element_size=element_size,
                               parameter_values=parameters, memory_reserve=options.memory_reserve)
     plan = annotate_plan(plan, compiled.layered)
     return TrainingCompiled(plan, result, cluster, graph, costs, timings)
@@ -126,7 +144,7 @@ def plan_training(
     devices: Cluster | str | Sequence[str],
     example_inputs: tuple[Any, ...] = (),
     example_kwargs: Mapping[str, Any] | None = None,
-    **kw: Any,
+    **kw: Unpack[TrainingArgs],
 ) -> Plan:
     """Plan a training step of `model` on a cluster: pipeline stages, replicas, microbatches, schedule.
 
@@ -153,9 +171,9 @@ def plan_training(
         example_kwargs: Keyword example inputs.
         **kw: ``global_batch`` (samples per step; default `TrainingOptions.global_batch`,
             else the example batch), ``options`` (`TrainingOptions`), ``max_memory``
-            (caps for device strings), and tracing arguments as for `partitioner.plan`:
-            ``frontend``, ``granularity``, ``split_modules``, ``measure``,
-            ``measure_budget_s``, ``progress``.
+            (caps for device strings), and tracing arguments as for `partitioner.plan`
+            (`TrainingArgs`): ``trace`` or ``frontend``, ``granularity``,
+            ``split_modules``; ``measure``, ``measure_budget_s``, ``progress``.
 
     Returns:
         The plan; ``plan.pipeline`` holds the stages, schedule, runner-ups and throughput.

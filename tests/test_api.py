@@ -205,7 +205,7 @@ def test_a_saved_plan_is_checked_without_solving_or_timing(monkeypatch: pytest.M
         raise AssertionError("applying a saved plan solved or timed the model")
 
     monkeypatch.setattr(partitioner.api, "solve", refuse)
-    monkeypatch.setattr(partitioner.api, "measure_layers", refuse)
+    monkeypatch.setattr(partitioner.analysis, "measure_layers", refuse)
     pm = partitioner.auto_parallelize(model, devices, args, plan=saved)
     assert pm.plan == saved
     with pm.simulator:

@@ -17,8 +17,12 @@ from partitioner.options import (
     Recompute,
     SolverBackend,
     SolverOptions,
+    Frontend,
+    Granularity,
+    TraceOptions,
     TrainingOptions,
     check_split_modules,
+    trace_options,
 )
 from partitioner.simulate.data import PipelineSchedule
 from tests.models import SmallResNet
@@ -54,6 +58,10 @@ def test_plan_options_read_enum_values_from_strings() -> None:
         (lambda: TrainingOptions(max_microbatches="4"), "max_microbatches must be an integer >= 1"),
         (lambda: TrainingOptions(equal_replicas=1), "equal_replicas must be True or False"),
         (lambda: TrainingOptions(schedules=3), "schedules must be a tuple of schedules"),
+        (lambda: TraceOptions(frontend="jit"), "TraceOptions.frontend: unknown Frontend 'jit'.*'auto', 'fx', 'export'"),
+        (lambda: TraceOptions(granularity="layer"), "TraceOptions.granularity: .*'block', 'leaf'"),
+        (lambda: TraceOptions(split_modules=[3]), "TraceOptions.split_modules must hold class names .*got 3"),
+        (lambda: TraceOptions(split_modules=5), "TraceOptions.split_modules must hold class names .*got 5"),
     ],
 )
 def test_bad_option_value_raises_naming_field_and_choices(make: Any, message: str) -> None:
@@ -151,3 +159,34 @@ def test_no_split_module_classes_is_accelerates_spelling_of_split_modules() -> N
                               no_split_module_classes=["Sequential"], measure=False)  # fmt: skip
     assert [layer.name for layer in leaf.layers] == ["0.0", "1.0"]
     assert [layer.name for layer in theirs.layers] == [layer.name for layer in ours.layers] == ["0", "1"]
+
+
+def test_trace_options_read_strings_and_classes() -> None:
+    trace = TraceOptions(frontend="FX", granularity="leaf", split_modules=nn.Linear)
+    assert (trace.frontend, trace.granularity) == (Frontend.FX, Granularity.LEAF)
+    assert trace.split_modules == ("torch.nn.modules.linear.Linear",)
+    assert TraceOptions(split_modules="Block").split_modules == ("Block",)  # one name, not its letters
+
+
+def test_trace_keywords_and_trace_options_name_the_same_trace() -> None:
+    assert trace_options(frontend="export", split_modules=["A"], no_split_module_classes="B") == TraceOptions(
+        frontend="export", split_modules=("A", "B")
+    )
+    given = TraceOptions(granularity="leaf")
+    assert trace_options(given) is given
+    with pytest.raises(ValueError, match="give either trace=TraceOptions\\(...\\) or granularity=, not both"):
+        trace_options(given, granularity="block")
+
+
+def test_plan_takes_trace_options_as_it_takes_their_keywords() -> None:
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    x = torch.randn(2, 4)
+    by_keywords = partitioner.plan(model, ["cpu:0", "cpu:1"], (x,), granularity="leaf", measure=False)
+    by_options = partitioner.plan(
+        model, ["cpu:0", "cpu:1"], (x,), trace=partitioner.TraceOptions(granularity="leaf"), measure=False
+    )
+    assert by_options.to_json() == by_keywords.to_json()
+    assert [layer.name for layer in by_options.layers] == ["0.0", "1.0"]
+    assert by_options.granularity == "leaf"
+    with pytest.raises(ValueError, match="TraceOptions.granularity: unknown Granularity 'layers'"):
+        partitioner.plan(model, ["cpu:0", "cpu:1"], (x,), granularity="layers", measure=False)

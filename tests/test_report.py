@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
+from rich.cells import cell_len
 
 import partitioner
 from partitioner import Plan, PlanOptions, Strategy
@@ -101,6 +102,19 @@ def test_report_rows_hold_layer_ranges_and_memory_against_capacity(split: Plan) 
         assert f"{used} ({device.memory_bytes / device.capacity_bytes:.0%})" in row
         assert format_bytes(device.param_bytes) in row
     assert "(96%)" in _row(text, "a100-80gb:0")  # 2.01 MiB of the 2.1 MiB cap
+
+
+def test_report_columns_align_by_display_width_and_keep_brackets(split: Plan) -> None:
+    # A wide character takes two terminal cells (a CJK module or profile name is valid);
+    # padding by len() shifted every later column of its row. Brackets are text, not markup.
+    devices = (replace(split.devices[0], profile="a100-層"), split.devices[1])
+    layers = (replace(split.layers[0], name="[b]fc1[/b]"), *split.layers[1:])
+    text = str(replace(split, devices=devices, layers=layers))
+    header = next(line for line in text.splitlines() if line.startswith("device"))
+    for device, held in zip(split.devices, ["[b]fc1[/b]", "relu1 .. fc4 (6 layers)"]):
+        row = _row(text, device.name)
+        assert row.endswith(held)
+        assert cell_len(row[: row.index(held)]) == header.index("layers")
 
 
 def test_report_lists_the_transfers(split: Plan) -> None:

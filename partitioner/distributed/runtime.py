@@ -39,16 +39,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_map
 
+from partitioner.analysis import check_plan_applies, trace_layers
 from partitioner.replicate import replication_hazards
 from partitioner.distributed.launch import launch_rank, process_device, process_groups, start_process_group, tie_groups
 from partitioner.distributed.layout import Layout, StageSpec, check_launch, plan_layout
 from partitioner.distributed.stages import MicrobatchShapeError, StageGraphs, build_stages, flat_batch
 from partitioner.errors import PlanMismatchError
-from partitioner.layers import LayeredModel, build_layers
+from partitioner.options import Frontend, Granularity, TraceOptions
+from partitioner.layers import LayeredModel
 from partitioner.plan import Plan
-from partitioner.profiling import profile_nodes
 from partitioner.rewrite import place_tensors
-from partitioner.trace import trace_model
 
 if TYPE_CHECKING:
     from torch.distributed.pipelining.stage import _PipelineStageBase
@@ -480,33 +480,23 @@ def _layers(
     *,
     check_fingerprint: bool = True,
 ) -> LayeredModel:
-    """Trace and group `model` as the planner did, and check it is the plan's model."""
-    front = plan.frontend if plan.frontend in ("fx", "export") else "auto"
-    granularity = plan.granularity if plan.granularity in ("block", "leaf") else "block"
-    traced = trace_model(model, args, kwargs, frontend=front, granularity=granularity, split_modules=split_modules)  # type: ignore[arg-type]
-    stats = profile_nodes(traced.gm, args, dict(kwargs), training=plan.training)
-    layered = build_layers(traced, stats, batch_size=_batch(args, kwargs))
-    names = [layer.name for layer in layered.graph.layers]
-    planned = [layer.name for layer in plan.layers]
-    if check_fingerprint and layered.graph.fingerprint != plan.fingerprint:
-        raise PlanMismatchError(
-            f"the plan was made for {plan.model_name} (fingerprint {plan.fingerprint}) but this model traces to "
-            f"{layered.graph.model_name} (fingerprint {layered.graph.fingerprint}) on these example inputs; "
-            "pass the model and example inputs the plan was made with (and its split_modules), or plan again"
-        )
-    if names != planned:
-        raise PlanMismatchError(
-            f"the model traces to {len(names)} layers ({', '.join(names[:3])}, ...) but the plan has "
-            f"{len(planned)} ({', '.join(planned[:3])}, ...); plan this model again"
-        )
+    """Trace and group `model` as the planner did (`trace_layers`), and check it is the plan's model."""
+    trace = TraceOptions(
+        frontend=Frontend(plan.frontend) if plan.frontend in ("fx", "export") else Frontend.AUTO,
+        granularity=Granularity(plan.granularity) if plan.granularity in ("block", "leaf") else Granularity.BLOCK,
+        split_modules=tuple(split_modules),
+    )
+    layered, _ = trace_layers(model, args, kwargs, training=plan.training, trace=trace)
+    if check_fingerprint:
+        check_plan_applies(plan, layered)
+    else:  # traced at another batch: the fingerprint differs, the layers must not
+        names, planned = [layer.name for layer in layered.graph.layers], [layer.name for layer in plan.layers]
+        if names != planned:
+            raise PlanMismatchError(
+                f"the model traces to {len(names)} layers ({', '.join(names[:3])}, ...) but the plan has "
+                f"{len(planned)} ({', '.join(planned[:3])}, ...); plan this model again"
+            )
     return layered
-
-
-def _batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
-    for x in [*args, *kwargs.values()]:
-        if isinstance(x, torch.Tensor) and x.ndim:
-            return int(x.shape[0])
-    return 1
 
 
 def _resized(value: Any, batch: int) -> Any:

@@ -1,0 +1,222 @@
+"""The half of planning before any solver: resolve devices, trace, profile, time the layers.
+
+`analyze` is the one path from a model to what every planner solves on: `compile_plan`,
+the training planner and checking a saved plan call it; `partitioner.distributed` calls
+its device-independent half, `trace_layers`, to rebuild a plan's layers on each process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from partitioner.devices import Device, MaxMemory, resolve_devices
+from partitioner.dtypes import dtype_of
+from partitioner.errors import PlanMismatchError, ProfileError
+from partitioner.layers import LayeredModel, build_layers
+from partitioner.measure import measure_layers
+from partitioner.options import Frontend, Granularity, PlanOptions, TraceOptions, check_split_modules
+from partitioner.partitioned import plain_model
+from partitioner.plan import Plan
+from partitioner.profiling import profile_nodes
+from partitioner.progress import Progress
+from partitioner.replicate import replication_hazards
+from partitioner.trace import trace_model
+
+__all__ = ["AnalysisArgs", "Analysis", "analyze", "trace_layers", "check_plan_applies", "example_batch_size"]
+
+
+class AnalysisArgs(TypedDict, total=False):
+    """The keyword arguments every front door takes for its analysis (see `partitioner.plan`)."""
+
+    trace: TraceOptions | None
+    max_memory: MaxMemory | None
+    frontend: Frontend | str | None
+    granularity: Granularity | str | None
+    split_modules: str | type | Iterable[str | type]
+    no_split_module_classes: str | type | Iterable[str | type]
+    measure: bool
+    measure_budget_s: float
+    progress: Progress | None
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """The model, traced, profiled and timed for a set of devices: what every planner solves on."""
+
+    layered: LayeredModel
+    devices: tuple[Device, ...]
+    options: PlanOptions
+    """The options asked for, with data parallelism off where replicas would compute something else."""
+    dtype: str
+    """The roofline dtype of the model's parameters (`partitioner.dtypes.dtype_of`)."""
+    trace: TraceOptions
+    """How it was traced (the plan records the granularity)."""
+    timings_s: dict[str, float]
+    """Seconds spent tracing (``trace_s``) and profiling and timing (``profile_s``)."""
+
+    @property
+    def granularity(self) -> str:
+        """The layer granularity it was traced at (``block`` or ``leaf``)."""
+        return self.trace.granularity.value
+
+
+def analyze(
+    model: nn.Module,
+    devices: Sequence[str],
+    example_inputs: tuple[Any, ...] = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    options: PlanOptions | None = None,
+    trace: TraceOptions | None = None,
+    max_memory: MaxMemory | None = None,
+    measure: bool = True,
+    measure_budget_s: float = 10.0,
+    progress: Progress | None = None,
+) -> Analysis:
+    """Resolve `devices`, trace and profile `model`, and time its layers on the present devices.
+
+    Args:
+        model: The model (not modified); a `PartitionedModule` is analysed as what it computes.
+        devices, example_inputs, example_kwargs, max_memory, measure, measure_budget_s,
+            progress: As for `partitioner.plan`.
+        options: What is planned for (training profiles backward too).
+        trace: How to trace (default `TraceOptions()`).
+
+    Returns:
+        The `Analysis`.
+
+    Raises:
+        DeviceError, ProfileError: A device string or profile is wrong.
+        TraceError: No front end traces the model.
+    """
+    model = plain_model(model)
+    options = options or PlanOptions()
+    say = progress or (lambda _: None)
+    hazards = replication_hazards(model)
+    if options.allow_data_parallel and hazards:
+        say(f"not considering data parallelism: {hazards[0]}")
+        options = dataclasses.replace(options, allow_data_parallel=False)
+    if isinstance(devices, str):
+        devices = [devices]
+    resolved = resolve_devices(list(devices), max_memory)
+    args, kwargs = _inputs(example_inputs, example_kwargs)
+    trace = trace or TraceOptions()
+    layered, timings = trace_layers(model, args, kwargs, training=options.training, trace=trace, progress=say)
+    if measure and any(d.present for d in resolved):
+        start = time.perf_counter()
+        say("timing layers on the devices present")
+        timed = measure_layers(layered, args, kwargs, resolved, budget_s=measure_budget_s, progress=say)
+        layered = dataclasses.replace(layered, graph=timed)
+        timings["profile_s"] += time.perf_counter() - start
+    return Analysis(layered, resolved, options, dtype_of(model), trace, timings)
+
+
+def trace_layers(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    training: bool = False,
+    trace: TraceOptions | None = None,
+    progress: Progress | None = None,
+) -> tuple[LayeredModel, dict[str, float]]:
+    """Trace `model`, profile every graph node on fake tensors and group the nodes into layers.
+
+    Device-independent (nothing runs on a device, nothing is allocated for a model on
+    ``meta``): one call serves any number of device sets and objectives through
+    `partitioner.cost_model.build_problem`. A torch.fx graph that does not replay under
+    profiling is traced again with torch.export (``Frontend.AUTO``).
+
+    Args:
+        model: The model (not modified); a `PartitionedModule` is traced as what it computes.
+        example_inputs: Positional example inputs.
+        example_kwargs: Keyword example inputs.
+        training: Profile forward and backward (else forward only).
+        trace: How to trace (default `TraceOptions()`); its split modules are checked
+            against the model's classes.
+        progress: Called with a status line per phase.
+
+    Returns:
+        The layered model, and seconds spent tracing (``trace_s``) and profiling (``profile_s``).
+
+    Raises:
+        ValueError: A split module names a class the model lacks.
+        TraceError: Neither frontend traces the model.
+        ProfileError: The graph does not run on fake tensors.
+    """
+    model = plain_model(model)
+    trace = trace or TraceOptions()
+    say = progress or (lambda _: None)
+    args, kwargs = _inputs(example_inputs, example_kwargs)
+    start = time.perf_counter()
+    classes = {f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()}
+    split_modules = check_split_modules(trace.split_modules, classes, type(model).__name__)
+    granularity: Any = trace.granularity.value  # trace_model takes the values
+    say(f"tracing {type(model).__name__}")
+    traced = trace_model(
+        model, args, kwargs, frontend=trace.frontend.value, granularity=granularity, split_modules=split_modules
+    )
+    timings = {"trace_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    say(f"profiling {sum(1 for _ in traced.gm.graph.nodes)} graph nodes on fake tensors")
+    try:
+        stats = profile_nodes(traced.gm, args, kwargs, training=training)
+    except ProfileError:
+        if trace.frontend is not Frontend.AUTO or traced.frontend != "fx":
+            raise
+        say("torch.fx graph did not replay; tracing again with torch.export")
+        traced = trace_model(model, args, kwargs, frontend="export", granularity=granularity, split_modules=split_modules)
+        stats = profile_nodes(traced.gm, args, kwargs, training=training)
+    layered = build_layers(traced, stats, batch_size=example_batch_size(args, kwargs))
+    timings["profile_s"] = time.perf_counter() - start
+    return layered, timings
+
+
+def check_plan_applies(plan: Plan, layered: LayeredModel, devices: Sequence[Device] | None = None) -> None:
+    """Raise unless `plan` was made for the model `layered` traces, and for as many devices.
+
+    Raises:
+        PlanMismatchError: Another fingerprint, another device count (when `devices` is
+            given), or other layers (an edited plan, another granularity).
+    """
+    graph = layered.graph
+    if plan.fingerprint != graph.fingerprint:
+        raise PlanMismatchError(
+            f"the plan was made for {plan.model_name} (fingerprint {plan.fingerprint}) but this model "
+            f"traces to {graph.model_name} (fingerprint {graph.fingerprint}) on these example inputs; pass "
+            "the model and example inputs the plan was made with (and its split_modules), or plan again"
+        )
+    if devices is not None and len(plan.devices) != len(devices):
+        raise PlanMismatchError(
+            f"the plan places layers on {len(plan.devices)} device(s) ({', '.join(d.name for d in plan.devices)}) "
+            f"but {len(devices)} were given ({', '.join(d.name for d in devices)}); "
+            "give as many devices as the plan has, or plan again"
+        )
+    names, expected = [layer.name for layer in plan.layers], [layer.name for layer in graph.layers]
+    if names != expected:
+        raise PlanMismatchError(
+            f"the plan has {len(names)} layers but this model has {len(expected)} "
+            f"(first difference: {next((a, b) for a, b in zip([*names, None], [*expected, None]) if a != b)}); "
+            "the plan was edited or made with other granularity; plan this model again"
+        )
+
+
+def example_batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
+    """The batch the example inputs carry: dimension 0 of their first tensor of rank >= 1 (else 1)."""
+    for x in tree_leaves((args, dict(kwargs))):
+        if isinstance(x, torch.Tensor) and x.ndim:
+            return int(x.shape[0])
+    return 1
+
+
+def _inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    return args, dict(example_kwargs or {})
