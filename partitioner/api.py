@@ -20,7 +20,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from partitioner.cost_model import build_problem
-from partitioner.devices import Device, resolve_devices
+from partitioner.device_resolution import resolve_devices
+from partitioner.devices import Device
 from partitioner.errors import DeviceError, PartitionerError, PlanMismatchError, ProfileError
 from partitioner.ir import Problem, Solution
 from partitioner.assemble import annotate_plan, make_plan
