@@ -43,7 +43,12 @@ _UNITS = {"b": 1, "": 1}
 for _i, _prefix in enumerate("kmgtp", start=1):
     _UNITS[f"{_prefix}b"] = 1000**_i
     _UNITS[f"{_prefix}ib"] = 1024**_i
-_BYTES_RE = re.compile(r"\s*(?P<number>(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*(?P<unit>[a-z]*)\s*")
+# A number as Python's float() reads it (Accelerate parses with float()): a sign, digits with
+# single underscores between them (``1_000``), a fraction, an exponent.
+_DIGITS = r"\d(?:_?\d)*"
+_BYTES_RE = re.compile(
+    rf"\s*(?P<number>[+-]?(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:e[+-]?{_DIGITS})?)\s*(?P<unit>[a-z]*)\s*"
+)
 
 
 def parse_bytes(value: int | str) -> int:
@@ -52,9 +57,12 @@ def parse_bytes(value: int | str) -> int:
     Decimal units (kB, MB, GB, TB, PB: powers of 1000) and binary ones (KiB ... PiB:
     powers of 1024), as Accelerate's ``convert_file_size_to_int`` reads ``max_memory``:
     ``"20GB"`` is 20 x 10^9 bytes and ``"20GiB"`` 20 x 2^30, in any case (``"20gib"``).
-    A decimal unit that ends in a lowercase ``b`` (``"20Gb"``, ``"20gb"``) is refused:
-    Accelerate reads it as bits (an eighth of the bytes), so either reading would
-    surprise someone.
+    Every string Accelerate reads gives the same number here: the number is read as
+    Python's ``float`` reads it (``"+5GB"``, ``"1_000MB"``, ``"1e3MB"``) and a fraction
+    of a byte is dropped (``"0.7KiB"`` is 716 bytes), except that a decimal unit ending
+    in a lowercase ``b`` (``"20Gb"``, ``"20gb"``) is refused: Accelerate reads it as
+    bits (an eighth of the bytes), so either reading would surprise someone. Beyond
+    Accelerate's: TB, PB, TiB, PiB, ``B`` and a bare number (``"4096"``, ``"1e9"``).
 
     Raises:
         DeviceError: Not a non-negative int or a number with a known unit.
@@ -74,7 +82,7 @@ def parse_bytes(value: int | str) -> int:
     unit = value.strip()[len(value.strip()) - len(m["unit"]) :]
     if unit.endswith("b") and not unit.lower().endswith("ib"):
         number, prefix = m["number"], unit[:-1].upper()
-        bits = format_bytes(round(float(number) * _UNITS[m["unit"]] / 8), binary=False)
+        bits = format_bytes(int(float(number) * _UNITS[m["unit"]]) // 8, binary=False)
         fix = (
             f"write '{number}{prefix}B' ({number} x 10^{3 * ('KMGTP'.index(prefix) + 1)} bytes) "
             f"or '{number}{prefix}iB' ({number} x 2^{10 * ('KMGTP'.index(prefix) + 1)} bytes)"
@@ -85,4 +93,8 @@ def parse_bytes(value: int | str) -> int:
     size = float(m["number"]) * _UNITS[m["unit"]]
     if not math.isfinite(size) or size > 2**63 - 1:
         raise DeviceError(f"size {value!r} is too large")
-    return round(size)
+    # int() drops the fraction toward zero, as Accelerate's int(float(...) * unit) does:
+    # "-0.1KB" is 0 bytes there too.
+    if int(size) < 0:
+        raise DeviceError(f"a size in bytes must be >= 0 (got {value!r})")
+    return int(size)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from partitioner import device_detection, device_resolution, profile_files, units
@@ -526,6 +526,8 @@ def test_link_cost_picks_the_path() -> None:
         ("1e9", 10**9),
         (".5TB", 500 * 10**9),
         ("1PiB", 2**50),
+        ("+5GB", 5 * 10**9),
+        ("1_000MB", 10**9),
         (123, 123),
     ],
 )
@@ -541,7 +543,44 @@ def test_parse_bytes_rejects(bad: Any) -> None:
         parse_bytes(bad)
 
 
-ACCELERATE_SPELLINGS = ["200MB", "1.5GiB", "20GB", "20GiB", "20gib", "2KB", "2kB", "512MiB", "1KiB", "0.5GB", 4096]
+ACCELERATE_SPELLINGS = [
+    "200MB", "1.5GiB", "20GB", "20GiB", "20gib", "2KB", "2kB", "512MiB", "1KiB", "0.5GB", 4096, 0,
+    "10GB", "10GiB", "1.5GB", "500MB", "10 GB", " 10GB", "1E3MB", "5.GB", ".5GB", "5mB", "1e-3KB", "0.29GB",
+    "0.7KiB", "3.3MiB", "+5GB", "1_000MB", "-0GB",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "size"), [("0.7KiB", 716), ("3.3MiB", 3_460_300), ("1.0005KB", 1000)])
+def test_parse_bytes_drops_a_fraction_of_a_byte_as_accelerate_does(text: str, size: int) -> None:
+    """0.7 x 1024 = 716.8: Accelerate's int() gives 716; rounding would give 717."""
+    assert parse_bytes(text) == size
+
+
+def test_every_size_accelerate_reads_parses_to_the_same_bytes() -> None:
+    """Any spelling Accelerate accepts gives its number here, or a DeviceError that says why:
+    a lowercase 'b' (bits to Accelerate) or a size past 2^63 bytes."""
+    convert = pytest.importorskip("accelerate.utils").convert_file_size_to_int
+    number = st.from_regex(r"[+-]?(\d{1,4}(_\d{1,3})?)?(\.\d{0,4})?([eE][+-]?\d{1,2})?", fullmatch=True)
+    unit = st.from_regex(r"[kKmMgG][iI]?[bB]", fullmatch=True)  # the units Accelerate knows, any case
+
+    @given(st.sampled_from(["", " "]), number, st.sampled_from(["", " "]), unit)
+    @settings(max_examples=500, deadline=None)
+    def check(lead: str, num: str, gap: str, suffix: str) -> None:
+        text = lead + num + gap + suffix
+        try:
+            expected = convert(text)
+        except (ValueError, OverflowError):
+            return  # Accelerate refuses it too
+        if text.endswith("b") and not text.lower().endswith("ib"):
+            with pytest.raises(DeviceError, match="ambiguous: Accelerate reads a lowercase 'b' as bits"):
+                parse_bytes(text)
+        elif expected > 2**63 - 1:
+            with pytest.raises(DeviceError, match="too large"):
+                parse_bytes(text)
+        else:
+            assert parse_bytes(text) == expected, text
+
+    check()
 
 
 @pytest.mark.parametrize("text", ACCELERATE_SPELLINGS)
