@@ -69,7 +69,7 @@ def _git(*args: str) -> str | None:
 
 def _hardware() -> dict[str, Any]:
     from partitioner.calibrate import _cpu_model_name
-    from partitioner.devices import system_memory_bytes
+    from partitioner.device_detection import system_memory_bytes
 
     try:
         usable = len(os.sched_getaffinity(0))

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from partitioner.devices import Device, MaxMemory, resolve_devices
+from partitioner.device_resolution import MaxMemory, resolve_devices
+from partitioner.devices import Device
 from partitioner.dtypes import dtype_of
 from partitioner.errors import PlanMismatchError, ProfileError
 from partitioner.layers import LayeredModel, build_layers

@@ -18,7 +18,8 @@ from typing_extensions import Unpack
 from partitioner.analysis import Analysis, AnalysisArgs, analyze, check_plan_applies, trace_layers
 from partitioner.assemble import annotate_plan, make_plan
 from partitioner.cost_model import build_problem
-from partitioner.devices import Device, MaxMemory
+from partitioner.device_resolution import MaxMemory
+from partitioner.devices import Device
 from partitioner.dtypes import dtype_of
 from partitioner.errors import DeviceError, PlanMismatchError
 from partitioner.ir import Problem, Solution

@@ -31,19 +31,13 @@ from typing import Any
 
 import torch
 
-from partitioner.devices import (
-    _NAME_RE,
-    DTYPES,
-    DeviceProfile,
-    Link,
-    PeakFlops,
-    profile_to_json,
-    system_memory_bytes,
-)
+from partitioner.device_detection import system_memory_bytes
+from partitioner.devices import DTYPES, PROFILE_NAME_RE, DeviceProfile, Link, PeakFlops
 from partitioner.dtypes import torch_dtype
 from partitioner.errors import DeviceError
 from partitioner.files import staged
 from partitioner.progress import Progress
+from partitioner.profile_files import profile_to_json
 
 __all__ = ["measure_device", "write_profile", "default_profile_name", "check_profile_name"]
 
@@ -196,7 +190,7 @@ def check_profile_name(name: str) -> None:
     Raises:
         DeviceError: `name` breaks the schema's rule for names.
     """
-    if not _NAME_RE.fullmatch(name):
+    if not PROFILE_NAME_RE.fullmatch(name):
         raise DeviceError(
             f"profile name {name!r} is not 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
         )

@@ -193,7 +193,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     from partitioner.api import compile_plan
     from partitioner.cluster import load_cluster
-    from partitioner.devices import parse_bytes
+    from partitioner.units import parse_bytes
     from partitioner.models import build_model
     from partitioner.options import Objective, Optimizer, PlanOptions, SolverBackend, SolverOptions
     from partitioner.report import render_plan_timeline
@@ -267,7 +267,7 @@ def _profile(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from partitioner.calibrate import check_profile_name, default_profile_name, measure_device, write_profile
-    from partitioner.devices import PROFILE_PATH_ENV, available_profiles
+    from partitioner.profile_files import PROFILE_PATH_ENV, available_profiles
 
     # Everything that can be refused is refused before the measurement: a profile is found
     # by its file's name, so the name and the file agree, and the file can be written.
@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print("\n".join(available_clusters()))
             return 0
-        from partitioner.devices import available_profiles
+        from partitioner.profile_files import available_profiles
 
         print("\n".join(available_profiles()))
         return 0

@@ -10,29 +10,22 @@ whose links are `partitioner.devices.link_cost`'s.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from partitioner.devices import (
-    Device,
-    DeviceProfile,
-    Link,
-    MaxMemory,
-    _check_link,
-    _MAX_DEVICES,
-    _FieldError,
-    _object,
-    _read_capped,
-    link_cost,
+from partitioner.device_resolution import MAX_DEVICES, MaxMemory, resolve_devices
+from partitioner.devices import Device, DeviceProfile, FieldError, Link, check_link, link_cost
+from partitioner.errors import DeviceError, ProfileError
+from partitioner.profile_files import (
+    find_on_search_path,
+    json_object,
     load_profile,
     profile_search_path,
-    resolve_devices,
+    read_strict_json,
 )
-from partitioner.errors import DeviceError, ProfileError
 
 __all__ = [
     "CLUSTER_DIR",
@@ -47,7 +40,7 @@ CLUSTER_DIR = "clusters"
 """Cluster profiles live in this subdirectory of every profile directory (`profile_search_path`)."""
 
 # Past these a cluster is a typo or too large for the dense link table (devices squared);
-# `_MAX_DEVICES` (1024) is also the most a device list may name.
+# `MAX_DEVICES` (1024) is also the most a device list may name.
 _MAX_DEVICES_PER_NODE = 64
 _MAX_FILE_BYTES = 1 << 20
 _LINK_KEYS = {f.name for f in fields(Link)}
@@ -142,11 +135,11 @@ def _link_line(link: Link, where: str) -> str:
 
 
 def _link(where: str, key: str, raw: object, extra: frozenset[str] = frozenset()) -> tuple[Link, dict[str, Any]]:
-    data = _object(where, key, raw, _LINK_KEYS | extra, set())
+    data = json_object(where, key, raw, _LINK_KEYS | extra, set())
     link = Link(**{k: data[k] for k in _LINK_KEYS})
     try:
-        _check_link(key, link)
-    except _FieldError as e:
+        check_link(key, link)
+    except FieldError as e:
         raise ProfileError(f"{where}: {e.detail}") from None
     return link, data
 
@@ -176,14 +169,14 @@ class _NodeType:
 
 
 def _node_type(where: str, key: str, raw: object) -> _NodeType:
-    node = _object(where, key, raw, {"name", "count", "devices", "links"}, set())
+    node = json_object(where, key, raw, {"name", "count", "devices", "links"}, set())
     name = _text(where, f"{key}.name", node["name"])
-    count = _count(where, f"{key}.count", node["count"], _MAX_DEVICES)
+    count = _count(where, f"{key}.count", node["count"], MAX_DEVICES)
     if not isinstance(node["devices"], list) or not node["devices"]:
         raise ProfileError(f"{where}: key '{key}.devices' must be a non-empty list")
     kinds: dict[str, tuple[DeviceProfile, int]] = {}
     for k, entry in enumerate(node["devices"]):
-        item = _object(where, f"{key}.devices[{k}]", entry, {"profile", "count"}, set())
+        item = json_object(where, f"{key}.devices[{k}]", entry, {"profile", "count"}, set())
         profile = _text(where, f"{key}.devices[{k}].profile", item["profile"])
         if profile in kinds:
             raise ProfileError(f"{where}: {key} lists device profile {profile!r} twice; give one count")
@@ -237,7 +230,7 @@ def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
             unknown device profile, a pair of device kinds in a node without a link, or
             several nodes without a network.
     """
-    top = _object(where, "", data, {"name", "description", "nodes", "network", "source"}, set())
+    top = json_object(where, "", data, {"name", "description", "nodes", "network", "source"}, set())
     name = _text(where, "name", top["name"])
     if not isinstance(top["nodes"], list) or not top["nodes"]:
         raise ProfileError(f"{where}: key 'nodes' must be a non-empty list of node types")
@@ -256,8 +249,8 @@ def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
             node_names.append(node_name)
             pair_link.append(node.links)
             members = [profile for profile, n in node.kinds.values() for _ in range(n)]
-            if len(devices) + len(members) > _MAX_DEVICES:
-                raise ProfileError(f"{where}: more than {_MAX_DEVICES} devices; at most {_MAX_DEVICES}")
+            if len(devices) + len(members) > MAX_DEVICES:
+                raise ProfileError(f"{where}: more than {MAX_DEVICES} devices; at most {MAX_DEVICES}")
             for local, profile in enumerate(members):
                 devices.append(
                     Device(
@@ -306,29 +299,6 @@ def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
     )
 
 
-def _read_json(path: Path) -> object:
-    """Parse `path` as strict JSON: a regular file of at most 1 MiB, no duplicate keys, no NaN or Infinity."""
-    where = str(path)
-
-    def reject_constant(token: str) -> None:
-        raise ProfileError(f"{where}: {token} is not a number a cluster profile may hold")
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(pairs)
-        if len(out) != len(pairs):
-            twice = sorted({k for k, _ in pairs if sum(1 for j, _ in pairs if j == k) > 1})
-            raise ProfileError(f"{where}: key {twice[0]!r} appears more than once in one object")
-        return out
-
-    text = _read_capped(path, _MAX_FILE_BYTES, "cluster profile")
-    try:
-        return json.loads(text, parse_constant=reject_constant, object_pairs_hook=no_duplicates)
-    except json.JSONDecodeError as e:
-        raise ProfileError(f"{where}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-    except RecursionError:
-        raise ProfileError(f"{where}: JSON nested too deeply") from None
-
-
 def _cluster_dirs() -> tuple[Path, ...]:
     return tuple(d / CLUSTER_DIR for d in profile_search_path())
 
@@ -345,11 +315,7 @@ def available_clusters() -> tuple[str, ...]:
 def _find(name: str) -> Path | None:
     if not name or "/" in name or os.sep in name or name.startswith("."):
         return None
-    for directory in _cluster_dirs():
-        candidate = directory / f"{name}.json"
-        if candidate.is_file():
-            return candidate
-    return None
+    return find_on_search_path(f"{CLUSTER_DIR}/{name}.json")
 
 
 def load_cluster(name_or_path: str | os.PathLike[str]) -> Cluster:
@@ -367,14 +333,14 @@ def load_cluster(name_or_path: str | os.PathLike[str]) -> Cluster:
     text = os.fspath(name_or_path)
     if isinstance(name_or_path, os.PathLike) or text.endswith(".json"):
         path = Path(text)
-        return cluster_from_dict(_read_json(path), str(path))
+        return cluster_from_dict(read_strict_json(path, _MAX_FILE_BYTES, "cluster profile"), str(path))
     found = _find(text)
     if found is None:
         raise ProfileError(
             f"no cluster profile named {text!r}; available: {', '.join(available_clusters()) or 'none'} "
             f"(searched {', '.join(str(d) for d in _cluster_dirs())})"
         )
-    cluster = cluster_from_dict(_read_json(found), str(found))
+    cluster = cluster_from_dict(read_strict_json(found, _MAX_FILE_BYTES, "cluster profile"), str(found))
     if cluster.name != text:
         raise ProfileError(f"{found}: key 'name' is {cluster.name!r} but the file is {found.name}; make them agree")
     return cluster

@@ -22,7 +22,7 @@ from partitioner.analysis import AnalysisArgs, analyze
 from partitioner.assemble import annotate_plan
 from partitioner.cluster import Cluster, resolve_cluster
 from partitioner.cost_model import TrainingCosts, resolve_precision, training_costs, training_state_bytes
-from partitioner.devices import MaxMemory
+from partitioner.device_resolution import MaxMemory
 from partitioner.ir import OUTPUT, LayerGraph
 from partitioner.options import (
     Frontend,

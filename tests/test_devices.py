@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from partitioner import device_detection, device_resolution, profile_files, units
 from partitioner import devices as devmod
 from partitioner.devices import (
     DeviceProfile,
@@ -32,7 +33,7 @@ from partitioner.devices import (
     resolve_devices,
     system_memory_bytes,
 )
-from partitioner.devices import _MAX_DEVICES as MAX_DEVICES
+from partitioner.device_resolution import MAX_DEVICES
 from partitioner.errors import DeviceError, ProfileError
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
@@ -97,7 +98,7 @@ def test_missing_dtype_falls_back_to_float32_rate() -> None:
 
 
 def test_modules_stay_free_of_torch_at_import() -> None:
-    """devices imports torch only inside functions; the cost model never."""
+    """The device modules import torch only inside functions; the cost model never."""
 
     def torch_imports(path: Path, top_level_only: bool) -> list[int]:
         tree = ast.parse(path.read_text())
@@ -110,8 +111,18 @@ def test_modules_stay_free_of_torch_at_import() -> None:
         ]
 
     package = Path(devmod.__file__).parent
-    assert torch_imports(package / "devices.py", top_level_only=True) == []
+    for module in (devmod, profile_files, device_detection, device_resolution):
+        assert torch_imports(Path(module.__file__ or ""), top_level_only=True) == [], module.__name__
     assert torch_imports(package / "cost_model.py", top_level_only=False) == []
+
+
+@pytest.mark.parametrize("name", sorted(devmod.__all__))
+def test_every_public_name_stays_importable_from_devices(name: str) -> None:
+    """Names that moved to profile_files, device_detection, device_resolution and units are
+    re-exported: ``from partitioner.devices import load_profile`` works as before."""
+    value = getattr(devmod, name)
+    homes = [m for m in (devmod, profile_files, device_detection, device_resolution, units) if name in m.__all__]
+    assert all(getattr(m, name) is value for m in homes) and name in dir(devmod)
 
 
 # --------------------------------------------------------------------------- hostile files
@@ -272,7 +283,7 @@ def test_special_files_are_refused_without_reading_them(tmp_path: Path) -> None:
 def test_a_file_read_is_capped_whatever_its_size_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     big = tmp_path / "big.json"
     big.write_text(json.dumps(_valid()) + " " * 100)
-    monkeypatch.setattr(devmod, "_MAX_PROFILE_FILE_BYTES", 64)
+    monkeypatch.setattr(profile_files, "_MAX_PROFILE_FILE_BYTES", 64)
     with pytest.raises(ProfileError, match="larger than 64 B"):
         load_profile(big)
 
@@ -281,7 +292,7 @@ def test_search_path_and_name_check(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     mine = dict(_valid(), name="cpu", kind="cpu", host_link=None, peer_link=None, memory_bytes=123 * GiB)
     (tmp_path / "cpu.json").write_text(json.dumps(mine))
     (tmp_path / "tpu-v9.json").write_text(json.dumps(dict(_valid(), name="not-tpu")))
-    monkeypatch.setenv(devmod.PROFILE_PATH_ENV, f"{tmp_path / 'missing-dir'}{devmod.os.pathsep}{tmp_path}")
+    monkeypatch.setenv(devmod.PROFILE_PATH_ENV, f"{tmp_path / 'missing-dir'}{os.pathsep}{tmp_path}")
     assert load_profile("cpu").memory_bytes == 123 * GiB  # the path shadows the built-in profile
     assert "tpu-v9" in available_profiles() and "h200" in available_profiles()
     with pytest.raises(ProfileError, match="key 'name' is 'not-tpu' but the file is tpu-v9.json"):
@@ -515,6 +526,8 @@ def test_link_cost_picks_the_path() -> None:
         ("1e9", 10**9),
         (".5TB", 500 * 10**9),
         ("1PiB", 2**50),
+        ("+5GB", 5 * 10**9),
+        ("1_000MB", 10**9),
         (123, 123),
     ],
 )
@@ -530,7 +543,44 @@ def test_parse_bytes_rejects(bad: Any) -> None:
         parse_bytes(bad)
 
 
-ACCELERATE_SPELLINGS = ["200MB", "1.5GiB", "20GB", "20GiB", "20gib", "2KB", "2kB", "512MiB", "1KiB", "0.5GB", 4096]
+ACCELERATE_SPELLINGS = [
+    "200MB", "1.5GiB", "20GB", "20GiB", "20gib", "2KB", "2kB", "512MiB", "1KiB", "0.5GB", 4096, 0,
+    "10GB", "10GiB", "1.5GB", "500MB", "10 GB", " 10GB", "1E3MB", "5.GB", ".5GB", "5mB", "1e-3KB", "0.29GB",
+    "0.7KiB", "3.3MiB", "+5GB", "1_000MB", "-0GB",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "size"), [("0.7KiB", 716), ("3.3MiB", 3_460_300), ("1.0005KB", 1000)])
+def test_parse_bytes_drops_a_fraction_of_a_byte_as_accelerate_does(text: str, size: int) -> None:
+    """0.7 x 1024 = 716.8: Accelerate's int() gives 716; rounding would give 717."""
+    assert parse_bytes(text) == size
+
+
+def test_every_size_accelerate_reads_parses_to_the_same_bytes() -> None:
+    """Any spelling Accelerate accepts gives its number here, or a DeviceError that says why:
+    a lowercase 'b' (bits to Accelerate) or a size past 2^63 bytes."""
+    convert = pytest.importorskip("accelerate.utils").convert_file_size_to_int
+    number = st.from_regex(r"[+-]?(\d{1,4}(_\d{1,3})?)?(\.\d{0,4})?([eE][+-]?\d{1,2})?", fullmatch=True)
+    unit = st.from_regex(r"[kKmMgG][iI]?[bB]", fullmatch=True)  # the units Accelerate knows, any case
+
+    @given(st.sampled_from(["", " "]), number, st.sampled_from(["", " "]), unit)
+    @settings(max_examples=500, deadline=None)
+    def check(lead: str, num: str, gap: str, suffix: str) -> None:
+        text = lead + num + gap + suffix
+        try:
+            expected = convert(text)
+        except (ValueError, OverflowError):
+            return  # Accelerate refuses it too
+        if text.endswith("b") and not text.lower().endswith("ib"):
+            with pytest.raises(DeviceError, match="ambiguous: Accelerate reads a lowercase 'b' as bits"):
+                parse_bytes(text)
+        elif expected > 2**63 - 1:
+            with pytest.raises(DeviceError, match="too large"):
+                parse_bytes(text)
+        else:
+            assert parse_bytes(text) == expected, text
+
+    check()
 
 
 @pytest.mark.parametrize("text", ACCELERATE_SPELLINGS)

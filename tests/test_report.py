@@ -10,11 +10,11 @@ from rich.cells import cell_len
 
 import partitioner
 from partitioner import Plan, PlanOptions, Strategy
-from partitioner.devices import format_bytes
 from partitioner.models import build_model
 from partitioner.plan import PlanLayer, PlanTransfer
 from partitioner.report import format_seconds, layer_ranges, render_text, transfer_names
 from partitioner.solve.explain import best_split
+from partitioner.units import format_bytes
 from tests.models import ZOO
 
 

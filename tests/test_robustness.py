@@ -24,7 +24,6 @@ from torch import nn
 
 import partitioner
 from partitioner import PlanOptions, SolverOptions, Strategy, to_plain
-from partitioner.devices import format_bytes
 from partitioner.errors import (
     DeviceError,
     InfeasibleError,
@@ -35,6 +34,7 @@ from partitioner.errors import (
     TraceError,
 )
 from partitioner.options import Objective
+from partitioner.units import format_bytes
 from tests.models import ZOO, BranchyModel
 from tests.helpers import assert_unchanged, forcing_caps, layer_memory, snapshot
 
