@@ -1,7 +1,7 @@
 """A plan: what goes where, what it costs, and how sure the solver is. Pure data.
 
 A plan prints as a readable table (`partitioner.report`), saves as JSON and loads back
-(`Plan.to_json` / `Plan.from_json`, validated, never pickle), and exports an
+(`Plan.to_json` / `Plan.from_json`, validated by `partitioner.plan_json`, never pickle), and exports an
 Accelerate-style ``device_map``. A training plan from `partitioner.training` also holds a
 `PipelinePlan`: its stages (layer ranges on replicated device groups, per-stage times and
 memory), microbatches, schedule, runner-up strategies and throughput.
@@ -9,15 +9,11 @@ memory), microbatches, schedule, runner-up strategies and throughput.
 
 from __future__ import annotations
 
-import enum
 import json
-import math
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from partitioner.errors import PlanFormatError
 from partitioner.options import Objective, Strategy
 
 if TYPE_CHECKING:
@@ -367,7 +363,9 @@ class Plan:
 
         A field added after version 1 (``pipeline``, a transfer's ``module``) is left out while
         it holds its default, so such plans read as they always did, also by older releases."""
-        return {"version": PLAN_VERSION, **_plain(self)}
+        from partitioner.plan_json import plan_to_dict
+
+        return plan_to_dict(self)
 
     def to_json(self, indent: int | None = 2) -> str:
         """The plan as JSON, byte-for-byte the same for the same plan."""
@@ -375,220 +373,24 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        """Load a plan written by `to_json`.
+        """Load a plan written by `to_json` (checked by `partitioner.plan_json`).
 
         Raises:
             PlanFormatError: Not JSON (or nested too deeply), or a key is missing, unknown,
-                repeated, of the wrong type or out of range, or an index names no device.
+                repeated, of the wrong type or out of range, or an index names no device;
+                the message names the key path (``layers[0].device``).
         """
-        try:
-            data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
-        except PlanFormatError:
-            raise
-        except RecursionError:
-            raise PlanFormatError("a plan must be JSON written by Plan.to_json: nested too deeply") from None
-        except (json.JSONDecodeError, ValueError) as e:
-            raise PlanFormatError(f"a plan must be JSON written by Plan.to_json: {e}") from None
-        return cls.from_dict(data)
+        from partitioner.plan_json import plan_from_json
+
+        return plan_from_json(text)
 
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
         """Validate plain data and build a plan (see `from_json`); a field added after version 1
         may be missing (it takes its default)."""
-        d = _record(_with_defaults(cls, data), "plan", {f.name for f in fields(cls)} | {"version"})
-        version = d.pop("version")
-        if type(version) is not int or version != PLAN_VERSION:
-            raise PlanFormatError(f"plan version must be {PLAN_VERSION} (got {version!r})")
-        try:
-            d["strategy"] = Strategy(d["strategy"])
-            d["objective"] = Objective(d["objective"])
-        except ValueError as e:
-            raise PlanFormatError(f"plan: {e}") from None
-        d["devices"] = tuple(_build(PlanDevice, x, f"devices[{i}]") for i, x in enumerate(_list(d["devices"], "devices")))
-        d["layers"] = tuple(_build(PlanLayer, x, f"layers[{i}]") for i, x in enumerate(_list(d["layers"], "layers")))
-        d["transfers"] = tuple(
-            _build(PlanTransfer, x, f"transfers[{i}]") for i, x in enumerate(_list(d["transfers"], "transfers"))
-        )
-        d["solver"] = _build(SolverInfo, d["solver"], "solver")
-        if d["pipeline"] is not None:
-            d["pipeline"] = _build_pipeline(d["pipeline"])
-        plan = _build(Plan, d, "plan", nested=True)
-        _check_meaning(plan)
-        return plan
+        from partitioner.plan_json import plan_from_dict
 
-
-# ---------------------------------------------------------------------- validation
-_INT_LIMIT = 2**62
-_FLOAT_LIMIT = 1e30
-
-
-def _reject_constant(token: str) -> None:
-    raise PlanFormatError(f"plan contains {token}; plans hold finite numbers only")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        twice = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
-        raise PlanFormatError(f"plan JSON repeats keys {twice[:3]}; each key may appear once per object")
-    return out
-
-
-def _plain(value: Any) -> Any:
-    """`value` as JSON-shaped data; a float field holds a float even when given an int (so
-    a loaded plan dumps to the same bytes)."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, tuple):
-        return [_plain(x) for x in value]
-    if is_dataclass(value):
-        out = {}
-        for f in fields(value):
-            x = getattr(value, f.name)
-            if f.default is not MISSING and x == f.default:
-                continue  # a field added later, at its default: the JSON of version 1
-            out[f.name] = float(x) if f.type in ("float", "float | None") and x is not None else _plain(x)
-        return out
-    return value
-
-
-def _with_defaults(cls: type, data: Any) -> Any:
-    """`data` with the fields of `cls` that have a default filled in where missing."""
-    if not isinstance(data, dict):
-        return data
-    return {**{f.name: f.default for f in fields(cls) if f.default is not MISSING}, **data}
-
-
-def _record(data: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise PlanFormatError(f"{where} must be a JSON object (got {type(data).__name__})")
-    unknown, missing = set(data) - allowed, allowed - set(data)
-    if unknown:
-        raise PlanFormatError(f"{where} has unknown keys {sorted(unknown)}")
-    if missing:
-        raise PlanFormatError(f"{where} misses keys {sorted(missing)}")
-    return dict(data)
-
-
-def _list(value: Any, where: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise PlanFormatError(f"{where} must be a list (got {type(value).__name__})")
-    return value
-
-
-def _check_value(value: Any, annotation: str, where: str) -> Any:
-    if annotation == "str":
-        if not isinstance(value, str) or not _is_utf8(value):
-            raise PlanFormatError(f"{where} must be a string (got {value!r})")
-    elif annotation == "str | None":
-        if value is not None and not (isinstance(value, str) and _is_utf8(value)):
-            raise PlanFormatError(f"{where} must be a string or null (got {value!r})")
-    elif annotation == "bool":
-        if not isinstance(value, bool):
-            raise PlanFormatError(f"{where} must be true or false (got {value!r})")
-    elif annotation == "int":
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _INT_LIMIT:
-            raise PlanFormatError(f"{where} must be an integer in [0, 2**62) (got {value!r})")
-    elif annotation in ("float", "float | None"):
-        if value is None and annotation == "float | None":
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and 0 <= value < _FLOAT_LIMIT
-        ):
-            raise PlanFormatError(f"{where} must be a finite number in [0, 1e30) (got {value!r})")
-        return float(value)
-    elif annotation == "tuple[int, ...]":
-        if not isinstance(value, list):
-            raise PlanFormatError(f"{where} must be a list of integers")
-        return tuple(_check_value(x, "int", f"{where}[{k}]") for k, x in enumerate(value))
-    elif annotation == "tuple[str, ...]":
-        if not isinstance(value, list) or not all(isinstance(x, str) and _is_utf8(x) for x in value):
-            raise PlanFormatError(f"{where} must be a list of strings")
-        return tuple(value)
-    return value
-
-
-def _build_pipeline(data: Any) -> PipelinePlan:
-    d = _record(data, "pipeline", {f.name for f in fields(PipelinePlan)})
-    d["stages"] = tuple(
-        _build(PlanStage, x, f"pipeline.stages[{i}]") for i, x in enumerate(_list(d["stages"], "pipeline.stages"))
-    )
-    d["runner_ups"] = tuple(
-        _build(PlanCandidate, x, f"pipeline.runner_ups[{i}]")
-        for i, x in enumerate(_list(d["runner_ups"], "pipeline.runner_ups"))
-    )
-    pipeline: PipelinePlan = _build(PipelinePlan, d, "pipeline", nested=True)
-    return pipeline
-
-
-def _is_utf8(text: str) -> bool:
-    """False for lone surrogates (``"\\ud800"`` in JSON), which no stream can print."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _build(cls: type, data: Any, where: str, nested: bool = False) -> Any:
-    d = data if nested else _record(_with_defaults(cls, data), where, {f.name for f in fields(cls)})
-    kwargs = {f.name: _check_value(d[f.name], str(f.type), f"{where}.{f.name}") for f in fields(cls)}
-    return cls(**kwargs)
-
-
-def _check_meaning(plan: Plan) -> None:
-    n = len(plan.devices)
-    if n == 0:
-        raise PlanFormatError("plan has no devices")
-    kinds = [d.kind for d in plan.devices if d.kind not in ("cpu", "gpu")]
-    if kinds:
-        raise PlanFormatError(f"a device kind is 'cpu' or 'gpu' (got {kinds[0]!r})")
-    if plan.solver.gap > 1:
-        raise PlanFormatError(f"solver.gap is a relative gap in [0, 1] (got {plan.solver.gap})")
-    bad = [l.name for l in plan.layers if l.device >= n] + [t.value for t in plan.transfers if max(t.src, t.dst) >= n]
-    if bad or plan.output_device >= n:
-        raise PlanFormatError(f"plan refers to devices beyond its {n} devices ({bad[:3] or 'output_device'})")
-    if plan.pipeline is not None:
-        _check_pipeline(plan.pipeline, n, len(plan.layers))
-
-
-_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-
-
-def _check_pipeline(p: PipelinePlan, num_devices: int, num_layers: int) -> None:
-    """Stages cover the layers in order, ranks own disjoint devices, counts make sense."""
-    if p.schedule not in _SCHEDULES:
-        raise PlanFormatError(f"pipeline.schedule must be one of {', '.join(_SCHEDULES)} (got {p.schedule!r})")
-    if p.microbatches < 1 or p.virtual_stages < 1 or p.global_batch < 1:
-        raise PlanFormatError("pipeline.microbatches, virtual_stages and global_batch must be >= 1")
-    if not p.stages or len(p.stages) % p.virtual_stages:
-        raise PlanFormatError(
-            f"pipeline has {len(p.stages)} stages; it needs a positive multiple of virtual_stages ({p.virtual_stages})"
-        )
-    if p.bubble_fraction > 1:
-        raise PlanFormatError(f"pipeline.bubble_fraction is a fraction in [0, 1] (got {p.bubble_fraction})")
-    ranks = p.num_ranks
-    expected = 0
-    owner: dict[int, int] = {}
-    for j, s in enumerate(p.stages):
-        where = f"pipeline.stages[{j}]"
-        if s.index != j or s.rank != j % ranks:
-            raise PlanFormatError(f"{where} must have index {j} and rank {j % ranks} (got {s.index}, {s.rank})")
-        if s.first_layer != expected or s.last_layer < s.first_layer:
-            raise PlanFormatError(
-                f"{where} holds layers {s.first_layer}..{s.last_layer}; stages must cover the layers in order "
-                f"(this one starting at layer {expected})"
-            )
-        expected = s.last_layer + 1
-        if not s.devices or len(set(s.devices)) != len(s.devices) or max(s.devices) >= num_devices:
-            raise PlanFormatError(f"{where}.devices must be distinct indices below {num_devices} (got {list(s.devices)})")
-        if s.devices != p.stages[j % ranks].devices:
-            raise PlanFormatError(f"{where} runs on rank {s.rank}, so it needs that rank's devices")
-        for d in s.devices:
-            if owner.setdefault(d, s.rank) != s.rank:
-                raise PlanFormatError(f"device {d} is in ranks {owner[d]} and {s.rank}; a device belongs to one rank")
-    if expected != num_layers:
-        raise PlanFormatError(f"pipeline stages cover {expected} layers of {num_layers}")
+        return plan_from_dict(data)
 
 
 def _gpu_ordinals(devices: tuple[PlanDevice, ...]) -> dict[int, int]:

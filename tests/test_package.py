@@ -15,6 +15,7 @@ PURE = [
     "partitioner.simulate",
     "partitioner.pipeline_plan",
     "partitioner.plan",
+    "partitioner.plan_json",
     "partitioner.report",
     "partitioner.cluster",
     "partitioner.options",

@@ -18,7 +18,7 @@ import partitioner
 from partitioner import Objective, PlanOptions, Strategy
 from partitioner.errors import PlanFormatError
 from partitioner.models import build_model
-from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
+from partitioner.plan import PipelinePlan, Plan, PlanDevice, PlanLayer, PlanStage, PlanTransfer, SolverInfo
 from tests.models import ZOO
 from tests.helpers import split_plan
 
@@ -204,23 +204,23 @@ HOSTILE: dict[str, tuple[str, str]] = {
     "string for list": (_edit(_set("layers", 0, "modules", "embed")), "layers[0].modules"),
     "object for list": (_edit(_set("transfers", {})), "transfers"),
     "list for object": (_edit(_set("solver", [])), "solver"),
-    "number in names": (_edit(_set("layers", 1, "params", ["block.weight", 7])), "layers[1].params"),
+    "number in names": (_edit(_set("layers", 1, "params", ["block.weight", 7])), "layers[1].params[1] must be a string"),
     "negative int": (_edit(_set("transfers", 0, "bytes", -1)), "transfers[0].bytes"),
     "negative float": (_edit(_set("devices", 1, "transfer_in_s", -0.5)), "devices[1].transfer_in_s"),
     "unknown key": (_edit(_set("pickle", "cos\nsystem\n")), "unknown keys ['pickle']"),
     "unknown nested key": (_edit(_set("layers", 0, "device_map", 0)), "layers[0] has unknown keys"),
     "missing key": (_edit(lambda d: d.pop("fingerprint")), "misses keys ['fingerprint']"),
     "missing nested key": (_edit(lambda d: d["devices"][1].pop("kind")), "devices[1] misses keys ['kind']"),
-    "repeated key": (VALID.replace('"batch_size": 4', '"batch_size": 4, "batch_size": 5'), "repeats keys"),
-    "layer on absent device": (_edit(_set("layers", 2, "device", 2)), "beyond its 2 devices"),
-    "transfer to absent device": (_edit(_set("transfers", 0, "dst", 9)), "beyond its 2 devices"),
-    "output on absent device": (_edit(_set("output_device", 2)), "beyond its 2 devices"),
+    "repeated key": (VALID.replace('"batch_size": 4', '"batch_size": 4, "batch_size": 5'), "the plan repeats keys ['batch_size']"),
+    "layer on absent device": (_edit(_set("layers", 2, "device", 2)), "layers[2].device is 2, beyond the plan's 2 devices"),
+    "transfer to absent device": (_edit(_set("transfers", 0, "dst", 9)), "transfers[0].dst is 9, beyond the plan's 2"),
+    "output on absent device": (_edit(_set("output_device", 2)), "output_device is 2, beyond the plan's 2 devices"),
     "no devices": (_edit(_set("devices", [])), "no devices"),
-    "unknown kind": (_edit(_set("devices", 0, "kind", "tpu")), "kind"),
+    "unknown kind": (_edit(_set("devices", 0, "kind", "tpu")), "devices[0].kind must be 'cpu' or 'gpu'"),
     "gap above 1": (_edit(_set("solver", "gap", 3.0)), "gap"),
-    "unknown strategy": (_edit(_set("strategy", "pipeline")), "Strategy"),
+    "unknown strategy": (_edit(_set("strategy", "pipeline")), "strategy: unknown Strategy 'pipeline'"),
     "unhashable strategy": (_edit(_set("strategy", ["single"])), "Strategy"),
-    "unknown objective": (_edit(_set("objective", "energy")), "Objective"),
+    "unknown objective": (_edit(_set("objective", "energy")), "objective: unknown Objective 'energy'"),
     "version 2": (_edit(_set("version", 2)), "version must be 1"),
     "version true": (_edit(_set("version", True)), "version must be 1"),
     "version 1.0": (_edit(_set("version", 1.0)), "version must be 1"),
@@ -237,6 +237,72 @@ def test_from_json_rejects_malformed_input(text: str, message: str) -> None:
 
 def test_the_valid_plan_the_hostile_cases_start_from_loads() -> None:
     assert Plan.from_json(VALID) == hand_plan()
+
+
+def hand_pipeline_plan() -> Plan:
+    """`hand_plan` with a two-stage pipeline: layers 0-1 on device 0, layer 2 on device 1."""
+    stages = tuple(
+        PlanStage(
+            index=j, rank=j, first_layer=first, last_layer=last, devices=(j,), profile="a100-80gb", samples=2,
+            recompute=False, fwd_s=0.1, bwd_s=0.2, send_fwd_s=0.01, send_bwd_s=0.01, allreduce_s=0.0,
+            weight_bytes=2**20, grad_bytes=2**20, optimizer_bytes=2**21, buffer_bytes=0, recompute_bytes=0,
+            microbatch_activation_bytes=2**10, inflight_microbatches=2, peak_memory_bytes=2**23,
+            capacity_bytes=80 * 2**30,
+        )
+        for j, (first, last) in enumerate([(0, 1), (2, 2)])
+    )
+    pipeline = PipelinePlan(
+        family="pipeline", description="2 stages", schedule="1f1b", microbatches=2, virtual_stages=1,
+        global_batch=4, precision="float32", optimizer="adam", overlap_allreduce=True, layout="one node",
+        split="dp", stages=stages, step_time_s=0.9, bubble_fraction=0.25, samples_per_s=4.4, model_flops=1e12,
+        peak_flops=6e14, mfu=0.01, bound_s=0.5, lower_bound_s=0.6, runner_ups=(), space="2 devices",
+        configurations=4, solved=2, simulated=2,
+    )
+    return replace(hand_plan(), pipeline=pipeline)
+
+
+def _edit_pipeline(change: Callable[[dict[str, Any]], object]) -> str:
+    data = hand_pipeline_plan().to_dict()
+    change(data)
+    return json.dumps(data)
+
+
+# One case per kind of error: the message starts with the key path, as a reader writes it.
+KEY_PATHS: dict[str, tuple[str, str]] = {
+    "wrong type": (_edit(_set("layers", 0, "device", "x")), "layers[0].device must be an integer"),
+    "wrong type of a record": (_edit(_set("layers", 1, 3)), "layers[1] must be a JSON object"),
+    "missing key": (_edit(lambda d: d["devices"][1].pop("kind")), "devices[1] misses keys ['kind']"),
+    "unknown key": (_edit(_set("layers", 0, "device_map", 0)), "layers[0] has unknown keys ['device_map']"),
+    "repeated key": (VALID.replace('"device": 0', '"device": 0, "device": 1', 1), "layers[0] repeats keys ['device']"),
+    "out of range": (_edit(_set("transfers", 0, "bytes", -1)), "transfers[0].bytes must be an integer in [0, 2**62)"),
+    "index beyond the devices": (_edit(_set("layers", 2, "device", 5)), "layers[2].device is 5"),
+    "nested list element": (_edit(_set("layers", 1, "modules", ["block", 7])), "layers[1].modules[1] must be a string"),
+    "unknown choice": (_edit(_set("devices", 1, "kind", "tpu")), "devices[1].kind must be 'cpu' or 'gpu'"),
+    "pipeline count": (_edit_pipeline(_set("pipeline", "microbatches", 0)), "pipeline.microbatches must be >= 1"),
+    "stage device beyond the devices": (
+        _edit_pipeline(_set("pipeline", "stages", 1, "devices", [99])),
+        "pipeline.stages[1].devices[0] is 99, beyond the plan's 2 devices",
+    ),
+    "stage device repeated": (
+        _edit_pipeline(_set("pipeline", "stages", 1, "devices", [1, 1])),
+        "pipeline.stages[1].devices[1] repeats device 1",
+    ),
+    "stage rank": (_edit_pipeline(_set("pipeline", "stages", 1, "rank", 0)), "pipeline.stages[1].rank must be 1"),
+    "stage element type": (
+        _edit_pipeline(_set("pipeline", "stages", 0, "devices", ["0"])),
+        "pipeline.stages[0].devices[0] must be an integer",
+    ),
+}
+
+
+@pytest.mark.parametrize("text, path", list(KEY_PATHS.values()), ids=list(KEY_PATHS))
+def test_from_json_error_starts_with_the_key_path(text: str, path: str) -> None:
+    with pytest.raises(PlanFormatError, match="^" + re.escape(path)):
+        Plan.from_json(text)
+
+
+def test_hand_made_pipeline_plan_round_trips() -> None:
+    _assert_round_trips(hand_pipeline_plan())
 
 
 # --------------------------------------------------------------------------- device_map
