@@ -321,7 +321,7 @@ def write_plan_trace(plan: Plan, path: str | Path, *, max_actions: int = 16384) 
 
     A process per pipeline rank, threads for its compute, sends, receives and all-reduce,
     a memory counter (see `partitioner.simulate.chrome_trace`). A long pipeline (more than
-    `max_actions` forwards and backwards: about 1 KB of JSON each with their sends, receives
+    `max_actions` forwards and backwards: about 600 bytes of JSON each with their sends, receives
     and idle gaps) is played with fewer microbatches, as in `render_plan_timeline`; the
     trace's ``otherData.title`` says so.
 

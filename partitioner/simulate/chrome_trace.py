@@ -105,6 +105,21 @@ def _threads(rank: RankTimeline, ranks: int) -> dict[tuple[str, int], list[Event
     return {key: sorted(events, key=lambda e: (e.start_s, e.end_s)) for key, events in ordered}
 
 
+def _complete(timeline: Timeline, event: Event, pid: int, tid: int) -> dict[str, Any]:
+    """The event as a complete event (``"ph": "X"``), bound to its microbatch's flow."""
+    start, end = _ns(event.start_s), _ns(event.end_s)
+    span: dict[str, Any] = {
+        "ph": "X", "name": _name(timeline, event), "cat": event.kind.value,
+        "ts": _us(start), "dur": _us(end - start), "pid": pid, "tid": tid, "args": _args(event),
+    }
+    if event.microbatch is not None and event.kind is not EventKind.RECV:
+        # One flow (v2: bind_id) per microbatch, through its forwards, sends and backwards in time order.
+        first = event.kind is EventKind.FORWARD and event.stage == 0
+        last = event.kind is EventKind.BACKWARD and event.stage == 0
+        span.update(bind_id=event.microbatch + 1, flow_in=not first, flow_out=not last)
+    return span
+
+
 def _summary(timeline: Timeline) -> dict[str, Any]:
     return {
         "schedule": timeline.schedule.value,
@@ -128,17 +143,20 @@ def chrome_trace(timeline: Timeline, *, title: str | None = None) -> dict[str, A
             None says the schedule and sizes.
 
     Returns:
-        ``{"traceEvents": [...], "displayTimeUnit": "ms" | "ns", "otherData": {...}}``, plain
-        JSON data: ``json.dumps`` writes it as it is.
+        ``{"traceEvents": [...], "otherData": {...}}``, plain JSON data: ``json.dumps``
+        writes it as it is.
     """
     p = len(timeline.ranks)
     prefix = _prefix(timeline)
     meta: list[dict[str, Any]] = []
     spans: list[dict[str, Any]] = []
     counters: list[dict[str, Any]] = []
-    next_tid = p + 1  # tids apart from every pid: Perfetto treats a tid equal to a pid as that process's main thread
+    # Ids from 1 (Perfetto keeps 0 for the idle task); tids unique in the trace and apart from
+    # every pid (Perfetto looks a thread up by its tid alone, and a tid equal to a pid is that
+    # process's main thread).
+    next_tid = p + 1
     for rank in timeline.ranks:
-        pid = rank.rank + 1  # pid 0 is the kernel's idle task to Perfetto
+        pid = rank.rank + 1
         stages = f"stages {', '.join(map(str, rank.stages))} on " if timeline.virtual_stages > 1 else ""
         meta.append({"ph": "M", "name": "process_name", "pid": pid, "ts": 0,
                      "args": {"name": f"{prefix} {rank.rank}: {stages}{', '.join(rank.devices)}"}})
@@ -150,26 +168,16 @@ def chrome_trace(timeline: Timeline, *, title: str | None = None) -> dict[str, A
             meta.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "ts": 0, "args": {"name": thread}})
             meta.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "ts": 0,
                          "args": {"sort_index": order}})
-            for event in events:
-                start, end = _ns(event.start_s), _ns(event.end_s)
-                span: dict[str, Any] = {
-                    "ph": "X", "name": _name(timeline, event), "cat": event.kind.value,
-                    "ts": _us(start), "dur": _us(end - start), "pid": pid, "tid": tid, "args": _args(event),
-                }
-                if event.microbatch is not None and event.kind is not EventKind.RECV:
-                    # One flow per microbatch, through its forwards, sends and backwards in time order.
-                    first = event.kind is EventKind.FORWARD and event.stage == 0
-                    last = event.kind is EventKind.BACKWARD and event.stage == 0
-                    span.update(bind_id=event.microbatch + 1, flow_in=not first, flow_out=not last)
-                spans.append(span)
+            spans += (_complete(timeline, event, pid, tid) for event in events)
         for time_s, used in rank.memory:
             counters.append({"ph": "C", "name": "memory", "pid": pid, "tid": compute_tid,
                              "ts": _us(_ns(time_s)), "args": {"bytes": used}})
     summary = _summary(timeline)
     default = f"{timeline.schedule.value}: {p} {prefix}s, {timeline.microbatches} microbatches"
+    # No "displayTimeUnit": older trace processors scaled every time by it (``"ns"``
+    # read microseconds as nanoseconds); without it, every reader takes microseconds.
     return {
         "traceEvents": meta + spans + counters,
-        "displayTimeUnit": "ms" if timeline.step_time_s >= 1e-3 else "ns",
         "otherData": {"title": title if title is not None else default, "generator": "partitioner", **summary},
     }
 
@@ -187,6 +195,7 @@ def write_chrome_trace(timeline: Timeline, path: str | Path, *, title: str | Non
     path = Path(path)
     if path.suffix.lower() not in _SUFFIXES:
         raise ValueError(f"write_chrome_trace writes .json or .json.gz files (got {path.name!r})")
-    data = json.dumps(chrome_trace(timeline, title=title), separators=(",", ":")).encode()
+    # UTF-8 as it is: Perfetto's JSON tokenizer stops at a \uXXXX escape (json.dumps' default).
+    data = json.dumps(chrome_trace(timeline, title=title), separators=(",", ":"), ensure_ascii=False).encode()
     path.write_bytes(gzip.compress(data, mtime=0) if path.suffix.lower() == ".gz" else data)
     return path
