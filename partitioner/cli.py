@@ -4,6 +4,8 @@
     partitioner plan llama-70b --devices "a100-80gb x8" --json  the plan as JSON
     partitioner plan gpt2-xl --cluster mixed-8 --train --global-batch 64 --timeline step.png
                                                                 a training step: pipeline x data parallel
+    partitioner plan gpt2-xl --cluster mixed-8 --train --global-batch 64 --trace step.json
+                                                                its step for ui.perfetto.dev, chrome://tracing
     partitioner profile --device cpu --out my-cpu.json          measure a device's profile
     partitioner models | profiles | clusters                    what can be named
     partitioner --version                                       the versions planning depends on
@@ -123,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--equal-replicas", action="store_true",
                    help="only plans partitioner.distributed can run (the same replica count on every pipeline rank)")
     t.add_argument("--timeline", default=None, metavar="PATH", help="draw the step as a Gantt chart (.png, .svg, .pdf)")
+    t.add_argument("--trace", default=None, metavar="PATH",
+                   help="write the step as a Chrome trace (.json, or .json.gz gzipped) to open in ui.perfetto.dev "
+                        "or chrome://tracing: a process per pipeline rank, compute, send, recv and all-reduce lanes")
 
     q = sub.add_parser("profile", help="measure a present device and write its profile JSON")
     q.add_argument("--device", required=True, help="cpu, cuda or cuda:N")
@@ -178,6 +183,9 @@ def _check_output(flag: str, path: str) -> None:
         raise PartitionerError(f"cannot write {flag} {path!r}: the folder {str(folder)!r} is not writable")
 
 
+_TRACE_SUFFIXES = (".json", ".json.gz")
+
+
 @contextmanager
 def _staged(flag: str, path: str) -> Iterator[Path]:
     """`files.staged`, its failures as `PartitionerError` naming the flag."""
@@ -196,7 +204,7 @@ def _plan(args: argparse.Namespace) -> int:
     from partitioner.units import parse_bytes
     from partitioner.models import build_model
     from partitioner.options import Objective, Optimizer, PlanOptions, SolverBackend, SolverOptions
-    from partitioner.report import render_plan_timeline
+    from partitioner.report import render_plan_timeline, write_plan_trace
     from partitioner.progress import reporting
     from partitioner.training import compile_training
 
@@ -217,8 +225,16 @@ def _plan(args: argparse.Namespace) -> int:
         if importlib.util.find_spec("matplotlib") is None:
             raise PartitionerError("--timeline needs matplotlib: pip install 'partitioner[plot]'")
         _check_output("--timeline", args.timeline)
+    if args.trace and not training:
+        raise PartitionerError("--trace writes a training plan's step: add --train and --cluster or --global-batch")
+    if args.trace:
+        if not args.trace.lower().endswith(_TRACE_SUFFIXES):
+            raise PartitionerError(f"--trace writes .json or .json.gz files (Chrome trace JSON), got {args.trace!r}")
+        _check_output("--trace", args.trace)
     if args.out:
         _check_output("--out", args.out)
+    if args.out and args.trace and Path(args.out).resolve() == Path(args.trace).resolve():
+        raise PartitionerError(f"--out and --trace both name {args.out!r}; give each its own file")
     compile_fn: Callable[..., Any]
     if training:
         compile_fn = functools.partial(compile_training, options=_training_options(args))
@@ -252,14 +268,19 @@ def _plan(args: argparse.Namespace) -> int:
     solved = f"planned in {t['tables_s'] + t['solve_s']:.1f} s" if training else f"solved in {t['solve_s']:.1f} s"
     err.print(f"traced in {t['trace_s']:.1f} s, profiled in {t['profile_s']:.1f} s, {solved}", style="dim")
     text = compiled.plan.to_json()
-    with ExitStack() as files:  # Both files or neither.
+    with ExitStack() as files:  # Every file or none.
         if args.timeline:
             render_plan_timeline(compiled.plan, files.enter_context(_staged("--timeline", args.timeline)))
+        if args.trace:  # staged as .gz for .json.gz: the suffix that says gzip
+            write_plan_trace(compiled.plan, files.enter_context(_staged("--trace", args.trace)))
         if args.out:
             files.enter_context(_staged("--out", args.out)).write_text(text + "\n", encoding="utf-8")
     print(text if args.json else str(compiled.plan))
     if args.timeline:
         err.print(f"timeline written to {args.timeline}", style="dim", soft_wrap=True)
+    if args.trace:
+        err.print(f"trace written to {args.trace}: open it in ui.perfetto.dev or chrome://tracing", style="dim",
+                  soft_wrap=True)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 A training plan (with a `PipelinePlan`) renders per stage instead: the strategy and why,
 its runner-ups, throughput and MFU against the bounds, and each stage's memory broken down
-against its capacity.
+against its capacity; its step draws as a Gantt chart or writes as a Chrome/Perfetto trace.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.cells import cell_len
 from rich.console import Console
@@ -20,10 +21,14 @@ from partitioner.options import Strategy
 from partitioner.plan import PipelinePlan, Plan, PlanLayer, PlanStage, PlanTransfer
 from partitioner.units import format_bytes, format_seconds
 
+if TYPE_CHECKING:
+    from partitioner.simulate import Timeline
+
 __all__ = [
     "render_text",
     "render_training",
     "render_plan_timeline",
+    "write_plan_trace",
     "layer_ranges",
     "format_seconds",
     "device_list",
@@ -279,23 +284,14 @@ def render_training(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def render_plan_timeline(plan: Plan, path: str | Path, *, max_actions: int = 1024) -> Path:
-    """Draw a training plan's step as a Gantt chart (PNG, SVG or PDF by suffix).
-
-    The step is played by the simulator from the plan's stages. A long pipeline (more
-    than `max_actions` forwards and backwards) is played and drawn with fewer
-    microbatches, the fewest its schedule takes from ``max_actions / (2 x stages)`` up, and
-    the title says so: the shape (warm-up, steady state, drain) is what a picture shows.
-
-    Raises:
-        ValueError: The plan has no pipeline, or a bad suffix.
-        ImportError: matplotlib is missing (``pip install 'partitioner[plot]'``).
-    """
-    from partitioner.simulate import peak_inflight_microbatches, render_timeline, simulate
+def _plan_timeline(plan: Plan, max_actions: int, caller: str, verb: str) -> tuple[Timeline, str]:
+    """The plan's step played by the simulator, with at most about `max_actions` forwards and
+    backwards (see `render_plan_timeline`), and a title that says what was played (`verb`: drawn)."""
+    from partitioner.simulate import peak_inflight_microbatches, simulate
 
     p = plan.pipeline
     if p is None:
-        raise ValueError("render_plan_timeline needs a plan with a pipeline (partitioner.training.plan_training)")
+        raise ValueError(f"{caller} needs a plan with a pipeline (partitioner.training.plan_training)")
     shown = p.microbatches
     if 2 * len(p.stages) * shown > max_actions:
         shown = max(1, max_actions // (2 * len(p.stages)))
@@ -311,6 +307,47 @@ def render_plan_timeline(plan: Plan, path: str | Path, *, max_actions: int = 102
     title = (
         f"{head}, {p.microbatches} microbatches; step {format_seconds(p.step_time_s)}, bubble {p.bubble_fraction:.1%}"
         if shown == p.microbatches
-        else f"{head}; drawn with {shown} of its {p.microbatches} microbatches"
+        else f"{head}; {verb} with {shown} of its {p.microbatches} microbatches"
     )
+    return timeline, title
+
+
+def render_plan_timeline(plan: Plan, path: str | Path, *, max_actions: int = 1024) -> Path:
+    """Draw a training plan's step as a Gantt chart (PNG, SVG or PDF by suffix).
+
+    The step is played by the simulator from the plan's stages. A long pipeline (more
+    than `max_actions` forwards and backwards) is played and drawn with fewer
+    microbatches, the fewest its schedule takes from ``max_actions / (2 x stages)`` up, and
+    the title says so: the shape (warm-up, steady state, drain) is what a picture shows.
+
+    Raises:
+        ValueError: The plan has no pipeline, or a bad suffix.
+        ImportError: matplotlib is missing (``pip install 'partitioner[plot]'``).
+    """
+    from partitioner.simulate import render_timeline
+
+    timeline, title = _plan_timeline(plan, max_actions, "render_plan_timeline", "drawn")
     return render_timeline(timeline, path, title=title)
+
+
+def write_plan_trace(plan: Plan, path: str | Path, *, max_actions: int = 16384) -> Path:
+    """Write a training plan's step as a Chrome trace, to open in ui.perfetto.dev or chrome://tracing.
+
+    A process per pipeline rank, threads for its compute, sends, receives and all-reduce,
+    a memory counter (see `partitioner.simulate.chrome_trace`). A long pipeline (more than
+    `max_actions` forwards and backwards: about 600 bytes of JSON each with their sends, receives
+    and idle gaps) is played with fewer microbatches, as in `render_plan_timeline`; the
+    trace's ``otherData.title`` says so.
+
+    Args:
+        plan: A training plan.
+        path: ``.json``, or ``.json.gz`` for gzipped JSON (both tools open it).
+        max_actions: Most forwards and backwards played.
+
+    Raises:
+        ValueError: The plan has no pipeline, or a bad suffix.
+    """
+    from partitioner.simulate import write_chrome_trace
+
+    timeline, title = _plan_timeline(plan, max_actions, "write_plan_trace", "played")
+    return write_chrome_trace(timeline, path, title=title)

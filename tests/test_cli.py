@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import importlib.metadata
+import json
 import os
 import re
 import signal
@@ -201,6 +203,12 @@ TRAIN = ["--train", "--global-batch", "8"]
         ([*TRAIN, "--timeline", "{tmp}/missing/step.png"], "cannot write --timeline '{tmp}/missing/step.png': the "
          "folder '{tmp}/missing' does not exist; create it first"),
         ([*TRAIN, "--timeline", "{tmp}/step.gif"], "--timeline writes .png, .svg or .pdf files, got '{tmp}/step.gif'"),
+        ([*TRAIN, "--trace", "{tmp}/step.png"], "--trace writes .json or .json.gz files (Chrome trace JSON), got "
+         "'{tmp}/step.png'"),
+        ([*TRAIN, "--trace", "{tmp}/missing/step.json"], "cannot write --trace '{tmp}/missing/step.json': the "
+         "folder '{tmp}/missing' does not exist; create it first"),
+        ([*TRAIN, "--trace", "{tmp}/step.json", "--out", "{tmp}/step.json"], "--out and --trace both name "
+         "'{tmp}/step.json'; give each its own file"),
     ],
 )
 def test_output_paths_are_refused_before_any_work(
@@ -213,17 +221,18 @@ def test_output_paths_are_refused_before_any_work(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("writer", ["render_plan_timeline", "write_plan_trace"])
 def test_ctrl_c_while_writing_leaves_no_file(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
 ) -> None:
     def interrupted(plan: Plan, path: Path) -> Path:
-        path.write_bytes(b"half a picture")
+        path.write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("partitioner.report.render_plan_timeline", interrupted)
+    monkeypatch.setattr(f"partitioner.report.{writer}", interrupted)
     status, out, err = run(
         capsys, "plan", "mlp", *TWO_GPUS, *TRAIN, "--timeline", str(tmp_path / "step.png"),
-        "--out", str(tmp_path / "plan.json"),
+        "--trace", str(tmp_path / "step.json"), "--out", str(tmp_path / "plan.json"),
     )
     assert status == 130
     assert out == ""
@@ -243,6 +252,22 @@ def test_timeline_and_out_are_written_together(capsys: pytest.CaptureFixture[str
     assert (tmp_path / "plan.json").read_text() == out
     assert (tmp_path / "step.svg").read_text().lstrip().startswith("<?xml")
     assert f"timeline written to {tmp_path / 'step.svg'}" in err
+
+
+@pytest.mark.parametrize("name", ["step.json", "step.json.gz"])
+def test_trace_is_written_beside_the_plan(capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str) -> None:
+    status, out, err = run(
+        capsys, "plan", "mlp", *TWO_GPUS, *TRAIN, "--json", "--trace", str(tmp_path / name),
+        "--out", str(tmp_path / "plan.json"),
+    )
+    assert status == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["plan.json", name])  # no temporary file left
+    data = (tmp_path / name).read_bytes()
+    trace = json.loads(gzip.decompress(data) if name.endswith(".gz") else data)
+    pipeline = Plan.from_json(out).pipeline
+    assert pipeline is not None and trace["otherData"]["step_time_s"] == pytest.approx(pipeline.step_time_s)
+    assert sum(e["name"] == "process_name" for e in trace["traceEvents"]) == pipeline.num_ranks
+    assert f"trace written to {tmp_path / name}: open it in ui.perfetto.dev or chrome://tracing" in err
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ PURE = [
     "partitioner",
     "partitioner.solve",
     "partitioner.simulate",
+    "partitioner.simulate.chrome_trace",
     "partitioner.pipeline_plan",
     "partitioner.plan",
     "partitioner.plan_json",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
+import json
 import math
 import re
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +24,7 @@ from partitioner.simulate import (
     PipelineSchedule,
     StageCost,
     Timeline,
+    chrome_trace,
     gpipe_step_time,
     ideal_bubble_fraction,
     peak_inflight_microbatches,
@@ -28,6 +33,7 @@ from partitioner.simulate import (
     render_timeline,
     simulate,
     uniform_step_time,
+    write_chrome_trace,
 )
 from partitioner.simulate.render import time_unit
 
@@ -452,3 +458,139 @@ def test_gantt_of_a_deep_long_pipeline_shows_its_shape() -> None:
     assert not ax.texts  # no microbatch numbers a pixel wide
     labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
     assert "forwards and backwards, too close to draw apart" in labels and "idle" in labels
+
+
+# --- Chrome trace (Perfetto, chrome://tracing) ----------------------------------------------
+
+
+def replicated(p: int = 3) -> list[StageCost]:
+    """``p`` stages of two replicas each, with sends both ways and a gradient all-reduce."""
+    return [
+        StageCost(fwd_s=1e-3, bwd_s=2e-3, send_fwd_s=2.5e-4 if s < p - 1 else 0, send_bwd_s=2.5e-4 if s else 0,
+                  allreduce_s=1e-3, activation_bytes=1000, static_bytes=500,
+                  devices=(f"cuda:{2 * s}", f"cuda:{2 * s + 1}"))
+        for s in range(p)
+    ]
+
+
+def perfetto_slices(trace: dict[str, Any]) -> dict[tuple[int, int], list[tuple[int, int, dict[str, Any]]]]:
+    """``(pid, tid) -> [(start_ns, end_ns, event)]`` by start, as Perfetto's JSON importer reads
+    times: ``int64(us * 1000)``, truncating."""
+    threads: dict[tuple[int, int], list[tuple[int, int, dict[str, Any]]]] = {}
+    for e in trace["traceEvents"]:
+        if e["ph"] == "X":
+            start = int(e["ts"] * 1000)
+            threads.setdefault((e["pid"], e["tid"]), []).append((start, start + int(e["dur"] * 1000), e))
+    return {key: sorted(spans, key=lambda s: (s[0], s[1])) for key, spans in threads.items()}
+
+
+def names(trace: dict[str, Any], what: str) -> dict[tuple[int, int | None], str]:
+    """``(pid, tid) -> name`` of the ``process_name`` or ``thread_name`` metadata events."""
+    return {(e["pid"], e.get("tid")): e["args"]["name"] for e in trace["traceEvents"] if e["name"] == what}
+
+
+def test_chrome_trace_names_a_process_per_rank_and_a_thread_per_lane() -> None:
+    trace = chrome_trace(simulate(replicated(), 4, ONE_F_ONE_B))
+    processes = names(trace, "process_name")
+    assert sorted(processes.values()) == [f"stage {s}: cuda:{2 * s}, cuda:{2 * s + 1}" for s in range(3)]
+    threads = names(trace, "thread_name")
+    middle = [name for (pid, _), name in sorted(threads.items()) if pid == 2]
+    assert middle == ["compute", "send", "recv from stage 0", "recv from stage 2", "all-reduce"]
+    assert [name for (pid, _), name in sorted(threads.items()) if pid == 1] == [
+        "compute", "send", "recv from stage 1", "all-reduce"]
+    pids = {pid for pid, _ in processes}
+    assert len({tid for _, tid in threads}) == len(threads) and not pids & {tid for _, tid in threads}
+
+
+def test_chrome_trace_of_interleaved_ranks_names_their_stages() -> None:
+    stages = [StageCost(fwd_s=1, bwd_s=2, send_fwd_s=0.5 if s < 3 else 0, send_bwd_s=0.5 if s else 0,
+                        devices=(f"cuda:{s % 2}",)) for s in range(4)]
+    trace = chrome_trace(simulate(stages, 4, INTERLEAVED, virtual_stages=2))
+    assert sorted(names(trace, "process_name").values()) == ["rank 0: stages 0, 2 on cuda:0",
+                                                             "rank 1: stages 1, 3 on cuda:1"]
+    assert {e["name"] for e in trace["traceEvents"] if e.get("cat") == "forward"} >= {"0F0", "2F3", "3F1"}
+
+
+@pytest.mark.parametrize(
+    "schedule, stages, v",
+    [(GPIPE, replicated(), 1), (ONE_F_ONE_B, replicated(4), 1), (INTERLEAVED, replicated(4), 2)],
+)
+def test_chrome_trace_events_are_the_timelines_in_microseconds(
+    schedule: PipelineSchedule, stages: list[StageCost], v: int
+) -> None:
+    if v > 1:  # two ranks holding stages r and r + 2
+        stages = [replace(s, devices=stages[j % 2].devices) for j, s in enumerate(stages)]
+    timeline = simulate(stages, 4, schedule, overlap_allreduce=True, virtual_stages=v)
+    trace = chrome_trace(timeline)
+    for rank in timeline.ranks:
+        got = sorted(
+            (e["ts"], e["dur"], e["cat"], e["args"].get("stage"), e["args"].get("microbatch"))
+            for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == rank.rank + 1
+        )
+        want = sorted((e.start_s * 1e6, e.duration_s * 1e6, e.kind.value, e.stage, e.microbatch) for e in rank.events)
+        assert len(got) == len(want)
+        for (ts, dur, *what), (start, duration, *expected) in zip(got, want):
+            assert what == expected
+            assert ts == pytest.approx(start, abs=1e-3) and dur == pytest.approx(duration, abs=2e-3)
+        memory = [e["args"]["bytes"] for e in trace["traceEvents"] if e["ph"] == "C" and e["pid"] == rank.rank + 1]
+        assert max(memory) == rank.peak_memory_bytes and memory[-1] == rank.static_bytes
+    ends = [end for spans in perfetto_slices(trace).values() for _, end, _ in spans]
+    assert max(ends) == round(timeline.step_time_s * 1e9)  # the trace spans the step
+    assert trace["otherData"]["step_time_s"] == timeline.step_time_s
+
+
+@settings(max_examples=100, deadline=None)
+@given(pipelines(), st.sampled_from([GPIPE, ONE_F_ONE_B]), st.sampled_from([1.0, 1.001e-3, 3.7e-6]))
+def test_chrome_trace_threads_nest_as_perfetto_reads_them(
+    pipeline: tuple[list[StageCost], int], schedule: PipelineSchedule, scale: float
+) -> None:
+    """No two events of one thread overlap, by a nanosecond even (Perfetto drops events that
+    do not nest), and the trace ends where the step does."""
+    stages, m = pipeline
+    fields = ("fwd_s", "bwd_s", "send_fwd_s", "send_bwd_s", "allreduce_s")
+    stages = [replace(s, **{f: getattr(s, f) * scale for f in fields}) for s in stages]
+    timeline = simulate(stages, m, schedule)
+    spans = perfetto_slices(chrome_trace(timeline))
+    for thread in spans.values():
+        for (_, end, a), (start, _, b) in itertools.pairwise(thread):
+            assert start >= end, (a, b)
+    assert max((end for thread in spans.values() for _, end, _ in thread), default=0) == round(
+        timeline.step_time_s * 1e9)
+
+
+def test_chrome_trace_follows_each_microbatch_with_one_flow() -> None:
+    timeline = simulate(replicated(), 3, ONE_F_ONE_B)
+    trace = chrome_trace(timeline)
+    for i in range(3):
+        chain = sorted((e for e in trace["traceEvents"] if e.get("bind_id") == i + 1), key=lambda e: e["ts"])
+        assert [e["name"] for e in chain] == [f"F{i}", f"F{i} to 1", f"F{i}", f"F{i} to 2", f"F{i}", f"B{i}",
+                                              f"B{i} to 1", f"B{i}", f"B{i} to 0", f"B{i}"]
+        assert [(e["flow_in"], e["flow_out"]) for e in chain] == [(False, True)] + [(True, True)] * 8 + [(True, False)]
+
+
+def test_chrome_trace_round_trips_through_json_with_exact_times() -> None:
+    third = Fraction(1, 3)
+    stages = [StageCost(fwd_s=third, bwd_s=2 * third, send_fwd_s=third if s == 0 else 0,  # type: ignore[arg-type]
+                        send_bwd_s=third if s else 0, devices=(f"d{s}",)) for s in range(2)]
+    trace = chrome_trace(simulate(stages, 2, GPIPE), title="two thirds")
+    assert json.loads(json.dumps(trace)) == trace
+    assert trace["otherData"]["title"] == "two thirds"
+    assert "displayTimeUnit" not in trace  # older trace processors scaled every time by it
+    f1 = next(e for e in trace["traceEvents"] if e["name"] == "F1" and e["pid"] == 1)
+    assert (f1["ts"], f1["dur"]) == (333333.333, 333333.334)  # 1/3 s to 2/3 s, each end to the nanosecond
+
+
+@pytest.mark.parametrize("name", ["step.json", "step.json.gz"])
+def test_write_chrome_trace_writes_json_or_gzipped_json(tmp_path: Path, name: str) -> None:
+    timeline = simulate(replicated(), 2, GPIPE)
+    path = write_chrome_trace(timeline, tmp_path / name, title="modèle")
+    data = path.read_bytes()
+    text = gzip.decompress(data) if name.endswith(".gz") else data
+    assert json.loads(text) == chrome_trace(timeline, title="modèle")
+    assert "modèle".encode() in text and b"\\u" not in text  # no \uXXXX escapes: Perfetto's tokenizer stops at them
+
+
+def test_write_chrome_trace_refuses_other_suffixes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"writes \.json or \.json\.gz files \(got 'step\.png'\)"):
+        write_chrome_trace(simulate(uniform(2), 2, GPIPE), tmp_path / "step.png")
+    assert list(tmp_path.iterdir()) == []

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 import pytest
 
+import partitioner
 from partitioner.cli import main
 from partitioner.cluster import load_cluster
 from partitioner.errors import PlanFormatError
 from partitioner.models import build_model
 from partitioner.options import Strategy, TrainingOptions
 from partitioner.plan import Plan
-from partitioner.report import device_list, render_plan_timeline
+from partitioner.report import device_list, render_plan_timeline, write_plan_trace
 from partitioner.simulate import PipelineSchedule
 from partitioner.training import TrainingCompiled, compile_training, plan_training
 from tests.models import ZOO
@@ -113,6 +116,31 @@ def test_the_timeline_picture(gpt2_mixed: TrainingCompiled, tmp_path: Path) -> N
     assert "microbatches" in short.read_text()
 
 
+def test_the_trace_of_a_plan(gpt2_mixed: TrainingCompiled, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    plan, p = gpt2_mixed.plan, gpt2_mixed.plan.pipeline
+    assert p is not None
+    trace = json.loads(write_plan_trace(plan, tmp_path / "step.json").read_text())
+    assert trace["otherData"]["step_time_s"] == pytest.approx(p.step_time_s)
+    assert trace["otherData"]["microbatches"] == p.microbatches and "bubble" in trace["otherData"]["title"]
+    processes = [e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"]
+    assert len(processes) == p.num_ranks and all(plan.devices[d].name in " ".join(processes)
+                                                 for s in p.stages for d in s.devices)
+    long = replace(plan, pipeline=replace(p, microbatches=64))  # 128 forwards and backwards a stage
+    short = json.loads(gzip.decompress(write_plan_trace(long, tmp_path / "short.json.gz", max_actions=8).read_bytes()))
+    assert short["otherData"]["microbatches"] == 8 // (2 * len(p.stages))
+    assert f"played with {short['otherData']['microbatches']} of its 64 microbatches" in short["otherData"]["title"]
+
+
+def test_a_plan_without_a_pipeline_has_no_trace(tmp_path: Path) -> None:
+    model, args, _ = ZOO["mlp"].build()
+    plan = partitioner.plan(model, ["a100-80gb x2"], args, measure=False)
+    with pytest.raises(ValueError, match="write_plan_trace needs a plan with a pipeline"):
+        write_plan_trace(plan, tmp_path / "step.json")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_device_strings_and_options() -> None:
     model, args, _ = ZOO["mlp"].build()
     options = TrainingOptions(global_batch=8, schedules=(PipelineSchedule.ONE_F_ONE_B,), max_microbatches=4)
@@ -190,6 +218,8 @@ def test_cli_plans_what_the_runtime_launches_with_equal_replicas(capsys: pytest.
     [
         (["plan", "mlp", "--cluster", "mixed-8"], "plan a training step: add --train"),
         (["plan", "mlp", "--devices", "a100-80gb", "--timeline", "x.png"], "--timeline draws a training plan"),
+        (["plan", "mlp", "--devices", "a100-80gb", "--trace", "x.json"],
+         "--trace writes a training plan's step: add --train and --cluster or --global-batch"),
         (["plan", "mlp", "--cluster", "nowhere-8", "--train"], "no cluster profile named 'nowhere-8'"),
     ],
 )

@@ -3,10 +3,12 @@
 `simulate` plays one training step of GPipe, 1F1B or interleaved 1F1B over stages that
 may be replicated (data parallel inside a stage) on devices of different speeds;
 `closed_form` gives the step time without playing it where a formula is exact; `render`
-draws the result as text or as a Gantt chart. No torch here: the planner checks its
+draws the result as text or as a Gantt chart, `chrome_trace` writes it for Perfetto and
+chrome://tracing. No torch here: the planner checks its
 objective against this, with plain numbers.
 """
 
+from partitioner.simulate.chrome_trace import chrome_trace, write_chrome_trace
 from partitioner.simulate.closed_form import (
     gpipe_step_time,
     ideal_bubble_fraction,
@@ -45,4 +47,6 @@ __all__ = [
     "ascii_timeline",
     "render_timeline",
     "gantt_figure",
+    "chrome_trace",
+    "write_chrome_trace",
 ]
