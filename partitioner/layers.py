@@ -25,8 +25,9 @@ import torch
 import torch.fx as fx
 
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
+from partitioner.mutations import PIN
 from partitioner.profiling import BACKWARD_FLOP_FACTOR, NodeStats
-from partitioner.trace import PIN, TracedModel
+from partitioner.trace import TracedModel
 
 __all__ = ["LayeredModel", "build_layers", "SKIP_TARGETS"]
 
@@ -98,7 +99,7 @@ def _assign_keys(gm: fx.GraphModule, traced: TracedModel, stats: Mapping[str, No
     placed = [n for n in nodes if n.op.startswith("call_") and n.target not in SKIP_TARGETS]
     key: dict[fx.Node, str | None] = {n: _own_key(n, traced) for n in placed}
     # An in-place change through a view, and the reads after it, run where the changed
-    # tensor lives (trace.thread_mutations pins them); before the rules below, so that
+    # tensor lives (mutations.thread_mutations pins them); before the rules below, so that
     # the ops feeding them follow them there.
     by_name = {n.name: n for n in nodes}
     pinned = {n: by_name[n.meta[PIN]] for n in placed if n.meta.get(PIN) in by_name}

@@ -27,7 +27,10 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from partitioner.errors import ProfileError
-from partitioner.trace import TRACE_LOCK, named_tensors, quiet_fake_tensor_log, read_after
+from partitioner.mutations import read_after
+from partitioner.snapshot import named_tensors
+from partitioner.trace import TRACE_LOCK
+from partitioner.trace_export import quiet_fake_tensor_log
 
 __all__ = ["NodeStats", "profile_nodes", "written_parameters", "tensor_bytes", "BACKWARD_FLOP_FACTOR"]
 

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_map
 
 from partitioner.errors import PartitionerError
 from partitioner.layers import LayeredModel
-from partitioner.trace import named_tensors
+from partitioner.snapshot import named_tensors
 
 __all__ = [
     "split_model",

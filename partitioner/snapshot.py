@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["preserved"]
+__all__ = ["named_tensors", "preserved"]
 
 
 @contextlib.contextmanager
@@ -49,6 +49,18 @@ def preserved(model: nn.Module) -> Iterator[None]:
         for state in saved:
             state.restore()
         tensors.restore()
+
+
+def named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of `module` by qualified name: parameters, buffers, and plain tensor
+    attributes (the constants torch.export lifts from ``forward``); aliases listed under each name."""
+    named: list[tuple[str, torch.Tensor]] = list(module.named_parameters(remove_duplicate=False))
+    named += list(module.named_buffers(remove_duplicate=False))
+    for name, sub in module.named_modules(remove_duplicate=False):
+        for attr, value in vars(sub).items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and attr not in sub._buffers:
+                named.append((f"{name}.{attr}" if name else attr, value))
+    return named
 
 
 def _state_modules(model: nn.Module) -> list[nn.Module]:

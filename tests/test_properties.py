@@ -519,7 +519,7 @@ def assert_same_result(model: nn.Module, pm: partitioner.PartitionedModule, spec
 # Failures the generator found, kept as regression examples (each failed before its fix).
 _TIGHT = [0.0] * 4
 # torch.fx: ``v2.relu_()`` left later readers pointing at v2's producer, so the transfer
-# copied v2 before the relu_ ran (fixed: trace.thread_mutations).
+# copied v2 before the relu_ ran (fixed: mutations.thread_mutations).
 _RELU_THEN_READ_ELSEWHERE = Spec(
     batch=1, seq=2, ids="positional", outputs=(4, 2), output_kind="tuple",
     nodes=(Node("relu_", (0,)), Node("linear", (0,)), Node("linear", (0,))),
@@ -530,20 +530,20 @@ _ADD_IN_PLACE_ACROSS_DEVICES = Spec(
     nodes=(Node("linear", (0,)), Node("linear", (0,)), Node("mutate", (1, 2)), Node("linear", (1,))),
 )  # fmt: skip
 # A change through a view (torch.export: slice, select, fill_; torch.fx: transpose, add_)
-# reached the next device after the copy was made (fixed: trace.thread_mutations pins it).
+# reached the next device after the copy was made (fixed: mutations.thread_mutations pins it).
 _VIEW_CHANGES = [
     Spec(nodes=(Node("linear", (0,)), Node("mutate", (1, 0), how), Node("linear", (1,)), Node("linear", (2,))), outputs=(3,))
     for how in ("setitem", "view")
 ]
 # Two changes of one value, the second through a view of the value the first left: the
-# copy to another device was taken between them (fixed: trace.thread_mutations follows its
+# copy to another device was taken between them (fixed: mutations.thread_mutations follows its
 # own reads as aliases).
 _TWO_CHANGES = Spec(
     seq=2, batch=1, ids="positional", tie_embedding=True, outputs=(2,),
     nodes=(Node("linear", (0,)), Node("mutate", (2, 0), "setitem"), Node("mutate", (2, 0), "view")),
 )  # fmt: skip
 # torch.export: a BatchNorm (training) called twice, its calls on two devices; the second
-# updated copies of the running statistics (fixed: trace.thread_mutations pins the updates).
+# updated copies of the running statistics (fixed: mutations.thread_mutations pins the updates).
 _SHARED_BATCHNORM = Spec(
     width=8, outputs=(5,),
     nodes=(
@@ -558,7 +558,7 @@ _READ_ANOTHER_WEIGHT = Spec(
     nodes=(Node("linear", (0,)), Node("linear", (1,)), Node("linear", (2,)), Node("read", (3,), 0)),
 )  # fmt: skip
 # torch.fx answers ``weights is None`` about a proxy: the graph scaled by 0.5, the model by 1
-# (fixed: trace._differs_from_eager, then torch.export).
+# (fixed: trace_checks.differs_from_eager, then torch.export).
 _NONE_DECIDES_OUTPUT = Spec(nodes=(Node("none", (0,), "mha"), Node("maybe", (1,), (1, "scale"))), outputs=(2,))
 # ... and where the wrong value reaches only a BatchNorm's running statistics, not the output.
 _NONE_DECIDES_STATE = Spec(
