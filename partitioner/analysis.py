@@ -160,10 +160,9 @@ def trace_layers(
     start = time.perf_counter()
     classes = {f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()}
     split_modules = check_split_modules(trace.split_modules, classes, type(model).__name__)
-    granularity: Any = trace.granularity.value  # trace_model takes the values
     say(f"tracing {type(model).__name__}")
     traced = trace_model(
-        model, args, kwargs, frontend=trace.frontend.value, granularity=granularity, split_modules=split_modules
+        model, args, kwargs, frontend=trace.frontend, granularity=trace.granularity, split_modules=split_modules
     )
     timings = {"trace_s": time.perf_counter() - start}
     start = time.perf_counter()
@@ -174,7 +173,9 @@ def trace_layers(
         if trace.frontend is not Frontend.AUTO or traced.frontend != "fx":
             raise
         say("torch.fx graph did not replay; tracing again with torch.export")
-        traced = trace_model(model, args, kwargs, frontend="export", granularity=granularity, split_modules=split_modules)
+        traced = trace_model(
+            model, args, kwargs, frontend=Frontend.EXPORT, granularity=trace.granularity, split_modules=split_modules
+        )
         stats = profile_nodes(traced.gm, args, kwargs, training=training)
     layered = build_layers(traced, stats, batch_size=example_batch_size(args, kwargs))
     timings["profile_s"] = time.perf_counter() - start

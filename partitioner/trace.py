@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from partitioner.errors import TraceError
+from partitioner.options import Frontend, Granularity
 from partitioner.snapshot import named_tensors, preserved
 from partitioner.trace_checks import (
     InferenceMode,
@@ -48,8 +49,6 @@ __all__ = [
     "TRACE_LOCK",
 ]
 
-Frontend = Literal["auto", "fx", "export"]
-Granularity = Literal["block", "leaf"]
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
@@ -97,8 +96,8 @@ def trace_model(
     example_args: tuple[Any, ...],
     example_kwargs: Mapping[str, Any] | None = None,
     *,
-    frontend: Frontend = "auto",
-    granularity: Granularity = "block",
+    frontend: Frontend | str = Frontend.AUTO,
+    granularity: Granularity | str = Granularity.BLOCK,
     split_modules: Sequence[str] = (),
 ) -> TracedModel:
     """Trace `model` into an fx graph.
@@ -118,22 +117,19 @@ def trace_model(
         TraceError: No front end could trace the model; the message names the failing
             line and suggests a fix.
     """
-    if granularity not in ("block", "leaf"):
-        raise ValueError(f"granularity must be 'block' or 'leaf' (got {granularity!r})")
-    if frontend not in ("auto", "fx", "export"):
-        raise ValueError(f"frontend must be 'auto', 'fx' or 'export' (got {frontend!r})")
+    frontend, granularity = Frontend(frontend), Granularity(granularity)  # ValueError listing the choices
     kwargs = dict(example_kwargs or {})
     with TRACE_LOCK, recording_modes():
         # Inputs made under the caller's inference_mode cannot enter autograd: normal copies.
         args, kwargs = tree_map(
             lambda x: x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x, (example_args, kwargs)
         )
-        gm, used = _trace(model, args, kwargs, frontend)
+        gm, used = _trace(model, args, kwargs, frontend.value)
     return TracedModel(
         gm=gm,
         frontend=used,
         model_name=type(model).__name__,
-        blocks=block_classes(model, split_modules) if granularity == "block" else frozenset(split_modules),
+        blocks=block_classes(model, split_modules) if granularity is Granularity.BLOCK else frozenset(split_modules),
         owners=_owner_paths(model),
         stateless=frozenset(
             name
@@ -144,7 +140,7 @@ def trace_model(
 
 
 def _trace(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], frontend: Frontend
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], frontend: Literal["auto", "fx", "export"]
 ) -> tuple[fx.GraphModule, Literal["fx", "export"]]:
     """The graph of the front end that traces `model` faithfully, and its name.
 

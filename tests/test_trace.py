@@ -68,7 +68,7 @@ def test_hugging_face_gpt2_does_not_trace_with_fx_alone(gpt2: Traced) -> None:
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_keyword_inputs_and_dict_output_trace(frontend: str) -> None:
     model, args, kwargs = ZOO["kwargs_dict"].build()
-    traced = trace_model(model, args, kwargs, frontend=frontend)  # type: ignore[arg-type]
+    traced = trace_model(model, args, kwargs, frontend=frontend)
     assert traced.frontend == frontend
     assert [n.target for n in traced.gm.graph.nodes if n.op == "placeholder"] == ["x", "mask", "scale"]
     with torch.no_grad():
@@ -128,10 +128,10 @@ def test_data_dependent_branch_is_named_with_the_fix(tmp_path: Path) -> None:
 
 def test_unknown_frontend_or_granularity_is_refused() -> None:
     model, args, _ = ZOO["mlp"].build()
-    with pytest.raises(ValueError, match="granularity must be 'block' or 'leaf'"):
-        trace_model(model, args, granularity="layer")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="frontend must be 'auto', 'fx' or 'export'"):
-        trace_model(model, args, frontend="jit")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown Granularity 'layer': choose one of 'block', 'leaf'"):
+        trace_model(model, args, granularity="layer")
+    with pytest.raises(ValueError, match="unknown Frontend 'jit': choose one of 'auto', 'fx', 'export'"):
+        trace_model(model, args, frontend="jit")
 
 
 def test_block_classes_are_the_elements_of_containers() -> None:
