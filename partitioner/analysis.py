@@ -8,6 +8,7 @@ its device-independent half, `trace_layers`, to rebuild a plan's layers on each 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
+from typing_extensions import Unpack
 
 from partitioner.device_resolution import MaxMemory, resolve_devices
 from partitioner.devices import Device
@@ -23,7 +25,7 @@ from partitioner.dtypes import dtype_of
 from partitioner.errors import PlanMismatchError, ProfileError
 from partitioner.layers import LayeredModel, build_layers
 from partitioner.measure import measure_layers
-from partitioner.options import Frontend, Granularity, PlanOptions, TraceOptions, check_split_modules
+from partitioner.options import Frontend, Granularity, PlanOptions, TraceOptions, check_split_modules, trace_options
 from partitioner.partitioned import plain_model
 from partitioner.plan import Plan
 from partitioner.profiling import profile_nodes
@@ -31,7 +33,7 @@ from partitioner.progress import Progress
 from partitioner.replicate import replication_hazards
 from partitioner.trace import trace_model
 
-__all__ = ["AnalysisArgs", "Analysis", "analyze", "trace_layers", "check_plan_applies", "example_batch_size"]
+__all__ = ["AnalysisArgs", "Analysis", "analyze", "check_analysis_args", "trace_layers", "check_plan_applies", "example_batch_size"]
 
 
 class AnalysisArgs(TypedDict, total=False):
@@ -76,28 +78,35 @@ def analyze(
     example_kwargs: Mapping[str, Any] | None = None,
     *,
     options: PlanOptions | None = None,
-    trace: TraceOptions | None = None,
-    max_memory: MaxMemory | None = None,
-    measure: bool = True,
-    measure_budget_s: float = 10.0,
-    progress: Progress | None = None,
+    **kw: Unpack[AnalysisArgs],
 ) -> Analysis:
     """Resolve `devices`, trace and profile `model`, and time its layers on the present devices.
 
     Args:
         model: The model (not modified); a `PartitionedModule` is analysed as what it computes.
-        devices, example_inputs, example_kwargs, max_memory, measure, measure_budget_s,
-            progress: As for `partitioner.plan`.
+        devices, example_inputs, example_kwargs: As for `partitioner.plan`.
         options: What is planned for (training profiles backward too).
-        trace: How to trace (default `TraceOptions()`).
+        **kw: `AnalysisArgs`: ``trace`` (`TraceOptions`) or its fields ``frontend``,
+            ``granularity``, ``split_modules`` / ``no_split_module_classes``;
+            ``max_memory``, ``measure``, ``measure_budget_s``, ``progress``, as for
+            `partitioner.plan`.
 
     Returns:
         The `Analysis`.
 
     Raises:
+        TypeError: A keyword argument that is none of these.
+        ValueError: A trace setting with no such value, or `trace` given with one of its fields.
         DeviceError, ProfileError: A device string or profile is wrong.
         TraceError: No front end traces the model.
     """
+    check_analysis_args(kw)
+    trace = trace_options(
+        kw.get("trace"), frontend=kw.get("frontend"), granularity=kw.get("granularity"),
+        split_modules=kw.get("split_modules", ()), no_split_module_classes=kw.get("no_split_module_classes", ()),
+    )
+    measure, measure_budget_s = kw.get("measure", True), kw.get("measure_budget_s", 10.0)
+    progress, max_memory = kw.get("progress"), kw.get("max_memory")
     model = plain_model(model)
     options = options or PlanOptions()
     say = progress or (lambda _: None)
@@ -109,7 +118,6 @@ def analyze(
         devices = [devices]
     resolved = resolve_devices(list(devices), max_memory)
     args, kwargs = _inputs(example_inputs, example_kwargs)
-    trace = trace or TraceOptions()
     layered, timings = trace_layers(model, args, kwargs, training=options.training, trace=trace, progress=say)
     if measure and any(d.present for d in resolved):
         start = time.perf_counter()
@@ -118,6 +126,17 @@ def analyze(
         layered = dataclasses.replace(layered, graph=timed)
         timings["profile_s"] += time.perf_counter() - start
     return Analysis(layered, resolved, options, dtype_of(model), trace, timings)
+
+
+def check_analysis_args(kw: Mapping[str, Any], more: Iterable[str] = ()) -> None:
+    """Raise TypeError for a keyword that is not an `AnalysisArgs` field (nor one of `more`):
+    ``**kw`` would otherwise take a misspelt ``granularty="leaf"`` and plan at block granularity."""
+    known = {*AnalysisArgs.__annotations__, *more}
+    for key in kw:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"unexpected keyword argument {key!r}{hint} (planning takes {', '.join(sorted(known))})")
 
 
 def trace_layers(

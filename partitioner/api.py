@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,13 +18,12 @@ from typing_extensions import Unpack
 from partitioner.analysis import Analysis, AnalysisArgs, analyze, check_plan_applies, trace_layers
 from partitioner.assemble import annotate_plan, make_plan
 from partitioner.cost_model import build_problem
-from partitioner.device_resolution import MaxMemory
 from partitioner.devices import Device
 from partitioner.dtypes import dtype_of
 from partitioner.errors import DeviceError, PlanMismatchError
 from partitioner.ir import Problem, Solution
 from partitioner.layers import LayeredModel
-from partitioner.options import Frontend, Granularity, PlanOptions, Strategy, TraceOptions, trace_options
+from partitioner.options import PlanOptions, Strategy
 from partitioner.partitioned import PartitionedModule, plain_model
 from partitioner.plan import Plan
 from partitioner.progress import Progress, listening, reporting
@@ -77,26 +76,11 @@ def compile_plan(
     example_kwargs: Mapping[str, Any] | None = None,
     *,
     options: PlanOptions | None = None,
-    trace: TraceOptions | None = None,
-    max_memory: MaxMemory | None = None,
-    frontend: Frontend | str | None = None,
-    granularity: Granularity | str | None = None,
-    split_modules: str | type | Iterable[str | type] = (),
-    no_split_module_classes: str | type | Iterable[str | type] = (),
-    measure: bool = True,
-    measure_budget_s: float = 10.0,
-    progress: Progress | None = None,
+    **kw: Unpack[AnalysisArgs],
 ) -> Compiled:
     """Analyse (`analyze`) and solve (`solve_analysis`); see `plan` for the arguments."""
-    analysis = analyze(
-        model, devices, example_inputs, example_kwargs, options=options, max_memory=max_memory,
-        trace=trace_options(
-            trace, frontend=frontend, granularity=granularity, split_modules=split_modules,
-            no_split_module_classes=no_split_module_classes,
-        ),
-        measure=measure, measure_budget_s=measure_budget_s, progress=progress,
-    )
-    return solve_analysis(analysis, progress)
+    analysis = analyze(model, devices, example_inputs, example_kwargs, options=options, **kw)
+    return solve_analysis(analysis, kw.get("progress"))
 
 
 def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Compiled:
@@ -208,14 +192,8 @@ def auto_parallelize(
     """
     model = plain_model(model)
     if plan is not None:  # a saved plan: checked against the model's analysis, nothing solved or timed
-        analysis = analyze(
-            model, devices, example_inputs, example_kwargs, options=kw.get("options"), max_memory=kw.get("max_memory"),
-            trace=trace_options(
-                kw.get("trace"), frontend=kw.get("frontend"), granularity=kw.get("granularity"),
-                split_modules=kw.get("split_modules", ()), no_split_module_classes=kw.get("no_split_module_classes", ()),
-            ),
-            measure=False, progress=kw.get("progress"),
-        )
+        unmeasured: PlanningArgs = {**kw, "measure": False}
+        analysis = analyze(model, devices, example_inputs, example_kwargs, **unmeasured)
         check_plan_applies(plan, analysis.layered, analysis.devices)
         layered, resolved, chosen = analysis.layered, analysis.devices, plan
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,25 +18,14 @@ from typing_extensions import Unpack
 
 from torch import nn
 
-from partitioner.analysis import AnalysisArgs, analyze
+from partitioner.analysis import AnalysisArgs, analyze, check_analysis_args
 from partitioner.assemble import annotate_plan
 from partitioner.cluster import Cluster, resolve_cluster
 from partitioner.cost_model import TrainingCosts, resolve_precision, training_costs, training_state_bytes
-from partitioner.device_resolution import MaxMemory
 from partitioner.ir import OUTPUT, LayerGraph
-from partitioner.options import (
-    Frontend,
-    Granularity,
-    Objective,
-    PlanOptions,
-    Strategy,
-    TraceOptions,
-    TrainingOptions,
-    trace_options,
-)
+from partitioner.options import Objective, PlanOptions, Strategy, TrainingOptions
 from partitioner.pipeline_plan import PipelineResult, microbatch_sizes, plan_pipeline
 from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
-from partitioner.progress import Progress
 from partitioner.simulate import EventKind, Timeline
 
 __all__ = ["TrainingArgs", "TrainingCompiled", "compile_training", "plan_training", "make_training_plan"]
@@ -76,20 +65,13 @@ def compile_training(
     *,
     global_batch: int | None = None,
     options: TrainingOptions | None = None,
-    trace: TraceOptions | None = None,
-    max_memory: MaxMemory | None = None,
-    frontend: Frontend | str | None = None,
-    granularity: Granularity | str | None = None,
-    split_modules: str | type | Iterable[str | type] = (),
-    no_split_module_classes: str | type | Iterable[str | type] = (),
-    measure: bool = True,
-    measure_budget_s: float = 10.0,
-    progress: Progress | None = None,
+    **kw: Unpack[AnalysisArgs],
 ) -> TrainingCompiled:
     """Trace, profile and plan a training step; see `plan_training` for the arguments."""
+    check_analysis_args(kw)
     options = options or TrainingOptions()
-    say = progress or (lambda _: None)
-    cluster = resolve_cluster(devices, max_memory)
+    say = kw.get("progress") or (lambda _: None)
+    cluster = resolve_cluster(devices, kw.pop("max_memory", None))
     # One device per kind: present ones are timed there (a layer's time is keyed by profile).
     by_kind: dict[str, str] = {}
     for d in cluster.devices:
@@ -102,13 +84,7 @@ def compile_training(
         example_inputs,
         example_kwargs,
         options=PlanOptions(training=True, allow_data_parallel=False, memory_reserve=0.0),
-        trace=trace_options(
-            trace, frontend=frontend, granularity=granularity, split_modules=split_modules,
-            no_split_module_classes=no_split_module_classes,
-        ),
-        measure=measure,
-        measure_budget_s=measure_budget_s,
-        progress=say,
+        **kw,
     )
     timings = dict(compiled.timings_s)
     graph = compiled.layered.graph

@@ -190,3 +190,12 @@ def test_plan_takes_trace_options_as_it_takes_their_keywords() -> None:
     assert by_options.granularity == "leaf"
     with pytest.raises(ValueError, match="TraceOptions.granularity: unknown Granularity 'layers'"):
         partitioner.plan(model, ["cpu:0", "cpu:1"], (x,), granularity="layers", measure=False)
+
+
+@pytest.mark.parametrize("front_door", ["plan", "auto_parallelize", "plan_training"])
+def test_a_misspelt_planning_keyword_is_a_type_error_naming_the_close_one(front_door: str) -> None:
+    # ``**kw`` would otherwise take ``granularty="leaf"`` and plan at block granularity.
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(2, 4)
+    call = getattr(partitioner, front_door)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'granularty'; did you mean 'granularity'"):
+        call(model, ["cpu:0", "cpu:1"], (x,), granularty="leaf", measure=False)
