@@ -33,7 +33,15 @@ from partitioner.progress import Progress
 from partitioner.replicate import replication_hazards
 from partitioner.trace import trace_model
 
-__all__ = ["AnalysisArgs", "Analysis", "analyze", "check_analysis_args", "trace_layers", "check_plan_applies", "example_batch_size"]
+__all__ = [
+    "AnalysisArgs",
+    "Analysis",
+    "analyze",
+    "check_analysis_args",
+    "trace_layers",
+    "check_plan_applies",
+    "example_batch_size",
+]
 
 
 class AnalysisArgs(TypedDict, total=False):
@@ -212,8 +220,8 @@ def check_plan_applies(plan: Plan, layered: LayeredModel, devices: Sequence[Devi
     if plan.fingerprint != graph.fingerprint:
         raise PlanMismatchError(
             f"the plan was made for {plan.model_name} (fingerprint {plan.fingerprint}) but this model "
-            f"traces to {graph.model_name} (fingerprint {graph.fingerprint}) on these example inputs; pass "
-            "the model and example inputs the plan was made with (and its split_modules), or plan again"
+            f"traces to {graph.model_name} (fingerprint {graph.fingerprint}) on these example inputs; pass the "
+            "model and example inputs the plan was made with (and its split_modules), or plan this model again"
         )
     if devices is not None and len(plan.devices) != len(devices):
         raise PlanMismatchError(

@@ -284,9 +284,12 @@ def trace_options(
     Raises:
         ValueError: Both `trace` and a keyword spelling are given (which one holds would be a guess).
     """
-    names = (*_class_names(split_modules, "split_modules"), *_class_names(no_split_module_classes, "no_split_module_classes"))
+    names = (
+        *_class_names(split_modules, "split_modules"),
+        *_class_names(no_split_module_classes, "no_split_module_classes"),
+    )
     if trace is None:
-        fields: dict[str, Any] = {"frontend": frontend or Frontend.AUTO, "granularity": granularity or Granularity.BLOCK}
+        fields: dict[str, Any] = {"frontend": frontend or "auto", "granularity": granularity or "block"}
         return TraceOptions(**fields, split_modules=names)  # strings are read (and checked) there
     if not isinstance(trace, TraceOptions):
         raise ValueError(f"trace must be a TraceOptions (got {trace!r})")
