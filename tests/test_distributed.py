@@ -3,8 +3,8 @@
 Pure layout checks and the stage split run in this process. Two launches (marked
 ``distributed``) start gloo processes the way torchrun would (its environment variables,
 one thread each) on tests/dist_worker.py: 2 processes for 2-stage pipelines (GPipe, 1F1B,
-interleaved 1F1B, a plan without a pipeline section, a checkpoint), 4 for 2 stages x 2
-replicas; every case runs inside the same processes, since a start costs 15-20 s here.
+interleaved 1F1B, a plan without a pipeline section, a checkpoint saved under 2 stages
+and resumed under 2 replicas), 4 for 2 stages x 2 replicas; every case runs inside the same processes, since a start costs 15-20 s here.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import io
 import json
 import os
 import pickle
+import re
 import stat
 import warnings
 from collections.abc import Iterator, Mapping
@@ -79,14 +80,11 @@ def _record_name(save_id: str) -> str:
     return f"partitioner-{_tag(save_id)}.json"
 
 
-def _earlier(name: str) -> bool:
-    """A file of an earlier save in this directory: DCP data files, records, and format 2's files."""
-    return (
-        (name.startswith("__") and name.endswith(".distcp"))
-        or (name.startswith("partitioner-") and name.endswith(".json"))
-        or name in (_FORMAT_2, "unused.pt")
-        or (name.startswith("part-") and name.endswith(".pt"))
-    )
+# The files a save replaces: DCP data files (ours carry the save's tag), records, format 2's files.
+_EARLIER = re.compile(
+    r"__\d+_(?:[0-9a-f]{12}_)?\d+\.distcp|partitioner-[0-9a-f]{12}\.json"  # DCP's data files, records
+    r"|index\.json|unused\.pt|part-\d+-of-\d+\.pt"  # format 2
+)
 
 
 @contextlib.contextmanager
@@ -110,11 +108,12 @@ class _Writer(FileSystemWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         # DCP gives process i the file prefix "__{i}_" (its plan's storage_data); with the
         # save's tag in it, no save ever writes over a file that another save's metadata names.
-        tag = _tag(self.save_id)
-        return [
-            dataclasses.replace(plan, storage_data=dataclasses.replace(plan.storage_data, prefix=f"{plan.storage_data.prefix}{tag}_"))
-            for plan in super().prepare_global_plan(plans)
-        ]
+        tag, tagged = _tag(self.save_id), []
+        for plan in super().prepare_global_plan(plans):
+            prefix = plan.storage_data
+            tagged_prefix = dataclasses.replace(prefix, prefix=f"{prefix.prefix}{tag}_")
+            tagged.append(dataclasses.replace(plan, storage_data=tagged_prefix))
+        return tagged
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         record = {**self._record, "save_id": self.save_id}
@@ -123,7 +122,7 @@ class _Writer(FileSystemWriter):
         super().finish(metadata, results)  # renames .metadata into place: from here on, this save is the checkpoint
         keep = {_record_name(self.save_id), *(info.relative_path for info in metadata.storage_data.values())}
         for entry in os.scandir(self._root):
-            if entry.name not in keep and _earlier(entry.name) and entry.is_file(follow_symlinks=False):
+            if entry.name not in keep and _EARLIER.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
 
 
@@ -174,7 +173,9 @@ def _regular_file(root: Path, name: str, what: str) -> Path:
         resolved = (root / name).resolve(strict=True)
         mode = resolved.stat().st_mode
     except FileNotFoundError:
-        raise _refuse(root, f"{name} ({what}) is missing; the save did not finish, or files were removed: save again") from None
+        raise _refuse(
+            root, f"{name} ({what}) is missing; the save did not finish, or files were removed: save again"
+        ) from None
     except OSError as e:
         raise _refuse(root, f"{name} ({what}) cannot be read ({e.strerror or e})") from None
     if resolved.parent != root.resolve():
@@ -190,8 +191,10 @@ _METADATA_GLOBALS = frozenset(
     [("torch.distributed.checkpoint.metadata", name) for name in (
         "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
         "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")]
-    + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout")]
-    + [(module, name) for module in ("pathlib", "pathlib._local") for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")]
+    + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size")]
+    + [("torch.serialization", "_get_layout")]
+    + [(module, name) for module in ("pathlib", "pathlib._local")
+       for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")]
 )
 
 
@@ -199,7 +202,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP's metadata, refusing any global but its classes and torch's dtypes."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _METADATA_GLOBALS or dtype:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
 
@@ -249,10 +253,12 @@ def _open(directory: str | os.PathLike[str]) -> _Checkpoint:
     try:
         metadata = _MetadataUnpickler(io.BytesIO(read_capped(path, _METADATA_LIMIT))).load()
     except Exception as e:  # unpickling a damaged file raises many types (EOFError, UnpicklingError, TypeError, ...)
-        raise _refuse(root, f"{_METADATA} is damaged or not torch.distributed.checkpoint's ({type(e).__name__}: {e})") from None
+        raise _refuse(
+            root, f"{_METADATA} is damaged or not torch.distributed.checkpoint's ({type(e).__name__}: {e})"
+        ) from None
     save_id = getattr(getattr(metadata, "storage_meta", None), "save_id", None)
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict) or not isinstance(save_id, str):
-        raise _refuse(root, f"{_METADATA} is not the metadata of a save of torch.distributed.checkpoint's file system writer")
+    if not (isinstance(metadata, Metadata) and isinstance(metadata.storage_data, dict) and isinstance(save_id, str)):
+        raise _refuse(root, f"{_METADATA} is not the metadata of a save by torch.distributed.checkpoint's file writer")
     name = _record_name(save_id)
     if not os.path.lexists(root / name):
         raise _refuse(
@@ -268,16 +274,22 @@ def _open(directory: str | os.PathLike[str]) -> _Checkpoint:
     if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
         found = record.get("format") if isinstance(record, dict) else None
         raise _refuse(root, f"{name} is of checkpoint format {found!r}, expected {CHECKPOINT_FORMAT}")
-    if record.get("save_id") != save_id or not all(isinstance(record.get(k), str) for k in ("model_name", "fingerprint")):
+    named = all(isinstance(record.get(k), str) for k in ("model_name", "fingerprint"))
+    if record.get("save_id") != save_id or not named:
         raise _refuse(root, f"{name} lacks model_name or fingerprint, or is of another save than {_METADATA}")
     others = sorted(k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata))
     if others:
-        raise _refuse(root, f"it holds {len(others)} entries that are no tensors (e.g. {others[0]!r}); save_checkpoint writes tensors only")
+        raise _refuse(
+            root, f"it holds {len(others)} entries that are no tensors (e.g. {others[0]!r}); save_checkpoint writes "
+            "tensors only"
+        )
     ends: dict[str, int] = {}
     for info in metadata.storage_data.values():
         file = getattr(info, "relative_path", None)
         if not isinstance(file, str) or os.path.basename(file) != file or file in ("", ".", ".."):
-            raise _refuse(root, f"{_METADATA} names a data file {file!r}; a checkpoint's data files lie in its directory")
+            raise _refuse(
+                root, f"{_METADATA} names a data file {file!r}; a checkpoint's data files lie in its directory"
+            )
         ends[file] = max(ends.get(file, 0), int(info.offset) + int(info.length))
     for file, end in sorted(ends.items()):
         size = _regular_file(root, file, f"a data file {_METADATA} names").stat().st_size
@@ -316,7 +328,8 @@ def _read(checkpoint: _Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
             dcp.load(buffers, storage_reader=_Reader(checkpoint), no_dist=True)
     except (Exception, CheckpointException) as e:  # a damaged file fails in DCP's torch.load with many types
         raise _refuse(
-            checkpoint.root, f"a data file is damaged ({_cause(e)}); restore it from a copy, or load an earlier checkpoint"
+            checkpoint.root,
+            f"a data file is damaged ({_cause(e)}); restore it from a copy, or load an earlier checkpoint",
         ) from None
     return buffers
 
