@@ -4,7 +4,8 @@ Pure layout checks and the stage split run in this process. Two launches (marked
 ``distributed``) start gloo processes the way torchrun would (its environment variables,
 one thread each) on tests/dist_worker.py: 2 processes for 2-stage pipelines (GPipe, 1F1B,
 interleaved 1F1B, a plan without a pipeline section, a checkpoint saved under 2 stages
-and resumed under 2 replicas), 4 for 2 stages x 2 replicas; every case runs inside the same processes, since a start costs 15-20 s here.
+and resumed under 2 replicas, one refused), 4 for 2 stages x 2 replicas; every case runs
+inside the same processes, since a start costs 15-20 s here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -241,7 +243,7 @@ def test_checkpoint_file_of_another_save_is_never_mixed_in(one_process_part: pd.
     shutil.copy(late / ".metadata", early / ".metadata")  # another save's metadata: its record is not here
     restored = ZOO["mlp"].make_model()
     before = _state(restored)
-    with pytest.raises(PlanMismatchError, match=r"partitioner-\w+.json, the record of the save .*missing.*another save.*mix"):
+    with pytest.raises(PlanMismatchError, match=r"partitioner-\w+.json, the record of .*missing.*another save.*mix"):
         pd.load_into_original(restored, early)
     _unchanged(restored, before)
     assert json.loads(_only(late, ".json").read_text())["step"] == 20
@@ -375,7 +377,7 @@ def test_checkpoint_truncated_damaged_or_missing_file_raises_a_typed_error(
     with pytest.raises(PlanMismatchError, match=r".metadata is damaged"):
         pd.load_checkpoint(saved)
     (saved / ".metadata").unlink()
-    with pytest.raises(PlanMismatchError, match=r".metadata \(written by torch.distributed.checkpoint; .*\) is missing"):
+    with pytest.raises(PlanMismatchError, match=r".metadata \(written by torch.distributed.checkpoint.*\) is missing"):
         pd.load_checkpoint(saved)
 
 
@@ -389,7 +391,9 @@ class _RunsCode:
         return (os.remove, (str(self.path),))
 
 
-def test_checkpoint_metadata_naming_other_code_is_refused_unrun(one_process_part: pd.PipelineRank, tmp_path: Path) -> None:
+def test_checkpoint_metadata_naming_other_code_is_refused_unrun(
+    one_process_part: pd.PipelineRank, tmp_path: Path
+) -> None:
     """DCP unpickles .metadata with plain pickle; a crafted one would run code on load."""
     saved = _saved(one_process_part, tmp_path / "ckpt", 1, ZOO["mlp"].make_model().state_dict())
     victim = tmp_path / "victim.txt"
@@ -525,8 +529,9 @@ def _write(tmp_path: Path, name: str, plan: Plan) -> str:
 
 
 @pytest.mark.distributed
-def test_two_process_pipelines_train_as_one_process(tmp_path: Path) -> None:
-    """Pipelines of 2 stages; and GPT-2's checkpoint, saved under 2 stages, resumed under 2 replicas."""
+def test_two_process_pipelines_train_as_one_process(one_process_part: pd.PipelineRank, tmp_path: Path) -> None:
+    """Pipelines of 2 stages; GPT-2's checkpoint, saved under 2 stages, resumed under 2 replicas; and a
+    checkpoint that only the second stage's process finds wrong, loaded by neither process."""
     mlp, gpt2 = base_plan("mlp", 2), base_plan("gpt2", 2)
     plans = {
         "mlp": hand_pipeline(mlp, [(0, 3), (4, 6)], [(0,), (1,)], "1f1b", 4, 8),
@@ -544,6 +549,11 @@ def test_two_process_pipelines_train_as_one_process(tmp_path: Path) -> None:
         for schedule in ("gpipe", "1f1b")
     ]
     cases[2]["checkpoint"] = str(checkpoint)
+    # Saved from shifted weights under a one-device plan, its fc4.weight (the second stage's) then of another shape.
+    shifted = dist_worker.perturbed(ZOO["mlp"].make_model().state_dict())
+    wrong = _saved(one_process_part, tmp_path / "mlp-wrong", 1, shifted)
+    _rewrite_metadata(wrong, lambda m: setattr(m.state_dict_metadata["fc4.weight"], "size", torch.Size([12, 128])))
+    cases[1]["refused"] = str(wrong)
     cases.append({"name": "mlp-interleaved", "model": "mlp", "plan": files["mlp-interleaved"], "global_batch": 8})
     cases.append({"name": "tied_read-1f1b", "model": "tied_read", "plan": files["tied_read"], "global_batch": 8})
     cases.append({"name": "mlp-placed", "model": "mlp", "plan": files["mlp-placed"], "microbatches": 2,
@@ -566,6 +576,9 @@ def test_two_process_pipelines_train_as_one_process(tmp_path: Path) -> None:
         pd.load_into_original(restored, saved)
         for k, v in original.state_dict().items():
             assert torch.equal(restored.state_dict()[k], v), f"{saved.name}: {k}"
+    refused = [torch.load(tmp_path / f"mlp-1f1b-rank{r}.pt", weights_only=False)["refused"] for r in range(2)]
+    assert re.search(r"'fc4.weight' has shape \(12, 128\) in the checkpoint but \(10, 128\) in this part", refused[1])
+    assert refused[0].startswith("process 1 could not load the checkpoint, so no process loaded it: 'fc4.weight'")
     stages = [torch.load(tmp_path / f"mlp-interleaved-rank{r}.pt", weights_only=False)["stages"] for r in range(2)]
     assert stages == [(0, 2), (1, 3)]
 
