@@ -576,6 +576,13 @@ def test_two_process_pipelines_train_as_one_process(one_process_part: pd.Pipelin
         pd.load_into_original(restored, saved)
         for k, v in original.state_dict().items():
             assert torch.equal(restored.state_dict()[k], v), f"{saved.name}: {k}"
+    # GPT-2's tied weight (a copy in each stage) is written once, under one name; the record names the other.
+    entries = pickle.loads((checkpoint / ".metadata").read_bytes()).state_dict_metadata
+    (record,) = [json.loads(p.read_text()) for p in checkpoint.glob("partitioner-*.json")]
+    assert record["aliases"] == {"transformer.wte.weight": "lm_head.weight"}
+    assert "transformer.wte.weight" not in entries and "lm_head.weight" in entries
+    state = pd.load_checkpoint(checkpoint)
+    assert set(state) == set(original.state_dict()) and state["transformer.wte.weight"] is state["lm_head.weight"]
     refused = [torch.load(tmp_path / f"mlp-1f1b-rank{r}.pt", weights_only=False)["refused"] for r in range(2)]
     assert re.search(r"'fc4.weight' has shape \(12, 128\) in the checkpoint but \(10, 128\) in this part", refused[1])
     assert refused[0].startswith("process 1 could not load the checkpoint, so no process loaded it: 'fc4.weight'")

@@ -2,11 +2,11 @@
 
 A checkpoint is a directory written by `torch.distributed.checkpoint` (DCP): every process
 of the launch saves its stages' tensors under the original model's ``state_dict`` names (a
-tied weight under each of its names; process 0 adds the entries no stage holds), and DCP's
-planner writes each name once, however many replicas or tied copies hold it. DCP's
+tied weight under one of its names; process 0 adds the entries no stage holds), and DCP's
+planner writes each name once, however many replicas or stages hold it. DCP's
 ``.metadata`` records every name's shape and dtype and the file and bytes that hold it;
-``partitioner-<save>.json`` beside it records the format, the save's id, the step, and the
-model and plan it was saved from. So a checkpoint loads under any plan of the same model
+``partitioner-<save>.json`` beside it records the format, the save's id, the step, the
+model and plan it was saved from, and the other names of each tied weight. So a checkpoint loads under any plan of the same model
 (`load_into_part`: each process reads only the names its stages hold), into the
 unpartitioned model (`load_into_original`) or as one state dict (`load_checkpoint`); the
 last two need no process group.
@@ -126,6 +126,16 @@ class _Writer(FileSystemWriter):
                 os.unlink(entry.path)
 
 
+def _aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Names of one tensor (a tied weight) -> the one it is saved under (the first in sorted order)."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, t in state.items():
+        if t.numel():  # empty tensors all sit at address 0
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            groups.setdefault(key, []).append(name)
+    return {alias: min(names) for names in groups.values() for alias in names if alias != min(names)}
+
+
 def save_checkpoint(part: PipelineRank, directory: str | os.PathLike[str], *, step: int | None = None) -> Path:
     """Save the partitioned model's state; call it on every process (it returns once the save is complete).
 
@@ -145,16 +155,25 @@ def save_checkpoint(part: PipelineRank, directory: str | os.PathLike[str], *, st
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    state = part.state_dict()
+    # A tied weight is saved once, under one of its names; the record names the others.
+    found = [_aliases(state)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        found = [{}] * dist.get_world_size()
+        dist.all_gather_object(found, _aliases(state))
+    aliases = {alias: name for each in found for alias, name in each.items()}
     record = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
         "model_name": part.plan.model_name,
         "fingerprint": part.plan.fingerprint,
         "layout": part.layout.describe(),
+        "aliases": aliases,
     }
+    saved = {name: t for name, t in state.items() if name not in aliases}
     try:
         with _quiet():
-            dcp.save(part.state_dict(), storage_writer=_Writer(out, record), no_dist=not dist.is_initialized())
+            dcp.save(saved, storage_writer=_Writer(out, record), no_dist=not dist.is_initialized())
     except CheckpointException as e:  # a BaseException: raised on every process when one failed
         raise OSError(f"saving the checkpoint in {out} failed on process(es) {sorted(e.failures)} ({_cause(e)})") from e
     return out
@@ -217,8 +236,19 @@ class _Checkpoint:
     record: Mapping[str, Any]
 
     @property
-    def entries(self) -> Mapping[str, TensorStorageMetadata]:
-        return self.metadata.state_dict_metadata  # type: ignore[return-value]  # only tensors: checked by _open
+    def aliases(self) -> Mapping[str, str]:
+        """Other names of a tied weight -> the name it is saved under."""
+        aliases: Mapping[str, str] = self.record["aliases"]  # a map of str to str: checked by _open
+        return aliases
+
+    @property
+    def names(self) -> set[str]:
+        """Every name of the original model's state the checkpoint holds."""
+        return set(self.metadata.state_dict_metadata) | set(self.aliases)
+
+    def entry(self, name: str) -> TensorStorageMetadata:
+        """DCP's record of tensor `name` (shape, dtype, chunks); only tensors: checked by `_open`."""
+        return self.metadata.state_dict_metadata[self.aliases.get(name, name)]  # type: ignore[return-value]
 
     def describe(self) -> str:
         r = self.record
@@ -277,6 +307,12 @@ def _open(directory: str | os.PathLike[str]) -> _Checkpoint:
     named = all(isinstance(record.get(k), str) for k in ("model_name", "fingerprint"))
     if record.get("save_id") != save_id or not named:
         raise _refuse(root, f"{name} lacks model_name or fingerprint, or is of another save than {_METADATA}")
+    aliases = record.get("aliases")
+    if not isinstance(aliases, dict) or not all(
+        isinstance(a, str) and a not in metadata.state_dict_metadata and n in metadata.state_dict_metadata
+        for a, n in aliases.items()
+    ):
+        raise _refuse(root, f"{name}'s aliases are not a map of other names to names {_METADATA} holds")
     others = sorted(k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata))
     if others:
         raise _refuse(
@@ -321,8 +357,10 @@ def _cause(e: BaseException) -> str:
 
 
 def _read(checkpoint: _Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors `names` of the checkpoint, read into new CPU tensors (the target untouched)."""
-    buffers = {n: torch.empty(checkpoint.entries[n].size, dtype=checkpoint.entries[n].properties.dtype) for n in names}
+    """The tensors `names` of the checkpoint, read into new CPU tensors (the target untouched); the
+    names of one tied weight share one tensor."""
+    saved = sorted({checkpoint.aliases.get(n, n) for n in names})
+    buffers = {n: torch.empty(checkpoint.entry(n).size, dtype=checkpoint.entry(n).properties.dtype) for n in saved}
     try:
         with _quiet():
             dcp.load(buffers, storage_reader=_Reader(checkpoint), no_dist=True)
@@ -331,7 +369,7 @@ def _read(checkpoint: _Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
             checkpoint.root,
             f"a data file is damaged ({_cause(e)}); restore it from a copy, or load an earlier checkpoint",
         ) from None
-    return buffers
+    return {n: buffers[checkpoint.aliases.get(n, n)] for n in names}
 
 
 def _check(checkpoint: _Checkpoint, expected: Mapping[str, torch.Tensor], where: str, *, strict: bool) -> None:
@@ -342,16 +380,16 @@ def _check(checkpoint: _Checkpoint, expected: Mapping[str, torch.Tensor], where:
             checkpoint is unknown (when `strict`), or a tensor has another shape or dtype;
             the message names the checkpoint's model and the target (`where`).
     """
-    entries = checkpoint.entries
-    missing = sorted(set(expected) - set(entries))
-    unexpected = sorted(set(entries) - set(expected)) if strict else []
+    names = checkpoint.names
+    missing = sorted(set(expected) - names)
+    unexpected = sorted(names - set(expected)) if strict else []
     if missing or unexpected:
         raise PlanMismatchError(
             f"the checkpoint in {checkpoint.root} holds {checkpoint.describe()}, not {where}: {len(missing)} name(s) "
             f"missing (e.g. {missing[:2]}), {len(unexpected)} unknown (e.g. {unexpected[:2]}); nothing was loaded"
         )
     for name, target in expected.items():
-        shape, dtype = tuple(entries[name].size), entries[name].properties.dtype
+        shape, dtype = tuple(checkpoint.entry(name).size), checkpoint.entry(name).properties.dtype
         if shape != tuple(target.shape):
             raise PlanMismatchError(
                 f"{name!r} has shape {shape} in the checkpoint but {tuple(target.shape)} in {where}; the checkpoint "
@@ -374,7 +412,7 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor
             outside the directory, not a regular file, truncated or damaged.
     """
     checkpoint = _open(directory)
-    return _read(checkpoint, sorted(checkpoint.entries))
+    return _read(checkpoint, sorted(checkpoint.names))
 
 
 def load_into_original(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
