@@ -10,6 +10,9 @@ Across machines, the same command on each, with torchrun's rendezvous flags::
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         examples/train_pipeline.py --plan plan.json
 
+``--checkpoint DIR`` saves the trained model (torch.distributed.checkpoint), and
+``--resume DIR`` starts from such a checkpoint, saved under this plan or any other.
+
 Without ``--plan`` every process plans for itself (layer timing off, so they all find the
 same plan) and process 0 prints it. The model is the seed MLP (1024-512-256-128-10), or
 ``--model gpt2-tiny``: a 4-layer GPT-2 from ``transformers`` trained on random tokens. On
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--checkpoint", type=Path, help="save the trained stages here (original names)")
+    parser.add_argument("--resume", type=Path, help="start from this checkpoint (saved under any plan of the model)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # processes share the machine's cores
@@ -95,6 +99,8 @@ def main() -> None:
     plan = partitioner.Plan.from_json(args.plan.read_text()) if args.plan else make_plan(args, model, example, kwargs)
 
     part = pd.build(plan, model, example, kwargs, loss_fn=loss_fn)
+    if args.resume:
+        pd.load_into_part(part, args.resume)  # each process reads what its stages hold
     if part.rank == 0:
         print(f"{part.layout.describe()}\n{part!r}", flush=True)
     optimizer = torch.optim.AdamW(part.parameters(), lr=args.lr)  # this process's parameters only

@@ -3,9 +3,10 @@
 Launched by tests/test_distributed.py as torchrun would launch a training script (the
 environment holds RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), with
 ``python tests/dist_worker.py SPEC.json``. Every case of the spec runs in the same
-processes, one after the other: build the plan's part, optionally load a state dict or
-save a checkpoint, `STEPS` SGD steps on one batch, and ``torch.save`` of this rank's
-losses and state dict to ``<out>/<case>-rank<r>.pt``.
+processes, one after the other: build the plan's part, optionally resume from a
+checkpoint (after shifting the part's weights, so that a load that does nothing shows) or
+try one that must be refused, save a checkpoint or load a shifted state dict, `STEPS` SGD steps on one batch, and
+``torch.save`` of this rank's losses and state dict to ``<out>/<case>-rank<r>.pt``.
 
 The data and losses live here so that the test computes its single-process reference
 from the same definitions.
@@ -61,6 +62,7 @@ def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def run(spec: dict[str, Any]) -> None:
     import partitioner.distributed as pd
+    from partitioner.errors import PlanMismatchError
     from partitioner.plan import Plan
     from tests.models import ZOO
 
@@ -80,6 +82,15 @@ def run(spec: dict[str, Any]) -> None:
             microbatches=case.get("microbatches"),
             global_batch=case.get("global_batch"),
         )
+        if case.get("resume"):
+            pd.load_from_original(part, perturbed(model.state_dict()))
+            pd.load_into_part(part, case["resume"])
+        refused = None
+        if case.get("refused"):  # a checkpoint that some process cannot load: none may load it
+            try:
+                pd.load_into_part(part, case["refused"])
+            except PlanMismatchError as e:
+                refused = str(e)
         if case.get("checkpoint"):
             pd.save_checkpoint(part, case["checkpoint"])
         if case.get("load_perturbed"):
@@ -92,7 +103,8 @@ def run(spec: dict[str, Any]) -> None:
             optimizer.step()
             optimizer.zero_grad()
         torch.save(
-            {"losses": losses, "state": part.state_dict(), "stages": part.stage_indices, "repr": repr(part)},
+            {"losses": losses, "state": part.state_dict(), "stages": part.stage_indices, "repr": repr(part),
+             "refused": refused},
             out / f"{case['name']}-rank{part.rank}.pt",
         )
         parts.append(part)

@@ -3,8 +3,9 @@
 Pure layout checks and the stage split run in this process. Two launches (marked
 ``distributed``) start gloo processes the way torchrun would (its environment variables,
 one thread each) on tests/dist_worker.py: 2 processes for 2-stage pipelines (GPipe, 1F1B,
-interleaved 1F1B, a plan without a pipeline section, a checkpoint), 4 for 2 stages x 2
-replicas; every case runs inside the same processes, since a start costs 15-20 s here.
+interleaved 1F1B, a plan without a pipeline section, a checkpoint saved under 2 stages
+and resumed under 2 replicas, one refused), 4 for 2 stages x 2 replicas; every case runs
+inside the same processes, since a start costs 15-20 s here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -193,7 +196,7 @@ def test_one_process_plan_steps_and_checkpoints(tmp_path: Path, monkeypatch: pyt
 
 @pytest.fixture(scope="module")
 def one_process_part() -> Iterator[pd.PipelineRank]:
-    """The seed MLP on one device, built without a launcher (a checkpoint of one part and unused.pt)."""
+    """The seed MLP on one device, built without a launcher."""
     with pytest.MonkeyPatch.context() as env:
         for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
             env.delenv(var, raising=False)
@@ -223,19 +226,76 @@ def _unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
         assert torch.equal(v, before[k]), f"{k} was overwritten by a refused load"
 
 
-def test_checkpoint_part_of_another_step_is_refused(one_process_part: pd.PipelineRank, tmp_path: Path) -> None:
-    """A part copied in from another save of the same plan would mix the weights of two steps."""
+def _only(directory: Path, suffix: str) -> Path:
+    """The one file of `directory` whose name ends in `suffix` (a save's data file or record)."""
+    (found,) = [p for p in directory.iterdir() if p.name.endswith(suffix)]
+    return found
+
+
+def test_checkpoint_file_of_another_save_is_never_mixed_in(one_process_part: pd.PipelineRank, tmp_path: Path) -> None:
+    """Files copied in from another save of the same plan (another step) are ignored or refused, never mixed."""
     state = ZOO["mlp"].make_model().state_dict()
     early = _saved(one_process_part, tmp_path / "step10", 10, state)
     late = _saved(one_process_part, tmp_path / "step20", 20, dist_worker.perturbed(state))
-    shutil.copy(late / "part-0-of-1.pt", early / "part-0-of-1.pt")
+    shutil.copy(_only(late, ".distcp"), early)  # another save's data file: named after its save, never read
+    loaded = pd.load_checkpoint(early)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    shutil.copy(late / ".metadata", early / ".metadata")  # another save's metadata: its record is not here
     restored = ZOO["mlp"].make_model()
     before = _state(restored)
-    with pytest.raises(PlanMismatchError, match=r"part-0-of-1.pt comes from another save.*step 20.*step 10.*mix"):
+    with pytest.raises(PlanMismatchError, match=r"partitioner-\w+.json, the record of .*missing.*another save.*mix"):
         pd.load_into_original(restored, early)
     _unchanged(restored, before)
-    assert json.loads((late / "index.json").read_text())["step"] == 20
+    assert json.loads(_only(late, ".json").read_text())["step"] == 20
     assert set(pd.load_checkpoint(late)) == set(state)  # each save alone loads
+
+
+def test_checkpoint_saved_again_replaces_the_earlier_save(one_process_part: pd.PipelineRank, tmp_path: Path) -> None:
+    """A second save into a directory leaves only its own files (those of a format-2 save too) and its values."""
+    state = ZOO["mlp"].make_model().state_dict()
+    directory = _saved(one_process_part, tmp_path / "ckpt", 10, state)
+    (directory / "index.json").write_text("{}")
+    (directory / "part-0-of-2.pt").write_bytes(b"")
+    first = {p.name for p in directory.iterdir()}
+    shifted = dist_worker.perturbed(state)
+    _saved(one_process_part, directory, 20, shifted)
+    names = {p.name for p in directory.iterdir()}
+    assert len(names) == 3 and not names & (first - {".metadata"}), names
+    loaded = pd.load_checkpoint(directory)
+    assert all(torch.equal(loaded[k], v) for k, v in shifted.items())
+
+
+def test_checkpoint_save_that_fails_leaves_the_earlier_save_whole(
+    one_process_part: pd.PipelineRank, tmp_path: Path
+) -> None:
+    """A save that fails before its metadata is in place (here: DCP cannot write it) loses nothing."""
+    state = ZOO["mlp"].make_model().state_dict()
+    directory = _saved(one_process_part, tmp_path / "ckpt", 10, state)
+    (directory / ".metadata.tmp").mkdir()  # where DCP writes the metadata before renaming it
+    with pytest.raises(OSError, match=r"saving the checkpoint in .* failed on process\(es\) \[0\] \(IsADirectoryError"):
+        _saved(one_process_part, directory, 20, dist_worker.perturbed(state))
+    pd.load_from_original(one_process_part, state)
+    loaded = pd.load_checkpoint(directory)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_checkpoint_loads_into_the_stages_of_a_part(one_process_part: pd.PipelineRank, tmp_path: Path) -> None:
+    state = dist_worker.perturbed(ZOO["mlp"].make_model().state_dict())
+    saved = _saved(one_process_part, tmp_path / "ckpt", 1, state)
+    assert pd.load_into_part(one_process_part, saved) is one_process_part
+    assert all(torch.equal(v, state[k]) for k, v in one_process_part.state_dict().items())
+    pd.load_from_original(one_process_part, ZOO["mlp"].make_model().state_dict())
+
+
+def test_checkpoint_of_another_model_is_refused_naming_both(one_process_part: pd.PipelineRank, tmp_path: Path) -> None:
+    saved = _saved(one_process_part, tmp_path / "ckpt", 7, ZOO["mlp"].make_model().state_dict())
+    gpt2 = ZOO["gpt2"].make_model()
+    before = _state(gpt2)
+    fingerprint = one_process_part.plan.fingerprint
+    with pytest.raises(PlanMismatchError, match=rf"holds Sequential \(fingerprint {fingerprint}, saved under 1 stage.*"
+                                                r"step 7\), not this GPT2LMHeadModel: 29 name\(s\) missing"):
+        pd.load_into_original(gpt2, saved)
+    _unchanged(gpt2, before)
 
 
 def test_checkpoint_of_another_shape_leaves_every_tensor_unchanged(
@@ -264,42 +324,94 @@ def test_checkpoint_of_another_shape_leaves_every_tensor_unchanged(
         assert torch.equal(v, part_before[k]), f"stage tensor {k} was overwritten by a refused load"
 
 
+def _rewrite_metadata(directory: Path, change: Any) -> None:
+    """Unpickle DCP's metadata, apply `change` to it, and write it back (a crafted checkpoint)."""
+    metadata = pickle.loads((directory / ".metadata").read_bytes())
+    change(metadata)
+    (directory / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
 def test_checkpoint_file_outside_its_directory_is_refused(one_process_part: pd.PipelineRank, tmp_path: Path) -> None:
     saved = _saved(one_process_part, tmp_path / "ckpt", 1, ZOO["mlp"].make_model().state_dict())
+    data = _only(saved, ".distcp").name
     shutil.copytree(saved, tmp_path / "other")
-    index = json.loads((saved / "index.json").read_text())
-    index["files"]["../other/part-0-of-1.pt"] = index["files"].pop("part-0-of-1.pt")
-    (saved / "index.json").write_text(json.dumps(index))
-    with pytest.raises(PlanMismatchError, match=r"index.json names an unexpected file '../other/part-0-of-1.pt'"):
+
+    def outside(metadata: Any) -> None:
+        for info in metadata.storage_data.values():
+            info.relative_path = f"../other/{data}"
+
+    _rewrite_metadata(saved, outside)
+    with pytest.raises(PlanMismatchError, match=rf".metadata names a data file '../other/{data}'; .* in its directory"):
         pd.load_checkpoint(saved)
     # A link inside the directory that leads out of it.
     linked = _saved(one_process_part, tmp_path / "linked", 1, ZOO["mlp"].make_model().state_dict())
-    (linked / "part-0-of-1.pt").unlink()
-    (linked / "part-0-of-1.pt").symlink_to(tmp_path / "other" / "part-0-of-1.pt")
-    with pytest.raises(PlanMismatchError, match=r"part-0-of-1.pt \(listed in the index\) leads to .*outside"):
+    data = _only(linked, ".distcp")
+    data.unlink()
+    data.symlink_to(tmp_path / "other" / _only(tmp_path / "other", ".distcp").name)
+    with pytest.raises(PlanMismatchError, match=rf"{data.name} \(a data file .metadata names\) leads to .*outside"):
         pd.load_checkpoint(linked)
 
 
-def test_checkpoint_truncated_or_missing_part_raises_a_typed_error(
+def test_checkpoint_truncated_damaged_or_missing_file_raises_a_typed_error(
     one_process_part: pd.PipelineRank, tmp_path: Path
 ) -> None:
     saved = _saved(one_process_part, tmp_path / "ckpt", 1, ZOO["mlp"].make_model().state_dict())
-    part = saved / "part-0-of-1.pt"
+    part = _only(saved, ".distcp")
     data = part.read_bytes()
     part.write_bytes(data[: len(data) // 2])
-    with pytest.raises(PlanMismatchError, match=r"part-0-of-1.pt is damaged or truncated"):
+    with pytest.raises(PlanMismatchError, match=rf"{part.name} is truncated \([\d,]+ bytes, the metadata reads up to"):
         pd.load_checkpoint(saved)
+    part.write_bytes(bytes(len(data)))  # as long as it should be, but zeros
+    restored = ZOO["mlp"].make_model()
+    before = _state(restored)
+    with pytest.raises(PlanMismatchError, match=r"a data file is damaged"):
+        pd.load_into_original(restored, saved)
+    _unchanged(restored, before)
     part.unlink()
-    with pytest.raises(PlanMismatchError, match=r"part-0-of-1.pt \(listed in the index\) is missing"):
+    with pytest.raises(PlanMismatchError, match=rf"{part.name} \(a data file .metadata names\) is missing"):
         pd.load_checkpoint(saved)
-    (saved / "unused.pt").unlink()
-    (saved / "unused.pt").mkdir()
-    part.write_bytes(data)
-    with pytest.raises(PlanMismatchError, match=r"unused.pt \(listed in the index\) is not a regular file"):
+    part.mkdir()
+    with pytest.raises(PlanMismatchError, match=rf"{part.name} \(a data file .metadata names\) is not a regular file"):
         pd.load_checkpoint(saved)
-    (saved / "index.json").unlink()
-    with pytest.raises(PlanMismatchError, match=r"index.json .*is missing"):
+    (saved / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(PlanMismatchError, match=r".metadata is damaged"):
         pd.load_checkpoint(saved)
+    (saved / ".metadata").unlink()
+    with pytest.raises(PlanMismatchError, match=r".metadata \(written by torch.distributed.checkpoint.*\) is missing"):
+        pd.load_checkpoint(saved)
+
+
+class _RunsCode:
+    """What a crafted ``.metadata`` could hold: unpickling it would call ``os.remove``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.remove, (str(self.path),))
+
+
+def test_checkpoint_metadata_naming_other_code_is_refused_unrun(
+    one_process_part: pd.PipelineRank, tmp_path: Path
+) -> None:
+    """DCP unpickles .metadata with plain pickle; a crafted one would run code on load."""
+    saved = _saved(one_process_part, tmp_path / "ckpt", 1, ZOO["mlp"].make_model().state_dict())
+    victim = tmp_path / "victim.txt"
+    victim.write_text("still here")
+    _rewrite_metadata(saved, lambda metadata: setattr(metadata, "planner_data", _RunsCode(victim)))
+    with pytest.raises(PlanMismatchError, match=r"\.metadata is damaged .*(posix|nt)\.remove is not part of"):
+        pd.load_checkpoint(saved)
+    assert victim.read_text() == "still here"
+
+
+def test_checkpoint_of_format_2_is_refused_with_how_to_convert(tmp_path: Path) -> None:
+    (tmp_path / "index.json").write_text(json.dumps({"format": 2, "files": {}}))
+    (tmp_path / "part-0-of-1.pt").write_bytes(b"")
+    model = ZOO["mlp"].make_model()
+    before = _state(model)
+    with pytest.raises(PlanMismatchError, match=r"checkpoint of format 2 .*reads format 3.*Save again.*convert it"):
+        pd.load_into_original(model, tmp_path)
+    _unchanged(model, before)
 
 
 def test_one_process_pipeline_recomputes_where_the_plan_says(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -417,7 +529,9 @@ def _write(tmp_path: Path, name: str, plan: Plan) -> str:
 
 
 @pytest.mark.distributed
-def test_two_process_pipelines_train_as_one_process(tmp_path: Path) -> None:
+def test_two_process_pipelines_train_as_one_process(one_process_part: pd.PipelineRank, tmp_path: Path) -> None:
+    """Pipelines of 2 stages; GPT-2's checkpoint, saved under 2 stages, resumed under 2 replicas; and a
+    checkpoint that only the second stage's process finds wrong, loaded by neither process."""
     mlp, gpt2 = base_plan("mlp", 2), base_plan("gpt2", 2)
     plans = {
         "mlp": hand_pipeline(mlp, [(0, 3), (4, 6)], [(0,), (1,)], "1f1b", 4, 8),
@@ -425,32 +539,53 @@ def test_two_process_pipelines_train_as_one_process(tmp_path: Path) -> None:
         "tied_read": hand_pipeline(base_plan("tied_read", 2), [(0, 3), (4, 7)], [(0,), (1,)], "1f1b", 4, 8),
         "mlp-interleaved": hand_pipeline(mlp, [(0, 1), (2, 3), (4, 5), (6, 6)], [(0,), (1,)], "interleaved_1f1b", 4, 8),
         "mlp-placed": placed(mlp, [0, 0, 0, 1, 1, 1, 1]),
+        "gpt2-dp": dataclasses.replace(placed(gpt2, [0] * 6), strategy=Strategy.DATA_PARALLEL),
     }
     files = {name: _write(tmp_path, name, plan) for name, plan in plans.items()}
-    checkpoint = tmp_path / "gpt2-checkpoint"
+    checkpoint, replicated = tmp_path / "gpt2-checkpoint", tmp_path / "gpt2-dp-checkpoint"
     cases: list[dict[str, Any]] = [
         {"name": f"{model}-{schedule}", "model": model, "plan": files[model], "schedule": schedule, "global_batch": 8}
         for model in ("mlp", "gpt2")
         for schedule in ("gpipe", "1f1b")
     ]
     cases[2]["checkpoint"] = str(checkpoint)
+    # Saved from shifted weights under a one-device plan, its fc4.weight (the second stage's) then of another shape.
+    shifted = dist_worker.perturbed(ZOO["mlp"].make_model().state_dict())
+    wrong = _saved(one_process_part, tmp_path / "mlp-wrong", 1, shifted)
+    _rewrite_metadata(wrong, lambda m: setattr(m.state_dict_metadata["fc4.weight"], "size", torch.Size([12, 128])))
+    cases[1]["refused"] = str(wrong)
     cases.append({"name": "mlp-interleaved", "model": "mlp", "plan": files["mlp-interleaved"], "global_batch": 8})
     cases.append({"name": "tied_read-1f1b", "model": "tied_read", "plan": files["tied_read"], "global_batch": 8})
     cases.append({"name": "mlp-placed", "model": "mlp", "plan": files["mlp-placed"], "microbatches": 2,
                   "global_batch": 8, "load_perturbed": True})
+    # Another plan of the same model (1 stage x 2 replicas) resumes from the 2-stage checkpoint, then saves.
+    cases.append({"name": "gpt2-dp-resumed", "model": "gpt2", "plan": files["gpt2-dp"], "global_batch": 8,
+                  "resume": str(checkpoint), "checkpoint": str(replicated)})
     launch(2, cases, tmp_path)
     for case in cases:
         start = dist_worker.perturbed(ZOO["mlp"].make_model().state_dict()) if case.get("load_perturbed") else None
         check_case(case, 2, tmp_path, start)
-    # The checkpoint (saved before the step; GPT-2's tied weight under both names) restores the original exactly.
+    # The checkpoints (saved before the steps; GPT-2's tied weight under both names; the replicated one
+    # written once per name) restore the original exactly.
     original = ZOO["gpt2"].make_model()
-    restored = ZOO["gpt2"].make_model()
-    with torch.no_grad():
-        for p in restored.parameters():
-            p.mul_(-1.0)
-    pd.load_into_original(restored, checkpoint)
-    for k, v in original.state_dict().items():
-        assert torch.equal(restored.state_dict()[k], v), k
+    for saved in (checkpoint, replicated):
+        restored = ZOO["gpt2"].make_model()
+        with torch.no_grad():
+            for p in restored.parameters():
+                p.mul_(-1.0)
+        pd.load_into_original(restored, saved)
+        for k, v in original.state_dict().items():
+            assert torch.equal(restored.state_dict()[k], v), f"{saved.name}: {k}"
+    # GPT-2's tied weight (a copy in each stage) is written once, under one name; the record names the other.
+    entries = pickle.loads((checkpoint / ".metadata").read_bytes()).state_dict_metadata
+    (record,) = [json.loads(p.read_text()) for p in checkpoint.glob("partitioner-*.json")]
+    assert record["aliases"] == {"transformer.wte.weight": "lm_head.weight"}
+    assert "transformer.wte.weight" not in entries and "lm_head.weight" in entries
+    state = pd.load_checkpoint(checkpoint)
+    assert set(state) == set(original.state_dict()) and state["transformer.wte.weight"] is state["lm_head.weight"]
+    refused = [torch.load(tmp_path / f"mlp-1f1b-rank{r}.pt", weights_only=False)["refused"] for r in range(2)]
+    assert re.search(r"'fc4.weight' has shape \(12, 128\) in the checkpoint but \(10, 128\) in this part", refused[1])
+    assert refused[0].startswith("process 1 could not load the checkpoint, so no process loaded it: 'fc4.weight'")
     stages = [torch.load(tmp_path / f"mlp-interleaved-rank{r}.pt", weights_only=False)["stages"] for r in range(2)]
     assert stages == [(0, 2), (1, 3)]
 

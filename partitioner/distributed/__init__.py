@@ -8,7 +8,7 @@ per stage, the plan's `ScheduleGPipe` / `Schedule1F1B` / `ScheduleInterleaved1F1
 - `stages`     the traced graph -> one `fx.GraphModule` per stage (tensors in, tensors out)
 - `launch`     rank and world size, process group and subgroups, each process's device
 - `runtime`    `build`: this process's stages, DDP and schedule; `PipelineRank.step`
-- `checkpoint` state under the original model's names: save per rank, load either way
+- `checkpoint` state under the original model's names (torch.distributed.checkpoint): load under any plan
 - `interop`    a plan's stages for torch's `pipeline()` (`split_spec`) and DeepSpeed (`deepspeed_parts`)
 
 See docs/distributed.md.
@@ -18,6 +18,7 @@ from partitioner.distributed.checkpoint import (
     load_checkpoint,
     load_from_original,
     load_into_original,
+    load_into_part,
     save_checkpoint,
 )
 from partitioner.distributed.interop import deepspeed_parts, split_spec
@@ -32,6 +33,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_into_original",
+    "load_into_part",
     "load_from_original",
     "split_spec",
     "deepspeed_parts",
