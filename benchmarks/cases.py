@@ -413,8 +413,9 @@ def pipelined(problem: Problem, row: dict[str, Any], mode: Mode,
     looped = sorted({problem.device_names[d] for d in runs if runs.count(d) > 1})
     notes = [row["reason"]] if row["status"] == "ok" and row["reason"] else []
     if looped:
-        notes.append(f"{', '.join(looped)} {'runs' if len(looped) == 1 else 'run'} two or more stages (the map "
-                     "comes back to it): a looped schedule")
+        one = len(looped) == 1
+        notes.append(f"{', '.join(looped)} {'runs' if one else 'run'} two or more stages (the map comes back to "
+                     f"{'it' if one else 'them'}): a looped schedule")
     return {**record, "status": "infeasible" if over else "ok", "step_s": ev.bottleneck_s,
             "reason": "; ".join(f"{problem.device_names[d]} needs {ev.memory[d]} B of {problem.capacity[d]} B"
                                 for d in over[:3]) if over else "; ".join(notes)}
