@@ -395,8 +395,8 @@ def pipelined(problem: Problem, row: dict[str, Any], mode: Mode,
     if mode.objective != "throughput":
         return _not_applicable(name, "latency: one batch through a pipeline runs its stages one after another, "
                                      f"as {row['name']}")
-    if row["step_s"] is None and row["status"] == "infeasible":
-        return {**_not_applicable(name, row["reason"]), "status": "infeasible"}  # Offloads: nothing to pipeline.
+    if row["reason"].startswith("offloads"):  # `_accelerate`: the weights do not fit the devices.
+        return {**_not_applicable(name, row["reason"]), "status": "infeasible"}
     assignment = list(row["assignment"])
     record = {"name": name, "implementation": baselines.IMPLEMENTATIONS[name], "assignment": assignment,
               "devices_used": len(set(assignment))}

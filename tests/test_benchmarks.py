@@ -552,3 +552,16 @@ def test_a_selection_runs_only_the_cases_it_names() -> None:
         subset(SUITES["quick"], Selection(models=("gpt3",)))
     with pytest.raises(SystemExit):  # never over a suite's recorded result
         main(["--suite", "quick", "--model", "gpt2", "--out", str(Path(schema.__file__).parent / "results" / "quick")])
+
+
+def test_a_map_that_offloads_has_no_pipeline_but_one_that_overflows_one_step_is_still_priced() -> None:
+    problem = _chain(_TABLE, [10] * 5, [100] * 3)
+    offloads = {"name": "accelerate-sequential", "status": "infeasible", "step_s": None, "assignment": [0, 0, 1, 1, 2],
+                "reason": "offloads 1 layer(s) to cpu/disk: the weights do not fit the devices' max_memory"}
+    row = pipelined(problem, offloads, MODES["inference-throughput"], None)
+    assert row["status"] == "infeasible" and row["step_s"] is None and row["reason"].startswith("offloads")
+    # Run one device at a time the map did not fit (training's activations, say): its
+    # per-device layer sets are still a pipeline to price.
+    unfit = {**offloads, "reason": "some device cannot hold its layers' training state and activations"}
+    row = pipelined(problem, unfit, MODES["inference-throughput"], None)
+    assert row["status"] == "ok" and row["step_s"] == evaluate(problem, (0, 0, 1, 1, 2)).bottleneck_s
