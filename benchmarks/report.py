@@ -334,20 +334,25 @@ def plot_all(result: dict[str, Any], out_dir: Path) -> list[str]:
 
 
 def _speedup(plt: Any, result: dict[str, Any]) -> Any:
+    """One column per baseline, the best baseline of each case first."""
     runs = result["comparisons"]
     if not runs:
         return None
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
     modes = sorted({r["mode"] for r in runs})
-    labels = []
-    for x, name in enumerate(BASELINES):
+    columns: list[tuple[str, list[tuple[str, float]], int]] = [(
+        "best\nbaseline", [(r["mode"], v) for r in runs if (v := best_baseline_ratio(r)) is not None], 0)]
+    for name in BASELINES:
         found = [(r["mode"], b) for r in runs for b in r["baselines"] if b["name"] == name]
+        points = [(m, b["ratio"]) for m, b in found if b["status"] == "ok" and b["ratio"] is not None]
+        columns.append((name.replace("-", chr(10), 1), points, sum(b["status"] == "infeasible" for _, b in found)))
+    labels = []
+    for x, (label, points, infeasible) in enumerate(columns):
         for k, mode in enumerate(modes):
-            ys = [b["ratio"] for m, b in found if m == mode and b["status"] == "ok" and b["ratio"] is not None]
+            ys = [v for m, v in points if m == mode]
             xs = [x + (k - (len(modes) - 1) / 2) * 0.22 for _ in ys]
             ax.scatter(xs, ys, s=14, alpha=0.7, label=mode if x == 0 else None, color=f"C{k}")
-        infeasible = sum(b["status"] == "infeasible" for _, b in found)
-        labels.append(f"{name.replace('-', chr(10), 1)}\n({infeasible} infeasible)")
+        labels.append(f"{label}\n({infeasible} infeasible)" if x else label)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
     from matplotlib.ticker import FuncFormatter
@@ -356,9 +361,10 @@ def _speedup(plt: Any, result: dict[str, Any]) -> Any:
     ax.yaxis.set_major_formatter(times)
     ax.yaxis.set_minor_formatter(times)
     ax.tick_params(axis="y", which="minor", labelsize=7)
-    ax.set_xticks(range(len(BASELINES)), labels, fontsize=8)
+    ax.set_xticks(range(len(columns)), labels, fontsize=7)
     ax.set_ylabel("baseline step / partitioner step")
-    ax.set_title(f"Speedup of partitioner's plan over each baseline (suite {result['suite']}, feasible baselines)")
+    ax.set_title(f"Speedup of partitioner's plan over the best baseline and each baseline (suite {result['suite']}, "
+                 "feasible baselines)")
     ax.legend(fontsize=8)
     return fig
 
