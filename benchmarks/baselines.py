@@ -37,6 +37,7 @@ __all__ = [
     "parts_to_assignment",
     "sizes_to_assignment",
     "equal_blocks",
+    "min_max_parts",
     "min_max_contiguous",
     "device_map_to_assignment",
 ]
@@ -44,11 +45,17 @@ __all__ = [
 IMPLEMENTATIONS = {
     "accelerate-sequential": "accelerate.infer_auto_device_map (the installed library, called for real)",
     "accelerate-balanced": "accelerate.utils.get_balanced_memory + infer_auto_device_map (installed, called for real)",
+    "accelerate-pipelined": "accelerate-sequential's device map run as a torch.distributed.pipelining pipeline "
+                            "(a stage per device's layers), priced by its period",
+    "accelerate-balanced-pipelined": "accelerate-balanced's device map run as a torch.distributed.pipelining "
+                                     "pipeline, priced by its period",
     "equal-layers": "re-implementation of deepspeed.runtime.utils.partition_uniform (partition_method='uniform')",
     "equal-blocks": "re-implementation of a hand-written torch.distributed.pipelining split_spec (n // stages blocks)",
     "parameters": "re-implementation of deepspeed.runtime.utils.partition_balanced (partition_method='parameters')",
     "time-balanced": "re-implementation of torchgpipe.balance.balance_by_time (blockpartition.solve on forward times)",
     "data-parallel": "the whole model on every device, batch split (DDP), priced by partitioner's replica cost",
+    "replicated-split": "an expert's inference layout: the best of r replicas (r dividing the devices) of an "
+                        "equal-bytes or equal-time split over n / r devices, batch split among the replicas",
 }
 """Baseline name -> what produced it (each result records this)."""
 
@@ -199,23 +206,50 @@ def equal_blocks(is_block: Sequence[bool], num_stages: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def min_max_contiguous(costs: Sequence[float], num_parts: int) -> float:
-    """The least possible heaviest stage when `costs` are cut into at most `num_parts`
-    contiguous stages (the bound layer granularity allows on identical devices). O(n^2 m).
+def min_max_parts(costs: Sequence[float], num_parts: int) -> list[int]:
+    """Stage boundaries ``[0, b1, ..., n]`` of the contiguous split of `costs` into
+    `num_parts` stages (some may be empty) whose heaviest stage is least: the equal split an
+    expert computes from a profile (by time) or from the weights (by bytes). The linear
+    partition dynamic program over prefix sums, O(n^2 m); a tie goes to the latest cut, so
+    that empty stages come last.
 
-    >>> min_max_contiguous([3, 1, 1, 1], 2)
-    3.0
+    >>> min_max_parts([3, 1, 1, 1], 2)
+    [0, 1, 4]
+    >>> min_max_parts([2, 2], 4)
+    [0, 1, 2, 2, 2]
     """
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be >= 1 (got {num_parts})")
     n = len(costs)
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
-    best = list(prefix)  # one stage: everything so far
+    # best[j][i]: least heaviest stage of the first i items in j stages; cut[j][i]: where the last begins.
+    best = [list(prefix)]
+    cut = [[0] * (n + 1)]
     for _ in range(1, num_parts):
-        best = [
-            min(max(best[k], prefix[i] - prefix[k]) for k in range(i + 1)) for i in range(n + 1)
-        ]
-    return best[n]
+        row, where = [0.0] * (n + 1), [0] * (n + 1)
+        for i in range(n + 1):
+            value, latest = min((max(best[-1][k], prefix[i] - prefix[k]), -k) for k in range(i + 1))
+            row[i], where[i] = value, -latest
+        best.append(row)
+        cut.append(where)
+    parts = [n]
+    for j in range(num_parts - 1, 0, -1):
+        parts.append(cut[j][parts[-1]])
+    parts.append(0)
+    return parts[::-1]
+
+
+def min_max_contiguous(costs: Sequence[float], num_parts: int) -> float:
+    """The least possible heaviest stage when `costs` are cut into at most `num_parts`
+    contiguous stages (the bound layer granularity allows on identical devices).
+
+    >>> min_max_contiguous([3, 1, 1, 1], 2)
+    3.0
+    """
+    parts = min_max_parts(costs, num_parts)
+    return max((float(sum(costs[a:b])) for a, b in zip(parts, parts[1:])), default=0.0)
 
 
 def _lookup(name: str, device_map: Mapping[str, int | str]) -> int | str | None:

@@ -8,8 +8,11 @@ planner used (`Problem`), so a baseline and the plan are priced alike:
   stage's compute, or its link traffic, which overlaps compute);
 - an Accelerate device map by ``latency`` in every mode: Accelerate runs one device at a
   time (``dispatch_model``'s hooks), so its time per batch is the sum over devices plus the
-  transfers;
-- data parallelism by the planner's replica cost (`Problem.replica`).
+  transfers; and in throughput modes also as the pipeline ``torch.distributed.pipelining``
+  would run on the same per-device layer sets (`pipelined`): the period;
+- data parallelism by the planner's replica cost (`Problem.replica`);
+- at inference, an expert's replicated split (`replicated_split`): r replicas of an equal
+  split over n / r devices, each on its share of the batch, the best r and split.
 
 The training mode is planned and priced by the training planner instead
 (`benchmarks.training_runs`): microbatches, schedules and replicated stages, every split
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import math
 import statistics
 import time
@@ -44,7 +48,7 @@ from partitioner.device_resolution import resolve_devices
 from partitioner.devices import Device
 from partitioner.dtypes import dtype_of
 from partitioner.errors import InfeasibleError
-from partitioner.ir import LayerGraph, Problem, Solution
+from partitioner.ir import INPUT, OUTPUT, LayerGraph, Problem, Solution
 from partitioner.layers import LayeredModel
 from partitioner.models import BuiltModel
 from partitioner.options import Granularity, Objective, Optimizer, PlanOptions, Strategy, TraceOptions
@@ -59,7 +63,7 @@ from benchmarks.suites import DEVICE_SETS, MODELS, MODES, AccuracyCase, DeviceSe
 from benchmarks.training_runs import training_tables
 
 __all__ = ["run_job", "trace_once", "plan_options", "compare_run", "without_simulation", "rss_bytes",
-           "peak_rss_bytes"]
+           "peak_rss_bytes", "pipelined", "replicated_price", "replicated_split", "PIPELINED", "REPLICATED_SPLITS"]
 
 _TOLERANCE = 1e-9
 """Relative slack when comparing two prices of the same tables (float summation order)."""
@@ -367,20 +371,182 @@ def _accelerate_lowered(
     return row
 
 
+PIPELINED = {"accelerate-sequential": "accelerate-pipelined", "accelerate-balanced": "accelerate-balanced-pipelined"}
+"""Each Accelerate map's row -> the row of the same map run as a pipeline."""
+
+
+def pipelined(problem: Problem, row: dict[str, Any], mode: Mode,
+               tables: training_runs.TrainingTables | None) -> dict[str, Any]:
+    """An Accelerate map's per-device layer sets run as a pipeline, as
+    ``torch.distributed.pipelining`` would run that split (a stage per run of layers on one
+    device, the batch in microbatches, the stages of a device that the map comes back to on
+    the same rank, as its looped schedules run them).
+
+    At inference the price is `evaluate`'s throughput period of the map's placement
+    (``bottleneck_s``: the busiest device's compute, or its link traffic, which overlaps
+    compute), what partitioner's throughput objective prices its own placements by; it is
+    infeasible only where a device cannot hold its layers. In training the price is the
+    training simulator's best schedule and microbatch count (`training_runs.price_split`),
+    which runs one stage per device: a map that comes back to a device is not priced there.
+    At latency one batch runs the stages one after another, which is the map's own row: not
+    applicable.
+    """
+    name = PIPELINED[row["name"]]
+    if mode.objective != "throughput":
+        return _not_applicable(name, "latency: one batch through a pipeline runs its stages one after another, "
+                                     f"as {row['name']}")
+    if row["reason"].startswith("offloads"):  # `_accelerate`: the weights do not fit the devices.
+        return {**_not_applicable(name, row["reason"]), "status": "infeasible"}
+    assignment = list(row["assignment"])
+    record = {"name": name, "implementation": baselines.IMPLEMENTATIONS[name], "assignment": assignment,
+              "devices_used": len(set(assignment))}
+    if tables is not None:
+        step, reason = training_runs.price_split(tables, assignment, sequential=False)
+        if step is None and "not a pipeline" in reason:
+            return {**record, "status": "n/a", "step_s": None, "reason": f"the map comes back to a device ({reason}); "
+                    "the training simulator runs one stage per device"}
+        return {**record, "status": "ok" if step is not None else "infeasible", "step_s": step,
+                "reason": reason or (row["reason"] if row["status"] == "ok" else "")}
+    ev = evaluate(problem, assignment)
+    over = _memory_over(problem, ev.memory)
+    runs = [d for d, _ in itertools.groupby(assignment)]
+    looped = sorted({problem.device_names[d] for d in runs if runs.count(d) > 1})
+    notes = [row["reason"]] if row["status"] == "ok" and row["reason"] else []
+    if looped:
+        one = len(looped) == 1
+        notes.append(f"{', '.join(looped)} {'runs' if one else 'run'} two or more stages (the map comes back to "
+                     f"{'it' if one else 'them'}): a looped schedule")
+    return {**record, "status": "infeasible" if over else "ok", "step_s": ev.bottleneck_s,
+            "reason": "; ".join(f"{problem.device_names[d]} needs {ev.memory[d]} B of {problem.capacity[d]} B"
+                                for d in over[:3]) if over else "; ".join(notes)}
+
+
+def _replica_problem(problem: Problem, graph: LayerGraph, devices: Sequence[Device], group: Sequence[int],
+                     options: PlanOptions, dtype: str, fraction: float) -> Problem:
+    """`problem` on the devices of `group` for one replica's `fraction` of the batch: every
+    layer's step from `layer_time` at that fraction (as `replica_cost` prices a replica) and
+    every value's bytes scaled alike; memory and capacities as in `problem` (at inference a
+    layer's memory is its weights, whatever the batch)."""
+    times: dict[str, list[float]] = {}
+    for d in group:
+        profile = devices[d].profile
+        if profile.name not in times:
+            times[profile.name] = [layer_time(layer, profile, options, dtype, fraction) for layer in graph.layers]
+    return replace(
+        problem,
+        compute_s=tuple(tuple(times[devices[d].profile.name][i] for d in group) for i in range(problem.num_layers)),
+        capacity=tuple(problem.capacity[d] for d in group),
+        values=tuple(replace(v, bytes=math.ceil(v.bytes * fraction)) for v in problem.values),
+        seconds_per_byte=tuple(tuple(problem.seconds_per_byte[a][b] for b in group) for a in group),
+        latency_s=tuple(tuple(problem.latency_s[a][b] for b in group) for a in group),
+        device_names=tuple(problem.device_names[d] for d in group),
+        replica=None,
+    )
+
+
+REPLICATED_SPLITS = ("equal-bytes", "equal-time")
+"""How `replicated_split` divides a replica's layers: by weight bytes or by time."""
+
+
+def replicated_price(problem: Problem, graph: LayerGraph, devices: Sequence[Device], options: PlanOptions,
+                     dtype: str, replicas: int, split: str) -> tuple[float | None, tuple[int, ...], str]:
+    """``replicas`` copies of one `split` (`REPLICATED_SPLITS`) over ``p = n / replicas``
+    consecutive devices (copy j on devices ``j p .. j p + p - 1``), each on its share of the
+    batch (``batch // replicas``, the first ``batch % replicas`` one more sample), priced by
+    `evaluate` on each copy's problem (`_replica_problem`) as `replica_cost` prices data
+    parallelism: the slowest copy's objective (latency, or throughput period), plus moving
+    every other copy's inputs from the first device to its first device and its outputs back.
+    With ``replicas = n`` that is `replica_cost`; with 1, `evaluate` on `problem`.
+
+    Returns:
+        ``(step, assignment, why)``: the step (None where a device cannot hold its layers,
+        and `why` says which), and the first copy's device per layer.
+    """
+    n, batch = problem.num_devices, graph.batch_size
+    if n % replicas or not 1 <= replicas <= batch:
+        raise ValueError(f"{replicas} replicas: need a divisor of the {n} devices, at most the batch of {batch}")
+    p = n // replicas
+    inputs = [v for v in problem.values if v.producer == INPUT]
+    outputs = [v for v in problem.values if OUTPUT in v.consumers]
+    slowest, moves = 0.0, 0.0
+    first: tuple[int, ...] = ()
+    for j in range(replicas):
+        group = list(range(j * p, (j + 1) * p))
+        f = (batch // replicas + (1 if j < batch % replicas else 0)) / batch
+        sub = _replica_problem(problem, graph, devices, group, options, dtype, f)
+        costs = problem.memory if split == "equal-bytes" else [row[0] for row in sub.compute_s]
+        local = baselines.parts_to_assignment(baselines.min_max_parts(costs, p))
+        ev = evaluate(sub, local)
+        over = _memory_over(sub, ev.memory)
+        if over:
+            return None, (), (f"{replicas} replica(s) x {split} split over {p} device(s): "
+                              f"{sub.device_names[over[0]]} needs {ev.memory[over[0]]} B of {sub.capacity[over[0]]} B")
+        slowest = max(slowest, ev.objective_s)
+        if j == 0:
+            first = tuple(group[d] for d in local)
+            continue
+        for v in inputs:
+            moves += v.bytes * f * problem.seconds_per_byte[0][group[0]] + problem.latency_s[0][group[0]]
+        for v in outputs:
+            src = group[local[v.producer]] if v.producer >= 0 else group[0]
+            moves += v.bytes * f * problem.seconds_per_byte[src][0] + problem.latency_s[src][0]
+    return slowest + moves, first, ""
+
+
+def replicated_split(problem: Problem, graph: LayerGraph, devices: Sequence[Device], options: PlanOptions,
+                     dtype: str) -> dict[str, Any]:
+    """An expert's inference layout, the ``replicated-split`` row: the fastest of
+    `replicated_price` over every replica count dividing the devices (up to the batch) and
+    both splits, equal by weight bytes (`problem.memory`) or by time (each copy's first
+    device's), each the contiguous split whose heaviest stage is least
+    (`baselines.min_max_parts`)."""
+    name, n = "replicated-split", problem.num_devices
+    best: dict[str, Any] | None = None
+    reasons: list[str] = []
+    for r in (r for r in range(1, n + 1) if n % r == 0 and r <= graph.batch_size):
+        p = n // r
+        for split in REPLICATED_SPLITS:
+            step, assignment, why = replicated_price(problem, graph, devices, options, dtype, r, split)
+            if step is None:
+                reasons.append(why)
+            elif best is None or step < best["step_s"]:
+                note = (f"{r} replica(s) x {split} split over {p} device(s)"
+                        + (" (data parallelism)" if p == 1 else " (a pipeline)" if r == 1 else ""))
+                best = {"name": name, "implementation": baselines.IMPLEMENTATIONS[name], "status": "ok",
+                        "step_s": step, "reason": note, "assignment": list(assignment), "devices_used": n,
+                        "replicas": r}
+    if best is None:
+        return {**_not_applicable(name, "; ".join(reasons[:3]) or "no replica count fits"), "status": "infeasible"}
+    return best
+
+
 def _bounds(problem: Problem, device_set: DeviceSet, pipeline: dict[str, Any] | None) -> dict[str, Any]:
-    """The plan against perfect balance: ``max(total / devices, largest layer)``, each layer
-    on its fastest device (`Plan.bound_s`), and the least heaviest stage that contiguous
-    stages of whole layers allow on identical devices."""
+    """The busiest stage against perfect balance, each layer on its fastest device:
+
+    - ``even_share_s``: total / devices, what a perfectly balanced split reaches, and the
+      figure every throughput case is judged against (``pipeline_even_ratio``);
+    - ``bound_s``: ``max(total / devices, largest layer)`` (`Plan.bound_s`): no split of
+      whole layers beats it (``pipeline_ratio``); the largest layer is ``largest_layer_s``;
+    - ``granularity_ratio``, ``granularity_even_ratio``: the least heaviest stage that
+      contiguous stages of whole layers allow on identical devices, over each.
+    """
     fastest = [min(row) for row in problem.compute_s]
-    bound = max(max(fastest, default=0.0), sum(fastest) / problem.num_devices)
-    record: dict[str, Any] = {"bound_s": bound, "granularity_ratio": None, "pipeline_ratio": None,
-                              "pipeline_compute_ratio": None}
+    even = sum(fastest) / problem.num_devices
+    largest = max(fastest, default=0.0)
+    bound = max(largest, even)
+    record: dict[str, Any] = {"bound_s": bound, "even_share_s": even, "largest_layer_s": largest,
+                              "granularity_ratio": None, "granularity_even_ratio": None, "pipeline_ratio": None,
+                              "pipeline_even_ratio": None, "pipeline_compute_ratio": None,
+                              "pipeline_compute_even_ratio": None}
     if device_set.identical and bound > 0:
         best = baselines.min_max_contiguous([row[0] for row in problem.compute_s], problem.num_devices)
         record["granularity_ratio"] = best / bound
+        record["granularity_even_ratio"] = best / even
     if pipeline is not None and pipeline.get("status") == "ok" and bound > 0:
         record["pipeline_ratio"] = pipeline["slowest_stage_s"] / bound
         record["pipeline_compute_ratio"] = pipeline["slowest_compute_s"] / bound
+        record["pipeline_even_ratio"] = pipeline["slowest_stage_s"] / even
+        record["pipeline_compute_even_ratio"] = pipeline["slowest_compute_s"] / even
     return record
 
 
@@ -415,6 +581,12 @@ def compare_run(
     if tables is not None:
         rows = [_simulated(tables, row) for row in rows]
         rows = [_accelerate_lowered(tables, problem, layered.graph, built, share, row) for row in rows]
+    rows[2:2] = [pipelined(problem, row, mode, tables) for row in rows if row["name"] in PIPELINED]
+    if tables is None:
+        rows.append(replicated_split(problem, layered.graph, devices, options, dtype))
+    else:
+        rows.append(_not_applicable("replicated-split", "inference only: training's replicated splits are the "
+                                                        "training planner's hybrids, and DDP is data-parallel"))
     step = planner.get("step_s")
     for row in rows:
         row["ratio"] = row["step_s"] / step if row["step_s"] is not None and step else None

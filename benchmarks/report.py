@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.targets import layer_errors, weighted_layer_error
+from benchmarks.targets import best_baseline, best_baseline_ratio, layer_errors, weighted_layer_error
 
 __all__ = ["markdown", "plot_all", "BASELINES"]
 
-BASELINES = ("accelerate-sequential", "accelerate-balanced", "equal-layers", "equal-blocks", "parameters",
-             "time-balanced", "data-parallel")
+BASELINES = ("accelerate-sequential", "accelerate-balanced", "accelerate-pipelined", "accelerate-balanced-pipelined",
+             "equal-layers", "equal-blocks", "parameters", "time-balanced", "data-parallel", "replicated-split")
 
 
 def _s(seconds: float | None) -> str:
@@ -47,6 +47,40 @@ def _geomean(values: Sequence[float]) -> float:
     return math.exp(statistics.fmean(math.log(v) for v in values))
 
 
+def _ratio_cells(ratios: Sequence[float]) -> list[str]:
+    if not ratios:
+        return ["-", "-", "-"]
+    return [f"{_geomean(ratios):.2f}x", f"{min(ratios):.2f}x", f"{max(ratios):.2f}x"]
+
+
+def _best_headline(runs: Sequence[dict[str, Any]]) -> str:
+    """Per mode: the plan against the best feasible baseline of each case, which baselines
+    were best, and every case where the plan is slower than its best baseline."""
+    by_mode: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        by_mode[r["mode"]].append(r)
+    rows, slower = [], []
+    for mode, group in by_mode.items():
+        judged = [(r, ratio) for r in group if (ratio := best_baseline_ratio(r)) is not None]
+        winners: dict[str, int] = defaultdict(int)
+        for r, ratio in judged:
+            best = best_baseline(r)
+            assert best is not None
+            winners[best["name"]] += 1
+            if ratio < 1 - 1e-9:
+                slower.append(f"- {r['model']} / {r['devices']} / {mode}: {best['name']} "
+                              f"{_s(best['step_s'])} against partitioner's {_s(r['partitioner']['step_s'])} "
+                              f"({ratio:.2f}x){': ' + best['reason'] if best['reason'] else ''}")
+        rows.append([mode, len(judged), len(group) - len(judged), *_ratio_cells([v for _, v in judged]),
+                     sum(v < 1 - 1e-9 for _, v in judged),
+                     ", ".join(f"{name} {count}" for name, count in sorted(winners.items(), key=lambda kv: -kv[1]))])
+    text = _table(["mode", "cases", "not judged", "geomean speedup", "min", "max", "plan slower", "best baseline (cases)"],
+                  rows)
+    if slower:
+        text += "\nCases where partitioner's plan is slower than a baseline:\n\n" + "\n".join(slower) + "\n"
+    return text
+
+
 def _headline(runs: Sequence[dict[str, Any]]) -> str:
     rows = []
     for name in BASELINES:
@@ -54,11 +88,12 @@ def _headline(runs: Sequence[dict[str, Any]]) -> str:
         ok = [b["ratio"] for b in found if b["status"] == "ok" and b["ratio"] is not None]
         infeasible = sum(b["status"] == "infeasible" for b in found)
         na = sum(b["status"] == "n/a" for b in found)
-        rows.append([
-            name, len(ok), infeasible, na,
-            f"{_geomean(ok):.2f}x" if ok else "-", f"{min(ok):.2f}x" if ok else "-", f"{max(ok):.2f}x" if ok else "-",
-        ])
+        rows.append([name, len(ok), infeasible, na, *_ratio_cells(ok)])
     return _table(["baseline", "feasible", "infeasible", "n/a", "geomean speedup", "min", "max"], rows)
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
 
 
 def _comparison_tables(runs: Sequence[dict[str, Any]]) -> str:
@@ -72,15 +107,18 @@ def _comparison_tables(runs: Sequence[dict[str, Any]]) -> str:
             p = r["partitioner"]
             plan = f"{p['strategy']} ({p['solver']})" if p["status"] == "ok" else "infeasible"
             cells = {b["name"]: _cell(b) for b in r["baselines"]}
-            bound = r["bound"]["pipeline_ratio"]
-            gran = r["bound"]["granularity_ratio"]
+            best, ratio = best_baseline(r), best_baseline_ratio(r)
+            b = r["bound"]
             rows.append([
                 r["model"], r["devices"], plan, _s(p.get("step_s")),
+                f"{best['name']} {ratio:.2f}x" if best is not None and ratio is not None else "-",
                 *(cells.get(name, "-") for name in BASELINES),
-                f"{bound:.2f}" if bound is not None else "-", f"{gran:.2f}" if gran is not None else "-",
+                _ratio(b.get("pipeline_even_ratio")), _ratio(b["pipeline_ratio"]),
+                _ratio(b.get("granularity_even_ratio")),
             ])
         out.append(f"#### {mode}\n\n" + _table(
-            ["model", "devices", "partitioner plan", "step", *BASELINES, "pipeline / bound", "layers allow"], rows))
+            ["model", "devices", "partitioner plan", "step", "best baseline", *BASELINES, "busiest / even share",
+             "busiest / max(even, largest layer)", "layers allow / even share"], rows))
     return "\n".join(out)
 
 
@@ -231,19 +269,29 @@ def markdown(result: dict[str, Any], images: Sequence[str] = (), prefix: str = "
     if errors:
         parts.append("### Failed jobs\n\n" + "\n".join(f"- {j['label']}: {j['error']}" for j in errors) + "\n")
     parts += [
-        "### Speedup of partitioner's plan over each baseline\n",
+        "### Speedup of partitioner's plan over the best baseline of each case\n",
         "Every placement priced by `partitioner.solve.evaluate` on the planner's own cost tables (training: every "
         "split played by the training planner's pipeline simulator, `benchmarks/training_runs.py`); "
-        "ratio = baseline step / partitioner step (higher is better for partitioner). Accelerate's maps run one "
-        "device at a time (latency); pipeline splits by the mode's objective. Planner infeasible in "
-        f"{sum(r['partitioner']['status'] != 'ok' for r in runs)} of {len(runs)} case(s).\n",
-        _headline(runs) if runs else "No comparisons in this suite.\n",
+        "ratio = baseline step / partitioner step (higher is better for partitioner; below 1.00x the plan is "
+        "slower). The best baseline of a case is its fastest feasible one: in throughput modes Accelerate's maps "
+        "count also as pipelines (`accelerate-pipelined`: the same per-device layer sets under "
+        "`torch.distributed.pipelining`, priced by the period), and at inference an expert's replicated split "
+        "(`replicated-split`: the best of r replicas of an equal split over n / r devices) counts too. "
+        f"Planner infeasible in {sum(r['partitioner']['status'] != 'ok' for r in runs)} of {len(runs)} case(s).\n",
+        _best_headline(runs) if runs else "No comparisons in this suite.\n",
+        "### Speedup of partitioner's plan over each baseline\n",
+        "`accelerate-sequential` and `accelerate-balanced` run one device at a time (`dispatch_model`), priced by "
+        "latency in every mode; the other splits by the mode's objective.\n",
+        _headline(runs) if runs else "",
     ]
     if runs:
         parts += ["### Every case\n",
-                  "`pipeline / bound`: the planner's best pipeline (data parallelism off), its busiest stage "
-                  "against max(total / devices, largest layer); `layers allow`: the same for the best "
-                  "contiguous split of whole layers, compute only (identical devices).\n",
+                  "`best baseline`: the fastest feasible baseline and the plan's speedup over it. Balance, in "
+                  "throughput modes, of the planner's best pipeline (data parallelism off): `busiest / even share` "
+                  "is its busiest stage (compute or link traffic, the period) against total / devices, each layer "
+                  "on its fastest device, on every case; `busiest / max(even, largest layer)` against the least "
+                  "that whole layers could reach (a layer heavier than the even share binds it); `layers allow / "
+                  "even share`: the best contiguous split of whole layers, compute only (identical devices).\n",
                   _comparison_tables(runs)]
     if result["traces"]:
         parts += ["### Tracing and profiling, per model (one process each)\n", _table(
@@ -286,20 +334,25 @@ def plot_all(result: dict[str, Any], out_dir: Path) -> list[str]:
 
 
 def _speedup(plt: Any, result: dict[str, Any]) -> Any:
+    """One column per baseline, the best baseline of each case first."""
     runs = result["comparisons"]
     if not runs:
         return None
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
     modes = sorted({r["mode"] for r in runs})
-    labels = []
-    for x, name in enumerate(BASELINES):
+    columns: list[tuple[str, list[tuple[str, float]], int]] = [(
+        "best\nbaseline", [(r["mode"], v) for r in runs if (v := best_baseline_ratio(r)) is not None], 0)]
+    for name in BASELINES:
         found = [(r["mode"], b) for r in runs for b in r["baselines"] if b["name"] == name]
+        points = [(m, b["ratio"]) for m, b in found if b["status"] == "ok" and b["ratio"] is not None]
+        columns.append((name.replace("-", chr(10), 1), points, sum(b["status"] == "infeasible" for _, b in found)))
+    labels = []
+    for x, (label, points, infeasible) in enumerate(columns):
         for k, mode in enumerate(modes):
-            ys = [b["ratio"] for m, b in found if m == mode and b["status"] == "ok" and b["ratio"] is not None]
+            ys = [v for m, v in points if m == mode]
             xs = [x + (k - (len(modes) - 1) / 2) * 0.22 for _ in ys]
             ax.scatter(xs, ys, s=14, alpha=0.7, label=mode if x == 0 else None, color=f"C{k}")
-        infeasible = sum(b["status"] == "infeasible" for _, b in found)
-        labels.append(f"{name.replace('-', chr(10), 1)}\n({infeasible} infeasible)")
+        labels.append(f"{label}\n({infeasible} infeasible)" if x else label)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
     from matplotlib.ticker import FuncFormatter
@@ -308,9 +361,10 @@ def _speedup(plt: Any, result: dict[str, Any]) -> Any:
     ax.yaxis.set_major_formatter(times)
     ax.yaxis.set_minor_formatter(times)
     ax.tick_params(axis="y", which="minor", labelsize=7)
-    ax.set_xticks(range(len(BASELINES)), labels, fontsize=8)
+    ax.set_xticks(range(len(columns)), labels, fontsize=7)
     ax.set_ylabel("baseline step / partitioner step")
-    ax.set_title(f"Speedup of partitioner's plan over each baseline (suite {result['suite']}, feasible baselines)")
+    ax.set_title(f"Speedup of partitioner's plan over the best baseline and each baseline (suite {result['suite']}, "
+                 "feasible baselines)")
     ax.legend(fontsize=8)
     return fig
 

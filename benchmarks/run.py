@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report, schema, targets
-from benchmarks.suites import SUITES, Job, Suite, jobs, suite_data
+from benchmarks.suites import SUITES, Job, Selection, Suite, jobs, subset, suite_data
 
 __all__ = ["main", "run_suite", "render", "write_results_md", "RESULTS_DIR"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+_SUBSET_DIR = ROOT / "benchmarks" / "out"
+"""Where a run of selected cases goes by default (git ignores it): never over a suite's result."""
 _PACKAGES = ("torch", "transformers", "accelerate", "pulp", "highspy", "numpy", "networkx", "matplotlib")
 
 
@@ -95,11 +97,11 @@ def _gpus() -> list[str]:
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
-def _run_isolated(job: Job, timeout_s: float, workdir: Path) -> dict[str, Any]:
+def _run_isolated(job: Job, timeout_s: float, workdir: Path, selection: Selection = Selection()) -> dict[str, Any]:
     out = workdir / f"job-{job.index}.json"
     log = workdir / f"job-{job.index}.log"
     command = [sys.executable, "-m", "benchmarks.worker", "--suite", job.suite, "--job", str(job.index),
-               "--out", str(out)]
+               "--out", str(out), *selection.args()]
     start = time.perf_counter()
     with open(log, "w") as sink:
         try:
@@ -168,9 +170,13 @@ def _assemble(suite: Suite, records: list[dict[str, Any]], meta: dict[str, Any])
 
 
 def run_suite(
-    suite: Suite, out_dir: Path, *, in_process: bool = False, plots: bool = True, command: str = ""
+    suite: Suite, out_dir: Path, *, in_process: bool = False, plots: bool = True, command: str = "",
+    selection: Selection = Selection(),
 ) -> dict[str, Any]:
-    """Run `suite`, write its result, summary and plots into `out_dir`, and return the result."""
+    """Run `suite` (its comparison cases in `selection` alone, when that selects), write its
+    result, summary and plots into `out_dir`, and return the result."""
+    if selection != Selection():
+        suite = subset(suite, selection)
     started = datetime.datetime.now(datetime.timezone.utc)
     meta = {
         "suite": suite.name,
@@ -187,7 +193,8 @@ def run_suite(
     with tempfile.TemporaryDirectory(prefix="partitioner-bench-") as tmp:
         for job in todo:
             _say(f"[{job.index + 1}/{len(todo)}] {job.label} ...")
-            record = _run_here(job, suite) if in_process else _run_isolated(job, suite.job_timeout_s, Path(tmp))
+            record = (_run_here(job, suite) if in_process
+                      else _run_isolated(job, suite.job_timeout_s, Path(tmp), selection))
             mark = "ok" if record["status"] == "ok" else f"ERROR: {record.get('error', '')}"
             _say(f"    {record['wall_s']:.1f} s, peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB: {mark}")
             records.append(record)
@@ -240,16 +247,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     parser.add_argument("--render-only", action="store_true",
                         help="run nothing: re-derive the targets, summary and plots from OUT/result.json")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME",
+                        help="run only this model's comparison cases (repeatable; no growth, accuracy or MLP split); "
+                             f"writes to {_SUBSET_DIR.relative_to(ROOT)}/SUITE unless --out says otherwise")
+    parser.add_argument("--devices", action="append", default=[], metavar="SET",
+                        help="only this device set's cases (repeatable), e.g. 'a100-80gb x8'")
+    parser.add_argument("--mode", action="append", default=[], metavar="MODE",
+                        help="only this mode's cases (repeatable): inference-latency, inference-throughput, training")
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
-    out_dir = args.out or RESULTS_DIR / suite.name
+    selection = Selection(models=tuple(args.model), device_sets=tuple(args.devices), modes=tuple(args.mode))
+    if selection != Selection():
+        try:
+            subset(suite, selection)
+        except ValueError as e:
+            parser.error(str(e))
+    out_dir = args.out or (RESULTS_DIR if selection == Selection() else _SUBSET_DIR) / suite.name
+    if selection != Selection() and out_dir.resolve().parent == RESULTS_DIR.resolve():
+        parser.error(f"--out {out_dir}: a run of selected cases must not replace a suite's result; "
+                     f"leave --out out (it writes to {_SUBSET_DIR.relative_to(ROOT)}/{suite.name}) or name another folder")
     if args.render_only:
         render(out_dir, plots=not args.no_plots)
         if out_dir.resolve().parent == RESULTS_DIR.resolve():
             _say(f"wrote {write_results_md()}")
         return 0
     command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    result = run_suite(suite, out_dir, in_process=args.in_process, plots=not args.no_plots, command=command)
+    result = run_suite(suite, out_dir, in_process=args.in_process, plots=not args.no_plots, command=command,
+                       selection=selection)
     if out_dir.resolve().parent == RESULTS_DIR.resolve():
         _say(f"wrote {write_results_md()}")
     _say(f"wrote {out_dir / 'result.json'} and {out_dir / 'summary.md'} in {result['wall_s']:.0f} s")

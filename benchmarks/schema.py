@@ -57,8 +57,9 @@ _PLANNER = {
 }
 
 _BASELINE = {
-    "name": OneOf(("accelerate-sequential", "accelerate-balanced", "equal-layers", "equal-blocks", "parameters",
-                   "time-balanced", "data-parallel")),
+    "name": OneOf(("accelerate-sequential", "accelerate-balanced", "accelerate-pipelined",
+                   "accelerate-balanced-pipelined", "equal-layers", "equal-blocks", "parameters", "time-balanced",
+                   "data-parallel", "replicated-split")),
     "implementation": str,
     "status": OneOf(("ok", "infeasible", "n/a")),
     "step_s": Nullable(float),
@@ -67,6 +68,7 @@ _BASELINE = {
     "assignment": Nullable([int]),
     "devices_used": int,
     "device_map?": MapOf(ANY),
+    "replicas?": int,
 }
 
 _RUN = {
@@ -79,11 +81,19 @@ _RUN = {
     "partitioner": _PLANNER,
     "pipeline_only": Nullable(_PLANNER),
     "baselines": [_BASELINE],
+    # bound_s = max(even share, largest layer); the *_ratio figures are against it and the
+    # *_even_ratio ones against the even share (total / devices). Results written before the
+    # even-share figures existed lack the keys marked ?.
     "bound": {
         "bound_s": float,
+        "even_share_s?": float,
+        "largest_layer_s?": float,
         "granularity_ratio": Nullable(float),
+        "granularity_even_ratio?": Nullable(float),
         "pipeline_ratio": Nullable(float),
+        "pipeline_even_ratio?": Nullable(float),
         "pipeline_compute_ratio": Nullable(float),
+        "pipeline_compute_even_ratio?": Nullable(float),
     },
 }
 

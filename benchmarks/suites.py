@@ -7,7 +7,7 @@ planner-scaling series, cost-model accuracy cases on this CPU and the seed-MLP s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import product
 from typing import Any, Literal
 
@@ -24,7 +24,9 @@ __all__ = [
     "DEVICE_SETS",
     "MODES",
     "SUITES",
+    "Selection",
     "jobs",
+    "subset",
     "suite_data",
 ]
 
@@ -282,6 +284,55 @@ SUITES: dict[str, Suite] = {
         ),
     )
 }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Selection:
+    """Some comparison cases of a suite (`subset`): an empty tuple keeps every name."""
+
+    models: tuple[str, ...] = ()
+    device_sets: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
+
+    def args(self) -> list[str]:
+        """The selection as `benchmarks.run` and `benchmarks.worker` options."""
+        return [*(a for m in self.models for a in ("--model", m)),
+                *(a for d in self.device_sets for a in ("--devices", d)),
+                *(a for m in self.modes for a in ("--mode", m))]
+
+
+def subset(suite: Suite, selection: Selection) -> Suite:
+    """`suite`'s comparison cases whose model, device set and mode are among those selected,
+    and nothing else (no growth series, accuracy cases or MLP split): one case or a few, for
+    checking a change without running the whole suite.
+
+    Raises:
+        ValueError: A name the suite's comparisons do not use (the message lists those they do),
+            or a filter that leaves no case.
+    """
+    models, device_sets, modes = selection.models, selection.device_sets, selection.modes
+    for kind, names, used in (
+        ("model", models, {m for c in suite.comparisons for m in c.models}),
+        ("device set", device_sets, {d for c in suite.comparisons for d in c.device_sets}),
+        ("mode", modes, {m for c in suite.comparisons for m in c.modes}),
+    ):
+        unknown = [n for n in names if n not in used]
+        if unknown:
+            raise ValueError(f"suite {suite.name!r} has no {kind} {', '.join(map(repr, unknown))}; "
+                             f"its comparisons use {', '.join(sorted(used))}")
+
+    def keep(names: tuple[str, ...], wanted: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(n for n in names if not wanted or n in wanted)
+
+    comparisons = tuple(
+        Comparison(models=keep(c.models, models), device_sets=keep(c.device_sets, device_sets),
+                   modes=keep(c.modes, modes))
+        for c in suite.comparisons
+    )
+    comparisons = tuple(c for c in comparisons if c.models and c.device_sets and c.modes)
+    if not comparisons:
+        raise ValueError(f"no comparison of suite {suite.name!r} has the model, device set and mode named together")
+    return replace(suite, comparisons=comparisons, scaling=(), accuracy=(), mlp_split=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

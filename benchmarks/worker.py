@@ -22,12 +22,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--suite", required=True)
     parser.add_argument("--job", type=int, required=True)
     parser.add_argument("--out", required=True, help="where to write the job's record (JSON)")
+    parser.add_argument("--model", action="append", default=[], help="the runner's selection (benchmarks.run)")
+    parser.add_argument("--devices", action="append", default=[])
+    parser.add_argument("--mode", action="append", default=[])
     args = parser.parse_args(argv)
 
     from benchmarks.cases import peak_rss_bytes, rss_bytes, run_job
-    from benchmarks.suites import SUITES, jobs
+    from benchmarks.suites import SUITES, Selection, jobs, subset
 
     suite = SUITES[args.suite]
+    selection = Selection(models=tuple(args.model), device_sets=tuple(args.devices), modes=tuple(args.mode))
+    if selection != Selection():
+        suite = subset(suite, selection)
     job = jobs(suite)[args.job]
     record: dict[str, Any] = {"job": job.index, "kind": job.kind, "label": job.label, "rss_start_bytes": rss_bytes()}
     start = time.perf_counter()

@@ -71,6 +71,8 @@ def render_text(plan: Plan) -> str:
         f"{format_seconds(plan.bound_s)}   predicted/bound: {ratio:.2f}",
         f"solver: {plan.solver.method}, {status}",
     ]
+    if plan.strategy is Strategy.MODEL_PARALLEL and len(plan.devices) > 1:
+        lines.insert(3, _balance_line(plan))
     if plan.why:
         lines.append(f"why: {plan.why}")
     lines.append("")
@@ -112,6 +114,25 @@ def render_text(plan: Plan) -> str:
             lines.append(f"  ... {len(plan.transfers) - 12} more")
     lines.append(f"outputs gathered on {plan.devices[plan.output_device].name}")
     return "\n".join(lines)
+
+
+def _balance_line(plan: Plan) -> str:
+    """The busiest device's period (its compute, or its link traffic, which overlaps compute
+    in a pipeline) against the even share, total / devices of this placement's compute, and
+    the largest layer beside it: a layer heavier than the even share keeps every split of
+    whole layers above it, and the line says so rather than judging against that layer."""
+    periods = [max(d.compute_s, d.transfer_in_s, d.transfer_out_s) for d in plan.devices]
+    busiest = max(range(len(periods)), key=periods.__getitem__)
+    even = sum(layer.compute_s for layer in plan.layers) / len(plan.devices)
+    largest = max(plan.layers, key=lambda layer: layer.compute_s)
+
+    def share(seconds: float) -> str:
+        return f"{seconds / even:.2f}x" if even > 0 else "-"
+
+    return (f"balance: busiest device {plan.devices[busiest].name} {format_seconds(periods[busiest])} = "
+            f"{share(periods[busiest])} the even share (total/devices of this placement's compute: "
+            f"{format_seconds(even)}); largest layer {largest.name} {format_seconds(largest.compute_s)} = "
+            f"{share(largest.compute_s)}")
 
 
 def _bound_formula(plan: Plan) -> str:

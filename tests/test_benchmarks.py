@@ -17,16 +17,26 @@ from torch import nn
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks import baselines, schema
-from benchmarks.cases import _accuracy_case, trace_once, without_simulation
+from benchmarks import baselines, report, schema
+from benchmarks.cases import (
+    REPLICATED_SPLITS,
+    _accuracy_case,
+    pipelined,
+    replicated_price,
+    replicated_split,
+    trace_once,
+    without_simulation,
+)
 from benchmarks.models import build
-from benchmarks.run import _run_isolated, render, run_suite, write_results_md
-from benchmarks.suites import MODELS, SUITES, AccuracyCase, jobs
-from benchmarks.targets import layer_errors, weighted_layer_error
+from benchmarks.run import _run_isolated, main, render, run_suite, write_results_md
+from benchmarks.suites import MODELS, MODES, SUITES, AccuracyCase, Selection, jobs, subset
+from benchmarks.targets import best_baseline, best_baseline_ratio, evaluate_targets, layer_errors, weighted_layer_error
 from partitioner.api import auto_parallelize, compile_plan
 from partitioner.cost_model import build_problem
 from partitioner.devices import resolve_devices
-from partitioner.options import Objective, PlanOptions
+from partitioner.ir import OUTPUT, Problem, Value
+from partitioner.options import Objective, PlanOptions, SolverOptions
+from partitioner.solve import evaluate, solve
 from partitioner.simdevice import is_logical, to_plain
 from tests.models import ZOO
 from tests.helpers import NO_DP, forcing_caps, weighted_loss as _loss
@@ -130,6 +140,19 @@ def test_min_max_contiguous_is_the_granularity_bound() -> None:
     assert baselines.min_max_contiguous([3, 1, 1, 1], 2) == 3
     assert baselines.min_max_contiguous([1, 1, 1, 1, 1, 1], 4) == 2  # 6 equal layers on 4 devices
     assert baselines.min_max_contiguous([2, 2], 4) == 2
+
+
+@pytest.mark.parametrize(("costs", "parts"), [(c, p) for c, p in _random_tables(80) if 0 < len(c) <= 10][:25])
+def test_min_max_parts_is_the_least_heaviest_contiguous_split(costs: list[int], parts: int) -> None:
+    """Brute force over every placement of the cuts (empty stages allowed)."""
+    n = len(costs)
+    best = min(
+        max(sum(costs[a:b]) for a, b in itertools.pairwise([0, *cuts, n]))
+        for cuts in itertools.combinations_with_replacement(range(n + 1), parts - 1)
+    )
+    bounds = baselines.min_max_parts(costs, parts)
+    assert len(bounds) == parts + 1 and bounds[0] == 0 and bounds[-1] == n and bounds == sorted(bounds)
+    assert max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds)) == best
 
 
 # ---------------------------------------------------------------------------- Accelerate's device map
@@ -359,3 +382,186 @@ def test_a_job_runs_in_its_own_process(tmp_path: Path) -> None:
     record = _run_isolated(job, timeout_s=240, workdir=tmp_path)
     assert record["status"] == "ok", record.get("traceback")
     assert record["result"]["layers"] == 10 and record["peak_rss_bytes"] > 0
+
+
+# ---------------------------------------------------------------------------- baselines at their best
+
+
+def _chain(compute: list[list[float]], memory: list[int], capacity: list[int], bytes_: int = 1000,
+           objective: Objective = Objective.THROUGHPUT) -> Problem:
+    """Layers in a line, every value `bytes_` bytes over links of 1 ns per byte and 1 us."""
+    n, d = len(compute), len(capacity)
+    values = tuple(Value(name=f"v{i}", producer=i, consumers=(i + 1,) if i + 1 < n else (OUTPUT,), bytes=bytes_)
+                   for i in range(n))
+    links = tuple(tuple(0.0 if a == b else 1e-9 for b in range(d)) for a in range(d))
+    latency = tuple(tuple(0.0 if a == b else 1e-6 for b in range(d)) for a in range(d))
+    return Problem(compute_s=tuple(map(tuple, compute)), memory=tuple(memory), capacity=tuple(capacity),
+                   values=values, seconds_per_byte=links, latency_s=latency, objective=objective,
+                   names=tuple(f"l{i}" for i in range(n)), device_names=tuple(f"gpu:{k}" for k in range(d)))
+
+
+def _map_row(assignment: tuple[int, ...], problem: Problem, name: str = "accelerate-balanced") -> dict[str, Any]:
+    """An Accelerate row as `benchmarks.cases` makes it: the map priced one device at a time."""
+    return {"name": name, "status": "ok", "step_s": evaluate(problem, assignment).latency_s, "reason": "",
+            "assignment": list(assignment)}
+
+
+_TABLE = [[4e-3, 4e-3, 4e-3], [1e-3, 1e-3, 1e-3], [2e-3, 2e-3, 2e-3], [3e-3, 3e-3, 3e-3], [1e-3, 1e-3, 1e-3]]
+
+
+@pytest.mark.parametrize("assignment", [(0, 0, 1, 1, 2), (0, 1, 1, 2, 2), (1, 1, 1, 2, 2), (0, 1, 0, 2, 2)])
+def test_an_accelerate_map_as_a_pipeline_is_priced_by_evaluates_throughput_period(
+    assignment: tuple[int, ...]
+) -> None:
+    problem = _chain(_TABLE, [10] * 5, [100] * 3)
+    row = pipelined(problem, _map_row(assignment, problem), MODES["inference-throughput"], None)
+    period = evaluate(problem, assignment)
+    assert row["name"] == "accelerate-balanced-pipelined" and row["status"] == "ok"
+    assert row["step_s"] == period.objective_s == period.bottleneck_s < period.latency_s
+    assert row["assignment"] == list(assignment) and row["devices_used"] == len(set(assignment))
+    # A map that comes back to a device runs two stages there (a looped schedule), priced alike.
+    assert ("gpu:0 runs two or more stages" in row["reason"]) == (assignment == (0, 1, 0, 2, 2))
+
+
+def test_an_accelerate_pipeline_that_overflows_a_device_is_infeasible_and_latency_has_none() -> None:
+    problem = _chain(_TABLE, [10, 10, 10, 60, 60], [100] * 3)
+    row = pipelined(problem, _map_row((0, 0, 0, 1, 1), problem, "accelerate-sequential"),
+                    MODES["inference-throughput"], None)
+    assert row["name"] == "accelerate-pipelined" and row["status"] == "infeasible"
+    assert "gpu:1 needs 120 B of 100 B" in row["reason"]
+    latency = pipelined(problem, _map_row((0, 0, 1, 1, 2), problem), MODES["inference-latency"], None)
+    assert latency["status"] == "n/a" and latency["step_s"] is None
+
+
+@pytest.mark.parametrize("objective", [Objective.LATENCY, Objective.THROUGHPUT])
+def test_partitioners_plan_is_never_slower_than_a_pipeline_it_could_choose(objective: Objective) -> None:
+    """Every placement the planner's space holds (each device's layers after the previous
+    device's, fitting memory), priced as the pipelined Accelerate row prices a map: the
+    planner's proved optimum is never slower."""
+    rng = random.Random(7)
+    for _ in range(10):
+        compute = [[rng.uniform(1, 5) * 1e-3] * 3 for _ in range(6)]
+        problem = _chain(compute, [rng.randint(10, 40) for _ in range(6)], [90] * 3, rng.randint(0, 10**6),
+                         objective)
+        plan = solve(problem, SolverOptions(gap=0.0))
+        for assignment in itertools.product(range(3), repeat=6):
+            ev = evaluate(problem, assignment)
+            if not ev.violations:
+                assert plan.objective_s <= ev.objective_s * (1 + 1e-9), (assignment, plan)
+
+
+@pytest.fixture(scope="module")
+def mlp_problems() -> tuple[Any, dict[Objective, Problem], list[Any]]:
+    built = build(MODELS["mlp"])
+    layered, _ = trace_once(built, False, MODELS["mlp"].granularity)
+    devices = resolve_devices(["a100-80gb x4"])
+    problems = {o: build_problem(layered.graph, devices, PlanOptions(objective=o), "float32")
+                for o in (Objective.LATENCY, Objective.THROUGHPUT)}
+    return layered.graph, problems, devices
+
+
+@pytest.mark.parametrize("objective", [Objective.LATENCY, Objective.THROUGHPUT])
+def test_replicated_split_prices_data_parallelism_and_a_pipeline_as_the_planner_does(
+    mlp_problems: tuple[Any, dict[Objective, Problem], list[Any]], objective: Objective
+) -> None:
+    graph, problems, devices = mlp_problems
+    problem, options = problems[objective], PlanOptions(objective=objective)
+    assert problem.replica is not None
+    for split in REPLICATED_SPLITS:
+        # One device per replica: the planner's replica cost.
+        step, first, _ = replicated_price(problem, graph, devices, options, "float32", 4, split)
+        assert step == pytest.approx(problem.replica.time_s, rel=1e-12) and set(first) == {0}
+    # One replica: the equal-time split over every device, as `evaluate` prices it.
+    step, first, _ = replicated_price(problem, graph, devices, options, "float32", 1, "equal-time")
+    expected = baselines.parts_to_assignment(baselines.min_max_parts([row[0] for row in problem.compute_s], 4))
+    assert first == expected and step == evaluate(problem, expected).objective_s
+
+
+def test_replicated_split_is_the_fastest_replica_count_and_split(
+    mlp_problems: tuple[Any, dict[Objective, Problem], list[Any]]
+) -> None:
+    graph, problems, devices = mlp_problems
+    problem, options = problems[Objective.THROUGHPUT], PlanOptions(objective=Objective.THROUGHPUT)
+    priced = {(r, split): replicated_price(problem, graph, devices, options, "float32", r, split)[0]
+              for r in (1, 2, 4) for split in REPLICATED_SPLITS}
+    row = replicated_split(problem, graph, devices, options, "float32")
+    (r, split), step = min(((k, v) for k, v in priced.items() if v is not None), key=lambda kv: kv[1])
+    assert row["status"] == "ok" and row["step_s"] == step and row["replicas"] == r
+    assert row["reason"].startswith(f"{r} replica(s) x {split} split over {4 // r} device(s)")
+
+
+def _case(step: float | None, rows: dict[str, tuple[str, float | None]], bound: dict[str, Any] | None = None,
+          model: str = "gpt2", devices: str = "a100-80gb x8", mode: str = "inference-throughput") -> dict[str, Any]:
+    planner = {"status": "ok", "step_s": step, "lower_bound_s": step} if step else {"status": "infeasible"}
+    return {
+        "model": model, "devices": devices, "mode": mode, "partitioner": planner,
+        "baselines": [{"name": n, "status": status, "step_s": s, "ratio": s / step if s and step else None,
+                       "reason": "why" if status != "ok" else "2 replica(s) x equal-time split over 4 device(s)"}
+                      for n, (status, s) in rows.items()],
+        "bound": bound or {"granularity_ratio": None, "pipeline_ratio": None, "pipeline_compute_ratio": None},
+    }
+
+
+def test_the_best_baseline_is_the_fastest_feasible_one() -> None:
+    run = _case(2.0, {"accelerate-sequential": ("ok", 8.0), "equal-layers": ("infeasible", 1.0),
+                      "accelerate-pipelined": ("ok", 3.0), "equal-blocks": ("n/a", None), "data-parallel": ("ok", 3.0)})
+    best = best_baseline(run)
+    assert best is not None and best["name"] == "accelerate-pipelined" and best_baseline_ratio(run) == 1.5
+    assert best_baseline_ratio(_case(None, {"data-parallel": ("ok", 3.0)})) is None
+    assert best_baseline(_case(2.0, {"equal-layers": ("infeasible", 1.0)})) is None
+
+
+def test_a_plan_slower_than_a_baseline_is_shown_in_the_headline_and_fails_never_worse() -> None:
+    runs = [_case(2.0, {"data-parallel": ("ok", 2.0), "replicated-split": ("ok", 1.6)}),
+            _case(1.0, {"data-parallel": ("ok", 4.0)}, model="bert-base")]
+    targets = {t["id"]: t for t in evaluate_targets({"comparisons": runs, "scaling": [], "accuracy": {"cases": []}})}
+    assert targets["never-worse"]["status"] == "fail"
+    assert targets["never-worse"]["failures"] == ["gpt2 / a100-80gb x8 / inference-throughput vs replicated-split: 0.80x"]
+    assert "slower than the best baseline in 1: gpt2 / a100-80gb x8 / inference-throughput (replicated-split 0.80x)" \
+        in targets["info-best-baseline"]["detail"]
+    text = report._best_headline(runs)
+    assert "| inference-throughput | 2 | 0 | 1.79x | 0.80x | 4.00x | 1 | replicated-split 1, data-parallel 1 |" in text
+    assert ("- gpt2 / a100-80gb x8 / inference-throughput: replicated-split 1.6 s against partitioner's 2 s (0.80x): "
+            "2 replica(s) x equal-time split over 4 device(s)") in text
+
+
+def test_the_bound_target_judges_the_even_share_on_every_case() -> None:
+    # GPT-2 small on 8 A100s: the one-piece lm_head makes the busiest stage 2.17x the even
+    # share, while max(even share, largest layer) calls it 1.00 and whole layers allow 2.17x
+    # only: the case is judged (and misses), not left out as one whole layers cannot balance.
+    bound = {"bound_s": 2.17, "even_share_s": 1.0, "largest_layer_s": 2.17, "granularity_ratio": 1.0,
+             "granularity_even_ratio": 2.17, "pipeline_ratio": 1.0, "pipeline_even_ratio": 2.17,
+             "pipeline_compute_ratio": 1.0, "pipeline_compute_even_ratio": 2.17}
+    balanced = {**bound, "largest_layer_s": 0.5, "bound_s": 1.0, "granularity_even_ratio": 1.02,
+                "pipeline_even_ratio": 1.05, "pipeline_compute_even_ratio": 1.04, "pipeline_ratio": 1.05}
+    runs = [_case(2.17, {}, bound), _case(1.0, {}, balanced, model="bert-base")]
+    targets = {t["id"]: t for t in evaluate_targets({"comparisons": runs, "scaling": [], "accuracy": {"cases": []}})}
+    target = targets["bound"]
+    assert target["status"] == "fail" and target["checked"] == 2 and not target["skipped"]
+    assert target["measured"] == 2.17 and target["failures"] == ["gpt2 / a100-80gb x8 / inference-throughput: 2.17x"]
+    assert "total / devices" in target["name"] and "heavier than the share included" in target["name"]
+    largest = targets["info-bound-largest-layer"]
+    assert largest["measured"] == 1.05 and "a layer heavier than the even share in 1 (gpt2" in largest["detail"]
+
+
+def test_a_selection_runs_only_the_cases_it_names() -> None:
+    selected = subset(SUITES["quick"], Selection(models=("gpt2",), device_sets=("l4 x4",), modes=("training",)))
+    assert [(j.kind, j.model, j.runs) for j in jobs(selected)] == [("compare", "gpt2", (("l4 x4", "training"),))]
+    assert selected.scaling == () and selected.accuracy == () and not selected.mlp_split
+    with pytest.raises(ValueError, match=r"suite 'quick' has no model 'gpt3'; its comparisons use bert-base, "):
+        subset(SUITES["quick"], Selection(models=("gpt3",)))
+    with pytest.raises(SystemExit):  # never over a suite's recorded result
+        main(["--suite", "quick", "--model", "gpt2", "--out", str(Path(schema.__file__).parent / "results" / "quick")])
+
+
+def test_a_map_that_offloads_has_no_pipeline_but_one_that_overflows_one_step_is_still_priced() -> None:
+    problem = _chain(_TABLE, [10] * 5, [100] * 3)
+    offloads = {"name": "accelerate-sequential", "status": "infeasible", "step_s": None, "assignment": [0, 0, 1, 1, 2],
+                "reason": "offloads 1 layer(s) to cpu/disk: the weights do not fit the devices' max_memory"}
+    row = pipelined(problem, offloads, MODES["inference-throughput"], None)
+    assert row["status"] == "infeasible" and row["step_s"] is None and row["reason"].startswith("offloads")
+    # Run one device at a time the map did not fit (training's activations, say): its
+    # per-device layer sets are still a pipeline to price.
+    unfit = {**offloads, "reason": "some device cannot hold its layers' training state and activations"}
+    row = pipelined(problem, unfit, MODES["inference-throughput"], None)
+    assert row["status"] == "ok" and row["step_s"] == evaluate(problem, (0, 0, 1, 1, 2)).bottleneck_s

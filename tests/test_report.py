@@ -225,6 +225,23 @@ def test_data_parallel_report_bound_is_below_the_prediction() -> None:
     assert f"bound total/devices (replicas share every layer): {format_seconds(plan.bound_s)}" in str(plan)
 
 
+def test_report_sets_the_busiest_device_against_the_even_share_beside_the_largest_layer(split: Plan) -> None:
+    # fc1 (the largest layer) alone on the first device: the bound line, max(total/devices,
+    # largest layer), hides how far the busiest device is from total/devices; this line does not.
+    periods = [max(d.compute_s, d.transfer_in_s, d.transfer_out_s) for d in split.devices]
+    even = sum(layer.compute_s for layer in split.layers) / 2
+    busiest = max(range(2), key=periods.__getitem__)
+    largest = max(split.layers, key=lambda layer: layer.compute_s)
+    assert largest.name == "fc1" and largest.compute_s > even  # the one-piece layer binds the old bound
+    line = next(line for line in str(split).splitlines() if line.startswith("balance: "))
+    assert line == (
+        f"balance: busiest device {split.devices[busiest].name} {format_seconds(periods[busiest])} = "
+        f"{periods[busiest] / even:.2f}x the even share (total/devices of this placement's compute: "
+        f"{format_seconds(even)}); largest layer fc1 {format_seconds(largest.compute_s)} = {largest.compute_s / even:.2f}x"
+    )
+    assert periods[busiest] / even > 1.0 and f"predicted/bound: {split.predicted_s / split.bound_s:.2f}" in str(split)
+
+
 def test_documented_cluster_example_plans_what_distributed_launches() -> None:
     # docs/training.md's first example: its plan must be one partitioner.distributed runs.
     from pathlib import Path
