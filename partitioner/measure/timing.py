@@ -75,6 +75,12 @@ def _time_unit(unit: Unit, sync: Callable[[], None], calls: int) -> tuple[float,
     activations are alive at a time, and computes the gradients of every input and
     parameter that requires grad with `torch.autograd.grad`: as a training step's first
     backward after ``zero_grad(set_to_none=True)``, without adding into ``.grad``.
+
+    Timed by hand, not with `torch.utils.benchmark.Timer`: its ``timeit(n)`` adds at least
+    two untimed calls each time (a visit of a slow layer would cost three of each kind),
+    and its autoranges time one statement for a minimum time of their own, not one visit
+    a round within a budget (``blocked_autorange(min_run_time=1e-3)`` took 21 ms on a
+    9 us matmul here).
     """
     inputs = [call_inputs(unit, grad=False) for _ in range(calls)]
     sync()
