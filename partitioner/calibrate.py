@@ -82,6 +82,11 @@ def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], sample_s
     With `batch_s` > 0, each timing runs enough calls back to back to last about that long
     and divides: a GPU kernel of microseconds is then not drowned by the cost of
     synchronising after it. With 0, every call is synchronised (a latency).
+
+    Not `torch.utils.benchmark.Timer`: its autoranges batch calls until the clock's cost
+    is under 0.01% of a timing, so a latency (each call synchronised) cannot be measured,
+    and a millisecond matmul gets a few timings of 10-100 calls in `sample_s` instead of
+    dozens, whose median varied more from run to run here.
     """
     fn()
     sync()

@@ -14,12 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from partitioner import measure
 from partitioner.cost_model import layer_time
 from partitioner.devices import resolve_devices
 from partitioner.ir import LayerGraph
 from partitioner.layers import LayeredModel, build_layers
-from partitioner.measure import measure_layers, whole_step_time
+from partitioner.measure import capture, measure_layers, units, whole_step_time
+from partitioner.measure.capture import capture_units
+from partitioner.measure.timing import Samples, layer_times, time_rounds
+from partitioner.measure.units import Unit
 from partitioner.options import PlanOptions
 from partitioner.profiling import _flat_inputs, profile_nodes
 from partitioner.simdevice import SimulatedDevices
@@ -147,16 +149,16 @@ def test_layer_times_keep_the_rounds_every_unit_of_a_layer_completed() -> None:
     # Layer 0 was timed node by node (two units), layer 1 not at all before the budget ran out,
     # layer 2 produces nothing that requires grad.
     def unit(layer: int, differentiable: bool = True) -> Any:
-        return measure._Unit(layer=layer, name="n", fn=torch.relu, args=(), kwargs={}, differentiable=differentiable)
+        return Unit(layer=layer, name="n", fn=torch.relu, args=(), kwargs={}, differentiable=differentiable)
 
-    units = [unit(0), unit(0), unit(1), unit(2, differentiable=False)]
+    recorded = [unit(0), unit(0), unit(1), unit(2, differentiable=False)]
     samples = [
-        measure._Samples(fwd=[1.0, 2.0, 9.0], fwd_grad=[2.0, 3.0, 9.0], bwd=[4.0, 4.0, 9.0]),
-        measure._Samples(fwd=[1.0, 2.0], fwd_grad=[1.0, 2.0], bwd=[2.0, 4.0]),
-        measure._Samples(),
-        measure._Samples(fwd=[1.0], fwd_grad=[5.0], bwd=[0.0]),
+        Samples(fwd=[1.0, 2.0, 9.0], fwd_grad=[2.0, 3.0, 9.0], bwd=[4.0, 4.0, 9.0]),
+        Samples(fwd=[1.0, 2.0], fwd_grad=[1.0, 2.0], bwd=[2.0, 4.0]),
+        Samples(),
+        Samples(fwd=[1.0], fwd_grad=[5.0], bwd=[0.0]),
     ]
-    times = measure._layer_times(units, samples)
+    times = layer_times(recorded, samples)
     # Layer 0, per round: fwd 2, 4; fwd_grad 3, 5; bwd 6, 8. bwd = 7 + (4 - 3).
     assert times == {0: (3.0, 8.0), 2: (1.0, 0.0)}
 
@@ -185,7 +187,7 @@ def test_without_split_module_nodes_are_timed_one_by_one(name: str, monkeypatch:
     def cycle(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("cycle exists between partitions!")
 
-    monkeypatch.setattr(measure, "split_module", cycle)
+    monkeypatch.setattr(capture, "split_module", cycle)
     model, args, kwargs, layered = zoo_case(name)
     before = _snapshot(model)
     lines: list[str] = []
@@ -202,10 +204,10 @@ def _time_on_simulated_device(name: str, say: Any = lambda _: None) -> dict[int,
     """The CUDA path (each layer copied to the device for its visit) on a simulated device,
     which raises on any tensor or device constant left on the host."""
     _, args, kwargs, layered = zoo_case(name)
-    units = measure._capture_units(layered, _flat_inputs(layered.traced.gm, args, kwargs), frozenset(), say)
+    recorded = capture_units(layered, _flat_inputs(layered.traced.gm, args, kwargs), frozenset(), say)
     with SimulatedDevices(2):
-        samples = measure._time_rounds(
-            units,
+        samples = time_rounds(
+            recorded,
             torch.device("cpu", 1),
             copy_to_device=True,
             repeats=1,
@@ -213,7 +215,7 @@ def _time_on_simulated_device(name: str, say: Any = lambda _: None) -> dict[int,
             say=say,
             label="simulated",
         )
-    return measure._layer_times(units, samples)
+    return layer_times(recorded, samples)
 
 
 @pytest.mark.parametrize("name", ["cnn", "gpt2"])
@@ -224,7 +226,7 @@ def test_device_copies_hold_every_tensor_on_the_device(name: str) -> None:
 
 def test_a_layer_that_fails_on_the_device_keeps_its_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
     # Without retargeting, GPT-2's position ids stay on the host (``arange(..., device=cpu)``).
-    monkeypatch.setattr(measure, "_retarget", lambda module, device: None)
+    monkeypatch.setattr(units, "_retarget", lambda module, device: None)
     lines: list[str] = []
     times = _time_on_simulated_device("gpt2", lines.append)
     failed = [line for line in lines if "DeviceMismatchError" in line]
