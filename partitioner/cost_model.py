@@ -319,11 +319,13 @@ def build_problem(
 
 
 def _replica_fits(graph: LayerGraph, device: Device, options: PlanOptions, samples: int) -> bool:
-    """Whether the whole model and the activations of `samples` samples fit `device` (as `replica_cost` counts)."""
+    """Whether a replica of `samples` samples fits `device`, as the solver checks it: `replica_cost`'s
+    memory against `build_problem`'s capacity."""
     f = samples / graph.batch_size
     state = sum(_state_bytes(layer, options) for layer in graph.layers)
-    activations = sum(_activation_bytes(layer, options) for layer in graph.layers) + working_set_bytes(graph, options)
-    return state + math.ceil(activations * f) <= int(device.memory_bytes * (1 - options.memory_reserve))
+    working = working_set_bytes(graph, options)
+    activations = sum(_activation_bytes(layer, options) for layer in graph.layers) + working
+    return state + math.ceil(activations * f) <= max(0, int(device.memory_bytes * (1 - options.memory_reserve)) - working)
 
 
 def data_parallel_costs(

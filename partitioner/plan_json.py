@@ -187,6 +187,8 @@ def _check_value(value: Any, annotation: str, where: str) -> Any:
             raise PlanFormatError(f"{where} must be a finite number in [0, 1e30) (got {value!r})")
         return float(value)
     elif annotation == "tuple[tuple[int, ...], ...]":
+        if value == ():  # the default of a field a plan leaves out
+            return ()
         if not isinstance(value, list):
             raise PlanFormatError(f"{where} must be a list of lists of integers (got {type(value).__name__})")
         return tuple(_check_value(x, "tuple[int, ...]", f"{where}[{k}]") for k, x in enumerate(value))
