@@ -528,6 +528,14 @@ def test_a_batch_smaller_than_the_devices_runs_on_copies_of_a_split() -> None:
         pm(x)
     moved = {(str(t.src), str(t.dst)) for t in pm.simulator.transfers if not t.host}
     assert moved >= {("cpu:0", "cpu:1"), ("cpu:2", "cpu:3"), ("cpu:4", "cpu:5")}
+    # It is an ordinary module: copied, gathered onto one device, planned again.
+    twin = copy.deepcopy(pm)
+    with twin.simulator:
+        torch.testing.assert_close(to_plain(twin(x)), model(x))
+    pm.to("cpu")
+    torch.testing.assert_close(pm(x), model(x))
+    again = partitioner.plan(pm, ["cpu:0", "cpu:1"], (x,), measure=False)
+    assert again.model_name == "Sequential" and again.fingerprint != pm.plan.fingerprint  # the graph, transfers dropped
 
 
 @pytest.mark.parametrize("name", ["mlp", "gpt2", "llama", "t5"])
