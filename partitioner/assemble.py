@@ -21,7 +21,7 @@ from partitioner.options import PlanOptions, Strategy
 from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
 from partitioner.solve import Evaluation, evaluate
 from partitioner.solve.explain import why_single_device
-from partitioner.solve.replicas import share_problem
+from partitioner.solve.replicas import copy_evaluations
 
 if TYPE_CHECKING:
     import torch.fx as fx
@@ -167,13 +167,10 @@ def _copied_plan(
         output_device = flat[0]
     else:
         share = next(s for s in problem.batch_shares if s.replicas == len(groups))
-        local = {d: k for k, d in enumerate(groups[0])}
-        inner = tuple(local[a] for a in solution.assignment)
+        inner = tuple(groups[0].index(a) for a in solution.assignment)
         output_device = solution.assignment[-1] if solution.assignment else groups[0][0]
         shared_working = math.ceil(working * share.samples / graph.batch_size)
-        for group in groups:
-            sub = share_problem(problem, share, group)
-            ev = evaluate(sub, inner)
+        for group, ev in zip(groups, copy_evaluations(problem, solution), strict=True):
             for k, d in enumerate(group):
                 params = sum(l.param_bytes + l.buffer_bytes for l, a in zip(graph.layers, inner) if a == k)
                 rows[d] = replace(
@@ -186,15 +183,15 @@ def _copied_plan(
                 )
             # Each copy's transfers, and its outputs gathered on the plan's output device.
             transfers += [
-                PlanTransfer(value=sub.values[t.value].name, src=group[t.src], dst=group[t.dst], bytes=t.bytes,
+                PlanTransfer(value=problem.values[t.value].name, src=group[t.src], dst=group[t.dst], bytes=t.bytes,
                              seconds=t.seconds)
                 for t in ev.transfers
             ]
-            for v in sub.values:
+            for v, nbytes in zip(problem.values, share.value_bytes, strict=True):
                 src = group[inner[v.producer]] if v.producer >= 0 else output_device
                 if OUTPUT in v.consumers and src != output_device:
-                    transfers.append(PlanTransfer(value=v.name, src=src, dst=output_device, bytes=v.bytes,
-                                                  seconds=problem.transfer_s(v, src, output_device)))
+                    seconds = problem.transfer_s(replace(v, bytes=nbytes), src, output_device)
+                    transfers.append(PlanTransfer(value=v.name, src=src, dst=output_device, bytes=nbytes, seconds=seconds))
     plan_devices = [rows[d] for d in range(len(devices))]
     plan = _plan(graph, problem, solution, options, granularity, plan_devices, tuple(transfers), output_device)
     return replace(plan, why=_why_idle(plan))

@@ -17,7 +17,7 @@ from partitioner.errors import InfeasibleError
 from partitioner.ir import INPUT, OUTPUT, BatchShare, Layer, LayerGraph, Problem, Value
 from partitioner.options import Objective, PlanOptions, SolverOptions, Strategy
 from partitioner.solve import evaluate, solve
-from partitioner.solve.replicas import copy_groups, device_kinds, share_problem
+from partitioner.solve.replicas import copy_groups, device_kinds, replicated_objective, share_problem
 
 GAP = SolverOptions().gap
 
@@ -238,10 +238,15 @@ def test_more_devices_never_predict_a_slower_plan(
     )
     previous = math.inf
     for n in range(1, len(devices) + 1):
+        problem = build_problem(graph, devices[:n], options)
         try:
-            time_s = _solve(build_problem(graph, devices[:n], options))
+            solution = solve(problem)
         except InfeasibleError:
             assert previous == math.inf, f"{n} devices do not fit what {n - 1} held"
             continue
+        time_s = solution.objective_s
         assert time_s <= previous * (1 + GAP) + 1e-15, f"{n} devices: {time_s} s after {previous} s"
         previous = time_s
+        assert solution.lower_bound_s <= time_s
+        if solution.replicas:  # what the plan and the benchmarks price it at
+            assert replicated_objective(problem, solution) == pytest.approx(time_s, rel=1e-12)

@@ -41,11 +41,19 @@ from partitioner.errors import InfeasibleError
 from partitioner.ir import INPUT, OUTPUT, BatchShare, Problem, ReplicaCost, Solution
 from partitioner.options import SolverOptions, Strategy
 from partitioner.solve.bounds import lower_bound
-from partitioner.solve.evaluate import evaluate
+from partitioner.solve.evaluate import Evaluation, evaluate
 
-__all__ = ["device_kinds", "copy_groups", "share_problem", "overhead_s", "solve_with_replicas"]
+__all__ = [
+    "device_kinds",
+    "copy_groups",
+    "share_problem",
+    "overhead_s",
+    "copy_evaluations",
+    "replicated_objective",
+    "solve_with_replicas",
+]
 
-Solver = Callable[[Problem, SolverOptions], Solution]
+_Solver = Callable[[Problem, SolverOptions], Solution]
 
 
 def device_kinds(problem: Problem) -> tuple[int, ...]:
@@ -113,6 +121,50 @@ def overhead_s(problem: Problem, share: BatchShare, group: tuple[int, ...]) -> f
     return total
 
 
+def copy_evaluations(problem: Problem, solution: Solution) -> tuple[Evaluation, ...]:
+    """`evaluate` of each copy of a solution that copies a placement (`Strategy.HYBRID`, or
+    `Strategy.DATA_PARALLEL` priced from a `BatchShare`): its share's tables on its devices.
+
+    Raises:
+        ValueError: The solution has no copies, or the problem no share for as many.
+    """
+    groups = solution.replicas
+    share = next((s for s in problem.batch_shares if s.replicas == len(groups)), None)
+    if not groups or share is None:
+        raise ValueError(f"no batch share of {len(groups)} copies to price this solution with")
+    local = {d: k for k, d in enumerate(groups[0])}
+    inner = tuple(local[a] for a in solution.assignment)
+    return tuple(evaluate(share_problem(problem, share, g), inner) for g in groups)
+
+
+def replicated_objective(problem: Problem, solution: Solution) -> float:
+    """The objective of a solution with copies, priced as `solve` prices it (module docstring):
+    `Problem.replica` or the `Problem.data_parallel` entry over its devices, else its copies'
+    `copy_evaluations` and overheads.
+
+    Raises:
+        ValueError: The problem prices no such configuration.
+    """
+    if solution.strategy is Strategy.DATA_PARALLEL and not solution.replicas:
+        if problem.replica is None:
+            raise ValueError("the problem prices no data parallelism over every device")
+        return problem.replica.time_s
+    devices = tuple(d for g in solution.replicas for d in g)
+    priced = [r.time_s for r in problem.data_parallel if r.devices == devices]
+    if priced and solution.strategy is Strategy.DATA_PARALLEL and solution.objective_s in priced:
+        return solution.objective_s
+    share = next(s for s in problem.batch_shares if s.replicas == len(solution.replicas))
+    slowest = max(e.objective_s for e in copy_evaluations(problem, solution))
+    return slowest + sum(overhead_s(problem, share, g) for g in solution.replicas)
+
+
+def _count(problem: Problem, solution: Solution) -> int:
+    """How many copies of the model a solution runs."""
+    if solution.replicas:
+        return len(solution.replicas)
+    return problem.num_devices if solution.strategy is Strategy.DATA_PARALLEL else 1
+
+
 def _fits(problem: Problem, replica: ReplicaCost) -> bool:
     return len(replica.memory) == problem.num_devices and all(
         need <= room for need, room in zip(replica.memory, problem.capacity)
@@ -132,44 +184,43 @@ def _data_parallel(problem: Problem, replica: ReplicaCost) -> Solution:
 
 
 def _copies(
-    problem: Problem, share: BatchShare, kinds: tuple[int, ...], options: SolverOptions, solver: Solver, beat: float
+    problem: Problem, share: BatchShare, kinds: tuple[int, ...], options: SolverOptions, solver: _Solver, beat: float
 ) -> tuple[Solution | None, float]:
     """(the best ``share.replicas`` copies of one placement, or None where none fits or its
     bound cannot beat `beat`; a lower bound on every such configuration)."""
     groups = copy_groups(kinds, share.replicas)
     if groups is None:
         return None, math.inf
-    subs = [share_problem(problem, share, g) for g in groups]
-    extra = sum(overhead_s(problem, share, g) for g in groups)
-    try:
-        cheap = lower_bound(subs[0]) + extra
-    except InfeasibleError:
-        return None, math.inf
+    first = share_problem(problem, share, groups[0])
+    cheap = lower_bound(first)  # no copy finishes before copy 0 could; overheads are >= 0
     if cheap >= beat:
         return None, cheap
     try:
-        inner = solver(subs[0], options)
+        inner = solver(first, options)
     except InfeasibleError:
         return None, math.inf
-    objective = inner.objective_s
-    for sub in subs[1:]:
-        if sub != subs[0]:  # copies on other links: the same placement, priced on them
-            objective = max(objective, evaluate(sub, inner.assignment).objective_s)
     used = sorted(set(inner.assignment))
-    single = len(used) == 1
     solution = Solution(
-        strategy=Strategy.DATA_PARALLEL if single else Strategy.HYBRID,
+        strategy=Strategy.DATA_PARALLEL if len(used) == 1 else Strategy.HYBRID,
         assignment=tuple(groups[0][a] for a in inner.assignment),
-        objective_s=objective + extra,
-        lower_bound_s=min(inner.lower_bound_s + extra, objective + extra),
-        optimal=inner.optimal and objective == inner.objective_s,
-        solver="replicate" if single else f"{inner.solver}+replicate",
+        objective_s=0.0,
+        lower_bound_s=0.0,
+        optimal=False,
+        solver="replicate" if len(used) == 1 else f"{inner.solver}+replicate",
         replicas=tuple(tuple(g[k] for k in used) for g in groups),
+    )
+    objective = replicated_objective(problem, solution)
+    # No configuration of these copies beats copy 0's bound plus, for each copy, the least
+    # overhead of any device its placement could start on.
+    least = sum(min(overhead_s(problem, share, g[k:]) for k in range(len(g))) for g in groups)
+    lower = min(inner.lower_bound_s + least, objective)
+    solution = replace(
+        solution, objective_s=objective, lower_bound_s=lower, optimal=objective - lower <= options.gap * objective
     )
     return solution, solution.lower_bound_s
 
 
-def solve_with_replicas(problem: Problem, options: SolverOptions, solver: Solver) -> Solution:
+def solve_with_replicas(problem: Problem, options: SolverOptions, solver: _Solver) -> Solution:
     """The best of one copy (``solver`` on `problem` without its replication tables) and
     every replicated candidate (module docstring); ties go to the fewest copies.
 
@@ -188,7 +239,9 @@ def solve_with_replicas(problem: Problem, options: SolverOptions, solver: Solver
         if _fits(problem, replica):
             tried.append(_data_parallel(problem, replica))
     kinds = device_kinds(problem)
-    for share in problem.batch_shares:
+    # Most copies first: at small shares their bound is lowest, and a strong incumbent early
+    # lets the bound of the others skip their solves.
+    for share in sorted(problem.batch_shares, key=lambda s: -s.replicas):
         incumbent = min((s.objective_s for s in tried), default=math.inf)
         found, bound = _copies(problem, share, kinds, options, solver, incumbent)
         if found is not None:
@@ -198,7 +251,7 @@ def solve_with_replicas(problem: Problem, options: SolverOptions, solver: Solver
     if not tried:
         assert failure is not None
         raise failure
-    best = min(tried, key=lambda s: s.objective_s)  # the first of equals: the fewest copies
+    best = min(tried, key=lambda s: (s.objective_s, _count(problem, s)))  # of equals, the fewest copies
     lower = min([s.lower_bound_s for s in tried] + pruned)
     slack = best.objective_s * (1 - options.gap)
     optimal = best.optimal and all(s.optimal or s.lower_bound_s >= slack for s in tried)
