@@ -131,7 +131,8 @@ def _bound_formula(plan: Plan) -> str:
 
 
 def _devices_used(plan: Plan) -> str:
-    """``8 device(s)``, or for copies ``4 of 8 devices (4 copies of 1 device, batch split 1/1/1/1)``."""
+    """``8 device(s)``, or for copies ``4 of 8 devices (4 copies of 1 device, batch split 1/1/1/1)``
+    (``8 devices (...)`` when the copies use every device)."""
     if not plan.replicas:
         return f"{len(plan.devices)} device(s)"
     groups = plan.replica_groups
@@ -139,7 +140,8 @@ def _devices_used(plan: Plan) -> str:
     r = len(groups)
     shares = "/".join(str(plan.batch_size // r + (g < plan.batch_size % r)) for g in range(r))
     size = f"{len(groups[0])} device{'s' if len(groups[0]) > 1 else ''}"
-    return f"{used} of {len(plan.devices)} devices ({r} copies of {size}, batch split {shares})"
+    of = f"{used} of {len(plan.devices)}" if used < len(plan.devices) else f"{used}"
+    return f"{of} devices ({r} copies of {size}, batch split {shares})"
 
 
 def transfer_names(transfers: Sequence[PlanTransfer]) -> list[str]:

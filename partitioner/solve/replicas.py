@@ -16,10 +16,15 @@ them: the slowest copy plus moving each copy's inputs and outputs (scatter and g
                                0's devices by the caller's solver and run by every copy:
                                ``max_g objective(P on copy g) + sum_g overhead_g``, where
                                ``overhead_g`` moves copy g's share of the inputs from device 0
-                               to its first device and its outputs back (0 when that is device 0)
+                               to the first device P uses in copy g, and its outputs back
+                               (0 when that is device 0), as `Problem.replica` scatters
 
-Every candidate's objective is exact for its configuration; its lower bound is the
-solver's bound for copy 0 plus the overheads (no copy finishes before copy 0 could).
+Every candidate's objective is exact for its configuration (`replicated_objective` prices
+it for the plan and the benchmarks too). Its lower bound is the solver's bound for copy 0
+plus each copy's least overhead (no copy finishes before copy 0 could), so the solution's
+``optimal`` claims optimality over all these candidates and placements, within the gap;
+with copies on unlike links (several nodes) the one placement P may not suit every copy,
+and the bound then says how far it may be from the best.
 
 Never worse with more devices. The candidates for the first ``n`` devices of a list are
 among those for ``n + 1`` (a device added at the end): the cost model offers data
