@@ -223,8 +223,9 @@ def auto_parallelize(
         layered, resolved, chosen = compiled.layered, compiled.devices, compiled.plan
     hazards = replication_hazards(model)
     if (chosen.strategy is Strategy.DATA_PARALLEL or len(chosen.replica_groups) > 1) and hazards:
+        how = "replicates the model" if chosen.strategy is Strategy.DATA_PARALLEL else "runs copies of the model"
         raise PlanMismatchError(
-            f"the plan replicates the model, but {hazards[0]}; "
+            f"the plan {how}, but {hazards[0]}; "
             "put those modules in eval mode, or plan this model again (it will not replicate it)"
         )
     targets = _run_devices(resolved, simulate)

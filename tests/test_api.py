@@ -13,7 +13,7 @@ from torch import nn
 import partitioner
 from partitioner import PlanOptions, SimulatedDevices, to_plain
 from partitioner.api import compile_plan
-from partitioner.errors import DeviceMismatchError
+from partitioner.errors import DeviceMismatchError, PlanMismatchError
 from partitioner.models import build_model
 from partitioner.rewrite import move_to
 from tests.models import ZOO, HandSplitMLP, ZooCase
@@ -586,3 +586,16 @@ def test_the_seed_mlp_is_never_predicted_slower_on_more_devices(devices: str, ba
         for n in range(1, 7)
     ]
     assert all(b <= a * (1 + options.solver.gap) for a, b in zip(times, times[1:])), times
+
+
+def test_copies_of_a_model_with_batch_statistics_are_refused() -> None:
+    # Each copy would normalise its share of the batch by its own statistics, as replicas do.
+    model, args, kwargs = ZOO["cnn"].build()  # BatchNorm in training mode
+    devices = [f"cpu:{k}" for k in range(4)]
+    base = partitioner.plan(model, devices, args, kwargs, options=NO_DP, measure=False)
+    plan = dataclasses.replace(
+        base, strategy=partitioner.Strategy.HYBRID, replicas=((0, 1), (2, 3)),
+        layers=tuple(dataclasses.replace(l, device=int(i > 0)) for i, l in enumerate(base.layers)),
+    )
+    with pytest.raises(PlanMismatchError, match=r"runs copies of the model, but bn1 \(BatchNorm2d, training\)"):
+        partitioner.auto_parallelize(model, devices, args, kwargs, plan=plan)
