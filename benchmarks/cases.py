@@ -408,7 +408,7 @@ def compare_run(
     planner["build_problem_s"] = build_s
     pipeline = None
     if mode.objective == "throughput":
-        pipeline = _planner_record(replace(problem, replica=None), options)
+        pipeline = _planner_record(replace(problem, replica=None, data_parallel=(), batch_shares=()), options)
     share = 1.0
     if tables is not None:
         state = training_state_bytes(1, tables.options.precision, tables.options.optimizer)
