@@ -234,7 +234,8 @@ class Solution:
     optimal: bool
     """Whether optimality was proved (within the requested gap)."""
     solver: str
-    """Which method produced it: ``dp``, ``highs``, ``cbc``, ``brute``, ``replicate``..."""
+    """Which method produced it: ``dp``, ``highs``, ``cbc``, ``brute``, ``replicate``, or
+    ``<method>+replicate`` for copies of a placement that method found."""
     solve_time_s: float = 0.0
     replicas: tuple[tuple[int, ...], ...] = ()
     """Device groups that each run a copy of the placement, the batch split between them in

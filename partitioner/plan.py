@@ -98,7 +98,8 @@ class SolverInfo:
     """How the placement was found."""
 
     method: str
-    """``dp``, ``highs``, ``cbc``, ``brute`` or ``replicate``."""
+    """``dp``, ``highs``, ``cbc``, ``brute`` or ``replicate``; ``dp+replicate`` (and the like) for
+    copies of a placement the named method found."""
     optimal: bool
     """Whether optimality was proved (within the requested gap)."""
     gap: float
