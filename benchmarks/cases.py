@@ -56,6 +56,7 @@ from partitioner.partitioned import PartitionedModule
 from partitioner.rewrite import gather_graph, place_tensors
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import evaluate, solve
+from partitioner.solve.replicas import copy_evaluations, replicated_objective
 
 from benchmarks import baselines, training_runs
 from benchmarks.models import build
@@ -121,9 +122,9 @@ def _graph_nodes(layered: LayeredModel) -> int:
 
 def _solution_step(problem: Problem, solution: Solution) -> tuple[float, bool]:
     """(seconds per step, whether `evaluate` agrees) of the planner's answer."""
-    if solution.strategy is Strategy.DATA_PARALLEL:
-        assert problem.replica is not None
-        return solution.objective_s, math.isclose(solution.objective_s, problem.replica.time_s, rel_tol=_TOLERANCE)
+    if solution.strategy is Strategy.DATA_PARALLEL or solution.replicas:
+        priced = replicated_objective(problem, solution)
+        return solution.objective_s, math.isclose(solution.objective_s, priced, rel_tol=_TOLERANCE)
     priced = evaluate(problem, solution.assignment).objective_s
     return solution.objective_s, math.isclose(solution.objective_s, priced, rel_tol=_TOLERANCE, abs_tol=1e-15)
 
@@ -149,7 +150,8 @@ def _planner_record(problem: Problem, options: PlanOptions) -> dict[str, Any]:
         "assignment": list(solution.assignment),
     }
     if solution.strategy is not Strategy.DATA_PARALLEL:
-        ev = evaluate(problem, solution.assignment)
+        # A copy of a placement: its first copy's stages, at its share of the batch.
+        ev = copy_evaluations(problem, solution)[0] if solution.replicas else evaluate(problem, solution.assignment)
         record["slowest_stage_s"] = max(ev.load_s)
         record["slowest_compute_s"] = max(ev.compute_s)
     return record
@@ -572,7 +574,7 @@ def compare_run(
     planner["build_problem_s"] = build_s
     pipeline = None
     if mode.objective == "throughput":
-        pipeline = _planner_record(replace(problem, replica=None), options)
+        pipeline = _planner_record(replace(problem, replica=None, data_parallel=(), batch_shares=()), options)
     share = 1.0
     if tables is not None:
         state = training_state_bytes(1, tables.options.precision, tables.options.optimizer)

@@ -27,7 +27,7 @@ from partitioner.options import PlanOptions, Strategy
 from partitioner.partitioned import PartitionedModule, plain_model
 from partitioner.plan import Plan
 from partitioner.progress import Progress, listening, reporting
-from partitioner.replicate import replicate, replication_hazards
+from partitioner.replicate import replicate, replicate_split, replication_hazards
 from partitioner.rewrite import InsertedTransfer, split_model
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import solve
@@ -200,9 +200,10 @@ def auto_parallelize(
         compiled = compile_plan(model, devices, example_inputs, example_kwargs, **kw)
         layered, resolved, chosen = compiled.layered, compiled.devices, compiled.plan
     hazards = replication_hazards(model)
-    if chosen.strategy is Strategy.DATA_PARALLEL and hazards:
+    if (chosen.strategy is Strategy.DATA_PARALLEL or len(chosen.replica_groups) > 1) and hazards:
+        how = "replicates the model" if chosen.strategy is Strategy.DATA_PARALLEL else "runs copies of the model"
         raise PlanMismatchError(
-            f"the plan replicates the model, but {hazards[0]}; "
+            f"the plan {how}, but {hazards[0]}; "
             "put those modules in eval mode, or plan this model again (it will not replicate it)"
         )
     targets = _run_devices(resolved, simulate)
@@ -210,9 +211,15 @@ def auto_parallelize(
     logical = all(t.startswith("cpu:") for t in targets)
     simulator = SimulatedDevices(1 + max(torch.device(t).index or 0 for t in targets)) if logical else None
     with simulator if simulator is not None else contextlib.nullcontext():
+        groups = chosen.replica_groups
         if chosen.strategy is Strategy.DATA_PARALLEL:
-            module: nn.Module = replicate(model, targets, out, layered.graph.batch_size, inplace=inplace)
+            replicas = [targets[g[0]] for g in groups]
+            module: nn.Module = replicate(model, replicas, out, layered.graph.batch_size, inplace=inplace)
             transfers: list[InsertedTransfer] = []
+        elif len(groups) > 1:
+            module, transfers = replicate_split(
+                model, layered, chosen.assignment, groups, targets, out, layered.graph.batch_size, inplace=inplace
+            )
         else:
             module, transfers = split_model(model, layered, chosen.assignment, targets, out, inplace=inplace)
     if simulator is not None:

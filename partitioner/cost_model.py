@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 
 from partitioner.devices import DTYPES, Device, DeviceProfile, link_cost
 from partitioner.errors import DeviceError
-from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Problem, ReplicaCost
+from partitioner.ir import INPUT, OUTPUT, BatchShare, Layer, LayerGraph, Problem, ReplicaCost
 from partitioner.options import Optimizer, PlanOptions, Precision
 
 __all__ = [
@@ -45,6 +45,8 @@ __all__ = [
     "device_links",
     "Links",
     "replica_cost",
+    "data_parallel_costs",
+    "batch_shares",
     "ring_allreduce_s",
     "StateBytes",
     "training_state_bytes",
@@ -268,7 +270,9 @@ def build_problem(
       else `partitioner.devices.link_cost` of each pair. When training, every value that
       crosses devices forward has its gradient cross back, so per-byte and latency costs
       double.
-    - ``replica``: `replica_cost` when ``options.allow_data_parallel``.
+    - with ``options.allow_data_parallel``: ``replica``, `replica_cost` over every device;
+      ``data_parallel``, `data_parallel_costs` over some of them; and at inference
+      ``batch_shares``, `batch_shares` (copies of a placement on groups of alike devices).
 
     Args:
         graph: The layers and the values between them.
@@ -307,7 +311,100 @@ def build_problem(
         names=tuple(layer.name for layer in graph.layers),
         device_names=tuple(d.name for d in devices),
         replica=replica_cost(graph, devices, options, dtype, links) if options.allow_data_parallel else None,
+        data_parallel=data_parallel_costs(graph, devices, options, dtype, links) if options.allow_data_parallel else (),
+        batch_shares=(
+            batch_shares(graph, devices, options, dtype) if options.allow_data_parallel and not options.training else ()
+        ),
     )
+
+
+def _replica_fits(graph: LayerGraph, device: Device, options: PlanOptions, samples: int) -> bool:
+    """Whether a replica of `samples` samples fits `device`, as the solver checks it: `replica_cost`'s
+    memory against `build_problem`'s capacity."""
+    f = samples / graph.batch_size
+    state = sum(_state_bytes(layer, options) for layer in graph.layers)
+    working = working_set_bytes(graph, options)
+    activations = sum(_activation_bytes(layer, options) for layer in graph.layers) + working
+    return state + math.ceil(activations * f) <= max(0, int(device.memory_bytes * (1 - options.memory_reserve)) - working)
+
+
+def data_parallel_costs(
+    graph: LayerGraph,
+    devices: Sequence[Device],
+    options: PlanOptions,
+    dtype: str = "float32",
+    links: Links | None = None,
+) -> tuple[ReplicaCost, ...]:
+    """Data parallelism over some of `devices`: `replica_cost` of each subset weighed.
+
+    For each replica count ``k = 2 .. min(devices, batch)``, two subsets: the first ``k``
+    devices (so that a device added at the end of the list never takes a choice away), and
+    the ``k`` devices the whole model runs fastest on among those it fits (ties in list
+    order). Subsets of every device are left to `replica_cost` (`Problem.replica`).
+
+    Returns:
+        One `ReplicaCost` per distinct subset, its ``memory`` 0 on the devices it leaves idle.
+    """
+    n = len(devices)
+    links = device_links(devices) if links is None else links
+    whole: dict[DeviceProfile, float] = {}
+    for d in devices:
+        if d.profile not in whole:
+            whole[d.profile] = sum(layer_time(layer, d.profile, options, dtype) for layer in graph.layers)
+    out: dict[tuple[int, ...], ReplicaCost] = {}
+    for k in range(2, min(n - 1, graph.batch_size) + 1):
+        samples = _batch_shares(graph.batch_size, k)[0]
+        fitting = [j for j in range(n) if _replica_fits(graph, devices[j], options, samples)]
+        fastest = sorted(fitting, key=lambda j: (whole[devices[j].profile], j))[:k]
+        for subset in (tuple(range(k)), tuple(sorted(fastest))):
+            if len(subset) != k or subset in out:
+                continue
+            sub_links = [[links[a][b] for b in subset] for a in subset]
+            cost = replica_cost(graph, [devices[j] for j in subset], options, dtype, sub_links)
+            if cost is None:
+                continue
+            memory = [0] * n
+            for j, need in zip(subset, cost.memory):
+                memory[j] = need
+            out[subset] = ReplicaCost(time_s=cost.time_s, memory=tuple(memory), devices=subset)
+    return tuple(out.values())
+
+
+def batch_shares(
+    graph: LayerGraph, devices: Sequence[Device], options: PlanOptions, dtype: str = "float32"
+) -> tuple[BatchShare, ...]:
+    """The tables of one copy of a placement when the batch is split ``r`` ways, for each ``r``
+    from 2 up to the batch and the most devices of one profile (each copy needs a device of
+    some profile). Priced as `build_problem` prices the whole batch, at ``ceil(batch / r)``
+    samples: layer times at that fraction, the working set and the values that scale with
+    the batch (`Value.batched`) at that fraction of their bytes."""
+    counts: dict[str, int] = {}
+    for d in devices:
+        counts[d.profile.name] = counts.get(d.profile.name, 0) + 1
+    most = min(graph.batch_size, max(counts.values(), default=0))
+    working = working_set_bytes(graph, options)
+    memory = tuple(layer_memory(layer, options) for layer in graph.layers)
+    out = []
+    for r in range(2, most + 1):
+        samples = _batch_shares(graph.batch_size, r)[0]
+        f = samples / graph.batch_size
+        columns: dict[DeviceProfile, tuple[float, ...]] = {}
+        for d in devices:
+            if d.profile not in columns:
+                columns[d.profile] = tuple(layer_time(layer, d.profile, options, dtype, f) for layer in graph.layers)
+        out.append(
+            BatchShare(
+                replicas=r,
+                samples=samples,
+                compute_s=tuple(zip(*(columns[d.profile] for d in devices))),
+                memory=memory,
+                capacity=tuple(
+                    max(0, int(d.memory_bytes * (1 - options.memory_reserve)) - math.ceil(working * f)) for d in devices
+                ),
+                value_bytes=tuple(math.ceil(v.bytes * f) if v.batched else v.bytes for v in graph.values),
+            )
+        )
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- training tables

@@ -18,6 +18,7 @@ __all__ = [
     "Value",
     "LayerGraph",
     "ReplicaCost",
+    "BatchShare",
     "Problem",
     "Solution",
 ]
@@ -78,6 +79,9 @@ class Value:
     """Indices of the reading layers (each > producer), possibly with `OUTPUT`; sorted, unique."""
     bytes: int
     """Bytes moved when the value crosses devices."""
+    batched: bool = True
+    """Whether its bytes scale with the batch: False for a weight one layer owns and another
+    reads (a tied embedding), which a replica given part of the batch moves whole."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,12 +118,37 @@ class LayerGraph:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReplicaCost:
-    """Cost of data parallelism: the whole model on every device, the batch split."""
+    """Cost of data parallelism: the whole model on each of some devices, the batch split."""
 
     time_s: float
     """Predicted time of one step (slowest replica plus gradient all-reduce when training)."""
     memory: tuple[int, ...]
-    """Bytes needed on each device."""
+    """Bytes needed on each device of the problem (0 on a device that holds no replica)."""
+    devices: tuple[int, ...] = ()
+    """The devices holding a replica, in the order the batch is split between them (the first
+    ones take a sample more when it does not divide); empty: every device, in order."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchShare:
+    """One replica's tables when the batch is split over `replicas` copies of a placement.
+
+    Every replica is priced at the largest share, ``samples = ceil(batch / replicas)``: the
+    replicas of one placement on alike devices finish when the largest share does.
+    """
+
+    replicas: int
+    """How many copies split the batch (>= 2)."""
+    samples: int
+    """Samples of the largest share."""
+    compute_s: tuple[tuple[float, ...], ...]
+    """compute_s[i][d]: seconds layer i takes on device d at `samples` samples."""
+    memory: tuple[int, ...]
+    """memory[i]: bytes layer i needs at `samples` samples."""
+    capacity: tuple[int, ...]
+    """capacity[d]: bytes available on device d at `samples` samples."""
+    value_bytes: tuple[int, ...]
+    """value_bytes[v]: bytes of `Problem.values[v]` at `samples` samples."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,7 +177,12 @@ class Problem:
     device_names: tuple[str, ...] = ()
     """Device names, for error messages."""
     replica: ReplicaCost | None = None
-    """Data-parallel alternative, if it is to be considered."""
+    """Data-parallel alternative over every device, if it is to be considered."""
+    data_parallel: tuple[ReplicaCost, ...] = ()
+    """Data parallelism over some of the devices (each its `ReplicaCost.devices`)."""
+    batch_shares: tuple[BatchShare, ...] = ()
+    """Tables for copies of a placement on groups of alike devices, the batch split between
+    them (`partitioner.solve.replicas`); empty: no such replication is considered."""
 
     def __post_init__(self) -> None:
         n, d = len(self.compute_s), len(self.capacity)
@@ -159,6 +193,16 @@ class Problem:
         for table in (self.seconds_per_byte, self.latency_s):
             if len(table) != d or any(len(row) != d for row in table):
                 raise ValueError(f"link tables must be {d} x {d}")
+        for replica in self.data_parallel:
+            if len(replica.memory) != d or not replica.devices or any(not 0 <= e < d for e in replica.devices):
+                raise ValueError(f"every data_parallel entry needs {d} memory entries and devices among 0..{d - 1}")
+        for share in self.batch_shares:
+            shapes = (len(share.compute_s), len(share.memory), len(share.capacity), len(share.value_bytes))
+            if shapes != (n, n, d, len(self.values)) or any(len(row) != d for row in share.compute_s):
+                raise ValueError(
+                    f"batch share of {share.replicas} replicas: tables must match {n} layers, {d} devices "
+                    f"and {len(self.values)} values"
+                )
 
     @property
     def num_layers(self) -> int:
@@ -181,7 +225,8 @@ class Solution:
 
     strategy: Strategy
     assignment: tuple[int, ...]
-    """assignment[i]: device index of layer i (all zeros for data parallelism)."""
+    """assignment[i]: device index of layer i (in the first copy when `replicas` has several;
+    all zeros for data parallelism over every device)."""
     objective_s: float
     """Value of the objective (seconds) for this assignment."""
     lower_bound_s: float
@@ -189,8 +234,14 @@ class Solution:
     optimal: bool
     """Whether optimality was proved (within the requested gap)."""
     solver: str
-    """Which method produced it: ``dp``, ``highs``, ``cbc``, ``brute``, ``replicate``..."""
+    """Which method produced it: ``dp``, ``highs``, ``cbc``, ``brute``, ``replicate``, or
+    ``<method>+replicate`` for copies of a placement that method found."""
     solve_time_s: float = 0.0
+    replicas: tuple[tuple[int, ...], ...] = ()
+    """Device groups that each run a copy of the placement, the batch split between them in
+    this order: copy ``g`` runs on ``replicas[g][k]`` what `assignment` puts on
+    ``replicas[0][k]`` (`Strategy.HYBRID`, or `Strategy.DATA_PARALLEL` with one device per
+    group). Empty: one copy, or, for `Strategy.DATA_PARALLEL`, one replica on every device."""
 
     @property
     def gap(self) -> float:

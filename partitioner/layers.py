@@ -319,7 +319,15 @@ def _values(
         if not consumers or (s is not None and not s.is_tensor):
             continue
         ordered = tuple(sorted(c for c in consumers if c != OUTPUT)) + ((OUTPUT,) if OUTPUT in consumers else ())
-        out.append(Value(name=n.name, producer=producer, consumers=ordered, bytes=s.value_bytes if s else 0))
+        out.append(
+            Value(
+                name=n.name,
+                producer=producer,
+                consumers=ordered,
+                bytes=s.value_bytes if s else 0,
+                batched=n.op != "get_attr",  # a weight read by another layer moves whole, whatever the batch
+            )
+        )
     return out
 
 

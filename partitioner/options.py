@@ -101,7 +101,10 @@ class Strategy(_Choice):
     MODEL_PARALLEL = "model_parallel"
     """Layers split over devices, transfers where the graph crosses devices."""
     DATA_PARALLEL = "data_parallel"
-    """The whole model replicated on every device, the batch split between them."""
+    """The whole model replicated on every device, or on some of them, the batch split between them."""
+    HYBRID = "hybrid"
+    """Layers split over a group of devices, that split copied onto other groups of alike
+    devices, the batch split between the copies (inference)."""
 
 
 class Optimizer(_Choice):
@@ -168,7 +171,8 @@ class PlanOptions:
     optimizer: Optimizer = Optimizer.ADAM
     """Optimizer whose state counts towards memory when training."""
     allow_data_parallel: bool = True
-    """Consider replicating the whole model on every device."""
+    """Consider replicating the model, the batch split between the copies: whole on every device or
+    on some of them, or (inference) a split of it on each of several groups of alike devices."""
     memory_reserve: float = 0.1
     """Fraction of each device's memory kept free (allocator fragmentation, workspace)."""
     solver: SolverOptions = SolverOptions()

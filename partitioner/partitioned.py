@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from partitioner.errors import PartitionerError
 from partitioner.plan import Plan
-from partitioner.replicate import Replicated
+from partitioner.replicate import Copies, Replicated
 from partitioner.rewrite import InsertedTransfer, gather_graph, mode_constants, place_tensors
 from partitioner.simdevice import SimulatedDevices
 
@@ -54,7 +54,8 @@ class PartitionedModule(nn.Module):
         # submodule keeps the mode it had (a frozen BatchNorm stays in eval mode).
         self.training = module.training = training
         # (node name, mode) of the graph's nodes whose train/eval behaviour the trace fixed.
-        self.fixed_modes = tuple(mode_constants(module)) if isinstance(module, fx.GraphModule) else ()
+        graph = module.module if isinstance(module, Copies) else module
+        self.fixed_modes = tuple(mode_constants(graph)) if isinstance(graph, fx.GraphModule) else ()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.simulator is None or any(isinstance(m, SimulatedDevices) for m in _get_current_dispatch_mode_stack()):
@@ -96,6 +97,8 @@ class PartitionedModule(nn.Module):
         target = str(device)
         if isinstance(self.module, Replicated):
             self.module.devices, self.module.output_device = (target,), target
+        elif isinstance(self.module, Copies):
+            self.module.gather(target)
         elif isinstance(self.module, fx.GraphModule):
             gather_graph(self.module, target)
         if self.simulator is not None and not (device.type == "cpu" and device.index is not None):
@@ -108,7 +111,7 @@ def plain_model(model: nn.Module) -> nn.Module:
     `PartitionedModule` itself is left as it is."""
     if not isinstance(model, PartitionedModule):
         return model
-    inner = model.module.module if isinstance(model.module, Replicated) else model.module
+    inner = model.module.module if isinstance(model.module, (Replicated, Copies)) else model.module
     plain = copy.deepcopy(inner, place_tensors(inner, {}, "cpu"))
     if isinstance(plain, fx.GraphModule):
         gather_graph(plain, "cpu", drop_transfers=True)

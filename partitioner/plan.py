@@ -98,7 +98,8 @@ class SolverInfo:
     """How the placement was found."""
 
     method: str
-    """``dp``, ``highs``, ``cbc``, ``brute`` or ``replicate``."""
+    """``dp``, ``highs``, ``cbc``, ``brute`` or ``replicate``; ``dp+replicate`` (and the like) for
+    copies of a placement the named method found."""
     optimal: bool
     """Whether optimality was proved (within the requested gap)."""
     gap: float
@@ -279,12 +280,36 @@ class Plan:
     pipeline: PipelinePlan | None = None
     """The training pipeline (stages, microbatches, schedule), for plans of `partitioner.training`.
     Each layer's `PlanLayer.device` is then its stage's first replica."""
+    replicas: tuple[tuple[int, ...], ...] = ()
+    """Device groups that each run a copy of the model, the batch split between them in this
+    order (as `torch.tensor_split` splits it: the first ``batch % copies`` take a sample more):
+    copy ``g`` runs on ``replicas[g][k]`` what `layers` put on ``replicas[0][k]``
+    (`Strategy.HYBRID`; one device per group for `Strategy.DATA_PARALLEL`). Empty: one copy,
+    or for `Strategy.DATA_PARALLEL` one replica on every device. See `replica_groups`."""
 
     # ------------------------------------------------------------------ views
     @property
     def assignment(self) -> tuple[int, ...]:
         """Device index of each layer."""
         return tuple(layer.device for layer in self.layers)
+
+    @property
+    def replica_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The devices of each copy of the model (`replicas`, made explicit): one group per copy,
+        one device per group for data parallelism, the used devices for a single copy."""
+        if self.replicas:
+            return self.replicas
+        if self.strategy is Strategy.DATA_PARALLEL and self.pipeline is None:
+            return tuple((d,) for d in range(len(self.devices)))
+        return (tuple(sorted(set(self.assignment))),)
+
+    @property
+    def idle_devices(self) -> tuple[int, ...]:
+        """Devices the plan leaves without work (its copies use the others)."""
+        if self.pipeline is not None:
+            return tuple(sorted(set(range(len(self.devices))) - {d for s in self.pipeline.stages for d in s.devices}))
+        busy = {d for group in self.replica_groups for d in group}
+        return tuple(d for d in range(len(self.devices)) if d not in busy)
 
     @property
     def transfer_bytes(self) -> int:
@@ -306,6 +331,11 @@ class Plan:
         """
         if self.strategy is Strategy.DATA_PARALLEL:
             raise ValueError("a data-parallel plan replicates the model; it has no device_map")
+        if len(self.replica_groups) > 1:
+            raise ValueError(
+                f"the plan runs {len(self.replica_groups)} copies of the model on groups of devices; "
+                "a device_map places one copy"
+            )
         if self.pipeline is not None and any(len(s.devices) > 1 for s in self.pipeline.stages):
             raise ValueError("the plan replicates its stages over device groups; a device_map places one copy")
         gpu_ordinal = _gpu_ordinals(self.devices)

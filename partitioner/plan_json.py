@@ -186,6 +186,12 @@ def _check_value(value: Any, annotation: str, where: str) -> Any:
         ):
             raise PlanFormatError(f"{where} must be a finite number in [0, 1e30) (got {value!r})")
         return float(value)
+    elif annotation == "tuple[tuple[int, ...], ...]":
+        if value == ():  # the default of a field a plan leaves out
+            return ()
+        if not isinstance(value, list):
+            raise PlanFormatError(f"{where} must be a list of lists of integers (got {type(value).__name__})")
+        return tuple(_check_value(x, "tuple[int, ...]", f"{where}[{k}]") for k, x in enumerate(value))
     elif annotation in _LISTS:
         item, items = _LISTS[annotation]
         if not isinstance(value, list):
@@ -229,6 +235,26 @@ def _check_meaning(plan: Plan) -> None:
     _check_device(plan.output_device, "output_device", n)
     if plan.pipeline is not None:
         _check_pipeline(plan.pipeline, n, len(plan.layers))
+    if plan.replicas:
+        _check_replicas(plan, n)
+
+
+def _check_replicas(plan: Plan, num_devices: int) -> None:
+    """Copies on disjoint groups of one size, copy 0's devices those its layers use."""
+    seen: set[int] = set()
+    for g, group in enumerate(plan.replicas):
+        if not group or len(group) != len(plan.replicas[0]):
+            raise PlanFormatError(
+                f"replicas[{g}] holds {len(group)} devices; every copy needs {len(plan.replicas[0]) or 'at least 1'}"
+            )
+        for k, d in enumerate(group):
+            _check_device(d, f"replicas[{g}][{k}]", num_devices)
+            if d in seen:
+                raise PlanFormatError(f"replicas[{g}][{k}] is device {d}, which another copy already runs on")
+            seen.add(d)
+    stray = sorted({layer.device for layer in plan.layers} - set(plan.replicas[0]))
+    if stray:
+        raise PlanFormatError(f"layers run on device {stray[0]}, which is not in replicas[0] {list(plan.replicas[0])}")
 
 
 def _check_pipeline(p: PipelinePlan, num_devices: int, num_layers: int) -> None:

@@ -1,5 +1,9 @@
 """Data parallelism inside one process: replicate, scatter the batch, gather the outputs.
 
+`Copies` does the same for a split model: copies of the rewritten graph on groups of
+devices (`Plan.replicas`), each placed as the plan places copy 0, all reading the one set
+of parameters that copy 0 holds.
+
 As `torch.nn.DataParallel` does, but on any devices (simulated ``cpu:k`` included): each
 forward copies the parameters to every device with differentiable ``.to`` (so autograd
 sums the replicas' gradients into the one set of parameters), splits every tensor whose
@@ -25,9 +29,20 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from partitioner.rewrite import mode_constants, move_to, place_tensors
+from partitioner.layers import LayeredModel
+from partitioner.rewrite import (
+    InsertedTransfer,
+    gather_graph,
+    mode_constants,
+    move_to,
+    node_devices,
+    place_tensors,
+    rewrite_graph,
+    tensor_devices,
+)
+from partitioner.trace import named_tensors
 
-__all__ = ["Replicated", "replicate", "scatter", "replication_hazards"]
+__all__ = ["Replicated", "replicate", "Copies", "replicate_split", "scatter", "replication_hazards"]
 
 
 def scatter(value: Any, batch_size: int, shards: int) -> list[Any]:
@@ -104,6 +119,92 @@ def replicate(
     tensors on ``devices[0]``, or with `inplace` the model itself moved there."""
     memo = place_tensors(model, {}, devices[0], inplace=inplace)
     return Replicated(model if inplace else copy.deepcopy(model, memo), devices, output_device, batch_size)
+
+
+class Copies(nn.Module):
+    """Copies of a rewritten graph on groups of devices, the batch split between them.
+
+    `module` is copy 0, which holds the parameters and buffers on its devices. Each forward
+    copies them with differentiable ``.to`` onto every other copy's devices (so autograd sums
+    the copies' gradients into the one set) and runs that copy's graph, `others[g - 1]`, on
+    them with `torch.func.functional_call`; batched outputs are concatenated on
+    `output_device`, as `Replicated` does.
+    """
+
+    def __init__(
+        self,
+        module: fx.GraphModule,
+        others: Sequence[tuple[fx.GraphModule, dict[str, str]]],
+        output_device: str,
+        batch_size: int,
+    ) -> None:
+        super().__init__()
+        self.module = module
+        # A plain list: the other copies' graphs share copy 0's tensors, which must be
+        # registered (state dict, optimizer) once.
+        self.others = list(others)
+        """(graph, device map): each other copy's graph and, per device of copy 0, its own."""
+        self.output_device = output_device
+        self.batch_size = batch_size
+        self.register_state_dict_post_hook(_drop_prefix)
+        self.register_load_state_dict_pre_hook(_add_prefix)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.others:
+            return self.module(*args, **kwargs)
+        shards = min(1 + len(self.others), self.batch_size)
+        pieces = scatter((args, kwargs), self.batch_size, shards)
+        sizes = [self.batch_size // shards + (k < self.batch_size % shards) for k in range(shards)]
+        outputs = [self.module(*pieces[0][0], **pieces[0][1])]
+        tensors = named_tensors(self.module)
+        for (graph, device_of), (a, kw) in zip(self.others, pieces[1:]):
+            moved: dict[int, torch.Tensor] = {}
+            state = {}
+            for name, t in tensors:
+                if id(t) not in moved:
+                    moved[id(t)] = t.to(device_of.get(str(t.device), str(t.device)))
+                state[name] = moved[id(t)]
+            outputs.append(functional_call(graph, state, a, kw))
+        return _gather(outputs, sizes, self.output_device)
+
+    def gather(self, device: str) -> None:
+        """Run one copy on `device` (after its tensors moved there): the others are dropped."""
+        gather_graph(self.module, device)
+        self.others = []
+        self.output_device = device
+
+
+def replicate_split(
+    model: nn.Module,
+    layered: LayeredModel,
+    assignment: Sequence[int],
+    groups: Sequence[Sequence[int]],
+    devices: Sequence[str],
+    output_device: str,
+    batch_size: int,
+    *,
+    inplace: bool = False,
+) -> tuple[Copies, list[InsertedTransfer]]:
+    """A plan of copies applied: `layered`'s graph with layer ``i`` on ``devices[assignment[i]]``
+    (copy 0, as `partitioner.rewrite.split_model` places it), and for every other group ``g``
+    a graph that runs on ``devices[groups[g][k]]`` what copy 0 runs on ``devices[groups[0][k]]``.
+
+    Returns:
+        The copies and every transfer their graphs insert.
+    """
+    device_of = tensor_devices(layered, assignment, devices)
+    memo = place_tensors(model, device_of, devices[0], inplace=True) if inplace else {}
+    memo = place_tensors(layered.traced.gm, device_of, devices[0], memo=memo)
+    # deepcopy adds what it copies to its memo: each copy's graph starts from the placed tensors alone.
+    first, transfers = rewrite_graph(layered, node_devices(layered, assignment, devices), output_device, dict(memo))
+    others = []
+    for group in groups[1:]:
+        position = dict(zip(groups[0], group, strict=True))
+        mine = [position[a] for a in assignment]
+        graph, inserted = rewrite_graph(layered, node_devices(layered, mine, devices), output_device, dict(memo))
+        transfers += inserted
+        others.append((graph, {devices[a]: devices[b] for a, b in position.items()}))
+    return Copies(first, others, output_device, batch_size), transfers
 
 
 def replication_hazards(model: nn.Module) -> list[str]:

@@ -65,7 +65,7 @@ def render_text(plan: Plan) -> str:
     lines = [
         f"partitioner plan for {plan.model_name} ({len(plan.layers)} layers, {plan.frontend} graph, "
         f"batch {plan.batch_size}, fingerprint {plan.fingerprint})",
-        f"strategy: {plan.strategy.value} on {len(plan.devices)} device(s); objective: {plan.objective.value} "
+        f"strategy: {plan.strategy.value} on {_devices_used(plan)}; objective: {plan.objective.value} "
         f"of one {mode}",
         f"predicted: {format_seconds(plan.predicted_s)}   bound {_bound_formula(plan)}: "
         f"{format_seconds(plan.bound_s)}   predicted/bound: {ratio:.2f}",
@@ -78,9 +78,16 @@ def render_text(plan: Plan) -> str:
     lines.append("")
     header = ("device", "profile", "memory / capacity", "params", "compute", "transfers in/out", "layers")
     rows: list[tuple[str, ...]] = []
+    copy_of = {d: (g, k) for g, group in enumerate(plan.replica_groups) for k, d in enumerate(group)}
+    copies = len(plan.replica_groups)
     for i, d in enumerate(plan.devices):
-        if plan.strategy is Strategy.DATA_PARALLEL:
-            held = ["all layers (replica)"]
+        if i not in copy_of and (copies > 1 or plan.replicas):
+            held = ["- (idle)"]
+        elif plan.strategy is Strategy.DATA_PARALLEL:
+            held = [f"all layers (replica {copy_of[i][0]})" if plan.replicas else "all layers (replica)"]
+        elif copies > 1:
+            g, k = copy_of[i]
+            held = [f"copy {g}: {r}" for r in layer_ranges(plan.layers, plan.replica_groups[0][k])]
         else:
             held = layer_ranges(plan.layers, i) or ["-"]
         rows.append(
@@ -139,7 +146,23 @@ def _bound_formula(plan: Plan) -> str:
     """What `Plan.bound_s` is for the plan's strategy (replicas split every layer)."""
     if plan.strategy is Strategy.DATA_PARALLEL:
         return "total/devices (replicas share every layer)"
+    if plan.strategy is Strategy.HYBRID:
+        return "total/devices (copies share every layer)"
     return "max(total/devices, largest layer)"
+
+
+def _devices_used(plan: Plan) -> str:
+    """``8 device(s)``, or for copies ``4 of 8 devices (4 copies of 1 device, batch split 1/1/1/1)``
+    (``8 devices (...)`` when the copies use every device)."""
+    if not plan.replicas:
+        return f"{len(plan.devices)} device(s)"
+    groups = plan.replica_groups
+    used = sum(len(g) for g in groups)
+    r = len(groups)
+    shares = "/".join(str(plan.batch_size // r + (g < plan.batch_size % r)) for g in range(r))
+    size = f"{len(groups[0])} device{'s' if len(groups[0]) > 1 else ''}"
+    of = f"{used} of {len(plan.devices)}" if used < len(plan.devices) else f"{used}"
+    return f"{of} devices ({r} copies of {size}, batch split {shares})"
 
 
 def transfer_names(transfers: Sequence[PlanTransfer]) -> list[str]:

@@ -73,6 +73,20 @@ def test_layout_of_plans_without_a_pipeline() -> None:
     assert dp.groups == ((0, 1),) and len(dp.stages) == 1 and dp.microbatches == 1
 
 
+def test_layout_of_plans_that_copy_the_model_over_some_devices() -> None:
+    # partitioner.plan's copies (issue 15): each copy's k-th device serves pipeline rank k.
+    hybrid = dataclasses.replace(
+        placed(base_plan("mlp", 6), [0, 0, 1, 1, 1, 1, 1]), strategy=Strategy.HYBRID, replicas=((0, 1), (2, 3), (4, 5))
+    )
+    layout = pd.plan_layout(hybrid, global_batch=6)
+    assert layout.groups == ((0, 2, 4), (1, 3, 5)) and layout.replicas == 3 and layout.pipeline_ranks == 2
+    some = dataclasses.replace(
+        placed(base_plan("mlp", 3), [1] * 7), strategy=Strategy.DATA_PARALLEL, replicas=((1,), (2,))
+    )
+    dp = pd.plan_layout(some, global_batch=4)
+    assert dp.groups == ((1, 2),) and dp.devices == (1, 2)  # device 0 idle: no process for it
+
+
 def test_layout_errors_carry_the_numbers() -> None:
     base = base_plan("mlp", 3)
     uneven = hand_pipeline(base, [(0, 3), (4, 6)], [(0, 1), (2,)], "1f1b", 2, 8)

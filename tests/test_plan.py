@@ -487,3 +487,51 @@ def test_split_plan_names_each_transfer_by_its_module(gpt2_split: tuple[nn.Modul
     assert plan.transfers
     for t in plan.transfers:
         assert t.module in modules or t.module in tensors or t.module == plan.model_name, t
+
+
+# --------------------------------------------------------------------------- copies (issue 15)
+
+
+def _copied_plan() -> Plan:
+    """`hand_plan`'s split on devices 0 and 1, copied onto devices 2 and 3 of four; 4 and 5 idle."""
+    base = hand_plan()
+    devices = tuple(replace(base.devices[i % 2], name=f"a100-80gb:{i}") for i in range(6))
+    return replace(base, devices=devices, strategy=Strategy.HYBRID, replicas=((0, 1), (2, 3)))
+
+
+def test_plan_of_copies_round_trips_and_names_its_groups() -> None:
+    plan = _copied_plan()
+    _assert_round_trips(plan)
+    assert plan.to_dict()["replicas"] == [[0, 1], [2, 3]]
+    assert plan.replica_groups == ((0, 1), (2, 3)) and plan.idle_devices == (4, 5)
+    with pytest.raises(ValueError, match="runs 2 copies of the model"):
+        plan.device_map()
+
+
+def test_plans_without_copies_keep_their_json_and_read_as_one_copy() -> None:
+    plan = hand_plan()
+    assert "replicas" not in plan.to_dict()  # older releases read it as they always did
+    assert Plan.from_dict(plan.to_dict()).replicas == ()
+    assert plan.replica_groups == ((0, 1),) and plan.idle_devices == ()
+    everywhere = replace(hand_plan(strategy=Strategy.DATA_PARALLEL), layers=hand_plan().layers[:0])
+    assert everywhere.replica_groups == ((0,), (1,))
+
+
+@pytest.mark.parametrize(
+    ("replicas", "message"),
+    [
+        ([[0, 1], [2]], "replicas[1] holds 1 devices; every copy needs 2"),
+        ([[0, 1], [1, 2]], "replicas[1][0] is device 1, which another copy already runs on"),
+        ([[0, 1], [2, 9]], "replicas[1][1] is 9, beyond the plan's 6 devices"),
+        ([[0, 2], [3, 4]], "layers run on device 1, which is not in replicas[0] [0, 2]"),
+        ([[0, 1], []], "replicas[1] holds 0 devices"),
+        ([[0, 1], "2"], "replicas[1] must be a list of integers"),
+        ([[0, 1], [-2, 3]], "replicas[1][0] must be an integer in [0, 2**62)"),
+        ({"0": [0, 1]}, "replicas must be a list of lists of integers (got dict)"),
+    ],
+)
+def test_copies_that_do_not_make_sense_are_refused(replicas: Any, message: str) -> None:
+    data = _copied_plan().to_dict()
+    data["replicas"] = replicas
+    with pytest.raises(PlanFormatError, match=re.escape(message)):
+        Plan.from_dict(data)

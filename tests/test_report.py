@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 from rich.cells import cell_len
 
 import partitioner
@@ -256,3 +257,27 @@ def test_documented_cluster_example_plans_what_distributed_launches() -> None:
     assert isinstance(plan, Plan) and plan.pipeline is not None
     assert "runs on: the simulator only" not in str(scope["report"])
     plan_layout(plan)  # raised PlanMismatchError: ranks of 1 and 2 replicas
+
+
+def test_report_of_copies_names_each_copy_and_the_idle_devices() -> None:
+    # The MLP's batch of 3 on eight devices that each hold half of it: three copies of a split.
+    model, _, _ = ZOO["mlp"].build()
+    x = torch.randn(3, 1024)
+    devices = [f"cpu:{k}" for k in range(8)]
+    plan = partitioner.plan(model, devices, (x,), max_memory={d: "3MB" for d in devices}, measure=False)
+    assert plan.strategy is Strategy.HYBRID and plan.replicas == ((0, 1), (2, 3), (4, 5)), plan
+    text = str(plan)
+    assert "strategy: hybrid on 6 of 8 devices (3 copies of 2 devices, batch split 1/1/1)" in text
+    assert _row(text, "cpu:0").endswith("copy 0: fc1 .. fc2 (3 layers)")
+    assert _row(text, "cpu:3").endswith("copy 1: relu2 .. fc4 (4 layers)")
+    assert _row(text, "cpu:7").endswith("- (idle)")
+    assert "why: 2 of 8 devices stay idle (cpu:6, cpu:7)" in text
+    assert "cpu:4 -> cpu:5" in text  # the third copy's activations
+
+
+def test_report_of_data_parallelism_over_some_devices() -> None:
+    built = build_model("mlp", batch_size=3)
+    plan = partitioner.plan(built.model, ["cpu x5"], built.example_args)
+    text = str(plan)
+    assert plan.idle_devices, text
+    assert "of 5 devices" in text and _row(text, plan.devices[-1].name).endswith("- (idle)")

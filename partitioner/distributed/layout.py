@@ -174,8 +174,8 @@ def plan_layout(
     A plan with a pipeline (`partitioner.training`) gives its stages, groups, schedule,
     microbatches and global batch; the arguments override the last three. A plan without
     one (`partitioner.plan`) runs one stage per device it uses (ordered by device index,
-    along which its layers never flow back), no replicas; a data-parallel plan one stage
-    on every device. Their schedule defaults to 1F1B, their microbatches to one per stage,
+    along which its layers never flow back), replicated over the plan's copies
+    (`Plan.replicas`); a data-parallel plan one stage on every device that holds a replica. Their schedule defaults to 1F1B, their microbatches to one per stage,
     their global batch to the plan's batch.
 
     Raises:
@@ -206,10 +206,11 @@ def plan_layout(
         chosen_microbatches = microbatches or p.microbatches
         batch = global_batch or p.global_batch
     else:
+        copies = plan.replica_groups
         if plan.strategy is Strategy.DATA_PARALLEL:
-            groups = (tuple(range(len(plan.devices))),)
-        else:
-            groups = tuple((d,) for d in sorted(set(plan.assignment)))
+            groups = (tuple(g[0] for g in copies),)
+        else:  # rank r: the r-th device of every copy (one device per rank without copies)
+            groups = tuple(tuple(c[copies[0].index(d)] for c in copies) for d in sorted(set(plan.assignment)))
         stages = tuple(StageSpec(index=k, rank=k, layers=layers) for k, layers in enumerate(stage_layers(plan)))
         chosen_schedule = schedule or "1f1b"
         chosen_microbatches = microbatches or len(stages)

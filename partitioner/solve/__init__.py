@@ -16,6 +16,9 @@ CBC), warm-started by the better of the two DPs run along the topological order.
 Under THROUGHPUT, `solve_near_chain`'s bottleneck DP bounds every placement of a graph
 with one layer order (skip and residual edges) and usually meets its bound, which
 settles the placement with no ILP.
+Copies of the model weigh in where the problem prices them (`solve_with_replicas`): data
+parallelism over some of the devices, and copies of one placement on groups of alike
+devices, the batch split between them; so more devices never make the plan slower.
 Interchangeable devices are filled in order by every solver (`canonical`). The ILP reports
 its incumbent, bound and gap while it runs, and stops on Ctrl-C, to the sink a caller sets
 with `progress.reporting` (the ``partitioner`` command's status line).
@@ -42,6 +45,7 @@ from partitioner.solve.evaluate import Evaluation, PricedTransfer, evaluate, sim
 from partitioner.solve.feasibility import check_memory
 from partitioner.solve.ilp import highs_available, solve_ilp
 from partitioner.solve.nearchain import is_near_chain, solve_near_chain
+from partitioner.solve.replicas import solve_with_replicas
 from partitioner.solve.symmetry import canonical, interchangeable
 
 __all__ = [
@@ -56,6 +60,7 @@ __all__ = [
     "solve_near_chain",
     "solve_ilp",
     "solve_brute",
+    "solve_with_replicas",
     "is_chain",
     "is_sequential",
     "uniform_links",
@@ -70,7 +75,7 @@ __all__ = [
 
 
 def solve(problem: Problem, options: SolverOptions = SolverOptions()) -> Solution:
-    """Best placement of ``problem``'s layers, or data parallelism when that is faster.
+    """Best placement of ``problem``'s layers, or copies of the model when they are faster.
 
     Graphs with more than ``options.max_candidates`` layers are coarsened first (the
     answer is then not proved optimal for the original layers), but for chains whose
@@ -86,7 +91,8 @@ def solve(problem: Problem, options: SolverOptions = SolverOptions()) -> Solutio
     Returns:
         A `Solution` for the original layers whose ``objective_s`` is
         ``evaluate(problem, assignment).objective_s`` (``replica.time_s`` for
-        `Strategy.DATA_PARALLEL`, whose assignment is all zeros).
+        `Strategy.DATA_PARALLEL` over every device, whose assignment is all zeros; the
+        replicated candidate's time where `Solution.replicas` names the copies).
 
     Raises:
         InfeasibleError: If neither a placement nor data parallelism fits memory; the
@@ -105,6 +111,9 @@ def solve(problem: Problem, options: SolverOptions = SolverOptions()) -> Solutio
         ((0, 1), 3.0)
     """
     begin = time.perf_counter()
+    if problem.data_parallel or problem.batch_shares:
+        solution = solve_with_replicas(problem, options, solve)
+        return replace(solution, solve_time_s=time.perf_counter() - begin)
     replica = problem.replica
     replica_fits = (
         replica is not None

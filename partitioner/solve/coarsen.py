@@ -147,6 +147,7 @@ def _merged(problem: Problem, groups: list[range]) -> Problem:
                     producer=producer,
                     consumers=tuple(sorted(consumers)),
                     bytes=value.bytes,
+                    batched=value.batched,
                 )
             )
     names: tuple[str, ...] = ()
