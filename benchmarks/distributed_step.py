@@ -34,8 +34,8 @@ measures, at the same moment as its steps:
 - ``link``: gloo's mean one-way time for a 256 KiB message (ping-pong between processes 0
   and 1), beside what each prediction prices it at.
 
-Cases cap each device's memory (from 90% of the unconstrained plan's peak down) until the
-planner picks the case's configuration, when it would pick another (one process, say).
+Where the planner would pick another configuration (one process, say), each device's
+memory is capped just below that plan's peak, again until it picks the case's.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ SUITE: tuple[Case, ...] = (
     Case("mlp, data parallel", "mlp", 256, "data parallel"),
     Case("mlp, 2 stages, gpipe x4", "mlp", 256, "pipeline", "gpipe", 4),
     Case("gpt2-tiny, data parallel", "gpt2-tiny", 16, "data parallel"),
-    Case("gpt2-tiny, 2 stages, 1f1b x4", "gpt2-tiny", 16, "pipeline", "1f1b", 4),
+    Case("gpt2-tiny, 2 stages, 1f1b x8", "gpt2-tiny", 16, "pipeline", "1f1b", 8),
 )
 
 
@@ -152,24 +152,27 @@ def _capped(cluster: Any, capacity: int) -> Any:
 
 
 def plan_case(compiled: Any, cluster: Any, case: Case, processes: int) -> Any:
-    """The plan of `case` on `cluster` from `compiled`'s layer times (memory capped until it is the case's shape)."""
+    """The plan of `case` on `cluster` from `compiled`'s layer times.
+
+    While the planner picks another configuration, every device's memory is capped just
+    below that plan's peak, which rules it out (and every plan needing as much), until it
+    picks the case's configuration or nothing fits.
+    """
     from partitioner.errors import InfeasibleError
     from partitioner.training import replan_training
 
     options = _options(case)
     chosen = replan_training(compiled, cluster, options, global_batch=case.global_batch).plan
-    peak = max(s.peak_memory_bytes for s in chosen.pipeline.stages)
-    share = 0.9
-    while not _is_case(chosen, case, processes) and share > 0.2:
+    for _ in range(64):
+        if _is_case(chosen, case, processes):
+            return chosen
+        peak = max(s.peak_memory_bytes for s in chosen.pipeline.stages)
         try:
-            chosen = replan_training(compiled, _capped(cluster, int(share * peak)), options,
+            chosen = replan_training(compiled, _capped(cluster, int(0.99 * peak)), options,
                                      global_batch=case.global_batch).plan
         except InfeasibleError:
-            pass
-        share -= 0.05
-    if not _is_case(chosen, case, processes):
-        raise RuntimeError(f"{case.name}: no memory cap leads the planner to {case.shape} on {processes} processes")
-    return chosen
+            break
+    raise RuntimeError(f"{case.name}: no memory cap leads the planner to {case.shape} on {processes} processes")
 
 
 def _signature(plan: Any) -> tuple[Any, ...]:
