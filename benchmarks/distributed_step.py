@@ -1,6 +1,6 @@
 """A distributed training step on this machine against the simulator's prediction for the same plan.
 
-    python -m benchmarks.distributed_step                    # the suite below, 2 and 4 processes (10-20 minutes on 2 cores)
+    python -m benchmarks.distributed_step                    # the suite below, 2 and 4 processes (about 5 minutes on 2 cores)
     python -m benchmarks.distributed_step --json out.json --only gpt2 --processes 2 --rounds 9
     python -m benchmarks.distributed_step --cluster gloo-2.json --cluster gloo-4.json
 
