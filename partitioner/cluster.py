@@ -189,6 +189,10 @@ def _hops(where: str, key: str, link: Link, data: dict[str, Any]) -> tuple[_Hop,
     return send, (1.0 / hop.bandwidth_Bps, hop.latency_s)
 
 
+def _ring_line(hop: _Hop | None) -> str:
+    return "" if hop is None else f"; all-reduce hop {1e-9 / hop[0]:.4g} GB/s, {hop[1] * 1e6:.4g} us"
+
+
 def _count(where: str, key: str, value: object, upper: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
         raise ProfileError(f"{where}: key {key!r} must be an integer in [1, {upper}] (got {value!r})")
@@ -251,8 +255,8 @@ def _node_type(where: str, key: str, raw: object) -> _NodeType:
             )
         if frozenset(between) in links:
             raise ProfileError(f"{where}: {key} has two links between {' and '.join(sorted(between))}")
-        links[frozenset(between)] = _hops(where, f"{key}.links[{k}]", link, data)
-        lines.append(_link_line(link, f"between {between[0]} and {between[1]} in {name}"))
+        links[frozenset(between)] = hops = _hops(where, f"{key}.links[{k}]", link, data)
+        lines.append(_link_line(link, f"between {between[0]} and {between[1]} in {name}") + _ring_line(hops[1]))
     names = list(kinds)
     for i, a in enumerate(names):
         for b in names[i:]:
@@ -312,7 +316,7 @@ def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
     if top["network"] is not None:
         link, raw_network = _link(where, "network", top["network"])
         network = _hops(where, "network", link, raw_network)
-        lines.append(_link_line(link, "between nodes (per device)"))
+        lines.append(_link_line(link, "between nodes (per device)") + _ring_line(network[1]))
     elif len(node_names) > 1:
         raise ProfileError(f"{where}: key 'network' must be a link: the cluster has {len(node_names)} nodes")
     zero = (0.0, 0.0)

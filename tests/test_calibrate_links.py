@@ -147,3 +147,22 @@ def test_the_cli_refuses_a_bad_links_request_before_measuring(
 ) -> None:
     assert main(["profile", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_cli_writes_a_cluster_profile_that_plans_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import partitioner.calibrate_links as calibrate_links
+
+    asked: list[int] = []
+
+    def measured(processes: int, sizes: tuple[int, ...], **_: object) -> LinkTimings:
+        asked.append(processes)
+        return _timings(processes)
+
+    monkeypatch.setattr(calibrate_links, "measure_gloo", measured)
+    out = tmp_path / "local.json"
+    assert main(["profile", "--links", "gloo", "--processes", "3", "--out", str(out)]) == 0
+    assert asked == [3] and "local: 3 devices" in capsys.readouterr().out
+    cluster = load_cluster(out)
+    assert cluster.name == "local" and cluster.transfer_s(1 << 20, 0, 2) == pytest.approx(50e-6 + (1 << 20) / 1e9, rel=0.01)
