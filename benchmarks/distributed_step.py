@@ -1,32 +1,41 @@
 """A distributed training step on this machine against the simulator's prediction for the same plan.
 
-    python -m benchmarks.distributed_step                    # the suite below (5-10 minutes on 2 cores)
-    python -m benchmarks.distributed_step --json out.json --only gpt2 --rounds 9
+    python -m benchmarks.distributed_step                    # the suite below, 2 and 4 processes (about 5 minutes on 2 cores)
+    python -m benchmarks.distributed_step --json out.json --only gpt2 --processes 2 --rounds 9
+    python -m benchmarks.distributed_step --cluster gloo-2.json --cluster gloo-4.json
 
-For each case of `SUITE`, `partitioner.training.plan_training` plans the model on two CPU
-devices with its layers timed here (one thread, ``measure=True``): the plan's simulated
-step (`PipelinePlan.step_time_s`) is the prediction from CPU profiles. The plan is saved
-as JSON and run by ``torchrun --nproc-per-node 2`` on this file in worker mode: each
-process builds its part (`partitioner.distributed.build`), warms up, and times rounds of
-steps (``part.step`` then ``zero_grad``) between barriers; the measured step is the median
-round over its steps (the slower process's). The figure of merit is measured / predicted.
+For each case of `SUITE` and each process count N, `partitioner.training.compile_training`
+times the model's layers here (one thread, ``measure=True``) on N CPU devices, and
+`partitioner.training.replan_training` plans the case's configuration (data parallel over
+N processes, or 2 stages of N/2 replicas) twice from those same layer times:
+
+- **memory copy**: the devices as a device list (``cpu:0``, ``cpu:1``, ...), whose link the
+  planner prices as a host memory copy (what it did before link profiles);
+- **gloo profile**: the cluster profile of N local processes that ``partitioner profile
+  --links gloo --processes N`` writes (send/recv and all-reduce latency and bandwidth,
+  measured): ``--cluster FILE``, else ``benchmarks/out/gloo-N.json``, measured first when
+  absent and kept there.
+
+Each distinct plan is saved as JSON and run by ``torchrun --nproc-per-node N`` on this file
+in worker mode: each process builds its part (`partitioner.distributed.build`), warms up,
+and times rounds of steps (``part.step`` then ``zero_grad``) between barriers; the measured
+step is the median round over its steps (the slowest process's). The figure of merit is
+measured / predicted (`PipelinePlan.step_time_s`). Both plans run the same configuration;
+when their layer splits agree one run measures both.
 
 On a small shared machine more than the prediction moves that ratio, so each run also
 measures, at the same moment as its steps:
 
-- ``sharing``: the two processes share the machine's cores. A one-thread matmul loop runs
-  in process 0 alone, then in both at once; ``sharing`` is how much slower it runs together
-  (1 with a core each, 2 when the two take turns on one core). The simulator gives every
-  device its own core, so ``measured / (predicted x sharing)`` is the ratio left to the
-  prediction and to the lowering's overhead (`torch.distributed.pipelining`'s
-  per-microbatch bookkeeping, gloo, DDP hooks);
-- ``link``: gloo's mean one-way time for a 256 KiB message (back-to-back ping-pong over
-  the loopback), where the planner prices two CPU devices of one machine as a memory copy.
+- ``sharing``: the processes share the machine's cores. A one-thread matmul loop runs
+  in process 0 alone, then in all at once; ``sharing`` is how much slower it runs together
+  (1 with a core each, 2 when two take turns on one core). The simulator gives every
+  device its own core (layers are timed alone), so ``measured / (predicted x sharing)``
+  is the ratio left to the prediction's links and the lowering;
+- ``link``: gloo's mean one-way time for a 256 KiB message (ping-pong between processes 0
+  and 1), beside what each prediction prices it at.
 
-``one process`` is the plain model's forward and backward on the whole batch in one
-process with one thread, for scale. Pipeline cases cap each device's memory below a
-replica's peak (90% of it, then less until a pipeline fits), so that the planner must
-split the model instead of replicating it.
+Where the planner would pick another configuration (one process, say), each device's
+memory is capped just below that plan's peak, again until it picks the case's.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,33 +57,32 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-DEVICES = ("cpu:0", "cpu:1")
+OUT = ROOT / "benchmarks" / "out"
+"""Where measured gloo profiles are kept between runs (git ignores it)."""
+PROCESSES = (2, 4)
 SEQUENCE = 32
 """Tokens per sample of gpt2-tiny."""
 
 
 @dataclass(frozen=True, slots=True)
 class Case:
-    """One plan to run: a model, a batch and what the planner may choose."""
+    """One configuration to run: a model, a batch, and the shape of the plan."""
 
     name: str
     model: str
     """``mlp`` (the seed MLP) or ``gpt2-tiny`` (transformers GPT-2: 4 blocks of width 256)."""
     global_batch: int
-    schedules: tuple[str, ...] = ("gpipe", "1f1b")
-    microbatches: int | None = None
-    """Fixed microbatch count, or None for the planner's choice."""
-    pipeline: bool = False
-    """Cap each device's memory so that a whole replica does not fit (a pipeline must be planned)."""
+    shape: str
+    """``data parallel`` (one stage on every process) or ``pipeline`` (2 stages, N/2 replicas each)."""
+    schedule: str = "gpipe"
+    microbatches: int = 1
 
 
 SUITE: tuple[Case, ...] = (
-    Case("mlp, planner's choice", "mlp", 256),
-    Case("mlp, 2 stages, gpipe x4", "mlp", 256, ("gpipe",), 4, pipeline=True),
-    Case("mlp, 2 stages, 1f1b x4", "mlp", 256, ("1f1b",), 4, pipeline=True),
-    Case("gpt2-tiny, planner's choice", "gpt2-tiny", 16),
-    Case("gpt2-tiny, 2 stages, gpipe x4", "gpt2-tiny", 16, ("gpipe",), 4, pipeline=True),
-    Case("gpt2-tiny, 2 stages, 1f1b x8", "gpt2-tiny", 16, ("1f1b",), 8, pipeline=True),
+    Case("mlp, data parallel", "mlp", 256, "data parallel"),
+    Case("mlp, 2 stages, gpipe x4", "mlp", 256, "pipeline", "gpipe", 4),
+    Case("gpt2-tiny, data parallel", "gpt2-tiny", 16, "data parallel"),
+    Case("gpt2-tiny, 2 stages, 1f1b x8", "gpt2-tiny", 16, "pipeline", "1f1b", 8),
 )
 
 
@@ -119,41 +127,72 @@ def loss_fn(name: str) -> Any:
 # --------------------------------------------------------------------------- planning (parent)
 
 
-def plan_case(case: Case) -> Any:
-    """The plan of `case`, from layers timed on this CPU."""
-    from partitioner.errors import InfeasibleError
+def _options(case: Case | None) -> Any:
+    """Training options: the tables' space (None: every case's), or one case's configuration."""
     from partitioner.options import Optimizer, Recompute, TrainingOptions
     from partitioner.simulate import PipelineSchedule
-    from partitioner.training import plan_training
 
-    model = make_model(case.model)
-    x, kwargs, _ = make_batch(case.model, case.global_batch)
-    m = case.microbatches
-    options = TrainingOptions(
-        optimizer=Optimizer.SGD,
-        schedules=tuple(PipelineSchedule(s) for s in case.schedules),
-        min_microbatches=m or 1,
-        max_microbatches=m or 128,
-        recompute=Recompute.NEVER if case.pipeline else Recompute.AUTO,  # a replica may not recompute to fit
-        memory_reserve=0.0,
-    )
+    if case is None:  # microbatch sizes of every case, both schedules
+        return TrainingOptions(optimizer=Optimizer.SGD, schedules=(PipelineSchedule.GPIPE, PipelineSchedule.ONE_F_ONE_B),
+                               min_microbatches=1, max_microbatches=max(c.microbatches for c in SUITE),
+                               recompute=Recompute.NEVER, memory_reserve=0.0, equal_replicas=True)
+    return replace(_options(None), schedules=(PipelineSchedule(case.schedule),), min_microbatches=case.microbatches,
+                   max_microbatches=case.microbatches, max_stages=1 if case.shape == "data parallel" else 2)
 
-    def plan(max_memory: dict[str, int] | None = None) -> Any:
-        return plan_training(model, list(DEVICES), (x,), kwargs, global_batch=case.global_batch, options=options,
-                             max_memory=max_memory)
 
-    chosen = plan()
-    replica = chosen.pipeline.stages[0].peak_memory_bytes
-    for share in (0.9, 0.8, 0.7, 0.6, 0.5):  # the most memory that no longer holds a replica
-        if not case.pipeline or len(chosen.pipeline.stages) > 1:
-            break
+def _is_case(plan: Any, case: Case, processes: int) -> bool:
+    stages = plan.pipeline.stages
+    used = sum(len(s.devices) for s in stages)
+    return used == processes and len(stages) == (1 if case.shape == "data parallel" else 2)
+
+
+def _capped(cluster: Any, capacity: int) -> Any:
+    """`cluster` with every device's memory `capacity` bytes."""
+    return replace(cluster, devices=tuple(replace(d, memory_bytes=capacity) for d in cluster.devices))
+
+
+def plan_case(compiled: Any, cluster: Any, case: Case, processes: int) -> Any:
+    """The plan of `case` on `cluster` from `compiled`'s layer times.
+
+    While the planner picks another configuration, every device's memory is capped just
+    below that plan's peak, which rules it out (and every plan needing as much), until it
+    picks the case's configuration or nothing fits.
+    """
+    from partitioner.errors import InfeasibleError
+    from partitioner.training import replan_training
+
+    options = _options(case)
+    chosen = replan_training(compiled, cluster, options, global_batch=case.global_batch).plan
+    for _ in range(64):
+        if _is_case(chosen, case, processes):
+            return chosen
+        peak = max(s.peak_memory_bytes for s in chosen.pipeline.stages)
         try:
-            chosen = plan({d: int(share * replica) for d in DEVICES})
+            chosen = replan_training(compiled, _capped(cluster, int(0.99 * peak)), options,
+                                     global_batch=case.global_batch).plan
         except InfeasibleError:
-            continue
-    if case.pipeline and len(chosen.pipeline.stages) == 1:
-        raise RuntimeError(f"{case.name}: no memory cap leads the planner to a pipeline")
-    return chosen
+            break
+    raise RuntimeError(f"{case.name}: no memory cap leads the planner to {case.shape} on {processes} processes")
+
+
+def _signature(plan: Any) -> tuple[Any, ...]:
+    """What a run of `plan` depends on: its stages' layers and replica counts, schedule, microbatches."""
+    p = plan.pipeline
+    return (p.schedule, p.microbatches, tuple((s.first_layer, s.last_layer, len(s.devices)) for s in p.stages))
+
+
+def gloo_cluster(processes: int, given: dict[int, Path], say: Any) -> tuple[Any, Path]:
+    """The gloo cluster profile of `processes` processes: given, else cached under benchmarks/out/, else measured."""
+    from partitioner.calibrate_links import gloo_cluster_document, measure_gloo, write_cluster_document
+    from partitioner.cluster import load_cluster
+
+    path = given.get(processes) or OUT / f"gloo-{processes}.json"
+    if path.exists():
+        return load_cluster(path), path
+    say(f"measuring gloo between {processes} processes into {path} (partitioner profile --links gloo)")
+    OUT.mkdir(parents=True, exist_ok=True)
+    timings = measure_gloo(processes, progress=say)
+    return write_cluster_document(gloo_cluster_document(timings, path.stem), path), path
 
 
 def one_process_step(case: Case, repeats: int) -> float:
@@ -211,7 +250,7 @@ def _one_way(nbytes: int = 256 << 10, repeats: int = 50) -> float:
         if rank == 0:
             dist.send(t, 1)
             dist.recv(t, 1)
-        else:
+        elif rank == 1:
             dist.recv(t, 0)
             dist.send(t, 0)
 
@@ -221,7 +260,9 @@ def _one_way(nbytes: int = 256 << 10, repeats: int = 50) -> float:
     start = time.perf_counter()
     for _ in range(repeats):
         exchange()
-    return (time.perf_counter() - start) / (2 * repeats)
+    seconds = (time.perf_counter() - start) / (2 * repeats)
+    dist.barrier()
+    return seconds
 
 
 # --------------------------------------------------------------------------- worker (under torchrun)
@@ -261,9 +302,9 @@ def worker(args: argparse.Namespace) -> None:
     part.close()
 
 
-def torchrun(args: list[str], timeout_s: float = 900) -> None:
-    """Run this file under ``torchrun --nproc-per-node 2`` with `args`."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(len(DEVICES)),
+def torchrun(args: list[str], processes: int, timeout_s: float = 900) -> None:
+    """Run this file under ``torchrun --nproc-per-node processes`` with `args`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
                "--master-port", str(_free_port()), "-m", "benchmarks.distributed_step", *args]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -282,54 +323,83 @@ def _free_port() -> int:
 # --------------------------------------------------------------------------- the suite
 
 
-def run(cases: tuple[Case, ...], rounds: int, steps_per_round: int, say: Any) -> dict[str, Any]:
+def _run_plan(plan: Any, case: Case, path: Path, rounds: int, steps_per_round: int) -> dict[str, Any]:
+    path.write_text(plan.to_json())
+    result = path.with_suffix(".result.json")
+    processes = sum(len(s.devices) for s in plan.pipeline.stages)
+    torchrun(["--worker", str(path), "--model", case.model, "--out", str(result), "--rounds", str(rounds),
+              "--steps-per-round", str(steps_per_round)], processes)
+    measured: dict[str, Any] = json.loads(result.read_text())
+    return measured
+
+
+def run(cases: tuple[Case, ...], processes: tuple[int, ...], clusters: dict[int, Path], rounds: int,
+        steps_per_round: int, say: Any) -> dict[str, Any]:
     from benchmarks.run import _hardware, _versions
+    from partitioner.training import compile_training
 
     workdir = Path(tempfile.mkdtemp(prefix="distributed-step-"))
     torch.set_num_threads(1)
     records = []
-    for k, case in enumerate(cases):
-        say(f"[{k + 1}/{len(cases)}] {case.name}: planning with layers timed here")
-        plan = plan_case(case)
-        path = workdir / f"plan-{k}.json"
-        path.write_text(plan.to_json())
-        say(f"[{k + 1}/{len(cases)}] {case.name}: running with torchrun")
-        result = workdir / f"result-{k}.json"
-        torchrun(["--worker", str(path), "--model", case.model, "--out", str(result), "--rounds", str(rounds),
-                  "--steps-per-round", str(steps_per_round)])
-        measured = json.loads(result.read_text())
-        step = statistics.median(measured["rounds_s"])
-        predicted = plan.pipeline.step_time_s
-        records.append({
-            "case": asdict(case),
-            "layout": measured["layout"],
-            "predicted_s": predicted,
-            "measured_s": step,
-            "rounds_s": measured["rounds_s"],
-            "ratio": step / predicted,
-            "sharing": measured["sharing"],
-            "ratio_shared": step / (predicted * measured["sharing"]),
-            "gloo_one_way_256KiB_s": measured["one_way_s"],
-            "one_process_s": one_process_step(case, repeats=max(5, rounds)),
-        })
-        say(f"    {measured['layout']}: predicted {predicted * 1e3:.2f} ms, measured {step * 1e3:.2f} ms "
-            f"({step / predicted:.2f}x; sharing {measured['sharing']:.2f}x)")
+    profiles = {}
+    for n in processes:
+        gloo, path = gloo_cluster(n, clusters, say)
+        if gloo.num_devices != n:
+            raise ValueError(f"{path}: a profile of {gloo.num_devices} processes, not {n}")
+        profiles[n] = {"path": str(path), "links": list(gloo.links), "source": gloo.source}
+        for model in dict.fromkeys(c.model for c in cases):
+            say(f"{model}, {n} processes: timing layers here")
+            x, kwargs, _ = make_batch(model, max(c.global_batch for c in cases if c.model == model))
+            compiled = compile_training(make_model(model), [f"cpu:{k}" for k in range(n)], (x,), kwargs,
+                                        global_batch=x.shape[0], options=_options(None))
+            for case in (c for c in cases if c.model == model):
+                plans = {"memory copy": plan_case(compiled, compiled.cluster, case, n),
+                         "gloo profile": plan_case(compiled, gloo, case, n)}
+                runs: dict[tuple[Any, ...], dict[str, Any]] = {}
+                for links, plan in plans.items():
+                    key = _signature(plan)
+                    if key not in runs:
+                        say(f"{case.name}, {n} processes ({links} plan): running with torchrun")
+                        runs[key] = _run_plan(plan, case, workdir / f"plan-{len(records)}-{len(runs)}.json",
+                                              rounds, steps_per_round)
+                    measured = runs[key]
+                    step = statistics.median(measured["rounds_s"])
+                    predicted = plan.pipeline.step_time_s
+                    cluster = gloo if links == "gloo profile" else compiled.cluster
+                    records.append({
+                        "case": asdict(case),
+                        "processes": n,
+                        "links": links,
+                        "layout": measured["layout"],
+                        "predicted_s": predicted,
+                        "measured_s": step,
+                        "rounds_s": measured["rounds_s"],
+                        "ratio": step / predicted,
+                        "sharing": measured["sharing"],
+                        "ratio_shared": step / (predicted * measured["sharing"]),
+                        "gloo_one_way_256KiB_s": measured["one_way_s"],
+                        "priced_one_way_256KiB_s": cluster.transfer_s(256 << 10, 0, 1),
+                        "one_process_s": one_process_step(case, repeats=max(5, rounds)),
+                    })
+                    say(f"    {links}: {measured['layout']}: predicted {predicted * 1e3:.2f} ms, "
+                        f"measured {step * 1e3:.2f} ms ({step / predicted:.2f}x; sharing {measured['sharing']:.2f}x)")
     return {"hardware": _hardware(), "versions": _versions(), "rounds": rounds, "steps_per_round": steps_per_round,
-            "records": records}
+            "profiles": profiles, "records": records}
 
 
 def table(result: dict[str, Any]) -> str:
     """The result as a Markdown table."""
     lines = [
-        "| case | plan run | predicted | measured | measured / predicted | sharing "
-        "| measured / (predicted x sharing) | gloo 256 KiB one way | one process |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | processes | links priced as | plan run | predicted | measured | measured / predicted | sharing "
+        "| measured / (predicted x sharing) | 256 KiB one way: gloo / priced | one process |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["records"]:
         lines.append(
-            f"| {r['case']['name']} | {r['layout']} | {r['predicted_s'] * 1e3:.2f} ms | {r['measured_s'] * 1e3:.2f} ms "
-            f"| {r['ratio']:.2f} | {r['sharing']:.2f} | {r['ratio_shared']:.2f} "
-            f"| {r['gloo_one_way_256KiB_s'] * 1e3:.2f} ms | {r['one_process_s'] * 1e3:.2f} ms |"
+            f"| {r['case']['name']} | {r['processes']} | {r['links']} | {r['layout']} | {r['predicted_s'] * 1e3:.2f} ms "
+            f"| {r['measured_s'] * 1e3:.2f} ms | {r['ratio']:.2f} | {r['sharing']:.2f} | {r['ratio_shared']:.2f} "
+            f"| {r['gloo_one_way_256KiB_s'] * 1e3:.2f} / {r['priced_one_way_256KiB_s'] * 1e3:.2f} ms "
+            f"| {r['one_process_s'] * 1e3:.2f} ms |"
         )
     return "\n".join(lines)
 
@@ -340,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps-per-round", type=int, default=10)
     parser.add_argument("--only", help="run the cases whose name contains this")
+    parser.add_argument("--processes", type=int, nargs="+", default=list(PROCESSES), help="process counts (2 4)")
+    parser.add_argument("--cluster", type=Path, action="append", default=[],
+                        help="a gloo cluster profile (partitioner profile --links gloo) for runs of its process count; "
+                             "default benchmarks/out/gloo-N.json, measured when absent")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -348,7 +422,11 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     cases = tuple(c for c in SUITE if not args.only or args.only in c.name)
-    result = run(cases, args.rounds, args.steps_per_round, lambda text: print(text, file=sys.stderr, flush=True))
+    from partitioner.cluster import load_cluster
+
+    clusters = {load_cluster(path).num_devices: path for path in args.cluster}
+    result = run(cases, tuple(args.processes), clusters, args.rounds, args.steps_per_round,
+                 lambda text: print(text, file=sys.stderr, flush=True))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

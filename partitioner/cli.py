@@ -7,6 +7,7 @@
     partitioner plan gpt2-xl --cluster mixed-8 --train --global-batch 64 --trace step.json
                                                                 its step for ui.perfetto.dev, chrome://tracing
     partitioner profile --device cpu --out my-cpu.json          measure a device's profile
+    partitioner profile --links gloo --processes 4              measure gloo between 4 local processes
     partitioner models | profiles | clusters                    what can be named
     partitioner --version                                       the versions planning depends on
 
@@ -130,11 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the step as a Chrome trace (.json, or .json.gz gzipped) to open in ui.perfetto.dev "
                         "or chrome://tracing: a process per pipeline rank, compute, send, recv and all-reduce lanes")
 
-    q = sub.add_parser("profile", help="measure a present device and write its profile JSON")
-    q.add_argument("--device", required=True, help="cpu, cuda or cuda:N")
+    q = sub.add_parser("profile", help="measure a present device (or the links between local processes) into a profile")
+    what = q.add_mutually_exclusive_group(required=True)
+    what.add_argument("--device", help="cpu, cuda or cuda:N")
+    what.add_argument(
+        "--links", choices=["gloo"],
+        help="measure gloo send/recv and all-reduce between --processes local processes; writes a cluster profile",
+    )
+    q.add_argument("--processes", type=_positive_int, default=None,
+                   help="with --links: how many local processes (default 2)")
     q.add_argument(
         "--out", default=None,
-        help="file to write (default: NAME.json; put its folder on PARTITIONER_PROFILE_PATH)",
+        help="file to write (default: NAME.json; put its folder on PARTITIONER_PROFILE_PATH, "
+        "or use a cluster profile as --cluster FILE)",
     )
     q.add_argument(
         "--name", default=None,
@@ -285,17 +294,9 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from partitioner.calibrate import check_profile_name, default_profile_name, measure_device, write_profile
-    from partitioner.profile_files import PROFILE_PATH_ENV, available_profiles
-
-    # Everything that can be refused is refused before the measurement: a profile is found
-    # by its file's name, so the name and the file agree, and the file can be written.
-    name = args.name or (Path(args.out).stem if args.out else default_profile_name(args.device))
-    check_profile_name(name)
-    out = args.out or f"{name}.json"
+def _profile_out(name: str, out: str | None) -> str:
+    """The file a profile named `name` goes to: `out`, refused unless it is ``NAME.json``."""
+    out = out or f"{name}.json"
     if Path(out).suffix != ".json":
         raise PartitionerError(f"--out {out!r}: a profile is a .json file (it is looked up as NAME.json)")
     if Path(out).stem != name:
@@ -304,6 +305,48 @@ def _profile(args: argparse.Namespace) -> int:
             f"write it to {Path(out).with_name(f'{name}.json')} or pass --name {Path(out).stem}"
         )
     _check_output("--out", out)
+    return out
+
+
+def _profile_links(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from partitioner.calibrate import check_profile_name
+    from partitioner.calibrate_links import DEFAULT_SIZES, QUICK_SIZES, gloo_cluster_document, measure_gloo
+    from partitioner.calibrate_links import write_cluster_document
+
+    processes = args.processes or 2
+    if processes < 2:
+        raise PartitionerError(f"--processes {processes}: a link joins two processes or more; pass --processes 2 or more")
+    name = args.name or (Path(args.out).stem if args.out else f"{args.links}-{processes}")
+    check_profile_name(name)
+    out = _profile_out(name, args.out)
+    err = Console(stderr=True)
+    with err.status(f"measuring {args.links} between {processes} processes") as status:
+        timings = measure_gloo(processes, QUICK_SIZES if args.quick else DEFAULT_SIZES, progress=status.update)
+    cluster = write_cluster_document(gloo_cluster_document(timings, name), out)
+    send = cluster.transfer_s(256 << 10, 0, 1)
+    print(f"wrote {out}: {cluster}; {cluster.links[0]}; a 256 KiB send {send * 1e6:.0f} us")
+    err.print(f"use it as --cluster {out}, or put it in clusters/ of a folder on PARTITIONER_PROFILE_PATH",
+              style="dim", soft_wrap=True)
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from partitioner.calibrate import check_profile_name, default_profile_name, measure_device, write_profile
+    from partitioner.profile_files import PROFILE_PATH_ENV, available_profiles
+
+    # Everything that can be refused is refused before the measurement: a profile is found
+    # by its file's name, so the name and the file agree, and the file can be written.
+    if args.links:
+        return _profile_links(args)
+    if args.processes is not None:
+        raise PartitionerError("--processes counts the processes of --links gloo; it does not apply to --device")
+    name = args.name or (Path(args.out).stem if args.out else default_profile_name(args.device))
+    check_profile_name(name)
+    out = _profile_out(name, args.out)
     err = Console(stderr=True)
     if name in available_profiles():
         err.print(

@@ -6,6 +6,11 @@ links inside a node between device kinds) and the network between nodes; the sch
 (node by node), the node of each, and a table of seconds per byte and latency for every
 ordered pair of devices. A plain device list (``["a100-80gb x4"]``) is a one-node cluster
 whose links are `partitioner.devices.link_cost`'s.
+
+A link may also say what one hop of a ring all-reduce costs over it (``allreduce``), when
+that differs from a send: measured gloo all-reduces on CPU also pay for the reduction and
+for processes sharing cores (``partitioner profile --links gloo``). Without it a hop is
+priced as a send.
 """
 
 from __future__ import annotations
@@ -68,6 +73,11 @@ class Cluster:
     links: tuple[str, ...] = ()
     """One line per kind of link, for people (``nvlink 300 GB/s inside a node``)."""
     source: str = ""
+    allreduce_seconds_per_byte: tuple[tuple[float, ...], ...] | None = None
+    """allreduce_seconds_per_byte[a][b]: inverse bandwidth of one ring all-reduce hop a -> b;
+    None: as `seconds_per_byte` (a hop costs what a send does)."""
+    allreduce_latency_s: tuple[tuple[float, ...], ...] | None = None
+    """allreduce_latency_s[a][b]: fixed cost of one ring all-reduce hop a -> b; None: as `latency_s`."""
 
     def __post_init__(self) -> None:
         n = len(self.devices)
@@ -75,7 +85,9 @@ class Cluster:
             raise DeviceError(f"cluster {self.name!r} has no devices")
         if len(self.node_of) != n or any(not 0 <= k < len(self.node_names) for k in self.node_of):
             raise DeviceError(f"cluster {self.name!r}: node_of needs one node index per device")
-        for table in (self.seconds_per_byte, self.latency_s):
+        for table in (self.seconds_per_byte, self.latency_s, self.allreduce_seconds_per_byte, self.allreduce_latency_s):
+            if table is None:
+                continue
             if len(table) != n or any(len(row) != n for row in table):
                 raise DeviceError(f"cluster {self.name!r}: link tables must be {n} x {n}")
         names = [d.name for d in self.devices]
@@ -96,6 +108,16 @@ class Cluster:
         if a == b:
             return 0.0
         return nbytes * self.seconds_per_byte[a][b] + self.latency_s[a][b]
+
+    def allreduce_hop(self, a: int, b: int) -> tuple[float, float]:
+        """(seconds per byte, latency) of one hop a -> b of a ring all-reduce (0 on the same device).
+
+        A ring all-reduce of ``n`` bytes over ``k`` devices takes ``2 (k-1)/k x n x s/B +
+        2 (k-1) x latency`` of its slowest hop (`partitioner.cost_model.ring_allreduce_s`).
+        """
+        spb = self.allreduce_seconds_per_byte or self.seconds_per_byte
+        lat = self.allreduce_latency_s or self.latency_s
+        return spb[a][b], lat[a][b]
 
     @classmethod
     def from_devices(cls, devices: Sequence[Device], name: str = "devices") -> Cluster:
@@ -134,14 +156,41 @@ def _link_line(link: Link, where: str) -> str:
     )
 
 
+_Hop = tuple[float, float]
+"""(seconds per byte, latency in seconds) of one transfer."""
+
+
 def _link(where: str, key: str, raw: object, extra: frozenset[str] = frozenset()) -> tuple[Link, dict[str, Any]]:
-    data = json_object(where, key, raw, _LINK_KEYS | extra, set())
+    data = json_object(where, key, raw, _LINK_KEYS | extra, {"allreduce"})
     link = Link(**{k: data[k] for k in _LINK_KEYS})
     try:
         check_link(key, link)
     except FieldError as e:
         raise ProfileError(f"{where}: {e.detail}") from None
     return link, data
+
+
+def _hops(where: str, key: str, link: Link, data: dict[str, Any]) -> tuple[_Hop, _Hop | None]:
+    """(a send's hop, a ring all-reduce's hop or None) of a checked link and its JSON object.
+
+    ``allreduce`` holds ``bandwidth_Bps`` and ``latency_s`` of one ring hop, in the link's
+    ranges (efficiency 1: the figures are what was measured).
+    """
+    send = (1.0 / (link.bandwidth_Bps * link.efficiency), link.latency_s)
+    if "allreduce" not in data:
+        return send, None
+    raw = json_object(where, f"{key}.allreduce", data["allreduce"], {"bandwidth_Bps", "latency_s"}, set())
+    hop = Link(interface=link.interface, generation=None, bandwidth_Bps=raw["bandwidth_Bps"],
+               latency_s=raw["latency_s"], efficiency=1.0)
+    try:
+        check_link(f"{key}.allreduce", hop)
+    except FieldError as e:
+        raise ProfileError(f"{where}: {e.detail}") from None
+    return send, (1.0 / hop.bandwidth_Bps, hop.latency_s)
+
+
+def _ring_line(hop: _Hop | None) -> str:
+    return "" if hop is None else f"; all-reduce hop {1e-9 / hop[0]:.4g} GB/s, {hop[1] * 1e6:.4g} us"
 
 
 def _count(where: str, key: str, value: object, upper: int) -> int:
@@ -164,7 +213,8 @@ class _NodeType:
     count: int
     kinds: dict[str, tuple[DeviceProfile, int]]
     """Profile name -> (profile, devices of it per node), in the order listed."""
-    links: dict[frozenset[str], Link]
+    links: dict[frozenset[str], tuple[_Hop, _Hop | None]]
+    """Two kinds -> (a send's hop, a ring all-reduce's hop or None: as a send)."""
     lines: list[str]
 
 
@@ -189,7 +239,7 @@ def _node_type(where: str, key: str, raw: object) -> _NodeType:
         raise ProfileError(f"{where}: {key} holds more than {_MAX_DEVICES_PER_NODE} devices")
     if not isinstance(node["links"], list):
         raise ProfileError(f"{where}: key '{key}.links' must be a list")
-    links: dict[frozenset[str], Link] = {}
+    links: dict[frozenset[str], tuple[_Hop, _Hop | None]] = {}
     lines = []
     for k, entry in enumerate(node["links"]):
         link, data = _link(where, f"{key}.links[{k}]", entry, frozenset({"between"}))
@@ -205,8 +255,8 @@ def _node_type(where: str, key: str, raw: object) -> _NodeType:
             )
         if frozenset(between) in links:
             raise ProfileError(f"{where}: {key} has two links between {' and '.join(sorted(between))}")
-        links[frozenset(between)] = link
-        lines.append(_link_line(link, f"between {between[0]} and {between[1]} in {name}"))
+        links[frozenset(between)] = hops = _hops(where, f"{key}.links[{k}]", link, data)
+        lines.append(_link_line(link, f"between {between[0]} and {between[1]} in {name}") + _ring_line(hops[1]))
     names = list(kinds)
     for i, a in enumerate(names):
         for b in names[i:]:
@@ -237,7 +287,7 @@ def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
     devices: list[Device] = []
     node_of: list[int] = []
     node_names: list[str] = []
-    pair_link: list[dict[frozenset[str], Link]] = []  # per node: its two kinds -> link
+    pair_link: list[dict[frozenset[str], tuple[_Hop, _Hop | None]]] = []  # per node: its two kinds -> hops
     lines: list[str] = []
     for t, raw in enumerate(top["nodes"]):
         node = _node_type(where, f"nodes[{t}]", raw)
@@ -262,40 +312,45 @@ def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
                     )
                 )
                 node_of.append(len(node_names) - 1)
-    network: Link | None = None
+    network: tuple[_Hop, _Hop | None] | None = None
     if top["network"] is not None:
-        network, _ = _link(where, "network", top["network"])
-        lines.append(_link_line(network, "between nodes (per device)"))
+        link, raw_network = _link(where, "network", top["network"])
+        network = _hops(where, "network", link, raw_network)
+        lines.append(_link_line(link, "between nodes (per device)") + _ring_line(network[1]))
     elif len(node_names) > 1:
         raise ProfileError(f"{where}: key 'network' must be a link: the cluster has {len(node_names)} nodes")
-    spb: list[list[float]] = []
-    lat: list[list[float]] = []
+    zero = (0.0, 0.0)
+    send: list[list[_Hop]] = []
+    ring: list[list[_Hop]] = []
     for src, dev_src in enumerate(devices):
-        row_s, row_l = [], []
+        row_send, row_ring = [], []
         for dst, dev_dst in enumerate(devices):
             if src == dst:
-                row_s.append(0.0)
-                row_l.append(0.0)
+                row_send.append(zero)
+                row_ring.append(zero)
                 continue
             if node_of[src] == node_of[dst]:
-                link = pair_link[node_of[src]][frozenset((dev_src.profile.name, dev_dst.profile.name))]
+                hops = pair_link[node_of[src]][frozenset((dev_src.profile.name, dev_dst.profile.name))]
             else:
                 assert network is not None  # checked above: several nodes need a network
-                link = network
-            row_s.append(1.0 / (link.bandwidth_Bps * link.efficiency))
-            row_l.append(link.latency_s)
-        spb.append(row_s)
-        lat.append(row_l)
+                hops = network
+            row_send.append(hops[0])
+            row_ring.append(hops[1] or hops[0])
+        send.append(row_send)
+        ring.append(row_ring)
+    measured_ring = ring != send
     return Cluster(
         name=name,
         description=_text(where, "description", top["description"]),
         devices=tuple(devices),
         node_of=tuple(node_of),
         node_names=tuple(node_names),
-        seconds_per_byte=tuple(tuple(r) for r in spb),
-        latency_s=tuple(tuple(r) for r in lat),
+        seconds_per_byte=tuple(tuple(h[0] for h in row) for row in send),
+        latency_s=tuple(tuple(h[1] for h in row) for row in send),
         links=tuple(lines),
         source=_text(where, "source", top["source"]),
+        allreduce_seconds_per_byte=tuple(tuple(h[0] for h in row) for row in ring) if measured_ring else None,
+        allreduce_latency_s=tuple(tuple(h[1] for h in row) for row in ring) if measured_ring else None,
     )
 
 

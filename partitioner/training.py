@@ -18,17 +18,25 @@ from typing_extensions import Unpack
 
 from torch import nn
 
-from partitioner.analysis import AnalysisArgs, analyze, check_analysis_args
+from partitioner.analysis import Analysis, AnalysisArgs, analyze, check_analysis_args
 from partitioner.assemble import annotate_plan
 from partitioner.cluster import Cluster, resolve_cluster
 from partitioner.cost_model import TrainingCosts, resolve_precision, training_costs, training_state_bytes
+from partitioner.errors import DeviceError
 from partitioner.ir import OUTPUT, LayerGraph
 from partitioner.options import Objective, PlanOptions, Strategy, TrainingOptions
 from partitioner.pipeline_plan import PipelineResult, microbatch_sizes, plan_pipeline
 from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
 from partitioner.simulate import EventKind, Timeline
 
-__all__ = ["TrainingArgs", "TrainingCompiled", "compile_training", "plan_training", "make_training_plan"]
+__all__ = [
+    "TrainingArgs",
+    "TrainingCompiled",
+    "compile_training",
+    "plan_training",
+    "replan_training",
+    "make_training_plan",
+]
 
 
 class TrainingArgs(AnalysisArgs, total=False):
@@ -50,6 +58,10 @@ class TrainingCompiled:
     costs: TrainingCosts
     timings_s: Mapping[str, float]
     """Seconds spent tracing, profiling, tabulating and planning."""
+    analysis: Analysis | None = None
+    """The traced and profiled model the plan was made from (`replan_training` reuses it)."""
+    element_size: int = 4
+    """Bytes per element of the model's floating parameters."""
 
     @property
     def timeline(self) -> Timeline:
@@ -109,10 +121,68 @@ def compile_training(
     say(f"planning {len(graph.layers)} layers on {cluster}")
     result = plan_pipeline(costs, cluster, batch, options, say)
     timings["solve_s"] = time.perf_counter() - start
-    plan = make_training_plan(graph, cluster, costs, result, granularity=compiled.granularity, element_size=element_size,
-                              parameter_values=parameters, memory_reserve=options.memory_reserve)
-    plan = annotate_plan(plan, compiled.layered)
-    return TrainingCompiled(plan, result, cluster, graph, costs, timings)
+    plan = _assemble(compiled, cluster, costs, result, element_size, options)
+    return TrainingCompiled(plan, result, cluster, graph, costs, timings, compiled, element_size)
+
+
+def _assemble(
+    analysis: Analysis, cluster: Cluster, costs: TrainingCosts, result: PipelineResult, element_size: int,
+    options: TrainingOptions,
+) -> Plan:
+    gm = analysis.layered.traced.gm
+    parameters = {n.name for n in gm.graph.nodes if n.op == "get_attr"}
+    plan = make_training_plan(analysis.layered.graph, cluster, costs, result, granularity=analysis.granularity,
+                              element_size=element_size, parameter_values=parameters,
+                              memory_reserve=options.memory_reserve)
+    return annotate_plan(plan, analysis.layered)
+
+
+def replan_training(
+    compiled: TrainingCompiled,
+    cluster: Cluster,
+    options: TrainingOptions | None = None,
+    *,
+    global_batch: int | None = None,
+) -> TrainingCompiled:
+    """Plan the same model again on `cluster` with `options`, from the layers and cost tables
+    `compile_training` made (nothing is traced or timed again).
+
+    For what-ifs on the same device kinds: other links (a measured cluster profile),
+    other capacities, another search space. Layer times are those of ``compiled``, so two
+    plans compare on the same measurements.
+
+    Args:
+        compiled: What `compile_training` returned.
+        cluster: Devices of the kinds ``compiled`` planned for (layer times are keyed by kind).
+        options: The search space (default: `TrainingOptions()`); its microbatch sizes must
+            be among those ``compiled`` tabulated.
+        global_batch: Samples per step (default: the batch ``compiled`` planned).
+
+    Raises:
+        DeviceError: `cluster` holds a device kind that ``compiled`` has no times for, or
+            `options` needs a microbatch size it did not tabulate.
+        InfeasibleError: No configuration fits memory.
+    """
+    if compiled.analysis is None:
+        raise DeviceError("replan_training needs what compile_training returned (its analysis is missing)")
+    options = options or TrainingOptions()
+    batch = global_batch or compiled.plan.batch_size
+    have = {(t.kind, t.samples) for t in compiled.costs.times}
+    need = {(k, b) for k in cluster.kinds for b in microbatch_sizes(cluster, batch, options)}
+    missing = sorted(need - have)
+    if missing:
+        kind, samples = missing[0]
+        raise DeviceError(
+            f"replan_training: no layer times for {kind} at {samples} samples per microbatch "
+            f"({len(missing)} table(s) missing); compile_training on these device kinds with a search space "
+            f"that covers this one (options' microbatch range and batch {batch})"
+        )
+    start = time.perf_counter()
+    result = plan_pipeline(compiled.costs, cluster, batch, options)
+    timings = dict(compiled.timings_s, solve_s=time.perf_counter() - start)
+    plan = _assemble(compiled.analysis, cluster, compiled.costs, result, compiled.element_size, options)
+    return TrainingCompiled(plan, result, cluster, compiled.graph, compiled.costs, timings, compiled.analysis,
+                            compiled.element_size)
 
 
 def plan_training(

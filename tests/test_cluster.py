@@ -114,6 +114,19 @@ def test_a_hand_written_cluster_builds() -> None:
     assert cluster.seconds_per_byte[0][3] == _spb(1.25e10, 0.7)
 
 
+def test_a_link_may_price_an_all_reduce_hop_apart_from_a_send() -> None:
+    plain = cluster_from_dict(TWO_NODES)
+    assert plain.allreduce_seconds_per_byte is None and plain.allreduce_latency_s is None
+    assert plain.allreduce_hop(0, 3) == (plain.seconds_per_byte[0][3], plain.latency_s[0][3])
+    data = copy.deepcopy(TWO_NODES)
+    data["nodes"][0]["links"][0]["allreduce"] = {"bandwidth_Bps": 1e9, "latency_s": 2e-4}
+    measured = cluster_from_dict(data)
+    assert measured.seconds_per_byte == plain.seconds_per_byte and measured.latency_s == plain.latency_s
+    assert measured.allreduce_hop(0, 1) == (1e-9, 2e-4)  # the two A100s of a node: the measured hop
+    assert measured.allreduce_hop(0, 2) == (plain.seconds_per_byte[0][2], plain.latency_s[0][2])  # others: a send
+    assert measured.allreduce_hop(1, 1) == (0.0, 0.0)
+
+
 def _edit(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
     data = copy.deepcopy(TWO_NODES)
     target: Any = data
@@ -146,6 +159,16 @@ HOSTILE = {
     "empty name": (_edit(("name",), " "), "key 'name' must be a non-empty string"),
     # Lists in "between" were a TypeError (unhashable), tiny figures a ZeroDivisionError.
     "lists in between": (_edit((*_LINKS, 1, "between"), [["x"], ["y"]]), "must name two device profiles"),
+    "unknown all-reduce key": (
+        _edit((*_LINKS, 0, "allreduce"), {"bandwidth_Bps": 1e9, "latency_s": 1e-4, "efficiency": 1}),
+        "unknown key 'nodes[0].links[0].allreduce.efficiency'",
+    ),
+    "all-reduce without latency": (
+        _edit((*_LINKS, 0, "allreduce"), {"bandwidth_Bps": 1e9}), "missing key 'nodes[0].links[0].allreduce.latency_s'"
+    ),
+    "all-reduce latency 0": (
+        _edit(("network", "allreduce"), {"bandwidth_Bps": 1e9, "latency_s": 0}), "network.allreduce.latency_s"
+    ),
     "underflowing link": (
         _edit(("network",), dict(TWO_NODES["network"], bandwidth_Bps=1e-200, efficiency=1e-200)),
         "key 'network.bandwidth_Bps' must be finite and in [1e+06, 1e+15] (got 1e-200)",

@@ -526,3 +526,20 @@ def test_gpt3_175b_shaped_tables_on_64_h100s() -> None:
     assert head.weight_bytes >= 2 * 50257 * 12288  # the tied embedding's copy
     assert p.lower_bound_s <= p.step_time_s < 1.2 * p.lower_bound_s
     print(f"GPT-3 175B shaped, 64 x H100, batch {batch}: planned in {seconds:.1f} s, {p.description}")
+
+
+def test_a_replicas_all_reduce_is_priced_on_the_clusters_allreduce_hops() -> None:
+    # A measured link prices a ring all-reduce hop apart from a send (gloo on a CPU also
+    # reduces and shares cores): 2 (r-1)/r x grads x s/B + 2 (r-1) x latency, of the hop.
+    options = TrainingOptions(schedules=(PipelineSchedule.GPIPE,), max_stages=1, max_microbatches=1)
+    cluster = hand_cluster(["a100-80gb x2"], spb=1e-12)
+    hop = ((0.0, 2e-10), (2e-10, 0.0))
+    latency = ((0.0, 3e-4), (3e-4, 0.0))
+    measured = replace(cluster, allreduce_seconds_per_byte=hop, allreduce_latency_s=latency)
+    costs = hand_costs(measured, 8, options)
+    grads = 8 * 10**6 * 4  # 8 layers of 10^6 float32 parameters
+    (stage,) = plan_pipeline(costs, measured, 8, options).pipeline.stages
+    assert len(stage.devices) == 2
+    assert stage.allreduce_s == pytest.approx(grads * 2e-10 + 2 * 3e-4)
+    (plain,) = plan_pipeline(costs, cluster, 8, options).pipeline.stages  # without: a hop is a send
+    assert plain.allreduce_s == pytest.approx(grads * 1e-12)

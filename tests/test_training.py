@@ -233,3 +233,26 @@ def test_cli_refuses_training_flags_that_do_not_fit(
 def test_cli_lists_the_clusters(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = _run(capsys, "clusters")
     assert status == 0 and {"dgx-a100-8", "mixed-8", "a100-4x8-ib", "h100-8x8-ib"} <= set(out.split())
+
+
+def test_replanning_on_the_same_cluster_gives_the_same_plan_and_other_links_reprice_it(
+    gpt2_mixed: TrainingCompiled,
+) -> None:
+    from dataclasses import replace
+
+    from partitioner.training import replan_training
+
+    options = TrainingOptions(max_microbatches=16)
+    again = replan_training(gpt2_mixed, gpt2_mixed.cluster, options)
+    assert again.plan.to_json() == gpt2_mixed.plan.to_json()
+    cluster = gpt2_mixed.cluster
+    slower = replace(cluster, seconds_per_byte=tuple(tuple(100 * x for x in row) for row in cluster.seconds_per_byte))
+    assert replan_training(gpt2_mixed, slower, options).plan.pipeline.step_time_s > gpt2_mixed.plan.pipeline.step_time_s
+
+
+def test_replanning_refuses_a_device_kind_without_layer_times(gpt2_mixed: TrainingCompiled) -> None:
+    from partitioner.errors import DeviceError
+    from partitioner.training import replan_training
+
+    with pytest.raises(DeviceError, match="no layer times for h100-80gb"):
+        replan_training(gpt2_mixed, load_cluster("h100-8x8-ib"), TrainingOptions(max_microbatches=16))

@@ -178,12 +178,10 @@ class StageModel:
         return spb, lat
 
     def ring(self, group: Group) -> tuple[float, float]:
-        d, c = group.devices, self.cluster
-        hops = [(d[k], d[(k + 1) % len(d)]) for k in range(len(d))] if len(d) > 1 else []
-        return (
-            max((c.seconds_per_byte[a][b] for a, b in hops), default=0.0),
-            max((c.latency_s[a][b] for a, b in hops), default=0.0),
-        )
+        """(slowest hop's seconds per byte, slowest hop's latency) of a ring all-reduce over `group`."""
+        d = group.devices
+        hops = [self.cluster.allreduce_hop(d[k], d[(k + 1) % len(d)]) for k in range(len(d))] if len(d) > 1 else []
+        return max((h[0] for h in hops), default=0.0), max((h[1] for h in hops), default=0.0)
 
     def specs(self, config: Configuration) -> list[_Spec]:
         """The `_Spec` of every stage of `config`, in order."""
