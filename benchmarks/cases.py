@@ -443,6 +443,8 @@ def _replica_problem(problem: Problem, graph: LayerGraph, devices: Sequence[Devi
         latency_s=tuple(tuple(problem.latency_s[a][b] for b in group) for a in group),
         device_names=tuple(problem.device_names[d] for d in group),
         replica=None,
+        data_parallel=(),
+        batch_shares=(),
     )
 
 
