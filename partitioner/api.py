@@ -31,7 +31,7 @@ from partitioner.progress import Progress, listening, reporting
 from partitioner.replicate import replicate, replication_hazards
 from partitioner.rewrite import InsertedTransfer, split_model
 from partitioner.simdevice import SimulatedDevices
-from partitioner.solve import solve
+from partitioner.solve import reorder, solve
 
 __all__ = [
     "analyze",
@@ -63,7 +63,9 @@ class Compiled:
 
     layered: LayeredModel
     devices: tuple[Device, ...]
+    """The devices in the plan's order (the solver's choice; `Plan.devices`)."""
     problem: Problem
+    """The cost tables, devices in the plan's order (``solution.assignment`` places on them)."""
     solution: Solution
     plan: Plan
     timings_s: Mapping[str, float]
@@ -109,6 +111,9 @@ def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Comp
     # The solver's progress (incumbent, bound, gap) goes where the caller's progress goes.
     with reporting(say) if progress is not None and not listening() else contextlib.nullcontext():
         solution = solve(problem, options.solver)
+    # The plan lists the devices in the order the solver chose; its assignment indexes that order.
+    problem = reorder(problem, solution.device_order)
+    resolved = tuple(resolved[d] for d in solution.device_order) or resolved
     timings = {**analysis.timings_s, "solve_s": time.perf_counter() - start}
     result = annotate_plan(
         make_plan(graph, resolved, problem, solution, options, analysis.granularity), analysis.layered, problem

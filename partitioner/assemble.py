@@ -36,7 +36,11 @@ def make_plan(
     options: PlanOptions,
     granularity: str,
 ) -> Plan:
-    """The plan of `solution`: per-device and per-layer figures from `evaluate`."""
+    """The plan of `solution`: per-device and per-layer figures from `evaluate`.
+
+    `devices` and `problem` are in the order `solution.assignment` places on
+    (``reorder(problem, solution.device_order)``), the order `Plan.devices` keeps.
+    """
     data_parallel = solution.strategy is Strategy.DATA_PARALLEL
     ev = evaluate(problem, solution.assignment)
     fastest = [min(row) for row in problem.compute_s]
@@ -95,9 +99,18 @@ def make_plan(
         output_device=output_device,
         predicted_s=solution.objective_s,
         bound_s=bound,
-        solver=SolverInfo(
-            method=solution.solver, optimal=solution.optimal, gap=solution.gap
-        ),
+        solver=_solver_info(solution),
+    )
+
+
+def _solver_info(solution: Solution) -> SolverInfo:
+    """How `solution` was found, with the search over device orders when there was one."""
+    info = SolverInfo(method=solution.solver, optimal=solution.optimal, gap=solution.gap)
+    search = solution.orders
+    if search is None:
+        return info
+    return dataclasses.replace(
+        info, orders=search.orders, orders_solved=search.solved, orders_exhaustive=search.exhaustive
     )
 
 

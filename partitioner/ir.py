@@ -19,6 +19,7 @@ __all__ = [
     "LayerGraph",
     "ReplicaCost",
     "Problem",
+    "OrderSearch",
     "Solution",
 ]
 
@@ -176,12 +177,29 @@ class Problem:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OrderSearch:
+    """How the order of the devices along the pipeline was chosen (`partitioner.solve.order`)."""
+
+    orders: int
+    """Distinct orders of the devices (sequences of device classes; identical devices are
+    interchangeable): ``D! / (n_1! ... n_k!)`` for classes of ``n_1, ..., n_k`` devices."""
+    solved: int
+    """Orders placed by a solver."""
+    cut: int
+    """Orders a lower bound showed cannot beat the placement found (never solved)."""
+    exhaustive: bool
+    """Whether every order was solved or cut; False: searched heuristically (too many
+    orders, or out of time), and `Solution.lower_bound_s` bounds every order at once."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Solution:
     """The solver's answer."""
 
     strategy: Strategy
     assignment: tuple[int, ...]
-    """assignment[i]: device index of layer i (all zeros for data parallelism)."""
+    """assignment[i]: position along `device_order` of the device of layer i (all zeros for
+    data parallelism)."""
     objective_s: float
     """Value of the objective (seconds) for this assignment."""
     lower_bound_s: float
@@ -191,6 +209,13 @@ class Solution:
     solver: str
     """Which method produced it: ``dp``, ``highs``, ``cbc``, ``brute``, ``replicate``..."""
     solve_time_s: float = 0.0
+    device_order: tuple[int, ...] = ()
+    """device_order[k]: index in `Problem`'s devices of the k-th device along the pipeline,
+    the order the solver chose; empty: the devices as given. `assignment` indexes this
+    order: it is a placement of ``partitioner.solve.reorder(problem, device_order)``."""
+    orders: OrderSearch | None = None
+    """How the order was searched; None: the order given was kept (one class of devices,
+    data parallelism, or `SolverOptions.keep_device_order`)."""
 
     @property
     def gap(self) -> float:

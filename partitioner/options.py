@@ -147,6 +147,9 @@ class SolverOptions:
     the whole objective (compute included), as `Solution.gap` reports it."""
     max_candidates: int = 256
     """The layer graph is coarsened to at most this many layers before solving."""
+    keep_device_order: bool = False
+    """Place layers along the devices in the order given. By default the solver chooses
+    the order of unlike devices along the pipeline (`partitioner.solve.order`)."""
 
     def __post_init__(self) -> None:
         _set_choice(self, "backend", SolverBackend)
@@ -155,6 +158,7 @@ class SolverOptions:
             raise ValueError(f"SolverOptions.time_limit_s must be a number of seconds > 0 (got {limit!r})")
         _check_fraction(self, "gap")
         _check_int(self, "max_candidates", 1)
+        _check_flag(self, "keep_device_order")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

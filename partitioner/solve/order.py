@@ -1,0 +1,410 @@
+"""The order of the devices along the pipeline: the solver's choice, not the user's listing.
+
+A placement never sends a value back to an earlier device (`partitioner.solve.evaluate`),
+so the order of the devices is part of the answer: four A100s then four V100s put BERT's
+vocabulary head on a V100; listed otherwise, the head lands on an A100 and the pipeline is
+1.24x faster. `solve_in_best_order` searches the orders.
+
+Classes. Devices ``d`` and ``e`` are twins when swapping them, the permutation
+``(d e)``, leaves the problem as it is, to the bit: the same compute column and capacity,
+the same links to every other device, and ``link[d][e] = link[e][d]`` (the condition of
+`partitioner.solve.symmetry`, for any pair). Symmetries compose, so twins form classes, and
+reordering the devices of one class changes nothing: an order is a sequence of classes,
+one of ``D! / (n_1! ... n_k!)`` for classes of ``n_1, ..., n_k`` devices (70 for four
+A100s and four V100s; one for identical devices, which are never searched).
+
+Search (branch and bound over orders). With at most `ORDER_LIMIT` orders, every one is
+weighed: the order as listed is solved first (ties keep it), then the others in the order
+of their lower bounds (`partitioner.solve.bounds.lower_bound` of the reordered problem:
+under THROUGHPUT the path bound, which depends on the order). An order whose bound is
+within the gap of the best placement found cannot beat it and is cut without a solve;
+since they come sorted, the first cut ends the search. The best over all orders is then
+proved as well as each order's own solve proves it: the bound reported is the least of
+the solved orders' bounds and the cut orders' bounds.
+
+With more orders (or when the time limit runs out first) the search is a heuristic: the
+order as listed, the orders that keep each class together (by bound), then swaps of
+neighbouring devices of unlike classes while they pay. The bound reported then holds for
+every order at once: `order_free_bound`, the path bound minimised over all orders by a
+dynamic program over how many devices of each class the path has used (under LATENCY the
+compute bound, which no order changes). `OrderSearch.exhaustive` says which happened.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from partitioner.errors import InfeasibleError
+from partitioner.ir import OrderSearch, Problem, Solution
+from partitioner.options import Objective, SolverOptions
+from partitioner.solve.bounds import _BISECTION_STEPS, _RELATIVE_SLACK, heaviest_path, lower_bound
+from partitioner.solve.evaluate import simple_lower_bound
+from partitioner.solve.feasibility import check_memory
+
+__all__ = [
+    "ORDER_LIMIT",
+    "device_classes",
+    "order_count",
+    "device_orders",
+    "reorder",
+    "order_free_bound",
+    "solve_in_best_order",
+]
+
+ORDER_LIMIT = 1000
+"""Most orders weighed one by one. Each costs a reordered problem and its path bound (about
+a millisecond at 250 layers); most are cut by their bound. 8 devices in 3 classes (3, 3, 2)
+have 560 orders; in 4 classes of 2, 2,520."""
+
+_BOUND_STATES = 2048
+"""Most (state x class) pairs of `order_free_bound`'s dynamic program (about 0.2 s of bisection);
+above it the compute bound alone is used."""
+
+_TIE = 1e-12
+"""A later order replaces the best one only when better by more than this fraction: float
+sums in another order of devices differ in the last bits, and ties keep the order listed."""
+
+Place = Callable[[Problem, SolverOptions], Solution]
+"""A solver for one fixed order (`partitioner.solve`'s ``_place``)."""
+
+
+def device_classes(problem: Problem) -> tuple[int, ...]:
+    """Each device's class: the lowest index of its twins (see the module docstring).
+
+    Returns:
+        ``classes[d]``: the first device ``e <= d`` that swapping with ``d`` leaves the
+        problem unchanged (``d`` itself when none).
+    """
+    num_devices = problem.num_devices
+    compute = np.asarray(problem.compute_s, dtype=float).reshape(-1, num_devices)
+    links = [
+        np.asarray(table, dtype=float).reshape(num_devices, num_devices)
+        for table in (problem.seconds_per_byte, problem.latency_s)
+    ]
+    classes = list(range(num_devices))
+    for d in range(num_devices):
+        for e in sorted(set(classes[:d])):
+            if _twins(problem, compute, links, e, d):
+                classes[d] = e
+                break
+    return tuple(classes)
+
+
+def _twins(problem: Problem, compute: np.ndarray, links: list[np.ndarray], d: int, e: int) -> bool:
+    """Whether the swap ``(d e)`` leaves compute, capacity and both link tables as they are."""
+    if problem.capacity[d] != problem.capacity[e] or not np.array_equal(compute[:, d], compute[:, e]):
+        return False
+    others = np.ones(problem.num_devices, dtype=bool)
+    others[[d, e]] = False
+    return all(
+        np.array_equal(link[d, others], link[e, others])
+        and np.array_equal(link[others, d], link[others, e])
+        and link[d, e] == link[e, d]
+        for link in links
+    )
+
+
+def order_count(classes: Sequence[int]) -> int:
+    """Distinct orders of devices in these classes: the multinomial ``D! / prod(n_c!)``."""
+    count = math.factorial(len(classes))
+    for n in Counter(classes).values():
+        count //= math.factorial(n)
+    return count
+
+
+def device_orders(classes: Sequence[int]) -> Iterator[tuple[int, ...]]:
+    """Every distinct order, as the device indices along the pipeline.
+
+    Each sequence of classes comes once (lexicographic by class, so the listed order's
+    sequence may come anywhere); within a class, devices keep their listed order.
+    """
+    members: dict[int, list[int]] = {}
+    for d, c in enumerate(classes):
+        members.setdefault(c, []).append(d)
+    labels = sorted(members)
+    left = {c: len(members[c]) for c in labels}
+    sequence: list[int] = []
+
+    def extend() -> Iterator[tuple[int, ...]]:
+        if len(sequence) == len(classes):
+            yield _devices_of(sequence, members)
+            return
+        for c in labels:
+            if left[c]:
+                left[c] -= 1
+                sequence.append(c)
+                yield from extend()
+                sequence.pop()
+                left[c] += 1
+
+    yield from extend()
+
+
+def _devices_of(sequence: Sequence[int], members: dict[int, list[int]]) -> tuple[int, ...]:
+    """The devices along a sequence of classes, each class's in their listed order."""
+    taken = {c: iter(devices) for c, devices in members.items()}
+    return tuple(next(taken[c]) for c in sequence)
+
+
+def reorder(problem: Problem, order: Sequence[int]) -> Problem:
+    """``problem`` with its devices in ``order`` (``order[k]``: the device placed k-th).
+
+    The data-parallel alternative keeps its time (priced for the devices as given) and
+    permutes its memory. An empty ``order`` returns ``problem`` itself.
+    """
+    if not order or tuple(order) == tuple(range(problem.num_devices)):
+        return problem
+    replica = problem.replica
+    if replica is not None and len(replica.memory) == problem.num_devices:
+        replica = replace(replica, memory=tuple(replica.memory[d] for d in order))
+    return replace(
+        problem,
+        compute_s=tuple(tuple(row[d] for d in order) for row in problem.compute_s),
+        capacity=tuple(problem.capacity[d] for d in order),
+        seconds_per_byte=tuple(tuple(problem.seconds_per_byte[s][e] for e in order) for s in order),
+        latency_s=tuple(tuple(problem.latency_s[s][e] for e in order) for s in order),
+        device_names=tuple(problem.device_names[d] for d in order) if problem.device_names else (),
+        replica=replica,
+    )
+
+
+def order_free_bound(problem: Problem, classes: Sequence[int] | None = None) -> float:
+    """A bound on every placement in every order of the devices.
+
+    LATENCY: `simple_lower_bound` (no order changes it). THROUGHPUT: the larger of it and
+    the path bound of `partitioner.solve.bounds` minimised over every order: along the
+    heaviest path, runs on distinct devices in any order. Whether runs of compute at most
+    ``T`` can cover the path is a dynamic program over ``s``, how many devices of each
+    class are used: ``reach(s) = max over classes c used in s of extend(reach(s - e_c), c)``
+    (the greedy run of a device of class ``c`` from where the others left off; starting
+    further never ends sooner, so the furthest reach is all each state needs). ``T`` is
+    found by bisection, as for one order. Falls back to the compute bound when the states
+    are too many (`_BOUND_STATES`).
+
+    Returns:
+        The bound, lowered by `bounds._RELATIVE_SLACK`; ``math.inf`` if the heaviest path
+        fits no order in memory.
+    """
+    simple = simple_lower_bound(problem)
+    if problem.objective is not Objective.THROUGHPUT or problem.num_layers == 0:
+        return simple
+    classes = device_classes(problem) if classes is None else classes
+    counts = Counter(classes)
+    labels = sorted(counts)
+    states = math.prod(counts[c] + 1 for c in labels)
+    if states * len(labels) > _BOUND_STATES:
+        return simple
+    return max(simple, _any_order_path_bound(problem, [counts[c] for c in labels], labels))
+
+
+def _any_order_path_bound(problem: Problem, counts: list[int], devices: list[int]) -> float:
+    """The path bound minimised over orders of ``counts[k]`` devices like ``devices[k]``."""
+    path = heaviest_path(problem)
+    compute = np.asarray([[problem.compute_s[i][d] for d in devices] for i in path], dtype=float)
+    if not np.all(np.isfinite(compute)):
+        return 0.0
+    prefix = np.vstack([np.zeros(len(devices)), np.cumsum(compute, axis=0)])  # (m + 1, K)
+    memory = np.concatenate([[0], np.cumsum([problem.memory[i] for i in path], dtype=np.int64)])
+    capacity = [problem.capacity[d] for d in devices]
+    m = len(path)
+    # State s (devices used of each class) as a mixed-radix number: s - e_c is s - stride[c].
+    stride = [math.prod(c + 1 for c in counts[:k]) for k in range(len(counts))]
+    digits = [
+        tuple((s // stride[k]) % (counts[k] + 1) for k in range(len(counts)))
+        for s in range(math.prod(c + 1 for c in counts))
+    ]
+
+    def covers(limit: float) -> bool:
+        """Whether runs of compute at most `limit`, on devices in some order, cover the path."""
+        reach = [0] * len(digits)
+        for s in range(1, len(digits)):
+            best = 0
+            for k, used in enumerate(digits[s]):
+                if used:
+                    j = reach[s - stride[k]]
+                    by_memory = int(np.searchsorted(memory, memory[j] + capacity[k], side="right")) - 1
+                    by_compute = int(np.searchsorted(prefix[:, k], prefix[j, k] + limit, side="right")) - 1
+                    best = max(best, j, min(by_memory, by_compute, m))
+            if best == m:
+                return True
+            reach[s] = best
+        return False
+
+    if not covers(math.inf):
+        return math.inf
+    high, low = float(prefix[-1].max()), 0.0
+    if covers(low):
+        return 0.0
+    for _ in range(_BISECTION_STEPS):
+        if high - low <= _RELATIVE_SLACK * high:
+            break
+        middle = (low + high) / 2
+        if covers(middle):
+            high = middle
+        else:
+            low = middle
+    return low * (1 - _RELATIVE_SLACK)
+
+
+def solve_in_best_order(problem: Problem, options: SolverOptions, place: Place) -> Solution:
+    """The best placement over the orders of ``problem``'s devices (see the module docstring).
+
+    Args:
+        problem: The cost tables, devices as listed.
+        options: Solver options; ``time_limit_s`` also caps the search over orders (the
+            order as listed is always solved in full).
+        place: The solver for one order.
+
+    Returns:
+        The best placement found, with `Solution.device_order` (empty when the order as
+        listed won), `Solution.orders`, and a bound over every order: optimal only if no
+        order can beat it by more than the gap.
+
+    Raises:
+        InfeasibleError: If no order fits (the listed order's reason, with the number of
+            orders tried).
+    """
+    classes = device_classes(problem)
+    if options.keep_device_order or len(set(classes)) == 1:
+        return place(problem, options)
+    check_memory(problem)  # A layer no device holds: no order helps, and the error says so.
+    search = _Search(problem, options, place, classes)
+    count = order_count(classes)
+    listed = tuple(range(problem.num_devices))
+    search.weigh([listed])
+    if count <= ORDER_LIMIT:
+        search.weigh(list(device_orders(classes)))
+    else:
+        search.weigh(_grouped_orders(classes))
+        search.descend()
+    return search.result(count, exhaustive=count <= ORDER_LIMIT)
+
+
+def _grouped_orders(classes: Sequence[int]) -> list[tuple[int, ...]]:
+    """The orders that keep each class's devices together (at most `ORDER_LIMIT`)."""
+    members: dict[int, list[int]] = {}
+    for d, c in enumerate(classes):
+        members.setdefault(c, []).append(d)
+    blocks = list(itertools.islice(itertools.permutations(sorted(members)), ORDER_LIMIT))
+    return [tuple(d for c in block for d in members[c]) for block in blocks]
+
+
+class _Search:
+    """The orders weighed so far, the best placement, and the bounds of the rest."""
+
+    def __init__(self, problem: Problem, options: SolverOptions, place: Place, classes: tuple[int, ...]):
+        self.problem, self.options, self.place, self.classes = problem, options, place, classes
+        # Classes alike but for their links get one id: orders that only swap them (two
+        # nodes of like GPUs) may still be the same problem, which the key then shows.
+        alike: dict[tuple[object, ...], int] = {}
+        self.content = {
+            c: alike.setdefault((problem.capacity[c], tuple(row[c] for row in problem.compute_s)), len(alike))
+            for c in sorted(set(classes))
+        }
+        self.begin = time.perf_counter()
+        self.best: tuple[Solution, tuple[int, ...]] | None = None
+        self.seen: set[tuple[object, ...]] = set()
+        self.bounds: list[float] = []
+        """Per order weighed: its solve's bound, or its own bound when cut or left unsolved."""
+        self.solved = self.cut = 0
+        self.unsolved = False
+        self.first_error: InfeasibleError | None = None
+
+    def _key(self, order: tuple[int, ...]) -> tuple[object, ...]:
+        """What the reordered problem depends on: orders with one key are the same problem."""
+        p = self.problem
+        return (
+            tuple(self.content[self.classes[d]] for d in order),
+            tuple(p.seconds_per_byte[s][e] for s in order for e in order),
+            tuple(p.latency_s[s][e] for s in order for e in order),
+        )
+
+    def weigh(self, orders: Sequence[tuple[int, ...]]) -> None:
+        """Solve the new orders among ``orders`` best bound first, cutting those that cannot win."""
+        fresh = []
+        for order in orders:
+            key = self._key(order)
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            reordered = reorder(self.problem, order)
+            fresh.append((lower_bound(reordered), order, reordered))
+        fresh.sort(key=lambda item: item[0])  # stable: ties keep the orders' sequence
+        for bound, order, reordered in fresh:
+            self._try(bound, order, reordered)
+
+    def _try(self, bound: float, order: tuple[int, ...], reordered: Problem) -> bool:
+        """Solve one order unless its bound cuts it; whether it became the best."""
+        if self.best is not None and bound >= self.best[0].objective_s * (1 - self.options.gap):
+            self.cut += 1
+            self.bounds.append(bound)
+            return False
+        elapsed = time.perf_counter() - self.begin
+        first = self.best is None and self.first_error is None
+        if not first and elapsed >= self.options.time_limit_s:
+            self.unsolved = True
+            self.bounds.append(bound)
+            return False
+        options = self.options if first else replace(self.options, time_limit_s=self.options.time_limit_s - elapsed)
+        try:
+            solution = self.place(reordered, options)
+        except InfeasibleError as error:
+            self.solved += 1
+            self.bounds.append(math.inf)
+            self.first_error = self.first_error or error
+            return False
+        self.solved += 1
+        self.bounds.append(solution.lower_bound_s)
+        if self.best is None or solution.objective_s < self.best[0].objective_s * (1 - _TIE):
+            self.best = (solution, order)
+            return True
+        return False
+
+    def descend(self) -> None:
+        """Swap neighbouring devices of unlike classes in the best order while that pays."""
+        improved = True
+        while improved and self.best is not None:
+            improved = False
+            order = self.best[1]
+            for k in range(len(order) - 1):
+                if self.classes[order[k]] == self.classes[order[k + 1]]:
+                    continue
+                swapped = (*order[:k], order[k + 1], order[k], *order[k + 2 :])
+                key = self._key(swapped)
+                if key in self.seen:
+                    continue
+                self.seen.add(key)
+                reordered = reorder(self.problem, swapped)
+                if self._try(lower_bound(reordered), swapped, reordered):
+                    improved = True
+                    break
+
+    def result(self, count: int, *, exhaustive: bool) -> Solution:
+        """The best placement, its order, and the bound over every order."""
+        exhaustive = exhaustive and not self.unsolved
+        if self.best is None:
+            assert self.first_error is not None
+            raise InfeasibleError(
+                f"{self.first_error}; no other order of the devices fits either "
+                f"({self.solved} of {count} orders tried)"
+            ) from self.first_error
+        solution, order = self.best
+        lower = order_free_bound(self.problem, self.classes)
+        if exhaustive:
+            lower = max(lower, min(self.bounds))
+        lower = min(lower, solution.objective_s)
+        objective = solution.objective_s
+        return replace(
+            solution,
+            device_order=() if order == tuple(range(self.problem.num_devices)) else order,
+            lower_bound_s=lower,
+            optimal=objective - lower <= self.options.gap * objective,
+            orders=OrderSearch(orders=count, solved=self.solved, cut=self.cut, exhaustive=exhaustive),
+        )
