@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
-from partitioner.analysis import Analysis, AnalysisArgs, analyze, check_plan_applies, trace_layers
+from partitioner.analysis import Analysis, AnalysisArgs, analyze, check_plan_applies, devices_for_plan, trace_layers
 from partitioner.assemble import annotate_plan, make_plan
 from partitioner.cost_model import build_problem
 from partitioner.device_resolution import MaxMemory
@@ -222,7 +222,8 @@ def auto_parallelize(
             measure=False, progress=kw.get("progress"),
         )
         check_plan_applies(plan, analysis.layered, analysis.devices)
-        layered, resolved, chosen = analysis.layered, analysis.devices, plan
+        # The plan's devices in its own order (the solver's), matched by name, not by list position.
+        layered, resolved, chosen = analysis.layered, devices_for_plan(plan, analysis.devices), plan
     else:
         compiled = compile_plan(model, devices, example_inputs, example_kwargs, **kw)
         layered, resolved, chosen = compiled.layered, compiled.devices, compiled.plan

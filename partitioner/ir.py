@@ -186,10 +186,11 @@ class OrderSearch:
     solved: int
     """Orders placed by a solver."""
     cut: int
-    """Orders a lower bound showed cannot beat the placement found (never solved)."""
+    """Orders never solved: a lower bound showed they cannot beat the placement found, or
+    they pose the same problem as an order weighed (two nodes of like GPUs swapped)."""
     exhaustive: bool
-    """Whether every order was solved or cut; False: searched heuristically (too many
-    orders, or out of time), and `Solution.lower_bound_s` bounds every order at once."""
+    """Whether every order was solved or cut; False: some were left unsolved (too many to
+    weigh one by one, or out of time). `Solution.lower_bound_s` bounds every order either way."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -110,9 +110,9 @@ class SolverInfo:
     orders_solved: int = 1
     """Of those, the orders placed by a solver; the others were cut by a lower bound."""
     orders_exhaustive: bool = True
-    """Whether every order was solved or cut (then ``optimal`` holds over all of them);
-    False: the order was searched heuristically, and ``gap`` is against a bound over
-    every order."""
+    """Whether every order was solved or cut by a bound; False: some were left unsolved
+    (out of time, or too many to weigh one by one). Either way ``optimal`` and ``gap``
+    hold over every order."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

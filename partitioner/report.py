@@ -63,8 +63,8 @@ def _orders_note(plan: Plan) -> str:
     if info.orders_exhaustive:
         return f"; device order: best of {info.orders} ({info.orders_solved} solved, the rest cut by bounds)"
     return (
-        f"; device order searched heuristically ({info.orders_solved} of {info.orders} solved; "
-        "the gap is against a bound over every order)"
+        f"; device order: best of {info.orders_solved} solved of {info.orders} "
+        "(the rest unsolved: out of time, or too many; the gap holds over every order)"
     )
 
 

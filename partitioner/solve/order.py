@@ -32,6 +32,7 @@ compute bound, which no order changes). `OrderSearch.exhaustive` says which happ
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import time
@@ -43,10 +44,12 @@ import numpy as np
 
 from partitioner.errors import InfeasibleError
 from partitioner.ir import OrderSearch, Problem, Solution
-from partitioner.options import Objective, SolverOptions
-from partitioner.solve.bounds import _BISECTION_STEPS, _RELATIVE_SLACK, heaviest_path, lower_bound
+from partitioner.options import Objective, SolverBackend, SolverOptions
+from partitioner.solve.bounds import _BISECTION_STEPS, _RELATIVE_SLACK, heaviest_path
+from partitioner.solve.dp import is_chain, solve_dp
 from partitioner.solve.evaluate import simple_lower_bound
 from partitioner.solve.feasibility import check_memory
+from partitioner.solve.nearchain import solve_near_chain
 
 __all__ = [
     "ORDER_LIMIT",
@@ -175,6 +178,74 @@ def reorder(problem: Problem, order: Sequence[int]) -> Problem:
     )
 
 
+class _PathTables:
+    """The heaviest path's prefix sums (`partitioner.solve.bounds`), for path bounds of many
+    orders at once: the path and its sums are the same in every order, only which device
+    runs the k-th run changes."""
+
+    def __init__(self, problem: Problem):
+        path = heaviest_path(problem)
+        self.m = len(path)
+        compute = np.asarray([problem.compute_s[i] for i in path], dtype=float).reshape(self.m, -1)
+        self.finite = bool(np.all(np.isfinite(compute)))
+        # prefix[k, d]: compute of the path's first k layers on device d; memory likewise.
+        self.prefix = np.vstack([np.zeros(problem.num_devices), np.cumsum(compute, axis=0)])
+        self.memory = np.concatenate([[0], np.cumsum([problem.memory[i] for i in path], dtype=np.int64)])
+        self.capacity = np.asarray(problem.capacity, dtype=np.int64)
+        self._columns: list[list[float]] | None = None
+        self._memory: list[int] = []
+
+    def extend(self, j: np.ndarray, devices: np.ndarray, limits: np.ndarray) -> np.ndarray:
+        """Where the greedy run of ``devices[o]`` from layer ``j[o]`` of the path ends, for each o."""
+        by_memory = np.searchsorted(self.memory, self.memory[j] + self.capacity[devices], side="right") - 1
+        by_compute = np.empty_like(j)
+        for d in np.unique(devices):
+            mine = devices == d
+            column = self.prefix[:, d]
+            by_compute[mine] = np.searchsorted(column, column[j[mine]] + limits[mine], side="right") - 1
+        return np.maximum(j, np.minimum(np.minimum(by_memory, by_compute), self.m))
+
+    def extend_one(self, j: int, device: int, limit: float) -> int:
+        """`extend` for one run (plain Python: no array overhead for the order-free DP)."""
+        if self._columns is None:
+            self._columns = [self.prefix[:, d].tolist() for d in range(self.prefix.shape[1])]
+            self._memory = self.memory.tolist()
+        column, memory = self._columns[device], self._memory
+        by_memory = bisect.bisect_right(memory, memory[j] + int(self.capacity[device])) - 1
+        by_compute = bisect.bisect_right(column, column[j] + limit) - 1
+        return max(j, min(by_memory, by_compute, self.m))
+
+    def covers(self, orders: np.ndarray, limits: np.ndarray) -> np.ndarray:
+        """Whether runs of compute at most ``limits[o]`` on the devices in ``orders[o]`` cover the path."""
+        j = np.zeros(len(orders), dtype=np.int64)
+        for k in range(orders.shape[1]):
+            j = self.extend(j, orders[:, k], limits)
+        return j == self.m
+
+    def bounds(self, orders: np.ndarray) -> np.ndarray:
+        """`bounds.path_lower_bound` of each order (rows of device indices), by one bisection
+        for all of them: ``math.inf`` where the path fits no run placement in memory."""
+        count = len(orders)
+        if self.m == 0 or not self.finite:
+            return np.zeros(count)
+        result = np.full(count, math.inf)
+        fits = self.covers(orders, np.full(count, math.inf))
+        result[fits] = 0.0
+        low = np.zeros(count)
+        high = np.full(count, float(self.prefix[-1].max()))  # Every run fits this much compute.
+        open_ = fits & ~self.covers(orders, low)
+        for _ in range(_BISECTION_STEPS):  # Invariant: covers(high), not covers(low).
+            active = np.flatnonzero(open_ & (high - low > _RELATIVE_SLACK * high))
+            if not len(active):
+                break
+            middle = (low[active] + high[active]) / 2
+            ok = self.covers(orders[active], middle)
+            high[active[ok]] = middle[ok]
+            low[active[~ok]] = middle[~ok]
+        result[open_] = low[open_] * (1 - _RELATIVE_SLACK)
+        return result
+
+
 def order_free_bound(problem: Problem, classes: Sequence[int] | None = None) -> float:
     """A bound on every placement in every order of the devices.
 
@@ -201,19 +272,13 @@ def order_free_bound(problem: Problem, classes: Sequence[int] | None = None) -> 
     states = math.prod(counts[c] + 1 for c in labels)
     if states * len(labels) > _BOUND_STATES:
         return simple
-    return max(simple, _any_order_path_bound(problem, [counts[c] for c in labels], labels))
+    return max(simple, _any_order_path_bound(_PathTables(problem), [counts[c] for c in labels], labels))
 
 
-def _any_order_path_bound(problem: Problem, counts: list[int], devices: list[int]) -> float:
+def _any_order_path_bound(tables: _PathTables, counts: list[int], devices: list[int]) -> float:
     """The path bound minimised over orders of ``counts[k]`` devices like ``devices[k]``."""
-    path = heaviest_path(problem)
-    compute = np.asarray([[problem.compute_s[i][d] for d in devices] for i in path], dtype=float)
-    if not np.all(np.isfinite(compute)):
+    if tables.m == 0 or not tables.finite:
         return 0.0
-    prefix = np.vstack([np.zeros(len(devices)), np.cumsum(compute, axis=0)])  # (m + 1, K)
-    memory = np.concatenate([[0], np.cumsum([problem.memory[i] for i in path], dtype=np.int64)])
-    capacity = [problem.capacity[d] for d in devices]
-    m = len(path)
     # State s (devices used of each class) as a mixed-radix number: s - e_c is s - stride[c].
     stride = [math.prod(c + 1 for c in counts[:k]) for k in range(len(counts))]
     digits = [
@@ -228,18 +293,15 @@ def _any_order_path_bound(problem: Problem, counts: list[int], devices: list[int
             best = 0
             for k, used in enumerate(digits[s]):
                 if used:
-                    j = reach[s - stride[k]]
-                    by_memory = int(np.searchsorted(memory, memory[j] + capacity[k], side="right")) - 1
-                    by_compute = int(np.searchsorted(prefix[:, k], prefix[j, k] + limit, side="right")) - 1
-                    best = max(best, j, min(by_memory, by_compute, m))
-            if best == m:
+                    best = max(best, tables.extend_one(reach[s - stride[k]], devices[k], limit))
+            if best == tables.m:
                 return True
             reach[s] = best
         return False
 
     if not covers(math.inf):
         return math.inf
-    high, low = float(prefix[-1].max()), 0.0
+    high, low = float(tables.prefix[-1].max()), 0.0
     if covers(low):
         return 0.0
     for _ in range(_BISECTION_STEPS):
@@ -275,32 +337,55 @@ def solve_in_best_order(problem: Problem, options: SolverOptions, place: Place) 
     if options.keep_device_order or len(set(classes)) == 1:
         return place(problem, options)
     check_memory(problem)  # A layer no device holds: no order helps, and the error says so.
-    search = _Search(problem, options, place, classes)
     count = order_count(classes)
-    listed = tuple(range(problem.num_devices))
-    search.weigh([listed])
-    if count <= ORDER_LIMIT:
+    exhaustive = count <= ORDER_LIMIT
+    search = _Search(problem, options, place, classes, max_solves=None if exhaustive else _HEURISTIC_SOLVES)
+    search.weigh([tuple(range(problem.num_devices))])
+    if exhaustive:
         search.weigh(list(device_orders(classes)))
     else:
-        search.weigh(_grouped_orders(classes))
+        search.weigh(_grouped_orders(problem, classes))
         search.descend()
-    return search.result(count, exhaustive=count <= ORDER_LIMIT)
+    return search.result(count, weighed_all=exhaustive)
 
 
-def _grouped_orders(classes: Sequence[int]) -> list[tuple[int, ...]]:
-    """The orders that keep each class's devices together (at most `ORDER_LIMIT`)."""
+_GROUPED_CLASSES = 5
+"""Up to this many classes, every order of whole classes is weighed (at most 120)."""
+
+_HEURISTIC_SOLVES = 32
+"""Most orders solved when they are too many to weigh all (`ORDER_LIMIT`)."""
+
+_LEAST_TIME_S = 1.0
+"""Time limit of a full solve when the search has used up ``time_limit_s`` before finding
+any placement (the first one found is always kept)."""
+
+
+def _grouped_orders(problem: Problem, classes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Orders that keep each class's devices together: fastest class first, slowest first,
+    and with at most `_GROUPED_CLASSES` classes every order of them."""
     members: dict[int, list[int]] = {}
     for d, c in enumerate(classes):
         members.setdefault(c, []).append(d)
-    blocks = list(itertools.islice(itertools.permutations(sorted(members)), ORDER_LIMIT))
+    speed = sorted(members, key=lambda c: sum(row[c] for row in problem.compute_s))
+    blocks = [speed, speed[::-1]]
+    if len(members) <= _GROUPED_CLASSES:
+        blocks += [list(block) for block in itertools.permutations(speed)]
     return [tuple(d for c in block for d in members[c]) for block in blocks]
 
 
 class _Search:
     """The orders weighed so far, the best placement, and the bounds of the rest."""
 
-    def __init__(self, problem: Problem, options: SolverOptions, place: Place, classes: tuple[int, ...]):
+    def __init__(
+        self, problem: Problem, options: SolverOptions, place: Place, classes: tuple[int, ...], max_solves: int | None
+    ):
         self.problem, self.options, self.place, self.classes = problem, options, place, classes
+        self.max_solves = max_solves
+        self.begin = time.perf_counter()
+        self.tables = _PathTables(problem) if problem.objective is Objective.THROUGHPUT else None
+        # Each order's DP first, where `place` would solve the layers as they are and may pick.
+        self.quick = options.backend is SolverBackend.AUTO and problem.num_layers <= options.max_candidates
+        self.simple = simple_lower_bound(problem)
         # Classes alike but for their links get one id: orders that only swap them (two
         # nodes of like GPUs) may still be the same problem, which the key then shows.
         alike: dict[tuple[object, ...], int] = {}
@@ -308,7 +393,6 @@ class _Search:
             c: alike.setdefault((problem.capacity[c], tuple(row[c] for row in problem.compute_s)), len(alike))
             for c in sorted(set(classes))
         }
-        self.begin = time.perf_counter()
         self.best: tuple[Solution, tuple[int, ...]] | None = None
         self.seen: set[tuple[object, ...]] = set()
         self.bounds: list[float] = []
@@ -326,42 +410,91 @@ class _Search:
             tuple(p.latency_s[s][e] for s in order for e in order),
         )
 
-    def weigh(self, orders: Sequence[tuple[int, ...]]) -> None:
-        """Solve the new orders among ``orders`` best bound first, cutting those that cannot win."""
+    def weigh(self, orders: Sequence[tuple[int, ...]]) -> bool:
+        """Place the new orders among ``orders``, cutting those that cannot win; whether the
+        best one changed.
+
+        Best bound first (`bounds.lower_bound` of each reordered problem). Where the layers
+        are few enough to be placed as they are, each order not cut is first placed by its
+        DP (`solve_dp` on a chain, else `solve_near_chain`: milliseconds, and a bound of its
+        own on sequential graphs); the full solver (the ILP) runs only on orders whose DP
+        proved nothing and whose bound still lies below the best placement.
+        """
         fresh = []
         for order in orders:
             key = self._key(order)
-            if key in self.seen:
-                continue
-            self.seen.add(key)
-            reordered = reorder(self.problem, order)
-            fresh.append((lower_bound(reordered), order, reordered))
-        fresh.sort(key=lambda item: item[0])  # stable: ties keep the orders' sequence
-        for bound, order, reordered in fresh:
-            self._try(bound, order, reordered)
-
-    def _try(self, bound: float, order: tuple[int, ...], reordered: Problem) -> bool:
-        """Solve one order unless its bound cuts it; whether it became the best."""
-        if self.best is not None and bound >= self.best[0].objective_s * (1 - self.options.gap):
-            self.cut += 1
-            self.bounds.append(bound)
+            if key not in self.seen:
+                self.seen.add(key)
+                fresh.append(order)
+        if not fresh:
             return False
+        if self.tables is None:
+            bounds = [self.simple] * len(fresh)
+        else:
+            bounds = np.maximum(self.simple, self.tables.bounds(np.asarray(fresh, dtype=np.int64))).tolist()
+        ranked = sorted(zip(bounds, fresh), key=lambda item: item[0])  # stable: ties keep their sequence
+        improved = False
+        pending = []
+        for bound, order in ranked:
+            if self._cut(bound):
+                continue
+            if not self.quick:
+                pending.append((bound, order))
+                continue
+            solution = self._run(bound, order, quick=True)
+            if solution is None:
+                continue
+            improved = self._offer(solution, order) or improved
+            bound = min(max(bound, solution.lower_bound_s), solution.objective_s)
+            if solution.objective_s - bound <= self.options.gap * solution.objective_s:  # Proved for its order.
+                self.solved += 1
+                self.bounds.append(bound)
+            else:
+                pending.append((bound, order))
+        for bound, order in sorted(pending, key=lambda item: item[0]):
+            if self._cut(bound):
+                continue
+            solution = self._run(bound, order, quick=False)
+            if solution is not None:
+                self.solved += 1
+                self.bounds.append(max(bound, solution.lower_bound_s))
+                improved = self._offer(solution, order) or improved
+        return improved
+
+    def _cut(self, bound: float) -> bool:
+        """Whether an order with this bound cannot beat the best placement (then it is recorded)."""
+        if self.best is None or bound < self.best[0].objective_s * (1 - self.options.gap):
+            return False
+        self.cut += 1
+        self.bounds.append(bound)
+        return True
+
+    def _run(self, bound: float, order: tuple[int, ...], *, quick: bool) -> Solution | None:
+        """Place one order: its DP when ``quick``, else the full solver with the time left.
+
+        None, with the order's bound recorded, when out of time or solves (the search is then
+        no longer exhaustive) or when nothing fits in this order.
+        """
         elapsed = time.perf_counter() - self.begin
-        first = self.best is None and self.first_error is None
-        if not first and elapsed >= self.options.time_limit_s:
+        over = self.max_solves is not None and self.solved >= self.max_solves
+        if self.best is not None and (elapsed >= self.options.time_limit_s or over):
             self.unsolved = True
             self.bounds.append(bound)
-            return False
-        options = self.options if first else replace(self.options, time_limit_s=self.options.time_limit_s - elapsed)
+            return None
+        problem = reorder(self.problem, order)
         try:
-            solution = self.place(reordered, options)
+            if quick:
+                return solve_dp(problem) if is_chain(problem) else solve_near_chain(problem)
+            left = max(self.options.time_limit_s - elapsed, _LEAST_TIME_S)
+            return self.place(problem, replace(self.options, time_limit_s=left))
         except InfeasibleError as error:
             self.solved += 1
             self.bounds.append(math.inf)
             self.first_error = self.first_error or error
-            return False
-        self.solved += 1
-        self.bounds.append(solution.lower_bound_s)
+            return None
+
+    def _offer(self, solution: Solution, order: tuple[int, ...]) -> bool:
+        """Keep ``solution`` if it beats the best by more than `_TIE`; whether it did."""
         if self.best is None or solution.objective_s < self.best[0].objective_s * (1 - _TIE):
             self.best = (solution, order)
             return True
@@ -369,26 +502,19 @@ class _Search:
 
     def descend(self) -> None:
         """Swap neighbouring devices of unlike classes in the best order while that pays."""
-        improved = True
-        while improved and self.best is not None:
-            improved = False
+        while self.best is not None:
             order = self.best[1]
-            for k in range(len(order) - 1):
-                if self.classes[order[k]] == self.classes[order[k + 1]]:
-                    continue
-                swapped = (*order[:k], order[k + 1], order[k], *order[k + 2 :])
-                key = self._key(swapped)
-                if key in self.seen:
-                    continue
-                self.seen.add(key)
-                reordered = reorder(self.problem, swapped)
-                if self._try(lower_bound(reordered), swapped, reordered):
-                    improved = True
-                    break
+            swaps = [
+                (*order[:k], order[k + 1], order[k], *order[k + 2 :])
+                for k in range(len(order) - 1)
+                if self.classes[order[k]] != self.classes[order[k + 1]]
+            ]
+            if not self.weigh(swaps):
+                return
 
-    def result(self, count: int, *, exhaustive: bool) -> Solution:
+    def result(self, count: int, *, weighed_all: bool) -> Solution:
         """The best placement, its order, and the bound over every order."""
-        exhaustive = exhaustive and not self.unsolved
+        exhaustive = weighed_all and not self.unsolved
         if self.best is None:
             assert self.first_error is not None
             raise InfeasibleError(
@@ -397,14 +523,19 @@ class _Search:
             ) from self.first_error
         solution, order = self.best
         lower = order_free_bound(self.problem, self.classes)
-        if exhaustive:
+        if weighed_all:  # Every order's bound is known, solved or not.
             lower = max(lower, min(self.bounds))
-        lower = min(lower, solution.objective_s)
         objective = solution.objective_s
+        lower = min(lower, objective)
         return replace(
             solution,
             device_order=() if order == tuple(range(self.problem.num_devices)) else order,
             lower_bound_s=lower,
             optimal=objective - lower <= self.options.gap * objective,
-            orders=OrderSearch(orders=count, solved=self.solved, cut=self.cut, exhaustive=exhaustive),
+            orders=OrderSearch(
+                orders=count,
+                solved=self.solved,
+                cut=count - self.solved if exhaustive else self.cut,
+                exhaustive=exhaustive,
+            ),
         )
