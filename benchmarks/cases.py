@@ -51,7 +51,7 @@ from partitioner.options import Granularity, Objective, Optimizer, PlanOptions, 
 from partitioner.partitioned import PartitionedModule
 from partitioner.rewrite import gather_graph, place_tensors
 from partitioner.simdevice import SimulatedDevices
-from partitioner.solve import evaluate, solve
+from partitioner.solve import evaluate, reorder, solve
 
 from benchmarks import baselines, training_runs
 from benchmarks.models import build
@@ -116,7 +116,8 @@ def _graph_nodes(layered: LayeredModel) -> int:
 
 
 def _solution_step(problem: Problem, solution: Solution) -> tuple[float, bool]:
-    """(seconds per step, whether `evaluate` agrees) of the planner's answer."""
+    """(seconds per step, whether `evaluate` agrees) of the planner's answer (`problem` with
+    its devices in the solver's order)."""
     if solution.strategy is Strategy.DATA_PARALLEL:
         assert problem.replica is not None
         return solution.objective_s, math.isclose(solution.objective_s, problem.replica.time_s, rel_tol=_TOLERANCE)
@@ -131,6 +132,7 @@ def _planner_record(problem: Problem, options: PlanOptions) -> dict[str, Any]:
     except InfeasibleError as e:
         return {"status": "infeasible", "reason": str(e), "solve_s": time.perf_counter() - start}
     solve_s = time.perf_counter() - start
+    problem = reorder(problem, solution.device_order)  # the assignment places along the solver's order
     step, agrees = _solution_step(problem, solution)
     record: dict[str, Any] = {
         "status": "ok",
@@ -144,6 +146,8 @@ def _planner_record(problem: Problem, options: PlanOptions) -> dict[str, Any]:
         "evaluate_agrees": agrees,
         "assignment": list(solution.assignment),
     }
+    if solution.device_order:
+        record["device_order"] = list(solution.device_order)
     if solution.strategy is not Strategy.DATA_PARALLEL:
         ev = evaluate(problem, solution.assignment)
         record["slowest_stage_s"] = max(ev.load_s)

@@ -136,7 +136,8 @@ class SolverOptions:
     backend: SolverBackend = SolverBackend.AUTO
     """Solver choice; see `SolverBackend`."""
     time_limit_s: float = 60.0
-    """Wall-clock limit of one ILP solve; the best plan found by then is returned with its gap.
+    """Wall-clock limit of one ILP solve, and of the search over the orders of unlike
+    devices (`keep_device_order`); the best plan found by then is returned with its gap.
 
     Chains never reach the ILP, nor do transformers planned for LATENCY on evenly linked
     devices (near-chains, `partitioner.solve.nearchain`). Branchy DAGs of ~200 layers on 8

@@ -6,6 +6,7 @@ import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,7 +14,15 @@ from hypothesis import strategies as st
 from partitioner.errors import InfeasibleError
 from partitioner.ir import INPUT, OUTPUT, Problem, Value
 from partitioner.options import Objective, SolverOptions
-from partitioner.solve import evaluate, lower_bound, order_free_bound, reorder, solve, solve_brute
+from partitioner.solve import (
+    evaluate,
+    lower_bound,
+    order_free_bound,
+    path_lower_bound,
+    reorder,
+    solve,
+    solve_brute,
+)
 from partitioner.solve import order as order_module
 from partitioner.solve.order import device_classes, device_orders, order_count
 
@@ -230,10 +239,15 @@ def test_order_free_bound_is_below_every_order(objective):
         problem = _kinds_problem(rng, (2, 1, 1), rng.randint(3, 9), objective=objective, dag=rng.random() < 0.5,
                                  tightness=rng.choice([0.3, 0.6, 1.0]))
         bound = order_free_bound(problem)
-        per_order = [lower_bound(reorder(problem, order)) for order in device_orders(device_classes(problem))]
+        orders = list(device_orders(device_classes(problem)))
+        per_order = [lower_bound(reorder(problem, order)) for order in orders]
         assert bound <= min(per_order)
         if objective is Objective.THROUGHPUT:
             assert bound == pytest.approx(min(per_order), rel=1e-6)  # the DP finds the least path bound
+            # The search's bounds of all orders at once are each order's own path bound.
+            at_once = order_module._PathTables(problem).bounds(np.asarray(orders))
+            one_by_one = [path_lower_bound(reorder(problem, order)) for order in orders]
+            assert at_once.tolist() == pytest.approx(one_by_one, rel=1e-6)
 
 
 def test_no_order_fitting_names_the_orders_tried():

@@ -14,20 +14,24 @@ one of ``D! / (n_1! ... n_k!)`` for classes of ``n_1, ..., n_k`` devices (70 for
 A100s and four V100s; one for identical devices, which are never searched).
 
 Search (branch and bound over orders). With at most `ORDER_LIMIT` orders, every one is
-weighed: the order as listed is solved first (ties keep it), then the others in the order
-of their lower bounds (`partitioner.solve.bounds.lower_bound` of the reordered problem:
-under THROUGHPUT the path bound, which depends on the order). An order whose bound is
-within the gap of the best placement found cannot beat it and is cut without a solve;
-since they come sorted, the first cut ends the search. The best over all orders is then
-proved as well as each order's own solve proves it: the bound reported is the least of
-the solved orders' bounds and the cut orders' bounds.
+weighed, the order as listed first (ties keep it), then the others by their lower bound:
+`partitioner.solve.bounds`' path bound under THROUGHPUT, which depends on the order
+(computed for all orders at once, `_PathTables`), the compute bound under LATENCY. An order
+whose bound is within the gap of the best placement found cannot beat it and is cut
+without a solve. The others are placed by their DP first (`solve_dp` on chains, else
+`solve_near_chain`: milliseconds, with a bound of its own on sequential graphs), and by
+the full solver (`partitioner.solve`: the ILP where no DP is exact) only if that proved
+nothing and the order's bound still lies below the best placement. The bound reported is
+the least over all orders of what each one's solve proved or its own bound: optimal means
+optimal over every order. ``SolverOptions.time_limit_s`` caps the whole search; orders left
+unsolved then keep their bounds in it (`OrderSearch.exhaustive` is False).
 
-With more orders (or when the time limit runs out first) the search is a heuristic: the
-order as listed, the orders that keep each class together (by bound), then swaps of
-neighbouring devices of unlike classes while they pay. The bound reported then holds for
-every order at once: `order_free_bound`, the path bound minimised over all orders by a
-dynamic program over how many devices of each class the path has used (under LATENCY the
-compute bound, which no order changes). `OrderSearch.exhaustive` says which happened.
+With more orders, a heuristic: the order as listed, the orders that keep each class
+together, then swaps of neighbouring devices of unlike classes while they pay, at most
+`_HEURISTIC_SOLVES` solves. The bound reported then holds for every order at once:
+`order_free_bound`, the path bound minimised over all orders by a dynamic program over how
+many devices of each class the path has used (under LATENCY the compute bound, which no
+order changes).
 """
 
 from __future__ import annotations
