@@ -49,7 +49,7 @@ import numpy as np
 from partitioner.errors import InfeasibleError
 from partitioner.ir import OrderSearch, Problem, Solution
 from partitioner.options import Objective, SolverBackend, SolverOptions
-from partitioner.solve.bounds import _BISECTION_STEPS, _RELATIVE_SLACK, heaviest_path
+from partitioner.solve.bounds import _BISECTION_STEPS, _RELATIVE_SLACK, heaviest_path, least_cover
 from partitioner.solve.dp import is_chain, solve_dp
 from partitioner.solve.evaluate import simple_lower_bound
 from partitioner.solve.feasibility import check_memory
@@ -303,20 +303,7 @@ def _any_order_path_bound(tables: _PathTables, counts: list[int], devices: list[
             reach[s] = best
         return False
 
-    if not covers(math.inf):
-        return math.inf
-    high, low = float(tables.prefix[-1].max()), 0.0
-    if covers(low):
-        return 0.0
-    for _ in range(_BISECTION_STEPS):
-        if high - low <= _RELATIVE_SLACK * high:
-            break
-        middle = (low + high) / 2
-        if covers(middle):
-            high = middle
-        else:
-            low = middle
-    return low * (1 - _RELATIVE_SLACK)
+    return least_cover(covers, float(tables.prefix[-1].max()))
 
 
 def solve_in_best_order(problem: Problem, options: SolverOptions, place: Place) -> Solution:
