@@ -495,7 +495,10 @@ def test_the_callers_progress_hears_the_solver() -> None:
     """`plan(progress=...)` gets the ILP's own lines (which solver, its time limit), not only the phases'."""
     model, args, kwargs = ZOO["branchy"].build()
     lines: list[str] = []
-    options = PlanOptions(objective="throughput", allow_data_parallel=False)
+    # In the order listed the branches need the ILP (other orders of these devices may not).
+    options = PlanOptions(
+        objective="throughput", allow_data_parallel=False, solver=partitioner.SolverOptions(keep_device_order=True)
+    )
     result = partitioner.plan(
         model, ["a100-80gb x2", "v100 x2"], args, kwargs, options=options, measure=False, progress=lines.append
     )
