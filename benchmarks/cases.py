@@ -55,7 +55,7 @@ from partitioner.options import Granularity, Objective, Optimizer, PlanOptions, 
 from partitioner.partitioned import PartitionedModule
 from partitioner.rewrite import gather_graph, place_tensors
 from partitioner.simdevice import SimulatedDevices
-from partitioner.solve import evaluate, solve
+from partitioner.solve import evaluate, reorder, solve
 from partitioner.solve.replicas import copy_evaluations, replicated_objective
 
 from benchmarks import baselines, training_runs
@@ -121,7 +121,8 @@ def _graph_nodes(layered: LayeredModel) -> int:
 
 
 def _solution_step(problem: Problem, solution: Solution) -> tuple[float, bool]:
-    """(seconds per step, whether `evaluate` agrees) of the planner's answer."""
+    """(seconds per step, whether `evaluate` agrees) of the planner's answer (`problem` with
+    its devices in the solver's order; copies of the model index its devices as given)."""
     if solution.strategy is Strategy.DATA_PARALLEL or solution.replicas:
         priced = replicated_objective(problem, solution)
         return solution.objective_s, math.isclose(solution.objective_s, priced, rel_tol=_TOLERANCE)
@@ -136,6 +137,7 @@ def _planner_record(problem: Problem, options: PlanOptions) -> dict[str, Any]:
     except InfeasibleError as e:
         return {"status": "infeasible", "reason": str(e), "solve_s": time.perf_counter() - start}
     solve_s = time.perf_counter() - start
+    problem = reorder(problem, solution.device_order)  # the assignment places along the solver's order
     step, agrees = _solution_step(problem, solution)
     record: dict[str, Any] = {
         "status": "ok",
@@ -149,6 +151,8 @@ def _planner_record(problem: Problem, options: PlanOptions) -> dict[str, Any]:
         "evaluate_agrees": agrees,
         "assignment": list(solution.assignment),
     }
+    if solution.device_order:
+        record["device_order"] = list(solution.device_order)
     if solution.strategy is not Strategy.DATA_PARALLEL:
         # A copy of a placement: its first copy's stages, at its share of the batch.
         ev = copy_evaluations(problem, solution)[0] if solution.replicas else evaluate(problem, solution.assignment)

@@ -51,6 +51,7 @@ _PLANNER = {
     "step_s?": float,
     "evaluate_agrees?": bool,
     "assignment?": [int],
+    "device_order?": [int],
     "slowest_stage_s?": float,
     "slowest_compute_s?": float,
     "build_problem_s?": float,

@@ -40,6 +40,7 @@ __all__ = [
     "check_analysis_args",
     "trace_layers",
     "check_plan_applies",
+    "devices_for_plan",
     "example_batch_size",
 ]
 
@@ -223,12 +224,8 @@ def check_plan_applies(plan: Plan, layered: LayeredModel, devices: Sequence[Devi
             f"traces to {graph.model_name} (fingerprint {graph.fingerprint}) on these example inputs; pass the "
             "model and example inputs the plan was made with (and its split_modules), or plan this model again"
         )
-    if devices is not None and len(plan.devices) != len(devices):
-        raise PlanMismatchError(
-            f"the plan places layers on {len(plan.devices)} device(s) ({', '.join(d.name for d in plan.devices)}) "
-            f"but {len(devices)} were given ({', '.join(d.name for d in devices)}); "
-            "give as many devices as the plan has, or plan again"
-        )
+    if devices is not None:
+        devices_for_plan(plan, devices)
     names, expected = [layer.name for layer in plan.layers], [layer.name for layer in graph.layers]
     if names != expected:
         raise PlanMismatchError(
@@ -236,6 +233,36 @@ def check_plan_applies(plan: Plan, layered: LayeredModel, devices: Sequence[Devi
             f"(first difference: {next((a, b) for a, b in zip([*names, None], [*expected, None]) if a != b)}); "
             "the plan was edited or made with other granularity; plan this model again"
         )
+
+
+def devices_for_plan(plan: Plan, devices: Sequence[Device]) -> tuple[Device, ...]:
+    """`devices` in the order of `plan.devices`: ``result[k]`` runs what the plan puts on its k-th.
+
+    The solver chooses the order of the devices along the pipeline, so a plan's order need
+    not be the order the devices are listed in now. Each plan device is matched with a given
+    device of the same name (``cuda:1``, ``a100-80gb:2``); failing that, of the same profile
+    (``a100-80gb``), in the order both list them; failing that (a plan made for other
+    hardware), by position, as listed.
+
+    Raises:
+        PlanMismatchError: Not as many devices as the plan has.
+    """
+    if len(plan.devices) != len(devices):
+        raise PlanMismatchError(
+            f"the plan places layers on {len(plan.devices)} device(s) ({', '.join(d.name for d in plan.devices)}) "
+            f"but {len(devices)} were given ({', '.join(d.name for d in devices)}); "
+            "give as many devices as the plan has, or plan again"
+        )
+    for planned, given in (
+        ([d.name for d in plan.devices], [d.name for d in devices]),
+        ([d.profile for d in plan.devices], [d.profile.name for d in devices]),
+    ):
+        if sorted(planned) == sorted(given):
+            waiting: dict[str, list[int]] = {}
+            for k, key in enumerate(given):
+                waiting.setdefault(key, []).append(k)
+            return tuple(devices[waiting[key].pop(0)] for key in planned)
+    return tuple(devices)
 
 
 def example_batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
-from partitioner.analysis import Analysis, AnalysisArgs, analyze, check_plan_applies, trace_layers
+from partitioner.analysis import Analysis, AnalysisArgs, analyze, check_plan_applies, devices_for_plan, trace_layers
 from partitioner.assemble import annotate_plan, make_plan
 from partitioner.cost_model import build_problem
 from partitioner.devices import Device
@@ -30,7 +30,7 @@ from partitioner.progress import Progress, listening, reporting
 from partitioner.replicate import replicate, replicate_split, replication_hazards
 from partitioner.rewrite import InsertedTransfer, split_model
 from partitioner.simdevice import SimulatedDevices
-from partitioner.solve import solve
+from partitioner.solve import reorder, solve
 
 __all__ = [
     "analyze",
@@ -62,7 +62,9 @@ class Compiled:
 
     layered: LayeredModel
     devices: tuple[Device, ...]
+    """The devices in the plan's order (the solver's choice; `Plan.devices`)."""
     problem: Problem
+    """The cost tables, devices in the plan's order (``solution.assignment`` places on them)."""
     solution: Solution
     plan: Plan
     timings_s: Mapping[str, float]
@@ -93,6 +95,9 @@ def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Comp
     # The solver's progress (incumbent, bound, gap) goes where the caller's progress goes.
     with reporting(say) if progress is not None and not listening() else contextlib.nullcontext():
         solution = solve(problem, options.solver)
+    # The plan lists the devices in the order the solver chose; its assignment indexes that order.
+    problem = reorder(problem, solution.device_order)
+    resolved = tuple(resolved[d] for d in solution.device_order) or resolved
     timings = {**analysis.timings_s, "solve_s": time.perf_counter() - start}
     result = annotate_plan(
         make_plan(graph, resolved, problem, solution, options, analysis.granularity), analysis.layered, problem
@@ -195,7 +200,8 @@ def auto_parallelize(
         unmeasured: PlanningArgs = {**kw, "measure": False}
         analysis = analyze(model, devices, example_inputs, example_kwargs, **unmeasured)
         check_plan_applies(plan, analysis.layered, analysis.devices)
-        layered, resolved, chosen = analysis.layered, analysis.devices, plan
+        # The plan's devices in its own order (the solver's), matched by name, not by list position.
+        layered, resolved, chosen = analysis.layered, devices_for_plan(plan, analysis.devices), plan
     else:
         compiled = compile_plan(model, devices, example_inputs, example_kwargs, **kw)
         layered, resolved, chosen = compiled.layered, compiled.devices, compiled.plan

@@ -40,7 +40,11 @@ def make_plan(
     granularity: str,
 ) -> Plan:
     """The plan of `solution`: per-device and per-layer figures from `evaluate` (of one copy's
-    tables on each copy's devices where the solution copies the model)."""
+    tables on each copy's devices where the solution copies the model).
+
+    `devices` and `problem` are in the order `solution.assignment` places on
+    (``reorder(problem, solution.device_order)``), the order `Plan.devices` keeps.
+    """
     if solution.replicas:
         return _copied_plan(graph, devices, problem, solution, options, granularity)
     data_parallel = solution.strategy is Strategy.DATA_PARALLEL
@@ -136,7 +140,7 @@ def _plan(
         output_device=output_device,
         predicted_s=solution.objective_s,
         bound_s=bound,
-        solver=SolverInfo(method=solution.solver, optimal=solution.optimal, gap=solution.gap),
+        solver=_solver_info(solution),
         replicas=solution.replicas,
     )
 
@@ -212,6 +216,17 @@ def _why_idle(plan: Plan) -> str:
     return (
         f"{len(idle)} of {len(plan.devices)} devices stay idle ({names}): {reason}no plan weighed that "
         f"uses more of them is predicted faster than these {copies} copies"
+    )
+
+
+def _solver_info(solution: Solution) -> SolverInfo:
+    """How `solution` was found, with the search over device orders when there was one."""
+    info = SolverInfo(method=solution.solver, optimal=solution.optimal, gap=solution.gap)
+    search = solution.orders
+    if search is None:
+        return info
+    return dataclasses.replace(
+        info, orders=search.orders, orders_solved=search.solved, orders_exhaustive=search.exhaustive
     )
 
 

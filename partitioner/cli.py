@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve", type=float, default=0.1, help="fraction of memory kept free (default 0.1)")
     p.add_argument("--time-limit", type=_positive_seconds, default=60.0, help="ILP time limit in seconds")
     p.add_argument("--solver", default="auto", choices=["auto", "highs", "cbc", "dp"])
+    p.add_argument("--keep-device-order", action="store_true",
+                   help="place layers along the devices in the order listed (default: the solver orders unlike devices)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the report")
     p.add_argument("--out", default=None, help="also write the plan's JSON to this file")
     t = p.add_argument_group("training plans (--train with --cluster or --global-batch): pipeline x data parallel")
@@ -256,7 +258,9 @@ def _plan(args: argparse.Namespace) -> int:
             optimizer=Optimizer(args.optimizer),
             allow_data_parallel=not args.no_data_parallel,
             memory_reserve=args.reserve,
-            solver=SolverOptions(backend=SolverBackend(args.solver), time_limit_s=args.time_limit),
+            solver=SolverOptions(
+                backend=SolverBackend(args.solver), time_limit_s=args.time_limit, keep_device_order=args.keep_device_order
+            ),
         )
         compile_fn, devices = functools.partial(compile_plan, options=options), args.devices
     err = Console(stderr=True)

@@ -20,6 +20,7 @@ __all__ = [
     "ReplicaCost",
     "BatchShare",
     "Problem",
+    "OrderSearch",
     "Solution",
 ]
 
@@ -220,13 +221,31 @@ class Problem:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OrderSearch:
+    """How the order of the devices along the pipeline was chosen (`partitioner.solve.order`)."""
+
+    orders: int
+    """Distinct orders of the devices (sequences of device classes; identical devices are
+    interchangeable): ``D! / (n_1! ... n_k!)`` for classes of ``n_1, ..., n_k`` devices."""
+    solved: int
+    """Orders placed by a solver."""
+    cut: int
+    """Orders never solved: a lower bound showed they cannot beat the placement found, or
+    they pose the same problem as an order weighed (two nodes of like GPUs swapped)."""
+    exhaustive: bool
+    """Whether every order was solved or cut; False: some were left unsolved (too many to
+    weigh one by one, or out of time). `Solution.lower_bound_s` bounds every order either way."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Solution:
     """The solver's answer."""
 
     strategy: Strategy
     assignment: tuple[int, ...]
-    """assignment[i]: device index of layer i (in the first copy when `replicas` has several;
-    all zeros for data parallelism over every device)."""
+    """assignment[i]: position along `device_order` of the device of layer i (all zeros for
+    data parallelism over every device; with `replicas`, the device index of layer i in the
+    first copy, `device_order` empty)."""
     objective_s: float
     """Value of the objective (seconds) for this assignment."""
     lower_bound_s: float
@@ -242,6 +261,13 @@ class Solution:
     this order: copy ``g`` runs on ``replicas[g][k]`` what `assignment` puts on
     ``replicas[0][k]`` (`Strategy.HYBRID`, or `Strategy.DATA_PARALLEL` with one device per
     group). Empty: one copy, or, for `Strategy.DATA_PARALLEL`, one replica on every device."""
+    device_order: tuple[int, ...] = ()
+    """device_order[k]: index in `Problem`'s devices of the k-th device along the pipeline,
+    the order the solver chose; empty: the devices as given. `assignment` indexes this
+    order: it is a placement of ``partitioner.solve.reorder(problem, device_order)``."""
+    orders: OrderSearch | None = None
+    """How the order was searched; None: the order given was kept (one class of devices,
+    data parallelism, or `SolverOptions.keep_device_order`)."""
 
     @property
     def gap(self) -> float:

@@ -139,7 +139,8 @@ class SolverOptions:
     backend: SolverBackend = SolverBackend.AUTO
     """Solver choice; see `SolverBackend`."""
     time_limit_s: float = 60.0
-    """Wall-clock limit of one ILP solve; the best plan found by then is returned with its gap.
+    """Wall-clock limit of one ILP solve, and of the search over the orders of unlike
+    devices (`keep_device_order`); the best plan found by then is returned with its gap.
 
     Chains never reach the ILP, nor do transformers planned for LATENCY on evenly linked
     devices (near-chains, `partitioner.solve.nearchain`). Branchy DAGs of ~200 layers on 8
@@ -150,6 +151,9 @@ class SolverOptions:
     the whole objective (compute included), as `Solution.gap` reports it."""
     max_candidates: int = 256
     """The layer graph is coarsened to at most this many layers before solving."""
+    keep_device_order: bool = False
+    """Place layers along the devices in the order given. By default the solver chooses
+    the order of unlike devices along the pipeline (`partitioner.solve.order`)."""
 
     def __post_init__(self) -> None:
         _set_choice(self, "backend", SolverBackend)
@@ -158,6 +162,7 @@ class SolverOptions:
             raise ValueError(f"SolverOptions.time_limit_s must be a number of seconds > 0 (got {limit!r})")
         _check_fraction(self, "gap")
         _check_int(self, "max_candidates", 1)
+        _check_flag(self, "keep_device_order")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

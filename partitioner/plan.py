@@ -104,6 +104,16 @@ class SolverInfo:
     """Whether optimality was proved (within the requested gap)."""
     gap: float
     """Relative gap between the plan and the best proved bound."""
+    orders: int = 1
+    """Distinct orders of the devices along the pipeline the placement was chosen among
+    (1: identical devices, data parallelism, or the order kept as given); `Plan.devices`
+    lists the devices in the order chosen."""
+    orders_solved: int = 1
+    """Of those, the orders placed by a solver; the others were cut by a lower bound."""
+    orders_exhaustive: bool = True
+    """Whether every order was solved or cut by a bound; False: some were left unsolved
+    (out of time, or too many to weigh one by one). Either way ``optimal`` and ``gap``
+    hold over every order."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

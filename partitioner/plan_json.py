@@ -227,6 +227,11 @@ def _check_meaning(plan: Plan) -> None:
             raise PlanFormatError(f"devices[{i}].kind must be 'cpu' or 'gpu' (got {device.kind!r})")
     if plan.solver.gap > 1:
         raise PlanFormatError(f"solver.gap is a relative gap in [0, 1] (got {plan.solver.gap})")
+    if not 1 <= plan.solver.orders or plan.solver.orders_solved > plan.solver.orders:
+        raise PlanFormatError(
+            f"solver.orders counts the device orders weighed (at least 1) and solver.orders_solved those "
+            f"solved among them (got {plan.solver.orders} and {plan.solver.orders_solved})"
+        )
     for i, layer in enumerate(plan.layers):
         _check_device(layer.device, f"layers[{i}].device", n)
     for i, transfer in enumerate(plan.transfers):

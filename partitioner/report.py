@@ -55,6 +55,19 @@ def _share(used: int, capacity: int) -> str:
     return f"{used / capacity:.0%}" if capacity > 0 else "no capacity"
 
 
+def _orders_note(plan: Plan) -> str:
+    """How the order of the devices was chosen, when there was a choice."""
+    info = plan.solver
+    if info.orders <= 1:
+        return ""
+    if info.orders_exhaustive:
+        return f"; device order: best of {info.orders} ({info.orders_solved} solved, the rest cut by bounds)"
+    return (
+        f"; device order: best of {info.orders_solved} solved of {info.orders} "
+        "(the rest unsolved: out of time, or too many; the gap holds over every order)"
+    )
+
+
 def render_text(plan: Plan) -> str:
     """The plan as a table, with the strategy, predicted time and the bound it is judged against."""
     if plan.pipeline is not None:
@@ -69,7 +82,7 @@ def render_text(plan: Plan) -> str:
         f"of one {mode}",
         f"predicted: {format_seconds(plan.predicted_s)}   bound {_bound_formula(plan)}: "
         f"{format_seconds(plan.bound_s)}   predicted/bound: {ratio:.2f}",
-        f"solver: {plan.solver.method}, {status}",
+        f"solver: {plan.solver.method}, {status}{_orders_note(plan)}",
     ]
     if plan.strategy is Strategy.MODEL_PARALLEL and len(plan.devices) > 1:
         lines.insert(3, _balance_line(plan))

@@ -12,7 +12,9 @@ from torch import nn
 
 import partitioner
 from partitioner import PlanOptions, SimulatedDevices, to_plain
-from partitioner.api import compile_plan
+from partitioner.analysis import devices_for_plan
+from partitioner.api import compile_plan, solve_analysis
+from partitioner.device_resolution import resolve_devices
 from partitioner.errors import DeviceMismatchError, PlanMismatchError
 from partitioner.models import build_model
 from partitioner.rewrite import move_to
@@ -493,7 +495,10 @@ def test_the_callers_progress_hears_the_solver() -> None:
     """`plan(progress=...)` gets the ILP's own lines (which solver, its time limit), not only the phases'."""
     model, args, kwargs = ZOO["branchy"].build()
     lines: list[str] = []
-    options = PlanOptions(objective="throughput", allow_data_parallel=False)
+    # In the order listed the branches need the ILP (other orders of these devices may not).
+    options = PlanOptions(
+        objective="throughput", allow_data_parallel=False, solver=partitioner.SolverOptions(keep_device_order=True)
+    )
     result = partitioner.plan(
         model, ["a100-80gb x2", "v100 x2"], args, kwargs, options=options, measure=False, progress=lines.append
     )
@@ -599,3 +604,73 @@ def test_copies_of_a_model_with_batch_statistics_are_refused() -> None:
     )
     with pytest.raises(PlanMismatchError, match=r"runs copies of the model, but bn1 \(BatchNorm2d, training\)"):
         partitioner.auto_parallelize(model, devices, args, kwargs, plan=plan)
+
+
+# --- the order of unlike devices is the solver's (issue 15) ------------------------------------
+
+
+def test_bert_base_on_mixed_gpus_is_as_fast_whatever_the_listing() -> None:
+    """Four A100s then four V100s put the vocabulary head on a V100 (34.95 ms); the solver
+    orders the devices itself and reaches the listing found by hand (28.14 ms), from either."""
+    built = build_model("bert-base", batch_size=16, seq_len=512)
+    options = PlanOptions(objective="throughput")
+    listings = (
+        ["a100-40gb x4", "v100 x4"],
+        ["a100-40gb:0", "a100-40gb:1", "a100-40gb:2", "v100:0", "v100:1", "v100:2", "a100-40gb:3", "v100:3"],
+    )
+    analysis = partitioner.analyze(
+        built.model, listings[0], built.example_args, built.example_kwargs, options=options, measure=False
+    )
+    plans = []
+    for listing in listings:
+        devices = resolve_devices(listing, None)
+        compiled = solve_analysis(dataclasses.replace(analysis, devices=devices))
+        plan = compiled.plan
+        assert plan.predicted_s <= 28.14e-3 * (1 + 1e-4), plan
+        assert plan.solver.optimal and plan.solver.orders == 70 and plan.solver.orders_exhaustive
+        # The plan lists the devices in the order the layers flow through them.
+        assert sorted(d.name for d in plan.devices) == sorted(d.name for d in devices)
+        assert [d.name for d in plan.devices] == [d.name for d in compiled.devices]
+        assert plan.devices[plan.layers[-1].device].profile == "a100-40gb"  # the head
+        assert plan.predicted_s == pytest.approx(compiled.solution.objective_s, rel=1e-12)
+        plans.append(plan)
+    assert plans[0].predicted_s == pytest.approx(plans[1].predicted_s, rel=1e-12)
+
+
+def test_a_plan_runs_on_the_devices_it_names_whatever_the_listing() -> None:
+    """The solver puts cpu:1 first (only it holds the first layer); applying the plan maps its
+    devices by name, so each layer runs where the plan says, however the devices are listed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 8), nn.ReLU(), nn.Linear(8, 8))
+    x = torch.randn(4, 64)
+    options = PlanOptions(objective="throughput", allow_data_parallel=False, memory_reserve=0.0)
+    caps = {"cpu:0": "40KB", "cpu:1": "400KB"}  # the first layer needs 133 KB
+    made = partitioner.plan(model, ["cpu:0", "cpu:1"], (x,), options=options, max_memory=caps, measure=False)
+    assert [d.name for d in made.devices] == ["cpu:1", "cpu:0"] and set(made.assignment) == {0, 1}
+    expected = model(x)
+    for listing in (["cpu:0", "cpu:1"], ["cpu:1", "cpu:0"]):
+        for pm in (
+            partitioner.auto_parallelize(model, listing, (x,), options=options, max_memory=caps, plan=made),
+            partitioner.auto_parallelize(model, listing, (x,), options=options, max_memory=caps, measure=False),
+        ):
+            assert [d.name for d in pm.plan.devices] == ["cpu:1", "cpu:0"]
+            for layer in made.layers:
+                for name in layer.params:
+                    assert str(pm.module.get_parameter(name).device) == made.devices[layer.device].name, name
+            with pm.simulator:
+                out = pm(x)
+            torch.testing.assert_close(to_plain(out), expected)
+
+
+def test_a_plan_for_other_devices_maps_by_profile_then_by_position() -> None:
+    plan = partitioner.plan(
+        nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), ["a100-80gb", "v100"], (torch.randn(2, 4),), measure=False
+    )
+    by_profile = resolve_devices(["v100:3", "a100-80gb:5"], None)
+    assert [d.name for d in devices_for_plan(plan, by_profile)] == [
+        {"a100-80gb": "a100-80gb:5", "v100": "v100:3"}[d.profile] for d in plan.devices
+    ]
+    elsewhere = resolve_devices(["cpu:0", "cpu:1"], None)
+    assert devices_for_plan(plan, elsewhere) == tuple(elsewhere)
+    with pytest.raises(PlanMismatchError, match="places layers on 2 device"):
+        devices_for_plan(plan, elsewhere[:1])

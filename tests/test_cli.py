@@ -450,10 +450,11 @@ def test_the_fallback_to_cbc_is_said(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(ilp_module, "highs_available", lambda: False)
-    # 30 layers (7.5 MiB) in 4 MB per device: the DPs' placements are not proved optimal, the ILP runs.
+    # 30 layers (7.5 MiB) in 4 MB per device: in the order listed, the DPs' placements are not
+    # proved optimal, the ILP runs (in another order a DP's is, and beats it).
     status, out, err = run(
         capsys, "plan", branchy(tmp_path, 30), "--devices", "a100-80gb", "v100", "l4", "--no-data-parallel",
-        "--reserve", "0", "--max-memory", "a100-80gb=4MB", "v100=4MB", "l4=4MB",
+        "--reserve", "0", "--max-memory", "a100-80gb=4MB", "v100=4MB", "l4=4MB", "--keep-device-order",
     )
     assert status == 0, err
     assert "solver: cbc" in out

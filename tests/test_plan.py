@@ -535,3 +535,20 @@ def test_copies_that_do_not_make_sense_are_refused(replicas: Any, message: str) 
     data["replicas"] = replicas
     with pytest.raises(PlanFormatError, match=re.escape(message)):
         Plan.from_dict(data)
+
+
+def test_device_order_search_round_trips_and_plans_without_it_load() -> None:
+    base = hand_plan()
+    assert "orders" not in json.loads(base.to_json())["solver"]  # one order: the JSON plans had before
+    plan = replace(base, solver=SolverInfo(method="dp", optimal=False, gap=0.01, orders=70, orders_solved=3,
+                                           orders_exhaustive=False))
+    _assert_round_trips(plan)
+    data = json.loads(plan.to_json())
+    assert data["solver"]["orders"] == 70 and data["solver"]["orders_exhaustive"] is False
+    data["solver"]["orders_solved"] = 71
+    with pytest.raises(PlanFormatError, match=r"solver.orders_solved those solved among them \(got 70 and 71\)"):
+        Plan.from_dict(data)
+    data["solver"]["orders_solved"] = "3"
+    with pytest.raises(PlanFormatError, match=r"solver.orders_solved must be an integer"):
+        Plan.from_dict(data)
+

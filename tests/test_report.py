@@ -141,6 +141,14 @@ def test_report_shows_a_solver_that_stopped_short(split: Plan) -> None:
     assert "solver: highs, not proved optimal (gap 5.25%)" in str(stopped)
 
 
+def test_report_says_how_the_device_order_was_chosen(split: Plan) -> None:
+    assert "device order" not in render_text(split)  # identical devices: no order to choose
+    searched = replace(split, solver=replace(split.solver, orders=70, orders_solved=2))
+    assert "device order: best of 70 (2 solved, the rest cut by bounds)" in render_text(searched)
+    short = replace(split, solver=replace(split.solver, orders=2520, orders_solved=32, orders_exhaustive=False))
+    assert "device order: best of 32 solved of 2520 (the rest unsolved" in render_text(short)
+
+
 def test_report_of_a_device_without_capacity(split: Plan) -> None:
     empty = replace(split.devices[1], capacity_bytes=0, memory_bytes=0)
     text = str(replace(split, devices=(split.devices[0], empty)))

@@ -51,8 +51,11 @@ evaluate_module = importlib.import_module("partitioner.solve.evaluate")
 solve_module = importlib.import_module("partitioner.solve")
 
 GiB = 2**30
-EXACT = SolverOptions(gap=0.0, time_limit_s=60)
-"""ILP options for cross-checks: gap 0, so the ILP must reach the optimum."""
+KEEP_ORDER = SolverOptions(keep_device_order=True)
+"""Default options, placing along the devices as listed (as `assert_plan_valid` checks)."""
+EXACT = SolverOptions(gap=0.0, time_limit_s=60, keep_device_order=True)
+"""ILP options for cross-checks: gap 0, so the ILP must reach the optimum, in the device
+order given (as the oracles here place; tests/test_solve_order.py searches the orders)."""
 ILP_BACKENDS = [SolverBackend.HIGHS, SolverBackend.CBC]
 OBJECTIVES = [Objective.LATENCY, Objective.THROUGHPUT]
 
@@ -450,12 +453,12 @@ def test_dp_matches_brute_force_on_chains(seed, objective, links):
 
 
 def test_long_chains_on_many_devices_are_solved_exactly_without_coarsening():
-    # 1,000 layers on 64 identical devices: over max_candidates, but the chain DP is cheap.
+    # 1,000 layers on 64 devices (in the order given): over max_candidates, but the chain DP is cheap.
     rng = random.Random(3)
     problem = random_problem(
         rng, 1000, 64, objective=Objective.THROUGHPUT, dag=False, tightness=0.05, links="uniform"
     )
-    solution = solve(problem)
+    solution = solve(problem, KEEP_ORDER)
     assert solution.solver == "dp" and solution.optimal
     assert solution.objective_s == evaluate(problem, solution.assignment).objective_s
     coarse, groups = coarsen(problem, 100)
@@ -728,7 +731,7 @@ def test_near_chain_dp_matches_brute_force(seed, links):
     )
     assert is_near_chain(problem)
     assert_finds_the_optimum(problem, solve_near_chain)
-    assert_finds_the_optimum(problem, lambda p: solve(p, SolverOptions(backend=SolverBackend.DP)))
+    assert_finds_the_optimum(problem, lambda p: solve(p, replace(EXACT, backend=SolverBackend.DP)))
     try:
         solution = solve(problem, EXACT)
     except InfeasibleError:
@@ -889,7 +892,7 @@ def test_long_skip_chains_are_bounded_without_coarsening(monkeypatch):
         raise AssertionError("coarsened")
 
     monkeypatch.setattr(solve_module, "coarsen", no_coarsening)
-    solution = solve(problem)
+    solution = solve(problem, KEEP_ORDER)
     assert_plan_valid(problem, solution)
     assert solution.solver == "dp" and solution.optimal
     assert solution.lower_bound_s > simple_lower_bound(problem)
@@ -1231,9 +1234,9 @@ def test_coarsen_is_fast():
 def test_solve_coarsens_large_graphs():
     rng = random.Random(11)
     problem = random_problem(rng, 300, 4, objective=Objective.THROUGHPUT, dag=False, tightness=0.4)
-    solution = solve(problem, SolverOptions(max_candidates=40))
+    solution = solve(problem, replace(KEEP_ORDER, max_candidates=40))
     assert_plan_valid(problem, solution)
-    exact = solve(problem, SolverOptions(max_candidates=1000))
+    exact = solve(problem, replace(KEEP_ORDER, max_candidates=1000))
     assert exact.solver == "dp" and exact.optimal
     assert solution.objective_s >= exact.objective_s * (1 - 1e-12)
     assert solution.lower_bound_s <= exact.objective_s

@@ -22,6 +22,9 @@ devices, the batch split between them; so more devices never make the plan slowe
 Interchangeable devices are filled in order by every solver (`canonical`). The ILP reports
 its incumbent, bound and gap while it runs, and stops on Ctrl-C, to the sink a caller sets
 with `progress.reporting` (the ``partitioner`` command's status line).
+On unlike devices the order of the devices along the pipeline is the solver's choice too:
+`solve_in_best_order` (`partitioner.solve.order`) places the layers in every order of the
+device classes that a bound does not cut, and returns the best with its order.
 `solve_brute` is the tests' oracle. `lower_bound` (`partitioner.solve.bounds`) settles
 what it can before any search: data parallelism that beats it needs no placement
 searched, and a DP placement within the gap of it needs no ILP.
@@ -45,6 +48,7 @@ from partitioner.solve.evaluate import Evaluation, PricedTransfer, evaluate, sim
 from partitioner.solve.feasibility import check_memory
 from partitioner.solve.ilp import highs_available, solve_ilp
 from partitioner.solve.nearchain import is_near_chain, solve_near_chain
+from partitioner.solve.order import order_free_bound, reorder, solve_in_best_order
 from partitioner.solve.replicas import solve_with_replicas
 from partitioner.solve.symmetry import canonical, interchangeable
 
@@ -68,6 +72,8 @@ __all__ = [
     "is_near_chain",
     "canonical",
     "interchangeable",
+    "reorder",
+    "order_free_bound",
     "coarsen",
     "expand",
     "highs_available",
@@ -88,11 +94,16 @@ def solve(problem: Problem, options: SolverOptions = SolverOptions()) -> Solutio
         problem: The cost tables.
         options: Backend, ILP time limit and gap, coarsening threshold.
 
+    Unlike devices are placed in the best order found (`solve_in_best_order`), unless
+    ``options.keep_device_order``; ``Solution.optimal`` then means optimal over every order.
+
     Returns:
         A `Solution` for the original layers whose ``objective_s`` is
-        ``evaluate(problem, assignment).objective_s`` (``replica.time_s`` for
-        `Strategy.DATA_PARALLEL` over every device, whose assignment is all zeros; the
-        replicated candidate's time where `Solution.replicas` names the copies).
+        ``evaluate(reorder(problem, device_order), assignment).objective_s``
+        (``replica.time_s`` for `Strategy.DATA_PARALLEL` over every device, whose
+        assignment is all zeros and whose devices keep their order; the replicated
+        candidate's time where `Solution.replicas` names the copies, whose assignment
+        indexes the problem's devices as given).
 
     Raises:
         InfeasibleError: If neither a placement nor data parallelism fits memory; the
@@ -122,9 +133,9 @@ def solve(problem: Problem, options: SolverOptions = SolverOptions()) -> Solutio
     )
     # None: data parallelism wins with no placement to weigh, as none fits or none can beat it.
     placed: Solution | None = None
-    if not (replica_fits and replica is not None and replica.time_s < lower_bound(problem)):
+    if not (replica_fits and replica is not None and replica.time_s < order_free_bound(problem)):
         try:
-            placed = _place(problem, options)
+            placed = solve_in_best_order(problem, options, _place)
         except InfeasibleError as error:
             if not replica_fits:
                 raise InfeasibleError(f"{error}{_replica_note(problem)}") from error

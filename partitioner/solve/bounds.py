@@ -26,6 +26,7 @@ a longer rest. `B` is found by bisection on that test.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from partitioner.ir import Problem
 from partitioner.options import Objective
 from partitioner.solve.evaluate import simple_lower_bound
 
-__all__ = ["lower_bound", "path_lower_bound", "heaviest_path"]
+__all__ = ["lower_bound", "path_lower_bound", "heaviest_path", "least_cover"]
 
 _BISECTION_STEPS = 100
 """Halvings of the bracket; it stops sooner once it is within `_RELATIVE_SLACK`."""
@@ -113,9 +114,16 @@ def path_lower_bound(problem: Problem) -> float:
                 return True
         return False
 
+    return least_cover(covers, float(prefix[-1].max()))  # Every run fits the most compute.
+
+
+def least_cover(covers: Callable[[float], bool], high: float) -> float:
+    """The least ``T`` with ``covers(T)``, by bisection below ``high`` (which covers if
+    anything does), lowered by `_RELATIVE_SLACK`: ``math.inf`` if not even an unbounded
+    ``T`` covers, 0.0 if 0 does.
+    """
     if not covers(math.inf):
         return math.inf
-    high = float(prefix[-1].max())  # Every run fits this much compute.
     low = 0.0
     if covers(low):
         return 0.0

@@ -204,6 +204,10 @@ def _copies(
         inner = solver(first, options)
     except InfeasibleError:
         return None, math.inf
+    # Copy 0's placement may run its devices in another order (unlike devices, `solve.order`):
+    # every copy takes that order, so `assignment` indexes each group as copy 0's does.
+    order = inner.device_order or tuple(range(len(groups[0])))
+    groups = tuple(tuple(g[k] for k in order) for g in groups)
     used = sorted(set(inner.assignment))
     solution = Solution(
         strategy=Strategy.DATA_PARALLEL if len(used) == 1 else Strategy.HYBRID,
