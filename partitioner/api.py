@@ -90,6 +90,8 @@ def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Comp
     say = progress or (lambda _: None)
     start = time.perf_counter()
     graph, resolved, options = analysis.layered.graph, analysis.devices, analysis.options
+    if not options.solver.keep_device_order:
+        resolved = _fastest_first(resolved, analysis.dtype)
     say(f"solving: {len(graph.layers)} layers on {len(resolved)} device(s)")
     problem = build_problem(graph, resolved, options, analysis.dtype)
     # The solver's progress (incumbent, bound, gap) goes where the caller's progress goes.
@@ -231,6 +233,21 @@ def auto_parallelize(
     if simulator is not None:
         simulator.reset()
     return PartitionedModule(module, chosen, transfers, simulator, training=model.training)
+
+
+def _fastest_first(devices: Sequence[Device], dtype: str) -> tuple[Device, ...]:
+    """`devices` in an order that does not depend on how they were listed: fastest kind first
+    (peak FLOP/s in `dtype`, then memory bandwidth, memory, profile name), the listed order
+    within a kind. The solver searches the order layers flow in (`solve.order`), but copies of
+    the model and data parallelism over some devices take the devices in this order."""
+
+    def key(item: tuple[int, Device]) -> tuple[float, float, int, str, int]:
+        k, d = item
+        p = d.profile
+        flops = (getattr(p.peak_flops, dtype, None) or p.peak_flops.float32) * p.compute_efficiency
+        return (-flops, -p.memory_bandwidth_Bps * p.memory_efficiency, -d.memory_bytes, p.name, k)
+
+    return tuple(d for _, d in sorted(enumerate(devices), key=key))
 
 
 def _run_devices(devices: Sequence[Device], simulate: bool) -> list[str]:

@@ -217,6 +217,7 @@ def _copies(
         optimal=False,
         solver="replicate" if len(used) == 1 else f"{inner.solver}+replicate",
         replicas=tuple(tuple(g[k] for k in used) for g in groups),
+        orders=inner.orders,
     )
     objective = replicated_objective(problem, solution)
     # No configuration of these copies beats copy 0's bound plus, for each copy, the least
