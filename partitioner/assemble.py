@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from partitioner.cost_model import working_set_bytes
+from partitioner.cost_model import layer_time_source, working_set_bytes
 from partitioner.devices import Device
 from partitioner.ir import OUTPUT, LayerGraph, Problem, Solution
 from partitioner.options import PlanOptions, Strategy
@@ -75,6 +75,7 @@ def make_plan(
             device=a,
             compute_s=problem.compute_s[l.index][a],
             memory_bytes=problem.memory[l.index],
+            time_source=layer_time_source(l, devices[a].profile, options.training),
         )
         for l, a in zip(graph.layers, solution.assignment)
     )

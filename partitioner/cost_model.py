@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 
 from partitioner.devices import DTYPES, Device, DeviceProfile, link_cost
 from partitioner.errors import DeviceError
-from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Problem, ReplicaCost
+from partitioner.ir import INPUT, OUTPUT, TIME_SOURCES, Layer, LayerGraph, Problem, ReplicaCost
 from partitioner.options import Optimizer, PlanOptions, Precision
 
 __all__ = [
@@ -138,10 +138,6 @@ def _device_s(kernels_s: float, launches: int, profile: DeviceProfile) -> float:
     """The launch floor applied to `kernels_s` (the module docstring: max on a GPU, sum on a CPU)."""
     floor = launches * profile.launch_s
     return max(kernels_s, floor) if profile.kind == "gpu" else kernels_s + floor
-
-
-TIME_SOURCES = ("measured", "calibrated", "roofline")
-"""Where a predicted time comes from, surest first (`layer_time_source`)."""
 
 
 def layer_time_source(layer: Layer, profile: DeviceProfile, training: bool) -> str:

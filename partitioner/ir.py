@@ -20,12 +20,16 @@ __all__ = [
     "ReplicaCost",
     "Problem",
     "Solution",
+    "TIME_SOURCES",
 ]
 
 INPUT = -1
 """`Value.producer` of a model input (a placeholder of the graph)."""
 OUTPUT = -2
 """A `Value.consumers` entry meaning the model's output uses the value."""
+TIME_SOURCES = ("measured", "calibrated", "roofline")
+"""Where a predicted time comes from, surest first: timed on the device; the roofline on
+figures measured on the device (`partitioner profile`); the roofline on datasheet figures."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
