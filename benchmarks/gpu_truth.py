@@ -156,10 +156,9 @@ def _step_case(sizes: Sizes, device: str, calibrated: DeviceProfile) -> dict[str
     args, kwargs = _inputs(sizes.step_model["vocab_size"], sizes.step_batch, sizes.seq_len)
     options = PlanOptions(training=True, allow_data_parallel=False)
     analysis = analyze(model, [device], args, kwargs, options=options, measure=False)
-    predicted = sum(sum(layer_fwd_bwd_time(layer, calibrated, analysis.dtype)) for layer in analysis.layered.graph.layers)
-    datasheet = sum(
-        sum(layer_fwd_bwd_time(layer, analysis.devices[0].profile, analysis.dtype)) for layer in analysis.layered.graph.layers
-    )
+    layers = analysis.layered.graph.layers
+    predicted = sum(sum(layer_fwd_bwd_time(layer, calibrated, analysis.dtype)) for layer in layers)
+    datasheet = sum(sum(layer_fwd_bwd_time(layer, analysis.devices[0].profile, analysis.dtype)) for layer in layers)
     on_device = model.to(device)
     args = tuple(a.to(device) for a in args)
     _, measured = whole_step_time(on_device, args, kwargs)
@@ -298,7 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--device", default="cuda:0", help="cuda:N or cpu")
     parser.add_argument("--sizes", default=None, choices=sorted(SIZES), help="default: gpu on CUDA, tiny on cpu")
-    parser.add_argument("--out", default="benchmarks/out/gpu_truth", help="folder for result.json, summary.md, the profile")
+    parser.add_argument(
+        "--out", default="benchmarks/out/gpu_truth", help="folder for result.json, summary.md and the profile"
+    )
     parser.add_argument("--budget-s", type=float, default=420.0, help="start no case after this many seconds")
     args = parser.parse_args(argv)
     sizes = SIZES[args.sizes or ("gpu" if args.device.startswith("cuda") else "tiny")]

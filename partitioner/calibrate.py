@@ -163,7 +163,12 @@ def _launch_seconds(device: torch.device, sync: Callable[[], None], budget: _Bud
 
 
 def _gemm_curve(
-    dtype: str, device: torch.device, sync: Callable[[], None], budget: _Budget, peak: tuple[float, int], launch_s: float
+    dtype: str,
+    device: torch.device,
+    sync: Callable[[], None],
+    budget: _Budget,
+    peak: tuple[float, int],
+    launch_s: float,
 ) -> tuple[tuple[float, float], ...]:
     """(FLOPs, fraction of `peak`) of square matmuls of the budget's curve sizes below the peak's size.
 

@@ -308,7 +308,8 @@ def _validate_profile(p: DeviceProfile) -> None:
 def _check_gemm_curve(points: object) -> None:
     """`points` must be at most 64 (FLOPs, efficiency) pairs, FLOPs strictly increasing."""
     if not isinstance(points, tuple) or len(points) > _MAX_GEMM_POINTS:
-        raise FieldError("gemm_efficiency", f"must be a list of at most {_MAX_GEMM_POINTS} [flops, efficiency] pairs", points)
+        problem = f"must be a list of at most {_MAX_GEMM_POINTS} [flops, efficiency] pairs"
+        raise FieldError("gemm_efficiency", problem, points)
     previous = 0.0
     for i, point in enumerate(points):
         key = f"gemm_efficiency[{i}]"

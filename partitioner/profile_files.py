@@ -98,7 +98,9 @@ def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
         links[key] = Link(**link)
     curve = top.get("gemm_efficiency", [])
     if not isinstance(curve, list):
-        raise ProfileError(f"{where}: key 'gemm_efficiency' must be a list of [flops, efficiency] pairs (got {curve!r:.80})")
+        raise ProfileError(
+            f"{where}: key 'gemm_efficiency' must be a list of [flops, efficiency] pairs (got {curve!r:.80})"
+        )
     # A file measured before `calibrated` existed says so in its source.
     calibrated = top.get("calibrated", isinstance(top["source"], str) and top["source"].startswith(_CALIBRATE_SOURCE))
     try:

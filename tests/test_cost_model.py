@@ -150,7 +150,7 @@ def test_measured_forward_only_falls_back_to_roofline_backward() -> None:
     assert layer_time(layer, TOY, INFER) == pytest.approx(0.1)
 
 
-# --------------------------------------------------------------------------- launch floor, matmul sizes, element-wise bytes
+# ------------------------------------------------------------- launch floor, matmul sizes, element-wise bytes
 
 # 1,000 tiny kernels: 1e6 FLOPs and 1e6 bytes take 2 us and 20 us on TOY, far below 1,000 launches.
 TINY = Layer(index=0, name="tiny", fwd_flops=10**6, bwd_flops=2 * 10**6, traffic_bytes=10**6,
