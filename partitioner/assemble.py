@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from partitioner.cost_model import working_set_bytes
+from partitioner.cost_model import layer_time_source, working_set_bytes
 from partitioner.devices import Device
 from partitioner.ir import OUTPUT, LayerGraph, Problem, Solution
 from partitioner.options import PlanOptions, Strategy
@@ -71,7 +71,7 @@ def make_plan(
         )
     output_device = solution.assignment[-1] if solution.assignment and not data_parallel else 0
     transfers = () if data_parallel else _plan_transfers(problem, ev, output_device)
-    return _plan(graph, problem, solution, options, granularity, plan_devices, transfers, output_device)
+    return _plan(graph, devices, problem, solution, options, granularity, plan_devices, transfers, output_device)
 
 
 def _device(
@@ -100,6 +100,7 @@ def _device(
 
 def _plan(
     graph: LayerGraph,
+    devices: Sequence[Device],
     problem: Problem,
     solution: Solution,
     options: PlanOptions,
@@ -122,6 +123,7 @@ def _plan(
             device=a,
             compute_s=problem.compute_s[l.index][a],
             memory_bytes=problem.memory[l.index],
+            time_source=layer_time_source(l, devices[a].profile, options.training),
         )
         for l, a in zip(graph.layers, solution.assignment)
     )
@@ -197,7 +199,9 @@ def _copied_plan(
                     seconds = problem.transfer_s(replace(v, bytes=nbytes), src, output_device)
                     transfers.append(PlanTransfer(value=v.name, src=src, dst=output_device, bytes=nbytes, seconds=seconds))
     plan_devices = [rows[d] for d in range(len(devices))]
-    plan = _plan(graph, problem, solution, options, granularity, plan_devices, tuple(transfers), output_device)
+    plan = _plan(
+        graph, devices, problem, solution, options, granularity, plan_devices, tuple(transfers), output_device
+    )
     return replace(plan, why=_why_idle(plan))
 
 

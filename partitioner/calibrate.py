@@ -8,7 +8,14 @@ What is measured, and how (each figure is the median of repeated timings after w
   bytes read and written (``2 x size``);
 - host link (CUDA): copies between pinned host memory and the device, each direction; the
   slower direction is kept. Latency: a 4-byte copy;
-- peer link (two or more GPUs): copies from this GPU to the next one.
+- peer link (two or more GPUs): copies from this GPU to the next one;
+- launch floor (`DeviceProfile.launch_s`): back-to-back in-place adds on a one-element
+  tensor, unsynchronised, so the time per call is the rate at which eager PyTorch issues
+  kernels (CUDA) or dispatches ops (CPU);
+- matmul efficiency by size (`DeviceProfile.gemm_efficiency`): square matmuls of a few
+  sizes in the fastest measured dtype, each as a fraction of the rate at the largest size
+  measured (the peak); on a CPU the dispatch floor is taken off each time first, since the
+  cost model adds it back.
 
 The figures are sustained rates, so the profile's efficiency factors are 1.0. On CPU the
 measurement runs with ``threads`` torch threads (1 by default, as layer profiling does) and
@@ -62,6 +69,8 @@ class _Budget:
     """Size of the on-device copy (larger than the last-level cache)."""
     host_bytes: int
     """Size of the host <-> device copies."""
+    curve_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
+    """Matmul sides of the efficiency curve (those below `max_matmul`; the peak's size is added)."""
 
 
 _BUDGETS = {
@@ -139,6 +148,46 @@ def _matmul_flops(dtype: str, device: torch.device, sync: Callable[[], None], bu
                 seconds = _median_seconds(matmul, sync, budget.sample_s, budget.batch_s)
                 return _rounded(2 * n**3 / seconds), n
             n *= 2
+
+
+def _launch_seconds(device: torch.device, sync: Callable[[], None], budget: _Budget) -> float:
+    """Seconds per kernel when eager PyTorch issues one-element in-place adds back to back."""
+    x = torch.zeros(1, device=device)
+    calls = 200
+
+    def burst() -> None:
+        for _ in range(calls):
+            x.add_(1.0)
+
+    return min(1e-2, _rounded(_median_seconds(burst, sync, budget.sample_s) / calls))
+
+
+def _gemm_curve(
+    dtype: str,
+    device: torch.device,
+    sync: Callable[[], None],
+    budget: _Budget,
+    peak: tuple[float, int],
+    launch_s: float,
+) -> tuple[tuple[float, float], ...]:
+    """(FLOPs, fraction of `peak`) of square matmuls of the budget's curve sizes below the peak's size.
+
+    On a CPU `launch_s` is taken off each time (at most half of it), since the cost model adds
+    the dispatch floor to a CPU's kernels; on a GPU the floor is a max, and stays in.
+    """
+    rate, n_peak = peak
+    points = []
+    precision = _fp32_matmul_precision(dtype == "tf32") if device.type == "cuda" else nullcontext()
+    with precision:
+        for n in [n for n in budget.curve_sizes if n < n_peak]:
+            a = torch.randn(n, n, device=device).to(torch_dtype(dtype))
+            b = torch.randn(n, n, device=device).to(torch_dtype(dtype))
+            seconds = _median_seconds(partial(torch.mm, a, b), sync, budget.sample_s, budget.batch_s)
+            if device.type == "cpu":
+                seconds = max(seconds - launch_s, seconds / 2)
+            points.append((float(2 * n**3), min(1.0, max(1e-3, round(2 * n**3 / seconds / rate, 4)))))
+    points.append((float(2 * n_peak**3), 1.0))
+    return tuple(points)
 
 
 def _copy_seconds(
@@ -283,6 +332,7 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
     sync: Callable[[], None] = (lambda: torch.cuda.synchronize(dev)) if on_cuda else (lambda: None)
 
     peaks: dict[str, float] = {}
+    sides: dict[str, int] = {}
     sizes: list[str] = []
     skipped: list[str] = []
     for k, dtype in enumerate(dtypes, 1):
@@ -292,6 +342,7 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
             continue
         try:
             peaks[dtype], n = _matmul_flops(dtype, dev, sync, budget)
+            sides[dtype] = n
             sizes.append(f"{dtype} n={n}")
             say(f"{dtype}: {peaks[dtype] / 1e9:.4g} GFLOP/s (n = {n})")
         except RuntimeError as e:  # e.g. a dtype without a matmul kernel on this device
@@ -348,6 +399,14 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
         memory = system_memory_bytes()
         hardware = f"{_cpu_model_name()}, {torch.get_num_threads()} torch thread(s)"
 
+    say("launch floor: back-to-back one-element adds")
+    launch = _launch_seconds(dev, sync, budget)
+    say(f"launch floor: {launch * 1e6:.3g} us per kernel")
+    fastest = max(peaks, key=peaks.__getitem__)
+    say(f"matmul efficiency by size: {fastest}")
+    curve = _gemm_curve(fastest, dev, sync, budget, (peaks[fastest], sides[fastest]), launch)
+    say("matmul efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%}" for x, y in curve))
+
     mode = "quick" if quick else "full"
     not_measured = f"; not measured: {', '.join(skipped)}" if skipped else ""
     return DeviceProfile(
@@ -365,8 +424,13 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
             f"partitioner.calibrate.measure_device, torch {torch.__version__}: medians of square matmuls "
             f"({', '.join(sizes)}), a {budget.copy_bytes >> 20} MiB copy"
             + (f", {budget.host_bytes >> 20} MiB host and peer copies" if on_cuda else "")
+            + f"; launch floor from back-to-back one-element adds; matmul efficiency by size from square {fastest} "
+            f"matmuls (n = {', '.join(str(round((x / 2) ** (1 / 3))) for x, _ in curve)}) against the largest"
             + f"; sustained figures, efficiencies 1.0{not_measured}"
         ),
+        launch_s=launch,
+        gemm_efficiency=curve,
+        calibrated=True,
     )
 
 

@@ -363,7 +363,8 @@ def _profile(args: argparse.Namespace) -> int:
         profile = measure_device(args.device, args.dtypes, quick=args.quick, name=name, progress=status.update)
     path = write_profile(profile, out)
     print(f"wrote {path}: {profile.name}, float32 {profile.peak_flops.float32 / 1e9:.1f} GFLOP/s, "
-          f"memory bandwidth {profile.memory_bandwidth_Bps / 1e9:.1f} GB/s")
+          f"memory bandwidth {profile.memory_bandwidth_Bps / 1e9:.1f} GB/s, "
+          f"launch floor {profile.launch_s * 1e6:.2g} us")
     err.print(
         f"use it as --devices {profile.name} with {PROFILE_PATH_ENV}={path.parent.resolve()}",
         style="dim",

@@ -1,9 +1,25 @@
 """Pure cost model: a `LayerGraph` and devices -> a `Problem` of seconds and bytes (no torch).
 
-Compute is a roofline unless the layer was timed on the device's profile:
+Compute is a roofline unless the layer was timed on the device's profile. Each kind of
+kernel is priced at its own ceiling and the kinds run one after another, as torch's own
+estimator prices each op (``torch.utils._runtime_estimation``: per op the larger of
+FLOPs / peak and bytes / bandwidth, summed over ops):
 
-    time = max(flops / (peak_flops[dtype] * compute_efficiency),
-               bytes / (memory_bandwidth * memory_efficiency))
+    matmuls  = max(sum_g flops_g / (peak_flops[dtype] * gemm_efficiency(flops_g)),
+                   matmul bytes / bandwidth)
+    kernels  = matmuls + element-wise bytes / bandwidth
+    time     = max(kernels, launches x launch_s)     GPU: launches are asynchronous
+               kernels + launches x launch_s          CPU: one thread dispatches and computes
+
+with bandwidth = memory_bandwidth * memory_efficiency. `gemm_efficiency` is the profile's
+curve by the size of each matmul (small ones run far below peak), `compute_efficiency`
+where it has none. A CUDA launch returns before its kernel runs, so the host queues the
+next kernels while the device works: a step takes the longer of the two streams (NVIDIA,
+"Getting Started with CUDA Graphs", 2019: back-to-back launches of a short kernel ran at
+3.8 us each, 9.6 us when each was synchronised). On a CPU the thread that dispatches an op
+also runs it, so the two add. A layer traced before kernels were counted (0 launches, no
+matmul sizes, no element-wise bytes) is priced as the plain roofline
+``max(flops / (peak * compute_efficiency), bytes / bandwidth)``.
 
 Memory per layer (bytes, on whichever device holds it):
 
@@ -32,11 +48,14 @@ from dataclasses import dataclass, replace
 
 from partitioner.devices import DTYPES, Device, DeviceProfile, link_cost
 from partitioner.errors import DeviceError
-from partitioner.ir import INPUT, OUTPUT, BatchShare, Layer, LayerGraph, Problem, ReplicaCost
+from partitioner.ir import INPUT, OUTPUT, TIME_SOURCES, BatchShare, Layer, LayerGraph, Problem, ReplicaCost
 from partitioner.options import Optimizer, PlanOptions, Precision
 
 __all__ = [
     "roofline_time",
+    "gemm_efficiency",
+    "layer_time_source",
+    "TIME_SOURCES",
     "layer_memory",
     "working_set_bytes",
     "layer_time",
@@ -81,6 +100,61 @@ def roofline_time(flops: float, bytes_moved: float, profile: DeviceProfile, dtyp
     return max(compute, memory)
 
 
+def gemm_efficiency(profile: DeviceProfile, flops: float) -> float:
+    """Achieved fraction of peak for one matmul of `flops` FLOPs on a device of `profile`.
+
+    The profile's `DeviceProfile.gemm_efficiency` points, interpolated linearly in
+    ``log(flops)`` and held at the end points; `compute_efficiency` when it has none.
+    """
+    points = profile.gemm_efficiency
+    if not points:
+        return profile.compute_efficiency
+    if flops <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if flops <= x1:
+            t = (math.log(flops) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    return points[-1][1]
+
+
+def _matmul_s(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: float) -> float:
+    """Compute seconds of the forward's FLOPs, each matmul at its size's efficiency.
+
+    A matmul of ``g`` FLOPs at a fraction of the batch does ``g x fraction`` (its rows
+    shrink); FLOPs the layer does not itemise (layers traced before `Layer.gemms`) run at
+    `compute_efficiency`.
+    """
+    peak = profile.peak_flops_for(dtype)
+    itemised = 0
+    seconds = 0.0
+    for flops, count in layer.gemms:
+        scaled = flops * batch_fraction
+        seconds += count * scaled / (peak * gemm_efficiency(profile, scaled))
+        itemised += flops * count
+    rest = max(0, layer.fwd_flops - itemised) * batch_fraction
+    return seconds + rest / (peak * profile.compute_efficiency)
+
+
+def _device_s(kernels_s: float, launches: int, profile: DeviceProfile) -> float:
+    """The launch floor applied to `kernels_s` (the module docstring: max on a GPU, sum on a CPU)."""
+    floor = launches * profile.launch_s
+    return max(kernels_s, floor) if profile.kind == "gpu" else kernels_s + floor
+
+
+def layer_time_source(layer: Layer, profile: DeviceProfile, training: bool) -> str:
+    """How sure `layer_time` is of `layer` on `profile`: one of `TIME_SOURCES`.
+
+    ``measured``: timed on this profile (forward, and backward when training);
+    ``calibrated``: the roofline on figures measured on the device (`partitioner profile`);
+    ``roofline``: the roofline on datasheet figures only.
+    """
+    timed = profile.name in layer.fwd_time_s and (not training or profile.name in layer.bwd_time_s)
+    if timed:
+        return "measured"
+    return "calibrated" if profile.calibrated else "roofline"
+
+
 def _state_bytes(layer: Layer, options: PlanOptions) -> int:
     """Bytes that do not shrink with the batch: weights, buffers, and when training grads and optimizer state."""
     if not options.training:
@@ -121,11 +195,25 @@ def _forward_bytes(layer: Layer, batch_fraction: float) -> float:
 
 
 def _estimate(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: float) -> tuple[float, float]:
-    """Roofline (forward, backward) seconds at `batch_fraction` of the batch."""
+    """Roofline (forward, backward) seconds at `batch_fraction` of the batch, launch floor included.
+
+    Backward does `bwd_flops / fwd_flops` times each forward matmul's work at the same sizes
+    (the input and weight gradients of a matmul are matmuls of its size), moves
+    `BACKWARD_TRAFFIC_FACTOR` times the forward's bytes and launches `Layer.bwd_kernels`.
+    """
+    bandwidth = profile.memory_bandwidth_Bps * profile.memory_efficiency
     fwd_bytes = _forward_bytes(layer, batch_fraction)
-    fwd = roofline_time(layer.fwd_flops * batch_fraction, fwd_bytes, profile, dtype)
-    bwd = roofline_time(layer.bwd_flops * batch_fraction, BACKWARD_TRAFFIC_FACTOR * fwd_bytes, profile, dtype)
-    return fwd, bwd
+    elementwise = min(layer.elementwise_bytes * batch_fraction, fwd_bytes)  # activations: they shrink with the batch
+    matmul_bytes = fwd_bytes - elementwise
+    fwd_compute = _matmul_s(layer, profile, dtype, batch_fraction)
+    if layer.fwd_flops > 0:
+        bwd_compute = fwd_compute * layer.bwd_flops / layer.fwd_flops
+    else:
+        bwd_compute = layer.bwd_flops * batch_fraction / (profile.peak_flops_for(dtype) * profile.compute_efficiency)
+    fwd = max(fwd_compute, matmul_bytes / bandwidth) + elementwise / bandwidth
+    bwd = (max(bwd_compute, BACKWARD_TRAFFIC_FACTOR * matmul_bytes / bandwidth)
+           + BACKWARD_TRAFFIC_FACTOR * elementwise / bandwidth)
+    return _device_s(fwd, layer.fwd_kernels, profile), _device_s(bwd, layer.bwd_kernels, profile)
 
 
 def layer_fwd_bwd_time(
@@ -616,6 +704,7 @@ def training_costs(
             replace(
                 layer,
                 traffic_bytes=round(layer.traffic_bytes * scale),
+                elementwise_bytes=round(layer.elementwise_bytes * scale),
                 param_bytes=round(layer.param_bytes * scale),
                 buffer_bytes=round(layer.buffer_bytes * scale),
             )

@@ -82,6 +82,9 @@ _MAX_LATENCY_S = 1.0
 _MIN_BANDWIDTH_BPS = 1e6  # 1 MB/s
 _MIN_FLOPS = 1e6  # 1 MFLOP/s
 _MIN_EFFICIENCY = 1e-3
+# A kernel launch or op dispatch takes microseconds; 10 ms is a typo in units.
+_MAX_LAUNCH_S = 1e-2
+_MAX_GEMM_POINTS = 64
 
 # Fixed cost of one tensor copy between two logical CPU devices (allocation plus the
 # dispatcher's overhead of `Tensor.to`, a few microseconds).
@@ -138,6 +141,16 @@ class DeviceProfile:
     """GPU <-> GPU of the same profile (NVLink); None when GPUs talk through the host."""
     source: str
     """Where the figures come from (datasheet, measurement)."""
+    launch_s: float = 0.0
+    """Floor per kernel, seconds: launching one CUDA kernel from eager PyTorch (GPU), or
+    dispatching one op (CPU). 0 (profiles without it): no floor."""
+    gemm_efficiency: tuple[tuple[float, float], ...] = ()
+    """(FLOPs of one matmul, achieved fraction of `peak_flops`) points, FLOPs increasing:
+    small matmuls run far below peak. Interpolated linearly in log(FLOPs), held at the end
+    points. Empty: every matmul at `compute_efficiency`."""
+    calibrated: bool = False
+    """Whether the figures were measured on the device (`partitioner profile`), not read
+    from a datasheet: the report says how sure its times are by it."""
 
     def __post_init__(self) -> None:
         try:
@@ -283,6 +296,30 @@ def _validate_profile(p: DeviceProfile) -> None:
             raise FieldError(key, "must be null for a CPU (it is the host)", link)
     if p.kind == "gpu" and p.host_link is None:
         raise FieldError("host_link", "is needed for a GPU (how it reaches the CPU)", None)
+    if isinstance(p.launch_s, bool) or not isinstance(p.launch_s, (int, float)):
+        raise FieldError("launch_s", "must be a number", p.launch_s)
+    if not (math.isfinite(p.launch_s) and 0 <= p.launch_s <= _MAX_LAUNCH_S):
+        raise FieldError("launch_s", f"must be finite and in [0, {_MAX_LAUNCH_S:g}]", p.launch_s)
+    _check_gemm_curve(p.gemm_efficiency)
+    if not isinstance(p.calibrated, bool):
+        raise FieldError("calibrated", "must be true or false", p.calibrated)
+
+
+def _check_gemm_curve(points: object) -> None:
+    """`points` must be at most 64 (FLOPs, efficiency) pairs, FLOPs strictly increasing."""
+    if not isinstance(points, tuple) or len(points) > _MAX_GEMM_POINTS:
+        problem = f"must be a list of at most {_MAX_GEMM_POINTS} [flops, efficiency] pairs"
+        raise FieldError("gemm_efficiency", problem, points)
+    previous = 0.0
+    for i, point in enumerate(points):
+        key = f"gemm_efficiency[{i}]"
+        if not isinstance(point, tuple) or len(point) != 2:
+            raise FieldError(key, "must be a pair [flops, efficiency]", point)
+        _check_number(f"{key}[0]", point[0], _MAX_FLOPS, 1.0)
+        _check_number(f"{key}[1]", point[1], 1.0, _MIN_EFFICIENCY)
+        if point[0] <= previous:
+            raise FieldError(f"{key}[0]", f"must be larger than the point before ({previous:g} FLOPs)", point[0])
+        previous = point[0]
 
 
 # --------------------------------------------------------------------------- links

@@ -22,12 +22,16 @@ __all__ = [
     "Problem",
     "OrderSearch",
     "Solution",
+    "TIME_SOURCES",
 ]
 
 INPUT = -1
 """`Value.producer` of a model input (a placeholder of the graph)."""
 OUTPUT = -2
 """A `Value.consumers` entry meaning the model's output uses the value."""
+TIME_SOURCES = ("measured", "calibrated", "roofline")
+"""Where a predicted time comes from, surest first: timed on the device; the roofline on
+figures measured on the device (`partitioner profile`); the roofline on datasheet figures."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,6 +66,18 @@ class Layer:
     """Measured backward seconds, by device kind."""
     num_nodes: int = 0
     """Graph nodes grouped into this layer."""
+    fwd_kernels: int = 0
+    """Device kernels one forward launches (`partitioner.profiling`: ATen ops other than views);
+    0 when unknown (layers built before it was counted: no launch floor)."""
+    bwd_kernels: int = 0
+    """Device kernels one backward launches (estimate: `BACKWARD_KERNEL_FACTOR` x forward)."""
+    gemms: tuple[tuple[int, int], ...] = ()
+    """(FLOPs of one op, how many such ops) for the forward's FLOP-counting ops (matmuls,
+    convolutions, attention), largest first; empty when unknown (then `fwd_flops` is priced
+    at the profile's flat `compute_efficiency`)."""
+    elementwise_bytes: int = 0
+    """The part of `traffic_bytes` moved by nodes that count no FLOPs (element-wise ops,
+    norms, softmax, copies): memory-bound kernels that run after the matmuls, not beside them."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
 from partitioner.mutations import PIN
-from partitioner.profiling import BACKWARD_FLOP_FACTOR, NodeStats
+from partitioner.profiling import BACKWARD_FLOP_FACTOR, BACKWARD_KERNEL_FACTOR, NodeStats
 from partitioner.trace import TracedModel
 
 __all__ = ["LayeredModel", "build_layers", "SKIP_TARGETS"]
@@ -230,7 +230,10 @@ class _Totals:
     out: int = 0
     saved: int = 0
     traffic: int = 0
+    elementwise: int = 0
     nodes: int = 0
+    kernels: int = 0
+    gemms: dict[int, int] = field(default_factory=dict)
 
     def own(self, name: str, tensor: torch.Tensor, is_param: bool) -> None:
         """Count `tensor` (reachable as `name`) as placed with this layer."""
@@ -270,6 +273,10 @@ def _layer_records(
             a.out += s.output_bytes
             a.saved += s.output_bytes if s.requires_grad else 0
             a.traffic += s.traffic_bytes
+            a.elementwise += s.traffic_bytes if s.flops == 0 else 0
+            a.kernels += s.kernels
+            for g in s.gemm_flops:
+                a.gemms[g] = a.gemms.get(g, 0) + 1
     # Tensors no node reads (unused parameters) still take memory somewhere: the first layer.
     unused = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     for name, t in unused:
@@ -293,6 +300,10 @@ def _layer_records(
                 bwd_flops=BACKWARD_FLOP_FACTOR * a.flops,
                 traffic_bytes=a.traffic,
                 num_nodes=a.nodes,
+                fwd_kernels=a.kernels,
+                bwd_kernels=BACKWARD_KERNEL_FACTOR * a.kernels,
+                gemms=tuple(sorted(a.gemms.items(), reverse=True)),
+                elementwise_bytes=a.elementwise,
             )
         )
     return layers

@@ -75,6 +75,10 @@ class PlanLayer:
     compute_s: float
     """Seconds on its device per step."""
     memory_bytes: int
+    time_source: str = ""
+    """Where `compute_s` comes from: ``measured``, ``calibrated`` or ``roofline``
+    (`partitioner.ir.TIME_SOURCES`; the least sure of a stage's device kinds); empty in
+    plans written before this field existed."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

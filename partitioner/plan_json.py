@@ -20,6 +20,7 @@ from dataclasses import MISSING, fields, is_dataclass
 from typing import Any
 
 from partitioner.errors import PlanFormatError
+from partitioner.ir import TIME_SOURCES
 from partitioner.options import Objective, Strategy
 from partitioner.plan import (
     PLAN_VERSION,
@@ -234,6 +235,10 @@ def _check_meaning(plan: Plan) -> None:
         )
     for i, layer in enumerate(plan.layers):
         _check_device(layer.device, f"layers[{i}].device", n)
+        if layer.time_source not in ("", *TIME_SOURCES):
+            raise PlanFormatError(
+                f"layers[{i}].time_source must be one of {', '.join(TIME_SOURCES)} (got {layer.time_source!r})"
+            )
     for i, transfer in enumerate(plan.transfers):
         _check_device(transfer.src, f"transfers[{i}].src", n)
         _check_device(transfer.dst, f"transfers[{i}].dst", n)

@@ -69,7 +69,10 @@ def json_object(where: str, key: str, value: object, required: set[str], optiona
 
 
 _LINK_KEYS = {f.name for f in fields(Link)}
-_PROFILE_KEYS = {f.name for f in fields(DeviceProfile)}
+_OPTIONAL_PROFILE_KEYS = {"launch_s", "gemm_efficiency", "calibrated"}
+"""Keys added after the first schema: a profile without them still loads (their defaults)."""
+_PROFILE_KEYS = {f.name for f in fields(DeviceProfile)} - _OPTIONAL_PROFILE_KEYS
+_CALIBRATE_SOURCE = "partitioner.calibrate.measure_device"
 
 
 def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
@@ -83,7 +86,7 @@ def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
         ProfileError: Missing or unknown keys, wrong types, or numbers out of range;
             the message names `where`, the key and the problem.
     """
-    top = json_object(where, "", data, _PROFILE_KEYS, set())
+    top = json_object(where, "", data, _PROFILE_KEYS, _OPTIONAL_PROFILE_KEYS)
     peaks = json_object(where, "peak_flops", top["peak_flops"], {"float32"}, set(DTYPES) - {"float32"})
     links: dict[str, Link | None] = {}
     for key in ("host_link", "peer_link"):
@@ -93,6 +96,13 @@ def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
             continue
         link = json_object(where, key, raw, _LINK_KEYS, set())
         links[key] = Link(**link)
+    curve = top.get("gemm_efficiency", [])
+    if not isinstance(curve, list):
+        raise ProfileError(
+            f"{where}: key 'gemm_efficiency' must be a list of [flops, efficiency] pairs (got {curve!r:.80})"
+        )
+    # A file measured before `calibrated` existed says so in its source.
+    calibrated = top.get("calibrated", isinstance(top["source"], str) and top["source"].startswith(_CALIBRATE_SOURCE))
     try:
         return DeviceProfile(
             name=top["name"],
@@ -106,6 +116,9 @@ def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
             host_link=links["host_link"],
             peer_link=links["peer_link"],
             source=top["source"],
+            launch_s=top.get("launch_s", 0.0),
+            gemm_efficiency=tuple(tuple(p) if isinstance(p, list) else p for p in curve),
+            calibrated=calibrated,
         )
     except InvalidProfileError as e:
         raise ProfileError(f"{where}: {e.detail}") from None
@@ -129,6 +142,8 @@ def _to_json(value: object, indent: str = "") -> str:
     if isinstance(value, dict):
         items = [f"{inner}{json.dumps(k)}: {_to_json(v, inner)}" for k, v in value.items()]
         return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_to_json(v, inner) for v in value) + "]"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return _json_number(value)
     return json.dumps(value)
@@ -154,6 +169,13 @@ def profile_to_json(profile: DeviceProfile) -> str:
         "peer_link": link(profile.peer_link),
         "source": profile.source,
     }
+    # Keys added after the first schema are written only where they say something.
+    if profile.launch_s:
+        data["launch_s"] = profile.launch_s
+    if profile.gemm_efficiency:
+        data["gemm_efficiency"] = [list(p) for p in profile.gemm_efficiency]
+    if profile.calibrated:
+        data["calibrated"] = True
     return _to_json(data) + "\n"
 
 

@@ -7,6 +7,16 @@ node (counting the ops a node dispatches to, so ``aten.linear`` counts as its ``
 Backward FLOPs are estimated as twice the forward's (gradient with respect to the input
 and to the weight, each as costly as the forward matmul: Kaplan et al. 2020, "Scaling
 Laws for Neural Language Models", section 2.1).
+
+Kernels. The ATen ops a node dispatches to are counted as they run (below autograd, so
+``aten.linear`` counts as its ``addmm``): every op but views (an op whose schema says
+its output aliases an input: ``view``, ``t``, ``expand``, ``permute``, ``_unsafe_view``,
+``detach``, ``alias``, getitem-like ``select``), allocations that write nothing
+(``empty``), and ops that return no tensor (``sym_size``, ``_assert_tensor_metadata``).
+The rule is torch's own runtime estimator's (``torch.utils._runtime_estimation``: its
+view ops run no kernel). The FLOPs of each op that counts any (matmuls, convolutions,
+attention: the ops `FlopCounterMode` knows) are kept one by one, so that the cost model
+can price each at its own size's efficiency.
 """
 
 from __future__ import annotations
@@ -32,10 +42,25 @@ from partitioner.snapshot import named_tensors
 from partitioner.trace import TRACE_LOCK
 from partitioner.trace_export import quiet_fake_tensor_log
 
-__all__ = ["NodeStats", "profile_nodes", "written_parameters", "tensor_bytes", "BACKWARD_FLOP_FACTOR"]
+__all__ = [
+    "NodeStats",
+    "profile_nodes",
+    "written_parameters",
+    "tensor_bytes",
+    "BACKWARD_FLOP_FACTOR",
+    "BACKWARD_KERNEL_FACTOR",
+]
 
 BACKWARD_FLOP_FACTOR = 2
 """Backward FLOPs per forward FLOP (see the module docstring)."""
+
+BACKWARD_KERNEL_FACTOR = 2
+"""Backward kernels per forward kernel: a matmul's backward is two (input and weight
+gradients, three with a bias), an element-wise op's one or two (its derivative, and the
+sum that accumulates a gradient read twice); two is the middle of that range."""
+
+# Ops that allocate without writing: no kernel runs (``empty`` hands out allocator memory).
+_NO_KERNEL = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +79,48 @@ class NodeStats:
     """Whether its result holds at least one tensor (SymInts and ints cost nothing to move)."""
     requires_grad: bool
     """Whether any output tensor requires grad (it is kept for backward when training)."""
+    kernels: int = 0
+    """Device kernels its forward launches (ATen ops other than views and bare allocations)."""
+    gemm_flops: tuple[int, ...] = ()
+    """FLOPs of each op of its forward that counts FLOPs (matmuls, convolutions, attention),
+    in the order they ran; they sum to `flops`."""
 
 
 def tensor_bytes(value: Any) -> int:
     """Bytes of all tensors in a pytree value."""
     return sum(t.numel() * t.element_size() for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
+def _launches_kernel(func: Any, out: Any) -> bool:
+    """Whether the ATen op `func`, which returned `out`, ran a device kernel (module docstring)."""
+    tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if not tensors or func._overloadpacket.__name__ in _NO_KERNEL:
+        return False
+    return not _is_view(func)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the kernels of the ops dispatched under it and records each FLOP-counting op's FLOPs.
+
+    Pushed inside a `FlopCounterMode`, so the counter's total before and after an op is
+    that op's FLOPs.
+    """
+
+    def __init__(self, counter: FlopCounterMode) -> None:
+        super().__init__()
+        self.counter = counter
+        self.kernels = 0
+        self.gemm_flops: list[int] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        before = self.counter.get_total_flops()
+        out = func(*args, **(kwargs or {}))
+        flops = self.counter.get_total_flops() - before
+        if flops > 0:
+            self.gemm_flops.append(int(flops))
+        if _launches_kernel(func, out):
+            self.kernels += 1
+        return out
 
 
 def _is_view(target: Any) -> bool:
@@ -85,8 +147,10 @@ class _StatsInterpreter(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
+        ops = _OpCounter(self.counter)
         try:
-            out = super().run_node(n)
+            with ops:
+                out = super().run_node(n)
         except Exception as e:
             raise ProfileError(
                 f"profiling node {n.name!r} ({n.op} {n.target}) on fake tensors failed: "
@@ -106,6 +170,8 @@ class _StatsInterpreter(fx.Interpreter):
             traffic_bytes=0 if view else in_bytes + value_bytes,
             is_tensor=any(isinstance(t, torch.Tensor) for t in tree_leaves(out)),
             requires_grad=any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)),
+            kernels=ops.kernels,
+            gemm_flops=tuple(ops.gemm_flops),
         )
         return out
 

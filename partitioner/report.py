@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from partitioner.ir import TIME_SOURCES
 from partitioner.options import Strategy
 from partitioner.plan import PipelinePlan, Plan, PlanLayer, PlanStage, PlanTransfer
 from partitioner.units import format_bytes, format_seconds
@@ -33,7 +34,15 @@ __all__ = [
     "format_seconds",
     "device_list",
     "transfer_names",
+    "time_basis",
 ]
+
+_SOURCE_WORDS = {"measured": "measured", "calibrated": "calibrated", "roofline": "roofline-only"}
+"""How the report names each `TIME_SOURCES` entry."""
+_BASIS_LEGEND = (
+    "measured: timed on the device; calibrated: roofline on figures measured on the device "
+    "(partitioner profile); roofline-only: roofline on datasheet figures"
+)
 
 
 def layer_ranges(layers: tuple[PlanLayer, ...], device: int) -> list[str]:
@@ -49,6 +58,27 @@ def layer_ranges(layers: tuple[PlanLayer, ...], device: int) -> list[str]:
             runs.append([layer])
         previous = i
     return [r[0].name if len(r) == 1 else f"{r[0].name} .. {r[-1].name} ({len(r)} layers)" for r in runs]
+
+
+def time_basis(layers: Sequence[PlanLayer]) -> str:
+    """Where the predicted times of `layers` come from: ``measured``, ``calibrated`` or
+    ``roofline-only`` when they agree, else each with its count, surest first (``2 measured +
+    3 roofline-only``); ``-`` for plans written before the plan recorded it."""
+    counts = {source: sum(1 for layer in layers if layer.time_source == source) for source in TIME_SOURCES}
+    present = [(source, n) for source, n in counts.items() if n]
+    if not present:
+        return "-"
+    if len(present) == 1 and present[0][1] == len(layers):
+        return _SOURCE_WORDS[present[0][0]]
+    return " + ".join(f"{n} {_SOURCE_WORDS[source]}" for source, n in present)
+
+
+def _basis_line(layers: Sequence[PlanLayer]) -> str | None:
+    """The report's line on how sure its times are, or None for an old plan that does not say."""
+    basis = time_basis(layers)
+    if basis == "-":
+        return None
+    return f"layer times: {basis} ({_BASIS_LEGEND})"
 
 
 def _share(used: int, capacity: int) -> str:
@@ -88,21 +118,30 @@ def render_text(plan: Plan) -> str:
         lines.insert(3, _balance_line(plan))
     if plan.why:
         lines.append(f"why: {plan.why}")
+    basis_line = _basis_line(plan.layers)
+    if basis_line:
+        lines.append(basis_line)
     lines.append("")
-    header = ("device", "profile", "memory / capacity", "params", "compute", "transfers in/out", "layers")
+    header = ("device", "profile", "memory / capacity", "params", "compute", "from", "transfers in/out", "layers")
     rows: list[tuple[str, ...]] = []
     copy_of = {d: (g, k) for g, group in enumerate(plan.replica_groups) for k, d in enumerate(group)}
     copies = len(plan.replica_groups)
     for i, d in enumerate(plan.devices):
         if i not in copy_of and (copies > 1 or plan.replicas):
-            held = ["- (idle)"]
+            held, basis = ["- (idle)"], "-"
         elif plan.strategy is Strategy.DATA_PARALLEL:
             held = [f"all layers (replica {copy_of[i][0]})" if plan.replicas else "all layers (replica)"]
+            basis = time_basis(plan.layers)
         elif copies > 1:
             g, k = copy_of[i]
-            held = [f"copy {g}: {r}" for r in layer_ranges(plan.layers, plan.replica_groups[0][k])]
+            first = plan.replica_groups[0][k]
+            held = [f"copy {g}: {r}" for r in layer_ranges(plan.layers, first)]
+            mine = [layer for layer in plan.layers if layer.device == first]
+            basis = time_basis(mine) if mine else "-"
         else:
             held = layer_ranges(plan.layers, i) or ["-"]
+            mine = [layer for layer in plan.layers if layer.device == i]
+            basis = time_basis(mine) if mine else "-"
         rows.append(
             (
                 d.name,
@@ -111,11 +150,12 @@ def render_text(plan: Plan) -> str:
                 f"({_share(d.memory_bytes, d.capacity_bytes)})",
                 format_bytes(d.param_bytes),
                 format_seconds(d.compute_s),
+                basis,
                 f"{format_seconds(d.transfer_in_s)} / {format_seconds(d.transfer_out_s)}",
                 held[0],
             )
         )
-        rows.extend(("", "", "", "", "", "", more) for more in held[1:])
+        rows.extend(("", "", "", "", "", "", "", more) for more in held[1:])
     lines.extend(_table(header, rows))
     if plan.transfers:
         total = sum(t.bytes for t in plan.transfers)
@@ -236,6 +276,7 @@ def _stage_rows(plan: Plan, p: PipelinePlan) -> list[tuple[str, ...]]:
                 str(s.samples),
                 "yes" if s.recompute else "no",
                 f"{format_seconds(s.fwd_s)} / {format_seconds(s.bwd_s)}",
+                time_basis(plan.layers[s.first_layer : s.last_layer + 1]),
                 f"{format_seconds(s.send_fwd_s)} / {format_seconds(s.send_bwd_s)}",
                 format_seconds(s.allreduce_s) if len(s.devices) > 1 or s.allreduce_s > 0 else "-",
                 format_bytes(s.weight_bytes),
@@ -316,6 +357,9 @@ def render_training(plan: Plan) -> str:
         f"{format_seconds(p.lower_bound_s)} (this one is within {gap:.1%}); {p.solved} of {p.configurations} "
         f"configurations solved, {p.simulated} splits simulated",
     ]
+    basis_line = _basis_line(plan.layers)
+    if basis_line:
+        lines.append(basis_line)
     counts = [len(p.stages[r].devices) for r in range(p.num_ranks)]
     if len(set(counts)) > 1:
         lines.append(
@@ -325,7 +369,7 @@ def render_training(plan: Plan) -> str:
         )
     lines.append("")
     header = (
-        "stage", "layers", "devices", "kind", "mb", "recompute", "fwd / bwd", "send f / b", "all-reduce",
+        "stage", "layers", "devices", "kind", "mb", "recompute", "fwd / bwd", "from", "send f / b", "all-reduce",
         "weights", "grads", "optimizer", "activations", "buffers", "memory / capacity",
     )
     lines += _table(header, _stage_rows(plan, p))

@@ -21,9 +21,15 @@ from torch import nn
 from partitioner.analysis import Analysis, AnalysisArgs, analyze, check_analysis_args
 from partitioner.assemble import annotate_plan
 from partitioner.cluster import Cluster, resolve_cluster
-from partitioner.cost_model import TrainingCosts, resolve_precision, training_costs, training_state_bytes
+from partitioner.cost_model import (
+    TrainingCosts,
+    layer_time_source,
+    resolve_precision,
+    training_costs,
+    training_state_bytes,
+)
 from partitioner.errors import DeviceError
-from partitioner.ir import OUTPUT, LayerGraph
+from partitioner.ir import OUTPUT, TIME_SOURCES, LayerGraph
 from partitioner.options import Objective, PlanOptions, Strategy, TrainingOptions
 from partitioner.pipeline_plan import PipelineResult, microbatch_sizes, plan_pipeline
 from partitioner.plan import Plan, PlanDevice, PlanLayer, PlanTransfer, SolverInfo
@@ -300,6 +306,10 @@ def make_training_plan(
                 device=s.devices[0],
                 compute_s=m * seconds,
                 memory_bytes=state + kept * s.samples * c.activation_bytes,
+                time_source=max(
+                    (layer_time_source(layer, cluster.devices[d].profile, True) for d in s.devices),
+                    key=TIME_SOURCES.index,
+                ),
             )
         )
     scale = costs.precision.element_bytes / element_size

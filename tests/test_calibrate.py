@@ -49,18 +49,34 @@ def test_quick_cpu_profile_is_measured_and_quick(measured: tuple[DeviceProfile, 
     assert "1 torch thread" in profile.description
 
 
+def test_launch_floor_and_matmul_curve_are_measured(measured: tuple[DeviceProfile, float]) -> None:
+    """`partitioner profile` fits the cost model's launch floor and its matmul efficiency by size."""
+    profile, _ = measured
+    assert profile.calibrated
+    assert 1e-8 < profile.launch_s < 1e-3  # an op dispatch: microseconds
+    curve = profile.gemm_efficiency
+    assert len(curve) >= 2 and curve[-1][1] == 1.0  # the largest size is the peak
+    assert all(a[0] < b[0] for a, b in zip(curve, curve[1:]))
+    assert curve[0][0] == 2 * 64**3 and all(0 < y <= 1 for _, y in curve)
+    assert "launch floor" in profile.source and "matmul efficiency by size" in profile.source
+
+
 def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]) -> None:
     profile, _ = measured
-    figures = [line for line in PROGRESS if "GFLOP/s" in line]
+    figures = [line for line in PROGRESS if "GFLOP/s" in line or " us per kernel" in line or "FLOPs" in line]
     assert [line for line in PROGRESS if line not in figures] == [
         "1/3: float32 matmuls",
         "2/3: tf32 matmuls",  # then skipped on a CPU
         "3/3: bfloat16 matmuls",
         "memory bandwidth: copying 64 MiB",
+        "launch floor: back-to-back one-element adds",
+        f"matmul efficiency by size: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)}",
     ]
     assert [line.split(" GFLOP/s")[0] for line in figures] == [
         f"float32: {profile.peak_flops.float32 / 1e9:.4g}",
         f"bfloat16: {profile.peak_flops.bfloat16 / 1e9:.4g}",
+        f"launch floor: {profile.launch_s * 1e6:.3g} us per kernel",
+        "matmul efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%}" for x, y in profile.gemm_efficiency),
     ]
 
 

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from partitioner.cost_model import build_problem, layer_memory, layer_time, replica_cost, roofline_time
+from dataclasses import replace
+
+from partitioner.cost_model import (
+    build_problem,
+    gemm_efficiency,
+    layer_fwd_bwd_time,
+    layer_memory,
+    layer_time,
+    layer_time_source,
+    replica_cost,
+    roofline_time,
+)
 from partitioner.devices import Device, DeviceProfile, Link, PeakFlops, link_cost
 from partitioner.errors import DeviceError
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
@@ -137,6 +148,75 @@ def test_measured_forward_only_falls_back_to_roofline_backward() -> None:
     layer = Layer(index=0, name="f", fwd_flops=10**12, bwd_flops=2 * 10**12, fwd_time_s={"toy": 0.1})
     assert layer_time(layer, TOY, TRAIN) == pytest.approx(0.1 + 4.0)
     assert layer_time(layer, TOY, INFER) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------- launch floor, matmul sizes, element-wise bytes
+
+# 1,000 tiny kernels: 1e6 FLOPs and 1e6 bytes take 2 us and 20 us on TOY, far below 1,000 launches.
+TINY = Layer(index=0, name="tiny", fwd_flops=10**6, bwd_flops=2 * 10**6, traffic_bytes=10**6,
+             fwd_kernels=1000, bwd_kernels=2000)  # fmt: skip
+
+
+def test_launch_floor_binds_a_layer_of_tiny_kernels_on_a_gpu() -> None:
+    gpu = replace(TOY, launch_s=5e-6)
+    fwd, bwd = layer_fwd_bwd_time(TINY, gpu)
+    assert fwd == pytest.approx(1000 * 5e-6)  # max(20 us of bytes, 5 ms of launches)
+    assert bwd == pytest.approx(2000 * 5e-6)
+    assert layer_time(TINY, gpu, TRAIN) == pytest.approx((TINY.fwd_kernels + TINY.bwd_kernels) * gpu.launch_s)
+
+
+def test_launch_floor_hides_behind_a_long_gpu_layer_and_adds_on_a_cpu() -> None:
+    big = replace(LAYERS[0], fwd_kernels=10, bwd_kernels=20)  # 2 s forward on TOY
+    gpu = replace(TOY, launch_s=1e-3)
+    cpu = replace(TOY, kind="cpu", host_link=None, peer_link=None, launch_s=1e-3)
+    assert layer_time(big, gpu, INFER) == pytest.approx(2.0)  # the host queues launches while the GPU runs
+    assert layer_time(big, cpu, INFER) == pytest.approx(2.0 + 10 * 1e-3)  # one thread does both
+
+
+def test_layers_without_kernel_counts_keep_the_plain_roofline() -> None:
+    gpu = replace(TOY, launch_s=5e-6)
+    for layer in (LAYERS[0], LAYERS[2]):
+        fwd = roofline_time(layer.fwd_flops, layer.traffic_bytes, gpu)
+        bwd = roofline_time(layer.bwd_flops, 2 * layer.traffic_bytes, gpu)
+        assert layer_fwd_bwd_time(layer, gpu) == (pytest.approx(fwd), pytest.approx(bwd))
+
+
+def test_gemm_efficiency_interpolates_in_log_flops_and_holds_the_ends() -> None:
+    curved = replace(TOY, gemm_efficiency=((1e6, 0.1), (1e8, 0.5), (1e10, 0.9)))
+    assert gemm_efficiency(curved, 1e3) == 0.1
+    assert gemm_efficiency(curved, 1e7) == pytest.approx(0.3)
+    assert gemm_efficiency(curved, 1e9) == pytest.approx(0.7)
+    assert gemm_efficiency(curved, 1e12) == 0.9
+    assert gemm_efficiency(TOY, 1e3) == TOY.compute_efficiency  # no curve: the flat figure
+
+
+def test_small_matmuls_run_below_peak_and_shrink_with_the_batch() -> None:
+    curved = replace(TOY, gemm_efficiency=((1e6, 0.1), (1e12, 1.0)))
+    # Two matmuls of 5e11 FLOPs: each at the curve's value there, not at compute_efficiency 0.5.
+    layer = Layer(index=0, name="mm", fwd_flops=10**12, bwd_flops=2 * 10**12, gemms=((5 * 10**11, 2),))
+    eff = gemm_efficiency(curved, 5e11)
+    assert 0.9 < eff < 1.0
+    assert layer_fwd_bwd_time(layer, curved) == (pytest.approx(1e12 / (1e12 * eff)), pytest.approx(2e12 / (1e12 * eff)))
+    # At a tenth of the batch each matmul is a tenth as large, and less efficient.
+    fwd, _ = layer_fwd_bwd_time(layer, curved, batch_fraction=0.1)
+    assert fwd == pytest.approx(1e11 / (1e12 * gemm_efficiency(curved, 5e10)))
+    assert fwd > 0.1 * layer_fwd_bwd_time(layer, curved)[0]
+
+
+def test_elementwise_bytes_run_after_the_matmuls_not_beside_them() -> None:
+    # 2 s of matmul compute and 1e9 bytes, of which 4e8 are element-wise: 2 s + 4e8 / 5e10 B/s.
+    split = replace(LAYERS[0], elementwise_bytes=4 * 10**8)
+    assert layer_time(split, TOY, INFER) == pytest.approx(2.0 + 4e8 / 5e10)
+    assert layer_time(LAYERS[0], TOY, INFER) == pytest.approx(2.0)  # all of it beside the matmuls
+
+
+def test_time_source_says_measured_calibrated_or_roofline() -> None:
+    timed = LAYERS[1]
+    assert layer_time_source(timed, TOY, training=True) == "measured"
+    assert layer_time_source(replace(timed, bwd_time_s={}), TOY, training=True) == "roofline"
+    assert layer_time_source(replace(timed, bwd_time_s={}), TOY, training=False) == "measured"
+    assert layer_time_source(timed, SLOW, training=False) == "roofline"
+    assert layer_time_source(timed, replace(SLOW, calibrated=True), training=False) == "calibrated"
 
 
 # --------------------------------------------------------------------------- links and the rest

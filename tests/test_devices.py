@@ -182,6 +182,15 @@ def _delete(path: str) -> Any:
         (_delete("source"), "missing key 'source'"),
         (_delete("peak_flops.float32"), "missing key 'peak_flops.float32'"),
         (_delete("peer_link.latency_s"), "missing key 'peer_link.latency_s'"),
+        (_set("launch_s", "5us"), "'launch_s' must be a number"),
+        (_set("launch_s", -5e-6), "'launch_s' must be finite and in [0, 0.01]"),
+        (_set("launch_s", 5.0), "'launch_s' must be finite and in [0, 0.01]"),
+        (_set("gemm_efficiency", "steep"), "'gemm_efficiency' must be a list of [flops, efficiency] pairs"),
+        (_set("gemm_efficiency", [[1e9]]), "'gemm_efficiency[0]' must be a pair"),
+        (_set("gemm_efficiency", [[1e9, 2.0]]), "'gemm_efficiency[0][1]' must be finite and in [0.001, 1]"),
+        (_set("gemm_efficiency", [[1e9, 0.5], [1e8, 0.6]]), "'gemm_efficiency[1][0]' must be larger than the point"),
+        (_set("gemm_efficiency", [[1e9, 0.5]] * 65), "at most 64"),
+        (_set("calibrated", "yes"), "'calibrated' must be true or false"),
     ],
 )
 def test_hostile_profile_is_rejected_naming_file_and_key(tmp_path: Path, mutate: Any, expected: str) -> None:
@@ -193,6 +202,37 @@ def test_hostile_profile_is_rejected_naming_file_and_key(tmp_path: Path, mutate:
         load_profile(path)
     assert str(path) in str(info.value)
     assert expected in str(info.value)
+
+
+def test_profile_without_the_later_keys_loads_with_their_defaults(tmp_path: Path) -> None:
+    """Files written before launch_s, gemm_efficiency and calibrated: no floor, the flat
+    efficiency, and calibrated exactly when `partitioner profile` wrote them (their source says so)."""
+    data = _valid()
+    data.pop("launch_s")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    old = load_profile(path)
+    assert (old.launch_s, old.gemm_efficiency, old.calibrated) == (0.0, (), False)
+    data["source"] = "partitioner.calibrate.measure_device, torch 2.5: medians of square matmuls"
+    path.write_text(json.dumps(data))
+    assert load_profile(path).calibrated
+
+
+def test_launch_floor_and_gemm_curve_round_trip(tmp_path: Path) -> None:
+    data = _valid() | {"gemm_efficiency": [[1e6, 0.05], [1e9, 0.5], [1e12, 0.9]], "calibrated": True}
+    path = tmp_path / "curve.json"
+    path.write_text(json.dumps(data))
+    profile = load_profile(path)
+    assert profile.gemm_efficiency == ((1e6, 0.05), (1e9, 0.5), (1e12, 0.9)) and profile.calibrated
+    path.write_text(profile_to_json(profile))
+    assert load_profile(path) == profile
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_builtin_profiles_carry_a_sourced_launch_floor(name: str) -> None:
+    p = load_profile(name)
+    assert 1e-6 <= p.launch_s <= 2e-5
+    assert "launch_s" in p.source
 
 
 def test_cpu_profile_with_links_is_rejected(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,9 +235,19 @@ def test_data_parallel_report_bound_is_below_the_prediction() -> None:
     assert f"bound total/devices (replicas share every layer): {format_seconds(plan.bound_s)}" in str(plan)
 
 
-def test_report_sets_the_busiest_device_against_the_even_share_beside_the_largest_layer(split: Plan) -> None:
+def test_report_sets_the_busiest_device_against_the_even_share_beside_the_largest_layer(tmp_path: Path) -> None:
     # fc1 (the largest layer) alone on the first device: the bound line, max(total/devices,
     # largest layer), hides how far the busiest device is from total/devices; this line does not.
+    # Without the launch floor, which prices every layer of this small MLP alike on an A100.
+    from partitioner.devices import load_profile
+    from partitioner.profile_files import profile_to_json
+
+    path = tmp_path / "a100-80gb.json"
+    path.write_text(profile_to_json(replace(load_profile("a100-80gb"), launch_s=0.0)))
+    model, args, _ = ZOO["mlp"].build()
+    options = PlanOptions(allow_data_parallel=False, memory_reserve=0.0)
+    split = partitioner.plan(model, [f"{path} x2"], args, options=options, max_memory={"a100-80gb": "2.1MiB"})
+    assert split.assignment == (0, 1, 1, 1, 1, 1, 1), split.assignment
     periods = [max(d.compute_s, d.transfer_in_s, d.transfer_out_s) for d in split.devices]
     even = sum(layer.compute_s for layer in split.layers) / 2
     busiest = max(range(2), key=periods.__getitem__)
@@ -289,3 +300,49 @@ def test_report_of_data_parallelism_over_some_devices() -> None:
     text = str(plan)
     assert plan.idle_devices, text
     assert "of 5 devices" in text and _row(text, plan.devices[-1].name).endswith("- (idle)")
+
+
+# --------------------------------------------------------------------------- how sure a time is
+
+
+def test_report_marks_roofline_only_times(split: Plan) -> None:
+    """Datasheet profiles and no timings: every time is the roofline on datasheet figures."""
+    assert {layer.time_source for layer in split.layers} == {"roofline"}
+    text = render_text(split)
+    assert "layer times: roofline-only (measured: timed on the device; calibrated:" in text
+    header = next(line for line in text.splitlines() if line.startswith("device"))
+    row = next(line for line in text.splitlines() if line.startswith("a100-80gb:0"))
+    assert row[header.index("from") :].startswith("roofline-only")
+
+
+def test_report_marks_measured_and_calibrated_times(tmp_path: Path) -> None:
+    """A layer timed on the device is measured; one priced from a measured profile is calibrated."""
+    from partitioner.devices import load_profile
+    from partitioner.profile_files import profile_to_json
+
+    model, args, _ = ZOO["mlp"].build()
+    measured_cpu = replace(load_profile("cpu"), name="my-cpu", calibrated=True)
+    path = tmp_path / "my-cpu.json"
+    path.write_text(profile_to_json(measured_cpu))
+    options = PlanOptions(allow_data_parallel=False)
+    calibrated = partitioner.plan(model, [str(path)], args, options=options)
+    assert {layer.time_source for layer in calibrated.layers} == {"calibrated"}
+    assert "layer times: calibrated (" in render_text(calibrated)
+    timed = partitioner.plan(model, ["cpu"], args, options=options, measure=True)
+    assert {layer.time_source for layer in timed.layers} == {"measured"}
+    mixed = replace(timed, layers=timed.layers[:2] + tuple(replace(l, time_source="roofline") for l in timed.layers[2:]))
+    n = len(timed.layers)
+    assert f"layer times: 2 measured + {n - 2} roofline-only (" in render_text(mixed)
+    assert Plan.from_json(mixed.to_json()) == mixed
+
+
+def test_plans_without_time_sources_load_and_render_without_the_line(split: Plan) -> None:
+    data = json.loads(split.to_json())
+    for layer in data["layers"]:
+        del layer["time_source"]
+    old = Plan.from_json(json.dumps(data))
+    assert {layer.time_source for layer in old.layers} == {""}
+    assert "layer times:" not in render_text(old)
+    data["layers"][0]["time_source"] = "guessed"
+    with pytest.raises(partitioner.errors.PlanFormatError, match=r"layers\[0\].time_source must be one of measured"):
+        Plan.from_json(json.dumps(data))
