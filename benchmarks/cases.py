@@ -43,7 +43,8 @@ from partitioner.analysis import trace_layers
 from partitioner.api import auto_parallelize, compile_plan
 from partitioner.calibrate import measure_device
 from partitioner.cluster import Cluster, load_cluster
-from partitioner.cost_model import build_problem, layer_time, training_state_bytes
+from partitioner.cost_model import build_problem, layer_time
+from partitioner.training_costs import training_state_bytes
 from partitioner.device_resolution import resolve_devices
 from partitioner.devices import Device
 from partitioner.dtypes import dtype_of

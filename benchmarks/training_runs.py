@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from partitioner.cluster import Cluster
-from partitioner.cost_model import training_costs
+from partitioner.training_costs import training_costs
 from partitioner.devices import Device
 from partitioner.errors import InfeasibleError
 from partitioner.layers import LayeredModel

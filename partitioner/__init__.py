@@ -6,6 +6,7 @@ The compiler's phases, one module each:
 2. `profiling`  per-node FLOPs and bytes on fake tensors; `layers` groups nodes into layers;
                 `measure` times them on the devices present (`analysis` runs 1-2 for every planner)
 3. `cost_model` layers x devices (`devices`, ``profiles/*.json``) -> seconds and bytes
+                (`training_costs`: the training planner's per-layer tables)
 4. `solve`      placement by exact DP (chains) or ILP (pulp: HiGHS, CBC), or data parallelism
 5. `rewrite`    a runnable module: parameters placed, transfers inserted (`replicate` for DP),
                 wrapped as a `PartitionedModule` (`partitioned`)

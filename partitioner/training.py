@@ -1,7 +1,7 @@
 """The front door for training plans: `plan_training` a model onto a cluster (pipeline x data parallel).
 
 trace -> profile -> layers (`partitioner.api.compile_plan`) -> training cost tables
-(`partitioner.cost_model.training_costs`) -> stages, replicas, microbatches and schedule
+(`partitioner.training_costs.training_costs`) -> stages, replicas, microbatches and schedule
 (`partitioner.pipeline_plan.plan_pipeline`, judged by `partitioner.simulate`) -> `Plan`
 with a `PipelinePlan` section. See docs/training.md.
 """
@@ -21,13 +21,8 @@ from torch import nn
 from partitioner.analysis import Analysis, AnalysisArgs, analyze, check_analysis_args
 from partitioner.assemble import annotate_plan
 from partitioner.cluster import Cluster, resolve_cluster
-from partitioner.cost_model import (
-    TrainingCosts,
-    layer_time_source,
-    resolve_precision,
-    training_costs,
-    training_state_bytes,
-)
+from partitioner.cost_model import layer_time_source
+from partitioner.training_costs import TrainingCosts, resolve_precision, training_costs, training_state_bytes
 from partitioner.errors import DeviceError
 from partitioner.ir import OUTPUT, TIME_SOURCES, LayerGraph
 from partitioner.options import Objective, PlanOptions, Strategy, TrainingOptions

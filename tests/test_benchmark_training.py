@@ -14,7 +14,8 @@ from benchmarks.models import build
 from benchmarks.suites import DEVICE_SETS, MODELS, MODES, DeviceSet
 from benchmarks.training_runs import price_data_parallel, price_split, training_tables
 from partitioner.cluster import Cluster
-from partitioner.cost_model import build_problem, training_state_bytes
+from partitioner.cost_model import build_problem
+from partitioner.training_costs import training_state_bytes
 from partitioner.devices import resolve_devices
 from partitioner.pipeline_plan.space import Configuration, Group, microbatch_counts
 from partitioner.pipeline_plan.stages import StageModel

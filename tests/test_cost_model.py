@@ -6,16 +6,7 @@ import pytest
 
 from dataclasses import replace
 
-from partitioner.cost_model import (
-    build_problem,
-    gemm_efficiency,
-    layer_fwd_bwd_time,
-    layer_memory,
-    layer_time,
-    layer_time_source,
-    replica_cost,
-    roofline_time,
-)
+from partitioner.cost_model import build_problem, gemm_efficiency, layer_fwd_bwd_time, layer_memory, layer_time, layer_time_source, replica_cost, roofline_time
 from partitioner.devices import Device, DeviceProfile, Link, PeakFlops, link_cost
 from partitioner.errors import DeviceError
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value

@@ -21,6 +21,7 @@ PURE = [
     "partitioner.cluster",
     "partitioner.options",
     "partitioner.cost_model",
+    "partitioner.training_costs",
     "partitioner.devices",
     "partitioner.profile_files",
     "partitioner.device_detection",

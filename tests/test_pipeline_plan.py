@@ -18,15 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from partitioner.cluster import Cluster, load_cluster
-from partitioner.cost_model import (
-    ChainLayer,
-    LayerTimes,
-    TiedParameter,
-    TrainingCosts,
-    resolve_precision,
-    training_costs,
-    training_state_bytes,
-)
+from partitioner.training_costs import ChainLayer, LayerTimes, TiedParameter, TrainingCosts, resolve_precision, training_costs, training_state_bytes
 from partitioner.devices import load_profile, resolve_devices
 from partitioner.errors import InfeasibleError
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value

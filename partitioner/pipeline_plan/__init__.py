@@ -1,6 +1,6 @@
 """Pure training planner: a chain of layers -> pipeline stages on replicated device groups.
 
-No torch: it reads `partitioner.cost_model.TrainingCosts` (per-layer seconds, bytes and
+No torch: it reads `partitioner.training_costs.TrainingCosts` (per-layer seconds, bytes and
 parameters), a `partitioner.cluster.Cluster` (devices and links) and
 `partitioner.options.TrainingOptions`, and answers with a `partitioner.plan.PipelinePlan`
 whose step time is what `partitioner.simulate.simulate` gives for its stages.

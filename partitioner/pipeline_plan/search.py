@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from partitioner.cluster import Cluster
-from partitioner.cost_model import TrainingCosts
+from partitioner.training_costs import TrainingCosts
 from partitioner.progress import Progress
 from partitioner.units import format_bytes
 from partitioner.errors import InfeasibleError

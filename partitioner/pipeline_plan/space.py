@@ -156,7 +156,7 @@ def microbatch_counts(batch: int, replicas: Sequence[int], options: TrainingOpti
 def microbatch_sizes(cluster: Cluster, global_batch: int, options: TrainingOptions) -> tuple[int, ...]:
     """Samples per device per microbatch that some configuration of the space uses.
 
-    `partitioner.cost_model.TrainingCosts.times` needs a table for every device kind at
+    `partitioner.training_costs.TrainingCosts.times` needs a table for every device kind at
     each of these sizes.
     """
     sizes: set[int] = set()

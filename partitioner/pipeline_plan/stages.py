@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from partitioner.cluster import Cluster
-from partitioner.cost_model import TrainingCosts, training_state_bytes
+from partitioner.training_costs import TrainingCosts, training_state_bytes
 from partitioner.options import Recompute, TrainingOptions
 from partitioner.pipeline_plan.space import Configuration, Group
 from partitioner.plan import PlanStage
