@@ -6,8 +6,9 @@ analyze (trace -> profile -> layers -> timing) -> cost model -> solve -> plan ->
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,15 +16,23 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
-from partitioner.analysis import Analysis, AnalysisArgs, analyze, check_plan_applies, trace_layers
+from partitioner.analysis import (
+    Analysis,
+    AnalysisArgs,
+    analyze,
+    check_plan_applies,
+    plan_trace,
+    refine_analysis,
+    trace_layers,
+)
 from partitioner.assemble import annotate_plan, make_plan
 from partitioner.cost_model import build_problem
 from partitioner.devices import Device
 from partitioner.dtypes import dtype_of
 from partitioner.errors import DeviceError, PlanMismatchError
 from partitioner.ir import Problem, Solution
-from partitioner.layers import LayeredModel
-from partitioner.options import PlanOptions, Strategy
+from partitioner.layers import LayeredModel, refinable_modules
+from partitioner.options import Granularity, Objective, PlanOptions, Strategy
 from partitioner.partitioned import PartitionedModule, plain_model
 from partitioner.plan import Plan
 from partitioner.progress import Progress, listening, reporting
@@ -31,11 +40,13 @@ from partitioner.replicate import replicate, replication_hazards
 from partitioner.rewrite import InsertedTransfer, split_model
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import solve
+from partitioner.solve.evaluate import simple_lower_bound
 
 __all__ = [
     "analyze",
     "Analysis",
     "solve_analysis",
+    "refine_and_solve",
     "plan",
     "auto_parallelize",
     "PartitionedModule",
@@ -78,9 +89,74 @@ def compile_plan(
     options: PlanOptions | None = None,
     **kw: Unpack[AnalysisArgs],
 ) -> Compiled:
-    """Analyse (`analyze`) and solve (`solve_analysis`); see `plan` for the arguments."""
+    """Analyse (`analyze`) and solve (`solve_analysis`), refining the layers beside the cuts
+    under ``auto`` granularity (`refine_and_solve`); see `plan` for the arguments."""
     analysis = analyze(model, devices, example_inputs, example_kwargs, options=options, **kw)
-    return solve_analysis(analysis, kw.get("progress"))
+    if analysis.trace.granularity is not Granularity.AUTO:
+        return solve_analysis(analysis, kw.get("progress"))
+
+    def refine(current: Analysis, modules: frozenset[str]) -> Analysis:
+        return refine_analysis(
+            current, modules, example_inputs, example_kwargs, measure=kw.get("measure", True),
+            measure_budget_s=kw.get("measure_budget_s", 10.0), progress=kw.get("progress"),
+        )
+
+    return refine_and_solve(analysis, refine, kw.get("progress"))
+
+
+def refine_and_solve(
+    analysis: Analysis, refine: Callable[[Analysis, frozenset[str]], Analysis], progress: Progress | None = None
+) -> Compiled:
+    """Solve `analysis` at block granularity, then, while the busiest device carries more than
+    its even share, split the layers beside each cut into their children and solve again.
+
+    A pipeline's period is its busiest device's; with whole blocks, eight devices cannot take
+    52 blocks in equal shares. Refining only where the stages meet (a block into attention
+    and MLP, those into leaves) lets a cut fall between finer pieces and keeps the layer
+    count near the block count, so every solve stays small enough to prove. Each round
+    solves the whole model again from scratch, so the plan returned is optimal (within the
+    solver's gap) among all placements of its own layers; finer layers contain every coarser
+    placement, so a round that comes out slower (a time limit) ends the search with the
+    round before it.
+
+    Only the THROUGHPUT objective is refined: a LATENCY plan adds every device's compute,
+    whatever the split. The search ends when the period is within the solver's gap of
+    total compute / devices (`simple_lower_bound`), when a data-parallel plan wins, or when
+    no layer beside a cut is finer inside.
+
+    Args:
+        analysis: Analysed at ``auto`` granularity (block layers, nothing refined yet).
+        refine: ``refine(analysis, modules)``: `analysis` with `modules` split
+            (`partitioner.analysis.refine_analysis`).
+        progress: Called with a status line per round.
+
+    Returns:
+        The last round's `Compiled`, its timings adding every round's solve.
+    """
+    say = progress or (lambda _: None)
+    best = solve_analysis(analysis, progress)
+    solve_s, current = best.timings_s["solve_s"], analysis
+    while True:
+        if (current.options.objective is not Objective.THROUGHPUT or best.solution.strategy is not Strategy.MODEL_PARALLEL):
+            break
+        even = simple_lower_bound(best.problem)
+        if best.solution.objective_s <= even * (1 + current.options.solver.gap):
+            break
+        assignment = best.solution.assignment
+        beside = {i + k for i in range(len(assignment) - 1) if assignment[i] != assignment[i + 1] for k in (0, 1)}
+        modules = refinable_modules(best.layered, beside)
+        if not modules:
+            break
+        say(f"busiest device {best.solution.objective_s / even:.3f}x its even share: "
+            f"splitting {len(modules)} layer(s) beside the cuts")
+        current = refine(current, modules)
+        candidate = solve_analysis(current, progress)
+        solve_s += candidate.timings_s["solve_s"]
+        if candidate.solution.objective_s > best.solution.objective_s:
+            break
+        best = candidate
+    timings = {**best.timings_s, "solve_s": solve_s, "profile_s": current.timings_s.get("profile_s", 0.0)}
+    return dataclasses.replace(best, timings_s=timings)
 
 
 def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Compiled:
@@ -95,7 +171,9 @@ def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Comp
         solution = solve(problem, options.solver)
     timings = {**analysis.timings_s, "solve_s": time.perf_counter() - start}
     result = annotate_plan(
-        make_plan(graph, resolved, problem, solution, options, analysis.granularity), analysis.layered, problem
+        make_plan(graph, resolved, problem, solution, options, analysis.granularity, analysis.refined),
+        analysis.layered,
+        problem,
     )
     return Compiled(analysis.layered, resolved, problem, solution, result, timings)
 
@@ -192,7 +270,7 @@ def auto_parallelize(
     """
     model = plain_model(model)
     if plan is not None:  # a saved plan: checked against the model's analysis, nothing solved or timed
-        unmeasured: PlanningArgs = {**kw, "measure": False}
+        unmeasured: PlanningArgs = {**plan_trace(plan, kw), "measure": False}
         analysis = analyze(model, devices, example_inputs, example_kwargs, **unmeasured)
         check_plan_applies(plan, analysis.layered, analysis.devices)
         layered, resolved, chosen = analysis.layered, analysis.devices, plan

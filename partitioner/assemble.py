@@ -35,8 +35,10 @@ def make_plan(
     solution: Solution,
     options: PlanOptions,
     granularity: str,
+    refined: tuple[str, ...] = (),
 ) -> Plan:
-    """The plan of `solution`: per-device and per-layer figures from `evaluate`."""
+    """The plan of `solution`: per-device and per-layer figures from `evaluate`; `granularity`
+    and `refined` say how the layers were grouped (`partitioner.analysis.Analysis`)."""
     data_parallel = solution.strategy is Strategy.DATA_PARALLEL
     ev = evaluate(problem, solution.assignment)
     fastest = [min(row) for row in problem.compute_s]
@@ -85,6 +87,7 @@ def make_plan(
         fingerprint=graph.fingerprint,
         frontend=graph.frontend,
         granularity=granularity,
+        refined=refined,
         strategy=solution.strategy,
         objective=options.objective,
         training=options.training,

@@ -256,6 +256,7 @@ class Plan:
     """Graph fingerprint of the model it was made for (checked when it is applied)."""
     frontend: str
     granularity: str
+    """What one layer is: ``block``, ``leaf``, or ``auto`` (blocks, those in `refined` split)."""
     strategy: Strategy
     objective: Objective
     training: bool
@@ -279,6 +280,9 @@ class Plan:
     pipeline: PipelinePlan | None = None
     """The training pipeline (stages, microbatches, schedule), for plans of `partitioner.training`.
     Each layer's `PlanLayer.device` is then its stage's first replica."""
+    refined: tuple[str, ...] = ()
+    """Modules split into their children by ``auto`` granularity (a block into attention and
+    MLP, those into leaves); applying the plan groups the layers so again."""
 
     # ------------------------------------------------------------------ views
     @property
