@@ -273,7 +273,8 @@ def check_plan_applies(plan: Plan, layered: LayeredModel, devices: Sequence[Devi
         raise PlanMismatchError(
             f"the plan was made for {plan.model_name} (fingerprint {plan.fingerprint}) but this model "
             f"traces to {graph.model_name} (fingerprint {graph.fingerprint}) on these example inputs; pass the "
-            "model and example inputs the plan was made with (and its split_modules), or plan this model again"
+            f"model and example inputs the plan was made with (and its split_modules; its granularity, "
+            f"{_granularity(plan)}, is taken from the plan unless given), or plan this model again"
         )
     if devices is not None and len(plan.devices) != len(devices):
         raise PlanMismatchError(
@@ -288,6 +289,11 @@ def check_plan_applies(plan: Plan, layered: LayeredModel, devices: Sequence[Devi
             f"(first difference: {next((a, b) for a, b in zip([*names, None], [*expected, None]) if a != b)}); "
             "the plan was edited or made with other granularity or split_modules; plan this model again"
         )
+
+
+def _granularity(plan: Plan) -> str:
+    refined = f" refining {len(plan.refined)} module(s)" if plan.refined else ""
+    return f"{plan.granularity!r}{refined}"
 
 
 def _refined(model: nn.Module, refine: Sequence[str]) -> frozenset[str]:

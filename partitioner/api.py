@@ -40,13 +40,13 @@ from partitioner.replicate import replicate, replication_hazards
 from partitioner.rewrite import InsertedTransfer, split_model
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import solve
-from partitioner.solve.evaluate import simple_lower_bound
 
 __all__ = [
     "analyze",
     "Analysis",
     "solve_analysis",
     "refine_and_solve",
+    "even_share",
     "plan",
     "auto_parallelize",
     "PartitionedModule",
@@ -121,7 +121,7 @@ def refine_and_solve(
 
     Only the THROUGHPUT objective is refined: a LATENCY plan adds every device's compute,
     whatever the split. The search ends when the period is within the solver's gap of
-    total compute / devices (`simple_lower_bound`), when a data-parallel plan wins, or when
+    total compute / devices (`even_share`), when a data-parallel plan wins, or when
     no layer beside a cut is finer inside.
 
     Args:
@@ -139,7 +139,7 @@ def refine_and_solve(
     while True:
         if (current.options.objective is not Objective.THROUGHPUT or best.solution.strategy is not Strategy.MODEL_PARALLEL):
             break
-        even = simple_lower_bound(best.problem)
+        even = even_share(best.problem)
         if best.solution.objective_s <= even * (1 + current.options.solver.gap):
             break
         assignment = best.solution.assignment
@@ -176,6 +176,12 @@ def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Comp
         problem,
     )
     return Compiled(analysis.layered, resolved, problem, solution, result, timings)
+
+
+def even_share(problem: Problem) -> float:
+    """Total compute / devices, each layer on its fastest device: the period of a perfectly
+    balanced pipeline, which whole layers may not allow."""
+    return sum(min(row) for row in problem.compute_s) / problem.num_devices if problem.compute_s else 0.0
 
 
 def plan(

@@ -13,8 +13,10 @@ tensor (SymInts, shapes) cost nothing to cross and do not order layers.
 
 Refinement (``auto`` granularity). A block named in `TracedModel.refined` is no layer of its
 own: each of its children is (a transformer block's attention and MLP; a refined child's
-children in turn), and its ops outside any child follow the leaf rule above. `refine_layers`
-regroups an already profiled graph so, without tracing it again.
+children in turn), and its ops outside any child follow the leaf rule above; consecutive
+pieces of refined modules that no tensor joins (query, key and value projections side by
+side) stay one layer, so a chain of blocks stays a chain. `refine_layers` regroups an
+already profiled graph so, without tracing it again.
 """
 
 from __future__ import annotations
@@ -221,13 +223,22 @@ def build_layers(traced: TracedModel, stats: Mapping[str, NodeStats], *, batch_s
                 g.add_edge(holder, key[n])
                 g.add_edge(key[n], holder)
 
-    cond = nx.condensation(g)
-    comp_of = cond.graph["mapping"]
-    comp_first = {c: min(first_seen[k] for k in cond.nodes[c]["members"]) for c in cond.nodes}
-    comp_order = list(nx.lexicographical_topological_sort(cond, key=comp_first.__getitem__))
-    comp_index = {c: i for i, c in enumerate(comp_order)}
-    node_layer = {n.name: comp_index[comp_of[k]] for n, k in key.items()}
-    members = [sorted(cond.nodes[c]["members"], key=first_seen.__getitem__) for c in comp_order]
+    layer_of, members = _condense(g, first_seen)
+    while traced.refined:
+        # Refined siblings that run side by side (query, key and value projections) are
+        # tied: a cut between them saves nothing, and a chain of layers stays one.
+        unjoined = [
+            (a[0], b[0])
+            for a, b in zip(members, members[1:])
+            if _in_refined(a[0], traced) and _in_refined(b[0], traced) and not any(g.has_edge(x, y) for x in a for y in b)
+        ]
+        if not unjoined:
+            break
+        for a_key, b_key in unjoined:
+            g.add_edge(a_key, b_key)
+            g.add_edge(b_key, a_key)
+        layer_of, members = _condense(g, first_seen)
+    node_layer = {n.name: layer_of[k] for n, k in key.items()}
 
     layers = _layer_records(gm, traced, stats, key, node_layer, members, order)
     values = _values(gm, stats, node_layer, carries_tensor)
@@ -273,6 +284,24 @@ def refinable_modules(layered: LayeredModel, layers: Iterable[int]) -> frozenset
         if any(k.split("@")[0] not in traced.stateless for k in below):
             found.add(path)
     return frozenset(found)
+
+
+def _condense(g: nx.DiGraph, first_seen: Mapping[str, int]) -> tuple[dict[str, int], list[list[str]]]:
+    """Layers of the key graph `g`: its strongly connected components in topological order
+    (the first seen first among the ready ones); each key's layer, and each layer's keys."""
+    cond = nx.condensation(g)
+    comp_of = cond.graph["mapping"]
+    comp_first = {c: min(first_seen[k] for k in cond.nodes[c]["members"]) for c in cond.nodes}
+    comp_order = list(nx.lexicographical_topological_sort(cond, key=comp_first.__getitem__))
+    comp_index = {c: i for i, c in enumerate(comp_order)}
+    members = [sorted(cond.nodes[c]["members"], key=first_seen.__getitem__) for c in comp_order]
+    return {k: comp_index[c] for k, c in comp_of.items()}, members
+
+
+def _in_refined(key: str, traced: TracedModel) -> bool:
+    """Whether layer key `key` is a refined module or lies inside one."""
+    path = key.split("@")[0]
+    return any(path == r or path.startswith(r + ".") for r in traced.refined)
 
 
 @dataclass(slots=True)
