@@ -203,8 +203,9 @@ def plan(
         example_kwargs: Keyword example inputs.
         **kw: (`PlanningArgs`) ``options`` (`PlanOptions`), ``max_memory``
             (Accelerate-style caps), ``trace`` (`TraceOptions`), or its fields one by one:
-            ``frontend`` (``auto``, ``fx``, ``export``), ``granularity`` (``block``,
-            ``leaf``), ``split_modules`` (class names kept whole, one layer each; also
+            ``frontend`` (``auto``, ``fx``, ``export``), ``granularity`` (``auto``, the
+            default: blocks, split beside the cuts where that balances a THROUGHPUT
+            pipeline, see `refine_and_solve`; ``block``; ``leaf``), ``split_modules`` (class names kept whole, one layer each; also
             spelt ``no_split_module_classes``, as in Accelerate),
             ``measure`` (time each layer on the present devices, default True; models on
             ``meta`` are never timed; timings vary from run to run, so pass False for

@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="plan a training step (forward, backward, optimizer state)")
     p.add_argument("--optimizer", default="adam", choices=["none", "sgd", "momentum", "adam"])
     p.add_argument("--no-data-parallel", action="store_true", help="never replicate the whole model")
-    p.add_argument("--granularity", default="block", choices=["block", "leaf", "auto"])
+    p.add_argument("--granularity", default="auto", choices=["auto", "block", "leaf"],
+                   help="layer size: auto (blocks, split beside the cuts when that balances the pipeline), block or leaf")
     p.add_argument("--max-memory", nargs="*", default=[], metavar="DEVICE=SIZE",
                    help="caps, e.g. cuda:0=20GB, or 0=20GiB for the first GPU (as in Accelerate)")
     p.add_argument("--reserve", type=float, default=0.1, help="fraction of memory kept free (default 0.1)")

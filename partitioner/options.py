@@ -263,7 +263,7 @@ class TraceOptions:
 
     frontend: Frontend = Frontend.AUTO
     """The tracer; see `Frontend`."""
-    granularity: Granularity = Granularity.BLOCK
+    granularity: Granularity = Granularity.AUTO
     """The layer size; see `Granularity`."""
     split_modules: tuple[str, ...] = ()
     """Classes kept whole, one layer each: plain (``GPT2Block``) or qualified class names,
@@ -304,7 +304,7 @@ def trace_options(
         *_class_names(no_split_module_classes, "no_split_module_classes"),
     )
     if trace is None:
-        fields: dict[str, Any] = {"frontend": frontend or "auto", "granularity": granularity or "block"}
+        fields: dict[str, Any] = {"frontend": frontend or "auto", "granularity": granularity or "auto"}
         return TraceOptions(**fields, split_modules=names)  # strings are read (and checked) there
     if not isinstance(trace, TraceOptions):
         raise ValueError(f"trace must be a TraceOptions (got {trace!r})")
