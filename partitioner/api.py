@@ -115,9 +115,9 @@ def refine_and_solve(
     and MLP, those into leaves) lets a cut fall between finer pieces and keeps the layer
     count near the block count, so every solve stays small enough to prove. Each round
     solves the whole model again from scratch, so the plan returned is optimal (within the
-    solver's gap) among all placements of its own layers; finer layers contain every coarser
-    placement, so a round that comes out slower (a time limit) ends the search with the
-    round before it.
+    solver's gap) among all placements of its own layers. Finer layers contain every coarser
+    placement: the coarsest round that reached the best period is returned, and a round
+    that comes out slower (a time limit) ends the search.
 
     Only the THROUGHPUT objective is refined: a LATENCY plan adds every device's compute,
     whatever the split. The search ends when the period is within the solver's gap of
@@ -134,27 +134,26 @@ def refine_and_solve(
         The last round's `Compiled`, its timings adding every round's solve.
     """
     say = progress or (lambda _: None)
-    best = solve_analysis(analysis, progress)
-    solve_s, current = best.timings_s["solve_s"], analysis
-    while True:
-        if (current.options.objective is not Objective.THROUGHPUT or best.solution.strategy is not Strategy.MODEL_PARALLEL):
+    best = last = solve_analysis(analysis, progress)
+    solve_s, current, gap = best.timings_s["solve_s"], analysis, analysis.options.solver.gap
+    while analysis.options.objective is Objective.THROUGHPUT and last.solution.strategy is Strategy.MODEL_PARALLEL:
+        even = even_share(last.problem)
+        if last.solution.objective_s <= even * (1 + gap):
             break
-        even = even_share(best.problem)
-        if best.solution.objective_s <= even * (1 + current.options.solver.gap):
-            break
-        assignment = best.solution.assignment
+        assignment = last.solution.assignment
         beside = {i + k for i in range(len(assignment) - 1) if assignment[i] != assignment[i + 1] for k in (0, 1)}
-        modules = refinable_modules(best.layered, beside)
+        modules = refinable_modules(last.layered, beside)
         if not modules:
             break
-        say(f"busiest device {best.solution.objective_s / even:.3f}x its even share: "
+        say(f"busiest device {last.solution.objective_s / even:.3f}x its even share: "
             f"splitting {len(modules)} layer(s) beside the cuts")
         current = refine(current, modules)
-        candidate = solve_analysis(current, progress)
-        solve_s += candidate.timings_s["solve_s"]
-        if candidate.solution.objective_s > best.solution.objective_s:
+        last = solve_analysis(current, progress)
+        solve_s += last.timings_s["solve_s"]
+        if last.solution.objective_s > best.solution.objective_s:
             break
-        best = candidate
+        if last.solution.objective_s < best.solution.objective_s * (1 - gap):
+            best = last  # finer layers that gain nothing are kept for the next round only
     timings = {**best.timings_s, "solve_s": solve_s, "profile_s": current.timings_s.get("profile_s", 0.0)}
     return dataclasses.replace(best, timings_s=timings)
 
