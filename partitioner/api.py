@@ -116,13 +116,15 @@ def refine_and_solve(
     count near the block count, so every solve stays small enough to prove. Each round
     solves the whole model again from scratch, so the plan returned is optimal (within the
     solver's gap) among all placements of its own layers. Finer layers contain every coarser
-    placement: the coarsest round that reached the best period is returned, and a round
-    that comes out slower (a time limit) ends the search.
+    placement, though a finer profile may price replicas a little higher: the coarsest round
+    that reached the best period is returned, and a round the solver could not prove
+    optimal that comes out slower (a time limit) ends the search.
 
     Only the THROUGHPUT objective is refined: a LATENCY plan adds every device's compute,
-    whatever the split. The search ends when the period is within the solver's gap of
-    total compute / devices (`even_share`), when a data-parallel plan wins, or when
-    no layer beside a cut is finer inside.
+    whatever the split. Where replicas win, the cuts are the best pipeline's (solved without
+    them), as long as its even share is below the replicas' period. The search ends when the
+    period is within the solver's gap of total compute / devices (`even_share`), when that
+    share is no better than the best plan's, or when no layer beside a cut is finer inside.
 
     Args:
         analysis: Analysed at ``auto`` granularity (block layers, nothing refined yet).
@@ -136,22 +138,32 @@ def refine_and_solve(
     say = progress or (lambda _: None)
     best = last = solve_analysis(analysis, progress)
     solve_s, current, gap = best.timings_s["solve_s"], analysis, analysis.options.solver.gap
-    while analysis.options.objective is Objective.THROUGHPUT and last.solution.strategy is Strategy.MODEL_PARALLEL:
-        even = even_share(last.problem)
-        if last.solution.objective_s <= even * (1 + gap):
+    while analysis.options.objective is Objective.THROUGHPUT:
+        pipeline = last
+        if last.solution.strategy is Strategy.DATA_PARALLEL:
+            # Replicas won: the cuts are those of the best pipeline, which finer layers may make faster.
+            if even_share(last.problem) >= best.solution.objective_s:
+                break  # no pipeline of these layers beats the replicas, however fine
+            only_pipelines = dataclasses.replace(current.options, allow_data_parallel=False)
+            pipeline = solve_analysis(dataclasses.replace(current, options=only_pipelines), progress)
+            solve_s += pipeline.timings_s["solve_s"]
+        if pipeline.solution.strategy is not Strategy.MODEL_PARALLEL:
             break
-        assignment = last.solution.assignment
+        even = even_share(pipeline.problem)
+        if pipeline.solution.objective_s <= even * (1 + gap) or even >= best.solution.objective_s:
+            break  # balanced, or no balance of these layers would beat the best plan
+        assignment = pipeline.solution.assignment
         beside = {i + k for i in range(len(assignment) - 1) if assignment[i] != assignment[i + 1] for k in (0, 1)}
-        modules = refinable_modules(last.layered, beside)
+        modules = refinable_modules(pipeline.layered, beside)
         if not modules:
             break
-        say(f"busiest device {last.solution.objective_s / even:.3f}x its even share: "
+        say(f"busiest device {pipeline.solution.objective_s / even:.3f}x its even share: "
             f"splitting {len(modules)} layer(s) beside the cuts")
         current = refine(current, modules)
         last = solve_analysis(current, progress)
         solve_s += last.timings_s["solve_s"]
-        if last.solution.objective_s > best.solution.objective_s:
-            break
+        if not last.solution.optimal and last.solution.objective_s > best.solution.objective_s:
+            break  # the solver ran out of time on these layers: finer ones would fare no better
         if last.solution.objective_s < best.solution.objective_s * (1 - gap):
             best = last  # finer layers that gain nothing are kept for the next round only
     timings = {**best.timings_s, "solve_s": solve_s, "profile_s": current.timings_s.get("profile_s", 0.0)}
