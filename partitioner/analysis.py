@@ -226,7 +226,8 @@ def trace_layers(
         The layered model, and seconds spent tracing (``trace_s``) and profiling (``profile_s``).
 
     Raises:
-        ValueError: A split module names a class the model lacks.
+        ValueError: A split module names a class the model lacks, or `trace.refine` a
+            module it lacks.
         TraceError: Neither frontend traces the model.
         ProfileError: The graph does not run on fake tensors.
     """
@@ -237,6 +238,7 @@ def trace_layers(
     start = time.perf_counter()
     classes = {f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()}
     split_modules = check_split_modules(trace.split_modules, classes, type(model).__name__)
+    refined = _refined(model, trace.refine)
     say(f"tracing {type(model).__name__}")
     traced = trace_model(
         model, args, kwargs, frontend=trace.frontend, granularity=trace.granularity, split_modules=split_modules
@@ -254,8 +256,8 @@ def trace_layers(
             model, args, kwargs, frontend=Frontend.EXPORT, granularity=trace.granularity, split_modules=split_modules
         )
         stats = profile_nodes(traced.gm, args, kwargs, training=training)
-    if trace.refine:
-        traced = dataclasses.replace(traced, refined=_refined(model, trace.refine))
+    if refined:
+        traced = dataclasses.replace(traced, refined=refined)
     layered = build_layers(traced, stats, batch_size=example_batch_size(args, kwargs))
     timings["profile_s"] = time.perf_counter() - start
     return layered, timings
