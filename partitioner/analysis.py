@@ -23,7 +23,7 @@ from partitioner.device_resolution import MaxMemory, resolve_devices
 from partitioner.devices import Device
 from partitioner.dtypes import dtype_of
 from partitioner.errors import PlanMismatchError, ProfileError
-from partitioner.layers import LayeredModel, build_layers
+from partitioner.layers import LayeredModel, build_layers, refine_layers
 from partitioner.measure import measure_layers
 from partitioner.options import Frontend, Granularity, PlanOptions, TraceOptions, check_split_modules, trace_options
 from partitioner.partitioned import plain_model
@@ -39,6 +39,8 @@ __all__ = [
     "analyze",
     "check_analysis_args",
     "trace_layers",
+    "refine_analysis",
+    "plan_trace",
     "check_plan_applies",
     "devices_for_plan",
     "example_batch_size",
@@ -76,8 +78,16 @@ class Analysis:
 
     @property
     def granularity(self) -> str:
-        """The layer granularity it was traced at (``block`` or ``leaf``)."""
+        """The layer granularity its layers are at: ``block``, ``leaf``, or ``auto`` where
+        blocks were refined (`refined`); ``auto`` that refined nothing is ``block``."""
+        if self.trace.granularity is Granularity.AUTO and not self.refined:
+            return Granularity.BLOCK.value
         return self.trace.granularity.value
+
+    @property
+    def refined(self) -> tuple[str, ...]:
+        """The modules split into their children (`TraceOptions.refine`), sorted."""
+        return tuple(sorted(self.layered.traced.refined))
 
 
 def analyze(
@@ -137,6 +147,46 @@ def analyze(
     return Analysis(layered, resolved, options, dtype_of(model), trace, timings)
 
 
+def refine_analysis(
+    analysis: Analysis,
+    modules: Iterable[str],
+    example_inputs: tuple[Any, ...] = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    measure: bool = True,
+    measure_budget_s: float = 10.0,
+    progress: Progress | None = None,
+) -> Analysis:
+    """`analysis` with `modules` split into their children (`refine_layers`): the same trace
+    and profile regrouped, the new layers timed again where `analyze` timed them."""
+    layered = refine_layers(analysis.layered, modules)
+    timings = dict(analysis.timings_s)
+    if measure and any(d.present for d in analysis.devices):
+        start = time.perf_counter()
+        args, kwargs = _inputs(example_inputs, example_kwargs)
+        say = progress or (lambda _: None)
+        timed = measure_layers(layered, args, kwargs, analysis.devices, budget_s=measure_budget_s, progress=say)
+        layered = dataclasses.replace(layered, graph=timed)
+        timings["profile_s"] = timings.get("profile_s", 0.0) + time.perf_counter() - start
+    return dataclasses.replace(analysis, layered=layered, timings_s=timings)
+
+
+def plan_trace(plan: Plan, kw: AnalysisArgs) -> AnalysisArgs:
+    """`kw` with the granularity `plan` was made at (and the blocks it refined), unless `kw`
+    names a granularity or `TraceOptions` itself: applying a plan groups layers as it did."""
+    if kw.get("trace") is not None or kw.get("granularity") is not None:
+        return kw
+    granularity = Granularity(plan.granularity) if plan.granularity in {g.value for g in Granularity} else None
+    if granularity is None:
+        return kw
+    trace = trace_options(
+        frontend=kw.get("frontend"), granularity=granularity,
+        split_modules=kw.get("split_modules", ()), no_split_module_classes=kw.get("no_split_module_classes", ()),
+    )
+    rest = {k: v for k, v in kw.items() if k not in ("frontend", "split_modules", "no_split_module_classes")}
+    return {**rest, "trace": dataclasses.replace(trace, refine=plan.refined)}  # type: ignore[typeddict-item]
+
+
 def check_analysis_args(kw: Mapping[str, Any], more: Iterable[str] = ()) -> None:
     """Raise TypeError for a keyword that is not an `AnalysisArgs` field (nor one of `more`):
     ``**kw`` would otherwise take a misspelt ``granularty="leaf"`` and plan at block granularity."""
@@ -177,7 +227,8 @@ def trace_layers(
         The layered model, and seconds spent tracing (``trace_s``) and profiling (``profile_s``).
 
     Raises:
-        ValueError: A split module names a class the model lacks.
+        ValueError: A split module names a class the model lacks, or `trace.refine` a
+            module it lacks.
         TraceError: Neither frontend traces the model.
         ProfileError: The graph does not run on fake tensors.
     """
@@ -188,6 +239,7 @@ def trace_layers(
     start = time.perf_counter()
     classes = {f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()}
     split_modules = check_split_modules(trace.split_modules, classes, type(model).__name__)
+    refined = _refined(model, trace.refine)
     say(f"tracing {type(model).__name__}")
     traced = trace_model(
         model, args, kwargs, frontend=trace.frontend, granularity=trace.granularity, split_modules=split_modules
@@ -205,6 +257,8 @@ def trace_layers(
             model, args, kwargs, frontend=Frontend.EXPORT, granularity=trace.granularity, split_modules=split_modules
         )
         stats = profile_nodes(traced.gm, args, kwargs, training=training)
+    if refined:
+        traced = dataclasses.replace(traced, refined=refined)
     layered = build_layers(traced, stats, batch_size=example_batch_size(args, kwargs))
     timings["profile_s"] = time.perf_counter() - start
     return layered, timings
@@ -222,7 +276,8 @@ def check_plan_applies(plan: Plan, layered: LayeredModel, devices: Sequence[Devi
         raise PlanMismatchError(
             f"the plan was made for {plan.model_name} (fingerprint {plan.fingerprint}) but this model "
             f"traces to {graph.model_name} (fingerprint {graph.fingerprint}) on these example inputs; pass the "
-            "model and example inputs the plan was made with (and its split_modules), or plan this model again"
+            f"model and example inputs the plan was made with (and its split_modules; its granularity, "
+            f"{_granularity(plan)}, is taken from the plan unless given), or plan this model again"
         )
     if devices is not None:
         devices_for_plan(plan, devices)
@@ -231,7 +286,7 @@ def check_plan_applies(plan: Plan, layered: LayeredModel, devices: Sequence[Devi
         raise PlanMismatchError(
             f"the plan has {len(names)} layers but this model has {len(expected)} "
             f"(first difference: {next((a, b) for a, b in zip([*names, None], [*expected, None]) if a != b)}); "
-            "the plan was edited or made with other granularity; plan this model again"
+            "the plan was edited or made with other granularity or split_modules; plan this model again"
         )
 
 
@@ -263,6 +318,22 @@ def devices_for_plan(plan: Plan, devices: Sequence[Device]) -> tuple[Device, ...
                 waiting.setdefault(key, []).append(k)
             return tuple(devices[waiting[key].pop(0)] for key in planned)
     return tuple(devices)
+
+
+def _granularity(plan: Plan) -> str:
+    refined = f" refining {len(plan.refined)} module(s)" if plan.refined else ""
+    return f"{plan.granularity!r}{refined}"
+
+
+def _refined(model: nn.Module, refine: Sequence[str]) -> frozenset[str]:
+    """`refine` checked against `model`'s module paths."""
+    paths = {name for name, _ in model.named_modules() if name}
+    for path in refine:
+        if path not in paths:
+            close = difflib.get_close_matches(path, sorted(paths), n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"TraceOptions.refine names {path!r}, but {type(model).__name__} has no such module{hint}")
+    return frozenset(refine)
 
 
 def example_batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:

@@ -6,8 +6,9 @@ analyze (trace -> profile -> layers -> timing) -> cost model -> solve -> plan ->
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,15 +16,24 @@ import torch
 from torch import nn
 from typing_extensions import Unpack
 
-from partitioner.analysis import Analysis, AnalysisArgs, analyze, check_plan_applies, devices_for_plan, trace_layers
+from partitioner.analysis import (
+    Analysis,
+    AnalysisArgs,
+    analyze,
+    check_plan_applies,
+    devices_for_plan,
+    plan_trace,
+    refine_analysis,
+    trace_layers,
+)
 from partitioner.assemble import annotate_plan, make_plan
 from partitioner.cost_model import build_problem
 from partitioner.devices import Device
 from partitioner.dtypes import dtype_of
 from partitioner.errors import DeviceError, PlanMismatchError
 from partitioner.ir import Problem, Solution
-from partitioner.layers import LayeredModel
-from partitioner.options import PlanOptions, Strategy
+from partitioner.layers import LayeredModel, refinable_modules
+from partitioner.options import Granularity, Objective, PlanOptions, Strategy
 from partitioner.partitioned import PartitionedModule, plain_model
 from partitioner.plan import Plan
 from partitioner.progress import Progress, listening, reporting
@@ -36,6 +46,8 @@ __all__ = [
     "analyze",
     "Analysis",
     "solve_analysis",
+    "refine_and_solve",
+    "even_share",
     "plan",
     "auto_parallelize",
     "PartitionedModule",
@@ -80,9 +92,85 @@ def compile_plan(
     options: PlanOptions | None = None,
     **kw: Unpack[AnalysisArgs],
 ) -> Compiled:
-    """Analyse (`analyze`) and solve (`solve_analysis`); see `plan` for the arguments."""
+    """Analyse (`analyze`) and solve (`solve_analysis`), refining the layers beside the cuts
+    under ``auto`` granularity (`refine_and_solve`); see `plan` for the arguments."""
     analysis = analyze(model, devices, example_inputs, example_kwargs, options=options, **kw)
-    return solve_analysis(analysis, kw.get("progress"))
+    if analysis.trace.granularity is not Granularity.AUTO:
+        return solve_analysis(analysis, kw.get("progress"))
+
+    def refine(current: Analysis, modules: frozenset[str]) -> Analysis:
+        return refine_analysis(
+            current, modules, example_inputs, example_kwargs, measure=kw.get("measure", True),
+            measure_budget_s=kw.get("measure_budget_s", 10.0), progress=kw.get("progress"),
+        )
+
+    return refine_and_solve(analysis, refine, kw.get("progress"))
+
+
+def refine_and_solve(
+    analysis: Analysis, refine: Callable[[Analysis, frozenset[str]], Analysis], progress: Progress | None = None
+) -> Compiled:
+    """Solve `analysis` at block granularity, then, while the busiest device carries more than
+    its even share, split the layers beside each cut into their children and solve again.
+
+    A pipeline's period is its busiest device's; with whole blocks, eight devices cannot take
+    52 blocks in equal shares. Refining only where the stages meet (a block into attention
+    and MLP, those into leaves) lets a cut fall between finer pieces and keeps the layer
+    count near the block count, so every solve stays small enough to prove. Each round
+    solves the whole model again from scratch, so the plan returned is optimal (within the
+    solver's gap) among all placements of its own layers. Finer layers contain every coarser
+    placement, though a finer profile may price replicas a little higher: the coarsest round
+    that reached the best period is returned, and a round the solver could not prove
+    optimal that comes out slower (a time limit) ends the search.
+
+    Only the THROUGHPUT objective is refined: a LATENCY plan adds every device's compute,
+    whatever the split. Where replicas win, the cuts are the best pipeline's (solved without
+    them), as long as its even share is below the replicas' period. The search ends when the
+    period is within the solver's gap of total compute / devices (`even_share`), when that
+    share is no better than the best plan's, or when no layer beside a cut is finer inside.
+
+    Args:
+        analysis: Analysed at ``auto`` granularity (block layers, nothing refined yet).
+        refine: ``refine(analysis, modules)``: `analysis` with `modules` split
+            (`partitioner.analysis.refine_analysis`).
+        progress: Called with a status line per round.
+
+    Returns:
+        The last round's `Compiled`, its timings adding every round's solve.
+    """
+    say = progress or (lambda _: None)
+    best = last = solve_analysis(analysis, progress)
+    solve_s, current, gap = best.timings_s["solve_s"], analysis, analysis.options.solver.gap
+    while analysis.options.objective is Objective.THROUGHPUT:
+        pipeline = last
+        if last.solution.strategy is Strategy.DATA_PARALLEL:
+            # Replicas won: the cuts are those of the best pipeline, which finer layers may make faster.
+            if even_share(last.problem) >= best.solution.objective_s:
+                break  # no pipeline of these layers beats the replicas, however fine
+            only_pipelines = dataclasses.replace(current.options, allow_data_parallel=False)
+            pipeline = solve_analysis(dataclasses.replace(current, options=only_pipelines), progress)
+            solve_s += pipeline.timings_s["solve_s"]
+        if pipeline.solution.strategy is not Strategy.MODEL_PARALLEL:
+            break
+        even = even_share(pipeline.problem)
+        if pipeline.solution.objective_s <= even * (1 + gap) or even >= best.solution.objective_s:
+            break  # balanced, or no balance of these layers would beat the best plan
+        assignment = pipeline.solution.assignment
+        beside = {i + k for i in range(len(assignment) - 1) if assignment[i] != assignment[i + 1] for k in (0, 1)}
+        modules = refinable_modules(pipeline.layered, beside)
+        if not modules:
+            break
+        say(f"busiest device {pipeline.solution.objective_s / even:.3f}x its even share: "
+            f"splitting {len(modules)} layer(s) beside the cuts")
+        current = refine(current, modules)
+        last = solve_analysis(current, progress)
+        solve_s += last.timings_s["solve_s"]
+        if not last.solution.optimal and last.solution.objective_s > best.solution.objective_s:
+            break  # the solver ran out of time on these layers: finer ones would fare no better
+        if last.solution.objective_s < best.solution.objective_s * (1 - gap):
+            best = last  # finer layers that gain nothing are kept for the next round only
+    timings = {**best.timings_s, "solve_s": solve_s, "profile_s": current.timings_s.get("profile_s", 0.0)}
+    return dataclasses.replace(best, timings_s=timings)
 
 
 def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Compiled:
@@ -102,9 +190,17 @@ def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Comp
     resolved = tuple(resolved[d] for d in solution.device_order) or resolved
     timings = {**analysis.timings_s, "solve_s": time.perf_counter() - start}
     result = annotate_plan(
-        make_plan(graph, resolved, problem, solution, options, analysis.granularity), analysis.layered, problem
+        make_plan(graph, resolved, problem, solution, options, analysis.granularity, analysis.refined),
+        analysis.layered,
+        problem,
     )
     return Compiled(analysis.layered, resolved, problem, solution, result, timings)
+
+
+def even_share(problem: Problem) -> float:
+    """Total compute / devices, each layer on its fastest device: the period of a perfectly
+    balanced pipeline, which whole layers may not allow."""
+    return sum(min(row) for row in problem.compute_s) / problem.num_devices if problem.compute_s else 0.0
 
 
 def plan(
@@ -126,8 +222,9 @@ def plan(
         example_kwargs: Keyword example inputs.
         **kw: (`PlanningArgs`) ``options`` (`PlanOptions`), ``max_memory``
             (Accelerate-style caps), ``trace`` (`TraceOptions`), or its fields one by one:
-            ``frontend`` (``auto``, ``fx``, ``export``), ``granularity`` (``block``,
-            ``leaf``), ``split_modules`` (class names kept whole, one layer each; also
+            ``frontend`` (``auto``, ``fx``, ``export``), ``granularity`` (``auto``, the
+            default: blocks, split beside the cuts where that balances a THROUGHPUT
+            pipeline, see `refine_and_solve`; ``block``; ``leaf``), ``split_modules`` (class names kept whole, one layer each; also
             spelt ``no_split_module_classes``, as in Accelerate),
             ``measure`` (time each layer on the present devices, default True; models on
             ``meta`` are never timed; timings vary from run to run, so pass False for
@@ -199,7 +296,7 @@ def auto_parallelize(
     """
     model = plain_model(model)
     if plan is not None:  # a saved plan: checked against the model's analysis, nothing solved or timed
-        unmeasured: PlanningArgs = {**kw, "measure": False}
+        unmeasured: PlanningArgs = {**plan_trace(plan, kw), "measure": False}
         analysis = analyze(model, devices, example_inputs, example_kwargs, **unmeasured)
         check_plan_applies(plan, analysis.layered, analysis.devices)
         # The plan's devices in its own order (the solver's), matched by name, not by list position.

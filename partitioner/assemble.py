@@ -38,15 +38,17 @@ def make_plan(
     solution: Solution,
     options: PlanOptions,
     granularity: str,
+    refined: tuple[str, ...] = (),
 ) -> Plan:
     """The plan of `solution`: per-device and per-layer figures from `evaluate` (of one copy's
-    tables on each copy's devices where the solution copies the model).
+    tables on each copy's devices where the solution copies the model); `granularity` and
+    `refined` say how the layers were grouped (`partitioner.analysis.Analysis`).
 
     `devices` and `problem` are in the order `solution.assignment` places on
     (``reorder(problem, solution.device_order)``), the order `Plan.devices` keeps.
     """
     if solution.replicas:
-        return _copied_plan(graph, devices, problem, solution, options, granularity)
+        return _copied_plan(graph, devices, problem, solution, options, granularity, refined)
     data_parallel = solution.strategy is Strategy.DATA_PARALLEL
     ev = evaluate(problem, solution.assignment)
     # The solver's capacities leave room for the inference working set; the plan shows it as used.
@@ -71,7 +73,9 @@ def make_plan(
         )
     output_device = solution.assignment[-1] if solution.assignment and not data_parallel else 0
     transfers = () if data_parallel else _plan_transfers(problem, ev, output_device)
-    return _plan(graph, devices, problem, solution, options, granularity, plan_devices, transfers, output_device)
+    return _plan(
+        graph, devices, problem, solution, options, granularity, refined, plan_devices, transfers, output_device
+    )
 
 
 def _device(
@@ -105,6 +109,7 @@ def _plan(
     solution: Solution,
     options: PlanOptions,
     granularity: str,
+    refined: tuple[str, ...],
     plan_devices: Sequence[PlanDevice],
     transfers: tuple[PlanTransfer, ...],
     output_device: int,
@@ -132,6 +137,7 @@ def _plan(
         fingerprint=graph.fingerprint,
         frontend=graph.frontend,
         granularity=granularity,
+        refined=refined,
         strategy=solution.strategy,
         objective=options.objective,
         training=options.training,
@@ -154,6 +160,7 @@ def _copied_plan(
     solution: Solution,
     options: PlanOptions,
     granularity: str,
+    refined: tuple[str, ...],
 ) -> Plan:
     """The plan of copies of the model on groups of devices (`Solution.replicas`), each device's
     figures those of its copy: data parallelism over some devices as the cost model priced it
@@ -200,7 +207,7 @@ def _copied_plan(
                     transfers.append(PlanTransfer(value=v.name, src=src, dst=output_device, bytes=nbytes, seconds=seconds))
     plan_devices = [rows[d] for d in range(len(devices))]
     plan = _plan(
-        graph, devices, problem, solution, options, granularity, plan_devices, tuple(transfers), output_device
+        graph, devices, problem, solution, options, granularity, refined, plan_devices, tuple(transfers), output_device
     )
     return replace(plan, why=_why_idle(plan))
 

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adam", choices=["none", "sgd", "momentum", "adam"])
     p.add_argument("--no-data-parallel", action="store_true",
                    help="never copy the model: no data parallelism, no copies of a split")
-    p.add_argument("--granularity", default="block", choices=["block", "leaf"])
+    p.add_argument("--granularity", default="auto", choices=["auto", "block", "leaf"],
+                   help="layer size: auto (blocks, split beside the cuts when that balances the pipeline), block or leaf")
     p.add_argument("--max-memory", nargs="*", default=[], metavar="DEVICE=SIZE",
                    help="caps, e.g. cuda:0=20GB, or 0=20GiB for the first GPU (as in Accelerate)")
     p.add_argument("--reserve", type=float, default=0.1, help="fraction of memory kept free (default 0.1)")
@@ -275,7 +276,7 @@ def _plan(args: argparse.Namespace) -> int:
             built.example_kwargs,
             max_memory=max_memory or None,
             granularity=args.granularity,
-            split_modules=built.no_split_module_classes if args.granularity == "block" else (),
+            split_modules=built.no_split_module_classes if args.granularity != "leaf" else (),
             progress=status.update,
         )
     t = compiled.timings_s

@@ -10,6 +10,13 @@ belongs to the layer of its first user; other users read it as a value, so tied 
 are transferred, never duplicated. Layers that depend on each other both ways are merged
 (the condensation of the layer graph), so the layer graph is a DAG. Edges that carry no
 tensor (SymInts, shapes) cost nothing to cross and do not order layers.
+
+Refinement (``auto`` granularity). A block named in `TracedModel.refined` is no layer of its
+own: each of its children is (a transformer block's attention and MLP; a refined child's
+children in turn), and its ops outside any child follow the leaf rule above; consecutive
+pieces of refined modules that no tensor joins (query, key and value projections side by
+side) stay one layer, so a chain of blocks stays a chain. `refine_layers` regroups an
+already profiled graph so, without tracing it again.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import hashlib
 import json
 import operator
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import torch
@@ -29,7 +37,7 @@ from partitioner.mutations import PIN
 from partitioner.profiling import BACKWARD_FLOP_FACTOR, BACKWARD_KERNEL_FACTOR, NodeStats
 from partitioner.trace import TracedModel
 
-__all__ = ["LayeredModel", "build_layers", "SKIP_TARGETS"]
+__all__ = ["LayeredModel", "build_layers", "refine_layers", "refinable_modules", "SKIP_TARGETS"]
 
 SKIP_TARGETS = ("_guards_fn",)
 """Call targets that are never placed: torch.export's input-guard check does no compute."""
@@ -43,6 +51,8 @@ class LayeredModel:
     graph: LayerGraph
     node_layer: Mapping[str, int]
     """Node name -> layer index, for every placed node (get_attr and call nodes)."""
+    stats: Mapping[str, NodeStats] = field(default_factory=dict)
+    """The profile the layers were costed with (`profile_nodes`), kept to regroup them."""
 
 
 def _qualname(cls: type) -> str:
@@ -82,11 +92,27 @@ def _own_key(node: fx.Node, traced: TracedModel) -> str | None:
     run on any device.
     """
     stack = _module_stack(node)
-    for key, cls_name in stack:
+    for depth, (key, cls_name) in enumerate(stack):
         if _is_block(cls_name, traced.blocks):
-            return key
+            return _refined_key(node, stack[depth:], traced)
     if not stack:
         return None
+    return _leaf_key(node, stack, traced)
+
+
+def _refined_key(node: fx.Node, stack: list[tuple[str, str]], traced: TracedModel) -> str | None:
+    """The layer key of a node inside the block ``stack[0]``: the block, or where it is
+    refined, the first module below it that is not refined (a stateless one is no layer)."""
+    for depth, (key, _) in enumerate(stack):
+        path = key.split("@")[0]
+        if path not in traced.refined:
+            return None if depth and path in traced.stateless else key
+    return _leaf_key(node, stack, traced)  # an op of a refined module itself, in no child
+
+
+def _leaf_key(node: fx.Node, stack: list[tuple[str, str]], traced: TracedModel) -> str | None:
+    """The innermost module of `stack` where it can be a layer (a leaf, or a module with
+    parameters of its own), else None."""
     path = stack[-1][0].split("@")[0]
     if path in traced.stateless or (node.op != "call_module" and path not in traced.owners):
         return None
@@ -197,13 +223,22 @@ def build_layers(traced: TracedModel, stats: Mapping[str, NodeStats], *, batch_s
                 g.add_edge(holder, key[n])
                 g.add_edge(key[n], holder)
 
-    cond = nx.condensation(g)
-    comp_of = cond.graph["mapping"]
-    comp_first = {c: min(first_seen[k] for k in cond.nodes[c]["members"]) for c in cond.nodes}
-    comp_order = list(nx.lexicographical_topological_sort(cond, key=comp_first.__getitem__))
-    comp_index = {c: i for i, c in enumerate(comp_order)}
-    node_layer = {n.name: comp_index[comp_of[k]] for n, k in key.items()}
-    members = [sorted(cond.nodes[c]["members"], key=first_seen.__getitem__) for c in comp_order]
+    layer_of, members = _condense(g, first_seen)
+    while traced.refined:
+        # Refined siblings that run side by side (query, key and value projections) are
+        # tied: a cut between them saves nothing, and a chain of layers stays one.
+        unjoined = [
+            (a[0], b[0])
+            for a, b in zip(members, members[1:])
+            if _in_refined(a[0], traced) and _in_refined(b[0], traced) and not any(g.has_edge(x, y) for x in a for y in b)
+        ]
+        if not unjoined:
+            break
+        for a_key, b_key in unjoined:
+            g.add_edge(a_key, b_key)
+            g.add_edge(b_key, a_key)
+        layer_of, members = _condense(g, first_seen)
+    node_layer = {n.name: layer_of[k] for n, k in key.items()}
 
     layers = _layer_records(gm, traced, stats, key, node_layer, members, order)
     values = _values(gm, stats, node_layer, carries_tensor)
@@ -215,7 +250,58 @@ def build_layers(traced: TracedModel, stats: Mapping[str, NodeStats], *, batch_s
         frontend=traced.frontend,
         batch_size=batch_size,
     )
-    return LayeredModel(traced=traced, graph=graph, node_layer=node_layer)
+    return LayeredModel(traced=traced, graph=graph, node_layer=node_layer, stats=stats)
+
+
+def refine_layers(layered: LayeredModel, modules: Iterable[str]) -> LayeredModel:
+    """`layered` regrouped with `modules` (paths of blocks or of refined blocks' children)
+    split into their children, on the same trace and profile (nothing runs again)."""
+    traced = replace(layered.traced, refined=layered.traced.refined | frozenset(modules))
+    return build_layers(traced, layered.stats, batch_size=layered.graph.batch_size)
+
+
+def refinable_modules(layered: LayeredModel, layers: Iterable[int]) -> frozenset[str]:
+    """The modules that layers `layers` are, where splitting them makes finer layers.
+
+    A layer is refinable when it is one block (or a refined block's child) and some of its
+    nodes run inside a module below it that would be a layer of its own.
+    """
+    wanted = set(layers)
+    found: set[str] = set()
+    traced = layered.traced
+    for n in layered.traced.gm.graph.nodes:
+        if layered.node_layer.get(n.name) not in wanted or n.op == "get_attr":
+            continue
+        key = _own_key(n, traced)
+        if key is None:
+            continue
+        stack = [k for k, _ in _module_stack(n)]
+        below = stack[stack.index(key) + 1 :] if key in stack else []
+        path = key.split("@")[0]
+        if path in found:
+            continue
+        # A child of its own with parameters or buffers (stateless children are no layers).
+        if any(k.split("@")[0] not in traced.stateless for k in below):
+            found.add(path)
+    return frozenset(found)
+
+
+def _condense(g: nx.DiGraph, first_seen: Mapping[str, int]) -> tuple[dict[str, int], list[list[str]]]:
+    """Layers of the key graph `g`: its strongly connected components in topological order
+    (the first seen first among the ready ones); each key's layer, and each layer's keys."""
+    cond = nx.condensation(g)
+    comp_of = cond.graph["mapping"]
+    comp_first = {c: min(first_seen[k] for k in cond.nodes[c]["members"]) for c in cond.nodes}
+    comp_order = list(nx.lexicographical_topological_sort(cond, key=comp_first.__getitem__))
+    comp_index = {c: i for i, c in enumerate(comp_order)}
+    members = [sorted(cond.nodes[c]["members"], key=first_seen.__getitem__) for c in comp_order]
+    return {k: comp_index[c] for k, c in comp_of.items()}, members
+
+
+def _in_refined(key: str, traced: TracedModel) -> bool:
+    """Whether layer key `key` is a refined module or lies inside one."""
+    path = key.split("@")[0]
+    return any(path == r or path.startswith(r + ".") for r in traced.refined)
 
 
 @dataclass(slots=True)

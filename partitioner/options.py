@@ -259,6 +259,11 @@ class Granularity(_Choice):
     """A repeated block (a transformer layer, a module of a ModuleList) and the ops between blocks."""
     LEAF = "leaf"
     """Every leaf module (Linear, LayerNorm) and every op outside one."""
+    AUTO = "auto"
+    """Blocks, then, under the THROUGHPUT objective while the busiest device carries more
+    than its even share (total compute / devices) by more than the solver's gap, the
+    layers beside each cut split into their children (a transformer block into attention
+    and MLP, then into leaves) and solved again (`partitioner.api.compile_plan`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,17 +272,27 @@ class TraceOptions:
 
     frontend: Frontend = Frontend.AUTO
     """The tracer; see `Frontend`."""
-    granularity: Granularity = Granularity.BLOCK
+    granularity: Granularity = Granularity.AUTO
     """The layer size; see `Granularity`."""
     split_modules: tuple[str, ...] = ()
     """Classes kept whole, one layer each: plain (``GPT2Block``) or qualified class names,
     or the classes (stored as qualified names). Accelerate spells it ``no_split_module_classes``.
     Checked against the model's classes when it is traced (`check_split_modules`)."""
+    refine: tuple[str, ...] = ()
+    """Module paths (``transformer.h.3``, ``transformer.h.3.attn``) split into their
+    children on top of block granularity: what ``auto`` chose, recorded in
+    `partitioner.plan.Plan.refined` and replayed when a saved plan is applied."""
 
     def __post_init__(self) -> None:
         _set_choice(self, "frontend", Frontend)
         _set_choice(self, "granularity", Granularity)
         object.__setattr__(self, "split_modules", _class_names(self.split_modules, "TraceOptions.split_modules"))
+        refine = (self.refine,) if isinstance(self.refine, str) else self.refine
+        if not isinstance(refine, (tuple, list)) or not all(isinstance(r, str) and r for r in refine):
+            raise ValueError(f"TraceOptions.refine must hold module paths (strings) (got {self.refine!r})")
+        if refine and self.granularity is Granularity.LEAF:
+            raise ValueError("TraceOptions.refine splits blocks, but granularity 'leaf' has none; use 'auto' or 'block'")
+        object.__setattr__(self, "refine", tuple(dict.fromkeys(refine)))
 
 
 def trace_options(
@@ -298,7 +313,7 @@ def trace_options(
         *_class_names(no_split_module_classes, "no_split_module_classes"),
     )
     if trace is None:
-        fields: dict[str, Any] = {"frontend": frontend or "auto", "granularity": granularity or "block"}
+        fields: dict[str, Any] = {"frontend": frontend or "auto", "granularity": granularity or "auto"}
         return TraceOptions(**fields, split_modules=names)  # strings are read (and checked) there
     if not isinstance(trace, TraceOptions):
         raise ValueError(f"trace must be a TraceOptions (got {trace!r})")

@@ -271,6 +271,7 @@ class Plan:
     """Graph fingerprint of the model it was made for (checked when it is applied)."""
     frontend: str
     granularity: str
+    """What one layer is: ``block``, ``leaf``, or ``auto`` (blocks, those in `refined` split)."""
     strategy: Strategy
     objective: Objective
     training: bool
@@ -300,6 +301,9 @@ class Plan:
     copy ``g`` runs on ``replicas[g][k]`` what `layers` put on ``replicas[0][k]``
     (`Strategy.HYBRID`; one device per group for `Strategy.DATA_PARALLEL`). Empty: one copy,
     or for `Strategy.DATA_PARALLEL` one replica on every device. See `replica_groups`."""
+    refined: tuple[str, ...] = ()
+    """Modules split into their children by ``auto`` granularity (a block into attention and
+    MLP, those into leaves); applying the plan groups the layers so again."""
 
     # ------------------------------------------------------------------ views
     @property

@@ -145,7 +145,9 @@ def _record(data: Any, where: str, cls: type, extra: frozenset[str] | set[str] =
     if repeated:
         raise PlanFormatError(f"{what} repeats keys {repeated[:3]}; each key may appear once per object")
     allowed = {f.name for f in fields(cls)} | set(extra)
-    d = {**{f.name: f.default for f in fields(cls) if f.default is not MISSING}, **data}
+    # A default is read as JSON would hold it (a tuple as a list), so that it is checked alike.
+    defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(cls)}
+    d = {**{k: v for k, v in defaults.items() if v is not MISSING}, **data}
     unknown, missing = set(d) - allowed, allowed - set(d)
     if unknown:
         raise PlanFormatError(f"{what} has unknown keys {sorted(unknown)}")

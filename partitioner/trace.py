@@ -82,6 +82,9 @@ class TracedModel:
     """Qualified names of modules that can be a layer: leaves and modules with direct parameters."""
     stateless: frozenset[str]
     """Qualified names of modules without any parameter or buffer (they can run anywhere)."""
+    refined: frozenset[str] = frozenset()
+    """Qualified names of blocks (and of their modules) split into their children
+    (`partitioner.layers.refine_layers`); empty unless granularity is ``auto``."""
 
 
 def block_classes(model: nn.Module, extra: Sequence[str] = ()) -> frozenset[str]:
@@ -107,7 +110,8 @@ def trace_model(
         example_args: Positional example inputs.
         example_kwargs: Keyword example inputs.
         frontend: ``fx``, ``export``, or ``auto`` (fx where it works, else export).
-        granularity: ``block`` (group by block modules) or ``leaf`` (innermost modules).
+        granularity: ``block`` (group by block modules) or ``leaf`` (innermost modules);
+            ``auto`` groups as ``block`` (the planner refines the layers later).
         split_modules: Extra class names (plain or qualified) to treat as blocks.
 
     Returns:
@@ -129,7 +133,7 @@ def trace_model(
         gm=gm,
         frontend=used,
         model_name=type(model).__name__,
-        blocks=block_classes(model, split_modules) if granularity is Granularity.BLOCK else frozenset(split_modules),
+        blocks=frozenset(split_modules) if granularity is Granularity.LEAF else block_classes(model, split_modules),
         owners=_owner_paths(model),
         stateless=frozenset(
             name

@@ -679,3 +679,55 @@ def test_a_plan_for_other_devices_maps_by_profile_then_by_position() -> None:
     assert devices_for_plan(plan, elsewhere) == tuple(elsewhere)
     with pytest.raises(PlanMismatchError, match="places layers on 2 device"):
         devices_for_plan(plan, elsewhere[:1])
+
+
+# --------------------------------------------------------------------------- automatic granularity
+
+_THROUGHPUT = PlanOptions(objective="throughput", allow_data_parallel=False)
+
+
+def _balance(compiled: Any) -> float:
+    """Busiest device / even share (total compute / devices)."""
+    return compiled.solution.objective_s / partitioner.api.even_share(compiled.problem)
+
+
+@pytest.mark.parametrize(("name", "n"), [("bert", 2), ("bert", 3), ("gpt2", 3)])
+def test_auto_granularity_balances_at_least_as_well_as_blocks(name: str, n: int) -> None:
+    model, args, kwargs = ZOO[name].build()
+    devices = [f"cpu:{k}" for k in range(n)]
+    block = compile_plan(model, devices, args, kwargs, options=_THROUGHPUT, granularity="block", measure=False)
+    auto = compile_plan(model, devices, args, kwargs, options=_THROUGHPUT, granularity="auto", measure=False)
+    assert auto.solution.objective_s < block.solution.objective_s
+    assert _balance(auto) <= _balance(block)
+    assert auto.solution.optimal and auto.plan.solver.optimal  # proved at the layers it ends with
+    assert auto.plan.granularity == "auto" and auto.plan.refined
+    assert len(auto.plan.layers) > len(block.plan.layers)
+
+
+def test_auto_granularity_stops_at_blocks_where_they_balance() -> None:
+    """Under LATENCY no split helps: auto plans as block does, and the plan says block."""
+    model, args, kwargs = ZOO["bert"].build()
+    options = PlanOptions(allow_data_parallel=False)
+    block = compile_plan(model, ["cpu:0", "cpu:1"], args, kwargs, options=options, measure=False)
+    auto = compile_plan(model, ["cpu:0", "cpu:1"], args, kwargs, options=options, granularity="auto", measure=False)
+    assert auto.plan == block.plan and auto.plan.granularity == "block" and auto.plan.refined == ()
+
+
+def test_auto_granularity_split_matches_original_and_its_saved_plan_applies() -> None:
+    case = ZOO["bert"]
+    model, args, kwargs = case.build()
+    devices = ["cpu:0", "cpu:1"]
+    pm = partitioner.auto_parallelize(
+        model, devices, args, kwargs, options=_THROUGHPUT, granularity="auto", measure=False
+    )
+    assert pm.plan.refined and len(set(pm.plan.assignment)) == 2
+    reference = copy.deepcopy(model)
+    _assert_same(*_run_partitioned(case, pm, args, kwargs), *_reference(case, reference, args, kwargs))
+    # Saved and loaded, the plan groups the layers as it was made (no granularity given).
+    saved = partitioner.Plan.from_json(pm.plan.to_json())
+    assert saved == pm.plan
+    again = partitioner.auto_parallelize(model, devices, args, kwargs, plan=saved)
+    assert again.plan == saved
+    _assert_same(*_run_partitioned(case, again, args, kwargs), *_reference(case, copy.deepcopy(model), args, kwargs))
+    with pytest.raises(partitioner.PlanMismatchError, match="granularity"):
+        partitioner.auto_parallelize(model, devices, args, kwargs, plan=saved, granularity="block")

@@ -119,6 +119,21 @@ def test_leaf_granularity_splits_a_built_in_models_blocks(capsys: pytest.Capture
     assert "transformer.h.0.attn.c_attn" in names and "transformer.h.0" not in names
 
 
+def test_auto_granularity_is_the_default_and_block_keeps_a_built_in_models_blocks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Three GPUs cannot share GPT-2's 12 blocks evenly: auto (the default) splits the
+    blocks beside the cuts and plans a shorter period; block keeps them whole."""
+    args = ["gpt2", "--devices", "a100-80gb x3", "--seq-len", "1024", "--batch-size", "8",
+            "--objective", "throughput", "--no-data-parallel"]  # fmt: skip
+    block = plan_of(capsys, *args, "--granularity", "block")
+    assert block.granularity == "block" and not block.refined
+    assert "transformer.h.4" in [layer.name for layer in block.layers]
+    auto = plan_of(capsys, *args)
+    assert auto.granularity == "auto" and auto.refined and auto.predicted_s < block.predicted_s
+    assert len(auto.layers) > len(block.layers) and auto.solver.optimal
+
+
 def test_schedules_take_torchs_names(capsys: pytest.CaptureFixture[str]) -> None:
     plan = plan_of(capsys, "mlp", *TWO_GPUS, "--train", "--global-batch", "8", "--max-microbatches", "2",
                    "--schedules", "ScheduleGPipe")  # fmt: skip

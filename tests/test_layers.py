@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from partitioner.ir import INPUT, OUTPUT
-from partitioner.layers import LayeredModel, build_layers
+from partitioner.layers import LayeredModel, build_layers, refinable_modules, refine_layers
 from partitioner.profiling import NodeStats, profile_nodes
 from partitioner.trace import trace_model
 from tests.models import PLAIN_CASES, ZOO, TwiceModel
@@ -105,6 +105,57 @@ def test_split_modules_make_a_class_one_layer() -> None:
         }
     leaf = group_case("cnn", granularity="leaf", split_modules=["_BasicBlock"]).names()
     assert leaf == ["conv1", "bn1", "layer1", "layer2", "fc"]
+
+
+# --------------------------------------------------------------------------- refinement (auto granularity)
+
+
+def _refined_to_the_end(layered: LayeredModel) -> LayeredModel:
+    while modules := refinable_modules(layered, range(len(layered.graph.layers))):
+        layered = refine_layers(layered, modules)
+    return layered
+
+
+def test_refining_a_block_splits_it_into_its_children_only(gpt2_blocks: Grouped) -> None:
+    refined = refine_layers(gpt2_blocks.layered, ["transformer.h.0"])
+    names = [layer.name for layer in refined.graph.layers]
+    children = ["transformer.h.0.ln_1", "transformer.h.0.attn", "transformer.h.0.ln_2", "transformer.h.0.mlp"]
+    assert names == [*GPT2_BLOCKS[:2], *children, *GPT2_BLOCKS[3:]]
+    params = [p for layer in refined.graph.layers if layer.name in children for p in layer.params]
+    assert len(params) == len(set(params))
+    assert {id(gpt2_blocks.tensor(p)) for p in params} == {id(p) for p in gpt2_blocks.model.transformer.h[0].parameters()}
+    total = sum(layer.fwd_flops for layer in gpt2_blocks.layered.graph.layers)
+    assert sum(layer.fwd_flops for layer in refined.graph.layers) == total
+    assert refined.graph.fingerprint != gpt2_blocks.layered.graph.fingerprint
+
+
+def test_refinable_modules_are_the_layers_with_finer_pieces(gpt2_blocks: Grouped) -> None:
+    index = gpt2_blocks.layer
+    assert refinable_modules(gpt2_blocks.layered, [index("transformer.h.1"), index("lm_head")]) == {"transformer.h.1"}
+    refined = refine_layers(gpt2_blocks.layered, ["transformer.h.1"])
+    names = [layer.name for layer in refined.graph.layers]
+    inside = [names.index(n) for n in ("transformer.h.1.ln_1", "transformer.h.1.attn", "transformer.h.1.mlp")]
+    assert refinable_modules(refined, inside) == {"transformer.h.1.attn", "transformer.h.1.mlp"}
+
+
+def test_refining_gpt2_to_the_end_groups_as_leaf_granularity(gpt2_blocks: Grouped, gpt2_leaves: Grouped) -> None:
+    """The same layers and fingerprint as tracing at leaf granularity: one profile serves both."""
+    finest = _refined_to_the_end(gpt2_blocks.layered)
+    assert [layer.name for layer in finest.graph.layers] == gpt2_leaves.names()
+    assert finest.graph.fingerprint == gpt2_leaves.layered.graph.fingerprint
+
+
+def test_refined_projections_side_by_side_stay_one_layer_and_the_layers_a_chain() -> None:
+    """Llama's q/k/v (and gate/up) projections read the same input: split, they would make
+    the blocks' chain a branchy graph that only the ILP solves."""
+    grouped = group_case("llama")
+    finest = _refined_to_the_end(grouped.layered)
+    names = [layer.name for layer in finest.graph.layers]
+    attn, mlp = "model.layers.1.self_attn", "model.layers.1.mlp"
+    assert f"{attn}.q_proj..{attn}.v_proj" in names and f"{attn}.o_proj" in names
+    assert f"{mlp}.gate_proj..{mlp}.up_proj" in names and f"{mlp}.down_proj" in names
+    joined = {(v.producer, c) for v in finest.graph.values for c in v.consumers}
+    assert all((i, i + 1) in joined for i in range(len(names) - 1))
 
 
 # --------------------------------------------------------------------------- invariants

@@ -62,6 +62,8 @@ def test_plan_options_read_enum_values_from_strings() -> None:
         (lambda: TraceOptions(granularity="layer"), "TraceOptions.granularity: .*'block', 'leaf'"),
         (lambda: TraceOptions(split_modules=[3]), "TraceOptions.split_modules must hold class names .*got 3"),
         (lambda: TraceOptions(split_modules=5), "TraceOptions.split_modules must hold class names .*got 5"),
+        (lambda: TraceOptions(refine=[3]), "TraceOptions.refine must hold module paths .*got \\[3\\]"),
+        (lambda: TraceOptions(granularity="leaf", refine="h.0"), "refine splits blocks, but granularity 'leaf' has none"),
     ],
 )
 def test_bad_option_value_raises_naming_field_and_choices(make: Any, message: str) -> None:
@@ -199,3 +201,14 @@ def test_a_misspelt_planning_keyword_is_a_type_error_naming_the_close_one(front_
     call = getattr(partitioner, front_door)
     with pytest.raises(TypeError, match="unexpected keyword argument 'granularty'; did you mean 'granularity'"):
         call(model, ["cpu:0", "cpu:1"], (x,), granularty="leaf", measure=False)
+
+
+def test_auto_is_the_default_granularity_and_refine_reads_one_path() -> None:
+    assert TraceOptions().granularity is Granularity.AUTO and trace_options().granularity is Granularity.AUTO
+    assert TraceOptions(refine="transformer.h.0").refine == ("transformer.h.0",)  # one path, not its letters
+
+
+def test_refining_a_module_the_model_lacks_raises_naming_the_close_ones() -> None:
+    model, x = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2)), torch.randn(2, 4)
+    with pytest.raises(ValueError, match="TraceOptions.refine names '00', but Sequential has no such module; did you mean '0.0' or '0'"):
+        partitioner.plan(model, ["cpu:0", "cpu:1"], (x,), trace=TraceOptions(refine="00"), measure=False)

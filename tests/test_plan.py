@@ -106,6 +106,16 @@ def test_hand_made_plan_round_trips() -> None:
     _assert_round_trips(hand_plan())
 
 
+def test_refined_modules_round_trip_and_a_plan_saved_without_them_loads() -> None:
+    refined = replace(hand_plan(), granularity="auto", refined=("transformer.h.3", "transformer.h.3.attn"))
+    _assert_round_trips(refined)
+    older = hand_plan().to_dict()
+    assert "refined" not in older  # as plans were saved before the field existed
+    assert Plan.from_dict(older).refined == ()
+    with pytest.raises(PlanFormatError, match="refined must be a list of strings"):
+        Plan.from_dict({**older, "refined": "transformer.h.3"})
+
+
 def test_int_in_a_float_field_dumps_the_same_after_loading() -> None:
     plan = replace(hand_plan(), predicted_s=2, bound_s=1)
     assert Plan.from_json(plan.to_json()).to_json() == plan.to_json()

@@ -483,7 +483,8 @@ def _layers(
     """Trace and group `model` as the planner did (`trace_layers`), and check it is the plan's model."""
     trace = TraceOptions(
         frontend=Frontend(plan.frontend) if plan.frontend in ("fx", "export") else Frontend.AUTO,
-        granularity=Granularity(plan.granularity) if plan.granularity in ("block", "leaf") else Granularity.BLOCK,
+        granularity=Granularity(plan.granularity) if plan.granularity in {g.value for g in Granularity} else Granularity.BLOCK,
+        refine=plan.refined,
         split_modules=tuple(split_modules),
     )
     layered, _ = trace_layers(model, args, kwargs, training=plan.training, trace=trace)
