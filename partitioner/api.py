@@ -334,15 +334,15 @@ def auto_parallelize(
 
 def _fastest_first(devices: Sequence[Device], dtype: str) -> tuple[Device, ...]:
     """`devices` in an order that does not depend on how they were listed: fastest kind first
-    (peak FLOP/s in `dtype`, then memory bandwidth, memory, profile name), the listed order
-    within a kind. The solver searches the order layers flow in (`solve.order`), but copies of
+    (peak FLOP/s in `dtype`, then memory bandwidth, profile name), the listed order within a
+    kind (devices of one profile capped apart keep the order given). The solver searches the order layers flow in (`solve.order`), but copies of
     the model and data parallelism over some devices take the devices in this order."""
 
-    def key(item: tuple[int, Device]) -> tuple[float, float, int, str, int]:
+    def key(item: tuple[int, Device]) -> tuple[float, float, str, int]:
         k, d = item
         p = d.profile
         flops = (getattr(p.peak_flops, dtype, None) or p.peak_flops.float32) * p.compute_efficiency
-        return (-flops, -p.memory_bandwidth_Bps * p.memory_efficiency, -d.memory_bytes, p.name, k)
+        return (-flops, -p.memory_bandwidth_Bps * p.memory_efficiency, p.name, k)
 
     return tuple(d for _, d in sorted(enumerate(devices), key=key))
 
