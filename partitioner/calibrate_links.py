@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from partitioner.cluster import Cluster, cluster_from_dict
+from partitioner.devices import MAX_BANDWIDTH_BPS, MAX_LATENCY_S, MIN_BANDWIDTH_BPS
 from partitioner.errors import DeviceError
 from partitioner.files import staged
 from partitioner.progress import Progress
@@ -102,7 +103,8 @@ def fit_link(sizes: Sequence[float], seconds: Sequence[float]) -> LinkFit:
     latency within their noise; a fit on relative errors ``(p - t) / t`` forgives
     under-estimates, so a loopback whose mid-size messages wait for a core gets a latency
     of its smallest ones). Both figures are found on a logarithmic grid, then refined by
-    damped Gauss-Newton steps on their logarithms; they stay positive.
+    damped Gauss-Newton steps on their logarithms; they stay positive, and within what a
+    profile may carry (bandwidth in [1e6, 1e15] B/s, latency at most 1 s).
 
     Raises:
         ValueError: Fewer than two distinct sizes, lengths that differ, or a time or size <= 0.
@@ -145,7 +147,11 @@ def fit_link(sizes: Sequence[float], seconds: Sequence[float]) -> LinkFit:
             damping *= 10
         if np.abs(step).max() < 1e-10 or damping > 1e10:
             break
-    return LinkFit(latency_s=float(np.exp(u[0])), seconds_per_byte=float(np.exp(u[1])))
+    # Noise can make larger messages no slower than small ones (a slope of 0: an infinite
+    # bandwidth): the figures are held to what a profile may carry.
+    latency = min(float(np.exp(u[0])), MAX_LATENCY_S)
+    per_byte = min(max(float(np.exp(u[1])), 1 / MAX_BANDWIDTH_BPS), 1 / MIN_BANDWIDTH_BPS)
+    return LinkFit(latency_s=latency, seconds_per_byte=per_byte)
 
 
 def ring_hop(allreduce: LinkFit, processes: int) -> LinkFit:

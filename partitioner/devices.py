@@ -39,6 +39,9 @@ __all__ = [
     "DTYPES",
     "PROFILE_NAME_RE",
     "MAX_MEMORY_BYTES",
+    "MAX_BANDWIDTH_BPS",
+    "MIN_BANDWIDTH_BPS",
+    "MAX_LATENCY_S",
     "PeakFlops",
     "Link",
     "DeviceProfile",
@@ -72,14 +75,14 @@ PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # 141 GiB, 4.8 TB/s, 1e15 FLOP/s, 450 GB/s): a value past them is a typo in units.
 MAX_MEMORY_BYTES = 2**50  # 1 PiB
 """Most memory a profile may give; a ``max_memory`` cap this large or larger reads as no limit."""
-_MAX_BANDWIDTH_BPS = 1e15  # 1 PB/s
+MAX_BANDWIDTH_BPS = 1e15  # 1 PB/s
 _MAX_FLOPS = 1e18  # 1 EFLOP/s
-_MAX_LATENCY_S = 1.0
+MAX_LATENCY_S = 1.0
 # Lower bounds as far below every real device (a 1990s PC moved 1 MB/s and did 1 MFLOP/s;
 # no link or roofline reaches only 0.1% of its nominal rate). They also keep every
 # seconds = amount / (rate x efficiency) finite: with 1e-200 x 1e-200 the product
 # underflows to 0 and the division fails; a time of 1e300 s breaks the plan's JSON.
-_MIN_BANDWIDTH_BPS = 1e6  # 1 MB/s
+MIN_BANDWIDTH_BPS = 1e6  # 1 MB/s
 _MIN_FLOPS = 1e6  # 1 MFLOP/s
 _MIN_EFFICIENCY = 1e-3
 # A kernel launch or op dispatch takes microseconds; 10 ms is a typo in units.
@@ -264,8 +267,8 @@ def check_link(key: str, link: object) -> None:
         raise FieldError(f"{key}.interface", "must be a short name such as 'pcie' or 'nvlink'", link.interface)
     if link.generation is not None:
         _check_int(f"{key}.generation", link.generation, 32)
-    _check_number(f"{key}.bandwidth_Bps", link.bandwidth_Bps, _MAX_BANDWIDTH_BPS, _MIN_BANDWIDTH_BPS)
-    _check_number(f"{key}.latency_s", link.latency_s, _MAX_LATENCY_S)
+    _check_number(f"{key}.bandwidth_Bps", link.bandwidth_Bps, MAX_BANDWIDTH_BPS, MIN_BANDWIDTH_BPS)
+    _check_number(f"{key}.latency_s", link.latency_s, MAX_LATENCY_S)
     _check_number(f"{key}.efficiency", link.efficiency, 1.0, _MIN_EFFICIENCY)
 
 
@@ -279,7 +282,7 @@ def _validate_profile(p: DeviceProfile) -> None:
     if p.kind not in ("cpu", "gpu"):
         raise FieldError("kind", "must be 'cpu' or 'gpu'", p.kind)
     _check_int("memory_bytes", p.memory_bytes, MAX_MEMORY_BYTES)
-    _check_number("memory_bandwidth_Bps", p.memory_bandwidth_Bps, _MAX_BANDWIDTH_BPS, _MIN_BANDWIDTH_BPS)
+    _check_number("memory_bandwidth_Bps", p.memory_bandwidth_Bps, MAX_BANDWIDTH_BPS, MIN_BANDWIDTH_BPS)
     if not isinstance(p.peak_flops, PeakFlops):
         raise FieldError("peak_flops", "must be a PeakFlops", p.peak_flops)
     for dtype in DTYPES:

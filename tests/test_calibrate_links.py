@@ -124,6 +124,13 @@ def test_a_measurement_that_cannot_be_made_is_refused_before_starting(processes:
         measure_gloo(processes, sizes)
 
 
+def test_times_that_do_not_grow_with_size_fit_a_bandwidth_a_profile_may_carry() -> None:
+    # Regression: on a loaded machine 64 KiB came back no slower than 4 KiB; the fitted slope
+    # went to 0 and the written profile held 1.7e25 B/s, which loading refused.
+    fit = fit_link([4096, 65536], [2e-3, 1.9e-3])
+    assert 1 / fit.seconds_per_byte <= 1e15 and 0 < fit.latency_s <= 1.0
+
+
 def test_two_processes_measure_a_valid_profile(tmp_path: Path) -> None:
     lines: list[str] = []
     timings = measure_gloo(2, (4 << 10, 64 << 10), repeat_scale=0.05, progress=lines.append)
