@@ -45,6 +45,7 @@ from partitioner.ir import INPUT, OUTPUT, TIME_SOURCES, BatchShare, Layer, Layer
 from partitioner.options import PlanOptions
 
 __all__ = [
+    "split_sizes",
     "roofline_time",
     "gemm_efficiency",
     "layer_time_source",
@@ -253,8 +254,9 @@ def ring_allreduce_s(nbytes: float, hops: Sequence[tuple[float, float]]) -> floa
     return 2 * (k - 1) / k * nbytes * max(h[0] for h in hops) + 2 * (k - 1) * max(h[1] for h in hops)
 
 
-def _batch_shares(batch_size: int, k: int) -> tuple[int, ...]:
-    """Samples per replica when `batch_size` is split as evenly as integers allow."""
+def split_sizes(batch_size: int, k: int) -> tuple[int, ...]:
+    """Samples per replica when `batch_size` is split as evenly as integers allow, as
+    `torch.tensor_split` splits it (the first ``batch_size % k`` take one more)."""
     return tuple(batch_size // k + (1 if j < batch_size % k else 0) for j in range(k))
 
 
@@ -296,7 +298,7 @@ def replica_cost(
     k = len(devices)
     if k < 2 or graph.batch_size < k:
         return None
-    shares = _batch_shares(graph.batch_size, k)
+    shares = split_sizes(graph.batch_size, k)
     fractions = [s / graph.batch_size for s in shares]
     replica_s: dict[tuple[DeviceProfile, float], float] = {}  # identical devices are costed once
     for d, f in zip(devices, fractions, strict=True):
@@ -426,7 +428,7 @@ def data_parallel_costs(
             whole[d.profile] = sum(layer_time(layer, d.profile, options, dtype) for layer in graph.layers)
     out: dict[tuple[int, ...], ReplicaCost] = {}
     for k in range(2, min(n - 1, graph.batch_size) + 1):
-        samples = _batch_shares(graph.batch_size, k)[0]
+        samples = split_sizes(graph.batch_size, k)[0]
         fitting = [j for j in range(n) if _replica_fits(graph, devices[j], options, samples)]
         fastest = sorted(fitting, key=lambda j: (whole[devices[j].profile], j))[:k]
         for subset in (tuple(range(k)), tuple(sorted(fastest))):
@@ -459,7 +461,7 @@ def batch_shares(
     memory = tuple(layer_memory(layer, options) for layer in graph.layers)
     out = []
     for r in range(2, most + 1):
-        samples = _batch_shares(graph.batch_size, r)[0]
+        samples = split_sizes(graph.batch_size, r)[0]
         f = samples / graph.batch_size
         columns: dict[DeviceProfile, tuple[float, ...]] = {}
         for d in devices:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from partitioner.cost_model import split_sizes
 from partitioner.layers import LayeredModel
 from partitioner.rewrite import (
     InsertedTransfer,
@@ -40,7 +41,7 @@ from partitioner.rewrite import (
     rewrite_graph,
     tensor_devices,
 )
-from partitioner.trace import named_tensors
+from partitioner.snapshot import named_tensors
 
 __all__ = ["Replicated", "replicate", "Copies", "replicate_split", "scatter", "replication_hazards"]
 
@@ -53,6 +54,14 @@ def scatter(value: Any, batch_size: int, shards: int) -> list[Any]:
         for x in leaves
     ]
     return [tree_unflatten([s[k] if s is not None else x for s, x in zip(split, leaves)], spec) for k in range(shards)]
+
+
+def _shards(
+    args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int, copies: int
+) -> tuple[list[Any], list[int]]:
+    """The (args, kwargs) of each of at most `copies` shards of the batch, and their sizes."""
+    shards = min(copies, batch_size)
+    return scatter((args, kwargs), batch_size, shards), list(split_sizes(batch_size, shards))
 
 
 def _gather(outputs: list[Any], sizes: list[int], device: str) -> Any:
@@ -99,12 +108,9 @@ class Replicated(nn.Module):
         self.register_load_state_dict_pre_hook(_add_prefix)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        shards = min(len(self.devices), self.batch_size)
-        pieces = scatter((args, kwargs), self.batch_size, shards)
+        pieces, sizes = _shards(args, kwargs, self.batch_size, len(self.devices))
         state: dict[str, torch.Tensor] = dict(self.module.named_parameters())
         state.update(self.module.named_buffers())
-        # torch.tensor_split gives the first (batch % shards) shards one extra sample.
-        sizes = [self.batch_size // shards + (k < self.batch_size % shards) for k in range(shards)]
         outputs = []
         for device, (a, kw) in zip(self.devices, pieces):
             replica_state = {name: t.to(device) for name, t in state.items()}
@@ -152,9 +158,7 @@ class Copies(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.others:
             return self.module(*args, **kwargs)
-        shards = min(1 + len(self.others), self.batch_size)
-        pieces = scatter((args, kwargs), self.batch_size, shards)
-        sizes = [self.batch_size // shards + (k < self.batch_size % shards) for k in range(shards)]
+        pieces, sizes = _shards(args, kwargs, self.batch_size, 1 + len(self.others))
         outputs = [self.module(*pieces[0][0], **pieces[0][1])]
         tensors = named_tensors(self.module)
         for (graph, device_of), (a, kw) in zip(self.others, pieces[1:]):
