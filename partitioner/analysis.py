@@ -165,10 +165,33 @@ def refine_analysis(
         start = time.perf_counter()
         args, kwargs = _inputs(example_inputs, example_kwargs)
         say = progress or (lambda _: None)
-        timed = measure_layers(layered, args, kwargs, analysis.devices, budget_s=measure_budget_s, progress=say)
+        # A layer of the same nodes as before keeps its times; only the new ones are timed.
+        before = _layers_by_nodes(analysis.layered)
+        kept = {i: before[nodes] for nodes, i in _layers_by_nodes(layered).items() if nodes in before}
+        old = analysis.layered.graph.layers
+        carried = (
+            dataclasses.replace(l, fwd_time_s=old[kept[l.index]].fwd_time_s, bwd_time_s=old[kept[l.index]].bwd_time_s)
+            if l.index in kept
+            else l
+            for l in layered.graph.layers
+        )
+        graph = dataclasses.replace(layered.graph, layers=tuple(carried))
+        layered = dataclasses.replace(layered, graph=graph)
+        new = [l.index for l in graph.layers if l.index not in kept]
+        timed = measure_layers(
+            layered, args, kwargs, analysis.devices, budget_s=measure_budget_s, progress=say, only=new
+        )
         layered = dataclasses.replace(layered, graph=timed)
         timings["profile_s"] = timings.get("profile_s", 0.0) + time.perf_counter() - start
     return dataclasses.replace(analysis, layered=layered, timings_s=timings)
+
+
+def _layers_by_nodes(layered: LayeredModel) -> dict[frozenset[str], int]:
+    """Each layer's index, keyed by the graph nodes it is made of."""
+    nodes: dict[int, set[str]] = {}
+    for node, i in layered.node_layer.items():
+        nodes.setdefault(i, set()).add(node)
+    return {frozenset(members): i for i, members in nodes.items()}
 
 
 def plan_trace(plan: Plan, kw: AnalysisArgs) -> AnalysisArgs:

@@ -16,6 +16,7 @@ from partitioner.analysis import devices_for_plan
 from partitioner.api import compile_plan, solve_analysis
 from partitioner.device_resolution import resolve_devices
 from partitioner.errors import DeviceMismatchError, PlanMismatchError
+from partitioner.layers import refinable_modules
 from partitioner.models import build_model
 from partitioner.rewrite import move_to
 from tests.models import ZOO, HandSplitMLP, ZooCase
@@ -731,3 +732,34 @@ def test_auto_granularity_split_matches_original_and_its_saved_plan_applies() ->
     _assert_same(*_run_partitioned(case, again, args, kwargs), *_reference(case, copy.deepcopy(model), args, kwargs))
     with pytest.raises(partitioner.PlanMismatchError, match="granularity"):
         partitioner.auto_parallelize(model, devices, args, kwargs, plan=saved, granularity="block")
+
+
+def test_refining_times_only_the_new_layers_and_keeps_the_others_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each round of ``auto`` granularity re-timed the whole model on the present devices; a
+    layer made of the same nodes as before keeps its times, only the split ones are timed."""
+    import partitioner.analysis as analysis_module
+
+    model, args, kwargs = ZOO["gpt2"].build()
+    analysis = partitioner.analyze(model, ["cpu"], args, kwargs, granularity="auto", measure_budget_s=2.0)
+    before = {l.name: l for l in analysis.layered.graph.layers}
+    block = next(i for i, l in enumerate(analysis.layered.graph.layers) if l.name == "transformer.h.1")
+    modules = refinable_modules(analysis.layered, [block])
+    asked: list[Any] = []
+    timer = analysis_module.measure_layers
+
+    def spy(*a: Any, **kw: Any) -> Any:
+        asked.append(kw.get("only"))
+        return timer(*a, **kw)
+
+    monkeypatch.setattr(analysis_module, "measure_layers", spy)
+    refined = analysis_module.refine_analysis(analysis, modules, args, kwargs, measure_budget_s=2.0)
+    layers = refined.layered.graph.layers
+    (timed,) = asked
+    # The split block's pieces are timed (and a neighbour whose nodes moved), not the whole model.
+    assert {l.index for l in layers if l.name not in before} <= set(timed) and len(timed) < len(layers)
+    for l in layers:
+        if l.index not in timed:
+            assert l.fwd_time_s and (l.fwd_time_s, l.bwd_time_s) == (
+                before[l.name].fwd_time_s, before[l.name].bwd_time_s
+            )
+    assert all(layers[i].fwd_time_s for i in timed)

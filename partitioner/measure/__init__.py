@@ -59,7 +59,7 @@ The modules: `units` (a unit and its copies), `capture` (recording the units), `
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -89,8 +89,10 @@ def measure_layers(
     repeats: int = 5,
     budget_s: float = 10.0,
     progress: Progress | None = None,
+    only: Collection[int] | None = None,
 ) -> LayerGraph:
-    """Time every layer of `layered` on each present kind of device among `devices`.
+    """Time every layer of `layered` (or those in `only`) on each present kind of device
+    among `devices`.
 
     Devices sharing a profile (``cpu``, ``cpu:0``, ``cpu:1``) are measured once, on the
     first of them; absent devices (profiles only) are skipped. The method is in the
@@ -105,6 +107,8 @@ def measure_layers(
         budget_s: Seconds the whole measurement may take (split evenly between device
             kinds); when spent, the rounds stop and the layers keep what was measured.
         progress: Called with a line per round.
+        only: Indices of the layers to time (the forward still runs whole, to record
+            their inputs); None: every layer. The others keep the times they have.
 
     Returns:
         `layered.graph` with ``fwd_time_s[profile]`` and ``bwd_time_s[profile]`` set on
@@ -137,6 +141,10 @@ def measure_layers(
     # One measurement at a time: it sets torch's thread count and runs the model's modules.
     with TRACE_LOCK, timing_settings(cuda):
         units = capture_units(layered, _flat_inputs(gm, tuple(example_args), kwargs), written, say)
+        if only is not None:
+            units = [u for u in units if u.layer in only]
+            if not units:
+                return layered.graph
         for k, (profile, device) in enumerate(targets.items()):
             remaining = budget_s - (time.perf_counter() - start)
             deadline = time.perf_counter() + remaining / (len(targets) - k)
