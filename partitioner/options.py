@@ -25,6 +25,7 @@ __all__ = [
     "SolverOptions",
     "Precision",
     "Recompute",
+    "Sharding",
     "TrainingOptions",
     "Frontend",
     "Granularity",
@@ -380,8 +381,31 @@ class Recompute(_Choice):
 
     NEVER = "never"
     AUTO = "auto"
-    """A stage recomputes only where its layers would not fit otherwise."""
+    """Each stage takes the cheapest of none, selective and full that fits its memory."""
+    SELECTIVE = "selective"
+    """Every stage recomputes at least its attention cores (scores, softmax, weighted sum:
+    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+    Models"), and the whole forward where that does not fit."""
     ALWAYS = "always"
+    """Every stage recomputes its whole forward, keeping only its input per microbatch."""
+
+
+class Sharding(_Choice):
+    """What the data-parallel replicas of a stage shard among themselves (ZeRO, Rajbhandari et
+    al. 2020; FSDP2's ``fully_shard``) instead of each holding a whole copy."""
+
+    NONE = "none"
+    """Replicated (DDP): every replica holds weights, gradients and optimizer state."""
+    ZERO1 = "zero1"
+    """Optimizer state (and float32 master weights) sharded; gradients all-reduced."""
+    ZERO2 = "zero2"
+    """Optimizer state and gradients sharded (gradients reduce-scattered)."""
+    ZERO3 = "zero3"
+    """Parameters too (FSDP): all-gathered before each layer's forward and again before its
+    backward (FSDP2 ``reshard_after_forward=True``)."""
+    ZERO3_KEEP = "zero3-keep"
+    """Parameters sharded between steps but kept whole from a layer's forward to its backward
+    (FSDP2 ``reshard_after_forward=False``): one all-gather fewer, more memory."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -414,6 +438,14 @@ class TrainingOptions:
     """Most microbatches per step (simulation time grows with stages x microbatches)."""
     recompute: Recompute = Recompute.AUTO
     """Activation recomputation per stage."""
+    tensor_parallel: tuple[int, ...] = (1, 2, 4, 8)
+    """Tensor-parallel degrees to consider (Megatron-style column -> row pairs found on the
+    traced graph); a degree must divide the devices of a node and every sharded width."""
+    sequence_parallel: bool = True
+    """With tensor parallelism, also shard the norms and dropouts between the pairs on the
+    sequence (Korthikanti et al. 2022): activations divide by the degree, the same bytes move."""
+    shardings: tuple[Sharding, ...] = tuple(Sharding)
+    """Data-parallel sharding (ZeRO stages, FSDP) to consider."""
     overlap_allreduce: bool = False
     """Start each stage's gradient all-reduce during its last backward (DDP's bucketing)
     instead of after it (as torch.distributed.pipelining does by default)."""
@@ -440,11 +472,30 @@ class TrainingOptions:
             raise ValueError(f"TrainingOptions.schedules: {e}") from None
         if not self.schedules:
             raise ValueError("schedules must name at least one pipeline schedule")
+        named = (self.shardings,) if isinstance(self.shardings, (str, type)) else self.shardings
+        try:
+            object.__setattr__(self, "shardings", tuple(Sharding(s) for s in named))
+        except TypeError:
+            raise ValueError(f"TrainingOptions.shardings must be a tuple of shardings (got {named!r})") from None
+        except ValueError as e:
+            raise ValueError(f"TrainingOptions.shardings: {e}") from None
+        if not self.shardings:
+            raise ValueError("shardings must name at least one (Sharding.NONE: replicated)")
+        degrees = (self.tensor_parallel,) if isinstance(self.tensor_parallel, int) else self.tensor_parallel
+        if (
+            not isinstance(degrees, tuple)
+            or not degrees
+            or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1 for t in degrees)
+        ):
+            raise ValueError(
+                f"TrainingOptions.tensor_parallel must be a non-empty tuple of integers >= 1 (got {self.tensor_parallel!r})"
+            )
+        object.__setattr__(self, "tensor_parallel", tuple(sorted({int(t) for t in degrees})))
         _check_int(self, "max_stages", 1, optional=True)
         _check_int(self, "max_virtual_stages", 1)
         _check_int(self, "min_microbatches", 1)
         _check_int(self, "max_microbatches", 1)
-        for flag in ("overlap_allreduce", "equal_replicas"):
+        for flag in ("overlap_allreduce", "equal_replicas", "sequence_parallel"):
             _check_flag(self, flag)
         _check_fraction(self, "memory_reserve")
         if self.max_virtual_stages < 2 and PipelineSchedule.INTERLEAVED_1F1B in self.schedules:

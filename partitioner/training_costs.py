@@ -94,6 +94,29 @@ class ChainLayer:
     """Bytes one sample keeps alive from its forward to its backward, at the training precision."""
     flops: float
     """Forward plus backward FLOPs of one sample (model FLOPs: no recomputation)."""
+    tp_flops: float = 0.0
+    """Of `flops`, those of its tensor-parallel pairs (`partitioner.tp_layout`): the columns,
+    rows and what lies between them (attention cores); divided by the degree under TP."""
+    tp_params: int = 0
+    """Of `params`, those the pairs and vocabulary shards split over the TP group."""
+    tp_activation_bytes: int = 0
+    """Of `activation_bytes` (per sample), those inside the pairs, split over the TP group;
+    the rest (norm and residual inputs) split too only under sequence parallelism."""
+    tp_comm_bytes: int = 0
+    """Bytes per sample each row's output (and a vocabulary-parallel embedding's) all-reduces
+    over the TP group in the forward; the backward all-reduces as many at the columns'
+    inputs. Under sequence parallelism each all-reduce is a reduce-scatter and an
+    all-gather of the same bytes."""
+    tp_divisor: int = 0
+    """TP degrees ``t`` with ``tp_divisor % t == 0`` split the layer's pairs evenly (the gcd of
+    its heads, key/value heads and sharded widths); others leave them replicated. 0: the
+    layer has nothing to split (any degree runs it replicated)."""
+    core_flops: float = 0.0
+    """Forward plus backward FLOPs per sample of its attention cores (scores, softmax,
+    weighted sum): selective recomputation re-runs their forward (a third of these)."""
+    core_activation_bytes: int = 0
+    """Of `activation_bytes` (per sample), those its attention cores keep: what selective
+    recomputation frees."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -22,6 +22,7 @@ PURE = [
     "partitioner.options",
     "partitioner.cost_model",
     "partitioner.training_costs",
+    "partitioner.tp_layout",
     "partitioner.devices",
     "partitioner.profile_files",
     "partitioner.device_detection",

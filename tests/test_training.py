@@ -256,3 +256,31 @@ def test_replanning_refuses_a_device_kind_without_layer_times(gpt2_mixed: Traini
 
     with pytest.raises(DeviceError, match="no layer times for h100-80gb"):
         replan_training(gpt2_mixed, load_cluster("h100-8x8-ib"), TrainingOptions(max_microbatches=16))
+
+
+def test_a_tensor_parallel_degree_that_does_not_divide_the_heads_names_the_numbers() -> None:
+    from partitioner.tp_layout import Column, Pair, TensorParallelError, TensorParallelLayout
+
+    attention = Pair(
+        columns=(Column(module="q", out_features=768), Column(module="k", out_features=256), Column(module="v", out_features=256)),
+        row="o",
+        kind="attention",
+        heads=12,
+        kv_heads=4,
+        width=768,
+    )
+    layout = TensorParallelLayout(pairs=(attention,))
+    layout.check_degree(4)
+    with pytest.raises(TensorParallelError, match=r"degree 8 does not divide attention 'o' \(12 heads, 4 key/value heads.*\[1, 2, 4\]"):
+        layout.check_degree(8)
+
+
+def test_training_options_read_shardings_and_tensor_parallel_degrees() -> None:
+    from partitioner.options import Sharding, TrainingOptions
+
+    options = TrainingOptions(shardings=("zero3", "NONE"), tensor_parallel=(4, 1, 4))
+    assert options.shardings == (Sharding.ZERO3, Sharding.NONE) and options.tensor_parallel == (1, 4)
+    with pytest.raises(ValueError, match="shardings.*did you mean 'zero3'"):
+        TrainingOptions(shardings=("zero4",))
+    with pytest.raises(ValueError, match="tensor_parallel must be"):
+        TrainingOptions(tensor_parallel=(0,))
