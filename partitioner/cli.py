@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _training_options(args: argparse.Namespace) -> TrainingOptions:
     from partitioner.options import Optimizer, TrainingOptions
 
-    schedules = {"schedules": tuple(PipelineSchedule(x) for x in args.schedules)} if args.schedules else {}
+    schedules = tuple(PipelineSchedule(x) for x in args.schedules) if args.schedules else TrainingOptions().schedules
     return TrainingOptions(
         global_batch=args.global_batch or args.batch_size,
         optimizer=Optimizer(args.optimizer),
@@ -178,7 +178,7 @@ def _training_options(args: argparse.Namespace) -> TrainingOptions:
         overlap_allreduce=args.overlap_allreduce,
         memory_reserve=args.reserve,
         equal_replicas=args.equal_replicas,
-        **schedules,
+        schedules=schedules,
     )
 
 

@@ -472,11 +472,11 @@ class TrainingOptions:
             raise ValueError(f"TrainingOptions.schedules: {e}") from None
         if not self.schedules:
             raise ValueError("schedules must name at least one pipeline schedule")
-        named = (self.shardings,) if isinstance(self.shardings, (str, type)) else self.shardings
+        kinds = (self.shardings,) if isinstance(self.shardings, (str, type)) else self.shardings
         try:
-            object.__setattr__(self, "shardings", tuple(Sharding(s) for s in named))
+            object.__setattr__(self, "shardings", tuple(Sharding(s) for s in kinds))
         except TypeError:
-            raise ValueError(f"TrainingOptions.shardings must be a tuple of shardings (got {named!r})") from None
+            raise ValueError(f"TrainingOptions.shardings must be a tuple of shardings (got {kinds!r})") from None
         except ValueError as e:
             raise ValueError(f"TrainingOptions.shardings: {e}") from None
         if not self.shardings:
