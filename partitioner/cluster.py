@@ -44,8 +44,10 @@ __all__ = [
 CLUSTER_DIR = "clusters"
 """Cluster profiles live in this subdirectory of every profile directory (`profile_search_path`)."""
 
-# Past these a cluster is a typo or too large for the dense link table (devices squared);
-# `MAX_DEVICES` (1024) is also the most a device list may name.
+# Past these a cluster is a typo or too large for the dense link table (devices squared:
+# 4096 devices are four tables of 16.8M shared floats, ~130 MB each); `MAX_DEVICES` (1024)
+# is the most a device list may name.
+MAX_CLUSTER_DEVICES = 4096
 _MAX_DEVICES_PER_NODE = 64
 _MAX_FILE_BYTES = 1 << 20
 _LINK_KEYS = {f.name for f in fields(Link)}
@@ -221,7 +223,7 @@ class _NodeType:
 def _node_type(where: str, key: str, raw: object) -> _NodeType:
     node = json_object(where, key, raw, {"name", "count", "devices", "links"}, set())
     name = _text(where, f"{key}.name", node["name"])
-    count = _count(where, f"{key}.count", node["count"], MAX_DEVICES)
+    count = _count(where, f"{key}.count", node["count"], MAX_CLUSTER_DEVICES)
     if not isinstance(node["devices"], list) or not node["devices"]:
         raise ProfileError(f"{where}: key '{key}.devices' must be a non-empty list")
     kinds: dict[str, tuple[DeviceProfile, int]] = {}
@@ -299,8 +301,10 @@ def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
             node_names.append(node_name)
             pair_link.append(node.links)
             members = [profile for profile, n in node.kinds.values() for _ in range(n)]
-            if len(devices) + len(members) > MAX_DEVICES:
-                raise ProfileError(f"{where}: more than {MAX_DEVICES} devices; at most {MAX_DEVICES}")
+            if len(devices) + len(members) > MAX_CLUSTER_DEVICES:
+                raise ProfileError(
+                    f"{where}: more than {MAX_CLUSTER_DEVICES} devices; at most {MAX_CLUSTER_DEVICES}"
+                )
             for local, profile in enumerate(members):
                 devices.append(
                     Device(
@@ -319,25 +323,7 @@ def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
         lines.append(_link_line(link, "between nodes (per device)") + _ring_line(network[1]))
     elif len(node_names) > 1:
         raise ProfileError(f"{where}: key 'network' must be a link: the cluster has {len(node_names)} nodes")
-    zero = (0.0, 0.0)
-    send: list[list[_Hop]] = []
-    ring: list[list[_Hop]] = []
-    for src, dev_src in enumerate(devices):
-        row_send, row_ring = [], []
-        for dst, dev_dst in enumerate(devices):
-            if src == dst:
-                row_send.append(zero)
-                row_ring.append(zero)
-                continue
-            if node_of[src] == node_of[dst]:
-                hops = pair_link[node_of[src]][frozenset((dev_src.profile.name, dev_dst.profile.name))]
-            else:
-                assert network is not None  # checked above: several nodes need a network
-                hops = network
-            row_send.append(hops[0])
-            row_ring.append(hops[1] or hops[0])
-        send.append(row_send)
-        ring.append(row_ring)
+    send, ring = _link_tables(devices, node_of, pair_link, network)
     measured_ring = ring != send
     return Cluster(
         name=name,
@@ -352,6 +338,45 @@ def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
         allreduce_seconds_per_byte=tuple(tuple(h[0] for h in row) for row in ring) if measured_ring else None,
         allreduce_latency_s=tuple(tuple(h[1] for h in row) for row in ring) if measured_ring else None,
     )
+
+
+def _link_tables(
+    devices: Sequence[Device],
+    node_of: Sequence[int],
+    pair_link: Sequence[dict[frozenset[str], tuple[_Hop, _Hop | None]]],
+    network: tuple[_Hop, _Hop | None] | None,
+) -> tuple[list[tuple[_Hop, ...]], list[tuple[_Hop, ...]]]:
+    """The (send, ring-hop) tables: a node's own link between its devices, the network
+    between nodes. Built a node at a time (a row is its node's block between runs of the
+    network hop), so 3,072 devices take about a second."""
+    zero = (0.0, 0.0)
+    members: dict[int, list[int]] = {}
+    for d, k in enumerate(node_of):
+        members.setdefault(k, []).append(d)
+    n = len(devices)
+    send: list[tuple[_Hop, ...]] = []
+    ring: list[tuple[_Hop, ...]] = []
+    for src, dev_src in enumerate(devices):
+        own = members[node_of[src]]
+        first, end = own[0], own[-1] + 1  # a node's devices are consecutive
+        block_send, block_ring = [], []
+        for dst in own:
+            if dst == src:
+                block_send.append(zero)
+                block_ring.append(zero)
+                continue
+            hops = pair_link[node_of[src]][frozenset((dev_src.profile.name, devices[dst].profile.name))]
+            block_send.append(hops[0])
+            block_ring.append(hops[1] or hops[0])
+        if network is None:
+            before_send = after_send = before_ring = after_ring = []
+        else:
+            before_send, after_send = [network[0]] * first, [network[0]] * (n - end)
+            hop = network[1] or network[0]
+            before_ring, after_ring = [hop] * first, [hop] * (n - end)
+        send.append(tuple(before_send + block_send + after_send))
+        ring.append(tuple(before_ring + block_ring + after_ring))
+    return send, ring
 
 
 def _cluster_dirs() -> tuple[Path, ...]:

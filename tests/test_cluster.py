@@ -230,3 +230,23 @@ def test_a_cluster_file_found_by_name_must_carry_that_name(tmp_path: Path, monke
     assert load_cluster("pair").num_devices == 6
     with pytest.raises(ProfileError, match="no cluster profile named 'nowhere'"):
         load_cluster("nowhere")
+
+
+def test_a_cluster_of_3072_gpus_builds_with_its_links() -> None:
+    """Megatron-LM's largest run (384 DGX A100 nodes): clusters may hold more devices than a
+    device list, and the link tables still say NVLink inside a node, the network between."""
+    data = json.loads(_cluster_file("a100-4x8-ib").read_text())
+    data["nodes"][0]["count"] = 384
+    cluster = cluster_from_dict(data)
+    assert cluster.num_devices == 3072 and len(cluster.node_names) == 384
+    small = load_cluster("a100-4x8-ib")
+    inside, between = small.seconds_per_byte[0][1], small.seconds_per_byte[0][8]
+    assert cluster.seconds_per_byte[3064][3071] == inside and cluster.seconds_per_byte[5][3071] == between
+    assert cluster.seconds_per_byte[3071][3071] == 0.0 and cluster.latency_s[17][16] == small.latency_s[1][0]
+    data["nodes"][0]["count"] = 513
+    with pytest.raises(ProfileError, match="more than 4096 devices"):
+        cluster_from_dict(data)
+
+
+def _cluster_file(name: str) -> Path:
+    return Path(__file__).resolve().parents[1] / "profiles" / "clusters" / f"{name}.json"
