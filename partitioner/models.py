@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 from partitioner.errors import ModelError
 
-__all__ = ["BuiltModel", "available_models", "build_model"]
+__all__ = ["BuiltModel", "available_models", "build_model", "MEGATRON_GPTS"]
 
 DEFAULT_SEQ_LEN = 128
 """Tokens per sequence when `seq_len` is not given, for every sequence model. Exporting on
@@ -249,6 +249,28 @@ _SPECS: dict[str, _Spec] = {
         _gpt2(768, 6, 12, vocab_size=256000, tie_word_embeddings=False),
     ),
 }
+
+# Megatron-LM's weak-scaling GPTs (Narayanan et al. 2021, "Efficient Large-Scale Language
+# Model Training on GPU Clusters Using Megatron-LM", SC'21, Table 1): GPT-2's architecture
+# with a 51,200-token vocabulary and 2048-token sequences; size -> (hidden, layers, heads).
+MEGATRON_GPTS = {
+    "1.7b": (2304, 24, 24),
+    "3.6b": (3072, 30, 32),
+    "7.5b": (4096, 36, 32),
+    "18b": (6144, 40, 48),
+    "39b": (8192, 48, 64),
+    "76b": (10240, 60, 80),
+    "146b": (12288, 80, 96),
+    "310b": (16384, 96, 128),
+    "530b": (20480, 105, 128),
+    "1t": (25600, 128, 160),
+}
+for _size, (_hidden, _layers, _heads) in MEGATRON_GPTS.items():
+    _SPECS[f"megatron-gpt-{_size}"] = _gpt2_spec(
+        f"Megatron-LM GPT {_size.upper()} ({_layers} layers, hidden {_hidden}, {_heads} heads)",
+        "Narayanan et al. 2021, Table 1",
+        _gpt2(_hidden, _layers, _heads, vocab_size=51200, n_positions=2048),
+    )
 
 
 def available_models() -> list[str]:

@@ -433,3 +433,15 @@ def test_a_file_that_fails_to_import_raises_a_model_error(tmp_path: Path) -> Non
     path.write_text("import torch\nraise ImportError('needs a package that is not installed')\n")
     with pytest.raises(ModelError, match=r"importing broken.py raised ImportError: needs a package .*broken.py:2"):
         build_model(f"{path}:make")
+
+
+_MEGATRON_BILLIONS = {"1.7b": 1.7, "3.6b": 3.6, "7.5b": 7.5, "18b": 18.4, "39b": 39.1, "76b": 76.1,
+                      "146b": 145.6, "310b": 310.1, "530b": 529.6, "1t": 1008.0}
+
+
+@pytest.mark.parametrize("size", sorted(_MEGATRON_BILLIONS))
+def test_megatron_gpts_have_the_published_parameter_counts(size: str) -> None:
+    """Narayanan et al. 2021, Table 1, "Number of parameters (billion)", to its one decimal."""
+    model = build_model(f"megatron-gpt-{size}").model
+    params = sum(p.numel() for p in model.parameters())
+    assert round(params / 1e9, 1) == _MEGATRON_BILLIONS[size]
