@@ -119,6 +119,19 @@ def _llama2(hidden: int, layers: int, heads: int, intermediate: int) -> dict[str
     }
 
 
+def _llama3(hidden: int, layers: int, heads: int, intermediate: int) -> dict[str, Any]:
+    """Llama 3's config (8 key/value heads, 128k vocabulary, untied head)."""
+    return {
+        **_llama2(hidden, layers, heads, intermediate),
+        "vocab_size": 128256,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+    }
+
+
 def _gpt2_spec(summary: str, source: str, config: dict[str, Any]) -> _Spec:
     return _Spec(summary, source, "GPT2LMHeadModel", config, "causal", ("GPT2Block",))
 
@@ -176,25 +189,19 @@ _SPECS: dict[str, _Spec] = {
         "causal",
         ("LlamaDecoderLayer",),
     ),
+    "llama3-8b": _Spec(
+        "Llama 3 8B (grouped-query attention, 8 KV heads)",
+        "meta-llama/Meta-Llama-3-8B",
+        "LlamaForCausalLM",
+        _llama3(4096, 32, 32, 14336),
+        "causal",
+        ("LlamaDecoderLayer",),
+    ),
     "llama-70b": _Spec(
         "Llama 3 70B (grouped-query attention, 8 KV heads)",
         "meta-llama/Meta-Llama-3-70B",
         "LlamaForCausalLM",
-        {
-            "vocab_size": 128256,
-            "hidden_size": 8192,
-            "intermediate_size": 28672,
-            "num_hidden_layers": 80,
-            "num_attention_heads": 64,
-            "num_key_value_heads": 8,
-            "max_position_embeddings": 8192,
-            "hidden_act": "silu",
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0,
-            "tie_word_embeddings": False,
-            "bos_token_id": 128000,
-            "eos_token_id": 128001,
-        },
+        _llama3(8192, 80, 64, 28672),
         "causal",
         ("LlamaDecoderLayer",),
     ),
