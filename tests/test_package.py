@@ -23,6 +23,7 @@ PURE = [
     "partitioner.cost_model",
     "partitioner.training_costs",
     "partitioner.tp_layout",
+    "partitioner.collectives",
     "partitioner.parallel_config",
     "partitioner.devices",
     "partitioner.profile_files",
