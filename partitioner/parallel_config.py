@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, fields
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from partitioner.options import Recompute, Sharding
@@ -70,8 +71,11 @@ class ConfigurationLike(Protocol):
     @property
     def schedule(self) -> PipelineSchedule: ...
     @property
-    def data_parallel(self) -> tuple[int, ...]:
-        """Data-parallel degree of each pipeline rank."""
+    def groups(self) -> Sequence[Any]:
+        """The pipeline ranks' device groups."""
+        ...
+    def data_parallel(self, group: Any) -> int:
+        """Data-parallel degree of a rank's group."""
         ...
 
 
@@ -153,7 +157,7 @@ class ParallelConfig:
         )
         if any(want is not None and want != have for want, have in checks):
             return False
-        return self.dp is None or all(d == self.dp for d in config.data_parallel)
+        return self.dp is None or all(config.data_parallel(g) == self.dp for g in config.groups)
 
     def __str__(self) -> str:
         parts = []

@@ -19,7 +19,14 @@ class _Config:
     virtual_stages: int = 1
     microbatches: int = 1
     schedule: PipelineSchedule = PipelineSchedule.ONE_F_ONE_B
-    data_parallel: tuple[int, ...] = (1,)
+    dps: tuple[int, ...] = (1,)
+
+    @property
+    def groups(self) -> tuple[int, ...]:
+        return tuple(range(len(self.dps)))
+
+    def data_parallel(self, group: int) -> int:
+        return self.dps[group]
 
 
 def test_a_megatron_style_config_parses_with_its_aliases() -> None:
@@ -68,10 +75,10 @@ def test_degrees_must_multiply_to_the_cluster() -> None:
 
 def test_admits_only_configurations_with_every_fixed_field() -> None:
     grid = parse_config("tp=2,shard=zero3")
-    assert grid.admits(_Config(tp=2, sharding=Sharding.ZERO3, ranks=4, data_parallel=(2, 2, 2, 2)))
+    assert grid.admits(_Config(tp=2, sharding=Sharding.ZERO3, ranks=4, dps=(2, 2, 2, 2)))
     assert not grid.admits(_Config(tp=4, sharding=Sharding.ZERO3))
     assert not grid.admits(_Config(tp=2, sharding=Sharding.ZERO1))
     exact = parse_config("tp=1,pp=2,dp=2,mb=8,schedule=gpipe")
-    assert exact.admits(_Config(ranks=2, data_parallel=(2, 2), microbatches=8, schedule=PipelineSchedule.GPIPE))
-    assert not exact.admits(_Config(ranks=2, data_parallel=(2, 1), microbatches=8, schedule=PipelineSchedule.GPIPE))
-    assert not exact.admits(_Config(ranks=2, data_parallel=(2, 2), microbatches=4, schedule=PipelineSchedule.GPIPE))
+    assert exact.admits(_Config(ranks=2, dps=(2, 2), microbatches=8, schedule=PipelineSchedule.GPIPE))
+    assert not exact.admits(_Config(ranks=2, dps=(2, 1), microbatches=8, schedule=PipelineSchedule.GPIPE))
+    assert not exact.admits(_Config(ranks=2, dps=(2, 2), microbatches=4, schedule=PipelineSchedule.GPIPE))
