@@ -39,7 +39,7 @@ from partitioner.simulate import PipelineSchedule
 __all__ = ["TrainingTables", "training_tables", "planner_record", "price_split", "price_data_parallel"]
 
 _STRATEGY = {"single device": "single", "pipeline": "model_parallel", "hybrid": "hybrid",
-             "data parallel": "data_parallel"}
+             "data parallel": "data_parallel", "FSDP": "data_parallel", "TP x DP": "hybrid", "TP x PP x DP": "hybrid"}
 """`Configuration.family` as the result's ``strategy``."""
 _PIPELINE_SCHEDULES = (PipelineSchedule.GPIPE, PipelineSchedule.ONE_F_ONE_B)
 

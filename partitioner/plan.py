@@ -141,19 +141,22 @@ class PlanStage:
     profile: str
     """Device profile of its replicas (``a+b`` for a group of two kinds, run at the slower's pace)."""
     samples: int
-    """Samples of one microbatch on each replica."""
+    """Samples of one microbatch on each data-parallel replica (its `tensor_parallel` devices share them)."""
     recompute: bool
-    """Whether it recomputes its forward in backward, keeping only its input per microbatch."""
+    """Whether it recomputes its forward in backward, keeping only its input per microbatch (full)."""
     fwd_s: float
+    """Forward of one microbatch, its tensor-parallel all-reduces and exposed ZeRO-3 gathers included."""
     bwd_s: float
-    """Backward of one microbatch, the recomputed forward included."""
+    """Backward of one microbatch, the recomputed forward (or attention cores) and the
+    exposed communication included."""
     send_fwd_s: float
     """Activations of one microbatch to the next stage."""
     send_bwd_s: float
     """Input gradients of one microbatch to the previous stage."""
     allreduce_s: float
-    """Ring all-reduce of its gradients over its replicas, and of a tied weight's gradients
-    with the other stages holding a copy, once per step."""
+    """Ring all-reduce of its gradients over its data-parallel replicas (ZeRO-1: and the
+    updated weights' all-gather; ZeRO-2: a reduce-scatter and the all-gather; ZeRO-3:
+    none), and of a tied weight's gradients with the other stages holding a copy, once per step."""
     weight_bytes: int
     grad_bytes: int
     optimizer_bytes: int
@@ -169,11 +172,28 @@ class PlanStage:
     peak_memory_bytes: int
     capacity_bytes: int
     """Memory each device of the stage may use (after the reserve; a share of it when interleaved)."""
+    selective: bool = False
+    """Whether it recomputes its attention cores in backward (selective recomputation;
+    `recompute` is then False); `recompute_bytes` are the cores' activations."""
+    tp_comm_s: float = 0.0
+    """Tensor-parallel all-reduces of one microbatch's forward, on the critical path; in
+    `fwd_s`, and again in `bwd_s` (twice when it recomputes its forward)."""
+    dp_comm_fwd_s: float = 0.0
+    """ZeRO-3 all-gathers of one microbatch's forward that compute does not hide (in `fwd_s`)."""
+    dp_comm_bwd_s: float = 0.0
+    """ZeRO-3 all-gathers and reduce-scatters of one microbatch's backward that compute does not hide (in `bwd_s`)."""
+    gathered_bytes: int = 0
+    """Unsharded working weights under ZeRO-3 (the two largest layers: in use and
+    prefetched) or zero3-keep (all its weights, between forward and backward). The
+    weight, grad and optimizer bytes are the device's shards."""
 
     @property
     def static_bytes(self) -> int:
         """What the stage holds throughout the step (the simulator's ``static_bytes``)."""
-        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes + self.buffer_bytes + self.recompute_bytes
+        return (
+            self.weight_bytes + self.grad_bytes + self.optimizer_bytes + self.gathered_bytes + self.buffer_bytes
+            + self.recompute_bytes
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,7 +216,8 @@ class PipelinePlan:
     """How a training step runs: stages, microbatches, schedule, and what it costs."""
 
     family: str
-    """``data parallel``, ``pipeline``, ``hybrid`` (stages on groups of devices) or ``single device``."""
+    """One of `partitioner.pipeline_plan.FAMILIES`: ``data parallel``, ``FSDP``, ``TP x DP``,
+    ``pipeline``, ``hybrid`` (stages on groups of devices), ``TP x PP x DP`` or ``single device``."""
     description: str
     """The configuration in words (stages, replicas, kinds, schedule, microbatches)."""
     schedule: str
@@ -238,6 +259,14 @@ class PipelinePlan:
     """Configurations whose stages the DP placed (the others were pruned by their bound)."""
     simulated: int
     """Partitions whose step was played out."""
+    tensor_parallel: int = 1
+    """Devices per data-parallel replica that split each layer's tensor-parallel pairs."""
+    data_parallel: int = 1
+    """Data-parallel replicas of the first rank (each rank's devices / `tensor_parallel`)."""
+    sharding: str = "none"
+    """What the replicas shard (`partitioner.options.Sharding`: none, zero1, zero2, zero3, zero3-keep)."""
+    sequence_parallel: bool = False
+    """Whether the norms and dropouts between tensor-parallel pairs are split on the sequence."""
 
     @property
     def num_ranks(self) -> int:

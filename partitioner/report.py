@@ -263,10 +263,33 @@ def _stage_layers(plan: Plan, stage: PlanStage) -> str:
     return first if count == 1 else f"{first} .. {last} ({count})"
 
 
+def _sharded(p: PipelinePlan) -> bool:
+    """Whether the plan splits layers or shards state (the stage table then shows that too)."""
+    return p.tensor_parallel > 1 or p.sharding != "none"
+
+
+def _stage_header(p: PipelinePlan) -> tuple[str, ...]:
+    head = (
+        "stage", "layers", "devices", "kind", "mb", "recompute", "fwd / bwd", "from", "send f / b", "all-reduce",
+    )
+    extra = ("tp comm", "zero-3 f / b") if _sharded(p) else ()
+    memory = ("weights", "grads", "optimizer") + (("gathered",) if _sharded(p) else ())
+    return head + extra + memory + ("activations", "buffers", "memory / capacity")
+
+
 def _stage_rows(plan: Plan, p: PipelinePlan) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
     for s in p.stages:
         activations = s.inflight_microbatches * s.microbatch_activation_bytes + s.recompute_bytes
+        extra = (
+            (
+                format_seconds(s.tp_comm_s) if p.tensor_parallel > 1 else "-",
+                f"{format_seconds(s.dp_comm_fwd_s)} / {format_seconds(s.dp_comm_bwd_s)}"
+                if s.dp_comm_fwd_s or s.dp_comm_bwd_s else "-",
+            )
+            if _sharded(p)
+            else ()
+        )
         rows.append(
             (
                 str(s.index),
@@ -274,14 +297,16 @@ def _stage_rows(plan: Plan, p: PipelinePlan) -> list[tuple[str, ...]]:
                 device_list([plan.devices[d].name for d in s.devices]),
                 s.profile,
                 str(s.samples),
-                "yes" if s.recompute else "no",
+                "full" if s.recompute else "selective" if s.selective else "no",
                 f"{format_seconds(s.fwd_s)} / {format_seconds(s.bwd_s)}",
                 time_basis(plan.layers[s.first_layer : s.last_layer + 1]),
                 f"{format_seconds(s.send_fwd_s)} / {format_seconds(s.send_bwd_s)}",
                 format_seconds(s.allreduce_s) if len(s.devices) > 1 or s.allreduce_s > 0 else "-",
+                *extra,
                 format_bytes(s.weight_bytes),
                 format_bytes(s.grad_bytes),
                 format_bytes(s.optimizer_bytes),
+                *((format_bytes(s.gathered_bytes),) if _sharded(p) else ()),
                 f"{format_bytes(activations)} ({s.inflight_microbatches} mb)",
                 format_bytes(s.buffer_bytes),
                 f"{format_bytes(s.peak_memory_bytes)} / {format_bytes(s.capacity_bytes)} "
@@ -310,6 +335,16 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     return [line.rstrip() for line in captured.get().splitlines()]
 
 
+_SHARDING = {
+    "none": "replicated",
+    "zero1": "ZeRO-1 (optimizer state sharded)",
+    "zero2": "ZeRO-2 (optimizer state and gradients sharded)",
+    "zero3": "ZeRO-3 / FSDP (parameters sharded too, gathered per layer in forward and backward)",
+    "zero3-keep": "ZeRO-3 / FSDP, parameters kept gathered from forward to backward",
+}
+"""`PipelinePlan.sharding` in words."""
+
+
 def _why(p: PipelinePlan) -> str:
     """The runner-ups in one line: how much longer each takes, or why it is out."""
     parts = []
@@ -317,6 +352,7 @@ def _why(p: PipelinePlan) -> str:
         if c.label == "chosen":
             continue
         name = {"data parallel": "data parallelism", "pipeline": "the best pipeline", "hybrid": "the best hybrid",
+                "FSDP": "FSDP alone", "TP x DP": "the best TP x DP", "TP x PP x DP": "the best TP x PP x DP",
                 "equal layers": "equal layer counts", "DP split": "the DP's split"}.get(c.label, c.label)
         if c.step_time_s is None:
             parts.append(f"{name} {c.note}")
@@ -344,6 +380,14 @@ def render_training(plan: Plan) -> str:
         f"fingerprint {plan.fingerprint}) on {cluster}",
         f"strategy: {p.family}: {p.description}",
         f"  why: {_why(p)}",
+        *(
+            [
+                f"  parallelism: tensor parallel {p.tensor_parallel} x data parallel {p.data_parallel}"
+                f"{', sequence parallel' if p.sequence_parallel else ''}; state {_SHARDING.get(p.sharding, p.sharding)}"
+            ]
+            if _sharded(p)
+            else []
+        ),
         f"  layers split by {'the DP (least bottleneck)' if p.split == 'dp' else 'equal counts (simulated faster than the DP split)'}"
         f"; layout: {p.layout}",
         f"step: {format_seconds(p.step_time_s)} for {p.global_batch} samples = {p.samples_per_s:.4g} samples/s; "
@@ -368,11 +412,7 @@ def render_training(plan: Plan) -> str:
             "for a plan it runs"
         )
     lines.append("")
-    header = (
-        "stage", "layers", "devices", "kind", "mb", "recompute", "fwd / bwd", "from", "send f / b", "all-reduce",
-        "weights", "grads", "optimizer", "activations", "buffers", "memory / capacity",
-    )
-    lines += _table(header, _stage_rows(plan, p))
+    lines += _table(_stage_header(p), _stage_rows(plan, p))
     if p.runner_ups:
         lines += ["", "strategies compared (simulated step per global batch):"]
         rows: list[tuple[str, ...]] = []

@@ -130,7 +130,8 @@ def plan_pipeline(
     say = progress or (lambda _: None)
     start = time.perf_counter()
     model = StageModel(costs, cluster, global_batch, options)
-    configs = configurations(cluster, global_batch, model.n, options)
+    space = replace(options, tensor_parallel=model.useful_degrees())
+    configs = configurations(cluster, global_batch, model.n, space)
     with _no_gc():
         families = {}
         for family in FAMILIES:
@@ -166,6 +167,10 @@ def plan_pipeline(
         overlap_allreduce=options.overlap_allreduce,
         layout=config.layout,
         split=chosen.origin,
+        tensor_parallel=config.tp,
+        data_parallel=config.data_parallel(config.groups[0]),
+        sharding=config.sharding.value,
+        sequence_parallel=options.sequence_parallel and config.tp > 1,
         stages=chosen.plan_stages,
         step_time_s=step,
         bubble_fraction=timeline.bubble_fraction,
@@ -176,7 +181,7 @@ def plan_pipeline(
         bound_s=_balanced_bound(model, global_batch),
         lower_bound_s=min(min(f.lower_bound_s for f in families.values()), step),
         runner_ups=runner_ups,
-        space=_space(cluster, options, len(configs)),
+        space=_space(cluster, space, len(configs)),
         configurations=len(configs),
         solved=model.solved,
         simulated=model.simulated,
@@ -200,12 +205,16 @@ def _space(cluster: Cluster, options: TrainingOptions, count: int) -> str:
         s.value + (f" (2-{options.max_virtual_stages} stages per rank)" if s is PipelineSchedule.INTERLEAVED_1F1B else "")
         for s in options.schedules
     )
+    degrees = ", ".join(map(str, options.tensor_parallel))
     return (
         f"{count} configurations: device kinds {', '.join(cluster.kinds)} (every subset, every order), all devices "
-        f"of a chosen kind; ranks of r replicas (r divides the kind's count; replicas in a node, or stages in a node "
-        f"across nodes) or one group of all; {options.min_microbatches}-{options.max_microbatches} microbatches "
-        f"dividing the batch; {schedules}; recompute {options.recompute.value}; contiguous stages, at most "
-        f"{options.max_stages or 'one per layer'}, split by the exact DP (and equal layer counts)"
+        f"of a chosen kind; ranks of r devices (r divides the kind's count; replicas in a node, or stages in a node "
+        f"across nodes) or one group of all; tensor parallel {degrees} (of those splitting some layer; dividing r "
+        f"and a node's devices){', sequence parallel' if options.sequence_parallel else ''}; sharding "
+        f"{', '.join(s.value for s in options.shardings)} over the r / tp replicas; "
+        f"{options.min_microbatches}-{options.max_microbatches} microbatches dividing the batch; {schedules}; "
+        f"recompute {options.recompute.value}; contiguous stages, at most {options.max_stages or 'one per layer'}, "
+        f"split by the exact DP (and equal layer counts)"
     )
 
 
@@ -241,10 +250,12 @@ def _runner_ups(
     family = chosen.configuration.family
     chosen = replace(chosen, step_time_s=step)  # the simulation's figure (GPipe was ranked by its closed form)
     rows = [_row(model, "chosen", chosen, f"{family}: the fastest simulated step in the space")]
-    for other in ("data parallel", "pipeline", "hybrid"):
-        if other == family:
+    for other in FAMILIES:
+        if other in (family, "single device"):
             continue
         found = families.get(other)
+        if found is None and other not in ("data parallel", "pipeline", "hybrid"):
+            continue  # a family of sharding or tensor parallelism the options or the model leave out
         if found is None:
             rows.append(_row(model, other, None, "not in the space for these devices"))
         elif found.best is None:

@@ -1,4 +1,4 @@
-"""The training planner's search space: ranks of replicated devices, microbatches, schedules.
+"""The training planner's search space: ranks of devices, tensor parallelism, sharding, microbatches, schedules.
 
 A `Configuration` fixes everything but the layer split; `configurations` lists the space
 for a cluster and a global batch (see the package docstring for its rules).
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from partitioner.cluster import Cluster
-from partitioner.options import TrainingOptions
+from partitioner.options import Sharding, TrainingOptions
 from partitioner.simulate import PipelineSchedule
 
 __all__ = [
@@ -19,15 +19,23 @@ __all__ = [
     "Group",
     "Configuration",
     "shapes",
+    "tensor_parallel_degrees",
     "microbatch_counts",
     "microbatch_sizes",
     "interleaving_takes",
     "configurations",
 ]
 
-FAMILIES = ("data parallel", "pipeline", "hybrid", "single device")
-"""Kinds of configuration, compared in the report: one stage on several devices; one device
-per stage; stages on groups of devices; one device."""
+FAMILIES = ("data parallel", "FSDP", "TP x DP", "pipeline", "hybrid", "TP x PP x DP", "single device")
+"""Kinds of configuration, compared in the report (tp: the tensor-parallel degree):
+
+- ``data parallel``: one stage on several devices, tp 1, replicated or ZeRO-1/2;
+- ``FSDP``: one stage, tp 1, parameters sharded too (ZeRO-3, either FSDP2 reshard mode);
+- ``TP x DP``: one stage, tp > 1 (any sharding; one TP group alone too);
+- ``pipeline``: several stages, one device each;
+- ``hybrid``: several stages on groups of devices, tp 1 (pipeline x data parallel);
+- ``TP x PP x DP``: several stages, tp > 1;
+- ``single device``: one device."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +52,13 @@ class Group:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Configuration:
-    """Everything but the layer split: ranks, microbatches, schedule."""
+    """Everything but the layer split: ranks, tensor parallelism, sharding, microbatches, schedule.
+
+    A rank's group of ``r`` devices is ``r / tp`` data-parallel replicas of ``tp`` devices
+    each: devices ``[k tp, (k + 1) tp)`` of the group (in one node) split every layer's
+    tensor-parallel pairs between them, and the ``r / tp`` replicas (devices strided by
+    ``tp``) split the rank's samples and keep or shard its state as `sharding` says.
+    """
 
     groups: tuple[Group, ...]
     """The ranks, in pipeline order."""
@@ -53,6 +67,14 @@ class Configuration:
     microbatches: int
     schedule: PipelineSchedule
     virtual_stages: int = 1
+    tp: int = 1
+    """Tensor-parallel degree: devices per replica (consecutive, in one node)."""
+    sharding: Sharding = Sharding.NONE
+    """What the data-parallel replicas of each rank shard among themselves."""
+
+    def data_parallel(self, group: Group) -> int:
+        """Data-parallel replicas of `group`: its devices over the tensor-parallel degree."""
+        return group.replicas // self.tp
 
     @property
     def ranks(self) -> int:
@@ -66,8 +88,24 @@ class Configuration:
     def family(self) -> str:
         """One of `FAMILIES`."""
         if self.stages == 1:
-            return "single device" if self.groups[0].replicas == 1 else "data parallel"
+            if self.tp > 1:
+                return "TP x DP"
+            if self.groups[0].replicas == 1:
+                return "single device"
+            return "FSDP" if self.sharding in (Sharding.ZERO3, Sharding.ZERO3_KEEP) else "data parallel"
+        if self.tp > 1:
+            return "TP x PP x DP"
         return "pipeline" if all(g.replicas == 1 for g in self.groups) else "hybrid"
+
+    def _parallelism(self) -> str:
+        """``, tp 4 x dp 2, zero3`` (empty for tp 1 and no sharding)."""
+        dps = sorted({self.data_parallel(g) for g in self.groups})
+        out = ""
+        if self.tp > 1:
+            out += f", tp {self.tp} x dp {'/'.join(map(str, dps))}"
+        if self.sharding is not Sharding.NONE:
+            out += f", {self.sharding.value}"
+        return out
 
     def describe(self, cluster: Cluster) -> str:
         """``4 stages x 2 replicas (2 on a100-40gb, 2 on v100); 1f1b, 16 microbatches`` and the like."""
@@ -78,7 +116,7 @@ class Configuration:
             for d in self.groups[0].devices:
                 name = cluster.devices[d].profile.name
                 counts[name] = counts.get(name, 0) + 1
-            return f"1 stage on {' + '.join(f'{n} x {k}' for k, n in counts.items())}; {timing}"
+            return f"1 stage on {' + '.join(f'{n} x {k}' for k, n in counts.items())}{self._parallelism()}; {timing}"
         uniform = len({g.replicas for g in self.groups}) == 1
         runs = [
             f"{len(list(run))} on {kind if uniform or r == 1 else f'{r} x {kind}'}"
@@ -86,13 +124,13 @@ class Configuration:
         ]
         head = f"{self.stages} stages"
         if uniform and self.groups[0].replicas > 1:
-            head += f" x {self.groups[0].replicas} replicas"
+            head += f" x {self.groups[0].replicas} {'devices' if self.tp > 1 else 'replicas'}"
         if self.virtual_stages > 1:
             head += f" on {self.ranks} ranks, {self.virtual_stages} per rank"
         if self.layout == "stages in a node":
             head += ", stages in a node"
         what = "ranks: " if self.virtual_stages > 1 else ""
-        return f"{head} ({what}{', '.join(runs)}); {timing}"
+        return f"{head} ({what}{', '.join(runs)}){self._parallelism()}; {timing}"
 
 
 def _divisors(n: int) -> list[int]:
@@ -144,6 +182,36 @@ def shapes(cluster: Cluster) -> list[tuple[tuple[Group, ...], str]]:
     return out
 
 
+def tensor_parallel_degrees(cluster: Cluster, groups: Sequence[Group], options: TrainingOptions) -> list[int]:
+    """The degrees of `options.tensor_parallel` that every group of `groups` takes.
+
+    A degree ``t`` must divide each group's devices, and each run of ``t`` consecutive
+    devices of a group (a replica) must be of one kind and lie in one node, whose devices
+    of that kind ``t`` divides (so every replica of a node is whole).
+    """
+    per_node: dict[tuple[int, str], int] = {}
+    for d, dev in enumerate(cluster.devices):
+        key = (cluster.node_of[d], dev.profile.name)
+        per_node[key] = per_node.get(key, 0) + 1
+    out = []
+    for t in options.tensor_parallel:
+        ok = True
+        for g in groups:
+            if g.replicas % t:
+                ok = False
+                break
+            for k in range(0, g.replicas, t):
+                keys = {(cluster.node_of[d], cluster.devices[d].profile.name) for d in g.devices[k : k + t]}
+                if len(keys) > 1 or per_node[next(iter(keys))] % t:
+                    ok = False
+                    break
+            if not ok:
+                break
+        if ok:
+            out.append(t)
+    return out
+
+
 def microbatch_counts(batch: int, replicas: Sequence[int], options: TrainingOptions) -> list[int]:
     """Microbatch counts ``m`` within the options' limits such that ``m x r`` divides `batch` for every ``r``."""
     return [
@@ -161,9 +229,10 @@ def microbatch_sizes(cluster: Cluster, global_batch: int, options: TrainingOptio
     """
     sizes: set[int] = set()
     for groups, _ in shapes(cluster):
-        replicas = [g.replicas for g in groups]
-        for m in microbatch_counts(global_batch, replicas, options):
-            sizes.update(global_batch // (m * r) for r in replicas)
+        for t in tensor_parallel_degrees(cluster, groups, options):
+            replicas = [g.replicas // t for g in groups]
+            for m in microbatch_counts(global_batch, replicas, options):
+                sizes.update(global_batch // (m * r) for r in replicas)
     return tuple(sorted(sizes))
 
 
@@ -174,11 +243,14 @@ def interleaving_takes(ranks: int, microbatches: int) -> bool:
 
 
 def configurations(cluster: Cluster, global_batch: int, layers: int, options: TrainingOptions) -> list[Configuration]:
-    """The space: every shape x microbatch count x schedule (x stages per rank, interleaved).
+    """The space: every shape x tensor-parallel degree x sharding x microbatch count x
+    schedule (x stages per rank, interleaved).
 
     At most one stage per layer and `TrainingOptions.max_stages`; interleaving needs two
     ranks or more and a microbatch count torch's schedule takes; with
-    `TrainingOptions.equal_replicas`, the same replica count on every rank.
+    `TrainingOptions.equal_replicas`, the same replica count on every rank. Degrees as
+    `tensor_parallel_degrees` takes them; a sharding other than none only where some rank
+    has two data-parallel replicas or more (none alone otherwise: nothing to shard).
     """
     out = []
     max_stages = min(layers, options.max_stages or layers)
@@ -186,15 +258,25 @@ def configurations(cluster: Cluster, global_batch: int, layers: int, options: Tr
         p = len(groups)
         if p > max_stages or (options.equal_replicas and len({g.replicas for g in groups}) > 1):
             continue
-        for m in microbatch_counts(global_batch, [g.replicas for g in groups], options):
-            for schedule in options.schedules:
-                if schedule is not PipelineSchedule.INTERLEAVED_1F1B:
-                    out.append(Configuration(groups=groups, layout=layout, microbatches=m, schedule=schedule))
-                    continue
-                for v in range(2, options.max_virtual_stages + 1):
-                    if p < 2 or p * v > max_stages or not interleaving_takes(p, m):
-                        break
-                    out.append(
-                        Configuration(groups=groups, layout=layout, microbatches=m, schedule=schedule, virtual_stages=v)
-                    )
+        for t in tensor_parallel_degrees(cluster, groups, options):
+            replicas = [g.replicas // t for g in groups]
+            shardings = options.shardings if max(replicas) > 1 else (Sharding.NONE,)
+            for m in microbatch_counts(global_batch, replicas, options):
+                for schedule in options.schedules:
+                    if schedule is not PipelineSchedule.INTERLEAVED_1F1B:
+                        vs = [1]
+                    else:
+                        vs = []
+                        for v in range(2, options.max_virtual_stages + 1):
+                            if p < 2 or p * v > max_stages or not interleaving_takes(p, m):
+                                break
+                            vs.append(v)
+                    out += [
+                        Configuration(
+                            groups=groups, layout=layout, microbatches=m, schedule=schedule, virtual_stages=v, tp=t,
+                            sharding=sharding,
+                        )
+                        for v in vs
+                        for sharding in shardings
+                    ]
     return out

@@ -1,19 +1,24 @@
 """What a pipeline stage costs, and the exact DP that splits the layers into stages.
 
-For stage ``j`` of a `Configuration` on layers ``[i, e)``, with ``b`` samples per replica
-per microbatch (bytes per device, seconds per microbatch)::
+For stage ``j`` of a `Configuration` on layers ``[i, e)``, with ``b`` samples per
+data-parallel replica per microbatch (bytes per device, seconds per microbatch; tensor
+parallelism, sharding and the data-parallel collectives as `partitioner.pipeline_plan.terms`
+prices them)::
 
-    state       weights + grads + optimizer of its layers (+ copies of tied weights it reads)
+    state       weights + grads + optimizer of its layers (+ copies of tied weights it
+                reads), split by TP and sharded as configured, + ZeRO-3 working copies
     buffers     model buffers + 2 x b x (cut bytes at i and at e, where it receives and sends)
     act         b x saved activations per sample
     memory      state + buffers + inflight x act                  <= capacity (/ v, interleaved)
+    selective   state + buffers + core + inflight x (act - core)  (rebuilds the attention cores)
     recomputed  state + buffers + act + inflight x b x cut(i)     (keeps its input, rebuilds act)
-    f, b        forward and backward (+ f when recomputed), the slowest kind of its group
+    f, b        forward and backward (+ the re-run), the slowest kind of its group, with
+                TP all-reduces and exposed ZeRO-3 gathers
     send_fwd    b x cut(e) x s/B + latency, to the next stage's group (0 for the last)
     send_bwd    b x cut(i) x s/B + latency, to the previous one (0 for the first)
-    allreduce   ring all-reduce of its gradients over its r replicas, once per step, and of
-                a tied weight's gradients between its copies (a stage that reads it
-                without owning it, and its owner)
+    allreduce   gradient all-reduce (or ZeRO-1/2's collectives) over its d replicas, once
+                per step, and of a tied weight's gradients between its copies (a stage
+                that reads it without owning it, and its owner)
     T           max(f + b + exposed all-reduce / m,  send_fwd + send_bwd)
 
 The DP minimises the largest ``T``, then the sum of ``f + b + sends`` among the splits
@@ -32,8 +37,17 @@ import numpy as np
 
 from partitioner.cluster import Cluster
 from partitioner.training_costs import TrainingCosts, training_state_bytes
-from partitioner.options import Recompute, TrainingOptions
+from partitioner.options import Recompute, Sharding, TrainingOptions
 from partitioner.pipeline_plan.space import Configuration, Group
+from partitioner.pipeline_plan.terms import (
+    FULL,
+    NONE,
+    SELECTIVE,
+    LayerTables,
+    StageSpec,
+    StageTerms,
+    stage_terms,
+)
 from partitioner.plan import PlanStage
 from partitioner.simulate import (
     PipelineSchedule,
@@ -48,6 +62,8 @@ __all__ = ["Partition", "StageModel"]
 
 _INF = math.inf
 Split = tuple[tuple[int, int], ...]
+_Spec = StageSpec
+_Terms = StageTerms
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,7 +73,8 @@ class Partition:
     configuration: Configuration
     ranges: Split
     """Layers ``[first, end)`` of each stage."""
-    recompute: tuple[bool, ...]
+    recompute: tuple[int, ...]
+    """Per stage: `terms.NONE`, `terms.FULL` or `terms.SELECTIVE` (a bool reads as none / full)."""
     origin: str
     """``dp`` (the least-bottleneck split) or ``equal`` (equal layer counts)."""
     stages: tuple[StageCost, ...]
@@ -67,52 +84,6 @@ class Partition:
     """Simulated step time (GPipe: its exact closed form); inf until played."""
     timeline: Timeline | None = None
     """The simulation, when one was played (GPipe's closed form plays none)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Spec:
-    """What a stage's costs depend on besides its layers (hashable: equal stages share matrices)."""
-
-    kinds: tuple[str, ...]
-    samples: int
-    replicas: int
-    inflight: int
-    capacity: int
-    first: bool
-    last: bool
-    send_out: tuple[float, float]
-    """(seconds per byte, latency) to the next stage's group."""
-    send_in: tuple[float, float]
-    """(seconds per byte, latency) to the previous stage's group (where gradients go)."""
-    ring: tuple[float, float]
-    """(slowest hop's seconds per byte, its latency) of the replicas' ring."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Terms:
-    """Every figure of a stage (scalars for one range, matrices for all: rows i, columns e)."""
-
-    fwd: Any
-    bwd: Any
-    bwd_rc: Any
-    send_fwd: Any
-    send_bwd: Any
-    allreduce: Any
-    weights: Any
-    grads: Any
-    optimizer: Any
-    buffers: Any
-    act: Any
-    keep: Any
-    """Bytes a recomputing stage keeps per microbatch: its input."""
-    fits: Any
-    fits_rc: Any
-    cost: Any
-    """T, the DP's objective."""
-    cost_rc: Any
-    total: Any
-    """f + b + sends, the DP's tie-break."""
-    total_rc: Any
 
 
 class StageModel:
@@ -133,10 +104,11 @@ class StageModel:
         self.rows = np.arange(n + 1)[:, None]
         self.cols = np.arange(n + 1)[None, :]
         self.valid = self.cols > self.rows
-        self._times: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._timed: dict[tuple[Configuration, Split, tuple[bool, ...]], Partition] = {}
+        self._times: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._tables: dict[int, LayerTables] = {}
+        self._timed: dict[tuple[Configuration, Split, tuple[int, ...]], Partition] = {}
         self._specs: dict[Configuration, list[_Spec]] = {}
-        self._splits: dict[Configuration, tuple[float, Split, tuple[bool, ...]] | None] = {}
+        self._splits: dict[Configuration, tuple[float, Split, tuple[int, ...]] | None] = {}
         self._stage: dict[tuple[_Spec, int, int, int], _Terms] = {}
         self.solved = self.simulated = 0
 
@@ -146,41 +118,68 @@ class StageModel:
         return int(self.weights[-1] + self.grads[-1] + self.optimizer[-1])
 
     # ------------------------------------------------------------------ tables
-    def times(self, kind: str, samples: int) -> tuple[np.ndarray, np.ndarray]:
-        """Prefix sums of forward and backward seconds of `kind` at `samples` per microbatch."""
-        key = (kind, samples)
+    def tables(self, tp: int) -> LayerTables:
+        """The layer tables under tensor-parallel degree `tp` (`terms.LayerTables`)."""
+        if tp not in self._tables:
+            self._tables[tp] = LayerTables(self.costs, tp, self.options.sequence_parallel)
+        return self._tables[tp]
+
+    def useful_degrees(self) -> tuple[int, ...]:
+        """The options' tensor-parallel degrees that split some layer (1 always): a degree
+        that splits none would run every layer on each of its devices alike."""
+        return tuple(t for t in self.options.tensor_parallel if t == 1 or self.tables(t).splits_any) or (1,)
+
+    def times(self, kind: str, samples: int, tp: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Prefix sums of forward, backward and selective re-run seconds of `kind` at
+        `samples` per microbatch, per device of a tensor-parallel degree `tp`."""
+        key = (kind, samples, tp)
         if key not in self._times:
             t = self.costs.times_for(kind, samples)
-            self._times[key] = (_prefix(t.fwd_s, float), _prefix(t.bwd_s, float))
+            tab = self.tables(tp)
+            fwd = np.asarray(t.fwd_s, dtype=float)
+            self._times[key] = (
+                _prefix(fwd * tab.scale, float),
+                _prefix(np.asarray(t.bwd_s, dtype=float) * tab.scale, float),
+                _prefix(fwd * tab.core_share, float),
+            )
         return self._times[key]
 
     def kinds(self, group: Group) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.cluster.devices[d].profile.name for d in group.devices))
 
     def samples(self, config: Configuration, group: Group) -> int:
-        return self.batch // (config.microbatches * group.replicas)
+        """Samples per data-parallel replica of `group` per microbatch."""
+        return self.batch // (config.microbatches * config.data_parallel(group))
 
-    def link(self, src: Group, dst: Group, src_samples: int, dst_samples: int) -> tuple[float, float]:
+    def link(self, src: Group, dst: Group, src_samples: int, dst_samples: int, tp: int = 1) -> tuple[float, float]:
         """(seconds per byte, latency) of a replica of `src` sending its samples on to `dst`.
 
-        Replica ``k`` holds samples ``[k b, (k+1) b)`` of the microbatch and sends each to
-        the replica of `dst` that holds it: the slowest pair's seconds per byte, and the
-        latencies of the messages one sender makes one after another.
+        Replica ``k`` (devices ``[k tp, (k+1) tp)``) holds samples ``[k b, (k+1) b)`` of the
+        microbatch; each of its devices sends its part of them to the device of the same
+        tensor-parallel rank in the replica of `dst` that holds them: the slowest pair's
+        seconds per byte, and the latencies of the messages one sender makes one after another.
         """
         c = self.cluster
         spb, lat = 0.0, 0.0
         for k, sender in enumerate(src.devices):
-            first = k * src_samples // dst_samples
-            last = ((k + 1) * src_samples - 1) // dst_samples
-            receivers = [dst.devices[q] for q in range(first, last + 1)]
+            replica, rank = divmod(k, tp)
+            first = replica * src_samples // dst_samples
+            last = ((replica + 1) * src_samples - 1) // dst_samples
+            receivers = [dst.devices[q * tp + rank] for q in range(first, last + 1)]
             spb = max([spb] + [c.seconds_per_byte[sender][r] for r in receivers])
             lat = max(lat, sum(c.latency_s[sender][r] for r in receivers))
         return spb, lat
 
-    def ring(self, group: Group) -> tuple[float, float]:
-        """(slowest hop's seconds per byte, slowest hop's latency) of a ring all-reduce over `group`."""
-        d = group.devices
-        hops = [self.cluster.allreduce_hop(d[k], d[(k + 1) % len(d)]) for k in range(len(d))] if len(d) > 1 else []
+    def ring(self, group: Group, tp: int = 1, inner: bool = False) -> tuple[float, float]:
+        """(slowest hop's seconds per byte, slowest hop's latency) of the rings over `group`:
+        the data-parallel rings (devices strided by `tp`), or with `inner` the
+        tensor-parallel ones (each run of `tp` consecutive devices)."""
+        rings = (
+            [group.devices[k : k + tp] for k in range(0, group.replicas, tp)]
+            if inner
+            else [group.devices[k::tp] for k in range(tp)]
+        )
+        hops = [self.cluster.allreduce_hop(d[k], d[(k + 1) % len(d)]) for d in rings if len(d) > 1 for k in range(len(d))]
         return max((h[0] for h in hops), default=0.0), max((h[1] for h in hops), default=0.0)
 
     def specs(self, config: Configuration) -> list[_Spec]:
@@ -190,7 +189,7 @@ class StageModel:
         return self._specs[config]
 
     def _make_specs(self, config: Configuration) -> list[_Spec]:
-        p, count, v = config.ranks, config.stages, config.virtual_stages
+        p, count, v, t = config.ranks, config.stages, config.virtual_stages, config.tp
         inflight = peak_inflight_microbatches(config.schedule, p, config.microbatches, v)
         out = []
         for j in range(count):
@@ -205,9 +204,12 @@ class StageModel:
                     capacity=min(self.capacity[d] for d in g.devices) // v,
                     first=j == 0,
                     last=j == count - 1,
-                    send_out=self.link(g, nxt, b, self.samples(config, nxt)) if j < count - 1 else (0.0, 0.0),
-                    send_in=self.link(g, prv, b, self.samples(config, prv)) if j > 0 else (0.0, 0.0),
-                    ring=self.ring(g),
+                    send_out=self.link(g, nxt, b, self.samples(config, nxt), t) if j < count - 1 else (0.0, 0.0),
+                    send_in=self.link(g, prv, b, self.samples(config, prv), t) if j > 0 else (0.0, 0.0),
+                    ring=self.ring(g, t),
+                    tp=t,
+                    tp_ring=self.ring(g, t, inner=True),
+                    sharding=config.sharding if config.data_parallel(g) > 1 else Sharding.NONE,
                 )
             )
         return out
@@ -217,14 +219,14 @@ class StageModel:
         copy, once per step (`partitioner.distributed` does it after the schedule).
 
         A stage joins when it owns a tied weight that a layer past it reads, or reads one it
-        does not own: a ring all-reduce over the copies' ``2 r`` devices (two stages, as an
-        embedding and its head), each hop on the slower of the replica ring and the link
-        between stages.
+        does not own: a ring all-reduce over the copies' ``2 d`` devices (two stages of ``d``
+        data-parallel replicas, as an embedding and its head), each hop on the slower of the
+        replica ring and the link between stages.
         """
         total: Any = 0.0
         if not self.tied:
             return total
-        members = 2 * spec.replicas
+        members = 2 * spec.data_parallel
         per_byte = max(spec.ring[0], spec.send_in[0], spec.send_out[0])
         latency = max(spec.ring[1], spec.send_in[1], spec.send_out[1])
         one = 2 * (members - 1) / members * per_byte, 2 * (members - 1) * latency
@@ -240,21 +242,22 @@ class StageModel:
         return total
 
     def terms(self, spec: _Spec, i: Any, e: Any, m: int) -> _Terms:
-        """Every figure of a stage on layers ``[i, e)`` (the module docstring's model).
+        """Every figure of a stage on layers ``[i, e)`` (`partitioner.pipeline_plan.terms`).
 
         `i`, `e` are ints, or index arrays broadcasting to every range at once; the
         arithmetic is the same, so the DP's matrices and the chosen stages agree.
         """
-        b = spec.samples
         fwd: Any = None
         bwd: Any = None
+        sel: Any = None
         for kind in spec.kinds:  # a group of several kinds runs at its slowest replica's pace
-            fp, bp = self.times(kind, b)
+            fp, bp, sp = self.times(kind, spec.samples, spec.tp)
             fwd = fp[e] - fp[i] if fwd is None else np.maximum(fwd, fp[e] - fp[i])
             bwd = bp[e] - bp[i] if bwd is None else np.maximum(bwd, bp[e] - bp[i])
-        weights = self.weights[e] - self.weights[i]
-        grads = self.grads[e] - self.grads[i]
-        optimizer = self.optimizer[e] - self.optimizer[i]
+            sel = sp[e] - sp[i] if sel is None else np.maximum(sel, sp[e] - sp[i])
+        weights: Any = 0
+        grads: Any = 0
+        optimizer: Any = 0
         for owner, users, state in self.tied:  # a copy where a reader is and the owner is not
             reads = np.zeros(np.broadcast(i, e).shape, dtype=bool)
             for u in users:
@@ -263,63 +266,49 @@ class StageModel:
             weights = weights + copy * state.weights
             grads = grads + copy * state.grads
             optimizer = optimizer + copy * state.optimizer
-        cut_in, cut_out = self.cut[i] * b, self.cut[e] * b
-        boundary = (0 if spec.first else cut_in) + (0 if spec.last else cut_out)
-        buffers = self.buffers[e] - self.buffers[i] + 2 * boundary  # a send and a receive buffer each way
-        act = (self.activations[e] - self.activations[i]) * b
-        state_bytes = weights + grads + optimizer + buffers
-        send_fwd = 0.0 if spec.last else cut_out * spec.send_out[0] + spec.send_out[1]
-        send_bwd = 0.0 if spec.first else cut_in * spec.send_in[0] + spec.send_in[1]
-        r = spec.replicas
-        allreduce = 0.0 if r < 2 else 2 * (r - 1) / r * grads * spec.ring[0] + 2 * (r - 1) * spec.ring[1]
-        allreduce = allreduce + self._tied_sum(spec, i, e)
-        bwd_rc = bwd + fwd
-
-        def exposed(backward: Any) -> Any:
-            return np.maximum(0.0, allreduce - backward) if self.options.overlap_allreduce else allreduce
-
-        link = send_fwd + send_bwd
-        return _Terms(
-            fwd=fwd,
-            bwd=bwd,
-            bwd_rc=bwd_rc,
-            send_fwd=send_fwd,
-            send_bwd=send_bwd,
-            allreduce=allreduce,
-            weights=weights,
-            grads=grads,
-            optimizer=optimizer,
-            buffers=buffers,
-            act=act,
-            keep=cut_in,
-            fits=state_bytes + spec.inflight * act <= spec.capacity,
-            fits_rc=state_bytes + act + spec.inflight * cut_in <= spec.capacity,
-            cost=np.maximum(fwd + bwd + exposed(bwd) / m, link),
-            cost_rc=np.maximum(fwd + bwd_rc + exposed(bwd_rc) / m, link),
-            total=fwd + bwd + link,
-            total_rc=fwd + bwd_rc + link,
+        return stage_terms(
+            self.tables(spec.tp),
+            spec,
+            i,
+            e,
+            m,
+            times=(fwd, bwd, sel),
+            cut=self.cut,
+            buffers=self.buffers,
+            tied=(weights, grads, optimizer, self._tied_sum(spec, i, e)),
+            overlap_allreduce=self.options.overlap_allreduce,
         )
 
+    def modes(self) -> tuple[int, ...]:
+        """The recomputation modes the options allow a stage, the cheapest first."""
+        return {
+            Recompute.NEVER: (NONE,),
+            Recompute.AUTO: (NONE, SELECTIVE, FULL),
+            Recompute.SELECTIVE: (SELECTIVE, FULL),
+            Recompute.ALWAYS: (FULL,),
+        }[self.options.recompute]
+
     def _matrices(self, spec: _Spec, m: int, relaxed: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(T, tie-break, recomputes) over every range ``[i, e)``; T is inf where the stage
-        does not fit (ignoring memory when `relaxed`)."""
+        """(T, tie-break, recomputation mode) over every range ``[i, e)``: the cheapest mode
+        the options allow that fits; T is inf where none fits (memory ignored when
+        `relaxed`: the cheapest mode)."""
         t = self.terms(spec, self.rows, self.cols, m)
-        policy = self.options.recompute
-        if policy is Recompute.ALWAYS:
-            rc = np.ones_like(self.valid)
-            ok = self.valid if relaxed else self.valid & t.fits_rc
-        elif relaxed:
-            rc = np.zeros_like(self.valid)
-            ok = self.valid
-        else:
-            rc = ~t.fits if policy is Recompute.AUTO else np.zeros_like(self.valid)
-            ok = self.valid & (t.fits | (rc & t.fits_rc))
-        cost = np.where(ok, np.where(rc, t.cost_rc, t.cost), _INF)
-        total = np.where(ok, np.where(rc, t.total_rc, t.total), _INF)
-        return cost, total, rc
+        modes = self.modes()
+        cost = np.full(self.valid.shape, _INF)
+        total = np.full(self.valid.shape, _INF)
+        mode = np.zeros(self.valid.shape, dtype=np.int64)
+        free = self.valid.copy()
+        for k in modes[:1] if relaxed else modes:
+            _, fits, c, tie, _ = t.mode(k)
+            take = free if relaxed else free & fits
+            cost = np.where(take, c, cost)
+            total = np.where(take, tie, total)
+            mode = np.where(take, k, mode)
+            free = free & ~take
+        return cost, total, mode
 
     # ------------------------------------------------------------------ the DP
-    def split(self, config: Configuration) -> tuple[float, Split, tuple[bool, ...]] | None:
+    def split(self, config: Configuration) -> tuple[float, Split, tuple[int, ...]] | None:
         """The least bottleneck ``T*`` of `config`, a split reaching it with the least sum of
         ``f + b + sends``, and its recomputation flags; None when no split fits.
 
@@ -330,7 +319,7 @@ class StageModel:
             self._splits[config] = self._split(config)
         return self._splits[config]
 
-    def _split(self, config: Configuration) -> tuple[float, Split, tuple[bool, ...]] | None:
+    def _split(self, config: Configuration) -> tuple[float, Split, tuple[int, ...]] | None:
         specs = self.specs(config)
         m = config.microbatches
         free = self._dp(specs, m, relaxed=True)
@@ -348,11 +337,10 @@ class StageModel:
             self._stage[key] = self.terms(spec, i, e, m)
         return self._stage[key]
 
-    def _fits(self, spec: _Spec, i: int, e: int, m: int, recompute: bool) -> bool:
-        t = self.stage(spec, i, e, m)
-        return bool(t.fits_rc if recompute else t.fits)
+    def _fits(self, spec: _Spec, i: int, e: int, m: int, recompute: int) -> bool:
+        return bool(self.stage(spec, i, e, m).mode(recompute)[1])
 
-    def _dp(self, specs: list[_Spec], m: int, relaxed: bool) -> tuple[float, Split, tuple[bool, ...]] | None:
+    def _dp(self, specs: list[_Spec], m: int, relaxed: bool) -> tuple[float, Split, tuple[int, ...]] | None:
         cache: dict[_Spec, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         mats = []
         for spec in specs:
@@ -384,11 +372,11 @@ class StageModel:
             ranges.append((int(parent[e]), e))
             e = ranges[-1][0]
         ranges.reverse()
-        flags = tuple(bool(rc[i, e]) for (_, _, rc), (i, e) in zip(mats, ranges))
+        flags = tuple(int(rc[i, e]) for (_, _, rc), (i, e) in zip(mats, ranges))
         return t_star, tuple(ranges), flags
 
     # ------------------------------------------------------------------ splits
-    def partition(self, config: Configuration, ranges: Split, recompute: Sequence[bool], origin: str) -> Partition | None:
+    def partition(self, config: Configuration, ranges: Split, recompute: Sequence[int], origin: str) -> Partition | None:
         """The stages of a split, or None when a stage does not fit."""
         stages, plan_stages = [], []
         for j, (spec, (i, e), rc) in enumerate(zip(self.specs(config), ranges, recompute)):
@@ -396,10 +384,10 @@ class StageModel:
                 return None
             t = self.stage(spec, i, e, config.microbatches)
             group = config.groups[j % config.ranks]
-            kept = int(t.keep if rc else t.act)
-            rebuilt = int(t.act) if rc else 0
-            static = int(t.weights + t.grads + t.optimizer + t.buffers) + rebuilt
-            bwd = float(t.bwd_rc if rc else t.bwd)
+            kept = int(t.keep if rc == FULL else t.act - t.core if rc == SELECTIVE else t.act)
+            rebuilt = int(t.act if rc == FULL else t.core if rc == SELECTIVE else 0)
+            static = int(t.weights) + int(t.grads) + int(t.optimizer) + int(t.gathered) + int(t.buffers) + rebuilt
+            bwd = float(t.mode(rc)[0])
             times = {
                 "fwd_s": float(t.fwd),
                 "bwd_s": bwd,
@@ -418,11 +406,16 @@ class StageModel:
                     devices=group.devices,
                     profile="+".join(spec.kinds),
                     samples=spec.samples,
-                    recompute=bool(rc),
+                    recompute=rc == FULL,
+                    selective=rc == SELECTIVE,
                     **times,
+                    tp_comm_s=float(t.tp_comm),
+                    dp_comm_fwd_s=float(t.dp_fwd),
+                    dp_comm_bwd_s=float(t.mode(rc)[4]),
                     weight_bytes=int(t.weights),
                     grad_bytes=int(t.grads),
                     optimizer_bytes=int(t.optimizer),
+                    gathered_bytes=int(t.gathered),
                     buffer_bytes=int(t.buffers),
                     recompute_bytes=rebuilt,
                     microbatch_activation_bytes=kept,
@@ -450,10 +443,9 @@ class StageModel:
     def policy_partition(self, config: Configuration, ranges: Split, origin: str) -> Partition | None:
         """The stages of a given split, recomputing where the options' policy allows and a
         stage does not fit otherwise; None when it does not fit."""
-        policy = self.options.recompute
+        modes = self.modes()
         flags = [
-            policy is Recompute.ALWAYS
-            or (policy is Recompute.AUTO and not self._fits(spec, i, e, config.microbatches, False))
+            next((k for k in modes if self._fits(spec, i, e, config.microbatches, k)), modes[-1])
             for spec, (i, e) in zip(self.specs(config), ranges)
         ]
         return self.partition(config, ranges, flags, origin)
@@ -479,23 +471,42 @@ class StageModel:
     # ------------------------------------------------------------------ bounds
     def work(self, config: Configuration) -> float:
         """``m / sum over ranks g of 1 / W_g``, ``W_g`` the whole model's forward and backward
-        per microbatch on rank ``g``: the busiest rank's compute under perfect balance, a
-        lower bound on the step of every split of `config`."""
+        per microbatch on a device of rank ``g`` (tensor-parallel compute only, the cheapest
+        recomputation the options allow): the busiest rank's compute under perfect balance,
+        no communication, a lower bound on the step of every split of `config`."""
         speed = 0.0
+        cheapest = self.modes()[0]
         for g in config.groups:
             b = self.samples(config, g)
             w = 0.0
             for kind in self.kinds(g):
-                fp, bp = self.times(kind, b)
-                extra = fp[-1] if self.options.recompute is Recompute.ALWAYS else 0.0
-                w = max(w, float(fp[-1] + bp[-1] + extra))
+                fp, bp, sp = self.times(kind, b, config.tp)
+                rerun = fp[-1] if cheapest == FULL else sp[-1] if cheapest == SELECTIVE else 0.0
+                w = max(w, float(fp[-1] + bp[-1] + rerun))
             speed += 1 / w if w > 0 else _INF
         return config.microbatches / speed if speed > 0 else 0.0
 
+    def held_state(self, config: Configuration) -> int:
+        """Bytes of the whole model's weights, gradients and optimizer state one device holds
+        at the configuration's tensor-parallel degree and sharding over its ranks' most
+        data-parallel replicas (working copies of ZeRO-3 not counted)."""
+        tab = self.tables(config.tp)
+        d = max(config.data_parallel(g) for g in config.groups)
+        w, g, o = int(tab.weights[-1]), int(tab.grads[-1]), int(tab.optimizer[-1])
+        sharding = config.sharding if d > 1 else Sharding.NONE
+        if sharding is not Sharding.NONE:
+            o //= d
+            if sharding is not Sharding.ZERO1:
+                g //= d
+            if sharding in (Sharding.ZERO3, Sharding.ZERO3_KEEP):
+                w //= d
+        return w + g + o
+
     def may_fit(self, config: Configuration) -> bool:
-        """False when the ranks cannot hold the model's state even spread perfectly (every
-        replica of a rank holds its stages' weights, gradients and optimizer state)."""
-        return sum(min(self.capacity[d] for d in g.devices) for g in config.groups) >= self.state_bytes
+        """False when the ranks cannot hold the model's state even spread perfectly (each
+        device of a rank holds its stages' state as `held_state` counts it; more replicas
+        shard more, so the ranks' most replicas bound every rank's share from below)."""
+        return sum(min(self.capacity[d] for d in g.devices) for g in config.groups) >= self.held_state(config)
 
     def split_bound(self, part: Partition) -> float:
         """A lower bound on the step of this split, from its stages alone.

@@ -1,0 +1,340 @@
+"""What one pipeline stage costs under tensor parallelism, sharding and recomputation (pure, vectorised).
+
+A stage of layers ``[i, e)`` on a rank of ``r`` devices with tensor-parallel degree ``t``
+runs ``d = r / t`` data-parallel replicas of ``t`` devices each; ``b`` samples per replica
+per microbatch. Layer ``l``'s pairs split over the ``t`` devices only where ``t`` divides
+its ``tp_divisor`` (`partitioner.training_costs.ChainLayer`); elsewhere it stays replicated.
+Per device (sums over the stage's layers; ``x = tp_flops / flops`` per split layer)::
+
+    compute     f_t = f (1 - x + x / t), the same for b
+    tp comm     2 (t-1)/t x b x tp_comm_bytes x s/B + 2 (t-1) x latency per layer that
+                all-reduces, on the TP group's slowest hop: every microbatch, in forward
+                and again in backward (on the critical path: added to f and to b)
+    params      (params - tp_params) + tp_params / t  ->  weights W, grads G, optimizer O
+    held        none: W + G + O; zero1: W + G + O/d; zero2: W + (G + O)/d;
+                zero3: (W + G + O)/d + the two largest layers' W (in use, prefetched);
+                zero3-keep: (W + G + O)/d + W (gathered from forward to backward)
+    act         b x ((act - tp_act) + tp_act / t), and all of it / t with sequence
+                parallelism (the stage's input and output, sent and kept, too)
+    recompute   none; selective: frees the attention cores' activations (core bytes, / t
+                when split), re-runs their forward (``core_flops / 3``) in backward;
+                full: keeps the input only and re-runs the whole forward (its TP
+                all-reduces too)
+
+Data-parallel communication over the ``d`` replicas (ring over devices strided by ``t``;
+all-gather and reduce-scatter ``(d-1)/d x bytes x s/B + (d-1) x latency``, all-reduce
+twice that):
+
+    none        all-reduce of G, once per step (after the stage's last backward)
+    zero1       that, and the updated weights' all-gather (exposed, after the step)
+    zero2       reduce-scatter of G and all-gather of W, once per step
+    zero3       every microbatch: W gathered in forward and again in backward, G
+                reduce-scattered in backward, a latency per layer; overlapped with the
+                pass's compute, exposed ``max(0, comm - compute)`` plus what cannot hide:
+                the first layer's gather of each pass and the last reduce-scatter
+    zero3-keep  as zero3, one gather (forward) per microbatch
+
+Collectives that span nodes run at their slowest hop (`partitioner.cluster.Cluster.allreduce_hop`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from partitioner.options import Sharding
+from partitioner.training_costs import TrainingCosts, training_state_bytes
+
+__all__ = ["NONE", "SELECTIVE", "FULL", "RECOMPUTE_NAMES", "LayerTables", "StageSpec", "StageTerms", "stage_terms"]
+
+NONE, FULL, SELECTIVE = 0, 1, 2
+"""Recomputation of a stage (as ints, so that a bool reads as before: True is full)."""
+RECOMPUTE_NAMES = ("none", "full", "selective")
+
+
+def _prefix(values: Any, dtype: Any = np.int64) -> np.ndarray:
+    return np.concatenate(([0], np.cumsum(np.asarray(values, dtype=dtype))))
+
+
+class LayerTables:
+    """Per-layer figures of one tensor-parallel degree ``t``, as prefix sums over the layers.
+
+    ``t = 1`` gives the unsplit model.
+    """
+
+    def __init__(self, costs: TrainingCosts, t: int, sequence_parallel: bool) -> None:
+        layers = costs.layers
+        self.t = t
+        split = np.array([t > 1 and layer.tp_divisor > 0 and layer.tp_divisor % t == 0 for layer in layers])
+        self.split = split
+        self.splits_any = bool(split.any())
+        params = [
+            layer.params - layer.tp_params + math.ceil(layer.tp_params / t) if s else layer.params
+            for layer, s in zip(layers, split)
+        ]
+        states = [training_state_bytes(p, costs.precision, costs.optimizer) for p in params]
+        self.layer_weights = np.array([s.weights for s in states], dtype=np.int64)
+        self.layer_grads = np.array([s.grads for s in states], dtype=np.int64)
+        self.weights = _prefix(self.layer_weights)
+        self.grads = _prefix(self.layer_grads)
+        self.optimizer = _prefix([s.optimizer for s in states])
+        # Compute kept per device: 1 - x + x / t of each split layer.
+        self.scale = np.array(
+            [1 - (x := min(1.0, layer.tp_flops / layer.flops) if layer.flops > 0 else 0.0) + x / t if s else 1.0
+             for layer, s in zip(layers, split)]
+        )
+        # Selective recomputation re-runs the cores' forward, core_flops / 3 of the layer's
+        # forward flops / 3: that share of the layer's forward time (split with the pairs).
+        self.core_share = np.array(
+            [(layer.core_flops / layer.flops if layer.flops > 0 else 0.0) / (t if s else 1)
+             for layer, s in zip(layers, split)]
+        )
+        sp = sequence_parallel and t > 1
+        self.sequence_parallel = sp
+        self.activations = _prefix(
+            [
+                math.ceil(layer.activation_bytes / t) if s and sp
+                else layer.activation_bytes - layer.tp_activation_bytes + math.ceil(layer.tp_activation_bytes / t) if s
+                else layer.activation_bytes
+                for layer, s in zip(layers, split)
+            ]
+        )
+        self.core = _prefix(
+            [math.ceil(layer.core_activation_bytes / t) if s else layer.core_activation_bytes for layer, s in zip(layers, split)]
+        )
+        self.tp_comm = _prefix([layer.tp_comm_bytes if s else 0 for layer, s in zip(layers, split)])
+        self.tp_collectives = _prefix([1 if s and layer.tp_comm_bytes > 0 else 0 for layer, s in zip(layers, split)])
+        self._top2: np.ndarray | None = None
+
+    def top_two(self) -> np.ndarray:
+        """top_two()[i, e]: weights of the two largest layers of ``[i, e)`` (0 where e <= i)."""
+        if self._top2 is None:
+            n = len(self.layer_weights)
+            out = np.zeros((n + 1, n + 1), dtype=np.int64)
+            first = np.zeros(n + 1, dtype=np.int64)
+            second = np.zeros(n + 1, dtype=np.int64)
+            for e in range(1, n + 1):
+                w = self.layer_weights[e - 1]
+                rows = np.arange(n + 1) < e  # ranges [i, e) with i < e gain layer e - 1
+                bigger = rows & (w > first)
+                second = np.where(bigger, first, np.where(rows & (w > second), w, second))
+                first = np.where(bigger, w, first)
+                out[:, e] = first + second
+            self._top2 = out
+        return self._top2
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    """What a stage's costs depend on besides its layers (hashable: equal stages share matrices)."""
+
+    kinds: tuple[str, ...]
+    samples: int
+    """Per data-parallel replica per microbatch."""
+    replicas: int
+    """Devices of its rank."""
+    inflight: int
+    capacity: int
+    first: bool
+    last: bool
+    send_out: tuple[float, float]
+    """(seconds per byte, latency) to the next stage's group."""
+    send_in: tuple[float, float]
+    """(seconds per byte, latency) to the previous stage's group (where gradients go)."""
+    ring: tuple[float, float]
+    """(slowest hop's seconds per byte, its latency) of the data-parallel ring (devices strided by tp)."""
+    tp: int = 1
+    tp_ring: tuple[float, float] = (0.0, 0.0)
+    """The same for the tensor-parallel groups' rings (inside a node)."""
+    sharding: Sharding = Sharding.NONE
+    """NONE where the rank has one data-parallel replica (nothing to shard)."""
+
+    @property
+    def data_parallel(self) -> int:
+        return self.replicas // self.tp
+
+
+@dataclass(frozen=True, slots=True)
+class StageTerms:
+    """Every figure of a stage (scalars for one range, matrices for all: rows i, columns e).
+
+    Per recomputation mode ``X``: ``bwd`` (none), ``bwd_sel``, ``bwd_rc`` (full), and
+    likewise ``fits``, ``cost`` (T, the DP's objective) and ``total`` (f + b + sends, its
+    tie-break). Seconds per microbatch; ``allreduce`` once per step.
+    """
+
+    fwd: Any
+    bwd: Any
+    bwd_sel: Any
+    bwd_rc: Any
+    send_fwd: Any
+    send_bwd: Any
+    allreduce: Any
+    tp_comm: Any
+    """TP all-reduces of one pass (in `fwd`, and again in each `bwd`)."""
+    dp_fwd: Any
+    """Exposed ZeRO-3 communication of a forward (in `fwd`)."""
+    dp_bwd: Any
+    """Exposed ZeRO-3 communication of a backward without recomputation (in `bwd`)."""
+    dp_bwd_sel: Any
+    dp_bwd_rc: Any
+    weights: Any
+    grads: Any
+    optimizer: Any
+    gathered: Any
+    """Unsharded working weights (ZeRO-3: the two largest layers; zero3-keep: all)."""
+    buffers: Any
+    act: Any
+    core: Any
+    """Bytes of one microbatch's attention cores: what selective recomputation frees and rebuilds."""
+    keep: Any
+    """Bytes a fully recomputing stage keeps per microbatch: its input."""
+    fits: Any
+    fits_sel: Any
+    fits_rc: Any
+    cost: Any
+    cost_sel: Any
+    cost_rc: Any
+    total: Any
+    total_sel: Any
+    total_rc: Any
+
+    def mode(self, recompute: int) -> tuple[Any, Any, Any, Any, Any]:
+        """(bwd, fits, cost, total, exposed ZeRO-3 backward communication) under one recomputation mode."""
+        if recompute == FULL:
+            return self.bwd_rc, self.fits_rc, self.cost_rc, self.total_rc, self.dp_bwd_rc
+        if recompute == SELECTIVE:
+            return self.bwd_sel, self.fits_sel, self.cost_sel, self.total_sel, self.dp_bwd_sel
+        return self.bwd, self.fits, self.cost, self.total, self.dp_bwd
+
+
+def stage_terms(
+    tables: LayerTables,
+    spec: StageSpec,
+    i: Any,
+    e: Any,
+    m: int,
+    *,
+    times: tuple[Any, Any, Any],
+    cut: np.ndarray,
+    buffers: np.ndarray,
+    tied: tuple[Any, Any, Any, Any],
+    overlap_allreduce: bool,
+) -> StageTerms:
+    """The figures of the module docstring for layers ``[i, e)`` (ints or broadcasting index arrays).
+
+    Args:
+        tables: The layer tables of ``spec.tp``.
+        times: (forward, backward, selective re-run) seconds of ``[i, e)`` at ``spec.samples``
+            on the stage's slowest kind, already scaled by tensor parallelism.
+        cut: Cut bytes per sample at each layer boundary.
+        buffers: Prefix sums of model buffer bytes.
+        tied: (weights, grads, optimizer, all-reduce seconds) of tied-weight copies the stage holds.
+        overlap_allreduce: Whether the per-step all-reduce hides under the last backward.
+    """
+    b, t, d = spec.samples, spec.tp, spec.data_parallel
+    fc, bc, sel = times
+    # Tensor parallelism: one ring all-reduce of the pairs' outputs per layer, each pass.
+    tp_comm: Any = 0.0
+    if t > 1:
+        per_byte, latency = spec.tp_ring
+        tp_comm = (2 * (t - 1) / t * (tables.tp_comm[e] - tables.tp_comm[i]) * b * per_byte
+                   + 2 * (t - 1) * latency * (tables.tp_collectives[e] - tables.tp_collectives[i]))
+    weights = tables.weights[e] - tables.weights[i] + tied[0]
+    grads = tables.grads[e] - tables.grads[i] + tied[1]
+    optimizer = tables.optimizer[e] - tables.optimizer[i] + tied[2]
+    sharding = spec.sharding if d > 1 else Sharding.NONE
+    per_byte, latency = spec.ring
+    share = (d - 1) / d
+
+    def gather(nbytes: Any, count: Any = 1) -> Any:  # all-gather (or reduce-scatter) over the d replicas
+        return share * nbytes * per_byte + (d - 1) * latency * count
+
+    held_w, held_g, held_o = weights, grads, optimizer
+    gathered: Any = 0
+    allreduce: Any = 0.0 if d < 2 else 2 * gather(grads)
+    dp_fwd: Any = 0.0
+    zero3 = sharding in (Sharding.ZERO3, Sharding.ZERO3_KEEP)
+    if sharding is not Sharding.NONE:
+        held_o = optimizer / d
+        if sharding is Sharding.ZERO1:
+            allreduce = allreduce + gather(weights)
+        else:
+            held_g = grads / d
+            allreduce = gather(grads) + gather(weights)
+    if zero3:
+        allreduce = 0.0
+        held_w = weights / d
+        layers = e - i
+        first_w = tables.layer_weights[np.minimum(i, len(tables.layer_weights) - 1)]
+        last_w = tables.layer_weights[np.maximum(e - 1, 0)]
+        first_g = tables.layer_grads[np.minimum(i, len(tables.layer_grads) - 1)]
+        dp_fwd = np.maximum(0.0, gather(weights, layers) - fc) + gather(first_w)
+        if sharding is Sharding.ZERO3:
+            gathered = tables.top_two()[i, e]
+        else:
+            gathered = weights
+    allreduce = allreduce + tied[3]
+
+    def dp_bwd(compute: Any) -> Any:
+        if not zero3:
+            return 0.0
+        comm = gather(grads, layers)
+        lead = gather(first_g)  # the last reduce-scatter waits for the last backward
+        if sharding is Sharding.ZERO3:
+            comm = comm + gather(weights, layers)
+            lead = lead + gather(last_w)
+        return np.maximum(0.0, comm - compute) + lead
+
+    scale = t if tables.sequence_parallel else 1
+    cut_in, cut_out = cut[i] * b / scale, cut[e] * b / scale
+    boundary = (0 if spec.first else cut_in) + (0 if spec.last else cut_out)
+    buffer_bytes = buffers[e] - buffers[i] + 2 * boundary
+    act = (tables.activations[e] - tables.activations[i]) * b
+    core = (tables.core[e] - tables.core[i]) * b
+    static = held_w + held_g + held_o + gathered + buffer_bytes
+    send_fwd = 0.0 if spec.last else cut_out * spec.send_out[0] + spec.send_out[1]
+    send_bwd = 0.0 if spec.first else cut_in * spec.send_in[0] + spec.send_in[1]
+    fwd = fc + tp_comm + dp_fwd
+    bwd = bc + tp_comm + dp_bwd(bc)
+    bwd_sel = bc + sel + tp_comm + dp_bwd(bc + sel)
+    bwd_rc = bc + fc + 2 * tp_comm + dp_bwd(bc + fc)
+
+    def exposed(backward: Any) -> Any:
+        return np.maximum(0.0, allreduce - backward) if overlap_allreduce else allreduce
+
+    link = send_fwd + send_bwd
+    return StageTerms(
+        fwd=fwd,
+        bwd=bwd,
+        bwd_sel=bwd_sel,
+        bwd_rc=bwd_rc,
+        send_fwd=send_fwd,
+        send_bwd=send_bwd,
+        allreduce=allreduce,
+        tp_comm=tp_comm,
+        dp_fwd=dp_fwd,
+        dp_bwd=dp_bwd(bc),
+        dp_bwd_sel=dp_bwd(bc + sel),
+        dp_bwd_rc=dp_bwd(bc + fc),
+        weights=held_w,
+        grads=held_g,
+        optimizer=held_o,
+        gathered=gathered,
+        buffers=buffer_bytes,
+        act=act,
+        core=core,
+        keep=cut_in,
+        fits=static + spec.inflight * act <= spec.capacity,
+        fits_sel=static + core + spec.inflight * (act - core) <= spec.capacity,
+        fits_rc=static + act + spec.inflight * cut_in <= spec.capacity,
+        cost=np.maximum(fwd + bwd + exposed(bwd) / m, link),
+        cost_sel=np.maximum(fwd + bwd_sel + exposed(bwd_sel) / m, link),
+        cost_rc=np.maximum(fwd + bwd_rc + exposed(bwd_rc) / m, link),
+        total=fwd + bwd + link,
+        total_sel=fwd + bwd_sel + link,
+        total_rc=fwd + bwd_rc + link,
+    )

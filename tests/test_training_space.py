@@ -1,0 +1,356 @@
+"""The training space beyond replicated pipelines: tensor parallelism, ZeRO / FSDP sharding,
+selective recomputation, on hand-built tables (no torch, as tests/test_pipeline_plan.py).
+
+Layers here carry the tensor-parallel fields a traced transformer block would: most of
+its FLOPs, parameters and activations in column -> row pairs (`ChainLayer.tp_flops`, ...),
+an all-reduce of its output per sample (`tp_comm_bytes`), attention cores (`core_*`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from dataclasses import replace
+
+import pytest
+
+from partitioner.cluster import Cluster, load_cluster
+from partitioner.errors import InfeasibleError
+from partitioner.options import Optimizer, Precision, Recompute, Sharding, TrainingOptions
+from partitioner.pipeline_plan import Configuration, Group, StageModel, configurations, microbatch_sizes, plan_pipeline
+from partitioner.pipeline_plan.space import tensor_parallel_degrees
+from partitioner.pipeline_plan.terms import FULL, NONE, SELECTIVE
+from partitioner.plan import Plan
+from partitioner.simulate import PipelineSchedule
+from partitioner.training_costs import ChainLayer, LayerTimes, TrainingCosts, training_state_bytes
+from tests.test_pipeline_plan import assert_plan_valid, hand_cluster
+from tests.test_plan import hand_pipeline_plan
+
+
+def tp_costs(
+    cluster: Cluster,
+    batch: int,
+    options: TrainingOptions,
+    *,
+    n: int = 8,
+    params: int = 10**6,
+    act: int = 10**5,
+    cut: int = 10**4,
+    comm: int = 10**4,
+    divisor: int = 8,
+    x: float = 0.9,
+    core: float = 0.1,
+    speed: float = 1e-3,
+) -> TrainingCosts:
+    """`n` equal layers of `params` parameters, a share `x` of their FLOPs, parameters and
+    activations in tensor-parallel pairs (splitting for degrees dividing `divisor`); `comm`
+    bytes per sample all-reduced per pass; attention cores of a share `core` of the FLOPs
+    and activations. Forward ``speed x b`` seconds, backward twice that; float32, SGD."""
+    layer = ChainLayer(
+        name="block", params=params, activation_bytes=act, flops=3e9, tp_flops=x * 3e9, tp_params=int(x * params),
+        tp_activation_bytes=int(x * act), tp_comm_bytes=comm, tp_divisor=divisor, core_flops=core * 3e9,
+        core_activation_bytes=int(core * act),
+    )
+    sizes = microbatch_sizes(cluster, batch, options)
+    return TrainingCosts(
+        layers=tuple(replace(layer, name=f"l{i}") for i in range(n)),
+        cut_bytes=(0,) + (cut,) * (n - 1) + (0,),
+        times=tuple(
+            LayerTimes(kind=k, samples=b, fwd_s=(speed * b,) * n, bwd_s=(2 * speed * b,) * n)
+            for k in cluster.kinds
+            for b in sizes
+        ),
+        precision=Precision.FP32,
+        optimizer=Optimizer.SGD,
+    )
+
+
+def one_stage(devices: int, tp: int, sharding: Sharding, microbatches: int = 1) -> Configuration:
+    return Configuration(
+        groups=(Group(tuple(range(devices))),), layout="one group", microbatches=microbatches,
+        schedule=PipelineSchedule.GPIPE, tp=tp, sharding=sharding,
+    )
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@pytest.mark.parametrize("sharding", list(Sharding))
+def test_memory_per_zero_stage_is_the_formula(sharding: Sharding) -> None:
+    # 4 devices, tp 2: d = 2 replicas; 8 layers of 10^6 parameters, 90% of them split.
+    options = TrainingOptions(max_microbatches=1)
+    cluster = hand_cluster(["a100-80gb x4"])
+    costs = tp_costs(cluster, 8, options)
+    model = StageModel(costs, cluster, 8, options)
+    config = one_stage(4, 2, sharding)
+    (spec,) = model.specs(config)
+    t = model.stage(spec, 0, 8, 1)
+    per_layer = 10**6 - 900_000 + 450_000  # (params - tp_params) + tp_params / tp
+    state = training_state_bytes(8 * per_layer, Precision.FP32, Optimizer.SGD)
+    w, g, o, d = state.weights, state.grads, state.optimizer, 2
+    expected = {
+        Sharding.NONE: (w, g, o, 0),
+        Sharding.ZERO1: (w, g, o / d, 0),
+        Sharding.ZERO2: (w, g / d, o / d, 0),
+        Sharding.ZERO3: (w / d, g / d, o / d, 2 * w / 8),  # the two largest (equal) layers, unsharded
+        Sharding.ZERO3_KEEP: (w / d, g / d, o / d, w),
+    }[sharding]
+    assert (t.weights, t.grads, t.optimizer, t.gathered) == pytest.approx(expected)
+    # Activations: with sequence parallelism all of a split layer's divide by tp; without, the pairs' only.
+    b = spec.samples
+    assert b == 4 and t.act == pytest.approx(8 * b * 10**5 / 2)
+    no_sp = StageModel(costs, cluster, 8, replace(options, sequence_parallel=False))
+    (spec_no_sp,) = no_sp.specs(config)
+    assert no_sp.stage(spec_no_sp, 0, 8, 1).act == pytest.approx(8 * b * (10**4 + 90_000 / 2))
+
+
+def test_compute_and_tp_all_reduce_per_layer_are_the_formula() -> None:
+    # f_t = f (1 - x + x / t) plus a ring all-reduce of b x comm bytes per layer, each pass.
+    options = TrainingOptions(max_microbatches=1)
+    spb, latency = 1e-11, 2e-6
+    cluster = hand_cluster(["a100-80gb x4"], spb=spb)
+    cluster = replace(cluster, latency_s=tuple(tuple(0.0 if a == c else latency for c in range(4)) for a in range(4)))
+    costs = tp_costs(cluster, 4, options, comm=10**6)
+    model = StageModel(costs, cluster, 4, options)
+    (spec,) = model.specs(one_stage(4, 4, Sharding.NONE))
+    t = model.stage(spec, 0, 8, 1)
+    b = spec.samples
+    assert b == 4
+    allreduce = 8 * (2 * 3 / 4 * b * 10**6 * spb + 2 * 3 * latency)
+    assert t.tp_comm == pytest.approx(allreduce)
+    assert t.fwd == pytest.approx(8 * 1e-3 * b * (1 - 0.9 + 0.9 / 4) + allreduce)
+    assert t.bwd == pytest.approx(8 * 2e-3 * b * (1 - 0.9 + 0.9 / 4) + allreduce)
+    # Selective recomputation re-runs the cores' forward (a tenth of the FLOPs, split by tp);
+    # full re-runs the forward and its all-reduces.
+    assert t.bwd_sel - t.bwd == pytest.approx(8 * 1e-3 * b * 0.1 / 4)
+    assert t.bwd_rc - t.bwd == pytest.approx(t.fwd)
+    assert t.core == pytest.approx(8 * b * 10**4 / 4)
+
+
+def test_a_degree_not_dividing_the_layers_divisor_leaves_it_replicated() -> None:
+    # tp_divisor 2: degree 2 splits the layers, degree 4 cannot (no compute saved, no all-reduce).
+    options = TrainingOptions(max_microbatches=1)
+    cluster = hand_cluster(["a100-80gb x4"])
+    costs = tp_costs(cluster, 4, options, divisor=2)
+    model = StageModel(costs, cluster, 4, options)
+    (two,) = model.specs(one_stage(2, 2, Sharding.NONE))
+    (four,) = model.specs(one_stage(4, 4, Sharding.NONE))
+    split, whole = model.stage(two, 0, 8, 1), model.stage(four, 0, 8, 1)
+    state = training_state_bytes(10**6, Precision.FP32, Optimizer.SGD)
+    assert whole.weights == 8 * state.weights and whole.tp_comm == 0
+    assert whole.fwd == pytest.approx(8 * 1e-3 * four.samples)
+    assert split.weights < whole.weights and split.tp_comm > 0
+    assert model.useful_degrees() == (1, 2)  # degree 4 (and 8) split nothing: out of the space
+
+
+def test_zero3_exposes_what_compute_cannot_hide() -> None:
+    # A slow ring: each pass's gathers exceed its compute; the exposed part is the rest plus
+    # the gathers (and the last reduce-scatter) that nothing hides.
+    options = TrainingOptions(max_microbatches=1)
+    spb = 1e-9
+    cluster = hand_cluster(["a100-80gb x2"], spb=spb)
+    costs = tp_costs(cluster, 2, options)
+    model = StageModel(costs, cluster, 2, options)
+    (spec,) = model.specs(one_stage(2, 1, Sharding.ZERO3))
+    t = model.stage(spec, 0, 8, 1)
+    layer = 4 * 10**6  # float32 weights (and grads) of a layer
+    gather = 0.5 * layer * spb  # (d - 1) / d x bytes x s/B, no latency
+    fc, bc = 8 * 1e-3, 8 * 2e-3
+    assert t.dp_fwd == pytest.approx(max(0.0, 8 * gather - fc) + gather)
+    assert t.dp_bwd == pytest.approx(max(0.0, 16 * gather - bc) + 2 * gather)
+    assert t.fwd == pytest.approx(fc + t.dp_fwd) and t.allreduce == 0
+    (keep,) = model.specs(one_stage(2, 1, Sharding.ZERO3_KEEP))
+    assert model.stage(keep, 0, 8, 1).dp_bwd == pytest.approx(max(0.0, 8 * gather - bc) + gather)
+
+
+# --------------------------------------------------------------------------- the space
+
+
+def test_tp_groups_lie_in_a_node_and_divide_it() -> None:
+    cluster = load_cluster("h100-8x8-ib")  # 8 nodes of 8
+    options = TrainingOptions(tensor_parallel=(1, 2, 4, 8, 16))
+    whole = (Group(tuple(range(64))),)
+    assert tensor_parallel_degrees(cluster, whole, options) == [1, 2, 4, 8]  # 16 spans two nodes
+    strided = tuple(Group(tuple(range(j, 64, 8))) for j in range(8))  # stages in a node: a group per node slot
+    assert tensor_parallel_degrees(cluster, strided, options) == [1]
+    configs = configurations(cluster, 64, 96, replace(options, max_microbatches=1, schedules=("1f1b",)))
+    assert {c.tp for c in configs} == {1, 2, 4, 8}
+    assert all(c.sharding is Sharding.NONE for c in configs if max(c.data_parallel(g) for g in c.groups) == 1)
+    described = next(c for c in configs if c.tp == 8 and c.stages == 1 and c.sharding is Sharding.ZERO3)
+    assert described.describe(cluster) == "1 stage on 64 x h100-80gb, tp 8 x dp 8, zero3; 1f1b, 1 microbatch"
+    assert described.family == "TP x DP"
+
+
+def test_a_model_whose_replicated_state_does_not_fit_gets_fsdp() -> None:
+    # 8 layers x 10^8 parameters x 8 bytes = 6.4 GB; 4 devices of 3 GB (2.7 usable): a
+    # quarter of the state and two whole layers' weights (0.8 GB) fit.
+    options = TrainingOptions(max_stages=1, tensor_parallel=(1,), max_microbatches=4)
+    cluster = hand_cluster(["a100-80gb x4"], {"a100-80gb": "3GB"})
+    costs = tp_costs(cluster, 16, options, params=10**8, act=10**5)
+    with pytest.raises(InfeasibleError):
+        plan_pipeline(costs, cluster, 16, replace(options, shardings=("none", "zero1", "zero2")))
+    result = plan_pipeline(costs, cluster, 16, options)
+    p = result.pipeline
+    assert p.family == "FSDP" and p.sharding in ("zero3", "zero3-keep") and p.data_parallel == 4
+    (stage,) = p.stages
+    assert stage.weight_bytes == 8 * 4 * 10**8 // 4
+    assert_plan_valid(result, cluster, costs, options)
+
+
+def test_tp_when_its_all_reduce_is_cheap_and_not_when_the_link_is_slow() -> None:
+    # Big layers (0.4 GB of float32 gradients each) make data parallelism's all-reduce dear;
+    # tensor parallelism moves b x 10 kB per layer instead. On a slow link even that loses.
+    options = TrainingOptions(shardings=("none",), max_microbatches=4, schedules=("gpipe", "1f1b"))
+    fast = hand_cluster(["a100-80gb x4"], spb=1e-11)
+    costs = tp_costs(fast, 8, options, params=10**8, x=0.99, speed=1e-2)
+    chosen = plan_pipeline(costs, fast, 8, options)
+    assert chosen.pipeline.tensor_parallel == 4 and chosen.pipeline.family == "TP x DP"
+    assert chosen.pipeline.sequence_parallel
+    assert chosen.pipeline.stages[0].tp_comm_s > 0
+    assert_plan_valid(chosen, fast, costs, options)
+    tp_rows = [c for c in chosen.pipeline.runner_ups if c.label in ("data parallel", "pipeline")]
+    assert all(c.step_time_s is None or c.step_time_s > chosen.pipeline.step_time_s for c in tp_rows)
+    slow = hand_cluster(["a100-80gb x4"], spb=1e-6)
+    costs = tp_costs(slow, 8, options, params=10**8, x=0.99, comm=10**6, speed=1e-2)
+    avoided = plan_pipeline(costs, slow, 8, options)
+    assert avoided.pipeline.tensor_parallel == 1
+    assert_plan_valid(avoided, slow, costs, options)
+
+
+def test_selective_recomputation_when_the_cores_are_what_does_not_fit() -> None:
+    # One device, GPipe, 4 microbatches of 2 samples in flight: 640 MB of state in 900 MB.
+    # Keeping every activation takes 4 x 80 MB; the attention cores hold 60% of them and
+    # cost 5% of the FLOPs: rebuilding them (one microbatch's 48 MB at a time) fits, and
+    # is cheaper than recomputing the whole forward.
+    options = TrainingOptions(max_stages=1, tensor_parallel=(1,), shardings=("none",), min_microbatches=4,
+                              max_microbatches=4, schedules=("gpipe",))
+    cluster = hand_cluster(["a100-80gb"], {"a100-80gb": "1GB"})
+    costs = tp_costs(cluster, 8, options, params=10**7, act=5 * 10**6, core=0.6)
+    costs = replace(costs, layers=tuple(replace(layer, core_flops=0.05 * layer.flops) for layer in costs.layers))
+    (stage,) = plan_pipeline(costs, cluster, 8, options).pipeline.stages
+    assert stage.selective and not stage.recompute and stage.recompute_bytes == 2 * 8 * 3 * 10**6
+    assert stage.microbatch_activation_bytes == 2 * 8 * 2 * 10**6
+    always = plan_pipeline(costs, cluster, 8, replace(options, recompute=Recompute.ALWAYS)).pipeline.stages[0]
+    assert always.recompute and always.bwd_s > stage.bwd_s
+    with pytest.raises(InfeasibleError):
+        plan_pipeline(costs, cluster, 8, replace(options, recompute=Recompute.NEVER))
+
+
+@pytest.mark.parametrize("devices, memory, spb", list(itertools.product([2, 4, 8], ["1GB", "4GB", "40GB"], [1e-11, 1e-9])))
+def test_step_at_least_the_lower_bound_on_grids(devices: int, memory: str, spb: float) -> None:
+    options = TrainingOptions(max_microbatches=8)
+    cluster = hand_cluster([f"a100-80gb x{devices}"], {"a100-80gb": memory}, spb=spb)
+    costs = tp_costs(cluster, 16, options, params=3 * 10**7, act=2 * 10**7, cut=10**6)
+    try:
+        result = plan_pipeline(costs, cluster, 16, options)
+    except InfeasibleError:
+        assert memory == "1GB"
+        return
+    p = result.pipeline
+    assert p.lower_bound_s <= p.step_time_s
+    assert_plan_valid(result, cluster, costs, options)
+
+
+def test_the_dp_bound_holds_for_every_split_with_tp_and_sharding() -> None:
+    """Every split of a few TP / ZeRO configurations simulates no faster than m x T*, and
+    the DP reaches the least bottleneck (brute force)."""
+    options = TrainingOptions(max_microbatches=4, schedules=("1f1b",))
+    cluster = hand_cluster(["a100-80gb x4"], {"a100-80gb": "2GB"}, spb=1e-10)
+    costs = tp_costs(cluster, 8, options, n=6, params=3 * 10**7, act=2 * 10**7, cut=10**6, core=0.5)
+    model = StageModel(costs, cluster, 8, options)
+    checked = 0
+    for config in configurations(cluster, 8, model.n, options):
+        if config.stages == 1 or (config.tp == 1 and config.sharding is Sharding.NONE) or not model.may_fit(config):
+            continue
+        found = model.split(config)
+        best_t, best_step = math.inf, math.inf
+        for cuts in itertools.combinations(range(1, model.n), config.stages - 1):
+            ranges = tuple(zip((0, *cuts), (*cuts, model.n)))
+            part = model.policy_partition(config, ranges, "brute")
+            if part is None:
+                continue
+            worst = max(
+                float(model.stage(spec, i, e, config.microbatches).mode(rc)[2])
+                for spec, (i, e), rc in zip(model.specs(config), ranges, part.recompute)
+            )
+            best_t = min(best_t, worst)
+            best_step = min(best_step, model.timed(part).step_time_s)
+        if found is None:
+            assert best_t == math.inf
+            continue
+        assert found[0] <= best_t * (1 + 1e-12)
+        assert config.microbatches * found[0] <= best_step * (1 + 1e-12)
+        checked += 1
+    assert checked >= 5
+
+
+# --------------------------------------------------------------------------- plan data
+
+
+def test_the_new_plan_fields_round_trip_and_old_json_loads() -> None:
+    plan = hand_pipeline_plan()
+    assert plan.pipeline is not None
+    stages = tuple(
+        replace(s, selective=True, tp_comm_s=0.01, dp_comm_fwd_s=0.002, dp_comm_bwd_s=0.003, gathered_bytes=2**20)
+        for s in plan.pipeline.stages
+    )
+    sharded = replace(
+        plan,
+        pipeline=replace(plan.pipeline, stages=stages, tensor_parallel=2, data_parallel=4, sharding="zero3",
+                         sequence_parallel=True),
+    )
+    assert Plan.from_json(sharded.to_json()) == sharded
+    # A plan written before these fields existed loads with their defaults.
+    old = json.loads(plan.to_json())
+    assert "tensor_parallel" not in old["pipeline"] and "selective" not in old["pipeline"]["stages"][0]
+    assert Plan.from_json(json.dumps(old)) == plan
+
+
+# --------------------------------------------------------------------------- GPT-3 sized
+
+
+def gpt3_tables(cluster: Cluster, batch: int, options: TrainingOptions) -> TrainingCosts:
+    """96 blocks shaped like GPT-3 175B's on an H100 in bf16, one sample of 2048 tokens:
+    1.8e9 parameters, 99% of the FLOPs in the pairs, 96 heads, two all-reduces of
+    2048 x 12288 bf16 values per pass; times at 45% of the H100's peak (Adam)."""
+    h, seq = 12288, 2048
+    flops = 6 * 1.8e9 * seq + 3 * 4 * seq * seq * h  # dense matmuls (x3: forward and backward), attention
+    block = ChainLayer(
+        name="block", params=1_800_000_000, activation_bytes=34 * seq * h + 5 * 96 * seq * seq, flops=flops,
+        tp_flops=0.99 * flops, tp_params=1_799_700_000, tp_activation_bytes=24 * seq * h + 5 * 96 * seq * seq,
+        tp_comm_bytes=2 * seq * h * 2, tp_divisor=96, core_flops=3 * 4 * seq * seq * h,
+        core_activation_bytes=5 * 96 * seq * seq,
+    )
+    peak = cluster.devices[0].profile.peak_flops_for("bfloat16") * 0.45
+    sizes = microbatch_sizes(cluster, batch, options)
+    return TrainingCosts(
+        layers=tuple(replace(block, name=f"h.{i}") for i in range(96)),
+        cut_bytes=(seq * h * 2,) * 96 + (0,),
+        times=tuple(
+            LayerTimes(kind=cluster.devices[0].profile.name, samples=b, fwd_s=(b * flops / 3 / peak,) * 96,
+                       bwd_s=(b * 2 * flops / 3 / peak,) * 96)
+            for b in sizes
+        ),
+        precision=Precision.BF16,
+        optimizer=Optimizer.ADAM,
+    )
+
+
+@pytest.mark.slow
+def test_gpt3_175b_shaped_with_tensor_parallelism_on_64_h100s() -> None:
+    """The whole space on GPT-3-shaped tables: within 1.25x of the compute bound."""
+    cluster = load_cluster("h100-8x8-ib")
+    options = TrainingOptions(max_microbatches=1536)
+    batch = 1536
+    costs = gpt3_tables(cluster, batch, options)
+    start = time.perf_counter()
+    result = plan_pipeline(costs, cluster, batch, options)
+    seconds = time.perf_counter() - start
+    p = result.pipeline
+    assert p.tensor_parallel > 1
+    assert p.step_time_s <= 1.25 * p.bound_s
+    assert_plan_valid(result, cluster, costs, options)
+    print(f"GPT-3 175B shaped with TP, 64 x H100, batch {batch}: planned in {seconds:.1f} s, {p.description}, "
+          f"step {p.step_time_s:.2f} s = {p.step_time_s / p.bound_s:.2f} x the compute bound")
