@@ -50,6 +50,7 @@ from partitioner.tp_ops import (
     module_path,
     op_name,
     shape_of,
+    submodule,
     weight_op,
 )
 
@@ -310,8 +311,8 @@ def detect_tensor_parallel(gm: fx.GraphModule, stats: Mapping[str, NodeStats]) -
 
 def _passes(n: fx.Node, gm: fx.GraphModule) -> bool:
     if n.op == "call_module":
-        sub = gm.get_submodule(str(n.target))
-        return type(sub).__name__ in STATELESS_MODULES and next(sub.parameters(), None) is None
+        sub = submodule(gm, n)
+        return type(sub).__name__ in STATELESS_MODULES and sub is not None and next(sub.parameters(), None) is None
     return op_name(n) in PASS_THROUGH
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "is_conv",
     "shape_of",
     "tensor_at",
+    "submodule",
 ]
 
 RESHAPES = frozenset({"view", "reshape", "_unsafe_view", "unflatten", "view_as", "reshape_as"})
@@ -124,7 +125,7 @@ def module_path(n: fx.Node) -> str:
 def module_class(n: fx.Node, gm: fx.GraphModule) -> str:
     """The class name of the innermost module the node runs in ('' at the root)."""
     if n.op == "call_module":
-        return type(gm.get_submodule(str(n.target))).__name__
+        return type(submodule(gm, n)).__name__
     stack = n.meta.get("nn_module_stack") or {}
     for key in reversed(list(stack)):
         path, cls = stack[key]
@@ -132,6 +133,14 @@ def module_class(n: fx.Node, gm: fx.GraphModule) -> str:
             name = cls if isinstance(cls, str) else cls.__qualname__
             return str(name).rsplit(".", 1)[-1]
     return ""
+
+
+def submodule(gm: fx.GraphModule, n: fx.Node) -> nn.Module | None:
+    """The module a ``call_module`` node calls (None if the graph holds none by that name)."""
+    try:
+        return gm.get_submodule(str(n.target))
+    except AttributeError:
+        return None
 
 
 def tensor_at(gm: fx.GraphModule, target: str) -> torch.Tensor | None:
@@ -173,9 +182,9 @@ def _param(gm: fx.GraphModule, n: Any) -> tuple[torch.Tensor | None, int]:
 def weight_op(n: fx.Node, gm: fx.GraphModule) -> WeightOp | None:
     """`n` as a `WeightOp`, or None when it multiplies no parameter."""
     if n.op == "call_module":
-        sub = gm.get_submodule(str(n.target))
+        sub = submodule(gm, n)
         w = getattr(sub, "weight", None)
-        if not n.args or not isinstance(n.args[0], fx.Node) or not isinstance(w, torch.Tensor) or w.ndim != 2:
+        if sub is None or not n.args or not isinstance(n.args[0], fx.Node) or not isinstance(w, torch.Tensor) or w.ndim != 2:
             return None
         held = tuple(sub.parameters())
         if isinstance(sub, nn.Linear):
@@ -217,7 +226,7 @@ def _owner(param: str) -> str:
 def embedding_op(n: fx.Node, gm: fx.GraphModule) -> tuple[str, torch.Tensor, fx.Node] | None:
     """(module, weight, indices) of an embedding lookup, or None."""
     if n.op == "call_module":
-        sub = gm.get_submodule(str(n.target))
+        sub = submodule(gm, n)
         if isinstance(sub, nn.Embedding) and n.args and isinstance(n.args[0], fx.Node):
             return str(n.target), sub.weight, n.args[0]
         return None
@@ -236,7 +245,7 @@ def embedding_op(n: fx.Node, gm: fx.GraphModule) -> tuple[str, torch.Tensor, fx.
 
 def is_conv(n: fx.Node, gm: fx.GraphModule) -> bool:
     if n.op == "call_module":
-        return isinstance(gm.get_submodule(str(n.target)), nn.modules.conv._ConvNd)
+        return isinstance(submodule(gm, n), nn.modules.conv._ConvNd)
     return op_name(n) in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose2d")
 
 

@@ -328,3 +328,39 @@ def test_stream_entering_a_region_keeps_the_column_whole() -> None:
     replicated = dict(layout.replicated)
     assert "meets LayerNorm norm" in replicated["up"] and "before any row" in replicated["up"]
     assert replicated["norm"] == "a norm with no tensor-parallel pair around it"
+
+
+def test_report_says_what_splits_and_what_stays_whole() -> None:
+    from partitioner.report import render_tensor_parallel
+    from partitioner.tp_layout import Column, Pair, TensorParallelLayout, VocabShard
+
+    def attention(i: int) -> Pair:
+        column = Column(module=f"h.{i}.attn.c_attn", out_features=96, parts=3, transposed=True)
+        return Pair(columns=(column,), row=f"h.{i}.attn.c_proj", kind="attention", heads=4, kv_heads=4, width=32)
+
+    layout = TensorParallelLayout(
+        pairs=tuple(attention(i) for i in range(5)),
+        vocab=(VocabShard(module="wte", kind="embedding", vocab=100),),
+        sequence=("h.0.ln_1", "h.0.ln_2"),
+        replicated=(("wpe", "positions"), ("h.0.x", "odd"), ("h.1.x", "odd")),
+    )
+    assert render_tensor_parallel(layout, examples=2).splitlines() == [
+        "tensor parallel (found on the traced graph):",
+        "  attention x 5: c_attn (3 parts) -> c_proj, 4 heads / 4 key-value heads, width 32 (h.0.attn.c_proj, "
+        "h.1.attn.c_proj, ... (5))",
+        "  degrees that split every pair evenly: 1, 2, 4",
+        "  vocabulary: wte (embedding, 100)",
+        "  sequence parallel (norms, dropouts): h.0.ln_1, h.0.ln_2",
+        "  replicated: wpe: positions",
+        "  replicated: h.0.x, h.1.x: odd",
+    ]
+    assert "no column->row pairs" in render_tensor_parallel(TensorParallelLayout())
+
+
+def test_training_plan_output_has_the_tensor_parallel_section(capsys: pytest.CaptureFixture[str]) -> None:
+    from partitioner.cli import main
+
+    argv = ["plan", "mlp", "--devices", "a100-80gb x2", "--train", "--global-batch", "8", "--max-microbatches", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "\ntensor parallel (found on the traced graph):\n  mlp x 1: fc1 -> fc2, width 512 (fc2)\n" in out
