@@ -252,8 +252,11 @@ def detect_tensor_parallel(gm: fx.GraphModule, stats: Mapping[str, NodeStats]) -
 
     vocab: list[VocabShard] = []
     for n, (module, weight, ids) in embeddings.items():
-        if ids in from_inputs:
-            vocab.append(VocabShard(module=module, kind="embedding", vocab=int(weight.shape[0])))
+        rows, width = (int(d) for d in weight.shape[:2]) if weight.ndim == 2 else (0, 0)
+        if ids in from_inputs and rows <= width:  # token types (2 rows): split into nothing
+            why.setdefault(module, f"an embedding of {rows} rows, fewer than its width ({width}): too small to split")
+        elif ids in from_inputs:
+            vocab.append(VocabShard(module=module, kind="embedding", vocab=rows))
             used.add(module)
             split.add(n.name)
             reduced.add(n.name)

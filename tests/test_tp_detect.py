@@ -364,3 +364,28 @@ def test_training_plan_output_has_the_tensor_parallel_section(capsys: pytest.Cap
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "\ntensor parallel (found on the traced graph):\n  mlp x 1: fc1 -> fc2, width 512 (fc2)\n" in out
+
+
+def test_token_type_embedding_is_too_small_to_split() -> None:
+    model, (ids,), kwargs = _build("bert")
+    kwargs = {**kwargs, "token_type_ids": torch.zeros_like(ids)}  # now read from the inputs
+    layered, _ = trace_layers(model, (ids,), kwargs, training=True)
+    layout = layered.tensor_parallel
+    assert [v.module for v in layout.vocab] == ["bert.embeddings.word_embeddings", "cls.predictions.decoder"]
+    assert "2 rows, fewer than its width (32)" in dict(layout.replicated)["bert.embeddings.token_type_embeddings"]
+
+
+def test_built_in_models_on_meta_get_the_fields() -> None:
+    from partitioner.models import build_model
+
+    built = build_model("gpt2", seq_len=16)  # on meta, sdpa attention, traced with torch.export
+    layered, _ = trace_layers(built.model, built.example_args, built.example_kwargs, training=True)
+    layout = layered.tensor_parallel
+    assert len(layout.pairs) == 24 and {(p.heads, p.kv_heads) for p in layout.pairs if p.kind == "attention"} == {(12, 12)}
+    assert {c.parts for p in layout.pairs if p.kind == "attention" for c in p.columns} == {3}
+    blocks = [layer for layer in layered.graph.layers if layer.name.startswith("transformer.h.")]
+    assert len(blocks) == 12 and {layer.tp_divisor for layer in blocks} == {12}
+    for layer in blocks:
+        assert 0 < layer.core_flops < layer.tp_flops <= layer.fwd_flops + layer.bwd_flops
+        assert layer.core_activation_bytes == 0  # a fused sdpa keeps no scores; its output is the row's input
+        assert layer.tp_params == 7_084_800  # 4 x 768^2 + 4 x 768 (attention) + 8 x 768^2 + 3072 + 768 (MLP)
