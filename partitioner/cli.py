@@ -217,9 +217,9 @@ def _plan(args: argparse.Namespace) -> int:
     from partitioner.units import parse_bytes
     from partitioner.models import build_model
     from partitioner.options import Objective, Optimizer, PlanOptions, SolverBackend, SolverOptions
-    from partitioner.report import render_plan_timeline, write_plan_trace
+    from partitioner.report import render_plan_timeline, render_tensor_parallel, write_plan_trace
     from partitioner.progress import reporting
-    from partitioner.training import compile_training
+    from partitioner.training import TrainingCompiled, compile_training
 
     max_memory: dict[str | int, int | str] = {}
     for item in args.max_memory:
@@ -291,6 +291,8 @@ def _plan(args: argparse.Namespace) -> int:
         if args.out:
             files.enter_context(_staged("--out", args.out)).write_text(text + "\n", encoding="utf-8")
     print(text if args.json else str(compiled.plan))
+    if isinstance(compiled, TrainingCompiled) and compiled.analysis is not None and not args.json:
+        print("\n" + render_tensor_parallel(compiled.analysis.layered.tensor_parallel))
     if args.timeline:
         err.print(f"timeline written to {args.timeline}", style="dim", soft_wrap=True)
     if args.trace:

@@ -78,6 +78,23 @@ class Layer:
     elementwise_bytes: int = 0
     """The part of `traffic_bytes` moved by nodes that count no FLOPs (element-wise ops,
     norms, softmax, copies): memory-bound kernels that run after the matmuls, not beside them."""
+    tp_flops: int = 0
+    """Of its forward plus backward FLOPs, those of its tensor-parallel pairs and vocabulary
+    shards (`partitioner.tp_detect`): what a TP group divides. The fields below are figures
+    of the traced batch, as the ones above; `partitioner.training_costs` takes them per sample."""
+    tp_params: int = 0
+    """Parameter elements it owns that the pairs and vocabulary shards split."""
+    tp_activation_bytes: int = 0
+    """Of `saved_bytes`, those of nodes inside the pairs (columns and what follows them up to
+    the rows) and of a head's logits: split over the TP group."""
+    tp_comm_bytes: int = 0
+    """Bytes a TP group all-reduces in one forward: each row's output, a vocabulary embedding's."""
+    tp_divisor: int = 0
+    """The gcd of its pairs' `partitioner.tp_layout.Pair.divisor` (0: no pair)."""
+    core_flops: int = 0
+    """Forward plus backward FLOPs of its attention cores (scores through the weighted sum)."""
+    core_activation_bytes: int = 0
+    """Of `saved_bytes`, those its attention cores keep (scores, softmax, dropout)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import operator
 from collections.abc import Mapping
 from collections.abc import Iterable
@@ -35,6 +36,8 @@ import torch.fx as fx
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
 from partitioner.mutations import PIN
 from partitioner.profiling import BACKWARD_FLOP_FACTOR, BACKWARD_KERNEL_FACTOR, NodeStats
+from partitioner.tp_detect import TensorParallelNodes, detect_tensor_parallel
+from partitioner.tp_layout import TensorParallelLayout
 from partitioner.trace import TracedModel
 
 __all__ = ["LayeredModel", "build_layers", "refine_layers", "refinable_modules", "SKIP_TARGETS"]
@@ -53,6 +56,8 @@ class LayeredModel:
     """Node name -> layer index, for every placed node (get_attr and call nodes)."""
     stats: Mapping[str, NodeStats] = field(default_factory=dict)
     """The profile the layers were costed with (`profile_nodes`), kept to regroup them."""
+    tensor_parallel: TensorParallelLayout = field(default_factory=TensorParallelLayout)
+    """What tensor parallelism splits (`partitioner.tp_detect`); the layers carry its costs."""
 
 
 def _qualname(cls: type) -> str:
@@ -240,7 +245,8 @@ def build_layers(traced: TracedModel, stats: Mapping[str, NodeStats], *, batch_s
         layer_of, members = _condense(g, first_seen)
     node_layer = {n.name: layer_of[k] for n, k in key.items()}
 
-    layers = _layer_records(gm, traced, stats, key, node_layer, members, order)
+    tp = detect_tensor_parallel(gm, stats)
+    layers = _layer_records(gm, traced, stats, key, node_layer, members, order, tp)
     values = _values(gm, stats, node_layer, carries_tensor)
     graph = LayerGraph(
         layers=tuple(layers),
@@ -250,7 +256,7 @@ def build_layers(traced: TracedModel, stats: Mapping[str, NodeStats], *, batch_s
         frontend=traced.frontend,
         batch_size=batch_size,
     )
-    return LayeredModel(traced=traced, graph=graph, node_layer=node_layer, stats=stats)
+    return LayeredModel(traced=traced, graph=graph, node_layer=node_layer, stats=stats, tensor_parallel=tp.layout)
 
 
 def refine_layers(layered: LayeredModel, modules: Iterable[str]) -> LayeredModel:
@@ -320,15 +326,39 @@ class _Totals:
     nodes: int = 0
     kernels: int = 0
     gemms: dict[int, int] = field(default_factory=dict)
+    tp_flops: int = 0
+    tp_params: int = 0
+    tp_saved: int = 0
+    tp_comm: int = 0
+    tp_pairs: set[int] = field(default_factory=set)
+    core_flops: int = 0
+    core_saved: int = 0
 
-    def own(self, name: str, tensor: torch.Tensor, is_param: bool) -> None:
-        """Count `tensor` (reachable as `name`) as placed with this layer."""
+    def own(self, name: str, tensor: torch.Tensor, is_param: bool, split: bool = False) -> None:
+        """Count `tensor` (reachable as `name`) as placed with this layer (`split`: by tensor parallelism)."""
         self.params.append(name)
         size = tensor.numel() * tensor.element_size()
         if is_param:
             self.param_bytes += size
+            self.tp_params += tensor.numel() if split else 0
         else:
             self.buffer_bytes += size
+
+    def count_tensor_parallel(self, name: str, s: NodeStats, tp: TensorParallelNodes) -> None:
+        """Add node `name`'s share in `tp`'s pairs, shards and attention cores."""
+        saved = s.output_bytes if s.requires_grad else 0
+        if name in tp.split:
+            self.tp_flops += s.flops
+        if name in tp.split_saved:
+            self.tp_saved += saved
+        if name in tp.reduced:
+            self.tp_comm += s.value_bytes
+        if name in tp.pair_of:
+            self.tp_pairs.add(tp.pair_of[name])
+        if name in tp.core:
+            self.core_flops += s.flops
+        if name in tp.core_saved:
+            self.core_saved += saved
 
 
 def _layer_records(
@@ -339,6 +369,7 @@ def _layer_records(
     node_layer: Mapping[str, int],
     members: list[list[str]],
     order: Mapping[fx.Node, int],
+    tp: TensorParallelNodes,
 ) -> list[Layer]:
     param_ids = {id(p) for p in gm.parameters()}
     seen: set[int] = set()
@@ -350,7 +381,7 @@ def _layer_records(
             if id(t) in seen:
                 continue
             seen.add(id(t))
-            a.own(name, t, id(t) in param_ids)
+            a.own(name, t, id(t) in param_ids, id(t) in tp.split_tensors)
         if n.op != "get_attr" and _own_key(n, traced) is not None:
             a.modules.append(key[n].split("@")[0])
         s = stats.get(n.name)
@@ -363,6 +394,7 @@ def _layer_records(
             a.kernels += s.kernels
             for g in s.gemm_flops:
                 a.gemms[g] = a.gemms.get(g, 0) + 1
+            a.count_tensor_parallel(n.name, s, tp)
     # Tensors no node reads (unused parameters) still take memory somewhere: the first layer.
     unused = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     for name, t in unused:
@@ -390,6 +422,13 @@ def _layer_records(
                 bwd_kernels=BACKWARD_KERNEL_FACTOR * a.kernels,
                 gemms=tuple(sorted(a.gemms.items(), reverse=True)),
                 elementwise_bytes=a.elementwise,
+                tp_flops=(1 + BACKWARD_FLOP_FACTOR) * a.tp_flops,
+                tp_params=a.tp_params,
+                tp_activation_bytes=a.tp_saved,
+                tp_comm_bytes=a.tp_comm,
+                tp_divisor=math.gcd(*(tp.layout.pairs[k].divisor for k in a.tp_pairs)) if a.tp_pairs else 0,
+                core_flops=(1 + BACKWARD_FLOP_FACTOR) * a.core_flops,
+                core_activation_bytes=a.core_saved,
             )
         )
     return layers

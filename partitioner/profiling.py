@@ -84,6 +84,9 @@ class NodeStats:
     gemm_flops: tuple[int, ...] = ()
     """FLOPs of each op of its forward that counts FLOPs (matmuls, convolutions, attention),
     in the order they ran; they sum to `flops`."""
+    shape: tuple[int, ...] = ()
+    """Shape of its result when that is one tensor (else empty): what `partitioner.tp_detect`
+    reads widths and heads from."""
 
 
 def tensor_bytes(value: Any) -> int:
@@ -172,6 +175,7 @@ class _StatsInterpreter(fx.Interpreter):
             requires_grad=any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)),
             kernels=ops.kernels,
             gemm_flops=tuple(ops.gemm_flops),
+            shape=tuple(int(d) for d in out.shape) if isinstance(out, torch.Tensor) else (),
         )
         return out
 

@@ -8,6 +8,7 @@ against its capacity; its step draws as a Gantt chart or writes as a Chrome/Perf
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from rich.text import Text
 from partitioner.ir import TIME_SOURCES
 from partitioner.options import Strategy
 from partitioner.plan import PipelinePlan, Plan, PlanLayer, PlanStage, PlanTransfer
+from partitioner.tp_layout import Pair, TensorParallelLayout
 from partitioner.units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "render_text",
     "render_training",
+    "render_tensor_parallel",
     "render_plan_timeline",
     "write_plan_trace",
     "layer_ranges",
@@ -492,3 +495,46 @@ def write_plan_trace(plan: Plan, path: str | Path, *, max_actions: int = 16384) 
 
     timeline, title = _plan_timeline(plan, max_actions, "write_plan_trace", "played")
     return write_chrome_trace(timeline, path, title=title)
+
+
+def render_tensor_parallel(layout: TensorParallelLayout, *, examples: int = 3) -> str:
+    """What tensor parallelism splits in a model and what it leaves whole: a line per kind of
+    pair (how many, their modules' last names, heads and width), the vocabulary shards, the
+    sequence-parallel norms and dropouts, and the replicated modules grouped by reason.
+
+    Args:
+        layout: From `partitioner.tp_detect` (``LayeredModel.tensor_parallel``).
+        examples: Module names shown per group before ``...``.
+    """
+
+    def some(names: Sequence[str]) -> str:
+        more = f", ... ({len(names)})" if len(names) > examples else ""
+        return ", ".join(names[:examples]) + more
+
+    lines = ["tensor parallel (found on the traced graph):"]
+    kinds: dict[tuple[str, str], list[Pair]] = {}
+    for p in layout.pairs:
+        columns = " + ".join(_last(c.module) + (f" ({c.parts} parts)" if c.parts > 1 else "") for c in p.columns)
+        shape = f"{p.heads} heads / {p.kv_heads} key-value heads, width {p.width}" if p.heads else f"width {p.width}"
+        kinds.setdefault((p.kind, f"{columns} -> {_last(p.row)}, {shape}"), []).append(p)
+    for (kind, what), pairs in kinds.items():
+        lines.append(f"  {kind} x {len(pairs)}: {what} ({some([p.row for p in pairs])})")
+    if not layout.pairs:
+        lines.append("  no column->row pairs: tensor parallelism splits no matmul")
+    else:
+        divisor = math.gcd(*(p.divisor for p in layout.pairs))
+        lines.append(f"  degrees that split every pair evenly: {', '.join(str(t) for t in range(1, divisor + 1) if divisor % t == 0)}")
+    if layout.vocab:
+        lines.append("  vocabulary: " + "; ".join(f"{v.module} ({v.kind}, {v.vocab})" for v in layout.vocab))
+    if layout.sequence:
+        lines.append(f"  sequence parallel (norms, dropouts): {some(layout.sequence)}")
+    reasons: dict[str, list[str]] = {}
+    for module, why in layout.replicated:
+        reasons.setdefault(why, []).append(module or "<root>")
+    for why, modules in reasons.items():
+        lines.append(f"  replicated: {some(modules)}: {why}")
+    return "\n".join(lines)
+
+
+def _last(module: str) -> str:
+    return module.rsplit(".", 1)[-1]

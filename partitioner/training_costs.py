@@ -253,6 +253,13 @@ def training_costs(
             buffer_bytes=layer.buffer_bytes,
             activation_bytes=math.ceil(layer.saved_bytes * scale / b0),
             flops=(layer.fwd_flops + layer.bwd_flops) / b0,
+            tp_flops=layer.tp_flops / b0,
+            tp_params=layer.tp_params,
+            tp_activation_bytes=math.ceil(layer.tp_activation_bytes * scale / b0),
+            tp_comm_bytes=math.ceil(layer.tp_comm_bytes * scale / b0),
+            tp_divisor=layer.tp_divisor,
+            core_flops=layer.core_flops / b0,
+            core_activation_bytes=math.ceil(layer.core_activation_bytes * scale / b0),
         )
         for layer in graph.layers
     )

@@ -1,0 +1,459 @@
+"""Find what tensor parallelism can split on a traced graph, from its ops, not from class names (torch side).
+
+A *column* is a weight matmul (a Linear, an HF ``Conv1D``, ``x @ w`` with a parameter)
+whose output reaches one other weight matmul, the *row*, only through ops that keep a
+slice of its features a slice (`partitioner.tp_ops.PASS_THROUGH`: element-wise ops,
+views, head reshapes, splits, softmax, dropout, attention); several columns meeting on
+their way (query, key, value; gate and up) feed one row together. The graph is cut into
+*regions*: the nodes downstream of the model's data (the residual stream, not masks or
+rotary tables) that pass features through, joined where one reads another, each with the
+weight matmuls whose outputs enter it. A region is a pair when
+
+* every way out of it is the activation input of one weight matmul, the row (not a norm,
+  a reduction, the model's output, nor a second matmul), and
+* nothing else of the stream enters it: a residual added to a column's output, or the
+  row's own output fed back, keeps the column whole.
+
+Pairs are taken in the order of their rows, a module at most once (in an MLP of four
+Linears, 0->1 and 2->3, not 1->2). A weight matmul whose region leads only to the model's
+output is the vocabulary *head*; an embedding whose indices come from the inputs is a
+vocabulary *embedding* (a position embedding's indices are computed, and stay whole).
+Norms and dropouts outside the pairs are what sequence parallelism splits. The rest with
+parameters is replicated, each with the reason.
+
+Cost is linear in the graph's nodes (one pass each, a union-find over the regions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from partitioner.profiling import NodeStats
+from partitioner.tp_layout import Column, Pair, TensorParallelLayout, VocabShard
+from partitioner.tp_ops import (
+    ACTIVATION_MATMULS,
+    ATTENTION,
+    DROPOUTS,
+    NORMS,
+    PASS_THROUGH,
+    RESHAPES,
+    SPLITS,
+    STATELESS_MODULES,
+    WeightOp,
+    embedding_op,
+    is_conv,
+    module_class,
+    module_path,
+    op_name,
+    shape_of,
+    submodule,
+    weight_op,
+)
+
+__all__ = ["TensorParallelNodes", "detect_tensor_parallel"]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorParallelNodes:
+    """A `TensorParallelLayout` and the graph nodes behind it, by node name, for pricing layers."""
+
+    layout: TensorParallelLayout = field(default_factory=TensorParallelLayout)
+    pair_of: Mapping[str, int] = field(default_factory=dict)
+    """Node -> index in ``layout.pairs``: its columns, the nodes between, its row."""
+    split: frozenset[str] = frozenset()
+    """Nodes whose compute TP divides: the pairs' nodes and the vocabulary shards."""
+    split_saved: frozenset[str] = frozenset()
+    """Nodes whose saved outputs TP divides: columns and the nodes between (not rows, whose
+    outputs are summed whole), heads' logits."""
+    reduced: frozenset[str] = frozenset()
+    """Nodes whose outputs are all-reduced over the group: rows, vocabulary embeddings."""
+    core: frozenset[str] = frozenset()
+    """Attention cores: the scores' matmul through the weighted sum of values, or a fused sdpa."""
+    core_saved: frozenset[str] = frozenset()
+    """Of `core`, the nodes whose saved outputs selective recomputation frees (all but the
+    last, whose output the row reads)."""
+    split_tensors: frozenset[int] = frozenset()
+    """``id()`` of the parameters TP splits (weights and biases of columns, rows, vocabulary shards)."""
+
+
+class _Regions:
+    """Union-find over node indices."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+@dataclass(slots=True)
+class _Region:
+    members: list[fx.Node] = field(default_factory=list)
+    weights: list[fx.Node] = field(default_factory=list)
+    rows: dict[fx.Node, None] = field(default_factory=dict)
+    escapes: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+
+
+def _describe(n: fx.Node, gm: fx.GraphModule) -> str:
+    """A node for a reason: ``layer_norm in transformer.ln_f``, ``the model output``."""
+    if n.op == "output":
+        return "the model output"
+    if n.op == "call_module":
+        return f"{module_class(n, gm)} {n.target}"
+    where = module_path(n)
+    return f"{op_name(n)} in {where}" if where else f"{op_name(n)} at the root"
+
+
+def detect_tensor_parallel(gm: fx.GraphModule, stats: Mapping[str, NodeStats]) -> TensorParallelNodes:
+    """The column->row pairs, vocabulary shards, sequence-parallel and replicated modules of a traced graph.
+
+    Args:
+        gm: The traced graph (torch.fx or torch.export); module names are read from its
+            ``call_module`` targets and ``nn_module_stack``, so they are the model's.
+        stats: Its profile (`partitioner.profiling.profile_nodes`): result shapes and bytes.
+
+    Returns:
+        The layout and the nodes of each part, for `partitioner.layers` to price per layer.
+    """
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+
+    def is_tensor(n: fx.Node) -> bool:
+        s = stats.get(n.name)
+        if s is not None:
+            return s.is_tensor
+        return n.op == "placeholder" and isinstance(n.meta.get("val", torch.empty(0)), torch.Tensor)
+
+    def inputs(n: fx.Node) -> list[fx.Node]:
+        return [a for a in n.all_input_nodes if is_tensor(a)]
+
+    weights: dict[fx.Node, WeightOp] = {}
+    embeddings: dict[fx.Node, tuple[str, torch.Tensor, fx.Node]] = {}
+    stream: set[fx.Node] = set()  # downstream of the model's data through weights (not masks, positions)
+    from_inputs: set[fx.Node] = set()  # downstream of an input's values
+    passes: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == "placeholder":
+            from_inputs.add(n)
+            val = n.meta.get("val")  # torch.export knows the dtype; a torch.fx input may be data
+            if not isinstance(val, torch.Tensor) or val.is_floating_point():
+                stream.add(n)
+            continue
+        if n.op not in ("call_function", "call_method", "call_module") or not is_tensor(n):
+            continue
+        ins = inputs(n)
+        if any(a in from_inputs for a in ins):
+            from_inputs.add(n)
+        op = weight_op(n, gm)
+        emb = embedding_op(n, gm) if op is None else None
+        if op is not None:
+            weights[n] = op
+            stream.add(n)
+        elif emb is not None:
+            embeddings[n] = emb
+            if emb[2] in from_inputs:
+                stream.add(n)
+        elif is_conv(n, gm) or any(a in stream for a in ins):
+            stream.add(n)
+        if op is None and emb is None and n in stream and _passes(n, gm):
+            passes.add(n)
+
+    # Regions: stream nodes that pass features through, joined with what they read, and
+    # the weight matmuls whose outputs they read.
+    uf = _Regions(len(nodes))
+    for n in passes:
+        for a in inputs(n):
+            if a in passes or a in weights:
+                uf.union(index[a], index[n])
+    regions: dict[int, _Region] = {}
+    for n in nodes:
+        if n in passes or n in weights:
+            r = regions.setdefault(uf.find(index[n]), _Region())
+            r.members.append(n)
+            if n in weights:
+                r.weights.append(n)
+    region_of = {n: uf.find(index[n]) for r in regions.values() for n in r.members}
+    for root, r in regions.items():
+        for m in r.members:
+            if m in passes:
+                for a in inputs(m):
+                    if a in stream and region_of.get(a) != root:
+                        r.foreign.append(_describe(a, gm))
+            for u in m.users:
+                if region_of.get(u) == root or (u.op != "output" and not is_tensor(u)):
+                    continue
+                if u in weights and weights[u].activation is m:
+                    r.rows[u] = None
+                else:
+                    r.escapes.append(_describe(u, gm))
+
+    layout_pairs: list[Pair] = []
+    pair_of: dict[str, int] = {}
+    split: set[str] = set()
+    split_saved: set[str] = set()
+    reduced: set[str] = set()
+    core: set[str] = set()
+    core_saved: set[str] = set()
+    tensors: set[int] = set()
+    used: set[str] = set()  # modules taken by a pair or shard
+    paired: set[str] = set()
+    why: dict[str, str] = {}
+    candidates = []
+    for root, r in regions.items():
+        if not r.weights:
+            continue
+        reason = _region_problem(r, weights)
+        if reason:
+            for w in r.weights:
+                why.setdefault(weights[w].module, reason)
+            continue
+        candidates.append((index[next(iter(r.rows))], root))
+    for _, root in sorted(candidates):
+        r = regions[root]
+        row = next(iter(r.rows))
+        modules = [weights[w].module for w in r.weights] + [weights[row].module]
+        if any(m in used for m in modules) or len(set(modules)) < len(modules):
+            for w in r.weights:
+                why.setdefault(weights[w].module, f"its row {weights[row].module} or a column is in another pair")
+            continue
+        pair, problem, cores = _pair(r, row, weights, stats)
+        if pair is None:
+            for w in r.weights:
+                why.setdefault(weights[w].module, problem)
+            continue
+        k = len(layout_pairs)
+        layout_pairs.append(pair)
+        used.update(modules)
+        paired.update(modules)
+        for n in [*r.members, row]:
+            pair_of[n.name] = k
+            split.add(n.name)
+            if n is not row:
+                split_saved.add(n.name)
+        reduced.add(row.name)
+        for w in [*r.weights, row]:
+            tensors.update(id(t) for t in weights[w].tensors)
+        if cores:
+            core.update(c.name for c in cores)
+            core_saved.update(c.name for c in cores[:-1])
+
+    vocab: list[VocabShard] = []
+    for n, (module, weight, ids) in embeddings.items():
+        rows, width = (int(d) for d in weight.shape[:2]) if weight.ndim == 2 else (0, 0)
+        if ids in from_inputs and rows <= width:  # token types (2 rows): split into nothing
+            why.setdefault(module, f"an embedding of {rows} rows, fewer than its width ({width}): too small to split")
+        elif ids in from_inputs:
+            vocab.append(VocabShard(module=module, kind="embedding", vocab=rows))
+            used.add(module)
+            split.add(n.name)
+            reduced.add(n.name)
+            tensors.add(id(weight))
+        else:
+            why.setdefault(module, "an embedding of indices the model computes (positions, buckets), not of the inputs")
+    for root, r in regions.items():
+        if len(r.weights) == 1 and not r.rows and not r.foreign and r.escapes:
+            head = r.weights[0]
+            # A head reading the embedding's weight (``F.linear(h, embed.weight)``) is named by
+            # the embedding: both split the one weight on its rows.
+            if set(r.escapes) == {"the model output"} and weights[head].module not in paired:
+                vocab.append(VocabShard(module=weights[head].module, kind="head", vocab=weights[head].out_features))
+                used.add(weights[head].module)
+                why.pop(weights[head].module, None)
+                split.update(m.name for m in r.members)
+                split_saved.update(m.name for m in r.members)
+                tensors.update(id(t) for t in weights[head].tensors)
+
+    sequence: dict[str, None] = {}
+    norms: dict[str, None] = {}
+    for n in nodes:
+        name = op_name(n)
+        cls = module_class(n, gm)
+        path = module_path(n)
+        if not path:
+            continue
+        if name in NORMS or name == "rsqrt" or (n.op == "call_module" and cls.endswith(("LayerNorm", "RMSNorm"))):
+            norms[path] = None
+        elif (name in DROPOUTS or n.op == "call_module") and "Dropout" in cls and n.name not in pair_of:
+            sequence[path] = None
+    if layout_pairs:
+        sequence = {**{p: None for p in norms}, **sequence}
+    else:
+        sequence = {}
+        for p in norms:
+            why.setdefault(p, "a norm with no tensor-parallel pair around it")
+    ordered_sequence = tuple(p for p in _first_seen(nodes) if p in sequence)
+
+    replicated = _replicated(gm, nodes, weights, used | set(sequence), tensors, why)
+    layout = TensorParallelLayout(
+        pairs=tuple(layout_pairs), vocab=tuple(vocab), sequence=ordered_sequence, replicated=replicated
+    )
+    return TensorParallelNodes(
+        layout=layout,
+        pair_of=pair_of,
+        split=frozenset(split),
+        split_saved=frozenset(split_saved),
+        reduced=frozenset(reduced),
+        core=frozenset(core),
+        core_saved=frozenset(core_saved),
+        split_tensors=frozenset(tensors),
+    )
+
+
+def _passes(n: fx.Node, gm: fx.GraphModule) -> bool:
+    if n.op == "call_module":
+        sub = submodule(gm, n)
+        return type(sub).__name__ in STATELESS_MODULES and sub is not None and next(sub.parameters(), None) is None
+    return op_name(n) in PASS_THROUGH
+
+
+def _region_problem(r: _Region, weights: Mapping[fx.Node, WeightOp]) -> str:
+    """Why region `r`'s weight matmuls are no columns ('' when they may be)."""
+    if r.foreign:
+        return f"its output meets {r.foreign[0]} (not a column's output) before any row"
+    if r.escapes:
+        return f"its output reaches {r.escapes[0]}"
+    if len(r.rows) != 1:
+        names = ", ".join(weights[w].module for w in r.rows)
+        return f"its output reaches {len(r.rows)} matmuls ({names})" if r.rows else "its output reaches no matmul"
+    if next(iter(r.rows)) in r.members:
+        return "the row's output is mixed back with the columns'"
+    return ""
+
+
+def _pair(
+    r: _Region, row: fx.Node, weights: Mapping[fx.Node, WeightOp], stats: Mapping[str, NodeStats]
+) -> tuple[Pair | None, str, list[fx.Node]]:
+    """The `Pair` of region `r` and its row, or None and why; and its attention core, in order."""
+    columns = []
+    for w in r.weights:
+        op = weights[w]
+        parts = _parts(w, op.out_features, stats)
+        if parts == 0:
+            return None, f"its output is cut into unequal parts ({op.module})", []
+        columns.append(Column(module=op.module, out_features=op.out_features, parts=parts, transposed=op.transposed))
+    members = set(r.members)
+    fused = [m for m in r.members if op_name(m) in ATTENTION]
+    products = [m for m in r.members if m not in weights and op_name(m) in ACTIVATION_MATMULS]
+    width = weights[row].in_features
+    if not fused and len(products) < 2:
+        return Pair(columns=tuple(columns), row=weights[row].module, kind="mlp", width=width), "", []
+    if fused:
+        first = last = fused[0]
+        q, k = first.args[0], first.args[1]
+        cores = [first]
+    else:
+        first, last = products[0], products[-1]
+        shift = 1 if op_name(first) == "baddbmm" else 0
+        q, k = first.args[shift], first.args[shift + 1]
+        after = _reach(first, members, lambda n: list(n.users))
+        before = _reach(last, members, lambda n: n.all_input_nodes)
+        cores = [m for m in r.members if m in after and m in before]
+    heads, kv_heads = _heads(q, members, weights, stats), _heads(k, members, weights, stats)
+    if not heads or not kv_heads:
+        return None, "attention whose heads were not found (no reshape splits its width into heads)", []
+    pair = Pair(columns=tuple(columns), row=weights[row].module, kind="attention", heads=heads, kv_heads=kv_heads,
+                width=width)  # fmt: skip
+    return pair, "", cores
+
+
+def _reach(start: fx.Node, members: set[fx.Node], step: object) -> set[fx.Node]:
+    seen = {start}
+    todo = [start]
+    while todo:
+        for m in step(todo.pop()):  # type: ignore[operator]
+            if m in members and m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
+
+
+def _parts(column: fx.Node, out: int, stats: Mapping[str, NodeStats]) -> int:
+    """Equal parts a column's output is cut into on its features before any heads reshape
+    (1: not cut; 0: cut unequally)."""
+    todo = [column]
+    while todo:
+        x = todo.pop()
+        rank = len(shape_of(stats, x))
+        for u in x.users:
+            name = op_name(u)
+            if name in SPLITS and rank:
+                dim = u.kwargs.get("dim", u.args[2] if len(u.args) > 2 else 0)
+                if not isinstance(dim, int) or dim % rank != rank - 1:
+                    continue
+                size = u.args[1] if len(u.args) > 1 else u.kwargs.get("split_size_or_sections", u.kwargs.get("chunks"))
+                if name == "chunk" and isinstance(size, int):
+                    return size if out % size == 0 else 0
+                if isinstance(size, int):
+                    return out // size if out % size == 0 else 0
+                if isinstance(size, (list, tuple)) and size:
+                    return len(size) if len(set(size)) == 1 else 0
+            elif name in RESHAPES and shape_of(stats, u)[-1:] == (out,):
+                todo.append(u)
+    return 1
+
+
+def _heads(start: object, members: set[fx.Node], weights: Mapping[fx.Node, WeightOp], stats: Mapping[str, NodeStats]) -> int:
+    """Heads of an attention operand: the reshape upstream of it that splits the width into
+    (heads, head size); 0 if none."""
+    if not isinstance(start, fx.Node):
+        return 0
+    seen = {start}
+    todo = [start]
+    while todo:
+        x = todo.pop(0)
+        if op_name(x) in RESHAPES and x.args and isinstance(x.args[0], fx.Node):
+            out, inp = shape_of(stats, x), shape_of(stats, x.args[0])
+            if len(out) >= 3 and inp and out[:-2] == inp[:-1] and out[-2] * out[-1] == inp[-1]:
+                return out[-2]
+        if x in weights:
+            continue
+        for a in x.all_input_nodes:
+            if a in members and a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return 0
+
+
+def _first_seen(nodes: list[fx.Node]) -> list[str]:
+    return list(dict.fromkeys(module_path(n) for n in nodes))
+
+
+def _replicated(
+    gm: fx.GraphModule,
+    nodes: list[fx.Node],
+    weights: Mapping[fx.Node, WeightOp],
+    taken: set[str],
+    split_tensors: set[int],
+    why: dict[str, str],
+) -> tuple[tuple[str, str], ...]:
+    """(module, why) for every module holding parameters that no pair, shard or norm takes."""
+    owners: dict[str, list[int]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        owners.setdefault(name.rsplit(".", 1)[0] if "." in name else "", []).append(id(p))
+    for w in weights.values():
+        owners.setdefault(w.module, []).extend(id(t) for t in w.tensors)
+    convs = {module_path(n) for n in nodes if n.op != "placeholder" and is_conv(n, gm)}
+    out = []
+    order = {p: i for i, p in enumerate(_first_seen(nodes))}
+    for module in sorted(owners, key=lambda m: (order.get(m, len(order)), m)):
+        if module in taken or all(i in split_tensors for i in owners[module]):
+            continue
+        reason = why.get(module) or (
+            "a convolution (not split)" if module in convs else "no matmul or embedding reads its parameters as a column, row or vocabulary"
+        )
+        out.append((module, reason))
+    return tuple(out)
+
