@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from partitioner.errors import PartitionerError
 from partitioner.files import staged
-from partitioner.options import Precision, Recompute
+from partitioner.options import Precision, Recompute, Sharding
+from partitioner.parallel_config import ParallelConfig, parse_config
 from partitioner.simulate.data import PipelineSchedule
 
 if TYPE_CHECKING:
@@ -115,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="place layers along the devices in the order listed (default: the solver orders unlike devices)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the report")
     p.add_argument("--out", default=None, help="also write the plan's JSON to this file")
-    t = p.add_argument_group("training plans (--train with --cluster or --global-batch): pipeline x data parallel")
+    t = p.add_argument_group(
+        "training plans (--train with --cluster or --global-batch): pipeline x tensor x (sharded) data parallel"
+    )
     t.add_argument("--global-batch", type=_positive_int, default=None, help="samples per optimizer step (default: --batch-size)")
     t.add_argument("--precision", default="auto", choices=[x.value for x in Precision])
     t.add_argument("--schedules", nargs="+", default=None, metavar="SCHEDULE",
@@ -126,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-microbatches", type=_positive_int, default=1)
     t.add_argument("--max-microbatches", type=_positive_int, default=128)
     t.add_argument("--recompute", default="auto", choices=[x.value for x in Recompute])
+    t.add_argument("--tensor-parallel", nargs="+", type=_positive_int, default=None, metavar="DEGREE",
+                   help="tensor-parallel degrees to consider (default 1 2 4 8)")
+    t.add_argument("--shardings", nargs="+", default=None, choices=[x.value for x in Sharding],
+                   help="data-parallel sharding to consider: none (DDP), zero1, zero2, zero3 (FSDP), zero3-keep "
+                        "(FSDP without resharding after forward); default all")
+    t.add_argument("--no-sequence-parallel", action="store_true",
+                   help="with tensor parallelism, keep norms and dropouts whole on every rank")
+    t.add_argument("--config", type=_parallel_config, default=None, metavar="SPEC",
+                   help="price the configuration you name, e.g. tp=8,pp=4,dp=2,shard=zero3,microbatches=16,"
+                        "recompute=full (also vp, schedule, split=equal|dp); name a few keys to search a grid")
     t.add_argument("--overlap-allreduce", action="store_true", help="all-reduce gradients during the last backward")
     t.add_argument("--equal-replicas", action="store_true",
                    help="only plans partitioner.distributed can run (the same replica count on every pipeline rank)")
@@ -162,10 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parallel_config(text: str) -> ParallelConfig:
+    try:
+        return parse_config(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _training_options(args: argparse.Namespace) -> TrainingOptions:
     from partitioner.options import Optimizer, TrainingOptions
 
-    schedules = tuple(PipelineSchedule(x) for x in args.schedules) if args.schedules else TrainingOptions().schedules
+    default = TrainingOptions()
+    schedules = tuple(PipelineSchedule(x) for x in args.schedules) if args.schedules else default.schedules
+    degrees = tuple(args.tensor_parallel) if args.tensor_parallel else default.tensor_parallel
+    shardings = tuple(Sharding(x) for x in args.shardings) if args.shardings else default.shardings
     return TrainingOptions(
         global_batch=args.global_batch or args.batch_size,
         optimizer=Optimizer(args.optimizer),
@@ -179,6 +202,10 @@ def _training_options(args: argparse.Namespace) -> TrainingOptions:
         memory_reserve=args.reserve,
         equal_replicas=args.equal_replicas,
         schedules=schedules,
+        sequence_parallel=not args.no_sequence_parallel,
+        config=args.config,
+        tensor_parallel=degrees,
+        shardings=shardings,
     )
 
 

@@ -12,9 +12,12 @@ import enum
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from partitioner.simulate.data import PipelineSchedule
+
+if TYPE_CHECKING:
+    from partitioner.parallel_config import ParallelConfig
 
 __all__ = [
     "Objective",
@@ -446,6 +449,10 @@ class TrainingOptions:
     sequence (Korthikanti et al. 2022): activations divide by the degree, the same bytes move."""
     shardings: tuple[Sharding, ...] = tuple(Sharding)
     """Data-parallel sharding (ZeRO stages, FSDP) to consider."""
+    config: ParallelConfig | None = None
+    """Only configurations with these fixed degrees, sharding, microbatches, schedule,
+    recomputation and split (`partitioner.parallel_config`: price a set-up you name, or
+    search a grid); None: the whole space."""
     overlap_allreduce: bool = False
     """Start each stage's gradient all-reduce during its last backward (DDP's bucketing)
     instead of after it (as torch.distributed.pipelining does by default)."""
@@ -495,6 +502,15 @@ class TrainingOptions:
         _check_int(self, "max_virtual_stages", 1)
         _check_int(self, "min_microbatches", 1)
         _check_int(self, "max_microbatches", 1)
+        if self.config is not None:
+            from partitioner.parallel_config import ParallelConfig, parse_config
+
+            if isinstance(self.config, str):
+                object.__setattr__(self, "config", parse_config(self.config))
+            elif not isinstance(self.config, ParallelConfig):
+                raise ValueError(
+                    f"TrainingOptions.config must be a ParallelConfig or its text (tp=8,pp=4,...) (got {self.config!r})"
+                )
         for flag in ("overlap_allreduce", "equal_replicas", "sequence_parallel"):
             _check_flag(self, flag)
         _check_fraction(self, "memory_reserve")

@@ -73,7 +73,12 @@ def search(model: StageModel, configs: Sequence[Configuration], progress: Progre
         t_star, ranges, flags = found
         bound = max(bound, config.microbatches * t_star)
         lower = min(lower, bound)
-        for candidate in (model.partition(config, ranges, flags, "dp"), model.equal_partition(config)):
+        split = model.options.config.split if model.options.config is not None else None
+        offered = (
+            model.partition(config, ranges, flags, "dp") if split in (None, "dp") else None,
+            model.equal_partition(config) if split in (None, "equal") else None,
+        )
+        for candidate in offered:
             incumbent = best.step_time_s if best else _INF
             if candidate is None or bound >= incumbent:
                 continue
@@ -129,9 +134,25 @@ def plan_pipeline(
     options = options or TrainingOptions()
     say = progress or (lambda _: None)
     start = time.perf_counter()
+    fixed = options.config
+    if fixed is not None:
+        fixed.check_devices(cluster.num_devices)
+        if fixed.recompute is not None:
+            options = replace(options, recompute=fixed.recompute)
     model = StageModel(costs, cluster, global_batch, options)
-    space = replace(options, tensor_parallel=model.useful_degrees())
+    degrees = (fixed.tp,) if fixed is not None and fixed.tp is not None else model.useful_degrees()
+    space = replace(options, tensor_parallel=degrees)
     configs = configurations(cluster, global_batch, model.n, space)
+    if fixed is not None:
+        configs = [c for c in configs if fixed.admits(c)]
+        if not configs:
+            raise InfeasibleError(
+                f"no configuration of the space is {fixed} on {cluster.name} ({cluster.num_devices} devices, "
+                f"global batch {global_batch}): check that the degrees use every device of one kind, that "
+                f"tensor-parallel groups fit in a node, that the microbatches times the data-parallel degree divide "
+                f"the batch (options allow {options.min_microbatches}-{options.max_microbatches} microbatches) and "
+                f"that the schedule and sharding are among the options'"
+            )
     with _no_gc():
         families = {}
         for family in FAMILIES:
@@ -215,6 +236,7 @@ def _space(cluster: Cluster, options: TrainingOptions, count: int) -> str:
         f"{options.min_microbatches}-{options.max_microbatches} microbatches dividing the batch; {schedules}; "
         f"recompute {options.recompute.value}; contiguous stages, at most {options.max_stages or 'one per layer'}, "
         f"split by the exact DP (and equal layer counts)"
+        + (f"; only the configuration {options.config}" if options.config is not None else "")
     )
 
 
@@ -257,7 +279,8 @@ def _runner_ups(
         if found is None and other not in ("data parallel", "pipeline", "hybrid"):
             continue  # a family of sharding or tensor parallelism the options or the model leave out
         if found is None:
-            rows.append(_row(model, other, None, "not in the space for these devices"))
+            why = "not in the configuration named" if model.options.config is not None else "not in the space for these devices"
+            rows.append(_row(model, other, None, why))
         elif found.best is None:
             rows.append(_row(model, other, None, "does not fit in memory"))
         else:

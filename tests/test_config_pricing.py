@@ -1,0 +1,59 @@
+"""Pricing a configuration the user names (`TrainingOptions.config`, ``--config``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from partitioner.cli import main
+from partitioner.errors import InfeasibleError
+from partitioner.options import Recompute, Sharding, TrainingOptions
+from partitioner.parallel_config import ParallelConfig
+from partitioner.pipeline_plan import plan_pipeline
+from partitioner.plan import PipelinePlan
+from tests.test_pipeline_plan import hand_cluster
+from tests.test_training_space import tp_costs
+
+
+def _plan(config: ParallelConfig | None) -> PipelinePlan:
+    opts = TrainingOptions(max_microbatches=4, config=config)
+    cluster = hand_cluster(["a100-80gb x8"])
+    costs = tp_costs(cluster, 32, opts)
+    return plan_pipeline(costs, cluster, 32, opts).pipeline
+
+
+def test_a_named_configuration_is_priced_exactly_and_never_beats_the_plan() -> None:
+    free = _plan(None)
+    named = ParallelConfig(tp=2, pp=2, dp=2, shard=Sharding.ZERO1, microbatches=4, recompute=Recompute.ALWAYS)
+    priced = _plan(named)
+    assert (priced.tensor_parallel, priced.num_ranks, priced.data_parallel) == (2, 2, 2)
+    assert (priced.sharding, priced.microbatches) == ("zero1", 4)
+    assert all(s.recompute for s in priced.stages)
+    assert priced.step_time_s >= free.step_time_s
+    assert "only the configuration tp=2,pp=2,dp=2,shard=zero1,microbatches=4,recompute=full" in priced.space
+
+
+def test_a_grid_is_searched_within() -> None:
+    grid = _plan(ParallelConfig(pp=1, shard=Sharding.ZERO3))
+    assert grid.num_ranks == 1 and grid.sharding == "zero3"
+    equal = _plan(ParallelConfig(pp=2, split="equal"))
+    assert equal.split == "equal"
+
+
+def test_degrees_that_do_not_multiply_to_the_devices_are_refused_with_the_numbers() -> None:
+    with pytest.raises(ValueError, match=r"tp=2 x pp=2 x dp=4 = 16 devices, but the cluster has 8"):
+        _plan(ParallelConfig(tp=2, pp=2, dp=4))
+
+
+def test_a_configuration_outside_the_options_is_infeasible_saying_why() -> None:
+    with pytest.raises(InfeasibleError, match="no configuration of the space is tp=2,microbatches=3"):
+        _plan(ParallelConfig(tp=2, microbatches=3))
+
+
+def test_the_cli_prices_a_config_and_refuses_a_misspelt_one(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["plan", "gpt2", "--cluster", "dgx-a100-8", "--train", "--global-batch", "16",
+                 "--config", "tp=2,pp=2,dp=2,shard=zero1,recompute=selective"])
+    out = capsys.readouterr().out
+    assert code == 0 and "tp 2 x dp 2, zero1" in out and "only the configuration" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "gpt2", "--cluster", "dgx-a100-8", "--train", "--config", "tq=2"])
+    assert exit_info.value.code == 2 and "did you mean 'tp'" in capsys.readouterr().err
