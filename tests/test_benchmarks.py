@@ -565,3 +565,24 @@ def test_a_map_that_offloads_has_no_pipeline_but_one_that_overflows_one_step_is_
     unfit = {**offloads, "reason": "some device cannot hold its layers' training state and activations"}
     row = pipelined(problem, unfit, MODES["inference-throughput"], None)
     assert row["status"] == "ok" and row["step_s"] == evaluate(problem, (0, 0, 1, 1, 2)).bottleneck_s
+
+
+def test_megatron_table_flops_and_clusters_are_the_papers() -> None:
+    """Narayanan et al. 2021: the 1T row's 3,072 GPUs at 163 TFLOP/s take ~`flops / (gpus x 163e12)` s;
+    the 1.7B row's formula by hand (96 B s l h^2 (1 + s/6h + V/16lh))."""
+    from benchmarks.training_space import MEGATRON_TABLE_1, a100_cluster, megatron_flops, render
+
+    assert [r.gpus for r in MEGATRON_TABLE_1] == [32, 64, 128, 256, 512, 1024, 1536, 1920, 2520, 3072]
+    b, s, l, h, v = 512, 2048, 24, 2304, 51200
+    assert megatron_flops("1.7b", 512) == pytest.approx(96 * b * s * l * h**2 * (1 + s / (6 * h) + v / (16 * l * h)))
+    cluster = a100_cluster(64)
+    assert cluster.num_devices == 64 and len(cluster.node_names) == 8
+    with pytest.raises(ValueError, match="not a whole number of 8-GPU nodes"):
+        a100_cluster(12)
+    plan = {"status": "ok", "description": "1 stage", "family": "data parallel", "step_s": 2.0, "mfu": 0.4,
+            "bound_s": 1.0, "solve_s": 0.1}
+    row = {"model": "megatron-gpt-1.7b", "gpus": 32, "tp": 1, "pp": 1, "dp": 32, "batch": 512, "tflops": 137,
+           "predicted_tflops": 150.0, "error": 150 / 137 - 1, "configured": plan, "planner": plan}
+    text = render({"megatron": [row]})
+    assert "| megatron-gpt-1.7b | 32 | 1 | 1 | 32 | 512 | 137 | 150 | +9% | 1 stage | 1.00 |" in text
+    assert "Worst error 9% over 1 rows" in text
