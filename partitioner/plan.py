@@ -188,6 +188,16 @@ class PlanStage:
     weight, grad and optimizer bytes are the device's shards."""
 
     @property
+    def collective_fwd_s(self) -> float:
+        """Of `fwd_s`, collectives on the critical path (tensor-parallel all-reduces, exposed ZeRO-3 gathers)."""
+        return min(self.fwd_s, self.tp_comm_s + self.dp_comm_fwd_s)
+
+    @property
+    def collective_bwd_s(self) -> float:
+        """Of `bwd_s`, the same in the backward (the recomputed forward's all-reduces too)."""
+        return min(self.bwd_s, self.tp_comm_s * (2 if self.recompute else 1) + self.dp_comm_bwd_s)
+
+    @property
     def static_bytes(self) -> int:
         """What the stage holds throughout the step (the simulator's ``static_bytes``)."""
         return (
@@ -285,6 +295,8 @@ class PipelinePlan:
                 activation_bytes=s.microbatch_activation_bytes,
                 static_bytes=s.static_bytes,
                 allreduce_s=s.allreduce_s,
+                collective_fwd_s=s.collective_fwd_s,
+                collective_bwd_s=s.collective_bwd_s,
                 devices=tuple(device_names[d] for d in s.devices),
             )
             for s in self.stages

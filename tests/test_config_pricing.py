@@ -57,3 +57,16 @@ def test_the_cli_prices_a_config_and_refuses_a_misspelt_one(capsys: pytest.Captu
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "gpt2", "--cluster", "dgx-a100-8", "--train", "--config", "tq=2"])
     assert exit_info.value.code == 2 and "did you mean 'tp'" in capsys.readouterr().err
+
+
+def test_a_tensor_parallel_plan_shows_its_all_reduces_on_the_collectives_lane() -> None:
+    from partitioner.simulate import EventKind
+
+    opts = TrainingOptions(max_microbatches=4, config=ParallelConfig(tp=2, pp=2, dp=2, schedule="1f1b"))
+    cluster = hand_cluster(["a100-80gb x8"])
+    result = plan_pipeline(tp_costs(cluster, 32, opts), cluster, 32, opts)
+    stage = result.pipeline.stages[0]
+    assert stage.tp_comm_s > 0 and stage.collective_fwd_s == pytest.approx(stage.tp_comm_s + stage.dp_comm_fwd_s)
+    collectives = [e for rank in result.timeline.ranks for e in rank.of_kind(EventKind.COLLECTIVE)]
+    assert len(collectives) == 2 * 2 * result.pipeline.microbatches  # a forward and a backward per stage and microbatch
+    assert all(e.duration_s > 0 for e in collectives)

@@ -35,7 +35,7 @@ from partitioner.simulate import (
     uniform_step_time,
     write_chrome_trace,
 )
-from partitioner.simulate.render import time_unit
+from partitioner.simulate.render import ascii_timeline, time_unit
 
 GPIPE, ONE_F_ONE_B = PipelineSchedule.GPIPE, PipelineSchedule.ONE_F_ONE_B
 INTERLEAVED = PipelineSchedule.INTERLEAVED_1F1B
@@ -594,3 +594,29 @@ def test_write_chrome_trace_refuses_other_suffixes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"writes \.json or \.json\.gz files \(got 'step\.png'\)"):
         write_chrome_trace(simulate(uniform(2), 2, GPIPE), tmp_path / "step.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_collectives_inside_a_pass_show_on_their_lane_and_cost_nothing_extra() -> None:
+    """A tensor-parallel stage: 0.25 s of each 1 s forward and 0.5 s of each 2 s backward are
+    all-reduces. The step is the same as without them (they are inside the pass); the
+    timeline shows each at its pass's end, the ASCII chart and the Chrome trace draw them."""
+    plain = uniform(2)
+    tp = [replace(s, collective_fwd_s=0.25, collective_bwd_s=0.5) for s in plain]
+    timeline = simulate(tp, 3, ONE_F_ONE_B)
+    assert timeline.step_time_s == simulate(plain, 3, ONE_F_ONE_B).step_time_s
+    for rank in timeline.ranks:
+        passes = {(e.stage, e.microbatch, e.kind is EventKind.FORWARD): e for e in rank.of_kind(*_COMPUTE_KINDS)}
+        collectives = rank.of_kind(EventKind.COLLECTIVE)
+        assert len(collectives) == len(passes) == 6
+        for c in collectives:
+            owner = passes[(c.stage, c.microbatch, c.forward)]
+            assert c.end_s == owner.end_s and c.duration_s == (0.25 if c.forward else 0.5)
+    assert "~" in ascii_timeline(timeline)
+    gantt_figure(timeline)  # draws the lane (matplotlib, no file)
+    threads = {e["args"]["name"] for e in chrome_trace(timeline)["traceEvents"] if e.get("name") == "thread_name"}
+    assert "collectives" in threads
+    with pytest.raises(ValueError, match="collective_fwd_s 2 exceeds fwd_s 1"):
+        StageCost(fwd_s=1, bwd_s=2, collective_fwd_s=2, devices=("d0",))
+
+
+_COMPUTE_KINDS = (EventKind.FORWARD, EventKind.BACKWARD)

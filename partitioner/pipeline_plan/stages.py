@@ -396,7 +396,18 @@ class StageModel:
                 "allreduce_s": float(t.allreduce),
             }
             names = tuple(self.cluster.devices[d].name for d in group.devices)
-            stages.append(StageCost(**times, activation_bytes=kept, static_bytes=static, devices=names))
+            collective_fwd = float(t.tp_comm) + float(t.dp_fwd)
+            collective_bwd = float(t.tp_comm) * (2 if rc == FULL else 1) + float(t.mode(rc)[4])
+            stages.append(
+                StageCost(
+                    **times,
+                    collective_fwd_s=min(collective_fwd, times["fwd_s"]),
+                    collective_bwd_s=min(collective_bwd, bwd),
+                    activation_bytes=kept,
+                    static_bytes=static,
+                    devices=names,
+                )
+            )
             plan_stages.append(
                 PlanStage(
                     index=j,

@@ -26,7 +26,7 @@ from partitioner.simulate.data import Event, EventKind, RankTimeline, Timeline
 
 __all__ = ["chrome_trace", "write_chrome_trace"]
 
-_LANES = ("compute", "send", "recv", "all-reduce")
+_LANES = ("compute", "collectives", "send", "recv", "all-reduce")
 """Thread order within a rank (``recv`` is one thread per sending rank)."""
 _LANE_OF = {
     EventKind.FORWARD: "compute",
@@ -35,6 +35,7 @@ _LANE_OF = {
     EventKind.SEND: "send",
     EventKind.RECV: "recv",
     EventKind.ALLREDUCE: "all-reduce",
+    EventKind.COLLECTIVE: "collectives",
 }
 _SUFFIXES = (".json", ".gz")
 
@@ -70,6 +71,9 @@ def _name(timeline: Timeline, event: Event) -> str:
         return "idle"
     if kind is EventKind.ALLREDUCE:
         return "all-reduce" if timeline.virtual_stages == 1 else f"all-reduce {event.stage}"
+    if kind is EventKind.COLLECTIVE:
+        stage = str(event.stage) if timeline.virtual_stages > 1 else ""
+        return f"{stage}{'F' if event.forward else 'B'}{event.microbatch} collectives"
     if kind in (EventKind.SEND, EventKind.RECV):
         assert event.stage is not None and event.peer is not None
         forward = event.peer > event.stage if kind is EventKind.SEND else event.peer < event.stage

@@ -51,6 +51,12 @@ class StageCost:
     allreduce_s: float = 0
     """All-reduces of the stage's gradients, once per step: over its replicas, and of a tied
     weight's gradients with the other stages holding a copy (0 when neither)."""
+    collective_fwd_s: float = 0
+    """Of `fwd_s`, collectives on the critical path (tensor-parallel all-reduces, ZeRO-3
+    all-gathers compute does not hide): they hold the compute lane, so they are inside
+    `fwd_s`; the timeline shows them as `EventKind.COLLECTIVE`."""
+    collective_bwd_s: float = 0
+    """Of `bwd_s`, the same in the backward (all-reduces, gathers and reduce-scatters)."""
     devices: tuple[str, ...]
     """Names of the devices that hold a replica of the stage (one or more, distinct)."""
 
@@ -63,8 +69,11 @@ class StageCost:
             raise ValueError("StageCost: devices must name at least one device (got an empty tuple)")
         if len(set(self.devices)) != len(self.devices):
             raise ValueError(f"{owner}: a device appears twice in devices {self.devices}")
-        for name in ("fwd_s", "bwd_s", "send_fwd_s", "send_bwd_s", "allreduce_s"):
+        for name in ("fwd_s", "bwd_s", "send_fwd_s", "send_bwd_s", "allreduce_s", "collective_fwd_s", "collective_bwd_s"):
             _check_seconds(owner, name, getattr(self, name))
+        for part, whole in (("collective_fwd_s", "fwd_s"), ("collective_bwd_s", "bwd_s")):
+            if getattr(self, part) > getattr(self, whole) * (1 + 1e-9):
+                raise ValueError(f"{owner}: {part} {getattr(self, part)} exceeds {whole} {getattr(self, whole)} (it is part of it)")
         for name in ("activation_bytes", "static_bytes"):
             _check_bytes(owner, name, getattr(self, name))
 
@@ -133,6 +142,10 @@ class EventKind(str, enum.Enum):
     """A microbatch arrives over the sender's link (the same interval as its `SEND`)."""
     ALLREDUCE = "allreduce"
     """The stage's replicas all-reduce their gradients."""
+    COLLECTIVE = "collective"
+    """Collectives inside a forward or backward that hold the compute lane (tensor-parallel
+    all-reduces, ZeRO-3 gathers compute does not hide): drawn at the pass's end, the
+    pass's ``collective_*_s`` of its duration."""
     IDLE = "idle"
     """The rank computes nothing (a bubble)."""
 
@@ -146,6 +159,8 @@ class Event:
     """Stage whose work it is: the sender for `SEND`, the receiver for `RECV`; None for `IDLE`."""
     microbatch: int | None
     """Microbatch index; None for `ALLREDUCE` and `IDLE`."""
+    forward: bool | None = None
+    """For `COLLECTIVE`: whether it is inside a forward (else a backward); else None."""
     start_s: float
     end_s: float
     peer: int | None = None
@@ -156,7 +171,8 @@ class Event:
         return self.end_s - self.start_s
 
     def __str__(self) -> str:
-        letter = {"forward": "F", "backward": "B", "send": "S", "recv": "R", "allreduce": "AR", "idle": "idle"}
+        letter = {"forward": "F", "backward": "B", "send": "S", "recv": "R", "allreduce": "AR", "idle": "idle",
+                  "collective": "CF" if self.forward else "CB"}
         text = letter[self.kind.value]
         if self.microbatch is not None:
             text += str(self.microbatch)

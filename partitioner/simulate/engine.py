@@ -18,6 +18,9 @@ The model (times in seconds, sizes in bytes; ``p`` ranks, ``m`` microbatches):
   rank's last backward. Overlapped: the stage's gradients become ready at an even rate
   during its last backward (bucketing in the limit of small buckets), so its all-reduce
   starts with that backward and ends at ``max(start + allreduce_s, end of the backward)``.
+- **Collectives inside a pass** (``collective_fwd_s`` / ``collective_bwd_s``: tensor-parallel
+  all-reduces, ZeRO-3 gathers compute does not hide) are part of the pass's time on the
+  compute lane; the timeline shows them as `COLLECTIVE` events at the pass's end.
 - **Memory**, per device: ``static_bytes`` throughout, plus ``activation_bytes`` of
   microbatch ``i`` at stage ``s`` from the start of forward ``(s, i)`` to the end of
   backward ``(s, i)`` (at an instant, frees count before allocations).
@@ -164,6 +167,11 @@ class _Run:
                 kind = EventKind.FORWARD if action.forward else EventKind.BACKWARD
                 self.events[r].append(Event(kind=kind, stage=action.stage, microbatch=action.microbatch,
                                             start_s=start, end_s=end))
+                collective = cost.collective_fwd_s if action.forward else cost.collective_bwd_s
+                if collective > 0:
+                    self.events[r].append(Event(kind=EventKind.COLLECTIVE, stage=action.stage,
+                                                microbatch=action.microbatch, start_s=end - collective, end_s=end,
+                                                forward=action.forward))
                 receiver = self._send(r, action, end)
                 if receiver in waiting:
                     runnable.append(waiting.pop(receiver))

@@ -84,9 +84,14 @@ def ascii_timeline(timeline: Timeline, width: int | None = None) -> str:
             row[a + 1 + len(text) : b] = " " * (b - a - 1 - len(text))
         lines.append(f"{name:>{pad}} {''.join(row).rstrip()}")
         link = [" "] * (width + 1)
-        for e in rank.of_kind(EventKind.SEND, EventKind.ALLREDUCE):
+        for e in rank.of_kind(EventKind.SEND, EventKind.ALLREDUCE, EventKind.COLLECTIVE):
             a, b = columns(e)
-            mark = "=" if e.kind is EventKind.ALLREDUCE else ">" if e.peer == (e.stage or 0) + 1 else "<"
+            mark = (
+                "=" if e.kind is EventKind.ALLREDUCE
+                else "~" if e.kind is EventKind.COLLECTIVE
+                else ">" if e.peer == (e.stage or 0) + 1
+                else "<"
+            )
             link[a:b] = mark * (b - a)
         if "".join(link).strip():
             lines.append(f"{'':>{pad}} {''.join(link).rstrip()}")
@@ -100,6 +105,7 @@ _COLOURS = {
     EventKind.BACKWARD: "#DD8452",
     EventKind.SEND: "#8C8C8C",
     EventKind.ALLREDUCE: "#8172B3",
+    EventKind.COLLECTIVE: "#55A868",
     EventKind.IDLE: "#F2F2F2",
 }
 _SUFFIXES = (".png", ".svg", ".pdf")
@@ -213,7 +219,8 @@ def gantt_figure(timeline: Timeline, *, title: str | None = None) -> Any:
             for (kind, k), spans in groups.items():
                 ax.broken_barh(spans, (y - 0.3, 0.5), facecolors=shade(_COLOURS[kind], k * n),
                                edgecolor="white", linewidth=0.6)
-        for kind, band in ((EventKind.SEND, y + 0.23), (EventKind.ALLREDUCE, y + 0.36)):
+        bands = ((EventKind.SEND, y + 0.23), (EventKind.ALLREDUCE, y + 0.36), (EventKind.COLLECTIVE, y + 0.36))
+        for kind, band in bands:
             if dense and kind is EventKind.SEND:
                 continue  # thousands of slivers: noise at this scale
             spans = [span(e) for e in rank.of_kind(kind) if e.duration_s > 0]
@@ -257,7 +264,11 @@ def gantt_figure(timeline: Timeline, *, title: str | None = None) -> Any:
         legend.append(Patch(facecolor=_MIXED, label="forwards and backwards, too close to draw apart"))
     legend += [
         Patch(facecolor=_COLOURS[kind], label=label)
-        for kind, label in ((EventKind.SEND, "send"), (EventKind.ALLREDUCE, "all-reduce"))
+        for kind, label in (
+            (EventKind.SEND, "send"),
+            (EventKind.ALLREDUCE, "all-reduce"),
+            (EventKind.COLLECTIVE, "collectives inside a pass (TP all-reduce, ZeRO-3 gather)"),
+        )
         if kind in shown and not (dense and kind is EventKind.SEND)
     ]
     if EventKind.IDLE in shown or dense:
