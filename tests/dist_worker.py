@@ -101,6 +101,15 @@ def optimizer(name: str, parameters: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(parameters, lr=LR)
 
 
+def local_shapes(part: Any) -> dict[str, tuple[int, ...]]:
+    """The shape of this process's slice of each parameter (the whole shape when it holds it whole)."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: tuple((p.to_local() if isinstance(p, DTensor) else p).shape) for name, p in part.named_parameters()
+    }
+
+
 def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict other than the model's own: floating tensors shifted by 0.01."""
     return {k: v + 0.01 if v.is_floating_point() else v.clone() for k, v in state.items()}
@@ -153,7 +162,8 @@ def run(spec: dict[str, Any]) -> None:
             step.step()
             step.zero_grad()
         torch.save(
-            {"losses": losses, "state": part.full_state_dict(), "stages": part.stage_indices, "repr": repr(part),
+            {"losses": losses, "state": part.full_state_dict(), "local": local_shapes(part),
+             "pinned": sorted({repr(m.placement) for stage in part.modules for m in stage.modules() if hasattr(m, "placement")}), "stages": part.stage_indices, "repr": repr(part),
              "refused": refused},
             out / f"{case['name']}-rank{part.rank}.pt",
         )
