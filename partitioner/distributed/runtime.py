@@ -113,7 +113,7 @@ class PipelineRank:
         self.modules = tuple(_to_device(graphs.modules[k], device) for k in self.stage_indices)
         """Its stage modules (`fx.GraphModule`), on its device."""
         self._pipeline_group, self._replica_group = process_groups(layout, rank)
-        self._ties = tie_groups(layout, graphs.tied, rank)
+        self._ties = tie_groups(layout, graphs.tied, rank, parallel.tensor_parallel)
         self._mesh = parallel_mesh(layout, rank, parallel.tensor_parallel, device.type) if parallel.active else None
         self._wrapped = tuple(self._wrap(m, s) for m, s in zip(self.modules, specs))
         num_stages = len(layout.stages)
@@ -380,8 +380,8 @@ class PipelineRank:
                     total += p.grad
             if group is not None:
                 dist.all_reduce(total.to_local() if isinstance(total, DTensor) else total, group=group)
-            if self.layout.replicas > 1:
-                total /= self.layout.replicas
+            if self.data_parallel > 1:
+                total /= self.data_parallel
             for p in copies:
                 p.grad = total.clone()
 
