@@ -114,7 +114,8 @@ def test_tensor_and_sequence_parallel_train_as_one_process(tmp_path: Path) -> No
 def test_the_rest_of_the_grid_trains_as_one_process(tmp_path: Path) -> None:
     """TP 2 x FSDP 2 Llama (parameters kept from forward to backward), FSDP 4 GPT-2 (ZeRO-2 and ZeRO-1
     lower to the same), TP 2 x DP 2 GPT-2 (replicated, gradients all-reduced), PP 2 x TP 2 GPT-2 (its tied
-    embedding and head split in both stages), TP 2 x FSDP 2 Llama recomputing."""
+    embedding and head split in both stages), TP 2 + SP x FSDP 2 Llama, TP 2 + SP x DP 2 GPT-2 (its rows
+    flattened to tokens), TP 2 x FSDP 2 Llama recomputing."""
     llama, gpt2 = (write_plan(tmp_path, m, _data_parallel(m, 4)) for m in ("llama", "gpt2"))
     one_stage = hand_pipeline(base_plan("llama", 4), [(0, 4)], [(0, 1, 2, 3)], "gpipe", 1, 8, recompute=True)
     recomputed = write_plan(tmp_path, "llama-recompute", one_stage)
@@ -125,6 +126,7 @@ def test_the_rest_of_the_grid_trains_as_one_process(tmp_path: Path) -> None:
         _case("gpt2-tp2-dp2", "gpt2", gpt2, tensor_parallel=2),
         _case("gpt2-pp2-tp2", "gpt2", write_plan(tmp_path, "gpt2-pp", _pipeline("gpt2")), tensor_parallel=2),
         _case("llama-tp2-sp-fsdp2", "llama", llama, tensor_parallel=2, sequence_parallel=True, sharding="zero3"),
+        _case("gpt2-tp2-sp-dp2", "gpt2", gpt2, tensor_parallel=2, sequence_parallel=True),
         _case("llama-tp2-fsdp2-recompute", "llama", recomputed, tensor_parallel=2, sharding="zero3"),
     ]
     launch(4, cases, tmp_path)

@@ -37,19 +37,21 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_map
 
 from partitioner.analysis import check_plan_applies, trace_layers
 from partitioner.replicate import replication_hazards
 from partitioner.distributed.launch import launch_rank, process_device, process_groups, start_process_group, tie_groups
 from partitioner.distributed.layout import Layout, StageSpec, check_launch, plan_layout
+from partitioner.distributed.names import named_tensors, original_names
 from partitioner.distributed.spmd import (
     ParallelSpec,
+    Recomputed,
     average_gradients,
     check_parallel,
     full_tensors,
     parallel_mesh,
+    parallel_spec,
     parallelize_stage,
 )
 from partitioner.distributed.stages import MicrobatchShapeError, StageGraphs, build_stages, flat_batch
@@ -281,7 +283,7 @@ class PipelineRank:
         """
         out: dict[str, torch.Tensor] = {}
         for m, names in zip(self.modules, self._stage_aliases()):
-            for name, t in _named_tensors(m):
+            for name, t in named_tensors(m):
                 for original in names.get(name, ()):
                     out[original] = t.detach()
         if self.rank == 0:
@@ -300,7 +302,7 @@ class PipelineRank:
         """
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for k, m, names in zip(self.stage_indices, self.modules, self._stage_aliases()):
-            for name, t in _named_tensors(m):
+            for name, t in named_tensors(m):
                 originals = names.get(name, ())
                 if not originals:
                     continue
@@ -354,7 +356,7 @@ class PipelineRank:
             return parallelize_stage(module, self.parallel, self._mesh, recompute=spec.recompute)
         tied = {id(module.get_parameter(name)) for copies, _ in self._ties for s, name in copies if s == spec.index}
         if spec.recompute:
-            module = _Recomputed(module)
+            module = Recomputed(module)
         trained = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in tied]
         if self.layout.replicas == 1 or not trained:
             return module
@@ -384,18 +386,6 @@ class PipelineRank:
                 total /= self.data_parallel
             for p in copies:
                 p.grad = total.clone()
-
-
-class _Recomputed(nn.Module):
-    """A stage that keeps only its inputs for backward and runs its forward again there
-    (`torch.utils.checkpoint`, non-reentrant), as the plan's `PlanStage.recompute` says."""
-
-    def __init__(self, stage: nn.Module) -> None:
-        super().__init__()
-        self.stage = stage
-
-    def forward(self, *args: torch.Tensor) -> Any:
-        return checkpoint(self.stage, *args, use_reentrant=False)
 
 
 def build(
@@ -474,7 +464,7 @@ def build(
     layout = plan_layout(plan, schedule=schedule, microbatches=microbatches, global_batch=global_batch)
     rank, world_size = launch_rank()
     check_launch(layout, world_size, rank, [d.name for d in plan.devices])
-    parallel = _parallel_spec(plan, tensor_parallel, sequence_parallel, sharding, tp_layout)
+    parallel = parallel_spec(plan, tensor_parallel, sequence_parallel, sharding, tp_layout)
     check_parallel(parallel, layout, model)
     if parallel.active and layout.global_batch % (layout.replicas // parallel.tensor_parallel * layout.microbatches):
         raise ValueError(
@@ -508,7 +498,7 @@ def build(
             f"sharding {parallel.sharding.value} with a weight tied across pipeline stages "
             f"({graphs.tied[0][0][1]!r}) is not supported; use sharding none, or a plan keeping it in one stage"
         )
-    aliases, extra = _original_names(model, layered, graphs)
+    aliases, extra = original_names(model, layered, graphs)
     owns = start_process_group(target, rank, world_size)
     return PipelineRank(
         plan=plan,
@@ -522,27 +512,6 @@ def build(
         loss_fn=loss_fn,
         owns_process_group=owns,
         parallel=parallel,
-    )
-
-
-def _parallel_spec(
-    plan: Plan,
-    tensor_parallel: int | None,
-    sequence_parallel: bool | None,
-    sharding: Sharding | str | None,
-    tp_layout: TensorParallelLayout | None,
-) -> ParallelSpec:
-    """The arguments, else the plan's fields (``tensor_parallel``, ``sequence_parallel``, ``sharding``,
-    ``tp_layout`` when the plan has them), else no tensor parallelism and no sharding."""
-    source = plan.pipeline if plan.pipeline is not None else plan
-    chosen = sharding if sharding is not None else getattr(source, "sharding", None)
-    return ParallelSpec(
-        tensor_parallel=tensor_parallel if tensor_parallel is not None else getattr(source, "tensor_parallel", 1) or 1,
-        sequence_parallel=bool(
-            sequence_parallel if sequence_parallel is not None else getattr(source, "sequence_parallel", False)
-        ),
-        sharding=Sharding(chosen) if chosen is not None else Sharding.NONE,
-        layout=tp_layout if tp_layout is not None else getattr(source, "tp_layout", None),
     )
 
 
@@ -593,29 +562,3 @@ def _resized(value: Any, batch: int) -> Any:
 def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
     """A copy of a stage module on `device` (the user's tensors are never trained in place)."""
     return copy.deepcopy(module, place_tensors(module, {}, str(device)))
-
-
-def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
-
-
-def _original_names(
-    model: nn.Module, layered: LayeredModel, graphs: StageGraphs
-) -> tuple[list[dict[str, tuple[str, ...]]], dict[str, torch.Tensor]]:
-    """Per stage, its tensor names -> the original model's ``state_dict`` names of the same
-    tensor (several for a tied weight); and the state entries no stage holds."""
-    state = model.state_dict(keep_vars=True)
-    by_id: dict[int, list[str]] = {}
-    for name, t in state.items():
-        by_id.setdefault(id(t), []).append(name)
-    held: set[str] = set()
-    aliases = []
-    for module in graphs.modules:
-        names: dict[str, tuple[str, ...]] = {}
-        for name, t in _named_tensors(module):
-            originals = tuple(by_id.get(id(t), [name] if name in state else []))
-            names[name] = originals
-            held.update(originals)
-        aliases.append(names)
-    extra = {k: t.detach().clone() for k, t in state.items() if k not in held}
-    return aliases, extra

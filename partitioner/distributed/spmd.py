@@ -55,12 +55,23 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.utils._pytree import tree_map
+from torch.utils.checkpoint import checkpoint
 
 from partitioner.distributed.layout import Layout
 from partitioner.options import Sharding
+from partitioner.plan import Plan
 from partitioner.tp_layout import TensorParallelError, TensorParallelLayout
 
-__all__ = ["ParallelSpec", "check_parallel", "parallel_mesh", "parallelize_stage", "average_gradients", "full_tensors"]
+__all__ = [
+    "ParallelSpec",
+    "parallel_spec",
+    "Recomputed",
+    "check_parallel",
+    "parallel_mesh",
+    "parallelize_stage",
+    "average_gradients",
+    "full_tensors",
+]
 
 _aten = torch.ops.aten
 # The op that multiplies by a column's or row's weight, and which of its arguments is the activation.
@@ -86,6 +97,39 @@ class ParallelSpec:
     def active(self) -> bool:
         """Whether anything besides plain replication (DDP) is asked for."""
         return self.tensor_parallel > 1 or self.sharding is not Sharding.NONE
+
+
+def parallel_spec(
+    plan: Plan,
+    tensor_parallel: int | None,
+    sequence_parallel: bool | None,
+    sharding: Sharding | str | None,
+    tp_layout: TensorParallelLayout | None,
+) -> ParallelSpec:
+    """The arguments, else the plan's fields (``tensor_parallel``, ``sequence_parallel``, ``sharding``,
+    ``tp_layout`` when the plan has them), else no tensor parallelism and no sharding."""
+    source = plan.pipeline if plan.pipeline is not None else plan
+    chosen = sharding if sharding is not None else getattr(source, "sharding", None)
+    return ParallelSpec(
+        tensor_parallel=tensor_parallel if tensor_parallel is not None else getattr(source, "tensor_parallel", 1) or 1,
+        sequence_parallel=bool(
+            sequence_parallel if sequence_parallel is not None else getattr(source, "sequence_parallel", False)
+        ),
+        sharding=Sharding(chosen) if chosen is not None else Sharding.NONE,
+        layout=tp_layout if tp_layout is not None else getattr(source, "tp_layout", None),
+    )
+
+
+class Recomputed(nn.Module):
+    """A stage that keeps only its inputs for backward and runs its forward again there
+    (`torch.utils.checkpoint`, non-reentrant), as the plan's `PlanStage.recompute` says."""
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return checkpoint(self.stage, *args, use_reentrant=False)
 
 
 def check_parallel(spec: ParallelSpec, layout: Layout, model: nn.Module) -> None:
@@ -175,9 +219,10 @@ class _Redistribute(nn.Module):
     def forward(self, x: Any) -> Any:
         if not isinstance(x, DTensor):
             return x
-        if self.placement == Shard(1) and x.ndim < 2:
-            return x.redistribute(x.device_mesh, [Replicate()])
-        return x.redistribute(x.device_mesh, [self.placement])
+        placement = self.placement
+        if placement == Shard(1) and x.ndim <= 2:  # the sequence: tokens flattened into rows (HF Conv1D's addmm)
+            placement = Shard(0) if x.ndim == 2 else Replicate()
+        return x.redistribute(x.device_mesh, [placement])
 
 
 def _weight_users(gm: fx.GraphModule, target: str) -> list[tuple[fx.Node, int]]:
@@ -196,6 +241,17 @@ def _weight_users(gm: fx.GraphModule, target: str) -> list[tuple[fx.Node, int]]:
     return found
 
 
+def _matmuls(gm: fx.GraphModule, module: str, role: str) -> list[tuple[fx.Node, int]]:
+    """`_weight_users` of `module`'s weight, which must have some (`role`: ``column``, ``row``)."""
+    users = _weight_users(gm, f"{module}.weight")
+    if not users:
+        raise TensorParallelError(
+            f"{role} {module!r}: no matrix multiply by its weight in the stage graph (only linear/addmm/mm/matmul, "
+            "through t/permute/transpose, are split; a call_module leaf is not); leave its pair out of the layout"
+        )
+    return users
+
+
 def _pin(gm: fx.GraphModule, spec: ParallelSpec) -> None:
     """Insert the column-input and row-output redistributions into the stage graph."""
     assert spec.layout is not None
@@ -209,30 +265,20 @@ def _pin(gm: fx.GraphModule, spec: ParallelSpec) -> None:
         gm.add_submodule(name, _Redistribute(placement))
         return name
 
+    def replicated_input(users: list[tuple[fx.Node, int]]) -> None:
+        for node, index in users:
+            with gm.graph.inserting_before(node):
+                gathered = gm.graph.call_module(module(Replicate()), (node.args[index],))
+            node.update_arg(index, gathered)
+
     after_row: Placement = Shard(1) if spec.sequence_parallel else Replicate()
     for pair in spec.layout.pairs:
         for column in pair.columns:
-            if f"{column.module}.weight" not in params:
-                continue
-            users = _weight_users(gm, f"{column.module}.weight")
-            if not users:
-                raise TensorParallelError(
-                    f"column {column.module!r}: no matrix multiply by its weight in the stage graph (only "
-                    f"linear/addmm/mm/matmul are split); leave it out of the layout"
-                )
-            for node, index in users:
-                with gm.graph.inserting_before(node):
-                    gathered = gm.graph.call_module(module(Replicate()), (node.args[index],))
-                node.update_arg(index, gathered)
-        if f"{pair.row}.weight" not in params:
-            continue
-        users = _weight_users(gm, f"{pair.row}.weight")
-        if not users:
-            raise TensorParallelError(
-                f"row {pair.row!r}: no matrix multiply by its weight in the stage graph; leave its pair out of the layout"
-            )
-        for node, _ in users:
-            _after(gm, node, module(after_row))
+            if f"{column.module}.weight" in params:
+                replicated_input(_matmuls(gm, column.module, "column"))
+        if f"{pair.row}.weight" in params:
+            for node, _ in _matmuls(gm, pair.row, "row"):
+                _after(gm, node, module(after_row))
     for shard in spec.layout.vocab:
         weight = f"{shard.module}.weight"
         if weight not in params:
@@ -241,10 +287,7 @@ def _pin(gm: fx.GraphModule, spec: ParallelSpec) -> None:
             for node in gm.graph.nodes:
                 if node.op == "call_function" and node.target is _aten.embedding.default and _reads(node, weight):
                     _after(gm, node, module(after_row))
-        for node, index in _weight_users(gm, weight):  # the head (or a tied embedding's read as one)
-            with gm.graph.inserting_before(node):
-                gathered = gm.graph.call_module(module(Replicate()), (node.args[index],))
-            node.update_arg(index, gathered)
+        replicated_input(_weight_users(gm, weight))  # the head (or a tied embedding's read as one)
     gm.graph.lint()
     gm.recompile()
 
@@ -345,8 +388,6 @@ def parallelize_stage(
         The module to run (and to hand to `PipelineStage`); `stage`'s parameters are the
         DTensors to optimize.
     """
-    from partitioner.distributed.runtime import _Recomputed
-
     run: nn.Module = stage
     if spec.tensor_parallel > 1:
         tp_mesh = mesh["tp"]
@@ -366,7 +407,7 @@ def parallelize_stage(
         _lift_constants(stage, tp_mesh)
         run = _TensorParallelStage(stage, tp_mesh)
     if recompute:
-        run = _Recomputed(run)
+        run = Recomputed(run)
     dp = mesh["dp"].size()
     if spec.sharding is not Sharding.NONE and dp > 1:
         from torch.distributed.fsdp import fully_shard
