@@ -24,6 +24,12 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 LR = 0.1
+ADAM_LR = 1e-3
+ADAM_EPS = 1e-4
+"""Adam's first step moves each weight by about ``lr * g / (|g| + eps)``: with torch's ``eps=1e-8`` a
+gradient near 1e-8 (a rounding difference of a split sum) moves its weight by a fraction of
+``lr``, far beyond float32 tolerance. ``eps=1e-4`` bounds that to ``lr / eps`` times the gradient's
+rounding difference, so the comparison stays at float32 tolerance."""
 STEPS = 2
 """Steps per case: DDP rebuilds its buckets at the second, and gradients must not leak between steps."""
 
@@ -55,6 +61,55 @@ def loss_fn(model: str) -> Any:
     return next_token
 
 
+def tp_layout(model: str) -> Any:
+    """The tensor-parallel layout of a zoo model, written by hand (Megatron's pairs per block)."""
+    from partitioner.tp_layout import Column, Pair, TensorParallelLayout, VocabShard
+
+    if model == "llama":  # hidden 32, 4 heads / 2 key-value heads of 8, MLP 64, vocabulary 128
+        pairs = []
+        for i in range(2):
+            block = f"model.layers.{i}"
+            pairs.append(Pair(columns=(Column(module=f"{block}.self_attn.q_proj", out_features=32),
+                                       Column(module=f"{block}.self_attn.k_proj", out_features=16),
+                                       Column(module=f"{block}.self_attn.v_proj", out_features=16)),
+                              row=f"{block}.self_attn.o_proj", kind="attention", heads=4, kv_heads=2, width=32))
+            pairs.append(Pair(columns=(Column(module=f"{block}.mlp.gate_proj", out_features=64),
+                                       Column(module=f"{block}.mlp.up_proj", out_features=64)),
+                              row=f"{block}.mlp.down_proj", kind="mlp", width=64))
+        vocab = (VocabShard(module="model.embed_tokens", kind="embedding", vocab=128),
+                 VocabShard(module="lm_head", kind="head", vocab=128))
+        norms = tuple(f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm"))
+        return TensorParallelLayout(pairs=tuple(pairs), vocab=vocab, sequence=norms + ("model.norm",))
+    if model == "gpt2":  # hidden 32, 2 heads, MLP 128, HF Conv1D weights stored (in, out), fused q/k/v
+        pairs = []
+        for i in range(2):
+            block = f"transformer.h.{i}"
+            pairs.append(Pair(columns=(Column(module=f"{block}.attn.c_attn", out_features=96, parts=3, transposed=True),),
+                              row=f"{block}.attn.c_proj", kind="attention", heads=2, kv_heads=2, width=32))
+            pairs.append(Pair(columns=(Column(module=f"{block}.mlp.c_fc", out_features=128, transposed=True),),
+                              row=f"{block}.mlp.c_proj", kind="mlp", width=128))
+        vocab = (VocabShard(module="transformer.wte", kind="embedding", vocab=128),
+                 VocabShard(module="lm_head", kind="head", vocab=128))
+        return TensorParallelLayout(pairs=tuple(pairs), vocab=vocab)
+    raise KeyError(model)
+
+
+def optimizer(name: str, parameters: Any) -> torch.optim.Optimizer:
+    """SGD at `LR`, or Adam at `ADAM_LR`."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=ADAM_LR, eps=ADAM_EPS)
+    return torch.optim.SGD(parameters, lr=LR)
+
+
+def local_shapes(part: Any) -> dict[str, tuple[int, ...]]:
+    """The shape of this process's slice of each parameter (the whole shape when it holds it whole)."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: tuple((p.to_local() if isinstance(p, DTensor) else p).shape) for name, p in part.named_parameters()
+    }
+
+
 def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict other than the model's own: floating tensors shifted by 0.01."""
     return {k: v + 0.01 if v.is_floating_point() else v.clone() for k, v in state.items()}
@@ -81,6 +136,10 @@ def run(spec: dict[str, Any]) -> None:
             schedule=case.get("schedule"),
             microbatches=case.get("microbatches"),
             global_batch=case.get("global_batch"),
+            tensor_parallel=case.get("tensor_parallel"),
+            sequence_parallel=case.get("sequence_parallel"),
+            sharding=case.get("sharding"),
+            tp_layout=tp_layout(model_name) if case.get("tensor_parallel", 1) > 1 else None,
         )
         if case.get("resume"):
             pd.load_from_original(part, perturbed(model.state_dict()))
@@ -95,15 +154,16 @@ def run(spec: dict[str, Any]) -> None:
             pd.save_checkpoint(part, case["checkpoint"])
         if case.get("load_perturbed"):
             pd.load_from_original(part, perturbed(model.state_dict()))
-        optimizer = torch.optim.SGD(part.parameters(), lr=LR)
+        step = optimizer(case.get("optimizer", "sgd"), part.parameters())
         inputs, keywords, target = batch(model_name, part.layout.global_batch)
         losses = []
         for _ in range(STEPS):
             losses.append(part.step(inputs if len(inputs) > 1 else inputs[0], target, **keywords))
-            optimizer.step()
-            optimizer.zero_grad()
+            step.step()
+            step.zero_grad()
         torch.save(
-            {"losses": losses, "state": part.state_dict(), "stages": part.stage_indices, "repr": repr(part),
+            {"losses": losses, "state": part.full_state_dict(), "local": local_shapes(part),
+             "pinned": sorted({repr(m.placement) for stage in part.modules for m in stage.modules() if hasattr(m, "placement")}), "stages": part.stage_indices, "repr": repr(part),
              "refused": refused},
             out / f"{case['name']}-rank{part.rank}.pt",
         )

@@ -16,9 +16,6 @@ import os
 import pickle
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ from partitioner.plan import Plan
 from partitioner.training import plan_training
 from tests import dist_worker
 from tests.models import ZOO
+from tests.dist_launch import write_plan, check_case, launch, reference
 from tests.helpers import base_plan, hand_pipeline, placed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -462,86 +460,6 @@ def test_one_process_pipeline_recomputes_where_the_plan_says(monkeypatch: pytest
 # --------------------------------------------------------------------------- launches
 
 
-def reference(
-    model: str, samples: int, state: dict[str, torch.Tensor] | None = None, steps: int = 1
-) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """(losses, state dict after the SGD steps) of single-process training from `state` (default: the zoo's)."""
-    m = ZOO[model].make_model()
-    if state is not None:
-        m.load_state_dict(state)
-    inputs, keywords, target = dist_worker.batch(model, samples)
-    optimizer = torch.optim.SGD(m.parameters(), lr=dist_worker.LR)
-    losses = []
-    for _ in range(steps):
-        loss = dist_worker.loss_fn(model)(m(*inputs, **keywords), target)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.detach())
-    return losses, {k: v.detach() for k, v in m.state_dict().items()}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def launch(world: int, cases: list[dict[str, Any]], tmp_path: Path, timeout_s: float = 300) -> None:
-    """Run the cases in `world` processes with torchrun's environment; raise with their output if one fails."""
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"out": str(tmp_path), "cases": cases}))
-    port = str(_free_port())
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        log = open(tmp_path / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(spec)], env=env,
-                                       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
-    failed = []
-    for rank, (proc, log) in enumerate(procs):
-        code: int | str
-        try:
-            code = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            for other, _ in procs:
-                other.kill()
-            code = "timeout"
-        log.close()
-        if code != 0:
-            failed.append(f"rank {rank} exited with {code}:\n" + (tmp_path / f"rank{rank}.log").read_text()[-3000:])
-    if failed:
-        pytest.fail("\n".join(failed))
-
-
-def check_case(case: dict[str, Any], world: int, tmp_path: Path, start: dict[str, torch.Tensor] | None = None) -> None:
-    """Every rank's losses and the union of their state dicts equal single-process training's."""
-    expected_losses, expected_state = reference(case["model"], case["global_batch"], start, dist_worker.STEPS)
-    merged: dict[str, torch.Tensor] = {}
-    losses = []
-    for rank in range(world):
-        result = torch.load(tmp_path / f"{case['name']}-rank{rank}.pt", weights_only=False)
-        if result["losses"][0] is not None:
-            losses.append(torch.stack(result["losses"]))
-        for k, v in result["state"].items():
-            if k in merged:  # a replica: the same values as the other replicas of its stage
-                torch.testing.assert_close(v, merged[k], rtol=0, atol=0, msg=f"{case['name']}: replicas differ at {k}")
-            merged[k] = v
-    assert losses, f"{case['name']}: no rank returned the loss"
-    for loss in losses:
-        torch.testing.assert_close(loss, torch.stack(expected_losses), msg=f"{case['name']}: losses")
-    assert set(merged) == set(expected_state), case["name"]
-    for k, v in expected_state.items():
-        torch.testing.assert_close(merged[k], v, msg=f"{case['name']}: {k} after the SGD steps")
-
-
-def _write(tmp_path: Path, name: str, plan: Plan) -> str:
-    path = tmp_path / f"{name}.plan.json"
-    path.write_text(plan.to_json())
-    return str(path)
-
-
 @pytest.mark.distributed
 def test_two_process_pipelines_train_as_one_process(one_process_part: pd.PipelineRank, tmp_path: Path) -> None:
     """Pipelines of 2 stages; GPT-2's checkpoint, saved under 2 stages, resumed under 2 replicas; and a
@@ -555,7 +473,7 @@ def test_two_process_pipelines_train_as_one_process(one_process_part: pd.Pipelin
         "mlp-placed": placed(mlp, [0, 0, 0, 1, 1, 1, 1]),
         "gpt2-dp": dataclasses.replace(placed(gpt2, [0] * 6), strategy=Strategy.DATA_PARALLEL),
     }
-    files = {name: _write(tmp_path, name, plan) for name, plan in plans.items()}
+    files = {name: write_plan(tmp_path, name, plan) for name, plan in plans.items()}
     checkpoint, replicated = tmp_path / "gpt2-checkpoint", tmp_path / "gpt2-dp-checkpoint"
     cases: list[dict[str, Any]] = [
         {"name": f"{model}-{schedule}", "model": model, "plan": files[model], "schedule": schedule, "global_batch": 8}
@@ -612,7 +530,7 @@ def test_four_process_hybrid_trains_as_one_process(tmp_path: Path) -> None:
         # replicas across "nodes": pipeline rank 0 on processes 0 and 2
         "gpt2": hand_pipeline(base_plan("gpt2", 4), [(0, 2), (3, 5)], [(0, 2), (1, 3)], "1f1b", 2, 8),
     }
-    files = {name: _write(tmp_path, name, plan) for name, plan in plans.items()}
+    files = {name: write_plan(tmp_path, name, plan) for name, plan in plans.items()}
     cases = [
         {"name": f"{model}-{schedule}", "model": model, "plan": files[model], "schedule": schedule, "global_batch": 8}
         for model in ("mlp", "gpt2")

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.tensor import DTensor
 
 from partitioner.distributed.runtime import PipelineRank
 from partitioner.errors import PlanMismatchError
@@ -130,6 +131,8 @@ def _aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Names of one tensor (a tied weight) -> the one it is saved under (the first in sorted order)."""
     groups: dict[tuple[Any, ...], list[str]] = {}
     for name, t in state.items():
+        if isinstance(t, DTensor):  # a slice of a split or sharded tensor: one tensor is one local slice
+            t = t.to_local()
         if t.numel():  # empty tensors all sit at address 0
             key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
             groups.setdefault(key, []).append(name)

@@ -60,21 +60,25 @@ def process_groups(layout: Layout, rank: int) -> tuple[dist.ProcessGroup | None,
 
 
 def tie_groups(
-    layout: Layout, tied: Sequence[tuple[tuple[int, str], ...]], rank: int
+    layout: Layout, tied: Sequence[tuple[tuple[int, str], ...]], rank: int, tensor_parallel: int = 1
 ) -> list[tuple[tuple[tuple[int, str], ...], dist.ProcessGroup | None]]:
     """For each tied parameter this process holds (`StageGraphs.tied`: its copies), the
-    group of every process holding a copy: each replica of each stage that holds one.
-    None when this process holds every copy (one process, its stages, one replica).
+    group of every process holding a copy of the same slice: each replica of each stage
+    that holds one (under tensor parallelism, the replicas of this process's
+    tensor-parallel index: replica ``i`` holds slice ``i % tensor_parallel``). None when
+    this process holds every copy (one process, its stages, one replica).
 
     Every process creates every group, in the same order (`dist.new_group` is collective).
     """
     mine: list[tuple[tuple[tuple[int, str], ...], dist.ProcessGroup | None]] = []
     for copies in tied:
         stages = {s for s, _ in copies}
-        ranks = sorted({layout.process(layout.stages[s].rank, i) for s in stages for i in range(layout.replicas)})
-        group = dist.new_group(ranks) if len(ranks) > 1 else None
-        if rank in ranks:
-            mine.append((copies, group))
+        for t in range(tensor_parallel):
+            replicas = range(t, layout.replicas, tensor_parallel)
+            ranks = sorted({layout.process(layout.stages[s].rank, i) for s in stages for i in replicas})
+            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            if rank in ranks:
+                mine.append((copies, group))
     return mine
 
 

@@ -34,18 +34,30 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_map
 
 from partitioner.analysis import check_plan_applies, trace_layers
 from partitioner.replicate import replication_hazards
 from partitioner.distributed.launch import launch_rank, process_device, process_groups, start_process_group, tie_groups
 from partitioner.distributed.layout import Layout, StageSpec, check_launch, plan_layout
+from partitioner.distributed.names import named_tensors, original_names
+from partitioner.distributed.spmd import (
+    ParallelSpec,
+    Recomputed,
+    average_gradients,
+    check_parallel,
+    full_tensors,
+    parallel_mesh,
+    parallel_spec,
+    parallelize_stage,
+)
 from partitioner.distributed.stages import MicrobatchShapeError, StageGraphs, build_stages, flat_batch
 from partitioner.errors import PlanMismatchError
-from partitioner.options import Frontend, Granularity, TraceOptions
+from partitioner.options import Frontend, Granularity, Sharding, TraceOptions
+from partitioner.tp_layout import TensorParallelLayout
 from partitioner.layers import LayeredModel
 from partitioner.plan import Plan
 from partitioner.rewrite import place_tensors
@@ -80,12 +92,18 @@ class PipelineRank:
         extra: Mapping[str, torch.Tensor],
         loss_fn: LossFn,
         owns_process_group: bool,
+        parallel: ParallelSpec = ParallelSpec(),
     ) -> None:
         self.plan = plan
         self.layout = layout
         self.rank = rank
         self.device = device
         self.pipeline_rank, self.replica = layout.position(rank)
+        self.parallel = parallel
+        self.data_parallel = layout.replicas // parallel.tensor_parallel
+        """Replicas of each stage that take their own slice of the batch (``replicas / tensor_parallel``)."""
+        self.data_index = self.replica // parallel.tensor_parallel
+        """Which batch slice this process takes (the tensor-parallel ranks of a replica share one)."""
         self._layered = layered
         self._graphs = graphs
         self._aliases = aliases
@@ -97,7 +115,8 @@ class PipelineRank:
         self.modules = tuple(_to_device(graphs.modules[k], device) for k in self.stage_indices)
         """Its stage modules (`fx.GraphModule`), on its device."""
         self._pipeline_group, self._replica_group = process_groups(layout, rank)
-        self._ties = tie_groups(layout, graphs.tied, rank)
+        self._ties = tie_groups(layout, graphs.tied, rank, parallel.tensor_parallel)
+        self._mesh = parallel_mesh(layout, rank, parallel.tensor_parallel, device.type) if parallel.active else None
         self._wrapped = tuple(self._wrap(m, s) for m, s in zip(self.modules, specs))
         num_stages = len(layout.stages)
         # Shapes given up front: torch then skips its first-step shape inference, which would
@@ -183,6 +202,8 @@ class PipelineRank:
             *inputs, target=target if self.is_last else None, losses=losses if self.is_last else None,
             return_outputs=False,
         )
+        if self._mesh is not None and self.parallel.sharding is Sharding.NONE and self.data_parallel > 1:
+            average_gradients(self.parameters(), self._mesh)  # DDP takes no DTensors
         self._sum_tied_gradients()
         if not self.is_last:
             return None
@@ -206,7 +227,8 @@ class PipelineRank:
     def _share(self, value: Any, shard: bool, what: str) -> Any:
         """This replica's rows of `value` (every tensor in it), on this process's device."""
         layout = self.layout
-        expected = layout.global_batch if shard else layout.replica_batch
+        share = layout.global_batch // self.data_parallel
+        expected = layout.global_batch if shard else share
 
         def take(x: Any) -> Any:
             if not isinstance(x, torch.Tensor):
@@ -218,8 +240,8 @@ class PipelineRank:
                     f"{'step' if shard else 'replica'} ({layout.describe()}); pass that many, or build with "
                     "global_batch=... to match your data"
                 )
-            if shard and layout.replicas > 1:
-                x = x.narrow(0, self.replica * layout.replica_batch, layout.replica_batch)
+            if shard and self.data_parallel > 1:
+                x = x.narrow(0, self.data_index * share, share)
             return x.to(self.device)
 
         return tree_map(take, value)
@@ -241,6 +263,10 @@ class PipelineRank:
             for name, p in m.named_parameters():
                 yield (names[name][0] if names.get(name) else name), p
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """`state_dict` with split and sharded tensors (DTensors) gathered whole; call it on every process."""
+        return full_tensors(self.state_dict())
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for m in self.modules:
             m.zero_grad(set_to_none=set_to_none)
@@ -257,7 +283,7 @@ class PipelineRank:
         """
         out: dict[str, torch.Tensor] = {}
         for m, names in zip(self.modules, self._stage_aliases()):
-            for name, t in _named_tensors(m):
+            for name, t in named_tensors(m):
                 for original in names.get(name, ()):
                     out[original] = t.detach()
         if self.rank == 0:
@@ -276,7 +302,7 @@ class PipelineRank:
         """
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for k, m, names in zip(self.stage_indices, self.modules, self._stage_aliases()):
-            for name, t in _named_tensors(m):
+            for name, t in named_tensors(m):
                 originals = names.get(name, ())
                 if not originals:
                     continue
@@ -301,6 +327,8 @@ class PipelineRank:
                 pairs.append((t, source))
         with torch.no_grad():
             for t, source in pairs:
+                if isinstance(t, DTensor):  # this process's slice of the whole tensor, no communication
+                    source = distribute_tensor(source.to(t.device), t.device_mesh, t.placements, src_data_rank=None)
                 t.copy_(source)
 
     def held_names(self, stage: int) -> tuple[str, ...]:
@@ -323,9 +351,12 @@ class PipelineRank:
     def _wrap(self, module: nn.Module, spec: StageSpec) -> nn.Module:
         """Activation checkpointing if the plan recomputes the stage; DDP over the replica group,
         when there are replicas and something to train (tied weights left to `_sum_tied_gradients`)."""
+        if self._mesh is not None:
+            assert isinstance(module, torch.fx.GraphModule)
+            return parallelize_stage(module, self.parallel, self._mesh, recompute=spec.recompute)
         tied = {id(module.get_parameter(name)) for copies, _ in self._ties for s, name in copies if s == spec.index}
         if spec.recompute:
-            module = _Recomputed(module)
+            module = Recomputed(module)
         trained = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in tied]
         if self.layout.replicas == 1 or not trained:
             return module
@@ -350,23 +381,11 @@ class PipelineRank:
                 if p.grad is not None:
                     total += p.grad
             if group is not None:
-                dist.all_reduce(total, group=group)
-            if self.layout.replicas > 1:
-                total /= self.layout.replicas
+                dist.all_reduce(total.to_local() if isinstance(total, DTensor) else total, group=group)
+            if self.data_parallel > 1:
+                total /= self.data_parallel
             for p in copies:
                 p.grad = total.clone()
-
-
-class _Recomputed(nn.Module):
-    """A stage that keeps only its inputs for backward and runs its forward again there
-    (`torch.utils.checkpoint`, non-reentrant), as the plan's `PlanStage.recompute` says."""
-
-    def __init__(self, stage: nn.Module) -> None:
-        super().__init__()
-        self.stage = stage
-
-    def forward(self, *args: torch.Tensor) -> Any:
-        return checkpoint(self.stage, *args, use_reentrant=False)
 
 
 def build(
@@ -381,6 +400,10 @@ def build(
     global_batch: int | None = None,
     device: str | torch.device | None = None,
     split_modules: Sequence[str] = (),
+    tensor_parallel: int | None = None,
+    sequence_parallel: bool | None = None,
+    sharding: Sharding | str | None = None,
+    tp_layout: TensorParallelLayout | None = None,
 ) -> PipelineRank:
     """Build this process's part of `plan`: its stages, schedule and replica group.
 
@@ -416,6 +439,14 @@ def build(
         device: This process's device; default: ``cpu`` for a CPU plan device, else
             ``cuda:LOCAL_RANK`` (``cuda:N`` when the plan device is a present ``cuda:N``).
         split_modules: As given to the planner (they change the layers).
+        tensor_parallel: Tensor-parallel degree: each stage's replicas form groups of this
+            many consecutive processes that split its columns and rows (`tp_layout`); the
+            groups are the data-parallel replicas. Default: the plan's, else 1.
+        sequence_parallel: Split activations between tensor-parallel pairs on the sequence;
+            default the plan's, else False.
+        sharding: What the data-parallel replicas shard (`Sharding`: ZeRO-3 is FSDP2);
+            default the plan's, else none (DDP, or a gradient all-reduce under tensor parallelism).
+        tp_layout: The modules tensor parallelism splits; default the plan's.
 
     Returns:
         This process's `PipelineRank`.
@@ -427,10 +458,19 @@ def build(
             plan splits batches.
         DeviceError: The plan device is a GPU and this process has no such GPU.
         ValueError: The schedule, microbatches and batch do not fit the stages.
+        TensorParallelError: The tensor-parallel degree does not divide a stage's replicas,
+            a pair's heads or widths, or a vocabulary; or the layout is of another model.
     """
     layout = plan_layout(plan, schedule=schedule, microbatches=microbatches, global_batch=global_batch)
     rank, world_size = launch_rank()
     check_launch(layout, world_size, rank, [d.name for d in plan.devices])
+    parallel = parallel_spec(plan, tensor_parallel, sequence_parallel, sharding, tp_layout)
+    check_parallel(parallel, layout, model)
+    if parallel.active and layout.global_batch % (layout.replicas // parallel.tensor_parallel * layout.microbatches):
+        raise ValueError(
+            f"a step's {layout.global_batch} samples do not split into {layout.replicas // parallel.tensor_parallel} "
+            f"data-parallel replica(s) x {layout.microbatches} microbatches"
+        )
     hazards = replication_hazards(model)
     if hazards and (layout.replicas > 1 or layout.microbatches > 1):
         raise PlanMismatchError(
@@ -442,17 +482,23 @@ def build(
     layered = _layers(plan, model, args, kwargs, split_modules)
     target = process_device(plan, layout, rank, device)
     stage_of_layer = [0] * len(plan.layers)
+    microbatch = layout.global_batch // (layout.replicas // parallel.tensor_parallel * layout.microbatches)
     for s in layout.stages:
         for i in s.layers:
             stage_of_layer[i] = s.index
     try:
-        graphs = build_stages(layered, stage_of_layer, args, kwargs, layout.microbatch_size, target)
+        graphs = build_stages(layered, stage_of_layer, args, kwargs, microbatch, target)
     except MicrobatchShapeError:
         # Traced at a fixed batch (the model branches on its batch size): trace at the microbatch's.
-        args, kwargs = _resized((args, kwargs), layout.microbatch_size)
+        args, kwargs = _resized((args, kwargs), microbatch)
         layered = _layers(plan, model, args, kwargs, split_modules, check_fingerprint=False)
-        graphs = build_stages(layered, stage_of_layer, args, kwargs, layout.microbatch_size, target)
-    aliases, extra = _original_names(model, layered, graphs)
+        graphs = build_stages(layered, stage_of_layer, args, kwargs, microbatch, target)
+    if parallel.sharding is not Sharding.NONE and graphs.tied and len(layout.stages) > 1:
+        raise PlanMismatchError(
+            f"sharding {parallel.sharding.value} with a weight tied across pipeline stages "
+            f"({graphs.tied[0][0][1]!r}) is not supported; use sharding none, or a plan keeping it in one stage"
+        )
+    aliases, extra = original_names(model, layered, graphs)
     owns = start_process_group(target, rank, world_size)
     return PipelineRank(
         plan=plan,
@@ -465,6 +511,7 @@ def build(
         extra=extra,
         loss_fn=loss_fn,
         owns_process_group=owns,
+        parallel=parallel,
     )
 
 
@@ -515,29 +562,3 @@ def _resized(value: Any, batch: int) -> Any:
 def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
     """A copy of a stage module on `device` (the user's tensors are never trained in place)."""
     return copy.deepcopy(module, place_tensors(module, {}, str(device)))
-
-
-def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
-
-
-def _original_names(
-    model: nn.Module, layered: LayeredModel, graphs: StageGraphs
-) -> tuple[list[dict[str, tuple[str, ...]]], dict[str, torch.Tensor]]:
-    """Per stage, its tensor names -> the original model's ``state_dict`` names of the same
-    tensor (several for a tied weight); and the state entries no stage holds."""
-    state = model.state_dict(keep_vars=True)
-    by_id: dict[int, list[str]] = {}
-    for name, t in state.items():
-        by_id.setdefault(id(t), []).append(name)
-    held: set[str] = set()
-    aliases = []
-    for module in graphs.modules:
-        names: dict[str, tuple[str, ...]] = {}
-        for name, t in _named_tensors(module):
-            originals = tuple(by_id.get(id(t), [name] if name in state else []))
-            names[name] = originals
-            held.update(originals)
-        aliases.append(names)
-    extra = {k: t.detach().clone() for k, t in state.items() if k not in held}
-    return aliases, extra
