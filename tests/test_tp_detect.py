@@ -169,6 +169,10 @@ def test_position_embeddings_stay_replicated_with_a_reason() -> None:
     assert "positions" in replicated["transformer.wpe"]
     vit = dict(_layered("vit").tensor_parallel.replicated)
     assert "convolution" in vit["vit.embeddings.patch_embeddings.projection"]
+    assert "read by" in vit["vit.embeddings"]  # the class token and position table: added, not multiplied
+    cnn = _layered("cnn").tensor_parallel
+    assert cnn.pairs == () and cnn.vocab == ()
+    assert "BatchNorm2d" in dict(cnn.replicated)["bn1"] and "convolution" in dict(cnn.replicated)["conv1"]
 
 
 def _seq_mlp() -> nn.Module:
