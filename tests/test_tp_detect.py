@@ -171,7 +171,7 @@ def test_position_embeddings_stay_replicated_with_a_reason() -> None:
     assert "convolution" in vit["vit.embeddings.patch_embeddings.projection"]
     assert "read by" in vit["vit.embeddings"]  # the class token and position table: added, not multiplied
     cnn = _layered("cnn").tensor_parallel
-    assert cnn.pairs == () and cnn.vocab == ()
+    assert cnn.pairs == () and [(v.module, v.kind) for v in cnn.vocab] == [("fc", "head")]  # the classifier
     assert "BatchNorm2d" in dict(cnn.replicated)["bn1"] and "convolution" in dict(cnn.replicated)["conv1"]
 
 
