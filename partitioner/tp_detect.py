@@ -248,10 +248,17 @@ class _Detector:
                 candidates.append((self.index[next(iter(r.rows))], root))
             elif r.weights:
                 self.reject(r, reason)
+        calls: dict[str, int] = {}
+        for op in weights.values():
+            calls[op.module] = calls.get(op.module, 0) + 1
         for _, root in sorted(candidates):
             r = self.regions[root]
             row = next(iter(r.rows))
             modules = [weights[w].module for w in r.weights] + [weights[row].module]
+            again = [m for m in modules if calls[m] > 1]
+            if again:  # each call would be split as one of them is: the others are no pair's
+                self.reject(r, f"{again[0]} is called {calls[again[0]]} times (a split module is split at every call)")
+                continue
             if any(m in self.used for m in modules) or len(set(modules)) < len(modules):
                 self.reject(r, f"its row {weights[row].module} or a column is in another pair")
                 continue

@@ -393,3 +393,11 @@ def test_built_in_models_on_meta_get_the_fields() -> None:
         assert 0 < layer.core_flops < layer.tp_flops <= layer.fwd_flops + layer.bwd_flops
         assert layer.core_activation_bytes == 0  # a fused sdpa keeps no scores; its output is the row's input
         assert layer.tp_params == 7_084_800  # 4 x 768^2 + 4 x 768 (attention) + 8 x 768^2 + 3072 + 768 (MLP)
+
+
+def test_a_module_called_twice_is_no_pair() -> None:
+    layout = _layered("twice").tensor_parallel  # `shared` runs before and after `mid`
+    assert layout.pairs == ()
+    replicated = dict(layout.replicated)
+    assert set(replicated) == {"inp", "shared.0", "mid"}
+    assert "shared.0 is called 2 times" in replicated["inp"]
