@@ -128,188 +128,223 @@ def detect_tensor_parallel(gm: fx.GraphModule, stats: Mapping[str, NodeStats]) -
     Returns:
         The layout and the nodes of each part, for `partitioner.layers` to price per layer.
     """
-    nodes = list(gm.graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
+    found = _Detector(gm, stats)
+    found.classify()
+    found.cut_regions()
+    found.take_pairs()
+    found.take_vocabulary()
+    return found.result()
 
-    def is_tensor(n: fx.Node) -> bool:
-        s = stats.get(n.name)
+
+class _Detector:
+    """The phases of `detect_tensor_parallel`, in order, and what each found."""
+
+    def __init__(self, gm: fx.GraphModule, stats: Mapping[str, NodeStats]) -> None:
+        self.gm, self.stats = gm, stats
+        self.nodes = list(gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.weights: dict[fx.Node, WeightOp] = {}
+        self.embeddings: dict[fx.Node, tuple[str, torch.Tensor, fx.Node]] = {}
+        self.stream: set[fx.Node] = set()
+        """Downstream of the model's data through weights (not masks, positions, rotary tables)."""
+        self.from_inputs: set[fx.Node] = set()
+        """Downstream of an input's values (token ids)."""
+        self.passes: set[fx.Node] = set()
+        """Stream nodes that pass a slice of features through (`PASS_THROUGH`)."""
+        self.regions: dict[int, _Region] = {}
+        self.pairs: list[Pair] = []
+        self.vocab: list[VocabShard] = []
+        self.pair_of: dict[str, int] = {}
+        self.split: set[str] = set()
+        self.split_saved: set[str] = set()
+        self.reduced: set[str] = set()
+        self.core: set[str] = set()
+        self.core_saved: set[str] = set()
+        self.tensors: set[int] = set()
+        self.used: set[str] = set()
+        """Modules taken by a pair or a vocabulary shard."""
+        self.paired: set[str] = set()
+        self.why: dict[str, str] = {}
+        """Why a module stays replicated, first reason first."""
+
+    def is_tensor(self, n: fx.Node) -> bool:
+        s = self.stats.get(n.name)
         if s is not None:
             return s.is_tensor
         return n.op == "placeholder" and isinstance(n.meta.get("val", torch.empty(0)), torch.Tensor)
 
-    def inputs(n: fx.Node) -> list[fx.Node]:
-        return [a for a in n.all_input_nodes if is_tensor(a)]
+    def inputs(self, n: fx.Node) -> list[fx.Node]:
+        return [a for a in n.all_input_nodes if self.is_tensor(a)]
 
-    weights: dict[fx.Node, WeightOp] = {}
-    embeddings: dict[fx.Node, tuple[str, torch.Tensor, fx.Node]] = {}
-    stream: set[fx.Node] = set()  # downstream of the model's data through weights (not masks, positions)
-    from_inputs: set[fx.Node] = set()  # downstream of an input's values
-    passes: set[fx.Node] = set()
-    for n in nodes:
-        if n.op == "placeholder":
-            from_inputs.add(n)
-            val = n.meta.get("val")  # torch.export knows the dtype; a torch.fx input may be data
-            if not isinstance(val, torch.Tensor) or val.is_floating_point():
-                stream.add(n)
-            continue
-        if n.op not in ("call_function", "call_method", "call_module") or not is_tensor(n):
-            continue
-        ins = inputs(n)
-        if any(a in from_inputs for a in ins):
-            from_inputs.add(n)
-        op = weight_op(n, gm)
-        emb = embedding_op(n, gm) if op is None else None
-        if op is not None:
-            weights[n] = op
-            stream.add(n)
-        elif emb is not None:
-            embeddings[n] = emb
-            if emb[2] in from_inputs:
-                stream.add(n)
-        elif is_conv(n, gm) or any(a in stream for a in ins):
-            stream.add(n)
-        if op is None and emb is None and n in stream and _passes(n, gm):
-            passes.add(n)
+    def classify(self) -> None:
+        """Weight matmuls, embeddings, the stream, and the nodes that pass features through."""
+        gm = self.gm
+        for n in self.nodes:
+            if n.op == "placeholder":
+                self.from_inputs.add(n)
+                val = n.meta.get("val")  # torch.export knows the dtype; a torch.fx input may be data
+                if not isinstance(val, torch.Tensor) or val.is_floating_point():
+                    self.stream.add(n)
+                continue
+            if n.op not in ("call_function", "call_method", "call_module") or not self.is_tensor(n):
+                continue
+            ins = self.inputs(n)
+            if any(a in self.from_inputs for a in ins):
+                self.from_inputs.add(n)
+            op = weight_op(n, gm)
+            emb = embedding_op(n, gm) if op is None else None
+            if op is not None:
+                self.weights[n] = op
+                self.stream.add(n)
+            elif emb is not None:
+                self.embeddings[n] = emb
+                if emb[2] in self.from_inputs:
+                    self.stream.add(n)
+            elif is_conv(n, gm) or any(a in self.stream for a in ins):
+                self.stream.add(n)
+            if op is None and emb is None and n in self.stream and _passes(n, gm):
+                self.passes.add(n)
 
-    # Regions: stream nodes that pass features through, joined with what they read, and
-    # the weight matmuls whose outputs they read.
-    uf = _Regions(len(nodes))
-    for n in passes:
-        for a in inputs(n):
-            if a in passes or a in weights:
-                uf.union(index[a], index[n])
-    regions: dict[int, _Region] = {}
-    for n in nodes:
-        if n in passes or n in weights:
-            r = regions.setdefault(uf.find(index[n]), _Region())
-            r.members.append(n)
-            if n in weights:
-                r.weights.append(n)
-    region_of = {n: uf.find(index[n]) for r in regions.values() for n in r.members}
-    for root, r in regions.items():
-        for m in r.members:
-            if m in passes:
-                for a in inputs(m):
-                    if a in stream and region_of.get(a) != root:
-                        r.foreign.append(_describe(a, gm))
-            for u in m.users:
-                if region_of.get(u) == root or (u.op != "output" and not is_tensor(u)):
-                    continue
-                if u in weights and weights[u].activation is m:
-                    r.rows[u] = None
-                else:
-                    r.escapes.append(_describe(u, gm))
+    def cut_regions(self) -> None:
+        """Regions: nodes that pass features through, joined with what they read, with the
+        weight matmuls whose outputs they read; and each region's ways in and out."""
+        uf = _Regions(len(self.nodes))
+        for n in self.passes:
+            for a in self.inputs(n):
+                if a in self.passes or a in self.weights:
+                    uf.union(self.index[a], self.index[n])
+        for n in self.nodes:
+            if n in self.passes or n in self.weights:
+                r = self.regions.setdefault(uf.find(self.index[n]), _Region())
+                r.members.append(n)
+                if n in self.weights:
+                    r.weights.append(n)
+        region_of = {n: root for root, r in self.regions.items() for n in r.members}
+        for root, r in self.regions.items():
+            for m in r.members:
+                if m in self.passes:
+                    for a in self.inputs(m):
+                        if a in self.stream and region_of.get(a) != root:
+                            r.foreign.append(_describe(a, self.gm))
+                for u in m.users:
+                    if region_of.get(u) == root or (u.op != "output" and not self.is_tensor(u)):
+                        continue
+                    if u in self.weights and self.weights[u].activation is m:
+                        r.rows[u] = None
+                    else:
+                        r.escapes.append(_describe(u, self.gm))
 
-    layout_pairs: list[Pair] = []
-    pair_of: dict[str, int] = {}
-    split: set[str] = set()
-    split_saved: set[str] = set()
-    reduced: set[str] = set()
-    core: set[str] = set()
-    core_saved: set[str] = set()
-    tensors: set[int] = set()
-    used: set[str] = set()  # modules taken by a pair or shard
-    paired: set[str] = set()
-    why: dict[str, str] = {}
-    candidates = []
-    for root, r in regions.items():
-        if not r.weights:
-            continue
-        reason = _region_problem(r, weights)
-        if reason:
-            for w in r.weights:
-                why.setdefault(weights[w].module, reason)
-            continue
-        candidates.append((index[next(iter(r.rows))], root))
-    for _, root in sorted(candidates):
-        r = regions[root]
-        row = next(iter(r.rows))
-        modules = [weights[w].module for w in r.weights] + [weights[row].module]
-        if any(m in used for m in modules) or len(set(modules)) < len(modules):
-            for w in r.weights:
-                why.setdefault(weights[w].module, f"its row {weights[row].module} or a column is in another pair")
-            continue
-        pair, problem, cores = _pair(r, row, weights, stats)
-        if pair is None:
-            for w in r.weights:
-                why.setdefault(weights[w].module, problem)
-            continue
-        k = len(layout_pairs)
-        layout_pairs.append(pair)
-        used.update(modules)
-        paired.update(modules)
-        for n in [*r.members, row]:
-            pair_of[n.name] = k
-            split.add(n.name)
-            if n is not row:
-                split_saved.add(n.name)
-        reduced.add(row.name)
-        for w in [*r.weights, row]:
-            tensors.update(id(t) for t in weights[w].tensors)
-        if cores:
-            core.update(c.name for c in cores)
-            core_saved.update(c.name for c in cores[:-1])
+    def reject(self, r: _Region, reason: str) -> None:
+        for w in r.weights:
+            self.why.setdefault(self.weights[w].module, reason)
 
-    vocab: list[VocabShard] = []
-    for n, (module, weight, ids) in embeddings.items():
-        rows, width = (int(d) for d in weight.shape[:2]) if weight.ndim == 2 else (0, 0)
-        if ids in from_inputs and rows <= width:  # token types (2 rows): split into nothing
-            why.setdefault(module, f"an embedding of {rows} rows, fewer than its width ({width}): too small to split")
-        elif ids in from_inputs:
-            vocab.append(VocabShard(module=module, kind="embedding", vocab=rows))
-            used.add(module)
-            split.add(n.name)
-            reduced.add(n.name)
-            tensors.add(id(weight))
-        else:
-            why.setdefault(module, "an embedding of indices the model computes (positions, buckets), not of the inputs")
-    for root, r in regions.items():
-        if len(r.weights) == 1 and not r.rows and not r.foreign and r.escapes:
-            head = r.weights[0]
+    def take_pairs(self) -> None:
+        """Regions that make pairs, in the order of their rows, each module in one pair at most."""
+        weights = self.weights
+        candidates = []
+        for root, r in self.regions.items():
+            reason = _region_problem(r, weights) if r.weights else "-"
+            if not reason:
+                candidates.append((self.index[next(iter(r.rows))], root))
+            elif r.weights:
+                self.reject(r, reason)
+        calls: dict[str, int] = {}
+        for op in weights.values():
+            calls[op.module] = calls.get(op.module, 0) + 1
+        for _, root in sorted(candidates):
+            r = self.regions[root]
+            row = next(iter(r.rows))
+            modules = [weights[w].module for w in r.weights] + [weights[row].module]
+            again = [m for m in modules if calls[m] > 1]
+            if again:  # each call would be split as one of them is: the others are no pair's
+                self.reject(r, f"{again[0]} is called {calls[again[0]]} times (a split module is split at every call)")
+                continue
+            if any(m in self.used for m in modules) or len(set(modules)) < len(modules):
+                self.reject(r, f"its row {weights[row].module} or a column is in another pair")
+                continue
+            pair, problem, cores = _pair(r, row, weights, self.stats)
+            if pair is None:
+                self.reject(r, problem)
+                continue
+            for n in [*r.members, row]:
+                self.pair_of[n.name] = len(self.pairs)
+                self.split.add(n.name)
+                if n is not row:
+                    self.split_saved.add(n.name)
+            self.pairs.append(pair)
+            self.used.update(modules)
+            self.paired.update(modules)
+            self.reduced.add(row.name)
+            for w in [*r.weights, row]:
+                self.tensors.update(id(t) for t in weights[w].tensors)
+            self.core.update(c.name for c in cores)
+            self.core_saved.update(c.name for c in cores[:-1])
+
+    def take_vocabulary(self) -> None:
+        """Embeddings of the inputs' indices, and weight matmuls that lead only to the output."""
+        for n, (module, weight, ids) in self.embeddings.items():
+            rows, width = (int(d) for d in weight.shape[:2]) if weight.ndim == 2 else (0, 0)
+            if ids not in self.from_inputs:
+                self.why.setdefault(
+                    module, "an embedding of indices the model computes (positions, buckets), not of the inputs"
+                )
+            elif rows <= width:  # token types (2 rows): split into nothing
+                self.why.setdefault(module, f"an embedding of {rows} rows, fewer than its width ({width}): too small to split")
+            else:
+                self.vocab.append(VocabShard(module=module, kind="embedding", vocab=rows))
+                self.used.add(module)
+                self.split.add(n.name)
+                self.reduced.add(n.name)
+                self.tensors.add(id(weight))
+        for r in self.regions.values():
+            if len(r.weights) != 1 or r.rows or r.foreign or set(r.escapes) != {"the model output"}:
+                continue
+            head = self.weights[r.weights[0]]
             # A head reading the embedding's weight (``F.linear(h, embed.weight)``) is named by
             # the embedding: both split the one weight on its rows.
-            if set(r.escapes) == {"the model output"} and weights[head].module not in paired:
-                vocab.append(VocabShard(module=weights[head].module, kind="head", vocab=weights[head].out_features))
-                used.add(weights[head].module)
-                why.pop(weights[head].module, None)
-                split.update(m.name for m in r.members)
-                split_saved.update(m.name for m in r.members)
-                tensors.update(id(t) for t in weights[head].tensors)
+            if head.module not in self.paired:
+                self.vocab.append(VocabShard(module=head.module, kind="head", vocab=head.out_features))
+                self.used.add(head.module)
+                self.why.pop(head.module, None)
+                self.split.update(m.name for m in r.members)
+                self.split_saved.update(m.name for m in r.members)
+                self.tensors.update(id(t) for t in head.tensors)
 
-    sequence: dict[str, None] = {}
-    norms: dict[str, None] = {}
-    for n in nodes:
-        name = op_name(n)
-        cls = module_class(n, gm)
-        path = module_path(n)
-        if not path:
-            continue
-        if name in NORMS or name == "rsqrt" or (n.op == "call_module" and cls.endswith(("LayerNorm", "RMSNorm"))):
-            norms[path] = None
-        elif (name in DROPOUTS or n.op == "call_module") and "Dropout" in cls and n.name not in pair_of:
-            sequence[path] = None
-    if layout_pairs:
-        sequence = {**{p: None for p in norms}, **sequence}
-    else:
-        sequence = {}
-        for p in norms:
-            why.setdefault(p, "a norm with no tensor-parallel pair around it")
-    ordered_sequence = tuple(p for p in _first_seen(nodes) if p in sequence)
+    def sequence(self) -> tuple[str, ...]:
+        """Norms, and dropouts outside the pairs, in graph order (none without pairs: then
+        the norms are replicated)."""
+        norms: dict[str, None] = {}
+        dropouts: dict[str, None] = {}
+        for n in self.nodes:
+            name, cls, path = op_name(n), module_class(n, self.gm), module_path(n)
+            if not path:
+                continue
+            if name in NORMS or name == "rsqrt" or (n.op == "call_module" and cls.endswith(("LayerNorm", "RMSNorm"))):
+                norms[path] = None
+            elif (name in DROPOUTS or n.op == "call_module") and "Dropout" in cls and n.name not in self.pair_of:
+                dropouts[path] = None
+        if not self.pairs:
+            for p in norms:
+                self.why.setdefault(p, "a norm with no tensor-parallel pair around it")
+            return ()
+        return tuple(p for p in _first_seen(self.nodes) if p in norms or p in dropouts)
 
-    replicated = _replicated(gm, nodes, weights, used | set(sequence), tensors, why)
-    layout = TensorParallelLayout(
-        pairs=tuple(layout_pairs), vocab=tuple(vocab), sequence=ordered_sequence, replicated=replicated
-    )
-    return TensorParallelNodes(
-        layout=layout,
-        pair_of=pair_of,
-        split=frozenset(split),
-        split_saved=frozenset(split_saved),
-        reduced=frozenset(reduced),
-        core=frozenset(core),
-        core_saved=frozenset(core_saved),
-        split_tensors=frozenset(tensors),
-    )
+    def result(self) -> TensorParallelNodes:
+        sequence = self.sequence()
+        replicated = _replicated(self.gm, self.nodes, self.weights, self.used | set(sequence), self.tensors, self.why)
+        layout = TensorParallelLayout(
+            pairs=tuple(self.pairs), vocab=tuple(self.vocab), sequence=sequence, replicated=replicated
+        )
+        return TensorParallelNodes(
+            layout=layout,
+            pair_of=self.pair_of,
+            split=frozenset(self.split),
+            split_saved=frozenset(self.split_saved),
+            reduced=frozenset(self.reduced),
+            core=frozenset(self.core),
+            core_saved=frozenset(self.core_saved),
+            split_tensors=frozenset(self.tensors),
+        )
 
 
 def _passes(n: fx.Node, gm: fx.GraphModule) -> bool:
@@ -446,14 +481,22 @@ def _replicated(
     for w in weights.values():
         owners.setdefault(w.module, []).extend(id(t) for t in w.tensors)
     convs = {module_path(n) for n in nodes if n.op != "placeholder" and is_conv(n, gm)}
+    readers: dict[str, dict[str, None]] = {}  # module -> the ops that read its parameters
+    for n in nodes:
+        if n.op == "get_attr":
+            module = str(n.target).rsplit(".", 1)[0] if "." in str(n.target) else ""
+            readers.setdefault(module, {}).update((op_name(u), None) for u in n.users)
+        elif n.op == "call_module":
+            readers.setdefault(str(n.target), {})[f"a {module_class(n, gm)} call"] = None
     out = []
     order = {p: i for i, p in enumerate(_first_seen(nodes))}
     for module in sorted(owners, key=lambda m: (order.get(m, len(order)), m)):
         if module in taken or all(i in split_tensors for i in owners[module]):
             continue
-        reason = why.get(module) or (
-            "a convolution (not split)" if module in convs else "no matmul or embedding reads its parameters as a column, row or vocabulary"
-        )
+        reason = why.get(module) or ("a convolution (not split)" if module in convs else "")
+        if not reason:
+            ops = ", ".join(readers.get(module, {})) or "nothing"
+            reason = f"its parameters are read by {ops}: no matmul or embedding splits them"
         out.append((module, reason))
     return tuple(out)
 

@@ -47,64 +47,56 @@ def _pairs(layered: LayeredModel) -> list[tuple[Any, ...]]:
     ]
 
 
-def _block(
-    attn: str, row: str, columns: list[tuple[str, int, int, bool]], heads: int, kv: int, width: int,
-    mlp_row: str, mlp_columns: list[tuple[str, int, int, bool]], hidden: int,
+Columns = list[tuple[str, int, int, bool]]
+"""(module under the prefix, out_features, parts, transposed)."""
+
+
+def _blocks(
+    attn: str, row: str, columns: Columns, heads: int, kv_heads: int, mlp: str, mlp_row: str, mlp_columns: Columns,
+    hidden: int,
 ) -> list[tuple[Any, ...]]:
+    """The expected pairs of two blocks of width 32: attention, then MLP; ``{}`` in the prefixes is the block."""
+
+    def pair(kind: str, prefix: str, row: str, heads: int, kv_heads: int, width: int, columns: Columns) -> tuple[Any, ...]:
+        return (kind, f"{prefix}.{row}", heads, kv_heads, width, tuple((f"{prefix}.{c}", *rest) for c, *rest in columns))
+
     return [
-        ("attention", f"{attn}.{row}", heads, kv, width, tuple((f"{attn}.{c}", *rest) for c, *rest in columns)),
-        ("mlp", mlp_row, 0, 0, hidden, tuple(mlp_columns)),
+        p
+        for i in range(2)
+        for p in (
+            pair("attention", attn.format(i), row, heads, kv_heads, 32, columns),
+            pair("mlp", mlp.format(i), mlp_row, 0, 0, hidden, mlp_columns),
+        )
     ]
 
 
-def _llama_like(prefix: str, i: int) -> list[tuple[Any, ...]]:
-    block = f"{prefix}.layers.{i}"
-    return _block(
-        f"{block}.self_attn", "o_proj", [("q_proj", 32, 1, False), ("k_proj", 16, 1, False), ("v_proj", 16, 1, False)],
-        4, 2, 32, f"{block}.mlp.down_proj", [(f"{block}.mlp.gate_proj", 64, 1, False), (f"{block}.mlp.up_proj", 64, 1, False)],
-        64,
-    )  # fmt: skip
-
+_LLAMA = _blocks(
+    "model.layers.{}.self_attn", "o_proj", [("q_proj", 32, 1, False), ("k_proj", 16, 1, False), ("v_proj", 16, 1, False)],
+    4, 2, "model.layers.{}.mlp", "down_proj", [("gate_proj", 64, 1, False), ("up_proj", 64, 1, False)], 64,
+)  # fmt: skip
+_QKV = [("q_proj", 32, 1, False), ("k_proj", 32, 1, False), ("v_proj", 32, 1, False)]
 
 _EXPECTED_PAIRS: dict[str, list[tuple[Any, ...]]] = {
-    "gpt2": [
-        pair
-        for i in range(2)
-        for pair in _block(
-            f"transformer.h.{i}.attn", "c_proj", [("c_attn", 96, 3, True)], 2, 2, 32,
-            f"transformer.h.{i}.mlp.c_proj", [(f"transformer.h.{i}.mlp.c_fc", 128, 1, True)], 128,
-        )
-    ],  # fmt: skip
-    "bert": [
-        pair
-        for i in range(2)
-        for pair in _block(
-            f"bert.encoder.layer.{i}.attention", "output.dense",
-            [("self.query", 32, 1, False), ("self.key", 32, 1, False), ("self.value", 32, 1, False)], 2, 2, 32,
-            f"bert.encoder.layer.{i}.output.dense", [(f"bert.encoder.layer.{i}.intermediate.dense", 64, 1, False)], 64,
-        )
-    ],  # fmt: skip
-    "llama": [pair for i in range(2) for pair in _llama_like("model", i)],
-    "mistral": [pair for i in range(2) for pair in _llama_like("model", i)],
-    "qwen2": [pair for i in range(2) for pair in _llama_like("model", i)],
-    "neox": [
-        pair
-        for i in range(2)
-        for pair in _block(
-            f"gpt_neox.layers.{i}.attention", "dense", [("query_key_value", 96, 1, False)], 4, 4, 32,
-            f"gpt_neox.layers.{i}.mlp.dense_4h_to_h", [(f"gpt_neox.layers.{i}.mlp.dense_h_to_4h", 64, 1, False)], 64,
-        )
-    ],  # fmt: skip
-    "vit": [
-        pair
-        for i in range(2)
-        for pair in _block(
-            f"vit.layers.{i}.attention", "o_proj",
-            [("q_proj", 32, 1, False), ("k_proj", 32, 1, False), ("v_proj", 32, 1, False)], 2, 2, 32,
-            f"vit.layers.{i}.mlp.fc2", [(f"vit.layers.{i}.mlp.fc1", 64, 1, False)], 64,
-        )
-    ],  # fmt: skip
-}
+    "gpt2": _blocks(
+        "transformer.h.{}.attn", "c_proj", [("c_attn", 96, 3, True)], 2, 2,
+        "transformer.h.{}.mlp", "c_proj", [("c_fc", 128, 1, True)], 128,
+    ),
+    "bert": _blocks(
+        "bert.encoder.layer.{}.attention", "output.dense",
+        [("self.query", 32, 1, False), ("self.key", 32, 1, False), ("self.value", 32, 1, False)], 2, 2,
+        "bert.encoder.layer.{}", "output.dense", [("intermediate.dense", 64, 1, False)], 64,
+    ),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "neox": _blocks(
+        "gpt_neox.layers.{}.attention", "dense", [("query_key_value", 96, 1, False)], 4, 4,
+        "gpt_neox.layers.{}.mlp", "dense_4h_to_h", [("dense_h_to_4h", 64, 1, False)], 64,
+    ),
+    "vit": _blocks(
+        "vit.layers.{}.attention", "o_proj", _QKV, 2, 2, "vit.layers.{}.mlp", "fc2", [("fc1", 64, 1, False)], 64
+    ),
+}  # fmt: skip
 
 _EXPECTED_VOCAB = {
     "gpt2": [("transformer.wte", "embedding", 128), ("lm_head", "head", 128)],
@@ -169,6 +161,10 @@ def test_position_embeddings_stay_replicated_with_a_reason() -> None:
     assert "positions" in replicated["transformer.wpe"]
     vit = dict(_layered("vit").tensor_parallel.replicated)
     assert "convolution" in vit["vit.embeddings.patch_embeddings.projection"]
+    assert "read by" in vit["vit.embeddings"]  # the class token and position table: added, not multiplied
+    cnn = _layered("cnn").tensor_parallel
+    assert cnn.pairs == () and [(v.module, v.kind) for v in cnn.vocab] == [("fc", "head")]  # the classifier
+    assert "BatchNorm2d" in dict(cnn.replicated)["bn1"] and "convolution" in dict(cnn.replicated)["conv1"]
 
 
 def _seq_mlp() -> nn.Module:
@@ -389,3 +385,11 @@ def test_built_in_models_on_meta_get_the_fields() -> None:
         assert 0 < layer.core_flops < layer.tp_flops <= layer.fwd_flops + layer.bwd_flops
         assert layer.core_activation_bytes == 0  # a fused sdpa keeps no scores; its output is the row's input
         assert layer.tp_params == 7_084_800  # 4 x 768^2 + 4 x 768 (attention) + 8 x 768^2 + 3072 + 768 (MLP)
+
+
+def test_a_module_called_twice_is_no_pair() -> None:
+    layout = _layered("twice").tensor_parallel  # `shared` runs before and after `mid`
+    assert layout.pairs == ()
+    replicated = dict(layout.replicated)
+    assert set(replicated) == {"inp", "shared.0", "mid"}
+    assert "shared.0 is called 2 times" in replicated["inp"]
