@@ -30,7 +30,13 @@ planner's plan of the whole space:
   recompute (torchtitan's 1-D default);
 - *DeepSpeed PP x DP*: pipeline stages x replicas with ZeRO-1 or none, no TP, 1F1B, the best
   data-parallel degree;
-- *ZeRO-3*: one stage, parameters sharded, no TP, the cheapest recompute that fits.
+- *ZeRO-3*: one stage, parameters sharded, no TP, the cheapest recompute that fits;
+- *SPMD (AutoParallel's space)*: one stage on the whole mesh, any TP degree and sharding.
+  PyTorch's AutoParallel (meta-pytorch/autoparallel) picks a DTensor placement per op on
+  one homogeneous mesh with no pipeline stages; on transformer blocks its choices are
+  FSDP's and Megatron's placements (batch and parameters sharded on the data-parallel
+  mesh dimension, column/row pairs on the tensor-parallel one), which is this sub-space.
+  It is not installable here (git-only, nightly torch), so its space is priced, not run.
 
 Nothing runs on a GPU: models are built on the meta device and priced from the device
 profiles (roofline), so the figures compare configurations on one cost model and test that
@@ -240,6 +246,7 @@ EXPERTS: dict[str, Callable[[TrainingOptions], TrainingOptions]] = {
         schedules=(PipelineSchedule.ONE_F_ONE_B,),
     ),
     "ZeRO-3": lambda o: replace(o, tensor_parallel=(1,), config=ParallelConfig(pp=1, tp=1, shard=Sharding.ZERO3)),
+    "SPMD (AutoParallel's space)": lambda o: replace(o, config=ParallelConfig(pp=1)),
 }
 """Each expert's sub-space, as options narrowing the planner's (see the module docstring)."""
 

@@ -123,7 +123,8 @@ def hand_pipeline(
     global_batch: int,
     recompute: bool = False,
 ) -> Plan:
-    """`plan` (a training plan) with other stages: stage ``j`` holds layers ``ranges[j]`` on ``groups[j % p]``.
+    """`plan` (a training plan) with other stages: stage ``j`` holds layers ``ranges[j]`` on ``groups[j % p]``,
+    replicated (no tensor parallelism, no sharding).
 
     The planner's own stage records are the template (their costs no longer fit, and the
     lowering reads none); the JSON round trip validates the result as a saved plan.
@@ -140,7 +141,8 @@ def hand_pipeline(
     )
     pipeline = dataclasses.replace(
         plan.pipeline, schedule=schedule, microbatches=microbatches, virtual_stages=len(ranges) // ranks,
-        global_batch=global_batch, stages=stages,
+        global_batch=global_batch, stages=stages, tensor_parallel=1, data_parallel=len(groups[0]), sharding="none",
+        sequence_parallel=False,
     )
     return Plan.from_json(dataclasses.replace(plan, pipeline=pipeline).to_json())
 
