@@ -163,6 +163,8 @@ def run(spec: dict[str, Any]) -> None:
             step.zero_grad()
         torch.save(
             {"losses": losses, "state": part.full_state_dict(), "local": local_shapes(part),
+             "untouched": all(torch.equal(v, fresh) for v, fresh in zip(model.state_dict().values(),
+                                                                         ZOO[model_name].make_model().state_dict().values())),
              "pinned": sorted({repr(m.placement) for stage in part.modules for m in stage.modules() if hasattr(m, "placement")}), "stages": part.stage_indices, "repr": repr(part),
              "refused": refused},
             out / f"{case['name']}-rank{part.rank}.pt",
