@@ -91,6 +91,11 @@ def tp_layout(model: str) -> Any:
         vocab = (VocabShard(module="transformer.wte", kind="embedding", vocab=128),
                  VocabShard(module="lm_head", kind="head", vocab=128))
         return TensorParallelLayout(pairs=tuple(pairs), vocab=vocab)
+    if model == "mlp":  # a symbolic fx trace: the Linears stay call_module leaves
+        return TensorParallelLayout(pairs=(
+            Pair(columns=(Column(module="fc1", out_features=512),), row="fc2", kind="mlp", width=512),
+            Pair(columns=(Column(module="fc3", out_features=128),), row="fc4", kind="mlp", width=128),
+        ))
     raise KeyError(model)
 
 

@@ -108,12 +108,16 @@ def test_pipeline_of_tensor_parallel_stages_trains_as_one_process(tmp_path: Path
 
 
 @pytest.mark.distributed
-def test_tensor_and_sequence_parallel_train_as_one_process(tmp_path: Path) -> None:
-    """TP 2 with sequence parallelism on Llama: row outputs reduce-scattered over the sequence."""
+def test_tensor_and_sequence_parallel_and_fx_traces_train_as_one_process(tmp_path: Path) -> None:
+    """TP 2 with sequence parallelism on Llama: row outputs reduce-scattered over the sequence; TP 2 on
+    the MLP, whose symbolic fx trace calls its Linears as modules."""
     plan = write_plan(tmp_path, "llama-dp", _data_parallel("llama", 2))
     case = _case("llama-tp2-sp", "llama", plan, tensor_parallel=2, sequence_parallel=True)
-    launch(2, [case], tmp_path)
-    _checked(tmp_path, [case], 2)
+    mlp = _case("mlp-tp2", "mlp", write_plan(tmp_path, "mlp-dp", _data_parallel("mlp", 2)), tensor_parallel=2)
+    launch(2, [case, mlp], tmp_path)
+    _checked(tmp_path, [case, mlp], 2)
+    assert _local(tmp_path, "mlp-tp2", "fc1.weight", 2) == {(256, 1024)}
+    assert _local(tmp_path, "mlp-tp2", "fc2.weight", 2) == {(256, 256)}
     assert _local(tmp_path, "llama-tp2-sp", _Q, 2) == {(16, 32)}
     assert _result(tmp_path, "llama-tp2-sp", 0)["pinned"] == ["Replicate()", "Shard(dim=1)"]
 
