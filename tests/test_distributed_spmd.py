@@ -189,3 +189,37 @@ def test_tensor_parallel_layout_of_another_model_or_none_is_refused(monkeypatch:
     with pytest.raises(TensorParallelError, match=r"sequence parallelism .* needs a degree > 1"):
         pd.build(plan, model, args, kwargs, loss_fn=dist_worker.loss_fn("llama"), sequence_parallel=True)
     assert not torch.distributed.is_initialized()
+
+
+def test_parallel_spec_takes_the_arguments_then_the_plans_fields() -> None:
+    """`build`'s keywords win; else a plan's pipeline carrying ``tensor_parallel`` & co. (the fields
+    the plan will grow) is read; else nothing is split or sharded."""
+    from types import SimpleNamespace
+
+    from partitioner.distributed.spmd import parallel_spec
+    from partitioner.options import Sharding
+
+    layout = dist_worker.tp_layout("llama")
+    fields = SimpleNamespace(tensor_parallel=2, sequence_parallel=True, sharding="zero3-keep", tp_layout=layout)
+    planned = parallel_spec(SimpleNamespace(pipeline=fields), None, None, None, None)  # type: ignore[arg-type]
+    assert (planned.tensor_parallel, planned.sequence_parallel, planned.sharding, planned.layout) == (
+        2, True, Sharding.ZERO3_KEEP, layout)
+    overridden = parallel_spec(SimpleNamespace(pipeline=fields), 1, False, "none", None)  # type: ignore[arg-type]
+    assert (overridden.tensor_parallel, overridden.sequence_parallel, overridden.sharding) == (1, False, Sharding.NONE)
+    assert not overridden.active and planned.active
+    bare = parallel_spec(_data_parallel("llama", 2), None, None, None, None)
+    assert not bare.active and bare.layout is None
+
+
+def test_vocabulary_the_degree_does_not_split_is_refused() -> None:
+    from partitioner.distributed.spmd import ParallelSpec, check_parallel
+    from partitioner.tp_layout import VocabShard
+
+    model = ZOO["llama"].make_model()
+    model.lm_head = torch.nn.Linear(32, 127, bias=False)  # an odd vocabulary
+    layout = dataclasses.replace(dist_worker.tp_layout("llama"), vocab=(VocabShard(module="lm_head", kind="head", vocab=127),))
+    launch = pd.plan_layout(_data_parallel("llama", 2))
+    with pytest.raises(TensorParallelError, match=r"degree 2 does not divide the vocabulary of head 'lm_head' \(127\).*pad"):
+        check_parallel(ParallelSpec(tensor_parallel=2, layout=layout), launch, model)
+    with pytest.raises(TensorParallelError, match=r"'lm_head' holds 128 rows but the layout says a vocabulary of 127"):
+        check_parallel(ParallelSpec(tensor_parallel=2, layout=layout), launch, ZOO["llama"].make_model())

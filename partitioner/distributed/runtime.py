@@ -186,8 +186,9 @@ class PipelineRank:
                 processes of the last stage).
             shard: The batch is the whole step's (``global_batch`` samples, the same on every
                 process), and each replica takes its share in order. False: the batch is this
-                replica's share already (``global_batch / replicas`` samples, e.g. from a
-                ``DistributedSampler(num_replicas=part.layout.replicas, rank=part.replica)``).
+                replica's share already (``global_batch / data_parallel`` samples, e.g. from a
+                ``DistributedSampler(num_replicas=part.data_parallel, rank=part.data_index)``;
+                without tensor parallelism these are ``layout.replicas`` and ``replica``).
             **kwargs: The model's keyword inputs.
 
         Returns:

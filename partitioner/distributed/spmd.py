@@ -171,10 +171,15 @@ def check_parallel(spec: ParallelSpec, layout: Layout, model: nn.Module) -> None
             )
     for shard in spec.layout.vocab:
         weight = modules[shard.module].weight
-        if shard.vocab % tp or weight.shape[0] != shard.vocab:
+        if weight.shape[0] != shard.vocab:
             raise TensorParallelError(
-                f"{shard.kind} {shard.module!r} holds {weight.shape[0]} rows for a vocabulary of {shard.vocab}: "
-                f"tensor-parallel degree {tp} must divide it; use a degree dividing {shard.vocab}, or pad the vocabulary"
+                f"{shard.kind} {shard.module!r} holds {weight.shape[0]} rows but the layout says a vocabulary of "
+                f"{shard.vocab}; it is a layout of another model"
+            )
+        if shard.vocab % tp:
+            raise TensorParallelError(
+                f"tensor-parallel degree {tp} does not divide the vocabulary of {shard.kind} {shard.module!r} "
+                f"({shard.vocab}); use a degree dividing {shard.vocab}, or pad the vocabulary to a multiple of {tp}"
             )
 
 
