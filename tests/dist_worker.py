@@ -91,6 +91,11 @@ def tp_layout(model: str) -> Any:
         vocab = (VocabShard(module="transformer.wte", kind="embedding", vocab=128),
                  VocabShard(module="lm_head", kind="head", vocab=128))
         return TensorParallelLayout(pairs=tuple(pairs), vocab=vocab)
+    if model == "mlp":  # a symbolic fx trace: the Linears stay call_module leaves
+        return TensorParallelLayout(pairs=(
+            Pair(columns=(Column(module="fc1", out_features=512),), row="fc2", kind="mlp", width=512),
+            Pair(columns=(Column(module="fc3", out_features=128),), row="fc4", kind="mlp", width=128),
+        ))
     raise KeyError(model)
 
 
@@ -163,6 +168,8 @@ def run(spec: dict[str, Any]) -> None:
             step.zero_grad()
         torch.save(
             {"losses": losses, "state": part.full_state_dict(), "local": local_shapes(part),
+             "untouched": all(torch.equal(v, fresh) for v, fresh in zip(model.state_dict().values(),
+                                                                         ZOO[model_name].make_model().state_dict().values())),
              "pinned": sorted({repr(m.placement) for stage in part.modules for m in stage.modules() if hasattr(m, "placement")}), "stages": part.stage_indices, "repr": repr(part),
              "refused": refused},
             out / f"{case['name']}-rank{part.rank}.pt",

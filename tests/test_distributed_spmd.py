@@ -55,6 +55,16 @@ def _local(tmp_path: Path, case: str, name: str, world: int) -> set[tuple[int, .
     return {_result(tmp_path, case, r)["local"][name] for r in range(world) if name in _result(tmp_path, case, r)["local"]}
 
 
+def _checked(tmp_path: Path, cases: list[dict[str, Any]], world: int) -> None:
+    """`check_case` for each case, and the user's model untouched by `build` and training on every process."""
+    for case in cases:
+        check_case(case, world, tmp_path)
+        for rank in range(world):
+            result = _result(tmp_path, case["name"], rank)
+            assert result["untouched"], f"{case['name']}: rank {rank} changed the user's model"
+            assert f"tensor-parallel {case.get('tensor_parallel', 1)}" in result["repr"], result["repr"]
+
+
 _Q = "model.layers.0.self_attn.q_proj.weight"  # Llama's (32, 32) query projection: a column
 _O = "model.layers.1.self_attn.o_proj.weight"  # its (32, 32) output projection: a row
 
@@ -71,8 +81,7 @@ def test_fsdp_and_tensor_parallel_train_as_one_process_and_checkpoint_across_pla
         _case("gpt2-fsdp4-resumed", "gpt2", gpt2, sharding="zero3", resume=str(checkpoint)),
     ]
     launch(4, cases, tmp_path)
-    for case in cases:
-        check_case(case, 4, tmp_path)
+    _checked(tmp_path, cases, 4)
     assert _local(tmp_path, "llama-fsdp4", _Q, 4) == {(8, 32)}  # a quarter of the rows each
     # c_fc (Conv1D, stored (32, 128)): 64 output features per tensor-parallel rank, then half the rows each.
     assert _local(tmp_path, "gpt2-tp2-fsdp2", "transformer.h.0.mlp.c_fc.weight", 4) == {(16, 64)}
@@ -91,7 +100,7 @@ def test_pipeline_of_tensor_parallel_stages_trains_as_one_process(tmp_path: Path
     """PP 2 x TP 2 on Llama: each stage split over a pair of processes, whole activations between stages."""
     cases = [_case("llama-pp2-tp2", "llama", write_plan(tmp_path, "llama-pp", _pipeline("llama")), tensor_parallel=2)]
     launch(4, cases, tmp_path)
-    check_case(cases[0], 4, tmp_path)
+    _checked(tmp_path, cases, 4)
     assert _local(tmp_path, "llama-pp2-tp2", _Q, 4) == {(16, 32)}
     assert _local(tmp_path, "llama-pp2-tp2", _O, 4) == {(32, 16)}
     stages = [_result(tmp_path, "llama-pp2-tp2", r)["stages"] for r in range(4)]
@@ -99,12 +108,16 @@ def test_pipeline_of_tensor_parallel_stages_trains_as_one_process(tmp_path: Path
 
 
 @pytest.mark.distributed
-def test_tensor_and_sequence_parallel_train_as_one_process(tmp_path: Path) -> None:
-    """TP 2 with sequence parallelism on Llama: row outputs reduce-scattered over the sequence."""
+def test_tensor_and_sequence_parallel_and_fx_traces_train_as_one_process(tmp_path: Path) -> None:
+    """TP 2 with sequence parallelism on Llama: row outputs reduce-scattered over the sequence; TP 2 on
+    the MLP, whose symbolic fx trace calls its Linears as modules."""
     plan = write_plan(tmp_path, "llama-dp", _data_parallel("llama", 2))
     case = _case("llama-tp2-sp", "llama", plan, tensor_parallel=2, sequence_parallel=True)
-    launch(2, [case], tmp_path)
-    check_case(case, 2, tmp_path)
+    mlp = _case("mlp-tp2", "mlp", write_plan(tmp_path, "mlp-dp", _data_parallel("mlp", 2)), tensor_parallel=2)
+    launch(2, [case, mlp], tmp_path)
+    _checked(tmp_path, [case, mlp], 2)
+    assert _local(tmp_path, "mlp-tp2", "fc1.weight", 2) == {(256, 1024)}
+    assert _local(tmp_path, "mlp-tp2", "fc2.weight", 2) == {(256, 256)}
     assert _local(tmp_path, "llama-tp2-sp", _Q, 2) == {(16, 32)}
     assert _result(tmp_path, "llama-tp2-sp", 0)["pinned"] == ["Replicate()", "Shard(dim=1)"]
 
@@ -130,8 +143,7 @@ def test_the_rest_of_the_grid_trains_as_one_process(tmp_path: Path) -> None:
         _case("llama-tp2-fsdp2-recompute", "llama", recomputed, tensor_parallel=2, sharding="zero3"),
     ]
     launch(4, cases, tmp_path)
-    for case in cases:
-        check_case(case, 4, tmp_path)
+    _checked(tmp_path, cases, 4)
 
 
 # --------------------------------------------------------------------------- bad input (one process)
@@ -177,3 +189,37 @@ def test_tensor_parallel_layout_of_another_model_or_none_is_refused(monkeypatch:
     with pytest.raises(TensorParallelError, match=r"sequence parallelism .* needs a degree > 1"):
         pd.build(plan, model, args, kwargs, loss_fn=dist_worker.loss_fn("llama"), sequence_parallel=True)
     assert not torch.distributed.is_initialized()
+
+
+def test_parallel_spec_takes_the_arguments_then_the_plans_fields() -> None:
+    """`build`'s keywords win; else a plan's pipeline carrying ``tensor_parallel`` & co. (the fields
+    the plan will grow) is read; else nothing is split or sharded."""
+    from types import SimpleNamespace
+
+    from partitioner.distributed.spmd import parallel_spec
+    from partitioner.options import Sharding
+
+    layout = dist_worker.tp_layout("llama")
+    fields = SimpleNamespace(tensor_parallel=2, sequence_parallel=True, sharding="zero3-keep", tp_layout=layout)
+    planned = parallel_spec(SimpleNamespace(pipeline=fields), None, None, None, None)  # type: ignore[arg-type]
+    assert (planned.tensor_parallel, planned.sequence_parallel, planned.sharding, planned.layout) == (
+        2, True, Sharding.ZERO3_KEEP, layout)
+    overridden = parallel_spec(SimpleNamespace(pipeline=fields), 1, False, "none", None)  # type: ignore[arg-type]
+    assert (overridden.tensor_parallel, overridden.sequence_parallel, overridden.sharding) == (1, False, Sharding.NONE)
+    assert not overridden.active and planned.active
+    bare = parallel_spec(_data_parallel("llama", 2), None, None, None, None)
+    assert not bare.active and bare.layout is None
+
+
+def test_vocabulary_the_degree_does_not_split_is_refused() -> None:
+    from partitioner.distributed.spmd import ParallelSpec, check_parallel
+    from partitioner.tp_layout import VocabShard
+
+    model = ZOO["llama"].make_model()
+    model.lm_head = torch.nn.Linear(32, 127, bias=False)  # an odd vocabulary
+    layout = dataclasses.replace(dist_worker.tp_layout("llama"), vocab=(VocabShard(module="lm_head", kind="head", vocab=127),))
+    launch = pd.plan_layout(_data_parallel("llama", 2))
+    with pytest.raises(TensorParallelError, match=r"degree 2 does not divide the vocabulary of head 'lm_head' \(127\).*pad"):
+        check_parallel(ParallelSpec(tensor_parallel=2, layout=layout), launch, model)
+    with pytest.raises(TensorParallelError, match=r"'lm_head' holds 128 rows but the layout says a vocabulary of 127"):
+        check_parallel(ParallelSpec(tensor_parallel=2, layout=layout), launch, ZOO["llama"].make_model())

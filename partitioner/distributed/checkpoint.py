@@ -3,7 +3,9 @@
 A checkpoint is a directory written by `torch.distributed.checkpoint` (DCP): every process
 of the launch saves its stages' tensors under the original model's ``state_dict`` names (a
 tied weight under one of its names; process 0 adds the entries no stage holds), and DCP's
-planner writes each name once, however many replicas or stages hold it. DCP's
+planner writes each name once, however many replicas or stages hold it; a tensor split by
+tensor parallelism or sharded by FSDP2 (a DTensor) is written as its processes' slices and
+read back whole, or as the slices of another plan. DCP's
 ``.metadata`` records every name's shape and dtype and the file and bytes that hold it;
 ``partitioner-<save>.json`` beside it records the format, the save's id, the step, the
 model and plan it was saved from, and the other names of each tied weight. So a checkpoint loads under any plan of the same model

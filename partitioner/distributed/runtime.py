@@ -161,8 +161,16 @@ class PipelineRank:
         return (
             f"PipelineRank(rank {self.rank} of {self.world_size} on {self.device}: stage(s) "
             f"{', '.join(map(str, self.stage_indices))}, replica {self.replica} of {self.layout.replicas}; "
-            f"{self.layout.describe()})"
+            f"{self.layout.describe()}{self._parallel_words()})"
         )
+
+    def _parallel_words(self) -> str:
+        """``; tensor-parallel 2 (sequence parallel) x data-parallel 2, sharding zero3`` or nothing."""
+        spec = self.parallel
+        if not spec.active:
+            return ""
+        words = f"; tensor-parallel {spec.tensor_parallel}" + (" (sequence parallel)" * spec.sequence_parallel)
+        return f"{words} x data-parallel {self.data_parallel}, sharding {spec.sharding.value}"
 
     # ------------------------------------------------------------------ training
     def step(self, batch: Any, target: Any = None, *, shard: bool = True, **kwargs: Any) -> torch.Tensor | None:
@@ -178,8 +186,9 @@ class PipelineRank:
                 processes of the last stage).
             shard: The batch is the whole step's (``global_batch`` samples, the same on every
                 process), and each replica takes its share in order. False: the batch is this
-                replica's share already (``global_batch / replicas`` samples, e.g. from a
-                ``DistributedSampler(num_replicas=part.layout.replicas, rank=part.replica)``).
+                replica's share already (``global_batch / data_parallel`` samples, e.g. from a
+                ``DistributedSampler(num_replicas=part.data_parallel, rank=part.data_index)``;
+                without tensor parallelism these are ``layout.replicas`` and ``replica``).
             **kwargs: The model's keyword inputs.
 
         Returns:

@@ -171,10 +171,15 @@ def check_parallel(spec: ParallelSpec, layout: Layout, model: nn.Module) -> None
             )
     for shard in spec.layout.vocab:
         weight = modules[shard.module].weight
-        if shard.vocab % tp or weight.shape[0] != shard.vocab:
+        if weight.shape[0] != shard.vocab:
             raise TensorParallelError(
-                f"{shard.kind} {shard.module!r} holds {weight.shape[0]} rows for a vocabulary of {shard.vocab}: "
-                f"tensor-parallel degree {tp} must divide it; use a degree dividing {shard.vocab}, or pad the vocabulary"
+                f"{shard.kind} {shard.module!r} holds {weight.shape[0]} rows but the layout says a vocabulary of "
+                f"{shard.vocab}; it is a layout of another model"
+            )
+        if shard.vocab % tp:
+            raise TensorParallelError(
+                f"tensor-parallel degree {tp} does not divide the vocabulary of {shard.kind} {shard.module!r} "
+                f"({shard.vocab}); use a degree dividing {shard.vocab}, or pad the vocabulary to a multiple of {tp}"
             )
 
 
@@ -241,13 +246,18 @@ def _weight_users(gm: fx.GraphModule, target: str) -> list[tuple[fx.Node, int]]:
     return found
 
 
+def _calls(gm: fx.GraphModule, module: str) -> list[tuple[fx.Node, int]]:
+    """Calls of the leaf module `module` (a symbolic ``torch.fx`` trace keeps ``nn.Linear`` whole), input first."""
+    return [(n, 0) for n in gm.graph.nodes if n.op == "call_module" and n.target == module]
+
+
 def _matmuls(gm: fx.GraphModule, module: str, role: str) -> list[tuple[fx.Node, int]]:
-    """`_weight_users` of `module`'s weight, which must have some (`role`: ``column``, ``row``)."""
-    users = _weight_users(gm, f"{module}.weight")
+    """The ops multiplying by `module`'s weight, which must have some (`role`: ``column``, ``row``)."""
+    users = _weight_users(gm, f"{module}.weight") + _calls(gm, module)
     if not users:
         raise TensorParallelError(
             f"{role} {module!r}: no matrix multiply by its weight in the stage graph (only linear/addmm/mm/matmul, "
-            "through t/permute/transpose, are split; a call_module leaf is not); leave its pair out of the layout"
+            "through t/permute/transpose, and calls of the module are split); leave its pair out of the layout"
         )
     return users
 
@@ -284,9 +294,13 @@ def _pin(gm: fx.GraphModule, spec: ParallelSpec) -> None:
         if weight not in params:
             continue
         if shard.kind == "embedding":  # looked-up rows summed at once: a masked partial sum must not travel
-            for node in gm.graph.nodes:
+            for node in list(gm.graph.nodes):
                 if node.op == "call_function" and node.target is _aten.embedding.default and _reads(node, weight):
                     _after(gm, node, module(after_row))
+            for node, _ in _calls(gm, shard.module):
+                _after(gm, node, module(after_row))
+        else:
+            replicated_input(_calls(gm, shard.module))
         replicated_input(_weight_users(gm, weight))  # the head (or a tied embedding's read as one)
     gm.graph.lint()
     gm.recompile()
