@@ -54,7 +54,13 @@ from partitioner.tp_ops import (
     weight_op,
 )
 
-__all__ = ["TensorParallelNodes", "detect_tensor_parallel"]
+__all__ = ["ANY_DEGREE", "TensorParallelNodes", "detect_tensor_parallel"]
+
+ANY_DEGREE = 46_126_080
+"""`partitioner.ir.Layer.tp_divisor` of a layer whose only split parts are vocabulary shards:
+DTensor shards a vocabulary unevenly (GPT-2's 50,257 rows over 8 ranks), so every degree
+splits it, and the field wants a number the degree divides. lcm(1..16) x 2^6: every degree
+up to 16, every power of two up to 1024, and 24, 48, 96."""
 
 
 @dataclass(frozen=True, slots=True)
