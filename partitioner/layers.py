@@ -36,7 +36,7 @@ import torch.fx as fx
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
 from partitioner.mutations import PIN
 from partitioner.profiling import BACKWARD_FLOP_FACTOR, BACKWARD_KERNEL_FACTOR, NodeStats
-from partitioner.tp_detect import TensorParallelNodes, detect_tensor_parallel
+from partitioner.tp_detect import ANY_DEGREE, TensorParallelNodes, detect_tensor_parallel
 from partitioner.tp_layout import TensorParallelLayout
 from partitioner.trace import TracedModel
 
@@ -331,6 +331,7 @@ class _Totals:
     tp_saved: int = 0
     tp_comm: int = 0
     tp_pairs: set[int] = field(default_factory=set)
+    tp_vocab: bool = False
     core_flops: int = 0
     core_saved: int = 0
 
@@ -349,6 +350,7 @@ class _Totals:
         saved = s.output_bytes if s.requires_grad else 0
         if name in tp.split:
             self.tp_flops += s.flops
+            self.tp_vocab |= name not in tp.pair_of
         if name in tp.split_saved:
             self.tp_saved += saved
         if name in tp.reduced:
@@ -426,12 +428,19 @@ def _layer_records(
                 tp_params=a.tp_params,
                 tp_activation_bytes=a.tp_saved,
                 tp_comm_bytes=a.tp_comm,
-                tp_divisor=math.gcd(*(tp.layout.pairs[k].divisor for k in a.tp_pairs)) if a.tp_pairs else 0,
+                tp_divisor=_divisor(tp, a),
                 core_flops=(1 + BACKWARD_FLOP_FACTOR) * a.core_flops,
                 core_activation_bytes=a.core_saved,
             )
         )
     return layers
+
+
+def _divisor(tp: TensorParallelNodes, a: _Totals) -> int:
+    """The layer's `Layer.tp_divisor`: its pairs' gcd; vocabulary shards split at any degree."""
+    if a.tp_pairs:
+        return math.gcd(*(tp.layout.pairs[k].divisor for k in a.tp_pairs))
+    return ANY_DEGREE if a.tp_vocab else 0
 
 
 def _values(

@@ -40,11 +40,11 @@ from partitioner.tp_ops import (
     DROPOUTS,
     NORMS,
     PASS_THROUGH,
-    RESHAPES,
-    SPLITS,
     STATELESS_MODULES,
     WeightOp,
+    column_parts,
     embedding_op,
+    heads_of,
     is_conv,
     module_class,
     module_path,
@@ -54,7 +54,13 @@ from partitioner.tp_ops import (
     weight_op,
 )
 
-__all__ = ["TensorParallelNodes", "detect_tensor_parallel"]
+__all__ = ["ANY_DEGREE", "TensorParallelNodes", "detect_tensor_parallel"]
+
+ANY_DEGREE = 46_126_080
+"""`partitioner.ir.Layer.tp_divisor` of a layer whose only split parts are vocabulary shards:
+DTensor shards a vocabulary unevenly (GPT-2's 50,257 rows over 8 ranks), so every degree
+splits it, and the field wants a number the degree divides. lcm(1..16) x 2^6: every degree
+up to 16, every power of two up to 1024, and 24, 48, 96."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,7 +381,7 @@ def _pair(
     columns = []
     for w in r.weights:
         op = weights[w]
-        parts = _parts(w, op.out_features, stats)
+        parts = column_parts(w, op.out_features, stats)
         if parts == 0:
             return None, f"its output is cut into unequal parts ({op.module})", []
         columns.append(Column(module=op.module, out_features=op.out_features, parts=parts, transposed=op.transposed))
@@ -396,7 +402,7 @@ def _pair(
         after = _reach(first, members, lambda n: list(n.users))
         before = _reach(last, members, lambda n: n.all_input_nodes)
         cores = [m for m in r.members if m in after and m in before]
-    heads, kv_heads = _heads(q, members, weights, stats), _heads(k, members, weights, stats)
+    heads, kv_heads = heads_of(q, members, weights, stats), heads_of(k, members, weights, stats)
     if not heads or not kv_heads:
         return None, "attention whose heads were not found (no reshape splits its width into heads)", []
     pair = Pair(columns=tuple(columns), row=weights[row].module, kind="attention", heads=heads, kv_heads=kv_heads,
@@ -413,53 +419,6 @@ def _reach(start: fx.Node, members: set[fx.Node], step: object) -> set[fx.Node]:
                 seen.add(m)
                 todo.append(m)
     return seen
-
-
-def _parts(column: fx.Node, out: int, stats: Mapping[str, NodeStats]) -> int:
-    """Equal parts a column's output is cut into on its features before any heads reshape
-    (1: not cut; 0: cut unequally)."""
-    todo = [column]
-    while todo:
-        x = todo.pop()
-        rank = len(shape_of(stats, x))
-        for u in x.users:
-            name = op_name(u)
-            if name in SPLITS and rank:
-                dim = u.kwargs.get("dim", u.args[2] if len(u.args) > 2 else 0)
-                if not isinstance(dim, int) or dim % rank != rank - 1:
-                    continue
-                size = u.args[1] if len(u.args) > 1 else u.kwargs.get("split_size_or_sections", u.kwargs.get("chunks"))
-                if name == "chunk" and isinstance(size, int):
-                    return size if out % size == 0 else 0
-                if isinstance(size, int):
-                    return out // size if out % size == 0 else 0
-                if isinstance(size, (list, tuple)) and size:
-                    return len(size) if len(set(size)) == 1 else 0
-            elif name in RESHAPES and shape_of(stats, u)[-1:] == (out,):
-                todo.append(u)
-    return 1
-
-
-def _heads(start: object, members: set[fx.Node], weights: Mapping[fx.Node, WeightOp], stats: Mapping[str, NodeStats]) -> int:
-    """Heads of an attention operand: the reshape upstream of it that splits the width into
-    (heads, head size); 0 if none."""
-    if not isinstance(start, fx.Node):
-        return 0
-    seen = {start}
-    todo = [start]
-    while todo:
-        x = todo.pop(0)
-        if op_name(x) in RESHAPES and x.args and isinstance(x.args[0], fx.Node):
-            out, inp = shape_of(stats, x), shape_of(stats, x.args[0])
-            if len(out) >= 3 and inp and out[:-2] == inp[:-1] and out[-2] * out[-1] == inp[-1]:
-                return out[-2]
-        if x in weights:
-            continue
-        for a in x.all_input_nodes:
-            if a in members and a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return 0
 
 
 def _first_seen(nodes: list[fx.Node]) -> list[str]:

@@ -5,7 +5,8 @@ One name per node (`op_name`) for both front ends: an ATen overload by its packe
 ``linear``, ``operator.getitem`` -> ``getitem``), a method by its name; in-place variants
 read as their out-of-place op (``add_`` -> ``add``). `partitioner.tp_detect` sorts nodes by
 these names into weight matmuls, embeddings, and the ops a column's output may pass
-through on its way to a row (`PASS_THROUGH`).
+through on its way to a row (`PASS_THROUGH`); `column_parts` and `heads_of` read a fused
+projection's parts and an attention operand's heads off the splits and reshapes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ __all__ = [
     "shape_of",
     "tensor_at",
     "submodule",
+    "column_parts",
+    "heads_of",
 ]
 
 RESHAPES = frozenset({"view", "reshape", "_unsafe_view", "unflatten", "view_as", "reshape_as"})
@@ -252,3 +255,52 @@ def is_conv(n: fx.Node, gm: fx.GraphModule) -> bool:
 def shape_of(stats: Mapping[str, Any], n: Any) -> tuple[int, ...]:
     s = stats.get(n.name) if isinstance(n, fx.Node) else None
     return tuple(s.shape) if s is not None else ()
+
+
+def column_parts(column: fx.Node, out: int, stats: Mapping[str, Any]) -> int:
+    """Equal parts a column's output is cut into on its features before any heads reshape
+    (1: not cut; 0: cut unequally)."""
+    todo = [column]
+    while todo:
+        x = todo.pop()
+        rank = len(shape_of(stats, x))
+        for u in x.users:
+            name = op_name(u)
+            if name in SPLITS and rank:
+                dim = u.kwargs.get("dim", u.args[2] if len(u.args) > 2 else 0)
+                if not isinstance(dim, int) or dim % rank != rank - 1:
+                    continue
+                size = u.args[1] if len(u.args) > 1 else u.kwargs.get("split_size_or_sections", u.kwargs.get("chunks"))
+                if name == "chunk" and isinstance(size, int):
+                    return size if out % size == 0 else 0
+                if isinstance(size, int):
+                    return out // size if out % size == 0 else 0
+                if isinstance(size, (list, tuple)) and size:
+                    return len(size) if len(set(size)) == 1 else 0
+            elif name in RESHAPES and shape_of(stats, u)[-1:] == (out,):
+                todo.append(u)
+    return 1
+
+
+def heads_of(
+    start: object, members: set[fx.Node], weights: Mapping[fx.Node, WeightOp], stats: Mapping[str, Any]
+) -> int:
+    """Heads of an attention operand: the reshape upstream of it that splits the width into
+    (heads, head size); 0 if none."""
+    if not isinstance(start, fx.Node):
+        return 0
+    seen = {start}
+    todo = [start]
+    while todo:
+        x = todo.pop(0)
+        if op_name(x) in RESHAPES and x.args and isinstance(x.args[0], fx.Node):
+            out, inp = shape_of(stats, x), shape_of(stats, x.args[0])
+            if len(out) >= 3 and inp and out[:-2] == inp[:-1] and out[-2] * out[-1] == inp[-1]:
+                return out[-2]
+        if x in weights:
+            continue
+        for a in x.all_input_nodes:
+            if a in members and a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return 0
