@@ -34,7 +34,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.utils import stateless
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from partitioner.errors import ProfileError
 from partitioner.mutations import read_after
@@ -212,7 +212,7 @@ def profile_nodes(
         ProfileError: a node failed on fake tensors; the message names it.
     """
     mode, fake_state, args, kwargs, home = _faked(gm, example_args, example_kwargs)
-    counter = FlopCounterMode(display=False)
+    counter = _flop_counter()
     interp = _StatsInterpreter(gm, counter, home)
     # Under the lock: the fx graph's submodules are the user's, and the fake tensors are swapped into them.
     with (
@@ -225,6 +225,28 @@ def profile_nodes(
     ):
         interp.run(*_flat_inputs(gm, args, kwargs))
     return interp.stats
+
+
+def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return int(sdpa_flop_count(query, key, value))
+
+
+def _cpu_attention_backward_flops(
+    grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
+    return int(sdpa_backward_flop_count(grad_out, query, key, value))
+
+
+def _flop_counter() -> FlopCounterMode:
+    """`FlopCounterMode`, also counting the CPU kernel of ``scaled_dot_product_attention``
+    (torch 2.13 counts the CUDA ones only: attention on CPU was 0 FLOPs), with torch's own
+    formulas (``4 b h s_q s_k d`` forward)."""
+    aten = torch.ops.aten
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    }
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def written_parameters(

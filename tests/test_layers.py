@@ -315,3 +315,19 @@ def test_tiny_model_gpu_step_is_at_least_its_kernels_times_the_launch_floor(gpt2
     kernels = sum(layer.fwd_kernels + (layer.bwd_kernels if training else 0) for layer in graph.layers)
     assert kernels > 50
     assert sum(row[0] for row in problem.compute_s) >= kernels * a100.launch_s * (1 - 1e-9)
+
+
+class _Attention(nn.Module):
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+def test_attention_on_cpu_counts_its_flops() -> None:
+    """torch's counter knows the CUDA attention kernels only; the CPU one counted 0 FLOPs, so
+    a model profiled here priced its attention as free."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    q = torch.randn(2, 4, 16, 8)
+    traced = trace_model(_Attention(), (q,), {})
+    stats = profile_nodes(traced.gm, (q,), {}, training=False)
+    assert sum(s.flops for s in stats.values()) == sdpa_flop_count(q.shape, q.shape, q.shape) > 0
