@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from partitioner.cluster import Cluster
 
-__all__ = ["GroupLinks", "group_links", "allreduce_s", "allgather_s", "reduce_scatter_s"]
+__all__ = ["GroupLinks", "group_links", "allreduce_s", "allgather_s", "reduce_scatter_s", "ring_equivalent"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +99,20 @@ def allgather_s(links: GroupLinks, nbytes: float) -> float:
 def reduce_scatter_s(links: GroupLinks, nbytes: float) -> float:
     """Seconds to reduce-scatter `nbytes` bytes (each device ends with 1/size of the sum)."""
     return links.phases(nbytes, 1)
+
+
+def ring_equivalent(links: GroupLinks) -> tuple[float, float]:
+    """The (seconds per byte, latency) of one hop of a flat ring over ``n = links.size``
+    devices that costs what `links` does: ``2 (n-1)/n x bytes x s + 2 (n-1) x latency`` equals
+    `allreduce_s` (and half of it `allgather_s`) for every byte count. For planners written
+    with the flat ring formula."""
+    n = links.size
+    if n < 2:
+        return 0.0, 0.0
+    g, k = links.per_node, links.nodes
+    per_byte = (g - 1) / g * links.node_hop[0]
+    latency = (g - 1) * links.node_hop[1]
+    if k > 1:
+        per_byte += (k - 1) / (k * g) * links.net_hop[0]
+        latency += (k - 1) * links.net_hop[1]
+    return per_byte * n / (n - 1), latency / (n - 1)

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from partitioner.cluster import Cluster, load_cluster
-from partitioner.collectives import allgather_s, allreduce_s, group_links, reduce_scatter_s
+from partitioner.collectives import allgather_s, allreduce_s, group_links, reduce_scatter_s, ring_equivalent
 from partitioner.cost_model import ring_allreduce_s
 
 _GB = 1e9
@@ -55,3 +55,12 @@ def test_gather_and_scatter_are_half_an_all_reduce(cluster: Cluster) -> None:
 
 def test_one_device_moves_nothing(cluster: Cluster) -> None:
     assert allreduce_s(group_links(cluster, [5]), _GB) == 0.0
+
+
+@pytest.mark.parametrize("devices", [[0, 1, 2], [0, 8, 16], list(range(32)), [0, 1, 8, 9, 16, 17]])
+def test_the_ring_equivalent_prices_as_the_hierarchy(cluster: Cluster, devices: list[int]) -> None:
+    links = group_links(cluster, devices)
+    hop = ring_equivalent(links)
+    flat = ring_allreduce_s(_GB, [hop] * len(devices))
+    assert math.isclose(flat, allreduce_s(links, _GB))
+    assert math.isclose(ring_allreduce_s(0.0, [hop] * len(devices)), allreduce_s(links, 0.0))
