@@ -27,6 +27,7 @@ replicas, so every copy takes the same optimizer step and the copies stay equal.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -100,24 +101,26 @@ class PipelineRank:
         self.device = device
         self.pipeline_rank, self.replica = layout.position(rank)
         self.parallel = parallel
-        self.data_parallel = layout.replicas // parallel.tensor_parallel
+        self.data_parallel = layout.data_parallel
         """Replicas of each stage that take their own slice of the batch (``replicas / tensor_parallel``)."""
         self.data_index = self.replica // parallel.tensor_parallel
         """Which batch slice this process takes (the tensor-parallel ranks of a replica share one)."""
         self._layered = layered
         self._graphs = graphs
-        self._aliases = aliases
         self._extra = extra
         self._owns_process_group = owns_process_group
         specs = layout.stages_of(self.pipeline_rank)
         self.stage_indices = tuple(s.index for s in specs)
         """Indices of the stages this process runs."""
-        self.modules = tuple(_to_device(graphs.modules[k], device) for k in self.stage_indices)
-        """Its stage modules (`fx.GraphModule`), on its device."""
+        copies = [_to_device(graphs.modules[k], device) for k in self.stage_indices]
         self._pipeline_group, self._replica_group = process_groups(layout, rank)
         self._ties = tie_groups(layout, graphs.tied, rank, parallel.tensor_parallel)
         self._mesh = parallel_mesh(layout, rank, parallel.tensor_parallel, device.type) if parallel.active else None
-        self._wrapped = tuple(self._wrap(m, s) for m, s in zip(self.modules, specs))
+        self._aliases = list(aliases)
+        lowered = [self._lower(m, s) for m, s in zip(copies, specs)]
+        self.modules = tuple(module for module, _ in lowered)
+        """Its stage modules (`fx.GraphModule`; under FSDP cut into one submodule per layer), on its device."""
+        self._wrapped = tuple(run for _, run in lowered)
         num_stages = len(layout.stages)
         # Shapes given up front: torch then skips its first-step shape inference, which would
         # run a forward through DDP outside `no_sync` and leave DDP waiting for that backward.
@@ -357,12 +360,24 @@ class PipelineRank:
             self._owns_process_group = False
 
     # ------------------------------------------------------------------ internals
+    def _lower(self, module: nn.Module, spec: StageSpec) -> tuple[nn.Module, nn.Module]:
+        """(the module holding the stage's tensors, the module to run): `parallelize_stage` under
+        tensor parallelism or sharding (a stage cut into layers takes its tensors' new names),
+        else `_wrap`."""
+        if self._mesh is None:
+            return module, self._wrap(module, spec)
+        assert isinstance(module, torch.fx.GraphModule)
+        lowered = parallelize_stage(
+            module, self.parallel, self._mesh, recompute=spec.recompute, layer_of=self._layered.node_layer
+        )
+        if lowered.names is not None:
+            before = self._aliases[spec.index]
+            self._aliases[spec.index] = {name: before[old] for name, old in lowered.names.items()}
+        return lowered.module, lowered.run
+
     def _wrap(self, module: nn.Module, spec: StageSpec) -> nn.Module:
         """Activation checkpointing if the plan recomputes the stage; DDP over the replica group,
         when there are replicas and something to train (tied weights left to `_sum_tied_gradients`)."""
-        if self._mesh is not None:
-            assert isinstance(module, torch.fx.GraphModule)
-            return parallelize_stage(module, self.parallel, self._mesh, recompute=spec.recompute)
         tied = {id(module.get_parameter(name)) for copies, _ in self._ties for s, name in copies if s == spec.index}
         if spec.recompute:
             module = Recomputed(module)
@@ -455,7 +470,10 @@ def build(
             default the plan's, else False.
         sharding: What the data-parallel replicas shard (`Sharding`: ZeRO-3 is FSDP2);
             default the plan's, else none (DDP, or a gradient all-reduce under tensor parallelism).
-        tp_layout: The modules tensor parallelism splits; default the plan's.
+        tp_layout: The modules tensor parallelism splits; default the plan's, else the
+            pairs `partitioner.tp_detect` finds on the model traced again here
+            (`LayeredModel.tensor_parallel`), so a plan with tensor parallelism runs with
+            no layout written by hand.
 
     Returns:
         This process's `PipelineRank`.
@@ -470,16 +488,13 @@ def build(
         TensorParallelError: The tensor-parallel degree does not divide a stage's replicas,
             a pair's heads or widths, or a vocabulary; or the layout is of another model.
     """
-    layout = plan_layout(plan, schedule=schedule, microbatches=microbatches, global_batch=global_batch)
+    parallel = parallel_spec(plan, tensor_parallel, sequence_parallel, sharding, tp_layout)
+    layout = plan_layout(
+        plan, schedule=schedule, microbatches=microbatches, global_batch=global_batch,
+        tensor_parallel=parallel.tensor_parallel,
+    )
     rank, world_size = launch_rank()
     check_launch(layout, world_size, rank, [d.name for d in plan.devices])
-    parallel = parallel_spec(plan, tensor_parallel, sequence_parallel, sharding, tp_layout)
-    check_parallel(parallel, layout, model)
-    if parallel.active and layout.global_batch % (layout.replicas // parallel.tensor_parallel * layout.microbatches):
-        raise ValueError(
-            f"a step's {layout.global_batch} samples do not split into {layout.replicas // parallel.tensor_parallel} "
-            f"data-parallel replica(s) x {layout.microbatches} microbatches"
-        )
     hazards = replication_hazards(model)
     if hazards and (layout.replicas > 1 or layout.microbatches > 1):
         raise PlanMismatchError(
@@ -488,10 +503,13 @@ def build(
         )
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    layered = _layers(plan, model, args, kwargs, split_modules)
+    layered = _layers(plan, model, args, kwargs, split_modules)  # tracing leaves the model as it is
+    if parallel.tensor_parallel > 1 and parallel.layout is None:  # the pairs partitioner.tp_detect found
+        parallel = dataclasses.replace(parallel, layout=layered.tensor_parallel)
+    check_parallel(parallel, layout, model)
     target = process_device(plan, layout, rank, device)
     stage_of_layer = [0] * len(plan.layers)
-    microbatch = layout.global_batch // (layout.replicas // parallel.tensor_parallel * layout.microbatches)
+    microbatch = layout.microbatch_size
     for s in layout.stages:
         for i in s.layers:
             stage_of_layer[i] = s.index
