@@ -180,8 +180,9 @@ def test_bad_tensor_parallel_degree_is_refused_before_anything_changes(
     model, args, kwargs = ZOO["llama"].build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(TensorParallelError, match=message):
+        # No layout passed: the one tp_detect finds on the traced model is checked.
         pd.build(_data_parallel("llama", 4), model, args, kwargs, loss_fn=dist_worker.loss_fn("llama"),
-                 tensor_parallel=tensor_parallel, tp_layout=dist_worker.tp_layout("llama"))
+                 tensor_parallel=tensor_parallel)
     assert not torch.distributed.is_initialized()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]) and type(v) is torch.Tensor, k
