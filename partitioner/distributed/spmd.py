@@ -458,8 +458,10 @@ def parallelize_stage(
         from torch.distributed.fsdp import fully_shard
 
         reshard = spec.sharding is Sharding.ZERO3
-        for unit in units:
-            fully_shard(held.get_submodule(unit), mesh=mesh["dp"], reshard_after_forward=reshard)
+        layers = [fully_shard(held.get_submodule(unit), mesh=mesh["dp"], reshard_after_forward=reshard) for unit in units]
+        for before, after in zip(layers, layers[1:]):  # the next layer's gather issued as one starts (torchtitan's option)
+            before.set_modules_to_forward_prefetch([after])
+            after.set_modules_to_backward_prefetch([before])
         fully_shard(run, mesh=mesh["dp"], reshard_after_forward=reshard)
     return LoweredStage(module=held, run=run, names=names)
 
