@@ -131,10 +131,10 @@ def test_layout_under_tensor_parallelism_splits_the_batch_over_data_parallel_rep
 )
 def test_stages_in_a_row_compute_the_model(model: str, stage_of_layer: list[int]) -> None:
     """Outputs and gradients of the chained stages equal the model's (GPT-2: a tied weight crosses two stages)."""
-    from partitioner.distributed.runtime import _layers
+    from partitioner.distributed.retrace import retrace
 
     m, args, kwargs = ZOO[model].build()
-    layered = _layers(base_plan(model, 3), m, args, kwargs, ())
+    layered = retrace(base_plan(model, 3), m, args, kwargs, ())
     inputs, keywords, target = dist_worker.batch(model, 4)
     graphs = pd.build_stages(layered, stage_of_layer, args, kwargs, 4, torch.device("cpu"))
     assert len(graphs.modules) == 3 and all(graphs.boundaries)

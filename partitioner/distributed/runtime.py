@@ -2,16 +2,22 @@
 
 The lowering, step by step (on every process, from the same plan and model):
 
-1. `plan_layout`: stages, device groups, schedule, microbatches; the launch is checked
-   against it (world size, rank).
+1. `plan_layout`: stages, device groups, schedule, microbatches, tensor-parallel degree
+   (`parallel_spec`: the arguments, else the plan's); the launch is checked against it
+   (world size, rank).
 2. The model is traced again as the plan was (front end, granularity) and its
-   fingerprint checked against the plan's; layers are grouped as they were.
+   fingerprint checked against the plan's; layers are grouped as they were. Without a
+   tensor-parallel layout from the arguments or the plan, the one `partitioner.tp_detect`
+   finds on this trace is taken (`LayeredModel.tensor_parallel`) and checked
+   (`check_parallel`), all before anything is copied or a process group starts.
 3. `build_stages` cuts the graph into one `fx.GraphModule` per stage, specialised to the
    microbatch's shape.
 4. The process group starts (gloo on CPU, NCCL on CUDA) unless it runs already, with one
    subgroup per pipeline (replica ``i`` of every rank) and per replica group.
-5. The process copies its own stages onto its device, wraps each in
-   `DistributedDataParallel` over its replica group (when the plan replicates it), in a
+5. The process copies its own stages onto its device, lowers each under tensor
+   parallelism or sharding (`parallelize_stage`: DTensors, FSDP2 one unit per layer),
+   else wraps it in `DistributedDataParallel` over its replica group (when the plan
+   replicates it), then in a
    `torch.distributed.pipelining.PipelineStage` on its pipeline's group, and hands them
    to the plan's schedule (`ScheduleGPipe`, `Schedule1F1B`, `ScheduleInterleaved1F1B`).
 
@@ -28,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -40,11 +45,11 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
 
-from partitioner.analysis import check_plan_applies, trace_layers
 from partitioner.replicate import replication_hazards
 from partitioner.distributed.launch import launch_rank, process_device, process_groups, start_process_group, tie_groups
 from partitioner.distributed.layout import Layout, StageSpec, check_launch, plan_layout
 from partitioner.distributed.names import named_tensors, original_names
+from partitioner.distributed.retrace import resized, retrace
 from partitioner.distributed.spmd import (
     ParallelSpec,
     Recomputed,
@@ -57,7 +62,7 @@ from partitioner.distributed.spmd import (
 )
 from partitioner.distributed.stages import MicrobatchShapeError, StageGraphs, build_stages, flat_batch
 from partitioner.errors import PlanMismatchError
-from partitioner.options import Frontend, Granularity, Sharding, TraceOptions
+from partitioner.options import Sharding
 from partitioner.tp_layout import TensorParallelLayout
 from partitioner.layers import LayeredModel
 from partitioner.plan import Plan
@@ -503,7 +508,7 @@ def build(
         )
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    layered = _layers(plan, model, args, kwargs, split_modules)  # tracing leaves the model as it is
+    layered = retrace(plan, model, args, kwargs, split_modules)  # tracing leaves the model as it is
     if parallel.tensor_parallel > 1 and parallel.layout is None:  # the pairs partitioner.tp_detect found
         parallel = dataclasses.replace(parallel, layout=layered.tensor_parallel)
     check_parallel(parallel, layout, model)
@@ -517,8 +522,8 @@ def build(
         graphs = build_stages(layered, stage_of_layer, args, kwargs, microbatch, target)
     except MicrobatchShapeError:
         # Traced at a fixed batch (the model branches on its batch size): trace at the microbatch's.
-        args, kwargs = _resized((args, kwargs), microbatch)
-        layered = _layers(plan, model, args, kwargs, split_modules, check_fingerprint=False)
+        args, kwargs = resized((args, kwargs), microbatch)
+        layered = retrace(plan, model, args, kwargs, split_modules, check_fingerprint=False)
         graphs = build_stages(layered, stage_of_layer, args, kwargs, microbatch, target)
     if parallel.sharding is not Sharding.NONE and graphs.tied and len(layout.stages) > 1:
         raise PlanMismatchError(
@@ -543,47 +548,6 @@ def build(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _layers(
-    plan: Plan,
-    model: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    split_modules: Sequence[str],
-    *,
-    check_fingerprint: bool = True,
-) -> LayeredModel:
-    """Trace and group `model` as the planner did (`trace_layers`), and check it is the plan's model."""
-    trace = TraceOptions(
-        frontend=Frontend(plan.frontend) if plan.frontend in ("fx", "export") else Frontend.AUTO,
-        granularity=Granularity(plan.granularity) if plan.granularity in {g.value for g in Granularity} else Granularity.BLOCK,
-        refine=plan.refined,
-        split_modules=tuple(split_modules),
-    )
-    layered, _ = trace_layers(model, args, kwargs, training=plan.training, trace=trace)
-    if check_fingerprint:
-        check_plan_applies(plan, layered)
-    else:  # traced at another batch: the fingerprint differs, the layers must not
-        names, planned = [layer.name for layer in layered.graph.layers], [layer.name for layer in plan.layers]
-        if names != planned:
-            raise PlanMismatchError(
-                f"the model traces to {len(names)} layers ({', '.join(names[:3])}, ...) but the plan has "
-                f"{len(planned)} ({', '.join(planned[:3])}, ...); plan this model again"
-            )
-    return layered
-
-
-def _resized(value: Any, batch: int) -> Any:
-    """Every tensor of `value` with `batch` rows (its first rows, repeated as needed)."""
-
-    def resize(x: Any) -> Any:
-        if not isinstance(x, torch.Tensor) or x.ndim == 0:
-            return x
-        reps = math.ceil(batch / x.shape[0])
-        return x.repeat(reps, *([1] * (x.ndim - 1)))[:batch].clone()
-
-    return tree_map(resize, value)
 
 
 def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
