@@ -275,3 +275,29 @@ def test_stage_cut_into_layers_computes_what_the_stage_computes(model: str) -> N
                 assert [name for name, _ in cut.module.named_parameters() if not name.startswith("_layer_")] == [
                     "lm_head.weight"]  # tied with transformer.wte.weight, read by the first and last layer
             inputs = tuple(o.detach() for o in expected)
+
+
+def test_cut_keeps_a_weight_two_layers_read_or_the_stage_returns_at_the_root() -> None:
+    """A hand-made stage: layer 0 reads ``w`` and ``a``, layer 1 reads ``w`` and ``b``, and the stage
+    returns ``b`` itself: ``w`` and ``b`` stay at the root, ``a`` goes to layer 0; the values are equal."""
+    import torch.fx as fx
+
+    from partitioner.distributed.units import cut_layers
+
+    root = torch.nn.Module()
+    for name in ("w", "a", "b"):
+        root.register_parameter(name, torch.nn.Parameter(torch.randn(3, 3)))
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    w, a, b = (graph.get_attr(name) for name in ("w", "a", "b"))
+    h = graph.call_function(torch.mm, (graph.call_function(torch.mm, (x, w)), a))
+    y = graph.call_function(torch.mm, (graph.call_function(torch.mm, (h, w)), b))
+    graph.output((y, b))
+    stage = fx.GraphModule(root, graph)
+    layer_of = {n.name: 0 if n.name in ("mm", "mm_1") else 1 for n in graph.nodes if n.op == "call_function"}
+    cut = cut_layers(stage, layer_of)
+    assert cut.units == ("_layer_0", "_layer_1")
+    assert sorted(cut.names) == ["_layer_0.a", "b", "w"]
+    assert cut.names["_layer_0.a"] == "a" and cut.module.get_parameter("_layer_0.a") is root.a
+    x0 = torch.randn(2, 3)
+    torch.testing.assert_close(cut.module(x0), stage(x0))

@@ -17,8 +17,9 @@ computes what the stage computes, outputs and gradients. Every node takes its la
 (`LayeredModel.node_layer`) or, if no layer holds it (a pinned redistribution of tensor
 parallelism, a mask built at the root), the latest layer it reads from; a node whose
 input comes from a later layer moves to that layer, so values only flow forward. A
-parameter read by several layers (a weight tied within the stage) stays at the root and
-is passed to the layers reading it (the root's FSDP unit gathers it).
+parameter read by several layers (a weight tied within the stage) or returned by the
+stage stays at the root and is passed to the layers reading it (the root's FSDP unit
+gathers it).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def cut_layers(stage: fx.GraphModule, layer_of: Mapping[str, int]) -> CutStage:
     for n in stage.graph.nodes:
         if n.op == "get_attr":
             readers[n] = {label[u] for u in n.users if u in label}
-            if len(readers[n]) > 1 and isinstance(attrgetter(str(n.target))(stage), torch.Tensor):
+            returned = any(u.op == "output" for u in n.users)
+            if (len(readers[n]) > 1 or returned) and isinstance(attrgetter(str(n.target))(stage), torch.Tensor):
                 at_root.add(n)
     root = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
