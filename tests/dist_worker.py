@@ -115,6 +115,13 @@ def local_shapes(part: Any) -> dict[str, tuple[int, ...]]:
     }
 
 
+def fsdp_units(part: Any) -> list[list[str]]:
+    """Per stage of this process, the names of its submodules that are FSDP units (the stage root aside)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [[name for name, m in stage.named_children() if isinstance(m, FSDPModule)] for stage in part.modules]
+
+
 def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict other than the model's own: floating tensors shifted by 0.01."""
     return {k: v + 0.01 if v.is_floating_point() else v.clone() for k, v in state.items()}
@@ -144,7 +151,7 @@ def run(spec: dict[str, Any]) -> None:
             tensor_parallel=case.get("tensor_parallel"),
             sequence_parallel=case.get("sequence_parallel"),
             sharding=case.get("sharding"),
-            tp_layout=tp_layout(model_name) if case.get("tensor_parallel", 1) > 1 else None,
+            tp_layout=tp_layout(model_name) if case.get("tensor_parallel", 1) > 1 and not case.get("detect") else None,
         )
         if case.get("resume"):
             pd.load_from_original(part, perturbed(model.state_dict()))
@@ -170,7 +177,7 @@ def run(spec: dict[str, Any]) -> None:
             {"losses": losses, "state": part.full_state_dict(), "local": local_shapes(part),
              "untouched": all(torch.equal(v, fresh) for v, fresh in zip(model.state_dict().values(),
                                                                          ZOO[model_name].make_model().state_dict().values())),
-             "pinned": sorted({repr(m.placement) for stage in part.modules for m in stage.modules() if hasattr(m, "placement")}), "stages": part.stage_indices, "repr": repr(part),
+             "units": fsdp_units(part), "pinned": sorted({repr(m.placement) for stage in part.modules for m in stage.modules() if hasattr(m, "placement")}), "stages": part.stage_indices, "repr": repr(part),
              "refused": refused},
             out / f"{case['name']}-rank{part.rank}.pt",
         )

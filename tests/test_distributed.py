@@ -91,7 +91,7 @@ def test_layout_errors_carry_the_numbers() -> None:
     with pytest.raises(PlanMismatchError, match="2/1 replicas"):
         pd.plan_layout(uneven)
     two = hand_pipeline(base_plan("mlp", 2), [(0, 3), (4, 6)], [(0,), (1,)], "1f1b", 2, 8)
-    with pytest.raises(ValueError, match="do not split into 1 replica"):
+    with pytest.raises(ValueError, match="do not split into 1 data-parallel replica"):
         pd.plan_layout(two, global_batch=7)
     with pytest.raises(ValueError, match="at least one microbatch per stage"):
         pd.plan_layout(two, microbatches=1)
@@ -100,6 +100,26 @@ def test_layout_errors_carry_the_numbers() -> None:
     layout = pd.plan_layout(two)
     with pytest.raises(PlanMismatchError, match=r"2 device\(s\).*but 3 process.*--nproc-per-node 2"):
         pd.check_launch(layout, 3, 0, ["cpu:0", "cpu:1"])
+
+
+def test_layout_under_tensor_parallelism_splits_the_batch_over_data_parallel_replicas_only() -> None:
+    """Two stages of 4 replicas each at TP 2: 2 data-parallel replicas x 2 microbatches must divide the
+    batch (4 x 2 need not), and a microbatch holds a data-parallel replica's share."""
+    from partitioner.tp_layout import TensorParallelError
+
+    plan = hand_pipeline(base_plan("mlp", 8), [(0, 3), (4, 6)], [(0, 1, 2, 3), (4, 5, 6, 7)], "1f1b", 2, 8)
+    layout = pd.plan_layout(plan, global_batch=4, tensor_parallel=2)
+    assert (layout.data_parallel, layout.replica_batch, layout.microbatch_size) == (2, 2, 1)
+    assert "4 replicas (tp 2 x dp 2)" in layout.describe()
+    with pytest.raises(ValueError, match=r"do not split into 4 data-parallel replica\(s\) x 2 microbatches"):
+        pd.plan_layout(plan, global_batch=4)  # without TP every replica takes its own samples
+    with pytest.raises(ValueError, match=r"6 samples do not split into 2 data-parallel replica\(s\) \(4 replicas / "
+                                         r"tensor-parallel 2\) x 2 microbatches; use .* multiple of 4"):
+        pd.plan_layout(plan, global_batch=6, tensor_parallel=2)
+    with pytest.raises(TensorParallelError, match=r"each pipeline rank has 4 replica\(s\).*degree 3 does not divide"):
+        pd.plan_layout(plan, tensor_parallel=3)
+    planned = dataclasses.replace(plan, pipeline=dataclasses.replace(plan.pipeline, tensor_parallel=2))
+    assert pd.plan_layout(planned, global_batch=4).tensor_parallel == 2  # the plan's degree by default
 
 
 # --------------------------------------------------------------------------- stages (one process)
@@ -111,10 +131,10 @@ def test_layout_errors_carry_the_numbers() -> None:
 )
 def test_stages_in_a_row_compute_the_model(model: str, stage_of_layer: list[int]) -> None:
     """Outputs and gradients of the chained stages equal the model's (GPT-2: a tied weight crosses two stages)."""
-    from partitioner.distributed.runtime import _layers
+    from partitioner.distributed.retrace import retrace
 
     m, args, kwargs = ZOO[model].build()
-    layered = _layers(base_plan(model, 3), m, args, kwargs, ())
+    layered = retrace(base_plan(model, 3), m, args, kwargs, ())
     inputs, keywords, target = dist_worker.batch(model, 4)
     graphs = pd.build_stages(layered, stage_of_layer, args, kwargs, 4, torch.device("cpu"))
     assert len(graphs.modules) == 3 and all(graphs.boundaries)

@@ -62,29 +62,64 @@ def _checked(tmp_path: Path, cases: list[dict[str, Any]], world: int) -> None:
         for rank in range(world):
             result = _result(tmp_path, case["name"], rank)
             assert result["untouched"], f"{case['name']}: rank {rank} changed the user's model"
-            assert f"tensor-parallel {case.get('tensor_parallel', 1)}" in result["repr"], result["repr"]
+            degree = case.get("tensor_parallel") or case.get("planned_tp", 1)
+            assert f"tensor-parallel {degree}" in result["repr"], result["repr"]
 
 
 _Q = "model.layers.0.self_attn.q_proj.weight"  # Llama's (32, 32) query projection: a column
 _O = "model.layers.1.self_attn.o_proj.weight"  # its (32, 32) output projection: a row
+_LLAMA_UNITS = [f"_layer_{i}" for i in range(5)]  # every layer of the tiny Llama holds parameters
+
+
+def _planned(tmp_path: Path, model: str, config: str) -> str:
+    """`plan_training` of the zoo model on 4 CPU devices at a fixed configuration, saved as JSON."""
+    from partitioner.options import TrainingOptions
+    from partitioner.training import plan_training
+
+    m, args, kwargs = ZOO[model].build()
+    plan = plan_training(m, [f"cpu:{i}" for i in range(4)], args, kwargs, global_batch=8, measure=False,
+                         options=TrainingOptions(config=config))
+    return write_plan(tmp_path, f"{model}-{config.replace(',', '-').replace('=', '')}", plan)
 
 
 @pytest.mark.distributed
-def test_fsdp_and_tensor_parallel_train_as_one_process_and_checkpoint_across_plans(tmp_path: Path) -> None:
-    """FSDP 4 (ZeRO-3) on Llama; TP 2 x FSDP 2 on GPT-2, whose checkpoint then resumes GPT-2 under FSDP 4
-    and loads into the original model."""
-    llama, gpt2 = (write_plan(tmp_path, m, _data_parallel(m, 4)) for m in ("llama", "gpt2"))
+def test_plans_with_tensor_parallelism_and_fsdp_train_as_one_process(tmp_path: Path) -> None:
+    """One launch of 4 processes:
+
+    - planned TP 2 x FSDP 2 (ZeRO-3, sequence parallel) and PP 2 x TP 2 Llama, saved and loaded, built
+      with no layout or degree argument: the plan's fields and the layout `tp_detect` finds;
+    - FSDP 4 Llama: one FSDP unit per layer (each holds parameters), parameters a quarter each;
+    - TP 2 x FSDP 2 GPT-2 (hand layout: a Conv1D fused q/k/v), whose checkpoint then resumes
+      GPT-2 under FSDP 4 and loads into the original model;
+    - TP 2 x DP 2 on the MLP, whose symbolic fx trace calls its Linears as modules.
+    """
+    llama, gpt2, mlp = (write_plan(tmp_path, m, _data_parallel(m, 4)) for m in ("llama", "gpt2", "mlp"))
     checkpoint = tmp_path / "gpt2-tp2-fsdp2-checkpoint"
     cases = [
+        _case("llama-planned-tp2-fsdp2", "llama", _planned(tmp_path, "llama", "tp=2,pp=1,dp=2,shard=zero3"),
+              detect=True, planned_tp=2),
+        _case("llama-planned-pp2-tp2", "llama", _planned(tmp_path, "llama", "tp=2,pp=2,dp=1"), detect=True, planned_tp=2),
         _case("llama-fsdp4", "llama", llama, sharding="zero3"),
         _case("gpt2-tp2-fsdp2", "gpt2", gpt2, tensor_parallel=2, sharding="zero3", checkpoint=str(checkpoint)),
         _case("gpt2-fsdp4-resumed", "gpt2", gpt2, sharding="zero3", resume=str(checkpoint)),
+        _case("mlp-tp2-dp2", "mlp", mlp, tensor_parallel=2),
     ]
     launch(4, cases, tmp_path)
     _checked(tmp_path, cases, 4)
+    planned = [_result(tmp_path, "llama-planned-tp2-fsdp2", r) for r in range(4)]
+    assert all("tensor-parallel 2 (sequence parallel) x data-parallel 2, sharding zero3" in r["repr"] for r in planned)
+    assert [r["units"] for r in planned] == [[_LLAMA_UNITS]] * 4
+    assert planned[0]["pinned"] == ["Replicate()", "Shard(dim=1)"]  # sequence parallel between pairs
+    assert _local(tmp_path, "llama-planned-tp2-fsdp2", _Q, 4) == {(8, 32)}  # 16 rows per TP rank, halved by FSDP
+    assert _local(tmp_path, "llama-planned-pp2-tp2", _Q, 4) == {(16, 32)}
+    assert _local(tmp_path, "llama-planned-pp2-tp2", _O, 4) == {(32, 16)}
+    assert [_result(tmp_path, "llama-planned-pp2-tp2", r)["stages"] for r in range(4)] == [(0,), (0,), (1,), (1,)]
+    assert [_result(tmp_path, "llama-fsdp4", r)["units"] for r in range(4)] == [[_LLAMA_UNITS]] * 4
     assert _local(tmp_path, "llama-fsdp4", _Q, 4) == {(8, 32)}  # a quarter of the rows each
     # c_fc (Conv1D, stored (32, 128)): 64 output features per tensor-parallel rank, then half the rows each.
     assert _local(tmp_path, "gpt2-tp2-fsdp2", "transformer.h.0.mlp.c_fc.weight", 4) == {(16, 64)}
+    assert _local(tmp_path, "mlp-tp2-dp2", "fc1.weight", 4) == {(256, 1024)}
+    assert _local(tmp_path, "mlp-tp2-dp2", "fc2.weight", 4) == {(256, 256)}
     original = ZOO["gpt2"].make_model()
     restored = ZOO["gpt2"].make_model()
     with torch.no_grad():
@@ -93,33 +128,6 @@ def test_fsdp_and_tensor_parallel_train_as_one_process_and_checkpoint_across_pla
     pd.load_into_original(restored, checkpoint)
     for k, v in original.state_dict().items():
         assert torch.equal(restored.state_dict()[k], v), k
-
-
-@pytest.mark.distributed
-def test_pipeline_of_tensor_parallel_stages_trains_as_one_process(tmp_path: Path) -> None:
-    """PP 2 x TP 2 on Llama: each stage split over a pair of processes, whole activations between stages."""
-    cases = [_case("llama-pp2-tp2", "llama", write_plan(tmp_path, "llama-pp", _pipeline("llama")), tensor_parallel=2)]
-    launch(4, cases, tmp_path)
-    _checked(tmp_path, cases, 4)
-    assert _local(tmp_path, "llama-pp2-tp2", _Q, 4) == {(16, 32)}
-    assert _local(tmp_path, "llama-pp2-tp2", _O, 4) == {(32, 16)}
-    stages = [_result(tmp_path, "llama-pp2-tp2", r)["stages"] for r in range(4)]
-    assert stages == [(0,), (0,), (1,), (1,)]
-
-
-@pytest.mark.distributed
-def test_tensor_and_sequence_parallel_and_fx_traces_train_as_one_process(tmp_path: Path) -> None:
-    """TP 2 with sequence parallelism on Llama: row outputs reduce-scattered over the sequence; TP 2 on
-    the MLP, whose symbolic fx trace calls its Linears as modules."""
-    plan = write_plan(tmp_path, "llama-dp", _data_parallel("llama", 2))
-    case = _case("llama-tp2-sp", "llama", plan, tensor_parallel=2, sequence_parallel=True)
-    mlp = _case("mlp-tp2", "mlp", write_plan(tmp_path, "mlp-dp", _data_parallel("mlp", 2)), tensor_parallel=2)
-    launch(2, [case, mlp], tmp_path)
-    _checked(tmp_path, [case, mlp], 2)
-    assert _local(tmp_path, "mlp-tp2", "fc1.weight", 2) == {(256, 1024)}
-    assert _local(tmp_path, "mlp-tp2", "fc2.weight", 2) == {(256, 256)}
-    assert _local(tmp_path, "llama-tp2-sp", _Q, 2) == {(16, 32)}
-    assert _result(tmp_path, "llama-tp2-sp", 0)["pinned"] == ["Replicate()", "Shard(dim=1)"]
 
 
 @pytest.mark.slow
@@ -138,6 +146,8 @@ def test_the_rest_of_the_grid_trains_as_one_process(tmp_path: Path) -> None:
         _case("gpt2-fsdp4-zero1", "gpt2", gpt2, sharding="zero1"),
         _case("gpt2-tp2-dp2", "gpt2", gpt2, tensor_parallel=2),
         _case("gpt2-pp2-tp2", "gpt2", write_plan(tmp_path, "gpt2-pp", _pipeline("gpt2")), tensor_parallel=2),
+        _case("llama-pp2-tp2", "llama", write_plan(tmp_path, "llama-pp", _pipeline("llama")), tensor_parallel=2),
+        _case("llama-tp2-sp-dp2", "llama", llama, tensor_parallel=2, sequence_parallel=True),
         _case("llama-tp2-sp-fsdp2", "llama", llama, tensor_parallel=2, sequence_parallel=True, sharding="zero3"),
         _case("gpt2-tp2-sp-dp2", "gpt2", gpt2, tensor_parallel=2, sequence_parallel=True),
         _case("llama-tp2-fsdp2-recompute", "llama", recomputed, tensor_parallel=2, sharding="zero3"),
@@ -170,8 +180,9 @@ def test_bad_tensor_parallel_degree_is_refused_before_anything_changes(
     model, args, kwargs = ZOO["llama"].build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(TensorParallelError, match=message):
+        # No layout passed: the one tp_detect finds on the traced model is checked.
         pd.build(_data_parallel("llama", 4), model, args, kwargs, loss_fn=dist_worker.loss_fn("llama"),
-                 tensor_parallel=tensor_parallel, tp_layout=dist_worker.tp_layout("llama"))
+                 tensor_parallel=tensor_parallel)
     assert not torch.distributed.is_initialized()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]) and type(v) is torch.Tensor, k
@@ -184,10 +195,13 @@ def test_tensor_parallel_layout_of_another_model_or_none_is_refused(monkeypatch:
     with pytest.raises(TensorParallelError, match=r"names 'transformer.h.0.attn.c_attn', which is not a module"):
         pd.build(plan, model, args, kwargs, loss_fn=dist_worker.loss_fn("llama"), tensor_parallel=2,
                  tp_layout=dist_worker.tp_layout("gpt2"))
-    with pytest.raises(TensorParallelError, match=r"degree 2 but no layout says which modules split"):
-        pd.build(plan, model, args, kwargs, loss_fn=dist_worker.loss_fn("llama"), tensor_parallel=2)
     with pytest.raises(TensorParallelError, match=r"sequence parallelism .* needs a degree > 1"):
         pd.build(plan, model, args, kwargs, loss_fn=dist_worker.loss_fn("llama"), sequence_parallel=True)
+    # No layout passed, none in the plan, and tp_detect finds no column/row pair in this model.
+    bare, bare_args, bare_kwargs = ZOO["twice"].build()
+    with pytest.raises(TensorParallelError, match=r"degree 2 but no layout says which modules split \(none was passed"):
+        pd.build(_data_parallel("twice", 2), bare, bare_args, bare_kwargs, loss_fn=torch.nn.functional.mse_loss,
+                 tensor_parallel=2)
     assert not torch.distributed.is_initialized()
 
 
@@ -223,3 +237,67 @@ def test_vocabulary_the_degree_does_not_split_is_refused() -> None:
         check_parallel(ParallelSpec(tensor_parallel=2, layout=layout), launch, model)
     with pytest.raises(TensorParallelError, match=r"'lm_head' holds 128 rows but the layout says a vocabulary of 127"):
         check_parallel(ParallelSpec(tensor_parallel=2, layout=layout), launch, ZOO["llama"].make_model())
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_stage_cut_into_layers_computes_what_the_stage_computes(model: str) -> None:
+    """`cut_layers`: one submodule per layer, each owning the parameters only it reads (GPT-2's tied
+    embedding and head, read by two layers of one stage, stay at the root); outputs and gradients equal."""
+    from partitioner.analysis import trace_layers
+    from partitioner.distributed.names import named_tensors
+    from partitioner.distributed.stages import build_stages, flat_batch
+    from partitioner.distributed.units import cut_layers
+
+    m, args, kwargs = ZOO[model].build()
+    layered, _ = trace_layers(m, args, kwargs, training=True)
+    layers = len(layered.graph.layers)
+    for stage_of_layer in ([0] * layers, [0] * (layers // 2) + [1] * (layers - layers // 2)):
+        graphs = build_stages(layered, stage_of_layer, args, kwargs, args[0].shape[0], torch.device("cpu"))
+        flat = flat_batch(layered, args, kwargs)
+        inputs: tuple[torch.Tensor, ...] = tuple(flat[i] for i in graphs.inputs)
+        for k, stage in enumerate(graphs.modules):
+            cut = cut_layers(stage, layered.node_layer)
+            calls = [n for n in stage.graph.nodes if n.op.startswith("call_") and n.name in layered.node_layer]
+            held = sorted({layered.node_layer[n.name] for n in calls})
+            assert cut.units == tuple(f"_layer_{i}" for i in held)
+            assert sorted(cut.names.values()) == sorted(name for name, _ in named_tensors(stage))
+            tensors = dict(named_tensors(stage))
+            assert all(t is tensors[cut.names[name]] for name, t in named_tensors(cut.module))  # shared, not copied
+            floats = tuple(x.detach().float().requires_grad_() if x.is_floating_point() else x for x in inputs)
+            expected, got = stage(*floats), cut.module(*floats)
+            torch.testing.assert_close(got, expected)
+            loss = sum(o.float().sum() for o in expected)
+            want = torch.autograd.grad(loss, list(stage.parameters()), allow_unused=True)
+            have = torch.autograd.grad(sum(o.float().sum() for o in got), list(stage.parameters()), allow_unused=True)
+            for a, b in zip(have, want):
+                torch.testing.assert_close(a, b)
+            if model == "gpt2" and k == 0 and len(graphs.modules) == 1:
+                assert [name for name, _ in cut.module.named_parameters() if not name.startswith("_layer_")] == [
+                    "lm_head.weight"]  # tied with transformer.wte.weight, read by the first and last layer
+            inputs = tuple(o.detach() for o in expected)
+
+
+def test_cut_keeps_a_weight_two_layers_read_or_the_stage_returns_at_the_root() -> None:
+    """A hand-made stage: layer 0 reads ``w`` and ``a``, layer 1 reads ``w`` and ``b``, and the stage
+    returns ``b`` itself: ``w`` and ``b`` stay at the root, ``a`` goes to layer 0; the values are equal."""
+    import torch.fx as fx
+
+    from partitioner.distributed.units import cut_layers
+
+    root = torch.nn.Module()
+    for name in ("w", "a", "b"):
+        root.register_parameter(name, torch.nn.Parameter(torch.randn(3, 3)))
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    w, a, b = (graph.get_attr(name) for name in ("w", "a", "b"))
+    h = graph.call_function(torch.mm, (graph.call_function(torch.mm, (x, w)), a))
+    y = graph.call_function(torch.mm, (graph.call_function(torch.mm, (h, w)), b))
+    graph.output((y, b))
+    stage = fx.GraphModule(root, graph)
+    layer_of = {n.name: 0 if n.name in ("mm", "mm_1") else 1 for n in graph.nodes if n.op == "call_function"}
+    cut = cut_layers(stage, layer_of)
+    assert cut.units == ("_layer_0", "_layer_1")
+    assert sorted(cut.names) == ["_layer_0.a", "b", "w"]
+    assert cut.names["_layer_0.a"] == "a" and cut.module.get_parameter("_layer_0.a") is root.a
+    x0 = torch.randn(2, 3)
+    torch.testing.assert_close(cut.module(x0), stage(x0))

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from partitioner.errors import PlanMismatchError
 from partitioner.options import Strategy
 from partitioner.plan import Plan
+from partitioner.tp_layout import TensorParallelError
 
-__all__ = ["SCHEDULES", "StageSpec", "Layout", "plan_layout", "stage_layers", "check_launch"]
+__all__ = ["SCHEDULES", "StageSpec", "Layout", "plan_layout", "stage_layers", "check_launch", "check_degree"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 """Schedules that lower to `torch.distributed.pipelining` (`ScheduleGPipe`, `Schedule1F1B`,
@@ -58,9 +59,14 @@ class Layout:
     microbatches: int
     global_batch: int
     """Samples per step over all replicas."""
+    tensor_parallel: int = 1
+    """Consecutive replicas of a pipeline rank that split its stages' tensors and share one
+    batch slice (the ``tp`` of a ``dp x tp`` grid); only the ``replicas / tensor_parallel``
+    data-parallel replicas split the batch."""
 
     def __post_init__(self) -> None:
-        p, m = len(self.groups), self.microbatches
+        p, m, tp = len(self.groups), self.microbatches, self.tensor_parallel
+        check_degree(tp, self.replicas, f"{len(self.devices)} processes, {len(self.stages)} stage(s)")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
         if m < 1:
@@ -87,9 +93,12 @@ class Layout:
             raise ValueError(
                 f"interleaved_1f1b on {p} ranks takes a multiple of {max(1, m // p)} microbatches (got {m})"
             )
-        if self.global_batch % (self.replicas * m):
+        if self.global_batch % (self.data_parallel * m):
+            split = f" ({self.replicas} replicas / tensor-parallel {tp})" if tp > 1 else ""
             raise ValueError(
-                f"a step's {self.global_batch} samples do not split into {self.replicas} replica(s) x {m} microbatches"
+                f"a step's {self.global_batch} samples do not split into {self.data_parallel} data-parallel "
+                f"replica(s){split} x {m} microbatches; use a global batch that is a multiple of "
+                f"{self.data_parallel * m}"
             )
 
     # ------------------------------------------------------------------ sizes
@@ -109,19 +118,24 @@ class Layout:
         return len(self.groups[0])
 
     @property
+    def data_parallel(self) -> int:
+        """Replicas that take their own slice of the batch (``replicas / tensor_parallel``)."""
+        return len(self.groups[0]) // self.tensor_parallel
+
+    @property
     def world_size(self) -> int:
         """Processes of the launch: one per device used."""
         return len(self.devices)
 
     @property
     def replica_batch(self) -> int:
-        """Samples per step on each replica."""
-        return self.global_batch // self.replicas
+        """Samples per step on each data-parallel replica (its tensor-parallel ranks share them)."""
+        return self.global_batch // self.data_parallel
 
     @property
     def microbatch_size(self) -> int:
-        """Samples of one microbatch on one replica."""
-        return self.global_batch // (self.replicas * self.microbatches)
+        """Samples of one microbatch on one data-parallel replica."""
+        return self.global_batch // (self.data_parallel * self.microbatches)
 
     # ------------------------------------------------------------------ who is where
     def position(self, rank: int) -> tuple[int, int]:
@@ -155,10 +169,30 @@ class Layout:
             shape += f" on {self.pipeline_ranks} ranks"
         if self.replicas > 1:
             shape += f" x {self.replicas} replicas"
+        if self.tensor_parallel > 1:
+            shape += f" (tp {self.tensor_parallel} x dp {self.data_parallel})"
         return (
             f"{shape}, {self.schedule}, {self.microbatches} microbatch{'es' * (self.microbatches > 1)} "
             f"of {self.microbatch_size} sample{'s' * (self.microbatch_size > 1)} "
             f"({self.world_size} process{'es' * (self.world_size > 1)})"
+        )
+
+
+def check_degree(tensor_parallel: int, replicas: int, launch: str) -> None:
+    """Check that `tensor_parallel` is a degree that splits a pipeline rank's `replicas` into
+    tensor-parallel groups (`launch`: the launch in words, for the message).
+
+    Raises:
+        TensorParallelError: It is not an integer >= 1, or does not divide `replicas`.
+    """
+    tp = tensor_parallel
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise TensorParallelError(f"tensor-parallel degree must be an integer >= 1 (got {tp!r})")
+    if replicas % tp:
+        raise TensorParallelError(
+            f"the mesh does not match the launch: each pipeline rank has {replicas} replica(s) ({launch}), "
+            f"which tensor-parallel degree {tp} does not divide; use a degree dividing {replicas}, or plan "
+            f"{tp} x (data-parallel degree) replicas per stage"
         )
 
 
@@ -168,6 +202,7 @@ def plan_layout(
     schedule: str | None = None,
     microbatches: int | None = None,
     global_batch: int | None = None,
+    tensor_parallel: int | None = None,
 ) -> Layout:
     """The launch layout of `plan`.
 
@@ -176,11 +211,14 @@ def plan_layout(
     one (`partitioner.plan`) runs one stage per device it uses (ordered by device index,
     along which its layers never flow back), replicated over the plan's copies
     (`Plan.replicas`); a data-parallel plan one stage on every device that holds a replica. Their schedule defaults to 1F1B, their microbatches to one per stage,
-    their global batch to the plan's batch.
+    their global batch to the plan's batch. `tensor_parallel` (default the pipeline's
+    ``tensor_parallel``, else 1) groups each rank's replicas into tensor-parallel ranks that
+    share a batch slice.
 
     Raises:
         PlanMismatchError: The pipeline's ranks have different replica counts (which
             `torch.distributed.pipelining` cannot run).
+        TensorParallelError: The tensor-parallel degree does not divide the replicas.
         ValueError: The schedule, microbatches or batch do not fit the stages
             (`Layout` says which).
     """
@@ -225,6 +263,7 @@ def plan_layout(
         schedule=chosen_schedule,
         microbatches=chosen_microbatches,
         global_batch=batch,
+        tensor_parallel=tensor_parallel if tensor_parallel is not None else (p.tensor_parallel if p is not None else 1),
     )
 
 

@@ -2,16 +2,22 @@
 
 The lowering, step by step (on every process, from the same plan and model):
 
-1. `plan_layout`: stages, device groups, schedule, microbatches; the launch is checked
-   against it (world size, rank).
+1. `plan_layout`: stages, device groups, schedule, microbatches, tensor-parallel degree
+   (`parallel_spec`: the arguments, else the plan's); the launch is checked against it
+   (world size, rank).
 2. The model is traced again as the plan was (front end, granularity) and its
-   fingerprint checked against the plan's; layers are grouped as they were.
+   fingerprint checked against the plan's; layers are grouped as they were. Without a
+   tensor-parallel layout from the arguments or the plan, the one `partitioner.tp_detect`
+   finds on this trace is taken (`LayeredModel.tensor_parallel`) and checked
+   (`check_parallel`), all before anything is copied or a process group starts.
 3. `build_stages` cuts the graph into one `fx.GraphModule` per stage, specialised to the
    microbatch's shape.
 4. The process group starts (gloo on CPU, NCCL on CUDA) unless it runs already, with one
    subgroup per pipeline (replica ``i`` of every rank) and per replica group.
-5. The process copies its own stages onto its device, wraps each in
-   `DistributedDataParallel` over its replica group (when the plan replicates it), in a
+5. The process copies its own stages onto its device, lowers each under tensor
+   parallelism or sharding (`parallelize_stage`: DTensors, FSDP2 one unit per layer),
+   else wraps it in `DistributedDataParallel` over its replica group (when the plan
+   replicates it), then in a
    `torch.distributed.pipelining.PipelineStage` on its pipeline's group, and hands them
    to the plan's schedule (`ScheduleGPipe`, `Schedule1F1B`, `ScheduleInterleaved1F1B`).
 
@@ -27,7 +33,7 @@ replicas, so every copy takes the same optimizer step and the copies stay equal.
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +45,11 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
 
-from partitioner.analysis import check_plan_applies, trace_layers
 from partitioner.replicate import replication_hazards
 from partitioner.distributed.launch import launch_rank, process_device, process_groups, start_process_group, tie_groups
 from partitioner.distributed.layout import Layout, StageSpec, check_launch, plan_layout
 from partitioner.distributed.names import named_tensors, original_names
+from partitioner.distributed.retrace import resized, retrace
 from partitioner.distributed.spmd import (
     ParallelSpec,
     Recomputed,
@@ -56,7 +62,7 @@ from partitioner.distributed.spmd import (
 )
 from partitioner.distributed.stages import MicrobatchShapeError, StageGraphs, build_stages, flat_batch
 from partitioner.errors import PlanMismatchError
-from partitioner.options import Frontend, Granularity, Sharding, TraceOptions
+from partitioner.options import Sharding
 from partitioner.tp_layout import TensorParallelLayout
 from partitioner.layers import LayeredModel
 from partitioner.plan import Plan
@@ -100,24 +106,26 @@ class PipelineRank:
         self.device = device
         self.pipeline_rank, self.replica = layout.position(rank)
         self.parallel = parallel
-        self.data_parallel = layout.replicas // parallel.tensor_parallel
+        self.data_parallel = layout.data_parallel
         """Replicas of each stage that take their own slice of the batch (``replicas / tensor_parallel``)."""
         self.data_index = self.replica // parallel.tensor_parallel
         """Which batch slice this process takes (the tensor-parallel ranks of a replica share one)."""
         self._layered = layered
         self._graphs = graphs
-        self._aliases = aliases
         self._extra = extra
         self._owns_process_group = owns_process_group
         specs = layout.stages_of(self.pipeline_rank)
         self.stage_indices = tuple(s.index for s in specs)
         """Indices of the stages this process runs."""
-        self.modules = tuple(_to_device(graphs.modules[k], device) for k in self.stage_indices)
-        """Its stage modules (`fx.GraphModule`), on its device."""
+        copies = [_to_device(graphs.modules[k], device) for k in self.stage_indices]
         self._pipeline_group, self._replica_group = process_groups(layout, rank)
         self._ties = tie_groups(layout, graphs.tied, rank, parallel.tensor_parallel)
         self._mesh = parallel_mesh(layout, rank, parallel.tensor_parallel, device.type) if parallel.active else None
-        self._wrapped = tuple(self._wrap(m, s) for m, s in zip(self.modules, specs))
+        self._aliases = list(aliases)
+        lowered = [self._lower(m, s) for m, s in zip(copies, specs)]
+        self.modules = tuple(module for module, _ in lowered)
+        """Its stage modules (`fx.GraphModule`; under FSDP cut into one submodule per layer), on its device."""
+        self._wrapped = tuple(run for _, run in lowered)
         num_stages = len(layout.stages)
         # Shapes given up front: torch then skips its first-step shape inference, which would
         # run a forward through DDP outside `no_sync` and leave DDP waiting for that backward.
@@ -357,12 +365,24 @@ class PipelineRank:
             self._owns_process_group = False
 
     # ------------------------------------------------------------------ internals
+    def _lower(self, module: nn.Module, spec: StageSpec) -> tuple[nn.Module, nn.Module]:
+        """(the module holding the stage's tensors, the module to run): `parallelize_stage` under
+        tensor parallelism or sharding (a stage cut into layers takes its tensors' new names),
+        else `_wrap`."""
+        if self._mesh is None:
+            return module, self._wrap(module, spec)
+        assert isinstance(module, torch.fx.GraphModule)
+        lowered = parallelize_stage(
+            module, self.parallel, self._mesh, recompute=spec.recompute, layer_of=self._layered.node_layer
+        )
+        if lowered.names is not None:
+            before = self._aliases[spec.index]
+            self._aliases[spec.index] = {name: before[old] for name, old in lowered.names.items()}
+        return lowered.module, lowered.run
+
     def _wrap(self, module: nn.Module, spec: StageSpec) -> nn.Module:
         """Activation checkpointing if the plan recomputes the stage; DDP over the replica group,
         when there are replicas and something to train (tied weights left to `_sum_tied_gradients`)."""
-        if self._mesh is not None:
-            assert isinstance(module, torch.fx.GraphModule)
-            return parallelize_stage(module, self.parallel, self._mesh, recompute=spec.recompute)
         tied = {id(module.get_parameter(name)) for copies, _ in self._ties for s, name in copies if s == spec.index}
         if spec.recompute:
             module = Recomputed(module)
@@ -455,7 +475,10 @@ def build(
             default the plan's, else False.
         sharding: What the data-parallel replicas shard (`Sharding`: ZeRO-3 is FSDP2);
             default the plan's, else none (DDP, or a gradient all-reduce under tensor parallelism).
-        tp_layout: The modules tensor parallelism splits; default the plan's.
+        tp_layout: The modules tensor parallelism splits; default the plan's, else the
+            pairs `partitioner.tp_detect` finds on the model traced again here
+            (`LayeredModel.tensor_parallel`), so a plan with tensor parallelism runs with
+            no layout written by hand.
 
     Returns:
         This process's `PipelineRank`.
@@ -470,16 +493,13 @@ def build(
         TensorParallelError: The tensor-parallel degree does not divide a stage's replicas,
             a pair's heads or widths, or a vocabulary; or the layout is of another model.
     """
-    layout = plan_layout(plan, schedule=schedule, microbatches=microbatches, global_batch=global_batch)
+    parallel = parallel_spec(plan, tensor_parallel, sequence_parallel, sharding, tp_layout)
+    layout = plan_layout(
+        plan, schedule=schedule, microbatches=microbatches, global_batch=global_batch,
+        tensor_parallel=parallel.tensor_parallel,
+    )
     rank, world_size = launch_rank()
     check_launch(layout, world_size, rank, [d.name for d in plan.devices])
-    parallel = parallel_spec(plan, tensor_parallel, sequence_parallel, sharding, tp_layout)
-    check_parallel(parallel, layout, model)
-    if parallel.active and layout.global_batch % (layout.replicas // parallel.tensor_parallel * layout.microbatches):
-        raise ValueError(
-            f"a step's {layout.global_batch} samples do not split into {layout.replicas // parallel.tensor_parallel} "
-            f"data-parallel replica(s) x {layout.microbatches} microbatches"
-        )
     hazards = replication_hazards(model)
     if hazards and (layout.replicas > 1 or layout.microbatches > 1):
         raise PlanMismatchError(
@@ -488,10 +508,13 @@ def build(
         )
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    layered = _layers(plan, model, args, kwargs, split_modules)
+    layered = retrace(plan, model, args, kwargs, split_modules)  # tracing leaves the model as it is
+    if parallel.tensor_parallel > 1 and parallel.layout is None:  # the pairs partitioner.tp_detect found
+        parallel = dataclasses.replace(parallel, layout=layered.tensor_parallel)
+    check_parallel(parallel, layout, model)
     target = process_device(plan, layout, rank, device)
     stage_of_layer = [0] * len(plan.layers)
-    microbatch = layout.global_batch // (layout.replicas // parallel.tensor_parallel * layout.microbatches)
+    microbatch = layout.microbatch_size
     for s in layout.stages:
         for i in s.layers:
             stage_of_layer[i] = s.index
@@ -499,8 +522,8 @@ def build(
         graphs = build_stages(layered, stage_of_layer, args, kwargs, microbatch, target)
     except MicrobatchShapeError:
         # Traced at a fixed batch (the model branches on its batch size): trace at the microbatch's.
-        args, kwargs = _resized((args, kwargs), microbatch)
-        layered = _layers(plan, model, args, kwargs, split_modules, check_fingerprint=False)
+        args, kwargs = resized((args, kwargs), microbatch)
+        layered = retrace(plan, model, args, kwargs, split_modules, check_fingerprint=False)
         graphs = build_stages(layered, stage_of_layer, args, kwargs, microbatch, target)
     if parallel.sharding is not Sharding.NONE and graphs.tied and len(layout.stages) > 1:
         raise PlanMismatchError(
@@ -525,47 +548,6 @@ def build(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _layers(
-    plan: Plan,
-    model: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    split_modules: Sequence[str],
-    *,
-    check_fingerprint: bool = True,
-) -> LayeredModel:
-    """Trace and group `model` as the planner did (`trace_layers`), and check it is the plan's model."""
-    trace = TraceOptions(
-        frontend=Frontend(plan.frontend) if plan.frontend in ("fx", "export") else Frontend.AUTO,
-        granularity=Granularity(plan.granularity) if plan.granularity in {g.value for g in Granularity} else Granularity.BLOCK,
-        refine=plan.refined,
-        split_modules=tuple(split_modules),
-    )
-    layered, _ = trace_layers(model, args, kwargs, training=plan.training, trace=trace)
-    if check_fingerprint:
-        check_plan_applies(plan, layered)
-    else:  # traced at another batch: the fingerprint differs, the layers must not
-        names, planned = [layer.name for layer in layered.graph.layers], [layer.name for layer in plan.layers]
-        if names != planned:
-            raise PlanMismatchError(
-                f"the model traces to {len(names)} layers ({', '.join(names[:3])}, ...) but the plan has "
-                f"{len(planned)} ({', '.join(planned[:3])}, ...); plan this model again"
-            )
-    return layered
-
-
-def _resized(value: Any, batch: int) -> Any:
-    """Every tensor of `value` with `batch` rows (its first rows, repeated as needed)."""
-
-    def resize(x: Any) -> Any:
-        if not isinstance(x, torch.Tensor) or x.ndim == 0:
-            return x
-        reps = math.ceil(batch / x.shape[0])
-        return x.repeat(reps, *([1] * (x.ndim - 1)))[:batch].clone()
-
-    return tree_map(resize, value)
 
 
 def _to_device(module: nn.Module, device: torch.device) -> nn.Module:

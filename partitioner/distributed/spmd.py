@@ -37,13 +37,16 @@ Sharded data parallelism: `Sharding.ZERO3` lowers to FSDP2 ``fully_shard`` with
 ``reshard_after_forward=True``; ``ZERO3_KEEP``, ``ZERO2`` and ``ZERO1`` to
 ``reshard_after_forward=False`` (FSDP2 has no exact ZeRO-1/2: parameters are sharded
 between steps too, which only saves more memory). A stage graph reads its parameters
-with ``get_attr``, not through its blocks' ``forward``, so the stage is one FSDP unit:
-its parameters are gathered for the whole stage's forward (and backward).
+with ``get_attr``, not through its blocks' ``forward``, so it is first cut into one
+submodule per planner layer (`partitioner.distributed.units`), after tensor parallelism;
+each layer holding parameters is an FSDP unit, then the stage's root (torchtitan shards
+each block, then the model): a layer's parameters are gathered at its call and the next
+layer's prefetched, the two working copies the planner prices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +60,8 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
-from partitioner.distributed.layout import Layout
+from partitioner.distributed.layout import Layout, check_degree
+from partitioner.distributed.units import cut_layers
 from partitioner.options import Sharding
 from partitioner.plan import Plan
 from partitioner.tp_layout import TensorParallelError, TensorParallelLayout
@@ -68,6 +72,7 @@ __all__ = [
     "Recomputed",
     "check_parallel",
     "parallel_mesh",
+    "LoweredStage",
     "parallelize_stage",
     "average_gradients",
     "full_tensors",
@@ -141,22 +146,16 @@ def check_parallel(spec: ParallelSpec, layout: Layout, model: nn.Module) -> None
             layout names is not in the model, or not a Linear/Conv1D-like module.
     """
     tp = spec.tensor_parallel
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise TensorParallelError(f"tensor-parallel degree must be an integer >= 1 (got {tp!r})")
-    if layout.replicas % tp:
-        raise TensorParallelError(
-            f"the mesh does not match the launch: each pipeline rank has {layout.replicas} replica(s) "
-            f"({layout.world_size} processes, {layout.describe()}), which tensor-parallel degree {tp} does not "
-            f"divide; use a degree dividing {layout.replicas}, or plan {tp} x (data-parallel degree) replicas per stage"
-        )
+    check_degree(tp, layout.replicas, f"{layout.world_size} processes, {layout.describe()}")
     if spec.sequence_parallel and tp == 1:
         raise TensorParallelError("sequence parallelism splits activations over tensor-parallel ranks: it needs a degree > 1")
     if tp == 1:
         return
     if spec.layout is None or not spec.layout.pairs:
         raise TensorParallelError(
-            f"tensor-parallel degree {tp} but no layout says which modules split: pass a TensorParallelLayout "
-            "(partitioner.tp_detect finds one on the traced model)"
+            f"tensor-parallel degree {tp} but no layout says which modules split (none was passed, the plan "
+            "names none, and partitioner.tp_detect found no column/row pair in the traced model): pass a "
+            "TensorParallelLayout naming the model's pairs, or plan without tensor parallelism"
         )
     spec.layout.check_degree(tp)
     modules = dict(model.named_modules())
@@ -387,22 +386,51 @@ class _TensorParallelStage(nn.Module):
         return tree_map(lambda t: t.full_tensor() if isinstance(t, DTensor) else t, out)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoweredStage:
+    """A stage after `parallelize_stage`: the module holding its tensors, the module to run."""
+
+    module: nn.Module
+    """Holds the stage's parameters and buffers (the stage, or its cut into layers)."""
+    run: nn.Module
+    """What `PipelineStage` runs (the tensor-parallel, recompute and FSDP wrappers around `module`)."""
+    names: Mapping[str, str] | None = None
+    """When the stage was cut into layers (`cut_layers`): each tensor name of `module` -> its name in the stage."""
+
+
 def parallelize_stage(
-    stage: fx.GraphModule, spec: ParallelSpec, mesh: DeviceMesh, *, recompute: bool = False
-) -> nn.Module:
+    stage: fx.GraphModule,
+    spec: ParallelSpec,
+    mesh: DeviceMesh,
+    *,
+    recompute: bool = False,
+    layer_of: Mapping[str, int] | None = None,
+) -> LoweredStage:
     """Apply tensor parallelism, recompute and sharding to one stage module (in place; pass a copy).
+
+    Under FSDP (a sharding over more than one data-parallel replica) with `layer_of`
+    given, the stage is cut into one submodule per layer after tensor parallelism
+    (`cut_layers`), and each layer holding parameters is a ``fully_shard`` unit, then the
+    stage's root: parameters are gathered a layer at a time, the next one prefetched, as
+    the planner prices ZeRO-3.
 
     Args:
         stage: The stage (a copy: its graph and parameters are replaced).
         spec: What to apply; checked by `check_parallel`.
         mesh: This process's ``("dp", "tp")`` mesh (`parallel_mesh`).
         recompute: Run the stage's forward again in backward (``torch.utils.checkpoint``).
+        layer_of: Node name -> its layer's index (`LayeredModel.node_layer`); None keeps
+            the stage one FSDP unit.
 
     Returns:
-        The module to run (and to hand to `PipelineStage`); `stage`'s parameters are the
-        DTensors to optimize.
+        The module holding the stage's tensors (its parameters are the DTensors to
+        optimize) and the module to run.
     """
-    run: nn.Module = stage
+    held: nn.Module = stage
+    names: Mapping[str, str] | None = None
+    units: tuple[str, ...] = ()
+    dp = mesh["dp"].size()
+    sharded = spec.sharding is not Sharding.NONE and dp > 1
     if spec.tensor_parallel > 1:
         tp_mesh = mesh["tp"]
         placements = _placements(spec)
@@ -419,15 +447,23 @@ def parallelize_stage(
             )
         _pin(stage, spec)
         _lift_constants(stage, tp_mesh)
-        run = _TensorParallelStage(stage, tp_mesh)
+    if sharded and layer_of is not None:
+        cut = cut_layers(stage, layer_of)
+        held, names = cut.module, cut.names
+        units = tuple(u for u in cut.units if any(True for _ in cut.module.get_submodule(u).parameters()))
+    run: nn.Module = _TensorParallelStage(held, mesh["tp"]) if spec.tensor_parallel > 1 else held
     if recompute:
         run = Recomputed(run)
-    dp = mesh["dp"].size()
-    if spec.sharding is not Sharding.NONE and dp > 1:
+    if sharded:
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(run, mesh=mesh["dp"], reshard_after_forward=spec.sharding is Sharding.ZERO3)
-    return run
+        reshard = spec.sharding is Sharding.ZERO3
+        layers = [fully_shard(held.get_submodule(unit), mesh=mesh["dp"], reshard_after_forward=reshard) for unit in units]
+        for before, after in zip(layers, layers[1:]):  # the next layer's gather issued as one starts (torchtitan's option)
+            before.set_modules_to_forward_prefetch([after])
+            after.set_modules_to_backward_prefetch([before])
+        fully_shard(run, mesh=mesh["dp"], reshard_after_forward=reshard)
+    return LoweredStage(module=held, run=run, names=names)
 
 
 def average_gradients(parameters: Iterator[nn.Parameter], mesh: DeviceMesh) -> None:
