@@ -90,9 +90,8 @@ class Layer:
     tp_comm_bytes: int = 0
     """Bytes a TP group all-reduces in one forward: each row's output, a vocabulary embedding's."""
     tp_divisor: int = 0
-    """The gcd of its pairs' `partitioner.tp_layout.Pair.divisor` (vocabulary shards, split
-    unevenly, do not constrain it); `partitioner.tp_detect.ANY_DEGREE` for a layer with only
-    vocabulary shards; 0 for a layer with nothing to split."""
+    """The gcd of its pairs' `partitioner.tp_layout.Pair.divisor` and its vocabulary shards'
+    sizes: a degree dividing it splits them all; 0 for a layer with nothing to split."""
     core_flops: int = 0
     """Forward plus backward FLOPs of its attention cores (scores through the weighted sum)."""
     core_activation_bytes: int = 0

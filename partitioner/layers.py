@@ -36,7 +36,7 @@ import torch.fx as fx
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
 from partitioner.mutations import PIN
 from partitioner.profiling import BACKWARD_FLOP_FACTOR, BACKWARD_KERNEL_FACTOR, NodeStats
-from partitioner.tp_detect import ANY_DEGREE, TensorParallelNodes, detect_tensor_parallel
+from partitioner.tp_detect import TensorParallelNodes, detect_tensor_parallel
 from partitioner.tp_layout import TensorParallelLayout
 from partitioner.trace import TracedModel
 
@@ -331,7 +331,8 @@ class _Totals:
     tp_saved: int = 0
     tp_comm: int = 0
     tp_pairs: set[int] = field(default_factory=set)
-    tp_vocab: bool = False
+    tp_vocab: set[int] = field(default_factory=set)
+    """Vocabulary sizes of the shards among its nodes."""
     core_flops: int = 0
     core_saved: int = 0
 
@@ -350,7 +351,8 @@ class _Totals:
         saved = s.output_bytes if s.requires_grad else 0
         if name in tp.split:
             self.tp_flops += s.flops
-            self.tp_vocab |= name not in tp.pair_of
+            if name in tp.vocab_of:
+                self.tp_vocab.add(tp.vocab_of[name])
         if name in tp.split_saved:
             self.tp_saved += saved
         if name in tp.reduced:
@@ -437,10 +439,10 @@ def _layer_records(
 
 
 def _divisor(tp: TensorParallelNodes, a: _Totals) -> int:
-    """The layer's `Layer.tp_divisor`: its pairs' gcd; vocabulary shards split at any degree."""
-    if a.tp_pairs:
-        return math.gcd(*(tp.layout.pairs[k].divisor for k in a.tp_pairs))
-    return ANY_DEGREE if a.tp_vocab else 0
+    """The layer's `Layer.tp_divisor`: the gcd of its pairs' divisors and its vocabularies'
+    sizes (a degree not dividing a vocabulary leaves it whole, as
+    `partitioner.tp_layout.TensorParallelLayout.at_degree` runs it); 0 with nothing to split."""
+    return math.gcd(*(tp.layout.pairs[k].divisor for k in a.tp_pairs), *a.tp_vocab)
 
 
 def _values(

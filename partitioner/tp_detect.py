@@ -54,13 +54,7 @@ from partitioner.tp_ops import (
     weight_op,
 )
 
-__all__ = ["ANY_DEGREE", "TensorParallelNodes", "detect_tensor_parallel"]
-
-ANY_DEGREE = 46_126_080
-"""`partitioner.ir.Layer.tp_divisor` of a layer whose only split parts are vocabulary shards:
-DTensor shards a vocabulary unevenly (GPT-2's 50,257 rows over 8 ranks), so every degree
-splits it, and the field wants a number the degree divides. lcm(1..16) x 2^6: every degree
-up to 16, every power of two up to 1024, and 24, 48, 96."""
+__all__ = ["TensorParallelNodes", "detect_tensor_parallel"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +78,8 @@ class TensorParallelNodes:
     last, whose output the row reads)."""
     split_tensors: frozenset[int] = frozenset()
     """``id()`` of the parameters TP splits (weights and biases of columns, rows, vocabulary shards)."""
+    vocab_of: Mapping[str, int] = field(default_factory=dict)
+    """Node -> the vocabulary size of the shard it belongs to (an embedding's lookup, a head's nodes)."""
 
 
 class _Regions:
@@ -162,6 +158,7 @@ class _Detector:
         self.vocab: list[VocabShard] = []
         self.pair_of: dict[str, int] = {}
         self.split: set[str] = set()
+        self.vocab_of: dict[str, int] = {}
         self.split_saved: set[str] = set()
         self.reduced: set[str] = set()
         self.core: set[str] = set()
@@ -300,6 +297,7 @@ class _Detector:
                 self.vocab.append(VocabShard(module=module, kind="embedding", vocab=rows))
                 self.used.add(module)
                 self.split.add(n.name)
+                self.vocab_of[n.name] = rows
                 self.reduced.add(n.name)
                 self.tensors.add(id(weight))
         for r in self.regions.values():
@@ -315,6 +313,7 @@ class _Detector:
                 self.split.update(m.name for m in r.members)
                 self.split_saved.update(m.name for m in r.members)
                 self.tensors.update(id(t) for t in head.tensors)
+                self.vocab_of.update((m.name, head.out_features) for m in r.members)
 
     def sequence(self) -> tuple[str, ...]:
         """Norms, and dropouts outside the pairs, in graph order (none without pairs: then
@@ -345,6 +344,7 @@ class _Detector:
             layout=layout,
             pair_of=self.pair_of,
             split=frozenset(self.split),
+            vocab_of=dict(self.vocab_of),
             split_saved=frozenset(self.split_saved),
             reduced=frozenset(self.reduced),
             core=frozenset(self.core),

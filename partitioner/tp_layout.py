@@ -14,7 +14,7 @@ prices them; `partitioner.distributed` applies them with DTensor's ``parallelize
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from partitioner.errors import PartitionerError
 
@@ -88,6 +88,20 @@ class TensorParallelLayout:
     """Norms and dropouts between pairs that sequence parallelism splits on the sequence."""
     replicated: tuple[tuple[str, str], ...] = ()
     """(module, why) for modules with parameters left whole on every rank."""
+
+    def at_degree(self, degree: int) -> TensorParallelLayout:
+        """This layout as `degree` ranks run it: a vocabulary shard `degree` does not divide
+        stays whole (listed in `replicated`), as the planner prices it (its layer's
+        `partitioner.ir.Layer.tp_divisor` is the vocabulary's size)."""
+        uneven = tuple(v for v in self.vocab if degree > 1 and v.vocab % degree)
+        if not uneven:
+            return self
+        return replace(
+            self,
+            vocab=tuple(v for v in self.vocab if v not in uneven),
+            replicated=self.replicated
+            + tuple((v.module, f"vocabulary of {v.vocab} not divisible by tensor-parallel degree {degree}") for v in uneven),
+        )
 
     def check_degree(self, degree: int) -> None:
         """Raise unless `degree` splits every pair evenly.

@@ -506,7 +506,12 @@ def assert_same_result(model: nn.Module, pm: partitioner.PartitionedModule, spec
             assert mine.grad is None, f"{name} got a gradient the original did not"
         else:
             assert mine.grad is not None, f"{name} has no gradient"
-            torch.testing.assert_close(to_plain(mine.grad), p.grad, msg=lambda m: f"grad of {name}: {m}")
+            # A gradient that is 0 in exact arithmetic (a bias feeding a training BatchNorm,
+            # which removes the mean) is float32 rounding noise of ~1e-5 on both sides (seen:
+            # -5.5e-6 split vs 4.7e-6 original; float64 gives 1e-15), so allow that much.
+            torch.testing.assert_close(
+                to_plain(mine.grad), p.grad, atol=5e-5, rtol=1.3e-6, msg=lambda m: f"grad of {name}: {m}"
+            )
     for name, b in model.named_buffers():
         torch.testing.assert_close(to_plain(inner.get_buffer(name)), b, msg=lambda m: f"buffer {name}: {m}")
     if pm.plan.strategy is Strategy.MODEL_PARALLEL:
@@ -570,6 +575,18 @@ _NONE_DECIDES_STATE = Spec(
 )  # fmt: skip
 
 
+# A bias feeding a training BatchNorm: its gradient is 0 exactly, float32 noise on both sides.
+_ZERO_GRADIENT = Spec(
+    width=4, seq=3, batch=4, buffer=True, output_kind="dict", input_grad=True, training=True, seed=1,
+    nodes=(
+        Node("batchnorm", (0,), "train"), Node("linear", (0,)), Node("shared", (2,), 0), Node("add_", (1, 0)),
+        Node("tied", (0,), 1), Node("mutate", (4, 3), "view"), Node("shared", (4,), 0), Node("relu_", (3,)),
+        Node("linear", (0,)), Node("batchnorm", (7,), "train"),
+    ),
+    outputs=(9, 3, 4, ("mean", 8)),
+)  # fmt: skip
+
+
 @given(
     spec=specs(),
     num_devices=st.sampled_from([2, 3, 4, 1]),
@@ -585,6 +602,7 @@ _NONE_DECIDES_STATE = Spec(
 @example(spec=_NONE_DECIDES_OUTPUT, num_devices=2, data_parallel=False, tightness=_TIGHT)
 @example(spec=_READ_ANOTHER_WEIGHT, num_devices=3, data_parallel=False, tightness=_TIGHT)
 @example(spec=_NONE_DECIDES_STATE, num_devices=1, data_parallel=False, tightness=_TIGHT)
+@example(spec=_ZERO_GRADIENT, num_devices=4, data_parallel=False, tightness=[0.43, -0.1, 0.0, 0.02])
 def test_random_model_split_computes_what_the_original_computes(
     spec: Spec, num_devices: int, data_parallel: bool, tightness: list[float]
 ) -> None:

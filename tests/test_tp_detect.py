@@ -13,7 +13,6 @@ from torch import nn
 from partitioner.analysis import trace_layers
 from partitioner.layers import LayeredModel
 from partitioner.options import Frontend, Optimizer, Precision, TraceOptions
-from partitioner.tp_detect import ANY_DEGREE
 from partitioner.tp_layout import TensorParallelError
 from partitioner.training_costs import training_costs
 from tests.models import ZOO, _hf_model, _token_ids
@@ -255,9 +254,9 @@ def test_gpt2_block_costs() -> None:
     wte, wpe = _layer(layered, "transformer.wte"), _layer(layered, "transformer.wpe")
     assert wte.tp_params == 128 * 32 and wte.tp_comm_bytes == 2 * 8 * 32 * 4  # the tied head's weight too
     assert wpe.tp_params == 0 and wpe.tp_comm_bytes == 0 and wpe.tp_divisor == 0
-    # The vocabulary (128 rows here, GPT-2's 50257 in full) splits unevenly at any degree.
-    assert wte.tp_divisor == _layer(layered, "lm_head").tp_divisor == ANY_DEGREE
-    assert all(ANY_DEGREE % t == 0 for t in (*range(1, 17), 24, 32, 48, 64, 96, 128, 1024))
+    # A vocabulary splits at the degrees dividing it (128 rows here; GPT-2's 50,257 at none
+    # of 2, 4, 8: the lowering then keeps it whole, `TensorParallelLayout.at_degree`).
+    assert wte.tp_divisor == _layer(layered, "lm_head").tp_divisor == 128
     total = sum(p.numel() for p in model.parameters())
     norms = sum(p.numel() for n, m in model.named_modules() if isinstance(m, nn.LayerNorm) for p in m.parameters())
     assert sum(layer.tp_params for layer in layered.graph.layers) == total - norms - 64 * 32  # all but norms, wpe
@@ -265,7 +264,7 @@ def test_gpt2_block_costs() -> None:
 
 def test_llama_divisor_and_degree() -> None:
     layered = _layered("llama")
-    divisors = {layer.tp_divisor for layer in layered.graph.layers if layer.tp_divisor not in (0, ANY_DEGREE)}
+    divisors = {layer.tp_divisor for layer in layered.graph.layers if layer.tp_divisor not in (0, 128)}
     assert divisors == {2}  # 4 heads, 2 key/value heads
     layout = layered.tensor_parallel
     layout.check_degree(2)

@@ -284,3 +284,18 @@ def test_training_options_read_shardings_and_tensor_parallel_degrees() -> None:
         TrainingOptions(shardings=("zero4",))
     with pytest.raises(ValueError, match="tensor_parallel must be"):
         TrainingOptions(tensor_parallel=(0,))
+
+
+def test_a_vocabulary_the_degree_does_not_divide_stays_whole_at_that_degree() -> None:
+    """GPT-2's 50,257 rows over 2 ranks: the lowering keeps the head whole (and says why), as
+    the planner prices it; the pairs still split."""
+    from partitioner.tp_layout import Column, Pair, TensorParallelLayout, VocabShard
+
+    pair = Pair(columns=(Column(module="fc1", out_features=64),), row="fc2", kind="mlp", width=64)
+    layout = TensorParallelLayout(pairs=(pair,), vocab=(VocabShard(module="lm_head", kind="head", vocab=50257),))
+    assert layout.at_degree(1) is layout
+    two = layout.at_degree(2)
+    assert two.pairs == (pair,) and two.vocab == ()
+    assert two.replicated == (("lm_head", "vocabulary of 50257 not divisible by tensor-parallel degree 2"),)
+    even = TensorParallelLayout(pairs=(pair,), vocab=(VocabShard(module="lm_head", kind="head", vocab=51200),))
+    assert even.at_degree(8) is even

@@ -511,6 +511,8 @@ def build(
     layered = retrace(plan, model, args, kwargs, split_modules)  # tracing leaves the model as it is
     if parallel.tensor_parallel > 1 and parallel.layout is None:  # the pairs partitioner.tp_detect found
         parallel = dataclasses.replace(parallel, layout=layered.tensor_parallel)
+    if parallel.layout is not None:
+        parallel = dataclasses.replace(parallel, layout=parallel.layout.at_degree(parallel.tensor_parallel))
     check_parallel(parallel, layout, model)
     target = process_device(plan, layout, rank, device)
     stage_of_layer = [0] * len(plan.layers)
