@@ -14,7 +14,7 @@ from partitioner.training_costs import TrainingCosts
 from partitioner.progress import Progress
 from partitioner.units import format_bytes
 from partitioner.errors import InfeasibleError
-from partitioner.options import TrainingOptions
+from partitioner.options import Sharding, TrainingOptions
 from partitioner.pipeline_plan.space import FAMILIES, Configuration, configurations
 from partitioner.pipeline_plan.stages import Partition, StageModel
 from partitioner.plan import PipelinePlan, PlanCandidate
@@ -45,26 +45,56 @@ class _Found:
     feasible: int
 
 
+_ORDER = {Sharding.NONE: 0, Sharding.ZERO2: 1, Sharding.ZERO1: 2, Sharding.ZERO3_KEEP: 3, Sharding.ZERO3: 4}
+"""Shardings of otherwise equal configurations in the order they are tried (see `_dominated`)."""
+
+
+def _dominated(model: StageModel, config: Configuration, present: set[Configuration]) -> bool:
+    """Whether a configuration of the space that differs only in its sharding makes `config`
+    pointless: it holds no more memory in any stage and communicates no more, and so
+    reaches every split's step at least as fast.
+
+    ZeRO-2 over ZeRO-1 always (a reduce-scatter instead of an all-reduce, gradients
+    sharded too). Replicated (none) over ZeRO-2 once its split was not held back by memory,
+    where weights take at least the gradients' bytes (a reduce-scatter and an all-gather
+    then move at least an all-reduce's bytes). zero3-keep over zero3 likewise (one gather
+    fewer per microbatch).
+    """
+    if config.sharding is Sharding.ZERO1:
+        return replace(config, sharding=Sharding.ZERO2) in present
+    if config.sharding is Sharding.ZERO2 and model.weights_cover_grads:
+        return model.unconstrained(replace(config, sharding=Sharding.NONE))
+    if config.sharding is Sharding.ZERO3:
+        return model.unconstrained(replace(config, sharding=Sharding.ZERO3_KEEP))
+    return False
+
+
 def search(model: StageModel, configs: Sequence[Configuration], progress: Progress) -> _Found:
     """Best-first over `configs` (by a balanced estimate), skipping those whose bound cannot win.
 
     A configuration's bounds: ``work`` (perfect balance), then, once its DP has run,
     ``m x T*``; a split's own bound (`StageModel.split_bound`) before it is simulated.
     Each configuration offers two splits to the simulator: the DP's and equal layer
-    counts (the DP minimises the bottleneck, which is not quite the makespan).
+    counts (the DP minimises the bottleneck, which is not quite the makespan). A
+    configuration another sharding dominates (`_dominated`) is skipped; its bound is at
+    least the dominating one's.
     """
+    works = {c: model.work(c) for c in configs}
 
-    def estimate(c: Configuration) -> float:
-        return model.work(c) * (c.microbatches + (c.ranks - 1) / c.virtual_stages) / c.microbatches
+    def estimate(c: Configuration) -> tuple[float, int]:
+        return works[c] * (c.microbatches + (c.ranks - 1) / c.virtual_stages) / c.microbatches, _ORDER[c.sharding]
 
+    present = set(configs)
     best: Partition | None = None
     lower = _INF
     feasible = 0
     for k, config in enumerate(sorted(configs, key=estimate)):
         incumbent = best.step_time_s if best else _INF
-        bound = model.work(config)
+        bound = works[config]
         if bound >= incumbent:
             lower = min(lower, bound)
+            continue
+        if _dominated(model, config, present):
             continue
         found = model.split(config) if model.may_fit(config) else None
         if found is None:

@@ -46,7 +46,9 @@ from partitioner.pipeline_plan.terms import (
     LayerTables,
     StageSpec,
     StageTerms,
+    per_step_collectives,
     stage_terms,
+    with_memory,
 )
 from partitioner.plan import PlanStage
 from partitioner.simulate import (
@@ -64,6 +66,9 @@ _INF = math.inf
 Split = tuple[tuple[int, int], ...]
 _Spec = StageSpec
 _Terms = StageTerms
+_RANGES_KEPT = 64
+"""Stage matrices kept (each ~30 (n+1)^2 arrays: ~2 MB for 96 layers): the schedules and
+interleavings of one rank layout and microbatch count share theirs."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,6 +115,9 @@ class StageModel:
         self._specs: dict[Configuration, list[_Spec]] = {}
         self._splits: dict[Configuration, tuple[float, Split, tuple[int, ...]] | None] = {}
         self._stage: dict[tuple[_Spec, int, int, int], _Terms] = {}
+        self._free: set[Configuration] = set()
+        self._ranges: dict[tuple[_Spec, int], _Terms] = {}
+        self._inflight: dict[tuple[PipelineSchedule, int, int, int], tuple[int, ...]] = {}
         self.solved = self.simulated = 0
 
     @property
@@ -123,6 +131,13 @@ class StageModel:
         if tp not in self._tables:
             self._tables[tp] = LayerTables(self.costs, tp, self.options.sequence_parallel)
         return self._tables[tp]
+
+    @property
+    def weights_cover_grads(self) -> bool:
+        """Whether every layer's weights take at least its gradients' bytes (they do at every
+        precision `training_state_bytes` counts)."""
+        tab = self.tables(1)
+        return bool(np.all(tab.layer_weights >= tab.layer_grads))
 
     def useful_degrees(self) -> tuple[int, ...]:
         """The options' tensor-parallel degrees that split some layer (1 always): a degree
@@ -190,7 +205,10 @@ class StageModel:
 
     def _make_specs(self, config: Configuration) -> list[_Spec]:
         p, count, v, t = config.ranks, config.stages, config.virtual_stages, config.tp
-        inflight = peak_inflight_microbatches(config.schedule, p, config.microbatches, v)
+        key = (config.schedule, p, config.microbatches, v)
+        if key not in self._inflight:
+            self._inflight[key] = tuple(peak_inflight_microbatches(config.schedule, p, config.microbatches, v))
+        inflight = self._inflight[key]
         out = []
         for j in range(count):
             g, nxt, prv = config.groups[j % p], config.groups[(j + 1) % p], config.groups[(j - 1) % p]
@@ -288,11 +306,23 @@ class StageModel:
             Recompute.ALWAYS: (FULL,),
         }[self.options.recompute]
 
+    def _all_ranges(self, spec: _Spec, m: int) -> _Terms:
+        """`terms` of every range at once; stages alike but for their memory limits (ranks of
+        a 1F1B pipeline keep different microbatch counts in flight) share the arithmetic."""
+        key = (replace(spec, inflight=0, capacity=0), m)
+        base = self._ranges.pop(key, None)
+        if base is None:
+            base = self.terms(key[0], self.rows, self.cols, m)
+            if len(self._ranges) >= _RANGES_KEPT:
+                del self._ranges[next(iter(self._ranges))]  # the least recently used
+        self._ranges[key] = base
+        return with_memory(base, spec)
+
     def _matrices(self, spec: _Spec, m: int, relaxed: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(T, tie-break, recomputation mode) over every range ``[i, e)``: the cheapest mode
         the options allow that fits; T is inf where none fits (memory ignored when
         `relaxed`: the cheapest mode)."""
-        t = self.terms(spec, self.rows, self.cols, m)
+        t = self._all_ranges(spec, m)
         modes = self.modes()
         cost = np.full(self.valid.shape, _INF)
         total = np.full(self.valid.shape, _INF)
@@ -327,8 +357,15 @@ class StageModel:
             return None
         _, ranges, flags = free
         if all(self._fits(spec, i, e, m, rc) for spec, (i, e), rc in zip(specs, ranges, flags)):
+            self._free.add(config)
             return free
         return self._dp(specs, m, relaxed=False)
+
+    def unconstrained(self, config: Configuration) -> bool:
+        """Whether `config` was solved and memory did not bind: its split is the memory-free
+        DP's, at the cheapest recomputation (a configuration that differs only in holding
+        less and communicating no less cannot beat it)."""
+        return config in self._free
 
     def stage(self, spec: _Spec, i: int, e: int, m: int) -> _Terms:
         """`terms` of one range, remembered."""
@@ -470,21 +507,52 @@ class StageModel:
 
     # ------------------------------------------------------------------ bounds
     def work(self, config: Configuration) -> float:
-        """``m / sum over ranks g of 1 / W_g``, ``W_g`` the whole model's forward and backward
-        per microbatch on a device of rank ``g`` (tensor-parallel compute only, the cheapest
-        recomputation the options allow): the busiest rank's compute under perfect balance,
-        no communication, a lower bound on the step of every split of `config`."""
-        speed = 0.0
+        """A lower bound on the step of every split of `config`: each rank's whole-model load
+        spread over the ranks as evenly as their speeds allow.
+
+        Rank ``g``'s load for the whole model, ``T_g``: ``m`` microbatches of forward and
+        backward per device (tensor-parallel compute, the cheapest recomputation the
+        options allow, the TP all-reduces without latency) and, unless overlapped with
+        backward, its per-step data-parallel collectives (without latency). A split gives
+        rank ``g`` layers ``L_g`` and it is busy at least ``sum over L_g`` of those per-layer
+        loads; so ``step >= phi / sum_g 1 / T_g``, ``phi = sum over layers of the least share
+        of its rank's whole load a layer takes on any rank`` (1 where the ranks are alike).
+        """
         cheapest = self.modes()[0]
+        tab = self.tables(config.tp)
+        m = config.microbatches
+        loads: dict[tuple[tuple[str, ...], int, int], np.ndarray] = {}
+        rate = 0.0
         for g in config.groups:
-            b = self.samples(config, g)
-            w = 0.0
-            for kind in self.kinds(g):
-                fp, bp, sp = self.times(kind, b, config.tp)
-                rerun = fp[-1] if cheapest == FULL else sp[-1] if cheapest == SELECTIVE else 0.0
-                w = max(w, float(fp[-1] + bp[-1] + rerun))
-            speed += 1 / w if w > 0 else _INF
-        return config.microbatches / speed if speed > 0 else 0.0
+            b, d = self.samples(config, g), config.data_parallel(g)
+            key = (self.kinds(g), b, d)
+            if key not in loads:
+                per_layer = np.zeros(self.n)
+                for kind in key[0]:
+                    fp, bp, sp = self.times(kind, b, config.tp)
+                    compute = np.diff(fp) + np.diff(bp)
+                    compute += np.diff(fp) if cheapest == FULL else np.diff(sp) if cheapest == SELECTIVE else 0.0
+                    per_layer = np.maximum(per_layer, compute)
+                if config.tp > 1:
+                    t = config.tp
+                    passes = 3 if cheapest == FULL else 2
+                    per_layer = per_layer + passes * 2 * (t - 1) / t * np.diff(tab.tp_comm) * b * self.ring(g, t, True)[0]
+                per_layer = m * per_layer
+                if not self.options.overlap_allreduce:
+                    sharding = config.sharding if d > 1 else Sharding.NONE
+                    per_layer = per_layer + per_step_collectives(
+                        sharding, d, tab.layer_weights, tab.layer_grads, (self.ring(g, config.tp)[0], 0.0)
+                    )
+                loads[key] = per_layer
+            total = float(loads[key].sum())
+            rate += 1 / total if total > 0 else _INF
+        if rate == 0:
+            return 0.0
+        phi = 1.0
+        if len(loads) > 1:
+            shares = np.array([load / load.sum() if load.sum() > 0 else np.zeros_like(load) for load in loads.values()])
+            phi = float(shares.min(axis=0).sum())
+        return phi / rate
 
     def held_state(self, config: Configuration) -> int:
         """Bytes of the whole model's weights, gradients and optimizer state one device holds
