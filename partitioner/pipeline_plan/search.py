@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import heapq
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -70,30 +71,49 @@ def _dominated(model: StageModel, config: Configuration, present: set[Configurat
 
 
 def search(model: StageModel, configs: Sequence[Configuration], progress: Progress) -> _Found:
-    """Best-first over `configs` (by a balanced estimate), skipping those whose bound cannot win.
+    """Best-first branch and bound over `configs` and their splits.
 
-    A configuration's bounds: ``work`` (perfect balance), then, once its DP has run,
-    ``m x T*``; a split's own bound (`StageModel.split_bound`) before it is simulated.
-    Each configuration offers two splits to the simulator: the DP's and equal layer
-    counts (the DP minimises the bottleneck, which is not quite the makespan). A
-    configuration another sharding dominates (`_dominated`) is skipped; its bound is at
-    least the dominating one's.
+    One frontier holds configurations, keyed by their bound ``work`` (perfect balance),
+    and splits, keyed by their own bound (`StageModel.split_bound`, and at least their
+    configuration's ``m x T*``). The least key goes first: a configuration is solved by the
+    DP and offers two splits (the DP's and equal layer counts: the DP minimises the
+    bottleneck, which is not quite the makespan); a split is simulated. Once the least key
+    is no less than the best step simulated, nothing left can beat it. So the simulator,
+    the dearest step, plays only splits whose bound is the least so far. A configuration
+    another sharding dominates (`_dominated`) is skipped; its bound is at least the
+    dominating one's.
     """
     works = {c: model.work(c) for c in configs}
 
-    def estimate(c: Configuration) -> tuple[float, int]:
-        return works[c] * (c.microbatches + (c.ranks - 1) / c.virtual_stages) / c.microbatches, _ORDER[c.sharding]
+    def key(c: Configuration) -> tuple[float, float, int]:
+        estimate = works[c] * (c.microbatches + (c.ranks - 1) / c.virtual_stages) / c.microbatches
+        return works[c], estimate, _ORDER[c.sharding]
 
     present = set(configs)
+    frontier: list[tuple[tuple[float, float, int], int, Configuration | Partition]] = [
+        (key(c), k, c) for k, c in enumerate(configs)
+    ]
+    heapq.heapify(frontier)
+    tiebreak = len(configs)
     best: Partition | None = None
     lower = _INF
-    feasible = 0
-    for k, config in enumerate(sorted(configs, key=estimate)):
+    feasible = solved = 0
+    while frontier:
+        (bound, *_), _, item = heapq.heappop(frontier)
         incumbent = best.step_time_s if best else _INF
-        bound = works[config]
         if bound >= incumbent:
             lower = min(lower, bound)
+            break
+        if isinstance(item, Partition):
+            played = model.timed(item)
+            if played.step_time_s < incumbent:
+                best = played
+                progress(
+                    f"{solved}/{len(configs)}: {item.configuration.describe(model.cluster)}: step {played.step_time_s:.4g} s"
+                )
             continue
+        config = item
+        solved += 1
         if _dominated(model, config, present):
             continue
         found = model.split(config) if model.may_fit(config) else None
@@ -104,15 +124,10 @@ def search(model: StageModel, configs: Sequence[Configuration], progress: Progre
         bound = max(bound, config.microbatches * t_star)
         lower = min(lower, bound)
         for candidate in (model.partition(config, ranges, flags, "dp"), model.equal_partition(config)):
-            incumbent = best.step_time_s if best else _INF
-            if candidate is None or bound >= incumbent:
-                continue
-            if model.split_bound(candidate) >= incumbent:
-                continue
-            played = model.timed(candidate)
-            if played.step_time_s < incumbent:
-                best = played
-                progress(f"{k + 1}/{len(configs)}: {config.describe(model.cluster)}: step {played.step_time_s:.4g} s")
+            if candidate is not None:
+                tiebreak += 1
+                split = max(bound, model.split_bound(candidate))
+                heapq.heappush(frontier, ((split, split, _ORDER[config.sharding]), tiebreak, candidate))
     return _Found(best, min(lower, best.step_time_s) if best else lower, feasible)
 
 

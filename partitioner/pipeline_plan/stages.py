@@ -117,6 +117,8 @@ class StageModel:
         self._stage: dict[tuple[_Spec, int, int, int], _Terms] = {}
         self._free: set[Configuration] = set()
         self._ranges: dict[tuple[_Spec, int], _Terms] = {}
+        self._links: dict[tuple[Group, Group, int, int, int], tuple[float, float]] = {}
+        self._rings: dict[tuple[Group, int, bool], tuple[float, float]] = {}
         self._inflight: dict[tuple[PipelineSchedule, int, int, int], tuple[int, ...]] = {}
         self.solved = self.simulated = 0
 
@@ -174,6 +176,9 @@ class StageModel:
         tensor-parallel rank in the replica of `dst` that holds them: the slowest pair's
         seconds per byte, and the latencies of the messages one sender makes one after another.
         """
+        key = (src, dst, src_samples, dst_samples, tp)
+        if key in self._links:
+            return self._links[key]
         c = self.cluster
         spb, lat = 0.0, 0.0
         for k, sender in enumerate(src.devices):
@@ -183,19 +188,24 @@ class StageModel:
             receivers = [dst.devices[q * tp + rank] for q in range(first, last + 1)]
             spb = max([spb] + [c.seconds_per_byte[sender][r] for r in receivers])
             lat = max(lat, sum(c.latency_s[sender][r] for r in receivers))
+        self._links[key] = spb, lat
         return spb, lat
 
     def ring(self, group: Group, tp: int = 1, inner: bool = False) -> tuple[float, float]:
         """(slowest hop's seconds per byte, slowest hop's latency) of the rings over `group`:
         the data-parallel rings (devices strided by `tp`), or with `inner` the
         tensor-parallel ones (each run of `tp` consecutive devices)."""
+        key = (group, tp, inner)
+        if key in self._rings:
+            return self._rings[key]
         rings = (
             [group.devices[k : k + tp] for k in range(0, group.replicas, tp)]
             if inner
             else [group.devices[k::tp] for k in range(tp)]
         )
         hops = [self.cluster.allreduce_hop(d[k], d[(k + 1) % len(d)]) for d in rings if len(d) > 1 for k in range(len(d))]
-        return max((h[0] for h in hops), default=0.0), max((h[1] for h in hops), default=0.0)
+        self._rings[key] = max((h[0] for h in hops), default=0.0), max((h[1] for h in hops), default=0.0)
+        return self._rings[key]
 
     def specs(self, config: Configuration) -> list[_Spec]:
         """The `_Spec` of every stage of `config`, in order."""
