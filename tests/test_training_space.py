@@ -21,7 +21,6 @@ from partitioner.errors import InfeasibleError
 from partitioner.options import Optimizer, Precision, Recompute, Sharding, TrainingOptions
 from partitioner.pipeline_plan import Configuration, Group, StageModel, configurations, microbatch_sizes, plan_pipeline
 from partitioner.pipeline_plan.space import tensor_parallel_degrees
-from partitioner.pipeline_plan.terms import FULL, NONE, SELECTIVE
 from partitioner.plan import Plan
 from partitioner.simulate import PipelineSchedule
 from partitioner.training_costs import ChainLayer, LayerTimes, TrainingCosts, training_state_bytes
@@ -254,15 +253,15 @@ def test_step_at_least_the_lower_bound_on_grids(devices: int, memory: str, spb: 
 
 
 def test_the_dp_bound_holds_for_every_split_with_tp_and_sharding() -> None:
-    """Every split of a few TP / ZeRO configurations simulates no faster than m x T*, and
-    the DP reaches the least bottleneck (brute force)."""
-    options = TrainingOptions(max_microbatches=4, schedules=("1f1b",))
+    """Every split of a few TP / ZeRO configurations simulates no faster than m x T* nor
+    than the configuration's bound, and the DP reaches the least bottleneck (brute force)."""
+    options = TrainingOptions(max_microbatches=4, schedules=("1f1b", "gpipe"))
     cluster = hand_cluster(["a100-80gb x4"], {"a100-80gb": "2GB"}, spb=1e-10)
     costs = tp_costs(cluster, 8, options, n=6, params=3 * 10**7, act=2 * 10**7, cut=10**6, core=0.5)
     model = StageModel(costs, cluster, 8, options)
     checked = 0
     for config in configurations(cluster, 8, model.n, options):
-        if config.stages == 1 or (config.tp == 1 and config.sharding is Sharding.NONE) or not model.may_fit(config):
+        if config.stages == 1 or not model.may_fit(config):
             continue
         found = model.split(config)
         best_t, best_step = math.inf, math.inf
@@ -282,6 +281,7 @@ def test_the_dp_bound_holds_for_every_split_with_tp_and_sharding() -> None:
             continue
         assert found[0] <= best_t * (1 + 1e-12)
         assert config.microbatches * found[0] <= best_step * (1 + 1e-12)
+        assert model.work(config) <= best_step * (1 + 1e-12)  # balance and fill, without the DP
         checked += 1
     assert checked >= 5
 
