@@ -53,7 +53,7 @@ def test_plan_options_read_enum_values_from_strings() -> None:
         (lambda: SolverOptions(time_limit_s="60"), "time_limit_s must be a number of seconds > 0"),
         (lambda: SolverOptions(max_candidates=2.5), "max_candidates must be an integer >= 1"),
         (lambda: TrainingOptions(precision="fp8"), "TrainingOptions.precision: unknown Precision 'fp8'"),
-        (lambda: TrainingOptions(recompute="sometimes"), "TrainingOptions.recompute: .*'never', 'auto', 'always'"),
+        (lambda: TrainingOptions(recompute="sometimes"), "TrainingOptions.recompute: .*'never', 'auto', 'selective', 'always'"),
         (lambda: TrainingOptions(global_batch=8.0), "global_batch must be an integer >= 1 or None"),
         (lambda: TrainingOptions(max_microbatches="4"), "max_microbatches must be an integer >= 1"),
         (lambda: TrainingOptions(equal_replicas=1), "equal_replicas must be True or False"),

@@ -255,13 +255,12 @@ def test_the_dp_bound_holds_for_every_split_with_tp_and_sharding() -> None:
 def test_the_new_plan_fields_round_trip_and_old_json_loads() -> None:
     plan = hand_pipeline_plan()
     assert plan.pipeline is not None
-    stages = tuple(
-        replace(s, selective=True, tp_comm_s=0.01, dp_comm_fwd_s=0.002, dp_comm_bwd_s=0.003, gathered_bytes=2**20)
-        for s in plan.pipeline.stages
-    )
+    # One stage on both devices as one replica of tp 2.
+    stage = replace(plan.pipeline.stages[0], last_layer=2, devices=(0, 1), selective=True, tp_comm_s=0.01,
+                    dp_comm_fwd_s=0.002, dp_comm_bwd_s=0.003, gathered_bytes=2**20)
     sharded = replace(
         plan,
-        pipeline=replace(plan.pipeline, stages=stages, tensor_parallel=2, data_parallel=4, sharding="zero3",
+        pipeline=replace(plan.pipeline, stages=(stage,), tensor_parallel=2, data_parallel=1, sharding="zero3",
                          sequence_parallel=True),
     )
     assert Plan.from_json(sharded.to_json()) == sharded

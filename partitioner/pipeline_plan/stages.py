@@ -530,5 +530,5 @@ class StageModel:
         return bounds.split_bound(self, part)
 
 
-def _prefix(values: Sequence[int | float], dtype: Any = np.int64) -> np.ndarray:
+def _prefix(values: Sequence[int | float] | np.ndarray, dtype: Any = np.int64) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(np.asarray(values, dtype=dtype))))

@@ -109,11 +109,9 @@ class LayerTables:
         self.weights = _prefix(self.layer_weights)
         self.grads = _prefix(self.layer_grads)
         self.optimizer = _prefix([s.optimizer for s in states])
-        # Compute kept per device: 1 - x + x / t of each split layer.
-        self.scale = np.array(
-            [1 - (x := min(1.0, layer.tp_flops / layer.flops) if layer.flops > 0 else 0.0) + x / t if s else 1.0
-             for layer, s in zip(layers, split)]
-        )
+        # Compute kept per device: 1 - x + x / t of each split layer, x its pairs' share of its FLOPs.
+        pairs = np.array([min(1.0, layer.tp_flops / layer.flops) if layer.flops > 0 else 0.0 for layer in layers])
+        self.scale = np.where(split, 1 - pairs + pairs / t, 1.0)
         # Selective recomputation re-runs the cores' forward, core_flops / 3 of the layer's
         # forward flops / 3: that share of the layer's forward time (split with the pairs).
         self.core_share = np.array(
