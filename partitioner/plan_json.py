@@ -21,7 +21,7 @@ from typing import Any
 
 from partitioner.errors import PlanFormatError
 from partitioner.ir import TIME_SOURCES
-from partitioner.options import Objective, Strategy
+from partitioner.options import Objective, Sharding, Strategy
 from partitioner.plan import (
     PLAN_VERSION,
     PipelinePlan,
@@ -39,6 +39,8 @@ __all__ = ["plan_to_dict", "plan_from_json", "plan_from_dict"]
 _INT_LIMIT = 2**62
 _FLOAT_LIMIT = 1e30
 _SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+_SHARDINGS = tuple(s.value for s in Sharding)
+"""`partitioner.options.Sharding` values (plan data names them as strings)."""
 # A list field's annotation -> (its items' annotation, the items in words).
 _LISTS = {"tuple[int, ...]": ("int", "integers"), "tuple[str, ...]": ("str", "strings")}
 
@@ -273,9 +275,11 @@ def _check_pipeline(p: PipelinePlan, num_devices: int, num_layers: int) -> None:
     """Stages cover the layers in order, ranks own disjoint devices, counts make sense."""
     if p.schedule not in _SCHEDULES:
         raise PlanFormatError(f"pipeline.schedule must be one of {', '.join(_SCHEDULES)} (got {p.schedule!r})")
-    for key in ("microbatches", "virtual_stages", "global_batch"):
+    for key in ("microbatches", "virtual_stages", "global_batch", "tensor_parallel", "data_parallel"):
         if getattr(p, key) < 1:
             raise PlanFormatError(f"pipeline.{key} must be >= 1 (got {getattr(p, key)})")
+    if p.sharding not in _SHARDINGS:
+        raise PlanFormatError(f"pipeline.sharding must be one of {', '.join(_SHARDINGS)} (got {p.sharding!r})")
     if not p.stages or len(p.stages) % p.virtual_stages:
         raise PlanFormatError(
             f"pipeline.stages holds {len(p.stages)} stages; it needs a positive multiple of "
@@ -305,6 +309,11 @@ def _check_pipeline(p: PipelinePlan, num_devices: int, num_layers: int) -> None:
         expected = s.last_layer + 1
         if not s.devices:
             raise PlanFormatError(f"{where}.devices is empty; a stage runs on at least one device")
+        if len(s.devices) % p.tensor_parallel:
+            raise PlanFormatError(
+                f"{where}.devices holds {len(s.devices)} devices, not a multiple of pipeline.tensor_parallel "
+                f"({p.tensor_parallel}): each data-parallel replica is that many devices"
+            )
         for k, d in enumerate(s.devices):
             _check_device(d, f"{where}.devices[{k}]", num_devices)
             if d in s.devices[:k]:

@@ -70,3 +70,11 @@ def test_a_tensor_parallel_plan_shows_its_all_reduces_on_the_collectives_lane() 
     collectives = [e for rank in result.timeline.ranks for e in rank.of_kind(EventKind.COLLECTIVE)]
     assert len(collectives) == 2 * 2 * result.pipeline.microbatches  # a forward and a backward per stage and microbatch
     assert all(e.duration_s > 0 for e in collectives)
+
+
+@pytest.mark.parametrize("shard", [Sharding.ZERO1, Sharding.ZERO2, Sharding.ZERO3])
+def test_a_named_sharding_is_priced_though_another_would_dominate_it(shard: Sharding) -> None:
+    """Memory to spare: the planner skips ZeRO-1/2/3 where replicated (or zero3-keep) is as
+    fast, but a user who names one gets it priced, not an infeasible error."""
+    priced = _plan(ParallelConfig(tp=1, pp=1, shard=shard))
+    assert priced.sharding == shard.value and priced.num_ranks == 1

@@ -262,28 +262,21 @@ def test_auto_precision_follows_the_devices() -> None:
 
 
 def _brute(model: StageModel, config: Configuration) -> tuple[float, float]:
-    """(least bottleneck, least simulated step) over every split of `config`, recomputing where needed."""
+    """(least bottleneck, least simulated step) over every split of `config`, recomputing as
+    the options' policy says (the cheapest mode that fits)."""
     n, stages = model.n, config.stages
     best_t, best_step = math.inf, math.inf
     for cuts in itertools.combinations(range(1, n), stages - 1):
         ranges = tuple(zip((0, *cuts), (*cuts, n)))
-        flags, worst = [], 0.0
-        for spec, (i, e) in zip(model.specs(config), ranges):
-            t = model.stage(spec, i, e, config.microbatches)
-            if bool(t.fits):
-                flags.append(False)
-                worst = max(worst, float(t.cost))
-            elif bool(t.fits_rc):
-                flags.append(True)
-                worst = max(worst, float(t.cost_rc))
-            else:
-                worst = math.inf
-                break
-        if math.isfinite(worst):
-            best_t = min(best_t, worst)
-            part = model.partition(config, ranges, flags, "dp")
-            assert part is not None
-            best_step = min(best_step, model.timed(part).step_time_s)
+        part = model.policy_partition(config, ranges, "brute")
+        if part is None:
+            continue
+        worst = max(
+            float(model.stage(spec, i, e, config.microbatches).mode(rc)[2])
+            for spec, (i, e), rc in zip(model.specs(config), ranges, part.recompute)
+        )
+        best_t = min(best_t, worst)
+        best_step = min(best_step, model.timed(part).step_time_s)
     return best_t, best_step
 
 
@@ -295,9 +288,15 @@ def test_the_dp_is_exact_and_its_bound_holds_for_every_split(schedule: PipelineS
     cluster = hand_cluster(["a100-80gb x2", "v100 x2"], {"a100-80gb": "3GB", "v100": "2GB"}, spb=1e-10)
     costs = hand_costs(cluster, 8, options, n=7, params=3 * 10**7, act=2 * 10**7, cut=10**6,
                        speed={"a100-80gb": 1e-3, "v100": 2.5e-3})
-    model = StageModel(costs, cluster, 8, options)
+    assert assert_dp_exact(StageModel(costs, cluster, 8, options)) >= 5
+
+
+def assert_dp_exact(model: StageModel) -> int:
+    """Against brute force on every pipeline configuration of `model`'s space: the DP reaches
+    the least bottleneck ``T*``, and no split simulates faster than ``m x T*`` nor than the
+    configuration's bound (`StageModel.work`). Returns how many configurations fit."""
     checked = 0
-    for config in configurations(cluster, 8, model.n, options):
+    for config in configurations(model.cluster, model.batch, model.n, model.options):
         if config.stages == 1 or not model.may_fit(config):
             continue
         found = model.split(config)
@@ -307,8 +306,9 @@ def test_the_dp_is_exact_and_its_bound_holds_for_every_split(schedule: PipelineS
             continue
         assert found[0] == pytest.approx(brute_t, rel=1e-12)
         assert config.microbatches * found[0] <= brute_step * (1 + 1e-12)
+        assert model.work(config) <= brute_step * (1 + 1e-12)
         checked += 1
-    assert checked >= 5
+    return checked
 
 
 _stage = st.tuples(st.floats(0, 2), st.floats(0, 4), st.floats(0, 1), st.floats(0, 1), st.floats(0, 3), st.booleans())

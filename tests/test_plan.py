@@ -302,6 +302,11 @@ KEY_PATHS: dict[str, tuple[str, str]] = {
         _edit_pipeline(_set("pipeline", "stages", 0, "devices", ["0"])),
         "pipeline.stages[0].devices[0] must be an integer",
     ),
+    "unknown sharding": (_edit_pipeline(_set("pipeline", "sharding", "zero4")), "pipeline.sharding must be one of"),
+    "stage devices and tensor parallelism": (
+        _edit_pipeline(_set("pipeline", "tensor_parallel", 2)),
+        "pipeline.stages[0].devices holds 1 devices, not a multiple of pipeline.tensor_parallel (2)",
+    ),
 }
 
 

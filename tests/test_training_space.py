@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from dataclasses import replace
 
@@ -21,11 +20,10 @@ from partitioner.errors import InfeasibleError
 from partitioner.options import Optimizer, Precision, Recompute, Sharding, TrainingOptions
 from partitioner.pipeline_plan import Configuration, Group, StageModel, configurations, microbatch_sizes, plan_pipeline
 from partitioner.pipeline_plan.space import tensor_parallel_degrees
-from partitioner.pipeline_plan.terms import FULL, NONE, SELECTIVE
 from partitioner.plan import Plan
 from partitioner.simulate import PipelineSchedule
 from partitioner.training_costs import ChainLayer, LayerTimes, TrainingCosts, training_state_bytes
-from tests.test_pipeline_plan import assert_plan_valid, hand_cluster
+from tests.test_pipeline_plan import assert_dp_exact, assert_plan_valid, hand_cluster, hand_costs
 from tests.test_plan import hand_pipeline_plan
 
 
@@ -34,37 +32,26 @@ def tp_costs(
     batch: int,
     options: TrainingOptions,
     *,
-    n: int = 8,
-    params: int = 10**6,
-    act: int = 10**5,
-    cut: int = 10**4,
     comm: int = 10**4,
     divisor: int = 8,
     x: float = 0.9,
     core: float = 0.1,
     speed: float = 1e-3,
+    **table: int,
 ) -> TrainingCosts:
-    """`n` equal layers of `params` parameters, a share `x` of their FLOPs, parameters and
+    """`hand_costs`' layers (`table`: n, params, act, cut; forward ``speed x b`` seconds,
+    backward twice that; float32, SGD) with a share `x` of their FLOPs, parameters and
     activations in tensor-parallel pairs (splitting for degrees dividing `divisor`); `comm`
     bytes per sample all-reduced per pass; attention cores of a share `core` of the FLOPs
-    and activations. Forward ``speed x b`` seconds, backward twice that; float32, SGD."""
-    layer = ChainLayer(
-        name="block", params=params, activation_bytes=act, flops=3e9, tp_flops=x * 3e9, tp_params=int(x * params),
-        tp_activation_bytes=int(x * act), tp_comm_bytes=comm, tp_divisor=divisor, core_flops=core * 3e9,
-        core_activation_bytes=int(core * act),
+    and activations."""
+    base = hand_costs(cluster, batch, options, speed={k: speed for k in cluster.kinds}, **table)
+    first = base.layers[0]
+    split = dict(
+        tp_flops=x * first.flops, tp_params=int(x * first.params), tp_activation_bytes=int(x * first.activation_bytes),
+        tp_comm_bytes=comm, tp_divisor=divisor, core_flops=core * first.flops,
+        core_activation_bytes=int(core * first.activation_bytes),
     )
-    sizes = microbatch_sizes(cluster, batch, options)
-    return TrainingCosts(
-        layers=tuple(replace(layer, name=f"l{i}") for i in range(n)),
-        cut_bytes=(0,) + (cut,) * (n - 1) + (0,),
-        times=tuple(
-            LayerTimes(kind=k, samples=b, fwd_s=(speed * b,) * n, bwd_s=(2 * speed * b,) * n)
-            for k in cluster.kinds
-            for b in sizes
-        ),
-        precision=Precision.FP32,
-        optimizer=Optimizer.SGD,
-    )
+    return replace(base, layers=tuple(replace(layer, **split) for layer in base.layers))
 
 
 def one_stage(devices: int, tp: int, sharding: Sharding, microbatches: int = 1) -> Configuration:
@@ -254,36 +241,12 @@ def test_step_at_least_the_lower_bound_on_grids(devices: int, memory: str, spb: 
 
 
 def test_the_dp_bound_holds_for_every_split_with_tp_and_sharding() -> None:
-    """Every split of a few TP / ZeRO configurations simulates no faster than m x T*, and
-    the DP reaches the least bottleneck (brute force)."""
-    options = TrainingOptions(max_microbatches=4, schedules=("1f1b",))
+    """Every split of a few TP / ZeRO configurations simulates no faster than m x T* nor
+    than the configuration's bound, and the DP reaches the least bottleneck (brute force)."""
+    options = TrainingOptions(max_microbatches=4, schedules=("1f1b", "gpipe"))
     cluster = hand_cluster(["a100-80gb x4"], {"a100-80gb": "2GB"}, spb=1e-10)
     costs = tp_costs(cluster, 8, options, n=6, params=3 * 10**7, act=2 * 10**7, cut=10**6, core=0.5)
-    model = StageModel(costs, cluster, 8, options)
-    checked = 0
-    for config in configurations(cluster, 8, model.n, options):
-        if config.stages == 1 or (config.tp == 1 and config.sharding is Sharding.NONE) or not model.may_fit(config):
-            continue
-        found = model.split(config)
-        best_t, best_step = math.inf, math.inf
-        for cuts in itertools.combinations(range(1, model.n), config.stages - 1):
-            ranges = tuple(zip((0, *cuts), (*cuts, model.n)))
-            part = model.policy_partition(config, ranges, "brute")
-            if part is None:
-                continue
-            worst = max(
-                float(model.stage(spec, i, e, config.microbatches).mode(rc)[2])
-                for spec, (i, e), rc in zip(model.specs(config), ranges, part.recompute)
-            )
-            best_t = min(best_t, worst)
-            best_step = min(best_step, model.timed(part).step_time_s)
-        if found is None:
-            assert best_t == math.inf
-            continue
-        assert found[0] <= best_t * (1 + 1e-12)
-        assert config.microbatches * found[0] <= best_step * (1 + 1e-12)
-        checked += 1
-    assert checked >= 5
+    assert assert_dp_exact(StageModel(costs, cluster, 8, options)) >= 5
 
 
 # --------------------------------------------------------------------------- plan data
@@ -292,13 +255,12 @@ def test_the_dp_bound_holds_for_every_split_with_tp_and_sharding() -> None:
 def test_the_new_plan_fields_round_trip_and_old_json_loads() -> None:
     plan = hand_pipeline_plan()
     assert plan.pipeline is not None
-    stages = tuple(
-        replace(s, selective=True, tp_comm_s=0.01, dp_comm_fwd_s=0.002, dp_comm_bwd_s=0.003, gathered_bytes=2**20)
-        for s in plan.pipeline.stages
-    )
+    # One stage on both devices as one replica of tp 2.
+    stage = replace(plan.pipeline.stages[0], last_layer=2, devices=(0, 1), selective=True, tp_comm_s=0.01,
+                    dp_comm_fwd_s=0.002, dp_comm_bwd_s=0.003, gathered_bytes=2**20)
     sharded = replace(
         plan,
-        pipeline=replace(plan.pipeline, stages=stages, tensor_parallel=2, data_parallel=4, sharding="zero3",
+        pipeline=replace(plan.pipeline, stages=(stage,), tensor_parallel=2, data_parallel=1, sharding="zero3",
                          sequence_parallel=True),
     )
     assert Plan.from_json(sharded.to_json()) == sharded
@@ -354,3 +316,22 @@ def test_gpt3_175b_shaped_with_tensor_parallelism_on_64_h100s() -> None:
     assert_plan_valid(result, cluster, costs, options)
     print(f"GPT-3 175B shaped with TP, 64 x H100, batch {batch}: planned in {seconds:.1f} s, {p.description}, "
           f"step {p.step_time_s:.2f} s = {p.step_time_s / p.bound_s:.2f} x the compute bound")
+
+
+def test_the_report_names_the_parallelism_and_the_new_families() -> None:
+    from partitioner.plan import PlanCandidate
+    from partitioner.report import render_training
+
+    plan = hand_pipeline_plan()
+    assert plan.pipeline is not None
+    stages = tuple(replace(s, selective=True, tp_comm_s=0.01, gathered_bytes=2**20) for s in plan.pipeline.stages)
+    fsdp = PlanCandidate(label="FSDP", description="1 stage on 2 x a100-80gb, zero3", step_time_s=1.8,
+                         samples_per_s=2.2, note="2.00x the chosen step")
+    sharded = replace(plan, pipeline=replace(plan.pipeline, stages=stages, tensor_parallel=2, sharding="zero3",
+                                             family="TP x PP x DP", runner_ups=(fsdp,)))
+    text = render_training(sharded)
+    assert "parallelism: tensor parallel 2 x data parallel 1; state ZeRO-3 / FSDP" in text
+    assert "FSDP alone 2.00x as long" in text
+    header = next(line for line in text.splitlines() if line.startswith("stage "))
+    assert "tp comm" in header and "gathered" in header
+    assert "selective" in text

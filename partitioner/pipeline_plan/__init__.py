@@ -1,4 +1,4 @@
-"""Pure training planner: a chain of layers -> pipeline stages on replicated device groups.
+"""Pure training planner: a chain of layers -> pipeline stages on device groups, tensor-parallel and (sharded) data-parallel inside.
 
 No torch: it reads `partitioner.training_costs.TrainingCosts` (per-layer seconds, bytes and
 parameters), a `partitioner.cluster.Cluster` (devices and links) and
@@ -15,10 +15,19 @@ whose step time is what `partitioner.simulate.simulate` gives for its stages.
   stages) or, for one kind across nodes, *stages in a node* (each replica's pipeline
   inside a node, the all-reduce across nodes); or one group of every chosen device (data
   parallelism; kinds may mix, at the slowest replica's pace);
-- ``m`` microbatches (``m x r`` divides the global batch for every group, within the
+- the tensor-parallel degree ``tp``: a group is ``d = r / tp`` data-parallel replicas of
+  ``tp`` consecutive devices of one kind in one node (``tp`` divides the group and the
+  node's devices of that kind; degrees that split no layer are left out);
+- the sharding over the ``d`` replicas (none, ZeRO-1, ZeRO-2, ZeRO-3 / FSDP with or
+  without resharding after forward), where some rank has ``d > 1``;
+- ``m`` microbatches (``m x d`` divides the global batch for every group, within the
   options' limits) and the schedule: GPipe, 1F1B, or interleaved 1F1B with ``v = 2..``
   stages per rank (microbatch counts torch's schedule takes);
-- per stage, whether it recomputes its activations (`partitioner.options.Recompute`).
+- per stage, its recomputation: none, selective (attention cores) or full
+  (`partitioner.options.Recompute`).
+
+What each stage then costs and holds is `terms` (tensor-parallel compute and all-reduces,
+sharded state, ZeRO collectives, activations under sequence parallelism).
 
 Stages hold contiguous layers, at least one each: ``ranks x v`` of them, at most one per
 layer and `TrainingOptions.max_stages`. Interleaved stages get ``1/v`` of their rank's
@@ -30,10 +39,11 @@ order splits the layers: it minimises the largest per-microbatch stage cost
 and its link) subject to every stage's memory under the schedule, then, among the splits
 reaching that, the sum of ``f + b + sends`` (fill and drain). A rank is busy at least
 ``m (f + b)`` and then all-reduces, so ``m x T*`` bounds the step of *every* split of the
-configuration from below. Configurations go best estimate first; one whose bound cannot
-beat the best step so far is skipped; otherwise its DP split and its equal split are
-simulated (GPipe by its exact closed form) unless their own bounds rule them out. The plan
-is the fastest simulated. `PipelinePlan.lower_bound_s` is the least bound over the whole
+configuration from below. Configurations go least bound first; one whose bound cannot
+beat the best step so far is skipped, and so is one another sharding dominates;
+otherwise its DP split and its equal split join the same best-first frontier, keyed by
+their own bounds (`bounds`), and are simulated (GPipe by its exact closed form) when their
+bound is the least left. The plan is the fastest simulated. `PipelinePlan.lower_bound_s` is the least bound over the whole
 space, so ``step / lower_bound - 1`` bounds how far any plan of the space could beat it;
 the DP itself is exact for its objective (gap 0).
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import heapq
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -14,7 +15,7 @@ from partitioner.training_costs import TrainingCosts
 from partitioner.progress import Progress
 from partitioner.units import format_bytes
 from partitioner.errors import InfeasibleError
-from partitioner.options import TrainingOptions
+from partitioner.options import Sharding, TrainingOptions
 from partitioner.pipeline_plan.space import FAMILIES, Configuration, configurations
 from partitioner.pipeline_plan.stages import Partition, StageModel
 from partitioner.plan import PipelinePlan, PlanCandidate
@@ -45,26 +46,77 @@ class _Found:
     feasible: int
 
 
-def search(model: StageModel, configs: Sequence[Configuration], progress: Progress) -> _Found:
-    """Best-first over `configs` (by a balanced estimate), skipping those whose bound cannot win.
+_ORDER = {Sharding.NONE: 0, Sharding.ZERO2: 1, Sharding.ZERO1: 2, Sharding.ZERO3_KEEP: 3, Sharding.ZERO3: 4}
+"""Shardings of otherwise equal configurations in the order they are tried (see `_dominated`)."""
 
-    A configuration's bounds: ``work`` (perfect balance), then, once its DP has run,
-    ``m x T*``; a split's own bound (`StageModel.split_bound`) before it is simulated.
-    Each configuration offers two splits to the simulator: the DP's and equal layer
-    counts (the DP minimises the bottleneck, which is not quite the makespan).
+
+def _dominated(model: StageModel, config: Configuration, present: set[Configuration]) -> bool:
+    """Whether a configuration of the space that differs only in its sharding makes `config`
+    pointless: it holds no more memory in any stage and communicates no more, and so
+    reaches every split's step at least as fast.
+
+    ZeRO-2 over ZeRO-1 always (a reduce-scatter instead of an all-reduce, gradients
+    sharded too). Replicated (none) over ZeRO-2 once its split was not held back by memory,
+    where weights take at least the gradients' bytes (a reduce-scatter and an all-gather
+    then move at least an all-reduce's bytes). zero3-keep over zero3 likewise (one gather
+    fewer per microbatch).
     """
+    if config.sharding is Sharding.ZERO1:
+        return replace(config, sharding=Sharding.ZERO2) in present
+    if config.sharding is Sharding.ZERO2 and model.weights_cover_grads:
+        other = replace(config, sharding=Sharding.NONE)
+        return other in present and model.unconstrained(other)
+    if config.sharding is Sharding.ZERO3:
+        other = replace(config, sharding=Sharding.ZERO3_KEEP)
+        return other in present and model.unconstrained(other)
+    return False
 
-    def estimate(c: Configuration) -> float:
-        return model.work(c) * (c.microbatches + (c.ranks - 1) / c.virtual_stages) / c.microbatches
 
+def search(model: StageModel, configs: Sequence[Configuration], progress: Progress) -> _Found:
+    """Best-first branch and bound over `configs` and their splits.
+
+    One frontier holds configurations, keyed by their bound ``work`` (perfect balance),
+    and splits, keyed by their own bound (`StageModel.split_bound`, and at least their
+    configuration's ``m x T*``). The least key goes first: a configuration is solved by the
+    DP and offers two splits (the DP's and equal layer counts: the DP minimises the
+    bottleneck, which is not quite the makespan); a split is simulated. Once the least key
+    is no less than the best step simulated, nothing left can beat it. So the simulator,
+    the dearest step, plays only splits whose bound is the least so far. A configuration
+    another sharding dominates (`_dominated`) is skipped; its bound is at least the
+    dominating one's.
+    """
+    works = {c: model.work(c) for c in configs}
+
+    def key(c: Configuration) -> tuple[float, float, int]:
+        estimate = works[c] * (c.microbatches + (c.ranks - 1) / c.virtual_stages) / c.microbatches
+        return works[c], estimate, _ORDER[c.sharding]
+
+    present = set(configs)
+    frontier: list[tuple[tuple[float, float, int], int, Configuration | Partition]] = [
+        (key(c), k, c) for k, c in enumerate(configs)
+    ]
+    heapq.heapify(frontier)
+    tiebreak = len(configs)
     best: Partition | None = None
     lower = _INF
-    feasible = 0
-    for k, config in enumerate(sorted(configs, key=estimate)):
+    feasible = solved = 0
+    while frontier:
+        (bound, *_), _, item = heapq.heappop(frontier)
         incumbent = best.step_time_s if best else _INF
-        bound = model.work(config)
         if bound >= incumbent:
             lower = min(lower, bound)
+            break
+        if isinstance(item, Partition):
+            played = model.timed(item)
+            if played.step_time_s < incumbent:
+                best = played
+                progress(
+                    f"{solved}/{len(configs)}: {item.configuration.describe(model.cluster)}: step {played.step_time_s:.4g} s"
+                )
+            continue
+        config = item
+        solved += 1
+        if _dominated(model, config, present):
             continue
         found = model.split(config) if model.may_fit(config) else None
         if found is None:
@@ -79,15 +131,10 @@ def search(model: StageModel, configs: Sequence[Configuration], progress: Progre
             model.equal_partition(config) if split in (None, "equal") else None,
         )
         for candidate in offered:
-            incumbent = best.step_time_s if best else _INF
-            if candidate is None or bound >= incumbent:
-                continue
-            if model.split_bound(candidate) >= incumbent:
-                continue
-            played = model.timed(candidate)
-            if played.step_time_s < incumbent:
-                best = played
-                progress(f"{k + 1}/{len(configs)}: {config.describe(model.cluster)}: step {played.step_time_s:.4g} s")
+            if candidate is not None:
+                tiebreak += 1
+                split_bound = max(bound, model.split_bound(candidate))
+                heapq.heappush(frontier, ((split_bound, split_bound, _ORDER[config.sharding]), tiebreak, candidate))
     return _Found(best, min(lower, best.step_time_s) if best else lower, feasible)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from partitioner.cluster import Cluster
 from partitioner.training_costs import TrainingCosts, training_state_bytes
 from partitioner.options import Recompute, Sharding, TrainingOptions
+from partitioner.pipeline_plan import bounds
 from partitioner.pipeline_plan.space import Configuration, Group
 from partitioner.pipeline_plan.terms import (
     FULL,
@@ -47,6 +48,7 @@ from partitioner.pipeline_plan.terms import (
     StageSpec,
     StageTerms,
     stage_terms,
+    with_memory,
 )
 from partitioner.plan import PlanStage
 from partitioner.simulate import (
@@ -64,6 +66,9 @@ _INF = math.inf
 Split = tuple[tuple[int, int], ...]
 _Spec = StageSpec
 _Terms = StageTerms
+_RANGES_KEPT = 64
+"""Stage matrices kept (each ~30 (n+1)^2 arrays: ~2 MB for 96 layers): the schedules and
+interleavings of one rank layout and microbatch count share theirs."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,6 +115,11 @@ class StageModel:
         self._specs: dict[Configuration, list[_Spec]] = {}
         self._splits: dict[Configuration, tuple[float, Split, tuple[int, ...]] | None] = {}
         self._stage: dict[tuple[_Spec, int, int, int], _Terms] = {}
+        self._free: set[Configuration] = set()
+        self._ranges: dict[tuple[_Spec, int], _Terms] = {}
+        self._links: dict[tuple[Group, Group, int, int, int], tuple[float, float]] = {}
+        self._rings: dict[tuple[Group, int, bool], tuple[float, float]] = {}
+        self._inflight: dict[tuple[PipelineSchedule, int, int, int], tuple[int, ...]] = {}
         self.solved = self.simulated = 0
 
     @property
@@ -123,6 +133,13 @@ class StageModel:
         if tp not in self._tables:
             self._tables[tp] = LayerTables(self.costs, tp, self.options.sequence_parallel)
         return self._tables[tp]
+
+    @property
+    def weights_cover_grads(self) -> bool:
+        """Whether every layer's weights take at least its gradients' bytes (they do at every
+        precision `training_state_bytes` counts)."""
+        tab = self.tables(1)
+        return bool(np.all(tab.layer_weights >= tab.layer_grads))
 
     def useful_degrees(self) -> tuple[int, ...]:
         """The options' tensor-parallel degrees that split some layer (1 always): a degree
@@ -159,6 +176,9 @@ class StageModel:
         tensor-parallel rank in the replica of `dst` that holds them: the slowest pair's
         seconds per byte, and the latencies of the messages one sender makes one after another.
         """
+        key = (src, dst, src_samples, dst_samples, tp)
+        if key in self._links:
+            return self._links[key]
         c = self.cluster
         spb, lat = 0.0, 0.0
         for k, sender in enumerate(src.devices):
@@ -168,19 +188,24 @@ class StageModel:
             receivers = [dst.devices[q * tp + rank] for q in range(first, last + 1)]
             spb = max([spb] + [c.seconds_per_byte[sender][r] for r in receivers])
             lat = max(lat, sum(c.latency_s[sender][r] for r in receivers))
+        self._links[key] = spb, lat
         return spb, lat
 
     def ring(self, group: Group, tp: int = 1, inner: bool = False) -> tuple[float, float]:
         """(slowest hop's seconds per byte, slowest hop's latency) of the rings over `group`:
         the data-parallel rings (devices strided by `tp`), or with `inner` the
         tensor-parallel ones (each run of `tp` consecutive devices)."""
+        key = (group, tp, inner)
+        if key in self._rings:
+            return self._rings[key]
         rings = (
             [group.devices[k : k + tp] for k in range(0, group.replicas, tp)]
             if inner
             else [group.devices[k::tp] for k in range(tp)]
         )
         hops = [self.cluster.allreduce_hop(d[k], d[(k + 1) % len(d)]) for d in rings if len(d) > 1 for k in range(len(d))]
-        return max((h[0] for h in hops), default=0.0), max((h[1] for h in hops), default=0.0)
+        self._rings[key] = max((h[0] for h in hops), default=0.0), max((h[1] for h in hops), default=0.0)
+        return self._rings[key]
 
     def specs(self, config: Configuration) -> list[_Spec]:
         """The `_Spec` of every stage of `config`, in order."""
@@ -190,7 +215,10 @@ class StageModel:
 
     def _make_specs(self, config: Configuration) -> list[_Spec]:
         p, count, v, t = config.ranks, config.stages, config.virtual_stages, config.tp
-        inflight = peak_inflight_microbatches(config.schedule, p, config.microbatches, v)
+        key = (config.schedule, p, config.microbatches, v)
+        if key not in self._inflight:
+            self._inflight[key] = tuple(peak_inflight_microbatches(config.schedule, p, config.microbatches, v))
+        inflight = self._inflight[key]
         out = []
         for j in range(count):
             g, nxt, prv = config.groups[j % p], config.groups[(j + 1) % p], config.groups[(j - 1) % p]
@@ -288,11 +316,24 @@ class StageModel:
             Recompute.ALWAYS: (FULL,),
         }[self.options.recompute]
 
+    def _all_ranges(self, spec: _Spec, m: int, memory: bool = True) -> _Terms:
+        """`terms` of every range at once; stages alike but for their memory limits (ranks of
+        a 1F1B pipeline keep different microbatch counts in flight) share the arithmetic
+        (what fits is left as for another stage unless `memory`)."""
+        key = (replace(spec, inflight=0, capacity=0), m)
+        base = self._ranges.pop(key, None)
+        if base is None:
+            base = self.terms(key[0], self.rows, self.cols, m)
+            if len(self._ranges) >= _RANGES_KEPT:
+                del self._ranges[next(iter(self._ranges))]  # the least recently used
+        self._ranges[key] = base
+        return with_memory(base, spec) if memory else base
+
     def _matrices(self, spec: _Spec, m: int, relaxed: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(T, tie-break, recomputation mode) over every range ``[i, e)``: the cheapest mode
         the options allow that fits; T is inf where none fits (memory ignored when
         `relaxed`: the cheapest mode)."""
-        t = self.terms(spec, self.rows, self.cols, m)
+        t = self._all_ranges(spec, m, memory=not relaxed)
         modes = self.modes()
         cost = np.full(self.valid.shape, _INF)
         total = np.full(self.valid.shape, _INF)
@@ -327,8 +368,15 @@ class StageModel:
             return None
         _, ranges, flags = free
         if all(self._fits(spec, i, e, m, rc) for spec, (i, e), rc in zip(specs, ranges, flags)):
+            self._free.add(config)
             return free
         return self._dp(specs, m, relaxed=False)
+
+    def unconstrained(self, config: Configuration) -> bool:
+        """Whether `config` was solved and memory did not bind: its split is the memory-free
+        DP's, at the cheapest recomputation (a configuration that differs only in holding
+        less and communicating no less cannot beat it)."""
+        return config in self._free
 
     def stage(self, spec: _Spec, i: int, e: int, m: int) -> _Terms:
         """`terms` of one range, remembered."""
@@ -481,88 +529,17 @@ class StageModel:
 
     # ------------------------------------------------------------------ bounds
     def work(self, config: Configuration) -> float:
-        """``m / sum over ranks g of 1 / W_g``, ``W_g`` the whole model's forward and backward
-        per microbatch on a device of rank ``g`` (tensor-parallel compute only, the cheapest
-        recomputation the options allow): the busiest rank's compute under perfect balance,
-        no communication, a lower bound on the step of every split of `config`."""
-        speed = 0.0
-        cheapest = self.modes()[0]
-        for g in config.groups:
-            b = self.samples(config, g)
-            w = 0.0
-            for kind in self.kinds(g):
-                fp, bp, sp = self.times(kind, b, config.tp)
-                rerun = fp[-1] if cheapest == FULL else sp[-1] if cheapest == SELECTIVE else 0.0
-                w = max(w, float(fp[-1] + bp[-1] + rerun))
-            speed += 1 / w if w > 0 else _INF
-        return config.microbatches / speed if speed > 0 else 0.0
-
-    def held_state(self, config: Configuration) -> int:
-        """Bytes of the whole model's weights, gradients and optimizer state one device holds
-        at the configuration's tensor-parallel degree and sharding over its ranks' most
-        data-parallel replicas (working copies of ZeRO-3 not counted)."""
-        tab = self.tables(config.tp)
-        d = max(config.data_parallel(g) for g in config.groups)
-        w, g, o = int(tab.weights[-1]), int(tab.grads[-1]), int(tab.optimizer[-1])
-        sharding = config.sharding if d > 1 else Sharding.NONE
-        if sharding is not Sharding.NONE:
-            o //= d
-            if sharding is not Sharding.ZERO1:
-                g //= d
-            if sharding in (Sharding.ZERO3, Sharding.ZERO3_KEEP):
-                w //= d
-        return w + g + o
+        """`bounds.work`: no split of `config` steps faster."""
+        return bounds.work(self, config)
 
     def may_fit(self, config: Configuration) -> bool:
-        """False when the ranks cannot hold the model's state even spread perfectly (each
-        device of a rank holds its stages' state as `held_state` counts it; more replicas
-        shard more, so the ranks' most replicas bound every rank's share from below)."""
-        return sum(min(self.capacity[d] for d in g.devices) for g in config.groups) >= self.held_state(config)
+        """`bounds.may_fit`: False when no split of `config` can hold the model's state."""
+        return bounds.may_fit(self, config)
 
     def split_bound(self, part: Partition) -> float:
-        """A lower bound on the step of this split, from its stages alone.
-
-        One stage per rank: stage ``k`` (``f, b`` per microbatch) cannot start before
-        microbatch 0 has passed the stages before it (``pre_k``: forwards and sends), nor
-        its first backward before microbatch 0 has been to the last stage and back
-        (``f + rt_k``); until then it runs at most the ``w`` forwards its schedule allows
-        (1F1B: ``min(p - k, m)``, GPipe: ``m``). After its last backward the gradient still
-        goes back through the stages before it (``post_k``) while its all-reduce runs::
-
-            pre_k + max(w f, f + rt_k) + (m - w) f + m b + max(post_k, exposed all-reduce_k)
-
-        Interleaved: rank ``r`` starts after ``pre_r`` and computes ``m`` times the sum of
-        its stages' ``f + b``, then (serial) all-reduces them one after another. Either
-        way, the step is also at least ``m`` times a rank's sends (one link per rank).
-        """
-        c = part.configuration
-        m, stages = c.microbatches, part.stages
-        pre = [0.0] * len(stages)
-        for k in range(1, len(stages)):
-            pre[k] = pre[k - 1] + stages[k - 1].fwd_s + stages[k - 1].send_fwd_s
-        if c.virtual_stages > 1:
-            bound = 0.0
-            for r in range(c.ranks):
-                own = stages[r :: c.ranks]
-                allreduce = 0.0 if self.options.overlap_allreduce else sum(s.allreduce_s for s in own)
-                busy = m * sum(s.fwd_s + s.bwd_s for s in own)
-                bound = max(bound, pre[r] + busy + allreduce, m * sum(s.send_fwd_s + s.send_bwd_s for s in own))
-            return bound
-        p = len(stages)
-        rt = [0.0] * p
-        for k in range(p - 2, -1, -1):
-            nxt = stages[k + 1]
-            rt[k] = rt[k + 1] + stages[k].send_fwd_s + nxt.fwd_s + nxt.bwd_s + nxt.send_bwd_s
-        bound, post = 0.0, 0.0
-        for k, s in enumerate(stages):
-            if k:
-                post += stages[k - 1].bwd_s + s.send_bwd_s
-            w = min(p - k, m) if c.schedule is PipelineSchedule.ONE_F_ONE_B else m
-            exposed = max(0.0, s.allreduce_s - s.bwd_s) if self.options.overlap_allreduce else s.allreduce_s
-            busy = max(w * s.fwd_s, s.fwd_s + rt[k]) + (m - w) * s.fwd_s + m * s.bwd_s
-            bound = max(bound, pre[k] + busy + max(post, exposed), m * (s.send_fwd_s + s.send_bwd_s))
-        return bound
+        """`bounds.split_bound`: `part` steps no faster."""
+        return bounds.split_bound(self, part)
 
 
-def _prefix(values: Sequence[int | float], dtype: Any = np.int64) -> np.ndarray:
+def _prefix(values: Sequence[int | float] | np.ndarray, dtype: Any = np.int64) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(np.asarray(values, dtype=dtype))))

@@ -40,7 +40,7 @@ Collectives that span nodes run at their slowest hop (`partitioner.cluster.Clust
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -48,11 +48,39 @@ import numpy as np
 from partitioner.options import Sharding
 from partitioner.training_costs import TrainingCosts, training_state_bytes
 
-__all__ = ["NONE", "SELECTIVE", "FULL", "RECOMPUTE_NAMES", "LayerTables", "StageSpec", "StageTerms", "stage_terms"]
+__all__ = [
+    "NONE",
+    "SELECTIVE",
+    "FULL",
+    "RECOMPUTE_NAMES",
+    "LayerTables",
+    "StageSpec",
+    "StageTerms",
+    "stage_terms",
+    "with_memory",
+    "per_step_collectives",
+]
 
 NONE, FULL, SELECTIVE = 0, 1, 2
 """Recomputation of a stage (as ints, so that a bool reads as before: True is full)."""
 RECOMPUTE_NAMES = ("none", "full", "selective")
+
+
+def per_step_collectives(sharding: Sharding, d: int, weights: Any, grads: Any, ring: tuple[float, float]) -> Any:
+    """Seconds of a stage's data-parallel collectives once per step (the docstring's table):
+    all-reduce of the gradients (none, zero1), the updated weights' all-gather (zero1,
+    zero2) after a reduce-scatter of the gradients (zero2); nothing for zero3 (its
+    collectives run every microbatch). 0 for one replica."""
+    if d < 2 or sharding in (Sharding.ZERO3, Sharding.ZERO3_KEEP):
+        return 0.0
+    per_byte, latency = ring
+    share = (d - 1) / d
+    if sharding is Sharding.ZERO2:
+        return share * (grads + weights) * per_byte + 2 * (d - 1) * latency
+    seconds = 2 * share * grads * per_byte + 2 * (d - 1) * latency
+    if sharding is Sharding.ZERO1:
+        seconds = seconds + share * weights * per_byte + (d - 1) * latency
+    return seconds
 
 
 def _prefix(values: Any, dtype: Any = np.int64) -> np.ndarray:
@@ -81,11 +109,9 @@ class LayerTables:
         self.weights = _prefix(self.layer_weights)
         self.grads = _prefix(self.layer_grads)
         self.optimizer = _prefix([s.optimizer for s in states])
-        # Compute kept per device: 1 - x + x / t of each split layer.
-        self.scale = np.array(
-            [1 - (x := min(1.0, layer.tp_flops / layer.flops) if layer.flops > 0 else 0.0) + x / t if s else 1.0
-             for layer, s in zip(layers, split)]
-        )
+        # Compute kept per device: 1 - x + x / t of each split layer, x its pairs' share of its FLOPs.
+        pairs = np.array([min(1.0, layer.tp_flops / layer.flops) if layer.flops > 0 else 0.0 for layer in layers])
+        self.scale = np.where(split, 1 - pairs + pairs / t, 1.0)
         # Selective recomputation re-runs the cores' forward, core_flops / 3 of the layer's
         # forward flops / 3: that share of the layer's forward time (split with the pairs).
         self.core_share = np.array(
@@ -192,6 +218,8 @@ class StageTerms:
     """Bytes of one microbatch's attention cores: what selective recomputation frees and rebuilds."""
     keep: Any
     """Bytes a fully recomputing stage keeps per microbatch: its input."""
+    static: Any
+    """Held throughout the step: weights, grads, optimizer state, gathered weights, buffers."""
     fits: Any
     fits_sel: Any
     fits_rc: Any
@@ -209,6 +237,21 @@ class StageTerms:
         if recompute == SELECTIVE:
             return self.bwd_sel, self.fits_sel, self.cost_sel, self.total_sel, self.dp_bwd_sel
         return self.bwd, self.fits, self.cost, self.total, self.dp_bwd
+
+
+def _fits(static: Any, act: Any, core: Any, keep: Any, inflight: int, capacity: int) -> dict[str, Any]:
+    """Memory per device under each recomputation mode, against the capacity."""
+    return {
+        "fits": static + inflight * act <= capacity,
+        "fits_sel": static + core + inflight * (act - core) <= capacity,
+        "fits_rc": static + act + inflight * keep <= capacity,
+    }
+
+
+def with_memory(terms: StageTerms, spec: StageSpec) -> StageTerms:
+    """`terms` of a stage that differs from `spec` only in its microbatches in flight and
+    capacity, made for `spec` (the seconds and bytes are the same; only what fits changes)."""
+    return replace(terms, **_fits(terms.static, terms.act, terms.core, terms.keep, spec.inflight, spec.capacity))
 
 
 def stage_terms(
@@ -255,18 +298,14 @@ def stage_terms(
 
     held_w, held_g, held_o = weights, grads, optimizer
     gathered: Any = 0
-    allreduce: Any = 0.0 if d < 2 else 2 * gather(grads)
+    allreduce: Any = per_step_collectives(sharding, d, weights, grads, spec.ring)
     dp_fwd: Any = 0.0
     zero3 = sharding in (Sharding.ZERO3, Sharding.ZERO3_KEEP)
     if sharding is not Sharding.NONE:
         held_o = optimizer / d
-        if sharding is Sharding.ZERO1:
-            allreduce = allreduce + gather(weights)
-        else:
+        if sharding is not Sharding.ZERO1:
             held_g = grads / d
-            allreduce = gather(grads) + gather(weights)
     if zero3:
-        allreduce = 0.0
         held_w = weights / d
         layers = e - i
         first_w = tables.layer_weights[np.minimum(i, len(tables.layer_weights) - 1)]
@@ -328,9 +367,8 @@ def stage_terms(
         act=act,
         core=core,
         keep=cut_in,
-        fits=static + spec.inflight * act <= spec.capacity,
-        fits_sel=static + core + spec.inflight * (act - core) <= spec.capacity,
-        fits_rc=static + act + spec.inflight * cut_in <= spec.capacity,
+        static=static,
+        **_fits(static, act, core, cut_in, spec.inflight, spec.capacity),
         cost=np.maximum(fwd + bwd + exposed(bwd) / m, link),
         cost_sel=np.maximum(fwd + bwd_sel + exposed(bwd_sel) / m, link),
         cost_rc=np.maximum(fwd + bwd_rc + exposed(bwd_rc) / m, link),
