@@ -123,6 +123,8 @@ def search(model: StageModel, configs: Sequence[Configuration], progress: Progre
         t_star, ranges, flags = found
         bound = max(bound, config.microbatches * t_star)
         lower = min(lower, bound)
+        if bound >= incumbent:
+            continue  # the incumbent only falls: its splits could never be played
         for candidate in (model.partition(config, ranges, flags, "dp"), model.equal_partition(config)):
             if candidate is not None:
                 tiebreak += 1
