@@ -125,6 +125,8 @@ def search(model: StageModel, configs: Sequence[Configuration], progress: Progre
         t_star, ranges, flags = found
         bound = max(bound, config.microbatches * t_star)
         lower = min(lower, bound)
+        if bound >= incumbent:
+            continue  # the incumbent only falls: its splits could never be played
         split = model.options.config.split if model.options.config is not None else None
         offered = (
             model.partition(config, ranges, flags, "dp") if split in (None, "dp") else None,
