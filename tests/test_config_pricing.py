@@ -78,3 +78,15 @@ def test_a_named_sharding_is_priced_though_another_would_dominate_it(shard: Shar
     fast, but a user who names one gets it priced, not an infeasible error."""
     priced = _plan(ParallelConfig(tp=1, pp=1, shard=shard))
     assert priced.sharding == shard.value and priced.num_ranks == 1
+
+
+def test_1f1b_needs_a_microbatch_per_rank_as_torch_runs_it() -> None:
+    """Schedule1F1B refuses fewer microbatches than stages; the space then offers GPipe."""
+    from partitioner.pipeline_plan import configurations
+    from partitioner.simulate import PipelineSchedule
+
+    cluster = hand_cluster(["a100-80gb x4"])
+    configs = configurations(cluster, 8, 8, TrainingOptions(max_microbatches=8, tensor_parallel=(1,)))
+    one_f_one_b = [c for c in configs if c.schedule is PipelineSchedule.ONE_F_ONE_B]
+    assert one_f_one_b and all(c.microbatches >= c.ranks for c in one_f_one_b)
+    assert any(c.schedule is PipelineSchedule.GPIPE and c.microbatches < c.ranks for c in configs)

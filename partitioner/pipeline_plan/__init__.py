@@ -21,7 +21,8 @@ whose step time is what `partitioner.simulate.simulate` gives for its stages.
 - the sharding over the ``d`` replicas (none, ZeRO-1, ZeRO-2, ZeRO-3 / FSDP with or
   without resharding after forward), where some rank has ``d > 1``;
 - ``m`` microbatches (``m x d`` divides the global batch for every group, within the
-  options' limits) and the schedule: GPipe, 1F1B, or interleaved 1F1B with ``v = 2..``
+  options' limits) and the schedule: GPipe, 1F1B (with a microbatch per rank at least, as torch's
+  `Schedule1F1B` needs), or interleaved 1F1B with ``v = 2..``
   stages per rank (microbatch counts torch's schedule takes);
 - per stage, its recomputation: none, selective (attention cores) or full
   (`partitioner.options.Recompute`).

@@ -263,6 +263,8 @@ def configurations(cluster: Cluster, global_batch: int, layers: int, options: Tr
             shardings = options.shardings if max(replicas) > 1 else (Sharding.NONE,)
             for m in microbatch_counts(global_batch, replicas, options):
                 for schedule in options.schedules:
+                    if schedule is PipelineSchedule.ONE_F_ONE_B and m < p:
+                        continue  # torch's Schedule1F1B needs a microbatch per stage (fewer: GPipe's order)
                     if schedule is not PipelineSchedule.INTERLEAVED_1F1B:
                         vs = [1]
                     else:
