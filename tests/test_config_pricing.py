@@ -90,3 +90,21 @@ def test_1f1b_needs_a_microbatch_per_rank_as_torch_runs_it() -> None:
     one_f_one_b = [c for c in configs if c.schedule is PipelineSchedule.ONE_F_ONE_B]
     assert one_f_one_b and all(c.microbatches >= c.ranks for c in one_f_one_b)
     assert any(c.schedule is PipelineSchedule.GPIPE and c.microbatches < c.ranks for c in configs)
+
+
+def test_a_data_parallel_ring_across_nodes_is_priced_per_link_level() -> None:
+    """32 A100s in 4 nodes, one stage replicated: the all-reduce is NVLink inside each node and
+    1/8 of the gradients per GPU port over InfiniBand (partitioner.collectives), not every
+    byte through the slowest hop (8x dearer)."""
+    from partitioner.cluster import load_cluster
+    from partitioner.collectives import allreduce_s, group_links
+    from partitioner.cost_model import ring_allreduce_s
+
+    cluster = load_cluster("a100-4x8-ib")
+    opts = TrainingOptions(max_microbatches=1, config=ParallelConfig(tp=1, pp=1, dp=32, shard=Sharding.NONE))
+    result = plan_pipeline(tp_costs(cluster, 64, opts), cluster, 64, opts)
+    (stage,) = result.pipeline.stages
+    want = allreduce_s(group_links(cluster, range(32)), stage.grad_bytes)
+    assert stage.allreduce_s == pytest.approx(want)
+    flat = ring_allreduce_s(stage.grad_bytes, [cluster.allreduce_hop(j, (j + 1) % 32) for j in range(32)])
+    assert stage.allreduce_s < flat / 4

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from partitioner.cluster import Cluster
+from partitioner.collectives import group_links, ring_equivalent
 from partitioner.training_costs import TrainingCosts, training_state_bytes
 from partitioner.options import Recompute, Sharding, TrainingOptions
 from partitioner.pipeline_plan import bounds
@@ -192,9 +193,12 @@ class StageModel:
         return spb, lat
 
     def ring(self, group: Group, tp: int = 1, inner: bool = False) -> tuple[float, float]:
-        """(slowest hop's seconds per byte, slowest hop's latency) of the rings over `group`:
-        the data-parallel rings (devices strided by `tp`), or with `inner` the
-        tensor-parallel ones (each run of `tp` consecutive devices)."""
+        """(seconds per byte, latency) of one hop of the rings over `group`, for the ring
+        formula ``2 (n-1)/n x bytes x s + 2 (n-1) x latency``: the data-parallel rings
+        (devices strided by `tp`), or with `inner` the tensor-parallel ones (each run of
+        `tp` consecutive devices, inside a node). A ring across nodes is priced as the
+        per-level hierarchy (`partitioner.collectives.ring_equivalent`: inside each node,
+        then a slice per device over the network), the slowest of the rings."""
         key = (group, tp, inner)
         if key in self._rings:
             return self._rings[key]
@@ -203,7 +207,7 @@ class StageModel:
             if inner
             else [group.devices[k::tp] for k in range(tp)]
         )
-        hops = [self.cluster.allreduce_hop(d[k], d[(k + 1) % len(d)]) for d in rings if len(d) > 1 for k in range(len(d))]
+        hops = [ring_equivalent(group_links(self.cluster, d)) for d in rings if len(d) > 1]
         self._rings[key] = max((h[0] for h in hops), default=0.0), max((h[1] for h in hops), default=0.0)
         return self._rings[key]
 

@@ -34,7 +34,9 @@ twice that):
                 the first layer's gather of each pass and the last reduce-scatter
     zero3-keep  as zero3, one gather (forward) per microbatch
 
-Collectives that span nodes run at their slowest hop (`partitioner.cluster.Cluster.allreduce_hop`).
+Collectives that span nodes are priced per link level (`partitioner.collectives`: inside
+each node, then a slice per device over the network), through the ring hop
+`StageModel.ring` gives.
 """
 
 from __future__ import annotations
