@@ -165,9 +165,18 @@ def megatron_rows(only: Sequence[str], progress: Callable[[str], None]) -> list[
         fixed = replace(base, config=ParallelConfig(tp=row.tp, pp=row.pp, dp=row.dp, recompute=Recompute.ALWAYS))
         record: dict[str, Any] = {"model": model, **asdict(row), "gpus": row.gpus}
         start = time.perf_counter()
+        compiled: TrainingCompiled | None = None
+        try:  # the tables of the whole space, so the published configuration is priced from the same
+            compiled = _compile(model, cluster, row.batch, _SEQ, base)
+            record["planner"] = _plan_record(compiled.plan.pipeline, "", time.perf_counter() - start)
+        except InfeasibleError as e:
+            record["planner"] = _plan_record(None, str(e), time.perf_counter() - start)
+        start = time.perf_counter()
         try:
-            compiled = _compile(model, cluster, row.batch, _SEQ, fixed)
-            plan = compiled.plan.pipeline
+            configured = (
+                replan_training(compiled, cluster, fixed) if compiled else _compile(model, cluster, row.batch, _SEQ, fixed)
+            )
+            plan = configured.plan.pipeline
             assert plan is not None
             record["configured"] = _plan_record(plan, "", time.perf_counter() - start)
             predicted = megatron_flops(row.size, row.batch) / (plan.step_time_s * row.gpus) / 1e12
@@ -175,13 +184,6 @@ def megatron_rows(only: Sequence[str], progress: Callable[[str], None]) -> list[
             record["error"] = predicted / row.tflops - 1
         except InfeasibleError as e:
             record["configured"] = _plan_record(None, str(e), time.perf_counter() - start)
-            compiled = None
-        start = time.perf_counter()
-        try:
-            free = replan_training(compiled, cluster, base) if compiled else _compile(model, cluster, row.batch, _SEQ, base)
-            record["planner"] = _plan_record(free.plan.pipeline, "", time.perf_counter() - start)
-        except InfeasibleError as e:
-            record["planner"] = _plan_record(None, str(e), time.perf_counter() - start)
         progress(_row_line(record))
         out.append(record)
     return out
