@@ -235,6 +235,13 @@ def write_results_md(results_dir: Path = RESULTS_DIR, path: Path | None = None) 
             result = json.loads((folder / "result.json").read_text())
             images = sorted(p.name for p in folder.glob("*.png"))
             parts.append(report.markdown(result, images, prefix=f"results/{name}/"))
+    space = results_dir / "training_space" / "summary.md"
+    if space.exists():
+        parts.append(
+            "# Training space: Megatron-LM's Table 1 and experts' set-ups\n\n"
+            "`python -m benchmarks.training_space` (benchmarks/training_space.py says what each figure is).\n\n"
+            + space.read_text()
+        )
     path.write_text("\n".join(parts))
     return path
 

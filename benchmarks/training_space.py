@@ -3,7 +3,7 @@
     python -m benchmarks.training_space                      # both parts (about 30 minutes on 2 cores)
     python -m benchmarks.training_space --part megatron      # Megatron-LM Table 1 only
     python -m benchmarks.training_space --part experts --only gpt3-175b
-    python -m benchmarks.training_space --out benchmarks/results/training_space
+    python -m benchmarks.training_space --out benchmarks/out/training_space   # elsewhere (RESULTS.md untouched)
 
 **Megatron-LM Table 1** (Narayanan et al. 2021, "Efficient Large-Scale Language Model
 Training on GPU Clusters Using Megatron-LM", SC'21): ten GPT models (1.7B to 1T, sequence
@@ -354,7 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.training_space", description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("megatron", "experts", "all"), default="all")
     parser.add_argument("--only", nargs="*", default=[], help="model names (or Megatron sizes) to run")
-    parser.add_argument("--out", default="benchmarks/out/training_space", help="folder for result.json and summary.md")
+    parser.add_argument(
+        "--out", default=str(_ROOT / "benchmarks" / "results" / "training_space"),
+        help="folder for result.json and summary.md (the default also regenerates benchmarks/RESULTS.md)",
+    )
     args = parser.parse_args(argv)
 
     def say(line: str) -> None:
@@ -372,6 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     text = render(result)
     (out / "summary.md").write_text(text + "\n")
+    if out.resolve() == (_ROOT / "benchmarks" / "results" / "training_space").resolve():
+        from benchmarks.run import write_results_md
+
+        write_results_md()
     print(text)
     return 0
 
