@@ -303,8 +303,9 @@ def render(result: dict[str, Any]) -> str:
             "A100-80GB in DGX nodes of 8. Predicted TFLOP/s per GPU = the paper's FLOPs per step (its equation 3) / "
             "(predicted step x GPUs).",
             "",
-            "| model | GPUs | tp | pp | dp | batch | published TFLOP/s | predicted | error | planner's own plan | its step / configured |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | GPUs | tp | pp | dp | batch | published TFLOP/s | predicted | error | planner's own plan "
+            "| its step / configured | planning s (build, trace, plan) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             predicted = f"{r['predicted_tflops']:.0f}" if "predicted_tflops" in r else r["configured"]["status"]
@@ -316,7 +317,7 @@ def render(result: dict[str, Any]) -> str:
             )
             lines.append(
                 f"| {r['model']} | {r['gpus']} | {r['tp']} | {r['pp']} | {r['dp']} | {r['batch']} | {r['tflops']:.0f} "
-                f"| {predicted} | {error} | {own.get('description', own['status'])} | {ratio} |"
+                f"| {predicted} | {error} | {own.get('description', own['status'])} | {ratio} | {own['solve_s']:.1f} |"
             )
         errors = [abs(r["error"]) for r in rows if "error" in r]
         if errors:
@@ -353,6 +354,7 @@ def render(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.training_space", description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("megatron", "experts", "all"), default="all")
+    parser.add_argument("--render-only", action="store_true", help="run nothing: rewrite summary.md from OUT/result.json")
     parser.add_argument("--only", nargs="*", default=[], help="model names (or Megatron sizes) to run")
     parser.add_argument(
         "--out", default=str(_ROOT / "benchmarks" / "results" / "training_space"),
@@ -363,17 +365,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    out = Path(args.out)
+    if args.render_only:
+        result = json.loads((out / "result.json").read_text())
+        return _write(out, result, render(result))
     start = time.perf_counter()
-    result: dict[str, Any] = {}
+    result = {}
     if args.part in ("megatron", "all"):
         result["megatron"] = megatron_rows(args.only, say)
     if args.part in ("experts", "all"):
         result["experts"] = expert_cases(args.only, say)
     result["seconds"] = time.perf_counter() - start
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = render(result)
+    return _write(out, result, render(result))
+
+
+def _write(out: Path, result: dict[str, Any], text: str) -> int:
     (out / "summary.md").write_text(text + "\n")
     if out.resolve() == (_ROOT / "benchmarks" / "results" / "training_space").resolve():
         from benchmarks.run import write_results_md

@@ -584,5 +584,5 @@ def test_megatron_table_flops_and_clusters_are_the_papers() -> None:
     row = {"model": "megatron-gpt-1.7b", "gpus": 32, "tp": 1, "pp": 1, "dp": 32, "batch": 512, "tflops": 137,
            "predicted_tflops": 150.0, "error": 150 / 137 - 1, "configured": plan, "planner": plan}
     text = render({"megatron": [row]})
-    assert "| megatron-gpt-1.7b | 32 | 1 | 1 | 32 | 512 | 137 | 150 | +9% | 1 stage | 1.00 |" in text
+    assert "| megatron-gpt-1.7b | 32 | 1 | 1 | 32 | 512 | 137 | 150 | +9% | 1 stage | 1.00 | 0.1 |" in text
     assert "Worst error 9% over 1 rows" in text
