@@ -132,6 +132,10 @@ def _llama3(hidden: int, layers: int, heads: int, intermediate: int) -> dict[str
     }
 
 
+def _llama_spec(summary: str, source: str, config: dict[str, Any]) -> _Spec:
+    return _Spec(summary, source, "LlamaForCausalLM", config, "causal", ("LlamaDecoderLayer",))
+
+
 def _gpt2_spec(summary: str, source: str, config: dict[str, Any]) -> _Spec:
     return _Spec(summary, source, "GPT2LMHeadModel", config, "causal", ("GPT2Block",))
 
@@ -173,37 +177,18 @@ _SPECS: dict[str, _Spec] = {
         "masked",
         ("BertLayer",),
     ),
-    "llama-7b": _Spec(
-        "Llama 2 7B",
-        "meta-llama/Llama-2-7b-hf",
-        "LlamaForCausalLM",
-        _llama2(4096, 32, 32, 11008),
-        "causal",
-        ("LlamaDecoderLayer",),
+    "llama-7b": _llama_spec("Llama 2 7B", "meta-llama/Llama-2-7b-hf", _llama2(4096, 32, 32, 11008)),
+    "llama-13b": _llama_spec("Llama 2 13B", "meta-llama/Llama-2-13b-hf", _llama2(5120, 40, 40, 13824)),
+    "llama2-70b": _llama_spec(
+        "Llama 2 70B (grouped-query attention, 8 KV heads)",
+        "meta-llama/Llama-2-70b-hf",
+        {**_llama2(8192, 80, 64, 28672), "num_key_value_heads": 8},
     ),
-    "llama-13b": _Spec(
-        "Llama 2 13B",
-        "meta-llama/Llama-2-13b-hf",
-        "LlamaForCausalLM",
-        _llama2(5120, 40, 40, 13824),
-        "causal",
-        ("LlamaDecoderLayer",),
+    "llama3-8b": _llama_spec(
+        "Llama 3 8B (grouped-query attention, 8 KV heads)", "meta-llama/Meta-Llama-3-8B", _llama3(4096, 32, 32, 14336)
     ),
-    "llama3-8b": _Spec(
-        "Llama 3 8B (grouped-query attention, 8 KV heads)",
-        "meta-llama/Meta-Llama-3-8B",
-        "LlamaForCausalLM",
-        _llama3(4096, 32, 32, 14336),
-        "causal",
-        ("LlamaDecoderLayer",),
-    ),
-    "llama-70b": _Spec(
-        "Llama 3 70B (grouped-query attention, 8 KV heads)",
-        "meta-llama/Meta-Llama-3-70B",
-        "LlamaForCausalLM",
-        _llama3(8192, 80, 64, 28672),
-        "causal",
-        ("LlamaDecoderLayer",),
+    "llama-70b": _llama_spec(
+        "Llama 3 70B (grouped-query attention, 8 KV heads)", "meta-llama/Meta-Llama-3-70B", _llama3(8192, 80, 64, 28672)
     ),
     "t5-base": _Spec(
         "T5 base, encoder-decoder",
