@@ -208,11 +208,14 @@ CASES = (
     ExpertCase("llama3-8b", "a100-8", 1024, 4096),
     ExpertCase("llama3-8b", "h100-64", 1024, 4096),
     ExpertCase("llama3-8b", "a100-256", 1024, 4096),
+    ExpertCase("llama2-70b", "a100-8", 1024, 4096),
+    ExpertCase("llama2-70b", "h100-64", 1024, 4096),
+    ExpertCase("llama2-70b", "a100-256", 1024, 4096),
     ExpertCase("llama-70b", "h100-8", 1024, 4096),
     ExpertCase("llama-70b", "a100-64", 1024, 4096),
     ExpertCase("llama-70b", "h100-256", 1024, 4096),
 )
-"""GPT-3 175B on 64 H100 (the issue's headline), Llama 3 8B and 70B on 8, 64 and 256 GPUs."""
+"""GPT-3 175B on 64 H100 (the issue's headline); Llama 3 8B, Llama 2 70B and Llama 3 70B on 8, 64 and 256 GPUs."""
 
 
 def _cluster(name: str) -> Cluster:
