@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "render_text",
     "render_training",
+    "lowering_notes",
     "render_tensor_parallel",
     "render_plan_timeline",
     "write_plan_trace",
@@ -364,6 +365,17 @@ def _why(p: PipelinePlan) -> str:
     return "the fastest simulated step; " + "; ".join(parts) if parts else "the only configuration that fits"
 
 
+def lowering_notes(p: PipelinePlan) -> list[str]:
+    """Report lines where `partitioner.distributed` runs the plan otherwise than it is priced."""
+    if p.sharding in ("zero1", "zero2") and p.microbatches > 1:
+        return [
+            f"  note: partitioner.distributed runs {p.sharding} as FSDP2 without resharding after forward "
+            "(weights gathered every microbatch), which moves more than this prediction; price it with "
+            "--config shard=zero3-keep, or plan with --shardings none zero3 zero3-keep"
+        ]
+    return []
+
+
 def render_training(plan: Plan) -> str:
     """A training plan: strategy and why, throughput against the bounds, stages, runner-ups.
 
@@ -391,6 +403,7 @@ def render_training(plan: Plan) -> str:
             if _sharded(p)
             else []
         ),
+        *lowering_notes(p),
         f"  layers split by {'the DP (least bottleneck)' if p.split == 'dp' else 'equal counts (simulated faster than the DP split)'}"
         f"; layout: {p.layout}",
         f"step: {format_seconds(p.step_time_s)} for {p.global_batch} samples = {p.samples_per_s:.4g} samples/s; "

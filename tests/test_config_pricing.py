@@ -108,3 +108,17 @@ def test_a_data_parallel_ring_across_nodes_is_priced_per_link_level() -> None:
     assert stage.allreduce_s == pytest.approx(want)
     flat = ring_allreduce_s(stage.grad_bytes, [cluster.allreduce_hop(j, (j + 1) % 32) for j in range(32)])
     assert stage.allreduce_s < flat / 4
+
+
+def test_a_zero1_or_zero2_plan_says_how_the_lowering_differs() -> None:
+    """partitioner.distributed runs zero1/zero2 as FSDP2 keeping weights gathered from forward
+    to backward (weights gathered every microbatch): the report says so rather than let the
+    once-per-step price stand unremarked."""
+    from partitioner.report import lowering_notes
+
+    opts = TrainingOptions(max_microbatches=4, config=ParallelConfig(tp=1, pp=1, shard=Sharding.ZERO2, microbatches=4))
+    cluster = hand_cluster(["a100-80gb x8"])
+    zero2 = plan_pipeline(tp_costs(cluster, 32, opts), cluster, 32, opts).pipeline
+    (note,) = lowering_notes(zero2)
+    assert "runs zero2 as FSDP2 without resharding after forward" in note and "shard=zero3-keep" in note
+    assert lowering_notes(_plan(ParallelConfig(tp=1, pp=1, shard=Sharding.NONE))) == []
