@@ -115,11 +115,16 @@ def megatron_flops(size: str, batch: int, seq: int = _SEQ, vocab: int = _VOCAB) 
 def a100_cluster(gpus: int) -> Cluster:
     """``a100-4x8-ib`` (DGX A100 80GB nodes, NVLink inside, 200 Gb/s HDR per GPU between)
     with ``gpus / 8`` nodes (Selene's layout)."""
+    return _nodes_of("a100-4x8-ib", "a100", gpus)
+
+
+def _nodes_of(profile: str, kind: str, gpus: int) -> Cluster:
+    """Cluster profile `profile` (nodes of 8 GPUs) with ``gpus / 8`` nodes."""
     if gpus % 8:
         raise ValueError(f"{gpus} GPUs is not a whole number of 8-GPU nodes")
-    data = json.loads((_ROOT / "profiles" / "clusters" / "a100-4x8-ib.json").read_text())
+    data = json.loads((_ROOT / "profiles" / "clusters" / f"{profile}.json").read_text())
     data["nodes"][0]["count"] = gpus // 8
-    data["name"] = f"a100-{gpus // 8}x8-ib"
+    data["name"] = f"{kind}-{gpus // 8}x8-ib"
     return cluster_from_dict(data, where=data["name"])
 
 
@@ -221,13 +226,7 @@ CASES = (
 def _cluster(name: str) -> Cluster:
     kind, _, count = name.partition("-")
     if kind in ("a100", "h100") and count.isdigit():
-        cluster = a100_cluster(int(count))
-        if kind == "a100":
-            return cluster
-        data = json.loads((_ROOT / "profiles" / "clusters" / "h100-8x8-ib.json").read_text())
-        data["nodes"][0]["count"] = int(count) // 8
-        data["name"] = f"h100-{int(count) // 8}x8-ib"
-        return cluster_from_dict(data, where=data["name"])
+        return _nodes_of("a100-4x8-ib" if kind == "a100" else "h100-8x8-ib", kind, int(count))
     from partitioner.cluster import load_cluster
 
     return load_cluster(name)

@@ -50,7 +50,7 @@ class GroupLinks:
 
     def phases(self, nbytes: float, passes: int) -> float:
         """Seconds of `passes` ring passes (1: all-gather or reduce-scatter, 2: all-reduce) of `nbytes`."""
-        if self.size < 2 or nbytes < 0:
+        if self.size < 2:
             return 0.0
         g, k = self.per_node, self.nodes
         inside = passes * ((g - 1) / g * nbytes * self.node_hop[0] + (g - 1) * self.node_hop[1])

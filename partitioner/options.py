@@ -66,6 +66,26 @@ def _set_choice(obj: object, name: str, cls: type[_E]) -> None:
     object.__setattr__(obj, name, member)
 
 
+def _set_choices(obj: object, name: str, cls: type[_E], empty: str, plural: str) -> None:
+    """Coerce field `name` of `obj` to a non-empty tuple of `cls` members; one value named
+    alone (``"1f1b"``) is a one-member tuple, not a tuple of characters.
+
+    Raises:
+        ValueError: Not a tuple of members (naming the field and the choices), or empty (`empty`).
+    """
+    value = getattr(obj, name)
+    named = (value,) if isinstance(value, (str, type)) else value
+    try:
+        members = tuple(cls(v) for v in named)
+    except TypeError:
+        raise ValueError(f"{type(obj).__name__}.{name} must be a tuple of {plural} (got {named!r})") from None
+    except ValueError as e:
+        raise ValueError(f"{type(obj).__name__}.{name}: {e}") from None
+    if not members:
+        raise ValueError(empty)
+    object.__setattr__(obj, name, members)
+
+
 def _check_flag(obj: object, name: str) -> None:
     value = getattr(obj, name)
     if not isinstance(value, bool):
@@ -469,25 +489,10 @@ class TrainingOptions:
         _set_choice(self, "optimizer", Optimizer)
         _set_choice(self, "precision", Precision)
         _set_choice(self, "recompute", Recompute)
-        # One schedule named alone ("1f1b") is a one-schedule tuple, not a tuple of characters.
-        named = (self.schedules,) if isinstance(self.schedules, (str, type)) else self.schedules
-        try:
-            object.__setattr__(self, "schedules", tuple(PipelineSchedule(s) for s in named))
-        except TypeError:
-            raise ValueError(f"TrainingOptions.schedules must be a tuple of schedules (got {named!r})") from None
-        except ValueError as e:
-            raise ValueError(f"TrainingOptions.schedules: {e}") from None
-        if not self.schedules:
-            raise ValueError("schedules must name at least one pipeline schedule")
-        kinds = (self.shardings,) if isinstance(self.shardings, (str, type)) else self.shardings
-        try:
-            object.__setattr__(self, "shardings", tuple(Sharding(s) for s in kinds))
-        except TypeError:
-            raise ValueError(f"TrainingOptions.shardings must be a tuple of shardings (got {kinds!r})") from None
-        except ValueError as e:
-            raise ValueError(f"TrainingOptions.shardings: {e}") from None
-        if not self.shardings:
-            raise ValueError("shardings must name at least one (Sharding.NONE: replicated)")
+        _set_choices(self, "schedules", PipelineSchedule, "schedules must name at least one pipeline schedule", "schedules")
+        _set_choices(
+            self, "shardings", Sharding, "shardings must name at least one (Sharding.NONE: replicated)", "shardings"
+        )
         degrees = (self.tensor_parallel,) if isinstance(self.tensor_parallel, int) else self.tensor_parallel
         if (
             not isinstance(degrees, tuple)

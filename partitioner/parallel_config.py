@@ -159,10 +159,6 @@ class ParallelConfig:
             return False
         return self.dp is None or all(config.data_parallel(g) == self.dp for g in config.groups)
 
-    def admits_degrees(self, tp: int, data_parallel: Sequence[int]) -> bool:
-        """Whether a tensor-parallel degree and the ranks' data-parallel degrees match this one's."""
-        return self.tp in (None, tp) and (self.dp is None or all(d == self.dp for d in data_parallel))
-
     def __str__(self) -> str:
         parts = []
         for f in fields(self):

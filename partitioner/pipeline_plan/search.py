@@ -192,16 +192,14 @@ def plan_pipeline(
     degrees = (fixed.tp,) if fixed is not None and fixed.tp is not None else model.useful_degrees()
     space = replace(options, tensor_parallel=degrees)
     configs = configurations(cluster, global_batch, model.n, space)
-    if fixed is not None:
-        configs = [c for c in configs if fixed.admits(c)]
-        if not configs:
-            raise InfeasibleError(
-                f"no configuration of the space is {fixed} on {cluster.name} ({cluster.num_devices} devices, "
-                f"global batch {global_batch}): check that the degrees use every device of one kind, that "
-                f"tensor-parallel groups fit in a node, that the microbatches times the data-parallel degree divide "
-                f"the batch (options allow {options.min_microbatches}-{options.max_microbatches} microbatches) and "
-                f"that the schedule and sharding are among the options'"
-            )
+    if fixed is not None and not configs:
+        raise InfeasibleError(
+            f"no configuration of the space is {fixed} on {cluster.name} ({cluster.num_devices} devices, "
+            f"global batch {global_batch}): check that the degrees use every device of one kind, that "
+            f"tensor-parallel groups fit in a node, that the microbatches times the data-parallel degree divide "
+            f"the batch (options allow {options.min_microbatches}-{options.max_microbatches} microbatches) and "
+            f"that the schedule and sharding are among the options'"
+        )
     with _no_gc():
         families = {}
         for family in FAMILIES:

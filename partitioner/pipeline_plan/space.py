@@ -228,17 +228,11 @@ def microbatch_sizes(cluster: Cluster, global_batch: int, options: TrainingOptio
     each of these sizes.
     """
     sizes: set[int] = set()
-    fixed = options.config
     for groups, _ in shapes(cluster):
-        if fixed is not None and fixed.pp is not None and fixed.pp != len(groups):
-            continue
         for t in tensor_parallel_degrees(cluster, groups, options):
             replicas = [g.replicas // t for g in groups]
-            if fixed is not None and not fixed.admits_degrees(t, replicas):
-                continue
             for m in microbatch_counts(global_batch, replicas, options):
-                if fixed is None or fixed.microbatches in (None, m):
-                    sizes.update(global_batch // (m * r) for r in replicas)
+                sizes.update(global_batch // (m * r) for r in replicas)
     return tuple(sorted(sizes))
 
 
@@ -256,34 +250,20 @@ def configurations(cluster: Cluster, global_batch: int, layers: int, options: Tr
     ranks or more and a microbatch count torch's schedule takes; with
     `TrainingOptions.equal_replicas`, the same replica count on every rank. Degrees as
     `tensor_parallel_degrees` takes them; a sharding other than none only where some rank
-    has two data-parallel replicas or more (none alone otherwise: nothing to shard).
+    has two data-parallel replicas or more (none alone otherwise: nothing to shard). With
+    `TrainingOptions.config`, only the configurations it admits.
     """
     out = []
     max_stages = min(layers, options.max_stages or layers)
-    fixed = options.config
-
-    def wanted(key: str, value: object) -> bool:
-        """Whether a configuration with this `value` may match `options.config` (pruned early)."""
-        return fixed is None or getattr(fixed, key) is None or getattr(fixed, key) == value
-
     for groups, layout in shapes(cluster):
         p = len(groups)
         if p > max_stages or (options.equal_replicas and len({g.replicas for g in groups}) > 1):
             continue
-        if not wanted("pp", p):
-            continue
         for t in tensor_parallel_degrees(cluster, groups, options):
             replicas = [g.replicas // t for g in groups]
-            if not wanted("tp", t) or not all(wanted("dp", r) for r in replicas):
-                continue
             shardings = options.shardings if max(replicas) > 1 else (Sharding.NONE,)
-            shardings = tuple(x for x in shardings if wanted("shard", x))
             for m in microbatch_counts(global_batch, replicas, options):
-                if not wanted("microbatches", m):
-                    continue
                 for schedule in options.schedules:
-                    if not wanted("schedule", schedule):
-                        continue
                     if schedule is PipelineSchedule.ONE_F_ONE_B and m < p:
                         continue  # torch's Schedule1F1B needs a microbatch per stage (fewer: GPipe's order)
                     if schedule is not PipelineSchedule.INTERLEAVED_1F1B:
@@ -302,4 +282,4 @@ def configurations(cluster: Cluster, global_batch: int, layers: int, options: Tr
                         for v in vs
                         for sharding in shardings
                     ]
-    return out
+    return out if options.config is None else [c for c in out if options.config.admits(c)]

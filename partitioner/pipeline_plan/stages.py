@@ -439,27 +439,13 @@ class StageModel:
             kept = int(t.keep if rc == FULL else t.act - t.core if rc == SELECTIVE else t.act)
             rebuilt = int(t.act if rc == FULL else t.core if rc == SELECTIVE else 0)
             static = int(t.weights) + int(t.grads) + int(t.optimizer) + int(t.gathered) + int(t.buffers) + rebuilt
-            bwd = float(t.mode(rc)[0])
             times = {
                 "fwd_s": float(t.fwd),
-                "bwd_s": bwd,
+                "bwd_s": float(t.mode(rc)[0]),
                 "send_fwd_s": float(t.send_fwd),
                 "send_bwd_s": float(t.send_bwd),
                 "allreduce_s": float(t.allreduce),
             }
-            names = tuple(self.cluster.devices[d].name for d in group.devices)
-            collective_fwd = float(t.tp_comm) + float(t.dp_fwd)
-            collective_bwd = float(t.tp_comm) * (2 if rc == FULL else 1) + float(t.mode(rc)[4])
-            stages.append(
-                StageCost(
-                    **times,
-                    collective_fwd_s=min(collective_fwd, times["fwd_s"]),
-                    collective_bwd_s=min(collective_bwd, bwd),
-                    activation_bytes=kept,
-                    static_bytes=static,
-                    devices=names,
-                )
-            )
             plan_stages.append(
                 PlanStage(
                     index=j,
@@ -485,6 +471,17 @@ class StageModel:
                     inflight_microbatches=spec.inflight,
                     peak_memory_bytes=static + spec.inflight * kept,
                     capacity_bytes=spec.capacity,
+                )
+            )
+            stage = plan_stages[-1]
+            stages.append(
+                StageCost(
+                    **times,
+                    collective_fwd_s=stage.collective_fwd_s,
+                    collective_bwd_s=stage.collective_bwd_s,
+                    activation_bytes=kept,
+                    static_bytes=static,
+                    devices=tuple(self.cluster.devices[d].name for d in group.devices),
                 )
             )
         return Partition(
