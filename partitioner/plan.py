@@ -181,11 +181,12 @@ class PlanStage:
     dp_comm_fwd_s: float = 0.0
     """ZeRO-3 all-gathers of one microbatch's forward that compute does not hide (in `fwd_s`)."""
     dp_comm_bwd_s: float = 0.0
-    """ZeRO-3 all-gathers and reduce-scatters of one microbatch's backward that compute does not hide (in `bwd_s`)."""
+    """ZeRO-2/3 all-gathers and reduce-scatters of one microbatch's backward that compute does not hide (in `bwd_s`)."""
     gathered_bytes: int = 0
     """Unsharded working weights under ZeRO-3 (the two largest layers: in use and
-    prefetched) or zero3-keep (all its weights, between forward and backward). The
-    weight, grad and optimizer bytes are the device's shards."""
+    prefetched); all its weights under zero3-keep (between forward and backward), zero2
+    and zero1 (over the step). The weight, grad and optimizer bytes are the device's
+    shards (zero1's gradients are whole)."""
 
     @property
     def collective_fwd_s(self) -> float:

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 __all__ = [
     "render_text",
     "render_training",
-    "lowering_notes",
     "render_tensor_parallel",
     "render_plan_timeline",
     "write_plan_trace",
@@ -341,8 +340,8 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 
 _SHARDING = {
     "none": "replicated",
-    "zero1": "ZeRO-1 (optimizer state sharded)",
-    "zero2": "ZeRO-2 (optimizer state and gradients sharded)",
+    "zero1": "ZeRO-1 (optimizer state sharded; gradients reduced and weights gathered once per step)",
+    "zero2": "ZeRO-2 (optimizer state and gradients sharded; weights gathered once per step)",
     "zero3": "ZeRO-3 / FSDP (parameters sharded too, gathered per layer in forward and backward)",
     "zero3-keep": "ZeRO-3 / FSDP, parameters kept gathered from forward to backward",
 }
@@ -363,17 +362,6 @@ def _why(p: PipelinePlan) -> str:
         elif p.step_time_s > 0:
             parts.append(f"{name} {c.step_time_s / p.step_time_s:.2f}x as long")
     return "the fastest simulated step; " + "; ".join(parts) if parts else "the only configuration that fits"
-
-
-def lowering_notes(p: PipelinePlan) -> list[str]:
-    """Report lines where `partitioner.distributed` runs the plan otherwise than it is priced."""
-    if p.sharding in ("zero1", "zero2") and p.microbatches > 1:
-        return [
-            f"  note: partitioner.distributed runs {p.sharding} as FSDP2 without resharding after forward "
-            "(weights gathered every microbatch), which moves more than this prediction; price it with "
-            "--config shard=zero3-keep, or plan with --shardings none zero3 zero3-keep"
-        ]
-    return []
 
 
 def render_training(plan: Plan) -> str:
@@ -403,7 +391,6 @@ def render_training(plan: Plan) -> str:
             if _sharded(p)
             else []
         ),
-        *lowering_notes(p),
         f"  layers split by {'the DP (least bottleneck)' if p.split == 'dp' else 'equal counts (simulated faster than the DP split)'}"
         f"; layout: {p.layout}",
         f"step: {format_seconds(p.step_time_s)} for {p.global_batch} samples = {p.samples_per_s:.4g} samples/s; "

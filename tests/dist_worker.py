@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +130,31 @@ def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v + 0.01 if v.is_floating_point() else v.clone() for k, v in state.items()}
 
 
+@contextmanager
+def counted_collectives() -> Iterator[Counter[str]]:
+    """Count the calls of the collectives FSDP2 and DDP issue (``torch.distributed``'s
+    ``all_gather_single``, ``reduce_scatter_single``, ``all_reduce``) while inside."""
+    import torch.distributed as dist
+
+    count: Counter[str] = Counter()
+    names = [n for n in ("all_gather_single", "reduce_scatter_single", "all_reduce") if hasattr(dist, n)]
+    originals = {n: getattr(dist, n) for n in names}
+
+    def counting(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            count[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for n in names:
+        setattr(dist, n, counting(n))
+    try:
+        yield count
+    finally:
+        for n, f in originals.items():
+            setattr(dist, n, f)
+
+
 def run(spec: dict[str, Any]) -> None:
     import partitioner.distributed as pd
     from partitioner.errors import PlanMismatchError
@@ -169,8 +197,11 @@ def run(spec: dict[str, Any]) -> None:
         step = optimizer(case.get("optimizer", "sgd"), part.parameters())
         inputs, keywords, target = batch(model_name, part.layout.global_batch)
         losses = []
+        counts: list[dict[str, int]] = []
         for _ in range(STEPS):
-            losses.append(part.step(inputs if len(inputs) > 1 else inputs[0], target, **keywords))
+            with counted_collectives() as count:
+                losses.append(part.step(inputs if len(inputs) > 1 else inputs[0], target, **keywords))
+            counts.append(dict(count))
             step.step()
             step.zero_grad()
         torch.save(
@@ -178,7 +209,7 @@ def run(spec: dict[str, Any]) -> None:
              "untouched": all(torch.equal(v, fresh) for v, fresh in zip(model.state_dict().values(),
                                                                          ZOO[model_name].make_model().state_dict().values())),
              "units": fsdp_units(part), "pinned": sorted({repr(m.placement) for stage in part.modules for m in stage.modules() if hasattr(m, "placement")}), "stages": part.stage_indices, "repr": repr(part),
-             "refused": refused},
+             "refused": refused, "collectives": counts},
             out / f"{case['name']}-rank{part.rank}.pt",
         )
         parts.append(part)

@@ -9,7 +9,7 @@ from partitioner.errors import InfeasibleError
 from partitioner.options import Recompute, Sharding, TrainingOptions
 from partitioner.parallel_config import ParallelConfig
 from partitioner.pipeline_plan import plan_pipeline
-from partitioner.plan import PipelinePlan
+from partitioner.plan import PipelinePlan, PlanStage
 from tests.test_pipeline_plan import hand_cluster
 from tests.test_training_space import tp_costs
 
@@ -110,15 +110,26 @@ def test_a_data_parallel_ring_across_nodes_is_priced_per_link_level() -> None:
     assert stage.allreduce_s < flat / 4
 
 
-def test_a_zero1_or_zero2_plan_says_how_the_lowering_differs() -> None:
-    """partitioner.distributed runs zero1/zero2 as FSDP2 keeping weights gathered from forward
-    to backward (weights gathered every microbatch): the report says so rather than let the
-    once-per-step price stand unremarked."""
-    from partitioner.report import lowering_notes
+def test_zero1_and_zero2_are_priced_as_partitioner_distributed_runs_them() -> None:
+    """As FSDP2 under torch's pipelining schedules runs them (partitioner.distributed.spmd):
+    zero1 reduces the whole gradients once per step and gathers the weights once (exposed);
+    zero2 gathers the weights once per step but reduce-scatters every microbatch in
+    backward (its gradient shard accumulates), so its backward carries that
+    communication and its memory holds gradient shards only."""
+    cluster = hand_cluster(["a100-80gb x8"], spb=1e-9)
 
-    opts = TrainingOptions(max_microbatches=4, config=ParallelConfig(tp=1, pp=1, shard=Sharding.ZERO2, microbatches=4))
-    cluster = hand_cluster(["a100-80gb x8"])
-    zero2 = plan_pipeline(tp_costs(cluster, 32, opts), cluster, 32, opts).pipeline
-    (note,) = lowering_notes(zero2)
-    assert "runs zero2 as FSDP2 without resharding after forward" in note and "shard=zero3-keep" in note
-    assert lowering_notes(_plan(ParallelConfig(tp=1, pp=1, shard=Sharding.NONE))) == []
+    def stage(shard: Sharding, microbatches: int) -> PlanStage:
+        opts = TrainingOptions(max_microbatches=microbatches,
+                               config=ParallelConfig(tp=1, pp=1, shard=shard, microbatches=microbatches))
+        (only,) = plan_pipeline(tp_costs(cluster, 32, opts), cluster, 32, opts).pipeline.stages
+        return only
+
+    one, two = stage(Sharding.ZERO1, 4), stage(Sharding.ZERO2, 4)
+    d = 8
+    w, g = one.gathered_bytes, one.grad_bytes  # zero1's gradients stay whole
+    assert w == two.gathered_bytes and one.weight_bytes == two.weight_bytes == pytest.approx(w / d, abs=1)
+    assert two.grad_bytes == pytest.approx(g / d, abs=1)
+    ring = one.allreduce_s / ((d - 1) / d * (g + w))  # seconds per byte (with latency folded in)
+    assert two.allreduce_s == pytest.approx((d - 1) / d * w * ring, rel=0.05)  # the weights' gather only
+    assert one.dp_comm_bwd_s == 0 and one.dp_comm_fwd_s == 0
+    assert two.dp_comm_bwd_s > 0 and two.dp_comm_fwd_s == 0  # the reduce-scatter every microbatch

@@ -130,11 +130,30 @@ def test_plans_with_tensor_parallelism_and_fsdp_train_as_one_process(tmp_path: P
         assert torch.equal(restored.state_dict()[k], v), k
 
 
+@pytest.mark.distributed
+def test_each_sharding_runs_the_collectives_it_is_priced_with(tmp_path: Path) -> None:
+    """FSDP 2 over the tiny Llama's 5 layer units, 4 microbatches per step: the all-gathers
+    and reduce-scatters per unit and step are those partitioner.pipeline_plan.terms prices
+    (zero1: one each; zero2: one gather, a reduce-scatter per microbatch; zero3-keep: both
+    per microbatch; zero3: two gathers per microbatch), and each trains as one process."""
+    llama = write_plan(tmp_path, "llama", _data_parallel("llama", 2))
+    per_microbatch = {"zero1": (1 / 4, 1 / 4), "zero2": (1 / 4, 1), "zero3-keep": (1, 1), "zero3": (2, 1)}
+    cases = [_case(f"llama-{s}-m4", "llama", llama, sharding=s, microbatches=4) for s in per_microbatch]
+    launch(2, cases, tmp_path)
+    for case in cases:
+        check_case(case, 2, tmp_path)
+        gathers, scatters = per_microbatch[case["sharding"]]
+        for rank in range(2):
+            for count in _result(tmp_path, case["name"], rank)["collectives"]:
+                assert count.get("all_gather_single", 0) == 5 * 4 * gathers, (case["name"], count)
+                assert count.get("reduce_scatter_single", 0) == 5 * 4 * scatters, (case["name"], count)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_the_rest_of_the_grid_trains_as_one_process(tmp_path: Path) -> None:
-    """TP 2 x FSDP 2 Llama (parameters kept from forward to backward), FSDP 4 GPT-2 (ZeRO-2 and ZeRO-1
-    lower to the same), TP 2 x DP 2 GPT-2 (replicated, gradients all-reduced), PP 2 x TP 2 GPT-2 (its tied
+    """TP 2 x FSDP 2 Llama (parameters kept from forward to backward), FSDP 4 GPT-2 under ZeRO-2 and
+    under ZeRO-1, TP 2 x DP 2 GPT-2 (replicated, gradients all-reduced), PP 2 x TP 2 GPT-2 (its tied
     embedding and head split in both stages), TP 2 + SP x FSDP 2 Llama, TP 2 + SP x DP 2 GPT-2 (its rows
     flattened to tokens), TP 2 x FSDP 2 Llama recomputing."""
     llama, gpt2 = (write_plan(tmp_path, m, _data_parallel(m, 4)) for m in ("llama", "gpt2"))

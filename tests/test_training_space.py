@@ -79,8 +79,9 @@ def test_memory_per_zero_stage_is_the_formula(sharding: Sharding) -> None:
     w, g, o, d = state.weights, state.grads, state.optimizer, 2
     expected = {
         Sharding.NONE: (w, g, o, 0),
-        Sharding.ZERO1: (w, g, o / d, 0),
-        Sharding.ZERO2: (w, g / d, o / d, 0),
+        # FSDP2 keeps each shard beside the gathered copy; zero1 accumulates whole gradients.
+        Sharding.ZERO1: (w / d, g, o / d, w),
+        Sharding.ZERO2: (w / d, g / d, o / d, w),
         Sharding.ZERO3: (w / d, g / d, o / d, 2 * w / 8),  # the two largest (equal) layers, unsharded
         Sharding.ZERO3_KEEP: (w / d, g / d, o / d, w),
     }[sharding]

@@ -59,6 +59,7 @@ from partitioner.distributed.spmd import (
     parallel_mesh,
     parallel_spec,
     parallelize_stage,
+    reshard_after_step,
 )
 from partitioner.distributed.stages import MicrobatchShapeError, StageGraphs, build_stages, flat_batch
 from partitioner.errors import PlanMismatchError
@@ -144,11 +145,11 @@ class PipelineRank:
 
         m = layout.microbatches
         if layout.schedule == "gpipe":
-            self._schedule: Any = ScheduleGPipe(stages[0], m, loss_fn=loss)
+            self._schedule: Any = ScheduleGPipe(stages[0], m, loss_fn=loss, scale_grads=False)
         elif layout.schedule == "1f1b":
-            self._schedule = Schedule1F1B(stages[0], m, loss_fn=loss)
+            self._schedule = Schedule1F1B(stages[0], m, loss_fn=loss, scale_grads=False)
         else:
-            self._schedule = ScheduleInterleaved1F1B(stages, m, loss_fn=loss)
+            self._schedule = ScheduleInterleaved1F1B(stages, m, loss_fn=loss, scale_grads=False)
 
     # ------------------------------------------------------------------ who
     @property
@@ -219,6 +220,10 @@ class PipelineRank:
             *inputs, target=target if self.is_last else None, losses=losses if self.is_last else None,
             return_outputs=False,
         )
+        if self.parallel.sharding is Sharding.ZERO2:
+            for run in self._wrapped:
+                reshard_after_step(run)
+        self._divide_gradients(self.layout.microbatches)
         if self._mesh is not None and self.parallel.sharding is Sharding.NONE and self.data_parallel > 1:
             average_gradients(self.parameters(), self._mesh)  # DDP takes no DTensors
         self._sum_tied_gradients()
@@ -396,6 +401,17 @@ class PipelineRank:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids, process_group=self._replica_group)
+
+    def _divide_gradients(self, divisor: int) -> None:
+        """Each gradient divided by `divisor` once: the mean over the microbatches (torch's
+        schedules would divide before a ZeRO-2 stage registers its gradient shards again)."""
+        if divisor == 1:
+            return
+        seen: set[int] = set()
+        for p in self.parameters():
+            if p.grad is not None and id(p) not in seen:
+                seen.add(id(p))
+                p.grad.div_(divisor)
 
     def _sum_tied_gradients(self) -> None:
         """Each tied weight's gradient, summed over its copies and averaged over replicas, on every copy."""

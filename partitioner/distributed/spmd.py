@@ -33,10 +33,18 @@ holding q, k and v) is sharded on its fused output like any column; DTensor then
 it at the ``split`` and the attention between runs whole on each rank (the numbers are
 exact; the saving is lost for that attention). Its MLP and output projection split.
 
-Sharded data parallelism: `Sharding.ZERO3` lowers to FSDP2 ``fully_shard`` with
-``reshard_after_forward=True``; ``ZERO3_KEEP``, ``ZERO2`` and ``ZERO1`` to
-``reshard_after_forward=False`` (FSDP2 has no exact ZeRO-1/2: parameters are sharded
-between steps too, which only saves more memory). A stage graph reads its parameters
+Sharded data parallelism, as the planner prices it (`partitioner.pipeline_plan.terms`).
+torch's pipelining schedules drive a stage that is an FSDP2 module their own way: its
+gradients are kept whole over the microbatches and reduce-scattered once, after the last
+backward. That is ZeRO-1, so `Sharding.ZERO1` lowers to exactly that (``fully_shard`` with
+``reshard_after_forward=False``: weights gathered once per step). The others hide the
+FSDP2 module from the schedule (`EveryMicrobatch`), so FSDP2 reduce-scatters every
+microbatch in backward and keeps a gradient shard, as ZeRO-2/3 do: ``ZERO3`` with
+``reshard_after_forward=True`` (weights gathered in forward and again in backward),
+``ZERO3_KEEP`` with ``False`` (one gather per microbatch), ``ZERO2`` also without
+resharding after backward, so the weights gathered by the step's first forward stay until
+`reshard_after_step` (the runtime calls it before the optimizer steps on the shards).
+A stage graph reads its parameters
 with ``get_attr``, not through its blocks' ``forward``, so it is first cut into one
 submodule per planner layer (`partitioner.distributed.units`), after tensor parallelism;
 each layer holding parameters is an FSDP unit, then the stage's root (torchtitan shards
@@ -74,6 +82,8 @@ __all__ = [
     "parallel_mesh",
     "LoweredStage",
     "parallelize_stage",
+    "EveryMicrobatch",
+    "reshard_after_step",
     "average_gradients",
     "full_tensors",
 ]
@@ -462,8 +472,40 @@ def parallelize_stage(
         for before, after in zip(layers, layers[1:]):  # the next layer's gather issued as one starts (torchtitan's option)
             before.set_modules_to_forward_prefetch([after])
             after.set_modules_to_backward_prefetch([before])
-        fully_shard(run, mesh=mesh["dp"], reshard_after_forward=reshard)
+        root = fully_shard(run, mesh=mesh["dp"], reshard_after_forward=reshard)
+        if spec.sharding is Sharding.ZERO2:
+            root.set_reshard_after_backward(False)  # every unit's: the step's first gather serves all microbatches
+        if spec.sharding is not Sharding.ZERO1:
+            run = EveryMicrobatch(run)
     return LoweredStage(module=held, run=run, names=names)
+
+
+class EveryMicrobatch(nn.Module):
+    """An FSDP2 stage that reduce-scatters every microbatch's gradients.
+
+    torch's pipelining schedules treat a stage that is an ``FSDPModule`` as ZeRO-1: no
+    gradient reduction and no resharding until the last backward (``PipelineStage``'s
+    ``backward_maybe_with_nosync`` and ``perform_reduce_grad``). Wrapped in a plain
+    module, the stage runs as FSDP2 runs anywhere else: each backward reduce-scatters
+    and accumulates the gradient shards.
+    """
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.stage(*args, **kwargs)
+
+
+def reshard_after_step(run: nn.Module) -> None:
+    """Free the weights a ZeRO-2 stage keeps gathered over the step (and register its
+    shards again, which the optimizer updates). Nothing for other stages."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in run.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def average_gradients(parameters: Iterator[nn.Parameter], mesh: DeviceMesh) -> None:

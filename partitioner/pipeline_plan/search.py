@@ -55,17 +55,10 @@ def _dominated(model: StageModel, config: Configuration, present: set[Configurat
     pointless: it holds no more memory in any stage and communicates no more, and so
     reaches every split's step at least as fast.
 
-    ZeRO-2 over ZeRO-1 always (a reduce-scatter instead of an all-reduce, gradients
-    sharded too). Replicated (none) over ZeRO-2 once its split was not held back by memory,
-    where weights take at least the gradients' bytes (a reduce-scatter and an all-gather
-    then move at least an all-reduce's bytes). zero3-keep over zero3 likewise (one gather
-    fewer per microbatch).
+    zero3-keep over zero3, once its split was not held back by memory (the same
+    collectives but one gather fewer per microbatch). The other shardings trade memory
+    against communication, or hidden against exposed communication, and are all tried.
     """
-    if config.sharding is Sharding.ZERO1:
-        return replace(config, sharding=Sharding.ZERO2) in present
-    if config.sharding is Sharding.ZERO2 and model.weights_cover_grads:
-        other = replace(config, sharding=Sharding.NONE)
-        return other in present and model.unconstrained(other)
     if config.sharding is Sharding.ZERO3:
         other = replace(config, sharding=Sharding.ZERO3_KEEP)
         return other in present and model.unconstrained(other)

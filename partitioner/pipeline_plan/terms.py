@@ -11,9 +11,10 @@ Per device (sums over the stage's layers; ``x = tp_flops / flops`` per split lay
                 all-reduces, on the TP group's slowest hop: every microbatch, in forward
                 and again in backward (on the critical path: added to f and to b)
     params      (params - tp_params) + tp_params / t  ->  weights W, grads G, optimizer O
-    held        none: W + G + O; zero1: W + G + O/d; zero2: W + (G + O)/d;
-                zero3: (W + G + O)/d + the two largest layers' W (in use, prefetched);
-                zero3-keep: (W + G + O)/d + W (gathered from forward to backward)
+    held        none: W + G + O; zero1: W/d + W + G + O/d; zero2 and zero3-keep:
+                (W + G + O)/d + W; zero3: (W + G + O)/d + the two largest layers' W (in
+                use, prefetched). FSDP2 keeps each shard beside its gathered copy (W/d + W);
+                zero1 accumulates whole gradients over the microbatches
     act         b x ((act - tp_act) + tp_act / t), and all of it / t with sequence
                 parallelism (the stage's input and output, sent and kept, too)
     recompute   none; selective: frees the attention cores' activations (core bytes, / t
@@ -26,13 +27,21 @@ all-gather and reduce-scatter ``(d-1)/d x bytes x s/B + (d-1) x latency``, all-r
 twice that):
 
     none        all-reduce of G, once per step (after the stage's last backward)
-    zero1       that, and the updated weights' all-gather (exposed, after the step)
-    zero2       reduce-scatter of G and all-gather of W, once per step
+    zero1       reduce-scatter of G and all-gather of W, once per step (exposed: the
+                reduce-scatter after the last backward, the gather before the first forward)
+    zero2       W gathered once per step (exposed); G reduce-scattered every microbatch in
+                backward (its shard accumulates), overlapped with the backward's compute,
+                exposed ``max(0, comm - compute)`` plus the last reduce-scatter
     zero3       every microbatch: W gathered in forward and again in backward, G
                 reduce-scattered in backward, a latency per layer; overlapped with the
                 pass's compute, exposed ``max(0, comm - compute)`` plus what cannot hide:
                 the first layer's gather of each pass and the last reduce-scatter
     zero3-keep  as zero3, one gather (forward) per microbatch
+
+This is what `partitioner.distributed` runs (FSDP2 ``fully_shard`` per layer;
+`partitioner.distributed.spmd`): zero1 as torch's pipelining schedules drive an FSDP2
+stage (gradients kept whole until the last backward), the others reducing every
+microbatch, zero2 keeping its gathered weights until the step ends.
 
 Collectives that span nodes are priced per link level (`partitioner.collectives`: inside
 each node, then a slice per device over the network), through the ring hop
@@ -70,19 +79,18 @@ RECOMPUTE_NAMES = ("none", "full", "selective")
 
 def per_step_collectives(sharding: Sharding, d: int, weights: Any, grads: Any, ring: tuple[float, float]) -> Any:
     """Seconds of a stage's data-parallel collectives once per step (the docstring's table):
-    all-reduce of the gradients (none, zero1), the updated weights' all-gather (zero1,
-    zero2) after a reduce-scatter of the gradients (zero2); nothing for zero3 (its
-    collectives run every microbatch). 0 for one replica."""
+    all-reduce of the gradients (none), their reduce-scatter and the weights' all-gather
+    (zero1), the weights' all-gather (zero2); nothing for zero3 (its collectives run every
+    microbatch). 0 for one replica."""
     if d < 2 or sharding in (Sharding.ZERO3, Sharding.ZERO3_KEEP):
         return 0.0
     per_byte, latency = ring
     share = (d - 1) / d
     if sharding is Sharding.ZERO2:
-        return share * (grads + weights) * per_byte + 2 * (d - 1) * latency
-    seconds = 2 * share * grads * per_byte + 2 * (d - 1) * latency
+        return share * weights * per_byte + (d - 1) * latency
     if sharding is Sharding.ZERO1:
-        seconds = seconds + share * weights * per_byte + (d - 1) * latency
-    return seconds
+        return share * (grads + weights) * per_byte + 2 * (d - 1) * latency
+    return 2 * share * grads * per_byte + 2 * (d - 1) * latency
 
 
 def _prefix(values: Any, dtype: Any = np.int64) -> np.ndarray:
@@ -206,14 +214,14 @@ class StageTerms:
     dp_fwd: Any
     """Exposed ZeRO-3 communication of a forward (in `fwd`)."""
     dp_bwd: Any
-    """Exposed ZeRO-3 communication of a backward without recomputation (in `bwd`)."""
+    """Exposed ZeRO-2/3 communication of a backward without recomputation (in `bwd`)."""
     dp_bwd_sel: Any
     dp_bwd_rc: Any
     weights: Any
     grads: Any
     optimizer: Any
     gathered: Any
-    """Unsharded working weights (ZeRO-3: the two largest layers; zero3-keep: all)."""
+    """Unsharded working weights (ZeRO-3: the two largest layers; the other shardings: all)."""
     buffers: Any
     act: Any
     core: Any
@@ -302,26 +310,22 @@ def stage_terms(
     gathered: Any = 0
     allreduce: Any = per_step_collectives(sharding, d, weights, grads, spec.ring)
     dp_fwd: Any = 0.0
-    zero3 = sharding in (Sharding.ZERO3, Sharding.ZERO3_KEEP)
+    layers = e - i
+    reduces = sharding in (Sharding.ZERO2, Sharding.ZERO3, Sharding.ZERO3_KEEP)  # every microbatch
     if sharding is not Sharding.NONE:
-        held_o = optimizer / d
+        held_w, held_o = weights / d, optimizer / d
+        gathered = tables.top_two()[i, e] if sharding is Sharding.ZERO3 else weights
         if sharding is not Sharding.ZERO1:
             held_g = grads / d
-    if zero3:
-        held_w = weights / d
-        layers = e - i
+    last_w = tables.layer_weights[np.maximum(e - 1, 0)]
+    first_g = tables.layer_grads[np.minimum(i, len(tables.layer_grads) - 1)]
+    if sharding in (Sharding.ZERO3, Sharding.ZERO3_KEEP):
         first_w = tables.layer_weights[np.minimum(i, len(tables.layer_weights) - 1)]
-        last_w = tables.layer_weights[np.maximum(e - 1, 0)]
-        first_g = tables.layer_grads[np.minimum(i, len(tables.layer_grads) - 1)]
         dp_fwd = np.maximum(0.0, gather(weights, layers) - fc) + gather(first_w)
-        if sharding is Sharding.ZERO3:
-            gathered = tables.top_two()[i, e]
-        else:
-            gathered = weights
     allreduce = allreduce + tied[3]
 
     def dp_bwd(compute: Any) -> Any:
-        if not zero3:
+        if not reduces:
             return 0.0
         comm = gather(grads, layers)
         lead = gather(first_g)  # the last reduce-scatter waits for the last backward
