@@ -46,7 +46,7 @@ class _Found:
     feasible: int
 
 
-_ORDER = {Sharding.NONE: 0, Sharding.ZERO2: 1, Sharding.ZERO1: 2, Sharding.ZERO3_KEEP: 3, Sharding.ZERO3: 4}
+_ORDER = {Sharding.NONE: 0, Sharding.ZERO1: 1, Sharding.ZERO2: 2, Sharding.ZERO3_KEEP: 3, Sharding.ZERO3: 4}
 """Shardings of otherwise equal configurations in the order they are tried (see `_dominated`)."""
 
 
@@ -56,9 +56,14 @@ def _dominated(model: StageModel, config: Configuration, present: set[Configurat
     reaches every split's step at least as fast.
 
     zero3-keep over zero3, once its split was not held back by memory (the same
-    collectives but one gather fewer per microbatch). The other shardings trade memory
-    against communication, or hidden against exposed communication, and are all tried.
+    collectives but one gather fewer per microbatch). Replicated (none) over ZeRO-1 likewise,
+    where weights take at least the gradients' bytes: a reduce-scatter of the gradients and
+    a gather of the weights then move at least an all-reduce's bytes. ZeRO-2 is always tried:
+    its reduce-scatters hide under the backward, which none's and ZeRO-1's do not.
     """
+    if config.sharding is Sharding.ZERO1 and model.weights_cover_grads:
+        other = replace(config, sharding=Sharding.NONE)
+        return other in present and model.unconstrained(other)
     if config.sharding is Sharding.ZERO3:
         other = replace(config, sharding=Sharding.ZERO3_KEEP)
         return other in present and model.unconstrained(other)
