@@ -24,6 +24,7 @@ from partitioner.analysis import (
     devices_for_plan,
     plan_trace,
     refine_analysis,
+    split_analysis,
     trace_layers,
 )
 from partitioner.assemble import annotate_plan, make_plan
@@ -33,7 +34,7 @@ from partitioner.dtypes import dtype_of
 from partitioner.errors import DeviceError, PlanMismatchError
 from partitioner.ir import Problem, Solution
 from partitioner.layers import LayeredModel, refinable_modules
-from partitioner.options import Granularity, Objective, PlanOptions, Strategy
+from partitioner.options import Granularity, Objective, PlanOptions, SplitLayer, Strategy
 from partitioner.partitioned import PartitionedModule, plain_model
 from partitioner.plan import Plan
 from partitioner.progress import Progress, listening, reporting
@@ -41,6 +42,7 @@ from partitioner.replicate import replicate, replicate_split, replication_hazard
 from partitioner.rewrite import InsertedTransfer, split_model
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import reorder, solve
+from partitioner.split_layers import heavy_splits
 
 __all__ = [
     "analyze",
@@ -104,11 +106,20 @@ def compile_plan(
             measure_budget_s=kw.get("measure_budget_s", 10.0), progress=kw.get("progress"),
         )
 
-    return refine_and_solve(analysis, refine, kw.get("progress"))
+    def split(current: Analysis, splits: tuple[SplitLayer, ...]) -> Analysis:
+        return split_analysis(
+            current, splits, example_inputs, example_kwargs, measure=kw.get("measure", True),
+            measure_budget_s=kw.get("measure_budget_s", 10.0), progress=kw.get("progress"),
+        )
+
+    return refine_and_solve(analysis, refine, kw.get("progress"), split)
 
 
 def refine_and_solve(
-    analysis: Analysis, refine: Callable[[Analysis, frozenset[str]], Analysis], progress: Progress | None = None
+    analysis: Analysis,
+    refine: Callable[[Analysis, frozenset[str]], Analysis],
+    progress: Progress | None = None,
+    split: Callable[[Analysis, tuple[SplitLayer, ...]], Analysis] | None = None,
 ) -> Compiled:
     """Solve `analysis` at block granularity, then, while the busiest device carries more than
     its even share, split the layers beside each cut into their children and solve again.
@@ -129,11 +140,17 @@ def refine_and_solve(
     period is within the solver's gap of total compute / devices (`even_share`), when that
     share is no better than the best plan's, or when no layer beside a cut is finer inside.
 
+    A layer heavier than the even share binds every placement of whole layers: where it is
+    one linear (a vocabulary head), it is cut into column pieces first (`split`,
+    `partitioner.split_layers.heavy_splits`), each at most half a share, and solved again.
+
     Args:
         analysis: Analysed at ``auto`` granularity (block layers, nothing refined yet).
         refine: ``refine(analysis, modules)``: `analysis` with `modules` split
             (`partitioner.analysis.refine_analysis`).
         progress: Called with a status line per round.
+        split: ``split(analysis, splits)``: `analysis` with linear layers cut into column
+            pieces (`partitioner.analysis.split_analysis`); None: no layer is cut.
 
     Returns:
         The last round's `Compiled`, its timings adding every round's solve.
@@ -155,14 +172,22 @@ def refine_and_solve(
         even = even_share(pipeline.problem)
         if pipeline.solution.objective_s <= even * (1 + gap) or even >= best.solution.objective_s:
             break  # balanced, or no balance of these layers would beat the best plan
-        assignment = pipeline.solution.assignment
-        beside = {i + k for i in range(len(assignment) - 1) if assignment[i] != assignment[i + 1] for k in (0, 1)}
-        modules = refinable_modules(pipeline.layered, beside)
-        if not modules:
-            break
-        say(f"busiest device {pipeline.solution.objective_s / even:.3f}x its even share: "
-            f"splitting {len(modules)} layer(s) beside the cuts")
-        current = refine(current, modules)
+        problem = pipeline.problem
+        fastest = [(layer.modules, min(problem.compute_s[layer.index])) for layer in pipeline.layered.graph.layers]
+        splits = heavy_splits(pipeline.layered.traced, fastest, even, problem.num_devices) if split else ()
+        if split is not None and splits:
+            say(f"busiest device {pipeline.solution.objective_s / even:.3f}x its even share: cutting "
+                + ", ".join(f"{s.module} into {s.pieces} column pieces" for s in splits))
+            current = split(current, splits)
+        else:
+            assignment = pipeline.solution.assignment
+            beside = {i + k for i in range(len(assignment) - 1) if assignment[i] != assignment[i + 1] for k in (0, 1)}
+            modules = refinable_modules(pipeline.layered, beside)
+            if not modules:
+                break
+            say(f"busiest device {pipeline.solution.objective_s / even:.3f}x its even share: "
+                f"splitting {len(modules)} layer(s) beside the cuts")
+            current = refine(current, modules)
         last = solve_analysis(current, progress)
         solve_s += last.timings_s["solve_s"]
         if not last.solution.optimal and last.solution.objective_s > best.solution.objective_s:
@@ -189,11 +214,8 @@ def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Comp
     problem = reorder(problem, solution.device_order)
     resolved = tuple(resolved[d] for d in solution.device_order) or resolved
     timings = {**analysis.timings_s, "solve_s": time.perf_counter() - start}
-    result = annotate_plan(
-        make_plan(graph, resolved, problem, solution, options, analysis.granularity, analysis.refined),
-        analysis.layered,
-        problem,
-    )
+    made = make_plan(graph, resolved, problem, solution, options, analysis.granularity, analysis.refined)
+    result = annotate_plan(dataclasses.replace(made, split=analysis.split), analysis.layered, problem)
     return Compiled(analysis.layered, resolved, problem, solution, result, timings)
 
 
