@@ -113,7 +113,7 @@ def _split_node(gm: fx.GraphModule, node: fx.Node, split: SplitLayer) -> None:
         else:
             x, weight = node.args[0], node.args[1]  # type: ignore[assignment]
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")  # type: ignore[assignment]
-        rows = _tensor(gm, weight).shape[0]
+        rows = _out_features(gm, node)
         if split.pieces > rows:
             raise ValueError(f"cannot split {split.module!r} into {split.pieces} pieces: it has {rows} output features")
         *outer, (own_key, own) = stack.items()
@@ -145,6 +145,14 @@ def _weight_slice(graph: fx.Graph, tensor: fx.Node, lo: int, hi: int, stack: dic
     sliced.meta[WEIGHT_SLICE] = True
     sliced.meta["nn_module_stack"] = stack
     return sliced
+
+
+def _out_features(gm: fx.GraphModule, node: fx.Node) -> int:
+    """Output features of the linear `node` computes (`linear_node`)."""
+    if node.op == "call_module":
+        return int(gm.get_submodule(str(node.target)).get_parameter("weight").shape[0])
+    assert isinstance(node.args[1], fx.Node)
+    return int(_tensor(gm, node.args[1]).shape[0])
 
 
 def _tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
@@ -181,8 +189,7 @@ def heavy_splits(
         node = linear_node(traced.gm, module) if module is not None and module not in done else None
         if module is None or node is None:
             continue
-        weight = node.args[1] if node.op == "call_function" else None
-        rows = _tensor(traced.gm, weight).shape[0] if isinstance(weight, fx.Node) else traced.gm.get_submodule(module).out_features
+        rows = _out_features(traced.gm, node)
         if rows >= 2:
             found.append(SplitLayer(module, min(pieces, rows)))
     return tuple(found)

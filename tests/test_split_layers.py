@@ -112,3 +112,26 @@ def test_gpt2_head_no_longer_caps_balance() -> None:
     # The pieces are placed, their head no layer of its own.
     assert "lm_head" not in [layer.name for layer in compiled.plan.layers]
     assert heavy_splits(compiled.layered.traced, [(("lm_head",), 1.0)], 0.1, 8) == ()  # cut once only
+
+
+def test_split_fx_linear_matches_original() -> None:
+    """A plain model traced with torch.fx (a ``call_module`` head) splits too; its untied
+    weight lives with the first piece, which sends the others their rows."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 64))
+    x = torch.randn(4, 8)
+    devices = ["cpu:0", "cpu:1", "cpu:2"]
+    trace = TraceOptions(split=(SplitLayer("2", 3),))
+    plan = partitioner.plan(model, devices, (x,), options=NO_DP, trace=trace, measure=False)
+    assert plan.frontend == "fx" and [layer.name for layer in plan.layers][-3:] == ["2@0/3", "2@1/3", "2@2/3"]
+    plan = placed(plan, [0, 0, 0, 1, 2])
+    pm = partitioner.auto_parallelize(model, devices, (x,), plan=plan)
+    weights = torch.arange(64.0)
+    with pm.simulator:
+        out = pm(x)
+        (out.to("cpu") * weights).sum().backward()
+    assert ("cpu:0", "cpu:2") in {(t.src, t.dst) for t in pm.transfers}
+    (model(x) * weights).sum().backward()
+    torch.testing.assert_close(to_plain(out.detach()), model(x))
+    for k, p in pm.module.named_parameters():
+        torch.testing.assert_close(to_plain(p.grad), model.get_parameter(k).grad, rtol=1e-5, atol=1e-5)
