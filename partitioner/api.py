@@ -135,8 +135,9 @@ def refine_and_solve(
     optimal that comes out slower (a time limit) ends the search.
 
     Only the THROUGHPUT objective is refined: a LATENCY plan adds every device's compute,
-    whatever the split. Where replicas win, the cuts are the best pipeline's (solved without
-    them), as long as its even share is below the replicas' period. The search ends when the
+    whatever the split. Where copies win (data parallelism, or copies of a split), the cuts
+    are the best pipeline's (solved without them), as long as its even share is below the
+    copies' period. The search ends when the
     period is within the solver's gap of total compute / devices (`even_share`), when that
     share is no better than the best plan's, or when no layer beside a cut is finer inside.
 
@@ -160,8 +161,8 @@ def refine_and_solve(
     solve_s, current, gap = best.timings_s["solve_s"], analysis, analysis.options.solver.gap
     while analysis.options.objective is Objective.THROUGHPUT:
         pipeline = last
-        if last.solution.strategy is Strategy.DATA_PARALLEL:
-            # Replicas won: the cuts are those of the best pipeline, which finer layers may make faster.
+        if last.solution.strategy in (Strategy.DATA_PARALLEL, Strategy.HYBRID):
+            # Copies won: the cuts are those of the best pipeline, which finer layers may make faster.
             if even_share(last.problem) >= best.solution.objective_s:
                 break  # no pipeline of these layers beats the replicas, however fine
             only_pipelines = dataclasses.replace(current.options, allow_data_parallel=False)

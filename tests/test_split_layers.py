@@ -135,3 +135,17 @@ def test_split_fx_linear_matches_original() -> None:
     torch.testing.assert_close(to_plain(out.detach()), model(x))
     for k, p in pm.module.named_parameters():
         torch.testing.assert_close(to_plain(p.grad), model.get_parameter(k).grad, rtol=1e-5, atol=1e-5)
+
+
+def test_copies_do_not_stop_the_search_for_a_balanced_pipeline() -> None:
+    """GPT-2 small, 8 A100s, 8 x 1024, data parallelism allowed: two copies of a 4-device
+    split of whole layers win at block granularity; cutting the head gives a single
+    pipeline that beats them, and ``auto`` finds it."""
+    built = build_model("gpt2", batch_size=8, seq_len=1024)
+    options = PlanOptions(objective="throughput")
+    kw: dict[str, Any] = {"options": options, "split_modules": built.no_split_module_classes}
+    blocks = compile_plan(built.model, ["a100-80gb x8"], built.example_args, built.example_kwargs,
+                          granularity="block", **kw)
+    assert blocks.plan.strategy.value == "hybrid"
+    auto = compile_plan(built.model, ["a100-80gb x8"], built.example_args, built.example_kwargs, **kw)
+    assert auto.plan.split and auto.plan.predicted_s < blocks.plan.predicted_s
