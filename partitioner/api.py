@@ -173,6 +173,9 @@ def refine_and_solve(
         even = even_share(pipeline.problem)
         if pipeline.solution.objective_s <= even * (1 + gap) or even >= best.solution.objective_s:
             break  # balanced, or no balance of these layers would beat the best plan
+        if _link_bound(pipeline.plan):
+            say("the busiest device is busy moving data, not computing: finer layers would not help")
+            break
         problem = pipeline.problem
         fastest = [(layer.modules, min(problem.compute_s[layer.index])) for layer in pipeline.layered.graph.layers]
         splits = heavy_splits(pipeline.layered.traced, fastest, even, problem.num_devices) if split else ()
@@ -197,6 +200,13 @@ def refine_and_solve(
             best = last  # finer layers that gain nothing are kept for the next round only
     timings = {**best.timings_s, "solve_s": solve_s, "profile_s": current.timings_s.get("profile_s", 0.0)}
     return dataclasses.replace(best, timings_s=timings)
+
+
+def _link_bound(plan: Plan) -> bool:
+    """Whether the busiest device's period is its link traffic (in or out), not its compute:
+    finer layers divide compute, so refining cannot lower that period."""
+    busiest = max(plan.devices, key=lambda d: max(d.compute_s, d.transfer_in_s, d.transfer_out_s), default=None)
+    return busiest is not None and max(busiest.transfer_in_s, busiest.transfer_out_s) > busiest.compute_s
 
 
 def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Compiled:

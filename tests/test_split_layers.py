@@ -149,3 +149,17 @@ def test_copies_do_not_stop_the_search_for_a_balanced_pipeline() -> None:
     assert blocks.plan.strategy.value == "hybrid"
     auto = compile_plan(built.model, ["a100-80gb x8"], built.example_args, built.example_kwargs, **kw)
     assert auto.plan.split and auto.plan.predicted_s < blocks.plan.predicted_s
+
+
+def test_search_stops_where_the_busiest_device_is_link_bound() -> None:
+    """GPT-2 small at one 128-token sequence: once the head is cut, the device holding the
+    tied weight is busiest sending the pieces their rows, which finer layers cannot change;
+    the search stops there rather than refining blocks round after round."""
+    built = build_model("gpt2", batch_size=1, seq_len=128)
+    said: list[str] = []
+    compiled = compile_plan(built.model, ["a100-80gb x8"], built.example_args, built.example_kwargs,
+                            options=PlanOptions(objective="throughput", allow_data_parallel=False),
+                            split_modules=built.no_split_module_classes, progress=said.append)
+    assert compiled.plan.split
+    assert any("busy moving data" in line for line in said)
+    assert not any("beside the cuts" in line for line in said), said
