@@ -49,7 +49,6 @@ __all__ = [
     "check_analysis_args",
     "trace_layers",
     "refine_analysis",
-    "split_analysis",
     "plan_trace",
     "check_plan_applies",
     "devices_for_plan",
@@ -168,30 +167,21 @@ def refine_analysis(
     example_inputs: tuple[Any, ...] = (),
     example_kwargs: Mapping[str, Any] | None = None,
     *,
+    split: Iterable[SplitLayer] = (),
     measure: bool = True,
     measure_budget_s: float = 10.0,
     progress: Progress | None = None,
 ) -> Analysis:
-    """`analysis` with `modules` split into their children (`refine_layers`): the same trace
-    and profile regrouped, the new layers timed again where `analyze` timed them."""
-    layered = refine_layers(analysis.layered, modules)
-    return _retimed(analysis, layered, example_inputs, example_kwargs, measure, measure_budget_s, progress)
-
-
-def split_analysis(
-    analysis: Analysis,
-    splits: Iterable[SplitLayer],
-    example_inputs: tuple[Any, ...] = (),
-    example_kwargs: Mapping[str, Any] | None = None,
-    *,
-    measure: bool = True,
-    measure_budget_s: float = 10.0,
-    progress: Progress | None = None,
-) -> Analysis:
-    """`analysis` with the linear layers of `splits` cut into column pieces
-    (`partitioner.split_layers`): the graph changed, profiled again on fake tensors and
-    regrouped as before; the new layers (the pieces) timed again where `analyze` timed them."""
-    traced = split_graph(analysis.layered.traced, splits)
+    """`analysis` with `modules` split into their children (`refine_layers`) and the linear
+    layers of `split` cut into column pieces (`partitioner.split_layers`): the same trace
+    and profile regrouped (a cut changes the graph: it is profiled again on fake tensors),
+    the new layers timed again where `analyze` timed them."""
+    split = tuple(split)
+    if not split:
+        layered = refine_layers(analysis.layered, modules)
+        return _retimed(analysis, layered, example_inputs, example_kwargs, measure, measure_budget_s, progress)
+    traced = split_graph(analysis.layered.traced, split)
+    traced = dataclasses.replace(traced, refined=traced.refined | frozenset(modules))
     start = time.perf_counter()
     args, kwargs = _inputs(example_inputs, example_kwargs)
     stats = profile_nodes(traced.gm, args, kwargs, training=analysis.options.training)

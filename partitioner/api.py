@@ -24,7 +24,6 @@ from partitioner.analysis import (
     devices_for_plan,
     plan_trace,
     refine_analysis,
-    split_analysis,
     trace_layers,
 )
 from partitioner.assemble import annotate_plan, make_plan
@@ -100,26 +99,19 @@ def compile_plan(
     if analysis.trace.granularity is not Granularity.AUTO:
         return solve_analysis(analysis, kw.get("progress"))
 
-    def refine(current: Analysis, modules: frozenset[str]) -> Analysis:
+    def refine(current: Analysis, modules: frozenset[str], split: tuple[SplitLayer, ...] = ()) -> Analysis:
         return refine_analysis(
-            current, modules, example_inputs, example_kwargs, measure=kw.get("measure", True),
+            current, modules, example_inputs, example_kwargs, split=split, measure=kw.get("measure", True),
             measure_budget_s=kw.get("measure_budget_s", 10.0), progress=kw.get("progress"),
         )
 
-    def split(current: Analysis, splits: tuple[SplitLayer, ...]) -> Analysis:
-        return split_analysis(
-            current, splits, example_inputs, example_kwargs, measure=kw.get("measure", True),
-            measure_budget_s=kw.get("measure_budget_s", 10.0), progress=kw.get("progress"),
-        )
-
-    return refine_and_solve(analysis, refine, kw.get("progress"), split)
+    return refine_and_solve(analysis, refine, kw.get("progress"))
 
 
 def refine_and_solve(
     analysis: Analysis,
-    refine: Callable[[Analysis, frozenset[str]], Analysis],
+    refine: Callable[[Analysis, frozenset[str], tuple[SplitLayer, ...]], Analysis],
     progress: Progress | None = None,
-    split: Callable[[Analysis, tuple[SplitLayer, ...]], Analysis] | None = None,
 ) -> Compiled:
     """Solve `analysis` at block granularity, then, while the busiest device carries more than
     its even share, split the layers beside each cut into their children and solve again.
@@ -142,16 +134,15 @@ def refine_and_solve(
     share is no better than the best plan's, or when no layer beside a cut is finer inside.
 
     A layer heavier than the even share binds every placement of whole layers: where it is
-    one linear (a vocabulary head), it is cut into column pieces first (`split`,
-    `partitioner.split_layers.heavy_splits`), each at most half a share, and solved again.
+    one linear (a vocabulary head), it is cut into column pieces first
+    (`partitioner.split_layers.heavy_splits`), each at most half a share, and solved again.
 
     Args:
         analysis: Analysed at ``auto`` granularity (block layers, nothing refined yet).
-        refine: ``refine(analysis, modules)``: `analysis` with `modules` split
+        refine: ``refine(analysis, modules, split)``: `analysis` with `modules` split into
+            their children and the linear layers of `split` cut into column pieces
             (`partitioner.analysis.refine_analysis`).
         progress: Called with a status line per round.
-        split: ``split(analysis, splits)``: `analysis` with linear layers cut into column
-            pieces (`partitioner.analysis.split_analysis`); None: no layer is cut.
 
     Returns:
         The last round's `Compiled`, its timings adding every round's solve.
@@ -178,11 +169,11 @@ def refine_and_solve(
             break
         problem = pipeline.problem
         fastest = [(layer.modules, min(problem.compute_s[layer.index])) for layer in pipeline.layered.graph.layers]
-        splits = heavy_splits(pipeline.layered.traced, fastest, even, problem.num_devices) if split else ()
-        if split is not None and splits:
+        splits = heavy_splits(pipeline.layered.traced, fastest, even, problem.num_devices)
+        if splits:
             say(f"busiest device {pipeline.solution.objective_s / even:.3f}x its even share: cutting "
                 + ", ".join(f"{s.module} into {s.pieces} column pieces" for s in splits))
-            current = split(current, splits)
+            current = refine(current, frozenset(), splits)
         else:
             assignment = pipeline.solution.assignment
             beside = {i + k for i in range(len(assignment) - 1) if assignment[i] != assignment[i + 1] for k in (0, 1)}
@@ -191,7 +182,7 @@ def refine_and_solve(
                 break
             say(f"busiest device {pipeline.solution.objective_s / even:.3f}x its even share: "
                 f"splitting {len(modules)} layer(s) beside the cuts")
-            current = refine(current, modules)
+            current = refine(current, modules, ())
         last = solve_analysis(current, progress)
         solve_s += last.timings_s["solve_s"]
         if not last.solution.optimal and last.solution.objective_s > best.solution.objective_s:
