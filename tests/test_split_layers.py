@@ -163,3 +163,32 @@ def test_search_stops_where_the_busiest_device_is_link_bound() -> None:
     assert compiled.plan.split
     assert any("busy moving data" in line for line in said)
     assert not any("beside the cuts" in line for line in said), said
+
+
+def test_pipeline_stages_of_a_split_head_compute_the_model() -> None:
+    """`partitioner.distributed`'s stages (one process): the pieces in two stages after the
+    blocks' stage, the rows of the tied weight sent along with x; loss and gradients equal."""
+    import partitioner.distributed as pd
+    from partitioner.distributed.stages import flat_batch
+    from tests import dist_worker
+
+    model, args, kwargs = ZOO["gpt2"].build()
+    trace = TraceOptions(granularity="block", split=(SplitLayer("lm_head", 2),))
+    layered, _ = trace_layers(model, args, kwargs, training=True, trace=trace)
+    names = [layer.name for layer in layered.graph.layers]
+    assert names[-2:] == ["lm_head@0/2", "lm_head@1/2"]
+    graphs = pd.build_stages(layered, [0] * (len(names) - 2) + [1, 2], args, kwargs, 4, torch.device("cpu"))
+    inputs, keywords, target = dist_worker.batch("gpt2", 4)
+    flat = flat_batch(layered, inputs, keywords)
+    values: tuple[Any, ...] = tuple(flat[i] for i in graphs.inputs)
+    for stage in graphs.modules:
+        values = stage(*values)
+    loss = dist_worker.loss_fn("gpt2")(graphs.model_output(values), target)
+    original = ZOO["gpt2"].make_model()
+    expected = dist_worker.loss_fn("gpt2")(original(*inputs, **keywords), target)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    grads = dict(original.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-4, msg=name)
