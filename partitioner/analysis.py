@@ -25,12 +25,21 @@ from partitioner.dtypes import dtype_of
 from partitioner.errors import PlanMismatchError, ProfileError
 from partitioner.layers import LayeredModel, build_layers, refine_layers
 from partitioner.measure import measure_layers
-from partitioner.options import Frontend, Granularity, PlanOptions, TraceOptions, check_split_modules, trace_options
+from partitioner.options import (
+    Frontend,
+    Granularity,
+    PlanOptions,
+    SplitLayer,
+    TraceOptions,
+    check_split_modules,
+    trace_options,
+)
 from partitioner.partitioned import plain_model
 from partitioner.plan import Plan
 from partitioner.profiling import profile_nodes
 from partitioner.progress import Progress
 from partitioner.replicate import replication_hazards
+from partitioner.split_layers import split_graph
 from partitioner.trace import trace_model
 
 __all__ = [
@@ -88,6 +97,11 @@ class Analysis:
     def refined(self) -> tuple[str, ...]:
         """The modules split into their children (`TraceOptions.refine`), sorted."""
         return tuple(sorted(self.layered.traced.refined))
+
+    @property
+    def split(self) -> tuple[SplitLayer, ...]:
+        """The linear layers cut into column pieces (`TraceOptions.split`)."""
+        return self.layered.traced.split
 
 
 def analyze(
@@ -153,13 +167,41 @@ def refine_analysis(
     example_inputs: tuple[Any, ...] = (),
     example_kwargs: Mapping[str, Any] | None = None,
     *,
+    split: Iterable[SplitLayer] = (),
     measure: bool = True,
     measure_budget_s: float = 10.0,
     progress: Progress | None = None,
 ) -> Analysis:
-    """`analysis` with `modules` split into their children (`refine_layers`): the same trace
-    and profile regrouped, the new layers timed again where `analyze` timed them."""
-    layered = refine_layers(analysis.layered, modules)
+    """`analysis` with `modules` split into their children (`refine_layers`) and the linear
+    layers of `split` cut into column pieces (`partitioner.split_layers`): the same trace
+    and profile regrouped (a cut changes the graph: it is profiled again on fake tensors),
+    the new layers timed again where `analyze` timed them."""
+    split = tuple(split)
+    if not split:
+        layered = refine_layers(analysis.layered, modules)
+        return _retimed(analysis, layered, example_inputs, example_kwargs, measure, measure_budget_s, progress)
+    traced = split_graph(analysis.layered.traced, split)
+    traced = dataclasses.replace(traced, refined=traced.refined | frozenset(modules))
+    start = time.perf_counter()
+    args, kwargs = _inputs(example_inputs, example_kwargs)
+    stats = profile_nodes(traced.gm, args, kwargs, training=analysis.options.training)
+    layered = build_layers(traced, stats, batch_size=analysis.layered.graph.batch_size)
+    timings = {**analysis.timings_s, "profile_s": analysis.timings_s.get("profile_s", 0.0) + time.perf_counter() - start}
+    analysis = dataclasses.replace(analysis, timings_s=timings)
+    return _retimed(analysis, layered, example_inputs, example_kwargs, measure, measure_budget_s, progress)
+
+
+def _retimed(
+    analysis: Analysis,
+    layered: LayeredModel,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: Mapping[str, Any] | None,
+    measure: bool,
+    measure_budget_s: float,
+    progress: Progress | None,
+) -> Analysis:
+    """`analysis` with its layers regrouped as `layered`: a layer of the same nodes as before
+    keeps its measured times, the others are timed where `analyze` timed them."""
     timings = dict(analysis.timings_s)
     if measure and any(d.present for d in analysis.devices):
         start = time.perf_counter()
@@ -207,7 +249,7 @@ def plan_trace(plan: Plan, kw: AnalysisArgs) -> AnalysisArgs:
         split_modules=kw.get("split_modules", ()), no_split_module_classes=kw.get("no_split_module_classes", ()),
     )
     rest = {k: v for k, v in kw.items() if k not in ("frontend", "split_modules", "no_split_module_classes")}
-    return {**rest, "trace": dataclasses.replace(trace, refine=plan.refined)}  # type: ignore[typeddict-item]
+    return {**rest, "trace": dataclasses.replace(trace, refine=plan.refined, split=plan.split)}  # type: ignore[typeddict-item]
 
 
 def check_analysis_args(kw: Mapping[str, Any], more: Iterable[str] = ()) -> None:
@@ -267,6 +309,7 @@ def trace_layers(
     traced = trace_model(
         model, args, kwargs, frontend=trace.frontend, granularity=trace.granularity, split_modules=split_modules
     )
+    traced = split_graph(traced, trace.split)
     timings = {"trace_s": time.perf_counter() - start}
     start = time.perf_counter()
     say(f"profiling {sum(1 for _ in traced.gm.graph.nodes)} graph nodes on fake tensors")
@@ -279,6 +322,7 @@ def trace_layers(
         traced = trace_model(
             model, args, kwargs, frontend=Frontend.EXPORT, granularity=trace.granularity, split_modules=split_modules
         )
+        traced = split_graph(traced, trace.split)
         stats = profile_nodes(traced.gm, args, kwargs, training=training)
     if refined:
         traced = dataclasses.replace(traced, refined=refined)

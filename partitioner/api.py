@@ -33,7 +33,7 @@ from partitioner.dtypes import dtype_of
 from partitioner.errors import DeviceError, PlanMismatchError
 from partitioner.ir import Problem, Solution
 from partitioner.layers import LayeredModel, refinable_modules
-from partitioner.options import Granularity, Objective, PlanOptions, Strategy
+from partitioner.options import Granularity, Objective, PlanOptions, SplitLayer, Strategy
 from partitioner.partitioned import PartitionedModule, plain_model
 from partitioner.plan import Plan
 from partitioner.progress import Progress, listening, reporting
@@ -41,6 +41,7 @@ from partitioner.replicate import replicate, replicate_split, replication_hazard
 from partitioner.rewrite import InsertedTransfer, split_model
 from partitioner.simdevice import SimulatedDevices
 from partitioner.solve import reorder, solve
+from partitioner.split_layers import heavy_splits
 
 __all__ = [
     "analyze",
@@ -98,9 +99,9 @@ def compile_plan(
     if analysis.trace.granularity is not Granularity.AUTO:
         return solve_analysis(analysis, kw.get("progress"))
 
-    def refine(current: Analysis, modules: frozenset[str]) -> Analysis:
+    def refine(current: Analysis, modules: frozenset[str], split: tuple[SplitLayer, ...] = ()) -> Analysis:
         return refine_analysis(
-            current, modules, example_inputs, example_kwargs, measure=kw.get("measure", True),
+            current, modules, example_inputs, example_kwargs, split=split, measure=kw.get("measure", True),
             measure_budget_s=kw.get("measure_budget_s", 10.0), progress=kw.get("progress"),
         )
 
@@ -108,7 +109,9 @@ def compile_plan(
 
 
 def refine_and_solve(
-    analysis: Analysis, refine: Callable[[Analysis, frozenset[str]], Analysis], progress: Progress | None = None
+    analysis: Analysis,
+    refine: Callable[[Analysis, frozenset[str], tuple[SplitLayer, ...]], Analysis],
+    progress: Progress | None = None,
 ) -> Compiled:
     """Solve `analysis` at block granularity, then, while the busiest device carries more than
     its even share, split the layers beside each cut into their children and solve again.
@@ -124,14 +127,20 @@ def refine_and_solve(
     optimal that comes out slower (a time limit) ends the search.
 
     Only the THROUGHPUT objective is refined: a LATENCY plan adds every device's compute,
-    whatever the split. Where replicas win, the cuts are the best pipeline's (solved without
-    them), as long as its even share is below the replicas' period. The search ends when the
+    whatever the split. Where copies win (data parallelism, or copies of a split), the cuts
+    are the best pipeline's (solved without them), as long as its even share is below the
+    copies' period. The search ends when the
     period is within the solver's gap of total compute / devices (`even_share`), when that
     share is no better than the best plan's, or when no layer beside a cut is finer inside.
 
+    A layer heavier than the even share binds every placement of whole layers: where it is
+    one linear (a vocabulary head), it is cut into column pieces first
+    (`partitioner.split_layers.heavy_splits`), each at most half a share, and solved again.
+
     Args:
         analysis: Analysed at ``auto`` granularity (block layers, nothing refined yet).
-        refine: ``refine(analysis, modules)``: `analysis` with `modules` split
+        refine: ``refine(analysis, modules, split)``: `analysis` with `modules` split into
+            their children and the linear layers of `split` cut into column pieces
             (`partitioner.analysis.refine_analysis`).
         progress: Called with a status line per round.
 
@@ -143,8 +152,8 @@ def refine_and_solve(
     solve_s, current, gap = best.timings_s["solve_s"], analysis, analysis.options.solver.gap
     while analysis.options.objective is Objective.THROUGHPUT:
         pipeline = last
-        if last.solution.strategy is Strategy.DATA_PARALLEL:
-            # Replicas won: the cuts are those of the best pipeline, which finer layers may make faster.
+        if last.solution.strategy in (Strategy.DATA_PARALLEL, Strategy.HYBRID):
+            # Copies won: the cuts are those of the best pipeline, which finer layers may make faster.
             if even_share(last.problem) >= best.solution.objective_s:
                 break  # no pipeline of these layers beats the replicas, however fine
             only_pipelines = dataclasses.replace(current.options, allow_data_parallel=False)
@@ -155,14 +164,25 @@ def refine_and_solve(
         even = even_share(pipeline.problem)
         if pipeline.solution.objective_s <= even * (1 + gap) or even >= best.solution.objective_s:
             break  # balanced, or no balance of these layers would beat the best plan
-        assignment = pipeline.solution.assignment
-        beside = {i + k for i in range(len(assignment) - 1) if assignment[i] != assignment[i + 1] for k in (0, 1)}
-        modules = refinable_modules(pipeline.layered, beside)
-        if not modules:
+        if _link_bound(pipeline.plan):
+            say("the busiest device is busy moving data, not computing: finer layers would not help")
             break
-        say(f"busiest device {pipeline.solution.objective_s / even:.3f}x its even share: "
-            f"splitting {len(modules)} layer(s) beside the cuts")
-        current = refine(current, modules)
+        problem = pipeline.problem
+        fastest = [(layer.modules, min(problem.compute_s[layer.index])) for layer in pipeline.layered.graph.layers]
+        splits = heavy_splits(pipeline.layered.traced, fastest, even, problem.num_devices)
+        if splits:
+            say(f"busiest device {pipeline.solution.objective_s / even:.3f}x its even share: cutting "
+                + ", ".join(f"{s.module} into {s.pieces} column pieces" for s in splits))
+            current = refine(current, frozenset(), splits)
+        else:
+            assignment = pipeline.solution.assignment
+            beside = {i + k for i in range(len(assignment) - 1) if assignment[i] != assignment[i + 1] for k in (0, 1)}
+            modules = refinable_modules(pipeline.layered, beside)
+            if not modules:
+                break
+            say(f"busiest device {pipeline.solution.objective_s / even:.3f}x its even share: "
+                f"splitting {len(modules)} layer(s) beside the cuts")
+            current = refine(current, modules, ())
         last = solve_analysis(current, progress)
         solve_s += last.timings_s["solve_s"]
         if not last.solution.optimal and last.solution.objective_s > best.solution.objective_s:
@@ -171,6 +191,13 @@ def refine_and_solve(
             best = last  # finer layers that gain nothing are kept for the next round only
     timings = {**best.timings_s, "solve_s": solve_s, "profile_s": current.timings_s.get("profile_s", 0.0)}
     return dataclasses.replace(best, timings_s=timings)
+
+
+def _link_bound(plan: Plan) -> bool:
+    """Whether the busiest device's period is its link traffic (in or out), not its compute:
+    finer layers divide compute, so refining cannot lower that period."""
+    busiest = max(plan.devices, key=lambda d: max(d.compute_s, d.transfer_in_s, d.transfer_out_s), default=None)
+    return busiest is not None and max(busiest.transfer_in_s, busiest.transfer_out_s) > busiest.compute_s
 
 
 def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Compiled:
@@ -189,11 +216,8 @@ def solve_analysis(analysis: Analysis, progress: Progress | None = None) -> Comp
     problem = reorder(problem, solution.device_order)
     resolved = tuple(resolved[d] for d in solution.device_order) or resolved
     timings = {**analysis.timings_s, "solve_s": time.perf_counter() - start}
-    result = annotate_plan(
-        make_plan(graph, resolved, problem, solution, options, analysis.granularity, analysis.refined),
-        analysis.layered,
-        problem,
-    )
+    made = make_plan(graph, resolved, problem, solution, options, analysis.granularity, analysis.refined)
+    result = annotate_plan(dataclasses.replace(made, split=analysis.split), analysis.layered, problem)
     return Compiled(analysis.layered, resolved, problem, solution, result, timings)
 
 

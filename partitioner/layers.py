@@ -36,6 +36,7 @@ import torch.fx as fx
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
 from partitioner.mutations import PIN
 from partitioner.profiling import BACKWARD_FLOP_FACTOR, BACKWARD_KERNEL_FACTOR, NodeStats
+from partitioner.split_layers import WEIGHT_SLICE
 from partitioner.tp_detect import TensorParallelNodes, detect_tensor_parallel
 from partitioner.tp_layout import TensorParallelLayout
 from partitioner.trace import TracedModel
@@ -168,6 +169,10 @@ def _assign_keys(gm: fx.GraphModule, traced: TracedModel, stats: Mapping[str, No
             owner = first_keyed(list(n.users))
             if owner is not None:
                 key[n] = owner
+    # A column piece's rows of a weight are sliced where the weight lives (`split_layers`).
+    for n in placed:
+        if n.meta.get(WEIGHT_SLICE) and isinstance(n.args[0], fx.Node) and key.get(n.args[0]) is not None:
+            key[n] = key[n.args[0]]
     pin(key)  # again, for tensors whose layer is known only now
     return {n: k for n, k in key.items() if k is not None}
 
@@ -472,7 +477,8 @@ def _values(
                 producer=producer,
                 consumers=ordered,
                 bytes=s.value_bytes if s else 0,
-                batched=n.op != "get_attr",  # a weight read by another layer moves whole, whatever the batch
+                # A weight (or a piece's rows of one) read by another layer moves whole, whatever the batch.
+                batched=n.op != "get_attr" and not n.meta.get(WEIGHT_SLICE),
             )
         )
     return out

@@ -33,6 +33,7 @@ __all__ = [
     "Frontend",
     "Granularity",
     "TraceOptions",
+    "SplitLayer",
     "trace_options",
     "check_split_modules",
 ]
@@ -290,6 +291,24 @@ class Granularity(_Choice):
     and MLP, then into leaves) and solved again (`partitioner.api.compile_plan`)."""
 
 
+@dataclass(frozen=True, slots=True)
+class SplitLayer:
+    """A linear layer cut column-wise into `pieces` layers (``module@0/4`` .. ``module@3/4``),
+    each computing its share of the output features, joined by a concatenation
+    (`partitioner.split_layers`): what lets a layer heavier than total / devices spread."""
+
+    module: str
+    """Path of the ``nn.Linear`` (``lm_head``)."""
+    pieces: int
+    """How many column pieces (>= 2)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.module, str) or not self.module or isinstance(self.pieces, bool) or not (
+            isinstance(self.pieces, int) and self.pieces >= 2
+        ):
+            raise ValueError(f"SplitLayer needs a module path and pieces >= 2 (got {self.module!r}, {self.pieces!r})")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TraceOptions:
     """How the model is traced and cut into layers (what a plan's layers are)."""
@@ -306,6 +325,9 @@ class TraceOptions:
     """Module paths (``transformer.h.3``, ``transformer.h.3.attn``) split into their
     children on top of block granularity: what ``auto`` chose, recorded in
     `partitioner.plan.Plan.refined` and replayed when a saved plan is applied."""
+    split: tuple[SplitLayer, ...] = ()
+    """Linear layers cut into column pieces (``auto`` chooses them for a layer heavier than
+    the even share; `partitioner.plan.Plan.split` records them for a saved plan)."""
 
     def __post_init__(self) -> None:
         _set_choice(self, "frontend", Frontend)
@@ -317,6 +339,9 @@ class TraceOptions:
         if refine and self.granularity is Granularity.LEAF:
             raise ValueError("TraceOptions.refine splits blocks, but granularity 'leaf' has none; use 'auto' or 'block'")
         object.__setattr__(self, "refine", tuple(dict.fromkeys(refine)))
+        if not all(isinstance(x, SplitLayer) for x in self.split):
+            raise ValueError(f"TraceOptions.split must hold SplitLayer records (got {self.split!r})")
+        object.__setattr__(self, "split", tuple(self.split))
 
 
 def trace_options(

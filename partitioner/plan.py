@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from partitioner.options import Objective, Strategy
+from partitioner.options import Objective, SplitLayer, Strategy
 
 if TYPE_CHECKING:
     from partitioner.simulate import StageCost, Timeline
@@ -346,6 +346,16 @@ class Plan:
     refined: tuple[str, ...] = ()
     """Modules split into their children by ``auto`` granularity (a block into attention and
     MLP, those into leaves); applying the plan groups the layers so again."""
+    split: tuple[SplitLayer, ...] = ()
+    """Linear layers cut into column pieces by ``auto`` granularity (a layer heavier than
+    total / devices: the layers ``module@j/k``, their outputs concatenated); applying the
+    plan cuts them so again (`partitioner.split_layers`)."""
+
+    def split_devices(self, split: SplitLayer) -> tuple[int, ...]:
+        """The device of each of `split`'s pieces, in order."""
+        names = [f"{split.module}@{j}/{split.pieces}" for j in range(split.pieces)]
+        at = {layer.name: layer.device for layer in self.layers}
+        return tuple(at[n] for n in names if n in at)
 
     # ------------------------------------------------------------------ views
     @property

@@ -21,7 +21,7 @@ from typing import Any
 
 from partitioner.errors import PlanFormatError
 from partitioner.ir import TIME_SOURCES
-from partitioner.options import Objective, Sharding, Strategy
+from partitioner.options import Objective, Sharding, SplitLayer, Strategy
 from partitioner.plan import (
     PLAN_VERSION,
     PipelinePlan,
@@ -86,6 +86,7 @@ def plan_from_dict(data: Any) -> Plan:
     d["devices"] = _records(PlanDevice, d["devices"], "devices")
     d["layers"] = _records(PlanLayer, d["layers"], "layers")
     d["transfers"] = _records(PlanTransfer, d["transfers"], "transfers")
+    d["split"] = _records(SplitLayer, d["split"], "split")
     d["solver"] = _build(SolverInfo, _record(d["solver"], "solver", SolverInfo), "solver")
     if d["pipeline"] is not None:
         p = _record(d["pipeline"], "pipeline", PipelinePlan)

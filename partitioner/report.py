@@ -121,6 +121,9 @@ def render_text(plan: Plan) -> str:
         lines.insert(3, _balance_line(plan))
     if plan.why:
         lines.append(f"why: {plan.why}")
+    for split in plan.split:
+        on = ", ".join(plan.devices[d].name for d in plan.split_devices(split))
+        lines.append(f"split: {split.module} in {split.pieces} column pieces (outputs concatenated) on {on}")
     basis_line = _basis_line(plan.layers)
     if basis_line:
         lines.append(basis_line)

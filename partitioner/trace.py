@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from partitioner.errors import TraceError
-from partitioner.options import Frontend, Granularity
+from partitioner.options import Frontend, Granularity, SplitLayer
 from partitioner.snapshot import named_tensors, preserved
 from partitioner.trace_checks import (
     InferenceMode,
@@ -85,6 +85,8 @@ class TracedModel:
     refined: frozenset[str] = frozenset()
     """Qualified names of blocks (and of their modules) split into their children
     (`partitioner.layers.refine_layers`); empty unless granularity is ``auto``."""
+    split: tuple[SplitLayer, ...] = ()
+    """Linear layers `gm` computes in column pieces (`partitioner.split_layers`)."""
 
 
 def block_classes(model: nn.Module, extra: Sequence[str] = ()) -> frozenset[str]:

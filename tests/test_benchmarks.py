@@ -332,7 +332,9 @@ def test_tiny_suite_runs_end_to_end(tiny_result: tuple[dict, Path]) -> None:
     assert loaded["versions"]["torch"] == torch.__version__
     # Per layer: every layer of the seed MLP timed, against the roofline's estimates.
     (case,) = loaded["accuracy"]["cases"]
-    assert [layer["name"] for layer in case["layers"]] == loaded["mlp_split"]["layers"]
+    # (The throughput plan of `mlp_split` may cut a heavy layer into column pieces, ``fc1@0/2``.)
+    pieces = list(dict.fromkeys(name.split("@")[0] for name in loaded["mlp_split"]["layers"]))
+    assert [layer["name"] for layer in case["layers"]] == pieces
     assert all(layer["measured_s"] > 0 and min(layer["predicted_s"].values()) > 0 for layer in case["layers"])
     summary = (out / "summary.md").read_text()
     assert "### Targets" in summary and "accelerate-sequential" in summary

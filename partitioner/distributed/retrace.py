@@ -33,6 +33,7 @@ def retrace(
         frontend=Frontend(plan.frontend) if plan.frontend in ("fx", "export") else Frontend.AUTO,
         granularity=Granularity(plan.granularity) if plan.granularity in {g.value for g in Granularity} else Granularity.BLOCK,
         refine=plan.refined,
+        split=plan.split,
         split_modules=tuple(split_modules),
     )
     layered, _ = trace_layers(model, args, kwargs, training=plan.training, trace=trace)
