@@ -90,8 +90,11 @@ class Layer:
     tp_comm_bytes: int = 0
     """Bytes a TP group all-reduces in one forward: each row's output, a vocabulary embedding's."""
     tp_divisor: int = 0
-    """The gcd of its pairs' `partitioner.tp_layout.Pair.divisor` and its vocabulary shards'
-    sizes: a degree dividing it splits them all; 0 for a layer with nothing to split."""
+    """The gcd of its pairs' `partitioner.tp_layout.Pair.divisor`: a degree dividing it splits
+    them all, any other leaves the layer whole; 0 for a layer with no pair."""
+    tp_vocab: tuple[int, ...] = ()
+    """Sizes of the vocabulary shards among its nodes, which split at any degree ``t``: the
+    busiest rank holds ``ceil(V / t)`` rows (`partitioner.tp_layout.VocabShard.rows`)."""
     core_flops: int = 0
     """Forward plus backward FLOPs of its attention cores (scores through the weighted sum)."""
     core_activation_bytes: int = 0

@@ -430,19 +430,13 @@ def _layer_records(
                 tp_params=a.tp_params,
                 tp_activation_bytes=a.tp_saved,
                 tp_comm_bytes=a.tp_comm,
-                tp_divisor=_divisor(tp, a),
+                tp_divisor=math.gcd(*(tp.layout.pairs[k].divisor for k in a.tp_pairs)),
+                tp_vocab=tuple(sorted(a.tp_vocab)),
                 core_flops=(1 + BACKWARD_FLOP_FACTOR) * a.core_flops,
                 core_activation_bytes=a.core_saved,
             )
         )
     return layers
-
-
-def _divisor(tp: TensorParallelNodes, a: _Totals) -> int:
-    """The layer's `Layer.tp_divisor`: the gcd of its pairs' divisors and its vocabularies'
-    sizes (a degree not dividing a vocabulary leaves it whole, as
-    `partitioner.tp_layout.TensorParallelLayout.at_degree` runs it); 0 with nothing to split."""
-    return math.gcd(*(tp.layout.pairs[k].divisor for k in a.tp_pairs), *a.tp_vocab)
 
 
 def _values(
