@@ -169,8 +169,10 @@ def test_the_rest_of_the_grid_trains_as_one_process(tmp_path: Path) -> None:
     """TP 2 x FSDP 2 Llama (parameters kept from forward to backward), FSDP 4 GPT-2 (ZeRO-2 and ZeRO-1
     lower to the same), TP 2 x DP 2 GPT-2 (replicated, gradients all-reduced), PP 2 x TP 2 GPT-2 (its tied
     embedding and head split in both stages), TP 2 + SP x FSDP 2 Llama, TP 2 + SP x DP 2 GPT-2 (its rows
-    flattened to tokens), TP 2 x FSDP 2 Llama recomputing."""
+    flattened to tokens), TP 2 x FSDP 2 Llama recomputing; GPT-2 and Llama (sequence parallel) of 101 tokens as
+    TP 2 x FSDP 2 (FSDP2 cuts the uneven 51 / 50 vocabulary slices again: 26 / 25 rows)."""
     llama, gpt2 = (write_plan(tmp_path, m, _data_parallel(m, 4)) for m in ("llama", "gpt2"))
+    odd_gpt2, odd_llama = (write_plan(tmp_path, m, _data_parallel(m, 4)) for m in ("gpt2-v101", "llama-v101"))
     one_stage = hand_pipeline(base_plan("llama", 4), [(0, 4)], [(0, 1, 2, 3)], "gpipe", 1, 8, recompute=True)
     recomputed = write_plan(tmp_path, "llama-recompute", one_stage)
     cases = [
@@ -184,9 +186,14 @@ def test_the_rest_of_the_grid_trains_as_one_process(tmp_path: Path) -> None:
         _case("llama-tp2-sp-fsdp2", "llama", llama, tensor_parallel=2, sequence_parallel=True, sharding="zero3"),
         _case("gpt2-tp2-sp-dp2", "gpt2", gpt2, tensor_parallel=2, sequence_parallel=True),
         _case("llama-tp2-fsdp2-recompute", "llama", recomputed, tensor_parallel=2, sharding="zero3"),
+        _case("gpt2-v101-tp2-fsdp2", "gpt2-v101", odd_gpt2, tensor_parallel=2, sharding="zero3", detect=True),
+        _case("llama-v101-tp2-sp-fsdp2", "llama-v101", odd_llama, tensor_parallel=2, sequence_parallel=True,
+              sharding="zero3", detect=True),
     ]
     launch(4, cases, tmp_path)
     _checked(tmp_path, cases, 4)
+    assert _local(tmp_path, "gpt2-v101-tp2-fsdp2", "transformer.wte.weight", 4) == {(26, 32), (25, 32)}
+    assert _local(tmp_path, "llama-v101-tp2-sp-fsdp2", "lm_head.weight", 4) == {(26, 32), (25, 32)}
 
 
 # --------------------------------------------------------------------------- bad input (one process)
