@@ -539,24 +539,21 @@ PLAIN_CASES: list[str] = [name for name in ZOO if name not in HF_CASES]
 
 ODD_VOCAB = 101
 """A prime vocabulary: no tensor-parallel degree > 1 divides it (GPT-3's 50,257 at 8, in small)."""
-ODD_VOCAB_CASES: dict[str, ZooCase] = {
-    case.name: case
-    for case in (
-        ZooCase(
-            name="gpt2-v101",
-            description="The zoo's GPT-2 with a vocabulary of 101; lm_head tied to wte.",
-            make_model=lambda: _gpt2(ODD_VOCAB),
-            make_inputs=lambda: ((torch.randint(0, ODD_VOCAB, (_BATCH, _SEQ), generator=_generator(1)),), {"use_cache": False}),
-            fx_traceable=False,
-        ),
-        ZooCase(
-            name="llama-v101",
-            description="The zoo's Llama with a vocabulary of 101; untied head.",
-            make_model=lambda: _llama(ODD_VOCAB),
-            make_inputs=lambda: ((torch.randint(0, ODD_VOCAB, (_BATCH, _SEQ), generator=_generator(3)),), {"use_cache": False}),
-            fx_traceable=False,
-        ),
+
+
+def _odd_vocab(name: str, make: Callable[[int], nn.Module], seed: int, tied: str) -> ZooCase:
+    """The zoo's case `name` with a vocabulary of `ODD_VOCAB` (its inputs drawn below it)."""
+    return ZooCase(
+        name=f"{name}-v{ODD_VOCAB}",
+        description=f"The zoo's {name} with a vocabulary of {ODD_VOCAB}; {tied}.",
+        make_model=lambda: make(ODD_VOCAB),
+        make_inputs=lambda: ((torch.randint(0, ODD_VOCAB, (_BATCH, _SEQ), generator=_generator(seed)),), {"use_cache": False}),
+        fx_traceable=False,
     )
+
+
+ODD_VOCAB_CASES: dict[str, ZooCase] = {
+    case.name: case for case in (_odd_vocab("gpt2", _gpt2, 1, "lm_head tied to wte"), _odd_vocab("llama", _llama, 3, "untied head"))
 }
 """Variants outside `ZOO` (the zoo-wide tests skip them), for uneven vocabulary tensor parallelism."""
 

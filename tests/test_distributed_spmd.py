@@ -71,6 +71,18 @@ _O = "model.layers.1.self_attn.o_proj.weight"  # its (32, 32) output projection:
 _LLAMA_UNITS = [f"_layer_{i}" for i in range(5)]  # every layer of the tiny Llama holds parameters
 
 
+def _loads_into_original(model: str, checkpoint: Path) -> None:
+    """The checkpoint loads into a fresh copy of the zoo model (its weights negated first) as the model's own weights."""
+    original = zoo_case(model).make_model()
+    restored = zoo_case(model).make_model()
+    with torch.no_grad():
+        for p in restored.parameters():
+            p.mul_(-1.0)
+    pd.load_into_original(restored, checkpoint)
+    for k, v in original.state_dict().items():
+        assert torch.equal(restored.state_dict()[k], v), k
+
+
 def _planned(tmp_path: Path, model: str, config: str, devices: int = 4) -> str:
     """`plan_training` of the zoo model on `devices` CPU devices at a fixed configuration, saved as JSON."""
     from partitioner.options import TrainingOptions
@@ -120,14 +132,7 @@ def test_plans_with_tensor_parallelism_and_fsdp_train_as_one_process(tmp_path: P
     assert _local(tmp_path, "gpt2-tp2-fsdp2", "transformer.h.0.mlp.c_fc.weight", 4) == {(16, 64)}
     assert _local(tmp_path, "mlp-tp2-dp2", "fc1.weight", 4) == {(256, 1024)}
     assert _local(tmp_path, "mlp-tp2-dp2", "fc2.weight", 4) == {(256, 256)}
-    original = ZOO["gpt2"].make_model()
-    restored = ZOO["gpt2"].make_model()
-    with torch.no_grad():
-        for p in restored.parameters():
-            p.mul_(-1.0)
-    pd.load_into_original(restored, checkpoint)
-    for k, v in original.state_dict().items():
-        assert torch.equal(restored.state_dict()[k], v), k
+    _loads_into_original("gpt2", checkpoint)
 
 
 @pytest.mark.distributed
@@ -153,14 +158,7 @@ def test_an_odd_vocabulary_splits_unevenly_and_trains_as_one_process(tmp_path: P
     assert _local(tmp_path, "llama-v101-planned-tp2", "lm_head.weight", 2) == uneven
     assert _local(tmp_path, "gpt2-v101-tp2", "transformer.wte.weight", 2) == uneven
     assert _local(tmp_path, "gpt2-v101-fsdp2-resumed", "transformer.wte.weight", 2) == uneven  # FSDP2 cuts dim 0 alike
-    original = zoo_case("gpt2-v101").make_model()
-    restored = zoo_case("gpt2-v101").make_model()
-    with torch.no_grad():
-        for p in restored.parameters():
-            p.mul_(-1.0)
-    pd.load_into_original(restored, checkpoint)
-    for k, v in original.state_dict().items():
-        assert torch.equal(restored.state_dict()[k], v), k
+    _loads_into_original("gpt2-v101", checkpoint)
 
 
 @pytest.mark.slow
