@@ -109,6 +109,10 @@ class ChainLayer:
     over the TP group in the forward; the backward all-reduces as many at the columns'
     inputs. Under sequence parallelism each all-reduce is a reduce-scatter and an
     all-gather of the same bytes."""
+    tp_bytes_share: float = 0.0
+    """For a layer without FLOPs, priced on the bytes it moves (an embedding lookup), the share
+    of those its split parameters make (the embedding's table, read whole by the roofline),
+    which the TP group divides as it divides `tp_flops` of other layers; 0 otherwise."""
     tp_divisor: int = 0
     """TP degrees ``t`` with ``tp_divisor % t == 0`` split the layer's pairs evenly (the gcd of
     their heads, key/value heads and sharded widths); any other leaves the layer replicated.
@@ -122,6 +126,12 @@ class ChainLayer:
     core_activation_bytes: int = 0
     """Of `activation_bytes` (per sample), those its attention cores keep: what selective
     recomputation frees."""
+
+    @property
+    def tp_time_share(self) -> float:
+        """The share of its time tensor parallelism splits: ``tp_flops / flops``, or
+        `tp_bytes_share` for a layer without FLOPs."""
+        return min(1.0, self.tp_flops / self.flops) if self.flops > 0 else self.tp_bytes_share
 
     def tp_splits(self, t: int) -> bool:
         """Whether tensor-parallel degree `t` splits this layer: it has pairs or vocabulary
@@ -280,6 +290,7 @@ def training_costs(
             tp_params=layer.tp_params,
             tp_activation_bytes=math.ceil(layer.tp_activation_bytes * scale / b0),
             tp_comm_bytes=math.ceil(layer.tp_comm_bytes * scale / b0),
+            tp_bytes_share=layer.tp_traffic_bytes / layer.traffic_bytes if layer.traffic_bytes and not layer.fwd_flops else 0.0,
             tp_divisor=layer.tp_divisor,
             tp_vocab=layer.tp_vocab,
             core_flops=layer.core_flops / b0,

@@ -294,8 +294,9 @@ def test_training_costs_carry_the_fields_per_sample() -> None:
 
 def test_an_odd_vocabulary_lowers_the_busiest_ranks_share_at_degree_2() -> None:
     """GPT-2 with 101 tokens at TP 2: its embedding (which owns the tied head's weight) and the
-    head split 51 / 50 rows; the busiest rank holds and computes 51/101 of them (before, a
-    vocabulary the degree did not divide stayed whole)."""
+    head split 51 / 50 rows; the busiest rank holds and computes 51/101 of them, and reads
+    51/101 of the lookup's table (before, a vocabulary the degree did not divide stayed whole,
+    and a lookup's time, having no FLOPs to split, stayed whole at every degree)."""
     from partitioner.pipeline_plan.terms import LayerTables
 
     model, args, kwargs = zoo_case("gpt2-v101").build()
@@ -312,6 +313,12 @@ def test_an_odd_vocabulary_lowers_the_busiest_ranks_share_at_degree_2() -> None:
     x = head.tp_flops / head.flops
     assert 0 < x <= 1 and two.scale[k] == pytest.approx(1 - x + x * 51 / 101) and two.scale[k] < whole.scale[k] == 1
     assert two.split[i] and two.split[k]
+    # The lookup has no FLOPs: its time is the bytes it moves, the (float32) table most of them.
+    lookup = graph.layers[i]
+    assert wte.flops == 0 and lookup.tp_traffic_bytes == 101 * 32 * 4 < lookup.traffic_bytes
+    y = wte.tp_time_share
+    assert y == pytest.approx(101 * 32 * 4 / lookup.traffic_bytes)
+    assert two.scale[i] == pytest.approx(1 - y + y * 51 / 101) and whole.scale[i] == 1
 
 
 def test_detection_is_deterministic_and_leaves_the_fingerprint() -> None:

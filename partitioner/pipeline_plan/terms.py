@@ -3,10 +3,12 @@
 A stage of layers ``[i, e)`` on a rank of ``r`` devices with tensor-parallel degree ``t``
 runs ``d = r / t`` data-parallel replicas of ``t`` devices each; ``b`` samples per replica
 per microbatch. Layer ``l``'s pairs split over the ``t`` devices only where ``t`` divides
-its ``tp_divisor``, its vocabulary shards at any ``t`` (`partitioner.training_costs.ChainLayer.tp_splits`);
-elsewhere it stays replicated. Per device (sums over the stage's layers; ``x = tp_flops /
-flops`` per split layer; ``1 / t`` below is the busiest rank's share, ``ceil(V / t) / V``
-for a vocabulary of ``V`` rows, `ChainLayer.tp_share`)::
+its ``tp_divisor``, its vocabulary shards at any ``t``
+(`partitioner.training_costs.ChainLayer.tp_splits`); elsewhere it stays replicated. Per
+device (sums over the stage's layers; ``x`` per split layer is ``tp_flops / flops``, or the
+split bytes' share of a layer without FLOPs, `ChainLayer.tp_time_share`; ``1 / t`` below is
+the busiest rank's share, ``ceil(V / t) / V`` of a vocabulary of ``V`` rows,
+`ChainLayer.tp_share`)::
 
     compute     f_t = f (1 - x + x / t), the same for b
     tp comm     2 (t-1)/t x b x tp_comm_bytes x s/B + 2 (t-1) x latency per layer that
@@ -113,8 +115,9 @@ class LayerTables:
         self.weights = _prefix(self.layer_weights)
         self.grads = _prefix(self.layer_grads)
         self.optimizer = _prefix([s.optimizer for s in states])
-        # Compute kept per device: 1 - x + x share of each split layer, x its split part of its FLOPs.
-        pairs = np.array([min(1.0, layer.tp_flops / layer.flops) if layer.flops > 0 else 0.0 for layer in layers])
+        # Time kept per device: 1 - x + x share of each split layer, x the part of its time that
+        # splits (of its FLOPs; of its bytes for a layer without FLOPs, `ChainLayer.tp_time_share`).
+        pairs = np.array([layer.tp_time_share for layer in layers])
         rows = np.array([share.numerator for share in shares])
         self.scale = np.where(split, 1 - pairs + pairs * rows / np.array([share.denominator for share in shares]), 1.0)
         # Selective recomputation re-runs the cores' forward, core_flops / 3 of the layer's
