@@ -89,9 +89,15 @@ class Layer:
     the rows) and of a head's logits: split over the TP group."""
     tp_comm_bytes: int = 0
     """Bytes a TP group all-reduces in one forward: each row's output, a vocabulary embedding's."""
+    tp_traffic_bytes: int = 0
+    """Of `traffic_bytes`, the split parameters its pairs' and shards' nodes read (a vocabulary
+    embedding's table): the share of a layer priced on its bytes (no FLOPs) a TP group divides."""
     tp_divisor: int = 0
-    """The gcd of its pairs' `partitioner.tp_layout.Pair.divisor` and its vocabulary shards'
-    sizes: a degree dividing it splits them all; 0 for a layer with nothing to split."""
+    """The gcd of its pairs' `partitioner.tp_layout.Pair.divisor`: a degree dividing it splits
+    them all, any other leaves the layer whole; 0 for a layer with no pair."""
+    tp_vocab: tuple[int, ...] = ()
+    """Sizes of the vocabulary shards among its nodes, which split at any degree ``t``: the
+    busiest rank holds ``ceil(V / t)`` rows (`partitioner.tp_layout.VocabShard.rows`)."""
     core_flops: int = 0
     """Forward plus backward FLOPs of its attention cores (scores through the weighted sum)."""
     core_activation_bytes: int = 0

@@ -336,6 +336,7 @@ class _Totals:
     tp_saved: int = 0
     tp_comm: int = 0
     tp_pairs: set[int] = field(default_factory=set)
+    tp_traffic: int = 0
     tp_vocab: set[int] = field(default_factory=set)
     """Vocabulary sizes of the shards among its nodes."""
     core_flops: int = 0
@@ -404,6 +405,8 @@ def _layer_records(
             for g in s.gemm_flops:
                 a.gemms[g] = a.gemms.get(g, 0) + 1
             a.count_tensor_parallel(n.name, s, tp)
+            if n.name in tp.split:
+                a.tp_traffic += _split_bytes_read(gm, n, tp)
     # Tensors no node reads (unused parameters) still take memory somewhere: the first layer.
     unused = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     for name, t in unused:
@@ -435,7 +438,9 @@ def _layer_records(
                 tp_params=a.tp_params,
                 tp_activation_bytes=a.tp_saved,
                 tp_comm_bytes=a.tp_comm,
-                tp_divisor=_divisor(tp, a),
+                tp_traffic_bytes=a.tp_traffic,
+                tp_divisor=math.gcd(*(tp.layout.pairs[k].divisor for k in a.tp_pairs)),
+                tp_vocab=tuple(sorted(a.tp_vocab)),
                 core_flops=(1 + BACKWARD_FLOP_FACTOR) * a.core_flops,
                 core_activation_bytes=a.core_saved,
             )
@@ -443,11 +448,13 @@ def _layer_records(
     return layers
 
 
-def _divisor(tp: TensorParallelNodes, a: _Totals) -> int:
-    """The layer's `Layer.tp_divisor`: the gcd of its pairs' divisors and its vocabularies'
-    sizes (a degree not dividing a vocabulary leaves it whole, as
-    `partitioner.tp_layout.TensorParallelLayout.at_degree` runs it); 0 with nothing to split."""
-    return math.gcd(*(tp.layout.pairs[k].divisor for k in a.tp_pairs), *a.tp_vocab)
+def _split_bytes_read(gm: fx.GraphModule, n: fx.Node, tp: TensorParallelNodes) -> int:
+    """Bytes of the tensors tensor parallelism splits that node `n` reads (its parameter inputs, or
+    a called module's own), counted in its traffic as the profiler counts every input."""
+    read = [t for a in n.all_input_nodes if a.op == "get_attr" for _, t in _owned_tensors(gm, a)]
+    if n.op == "call_module":
+        read += [t for _, t in _owned_tensors(gm, n)]
+    return sum(t.numel() * t.element_size() for t in read if id(t) in tp.split_tensors)
 
 
 def _values(

@@ -5,7 +5,9 @@ Megatron-LM's scheme (Shoeybi et al. 2019, "Megatron-LM", section 3): a *column*
 ops, head reshapes or attention, a *row* module split on its input features. Each rank
 then runs its slice of both with no communication in between; the row's partial outputs
 are summed (one all-reduce forward, one at the columns' inputs backward). Embeddings and
-the output head split on the vocabulary.
+the output head split on the vocabulary. A vocabulary splits at any degree, unevenly where
+the degree does not divide it (`vocab_rows`); a pair only at the degrees dividing its heads
+and widths (`Pair.divisor`).
 
 `partitioner.tp_detect` finds these on the traced graph; `partitioner.training_costs`
 prices them; `partitioner.distributed` applies them with DTensor's ``parallelize_module``.
@@ -14,11 +16,11 @@ prices them; `partitioner.distributed` applies them with DTensor's ``parallelize
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from partitioner.errors import PartitionerError
 
-__all__ = ["TensorParallelError", "Column", "Pair", "VocabShard", "TensorParallelLayout"]
+__all__ = ["TensorParallelError", "Column", "Pair", "VocabShard", "TensorParallelLayout", "vocab_rows"]
 
 
 class TensorParallelError(PartitionerError, ValueError):
@@ -67,9 +69,21 @@ class Pair:
         return out
 
 
+def vocab_rows(vocab: int, degree: int) -> int:
+    """Rows of a `vocab`-row shard the busiest of `degree` ranks holds: ``ceil(vocab / degree)``.
+
+    ``torch.chunk`` cuts them so (DTensor's ``Shard(0)``, which the lowering uses): every rank
+    but the last holds that many, the last the rest (GPT-3's 50,257 rows at degree 8: 6,283 on
+    seven ranks, 6,276 on the eighth). The busiest rank sets the step's time and memory.
+    """
+    return -(-vocab // degree)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VocabShard:
-    """An embedding split on its rows, or an output head split on its output features."""
+    """An embedding split on its rows, or an output head split on its output features, at any
+    degree (`vocab_rows` on the busiest rank): the model keeps its true vocabulary, so its
+    outputs, state dict and checkpoints hold exactly `vocab` rows."""
 
     module: str
     kind: str
@@ -89,22 +103,8 @@ class TensorParallelLayout:
     replicated: tuple[tuple[str, str], ...] = ()
     """(module, why) for modules with parameters left whole on every rank."""
 
-    def at_degree(self, degree: int) -> TensorParallelLayout:
-        """This layout as `degree` ranks run it: a vocabulary shard `degree` does not divide
-        stays whole (listed in `replicated`), as the planner prices it (its layer's
-        `partitioner.ir.Layer.tp_divisor` is the vocabulary's size)."""
-        uneven = tuple(v for v in self.vocab if degree > 1 and v.vocab % degree)
-        if not uneven:
-            return self
-        return replace(
-            self,
-            vocab=tuple(v for v in self.vocab if v not in uneven),
-            replicated=self.replicated
-            + tuple((v.module, f"vocabulary of {v.vocab} not divisible by tensor-parallel degree {degree}") for v in uneven),
-        )
-
     def check_degree(self, degree: int) -> None:
-        """Raise unless `degree` splits every pair evenly.
+        """Raise unless `degree` splits every pair evenly (vocabularies split at any degree).
 
         Raises:
             TensorParallelError: Naming the pair, its heads and widths, and the degrees that work.

@@ -15,11 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
+from fractions import Fraction
 
 from partitioner.cost_model import layer_fwd_bwd_time
 from partitioner.devices import DeviceProfile
 from partitioner.ir import INPUT, OUTPUT, LayerGraph
 from partitioner.options import Optimizer, Precision
+from partitioner.tp_layout import vocab_rows
 
 __all__ = [
     "StateBytes",
@@ -107,16 +109,47 @@ class ChainLayer:
     over the TP group in the forward; the backward all-reduces as many at the columns'
     inputs. Under sequence parallelism each all-reduce is a reduce-scatter and an
     all-gather of the same bytes."""
+    tp_bytes_share: float = 0.0
+    """For a layer without FLOPs, priced on the bytes it moves (an embedding lookup), the share
+    of those its split parameters make (the embedding's table, read whole by the roofline),
+    which the TP group divides as it divides `tp_flops` of other layers; 0 otherwise."""
     tp_divisor: int = 0
     """TP degrees ``t`` with ``tp_divisor % t == 0`` split the layer's pairs evenly (the gcd of
-    its heads, key/value heads and sharded widths); others leave them replicated. 0: the
-    layer has nothing to split (any degree runs it replicated)."""
+    their heads, key/value heads and sharded widths); any other leaves the layer replicated.
+    0: the layer has no pair."""
+    tp_vocab: tuple[int, ...] = ()
+    """Sizes of its vocabulary shards (an embedding's rows, a head's outputs): any degree
+    splits them, ``ceil(V / t)`` rows on the busiest rank (`partitioner.tp_layout.vocab_rows`)."""
     core_flops: float = 0.0
     """Forward plus backward FLOPs per sample of its attention cores (scores, softmax,
     weighted sum): selective recomputation re-runs their forward (a third of these)."""
     core_activation_bytes: int = 0
     """Of `activation_bytes` (per sample), those its attention cores keep: what selective
     recomputation frees."""
+
+    @property
+    def tp_time_share(self) -> float:
+        """The share of its time tensor parallelism splits: ``tp_flops / flops``, or
+        `tp_bytes_share` for a layer without FLOPs."""
+        return min(1.0, self.tp_flops / self.flops) if self.flops > 0 else self.tp_bytes_share
+
+    def tp_splits(self, t: int) -> bool:
+        """Whether tensor-parallel degree `t` splits this layer: it has pairs or vocabulary
+        shards, and `t` > 1 divides its pairs' `tp_divisor` (vocabularies split at any degree)."""
+        if t < 2 or not (self.tp_divisor or self.tp_vocab):
+            return False
+        return self.tp_divisor == 0 or self.tp_divisor % t == 0
+
+    def tp_share(self, t: int) -> Fraction:
+        """The share of its split figures (`tp_flops`, `tp_params`, `tp_activation_bytes`) the
+        busiest of `t` ranks holds: ``1 / t`` of pairs, ``ceil(V / t) / V`` of a vocabulary of
+        ``V`` rows (GPT-3's 50,257 at 8: 6,283 / 50,257, 0.4% over an eighth); the largest of
+        those when a layer has several (exact for a layer of one kind, the usual case, and an
+        upper bound otherwise); 1 where `t` leaves the layer whole (`tp_splits`)."""
+        if not self.tp_splits(t):
+            return Fraction(1)
+        shares = [Fraction(vocab_rows(v, t), v) for v in self.tp_vocab]
+        return max(shares + [Fraction(1, t)] if self.tp_divisor else shares)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -257,7 +290,9 @@ def training_costs(
             tp_params=layer.tp_params,
             tp_activation_bytes=math.ceil(layer.tp_activation_bytes * scale / b0),
             tp_comm_bytes=math.ceil(layer.tp_comm_bytes * scale / b0),
+            tp_bytes_share=layer.tp_traffic_bytes / layer.traffic_bytes if layer.traffic_bytes and not layer.fwd_flops else 0.0,
             tp_divisor=layer.tp_divisor,
+            tp_vocab=layer.tp_vocab,
             core_flops=layer.core_flops / b0,
             core_activation_bytes=math.ceil(layer.core_activation_bytes * scale / b0),
         )

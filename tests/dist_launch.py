@@ -18,7 +18,7 @@ import torch
 
 from partitioner.plan import Plan
 from tests import dist_worker
-from tests.models import ZOO
+from tests.models import zoo_case
 
 __all__ = ["reference", "launch", "check_case", "write_plan"]
 
@@ -29,7 +29,7 @@ def reference(
     model: str, samples: int, state: dict[str, torch.Tensor] | None = None, steps: int = 1, optimizer: str = "sgd"
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """(losses, state dict after the optimizer's steps) of single-process training from `state` (default: the zoo's)."""
-    m = ZOO[model].make_model()
+    m = zoo_case(model).make_model()
     if state is not None:
         m.load_state_dict(state)
     inputs, keywords, target = dist_worker.batch(model, samples)

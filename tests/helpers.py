@@ -17,7 +17,7 @@ from partitioner.api import compile_plan
 from partitioner.options import PlanOptions, Strategy
 from partitioner.plan import Plan
 from partitioner.training import plan_training
-from tests.models import ZOO, ZooCase
+from tests.models import ZOO, ZooCase, zoo_case
 
 __all__ = [
     "NO_DP",
@@ -161,7 +161,7 @@ _BASE: dict[tuple[str, int], Plan] = {}
 def base_plan(model: str, devices: int) -> Plan:
     """A training plan of the zoo model on ``cpu:0..`` (its layers, fingerprint, devices, records), cached."""
     if (model, devices) not in _BASE:
-        m, args, kwargs = ZOO[model].build()
+        m, args, kwargs = zoo_case(model).build()
         _BASE[model, devices] = plan_training(
             m, [f"cpu:{i}" for i in range(devices)], args, kwargs, global_batch=8, measure=False
         )

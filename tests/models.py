@@ -26,6 +26,8 @@ from partitioner.models import build_model
 
 __all__ = [
     "HF_CASES",
+    "ODD_VOCAB",
+    "ODD_VOCAB_CASES",
     "PLAIN_CASES",
     "ZOO",
     "BranchyModel",
@@ -37,6 +39,7 @@ __all__ = [
     "TwiceModel",
     "ZooCase",
     "tensor_leaves",
+    "zoo_case",
 ]
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
@@ -331,11 +334,11 @@ def _hf_model(model_class: str, config_class: str, **config: Any) -> nn.Module:
     return model.eval()
 
 
-def _gpt2() -> nn.Module:
+def _gpt2(vocab: int = _VOCAB) -> nn.Module:
     return _hf_model(
         "GPT2LMHeadModel",
         "GPT2Config",
-        vocab_size=_VOCAB,
+        vocab_size=vocab,
         n_positions=64,
         n_embd=32,
         n_layer=2,
@@ -369,11 +372,11 @@ def _bert_inputs() -> Inputs:
     return (_token_ids(2),), {"attention_mask": mask}
 
 
-def _llama() -> nn.Module:
+def _llama(vocab: int = _VOCAB) -> nn.Module:
     return _hf_model(
         "LlamaForCausalLM",
         "LlamaConfig",
-        vocab_size=_VOCAB,
+        vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -533,6 +536,31 @@ _CASES = (
 ZOO: dict[str, ZooCase] = {case.name: case for case in _CASES}
 HF_CASES: list[str] = ["gpt2", "bert", "llama", "t5", "vit"]
 PLAIN_CASES: list[str] = [name for name in ZOO if name not in HF_CASES]
+
+ODD_VOCAB = 101
+"""A prime vocabulary: no tensor-parallel degree > 1 divides it (GPT-3's 50,257 at 8, in small)."""
+
+
+def _odd_vocab(name: str, make: Callable[[int], nn.Module], seed: int, tied: str) -> ZooCase:
+    """The zoo's case `name` with a vocabulary of `ODD_VOCAB` (its inputs drawn below it)."""
+    return ZooCase(
+        name=f"{name}-v{ODD_VOCAB}",
+        description=f"The zoo's {name} with a vocabulary of {ODD_VOCAB}; {tied}.",
+        make_model=lambda: make(ODD_VOCAB),
+        make_inputs=lambda: ((torch.randint(0, ODD_VOCAB, (_BATCH, _SEQ), generator=_generator(seed)),), {"use_cache": False}),
+        fx_traceable=False,
+    )
+
+
+ODD_VOCAB_CASES: dict[str, ZooCase] = {
+    case.name: case for case in (_odd_vocab("gpt2", _gpt2, 1, "lm_head tied to wte"), _odd_vocab("llama", _llama, 3, "untied head"))
+}
+"""Variants outside `ZOO` (the zoo-wide tests skip them), for uneven vocabulary tensor parallelism."""
+
+
+def zoo_case(name: str) -> ZooCase:
+    """`ZOO`'s case `name`, or `ODD_VOCAB_CASES`'."""
+    return ZOO[name] if name in ZOO else ODD_VOCAB_CASES[name]
 
 
 T5_FACTORY = '''

@@ -25,7 +25,7 @@ from partitioner.tp_layout import TensorParallelError
 from tests import dist_worker
 from tests.dist_launch import check_case, launch, write_plan
 from tests.helpers import base_plan, hand_pipeline, placed
-from tests.models import ZOO
+from tests.models import ZOO, zoo_case
 
 
 def _data_parallel(model: str, devices: int) -> Plan:
@@ -71,13 +71,25 @@ _O = "model.layers.1.self_attn.o_proj.weight"  # its (32, 32) output projection:
 _LLAMA_UNITS = [f"_layer_{i}" for i in range(5)]  # every layer of the tiny Llama holds parameters
 
 
-def _planned(tmp_path: Path, model: str, config: str) -> str:
-    """`plan_training` of the zoo model on 4 CPU devices at a fixed configuration, saved as JSON."""
+def _loads_into_original(model: str, checkpoint: Path) -> None:
+    """The checkpoint loads into a fresh copy of the zoo model (its weights negated first) as the model's own weights."""
+    original = zoo_case(model).make_model()
+    restored = zoo_case(model).make_model()
+    with torch.no_grad():
+        for p in restored.parameters():
+            p.mul_(-1.0)
+    pd.load_into_original(restored, checkpoint)
+    for k, v in original.state_dict().items():
+        assert torch.equal(restored.state_dict()[k], v), k
+
+
+def _planned(tmp_path: Path, model: str, config: str, devices: int = 4) -> str:
+    """`plan_training` of the zoo model on `devices` CPU devices at a fixed configuration, saved as JSON."""
     from partitioner.options import TrainingOptions
     from partitioner.training import plan_training
 
-    m, args, kwargs = ZOO[model].build()
-    plan = plan_training(m, [f"cpu:{i}" for i in range(4)], args, kwargs, global_batch=8, measure=False,
+    m, args, kwargs = zoo_case(model).build()
+    plan = plan_training(m, [f"cpu:{i}" for i in range(devices)], args, kwargs, global_batch=8, measure=False,
                          options=TrainingOptions(config=config))
     return write_plan(tmp_path, f"{model}-{config.replace(',', '-').replace('=', '')}", plan)
 
@@ -120,14 +132,33 @@ def test_plans_with_tensor_parallelism_and_fsdp_train_as_one_process(tmp_path: P
     assert _local(tmp_path, "gpt2-tp2-fsdp2", "transformer.h.0.mlp.c_fc.weight", 4) == {(16, 64)}
     assert _local(tmp_path, "mlp-tp2-dp2", "fc1.weight", 4) == {(256, 1024)}
     assert _local(tmp_path, "mlp-tp2-dp2", "fc2.weight", 4) == {(256, 256)}
-    original = ZOO["gpt2"].make_model()
-    restored = ZOO["gpt2"].make_model()
-    with torch.no_grad():
-        for p in restored.parameters():
-            p.mul_(-1.0)
-    pd.load_into_original(restored, checkpoint)
-    for k, v in original.state_dict().items():
-        assert torch.equal(restored.state_dict()[k], v), k
+    _loads_into_original("gpt2", checkpoint)
+
+
+@pytest.mark.distributed
+def test_an_odd_vocabulary_splits_unevenly_and_trains_as_one_process(tmp_path: Path) -> None:
+    """One launch of 2 processes, vocabulary 101 (no degree divides it), layouts `tp_detect` finds:
+
+    - planned TP 2 Llama (sequence parallel): its embedding and head split 51 / 50 rows;
+    - TP 2 GPT-2 (its head reads the tied embedding), whose checkpoint then resumes GPT-2 as
+      FSDP 2 and loads into the original model with its 101 rows (no padding row leaks out).
+    """
+    plain = write_plan(tmp_path, "gpt2-v101", _data_parallel("gpt2-v101", 2))
+    checkpoint = tmp_path / "gpt2-v101-tp2-checkpoint"
+    cases = [
+        _case("llama-v101-planned-tp2", "llama-v101", _planned(tmp_path, "llama-v101", "tp=2,pp=1,dp=1", devices=2),
+              detect=True, planned_tp=2, sequence_parallel=True),
+        _case("gpt2-v101-tp2", "gpt2-v101", plain, tensor_parallel=2, detect=True, checkpoint=str(checkpoint)),
+        _case("gpt2-v101-fsdp2-resumed", "gpt2-v101", plain, sharding="zero3", resume=str(checkpoint)),
+    ]
+    launch(2, cases, tmp_path)
+    _checked(tmp_path, cases, 2)
+    uneven = {(51, 32), (50, 32)}  # torch.chunk's cut of 101 rows: ceil(101 / 2) on rank 0, the rest on rank 1
+    assert _local(tmp_path, "llama-v101-planned-tp2", "model.embed_tokens.weight", 2) == uneven
+    assert _local(tmp_path, "llama-v101-planned-tp2", "lm_head.weight", 2) == uneven
+    assert _local(tmp_path, "gpt2-v101-tp2", "transformer.wte.weight", 2) == uneven
+    assert _local(tmp_path, "gpt2-v101-fsdp2-resumed", "transformer.wte.weight", 2) == uneven  # FSDP2 cuts dim 0 alike
+    _loads_into_original("gpt2-v101", checkpoint)
 
 
 @pytest.mark.distributed
@@ -155,8 +186,10 @@ def test_the_rest_of_the_grid_trains_as_one_process(tmp_path: Path) -> None:
     """TP 2 x FSDP 2 Llama (parameters kept from forward to backward), FSDP 4 GPT-2 under ZeRO-2 and
     under ZeRO-1, TP 2 x DP 2 GPT-2 (replicated, gradients all-reduced), PP 2 x TP 2 GPT-2 (its tied
     embedding and head split in both stages), TP 2 + SP x FSDP 2 Llama, TP 2 + SP x DP 2 GPT-2 (its rows
-    flattened to tokens), TP 2 x FSDP 2 Llama recomputing."""
+    flattened to tokens), TP 2 x FSDP 2 Llama recomputing; GPT-2 and Llama (sequence parallel) of 101 tokens as
+    TP 2 x FSDP 2 (FSDP2 cuts the uneven 51 / 50 vocabulary slices again: 26 / 25 rows)."""
     llama, gpt2 = (write_plan(tmp_path, m, _data_parallel(m, 4)) for m in ("llama", "gpt2"))
+    odd_gpt2, odd_llama = (write_plan(tmp_path, m, _data_parallel(m, 4)) for m in ("gpt2-v101", "llama-v101"))
     one_stage = hand_pipeline(base_plan("llama", 4), [(0, 4)], [(0, 1, 2, 3)], "gpipe", 1, 8, recompute=True)
     recomputed = write_plan(tmp_path, "llama-recompute", one_stage)
     cases = [
@@ -170,9 +203,14 @@ def test_the_rest_of_the_grid_trains_as_one_process(tmp_path: Path) -> None:
         _case("llama-tp2-sp-fsdp2", "llama", llama, tensor_parallel=2, sequence_parallel=True, sharding="zero3"),
         _case("gpt2-tp2-sp-dp2", "gpt2", gpt2, tensor_parallel=2, sequence_parallel=True),
         _case("llama-tp2-fsdp2-recompute", "llama", recomputed, tensor_parallel=2, sharding="zero3"),
+        _case("gpt2-v101-tp2-fsdp2", "gpt2-v101", odd_gpt2, tensor_parallel=2, sharding="zero3", detect=True),
+        _case("llama-v101-tp2-sp-fsdp2", "llama-v101", odd_llama, tensor_parallel=2, sequence_parallel=True,
+              sharding="zero3", detect=True),
     ]
     launch(4, cases, tmp_path)
     _checked(tmp_path, cases, 4)
+    assert _local(tmp_path, "gpt2-v101-tp2-fsdp2", "transformer.wte.weight", 4) == {(26, 32), (25, 32)}
+    assert _local(tmp_path, "llama-v101-tp2-sp-fsdp2", "lm_head.weight", 4) == {(26, 32), (25, 32)}
 
 
 # --------------------------------------------------------------------------- bad input (one process)
@@ -244,16 +282,15 @@ def test_parallel_spec_takes_the_arguments_then_the_plans_fields() -> None:
     assert not bare.active and bare.layout is None
 
 
-def test_vocabulary_the_degree_does_not_split_is_refused() -> None:
+def test_vocabulary_of_another_size_is_refused_an_odd_one_is_not() -> None:
     from partitioner.distributed.spmd import ParallelSpec, check_parallel
     from partitioner.tp_layout import VocabShard
 
     model = ZOO["llama"].make_model()
-    model.lm_head = torch.nn.Linear(32, 127, bias=False)  # an odd vocabulary
+    model.lm_head = torch.nn.Linear(32, 127, bias=False)  # an odd vocabulary: split 64 / 63
     layout = dataclasses.replace(dist_worker.tp_layout("llama"), vocab=(VocabShard(module="lm_head", kind="head", vocab=127),))
     launch = pd.plan_layout(_data_parallel("llama", 2))
-    with pytest.raises(TensorParallelError, match=r"degree 2 does not divide the vocabulary of head 'lm_head' \(127\).*pad"):
-        check_parallel(ParallelSpec(tensor_parallel=2, layout=layout), launch, model)
+    check_parallel(ParallelSpec(tensor_parallel=2, layout=layout), launch, model)
     with pytest.raises(TensorParallelError, match=r"'lm_head' holds 128 rows but the layout says a vocabulary of 127"):
         check_parallel(ParallelSpec(tensor_parallel=2, layout=layout), launch, ZOO["llama"].make_model())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from partitioner.layers import LayeredModel
 from partitioner.options import Frontend, Optimizer, Precision, TraceOptions
 from partitioner.tp_layout import TensorParallelError
 from partitioner.training_costs import training_costs
-from tests.models import ZOO, _hf_model, _token_ids
+from tests.models import ZOO, _hf_model, _token_ids, zoo_case
 
 _DECODER = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=64)
 _EXTRA = {
@@ -253,10 +254,12 @@ def test_gpt2_block_costs() -> None:
     assert layer.tp_comm_bytes == 2 * 2 * 8 * 32 * 4
     wte, wpe = _layer(layered, "transformer.wte"), _layer(layered, "transformer.wpe")
     assert wte.tp_params == 128 * 32 and wte.tp_comm_bytes == 2 * 8 * 32 * 4  # the tied head's weight too
-    assert wpe.tp_params == 0 and wpe.tp_comm_bytes == 0 and wpe.tp_divisor == 0
-    # A vocabulary splits at the degrees dividing it (128 rows here; GPT-2's 50,257 at none
-    # of 2, 4, 8: the lowering then keeps it whole, `TensorParallelLayout.at_degree`).
-    assert wte.tp_divisor == _layer(layered, "lm_head").tp_divisor == 128
+    assert wpe.tp_params == 0 and wpe.tp_comm_bytes == 0 and wpe.tp_divisor == 0 and wpe.tp_vocab == ()
+    # A vocabulary is no pair: it splits at any degree (`ChainLayer.tp_splits`), unevenly where
+    # the degree does not divide it.
+    assert wte.tp_divisor == _layer(layered, "lm_head").tp_divisor == 0
+    assert wte.tp_vocab == _layer(layered, "lm_head").tp_vocab == (128,)
+    assert layer.tp_vocab == ()
     total = sum(p.numel() for p in model.parameters())
     norms = sum(p.numel() for n, m in model.named_modules() if isinstance(m, nn.LayerNorm) for p in m.parameters())
     assert sum(layer.tp_params for layer in layered.graph.layers) == total - norms - 64 * 32  # all but norms, wpe
@@ -264,7 +267,7 @@ def test_gpt2_block_costs() -> None:
 
 def test_llama_divisor_and_degree() -> None:
     layered = _layered("llama")
-    divisors = {layer.tp_divisor for layer in layered.graph.layers if layer.tp_divisor not in (0, 128)}
+    divisors = {layer.tp_divisor for layer in layered.graph.layers if layer.tp_divisor}
     assert divisors == {2}  # 4 heads, 2 key/value heads
     layout = layered.tensor_parallel
     layout.check_degree(2)
@@ -281,11 +284,41 @@ def test_training_costs_carry_the_fields_per_sample() -> None:
         assert chain.tp_flops == pytest.approx(layer.tp_flops / b0)
         assert chain.core_flops == pytest.approx(layer.core_flops / b0)
         assert chain.tp_params == layer.tp_params and chain.tp_divisor == layer.tp_divisor
+        assert chain.tp_vocab == layer.tp_vocab
         assert chain.tp_activation_bytes == math.ceil(layer.tp_activation_bytes / 2 / b0)  # bf16 of float32
         assert chain.tp_comm_bytes == math.ceil(layer.tp_comm_bytes / 2 / b0)
         assert chain.core_activation_bytes == math.ceil(layer.core_activation_bytes / 2 / b0)
         assert chain.tp_activation_bytes <= chain.activation_bytes and chain.tp_flops <= chain.flops
     assert any(chain.tp_comm_bytes for chain in costs.layers)
+
+
+def test_an_odd_vocabulary_lowers_the_busiest_ranks_share_at_degree_2() -> None:
+    """GPT-2 with 101 tokens at TP 2: its embedding (which owns the tied head's weight) and the
+    head split 51 / 50 rows; the busiest rank holds and computes 51/101 of them, and reads
+    51/101 of the lookup's table (before, a vocabulary the degree did not divide stayed whole,
+    and a lookup's time, having no FLOPs to split, stayed whole at every degree)."""
+    from partitioner.pipeline_plan.terms import LayerTables
+
+    model, args, kwargs = zoo_case("gpt2-v101").build()
+    graph = trace_layers(model, args, kwargs, training=True)[0].graph
+    costs = training_costs(graph, [], [1], precision=Precision.FP32, optimizer=Optimizer.SGD, element_size=4)
+    names = [layer.name for layer in costs.layers]
+    wte, head = costs.layers[names.index("transformer.wte")], costs.layers[names.index("lm_head")]
+    assert wte.tp_vocab == head.tp_vocab == (101,) and wte.tp_splits(2) and head.tp_splits(2)
+    assert wte.tp_share(2) == Fraction(51, 101) and head.tp_share(3) == Fraction(34, 101)
+    whole, two = LayerTables(costs, 1, False), LayerTables(costs, 2, False)
+    i, k = names.index("transformer.wte"), names.index("lm_head")
+    per_rank = wte.params - wte.tp_params + math.ceil(wte.tp_params * 51 / 101)
+    assert wte.tp_params == 101 * 32 and two.layer_weights[i] == 4 * per_rank < whole.layer_weights[i]
+    x = head.tp_flops / head.flops
+    assert 0 < x <= 1 and two.scale[k] == pytest.approx(1 - x + x * 51 / 101) and two.scale[k] < whole.scale[k] == 1
+    assert two.split[i] and two.split[k]
+    # The lookup has no FLOPs: its time is the bytes it moves, the (float32) table most of them.
+    lookup = graph.layers[i]
+    assert wte.flops == 0 and lookup.tp_traffic_bytes == 101 * 32 * 4 < lookup.traffic_bytes
+    y = wte.tp_time_share
+    assert y == pytest.approx(101 * 32 * 4 / lookup.traffic_bytes)
+    assert two.scale[i] == pytest.approx(1 - y + y * 51 / 101) and whole.scale[i] == 1
 
 
 def test_detection_is_deterministic_and_leaves_the_fingerprint() -> None:

@@ -286,16 +286,14 @@ def test_training_options_read_shardings_and_tensor_parallel_degrees() -> None:
         TrainingOptions(tensor_parallel=(0,))
 
 
-def test_a_vocabulary_the_degree_does_not_divide_stays_whole_at_that_degree() -> None:
-    """GPT-2's 50,257 rows over 2 ranks: the lowering keeps the head whole (and says why), as
-    the planner prices it; the pairs still split."""
-    from partitioner.tp_layout import Column, Pair, TensorParallelLayout, VocabShard
+def test_vocab_rows_is_the_busiest_slice_torch_chunk_cuts() -> None:
+    """The planner prices the busiest rank's ``ceil(V / t)`` rows; DTensor's ``Shard(0)`` cuts as
+    ``torch.chunk`` does (GPT-3's 50,257 rows at 8: 6,283 on every rank but the last)."""
+    import torch
 
-    pair = Pair(columns=(Column(module="fc1", out_features=64),), row="fc2", kind="mlp", width=64)
-    layout = TensorParallelLayout(pairs=(pair,), vocab=(VocabShard(module="lm_head", kind="head", vocab=50257),))
-    assert layout.at_degree(1) is layout
-    two = layout.at_degree(2)
-    assert two.pairs == (pair,) and two.vocab == ()
-    assert two.replicated == (("lm_head", "vocabulary of 50257 not divisible by tensor-parallel degree 2"),)
-    even = TensorParallelLayout(pairs=(pair,), vocab=(VocabShard(module="lm_head", kind="head", vocab=51200),))
-    assert even.at_degree(8) is even
+    from partitioner.tp_layout import vocab_rows
+
+    for vocab, degree in ((50257, 8), (101, 2), (101, 4), (128, 8), (3, 8)):
+        slices = torch.arange(vocab).chunk(degree)
+        assert vocab_rows(vocab, degree) == max(len(c) for c in slices)
+    assert vocab_rows(50257, 8) == 6283

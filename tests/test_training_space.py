@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from dataclasses import replace
+from fractions import Fraction
 
 import pytest
 
@@ -131,6 +133,28 @@ def test_a_degree_not_dividing_the_layers_divisor_leaves_it_replicated() -> None
     assert whole.fwd == pytest.approx(8 * 1e-3 * four.samples)
     assert split.weights < whole.weights and split.tp_comm > 0
     assert model.useful_degrees() == (1, 2)  # degree 4 (and 8) split nothing: out of the space
+
+
+def test_a_vocabulary_splits_at_any_degree_the_busiest_rank_holding_ceil_rows() -> None:
+    # Layers of one vocabulary shard of 101 rows (no pair): degree 2 splits them 51 / 50, degree
+    # 4 26 / 26 / 26 / 23; the busiest rank's share ceil(101 / t) / 101 of the split part is priced.
+    options = TrainingOptions(max_microbatches=1)
+    cluster = hand_cluster(["a100-80gb x4"])
+    costs = tp_costs(cluster, 4, options, divisor=0)
+    costs = replace(costs, layers=tuple(replace(layer, tp_vocab=(101,)) for layer in costs.layers))
+    model = StageModel(costs, cluster, 4, options)
+    assert model.useful_degrees() == (1, 2, 4, 8)
+    for t, rows in ((2, 51), (4, 26)):
+        (spec,) = model.specs(one_stage(t, t, Sharding.NONE))
+        stage = model.stage(spec, 0, 8, 1)
+        per_layer = 10**6 - 900_000 + math.ceil(900_000 * rows / 101)
+        assert stage.weights == 8 * training_state_bytes(per_layer, Precision.FP32, Optimizer.SGD).weights
+        assert stage.fwd - stage.tp_comm == pytest.approx(8 * 1e-3 * spec.samples * (1 - 0.9 + 0.9 * rows / 101))
+        assert stage.tp_comm > 0  # an embedding's output is all-reduced, as the pairs' rows'
+    # A layer with pairs as well stays whole at a degree its pairs' divisor (2) does not split.
+    mixed = replace(costs.layers[0], tp_divisor=2)
+    assert mixed.tp_splits(2) and not mixed.tp_splits(4) and mixed.tp_share(4) == 1
+    assert mixed.tp_share(2) == Fraction(51, 101)  # the busier of the pairs' 1/2 and the vocabulary's 51/101
 
 
 def test_zero3_exposes_what_compute_cannot_hide() -> None:

@@ -507,7 +507,7 @@ def build(
         DeviceError: The plan device is a GPU and this process has no such GPU.
         ValueError: The schedule, microbatches and batch do not fit the stages.
         TensorParallelError: The tensor-parallel degree does not divide a stage's replicas,
-            a pair's heads or widths, or a vocabulary; or the layout is of another model.
+            or a pair's heads or widths; or the layout is of another model.
     """
     parallel = parallel_spec(plan, tensor_parallel, sequence_parallel, sharding, tp_layout)
     layout = plan_layout(
@@ -527,8 +527,6 @@ def build(
     layered = retrace(plan, model, args, kwargs, split_modules)  # tracing leaves the model as it is
     if parallel.tensor_parallel > 1 and parallel.layout is None:  # the pairs partitioner.tp_detect found
         parallel = dataclasses.replace(parallel, layout=layered.tensor_parallel)
-    if parallel.layout is not None:
-        parallel = dataclasses.replace(parallel, layout=parallel.layout.at_degree(parallel.tensor_parallel))
     check_parallel(parallel, layout, model)
     target = process_device(plan, layout, rank, device)
     stage_of_layer = [0] * len(plan.layers)

@@ -16,7 +16,11 @@ is an `fx.GraphModule` of ATen ops whose shape constants are the full model's (a
 ``view(b, s, 4, 8)`` of four heads, GPT-2's ``split(32)`` of its fused q/k/v). Rather than
 rewrite those constants, the graph runs on DTensors (``torch.distributed.tensor``): a
 column's weight is ``Shard(out)``, a row's ``Shard(in)``, an embedding or output head's
-``Shard(vocab)``, everything else ``Replicate``. DTensor's operators keep *global*
+``Shard(vocab)`` (uneven where the degree does not divide the vocabulary: ``torch.chunk``'s
+cut, ``ceil(V / t)`` rows a rank, the last fewer; DTensor's vocabulary-parallel lookup masks
+the ids outside a rank's rows, and the head's logits gather at the stage's end, so nothing
+is padded and the outputs, state dict and checkpoints keep the true vocabulary), everything
+else ``Replicate``. DTensor's operators keep *global*
 semantics, so every literal shape stays right while each rank holds and computes its
 slice: the head reshape of a ``Shard(-1)`` projection becomes ``Shard(heads)``, attention
 runs on the local heads, and the row's output is ``Partial`` (summed on demand). Two
@@ -184,11 +188,6 @@ def check_parallel(spec: ParallelSpec, layout: Layout, model: nn.Module) -> None
             raise TensorParallelError(
                 f"{shard.kind} {shard.module!r} holds {weight.shape[0]} rows but the layout says a vocabulary of "
                 f"{shard.vocab}; it is a layout of another model"
-            )
-        if shard.vocab % tp:
-            raise TensorParallelError(
-                f"tensor-parallel degree {tp} does not divide the vocabulary of {shard.kind} {shard.module!r} "
-                f"({shard.vocab}); use a degree dividing {shard.vocab}, or pad the vocabulary to a multiple of {tp}"
             )
 
 

@@ -3,8 +3,12 @@
 A stage of layers ``[i, e)`` on a rank of ``r`` devices with tensor-parallel degree ``t``
 runs ``d = r / t`` data-parallel replicas of ``t`` devices each; ``b`` samples per replica
 per microbatch. Layer ``l``'s pairs split over the ``t`` devices only where ``t`` divides
-its ``tp_divisor`` (`partitioner.training_costs.ChainLayer`); elsewhere it stays replicated.
-Per device (sums over the stage's layers; ``x = tp_flops / flops`` per split layer)::
+its ``tp_divisor``, its vocabulary shards at any ``t``
+(`partitioner.training_costs.ChainLayer.tp_splits`); elsewhere it stays replicated. Per
+device (sums over the stage's layers; ``x`` per split layer is ``tp_flops / flops``, or the
+split bytes' share of a layer without FLOPs, `ChainLayer.tp_time_share`; ``1 / t`` below is
+the busiest rank's share, ``ceil(V / t) / V`` of a vocabulary of ``V`` rows,
+`ChainLayer.tp_share`)::
 
     compute     f_t = f (1 - x + x / t), the same for b
     tp comm     2 (t-1)/t x b x tp_comm_bytes x s/B + 2 (t-1) x latency per layer that
@@ -52,6 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -106,22 +111,23 @@ class LayerTables:
     def __init__(self, costs: TrainingCosts, t: int, sequence_parallel: bool) -> None:
         layers = costs.layers
         self.t = t
-        split = np.array([t > 1 and layer.tp_divisor > 0 and layer.tp_divisor % t == 0 for layer in layers])
+        split = np.array([layer.tp_splits(t) for layer in layers])
         self.split = split
         self.splits_any = bool(split.any())
-        params = [
-            layer.params - layer.tp_params + math.ceil(layer.tp_params / t) if s else layer.params
-            for layer, s in zip(layers, split)
-        ]
+        # The busiest rank's share of what a split layer splits: 1 / t, or ceil(V / t) / V of a vocabulary.
+        shares = [layer.tp_share(t) for layer in layers]
+        params = [layer.params - layer.tp_params + math.ceil(layer.tp_params * share) for layer, share in zip(layers, shares)]
         states = [training_state_bytes(p, costs.precision, costs.optimizer) for p in params]
         self.layer_weights = np.array([s.weights for s in states], dtype=np.int64)
         self.layer_grads = np.array([s.grads for s in states], dtype=np.int64)
         self.weights = _prefix(self.layer_weights)
         self.grads = _prefix(self.layer_grads)
         self.optimizer = _prefix([s.optimizer for s in states])
-        # Compute kept per device: 1 - x + x / t of each split layer, x its pairs' share of its FLOPs.
-        pairs = np.array([min(1.0, layer.tp_flops / layer.flops) if layer.flops > 0 else 0.0 for layer in layers])
-        self.scale = np.where(split, 1 - pairs + pairs / t, 1.0)
+        # Time kept per device: 1 - x + x share of each split layer, x the part of its time that
+        # splits (of its FLOPs; of its bytes for a layer without FLOPs, `ChainLayer.tp_time_share`).
+        pairs = np.array([layer.tp_time_share for layer in layers])
+        rows = np.array([share.numerator for share in shares])
+        self.scale = np.where(split, 1 - pairs + pairs * rows / np.array([share.denominator for share in shares]), 1.0)
         # Selective recomputation re-runs the cores' forward, core_flops / 3 of the layer's
         # forward flops / 3: that share of the layer's forward time (split with the pairs).
         self.core_share = np.array(
@@ -132,10 +138,12 @@ class LayerTables:
         self.sequence_parallel = sp
         self.activations = _prefix(
             [
-                math.ceil(layer.activation_bytes / t) if s and sp
-                else layer.activation_bytes - layer.tp_activation_bytes + math.ceil(layer.tp_activation_bytes / t) if s
+                # Sequence parallelism splits the rest on the sequence, t ways evenly.
+                math.ceil(Fraction(layer.activation_bytes - layer.tp_activation_bytes, t) + layer.tp_activation_bytes * share)
+                if s and sp
+                else layer.activation_bytes - layer.tp_activation_bytes + math.ceil(layer.tp_activation_bytes * share) if s
                 else layer.activation_bytes
-                for layer, s in zip(layers, split)
+                for layer, s, share in zip(layers, split, shares)
             ]
         )
         self.core = _prefix(
