@@ -316,6 +316,25 @@ def test_interleaved_memory_counts_every_stage_of_the_rank() -> None:
     assert_timeline_valid(t, stages)
 
 
+
+@pytest.mark.parametrize("schedule", list(PipelineSchedule))
+def test_peak_inflight_counts_equal_a_walk_of_each_ranks_actions(schedule: PipelineSchedule) -> None:
+    for p in range(1, 7):
+        for v in ([2, 3, 4] if schedule is INTERLEAVED else [1]):
+            for m in range(1, 4 * p + 3):
+                try:
+                    orders = rank_actions(schedule, p, m, v)
+                except ValueError:
+                    continue  # a count interleaving refuses
+                walked = []
+                for order in orders:
+                    live = peak = 0
+                    for action in order:
+                        live += 1 if action.forward else -1
+                        peak = max(peak, live)
+                    walked.append(peak)
+                assert peak_inflight_microbatches(schedule, p, m, v) == tuple(walked), (p, m, v)
+
 # --- Validation -----------------------------------------------------------------------------
 
 

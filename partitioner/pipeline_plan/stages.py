@@ -396,9 +396,11 @@ class StageModel:
         cache: dict[_Spec, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         mats = []
         for spec in specs:
-            if spec not in cache:
-                cache[spec] = self._matrices(spec, m, relaxed)
-            mats.append(cache[spec])
+            # Without memory, stages that differ only in what they may hold share matrices.
+            key = replace(spec, inflight=0, capacity=0) if relaxed else spec
+            if key not in cache:
+                cache[key] = self._matrices(spec, m, relaxed)
+            mats.append(cache[key])
         n = self.n
         # Phase 1: best[e] is the least bottleneck of the stages so far on layers [0, e).
         best = np.full(n + 1, _INF)

@@ -144,11 +144,13 @@ def peak_inflight_microbatches(
 
     Args and Raises: as `rank_actions`.
     """
-    peaks = []
-    for order in rank_actions(schedule, ranks, microbatches, virtual_stages):
-        live = peak = 0
-        for action in order:
-            live += 1 if action.forward else -1
-            peak = max(peak, live)
-        peaks.append(peak)
-    return tuple(peaks)
+    schedule = _schedule(schedule)
+    _check_counts(schedule, ranks, microbatches, virtual_stages)
+    p, m, v = ranks, microbatches, virtual_stages
+    if schedule is PipelineSchedule.GPIPE:
+        return (m,) * p
+    if schedule is PipelineSchedule.ONE_F_ONE_B:
+        return tuple(min(p - r, m) for r in range(p))
+    # `_interleaved`: the warm-up's forwards, then one more before each backward while any are left.
+    per_round, total = m // max(1, m // p), m * v
+    return tuple(min((v - 1) * per_round + 2 * (p - 1 - r) + 1, total) for r in range(p))
