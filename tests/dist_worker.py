@@ -18,7 +18,7 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,10 @@ def batch(model: str, samples: int) -> tuple[tuple[Any, ...], dict[str, Any], to
     if model == "tied_read":
         ids = torch.randint(0, 64, (samples, 6), generator=g)
         return (ids,), {}, ids
-    from tests.models import ODD_VOCAB, ODD_VOCAB_CASES
+    from tests.models import NANOGPT, ODD_VOCAB, ODD_VOCAB_CASES
 
     ids = torch.randint(0, ODD_VOCAB if model in ODD_VOCAB_CASES else 128, (samples, 8), generator=g)
-    return (ids,), {"use_cache": False}, ids
+    return (ids,), {} if model == NANOGPT.name else {"use_cache": False}, ids
 
 
 def loss_fn(model: str) -> Any:
@@ -60,7 +60,7 @@ def loss_fn(model: str) -> Any:
         return lambda output, ids: F.cross_entropy(output.reshape(-1, output.shape[-1]), ids.reshape(-1))
 
     def next_token(output: Any, ids: torch.Tensor) -> torch.Tensor:
-        logits = output.logits[:, :-1]
+        logits = (output if isinstance(output, torch.Tensor) else output.logits)[:, :-1]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
     return next_token
@@ -133,10 +133,12 @@ def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def counted_collectives() -> Iterator[Counter[str]]:
+def counted_collectives(dtensor: bool = False) -> Iterator[Counter[str]]:
     """Count the calls of the collectives FSDP2 and DDP issue (``torch.distributed``'s
-    ``all_gather_single``, ``reduce_scatter_single``, ``all_reduce``) while inside."""
+    ``all_gather_single``, ``reduce_scatter_single``, ``all_reduce``) while inside, and
+    with `dtensor` DTensor's (``dtensor.all_gather_into_tensor``, ...: `CommDebugMode`'s counts)."""
     import torch.distributed as dist
+    from torch.distributed.tensor.debug import CommDebugMode
 
     count: Counter[str] = Counter()
     names = [n for n in ("all_gather_single", "reduce_scatter_single", "all_reduce") if hasattr(dist, n)]
@@ -151,10 +153,13 @@ def counted_collectives() -> Iterator[Counter[str]]:
     for n in names:
         setattr(dist, n, counting(n))
     try:
-        yield count
+        with CommDebugMode() if dtensor else nullcontext() as mode:  # DTensor's redistributions
+            yield count
     finally:
         for n, f in originals.items():
             setattr(dist, n, f)
+    for op, calls in (mode.get_comm_counts() if mode is not None else {}).items():
+        count[f"dtensor.{getattr(op, '__name__', str(op)).split('.')[0]}"] += calls
 
 
 def run(spec: dict[str, Any]) -> None:
@@ -201,7 +206,7 @@ def run(spec: dict[str, Any]) -> None:
         losses = []
         counts: list[dict[str, int]] = []
         for _ in range(STEPS):
-            with counted_collectives() as count:
+            with counted_collectives(bool(case.get("count_dtensor"))) as count:
                 losses.append(part.step(inputs if len(inputs) > 1 else inputs[0], target, **keywords))
             counts.append(dict(count))
             step.step()

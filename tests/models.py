@@ -13,6 +13,7 @@ configs with random init, eager attention, no dropout) trace only with torch.exp
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 from partitioner.models import build_model
@@ -235,6 +237,41 @@ class _MaskedMean(nn.Module):
             weights = mask.unsqueeze(-1)
             pooled = (h * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         return pooled * width**-0.5
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's shape in small: one ``nn.Linear`` computes q, k and v (``c_attn``), cut by
+    ``split(n_embd, dim=2)``; vocabulary 128, 2 blocks of width 32 and 2 heads, causal attention."""
+
+    def __init__(self, vocab: int = 128, width: int = 32, heads: int = 2, blocks: int = 2, seq: int = 8) -> None:
+        super().__init__()
+        self.heads = heads
+        self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(seq, width)
+        self.h = nn.ModuleList(_NanoBlock(width) for _ in range(blocks))
+        self.ln_f = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.h:
+            b, t, c = x.shape
+            q, k, v = block.c_attn(block.ln_1(x)).split(c, dim=2)
+            q, k, v = (y.view(b, t, self.heads, c // self.heads).transpose(1, 2) for y in (q, k, v))
+            # nanoGPT's path without flash attention (DTensor has no strategy for sdpa's CPU kernel).
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(c // self.heads)
+            scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+            y = (F.softmax(scores, dim=-1) @ v).transpose(1, 2).contiguous().view(b, t, c)
+            x = x + block.attn_proj(y)
+            x = x + block.mlp_proj(F.gelu(block.c_fc(block.ln_2(x))))
+        return self.lm_head(self.ln_f(x))
+
+
+class _NanoBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.c_attn, self.attn_proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.c_fc, self.mlp_proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
 
 
 class KwargsDictModel(nn.Module):
@@ -558,8 +595,20 @@ ODD_VOCAB_CASES: dict[str, ZooCase] = {
 """Variants outside `ZOO` (the zoo-wide tests skip them), for uneven vocabulary tensor parallelism."""
 
 
+NANOGPT = ZooCase(
+    name="nanogpt",
+    description="nanoGPT in small: q, k and v from one nn.Linear, split on the features; untied head.",
+    make_model=_plain(NanoGPT),
+    make_inputs=lambda: ((_token_ids(5),), {}),
+    fx_traceable=False,
+)
+"""Outside `ZOO`: a fused nn.Linear column for tensor parallelism (GPT-2's is a Conv1D)."""
+
+
 def zoo_case(name: str) -> ZooCase:
-    """`ZOO`'s case `name`, or `ODD_VOCAB_CASES`'."""
+    """`ZOO`'s case `name`, `ODD_VOCAB_CASES`' or `NANOGPT`."""
+    if name == NANOGPT.name:
+        return NANOGPT
     return ZOO[name] if name in ZOO else ODD_VOCAB_CASES[name]
 
 

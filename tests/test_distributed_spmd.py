@@ -180,6 +180,29 @@ def test_each_sharding_runs_the_collectives_it_is_priced_with(tmp_path: Path) ->
                 assert count.get("reduce_scatter_single", 0) == 5 * 4 * scatters, (case["name"], count)
 
 
+@pytest.mark.distributed
+def test_a_fused_query_key_value_column_runs_attention_on_each_ranks_heads(tmp_path: Path) -> None:
+    """GPT-2's ``c_attn`` (one Conv1D for q, k and v) and nanoGPT's (one nn.Linear, its
+    layout found by `tp_detect`) at TP 2: each rank holds its heads of every part, so the split needs no gather (the only DTensor all-gather of a step is the
+    head's logits), and training equals one process."""
+    gpt2, nano = (write_plan(tmp_path, m, _data_parallel(m, 2)) for m in ("gpt2", "nanogpt"))
+    cases = [
+        _case("gpt2-tp2", "gpt2", gpt2, tensor_parallel=2, sequence_parallel=False, count_dtensor=True),
+        _case("nanogpt-tp2", "nanogpt", nano, tensor_parallel=2, sequence_parallel=False, detect=True, count_dtensor=True),
+    ]
+    launch(2, cases, tmp_path)
+    for case in cases:
+        check_case(case, 2, tmp_path)
+    # c_attn, a Conv1D stored (32, 96) and an nn.Linear (96, 32): 16 of each part's 32 output features per rank.
+    assert _local(tmp_path, "gpt2-tp2", "transformer.h.0.attn.c_attn.weight", 2) == {(32, 48)}
+    assert _local(tmp_path, "nanogpt-tp2", "h.0.c_attn.weight", 2) == {(48, 32)}
+    for case in cases:
+        for rank in range(2):
+            for count in _result(tmp_path, case["name"], rank)["collectives"]:
+                # Sharded on the fused output instead, q, k and v of both blocks were gathered too (7).
+                assert count["dtensor.all_gather_into_tensor"] == 1, (case["name"], count)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_the_rest_of_the_grid_trains_as_one_process(tmp_path: Path) -> None:

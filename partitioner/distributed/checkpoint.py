@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.tensor import DTensor
 
+from partitioner.distributed.fused_columns import contiguous_shards
 from partitioner.distributed.runtime import PipelineRank
 from partitioner.errors import PlanMismatchError
 from partitioner.files import read_capped, staged
@@ -175,7 +176,7 @@ def save_checkpoint(part: PipelineRank, directory: str | os.PathLike[str], *, st
         "layout": part.layout.describe(),
         "aliases": aliases,
     }
-    saved = {name: t for name, t in state.items() if name not in aliases}
+    saved = {name: contiguous_shards(t) for name, t in state.items() if name not in aliases}
     try:
         with _quiet():
             dcp.save(saved, storage_writer=_Writer(out, record), no_dist=not dist.is_initialized())

@@ -33,9 +33,8 @@ dropouts and residual adds between pairs then run on a slice of the sequence, as
 whole tensors (``full_tensor``), so pipeline stages send and the loss reads plain tensors.
 
 A column whose output is cut into parts downstream (`Column.parts`: GPT-2's ``c_attn``
-holding q, k and v) is sharded on its fused output like any column; DTensor then gathers
-it at the ``split`` and the attention between runs whole on each rank (the numbers are
-exact; the saving is lost for that attention). Its MLP and output projection split.
+holding q, k and v) is sharded part by part, each rank holding its heads of every part,
+and its ``split`` hands each part on sharded (`partitioner.distributed.fused_columns`).
 
 Sharded data parallelism, as the planner prices it (`partitioner.pipeline_plan.terms`).
 torch's pipelining schedules drive a stage that is an FSDP2 module their own way: its
@@ -72,11 +71,12 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
 
+from partitioner.distributed.fused_columns import fused_placement, split_by_parts
 from partitioner.distributed.layout import Layout, check_degree
 from partitioner.distributed.units import cut_layers
 from partitioner.options import Sharding
 from partitioner.plan import Plan
-from partitioner.tp_layout import TensorParallelError, TensorParallelLayout
+from partitioner.tp_layout import Column, TensorParallelError, TensorParallelLayout
 
 __all__ = [
     "ParallelSpec",
@@ -206,15 +206,24 @@ def parallel_mesh(layout: Layout, rank: int, tensor_parallel: int, device_type: 
     return mesh["dp", "tp"]
 
 
-def _placements(spec: ParallelSpec) -> dict[str, Placement]:
+def _by_parts(column: Column, sharded: bool) -> int:
+    """The parts `column` is sharded by (`fused_columns`): 1 (its output cut as a whole) for
+    an unfused column, and for a fused ``(out, in)`` weight that FSDP2 also shards on dim 0
+    (FSDP2 over a strided dim-0 shard is not exact in torch 2.13; DTensor gathers at its split)."""
+    return column.parts if column.transposed or not sharded else 1
+
+
+def _placements(spec: ParallelSpec, sharded: bool) -> dict[str, Placement]:
     """Parameter name -> its placement on the ``tp`` mesh dimension (absent: replicated)."""
     out: dict[str, Placement] = {}
     assert spec.layout is not None
     for pair in spec.layout.pairs:
         transposed = any(c.transposed for c in pair.columns)
         for c in pair.columns:  # split on the output features: weight (out, in), or (in, out) transposed
-            out[f"{c.module}.weight"] = Shard(1 if c.transposed else 0)
-            out[f"{c.module}.bias"] = Shard(0)
+            parts = _by_parts(c, sharded)
+            out[f"{c.module}.weight"] = fused_placement(1 if c.transposed else 0, parts)
+            if parts == 1:  # a fused column's bias stays whole: FSDP2 shards its dim 0 too
+                out[f"{c.module}.bias"] = Shard(0)
         out[f"{pair.row}.weight"] = Shard(0 if transposed else 1)  # its bias: replicated, added once
     for v in spec.layout.vocab:  # embedding (vocab, dim) rows; head (vocab, dim) output features
         out[f"{v.module}.weight"] = Shard(0)
@@ -270,17 +279,17 @@ def _matmuls(gm: fx.GraphModule, module: str, role: str) -> list[tuple[fx.Node, 
     return users
 
 
-def _pin(gm: fx.GraphModule, spec: ParallelSpec) -> None:
+def _pin(gm: fx.GraphModule, spec: ParallelSpec, sharded: bool) -> None:
     """Insert the column-input and row-output redistributions into the stage graph."""
     assert spec.layout is not None
     params = {name for name, _ in gm.named_parameters()}
     count = 0
 
-    def module(placement: Placement) -> str:
+    def module(placement: Placement | nn.Module) -> str:
         nonlocal count
         name = f"_tp_redistribute_{count}"
         count += 1
-        gm.add_submodule(name, _Redistribute(placement))
+        gm.add_submodule(name, placement if isinstance(placement, nn.Module) else _Redistribute(placement))
         return name
 
     def replicated_input(users: list[tuple[fx.Node, int]]) -> None:
@@ -293,7 +302,10 @@ def _pin(gm: fx.GraphModule, spec: ParallelSpec) -> None:
     for pair in spec.layout.pairs:
         for column in pair.columns:
             if f"{column.module}.weight" in params:
-                replicated_input(_matmuls(gm, column.module, "column"))
+                users = _matmuls(gm, column.module, "column")
+                replicated_input(users)
+                if _by_parts(column, sharded) > 1:  # its parts leave the split on the rank's heads
+                    split_by_parts(gm, [node for node, _ in users], column.parts, module)
         if f"{pair.row}.weight" in params:
             for node, _ in _matmuls(gm, pair.row, "row"):
                 _after(gm, node, module(after_row))
@@ -442,7 +454,7 @@ def parallelize_stage(
     sharded = spec.sharding is not Sharding.NONE and dp > 1
     if spec.tensor_parallel > 1:
         tp_mesh = mesh["tp"]
-        placements = _placements(spec)
+        placements = _placements(spec, sharded)
         _drop_metadata_asserts(stage)
         for name, param in list(stage.named_parameters()):
             owner, _, attr = name.rpartition(".")
@@ -454,7 +466,7 @@ def parallelize_stage(
             stage.get_submodule(owner).register_buffer(
                 attr, distribute_tensor(buffer, tp_mesh, [Replicate()], src_data_rank=None)
             )
-        _pin(stage, spec)
+        _pin(stage, spec, sharded)
         _lift_constants(stage, tp_mesh)
     if sharded and layer_of is not None:
         cut = cut_layers(stage, layer_of)
