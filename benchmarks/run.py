@@ -242,6 +242,9 @@ def write_results_md(results_dir: Path = RESULTS_DIR, path: Path | None = None) 
             "`python -m benchmarks.training_space` (benchmarks/training_space.py says what each figure is).\n\n"
             + space.read_text()
         )
+    balance = results_dir / "balance" / "summary.md"
+    if balance.exists():
+        parts.append("# Pipeline balance at the default granularity\n\n" + balance.read_text())
     path.write_text("\n".join(parts))
     return path
 

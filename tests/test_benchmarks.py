@@ -588,3 +588,17 @@ def test_megatron_table_flops_and_clusters_are_the_papers() -> None:
     text = render({"megatron": [row]})
     assert "| megatron-gpt-1.7b | 32 | 1 | 1 | 32 | 512 | 137 | 150 | +9% | 1 stage | 1.00 | 0.1 |" in text
     assert "Worst error 9% over 1 rows" in text
+
+
+def test_balance_cases_judge_the_default_granularity_against_its_even_share() -> None:
+    from benchmarks import balance
+    from partitioner.options import Granularity
+
+    row = balance.run_case("gpt2-mini", "inference-throughput", Granularity.AUTO)
+    assert row["granularity"] == "auto" and row["layers"] >= 1
+    assert 1.0 - 1e-9 <= row["busiest_over_even"] and row["busiest_s"] <= row["period_s"] * (1 + 1e-9)
+    rows = [dict(row, model="gpt2-xl", busiest_over_even=1.04), dict(row, model="llama-7b", busiest_over_even=1.06),
+            dict(row, model="gpt2-xl", granularity="block", busiest_over_even=1.5)]
+    text = balance.render(rows)
+    assert "<= 1.05: PASS" in text and "<= 1.05: FAIL" in text
+    assert "1 of 2 case(s) at auto granularity within target; misses: llama-7b / inference-throughput: 1.060x." in text
