@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.targets import TARGETS
+
 __all__ = ["SCHEMA_VERSION", "ResultFormatError", "RESULT", "validate"]
 
 SCHEMA_VERSION = 1
@@ -165,8 +167,7 @@ RESULT = {
 }
 """The result file's schema (`benchmarks.run` writes it)."""
 
-_TARGET_IDS = ("never-worse", "never-infeasible", "bound", "training-vs-accelerate", "unbalanced-vs-equal",
-               "gpt2-xl-8-devices", "1000-layer-solve", "cost-model")
+_TARGET_IDS = tuple(TARGETS)
 
 
 def _check(value: Any, spec: Any, where: str) -> None:

@@ -29,6 +29,8 @@ TARGETS = {
     "gpt2-xl-8-devices": "planning GPT-2 XL onto 8 devices takes at most 10 s end to end (compile_plan)",
     "1000-layer-solve": "graphs of 1,000 layers or more solved in at most 5 s",
     "cost-model": "cost model median absolute error at most 15% on the CPU cases (the planner's prediction)",
+    "monotone": "more devices of one kind never predict a slower plan (same model, mode and batch; "
+                "step with n devices over the best step with fewer)",
 }
 
 
@@ -198,6 +200,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         if any(c.get("simulated_s") is not None for c in cases):
             target["detail"] += " (simulated devices timed without the simulation: compute plus real copies)"
     out.append(target)
+    out.append(_monotone(planned))
 
     for label, subset in (("one device (cpu)", [c for c in cases if c["devices"] == ["cpu"]]),
                           ("simulated cpu:0, cpu:1", [c for c in cases if c["devices"] != ["cpu"]])):
@@ -230,6 +233,27 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                               f"{statistics.median(errs):.1%} over {len(errs)} layer(s) of {len(single)} case(s); "
                               f"time-weighted {statistics.fmean(weighted_layer_error(c, key) for c in single):.1%}"))
     return out + info
+
+
+def _monotone(planned: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (model, mode, device kind) over the one-node sets of that kind (``a100-80gb x2``,
+    ``x4``, ...): each plan's step over the best step of fewer devices (at most 1.00)."""
+    series: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
+    for r in planned:
+        ds = DEVICE_SETS[r["devices"]]
+        step = r["partitioner"].get("step_s")
+        if ds.cluster is not None or len(ds.specs) != 1 or not ds.identical or step is None:
+            continue
+        kind, _, count = ds.specs[0].partition(" x")
+        if count.isdigit():
+            series.setdefault((r["model"], r["mode"], kind), []).append((int(count), step))
+    rows = []
+    for (model, mode, kind), points in sorted(series.items()):
+        points.sort()
+        for i in range(1, len(points)):
+            fewer = min(points[:i], key=lambda p: p[1])
+            rows.append((f"{model} / {kind} x{points[i][0]} (vs x{fewer[0]}) / {mode}", points[i][1] / fewer[1]))
+    return _target("monotone", 1.0, rows, lambda v: v <= 1 + 1e-6, max)
 
 
 def layer_errors(case: dict[str, Any], key: str) -> list[float]:

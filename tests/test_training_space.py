@@ -360,3 +360,21 @@ def test_the_report_names_the_parallelism_and_the_new_families() -> None:
     header = next(line for line in text.splitlines() if line.startswith("stage "))
     assert "tp comm" in header and "gathered" in header
     assert "selective" in text
+
+
+@pytest.mark.parametrize("spb", [1e-12, 1e-8, 1e-6])
+def test_more_devices_of_a_kind_never_plan_a_slower_step(spb: float) -> None:
+    # Small layers on links from fast to slow: past some count, more devices only add
+    # communication, and the plan leaves the rest idle (the first half, quarter, ... of a kind).
+    options = TrainingOptions(max_microbatches=8)
+    steps = []
+    for n in (1, 2, 4, 8):
+        cluster = hand_cluster([f"a100-80gb x{n}"], spb=spb)
+        costs = tp_costs(cluster, 8, options, params=10**5, act=10**3)
+        result = plan_pipeline(costs, cluster, 8, options)
+        p = result.pipeline
+        used = sum(len(s.devices) for s in p.stages[: len({s.rank for s in p.stages})])
+        assert (f"{n - used} of {n} devices idle" in p.description) == (used < n), p.description
+        steps.append(p.step_time_s)
+        assert_plan_valid(result, cluster, costs, options)
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in itertools.pairwise(steps)), steps

@@ -8,7 +8,8 @@ whose step time is what `partitioner.simulate.simulate` gives for its stages.
 **Search space** (`space`). A *configuration* fixes everything but the layer split:
 
 - which device kinds take part (every non-empty subset, in every order along the
-  pipeline), every device of a chosen kind; or one device alone (one per kind);
+  pipeline), every device of a chosen kind (of one kind alone, also its first half,
+  quarter, ..., the rest idle); or one device alone (one per kind);
 - the ranks: each kind's devices cut into groups of ``r_k`` replicas (``r_k`` divides the
   kind's count; groups never mix kinds), laid out *replicas in a node* (a group is
   consecutive devices, node by node, so replicas share a node and so do consecutive

@@ -111,6 +111,9 @@ class Configuration:
         """``4 stages x 2 replicas (2 on a100-40gb, 2 on v100); 1f1b, 16 microbatches`` and the like."""
         kinds = ["+".join(dict.fromkeys(cluster.devices[d].profile.name for d in g.devices)) for g in self.groups]
         timing = f"{self.schedule.value}, {self.microbatches} microbatch{'es' if self.microbatches > 1 else ''}"
+        idle = cluster.num_devices - sum(g.replicas for g in self.groups)
+        if idle:
+            timing += f"; {idle} of {cluster.num_devices} devices idle"
         if self.stages == 1:
             counts: dict[str, int] = {}
             for d in self.groups[0].devices:
@@ -137,6 +140,15 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _halves(n: int) -> list[int]:
+    """``n / 2, n / 4, ...`` while whole and above 1."""
+    out = []
+    while n % 2 == 0 and n // 2 > 1:
+        n //= 2
+        out.append(n)
+    return out
+
+
 def shapes(cluster: Cluster) -> list[tuple[tuple[Group, ...], str]]:
     """Every (ranks in pipeline order, layout) of the space.
 
@@ -144,9 +156,11 @@ def shapes(cluster: Cluster) -> list[tuple[tuple[Group, ...], str]]:
     non-empty subset of device kinds: one group of all their devices (data
     parallelism, kinds mixed); and for each order of the kinds along the pipeline and
     each replica count ``r_k`` dividing each kind's count, that kind's devices (node by
-    node) cut into groups of ``r_k`` consecutive ones. For one kind spread over several
-    nodes, also *stages in a node*: with ``p`` ranks, rank ``j`` holds devices
-    ``j, j + p, ...``, so each replica's pipeline stays inside a node.
+    node) cut into groups of ``r_k`` consecutive ones; for one kind, the same over the first
+    half, quarter, ... of its devices too, the rest idle (a model too small for all of them
+    is never planned slower on more: the plan of half the devices is in the space). For one
+    kind spread over several nodes, also *stages in a node*: with ``p`` ranks, rank ``j``
+    holds devices ``j, j + p, ...``, so each replica's pipeline stays inside a node.
     """
     by_kind = {k: [d for d, dev in enumerate(cluster.devices) if dev.profile.name == k] for k in cluster.kinds}
     out: list[tuple[tuple[Group, ...], str]] = []
@@ -175,6 +189,11 @@ def shapes(cluster: Cluster) -> list[tuple[tuple[Group, ...], str]]:
                     else:
                         add(groups, "one device per stage" if max(counts) == 1 else "replicas in a node")
             devices = by_kind[subset[0]]
+            if size == 1:  # the first half, quarter, ... of the kind's devices, the rest idle
+                for c in _halves(len(devices)):
+                    for r in _divisors(c):
+                        part = tuple(Group(tuple(devices[j : j + r])) for j in range(0, c, r))
+                        add(part, "one group" if r == c else "one device per stage" if r == 1 else "replicas in a node")
             if size == 1 and len({cluster.node_of[d] for d in devices}) > 1:
                 for r in _divisors(len(devices))[1:-1]:
                     p = len(devices) // r

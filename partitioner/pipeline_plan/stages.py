@@ -120,6 +120,7 @@ class StageModel:
         self._ranges: dict[tuple[_Spec, int], _Terms] = {}
         self._links: dict[tuple[Group, Group, int, int, int], tuple[float, float]] = {}
         self._rings: dict[tuple[Group, int, bool], tuple[float, float]] = {}
+        self._kinds: dict[Group, tuple[str, ...]] = {}
         self._inflight: dict[tuple[PipelineSchedule, int, int, int], tuple[int, ...]] = {}
         self.solved = self.simulated = 0
 
@@ -163,7 +164,11 @@ class StageModel:
         return self._times[key]
 
     def kinds(self, group: Group) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.cluster.devices[d].profile.name for d in group.devices))
+        """The device kinds of `group`, in order of first appearance."""
+        found = self._kinds.get(group)
+        if found is None:
+            found = self._kinds[group] = tuple(dict.fromkeys(self.cluster.devices[d].profile.name for d in group.devices))
+        return found
 
     def samples(self, config: Configuration, group: Group) -> int:
         """Samples per data-parallel replica of `group` per microbatch."""
