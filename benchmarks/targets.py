@@ -21,7 +21,8 @@ TARGETS = {
     "never-worse": "partitioner's plan is never slower than a feasible baseline (ratio >= 1.00)",
     "never-infeasible": "partitioner never fails to plan where a baseline fits",
     "bound": "busiest pipeline stage within 1.10x of the even share (total / devices) on every transformer stack "
-             "on identical devices in throughput modes, a layer heavier than the share included",
+             "on identical devices in throughput modes, a layer heavier than the share included, on the block-level "
+             "tables the suite shares (the default auto granularity: python -m benchmarks.balance)",
     "training-vs-accelerate": "training on 4+ GPUs at least 2x faster than Accelerate's sequential execution, "
                               "where some plan of partitioner's space could be (its proven lower bound)",
     "unbalanced-vs-equal": "at least 1.15x faster than the equal-layer (and equal-block) split on models with "

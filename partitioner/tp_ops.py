@@ -271,7 +271,7 @@ def column_parts(column: fx.Node, out: int, stats: Mapping[str, Any]) -> int:
                 if not isinstance(dim, int) or dim % rank != rank - 1:
                     continue
                 size = u.args[1] if len(u.args) > 1 else u.kwargs.get("split_size_or_sections", u.kwargs.get("chunks"))
-                if name == "chunk" and isinstance(size, int):
+                if name in ("chunk", "tensor_split") and isinstance(size, int):  # a count of pieces, not a size
                     return size if out % size == 0 else 0
                 if isinstance(size, int):
                     return out // size if out % size == 0 else 0

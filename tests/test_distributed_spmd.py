@@ -115,6 +115,9 @@ def test_plans_with_tensor_parallelism_and_fsdp_train_as_one_process(tmp_path: P
         _case("gpt2-tp2-fsdp2", "gpt2", gpt2, tensor_parallel=2, sharding="zero3", checkpoint=str(checkpoint)),
         _case("gpt2-fsdp4-resumed", "gpt2", gpt2, sharding="zero3", resume=str(checkpoint)),
         _case("mlp-tp2-dp2", "mlp", mlp, tensor_parallel=2),
+        # A fused (out, in) nn.Linear that FSDP2 also shards keeps the fused-output shard (exact).
+        _case("nanogpt-tp2-fsdp2", "nanogpt", write_plan(tmp_path, "nanogpt", _data_parallel("nanogpt", 4)),
+              tensor_parallel=2, sharding="zero3", detect=True),
     ]
     launch(4, cases, tmp_path)
     _checked(tmp_path, cases, 4)
@@ -183,15 +186,17 @@ def test_each_sharding_runs_the_collectives_it_is_priced_with(tmp_path: Path) ->
 @pytest.mark.distributed
 def test_a_fused_query_key_value_column_runs_attention_on_each_ranks_heads(tmp_path: Path) -> None:
     """GPT-2's ``c_attn`` (one Conv1D for q, k and v) and nanoGPT's (one nn.Linear, its
-    layout found by `tp_detect`) at TP 2: each rank holds its heads of every part, so the split needs no gather (the only DTensor all-gather of a step is the
-    head's logits), and training equals one process."""
+    layout found by `tp_detect`) at TP 2: each rank holds its heads of every part, so the
+    split needs no gather (the only DTensor all-gather of a step is the head's logits), and
+    training equals one process; nanoGPT with sequence parallelism too."""
     gpt2, nano = (write_plan(tmp_path, m, _data_parallel(m, 2)) for m in ("gpt2", "nanogpt"))
     cases = [
         _case("gpt2-tp2", "gpt2", gpt2, tensor_parallel=2, sequence_parallel=False, count_dtensor=True),
         _case("nanogpt-tp2", "nanogpt", nano, tensor_parallel=2, sequence_parallel=False, detect=True, count_dtensor=True),
     ]
-    launch(2, cases, tmp_path)
-    for case in cases:
+    sequence = _case("nanogpt-tp2-sp", "nanogpt", nano, tensor_parallel=2, sequence_parallel=True, detect=True)
+    launch(2, [*cases, sequence], tmp_path)
+    for case in [*cases, sequence]:
         check_case(case, 2, tmp_path)
     # c_attn, a Conv1D stored (32, 96) and an nn.Linear (96, 32): 16 of each part's 32 output features per rank.
     assert _local(tmp_path, "gpt2-tp2", "transformer.h.0.attn.c_attn.weight", 2) == {(32, 48)}

@@ -378,3 +378,20 @@ def test_more_devices_of_a_kind_never_plan_a_slower_step(spb: float) -> None:
         steps.append(p.step_time_s)
         assert_plan_valid(result, cluster, costs, options)
     assert all(later <= earlier * (1 + 1e-9) for earlier, later in itertools.pairwise(steps)), steps
+
+
+def test_halves_of_a_kind_are_whole_nodes_or_lie_in_one() -> None:
+    from benchmarks.training_space import a100_cluster
+    from partitioner.pipeline_plan.space import shapes
+
+    def used(cluster: Cluster) -> dict[int, set[str]]:
+        out: dict[int, set[str]] = {}
+        for groups, layout in shapes(cluster):
+            out.setdefault(sum(g.replicas for g in groups), set()).add(layout)
+        return out
+
+    # 4 nodes of 8: 16 and 8 are whole nodes (16 also with stages in a node), 4 and 2 lie in one.
+    four = used(a100_cluster(32))
+    assert set(four) == {1, 2, 4, 8, 16, 32} and "stages in a node" in four[16]
+    # 3 nodes of 8: 12 would be a node and a half, 6 and 3 would not divide a node.
+    assert set(used(a100_cluster(24))) == {1, 24}

@@ -31,8 +31,13 @@ __all__ = ["fused_placement", "SplitParts", "split_by_parts", "contiguous_shards
 
 
 def fused_placement(dim: int, parts: int) -> Placement:
-    """The placement of a column's weight (or bias) sharded on `dim`, its output cut into `parts`."""
-    return _StridedShard(dim, split_factor=parts) if parts > 1 else Shard(dim)
+    """The placement of a column's weight (or bias) sharded on `dim`, its output cut into
+    `parts`; plain ``Shard`` (gathered at the split) where `_StridedShard` is a ``Shard``
+    (older torch treats it so in places, which would read ``[q_r, k_r, v_r]`` as a
+    contiguous slice)."""
+    if parts > 1 and not issubclass(_StridedShard, Shard):
+        return _StridedShard(dim, split_factor=parts)
+    return Shard(dim)
 
 
 def contiguous_shards(t: torch.Tensor) -> torch.Tensor:

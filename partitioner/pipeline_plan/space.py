@@ -156,11 +156,12 @@ def shapes(cluster: Cluster) -> list[tuple[tuple[Group, ...], str]]:
     non-empty subset of device kinds: one group of all their devices (data
     parallelism, kinds mixed); and for each order of the kinds along the pipeline and
     each replica count ``r_k`` dividing each kind's count, that kind's devices (node by
-    node) cut into groups of ``r_k`` consecutive ones; for one kind, the same over the first
-    half, quarter, ... of its devices too, the rest idle (a model too small for all of them
-    is never planned slower on more: the plan of half the devices is in the space). For one
-    kind spread over several nodes, also *stages in a node*: with ``p`` ranks, rank ``j``
-    holds devices ``j, j + p, ...``, so each replica's pipeline stays inside a node.
+    node) cut into groups of ``r_k`` consecutive ones. For one kind spread over several
+    nodes, also *stages in a node*: with ``p`` ranks, rank ``j`` holds devices
+    ``j, j + p, ...``, so each replica's pipeline stays inside a node. For one kind alone,
+    all of this over the first half, quarter, ... of its devices too, the rest idle, where
+    they are whole nodes or lie in one node (so a plan on ``2n`` devices of a kind is never
+    slower than the plan on ``n`` of them).
     """
     by_kind = {k: [d for d, dev in enumerate(cluster.devices) if dev.profile.name == k] for k in cluster.kinds}
     out: list[tuple[tuple[Group, ...], str]] = []
@@ -188,16 +189,23 @@ def shapes(cluster: Cluster) -> list[tuple[tuple[Group, ...], str]]:
                         add(groups, "one group")
                     else:
                         add(groups, "one device per stage" if max(counts) == 1 else "replicas in a node")
-            devices = by_kind[subset[0]]
-            if size == 1:  # the first half, quarter, ... of the kind's devices, the rest idle
-                for c in _halves(len(devices)):
-                    for r in _divisors(c):
-                        part = tuple(Group(tuple(devices[j : j + r])) for j in range(0, c, r))
-                        add(part, "one group" if r == c else "one device per stage" if r == 1 else "replicas in a node")
-            if size == 1 and len({cluster.node_of[d] for d in devices}) > 1:
-                for r in _divisors(len(devices))[1:-1]:
-                    p = len(devices) // r
-                    add(tuple(Group(tuple(devices[j::p])) for j in range(p)), "stages in a node")
+            if size > 1:
+                continue
+            everything = by_kind[subset[0]]
+            per_node = sum(1 for d in everything if cluster.node_of[d] == cluster.node_of[everything[0]])
+            # All the kind's devices; and its first half, quarter, ... (the rest idle) where they
+            # are whole nodes or lie in one (torchrun starts as many processes on every node).
+            for devices in [everything] + [everything[:c] for c in _halves(len(everything))
+                                           if c % per_node == 0 or per_node % c == 0]:
+                if devices is not everything:
+                    for r in _divisors(len(devices)):
+                        part = tuple(Group(tuple(devices[j : j + r])) for j in range(0, len(devices), r))
+                        one = r == len(devices)
+                        add(part, "one group" if one else "one device per stage" if r == 1 else "replicas in a node")
+                if len({cluster.node_of[d] for d in devices}) > 1:
+                    for r in _divisors(len(devices))[1:-1]:
+                        p = len(devices) // r
+                        add(tuple(Group(tuple(devices[j::p])) for j in range(p)), "stages in a node")
     return out
 
 
