@@ -32,7 +32,7 @@ planner's plan of the whole space:
   data-parallel degree. Its ZeRO-1 is priced as partitioner.distributed runs it (FSDP2
   keeps a 1/d shard of the weights beside the whole weights, which DeepSpeed's ZeRO-1 does
   not hold), so a plan within that shard of the capacity reads "does not fit" (GPT-3 175B
-  at <= 512 microbatches would be 128 s without that shard);
+  at <= 512 microbatches was priced at 128 s before the shard was counted);
 - *ZeRO-3*: one stage, parameters sharded, no TP, the cheapest recompute that fits;
 - *SPMD (AutoParallel's space)*: one stage on the whole mesh, any TP degree and sharding.
   PyTorch's AutoParallel (meta-pytorch/autoparallel) picks a DTensor placement per op on
