@@ -29,10 +29,9 @@ planner's plan of the whole space:
 - *FSDP only*: one stage, ZeRO-3 (``fully_shard``, reshard after forward), selective
   recompute (torchtitan's 1-D default);
 - *DeepSpeed PP x DP*: pipeline stages x replicas with ZeRO-1 or none, no TP, 1F1B, the best
-  data-parallel degree. Its ZeRO-1 is priced as partitioner.distributed runs it (FSDP2
-  keeps a 1/d shard of the weights beside the whole weights, which DeepSpeed's ZeRO-1 does
-  not hold), so a plan within that shard of the capacity reads "does not fit" (GPT-3 175B
-  at <= 512 microbatches was priced at 128 s before the shard was counted);
+  data-parallel degree; its ZeRO-1 holds what DeepSpeed's does (whole weights and
+  gradients, 1/d of the optimizer state: ``TrainingOptions(zero1_weight_shard=False)``),
+  not the 1/d weight shard FSDP2 keeps beside them as partitioner.distributed runs it;
 - *ZeRO-3*: one stage, parameters sharded, no TP, the cheapest recompute that fits;
 - *SPMD (AutoParallel's space)*: one stage on the whole mesh, any TP degree and sharding.
   PyTorch's AutoParallel (meta-pytorch/autoparallel) picks a DTensor placement per op on
@@ -251,6 +250,7 @@ EXPERTS: dict[str, Callable[[TrainingOptions], TrainingOptions]] = {
         tensor_parallel=(1,),
         shardings=(Sharding.NONE, Sharding.ZERO1),
         schedules=(PipelineSchedule.ONE_F_ONE_B,),
+        zero1_weight_shard=False,
     ),
     "ZeRO-3": lambda o: replace(o, tensor_parallel=(1,), config=ParallelConfig(pp=1, tp=1, shard=Sharding.ZERO3)),
     "SPMD (AutoParallel's space)": lambda o: replace(o, config=ParallelConfig(pp=1)),

@@ -503,6 +503,11 @@ class TrainingOptions:
     instead of after it (as torch.distributed.pipelining does by default)."""
     memory_reserve: float = 0.1
     """Fraction of each device's memory kept free (allocator, workspace, communicator buffers)."""
+    zero1_weight_shard: bool = True
+    """Count the 1/d shard of the weights that ZeRO-1 keeps beside the whole weights, as
+    `partitioner.distributed` runs it (FSDP2). False prices ZeRO-1 as DeepSpeed holds it
+    (whole weights, gradients, 1/d of the optimizer state), to compare such a set-up; a plan
+    priced so holds less than partitioner.distributed would."""
     equal_replicas: bool = False
     """Only plans whose pipeline ranks hold the same number of replicas each: what
     `partitioner.distributed` (on `torch.distributed.pipelining`) can run. Without it a mixed
@@ -541,7 +546,7 @@ class TrainingOptions:
                 raise ValueError(
                     f"TrainingOptions.config must be a ParallelConfig or its text (tp=8,pp=4,...) (got {self.config!r})"
                 )
-        for flag in ("overlap_allreduce", "equal_replicas", "sequence_parallel"):
+        for flag in ("overlap_allreduce", "equal_replicas", "sequence_parallel", "zero1_weight_shard"):
             _check_flag(self, flag)
         _check_fraction(self, "memory_reserve")
         if self.max_virtual_stages < 2 and PipelineSchedule.INTERLEAVED_1F1B in self.schedules:

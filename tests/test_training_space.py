@@ -88,6 +88,13 @@ def test_memory_per_zero_stage_is_the_formula(sharding: Sharding) -> None:
         Sharding.ZERO3_KEEP: (w / d, g / d, o / d, w),
     }[sharding]
     assert (t.weights, t.grads, t.optimizer, t.gathered) == pytest.approx(expected)
+    # Priced as DeepSpeed holds ZeRO-1 (no weight shard beside the whole weights); the others alike.
+    deepspeed = StageModel(costs, cluster, 8, replace(options, zero1_weight_shard=False))
+    (ds_spec,) = deepspeed.specs(config)
+    ds = deepspeed.stage(ds_spec, 0, 8, 1)
+    ds_expected = (w, g, o / d, 0) if sharding is Sharding.ZERO1 else expected
+    assert (ds.weights, ds.grads, ds.optimizer, ds.gathered) == pytest.approx(ds_expected)
+    assert ds.allreduce == pytest.approx(t.allreduce)  # the same collectives
     # Activations: with sequence parallelism all of a split layer's divide by tp; without, the pairs' only.
     b = spec.samples
     assert b == 4 and t.act == pytest.approx(8 * b * 10**5 / 2)

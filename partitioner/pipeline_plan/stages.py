@@ -314,6 +314,7 @@ class StageModel:
             buffers=self.buffers,
             tied=(weights, grads, optimizer, self._tied_sum(spec, i, e)),
             overlap_allreduce=self.options.overlap_allreduce,
+            zero1_weight_shard=self.options.zero1_weight_shard,
         )
 
     def modes(self) -> tuple[int, ...]:

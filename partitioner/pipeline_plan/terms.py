@@ -284,6 +284,7 @@ def stage_terms(
     buffers: np.ndarray,
     tied: tuple[Any, Any, Any, Any],
     overlap_allreduce: bool,
+    zero1_weight_shard: bool = True,
 ) -> StageTerms:
     """The figures of the module docstring for layers ``[i, e)`` (ints or broadcasting index arrays).
 
@@ -295,6 +296,8 @@ def stage_terms(
         buffers: Prefix sums of model buffer bytes.
         tied: (weights, grads, optimizer, all-reduce seconds) of tied-weight copies the stage holds.
         overlap_allreduce: Whether the per-step all-reduce hides under the last backward.
+        zero1_weight_shard: Whether ZeRO-1 holds a 1/d weight shard beside the whole
+            weights (FSDP2, as partitioner.distributed runs it; not DeepSpeed).
     """
     b, t, d = spec.samples, spec.tp, spec.data_parallel
     fc, bc, sel = times
@@ -325,6 +328,8 @@ def stage_terms(
         gathered = tables.top_two()[i, e] if sharding is Sharding.ZERO3 else weights
         if sharding is not Sharding.ZERO1:
             held_g = grads / d
+        elif not zero1_weight_shard:  # DeepSpeed's ZeRO-1: the whole weights alone, no shard
+            held_w, gathered = weights, 0
     last_w = tables.layer_weights[np.maximum(e - 1, 0)]
     first_g = tables.layer_grads[np.minimum(i, len(tables.layer_grads) - 1)]
     if sharding in (Sharding.ZERO3, Sharding.ZERO3_KEEP):
