@@ -109,6 +109,8 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from benchmarks.run import write_summary
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.balance", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", default=[], help="model names to run")
     parser.add_argument("--render-only", action="store_true", help="run nothing: rewrite summary.md from OUT/result.json")
@@ -131,13 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{r['layers']} layers, {r['seconds']:.1f} s")
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(json.dumps({"devices": DEVICES, "rows": rows}, indent=1) + "\n")
-    text = render(rows)
-    (out / "summary.md").write_text(text + "\n")
-    if out.resolve() == (_ROOT / "benchmarks" / "results" / "balance").resolve():
-        from benchmarks.run import write_results_md
-
-        write_results_md()
-    print(text)
+    write_summary(out, render(rows))
     return 0
 
 

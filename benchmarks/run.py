@@ -35,7 +35,7 @@ from typing import Any
 from benchmarks import report, schema, targets
 from benchmarks.suites import SUITES, Job, Selection, Suite, jobs, subset, suite_data
 
-__all__ = ["main", "run_suite", "render", "write_results_md", "RESULTS_DIR"]
+__all__ = ["main", "run_suite", "render", "write_results_md", "write_summary", "RESULTS_DIR"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -247,6 +247,15 @@ def write_results_md(results_dir: Path = RESULTS_DIR, path: Path | None = None) 
         parts.append("# Pipeline balance at the default granularity\n\n" + balance.read_text())
     path.write_text("\n".join(parts))
     return path
+
+
+def write_summary(out: Path, text: str) -> None:
+    """Write a benchmark's `text` as ``out/summary.md``, print it, and regenerate RESULTS.md
+    when `out` is that benchmark's folder under `RESULTS_DIR` (``benchmarks/results/NAME``)."""
+    (out / "summary.md").write_text(text + "\n")
+    if out.resolve().parent == RESULTS_DIR.resolve():
+        write_results_md()
+    print(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

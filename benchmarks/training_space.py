@@ -357,6 +357,8 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from benchmarks.run import write_summary
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.training_space", description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("megatron", "experts", "all"), default="all")
     parser.add_argument("--render-only", action="store_true", help="run nothing: rewrite summary.md from OUT/result.json")
@@ -373,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     if args.render_only:
         result = json.loads((out / "result.json").read_text())
-        return _write(out, result, render(result))
+        write_summary(out, render(result))
+        return 0
     start = time.perf_counter()
     result = {}
     if args.part in ("megatron", "all"):
@@ -383,16 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["seconds"] = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    return _write(out, result, render(result))
-
-
-def _write(out: Path, result: dict[str, Any], text: str) -> int:
-    (out / "summary.md").write_text(text + "\n")
-    if out.resolve() == (_ROOT / "benchmarks" / "results" / "training_space").resolve():
-        from benchmarks.run import write_results_md
-
-        write_results_md()
-    print(text)
+    write_summary(out, render(result))
     return 0
 
 

@@ -149,6 +149,11 @@ def _halves(n: int) -> list[int]:
     return out
 
 
+def _consecutive(groups: tuple[Group, ...], largest: int) -> str:
+    """The layout of groups of consecutive devices, the largest of `largest` devices."""
+    return "one group" if len(groups) == 1 else "one device per stage" if largest == 1 else "replicas in a node"
+
+
 def shapes(cluster: Cluster) -> list[tuple[tuple[Group, ...], str]]:
     """Every (ranks in pipeline order, layout) of the space.
 
@@ -176,8 +181,22 @@ def shapes(cluster: Cluster) -> list[tuple[tuple[Group, ...], str]]:
         add((Group((devices[0],)),), "one group")
     for size in range(1, len(by_kind) + 1):
         for subset in itertools.combinations(cluster.kinds, size):
-            if size > 1:
-                add((Group(tuple(d for k in subset for d in by_kind[k])),), "one group")
+            if size == 1:
+                everything = by_kind[subset[0]]
+                per_node = sum(1 for d in everything if cluster.node_of[d] == cluster.node_of[everything[0]])
+                # All the kind's devices; and its first half, quarter, ... (the rest idle) where they
+                # are whole nodes or lie in one (torchrun starts as many processes on every node).
+                for devices in [everything] + [everything[:c] for c in _halves(len(everything))
+                                               if c % per_node == 0 or per_node % c == 0]:
+                    for r in _divisors(len(devices)):
+                        groups = tuple(Group(tuple(devices[j : j + r])) for j in range(0, len(devices), r))
+                        add(groups, _consecutive(groups, r))
+                    if len({cluster.node_of[d] for d in devices}) > 1:
+                        for r in _divisors(len(devices))[1:-1]:
+                            p = len(devices) // r
+                            add(tuple(Group(tuple(devices[j::p])) for j in range(p)), "stages in a node")
+                continue
+            add((Group(tuple(d for k in subset for d in by_kind[k])),), "one group")
             for order in itertools.permutations(subset):
                 for counts in itertools.product(*(_divisors(len(by_kind[k])) for k in order)):
                     groups = tuple(
@@ -185,27 +204,7 @@ def shapes(cluster: Cluster) -> list[tuple[tuple[Group, ...], str]]:
                         for k, r in zip(order, counts)
                         for j in range(0, len(by_kind[k]), r)
                     )
-                    if len(groups) == 1:
-                        add(groups, "one group")
-                    else:
-                        add(groups, "one device per stage" if max(counts) == 1 else "replicas in a node")
-            if size > 1:
-                continue
-            everything = by_kind[subset[0]]
-            per_node = sum(1 for d in everything if cluster.node_of[d] == cluster.node_of[everything[0]])
-            # All the kind's devices; and its first half, quarter, ... (the rest idle) where they
-            # are whole nodes or lie in one (torchrun starts as many processes on every node).
-            for devices in [everything] + [everything[:c] for c in _halves(len(everything))
-                                           if c % per_node == 0 or per_node % c == 0]:
-                if devices is not everything:
-                    for r in _divisors(len(devices)):
-                        part = tuple(Group(tuple(devices[j : j + r])) for j in range(0, len(devices), r))
-                        one = r == len(devices)
-                        add(part, "one group" if one else "one device per stage" if r == 1 else "replicas in a node")
-                if len({cluster.node_of[d] for d in devices}) > 1:
-                    for r in _divisors(len(devices))[1:-1]:
-                        p = len(devices) // r
-                        add(tuple(Group(tuple(devices[j::p])) for j in range(p)), "stages in a node")
+                    add(groups, _consecutive(groups, max(counts)))
     return out
 
 
