@@ -23,19 +23,22 @@ step is the median round over its steps (the slowest process's). The figure of m
 measured / predicted (`PipelinePlan.step_time_s`). Both plans run the same configuration;
 when their layer splits agree one run measures both.
 
-On a small shared machine more than the prediction moves that ratio, so each run also
+The gloo profile also holds the machine's **compute sharing** (measured with the links):
+how much slower a one-thread matmul loop runs in N processes at once than in one alone.
+The planner multiplies each stage's compute by it (`partitioner.cluster.Cluster.slowdown`);
+the memory-copy plan, a device list, has none (each device a core of its own).
+
+On a small shared machine more than the prediction moves the ratio, so each run also
 measures, at the same moment as its steps:
 
-- ``sharing``: the processes share the machine's cores. A one-thread matmul loop runs
-  in process 0 alone, then in all at once; ``sharing`` is how much slower it runs together
-  (1 with a core each, 2 when two take turns on one core). The simulator gives every
-  device its own core (layers are timed alone), so ``measured / (predicted x sharing)``
-  is the ratio left to the prediction's links and the lowering;
+- ``sharing``: the same matmul loop in process 0 alone, then in all at once, beside the
+  profile's figure (`priced sharing`): the host's load moves it between runs;
 - ``link``: gloo's mean one-way time for a 256 KiB message (ping-pong between processes 0
   and 1), beside what each prediction prices it at.
 
-Where the planner would pick another configuration (one process, say), each device's
-memory is capped just below that plan's peak, again until it picks the case's.
+Each case's configuration is named (`partitioner.parallel_config.ParallelConfig`: tp 1,
+pp 1 or 2, dp, no sharding, the case's microbatches and schedule, the planner's layer
+split), so the planner prices exactly what runs.
 """
 
 from __future__ import annotations
@@ -127,52 +130,29 @@ def loss_fn(name: str) -> Any:
 # --------------------------------------------------------------------------- planning (parent)
 
 
-def _options(case: Case | None) -> Any:
-    """Training options: the tables' space (None: every case's), or one case's configuration."""
-    from partitioner.options import Optimizer, Recompute, TrainingOptions
+def _options(case: Case | None, processes: int = 0) -> Any:
+    """Training options: the tables' space (None: every case's), or one case's configuration
+    on `processes` processes, named (`partitioner.parallel_config.ParallelConfig`)."""
+    from partitioner.options import Optimizer, Recompute, Sharding, TrainingOptions
+    from partitioner.parallel_config import ParallelConfig
     from partitioner.simulate import PipelineSchedule
 
     if case is None:  # microbatch sizes of every case, both schedules
         return TrainingOptions(optimizer=Optimizer.SGD, schedules=(PipelineSchedule.GPIPE, PipelineSchedule.ONE_F_ONE_B),
                                min_microbatches=1, max_microbatches=max(c.microbatches for c in SUITE),
                                recompute=Recompute.NEVER, memory_reserve=0.0, equal_replicas=True)
-    return replace(_options(None), schedules=(PipelineSchedule(case.schedule),), min_microbatches=case.microbatches,
-                   max_microbatches=case.microbatches, max_stages=1 if case.shape == "data parallel" else 2)
-
-
-def _is_case(plan: Any, case: Case, processes: int) -> bool:
-    stages = plan.pipeline.stages
-    used = sum(len(s.devices) for s in stages)
-    return used == processes and len(stages) == (1 if case.shape == "data parallel" else 2)
-
-
-def _capped(cluster: Any, capacity: int) -> Any:
-    """`cluster` with every device's memory `capacity` bytes."""
-    return replace(cluster, devices=tuple(replace(d, memory_bytes=capacity) for d in cluster.devices))
+    pp = 1 if case.shape == "data parallel" else 2
+    config = ParallelConfig(tp=1, pp=pp, dp=processes // pp, shard=Sharding.NONE, microbatches=case.microbatches,
+                            schedule=PipelineSchedule(case.schedule), recompute=Recompute.NEVER, split="dp")
+    return replace(_options(None), schedules=(PipelineSchedule(case.schedule),), config=config)
 
 
 def plan_case(compiled: Any, cluster: Any, case: Case, processes: int) -> Any:
-    """The plan of `case` on `cluster` from `compiled`'s layer times.
-
-    While the planner picks another configuration, every device's memory is capped just
-    below that plan's peak, which rules it out (and every plan needing as much), until it
-    picks the case's configuration or nothing fits.
-    """
-    from partitioner.errors import InfeasibleError
+    """The plan of `case`'s configuration on `processes` devices of `cluster`, from
+    `compiled`'s layer times (its layer split is the planner's)."""
     from partitioner.training import replan_training
 
-    options = _options(case)
-    chosen = replan_training(compiled, cluster, options, global_batch=case.global_batch).plan
-    for _ in range(64):
-        if _is_case(chosen, case, processes):
-            return chosen
-        peak = max(s.peak_memory_bytes for s in chosen.pipeline.stages)
-        try:
-            chosen = replan_training(compiled, _capped(cluster, int(0.99 * peak)), options,
-                                     global_batch=case.global_batch).plan
-        except InfeasibleError:
-            break
-    raise RuntimeError(f"{case.name}: no memory cap leads the planner to {case.shape} on {processes} processes")
+    return replan_training(compiled, cluster, _options(case, processes), global_batch=case.global_batch).plan
 
 
 def _signature(plan: Any) -> tuple[Any, ...]:
@@ -212,29 +192,6 @@ def one_process_step(case: Case, repeats: int) -> float:
 # --------------------------------------------------------------------------- calibration (worker)
 
 
-def _matmul_loop(seconds: float = 1.0) -> float:
-    """Seconds per 256x256 matmul, over about `seconds` of them."""
-    a = torch.randn(256, 256)
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        a @ a
-        n += 1
-    return (time.perf_counter() - start) / n
-
-
-def _sharing() -> float:
-    """How much slower a one-thread matmul loop runs in both processes at once than in process 0 alone."""
-    import torch.distributed as dist
-
-    dist.barrier()
-    alone = torch.tensor([_matmul_loop() if dist.get_rank() == 0 else 0.0])
-    dist.barrier()
-    together = torch.tensor([_matmul_loop()])
-    dist.all_reduce(alone, op=dist.ReduceOp.MAX)
-    dist.all_reduce(together, op=dist.ReduceOp.MAX)
-    return together.item() / alone.item()
-
-
 def _one_way(nbytes: int = 256 << 10, repeats: int = 50) -> float:
     """Mean one-way seconds of an `nbytes` message between processes 0 and 1 (gloo, back to back).
 
@@ -272,6 +229,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     import partitioner.distributed as pd
+    from partitioner.calibrate_links import compute_sharing
     from partitioner.plan import Plan
 
     torch.set_num_threads(1)
@@ -283,7 +241,7 @@ def worker(args: argparse.Namespace) -> None:
     for _ in range(3):  # allocator and caches settle
         part.step(x, target, **kwargs)
         part.zero_grad()
-    sharing = _sharing()
+    sharing = compute_sharing(dist.get_rank(), dist.get_world_size(), 1.0)[-1][1]
     one_way = _one_way()
     rounds = []
     for _ in range(args.rounds):
@@ -376,7 +334,7 @@ def run(cases: tuple[Case, ...], processes: tuple[int, ...], clusters: dict[int,
                         "rounds_s": measured["rounds_s"],
                         "ratio": step / predicted,
                         "sharing": measured["sharing"],
-                        "ratio_shared": step / (predicted * measured["sharing"]),
+                        "priced_sharing": cluster.slowdown(0, n),
                         "gloo_one_way_256KiB_s": measured["one_way_s"],
                         "priced_one_way_256KiB_s": cluster.transfer_s(256 << 10, 0, 1),
                         "one_process_s": one_process_step(case, repeats=max(5, rounds)),
@@ -390,14 +348,14 @@ def run(cases: tuple[Case, ...], processes: tuple[int, ...], clusters: dict[int,
 def table(result: dict[str, Any]) -> str:
     """The result as a Markdown table."""
     lines = [
-        "| case | processes | links priced as | plan run | predicted | measured | measured / predicted | sharing "
-        "| measured / (predicted x sharing) | 256 KiB one way: gloo / priced | one process |",
+        "| case | processes | links priced as | plan run | predicted | measured | measured / predicted "
+        "| sharing: in the run / priced | 256 KiB one way: gloo / priced | one process |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["records"]:
         lines.append(
             f"| {r['case']['name']} | {r['processes']} | {r['links']} | {r['layout']} | {r['predicted_s'] * 1e3:.2f} ms "
-            f"| {r['measured_s'] * 1e3:.2f} ms | {r['ratio']:.2f} | {r['sharing']:.2f} | {r['ratio_shared']:.2f} "
+            f"| {r['measured_s'] * 1e3:.2f} ms | {r['ratio']:.2f} | {r['sharing']:.2f} / {r['priced_sharing']:.2f} "
             f"| {r['gloo_one_way_256KiB_s'] * 1e3:.2f} / {r['priced_one_way_256KiB_s'] * 1e3:.2f} ms "
             f"| {r['one_process_s'] * 1e3:.2f} ms |"
         )

@@ -9,6 +9,12 @@ loopback) and times, for each message size (4 KiB to 64 MiB by default):
 - **all-reduce**: a sum over all N processes, from a barrier; a timing is the slowest
   process's.
 
+- **compute sharing**: a one-thread 256 x 256 matmul loop in process 0 alone, then in
+  processes ``0 .. k-1`` at once for ``k = 2 .. N``; how much slower the slowest of them
+  runs than process 0 alone is the node's ``compute_sharing`` at ``k`` processes (1 with
+  a core each; 2 when two take turns on one), what `partitioner.cluster.Cluster.slowdown`
+  gives the training planner.
+
 Each size's figure is the **median** of its timings (a shared machine gives heavy tails:
 a process waiting for a core). `fit_link` fits ``time = latency + bytes x seconds_per_byte``
 to the medians by least squares on log ratios (over- and under-estimates by the same
@@ -49,6 +55,7 @@ __all__ = [
     "LinkTimings",
     "fit_link",
     "ring_hop",
+    "compute_sharing",
     "measure_gloo",
     "gloo_cluster_document",
     "write_cluster_document",
@@ -92,6 +99,8 @@ class LinkTimings:
     repeats: tuple[int, ...]
     seconds: float
     """Wall time of the whole measurement."""
+    sharing: tuple[tuple[int, float], ...] = ()
+    """``(k, slowdown)`` for k = 2 .. processes: a matmul loop in k processes at once against one alone."""
 
 
 def fit_link(sizes: Sequence[float], seconds: Sequence[float]) -> LinkFit:
@@ -180,6 +189,37 @@ def _repeats(nbytes: int, scale: float) -> int:
     return max(_MIN_REPEATS, min(_MAX_REPEATS, int(scale * _TRAFFIC_PER_SIZE / nbytes)))
 
 
+_SHARING_LOOP_S = 0.3
+"""Seconds of each matmul loop of the sharing measurement (about ``0.3 x processes`` in all)."""
+
+
+def _matmul_loop(seconds: float) -> float:
+    """Seconds per one-thread 256 x 256 matmul, over about `seconds` of them (after one)."""
+    a = torch.randn(256, 256)
+    a @ a
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        a @ a
+        n += 1
+    return (time.perf_counter() - start) / n
+
+
+def compute_sharing(rank: int, world: int, seconds: float = 0.3) -> list[tuple[int, float]]:
+    """(k, slowdown) for k = 2 .. world: processes 0 .. k-1 run `_matmul_loop` for about
+    `seconds` at once, the slowest against process 0 alone. Call it on every process of
+    the default process group (each gets the same list)."""
+    import torch.distributed as dist
+
+    def loop(k: int) -> float:
+        dist.barrier()
+        took = torch.tensor([_matmul_loop(seconds) if rank < k else 0.0])
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        return float(took.item())
+
+    alone = loop(1)
+    return [(k, max(1.0, loop(k) / alone)) for k in range(2, world + 1)]
+
+
 def _worker(rank: int, world: int, port: int, sizes: tuple[int, ...], scale: float, out: str) -> None:
     """One process of `measure_gloo`: times every size, process 0 writes the medians to `out`."""
     import torch.distributed as dist
@@ -223,6 +263,7 @@ def _worker(rank: int, world: int, port: int, sizes: tuple[int, ...], scale: flo
             record["ar_median"].append(statistics.median(reduces.tolist()))
             record["ar_mean"].append(statistics.fmean(reduces.tolist()))
             record["repeats"].append(repeats)
+        record["sharing"] = compute_sharing(rank, world, _SHARING_LOOP_S)
         if rank == 0:
             Path(out).write_text(json.dumps(record))
     finally:
@@ -283,6 +324,7 @@ def measure_gloo(
         allreduce_mean_s=tuple(record["ar_mean"]),
         repeats=tuple(record["repeats"]),
         seconds=seconds,
+        sharing=tuple((int(k), float(x)) for k, x in record["sharing"]),
     )
 
 
@@ -316,7 +358,9 @@ def gloo_cluster_document(timings: LinkTimings, name: str, *, date: str | None =
 
     One node ``local`` of ``timings.processes`` devices of the ``cpu`` profile (the name
     under which layers timed on this CPU are stored), joined by a ``gloo`` link: the
-    send/recv fit, and its ``allreduce`` hop from the all-reduce fit (`ring_hop`).
+    send/recv fit, and its ``allreduce`` hop from the all-reduce fit (`ring_hop`); and
+    the measured ``compute_sharing`` (timings without it, from before it was measured,
+    leave it out).
     """
     send = fit_link(timings.sizes, timings.send_median_s)
     hop = ring_hop(fit_link(timings.sizes, timings.allreduce_median_s), timings.processes)
@@ -334,6 +378,14 @@ def gloo_cluster_document(timings: LinkTimings, name: str, *, date: str | None =
         f"all-reduce divided by the ring's 2(k-1)/k bytes and 2(k-1) latencies (k = {k}) per hop: "
         f"{_us(hop.latency_s)} + bytes / {1e-9 / hop.seconds_per_byte:.4g} GB/s."
     )
+    node: dict[str, Any] = {"name": "local", "count": 1, "devices": [{"profile": "cpu", "count": k}], "links": []}
+    if timings.sharing:
+        node["compute_sharing"] = [[n, _sig(x)] for n, x in timings.sharing]
+        source += (
+            " Compute sharing: a one-thread 256 x 256 matmul loop in k processes at once against one alone: "
+            + ", ".join(f"{n} processes {x:.3g}x" for n, x in timings.sharing)
+            + "."
+        )
     link = {
         "between": ["cpu", "cpu"],
         "interface": "gloo",
@@ -346,7 +398,7 @@ def gloo_cluster_document(timings: LinkTimings, name: str, *, date: str | None =
     return {
         "name": name,
         "description": f"{k} processes on this machine joined by gloo (measured): devices of the cpu profile",
-        "nodes": [{"name": "local", "count": 1, "devices": [{"profile": "cpu", "count": k}], "links": [link]}],
+        "nodes": [{**node, "links": [link]}],
         "network": None,
         "source": source,
     }

@@ -11,6 +11,12 @@ A link may also say what one hop of a ring all-reduce costs over it (``allreduce
 that differs from a send: measured gloo all-reduces on CPU also pay for the reduction and
 for processes sharing cores (``partitioner profile --links gloo``). Without it a hop is
 priced as a send.
+
+A node may also say how much slower each of its devices computes when several compute at
+once (``compute_sharing``): processes on one machine's CPU cores, each a "device", share
+the cores, caches and memory bandwidth. `Cluster.slowdown` reads it; the training planner
+multiplies a stage's compute by it for the number of processes its configuration runs on
+the node. Without it (every GPU node) devices compute independently.
 """
 
 from __future__ import annotations
@@ -80,6 +86,9 @@ class Cluster:
     None: as `seconds_per_byte` (a hop costs what a send does)."""
     allreduce_latency_s: tuple[tuple[float, ...], ...] | None = None
     """allreduce_latency_s[a][b]: fixed cost of one ring all-reduce hop a -> b; None: as `latency_s`."""
+    compute_sharing: tuple[tuple[tuple[int, float], ...], ...] = ()
+    """compute_sharing[k]: node k's ``(processes, slowdown)`` points, processes increasing from
+    2 (empty: its devices compute independently); () when no node has any."""
 
     def __post_init__(self) -> None:
         n = len(self.devices)
@@ -92,6 +101,8 @@ class Cluster:
                 continue
             if len(table) != n or any(len(row) != n for row in table):
                 raise DeviceError(f"cluster {self.name!r}: link tables must be {n} x {n}")
+        if self.compute_sharing and len(self.compute_sharing) != len(self.node_names):
+            raise DeviceError(f"cluster {self.name!r}: compute_sharing needs one entry per node")
         names = [d.name for d in self.devices]
         if len(set(names)) != n:
             raise DeviceError(f"cluster {self.name!r} names a device twice")
@@ -120,6 +131,23 @@ class Cluster:
         spb = self.allreduce_seconds_per_byte or self.seconds_per_byte
         lat = self.allreduce_latency_s or self.latency_s
         return spb[a][b], lat[a][b]
+
+    def slowdown(self, node: int, processes: int) -> float:
+        """How much slower each device of `node` computes while `processes` of its devices compute at once.
+
+        1 with one process, or where the node has no ``compute_sharing``; between its
+        points linear in the process count (from ``(1, 1.0)``); past the last, that point's.
+        """
+        points = self.compute_sharing[node] if self.compute_sharing else ()
+        if processes <= 1 or not points:
+            return 1.0
+        previous = (1, 1.0)
+        for point in points:
+            if processes <= point[0]:
+                t = (processes - previous[0]) / (point[0] - previous[0])
+                return previous[1] + t * (point[1] - previous[1])
+            previous = point
+        return points[-1][1]
 
     @classmethod
     def from_devices(cls, devices: Sequence[Device], name: str = "devices") -> Cluster:
@@ -218,10 +246,39 @@ class _NodeType:
     links: dict[frozenset[str], tuple[_Hop, _Hop | None]]
     """Two kinds -> (a send's hop, a ring all-reduce's hop or None: as a send)."""
     lines: list[str]
+    sharing: tuple[tuple[int, float], ...] = ()
+    """``(processes, slowdown)`` points of ``compute_sharing`` (empty: none)."""
+
+
+_MAX_SLOWDOWN = 64.0
+
+
+def _sharing(where: str, key: str, raw: object, devices: int) -> tuple[tuple[int, float], ...]:
+    """The checked ``compute_sharing`` points of a node of `devices` devices."""
+    what = (f"{where}: key {key!r} must be a list of [processes, slowdown] pairs, processes whole and "
+            f"increasing in [2, {devices}] (the node's devices), slowdown in [1, {_MAX_SLOWDOWN:g}]")
+    if not isinstance(raw, list) or not raw:
+        raise ProfileError(f"{what} (got {raw!r:.80})")
+    points: list[tuple[int, float]] = []
+    for pair in raw:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or isinstance(pair[0], bool)
+            or not isinstance(pair[0], int)
+            or isinstance(pair[1], bool)
+            or not isinstance(pair[1], (int, float))
+            or not 2 <= pair[0] <= devices
+            or not 1.0 <= pair[1] <= _MAX_SLOWDOWN
+            or (points and pair[0] <= points[-1][0])
+        ):
+            raise ProfileError(f"{what} (got {pair!r:.80})")
+        points.append((pair[0], float(pair[1])))
+    return tuple(points)
 
 
 def _node_type(where: str, key: str, raw: object) -> _NodeType:
-    node = json_object(where, key, raw, {"name", "count", "devices", "links"}, set())
+    node = json_object(where, key, raw, {"name", "count", "devices", "links"}, {"compute_sharing"})
     name = _text(where, f"{key}.name", node["name"])
     count = _count(where, f"{key}.count", node["count"], MAX_CLUSTER_DEVICES)
     if not isinstance(node["devices"], list) or not node["devices"]:
@@ -267,7 +324,11 @@ def _node_type(where: str, key: str, raw: object) -> _NodeType:
                     f"{where}: {key} has no link between {a} and {b}; add "
                     f'{{"between": ["{a}", "{b}"], "interface": ..., ...}} to its links'
                 )
-    return _NodeType(name, count, kinds, links, lines)
+    sharing: tuple[tuple[int, float], ...] = ()
+    if "compute_sharing" in node:
+        sharing = _sharing(where, f"{key}.compute_sharing", node["compute_sharing"], sum(n for _, n in kinds.values()))
+        lines.append(f"compute shared in {name}: " + ", ".join(f"{k} processes {x:.3g}x slower each" for k, x in sharing))
+    return _NodeType(name, count, kinds, links, lines, sharing)
 
 
 def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
@@ -290,6 +351,7 @@ def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
     node_of: list[int] = []
     node_names: list[str] = []
     pair_link: list[dict[frozenset[str], tuple[_Hop, _Hop | None]]] = []  # per node: its two kinds -> hops
+    sharing: list[tuple[tuple[int, float], ...]] = []  # per node
     lines: list[str] = []
     for t, raw in enumerate(top["nodes"]):
         node = _node_type(where, f"nodes[{t}]", raw)
@@ -300,6 +362,7 @@ def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
                 raise ProfileError(f"{where}: two nodes are named {node_name!r}; give node types distinct names")
             node_names.append(node_name)
             pair_link.append(node.links)
+            sharing.append(node.sharing)
             members = [profile for profile, n in node.kinds.values() for _ in range(n)]
             if len(devices) + len(members) > MAX_CLUSTER_DEVICES:
                 raise ProfileError(
@@ -337,6 +400,7 @@ def cluster_from_dict(data: object, where: str = "<cluster>") -> Cluster:
         source=_text(where, "source", top["source"]),
         allreduce_seconds_per_byte=tuple(tuple(h[0] for h in row) for row in ring) if measured_ring else None,
         allreduce_latency_s=tuple(tuple(h[1] for h in row) for row in ring) if measured_ring else None,
+        compute_sharing=tuple(sharing) if any(sharing) else (),
     )
 
 

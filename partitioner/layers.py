@@ -324,6 +324,7 @@ class _Totals:
     param_bytes: int = 0
     buffer_bytes: int = 0
     flops: int = 0
+    bwd_flops: int = 0
     out: int = 0
     saved: int = 0
     traffic: int = 0
@@ -397,6 +398,7 @@ def _layer_records(
         s = stats.get(n.name)
         if s is not None and n.op != "get_attr":
             a.flops += s.flops
+            a.bwd_flops += s.bwd_flops
             a.out += s.output_bytes
             a.saved += s.output_bytes if s.requires_grad else 0
             a.traffic += s.traffic_bytes
@@ -427,7 +429,7 @@ def _layer_records(
                 output_bytes=a.out,
                 saved_bytes=a.saved,
                 fwd_flops=a.flops,
-                bwd_flops=BACKWARD_FLOP_FACTOR * a.flops,
+                bwd_flops=a.bwd_flops,
                 traffic_bytes=a.traffic,
                 num_nodes=a.nodes,
                 fwd_kernels=a.kernels,

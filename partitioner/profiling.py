@@ -6,7 +6,12 @@ node (counting the ops a node dispatches to, so ``aten.linear`` counts as its ``
 
 Backward FLOPs are estimated as twice the forward's (gradient with respect to the input
 and to the weight, each as costly as the forward matmul: Kaplan et al. 2020, "Scaling
-Laws for Neural Language Models", section 2.1).
+Laws for Neural Language Models", section 2.1), op by op, for the operands that need a
+gradient: a FLOP-counting op's matrix operands (floating tensors of two dimensions or
+more; a bias is summed, not multiplied) each cost an equal share of the two, and one that
+requires no grad costs none. So the first layer of a model, whose input requires no grad,
+does half the backward of the same layer further in (only its weight's gradient), and a
+frozen weight's layer likewise (only its input's).
 
 Kernels. The ATen ops a node dispatches to are counted as they run (below autograd, so
 ``aten.linear`` counts as its ``addmm``): every op but views (an op whose schema says
@@ -84,6 +89,9 @@ class NodeStats:
     gemm_flops: tuple[int, ...] = ()
     """FLOPs of each op of its forward that counts FLOPs (matmuls, convolutions, attention),
     in the order they ran; they sum to `flops`."""
+    bwd_flops: int = 0
+    """Backward floating-point operations: `BACKWARD_FLOP_FACTOR` x each op's FLOPs, times the
+    share of its matrix operands that require grad (module docstring)."""
     shape: tuple[int, ...] = ()
     """Shape of its result when that is one tensor (else empty): what `partitioner.tp_detect`
     reads widths and heads from."""
@@ -114,6 +122,9 @@ class _OpCounter(TorchDispatchMode):
         self.counter = counter
         self.kernels = 0
         self.gemm_flops: list[int] = []
+        self.bwd_flops = 0
+        self.grads = torch.is_grad_enabled()
+        """Whether the run records gradients; without, no activation requires grad to tell by."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         before = self.counter.get_total_flops()
@@ -121,9 +132,25 @@ class _OpCounter(TorchDispatchMode):
         flops = self.counter.get_total_flops() - before
         if flops > 0:
             self.gemm_flops.append(int(flops))
+            self.bwd_flops += (
+                _backward_flops(int(flops), args, kwargs or {}) if self.grads else BACKWARD_FLOP_FACTOR * int(flops)
+            )
         if _launches_kernel(func, out):
             self.kernels += 1
         return out
+
+
+def _backward_flops(flops: int, args: Any, kwargs: Any) -> int:
+    """Backward FLOPs of an op of `flops` forward FLOPs: `BACKWARD_FLOP_FACTOR` x `flops`
+    shared equally by its matrix operands, counting those that require grad."""
+    operands = [
+        t for t in tree_leaves((args, kwargs))
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and (t.is_floating_point() or t.is_complex())
+    ]
+    if not operands:
+        return BACKWARD_FLOP_FACTOR * flops
+    needs = sum(1 for t in operands if t.requires_grad)
+    return BACKWARD_FLOP_FACTOR * flops * needs // len(operands)
 
 
 def _is_view(target: Any) -> bool:
@@ -175,6 +202,7 @@ class _StatsInterpreter(fx.Interpreter):
             requires_grad=any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)),
             kernels=ops.kernels,
             gemm_flops=tuple(ops.gemm_flops),
+            bwd_flops=ops.bwd_flops,
             shape=tuple(int(d) for d in out.shape) if isinstance(out, torch.Tensor) else (),
         )
         return out

@@ -19,7 +19,7 @@ from partitioner.calibrate_links import (
     write_cluster_document,
 )
 from partitioner.cli import main
-from partitioner.cluster import load_cluster
+from partitioner.cluster import cluster_from_dict, load_cluster
 from partitioner.cost_model import ring_allreduce_s
 from partitioner.errors import DeviceError, ProfileError
 
@@ -88,12 +88,25 @@ def test_a_ring_needs_two_processes() -> None:
         ring_hop(LinkFit(latency_s=1e-4, seconds_per_byte=1e-9), 1)
 
 
-def _timings(processes: int) -> LinkTimings:
+def _timings(processes: int, sharing: tuple[tuple[int, float], ...] = ()) -> LinkTimings:
     """Exact timings of a 50 us + 1 GB/s send and a 300 us + 0.5 GB/s all-reduce."""
     send = tuple(50e-6 + n / 1e9 for n in SIZES)
     allreduce = tuple(300e-6 + n / 5e8 for n in SIZES)
     return LinkTimings(processes=processes, sizes=SIZES, send_median_s=send, send_mean_s=send,
-                       allreduce_median_s=allreduce, allreduce_mean_s=allreduce, repeats=(5,) * len(SIZES), seconds=1.0)
+                       allreduce_median_s=allreduce, allreduce_mean_s=allreduce, repeats=(5,) * len(SIZES), seconds=1.0,
+                       sharing=sharing)
+
+
+def test_measured_compute_sharing_reaches_the_cluster_and_its_slowdown() -> None:
+    document = gloo_cluster_document(_timings(4, ((2, 1.25), (3, 1.75), (4, 2.5))), "gloo-4")
+    assert document["nodes"][0]["compute_sharing"] == [[2, 1.25], [3, 1.75], [4, 2.5]]
+    cluster = cluster_from_dict(document)
+    assert "4 processes 2.5x slower each" in " ".join(cluster.links) and "2 processes 1.25x" in cluster.source
+    assert [cluster.slowdown(0, k) for k in (1, 2, 3, 4)] == [1.0, 1.25, 1.75, 2.5]
+    # Timings from before sharing was measured write no key, and the devices compute alone.
+    older = cluster_from_dict(gloo_cluster_document(_timings(4), "gloo-4"))
+    assert "compute_sharing" not in gloo_cluster_document(_timings(4), "gloo-4")["nodes"][0]
+    assert older.compute_sharing == () and older.slowdown(0, 4) == 1.0
 
 
 def test_the_profile_round_trips_and_loads_as_a_cluster(tmp_path: Path) -> None:
@@ -136,6 +149,7 @@ def test_two_processes_measure_a_valid_profile(tmp_path: Path) -> None:
     timings = measure_gloo(2, (4 << 10, 64 << 10), repeat_scale=0.05, progress=lines.append)
     assert timings.processes == 2 and len(timings.send_median_s) == len(timings.allreduce_median_s) == 2
     assert all(t > 0 for t in (*timings.send_median_s, *timings.allreduce_median_s))
+    assert [k for k, _ in timings.sharing] == [2] and timings.sharing[0][1] >= 1.0
     cluster = write_cluster_document(gloo_cluster_document(timings, "gloo-2"), tmp_path / "gloo-2.json")
     assert load_cluster(tmp_path / "gloo-2.json") == cluster and cluster.num_devices == 2
     assert cluster.transfer_s(4096, 0, 1) > 0 and lines

@@ -127,6 +127,20 @@ def test_a_link_may_price_an_all_reduce_hop_apart_from_a_send() -> None:
     assert measured.allreduce_hop(1, 1) == (0.0, 0.0)
 
 
+def test_a_node_may_say_how_much_slower_its_devices_compute_together() -> None:
+    # Three devices per node: 2 at once 1.5x slower each, 3 at once 3x; between the points and
+    # from (1, 1.0) linearly; a node without the key (or one process) computes alone.
+    data = _edit(("nodes", 0, "compute_sharing"), [[2, 1.5], [3, 3]])
+    cluster = cluster_from_dict(data)
+    assert cluster.compute_sharing == (((2, 1.5), (3, 3.0)), ((2, 1.5), (3, 3.0)))
+    assert [cluster.slowdown(1, k) for k in (1, 2, 3)] == [1.0, 1.5, 3.0]
+    assert any("3 processes 3x slower each" in line for line in cluster.links)
+    sparse = cluster_from_dict(_edit(("nodes", 0, "compute_sharing"), [[3, 3.0]]))
+    assert sparse.slowdown(0, 2) == pytest.approx(2.0)
+    plain = cluster_from_dict(TWO_NODES)
+    assert plain.compute_sharing == () and plain.slowdown(0, 3) == 1.0
+
+
 def _edit(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
     data = copy.deepcopy(TWO_NODES)
     target: Any = data
@@ -169,6 +183,12 @@ HOSTILE = {
     "all-reduce latency 0": (
         _edit(("network", "allreduce"), {"bandwidth_Bps": 1e9, "latency_s": 0}), "network.allreduce.latency_s"
     ),
+    "sharing not a list": (_edit(("nodes", 0, "compute_sharing"), 2.0), "'nodes[0].compute_sharing' must be a list"),
+    "sharing of one process": (_edit(("nodes", 0, "compute_sharing"), [[1, 1.0]]), "(got [1, 1.0])"),
+    "sharing past the node": (_edit(("nodes", 0, "compute_sharing"), [[4, 2.0]]), "in [2, 3] (the node's devices)"),
+    "sharing faster": (_edit(("nodes", 0, "compute_sharing"), [[2, 0.5]]), "slowdown in [1, 64]"),
+    "sharing not increasing": (_edit(("nodes", 0, "compute_sharing"), [[3, 2.0], [2, 1.5]]), "(got [2, 1.5])"),
+    "sharing count a bool": (_edit(("nodes", 0, "compute_sharing"), [[True, 1.5]]), "(got [True, 1.5])"),
     "underflowing link": (
         _edit(("network",), dict(TWO_NODES["network"], bandwidth_Bps=1e-200, efficiency=1e-200)),
         "key 'network.bandwidth_Bps' must be finite and in [1e+06, 1e+15] (got 1e-200)",

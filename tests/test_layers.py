@@ -331,3 +331,32 @@ def test_attention_on_cpu_counts_its_flops() -> None:
     traced = trace_model(_Attention(), (q,), {})
     stats = profile_nodes(traced.gm, (q,), {}, training=False)
     assert sum(s.flops for s in stats.values()) == sdpa_flop_count(q.shape, q.shape, q.shape) > 0
+
+
+# --------------------------------------------------------------------------- backward FLOPs
+
+
+class _ThreeLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(16, 32)
+        self.frozen = nn.Linear(32, 32)
+        self.frozen.requires_grad_(False)
+        self.last = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.frozen(torch.relu(self.first(x)))))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_backward_flops_count_only_the_gradients_a_backward_computes(frontend: str) -> None:
+    # The input requires no grad: the first Linear computes its weight's gradient only; the
+    # frozen one its input's only; the last both (twice its forward, as every layer before).
+    model, x = _ThreeLinears(), torch.randn(4, 16)
+    traced = trace_model(model, (x,), {}, frontend=frontend)
+    layers = {layer.name: layer for layer in build_layers(traced, profile_nodes(traced.gm, (x,), {})).graph.layers}
+    ratios = {name: layers[name].bwd_flops / layers[name].fwd_flops for name in ("first", "frozen", "last")}
+    assert ratios == {"first": 1.0, "frozen": 1.0, "last": 2.0}
+    # Without gradients recorded (an inference profile) nothing tells, and backward stays twice.
+    plain = build_layers(traced, profile_nodes(traced.gm, (x,), {}, training=False)).graph.layers
+    assert all(layer.bwd_flops == 2 * layer.fwd_flops for layer in plain)

@@ -537,3 +537,39 @@ def test_a_replicas_all_reduce_is_priced_on_the_clusters_allreduce_hops() -> Non
     assert stage.allreduce_s == pytest.approx(grads * 2e-10 + 2 * 3e-4)
     (plain,) = plan_pipeline(costs, cluster, 8, options).pipeline.stages  # without: a hop is a send
     assert plain.allreduce_s == pytest.approx(grads * 1e-12)
+
+
+# --------------------------------------------------------------------------- processes sharing cores
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_processes_sharing_a_nodes_cores_compute_as_much_slower_as_the_cluster_says(devices: int) -> None:
+    from partitioner.parallel_config import ParallelConfig
+
+    base = hand_cluster([f"a100-80gb x{devices}"])
+    shared = replace(base, compute_sharing=(((2, 1.5), (4, 2.5)),))
+    options = TrainingOptions(config=ParallelConfig(tp=1, pp=1, dp=devices, microbatches=1))
+    costs = hand_costs(base, 8, options)
+    alone, together = (plan_pipeline(costs, c, 8, options) for c in (base, shared))
+    for result, cluster in ((alone, base), (together, shared)):
+        assert_plan_valid(result, cluster, costs, options)
+    slowdown = shared.slowdown(0, devices)
+    assert slowdown == {2: 1.5, 4: 2.5}[devices]
+    for a, b in zip(alone.pipeline.stages, together.pipeline.stages, strict=True):
+        # Compute scales; the little communication inside a stage's times does not.
+        assert b.fwd_s == pytest.approx(a.fwd_s * slowdown, rel=1e-3) and b.bwd_s == pytest.approx(a.bwd_s * slowdown, rel=1e-3)
+    assert together.pipeline.step_time_s > alone.pipeline.step_time_s
+    assert together.pipeline.lower_bound_s <= together.pipeline.step_time_s * (1 + 1e-9)
+
+
+def test_processes_that_take_turns_on_one_core_gain_nothing_and_the_plan_keeps_to_one() -> None:
+    # k processes at once each k times slower: data parallelism over them computes no faster
+    # and adds its all-reduce, so the plan leaves the others idle.
+    base = hand_cluster(["a100-80gb x4"], spb=1e-9)
+    one_core = replace(base, compute_sharing=(((2, 2.0), (3, 3.0), (4, 4.0)),))
+    options = TrainingOptions(max_microbatches=4)
+    costs = hand_costs(base, 8, options)
+    free, turns = (plan_pipeline(costs, c, 8, options) for c in (base, one_core))
+    used = [sum(len(s.devices) for s in r.pipeline.stages[: len({s.rank for s in r.pipeline.stages})]) for r in (free, turns)]
+    assert used == [4, 1], (free.pipeline.description, turns.pipeline.description)
+    assert_plan_valid(turns, one_core, costs, options)

@@ -49,11 +49,12 @@ def work(model: StageModel, config: Configuration) -> float:
     rate = 0.0
     for g in config.groups:
         b, d = model.samples(config, g), config.data_parallel(g)
-        key = (model.kinds(g), b, d, model.ring(g, config.tp), model.ring(g, config.tp, True))
+        slowdown = model.slowdown(config, g)
+        key = (model.kinds(g), b, d, model.ring(g, config.tp), model.ring(g, config.tp, True), slowdown)
         if key not in loads:
             per_layer = np.zeros(model.n)
             for kind in key[0]:
-                fp, bp, sp = model.times(kind, b, config.tp)
+                fp, bp, sp = model.times(kind, b, config.tp, slowdown)
                 compute = np.diff(fp) + np.diff(bp)
                 compute += np.diff(fp) if cheapest == FULL else np.diff(sp) if cheapest == SELECTIVE else 0.0
                 per_layer = np.maximum(per_layer, compute)

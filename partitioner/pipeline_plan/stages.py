@@ -110,7 +110,7 @@ class StageModel:
         self.rows = np.arange(n + 1)[:, None]
         self.cols = np.arange(n + 1)[None, :]
         self.valid = self.cols > self.rows
-        self._times: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._times: dict[tuple[str, int, int, float], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._tables: dict[int, LayerTables] = {}
         self._timed: dict[tuple[Configuration, Split, tuple[int, ...]], Partition] = {}
         self._specs: dict[Configuration, list[_Spec]] = {}
@@ -121,6 +121,7 @@ class StageModel:
         self._links: dict[tuple[Group, Group, int, int, int], tuple[float, float]] = {}
         self._rings: dict[tuple[Group, int, bool], tuple[float, float]] = {}
         self._kinds: dict[Group, tuple[str, ...]] = {}
+        self._slowdowns: dict[tuple[tuple[Group, ...], Group], float] = {}
         self._inflight: dict[tuple[PipelineSchedule, int, int, int], tuple[int, ...]] = {}
         self.solved = self.simulated = 0
 
@@ -148,20 +149,40 @@ class StageModel:
         that splits none would run every layer on each of its devices alike."""
         return tuple(t for t in self.options.tensor_parallel if t == 1 or self.tables(t).splits_any) or (1,)
 
-    def times(self, kind: str, samples: int, tp: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def times(
+        self, kind: str, samples: int, tp: int = 1, slowdown: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Prefix sums of forward, backward and selective re-run seconds of `kind` at
-        `samples` per microbatch, per device of a tensor-parallel degree `tp`."""
-        key = (kind, samples, tp)
+        `samples` per microbatch, per device of a tensor-parallel degree `tp`, each
+        `slowdown` times its time alone (`slowdown`)."""
+        key = (kind, samples, tp, slowdown)
         if key not in self._times:
             t = self.costs.times_for(kind, samples)
             tab = self.tables(tp)
-            fwd = np.asarray(t.fwd_s, dtype=float)
+            fwd = np.asarray(t.fwd_s, dtype=float) * slowdown
             self._times[key] = (
                 _prefix(fwd * tab.scale, float),
-                _prefix(np.asarray(t.bwd_s, dtype=float) * tab.scale, float),
+                _prefix(np.asarray(t.bwd_s, dtype=float) * slowdown * tab.scale, float),
                 _prefix(fwd * tab.core_share, float),
             )
         return self._times[key]
+
+    def slowdown(self, config: Configuration, group: Group) -> float:
+        """How much slower `group`'s devices compute than alone: the configuration runs a
+        process on each device it uses, and those on one node may share its cores
+        (`Cluster.slowdown`, 1 without ``compute_sharing``); the group's slowest device's."""
+        c = self.cluster
+        if not c.compute_sharing:
+            return 1.0
+        key = (config.groups, group)
+        found = self._slowdowns.get(key)
+        if found is None:
+            used: dict[int, int] = {}
+            for g in config.groups:
+                for d in g.devices:
+                    used[c.node_of[d]] = used.get(c.node_of[d], 0) + 1
+            found = self._slowdowns[key] = max(c.slowdown(c.node_of[d], used[c.node_of[d]]) for d in group.devices)
+        return found
 
     def kinds(self, group: Group) -> tuple[str, ...]:
         """The device kinds of `group`, in order of first appearance."""
@@ -247,6 +268,7 @@ class StageModel:
                     tp=t,
                     tp_ring=self.ring(g, t, inner=True),
                     sharding=config.sharding if config.data_parallel(g) > 1 else Sharding.NONE,
+                    slowdown=self.slowdown(config, g),
                 )
             )
         return out
@@ -288,7 +310,7 @@ class StageModel:
         bwd: Any = None
         sel: Any = None
         for kind in spec.kinds:  # a group of several kinds runs at its slowest replica's pace
-            fp, bp, sp = self.times(kind, spec.samples, spec.tp)
+            fp, bp, sp = self.times(kind, spec.samples, spec.tp, spec.slowdown)
             fwd = fp[e] - fp[i] if fwd is None else np.maximum(fwd, fp[e] - fp[i])
             bwd = bp[e] - bp[i] if bwd is None else np.maximum(bwd, bp[e] - bp[i])
             sel = sp[e] - sp[i] if sel is None else np.maximum(sel, sp[e] - sp[i])

@@ -195,6 +195,8 @@ class StageSpec:
     """The same for the tensor-parallel groups' rings (inside a node)."""
     sharding: Sharding = Sharding.NONE
     """NONE where the rank has one data-parallel replica (nothing to shard)."""
+    slowdown: float = 1.0
+    """Its compute times this: processes of the launch sharing a node's cores (`Cluster.slowdown`)."""
 
     @property
     def data_parallel(self) -> int:
