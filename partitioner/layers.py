@@ -329,6 +329,7 @@ class _Totals:
     saved: int = 0
     traffic: int = 0
     elementwise: int = 0
+    unread: int = 0
     nodes: int = 0
     kernels: int = 0
     gemms: dict[int, int] = field(default_factory=dict)
@@ -403,6 +404,7 @@ def _layer_records(
             a.saved += s.output_bytes if s.requires_grad else 0
             a.traffic += s.traffic_bytes
             a.elementwise += s.traffic_bytes if s.flops == 0 else 0
+            a.unread += s.unread_bytes
             a.kernels += s.kernels
             for g in s.gemm_flops:
                 a.gemms[g] = a.gemms.get(g, 0) + 1
@@ -436,6 +438,7 @@ def _layer_records(
                 bwd_kernels=BACKWARD_KERNEL_FACTOR * a.kernels,
                 gemms=tuple(sorted(a.gemms.items(), reverse=True)),
                 elementwise_bytes=a.elementwise,
+                unread_bytes=a.unread,
                 tp_flops=(1 + BACKWARD_FLOP_FACTOR) * a.tp_flops,
                 tp_params=a.tp_params,
                 tp_activation_bytes=a.tp_saved,

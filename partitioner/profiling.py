@@ -13,6 +13,13 @@ requires no grad costs none. So the first layer of a model, whose input requires
 does half the backward of the same layer further in (only its weight's gradient), and a
 frozen weight's layer likewise (only its input's).
 
+Traffic. A node's ops read its inputs and write its outputs; a called module's own
+parameters and buffers are read too (a ``call_module`` node of an fx graph holds its
+weights inside, where no input edge shows them). A lookup (``embedding``,
+``index_select``, ``gather``, ``index``) reads only the rows it picks, not its table:
+the rest of the table is `NodeStats.unread_bytes`, which a forward does not move (a
+backward writes the table's whole gradient, so it still counts there).
+
 Kernels. The ATen ops a node dispatches to are counted as they run (below autograd, so
 ``aten.linear`` counts as its ``addmm``): every op but views (an op whose schema says
 its output aliases an input: ``view``, ``t``, ``expand``, ``permute``, ``_unsafe_view``,
@@ -64,6 +71,9 @@ BACKWARD_KERNEL_FACTOR = 2
 gradients, three with a bias), an element-wise op's one or two (its derivative, and the
 sum that accumulates a gradient read twice); two is the middle of that range."""
 
+# Lookups: their first argument is a table of which they read only the rows they return.
+_LOOKUPS = frozenset({"embedding", "index_select", "gather", "index", "take_along_dim"})
+
 # Ops that allocate without writing: no kernel runs (``empty`` hands out allocator memory).
 _NO_KERNEL = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh"})
 
@@ -92,6 +102,8 @@ class NodeStats:
     bwd_flops: int = 0
     """Backward floating-point operations: `BACKWARD_FLOP_FACTOR` x each op's FLOPs, times the
     share of its matrix operands that require grad (module docstring)."""
+    unread_bytes: int = 0
+    """Of `traffic_bytes`, the bytes of lookup tables its ops do not read (module docstring)."""
     shape: tuple[int, ...] = ()
     """Shape of its result when that is one tensor (else empty): what `partitioner.tp_detect`
     reads widths and heads from."""
@@ -125,6 +137,7 @@ class _OpCounter(TorchDispatchMode):
         self.bwd_flops = 0
         self.grads = torch.is_grad_enabled()
         """Whether the run records gradients; without, no activation requires grad to tell by."""
+        self.unread = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         before = self.counter.get_total_flops()
@@ -137,6 +150,8 @@ class _OpCounter(TorchDispatchMode):
             )
         if _launches_kernel(func, out):
             self.kernels += 1
+        if func._overloadpacket.__name__ in _LOOKUPS and args and isinstance(args[0], torch.Tensor):
+            self.unread += max(0, tensor_bytes(args[0]) - tensor_bytes(out))
         return out
 
 
@@ -192,17 +207,22 @@ class _StatsInterpreter(fx.Interpreter):
         value_bytes = tensor_bytes(out)
         inputs = [self.env[a] for a in n.all_input_nodes if a in self.env]
         in_bytes = sum(tensor_bytes(x) for x in inputs)
+        if n.op == "call_module":
+            module = self.fetch_attr(str(n.target))
+            in_bytes += sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
         view = n.op in ("call_function", "call_method") and _is_view(n.target)
+        traffic = 0 if view else in_bytes + value_bytes
         self.stats[n.name] = NodeStats(
             flops=int(flops),
             output_bytes=0 if view or n.op == "get_attr" else value_bytes,
             value_bytes=value_bytes,
-            traffic_bytes=0 if view else in_bytes + value_bytes,
+            traffic_bytes=traffic,
             is_tensor=any(isinstance(t, torch.Tensor) for t in tree_leaves(out)),
             requires_grad=any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)),
             kernels=ops.kernels,
             gemm_flops=tuple(ops.gemm_flops),
             bwd_flops=ops.bwd_flops,
+            unread_bytes=min(ops.unread, max(0, traffic - value_bytes)),
             shape=tuple(int(d) for d in out.shape) if isinstance(out, torch.Tensor) else (),
         )
         return out

@@ -305,6 +305,7 @@ def training_costs(
                 layer,
                 traffic_bytes=round(layer.traffic_bytes * scale),
                 elementwise_bytes=round(layer.elementwise_bytes * scale),
+                unread_bytes=round(layer.unread_bytes * scale),
                 param_bytes=round(layer.param_bytes * scale),
                 buffer_bytes=round(layer.buffer_bytes * scale),
             )

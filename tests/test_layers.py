@@ -360,3 +360,47 @@ def test_backward_flops_count_only_the_gradients_a_backward_computes(frontend: s
     # Without gradients recorded (an inference profile) nothing tells, and backward stays twice.
     plain = build_layers(traced, profile_nodes(traced.gm, (x,), {}, training=False)).graph.layers
     assert all(layer.bwd_flops == 2 * layer.fwd_flops for layer in plain)
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+class _LookupThenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(1000, 16)
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.table(ids))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_traffic_counts_a_modules_weights_and_only_the_rows_a_lookup_reads(frontend: str) -> None:
+    # fx keeps nn.Linear and nn.Embedding as call_module nodes, export as aten ops on get_attr
+    # weights: the weights a node reads count either way, and a lookup reads 4 rows of its
+    # 1000-row table, not the table.
+    model, ids = _LookupThenLinear(), torch.tensor([[1, 2, 3, 4]])
+    g = group(model, (ids,), {}, frontend=frontend, granularity="leaf")
+    layers = {layer.name: layer for layer in g.layered.graph.layers}
+    table, rows, out = 1000 * 16 * 4, 4 * 16 * 4, 4 * 8 * 4
+    lookup, proj = layers["table"], layers["proj"]
+    assert lookup.unread_bytes == table - rows
+    assert lookup.traffic_bytes - lookup.unread_bytes == ids.numel() * 8 + 2 * rows
+    assert proj.unread_bytes == 0 and proj.traffic_bytes == rows + (16 * 8 + 8) * 4 + out
+
+
+def test_a_lookup_forward_moves_its_rows_and_its_backward_the_tables_gradient() -> None:
+    from partitioner.cost_model import layer_fwd_bwd_time
+    from partitioner.devices import load_profile
+
+    profile = load_profile("a100-80gb")
+    bandwidth = profile.memory_bandwidth_Bps * profile.memory_efficiency
+    model, ids = _LookupThenLinear(), torch.randint(0, 1000, (2, 8))
+    lookup = group(model, (ids,), {}, frontend="export", granularity="leaf").layered.graph.layers[0]
+    fwd, bwd = layer_fwd_bwd_time(lookup, profile)
+    moved = lookup.traffic_bytes - lookup.unread_bytes
+    # A GPU: the larger of the bytes' time and the launches' (partitioner.cost_model).
+    assert fwd == pytest.approx(max(moved / bandwidth, lookup.fwd_kernels * profile.launch_s))
+    assert bwd == pytest.approx(max((2 * moved + lookup.unread_bytes) / bandwidth, lookup.bwd_kernels * profile.launch_s))
+    assert lookup.unread_bytes > 25 * moved  # the 1000-row table, of which 16 rows are read
