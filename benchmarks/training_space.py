@@ -11,8 +11,13 @@ Training on GPU Clusters Using Megatron-LM", SC'21): ten GPT models (1.7B to 1T,
 InfiniBand: the ``a100-4x8-ib`` profile with as many nodes as the row needs) with fp16
 mixed precision, Adam and full activation recomputation, at the row's tensor-, pipeline-
 and data-parallel degrees. Each row is priced at exactly that configuration
-(`partitioner.parallel_config`: ``tp, pp, dp, recompute=full``; the planner picks the
-microbatches and schedule within it, as the paper tuned them), and its per-GPU TFLOP/s
+(`partitioner.parallel_config`: ``tp, pp, dp, recompute=full, shard=none``; the planner
+picks the microbatches and schedule within it, as the paper tuned them). Its data
+parallelism all-reduces whole gradients: the paper's PTD-P holds no ZeRO sharding (it
+compares itself with ZeRO-3 apart, its section 5.2), and Megatron-LM's own data-parallel
+module of that time all-reduced the gradients after the backward
+(``DistributedDataParallel.allreduce_gradients`` in ``megatron/model/distributed.py``),
+which the planner's default (`TrainingOptions.overlap_allreduce` False) prices. Its per-GPU TFLOP/s
 is computed the paper's way (its equation 3, recomputation counted)::
 
     FLOPs per step = 96 B s l h^2 (1 + s / 6h + V / 16 l h)
@@ -169,7 +174,8 @@ def megatron_rows(only: Sequence[str], progress: Callable[[str], None]) -> list[
         if only and model not in only and row.size not in only:
             continue
         cluster = a100_cluster(row.gpus)
-        fixed = replace(base, config=ParallelConfig(tp=row.tp, pp=row.pp, dp=row.dp, recompute=Recompute.ALWAYS))
+        config = ParallelConfig(tp=row.tp, pp=row.pp, dp=row.dp, recompute=Recompute.ALWAYS, shard=Sharding.NONE)
+        fixed = replace(base, config=config)
         record: dict[str, Any] = {"model": model, **asdict(row), "gpus": row.gpus}
         start = time.perf_counter()
         compiled: TrainingCompiled | None = None
@@ -305,8 +311,8 @@ def render(result: dict[str, Any]) -> str:
             "## Megatron-LM Table 1, priced at its configurations",
             "",
             "Narayanan et al. 2021 (SC'21), Table 1: fp16, Adam, full recompute, sequence 2048, vocabulary 51,200, "
-            "A100-80GB in DGX nodes of 8. Predicted TFLOP/s per GPU = the paper's FLOPs per step (its equation 3) / "
-            "(predicted step x GPUs).",
+            "A100-80GB in DGX nodes of 8, data parallelism without ZeRO (gradients all-reduced after the backward). "
+            "Predicted TFLOP/s per GPU = the paper's FLOPs per step (its equation 3) / (predicted step x GPUs).",
             "",
             "| model | GPUs | tp | pp | dp | batch | published TFLOP/s | predicted | error | planner's own plan "
             "| its step / configured | planning s (build, trace, plan) |",
