@@ -241,7 +241,7 @@ def worker(args: argparse.Namespace) -> None:
     for _ in range(3):  # allocator and caches settle
         part.step(x, target, **kwargs)
         part.zero_grad()
-    sharing = compute_sharing(dist.get_rank(), dist.get_world_size(), 1.0)[-1][1]
+    sharing = compute_sharing(dist.get_rank(), dist.get_world_size(), 1.0)[-1][1] if dist.get_world_size() > 1 else 1.0
     one_way = _one_way()
     rounds = []
     for _ in range(args.rounds):
@@ -350,7 +350,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         "| case | processes | links priced as | plan run | predicted | measured | measured / predicted "
         "| sharing: in the run / priced | 256 KiB one way: gloo / priced | one process |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["records"]:
         lines.append(

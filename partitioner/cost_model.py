@@ -170,16 +170,15 @@ def layer_memory(layer: Layer, options: PlanOptions) -> int:
     return _state_bytes(layer, options) + _activation_bytes(layer, options)
 
 
-def _forward_bytes(layer: Layer, batch_fraction: float, read: bool = True) -> float:
-    """Memory traffic of the layer's ops when it sees `batch_fraction` of the batch.
+def _forward_bytes(layer: Layer, batch_fraction: float) -> float:
+    """Forward memory traffic when the layer sees `batch_fraction` of the batch.
 
     Reading the parameters and buffers does not shrink with the batch; the rest of
-    `traffic_bytes` (activations) does. With `read` (a forward) the table bytes its lookups
-    leave unread (`Layer.unread_bytes`) are left out; a backward writes them (a lookup's
-    gradient is the whole table).
+    `traffic_bytes` (activations) does. The parameter and buffer bytes its lookups leave
+    unread (`Layer.unread_bytes`) are not moved.
     """
-    traffic = layer.traffic_bytes - (layer.unread_bytes if read else 0)
-    fixed = min(traffic, max(0, layer.param_bytes + layer.buffer_bytes - (layer.unread_bytes if read else 0)))
+    traffic = layer.traffic_bytes - layer.unread_bytes
+    fixed = min(traffic, max(0, layer.param_bytes + layer.buffer_bytes - layer.unread_bytes))
     return fixed + (traffic - fixed) * batch_fraction
 
 
@@ -192,10 +191,10 @@ def _estimate(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: 
     """
     bandwidth = profile.memory_bandwidth_Bps * profile.memory_efficiency
     fwd_bytes = _forward_bytes(layer, batch_fraction)
-    # Activations: they shrink with the batch. A lookup's unread table bytes are element-wise
-    # (a lookup counts no FLOPs) and move in the backward only, as its gradient.
-    unread = min(layer.unread_bytes, layer.elementwise_bytes)
-    elementwise = min((layer.elementwise_bytes - unread) * batch_fraction, fwd_bytes)
+    # Activations: they shrink with the batch. A lookup counts no FLOPs, so its table's bytes
+    # are element-wise: the unread ones move in the backward only, as a trained table's
+    # gradient (the rest of the table's gradient: its read rows, with the forward's bytes).
+    elementwise = min(max(0, layer.elementwise_bytes - layer.unread_bytes) * batch_fraction, fwd_bytes)
     matmul_bytes = fwd_bytes - elementwise
     fwd_compute = _matmul_s(layer, profile, dtype, batch_fraction)
     if layer.fwd_flops > 0:
@@ -204,7 +203,7 @@ def _estimate(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: 
         bwd_compute = layer.bwd_flops * batch_fraction / (profile.peak_flops_for(dtype) * profile.compute_efficiency)
     fwd = max(fwd_compute, matmul_bytes / bandwidth) + elementwise / bandwidth
     bwd = (max(bwd_compute, BACKWARD_TRAFFIC_FACTOR * matmul_bytes / bandwidth)
-           + (BACKWARD_TRAFFIC_FACTOR * elementwise + unread) / bandwidth)
+           + (BACKWARD_TRAFFIC_FACTOR * elementwise + layer.table_grad_bytes) / bandwidth)
     return _device_s(fwd, layer.fwd_kernels, profile), _device_s(bwd, layer.bwd_kernels, profile)
 
 

@@ -79,9 +79,11 @@ class Layer:
     """The part of `traffic_bytes` moved by nodes that count no FLOPs (element-wise ops,
     norms, softmax, copies): memory-bound kernels that run after the matmuls, not beside them."""
     unread_bytes: int = 0
-    """Of `traffic_bytes`, table bytes its lookups (embedding, index_select, gather) leave
-    unread in a forward: they read only the rows they pick. A backward writes the table's
-    whole gradient, so the backward's traffic keeps them."""
+    """Of `traffic_bytes`, bytes of parameter and buffer tables its lookups (embedding,
+    index_select, gather) leave unread in a forward: they read only the rows they pick."""
+    table_grad_bytes: int = 0
+    """Of `unread_bytes`, those of tables that take a gradient: a backward writes the whole
+    table's gradient, so it moves them (a frozen table's or a buffer's, it does not)."""
     tp_flops: int = 0
     """Of its forward plus backward FLOPs, those of its tensor-parallel pairs and vocabulary
     shards (`partitioner.tp_detect`): what a TP group divides. The fields below are figures

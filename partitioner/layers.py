@@ -35,7 +35,7 @@ import torch.fx as fx
 
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
 from partitioner.mutations import PIN
-from partitioner.profiling import BACKWARD_FLOP_FACTOR, BACKWARD_KERNEL_FACTOR, NodeStats
+from partitioner.profiling import BACKWARD_KERNEL_FACTOR, NodeStats
 from partitioner.split_layers import WEIGHT_SLICE
 from partitioner.tp_detect import TensorParallelNodes, detect_tensor_parallel
 from partitioner.tp_layout import TensorParallelLayout
@@ -330,6 +330,7 @@ class _Totals:
     traffic: int = 0
     elementwise: int = 0
     unread: int = 0
+    table_grad: int = 0
     nodes: int = 0
     kernels: int = 0
     gemms: dict[int, int] = field(default_factory=dict)
@@ -358,7 +359,7 @@ class _Totals:
         """Add node `name`'s share in `tp`'s pairs, shards and attention cores."""
         saved = s.output_bytes if s.requires_grad else 0
         if name in tp.split:
-            self.tp_flops += s.flops
+            self.tp_flops += s.flops + s.bwd_flops
             if name in tp.vocab_of:
                 self.tp_vocab.add(tp.vocab_of[name])
         if name in tp.split_saved:
@@ -368,7 +369,7 @@ class _Totals:
         if name in tp.pair_of:
             self.tp_pairs.add(tp.pair_of[name])
         if name in tp.core:
-            self.core_flops += s.flops
+            self.core_flops += s.flops + s.bwd_flops
         if name in tp.core_saved:
             self.core_saved += saved
 
@@ -405,6 +406,7 @@ def _layer_records(
             a.traffic += s.traffic_bytes
             a.elementwise += s.traffic_bytes if s.flops == 0 else 0
             a.unread += s.unread_bytes
+            a.table_grad += s.table_grad_bytes
             a.kernels += s.kernels
             for g in s.gemm_flops:
                 a.gemms[g] = a.gemms.get(g, 0) + 1
@@ -439,14 +441,15 @@ def _layer_records(
                 gemms=tuple(sorted(a.gemms.items(), reverse=True)),
                 elementwise_bytes=a.elementwise,
                 unread_bytes=a.unread,
-                tp_flops=(1 + BACKWARD_FLOP_FACTOR) * a.tp_flops,
+                table_grad_bytes=a.table_grad,
+                tp_flops=a.tp_flops,
                 tp_params=a.tp_params,
                 tp_activation_bytes=a.tp_saved,
                 tp_comm_bytes=a.tp_comm,
                 tp_traffic_bytes=a.tp_traffic,
                 tp_divisor=math.gcd(*(tp.layout.pairs[k].divisor for k in a.tp_pairs)),
                 tp_vocab=tuple(sorted(a.tp_vocab)),
-                core_flops=(1 + BACKWARD_FLOP_FACTOR) * a.core_flops,
+                core_flops=a.core_flops,
                 core_activation_bytes=a.core_saved,
             )
         )

@@ -17,8 +17,9 @@ Traffic. A node's ops read its inputs and write its outputs; a called module's o
 parameters and buffers are read too (a ``call_module`` node of an fx graph holds its
 weights inside, where no input edge shows them). A lookup (``embedding``,
 ``index_select``, ``gather``, ``index``) reads only the rows it picks, not its table:
-the rest of the table is `NodeStats.unread_bytes`, which a forward does not move (a
-backward writes the table's whole gradient, so it still counts there).
+the rest of a parameter's or buffer's table is `NodeStats.unread_bytes`, which a forward
+does not move (a backward writes a trained table's whole gradient: `table_grad_bytes`). A
+lookup into an activation (token dispatch, pooling) is priced on the whole of it, as before.
 
 Kernels. The ATen ops a node dispatches to are counted as they run (below autograd, so
 ``aten.linear`` counts as its ``addmm``): every op but views (an op whose schema says
@@ -103,7 +104,10 @@ class NodeStats:
     """Backward floating-point operations: `BACKWARD_FLOP_FACTOR` x each op's FLOPs, times the
     share of its matrix operands that require grad (module docstring)."""
     unread_bytes: int = 0
-    """Of `traffic_bytes`, the bytes of lookup tables its ops do not read (module docstring)."""
+    """Of `traffic_bytes`, the bytes of parameter and buffer tables its lookups do not read
+    (module docstring)."""
+    table_grad_bytes: int = 0
+    """Of `unread_bytes`, those of tables that require grad: a backward writes their gradient."""
     shape: tuple[int, ...] = ()
     """Shape of its result when that is one tensor (else empty): what `partitioner.tp_detect`
     reads widths and heads from."""
@@ -129,15 +133,18 @@ class _OpCounter(TorchDispatchMode):
     that op's FLOPs.
     """
 
-    def __init__(self, counter: FlopCounterMode) -> None:
+    def __init__(self, counter: FlopCounterMode, tables: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.counter = counter
+        self.tables = tables
+        """ids of the run's parameters and buffers: the tables a lookup may skip rows of."""
         self.kernels = 0
         self.gemm_flops: list[int] = []
         self.bwd_flops = 0
         self.grads = torch.is_grad_enabled()
         """Whether the run records gradients; without, no activation requires grad to tell by."""
         self.unread = 0
+        self.table_grad = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         before = self.counter.get_total_flops()
@@ -145,23 +152,38 @@ class _OpCounter(TorchDispatchMode):
         flops = self.counter.get_total_flops() - before
         if flops > 0:
             self.gemm_flops.append(int(flops))
-            self.bwd_flops += (
-                _backward_flops(int(flops), args, kwargs or {}) if self.grads else BACKWARD_FLOP_FACTOR * int(flops)
-            )
+            self.bwd_flops += _backward_flops(func, int(flops), args) if self.grads else BACKWARD_FLOP_FACTOR * int(flops)
         if _launches_kernel(func, out):
             self.kernels += 1
-        if func._overloadpacket.__name__ in _LOOKUPS and args and isinstance(args[0], torch.Tensor):
-            self.unread += max(0, tensor_bytes(args[0]) - tensor_bytes(out))
+        table = args[0] if args else None
+        if func._overloadpacket.__name__ in _LOOKUPS and isinstance(table, torch.Tensor) and id(table) in self.tables:
+            unread = max(0, tensor_bytes(table) - tensor_bytes(out))
+            self.unread += unread
+            self.table_grad += unread if table.requires_grad and torch.is_grad_enabled() else 0
         return out
 
 
-def _backward_flops(flops: int, args: Any, kwargs: Any) -> int:
-    """Backward FLOPs of an op of `flops` forward FLOPs: `BACKWARD_FLOP_FACTOR` x `flops`
-    shared equally by its matrix operands, counting those that require grad."""
-    operands = [
-        t for t in tree_leaves((args, kwargs))
-        if isinstance(t, torch.Tensor) and t.dim() >= 2 and (t.is_floating_point() or t.is_complex())
-    ]
+_MULTIPLIED = {
+    "mm": (0, 1), "bmm": (0, 1), "matmul": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "addbmm": (1, 2),
+    "convolution": (0, 1), "_convolution": (0, 1), "conv1d": (0, 1), "conv2d": (0, 1), "conv3d": (0, 1),
+    "scaled_dot_product_attention": (0, 1, 2), "_scaled_dot_product_flash_attention": (0, 1, 2),
+    "_scaled_dot_product_efficient_attention": (0, 1, 2), "_scaled_dot_product_cudnn_attention": (0, 1, 2),
+    "_scaled_dot_product_flash_attention_for_cpu": (0, 1, 2), "_efficient_attention_forward": (0, 1, 2),
+    "_flash_attention_forward": (0, 1, 2),
+}
+"""Positions of the multiplied operands of the FLOP-counting ops (an added bias or mask is
+summed in a backward, not multiplied)."""
+
+
+def _backward_flops(func: Any, flops: int, args: Any) -> int:
+    """Backward FLOPs of op `func` of `flops` forward FLOPs: `BACKWARD_FLOP_FACTOR` x `flops`
+    shared equally by its multiplied operands, counting those that require grad; 0 where
+    gradients are off (a ``no_grad`` region of the graph); an op whose operands are not
+    known keeps the whole factor."""
+    if not torch.is_grad_enabled():
+        return 0
+    where = _MULTIPLIED.get(func._overloadpacket.__name__)
+    operands = [args[i] for i in where or () if i < len(args) and isinstance(args[i], torch.Tensor)]
     if not operands:
         return BACKWARD_FLOP_FACTOR * flops
     needs = sum(1 for t in operands if t.requires_grad)
@@ -176,10 +198,18 @@ def _is_view(target: Any) -> bool:
 
 
 class _StatsInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode, home: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        counter: FlopCounterMode,
+        home: torch.device | None = None,
+        tables: frozenset[int] = frozenset(),
+    ) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.counter = counter
         self.home = home
+        self.tables = tables
+        """ids of the (fake) parameters and buffers of the run."""
         self.stats: dict[str, NodeStats] = {}
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
@@ -192,7 +222,7 @@ class _StatsInterpreter(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
-        ops = _OpCounter(self.counter)
+        ops = _OpCounter(self.counter, self.tables)
         try:
             with ops:
                 out = super().run_node(n)
@@ -223,6 +253,7 @@ class _StatsInterpreter(fx.Interpreter):
             gemm_flops=tuple(ops.gemm_flops),
             bwd_flops=ops.bwd_flops,
             unread_bytes=min(ops.unread, max(0, traffic - value_bytes)),
+            table_grad_bytes=min(ops.table_grad, ops.unread, max(0, traffic - value_bytes)),
             shape=tuple(int(d) for d in out.shape) if isinstance(out, torch.Tensor) else (),
         )
         return out
@@ -261,7 +292,7 @@ def profile_nodes(
     """
     mode, fake_state, args, kwargs, home = _faked(gm, example_args, example_kwargs)
     counter = _flop_counter()
-    interp = _StatsInterpreter(gm, counter, home)
+    interp = _StatsInterpreter(gm, counter, home, frozenset(id(t) for t in fake_state.values()))
     # Under the lock: the fx graph's submodules are the user's, and the fake tensors are swapped into them.
     with (
         TRACE_LOCK,

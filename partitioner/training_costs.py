@@ -19,7 +19,7 @@ from fractions import Fraction
 
 from partitioner.cost_model import layer_fwd_bwd_time
 from partitioner.devices import DeviceProfile
-from partitioner.ir import INPUT, OUTPUT, LayerGraph
+from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph
 from partitioner.options import Optimizer, Precision
 from partitioner.tp_layout import vocab_rows
 
@@ -111,8 +111,9 @@ class ChainLayer:
     all-gather of the same bytes."""
     tp_bytes_share: float = 0.0
     """For a layer without FLOPs, priced on the bytes it moves (an embedding lookup), the share
-    of those its split parameters make (the embedding's table, read whole by the roofline),
-    which the TP group divides as it divides `tp_flops` of other layers; 0 otherwise."""
+    of those its split parameters make (`_split_bytes_share`: the table's rows read forward
+    and its gradient written backward), which the TP group divides as it divides `tp_flops`
+    of other layers; 0 otherwise."""
     tp_divisor: int = 0
     """TP degrees ``t`` with ``tp_divisor % t == 0`` split the layer's pairs evenly (the gcd of
     their heads, key/value heads and sharded widths); any other leaves the layer replicated.
@@ -233,6 +234,20 @@ class TrainingCosts:
         return sum(layer.flops for layer in self.layers)
 
 
+def _split_bytes_share(layer: Layer) -> float:
+    """The share of a FLOP-less layer's priced bytes (forward and backward, as
+    `partitioner.cost_model` moves them) that its split parameters make: of the forward's
+    bytes, the split tables' bytes it reads (their rows, `Layer.unread_bytes` left out);
+    the backward moves twice the forward's, plus the trained tables' gradients beyond those
+    rows (`Layer.table_grad_bytes`), which are split too. 0 for a layer with FLOPs."""
+    if layer.fwd_flops or not layer.traffic_bytes:
+        return 0.0
+    forward = layer.traffic_bytes - layer.unread_bytes
+    split = max(0, layer.tp_traffic_bytes - layer.unread_bytes)
+    total = 3 * forward + layer.table_grad_bytes
+    return min(1.0, (3 * split + layer.table_grad_bytes) / total) if total > 0 else 0.0
+
+
 def training_costs(
     graph: LayerGraph,
     profiles: Sequence[DeviceProfile],
@@ -290,7 +305,7 @@ def training_costs(
             tp_params=layer.tp_params,
             tp_activation_bytes=math.ceil(layer.tp_activation_bytes * scale / b0),
             tp_comm_bytes=math.ceil(layer.tp_comm_bytes * scale / b0),
-            tp_bytes_share=layer.tp_traffic_bytes / layer.traffic_bytes if layer.traffic_bytes and not layer.fwd_flops else 0.0,
+            tp_bytes_share=_split_bytes_share(layer),
             tp_divisor=layer.tp_divisor,
             tp_vocab=layer.tp_vocab,
             core_flops=layer.core_flops / b0,
@@ -306,6 +321,7 @@ def training_costs(
                 traffic_bytes=round(layer.traffic_bytes * scale),
                 elementwise_bytes=round(layer.elementwise_bytes * scale),
                 unread_bytes=round(layer.unread_bytes * scale),
+                table_grad_bytes=round(layer.table_grad_bytes * scale),
                 param_bytes=round(layer.param_bytes * scale),
                 buffer_bytes=round(layer.buffer_bytes * scale),
             )

@@ -404,3 +404,69 @@ def test_a_lookup_forward_moves_its_rows_and_its_backward_the_tables_gradient() 
     assert fwd == pytest.approx(max(moved / bandwidth, lookup.fwd_kernels * profile.launch_s))
     assert bwd == pytest.approx(max((2 * moved + lookup.unread_bytes) / bandwidth, lookup.bwd_kernels * profile.launch_s))
     assert lookup.unread_bytes > 25 * moved  # the 1000-row table, of which 16 rows are read
+
+
+class _AddedOperands(nn.Module):
+    """Attention with a float mask and a baddbmm onto a bias: the added operands are summed
+    in a backward, not multiplied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.register_buffer("bias", torch.zeros(2, 4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        mask = torch.zeros(4, 4)
+        a = nn.functional.scaled_dot_product_attention(h, h, h, attn_mask=mask)
+        return torch.baddbmm(self.bias, a, a.transpose(1, 2)).sum(-1)
+
+
+class _NoGradInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.teacher = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        with torch.no_grad():
+            target = self.teacher(x)
+        return h - target
+
+
+def test_added_operands_and_no_grad_regions_take_no_backward_flops() -> None:
+    x = torch.randn(2, 4, 8)
+    traced = trace_model(_AddedOperands(), (x,), {}, frontend="export")
+    layers = build_layers(traced, profile_nodes(traced.gm, (x,), {})).graph.layers
+    flops = sum(layer.fwd_flops for layer in layers)
+    # Twice the forward, but for the Linear, whose input needs no grad (its weight's only: 2 x 8 rows x 8 x 8).
+    assert flops > 0 and sum(layer.bwd_flops for layer in layers) == 2 * flops - 2 * 8 * 8 * 8
+    traced = trace_model(_NoGradInside(), (x,), {}, frontend="export")
+    layers = {layer.name: layer for layer in build_layers(traced, profile_nodes(traced.gm, (x,), {})).graph.layers}
+    assert layers["teacher"].fwd_flops > 0 and layers["teacher"].bwd_flops == 0
+    assert layers["first"].bwd_flops == layers["first"].fwd_flops
+
+
+class _Lookups(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trained = nn.Embedding(1000, 16)
+        self.frozen = nn.Embedding(1000, 16).requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.trained(ids) + self.frozen(ids)
+        return torch.gather(h, 1, ids[..., None].expand(-1, -1, 16) % 4)  # from an activation
+
+
+def test_only_parameter_tables_skip_rows_and_only_trained_ones_write_a_gradient() -> None:
+    ids = torch.tensor([[1, 2, 3, 4]])
+    g = group(_Lookups(), (ids,), {}, frontend="export", granularity="leaf")
+    traced = g.layered.traced
+    stats = profile_nodes(traced.gm, (ids,), {})
+    layers = {layer.name: layer for layer in build_layers(traced, stats).graph.layers}
+    table, rows = 1000 * 16 * 4, 4 * 16 * 4
+    assert layers["trained"].unread_bytes == layers["trained"].table_grad_bytes == table - rows
+    assert layers["frozen"].unread_bytes == table - rows and layers["frozen"].table_grad_bytes == 0
+    gathers = [s for name, s in stats.items() if "gather" in name]
+    assert gathers and all(s.unread_bytes == 0 for s in gathers)

@@ -313,11 +313,15 @@ def test_an_odd_vocabulary_lowers_the_busiest_ranks_share_at_degree_2() -> None:
     x = head.tp_flops / head.flops
     assert 0 < x <= 1 and two.scale[k] == pytest.approx(1 - x + x * 51 / 101) and two.scale[k] < whole.scale[k] == 1
     assert two.split[i] and two.split[k]
-    # The lookup has no FLOPs: its time is the bytes it moves, the (float32) table most of them.
+    # The lookup has no FLOPs: its time is the bytes it moves. Forward it reads the (float32)
+    # table's rows it picks, backward it also writes the table's gradient: both split.
     lookup = graph.layers[i]
-    assert wte.flops == 0 and lookup.tp_traffic_bytes == 101 * 32 * 4 < lookup.traffic_bytes
+    table = 101 * 32 * 4
+    assert wte.flops == 0 and lookup.tp_traffic_bytes == table < lookup.traffic_bytes
+    assert 0 < lookup.unread_bytes == lookup.table_grad_bytes < table
+    forward, rows = lookup.traffic_bytes - lookup.unread_bytes, table - lookup.unread_bytes
     y = wte.tp_time_share
-    assert y == pytest.approx(101 * 32 * 4 / lookup.traffic_bytes)
+    assert y == pytest.approx((3 * rows + lookup.table_grad_bytes) / (3 * forward + lookup.table_grad_bytes))
     assert two.scale[i] == pytest.approx(1 - y + y * 51 / 101) and whole.scale[i] == 1
 
 
