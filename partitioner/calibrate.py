@@ -15,7 +15,10 @@ What is measured, and how (each figure is the median of repeated timings after w
 - matmul efficiency by size (`DeviceProfile.gemm_efficiency`): square matmuls of a few
   sizes in the fastest measured dtype, each as a fraction of the rate at the largest size
   measured (the peak); on a CPU the dispatch floor is taken off each time first, since the
-  cost model adds it back.
+  cost model adds it back;
+- matmul efficiency by a narrow side (`DeviceProfile.gemm_narrow`): matmuls of the peak's
+  size with one side (m, n or k) cut to 1 .. 256 (powers of two and the halves between, up
+  to 64), as fractions of the peak the same way.
 
 The figures are sustained rates, so the profile's efficiency factors are 1.0. On CPU the
 measurement runs with ``threads`` torch threads (1 by default, as layer profiling does) and
@@ -187,6 +190,39 @@ def _gemm_curve(
                 seconds = max(seconds - launch_s, seconds / 2)
             points.append((float(2 * n**3), min(1.0, max(1e-3, round(2 * n**3 / seconds / rate, 4)))))
     points.append((float(2 * n_peak**3), 1.0))
+    return tuple(points)
+
+
+_NARROW_SIDES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+"""Sizes of the narrow side of `_narrow_curves` (those below the peak's side)."""
+
+
+def _narrow_curves(
+    dtype: str,
+    device: torch.device,
+    sync: Callable[[], None],
+    budget: _Budget,
+    peak: tuple[float, int],
+    launch_s: float,
+) -> tuple[tuple[str, float, float], ...]:
+    """(axis, size, fraction of `peak`) of matmuls of the peak's side ``s`` with one side cut:
+    ``(d x s) @ (s x s)`` (m), ``(s x s) @ (s x d)`` (n), ``(s x d) @ (d x s)`` (k); on a CPU
+    with `launch_s` taken off as in `_gemm_curve`."""
+    rate, s = peak
+    shapes = {"m": lambda d: (d, s, s), "n": lambda d: (s, s, d), "k": lambda d: (s, d, s)}
+    points = []
+    precision = _fp32_matmul_precision(dtype == "tf32") if device.type == "cuda" else nullcontext()
+    with precision:
+        for axis, shape in shapes.items():
+            for d in [d for d in _NARROW_SIDES if d < s]:
+                m, k, n = shape(d)
+                a = torch.randn(m, k, device=device).to(torch_dtype(dtype))
+                b = torch.randn(k, n, device=device).to(torch_dtype(dtype))
+                seconds = _median_seconds(partial(torch.mm, a, b), sync, budget.sample_s, budget.batch_s)
+                if device.type == "cpu":
+                    seconds = max(seconds - launch_s, seconds / 2)
+                flops = 2 * m * n * k
+                points.append((axis, float(d), min(1.0, max(1e-3, round(flops / seconds / rate, 4)))))
     return tuple(points)
 
 
@@ -406,6 +442,9 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
     say(f"matmul efficiency by size: {fastest}")
     curve = _gemm_curve(fastest, dev, sync, budget, (peaks[fastest], sides[fastest]), launch)
     say("matmul efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%}" for x, y in curve))
+    say(f"matmul efficiency by a narrow side: {fastest}")
+    narrow = _narrow_curves(fastest, dev, sync, budget, (peaks[fastest], sides[fastest]), launch)
+    say("narrow sides: " + ", ".join(f"{a}={d:g} {y:.0%}" for a, d, y in narrow))
 
     mode = "quick" if quick else "full"
     not_measured = f"; not measured: {', '.join(skipped)}" if skipped else ""
@@ -426,10 +465,13 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
             + (f", {budget.host_bytes >> 20} MiB host and peer copies" if on_cuda else "")
             + f"; launch floor from back-to-back one-element adds; matmul efficiency by size from square {fastest} "
             f"matmuls (n = {', '.join(str(round((x / 2) ** (1 / 3))) for x, _ in curve)}) against the largest"
+            + f"; by a narrow side from n = {sides[fastest]} matmuls with m, n or k cut to "
+            + f"{', '.join(str(d) for d in _NARROW_SIDES if d < sides[fastest])}"
             + f"; sustained figures, efficiencies 1.0{not_measured}"
         ),
         launch_s=launch,
         gemm_efficiency=curve,
+        gemm_narrow=narrow,
         calibrated=True,
     )
 

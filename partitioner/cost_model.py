@@ -5,7 +5,8 @@ kernel is priced at its own ceiling and the kinds run one after another, as torc
 estimator prices each op (``torch.utils._runtime_estimation``: per op the larger of
 FLOPs / peak and bytes / bandwidth, summed over ops):
 
-    matmuls  = max(sum_g flops_g / (peak_flops[dtype] * gemm_efficiency(flops_g)),
+    matmuls  = max(sum_g flops_g / (peak_flops[dtype] * min(gemm_efficiency(flops_g),
+                                                             narrow_efficiency(m_g, n_g, k_g))),
                    matmul bytes / bandwidth)
     kernels  = matmuls + element-wise bytes / bandwidth
     time     = max(kernels, launches x launch_s)     GPU: launches are asynchronous
@@ -13,7 +14,9 @@ FLOPs / peak and bytes / bandwidth, summed over ops):
 
 with bandwidth = memory_bandwidth * memory_efficiency. `gemm_efficiency` is the profile's
 curve by the size of each matmul (small ones run far below peak), `compute_efficiency`
-where it has none. A CUDA launch returns before its kernel runs, so the host queues the
+where it has none; `narrow_efficiency` its curves by each side of a matmul
+``(m x k) @ (k x n)`` (a narrow one, as a 10-class head's n, runs far below what its FLOPs
+give), 1 where it has none. A CUDA launch returns before its kernel runs, so the host queues the
 next kernels while the device works: a step takes the longer of the two streams (NVIDIA,
 "Getting Started with CUDA Graphs", 2019: back-to-back launches of a short kernel ran at
 3.8 us each, 9.6 us when each was synchronised). On a CPU the thread that dispatches an op
@@ -39,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from partitioner.devices import DTYPES, Device, DeviceProfile, link_cost
+from partitioner.devices import DTYPES, GEMM_AXES, Device, DeviceProfile, link_cost
 from partitioner.errors import DeviceError
 from partitioner.ir import INPUT, OUTPUT, TIME_SOURCES, BatchShare, Layer, LayerGraph, Problem, ReplicaCost
 from partitioner.options import PlanOptions
@@ -48,6 +51,7 @@ __all__ = [
     "split_sizes",
     "roofline_time",
     "gemm_efficiency",
+    "narrow_efficiency",
     "layer_time_source",
     "TIME_SOURCES",
     "layer_memory",
@@ -95,28 +99,49 @@ def gemm_efficiency(profile: DeviceProfile, flops: float) -> float:
     points = profile.gemm_efficiency
     if not points:
         return profile.compute_efficiency
-    if flops <= points[0][0]:
+    return _log_interpolated(points, flops)
+
+
+def narrow_efficiency(profile: DeviceProfile, m: int, n: int, k: int) -> float:
+    """Achieved fraction of peak for a matmul ``(m x k) @ (k x n)`` by its sides: the least
+    of the profile's `DeviceProfile.gemm_narrow` curves at them (each interpolated linearly
+    in log(size), held at its end points); 1 without curves, or for a side 0 (unknown)."""
+    out = 1.0
+    for axis, side in zip(GEMM_AXES, (m, n, k)):
+        points = [(size, eff) for a, size, eff in profile.gemm_narrow if a == axis]
+        if side > 0 and points:
+            out = min(out, _log_interpolated(points, side))
+    return out
+
+
+def _log_interpolated(points: Sequence[tuple[float, float]], x: float) -> float:
+    """The value at `x` of `points` (x increasing), linear in log(x), held at the ends."""
+    if x <= points[0][0]:
         return points[0][1]
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if flops <= x1:
-            t = (math.log(flops) - math.log(x0)) / (math.log(x1) - math.log(x0))
+        if x <= x1:
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
             return y0 + t * (y1 - y0)
     return points[-1][1]
 
 
 def _matmul_s(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: float) -> float:
-    """Compute seconds of the forward's FLOPs, each matmul at its size's efficiency.
+    """Compute seconds of the forward's FLOPs, each matmul at its size's efficiency and its
+    sides' (`narrow_efficiency`), the lesser.
 
     A matmul of ``g`` FLOPs at a fraction of the batch does ``g x fraction`` (its rows
-    shrink); FLOPs the layer does not itemise (layers traced before `Layer.gemms`) run at
-    `compute_efficiency`.
+    shrink; its sides are taken as traced); FLOPs the layer does not itemise (layers traced
+    before `Layer.gemms`) run at `compute_efficiency`.
     """
     peak = profile.peak_flops_for(dtype)
     itemised = 0
     seconds = 0.0
-    for flops, count in layer.gemms:
+    for flops, count, *sides in layer.gemms:
         scaled = flops * batch_fraction
-        seconds += count * scaled / (peak * gemm_efficiency(profile, scaled))
+        efficiency = gemm_efficiency(profile, scaled)
+        if len(sides) == 3 and profile.gemm_narrow:
+            efficiency = min(efficiency, narrow_efficiency(profile, *sides))
+        seconds += count * scaled / (peak * efficiency)
         itemised += flops * count
     rest = max(0, layer.fwd_flops - itemised) * batch_fraction
     return seconds + rest / (peak * profile.compute_efficiency)

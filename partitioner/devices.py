@@ -151,6 +151,12 @@ class DeviceProfile:
     """(FLOPs of one matmul, achieved fraction of `peak_flops`) points, FLOPs increasing:
     small matmuls run far below peak. Interpolated linearly in log(FLOPs), held at the end
     points. Empty: every matmul at `compute_efficiency`."""
+    gemm_narrow: tuple[tuple[str, float, float], ...] = ()
+    """(axis ``m``, ``n`` or ``k``, its size, achieved fraction of `peak_flops`) points: a
+    matmul ``(m x k) @ (k x n)`` with one narrow side runs below what its FLOPs alone give
+    (a 10-class head, a 3-channel first convolution). Per axis, sizes increasing,
+    interpolated linearly in log(size), held at the end points; a matmul runs at the least
+    of its sides' values and its FLOPs' `gemm_efficiency`. Empty: no such limit."""
     calibrated: bool = False
     """Whether the figures were measured on the device (`partitioner profile`), not read
     from a datasheet: the report says how sure its times are by it."""
@@ -304,6 +310,7 @@ def _validate_profile(p: DeviceProfile) -> None:
     if not (math.isfinite(p.launch_s) and 0 <= p.launch_s <= _MAX_LAUNCH_S):
         raise FieldError("launch_s", f"must be finite and in [0, {_MAX_LAUNCH_S:g}]", p.launch_s)
     _check_gemm_curve(p.gemm_efficiency)
+    _check_narrow_curves(p.gemm_narrow)
     if not isinstance(p.calibrated, bool):
         raise FieldError("calibrated", "must be true or false", p.calibrated)
 
@@ -323,6 +330,30 @@ def _check_gemm_curve(points: object) -> None:
         if point[0] <= previous:
             raise FieldError(f"{key}[0]", f"must be larger than the point before ({previous:g} FLOPs)", point[0])
         previous = point[0]
+
+
+GEMM_AXES = ("m", "n", "k")
+"""The sides of a matmul ``(m x k) @ (k x n)`` (`DeviceProfile.gemm_narrow`)."""
+_MAX_SIDE = 1e9
+
+
+def _check_narrow_curves(points: object) -> None:
+    """`points` must be at most 64 (axis, size, efficiency) triples, sizes increasing per axis."""
+    if not isinstance(points, tuple) or len(points) > _MAX_GEMM_POINTS:
+        problem = f"must be a list of at most {_MAX_GEMM_POINTS} [axis, size, efficiency] triples"
+        raise FieldError("gemm_narrow", problem, points)
+    previous: dict[str, float] = {}
+    for i, point in enumerate(points):
+        key = f"gemm_narrow[{i}]"
+        if not isinstance(point, tuple) or len(point) != 3:
+            raise FieldError(key, "must be a triple [axis, size, efficiency]", point)
+        if point[0] not in GEMM_AXES:
+            raise FieldError(f"{key}[0]", f"must be one of {', '.join(GEMM_AXES)}", point[0])
+        _check_number(f"{key}[1]", point[1], _MAX_SIDE, 1.0)
+        _check_number(f"{key}[2]", point[2], 1.0, _MIN_EFFICIENCY)
+        if point[1] <= previous.get(point[0], 0.0):
+            raise FieldError(f"{key}[1]", f"must be larger than the {point[0]} point before", point[1])
+        previous[point[0]] = point[1]
 
 
 # --------------------------------------------------------------------------- links

@@ -71,10 +71,11 @@ class Layer:
     0 when unknown (layers built before it was counted: no launch floor)."""
     bwd_kernels: int = 0
     """Device kernels one backward launches (estimate: `BACKWARD_KERNEL_FACTOR` x forward)."""
-    gemms: tuple[tuple[int, int], ...] = ()
-    """(FLOPs of one op, how many such ops) for the forward's FLOP-counting ops (matmuls,
-    convolutions, attention), largest first; empty when unknown (then `fwd_flops` is priced
-    at the profile's flat `compute_efficiency`)."""
+    gemms: tuple[tuple[int, ...], ...] = ()
+    """(FLOPs of one op, how many such ops[, m, n, k]) for the forward's FLOP-counting ops
+    (matmuls, convolutions, attention), largest first: ``m, n, k`` its sides as a matmul
+    ``(m x k) @ (k x n)``, 0 where unknown (`partitioner.profiling.NodeStats.gemm_shapes`);
+    empty when unknown (then `fwd_flops` is priced at the profile's flat `compute_efficiency`)."""
     elementwise_bytes: int = 0
     """The part of `traffic_bytes` moved by nodes that count no FLOPs (element-wise ops,
     norms, softmax, copies): memory-bound kernels that run after the matmuls, not beside them."""

@@ -333,7 +333,8 @@ class _Totals:
     table_grad: int = 0
     nodes: int = 0
     kernels: int = 0
-    gemms: dict[int, int] = field(default_factory=dict)
+    gemms: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
+    """(FLOPs, m, n, k) of one op -> how many."""
     tp_flops: int = 0
     tp_params: int = 0
     tp_saved: int = 0
@@ -408,8 +409,8 @@ def _layer_records(
             a.unread += s.unread_bytes
             a.table_grad += s.table_grad_bytes
             a.kernels += s.kernels
-            for g in s.gemm_flops:
-                a.gemms[g] = a.gemms.get(g, 0) + 1
+            for g, shape in zip(s.gemm_flops, s.gemm_shapes or [(0, 0, 0)] * len(s.gemm_flops), strict=True):
+                a.gemms[(g, *shape)] = a.gemms.get((g, *shape), 0) + 1
             a.count_tensor_parallel(n.name, s, tp)
             if n.name in tp.split:
                 a.tp_traffic += _split_bytes_read(gm, n, tp)
@@ -438,7 +439,7 @@ def _layer_records(
                 num_nodes=a.nodes,
                 fwd_kernels=a.kernels,
                 bwd_kernels=BACKWARD_KERNEL_FACTOR * a.kernels,
-                gemms=tuple(sorted(a.gemms.items(), reverse=True)),
+                gemms=tuple(sorted(((g, count, *shape) for (g, *shape), count in a.gemms.items()), reverse=True)),
                 elementwise_bytes=a.elementwise,
                 unread_bytes=a.unread,
                 table_grad_bytes=a.table_grad,

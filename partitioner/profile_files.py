@@ -69,7 +69,7 @@ def json_object(where: str, key: str, value: object, required: set[str], optiona
 
 
 _LINK_KEYS = {f.name for f in fields(Link)}
-_OPTIONAL_PROFILE_KEYS = {"launch_s", "gemm_efficiency", "calibrated"}
+_OPTIONAL_PROFILE_KEYS = {"launch_s", "gemm_efficiency", "gemm_narrow", "calibrated"}
 """Keys added after the first schema: a profile without them still loads (their defaults)."""
 _PROFILE_KEYS = {f.name for f in fields(DeviceProfile)} - _OPTIONAL_PROFILE_KEYS
 _CALIBRATE_SOURCE = "partitioner.calibrate.measure_device"
@@ -101,6 +101,11 @@ def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
         raise ProfileError(
             f"{where}: key 'gemm_efficiency' must be a list of [flops, efficiency] pairs (got {curve!r:.80})"
         )
+    narrow = top.get("gemm_narrow", [])
+    if not isinstance(narrow, list):
+        raise ProfileError(
+            f"{where}: key 'gemm_narrow' must be a list of [axis, size, efficiency] triples (got {narrow!r:.80})"
+        )
     # A file measured before `calibrated` existed says so in its source.
     calibrated = top.get("calibrated", isinstance(top["source"], str) and top["source"].startswith(_CALIBRATE_SOURCE))
     try:
@@ -118,6 +123,7 @@ def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
             source=top["source"],
             launch_s=top.get("launch_s", 0.0),
             gemm_efficiency=tuple(tuple(p) if isinstance(p, list) else p for p in curve),
+            gemm_narrow=tuple(tuple(p) if isinstance(p, list) else p for p in narrow),
             calibrated=calibrated,
         )
     except InvalidProfileError as e:
@@ -174,6 +180,8 @@ def profile_to_json(profile: DeviceProfile) -> str:
         data["launch_s"] = profile.launch_s
     if profile.gemm_efficiency:
         data["gemm_efficiency"] = [list(p) for p in profile.gemm_efficiency]
+    if profile.gemm_narrow:
+        data["gemm_narrow"] = [list(p) for p in profile.gemm_narrow]
     if profile.calibrated:
         data["calibrated"] = True
     return _to_json(data) + "\n"

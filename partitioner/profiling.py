@@ -100,6 +100,9 @@ class NodeStats:
     gemm_flops: tuple[int, ...] = ()
     """FLOPs of each op of its forward that counts FLOPs (matmuls, convolutions, attention),
     in the order they ran; they sum to `flops`."""
+    gemm_shapes: tuple[tuple[int, int, int], ...] = ()
+    """``(m, n, k)`` of each op of `gemm_flops`, as a matmul ``(m x k) @ (k x n)`` (a batched
+    one's per batch); ``(0, 0, 0)`` for an op that is none (attention, convolution)."""
     bwd_flops: int = 0
     """Backward floating-point operations: `BACKWARD_FLOP_FACTOR` x each op's FLOPs, times the
     share of its matrix operands that require grad (module docstring)."""
@@ -140,6 +143,7 @@ class _OpCounter(TorchDispatchMode):
         """ids of the run's parameters and buffers: the tables a lookup may skip rows of."""
         self.kernels = 0
         self.gemm_flops: list[int] = []
+        self.gemm_shapes: list[tuple[int, int, int]] = []
         self.bwd_flops = 0
         self.grads = torch.is_grad_enabled()
         """Whether the run records gradients; without, no activation requires grad to tell by."""
@@ -152,6 +156,7 @@ class _OpCounter(TorchDispatchMode):
         flops = self.counter.get_total_flops() - before
         if flops > 0:
             self.gemm_flops.append(int(flops))
+            self.gemm_shapes.append(_gemm_shape(func, args, out))
             self.bwd_flops += _backward_flops(func, int(flops), args) if self.grads else BACKWARD_FLOP_FACTOR * int(flops)
         if _launches_kernel(func, out):
             self.kernels += 1
@@ -173,6 +178,23 @@ _MULTIPLIED = {
 }
 """Positions of the multiplied operands of the FLOP-counting ops (an added bias or mask is
 summed in a backward, not multiplied)."""
+
+
+def _gemm_shape(func: Any, args: Any, out: Any) -> tuple[int, int, int]:
+    """``(m, n, k)`` of a FLOP-counting op as one matmul ``(m x k) @ (k x n)`` (see
+    `NodeStats.gemm_shapes`); ``(0, 0, 0)`` where it is not one."""
+    name = func._overloadpacket.__name__
+    where = _MULTIPLIED.get(name)
+    if where is None or len(where) != 2 or len(args) <= where[1]:
+        return (0, 0, 0)
+    a, b = args[where[0]], args[where[1]]
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return (0, 0, 0)
+    if "conv" in name or a.dim() < 2 or b.dim() < 2:
+        # A convolution runs its own kernels (direct, Winograd, implicit GEMM), not the
+        # matmul whose narrow sides the profile measures.
+        return (0, 0, 0)
+    return (int(a.shape[-2]), int(b.shape[-1]), int(a.shape[-1]))
 
 
 def _backward_flops(func: Any, flops: int, args: Any) -> int:
@@ -251,6 +273,7 @@ class _StatsInterpreter(fx.Interpreter):
             requires_grad=any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(out)),
             kernels=ops.kernels,
             gemm_flops=tuple(ops.gemm_flops),
+            gemm_shapes=tuple(ops.gemm_shapes),
             bwd_flops=ops.bwd_flops,
             unread_bytes=min(ops.unread, max(0, traffic - value_bytes)),
             table_grad_bytes=min(ops.table_grad, ops.unread, max(0, traffic - value_bytes)),

@@ -519,10 +519,11 @@ def _assert_copies_match(case: ZooCase, model: nn.Module, pm: partitioner.Partit
 
 def test_a_batch_smaller_than_the_devices_runs_on_copies_of_a_split() -> None:
     # Three samples, eight devices that each hold half the MLP: three copies of a two-device split,
-    # two devices idle (on main: one copy on two devices, the batch unsplit).
+    # two devices idle (on main: one copy on two devices, the batch unsplit). Each sample is 16
+    # rows: copies divide compute, not the weights each of them reads.
     case = ZOO["mlp"]
     model, _, _ = case.build()
-    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 16, 1024, generator=torch.Generator().manual_seed(1))
     devices = [f"cpu:{k}" for k in range(8)]
     pm = partitioner.auto_parallelize(model, devices, (x,), max_memory={d: "3MB" for d in devices}, measure=False)
     assert pm.plan.strategy is partitioner.Strategy.HYBRID, pm.plan

@@ -59,11 +59,16 @@ def test_launch_floor_and_matmul_curve_are_measured(measured: tuple[DeviceProfil
     assert all(a[0] < b[0] for a, b in zip(curve, curve[1:]))
     assert curve[0][0] == 2 * 64**3 and all(0 < y <= 1 for _, y in curve)
     assert "launch floor" in profile.source and "matmul efficiency by size" in profile.source
+    # Each side of a matmul cut narrow, 1 to 256 below the peak's side, as fractions of the peak.
+    sides = {a: [d for b, d, _ in profile.gemm_narrow if b == a] for a in ("m", "n", "k")}
+    assert all(v == sorted(v) and v[0] == 1 and len(v) >= 6 for v in sides.values()), sides
+    assert all(0 < y <= 1 for _, _, y in profile.gemm_narrow) and "narrow side" in profile.source
 
 
 def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]) -> None:
     profile, _ = measured
-    figures = [line for line in PROGRESS if "GFLOP/s" in line or " us per kernel" in line or "FLOPs" in line]
+    figures = [line for line in PROGRESS
+               if "GFLOP/s" in line or " us per kernel" in line or "FLOPs" in line or line.startswith("narrow sides")]
     assert [line for line in PROGRESS if line not in figures] == [
         "1/3: float32 matmuls",
         "2/3: tf32 matmuls",  # then skipped on a CPU
@@ -71,12 +76,14 @@ def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]
         "memory bandwidth: copying 64 MiB",
         "launch floor: back-to-back one-element adds",
         f"matmul efficiency by size: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)}",
+        f"matmul efficiency by a narrow side: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)}",
     ]
     assert [line.split(" GFLOP/s")[0] for line in figures] == [
         f"float32: {profile.peak_flops.float32 / 1e9:.4g}",
         f"bfloat16: {profile.peak_flops.bfloat16 / 1e9:.4g}",
         f"launch floor: {profile.launch_s * 1e6:.3g} us per kernel",
         "matmul efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%}" for x, y in profile.gemm_efficiency),
+        "narrow sides: " + ", ".join(f"{a}={d:g} {y:.0%}" for a, d, y in profile.gemm_narrow),
     ]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from dataclasses import replace
 
-from partitioner.cost_model import build_problem, gemm_efficiency, layer_fwd_bwd_time, layer_memory, layer_time, layer_time_source, replica_cost, roofline_time
+from partitioner.cost_model import build_problem, gemm_efficiency, narrow_efficiency, layer_fwd_bwd_time, layer_memory, layer_time, layer_time_source, replica_cost, roofline_time
 from partitioner.devices import Device, DeviceProfile, Link, PeakFlops, link_cost
 from partitioner.errors import DeviceError
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
@@ -192,6 +192,22 @@ def test_small_matmuls_run_below_peak_and_shrink_with_the_batch() -> None:
     fwd, _ = layer_fwd_bwd_time(layer, curved, batch_fraction=0.1)
     assert fwd == pytest.approx(1e11 / (1e12 * gemm_efficiency(curved, 5e10)))
     assert fwd > 0.1 * layer_fwd_bwd_time(layer, curved)[0]
+
+
+def test_a_narrow_side_slows_a_matmul_below_what_its_flops_give() -> None:
+    narrow = replace(TOY, gemm_narrow=(("n", 4.0, 0.1), ("n", 64.0, 1.0), ("k", 16.0, 0.5), ("k", 64.0, 1.0)))
+    assert narrow_efficiency(narrow, 512, 16, 512) == pytest.approx(0.55)  # halfway in log between 4 and 64
+    assert narrow_efficiency(narrow, 512, 2, 512) == 0.1 and narrow_efficiency(narrow, 512, 512, 8) == 0.5
+    assert narrow_efficiency(narrow, 8, 512, 512) == 1.0  # no m curve
+    assert narrow_efficiency(narrow, 0, 0, 0) == 1.0 and narrow_efficiency(TOY, 1, 1, 1) == 1.0
+    # A 10-class head ((1024 x 1024) @ (1024 x 10)): at the lesser of its FLOPs' and its n's efficiency.
+    head = Layer(index=0, name="head", fwd_flops=2 * 1024 * 1024 * 10, bwd_flops=0,
+                 gemms=((2 * 1024 * 1024 * 10, 1, 1024, 10, 1024),))
+    plain = replace(head, gemms=((2 * 1024 * 1024 * 10, 1),))  # traced before sides were kept
+    eff = narrow_efficiency(narrow, 1024, 10, 1024)
+    assert 0.1 < eff < 1.0
+    assert layer_time(head, narrow, INFER) == pytest.approx(head.fwd_flops / (1e12 * min(eff, TOY.compute_efficiency)))
+    assert layer_time(plain, narrow, INFER) == pytest.approx(head.fwd_flops / (1e12 * TOY.compute_efficiency))
 
 
 def test_elementwise_bytes_run_after_the_matmuls_not_beside_them() -> None:

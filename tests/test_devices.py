@@ -191,6 +191,12 @@ def _delete(path: str) -> Any:
         (_set("gemm_efficiency", [[1e9, 0.5], [1e8, 0.6]]), "'gemm_efficiency[1][0]' must be larger than the point"),
         (_set("gemm_efficiency", [[1e9, 0.5]] * 65), "at most 64"),
         (_set("calibrated", "yes"), "'calibrated' must be true or false"),
+        (_set("gemm_narrow", {"n": [[8, 0.1]]}), "'gemm_narrow' must be a list of [axis, size, efficiency] triples"),
+        (_set("gemm_narrow", [["n", 8]]), "'gemm_narrow[0]' must be a triple"),
+        (_set("gemm_narrow", [["x", 8, 0.1]]), "'gemm_narrow[0][0]' must be one of m, n, k"),
+        (_set("gemm_narrow", [["n", 0.5, 0.1]]), "'gemm_narrow[0][1]'"),
+        (_set("gemm_narrow", [["n", 8, 1.5]]), "'gemm_narrow[0][2]' must be finite and in [0.001, 1]"),
+        (_set("gemm_narrow", [["n", 8, 0.1], ["m", 4, 0.2], ["n", 8, 0.3]]), "'gemm_narrow[2][1]' must be larger"),
     ],
 )
 def test_hostile_profile_is_rejected_naming_file_and_key(tmp_path: Path, mutate: Any, expected: str) -> None:
@@ -224,6 +230,12 @@ def test_launch_floor_and_gemm_curve_round_trip(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     profile = load_profile(path)
     assert profile.gemm_efficiency == ((1e6, 0.05), (1e9, 0.5), (1e12, 0.9)) and profile.calibrated
+    path.write_text(profile_to_json(profile))
+    assert load_profile(path) == profile
+    narrow = data | {"gemm_narrow": [["n", 1, 0.3], ["n", 8, 0.1], ["m", 4, 0.4], ["n", 64, 1.0]]}
+    path.write_text(json.dumps(narrow))
+    profile = load_profile(path)
+    assert profile.gemm_narrow == (("n", 1, 0.3), ("n", 8, 0.1), ("m", 4, 0.4), ("n", 64, 1.0))
     path.write_text(profile_to_json(profile))
     assert load_profile(path) == profile
 

@@ -279,7 +279,10 @@ def test_kernels_count_launching_ops_and_skip_views() -> None:
         assert all(layer.bwd_kernels == 2 * layer.fwd_kernels for layer in layers)
         # Each addmm's FLOPs itemised (2 x rows x in x out), the ReLU's bytes element-wise (the stateless
         # ReLU joins a neighbour's layer).
-        assert sorted(gm for layer in layers for gm in layer.gemms) == [(2 * 2 * 16 * 4, 1), (2 * 2 * 8 * 16, 1)]
+        # with their sides as (m x k) @ (k x n): 2 rows, 8 -> 16 and 16 -> 4.
+        assert sorted(gm for layer in layers for gm in layer.gemms) == [
+            (2 * 2 * 16 * 4, 1, 2, 4, 16), (2 * 2 * 8 * 16, 1, 2, 16, 8)
+        ]
         relu = g.stats[next(n for n in g.stats if "relu" in n or n == "_1")]
         assert sum(layer.elementwise_bytes for layer in layers) == relu.traffic_bytes > 0
 
@@ -294,7 +297,7 @@ def test_block_kernels_sum_their_ops(gpt2_blocks: Grouped) -> None:
     views = [n for n in nodes if getattr(n.target, "__name__", "").split(".")[0] in ("view", "permute", "t", "transpose")]
     assert views and all(gpt2_blocks.stats[n.name].kernels == 0 for n in views)
     assert 0 < block.fwd_kernels < block.num_nodes
-    assert sum(f * c for f, c in block.gemms) == block.fwd_flops
+    assert sum(f * c for f, c, *_ in block.gemms) == block.fwd_flops
 
 
 @pytest.mark.parametrize("training", [False, True])

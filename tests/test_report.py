@@ -280,8 +280,10 @@ def test_documented_cluster_example_plans_what_distributed_launches() -> None:
 
 def test_report_of_copies_names_each_copy_and_the_idle_devices() -> None:
     # The MLP's batch of 3 on eight devices that each hold half of it: three copies of a split.
+    # Each sample is 16 rows, so that compute, not reading the weights (which every copy
+    # does), is what copies divide.
     model, _, _ = ZOO["mlp"].build()
-    x = torch.randn(3, 1024)
+    x = torch.randn(3, 16, 1024)
     devices = [f"cpu:{k}" for k in range(8)]
     plan = partitioner.plan(model, devices, (x,), max_memory={d: "3MB" for d in devices}, measure=False)
     assert plan.strategy is Strategy.HYBRID and plan.replicas == ((0, 1), (2, 3), (4, 5)), plan
@@ -295,8 +297,10 @@ def test_report_of_copies_names_each_copy_and_the_idle_devices() -> None:
 
 
 def test_report_of_data_parallelism_over_some_devices() -> None:
+    # Three samples of 16 rows each (copies divide compute, not the weights each one reads).
     built = build_model("mlp", batch_size=3)
-    plan = partitioner.plan(built.model, ["cpu x5"], built.example_args)
+    plan = partitioner.plan(built.model, ["cpu x5"], (torch.randn(3, 16, 1024),))
+    assert plan.strategy is Strategy.DATA_PARALLEL
     text = str(plan)
     assert plan.idle_devices, text
     assert "of 5 devices" in text and _row(text, plan.devices[-1].name).endswith("- (idle)")
