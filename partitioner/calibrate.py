@@ -165,65 +165,53 @@ def _launch_seconds(device: torch.device, sync: Callable[[], None], budget: _Bud
     return min(1e-2, _rounded(_median_seconds(burst, sync, budget.sample_s) / calls))
 
 
-def _gemm_curve(
-    dtype: str,
-    device: torch.device,
-    sync: Callable[[], None],
-    budget: _Budget,
-    peak: tuple[float, int],
-    launch_s: float,
-) -> tuple[tuple[float, float], ...]:
-    """(FLOPs, fraction of `peak`) of square matmuls of the budget's curve sizes below the peak's size.
+@dataclass(frozen=True, slots=True)
+class _MatmulTimer:
+    """Times matmuls on a device as fractions of a peak rate (the efficiency curves)."""
 
-    On a CPU `launch_s` is taken off each time (at most half of it), since the cost model adds
-    the dispatch floor to a CPU's kernels; on a GPU the floor is a max, and stays in.
-    """
-    rate, n_peak = peak
-    points = []
-    precision = _fp32_matmul_precision(dtype == "tf32") if device.type == "cuda" else nullcontext()
-    with precision:
-        for n in [n for n in budget.curve_sizes if n < n_peak]:
-            a = torch.randn(n, n, device=device).to(torch_dtype(dtype))
-            b = torch.randn(n, n, device=device).to(torch_dtype(dtype))
-            seconds = _median_seconds(partial(torch.mm, a, b), sync, budget.sample_s, budget.batch_s)
-            if device.type == "cpu":
-                seconds = max(seconds - launch_s, seconds / 2)
-            points.append((float(2 * n**3), min(1.0, max(1e-3, round(2 * n**3 / seconds / rate, 4)))))
-    points.append((float(2 * n_peak**3), 1.0))
-    return tuple(points)
+    dtype: str
+    device: torch.device
+    sync: Callable[[], None]
+    budget: _Budget
+    rate: float
+    """The peak: FLOP/s of the largest square matmul measured."""
+    launch_s: float
+    """Taken off each time on a CPU (at most half of it), since the cost model adds the
+    dispatch floor to a CPU's kernels; on a GPU the floor is a max, and stays in."""
+
+    def efficiency(self, m: int, k: int, n: int) -> float:
+        """Achieved fraction of the peak of ``(m x k) @ (k x n)``, in [0.001, 1]."""
+        precision = _fp32_matmul_precision(self.dtype == "tf32") if self.device.type == "cuda" else nullcontext()
+        with precision:
+            a = torch.randn(m, k, device=self.device).to(torch_dtype(self.dtype))
+            b = torch.randn(k, n, device=self.device).to(torch_dtype(self.dtype))
+            seconds = _median_seconds(partial(torch.mm, a, b), self.sync, self.budget.sample_s, self.budget.batch_s)
+        if self.device.type == "cpu":
+            seconds = max(seconds - self.launch_s, seconds / 2)
+        return min(1.0, max(1e-3, round(2 * m * k * n / seconds / self.rate, 4)))
+
+
+def _gemm_curve(timer: _MatmulTimer, n_peak: int) -> tuple[tuple[float, float], ...]:
+    """(FLOPs, fraction of the peak) of square matmuls of the budget's curve sizes below the
+    peak's size `n_peak`, and the peak's own point."""
+    points = [(float(2 * n**3), timer.efficiency(n, n, n)) for n in timer.budget.curve_sizes if n < n_peak]
+    return tuple(points) + ((float(2 * n_peak**3), 1.0),)
 
 
 _NARROW_SIDES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 """Sizes of the narrow side of `_narrow_curves` (those below the peak's side)."""
 
 
-def _narrow_curves(
-    dtype: str,
-    device: torch.device,
-    sync: Callable[[], None],
-    budget: _Budget,
-    peak: tuple[float, int],
-    launch_s: float,
-) -> tuple[tuple[str, float, float], ...]:
-    """(axis, size, fraction of `peak`) of matmuls of the peak's side ``s`` with one side cut:
-    ``(d x s) @ (s x s)`` (m), ``(s x s) @ (s x d)`` (n), ``(s x d) @ (d x s)`` (k); on a CPU
-    with `launch_s` taken off as in `_gemm_curve`."""
-    rate, s = peak
-    shapes = {"m": lambda d: (d, s, s), "n": lambda d: (s, s, d), "k": lambda d: (s, d, s)}
-    points = []
-    precision = _fp32_matmul_precision(dtype == "tf32") if device.type == "cuda" else nullcontext()
-    with precision:
-        for axis, shape in shapes.items():
-            for d in [d for d in _NARROW_SIDES if d < s]:
-                m, k, n = shape(d)
-                a = torch.randn(m, k, device=device).to(torch_dtype(dtype))
-                b = torch.randn(k, n, device=device).to(torch_dtype(dtype))
-                seconds = _median_seconds(partial(torch.mm, a, b), sync, budget.sample_s, budget.batch_s)
-                if device.type == "cpu":
-                    seconds = max(seconds - launch_s, seconds / 2)
-                flops = 2 * m * n * k
-                points.append((axis, float(d), min(1.0, max(1e-3, round(flops / seconds / rate, 4)))))
-    return tuple(points)
+def _narrow_curves(timer: _MatmulTimer, s: int) -> tuple[tuple[str, float, float], ...]:
+    """(axis, size, fraction of the peak) of matmuls of the peak's side `s` with one side cut
+    to each of `_NARROW_SIDES` below it: ``(d x s) @ (s x s)`` (m), ``(s x s) @ (s x d)`` (n),
+    ``(s x d) @ (d x s)`` (k)."""
+    sides = [d for d in _NARROW_SIDES if d < s]
+    return (
+        tuple(("m", float(d), timer.efficiency(d, s, s)) for d in sides)
+        + tuple(("n", float(d), timer.efficiency(s, s, d)) for d in sides)
+        + tuple(("k", float(d), timer.efficiency(s, d, s)) for d in sides)
+    )
 
 
 def _copy_seconds(
@@ -440,10 +428,11 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
     say(f"launch floor: {launch * 1e6:.3g} us per kernel")
     fastest = max(peaks, key=peaks.__getitem__)
     say(f"matmul efficiency by size: {fastest}")
-    curve = _gemm_curve(fastest, dev, sync, budget, (peaks[fastest], sides[fastest]), launch)
+    timer = _MatmulTimer(fastest, dev, sync, budget, peaks[fastest], launch)
+    curve = _gemm_curve(timer, sides[fastest])
     say("matmul efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%}" for x, y in curve))
     say(f"matmul efficiency by a narrow side: {fastest}")
-    narrow = _narrow_curves(fastest, dev, sync, budget, (peaks[fastest], sides[fastest]), launch)
+    narrow = _narrow_curves(timer, sides[fastest])
     say("narrow sides: " + ", ".join(f"{a}={d:g} {y:.0%}" for a, d, y in narrow))
 
     mode = "quick" if quick else "full"
