@@ -166,7 +166,7 @@ def unequal_replicas(devices: int) -> list[tuple[int, ...]]:
     their all-reduce under the earlier stages' last backwards. A node of 8 gets 8 such
     shapes, against 35 for every order of ``r`` and ``2r`` and 124 for any unequal
     composition: on GPT-2, GPT-2 XL, BERT-large and Llama-7B on 8 A100s every order took
-    2.5-3x as long to plan as monotone ones and found no faster plan. A heavy layer in the
+    2.2-2.9x as long to plan as monotone ones and found no faster plan. A heavy layer in the
     middle of the chain gets no such shape.
     """
     out: list[tuple[int, ...]] = []
