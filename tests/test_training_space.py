@@ -372,10 +372,11 @@ def test_the_report_names_the_parallelism_and_the_new_families() -> None:
 @pytest.mark.parametrize("spb", [1e-12, 1e-8, 1e-6])
 def test_more_devices_of_a_kind_never_plan_a_slower_step(spb: float) -> None:
     # Small layers on links from fast to slow: past some count, more devices only add
-    # communication, and the plan leaves the rest idle (the first half, quarter, ... of a kind).
+    # communication, and the plan leaves the rest idle (the first c devices of a node, any c).
+    # Every n from 1 to 8: 3 devices cannot split a batch of 8 three ways, 2 of them can.
     options = TrainingOptions(max_microbatches=8)
     steps = []
-    for n in (1, 2, 4, 8):
+    for n in range(1, 9):
         cluster = hand_cluster([f"a100-80gb x{n}"], spb=spb)
         costs = tp_costs(cluster, 8, options, params=10**5, act=10**3)
         result = plan_pipeline(costs, cluster, 8, options)
@@ -387,7 +388,7 @@ def test_more_devices_of_a_kind_never_plan_a_slower_step(spb: float) -> None:
     assert all(later <= earlier * (1 + 1e-9) for earlier, later in itertools.pairwise(steps)), steps
 
 
-def test_halves_of_a_kind_are_whole_nodes_or_lie_in_one() -> None:
+def test_subsets_of_a_kind_are_whole_nodes_or_lie_in_one() -> None:
     from benchmarks.training_space import a100_cluster
     from partitioner.pipeline_plan.space import shapes
 
@@ -397,8 +398,8 @@ def test_halves_of_a_kind_are_whole_nodes_or_lie_in_one() -> None:
             out.setdefault(sum(g.replicas for g in groups), set()).add(layout)
         return out
 
-    # 4 nodes of 8: 16 and 8 are whole nodes (16 also with stages in a node), 4 and 2 lie in one.
+    # 4 nodes of 8: 16 and 8 are whole nodes (16 also with stages in a node); 1 to 7 lie in one.
     four = used(a100_cluster(32))
-    assert set(four) == {1, 2, 4, 8, 16, 32} and "stages in a node" in four[16]
-    # 3 nodes of 8: 12 would be a node and a half, 6 and 3 would not divide a node.
-    assert set(used(a100_cluster(24))) == {1, 24}
+    assert set(four) == {1, 2, 3, 4, 5, 6, 7, 8, 16, 32} and "stages in a node" in four[16]
+    # 3 nodes of 8: 12 would be a node and a half; the first 1 to 8 lie in one.
+    assert set(used(a100_cluster(24))) == {*range(1, 9), 24}

@@ -9,13 +9,22 @@ whose step time is what `partitioner.simulate.simulate` gives for its stages.
 
 - which device kinds take part (every non-empty subset, in every order along the
   pipeline), every device of a chosen kind (of one kind alone, also its first half,
-  quarter, ..., the rest idle); or one device alone (one per kind);
+  quarter, ... where they are whole nodes, and its first ``c`` devices for every ``c`` up
+  to a node's, the rest idle); or one device alone (one per kind);
 - the ranks: each kind's devices cut into groups of ``r_k`` replicas (``r_k`` divides the
   kind's count; groups never mix kinds), laid out *replicas in a node* (a group is
   consecutive devices, node by node, so replicas share a node and so do consecutive
   stages) or, for one kind across nodes, *stages in a node* (each replica's pipeline
   inside a node, the all-reduce across nodes); or one group of every chosen device (data
-  parallelism; kinds may mix, at the slowest replica's pace);
+  parallelism; kinds may mix, at the slowest replica's pace). Of one kind inside a node,
+  also unequal counts per rank (PipeDream's, Narayanan et al. SOSP'19): ``r`` and ``2r``
+  devices in monotone order along the pipeline (`space.unequal_replicas`: ``1+1+2+2``,
+  ``4+2+2``), so a stage the split cannot lighten (a head, an embedding) takes twice the
+  replicas, or late stages hide their all-reduce under the earlier ones' last backwards.
+  The bound keeps the space small: every order of ``r`` and ``2r``, or compositions across
+  nodes, would multiply the configurations (35 and 8 unequal shapes on a node of 8, every
+  order against monotone; see `space.shapes`). Unequal plans, as those mixing kinds,
+  run in the simulator only (`TrainingOptions.equal_replicas` leaves them out);
 - the tensor-parallel degree ``tp``: a group is ``d = r / tp`` data-parallel replicas of
   ``tp`` consecutive devices of one kind in one node (``tp`` divides the group and the
   node's devices of that kind; degrees that split no layer are left out);

@@ -274,8 +274,9 @@ def _space(cluster: Cluster, options: TrainingOptions, count: int) -> str:
     degrees = ", ".join(map(str, options.tensor_parallel))
     return (
         f"{count} configurations: device kinds {', '.join(cluster.kinds)} (every subset, every order), all devices "
-        f"of a chosen kind (of one kind alone also its first half, quarter, ..., the rest idle); ranks of r devices (r divides the kind's count; replicas in a node, or stages in a node "
-        f"across nodes) or one group of all; tensor parallel {degrees} (of those splitting some layer; dividing r "
+        f"of a chosen kind (of one kind alone also its first half, quarter, ... in whole nodes and its first c devices "
+        f"for any c in a node, the rest idle); ranks of r devices (r divides the kind's count; replicas in a node, or "
+        f"stages in a node across nodes; of one kind in a node also r and 2r in monotone order) or one group of all; tensor parallel {degrees} (of those splitting some layer; dividing r "
         f"and a node's devices){', sequence parallel' if options.sequence_parallel else ''}; sharding "
         f"{', '.join(s.value for s in options.shardings)} over the r / tp replicas; "
         f"{options.min_microbatches}-{options.max_microbatches} microbatches dividing the batch; {schedules}; "
