@@ -126,23 +126,25 @@ class ParallelConfig:
         return self.tp * self.pp * self.dp
 
     def check_devices(self, devices: int) -> None:
-        """Raise unless the fixed degrees fit `devices` devices.
+        """Raise unless the fixed degrees fit in `devices` devices.
+
+        Fewer is allowed: the training space holds the first devices of a node and halves
+        of whole nodes of one kind, the rest idle (the plan says so), and the planner
+        answers with `partitioner.errors.InfeasibleError` where no subset takes them.
 
         Raises:
-            ValueError: ``tp x pp x dp`` differs from `devices` (all three fixed), or the
-                fixed ones do not divide it.
+            ValueError: The fixed degrees' product is more than `devices`.
         """
         fixed = {k: v for k, v in (("tp", self.tp), ("pp", self.pp), ("dp", self.dp)) if v is not None}
         product = 1
         for v in fixed.values():
             product *= v
         spelled = " x ".join(f"{k}={v}" for k, v in fixed.items())
-        if self.world is not None and self.world != devices:
+        if product > devices:
             raise ValueError(
-                f"{spelled} = {self.world} devices, but the cluster has {devices}: choose degrees whose product is {devices}"
+                f"{spelled} = {product} devices, but the cluster has {devices}: choose degrees whose product is "
+                f"at most {devices}"
             )
-        if fixed and devices % product:
-            raise ValueError(f"{spelled} = {product} does not divide the cluster's {devices} devices")
 
     def admits(self, config: ConfigurationLike) -> bool:
         """Whether the planner's `config` has every fixed field of this one (``split`` and

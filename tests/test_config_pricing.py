@@ -39,9 +39,17 @@ def test_a_grid_is_searched_within() -> None:
     assert equal.split == "equal"
 
 
-def test_degrees_that_do_not_multiply_to_the_devices_are_refused_with_the_numbers() -> None:
+def test_degrees_beyond_the_devices_are_refused_with_the_numbers() -> None:
     with pytest.raises(ValueError, match=r"tp=2 x pp=2 x dp=4 = 16 devices, but the cluster has 8"):
         _plan(ParallelConfig(tp=2, pp=2, dp=4))
+
+
+def test_degrees_on_fewer_devices_price_the_subset_and_say_which_stay_idle() -> None:
+    # 3 stages of tp 2 on 6 of the node's 8 devices (the space's first 6).
+    priced = _plan(ParallelConfig(tp=2, pp=3, dp=1))
+    assert (priced.tensor_parallel, priced.num_ranks, priced.data_parallel) == (2, 3, 1)
+    assert sorted({d for s in priced.stages for d in s.devices}) == list(range(6))
+    assert "2 of 8 devices idle" in priced.description
 
 
 def test_a_configuration_outside_the_options_is_infeasible_saying_why() -> None:

@@ -65,12 +65,14 @@ def test_a_bad_config_names_what_is_wrong(text: str, message: str) -> None:
         parse_config(text)
 
 
-def test_degrees_must_multiply_to_the_cluster() -> None:
+def test_degrees_must_fit_in_the_cluster() -> None:
+    # Fewer devices than the cluster's are allowed (the space holds subsets, the rest idle).
     parse_config("tp=8,pp=4,dp=2").check_devices(64)
+    parse_config("tp=2,pp=3").check_devices(8)
     with pytest.raises(ValueError, match=r"tp=8 x pp=4 x dp=4 = 128 devices, but the cluster has 64"):
         parse_config("tp=8,pp=4,dp=4").check_devices(64)
-    with pytest.raises(ValueError, match=r"tp=3 = 3 does not divide the cluster's 64 devices"):
-        parse_config("tp=3").check_devices(64)
+    with pytest.raises(ValueError, match=r"pp=9 = 9 devices, but the cluster has 8: choose degrees whose product is at most 8"):
+        parse_config("pp=9").check_devices(8)
 
 
 def test_admits_only_configurations_with_every_fixed_field() -> None:

@@ -193,7 +193,8 @@ def plan_pipeline(
     if fixed is not None and not configs:
         raise InfeasibleError(
             f"no configuration of the space is {fixed} on {cluster.name} ({cluster.num_devices} devices, "
-            f"global batch {global_batch}): check that the degrees use every device of one kind, that "
+            f"global batch {global_batch}): check that the degrees use every device of one kind (or the "
+            f"first devices of a node, or a half, quarter, ... of its whole nodes), that "
             f"tensor-parallel groups fit in a node, that the microbatches times the data-parallel degree divide "
             f"the batch (options allow {options.min_microbatches}-{options.max_microbatches} microbatches) and "
             f"that the schedule and sharding are among the options'"
