@@ -130,8 +130,8 @@ def _matmul_s(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: 
     sides' (`narrow_efficiency`), the lesser.
 
     A matmul of ``g`` FLOPs at a fraction of the batch does ``g x fraction`` (its rows
-    shrink; its sides are taken as traced); FLOPs the layer does not itemise (layers traced
-    before `Layer.gemms`) run at `compute_efficiency`.
+    shrink, and so does its side m, the traced batch's rows); FLOPs the layer does not
+    itemise (layers traced before `Layer.gemms`) run at `compute_efficiency`.
     """
     peak = profile.peak_flops_for(dtype)
     itemised = 0
@@ -140,7 +140,9 @@ def _matmul_s(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: 
         scaled = flops * batch_fraction
         efficiency = gemm_efficiency(profile, scaled)
         if len(sides) == 3 and profile.gemm_narrow:
-            efficiency = min(efficiency, narrow_efficiency(profile, *sides))
+            m, n, k = sides
+            rows = max(1, round(m * batch_fraction)) if m else 0
+            efficiency = min(efficiency, narrow_efficiency(profile, rows, n, k))
         seconds += count * scaled / (peak * efficiency)
         itemised += flops * count
     rest = max(0, layer.fwd_flops - itemised) * batch_fraction

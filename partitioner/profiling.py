@@ -101,8 +101,9 @@ class NodeStats:
     """FLOPs of each op of its forward that counts FLOPs (matmuls, convolutions, attention),
     in the order they ran; they sum to `flops`."""
     gemm_shapes: tuple[tuple[int, int, int], ...] = ()
-    """``(m, n, k)`` of each op of `gemm_flops`, as a matmul ``(m x k) @ (k x n)`` (a batched
-    one's per batch); ``(0, 0, 0)`` for an op that is none (attention, convolution)."""
+    """``(m, n, k)`` of each op of `gemm_flops`, as a matmul ``(m x k) @ (k x n)``: a 2-D one's
+    m is its rows at the traced batch; a batched one's per batch, m 0 (its rows do not
+    scale with the batch); ``(0, 0, 0)`` for an op that is none (attention, convolution)."""
     bwd_flops: int = 0
     """Backward floating-point operations: `BACKWARD_FLOP_FACTOR` x each op's FLOPs, times the
     share of its matrix operands that require grad (module docstring)."""
@@ -194,7 +195,10 @@ def _gemm_shape(func: Any, args: Any, out: Any) -> tuple[int, int, int]:
         # A convolution runs its own kernels (direct, Winograd, implicit GEMM), not the
         # matmul whose narrow sides the profile measures.
         return (0, 0, 0)
-    return (int(a.shape[-2]), int(b.shape[-1]), int(a.shape[-1]))
+    # A 2-D matmul's rows are the batch's (times tokens): they scale with it. A batched one's
+    # batch is its first dimension, and its rows (a sequence) do not: m unknown.
+    rows = int(a.shape[-2]) if a.dim() == 2 else 0
+    return (rows, int(b.shape[-1]), int(a.shape[-1]))
 
 
 def _backward_flops(func: Any, flops: int, args: Any) -> int:

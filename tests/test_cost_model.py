@@ -208,6 +208,11 @@ def test_a_narrow_side_slows_a_matmul_below_what_its_flops_give() -> None:
     assert 0.1 < eff < 1.0
     assert layer_time(head, narrow, INFER) == pytest.approx(head.fwd_flops / (1e12 * min(eff, TOY.compute_efficiency)))
     assert layer_time(plain, narrow, INFER) == pytest.approx(head.fwd_flops / (1e12 * TOY.compute_efficiency))
+    # Traced at one row, priced at 64: m is the batch's rows, and 64 of them are not narrow.
+    rows = replace(narrow, gemm_narrow=(("m", 1.0, 0.1), ("m", 64.0, 1.0)))
+    one = Layer(index=0, name="fc", fwd_flops=2 * 1024 * 1024, bwd_flops=0, gemms=((2 * 1024 * 1024, 1, 1, 1024, 1024),))
+    assert layer_fwd_bwd_time(one, rows)[0] == pytest.approx(one.fwd_flops / (1e12 * 0.1))
+    assert layer_fwd_bwd_time(one, rows, batch_fraction=64)[0] == pytest.approx(64 * one.fwd_flops / (1e12 * 0.5))
 
 
 def test_elementwise_bytes_run_after_the_matmuls_not_beside_them() -> None:
