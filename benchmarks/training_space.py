@@ -1,6 +1,6 @@
 """The training space against a published table and experts' set-ups, on the same simulator.
 
-    python -m benchmarks.training_space                      # both parts (about 30 minutes on 2 cores)
+    python -m benchmarks.training_space                      # both parts (about 15 minutes on 2 cores)
     python -m benchmarks.training_space --part megatron      # Megatron-LM Table 1 only
     python -m benchmarks.training_space --part experts --only gpt3-175b
     python -m benchmarks.training_space --out benchmarks/out/training_space   # elsewhere (RESULTS.md untouched)
