@@ -204,7 +204,7 @@ def _matmul_loop(seconds: float) -> float:
     return (time.perf_counter() - start) / n
 
 
-def compute_sharing(rank: int, world: int, seconds: float = 0.3) -> list[tuple[int, float]]:
+def compute_sharing(rank: int, world: int, seconds: float = _SHARING_LOOP_S) -> list[tuple[int, float]]:
     """(k, slowdown) for k = 2 .. world: processes 0 .. k-1 run `_matmul_loop` for about
     `seconds` at once, the slowest against process 0 alone. Call it on every process of
     the default process group (each gets the same list)."""
@@ -378,14 +378,6 @@ def gloo_cluster_document(timings: LinkTimings, name: str, *, date: str | None =
         f"all-reduce divided by the ring's 2(k-1)/k bytes and 2(k-1) latencies (k = {k}) per hop: "
         f"{_us(hop.latency_s)} + bytes / {1e-9 / hop.seconds_per_byte:.4g} GB/s."
     )
-    node: dict[str, Any] = {"name": "local", "count": 1, "devices": [{"profile": "cpu", "count": k}], "links": []}
-    if timings.sharing:
-        node["compute_sharing"] = [[n, _sig(x)] for n, x in timings.sharing]
-        source += (
-            " Compute sharing: a one-thread 256 x 256 matmul loop in k processes at once against one alone: "
-            + ", ".join(f"{n} processes {x:.3g}x" for n, x in timings.sharing)
-            + "."
-        )
     link = {
         "between": ["cpu", "cpu"],
         "interface": "gloo",
@@ -395,10 +387,18 @@ def gloo_cluster_document(timings: LinkTimings, name: str, *, date: str | None =
         "efficiency": 1.0,
         "allreduce": {"bandwidth_Bps": _sig(1.0 / hop.seconds_per_byte), "latency_s": _sig(hop.latency_s)},
     }
+    node: dict[str, Any] = {"name": "local", "count": 1, "devices": [{"profile": "cpu", "count": k}], "links": [link]}
+    if timings.sharing:
+        node["compute_sharing"] = [[n, _sig(x)] for n, x in timings.sharing]
+        source += (
+            " Compute sharing: a one-thread 256 x 256 matmul loop in k processes at once against one alone: "
+            + ", ".join(f"{n} processes {x:.3g}x" for n, x in timings.sharing)
+            + "."
+        )
     return {
         "name": name,
         "description": f"{k} processes on this machine joined by gloo (measured): devices of the cpu profile",
-        "nodes": [{**node, "links": [link]}],
+        "nodes": [node],
         "network": None,
         "source": source,
     }

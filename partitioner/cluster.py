@@ -22,7 +22,7 @@ the node. Without it (every GPU node) devices compute independently.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,16 @@ class Cluster:
                 return previous[1] + t * (point[1] - previous[1])
             previous = point
         return points[-1][1]
+
+    def group_slowdown(self, used: Iterable[int], group: Iterable[int]) -> float:
+        """`slowdown` of the slowest device of `group` when a launch runs a process on each
+        device of `used` (idle devices run none): each node's processes counted apart."""
+        if not self.compute_sharing:
+            return 1.0
+        processes: dict[int, int] = {}
+        for d in set(used):
+            processes[self.node_of[d]] = processes.get(self.node_of[d], 0) + 1
+        return max(self.slowdown(self.node_of[d], processes.get(self.node_of[d], 1)) for d in group)
 
     @classmethod
     def from_devices(cls, devices: Sequence[Device], name: str = "devices") -> Cluster:

@@ -7,9 +7,10 @@ node (counting the ops a node dispatches to, so ``aten.linear`` counts as its ``
 Backward FLOPs are estimated as twice the forward's (gradient with respect to the input
 and to the weight, each as costly as the forward matmul: Kaplan et al. 2020, "Scaling
 Laws for Neural Language Models", section 2.1), op by op, for the operands that need a
-gradient: a FLOP-counting op's matrix operands (floating tensors of two dimensions or
-more; a bias is summed, not multiplied) each cost an equal share of the two, and one that
-requires no grad costs none. So the first layer of a model, whose input requires no grad,
+gradient: a FLOP-counting op's multiplied operands (`_MULTIPLIED`: a matmul's two, an
+attention's query, key and value; an added bias or mask is summed, not multiplied) each
+cost an equal share of the two, and one that requires no grad costs none; ops inside a
+``no_grad`` region cost none. So the first layer of a model, whose input requires no grad,
 does half the backward of the same layer further in (only its weight's gradient), and a
 frozen weight's layer likewise (only its input's).
 

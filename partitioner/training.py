@@ -285,15 +285,12 @@ def make_training_plan(
             )
         )
     stage_of = [s for s in pipeline.stages for _ in range(s.first_layer, s.last_layer + 1)]
-    processes: dict[int, int] = {}  # per node, as `StageModel.slowdown` counts them
-    for d in {d for s in pipeline.stages for d in s.devices}:
-        processes[cluster.node_of[d]] = processes.get(cluster.node_of[d], 0) + 1
+    used = {d for s in pipeline.stages for d in s.devices}
     layers = []
     for i, layer in enumerate(graph.layers):
         s = stage_of[i]
         kinds = s.profile.split("+")
-        slowdown = max(cluster.slowdown(cluster.node_of[d], processes[cluster.node_of[d]]) for d in s.devices)
-        seconds = slowdown * max(
+        seconds = cluster.group_slowdown(used, s.devices) * max(
             costs.times_for(k, s.samples).fwd_s[i] + costs.times_for(k, s.samples).bwd_s[i] for k in kinds
         )
         c = costs.layers[i]

@@ -231,7 +231,7 @@ def shapes(cluster: Cluster) -> list[tuple[tuple[Group, ...], str]]:
                 for devices in [everything] + [everything[:c] for c in _halves(len(everything))
                                                if c % per_node == 0 or per_node % c == 0]:
                     for r in _divisors(len(devices)):
-                        groups = tuple(Group(tuple(devices[j : j + r])) for j in range(0, len(devices), r))
+                        groups = _cut(devices, (r,) * (len(devices) // r))
                         add(groups, _consecutive(groups, r))
                     if len({cluster.node_of[d] for d in devices}) > 1:
                         for r in _divisors(len(devices))[1:-1]:
@@ -249,9 +249,7 @@ def shapes(cluster: Cluster) -> list[tuple[tuple[Group, ...], str]]:
             for order in itertools.permutations(subset):
                 for counts in itertools.product(*(_divisors(len(by_kind[k])) for k in order)):
                     groups = tuple(
-                        Group(tuple(by_kind[k][j : j + r]))
-                        for k, r in zip(order, counts)
-                        for j in range(0, len(by_kind[k]), r)
+                        g for k, r in zip(order, counts) for g in _cut(by_kind[k], (r,) * (len(by_kind[k]) // r))
                     )
                     add(groups, _consecutive(groups, max(counts)))
     return out

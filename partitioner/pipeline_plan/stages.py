@@ -171,17 +171,13 @@ class StageModel:
         """How much slower `group`'s devices compute than alone: the configuration runs a
         process on each device it uses, and those on one node may share its cores
         (`Cluster.slowdown`, 1 without ``compute_sharing``); the group's slowest device's."""
-        c = self.cluster
-        if not c.compute_sharing:
+        if not self.cluster.compute_sharing:
             return 1.0
         key = (config.groups, group)
         found = self._slowdowns.get(key)
         if found is None:
-            used: dict[int, int] = {}
-            for g in config.groups:
-                for d in g.devices:
-                    used[c.node_of[d]] = used.get(c.node_of[d], 0) + 1
-            found = self._slowdowns[key] = max(c.slowdown(c.node_of[d], used[c.node_of[d]]) for d in group.devices)
+            used = (d for g in config.groups for d in g.devices)
+            found = self._slowdowns[key] = self.cluster.group_slowdown(used, group.devices)
         return found
 
     def kinds(self, group: Group) -> tuple[str, ...]:
