@@ -18,7 +18,10 @@ What is measured, and how (each figure is the median of repeated timings after w
   cost model adds it back;
 - matmul efficiency by a narrow side (`DeviceProfile.gemm_narrow`): matmuls of the peak's
   size with one side (m, n or k) cut to 1 .. 256 (powers of two and the halves between, up
-  to 64), as fractions of the peak the same way.
+  to 64), as fractions of the peak the same way;
+- element-wise bandwidth by size (`DeviceProfile.memory_curve`): out-of-place ReLUs of
+  16 KiB and up, timed as layers are (fresh inputs, outputs allocated), as fractions of the
+  memory bandwidth (above 1 from caches; far below where large outputs map fresh pages).
 
 The figures are sustained rates, so the profile's efficiency factors are 1.0. On CPU the
 measurement runs with ``threads`` torch threads (1 by default, as layer profiling does) and
@@ -27,6 +30,7 @@ restores the caller's setting afterwards.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -46,6 +50,7 @@ from partitioner.devices import DTYPES, PROFILE_NAME_RE, DeviceProfile, Link, Pe
 from partitioner.dtypes import torch_dtype
 from partitioner.errors import DeviceError
 from partitioner.files import staged
+from partitioner.measure.timing import MAX_CALLS, TIMING_S
 from partitioner.progress import Progress
 from partitioner.profile_files import profile_to_json
 
@@ -212,6 +217,63 @@ def _narrow_curves(timer: _MatmulTimer, s: int) -> tuple[tuple[str, float, float
         + tuple(("n", float(d), timer.efficiency(s, s, d)) for d in sides)
         + tuple(("k", float(d), timer.efficiency(s, d, s)) for d in sides)
     )
+
+
+_PASS_SIZES = tuple(16 << (10 + 2 * i) for i in range(12))
+"""Input sizes of `_memory_curve`'s element-wise op: 16 KiB, 64 KiB, ... (those up to the copy's)."""
+
+
+def _memory_curve(
+    device: torch.device, sync: Callable[[], None], budget: _Budget, bandwidth: float, launch_s: float
+) -> tuple[tuple[float, float], ...]:
+    """(bytes read and written, fraction of `bandwidth`) of an out-of-place ReLU by its size.
+
+    Timed as layers are (`partitioner.measure.timing`): each timing runs as many calls as a
+    warm-up timing of one call says fill `TIMING_S` (at most `MAX_CALLS`), each on a fresh
+    copy of the input made before the clock starts, and allocates its output as a layer
+    does: the copies' working set decides which cache serves them, as it does for a layer.
+    Where that count or the allocator's state tips a size between caches and memory, one
+    trial differs from the next: the median of `_PASS_TRIALS` trials, sizes in turn. On a
+    CPU the dispatch floor is taken off (at most half of each time), since the cost model
+    adds it.
+    """
+    sizes = [s for s in _PASS_SIZES if s <= budget.copy_bytes]
+    trials: dict[int, list[float]] = {s: [] for s in sizes}
+    for _ in range(_PASS_TRIALS):
+        for size in sizes:
+            trials[size].append(_pass_seconds(size, device, sync, budget.sample_s / _PASS_TRIALS))
+    points = []
+    for size in sizes:
+        seconds = statistics.median(trials[size])
+        if device.type == "cpu":
+            seconds = max(seconds - launch_s, seconds / 2)
+        points.append((float(2 * size), min(100.0, max(1e-3, round(2 * size / seconds / bandwidth, 4)))))
+    return tuple(points)
+
+
+_PASS_TRIALS = 3
+
+
+def _pass_seconds(size: int, device: torch.device, sync: Callable[[], None], sample_s: float) -> float:
+    """Median seconds of one out-of-place ReLU of `size` bytes, timed as `_memory_curve` says."""
+    source = torch.ones(size // 4, device=device)
+
+    def timed(calls: int) -> float:
+        inputs = [source.clone() for _ in range(calls)]
+        sync()
+        t0 = time.perf_counter()
+        for x in inputs:
+            torch.relu(x)
+        sync()
+        return (time.perf_counter() - t0) / calls
+
+    timed(1)
+    calls = max(1, min(MAX_CALLS, math.ceil(TIMING_S / max(timed(1), 1e-9))))
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < sample_s and len(times) < 100):
+        times.append(timed(calls))
+    return statistics.median(times)
 
 
 def _copy_seconds(
@@ -434,6 +496,9 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
     say(f"matmul efficiency by a narrow side: {fastest}")
     narrow = _narrow_curves(timer, sides[fastest])
     say("narrow sides: " + ", ".join(f"{a}={d:g} {y:.0%}" for a, d, y in narrow))
+    say("element-wise bandwidth by size: out-of-place ReLUs")
+    memory_curve = _memory_curve(dev, sync, budget, bandwidth, launch)
+    say("element-wise bandwidth: " + ", ".join(f"{x / 2**20:.3g} MiB {y:.0%}" for x, y in memory_curve))
 
     mode = "quick" if quick else "full"
     not_measured = f"; not measured: {', '.join(skipped)}" if skipped else ""
@@ -456,11 +521,14 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
             f"matmuls (n = {', '.join(str(round((x / 2) ** (1 / 3))) for x, _ in curve)}) against the largest"
             + f"; by a narrow side from n = {sides[fastest]} matmuls with m, n or k cut to "
             + f"{', '.join(str(d) for d in _NARROW_SIDES if d < sides[fastest])}"
+            + f"; element-wise bandwidth by size from out-of-place ReLUs of 16 KiB to "
+            + f"{max(s for s in _PASS_SIZES if s <= budget.copy_bytes) >> 20} MiB on fresh inputs"
             + f"; sustained figures, efficiencies 1.0{not_measured}"
         ),
         launch_s=launch,
         gemm_efficiency=curve,
         gemm_narrow=narrow,
+        memory_curve=memory_curve,
         calibrated=True,
     )
 

@@ -8,7 +8,7 @@ FLOPs / peak and bytes / bandwidth, summed over ops):
     matmuls  = max(sum_g flops_g / (peak_flops[dtype] * min(gemm_efficiency(flops_g),
                                                              narrow_efficiency(m_g, n_g, k_g))),
                    matmul bytes / bandwidth)
-    kernels  = matmuls + element-wise bytes / bandwidth
+    kernels  = matmuls + sum_p pass_bytes_p / (memory_bandwidth * memory_fraction(pass_bytes_p))
     time     = max(kernels, launches x launch_s)     GPU: launches are asynchronous
                kernels + launches x launch_s          CPU: one thread dispatches and computes
 
@@ -16,7 +16,10 @@ with bandwidth = memory_bandwidth * memory_efficiency. `gemm_efficiency` is the 
 curve by the size of each matmul (small ones run far below peak), `compute_efficiency`
 where it has none; `narrow_efficiency` its curves by each side of a matmul
 ``(m x k) @ (k x n)`` (a narrow one, as a 10-class head's n, runs far below what its FLOPs
-give), 1 where it has none. A CUDA launch returns before its kernel runs, so the host queues the
+give), 1 where it has none; `memory_fraction` the profile's curve by the bytes one
+element-wise node moves (`Layer.passes`: a small one runs from caches, a CPU op whose
+output is larger than the allocator keeps maps fresh pages each call), `memory_efficiency`
+where it has none. A CUDA launch returns before its kernel runs, so the host queues the
 next kernels while the device works: a step takes the longer of the two streams (NVIDIA,
 "Getting Started with CUDA Graphs", 2019: back-to-back launches of a short kernel ran at
 3.8 us each, 9.6 us when each was synchronised). On a CPU the thread that dispatches an op
@@ -52,6 +55,7 @@ __all__ = [
     "roofline_time",
     "gemm_efficiency",
     "narrow_efficiency",
+    "memory_fraction",
     "layer_time_source",
     "TIME_SOURCES",
     "layer_memory",
@@ -112,6 +116,29 @@ def narrow_efficiency(profile: DeviceProfile, m: int, n: int, k: int) -> float:
         if side > 0 and points:
             out = min(out, _log_interpolated(points, side))
     return out
+
+
+def memory_fraction(profile: DeviceProfile, nbytes: float) -> float:
+    """Achieved fraction of `memory_bandwidth_Bps` for one memory-bound op moving `nbytes`:
+    the profile's `DeviceProfile.memory_curve` interpolated linearly in log(bytes), held at
+    the end points; `memory_efficiency` when it has none."""
+    points = profile.memory_curve
+    if not points or nbytes <= 0:
+        return profile.memory_efficiency
+    return _log_interpolated(points, nbytes)
+
+
+def _elementwise_s(layer: Layer, profile: DeviceProfile, nbytes: float, batch_fraction: float) -> float:
+    """Seconds of the forward's memory-bound nodes moving `nbytes` in all: each of
+    `Layer.passes` at its size's `memory_fraction` (scaled to `nbytes`), or the whole at
+    `memory_efficiency` for a layer that does not itemise them."""
+    bandwidth = profile.memory_bandwidth_Bps
+    total = sum(b * count for b, count in layer.passes) * batch_fraction
+    if not layer.passes or total <= 0 or not profile.memory_curve:
+        return nbytes / (bandwidth * profile.memory_efficiency)
+    share = nbytes / total
+    return sum(count * b * batch_fraction * share / (bandwidth * memory_fraction(profile, b * batch_fraction * share))
+               for b, count in layer.passes)
 
 
 def _log_interpolated(points: Sequence[tuple[float, float]], x: float) -> float:
@@ -228,9 +255,10 @@ def _estimate(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: 
         bwd_compute = fwd_compute * layer.bwd_flops / layer.fwd_flops
     else:
         bwd_compute = layer.bwd_flops * batch_fraction / (profile.peak_flops_for(dtype) * profile.compute_efficiency)
-    fwd = max(fwd_compute, matmul_bytes / bandwidth) + elementwise / bandwidth
+    elementwise_s = _elementwise_s(layer, profile, elementwise, batch_fraction)
+    fwd = max(fwd_compute, matmul_bytes / bandwidth) + elementwise_s
     bwd = (max(bwd_compute, BACKWARD_TRAFFIC_FACTOR * matmul_bytes / bandwidth)
-           + (BACKWARD_TRAFFIC_FACTOR * elementwise + layer.table_grad_bytes) / bandwidth)
+           + BACKWARD_TRAFFIC_FACTOR * elementwise_s + layer.table_grad_bytes / bandwidth)
     return _device_s(fwd, layer.fwd_kernels, profile), _device_s(bwd, layer.bwd_kernels, profile)
 
 

@@ -157,6 +157,13 @@ class DeviceProfile:
     (a 10-class head, a 3-channel first convolution). Per axis, sizes increasing,
     interpolated linearly in log(size), held at the end points; a matmul runs at the least
     of its sides' values and its FLOPs' `gemm_efficiency`. Empty: no such limit."""
+    memory_curve: tuple[tuple[float, float], ...] = ()
+    """(bytes one memory-bound op reads and writes, achieved fraction of
+    `memory_bandwidth_Bps`) points, bytes increasing: an element-wise op's time by its size.
+    Above 1 where it runs from caches, far below where each call maps fresh pages (a CPU
+    allocator returns large blocks to the system). Interpolated linearly in log(bytes), held
+    at the end points; it replaces `memory_efficiency` for such ops. Empty: every
+    element-wise op at `memory_efficiency`."""
     calibrated: bool = False
     """Whether the figures were measured on the device (`partitioner profile`), not read
     from a datasheet: the report says how sure its times are by it."""
@@ -311,24 +318,40 @@ def _validate_profile(p: DeviceProfile) -> None:
         raise FieldError("launch_s", f"must be finite and in [0, {_MAX_LAUNCH_S:g}]", p.launch_s)
     _check_gemm_curve(p.gemm_efficiency)
     _check_narrow_curves(p.gemm_narrow)
+    _check_memory_curve(p.memory_curve)
     if not isinstance(p.calibrated, bool):
         raise FieldError("calibrated", "must be true or false", p.calibrated)
 
 
 def _check_gemm_curve(points: object) -> None:
     """`points` must be at most 64 (FLOPs, efficiency) pairs, FLOPs strictly increasing."""
+    _check_curve("gemm_efficiency", points, ("flops", "efficiency"), _MAX_FLOPS, 1.0)
+
+
+_MAX_MEMORY_FRACTION = 100.0
+_MAX_PASS_BYTES = 1e15
+
+
+def _check_memory_curve(points: object) -> None:
+    """`points` must be at most 64 (bytes, fraction) pairs, bytes strictly increasing."""
+    _check_curve("memory_curve", points, ("bytes", "fraction"), _MAX_PASS_BYTES, _MAX_MEMORY_FRACTION)
+
+
+def _check_curve(key: str, points: object, names: tuple[str, str], x_max: float, y_max: float) -> None:
+    """`points` must be at most 64 (x in [1, x_max], y in [0.001, y_max]) pairs, x strictly increasing."""
     if not isinstance(points, tuple) or len(points) > _MAX_GEMM_POINTS:
-        problem = f"must be a list of at most {_MAX_GEMM_POINTS} [flops, efficiency] pairs"
-        raise FieldError("gemm_efficiency", problem, points)
+        problem = f"must be a list of at most {_MAX_GEMM_POINTS} [{names[0]}, {names[1]}] pairs"
+        raise FieldError(key, problem, points)
     previous = 0.0
     for i, point in enumerate(points):
-        key = f"gemm_efficiency[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(point, tuple) or len(point) != 2:
-            raise FieldError(key, "must be a pair [flops, efficiency]", point)
-        _check_number(f"{key}[0]", point[0], _MAX_FLOPS, 1.0)
-        _check_number(f"{key}[1]", point[1], 1.0, _MIN_EFFICIENCY)
+            raise FieldError(where, f"must be a pair [{names[0]}, {names[1]}]", point)
+        _check_number(f"{where}[0]", point[0], x_max, 1.0)
+        _check_number(f"{where}[1]", point[1], y_max, _MIN_EFFICIENCY)
         if point[0] <= previous:
-            raise FieldError(f"{key}[0]", f"must be larger than the point before ({previous:g} FLOPs)", point[0])
+            unit = "FLOPs" if names[0] == "flops" else names[0]
+            raise FieldError(f"{where}[0]", f"must be larger than the point before ({previous:g} {unit})", point[0])
         previous = point[0]
 
 

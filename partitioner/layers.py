@@ -335,6 +335,8 @@ class _Totals:
     kernels: int = 0
     gemms: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
     """(FLOPs, m, n, k) of one op -> how many."""
+    passes: dict[int, int] = field(default_factory=dict)
+    """Bytes one node without FLOPs moves -> how many."""
     tp_flops: int = 0
     tp_params: int = 0
     tp_saved: int = 0
@@ -406,6 +408,9 @@ def _layer_records(
             a.saved += s.output_bytes if s.requires_grad else 0
             a.traffic += s.traffic_bytes
             a.elementwise += s.traffic_bytes if s.flops == 0 else 0
+            if s.flops == 0 and s.traffic_bytes > s.unread_bytes:
+                moved = s.traffic_bytes - s.unread_bytes
+                a.passes[moved] = a.passes.get(moved, 0) + 1
             a.unread += s.unread_bytes
             a.table_grad += s.table_grad_bytes
             a.kernels += s.kernels
@@ -441,6 +446,7 @@ def _layer_records(
                 bwd_kernels=BACKWARD_KERNEL_FACTOR * a.kernels,
                 gemms=tuple(sorted(((g, count, *shape) for (g, *shape), count in a.gemms.items()), reverse=True)),
                 elementwise_bytes=a.elementwise,
+                passes=tuple(sorted(a.passes.items(), reverse=True)),
                 unread_bytes=a.unread,
                 table_grad_bytes=a.table_grad,
                 tp_flops=a.tp_flops,

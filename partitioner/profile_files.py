@@ -69,7 +69,7 @@ def json_object(where: str, key: str, value: object, required: set[str], optiona
 
 
 _LINK_KEYS = {f.name for f in fields(Link)}
-_OPTIONAL_PROFILE_KEYS = {"launch_s", "gemm_efficiency", "gemm_narrow", "calibrated"}
+_OPTIONAL_PROFILE_KEYS = {"launch_s", "gemm_efficiency", "gemm_narrow", "memory_curve", "calibrated"}
 """Keys added after the first schema: a profile without them still loads (their defaults)."""
 _PROFILE_KEYS = {f.name for f in fields(DeviceProfile)} - _OPTIONAL_PROFILE_KEYS
 _CALIBRATE_SOURCE = "partitioner.calibrate.measure_device"
@@ -106,6 +106,11 @@ def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
         raise ProfileError(
             f"{where}: key 'gemm_narrow' must be a list of [axis, size, efficiency] triples (got {narrow!r:.80})"
         )
+    memory = top.get("memory_curve", [])
+    if not isinstance(memory, list):
+        raise ProfileError(
+            f"{where}: key 'memory_curve' must be a list of [bytes, fraction] pairs (got {memory!r:.80})"
+        )
     # A file measured before `calibrated` existed says so in its source.
     calibrated = top.get("calibrated", isinstance(top["source"], str) and top["source"].startswith(_CALIBRATE_SOURCE))
     try:
@@ -124,6 +129,7 @@ def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
             launch_s=top.get("launch_s", 0.0),
             gemm_efficiency=tuple(tuple(p) if isinstance(p, list) else p for p in curve),
             gemm_narrow=tuple(tuple(p) if isinstance(p, list) else p for p in narrow),
+            memory_curve=tuple(tuple(p) if isinstance(p, list) else p for p in memory),
             calibrated=calibrated,
         )
     except InvalidProfileError as e:
@@ -182,6 +188,8 @@ def profile_to_json(profile: DeviceProfile) -> str:
         data["gemm_efficiency"] = [list(p) for p in profile.gemm_efficiency]
     if profile.gemm_narrow:
         data["gemm_narrow"] = [list(p) for p in profile.gemm_narrow]
+    if profile.memory_curve:
+        data["memory_curve"] = [list(p) for p in profile.memory_curve]
     if profile.calibrated:
         data["calibrated"] = True
     return _to_json(data) + "\n"

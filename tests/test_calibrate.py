@@ -63,12 +63,17 @@ def test_launch_floor_and_matmul_curve_are_measured(measured: tuple[DeviceProfil
     sides = {a: [d for b, d, _ in profile.gemm_narrow if b == a] for a in ("m", "n", "k")}
     assert all(v == sorted(v) and v[0] == 1 and len(v) >= 6 for v in sides.values()), sides
     assert all(0 < y <= 1 for _, _, y in profile.gemm_narrow) and "narrow side" in profile.source
+    # Element-wise bandwidth by size: 16 KiB inputs (32 KiB moved) up to the 64 MiB copy's.
+    sizes = [x for x, _ in profile.memory_curve]
+    assert sizes[0] == 2 * 16 * 1024 and sizes[-1] == 2 * 64 * 2**20 and sizes == sorted(sizes)
+    assert all(0 < y <= 100 for _, y in profile.memory_curve) and "element-wise bandwidth" in profile.source
 
 
 def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]) -> None:
     profile, _ = measured
     figures = [line for line in PROGRESS
-               if "GFLOP/s" in line or " us per kernel" in line or "FLOPs" in line or line.startswith("narrow sides")]
+               if "GFLOP/s" in line or " us per kernel" in line or "FLOPs" in line
+               or line.startswith(("narrow sides", "element-wise bandwidth: "))]
     assert [line for line in PROGRESS if line not in figures] == [
         "1/3: float32 matmuls",
         "2/3: tf32 matmuls",  # then skipped on a CPU
@@ -77,6 +82,7 @@ def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]
         "launch floor: back-to-back one-element adds",
         f"matmul efficiency by size: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)}",
         f"matmul efficiency by a narrow side: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)}",
+        "element-wise bandwidth by size: out-of-place ReLUs",
     ]
     assert [line.split(" GFLOP/s")[0] for line in figures] == [
         f"float32: {profile.peak_flops.float32 / 1e9:.4g}",
@@ -84,6 +90,7 @@ def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]
         f"launch floor: {profile.launch_s * 1e6:.3g} us per kernel",
         "matmul efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%}" for x, y in profile.gemm_efficiency),
         "narrow sides: " + ", ".join(f"{a}={d:g} {y:.0%}" for a, d, y in profile.gemm_narrow),
+        "element-wise bandwidth: " + ", ".join(f"{x / 2**20:.3g} MiB {y:.0%}" for x, y in profile.memory_curve),
     ]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from dataclasses import replace
 
-from partitioner.cost_model import build_problem, gemm_efficiency, narrow_efficiency, layer_fwd_bwd_time, layer_memory, layer_time, layer_time_source, replica_cost, roofline_time
+from partitioner.cost_model import build_problem, gemm_efficiency, memory_fraction, narrow_efficiency, layer_fwd_bwd_time, layer_memory, layer_time, layer_time_source, replica_cost, roofline_time
 from partitioner.devices import Device, DeviceProfile, Link, PeakFlops, link_cost
 from partitioner.errors import DeviceError
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
@@ -220,6 +220,24 @@ def test_elementwise_bytes_run_after_the_matmuls_not_beside_them() -> None:
     split = replace(LAYERS[0], elementwise_bytes=4 * 10**8)
     assert layer_time(split, TOY, INFER) == pytest.approx(2.0 + 4e8 / 5e10)
     assert layer_time(LAYERS[0], TOY, INFER) == pytest.approx(2.0)  # all of it beside the matmuls
+
+
+def test_each_elementwise_pass_runs_at_its_size_bandwidth() -> None:
+    # 1 MB moved from caches at 2x the bandwidth, 100 MB at a tenth of it (fresh pages each call).
+    curved = replace(TOY, memory_curve=((1e6, 2.0), (1e8, 0.1)))
+    assert memory_fraction(curved, 1e7) == pytest.approx(1.05)  # halfway in log between 1e6 and 1e8
+    assert memory_fraction(curved, 1e3) == 2.0 and memory_fraction(curved, 1e9) == 0.1
+    assert memory_fraction(TOY, 1e6) == TOY.memory_efficiency  # no curve: the flat efficiency
+    small = Layer(index=0, name="relu", traffic_bytes=4 * 10**6, elementwise_bytes=4 * 10**6, passes=((10**6, 4),))
+    big = Layer(index=1, name="gelu", traffic_bytes=10**8, elementwise_bytes=10**8, passes=((10**8, 1),))
+    # Seconds: bytes / (1e11 B/s x fraction), backward twice the forward's bytes.
+    assert layer_fwd_bwd_time(small, curved) == (pytest.approx(4e6 / 2e11), pytest.approx(8e6 / 2e11))
+    assert layer_fwd_bwd_time(big, curved)[0] == pytest.approx(1e8 / 1e10)
+    # At half the batch each pass moves half as much: 5e5 bytes, still from caches.
+    assert layer_fwd_bwd_time(small, curved, batch_fraction=0.5)[0] == pytest.approx(2e6 / 2e11)
+    # Without the curve, or for a layer that does not itemise its passes: bytes at memory_efficiency.
+    assert layer_fwd_bwd_time(small, TOY)[0] == pytest.approx(4e6 / 5e10)
+    assert layer_fwd_bwd_time(replace(big, passes=()), curved)[0] == pytest.approx(1e8 / 5e10)
 
 
 def test_time_source_says_measured_calibrated_or_roofline() -> None:

@@ -197,6 +197,11 @@ def _delete(path: str) -> Any:
         (_set("gemm_narrow", [["n", 0.5, 0.1]]), "'gemm_narrow[0][1]'"),
         (_set("gemm_narrow", [["n", 8, 1.5]]), "'gemm_narrow[0][2]' must be finite and in [0.001, 1]"),
         (_set("gemm_narrow", [["n", 8, 0.1], ["m", 4, 0.2], ["n", 8, 0.3]]), "'gemm_narrow[2][1]' must be larger"),
+        (_set("memory_curve", {"1e6": 1.5}), "'memory_curve' must be a list of [bytes, fraction] pairs"),
+        (_set("memory_curve", [[1e6]]), "'memory_curve[0]' must be a pair"),
+        (_set("memory_curve", [[1e6, 0.0]]), "'memory_curve[0][1]' must be finite and in [0.001, 100]"),
+        (_set("memory_curve", [[1e6, 150.0]]), "'memory_curve[0][1]' must be finite and in [0.001, 100]"),
+        (_set("memory_curve", [[1e6, 2.0], [1e6, 1.0]]), "'memory_curve[1][0]' must be larger than the point"),
     ],
 )
 def test_hostile_profile_is_rejected_naming_file_and_key(tmp_path: Path, mutate: Any, expected: str) -> None:
@@ -236,6 +241,12 @@ def test_launch_floor_and_gemm_curve_round_trip(tmp_path: Path) -> None:
     path.write_text(json.dumps(narrow))
     profile = load_profile(path)
     assert profile.gemm_narrow == (("n", 1, 0.3), ("n", 8, 0.1), ("m", 4, 0.4), ("n", 64, 1.0))
+    path.write_text(profile_to_json(profile))
+    assert load_profile(path) == profile
+    memory = data | {"memory_curve": [[32768, 1.8], [524288, 2.5], [1.3e8, 0.15]]}
+    path.write_text(json.dumps(memory))
+    profile = load_profile(path)
+    assert profile.memory_curve == ((32768, 1.8), (524288, 2.5), (1.3e8, 0.15))
     path.write_text(profile_to_json(profile))
     assert load_profile(path) == profile
 

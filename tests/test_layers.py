@@ -285,6 +285,8 @@ def test_kernels_count_launching_ops_and_skip_views() -> None:
         ]
         relu = g.stats[next(n for n in g.stats if "relu" in n or n == "_1")]
         assert sum(layer.elementwise_bytes for layer in layers) == relu.traffic_bytes > 0
+        # One pass of the ReLU's bytes (2 x 16 floats read, as many written), for the size curve.
+        assert [p for layer in layers for p in layer.passes] == [(relu.traffic_bytes, 1)] == [(2 * 2 * 16 * 4, 1)]
 
 
 def test_block_kernels_sum_their_ops(gpt2_blocks: Grouped) -> None:
@@ -390,6 +392,7 @@ def test_traffic_counts_a_modules_weights_and_only_the_rows_a_lookup_reads(front
     lookup, proj = layers["table"], layers["proj"]
     assert lookup.unread_bytes == table - rows
     assert lookup.traffic_bytes - lookup.unread_bytes == ids.numel() * 8 + 2 * rows
+    assert lookup.passes == ((ids.numel() * 8 + 2 * rows, 1),)  # its pass is the rows it moves, not the table
     assert proj.unread_bytes == 0 and proj.traffic_bytes == rows + (16 * 8 + 8) * 4 + out
 
 

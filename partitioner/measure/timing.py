@@ -2,7 +2,7 @@
 
 One visit of a unit times its forward, its forward with autograd and its backward (the
 method and why are in the package docstring, `partitioner.measure`). A unit faster than
-`_TIMING_S` is called several times back to back per timing (at most `_MAX_CALLS`), as
+`TIMING_S` is called several times back to back per timing (at most `MAX_CALLS`), as
 many as the warm-up says fill it.
 """
 
@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 from partitioner.measure.units import Unit, call_inputs, differentiable, takes_grad, unit_to
 from partitioner.progress import Progress
 
-__all__ = ["Samples", "timing_settings", "time_rounds", "layer_times"]
+__all__ = ["Samples", "timing_settings", "time_rounds", "layer_times", "TIMING_S", "MAX_CALLS"]
 
 
 # Device copies of layers stay resident across rounds while they fill at most this share
@@ -32,9 +32,9 @@ _RESIDENT_SHARE = 0.5
 
 # One timing of a fast layer repeats it back to back until it lasts about this long, so
 # that reading the clock and synchronising (microseconds on a CPU, tens of them with
-# CUDA) stay small beside it; at most _MAX_CALLS calls. Slower layers run once a visit.
-_TIMING_S = 1e-3
-_MAX_CALLS = 64
+# CUDA) stay small beside it; at most MAX_CALLS calls. Slower layers run once a visit.
+TIMING_S = 1e-3
+MAX_CALLS = 64
 
 
 @dataclass(slots=True)
@@ -168,7 +168,7 @@ def time_rounds(
 ) -> list[Samples]:
     """A warm-up round, then `repeats` timed rounds of every unit in turn, until `deadline`.
 
-    The warm-up also sets how many calls each unit's timings batch (see `_TIMING_S`).
+    The warm-up also sets how many calls each unit's timings batch (see `TIMING_S`).
 
     With `copy_to_device`, each unit is copied to `device` for its visit (copies are kept
     across rounds while they fill at most `_RESIDENT_SHARE` of the free CUDA memory);
@@ -194,7 +194,7 @@ def time_rounds(
                 dropped.add(i)
                 say(f"{label}: layer {unit.layer} ({unit.name!r}) {seconds} on {device}; it keeps its estimate")
             elif r == 0:
-                calls[i] = max(1, min(_MAX_CALLS, math.ceil(_TIMING_S / max(seconds[0], 1e-9))))
+                calls[i] = max(1, min(MAX_CALLS, math.ceil(TIMING_S / max(seconds[0], 1e-9))))
             else:
                 s = samples[i]
                 s.fwd.append(seconds[0])
