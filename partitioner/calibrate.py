@@ -12,6 +12,8 @@ What is measured, and how (each figure is the median of repeated timings after w
 - launch floor (`DeviceProfile.launch_s`): back-to-back in-place adds on a one-element
   tensor, unsynchronised, so the time per call is the rate at which eager PyTorch issues
   kernels (CUDA) or dispatches ops (CPU);
+- module call (`DeviceProfile.module_call_s`): the same adds called through an ``nn.Module``,
+  less the bare adds: the host's cost of a module call;
 - matmul efficiency by size (`DeviceProfile.gemm_efficiency`): square matmuls of a few
   sizes in the fastest measured dtype, each as a fraction of the rate at the largest size
   measured (the peak); on a CPU the dispatch floor is taken off each time first, since the
@@ -168,6 +170,34 @@ def _launch_seconds(device: torch.device, sync: Callable[[], None], budget: _Bud
             x.add_(1.0)
 
     return min(1e-2, _rounded(_median_seconds(burst, sync, budget.sample_s) / calls))
+
+
+class _AddOne(torch.nn.Module):
+    """One in-place add: what a module call costs beyond its op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.add_(1.0)
+
+
+def _module_call_seconds(device: torch.device, sync: Callable[[], None], budget: _Budget) -> float:
+    """Host seconds an ``nn.Module`` call adds to its op: back-to-back calls of `_AddOne`
+    less the same adds called bare (0 where the difference is lost in noise)."""
+    x = torch.zeros(1, device=device)
+    module = _AddOne()
+    calls = 200
+
+    def bare() -> None:
+        for _ in range(calls):
+            x.add_(1.0)
+
+    def wrapped() -> None:
+        for _ in range(calls):
+            module(x)
+
+    with torch.no_grad():
+        seconds = [(_median_seconds(wrapped, sync, budget.sample_s) - _median_seconds(bare, sync, budget.sample_s))
+                   / calls for _ in range(3)]
+    return min(1e-2, max(0.0, _rounded(statistics.median(seconds))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,6 +518,9 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
     say("launch floor: back-to-back one-element adds")
     launch = _launch_seconds(dev, sync, budget)
     say(f"launch floor: {launch * 1e6:.3g} us per kernel")
+    say("module call: a module's one add against the add alone")
+    module_call = _module_call_seconds(dev, sync, budget)
+    say(f"module call: {module_call * 1e6:.3g} us per call")
     fastest = max(peaks, key=peaks.__getitem__)
     say(f"matmul efficiency by size: {fastest}")
     timer = _MatmulTimer(fastest, dev, sync, budget, peaks[fastest], launch)
@@ -517,7 +550,8 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
             f"partitioner.calibrate.measure_device, torch {torch.__version__}: medians of square matmuls "
             f"({', '.join(sizes)}), a {budget.copy_bytes >> 20} MiB copy"
             + (f", {budget.host_bytes >> 20} MiB host and peer copies" if on_cuda else "")
-            + f"; launch floor from back-to-back one-element adds; matmul efficiency by size from square {fastest} "
+            + "; launch floor from back-to-back one-element adds; module call from the same adds in an nn.Module"
+            + f"; matmul efficiency by size from square {fastest} "
             f"matmuls (n = {', '.join(str(round((x / 2) ** (1 / 3))) for x, _ in curve)}) against the largest"
             + f"; by a narrow side from n = {sides[fastest]} matmuls with m, n or k cut to "
             + f"{', '.join(str(d) for d in _NARROW_SIDES if d < sides[fastest])}"
@@ -526,6 +560,7 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
             + f"; sustained figures, efficiencies 1.0{not_measured}"
         ),
         launch_s=launch,
+        module_call_s=module_call,
         gemm_efficiency=curve,
         gemm_narrow=narrow,
         memory_curve=memory_curve,

@@ -9,8 +9,9 @@ FLOPs / peak and bytes / bandwidth, summed over ops):
                                                              narrow_efficiency(m_g, n_g, k_g))),
                    matmul bytes / bandwidth)
     kernels  = matmuls + sum_p pass_bytes_p / (memory_bandwidth * memory_fraction(pass_bytes_p))
-    time     = max(kernels, launches x launch_s)     GPU: launches are asynchronous
-               kernels + launches x launch_s          CPU: one thread dispatches and computes
+    host     = launches x launch_s + module calls x module_call_s   (module calls: forward only)
+    time     = max(kernels, host)     GPU: launches are asynchronous
+               kernels + host          CPU: one thread dispatches and computes
 
 with bandwidth = memory_bandwidth * memory_efficiency. `gemm_efficiency` is the profile's
 curve by the size of each matmul (small ones run far below peak), `compute_efficiency`
@@ -176,9 +177,10 @@ def _matmul_s(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: 
     return seconds + rest / (peak * profile.compute_efficiency)
 
 
-def _device_s(kernels_s: float, launches: int, profile: DeviceProfile) -> float:
-    """The launch floor applied to `kernels_s` (the module docstring: max on a GPU, sum on a CPU)."""
-    floor = launches * profile.launch_s
+def _device_s(kernels_s: float, launches: int, profile: DeviceProfile, module_calls: int = 0) -> float:
+    """The launch floor applied to `kernels_s` (the module docstring: max on a GPU, sum on a
+    CPU), with the host's `module_calls` module calls in it."""
+    floor = launches * profile.launch_s + module_calls * profile.module_call_s
     return max(kernels_s, floor) if profile.kind == "gpu" else kernels_s + floor
 
 
@@ -259,7 +261,8 @@ def _estimate(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: 
     fwd = max(fwd_compute, matmul_bytes / bandwidth) + elementwise_s
     bwd = (max(bwd_compute, BACKWARD_TRAFFIC_FACTOR * matmul_bytes / bandwidth)
            + BACKWARD_TRAFFIC_FACTOR * elementwise_s + layer.table_grad_bytes / bandwidth)
-    return _device_s(fwd, layer.fwd_kernels, profile), _device_s(bwd, layer.bwd_kernels, profile)
+    return (_device_s(fwd, layer.fwd_kernels, profile, layer.module_calls),
+            _device_s(bwd, layer.bwd_kernels, profile))
 
 
 def layer_fwd_bwd_time(

@@ -147,6 +147,11 @@ class DeviceProfile:
     launch_s: float = 0.0
     """Floor per kernel, seconds: launching one CUDA kernel from eager PyTorch (GPU), or
     dispatching one op (CPU). 0 (profiles without it): no floor."""
+    module_call_s: float = 0.0
+    """Host seconds one ``nn.Module`` call adds beyond its ops (``__call__``, hooks, Python):
+    a forward pays it per module it calls; a backward (autograd's engine) does not. Adds to
+    a CPU's compute, and to a GPU's launch stream (the host issues both). 0 (profiles
+    without it): not priced."""
     gemm_efficiency: tuple[tuple[float, float], ...] = ()
     """(FLOPs of one matmul, achieved fraction of `peak_flops`) points, FLOPs increasing:
     small matmuls run far below peak. Interpolated linearly in log(FLOPs), held at the end
@@ -316,6 +321,10 @@ def _validate_profile(p: DeviceProfile) -> None:
         raise FieldError("launch_s", "must be a number", p.launch_s)
     if not (math.isfinite(p.launch_s) and 0 <= p.launch_s <= _MAX_LAUNCH_S):
         raise FieldError("launch_s", f"must be finite and in [0, {_MAX_LAUNCH_S:g}]", p.launch_s)
+    if isinstance(p.module_call_s, bool) or not isinstance(p.module_call_s, (int, float)):
+        raise FieldError("module_call_s", "must be a number", p.module_call_s)
+    if not (math.isfinite(p.module_call_s) and 0 <= p.module_call_s <= _MAX_LAUNCH_S):
+        raise FieldError("module_call_s", f"must be finite and in [0, {_MAX_LAUNCH_S:g}]", p.module_call_s)
     _check_gemm_curve(p.gemm_efficiency)
     _check_narrow_curves(p.gemm_narrow)
     _check_memory_curve(p.memory_curve)

@@ -71,6 +71,10 @@ class Layer:
     0 when unknown (layers built before it was counted: no launch floor)."""
     bwd_kernels: int = 0
     """Device kernels one backward launches (estimate: `BACKWARD_KERNEL_FACTOR` x forward)."""
+    module_calls: int = 0
+    """``nn.Module`` calls one forward makes (the modules whose first node it holds, by the
+    nodes' module stacks; a repeated call export records apart counts again): each costs
+    the host `DeviceProfile.module_call_s`. 0 when unknown."""
     gemms: tuple[tuple[int, ...], ...] = ()
     """(FLOPs of one op, how many such ops[, m, n, k]) for the forward's FLOP-counting ops
     (matmuls, convolutions, attention), largest first: ``m, n, k`` its sides as a matmul

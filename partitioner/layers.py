@@ -333,6 +333,7 @@ class _Totals:
     table_grad: int = 0
     nodes: int = 0
     kernels: int = 0
+    module_calls: int = 0
     gemms: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
     """(FLOPs, m, n, k) of one op -> how many."""
     passes: dict[int, int] = field(default_factory=dict)
@@ -389,10 +390,14 @@ def _layer_records(
 ) -> list[Layer]:
     param_ids = {id(p) for p in gm.parameters()}
     seen: set[int] = set()
+    called: set[str] = set()
     acc = [_Totals() for _ in members]
     for n in sorted(key, key=order.__getitem__):
         a = acc[node_layer[n.name]]
         a.nodes += 1
+        calls = [k for k, _ in _module_stack(n) if k not in called]
+        called.update(calls)
+        a.module_calls += len(calls)
         for name, t in _owned_tensors(gm, n):
             if id(t) in seen:
                 continue
@@ -443,6 +448,7 @@ def _layer_records(
                 traffic_bytes=a.traffic,
                 num_nodes=a.nodes,
                 fwd_kernels=a.kernels,
+                module_calls=a.module_calls,
                 bwd_kernels=BACKWARD_KERNEL_FACTOR * a.kernels,
                 gemms=tuple(sorted(((g, count, *shape) for (g, *shape), count in a.gemms.items()), reverse=True)),
                 elementwise_bytes=a.elementwise,

@@ -69,7 +69,7 @@ def json_object(where: str, key: str, value: object, required: set[str], optiona
 
 
 _LINK_KEYS = {f.name for f in fields(Link)}
-_OPTIONAL_PROFILE_KEYS = {"launch_s", "gemm_efficiency", "gemm_narrow", "memory_curve", "calibrated"}
+_OPTIONAL_PROFILE_KEYS = {"launch_s", "module_call_s", "gemm_efficiency", "gemm_narrow", "memory_curve", "calibrated"}
 """Keys added after the first schema: a profile without them still loads (their defaults)."""
 _PROFILE_KEYS = {f.name for f in fields(DeviceProfile)} - _OPTIONAL_PROFILE_KEYS
 _CALIBRATE_SOURCE = "partitioner.calibrate.measure_device"
@@ -127,6 +127,7 @@ def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
             peer_link=links["peer_link"],
             source=top["source"],
             launch_s=top.get("launch_s", 0.0),
+            module_call_s=top.get("module_call_s", 0.0),
             gemm_efficiency=tuple(tuple(p) if isinstance(p, list) else p for p in curve),
             gemm_narrow=tuple(tuple(p) if isinstance(p, list) else p for p in narrow),
             memory_curve=tuple(tuple(p) if isinstance(p, list) else p for p in memory),
@@ -184,6 +185,8 @@ def profile_to_json(profile: DeviceProfile) -> str:
     # Keys added after the first schema are written only where they say something.
     if profile.launch_s:
         data["launch_s"] = profile.launch_s
+    if profile.module_call_s:
+        data["module_call_s"] = profile.module_call_s
     if profile.gemm_efficiency:
         data["gemm_efficiency"] = [list(p) for p in profile.gemm_efficiency]
     if profile.gemm_narrow:

@@ -54,6 +54,7 @@ def test_launch_floor_and_matmul_curve_are_measured(measured: tuple[DeviceProfil
     profile, _ = measured
     assert profile.calibrated
     assert 1e-8 < profile.launch_s < 1e-3  # an op dispatch: microseconds
+    assert 1e-8 < profile.module_call_s < 1e-3 and "module call" in profile.source  # Python's __call__
     curve = profile.gemm_efficiency
     assert len(curve) >= 2 and curve[-1][1] == 1.0  # the largest size is the peak
     assert all(a[0] < b[0] for a, b in zip(curve, curve[1:]))
@@ -72,7 +73,7 @@ def test_launch_floor_and_matmul_curve_are_measured(measured: tuple[DeviceProfil
 def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]) -> None:
     profile, _ = measured
     figures = [line for line in PROGRESS
-               if "GFLOP/s" in line or " us per kernel" in line or "FLOPs" in line
+               if "GFLOP/s" in line or " us per kernel" in line or " us per call" in line or "FLOPs" in line
                or line.startswith(("narrow sides", "element-wise bandwidth: "))]
     assert [line for line in PROGRESS if line not in figures] == [
         "1/3: float32 matmuls",
@@ -80,6 +81,7 @@ def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]
         "3/3: bfloat16 matmuls",
         "memory bandwidth: copying 64 MiB",
         "launch floor: back-to-back one-element adds",
+        "module call: a module's one add against the add alone",
         f"matmul efficiency by size: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)}",
         f"matmul efficiency by a narrow side: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)}",
         "element-wise bandwidth by size: out-of-place ReLUs",
@@ -88,6 +90,7 @@ def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]
         f"float32: {profile.peak_flops.float32 / 1e9:.4g}",
         f"bfloat16: {profile.peak_flops.bfloat16 / 1e9:.4g}",
         f"launch floor: {profile.launch_s * 1e6:.3g} us per kernel",
+        f"module call: {profile.module_call_s * 1e6:.3g} us per call",
         "matmul efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%}" for x, y in profile.gemm_efficiency),
         "narrow sides: " + ", ".join(f"{a}={d:g} {y:.0%}" for a, d, y in profile.gemm_narrow),
         "element-wise bandwidth: " + ", ".join(f"{x / 2**20:.3g} MiB {y:.0%}" for x, y in profile.memory_curve),

@@ -240,6 +240,18 @@ def test_each_elementwise_pass_runs_at_its_size_bandwidth() -> None:
     assert layer_fwd_bwd_time(replace(big, passes=()), curved)[0] == pytest.approx(1e8 / 5e10)
 
 
+def test_module_calls_cost_the_host_in_the_forward_only() -> None:
+    # 3 kernels and 2 module calls: a CPU adds 3 x 2 us + 2 x 1 us to its kernels' 1 us; a GPU
+    # takes the longer of the host's 8 us and the kernels'. Autograd's backward calls no module.
+    layer = Layer(index=0, name="block", traffic_bytes=10**4, elementwise_bytes=10**4, passes=((10**4, 1),),
+                  fwd_kernels=3, bwd_kernels=6, module_calls=2)
+    gpu = replace(TOY, memory_bandwidth_Bps=2e10, launch_s=2e-6, module_call_s=1e-6)  # 1e4 B at 1e10 B/s: 1 us
+    cpu = replace(gpu, kind="cpu", host_link=None, peer_link=None)
+    assert layer_fwd_bwd_time(layer, cpu) == (pytest.approx(1e-6 + 6e-6 + 2e-6), pytest.approx(2e-6 + 12e-6))
+    assert layer_fwd_bwd_time(layer, gpu) == (pytest.approx(8e-6), pytest.approx(12e-6))
+    assert layer_fwd_bwd_time(layer, replace(cpu, module_call_s=0.0))[0] == pytest.approx(7e-6)
+
+
 def test_time_source_says_measured_calibrated_or_roofline() -> None:
     timed = LAYERS[1]
     assert layer_time_source(timed, TOY, training=True) == "measured"

@@ -185,6 +185,8 @@ def _delete(path: str) -> Any:
         (_set("launch_s", "5us"), "'launch_s' must be a number"),
         (_set("launch_s", -5e-6), "'launch_s' must be finite and in [0, 0.01]"),
         (_set("launch_s", 5.0), "'launch_s' must be finite and in [0, 0.01]"),
+        (_set("module_call_s", "1us"), "'module_call_s' must be a number"),
+        (_set("module_call_s", -1e-6), "'module_call_s' must be finite and in [0, 0.01]"),
         (_set("gemm_efficiency", "steep"), "'gemm_efficiency' must be a list of [flops, efficiency] pairs"),
         (_set("gemm_efficiency", [[1e9]]), "'gemm_efficiency[0]' must be a pair"),
         (_set("gemm_efficiency", [[1e9, 2.0]]), "'gemm_efficiency[0][1]' must be finite and in [0.001, 1]"),
@@ -223,7 +225,7 @@ def test_profile_without_the_later_keys_loads_with_their_defaults(tmp_path: Path
     path = tmp_path / "old.json"
     path.write_text(json.dumps(data))
     old = load_profile(path)
-    assert (old.launch_s, old.gemm_efficiency, old.calibrated) == (0.0, (), False)
+    assert (old.launch_s, old.module_call_s, old.gemm_efficiency, old.calibrated) == (0.0, 0.0, (), False)
     data["source"] = "partitioner.calibrate.measure_device, torch 2.5: medians of square matmuls"
     path.write_text(json.dumps(data))
     assert load_profile(path).calibrated

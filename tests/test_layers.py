@@ -285,8 +285,19 @@ def test_kernels_count_launching_ops_and_skip_views() -> None:
         ]
         relu = g.stats[next(n for n in g.stats if "relu" in n or n == "_1")]
         assert sum(layer.elementwise_bytes for layer in layers) == relu.traffic_bytes > 0
+        # Three module calls (Linear, ReLU, Linear); the Sequential is the root, called by the user.
+        assert sum(layer.module_calls for layer in layers) == 3, frontend
         # One pass of the ReLU's bytes (2 x 16 floats read, as many written), for the size curve.
         assert [p for layer in layers for p in layer.passes] == [(relu.traffic_bytes, 1)] == [(2 * 2 * 16 * 4, 1)]
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_module_calls_count_each_call_of_each_module(frontend: str) -> None:
+    # inp, mid, out once; shared (a Sequential) and its Linear and Tanh twice each: 9 calls.
+    g = group(TwiceModel(), (torch.randn(2, 8),), {}, frontend=frontend, granularity="leaf")
+    layers = g.layered.graph.layers
+    assert sum(layer.module_calls for layer in layers) == 9
+    assert layers[0].name == "inp" and layers[0].module_calls == 1
 
 
 def test_block_kernels_sum_their_ops(gpt2_blocks: Grouped) -> None:
