@@ -18,10 +18,11 @@ N processes, or 2 stages of N/2 replicas) twice from those same layer times:
 
 Each distinct plan is saved as JSON and run by ``torchrun --nproc-per-node N`` on this file
 in worker mode: each process builds its part (`partitioner.distributed.build`), warms up,
-and times rounds of steps (``part.step`` then ``zero_grad``) between barriers; the measured
-step is the median round over its steps (the slowest process's). The figure of merit is
-measured / predicted (`PipelinePlan.step_time_s`). Both plans run the same configuration;
-when their layer splits agree one run measures both.
+and times rounds of steps (``part.step``, an SGD step over ``part.parameters()``,
+``zero_grad``) between barriers; the measured step is the median round over its steps
+(the slowest process's). The figure of merit is measured / predicted
+(`PipelinePlan.step_time_s`). Both plans run the same configuration; when their layer
+splits agree one run measures both.
 
 The gloo profile also holds the machine's **compute sharing** (measured with the links):
 how much slower a one-thread matmul loop runs in N processes at once than in one alone.
@@ -176,14 +177,17 @@ def gloo_cluster(processes: int, given: dict[int, Path], say: Any) -> tuple[Any,
 
 
 def one_process_step(case: Case, repeats: int) -> float:
-    """Median seconds of the plain model's forward and backward on the whole batch, one thread."""
+    """Median seconds of the plain model's training step on the whole batch, one thread:
+    forward, backward and an SGD step, as the plans price it."""
     model = make_model(case.model)
     x, kwargs, target = make_batch(case.model, case.global_batch)
     loss = loss_fn(case.model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     times = []
     for _ in range(repeats + 2):
         start = time.perf_counter()
         loss(model(x, **kwargs), target).backward()
+        opt.step()
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     return statistics.median(times[2:])
@@ -238,8 +242,10 @@ def worker(args: argparse.Namespace) -> None:
     model = make_model(args.model)
     x, kwargs, target = make_batch(args.model, plan.pipeline.global_batch)
     part = pd.build(plan, model, (x,), kwargs, loss_fn=loss_fn(args.model))
+    opt = torch.optim.SGD(part.parameters(), lr=1e-3)  # the plans price an SGD step (Optimizer.SGD)
     for _ in range(3):  # allocator and caches settle
         part.step(x, target, **kwargs)
+        opt.step()
         part.zero_grad()
     sharing = compute_sharing(dist.get_rank(), dist.get_world_size(), 1.0)[-1][1] if dist.get_world_size() > 1 else 1.0
     one_way = _one_way()
@@ -249,6 +255,7 @@ def worker(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         for _ in range(args.steps_per_round):
             part.step(x, target, **kwargs)
+            opt.step()
             part.zero_grad()
         dist.barrier()
         elapsed = torch.tensor([(time.perf_counter() - start) / args.steps_per_round])
