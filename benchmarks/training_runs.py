@@ -23,6 +23,7 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from partitioner.cluster import Cluster
@@ -34,7 +35,7 @@ from partitioner.options import Optimizer, Precision, TrainingOptions
 from partitioner.pipeline_plan import plan_pipeline
 from partitioner.pipeline_plan.space import Configuration, Group, microbatch_counts, microbatch_sizes
 from partitioner.pipeline_plan.stages import Partition, StageModel
-from partitioner.simulate import PipelineSchedule
+from partitioner.simulate import PipelineSchedule, gpipe_step_time
 
 __all__ = ["TrainingTables", "training_tables", "planner_record", "price_split", "price_data_parallel"]
 
@@ -130,7 +131,8 @@ def price_split(tables: TrainingTables, assignment: Sequence[int], sequential: b
     through the devices, so a device may hold one run only. A sequential map (Accelerate)
     runs one microbatch at a time through every run, forward then backward, and may come
     back to a device (its hooks move the data); it accumulates gradients over ``m``
-    microbatches of ``batch / m`` samples where that fits: ``m`` times the step of one.
+    microbatches of ``batch / m`` samples where that fits: ``m`` times the step of one,
+    the optimizer stepping after the last only.
     """
     runs = _runs(assignment)
     devices = [d for d, _, _ in runs]
@@ -156,8 +158,9 @@ def _sequential(
     """The least step of one-microbatch-at-a-time runs, over the accumulation counts that fit.
 
     With one microbatch nothing overlaps: GPipe's step is the sum of every stage's forward,
-    backward and sends. Memory is checked per device (all its runs' peaks together, as a
-    step holds every run's activations until its backward).
+    backward and sends, ``m`` rounds of it, the optimizer step after the last only. Memory is
+    checked per device (all its runs' peaks together, as a step holds every run's
+    activations until its backward).
     """
     best = math.inf
     config = Configuration(groups=groups, layout=layout, microbatches=1, schedule=PipelineSchedule.GPIPE)
@@ -171,7 +174,8 @@ def _sequential(
             held[stage.devices[0]] = held.get(stage.devices[0], 0) + stage.peak_memory_bytes
         if any(need > model.capacity[d] for d, need in held.items()):
             continue
-        best = min(best, m * model.timed(part).step_time_s)
+        rounds = gpipe_step_time([replace(s, optimizer_s=0) for s in part.stages], 1)  # the first m - 1
+        best = min(best, (m - 1) * rounds + model.timed(part).step_time_s)
     if math.isinf(best):
         return None, "some device cannot hold its layers' training state and activations at any accumulation count, even recomputing activations"
     return best, ""

@@ -124,7 +124,7 @@ class SolverInfo:
 class PlanStage:
     """One pipeline stage of a training plan: contiguous layers, replicated over a device group.
 
-    Times are seconds per microbatch (all-reduce: per step), sizes bytes per device.
+    Times are seconds per microbatch (all-reduce and optimizer step: per step), sizes bytes per device.
     Peak memory is ``weight + grad + optimizer + buffer + recompute bytes`` plus
     ``inflight_microbatches x microbatch_activation_bytes``.
     """
@@ -182,6 +182,9 @@ class PlanStage:
     """ZeRO-3 all-gathers of one microbatch's forward that compute does not hide (in `fwd_s`)."""
     dp_comm_bwd_s: float = 0.0
     """ZeRO-2/3 all-gathers and reduce-scatters of one microbatch's backward that compute does not hide (in `bwd_s`)."""
+    optimizer_s: float = 0.0
+    """The optimizer step over the parameters each device updates (its shard under ZeRO), once
+    per step, after its last backward and all-reduce (0 in plans from before it was priced)."""
     gathered_bytes: int = 0
     """Unsharded working weights under ZeRO-3 (the two largest layers: in use and
     prefetched); all its weights under zero3-keep (between forward and backward), zero2
@@ -296,6 +299,7 @@ class PipelinePlan:
                 activation_bytes=s.microbatch_activation_bytes,
                 static_bytes=s.static_bytes,
                 allreduce_s=s.allreduce_s,
+                optimizer_s=s.optimizer_s,
                 collective_fwd_s=s.collective_fwd_s,
                 collective_bwd_s=s.collective_bwd_s,
                 devices=tuple(device_names[d] for d in s.devices),

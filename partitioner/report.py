@@ -274,10 +274,15 @@ def _sharded(p: PipelinePlan) -> bool:
     return p.tensor_parallel > 1 or p.sharding != "none"
 
 
+def _steps_optimizer(p: PipelinePlan) -> bool:
+    """Whether the plan prices the optimizer step (plans from before it was priced hold 0)."""
+    return any(s.optimizer_s > 0 for s in p.stages)
+
+
 def _stage_header(p: PipelinePlan) -> tuple[str, ...]:
     head = (
         "stage", "layers", "devices", "kind", "mb", "recompute", "fwd / bwd", "from", "send f / b", "all-reduce",
-    )
+    ) + (("opt step",) if _steps_optimizer(p) else ())
     extra = ("tp comm", "zero-3 f / b") if _sharded(p) else ()
     memory = ("weights", "grads", "optimizer") + (("gathered",) if _sharded(p) else ())
     return head + extra + memory + ("activations", "buffers", "memory / capacity")
@@ -308,6 +313,7 @@ def _stage_rows(plan: Plan, p: PipelinePlan) -> list[tuple[str, ...]]:
                 time_basis(plan.layers[s.first_layer : s.last_layer + 1]),
                 f"{format_seconds(s.send_fwd_s)} / {format_seconds(s.send_bwd_s)}",
                 format_seconds(s.allreduce_s) if len(s.devices) > 1 or s.allreduce_s > 0 else "-",
+                *((format_seconds(s.optimizer_s) if s.optimizer_s > 0 else "-",) if _steps_optimizer(p) else ()),
                 *extra,
                 format_bytes(s.weight_bytes),
                 format_bytes(s.grad_bytes),

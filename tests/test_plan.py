@@ -320,6 +320,22 @@ def test_hand_made_pipeline_plan_round_trips() -> None:
     _assert_round_trips(hand_pipeline_plan())
 
 
+def test_a_stages_optimizer_step_round_trips_and_a_plan_saved_without_it_loads_with_0() -> None:
+    plan = hand_pipeline_plan()
+    assert plan.pipeline is not None
+    stepped = replace(plan, pipeline=replace(plan.pipeline, stages=tuple(
+        replace(s, optimizer_s=0.004 * (s.index + 1)) for s in plan.pipeline.stages)))
+    _assert_round_trips(stepped)
+    assert [s["optimizer_s"] for s in stepped.to_dict()["pipeline"]["stages"]] == [0.004, 0.008]
+    older = plan.to_dict()  # as plans were saved before the optimizer step was priced
+    assert "optimizer_s" not in older["pipeline"]["stages"][0]
+    loaded = Plan.from_dict(older)
+    assert loaded.pipeline is not None and [s.optimizer_s for s in loaded.pipeline.stages] == [0.0, 0.0]
+    assert loaded.to_json() == plan.to_json()
+    costs = stepped.pipeline.stage_costs([d.name for d in stepped.devices])  # type: ignore[union-attr]
+    assert [c.optimizer_s for c in costs] == [0.004, 0.008]
+
+
 # --------------------------------------------------------------------------- device_map
 
 

@@ -350,3 +350,17 @@ def test_plans_without_time_sources_load_and_render_without_the_line(split: Plan
     data["layers"][0]["time_source"] = "guessed"
     with pytest.raises(partitioner.errors.PlanFormatError, match=r"layers\[0\].time_source must be one of measured"):
         Plan.from_json(json.dumps(data))
+
+
+def test_a_training_plans_stage_table_shows_the_optimizer_step_where_it_is_priced() -> None:
+    from partitioner.report import render_training
+    from tests.test_plan import hand_pipeline_plan
+
+    plan = hand_pipeline_plan()
+    assert plan.pipeline is not None
+    assert "opt step" not in render_training(plan)  # a plan from before the step was priced
+    stages = (replace(plan.pipeline.stages[0], optimizer_s=0.0125), plan.pipeline.stages[1])
+    lines = render_training(replace(plan, pipeline=replace(plan.pipeline, stages=stages))).splitlines()
+    head = next(k for k, line in enumerate(lines) if line.startswith("stage "))
+    column = lines[head].index("opt step")
+    assert [lines[k][column:].split()[0] for k in (head + 1, head + 2)] == ["12.50", "-"]

@@ -48,7 +48,8 @@ def uniform(p: int, f: float = 1.0, b: float = 2.0, *, v: int = 1, **extra: int)
 
 def spans(timeline: Timeline, rank: int, *kinds: EventKind) -> list[tuple[str, float, float]]:
     """``(label, start, end)`` of a rank's events of the given kinds, like ``("F0", 0, 1)``."""
-    letter = {EventKind.FORWARD: "F", EventKind.BACKWARD: "B", EventKind.SEND: "S", EventKind.ALLREDUCE: "AR"}
+    letter = {EventKind.FORWARD: "F", EventKind.BACKWARD: "B", EventKind.SEND: "S", EventKind.ALLREDUCE: "AR",
+              EventKind.OPTIMIZER: "OPT"}
     return [
         (f"{letter[e.kind]}{'' if e.microbatch is None else e.microbatch}", e.start_s, e.end_s)
         for e in timeline.ranks[rank].of_kind(*kinds)
@@ -61,7 +62,8 @@ def assert_timeline_valid(timeline: Timeline, stages: Sequence[StageCost]) -> No
     tol = 1e-9 * max(1.0, timeline.step_time_s)
     compute: dict[tuple[bool, int, int], tuple[float, float]] = {}
     for row in timeline.ranks:
-        lanes = [row.of_kind(EventKind.FORWARD, EventKind.BACKWARD, EventKind.IDLE), row.of_kind(EventKind.SEND)]
+        working = (EventKind.FORWARD, EventKind.BACKWARD, EventKind.OPTIMIZER)  # the compute lane, but idle
+        lanes = [row.of_kind(*working, EventKind.IDLE), row.of_kind(EventKind.SEND)]
         for lane in lanes:  # one thing at a time on the compute lane and on the link
             for a, b in itertools.pairwise(lane):
                 assert b.start_s >= a.end_s - tol, (a, b)
@@ -70,7 +72,13 @@ def assert_timeline_valid(timeline: Timeline, stages: Sequence[StageCost]) -> No
             cost = stages[e.stage]
             assert math.isclose(e.duration_s, cost.fwd_s if e.kind is EventKind.FORWARD else cost.bwd_s, abs_tol=tol)
             compute[(e.kind is EventKind.FORWARD, e.stage, e.microbatch)] = (e.start_s, e.end_s)
-        busy = sum(e.duration_s for e in row.of_kind(EventKind.FORWARD, EventKind.BACKWARD))
+        # One optimizer step for the rank's stages together, after its backwards and all-reduces.
+        owed = sum(stages[s].optimizer_s for s in row.stages)
+        steps = row.of_kind(EventKind.OPTIMIZER)
+        assert len(steps) == (1 if owed else 0) and all(math.isclose(e.duration_s, owed, abs_tol=tol) for e in steps)
+        before = row.of_kind(EventKind.FORWARD, EventKind.BACKWARD, EventKind.ALLREDUCE)
+        assert all(e.start_s >= max(b.end_s for b in before) - tol for e in steps)
+        busy = sum(e.duration_s for e in row.of_kind(*working))
         idle = sum(e.duration_s for e in row.of_kind(EventKind.IDLE))
         assert math.isclose(busy, row.busy_s, abs_tol=tol)
         assert math.isclose(busy + idle, timeline.step_time_s, abs_tol=10 * tol)
@@ -245,6 +253,7 @@ def pipelines(draw: st.DrawFn) -> tuple[list[StageCost], int]:
             send_fwd_s=draw(seconds) if s < p - 1 else 0.0,
             send_bwd_s=draw(seconds) if s > 0 else 0.0,
             allreduce_s=draw(seconds),
+            optimizer_s=draw(seconds),
             activation_bytes=draw(st.integers(0, 100)),
             static_bytes=draw(st.integers(0, 100)),
             devices=(f"a{s}", f"b{s}"),
@@ -293,6 +302,31 @@ def test_allreduce_adds_to_the_step_and_overlap_hides_it() -> None:
         assert timeline.step_time_s == gpipe_step_time(stages, 2, overlap_allreduce=timeline.overlap_allreduce)
 
 
+def test_the_optimizer_step_follows_the_allreduce_and_nothing_hides_it() -> None:
+    """The two stages of `test_allreduce_adds_to_the_step_and_overlap_hides_it` (f = 1, b = 2,
+    a 1.5 s all-reduce), stepping their optimizers in 0.5 s (stage 0) and 0.25 s (stage 1).
+    Serial: stage 0 all-reduces over [9, 10.5], then steps over [10.5, 11]; stage 1 over
+    [7, 8.5], then [8.5, 8.75]. Overlapped: stage 0's all-reduce ends with its backward at
+    9, its step over [9, 9.5]. Either way the step grows by stage 0's 0.5 s exactly."""
+    short = [StageCost(fwd_s=1, bwd_s=2, allreduce_s=1.5, devices=(f"a{s}", f"b{s}")) for s in range(2)]
+    stepped = [replace(s, optimizer_s=o) for s, o in zip(short, (0.5, 0.25))]
+    for overlap, ends in ((False, (11, 8.75)), (True, (9.5, 7.25))):
+        bare = simulate(short, 2, GPIPE, overlap_allreduce=overlap)
+        timeline = simulate(stepped, 2, GPIPE, overlap_allreduce=overlap)
+        assert bare.ranks[0].of_kind(EventKind.OPTIMIZER) == ()
+        assert timeline.step_time_s == bare.step_time_s + 0.5 == ends[0]
+        assert [spans(timeline, r, EventKind.OPTIMIZER) for r in (0, 1)] == [
+            [("OPT", ends[0] - 0.5, ends[0])], [("OPT", ends[1] - 0.25, ends[1])]]
+        assert timeline.step_time_s == gpipe_step_time(stepped, 2, overlap_allreduce=overlap)
+        assert_timeline_valid(timeline, stepped)
+    one_f_one_b = simulate(stepped, 2, ONE_F_ONE_B, overlap_allreduce=True)
+    assert one_f_one_b.step_time_s == simulate(short, 2, ONE_F_ONE_B, overlap_allreduce=True).step_time_s + 0.5
+    assert "|opt|" in ascii_timeline(timeline, width=76) and str(timeline.ranks[0].of_kind(EventKind.OPTIMIZER)[0]) == "OPT [9, 9.5]"
+    names = {e["name"] for e in chrome_trace(timeline)["traceEvents"] if e.get("cat") == "optimizer"}
+    assert names == {"optimizer"}
+    gantt_figure(timeline)  # draws it on the compute row (matplotlib, no file)
+
+
 def test_an_interleaved_rank_all_reduces_its_stages_one_after_the_other() -> None:
     p, v, m = 2, 2, 2
     stages = [StageCost(fwd_s=0.5, bwd_s=1, allreduce_s=1, devices=(f"a{j % p}", f"b{j % p}")) for j in range(p * v)]
@@ -303,6 +337,12 @@ def test_an_interleaved_rank_all_reduces_its_stages_one_after_the_other() -> Non
         reduces = rank.of_kind(EventKind.ALLREDUCE)
         assert [(e.start_s, e.end_s) for e in reduces] == [(done, done + 1), (done + 1, done + 2)]
     assert t.step_time_s == plain.step_time_s + 2
+    # Then one optimizer step per rank, for its two stages together.
+    stepped = simulate([replace(s, optimizer_s=0.25) for s in stages], m, INTERLEAVED, virtual_stages=v)
+    assert stepped.step_time_s == plain.step_time_s + 2 + 0.5
+    for rank, bare in zip(stepped.ranks, plain.ranks):
+        done = max(e.end_s for e in bare.of_kind(EventKind.BACKWARD))
+        assert spans(stepped, rank.rank, EventKind.OPTIMIZER) == [("OPT", done + 2, done + 2.5)]
 
 
 def test_interleaved_memory_counts_every_stage_of_the_rank() -> None:
@@ -351,6 +391,7 @@ def test_peak_inflight_counts_equal_a_walk_of_each_ranks_actions(schedule: Pipel
         ({"devices": "cuda:0"}, "tuple of device names"),
         ({"devices": ("a", "a")}, "appears twice"),
         ({"allreduce_s": -1.0}, "allreduce_s must be a finite number of seconds >= 0"),
+        ({"optimizer_s": math.inf}, "optimizer_s must be a finite number of seconds >= 0"),
     ],
 )
 def test_stage_cost_rejects_bad_numbers(fields: dict[str, object], message: str) -> None:
@@ -566,7 +607,7 @@ def test_chrome_trace_threads_nest_as_perfetto_reads_them(
     """No two events of one thread overlap, by a nanosecond even (Perfetto drops events that
     do not nest), and the trace ends where the step does."""
     stages, m = pipeline
-    fields = ("fwd_s", "bwd_s", "send_fwd_s", "send_bwd_s", "allreduce_s")
+    fields = ("fwd_s", "bwd_s", "send_fwd_s", "send_bwd_s", "allreduce_s", "optimizer_s")
     stages = [replace(s, **{f: getattr(s, f) * scale for f in fields}) for s in stages]
     timeline = simulate(stages, m, schedule)
     spans = perfetto_slices(chrome_trace(timeline))

@@ -22,6 +22,7 @@ from partitioner.errors import InfeasibleError
 from partitioner.options import Optimizer, Precision, Recompute, Sharding, TrainingOptions
 from partitioner.pipeline_plan import Configuration, Group, StageModel, configurations, microbatch_sizes, plan_pipeline
 from partitioner.pipeline_plan.space import tensor_parallel_degrees
+from partitioner.pipeline_plan.terms import update_bytes
 from partitioner.plan import Plan
 from partitioner.simulate import PipelineSchedule
 from partitioner.training_costs import ChainLayer, LayerTimes, TrainingCosts, training_state_bytes
@@ -162,6 +163,45 @@ def test_a_vocabulary_splits_at_any_degree_the_busiest_rank_holding_ceil_rows() 
     mixed = replace(costs.layers[0], tp_divisor=2)
     assert mixed.tp_splits(2) and not mixed.tp_splits(4) and mixed.tp_share(4) == 1
     assert mixed.tp_share(2) == Fraction(51, 101)  # the busier of the pairs' 1/2 and the vocabulary's 51/101
+
+
+@pytest.mark.parametrize(
+    ("precision", "optimizer", "per_param"),
+    [
+        (Precision.FP32, Optimizer.ADAM, 28),  # grads 4 + state 2 x 8 + weights read and written 2 x 4
+        (Precision.FP16, Optimizer.ADAM, 28),  # grads 2 + (master 4 + moments 8) x 2 + weights written 2
+        (Precision.BF16, Optimizer.ADAM, 28),
+        (Precision.FP32, Optimizer.SGD, 12),  # grads 4 + weights read and written 2 x 4
+        (Precision.BF16, Optimizer.SGD, 12),  # grads 2 + master 4 x 2 + weights written 2
+    ],
+)
+def test_an_optimizer_step_moves_the_formulas_bytes_per_parameter(
+    precision: Precision, optimizer: Optimizer, per_param: int
+) -> None:
+    state = training_state_bytes(1000, precision, optimizer)
+    assert update_bytes(state.weights, state.grads, state.optimizer, precision) == 1000 * per_param
+
+
+@pytest.mark.parametrize("sharding", list(Sharding))
+def test_the_optimizer_step_is_its_shards_bytes_over_the_slowest_memory(sharding: Sharding) -> None:
+    """4 devices, tp 2 (d = 2 replicas), 8 layers of 460,000 parameters per device (SGD in
+    float32: 12 bytes each a step) over the A100's 2.039 TB/s x 0.85; half of them under any
+    sharding. The DP's objective carries it once per step, as the all-reduce (/ m)."""
+    options = TrainingOptions(max_microbatches=1)
+    cluster = hand_cluster(["a100-80gb x4"])
+    model = StageModel(tp_costs(cluster, 8, options), cluster, 8, options)
+    (spec,) = model.specs(one_stage(4, 2, sharding))
+    t = model.stage(spec, 0, 8, 1)
+    stepped = 12 * 8 * (10**6 - 900_000 + 450_000) / (1 if sharding is Sharding.NONE else 2)
+    assert spec.update_per_byte == 1 / (2.039e12 * 0.85)
+    assert t.update == pytest.approx(stepped / (2.039e12 * 0.85))
+    assert t.cost == pytest.approx(t.fwd + t.bwd + t.allreduce + t.update)  # m = 1, sends free
+    assert model.stage(spec, 0, 8, 4).cost == pytest.approx(t.fwd + t.bwd + (t.allreduce + t.update) / 4)
+    # Processes sharing cores step as much slower; a group of two kinds at the slower memory's pace.
+    assert model.terms(replace(spec, slowdown=3.0), 0, 8, 1).update == pytest.approx(3 * t.update)
+    mixed = hand_cluster(["a100-80gb", "a100-40gb"])
+    assert StageModel(tp_costs(mixed, 8, options), mixed, 8, options).update_per_byte(Group((0, 1))) == 1 / (
+        1.555e12 * 0.85)
 
 
 def test_zero3_exposes_what_compute_cannot_hide() -> None:

@@ -29,8 +29,9 @@ def work(model: StageModel, config: Configuration) -> float:
 
     Rank ``g``'s load for the whole model, ``T_g``: ``m`` microbatches of forward and
     backward per device (tensor-parallel compute, the cheapest recomputation the
-    options allow, the TP all-reduces without latency) and, unless overlapped with
-    backward, its per-step data-parallel collectives (without latency). A split gives
+    options allow, the TP all-reduces without latency), unless overlapped with backward
+    its per-step data-parallel collectives (without latency), and its optimizer step over
+    the parameters a device updates (on the compute lane, never overlapped). A split gives
     rank ``g`` layers ``L_g`` and it is busy at least ``sum over L_g`` of those per-layer
     loads; so ``step >= phi / sum_g 1 / T_g``, ``phi = sum over layers of the least share
     of its rank's whole load a layer takes on any rank`` (1 where the ranks are alike).
@@ -50,7 +51,10 @@ def work(model: StageModel, config: Configuration) -> float:
     for g in config.groups:
         b, d = model.samples(config, g), config.data_parallel(g)
         slowdown = model.slowdown(config, g)
-        key = (model.kinds(g), b, d, model.ring(g, config.tp), model.ring(g, config.tp, True), slowdown)
+        key = (
+            model.kinds(g), b, d, model.ring(g, config.tp), model.ring(g, config.tp, True), slowdown,
+            model.update_per_byte(g),
+        )
         if key not in loads:
             per_layer = np.zeros(model.n)
             for kind in key[0]:
@@ -63,9 +67,10 @@ def work(model: StageModel, config: Configuration) -> float:
                 passes = 3 if cheapest == FULL else 2
                 per_layer = per_layer + passes * 2 * (t - 1) / t * np.diff(tab.tp_comm) * b * model.ring(g, t, True)[0]
             per_microbatch = float(per_layer.sum())
-            per_layer = m * per_layer
+            sharding = config.sharding if d > 1 else Sharding.NONE
+            stepped = np.diff(tab.update) / (d if sharding is not Sharding.NONE else 1)
+            per_layer = m * per_layer + stepped * model.update_per_byte(g) * slowdown
             if not model.options.overlap_allreduce:
-                sharding = config.sharding if d > 1 else Sharding.NONE
                 per_layer = per_layer + per_step_collectives(
                     sharding, d, tab.layer_weights, tab.layer_grads, (model.ring(g, config.tp)[0], 0.0)
                 )
@@ -113,13 +118,15 @@ def split_bound(model: StageModel, part: Partition) -> float:
     its first backward before microbatch 0 has been to the last stage and back
     (``f + rt_k``); until then it runs at most the ``w`` forwards its schedule allows
     (1F1B: ``min(p - k, m)``, GPipe: ``m``). After its last backward the gradient still
-    goes back through the stages before it (``post_k``) while its all-reduce runs::
+    goes back through the stages before it (``post_k``) while its all-reduce and then its
+    optimizer step run::
 
-        pre_k + max(w f, f + rt_k) + (m - w) f + m b + max(post_k, exposed all-reduce_k)
+        pre_k + max(w f, f + rt_k) + (m - w) f + m b + max(post_k, exposed all-reduce_k + optimizer_k)
 
     Interleaved: rank ``r`` starts after ``pre_r`` and computes ``m`` times the sum of
-    its stages' ``f + b``, then (serial) all-reduces them one after another. Either
-    way, the step is also at least ``m`` times a rank's sends (one link per rank).
+    its stages' ``f + b``, then (serial) all-reduces them one after another, then steps
+    their optimizers. Either way, the step is also at least ``m`` times a rank's sends
+    (one link per rank).
     """
     c = part.configuration
     m, stages = c.microbatches, part.stages
@@ -131,7 +138,7 @@ def split_bound(model: StageModel, part: Partition) -> float:
         for r in range(c.ranks):
             own = stages[r :: c.ranks]
             allreduce = 0.0 if model.options.overlap_allreduce else sum(s.allreduce_s for s in own)
-            busy = m * sum(s.fwd_s + s.bwd_s for s in own)
+            busy = m * sum(s.fwd_s + s.bwd_s for s in own) + sum(s.optimizer_s for s in own)
             bound = max(bound, pre[r] + busy + allreduce, m * sum(s.send_fwd_s + s.send_bwd_s for s in own))
         return bound
     p = len(stages)
@@ -146,5 +153,5 @@ def split_bound(model: StageModel, part: Partition) -> float:
         w = min(p - k, m) if c.schedule is PipelineSchedule.ONE_F_ONE_B else m
         exposed = max(0.0, s.allreduce_s - s.bwd_s) if model.options.overlap_allreduce else s.allreduce_s
         busy = max(w * s.fwd_s, s.fwd_s + rt[k]) + (m - w) * s.fwd_s + m * s.bwd_s
-        bound = max(bound, pre[k] + busy + max(post, exposed), m * (s.send_fwd_s + s.send_bwd_s))
+        bound = max(bound, pre[k] + busy + max(post, exposed + s.optimizer_s), m * (s.send_fwd_s + s.send_bwd_s))
     return bound

@@ -19,7 +19,9 @@ prices them)::
     allreduce   gradient all-reduce (or ZeRO-1/2's collectives) over its d replicas, once
                 per step, and of a tied weight's gradients between its copies (a stage
                 that reads it without owning it, and its owner)
-    T           max(f + b + exposed all-reduce / m,  send_fwd + send_bwd)
+    update      the optimizer step over the parameters a device updates (its shard under
+                ZeRO), once per step after the all-reduce, on the slowest kind's memory
+    T           max(f + b + (exposed all-reduce + update) / m,  send_fwd + send_bwd)
 
 The DP minimises the largest ``T``, then the sum of ``f + b + sends`` among the splits
 reaching it. `StageModel.terms` computes every figure for one range or, given index
@@ -121,6 +123,7 @@ class StageModel:
         self._links: dict[tuple[Group, Group, int, int, int], tuple[float, float]] = {}
         self._rings: dict[tuple[Group, int, bool], tuple[float, float]] = {}
         self._kinds: dict[Group, tuple[str, ...]] = {}
+        self._update_per_byte: dict[Group, float] = {}
         self._slowdowns: dict[tuple[tuple[Group, ...], Group], float] = {}
         self._inflight: dict[tuple[PipelineSchedule, int, int, int], tuple[int, ...]] = {}
         self.solved = self.simulated = 0
@@ -185,6 +188,17 @@ class StageModel:
         found = self._kinds.get(group)
         if found is None:
             found = self._kinds[group] = tuple(dict.fromkeys(self.cluster.devices[d].profile.name for d in group.devices))
+        return found
+
+    def update_per_byte(self, group: Group) -> float:
+        """Seconds per byte of an optimizer step on `group`: its slowest device's memory,
+        ``1 / (memory_bandwidth_Bps x memory_efficiency)`` (the step is memory-bound)."""
+        found = self._update_per_byte.get(group)
+        if found is None:
+            profiles = (self.cluster.devices[d].profile for d in group.devices)
+            found = self._update_per_byte[group] = max(
+                1 / (p.memory_bandwidth_Bps * p.memory_efficiency) for p in profiles
+            )
         return found
 
     def samples(self, config: Configuration, group: Group) -> int:
@@ -265,6 +279,7 @@ class StageModel:
                     tp_ring=self.ring(g, t, inner=True),
                     sharding=config.sharding if config.data_parallel(g) > 1 else Sharding.NONE,
                     slowdown=self.slowdown(config, g),
+                    update_per_byte=self.update_per_byte(g),
                 )
             )
         return out
@@ -471,6 +486,7 @@ class StageModel:
                 "send_fwd_s": float(t.send_fwd),
                 "send_bwd_s": float(t.send_bwd),
                 "allreduce_s": float(t.allreduce),
+                "optimizer_s": float(t.update),
             }
             plan_stages.append(
                 PlanStage(

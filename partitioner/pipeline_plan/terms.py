@@ -42,6 +42,20 @@ twice that):
                 the first layer's gather of each pass and the last reduce-scatter
     zero3-keep  as zero3, one gather (forward) per microbatch
 
+The optimizer step runs once per step on the compute lane, after the stage's last backward
+and its data-parallel collectives above (nothing overlaps it, whether or not the all-reduce
+hides under the backward). It is memory-bound: it reads the gradients, reads and writes the
+optimizer state (the float32 master weights with it under mixed precision) and writes the
+weights, read and written too without mixed precision (they are then the master copy)::
+
+    update      G + 2 O + W bytes (mixed precision), G + 2 O + 2 W (fp32), of W, G, O as
+                `training_state_bytes` counts them for the parameters the device updates:
+                its stage's (its TP share, with the tied copies it holds), 1/d of them under
+                any sharding (each replica steps its shard of the optimizer state);
+                28 bytes per parameter with Adam either way, 12 with SGD in fp32
+    seconds     update x s/B of the stage's slowest kind's memory (1 / (bandwidth x
+                efficiency)) x its slowdown (processes sharing a node's cores)
+
 This is what `partitioner.distributed` runs (FSDP2 ``fully_shard`` per layer;
 `partitioner.distributed.spmd`): zero1 as torch's pipelining schedules drive an FSDP2
 stage (gradients kept whole until the last backward), the others reducing every
@@ -61,7 +75,7 @@ from typing import Any
 
 import numpy as np
 
-from partitioner.options import Sharding
+from partitioner.options import Precision, Sharding
 from partitioner.training_costs import TrainingCosts, training_state_bytes
 
 __all__ = [
@@ -75,6 +89,7 @@ __all__ = [
     "stage_terms",
     "with_memory",
     "per_step_collectives",
+    "update_bytes",
 ]
 
 NONE, FULL, SELECTIVE = 0, 1, 2
@@ -96,6 +111,12 @@ def per_step_collectives(sharding: Sharding, d: int, weights: Any, grads: Any, r
     if sharding is Sharding.ZERO1:
         return share * (grads + weights) * per_byte + 2 * (d - 1) * latency
     return 2 * share * grads * per_byte + 2 * (d - 1) * latency
+
+
+def update_bytes(weights: Any, grads: Any, optimizer: Any, precision: Precision) -> Any:
+    """Bytes one optimizer step reads and writes over parameters of these weight, gradient
+    and optimizer-state bytes (`training_state_bytes`; the module docstring's update)."""
+    return grads + 2 * optimizer + (1 if precision.mixed else 2) * weights
 
 
 def _prefix(values: Any, dtype: Any = np.int64) -> np.ndarray:
@@ -123,6 +144,8 @@ class LayerTables:
         self.weights = _prefix(self.layer_weights)
         self.grads = _prefix(self.layer_grads)
         self.optimizer = _prefix([s.optimizer for s in states])
+        self.precision = costs.precision
+        self.update = _prefix([update_bytes(s.weights, s.grads, s.optimizer, costs.precision) for s in states])
         # Time kept per device: 1 - x + x share of each split layer, x the part of its time that
         # splits (of its FLOPs; of its bytes for a layer without FLOPs, `ChainLayer.tp_time_share`).
         pairs = np.array([layer.tp_time_share for layer in layers])
@@ -197,6 +220,9 @@ class StageSpec:
     """NONE where the rank has one data-parallel replica (nothing to shard)."""
     slowdown: float = 1.0
     """Its compute times this: processes of the launch sharing a node's cores (`Cluster.slowdown`)."""
+    update_per_byte: float = 0.0
+    """Seconds per byte of its optimizer step: ``1 / (memory_bandwidth_Bps x memory_efficiency)``
+    of its slowest kind (the largest), before the slowdown."""
 
     @property
     def data_parallel(self) -> int:
@@ -209,7 +235,7 @@ class StageTerms:
 
     Per recomputation mode ``X``: ``bwd`` (none), ``bwd_sel``, ``bwd_rc`` (full), and
     likewise ``fits``, ``cost`` (T, the DP's objective) and ``total`` (f + b + sends, its
-    tie-break). Seconds per microbatch; ``allreduce`` once per step.
+    tie-break). Seconds per microbatch; ``allreduce`` and ``update`` once per step.
     """
 
     fwd: Any
@@ -219,6 +245,8 @@ class StageTerms:
     send_fwd: Any
     send_bwd: Any
     allreduce: Any
+    update: Any
+    """The optimizer step (after `allreduce`, never overlapped)."""
     tp_comm: Any
     """TP all-reduces of one pass (in `fwd`, and again in each `bwd`)."""
     dp_fwd: Any
@@ -297,7 +325,8 @@ def stage_terms(
         cut: Cut bytes per sample at each layer boundary.
         buffers: Prefix sums of model buffer bytes.
         tied: (weights, grads, optimizer, all-reduce seconds) of tied-weight copies the stage holds.
-        overlap_allreduce: Whether the per-step all-reduce hides under the last backward.
+        overlap_allreduce: Whether the per-step all-reduce hides under the last backward (the
+            optimizer step never does).
         zero1_weight_shard: Whether ZeRO-1 holds a 1/d weight shard beside the whole
             weights (FSDP2, as partitioner.distributed runs it; not DeepSpeed).
     """
@@ -338,6 +367,9 @@ def stage_terms(
         first_w = tables.layer_weights[np.minimum(i, len(tables.layer_weights) - 1)]
         dp_fwd = np.maximum(0.0, gather(weights, layers) - fc) + gather(first_w)
     allreduce = allreduce + tied[3]
+    # The optimizer step over what this device updates: a 1/d shard under any sharding.
+    stepped = tables.update[e] - tables.update[i] + update_bytes(tied[0], tied[1], tied[2], tables.precision)
+    update = stepped / (d if sharding is not Sharding.NONE else 1) * spec.update_per_byte * spec.slowdown
 
     def dp_bwd(compute: Any) -> Any:
         if not reduces:
@@ -375,6 +407,7 @@ def stage_terms(
         send_fwd=send_fwd,
         send_bwd=send_bwd,
         allreduce=allreduce,
+        update=update,
         tp_comm=tp_comm,
         dp_fwd=dp_fwd,
         dp_bwd=dp_bwd(bc),
@@ -390,9 +423,9 @@ def stage_terms(
         keep=cut_in,
         static=static,
         **_fits(static, act, core, cut_in, spec.inflight, spec.capacity),
-        cost=np.maximum(fwd + bwd + exposed(bwd) / m, link),
-        cost_sel=np.maximum(fwd + bwd_sel + exposed(bwd_sel) / m, link),
-        cost_rc=np.maximum(fwd + bwd_rc + exposed(bwd_rc) / m, link),
+        cost=np.maximum(fwd + bwd + (exposed(bwd) + update) / m, link),
+        cost_sel=np.maximum(fwd + bwd_sel + (exposed(bwd_sel) + update) / m, link),
+        cost_rc=np.maximum(fwd + bwd_rc + (exposed(bwd_rc) + update) / m, link),
         total=fwd + bwd + link,
         total_sel=fwd + bwd_sel + link,
         total_rc=fwd + bwd_rc + link,

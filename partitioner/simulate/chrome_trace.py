@@ -2,7 +2,7 @@
 
 The layout, in the format's terms: a *process* per rank (``stage 3``, or ``rank 1`` when
 ranks hold several stages), named with its devices; in each, a *thread* per lane of the
-simulator: ``compute`` (forwards, backwards and idle gaps), ``send`` (the rank's outgoing
+simulator: ``compute`` (forwards, backwards, the optimizer step and idle gaps), ``send`` (the rank's outgoing
 link), ``recv from stage k`` (what arrives over rank ``k``'s link) and ``all-reduce``.
 Every interval is a complete event (``"ph": "X"``) with ``ts`` and ``dur`` in microseconds,
 its kind as the category and its stage and microbatch in ``args``; a ``memory`` counter
@@ -32,6 +32,7 @@ _LANE_OF = {
     EventKind.FORWARD: "compute",
     EventKind.BACKWARD: "compute",
     EventKind.IDLE: "compute",
+    EventKind.OPTIMIZER: "compute",
     EventKind.SEND: "send",
     EventKind.RECV: "recv",
     EventKind.ALLREDUCE: "all-reduce",
@@ -64,11 +65,12 @@ def _prefix(timeline: Timeline) -> str:
 
 def _name(timeline: Timeline, event: Event) -> str:
     """``F3``, ``B3`` (``4F3`` for stage 4 when ranks hold several), ``F3 to 2``, ``B3 from 1``,
-    ``all-reduce``, ``idle``. Perfetto colours a slice by its name without digits, so each kind
-    (and sends of activations apart from sends of gradients) gets one colour."""
+    ``all-reduce``, ``optimizer``, ``idle``. Perfetto colours a slice by its name without
+    digits, so each kind (and sends of activations apart from sends of gradients) gets one
+    colour."""
     kind = event.kind
-    if kind is EventKind.IDLE:
-        return "idle"
+    if kind in (EventKind.IDLE, EventKind.OPTIMIZER):
+        return kind.value
     if kind is EventKind.ALLREDUCE:
         return "all-reduce" if timeline.virtual_stages == 1 else f"all-reduce {event.stage}"
     if kind is EventKind.COLLECTIVE:

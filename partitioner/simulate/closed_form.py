@@ -26,14 +26,14 @@ def _flow_shop(machines: Sequence[float], jobs: int) -> float:
 def gpipe_step_time(stages: Sequence[StageCost], microbatches: int, *, overlap_allreduce: bool = False) -> float:
     """The step time `simulate` gives for `PipelineSchedule.GPIPE`, in closed form.
 
-    Exact for any stage costs, sends and all-reduce, by two flow shops::
+    Exact for any stage costs, sends, all-reduce and optimizer steps, by two flow shops::
 
         forward machines   f_0, sf_0, f_1, sf_1, ..., f_{p-1}      (sf: send_fwd_s)
         T_F                = flow(forward machines, m)   the last stage's last forward ends
         backward machines  b_{p-1}, sb_{p-1}, ..., b_s   for stage s  (sb: send_bwd_s)
         E_s                = T_F + flow(backward machines down to b_s, m)
-        step               = max over s of E_s + allreduce_s                  (serial)
-                             max over s of E_s + max(0, allreduce_s - b_s)    (overlapped)
+        step               = max over s of E_s + allreduce_s + optimizer_s                (serial)
+                             max over s of E_s + max(0, allreduce_s - b_s) + optimizer_s  (overlapped)
 
     The backward phase starts afresh at ``T_F``: the last stage begins backward 0 when
     its forwards are done, and every other compute lane and link is idle by then.
@@ -60,7 +60,7 @@ def gpipe_step_time(stages: Sequence[StageCost], microbatches: int, *, overlap_a
         backward.append(stage.bwd_s)
         last_backward_end = forwards_done + _flow_shop(backward, m)
         exposed = max(0, stage.allreduce_s - stage.bwd_s) if overlap_allreduce else stage.allreduce_s
-        step = max(step, last_backward_end + exposed)
+        step = max(step, last_backward_end + exposed + stage.optimizer_s)
         backward.append(stage.send_bwd_s)
     return step
 
@@ -76,12 +76,12 @@ def uniform_step_time(
     """The textbook step time ``(v*m + p - 1) * (fwd_s + bwd_s)`` of equal stages.
 
     For ``p`` ranks of ``v`` stages, every stage taking `fwd_s` and `bwd_s` per
-    microbatch, with no sends and no all-reduce. It is ``(m + p - 1) * (f + b)`` for GPipe
-    and 1F1B (any ``m``), and ``(m + (p - 1) / v) * (f + b)`` for interleaved 1F1B with
-    ``f = v * fwd_s`` the time of a rank's whole share (Narayanan et al. 2021,
-    arXiv:2104.04473, section 2.2). For interleaving it is exact when ``m >= p``, in
-    torch's uneven rounds too; with fewer microbatches than ranks a rank idles between
-    its stages and `simulate` gives a longer step.
+    microbatch, with no sends, no all-reduce and no optimizer step. It is
+    ``(m + p - 1) * (f + b)`` for GPipe and 1F1B (any ``m``), and ``(m + (p - 1) / v) * (f + b)``
+    for interleaved 1F1B with ``f = v * fwd_s`` the time of a rank's whole share (Narayanan
+    et al. 2021, arXiv:2104.04473, section 2.2). For interleaving it is exact when
+    ``m >= p``, in torch's uneven rounds too; with fewer microbatches than ranks a rank
+    idles between its stages and `simulate` gives a longer step.
 
     Raises:
         ValueError: An unknown schedule, a count below 1, a negative time, or

@@ -51,6 +51,9 @@ class StageCost:
     allreduce_s: float = 0
     """All-reduces of the stage's gradients, once per step: over its replicas, and of a tied
     weight's gradients with the other stages holding a copy (0 when neither)."""
+    optimizer_s: float = 0
+    """The optimizer step over the parameters each device updates, once per step, after the
+    rank's last backward and its all-reduces, on the compute lane (0 for inference)."""
     collective_fwd_s: float = 0
     """Of `fwd_s`, collectives on the critical path (tensor-parallel all-reduces, ZeRO-3
     all-gathers compute does not hide): they hold the compute lane, so they are inside
@@ -69,7 +72,8 @@ class StageCost:
             raise ValueError("StageCost: devices must name at least one device (got an empty tuple)")
         if len(set(self.devices)) != len(self.devices):
             raise ValueError(f"{owner}: a device appears twice in devices {self.devices}")
-        for name in ("fwd_s", "bwd_s", "send_fwd_s", "send_bwd_s", "allreduce_s", "collective_fwd_s", "collective_bwd_s"):
+        for name in ("fwd_s", "bwd_s", "send_fwd_s", "send_bwd_s", "allreduce_s", "optimizer_s", "collective_fwd_s",
+                     "collective_bwd_s"):
             _check_seconds(owner, name, getattr(self, name))
         for part, whole in (("collective_fwd_s", "fwd_s"), ("collective_bwd_s", "bwd_s")):
             if getattr(self, part) > getattr(self, whole) * (1 + 1e-9):
@@ -146,6 +150,8 @@ class EventKind(str, enum.Enum):
     """Collectives inside a forward or backward that hold the compute lane (tensor-parallel
     all-reduces, ZeRO-3 gathers compute does not hide): drawn at the pass's end, the
     pass's ``collective_*_s`` of its duration."""
+    OPTIMIZER = "optimizer"
+    """The optimizer step of the rank's stages, on the compute lane after its all-reduces."""
     IDLE = "idle"
     """The rank computes nothing (a bubble)."""
 
@@ -156,9 +162,10 @@ class Event:
 
     kind: EventKind
     stage: int | None
-    """Stage whose work it is: the sender for `SEND`, the receiver for `RECV`; None for `IDLE`."""
+    """Stage whose work it is: the sender for `SEND`, the receiver for `RECV`; None for `IDLE`
+    and `OPTIMIZER` (the rank's stages together)."""
     microbatch: int | None
-    """Microbatch index; None for `ALLREDUCE` and `IDLE`."""
+    """Microbatch index; None for `ALLREDUCE`, `OPTIMIZER` and `IDLE`."""
     forward: bool | None = None
     """For `COLLECTIVE`: whether it is inside a forward (else a backward); else None."""
     start_s: float
@@ -171,8 +178,8 @@ class Event:
         return self.end_s - self.start_s
 
     def __str__(self) -> str:
-        letter = {"forward": "F", "backward": "B", "send": "S", "recv": "R", "allreduce": "AR", "idle": "idle",
-                  "collective": "CF" if self.forward else "CB"}
+        letter = {"forward": "F", "backward": "B", "send": "S", "recv": "R", "allreduce": "AR", "optimizer": "OPT",
+                  "idle": "idle", "collective": "CF" if self.forward else "CB"}
         text = letter[self.kind.value]
         if self.microbatch is not None:
             text += str(self.microbatch)
@@ -193,9 +200,9 @@ class RankTimeline:
     devices: tuple[str, ...]
     """The replica devices (every device of the rank holds the same stages)."""
     events: tuple[Event, ...]
-    """Compute, idle, send, recv and all-reduce intervals, by start time."""
+    """Compute, optimizer, idle, send, recv and all-reduce intervals, by start time."""
     busy_s: float
-    """Seconds of forward and backward."""
+    """Seconds of forward, backward and the optimizer step."""
     static_bytes: int
     """Sum of `StageCost.static_bytes` over its stages, per device."""
     peak_activation_bytes: int

@@ -18,6 +18,9 @@ The model (times in seconds, sizes in bytes; ``p`` ranks, ``m`` microbatches):
   rank's last backward. Overlapped: the stage's gradients become ready at an even rate
   during its last backward (bucketing in the limit of small buckets), so its all-reduce
   starts with that backward and ends at ``max(start + allreduce_s, end of the backward)``.
+- **Optimizer step** (``optimizer_s``, summed over the rank's stages): one event per rank on
+  its compute lane, once its last backward and its last all-reduce have ended; nothing
+  overlaps it, and the step ends with it.
 - **Collectives inside a pass** (``collective_fwd_s`` / ``collective_bwd_s``: tensor-parallel
   all-reduces, ZeRO-3 gathers compute does not hide) are part of the pass's time on the
   compute lane; the timeline shows them as `COLLECTIVE` events at the pass's end.
@@ -123,6 +126,7 @@ class _Run:
     ) -> Timeline:
         self._compute(orders)
         self._allreduce(orders)
+        self._optimizer(orders)
         step = max((e.end_s for events in self.events for e in events), default=0.0)
         rows = tuple(self._rank(r, orders[r], step) for r in range(self.ranks))
         lost = sum(step - row.busy_s for row in rows)
@@ -224,10 +228,21 @@ class _Run:
                 self.events[r].append(Event(kind=EventKind.ALLREDUCE, stage=stage, microbatch=None,
                                             start_s=start, end_s=end))
 
+    def _optimizer(self, orders: tuple[tuple[Action, ...], ...]) -> None:
+        """Each rank steps its stages' optimizers once its backwards and all-reduces are done."""
+        for r, order in enumerate(orders):
+            seconds = sum(self.stages[s].optimizer_s for s in sorted({a.stage for a in order}))
+            if seconds == 0:
+                continue
+            done = max((self.span[a][1] for a in order if not a.forward), default=0)
+            start = max([done] + [e.end_s for e in self.events[r] if e.kind is EventKind.ALLREDUCE])
+            self.events[r].append(Event(kind=EventKind.OPTIMIZER, stage=None, microbatch=None,
+                                        start_s=start, end_s=start + seconds))
+
     def _rank(self, r: int, order: tuple[Action, ...], step: float) -> RankTimeline:
         """Idle gaps, busy time and memory of rank `r` from its events."""
-        compute = sorted((e for e in self.events[r] if e.kind in (EventKind.FORWARD, EventKind.BACKWARD)),
-                         key=lambda e: e.start_s)
+        lane = (EventKind.FORWARD, EventKind.BACKWARD, EventKind.OPTIMIZER)
+        compute = sorted((e for e in self.events[r] if e.kind in lane), key=lambda e: e.start_s)
         idle: list[Event] = []
         clock: float = 0
         tolerance = 1e-12 * step  # gaps of float rounding are no bubble

@@ -21,6 +21,8 @@ _COMPUTE = (EventKind.FORWARD, EventKind.BACKWARD)
 
 
 def _label(timeline: Timeline, event: Event) -> str:
+    if event.kind is EventKind.OPTIMIZER:
+        return "opt"
     letter = "F" if event.kind is EventKind.FORWARD else "B"
     prefix = str(event.stage) if timeline.virtual_stages > 1 else ""
     return f"{prefix}{letter}{event.microbatch}"
@@ -39,8 +41,9 @@ def _summary(timeline: Timeline) -> str:
 def ascii_timeline(timeline: Timeline, width: int | None = None) -> str:
     """The timeline as text: a compute row per rank, and a link row where anything is sent.
 
-    Compute rows show ``|F0|F1|`` boxes and ``.`` where the rank idles; link rows show
-    ``>`` for activations sent on, ``<`` for gradients sent back and ``=`` for all-reduce.
+    Compute rows show ``|F0|F1|`` boxes, ``|opt|`` for the optimizer step and ``.`` where
+    the rank idles; link rows show ``>`` for activations sent on, ``<`` for gradients sent
+    back and ``=`` for all-reduce.
 
     Args:
         timeline: What `simulate` returned.
@@ -74,7 +77,7 @@ def ascii_timeline(timeline: Timeline, width: int | None = None) -> str:
         for e in rank.of_kind(EventKind.IDLE):
             a, b = columns(e)
             row[a:b] = "." * (b - a)
-        for e in rank.of_kind(*_COMPUTE):
+        for e in rank.of_kind(*_COMPUTE, EventKind.OPTIMIZER):
             a, b = columns(e)
             if b == a:
                 continue
@@ -106,6 +109,7 @@ _COLOURS = {
     EventKind.SEND: "#8C8C8C",
     EventKind.ALLREDUCE: "#8172B3",
     EventKind.COLLECTIVE: "#55A868",
+    EventKind.OPTIMIZER: "#C44E52",
     EventKind.IDLE: "#F2F2F2",
 }
 _SUFFIXES = (".png", ".svg", ".pdf")
@@ -219,6 +223,10 @@ def gantt_figure(timeline: Timeline, *, title: str | None = None) -> Any:
             for (kind, k), spans in groups.items():
                 ax.broken_barh(spans, (y - 0.3, 0.5), facecolors=shade(_COLOURS[kind], k * n),
                                edgecolor="white", linewidth=0.6)
+        optimizer = [span(e) for e in rank.of_kind(EventKind.OPTIMIZER) if e.duration_s > 0]
+        if optimizer:
+            ax.broken_barh(optimizer, (y - 0.3, 0.5), facecolors=_COLOURS[EventKind.OPTIMIZER], edgecolor="white",
+                           linewidth=0 if dense else 0.6)
         bands = ((EventKind.SEND, y + 0.23), (EventKind.ALLREDUCE, y + 0.36), (EventKind.COLLECTIVE, y + 0.36))
         for kind, band in bands:
             if dense and kind is EventKind.SEND:
@@ -265,6 +273,7 @@ def gantt_figure(timeline: Timeline, *, title: str | None = None) -> Any:
     legend += [
         Patch(facecolor=_COLOURS[kind], label=label)
         for kind, label in (
+            (EventKind.OPTIMIZER, "optimizer step"),
             (EventKind.SEND, "send"),
             (EventKind.ALLREDUCE, "all-reduce"),
             (EventKind.COLLECTIVE, "collectives inside a pass (TP all-reduce, ZeRO-3 gather)"),
@@ -285,11 +294,11 @@ def render_timeline(timeline: Timeline, path: str | Path, *, title: str | None =
     """Draw the timeline as a Gantt chart and write it to `path` (PNG, SVG or PDF by suffix).
 
     One row per rank: forward and backward boxes labelled with the microbatch (the stages
-    of an interleaved rank in lighter shades, each shade in the legend), hatched idle time,
-    and beneath them a thin band for sends and one for gradient all-reduce; time in s, ms
-    or us, whichever the step reads best in. A deep pipeline (more than 32 ranks) is at most
-    18 inches tall with every k-th rank labelled; a long one (more than 160 boxes a rank)
-    is drawn for its shape: boxes under a pixel apart merge into one span (forwards,
+    of an interleaved rank in lighter shades, each shade in the legend), the optimizer step,
+    hatched idle time, and beneath them a thin band for sends and one for gradient
+    all-reduce; time in s, ms or us, whichever the step reads best in. A deep pipeline
+    (more than 32 ranks) is at most 18 inches tall with every k-th rank labelled; a long
+    one (more than 160 boxes a rank) is drawn for its shape: boxes under a pixel apart merge into one span (forwards,
     backwards, or both in a colour between theirs), idle time is the rows' background.
     Needs matplotlib (the ``plot`` extra).
 
