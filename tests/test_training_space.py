@@ -21,6 +21,7 @@ from partitioner.cluster import Cluster, load_cluster
 from partitioner.errors import InfeasibleError
 from partitioner.options import Optimizer, Precision, Recompute, Sharding, TrainingOptions
 from partitioner.pipeline_plan import Configuration, Group, StageModel, configurations, microbatch_sizes, plan_pipeline
+from partitioner.pipeline_plan.search import _dominated
 from partitioner.pipeline_plan.space import tensor_parallel_degrees
 from partitioner.pipeline_plan.terms import update_bytes
 from partitioner.plan import Plan
@@ -256,6 +257,29 @@ def test_a_model_whose_replicated_state_does_not_fit_gets_fsdp() -> None:
     (stage,) = p.stages
     assert stage.weight_bytes == 8 * 4 * 10**8 // 4
     assert_plan_valid(result, cluster, costs, options)
+
+
+def test_zero1_over_replicas_when_it_only_saves_its_optimizer_step() -> None:
+    # Float32 SGD: weights and gradients 4 bytes a parameter, so ZeRO-1's reduce-scatter of
+    # the gradients and gather of the weights move what none's all-reduce does; each of the 4
+    # replicas steps a quarter of the parameters (12 bytes each a step): ZeRO-1 is faster by
+    # 3/4 of the step, and no rule of the search may skip it for being dominated.
+    options = TrainingOptions(max_stages=1, tensor_parallel=(1,), shardings=("none", "zero1"), max_microbatches=1)
+    cluster = hand_cluster(["a100-80gb x4"])
+    costs = tp_costs(cluster, 16, options, params=10**8)
+    p = plan_pipeline(costs, cluster, 16, options).pipeline
+    (stage,) = p.stages
+    assert p.sharding == "zero1" and stage.optimizer_s == pytest.approx(8 * 12 * 10**8 / 4 / (2.039e12 * 0.85))
+    replicated = plan_pipeline(costs, cluster, 16, replace(options, shardings=("none",))).pipeline
+    (whole,) = replicated.stages
+    assert whole.allreduce_s == pytest.approx(stage.allreduce_s) and whole.optimizer_s == pytest.approx(4 * stage.optimizer_s)
+    assert p.step_time_s == pytest.approx(replicated.step_time_s - 3 * stage.optimizer_s)
+    # Whatever order the search meets them in: a solved, unconstrained replicated
+    # configuration does not make ZeRO-1 pointless (it did before optimizer steps were priced).
+    model = StageModel(costs, cluster, 16, options)
+    none, zero1 = one_stage(4, 1, Sharding.NONE), one_stage(4, 1, Sharding.ZERO1)
+    assert model.split(none) is not None and model.unconstrained(none)
+    assert not _dominated(model, zero1, {none, zero1})
 
 
 def test_tp_when_its_all_reduce_is_cheap_and_not_when_the_link_is_slow() -> None:

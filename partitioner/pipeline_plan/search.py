@@ -56,14 +56,12 @@ def _dominated(model: StageModel, config: Configuration, present: set[Configurat
     reaches every split's step at least as fast.
 
     zero3-keep over zero3, once its split was not held back by memory (the same
-    collectives but one gather fewer per microbatch). Replicated (none) over ZeRO-1 likewise,
-    where weights take at least the gradients' bytes: a reduce-scatter of the gradients and
-    a gather of the weights then move at least an all-reduce's bytes. ZeRO-2 is always tried:
-    its reduce-scatters hide under the backward, which none's and ZeRO-1's do not.
+    collectives but one gather fewer per microbatch, the same optimizer step on a shard).
+    Replicated (none) does not dominate ZeRO-1, though a reduce-scatter of the gradients and
+    a gather of the weights move at least an all-reduce's bytes: each ZeRO-1 replica steps
+    its optimizer over a 1/d shard. ZeRO-2 is always tried: its reduce-scatters hide under
+    the backward.
     """
-    if config.sharding is Sharding.ZERO1 and model.weights_cover_grads:
-        other = replace(config, sharding=Sharding.NONE)
-        return other in present and model.unconstrained(other)
     if config.sharding is Sharding.ZERO3:
         other = replace(config, sharding=Sharding.ZERO3_KEEP)
         return other in present and model.unconstrained(other)

@@ -140,13 +140,6 @@ class StageModel:
             self._tables[tp] = LayerTables(self.costs, tp, self.options.sequence_parallel)
         return self._tables[tp]
 
-    @property
-    def weights_cover_grads(self) -> bool:
-        """Whether every layer's weights take at least its gradients' bytes (they do at every
-        precision `training_state_bytes` counts)."""
-        tab = self.tables(1)
-        return bool(np.all(tab.layer_weights >= tab.layer_grads))
-
     def useful_degrees(self) -> tuple[int, ...]:
         """The options' tensor-parallel degrees that split some layer (1 always): a degree
         that splits none would run every layer on each of its devices alike."""
