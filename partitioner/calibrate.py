@@ -251,6 +251,8 @@ def _narrow_curves(timer: _MatmulTimer, s: int) -> tuple[tuple[str, float, float
 
 _PASS_SIZES = tuple(16 << (10 + 2 * i) for i in range(12))
 """Input sizes of `_memory_curve`'s element-wise op: 16 KiB, 64 KiB, ... (those up to the copy's)."""
+_PASS_TRIALS = 3
+"""Trials of each size `_memory_curve` takes the median of."""
 
 
 def _memory_curve(
@@ -279,9 +281,6 @@ def _memory_curve(
             seconds = max(seconds - launch_s, seconds / 2)
         points.append((float(2 * size), min(100.0, max(1e-3, round(2 * size / seconds / bandwidth, 4)))))
     return tuple(points)
-
-
-_PASS_TRIALS = 3
 
 
 def _pass_seconds(size: int, device: torch.device, sync: Callable[[], None], sample_s: float) -> float:

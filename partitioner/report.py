@@ -290,6 +290,7 @@ def _stage_header(p: PipelinePlan) -> tuple[str, ...]:
 
 def _stage_rows(plan: Plan, p: PipelinePlan) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
+    sharded, stepped = _sharded(p), _steps_optimizer(p)
     for s in p.stages:
         activations = s.inflight_microbatches * s.microbatch_activation_bytes + s.recompute_bytes
         extra = (
@@ -298,7 +299,7 @@ def _stage_rows(plan: Plan, p: PipelinePlan) -> list[tuple[str, ...]]:
                 f"{format_seconds(s.dp_comm_fwd_s)} / {format_seconds(s.dp_comm_bwd_s)}"
                 if s.dp_comm_fwd_s or s.dp_comm_bwd_s else "-",
             )
-            if _sharded(p)
+            if sharded
             else ()
         )
         rows.append(
@@ -313,12 +314,12 @@ def _stage_rows(plan: Plan, p: PipelinePlan) -> list[tuple[str, ...]]:
                 time_basis(plan.layers[s.first_layer : s.last_layer + 1]),
                 f"{format_seconds(s.send_fwd_s)} / {format_seconds(s.send_bwd_s)}",
                 format_seconds(s.allreduce_s) if len(s.devices) > 1 or s.allreduce_s > 0 else "-",
-                *((format_seconds(s.optimizer_s) if s.optimizer_s > 0 else "-",) if _steps_optimizer(p) else ()),
+                *((format_seconds(s.optimizer_s) if s.optimizer_s > 0 else "-",) if stepped else ()),
                 *extra,
                 format_bytes(s.weight_bytes),
                 format_bytes(s.grad_bytes),
                 format_bytes(s.optimizer_bytes),
-                *((format_bytes(s.gathered_bytes),) if _sharded(p) else ()),
+                *((format_bytes(s.gathered_bytes),) if sharded else ()),
                 f"{format_bytes(activations)} ({s.inflight_microbatches} mb)",
                 format_bytes(s.buffer_bytes),
                 f"{format_bytes(s.peak_memory_bytes)} / {format_bytes(s.capacity_bytes)} "

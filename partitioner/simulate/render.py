@@ -298,8 +298,9 @@ def render_timeline(timeline: Timeline, path: str | Path, *, title: str | None =
     hatched idle time, and beneath them a thin band for sends and one for gradient
     all-reduce; time in s, ms or us, whichever the step reads best in. A deep pipeline
     (more than 32 ranks) is at most 18 inches tall with every k-th rank labelled; a long
-    one (more than 160 boxes a rank) is drawn for its shape: boxes under a pixel apart merge into one span (forwards,
-    backwards, or both in a colour between theirs), idle time is the rows' background.
+    one (more than 160 boxes a rank) is drawn for its shape: boxes under a pixel apart
+    merge into one span (forwards, backwards, or both in a colour between theirs), idle
+    time is the rows' background.
     Needs matplotlib (the ``plot`` extra).
 
     Args:
