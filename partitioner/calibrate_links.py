@@ -15,9 +15,12 @@ loopback) and times, for each message size (4 KiB to 64 MiB by default):
   a core each; 2 when two take turns on one), what `partitioner.cluster.Cluster.slowdown`
   gives the training planner.
 
-Each size's figure is the **median** of its timings (a shared machine gives heavy tails:
-a process waiting for a core). `fit_link` fits ``time = latency + bytes x seconds_per_byte``
-to the medians by least squares on log ratios (over- and under-estimates by the same
+Each size's figure is the **mean** of its timings. A shared machine gives heavy tails (a
+process waiting for a core: on 2 cores, 2 processes' 4 KiB all-reduce had a median of
+0.65 ms and a mean of 1.6 ms), and a training step pays the sum of its messages, tails
+and all: the sum's expectation is the sum of the means, which medians underprice (the
+medians were recorded too). `fit_link` fits ``time = latency + bytes x seconds_per_byte``
+to the means by least squares on log ratios (over- and under-estimates by the same
 factor cost the same), so the small sizes fix the latency and the large ones the bandwidth. A send's fit is the link; an all-reduce's fit is divided by
 the ring all-reduce's factors that the planner prices it with
 (`partitioner.cost_model.ring_allreduce_s`: ``2 (k-1)/k`` of the bytes and ``2 (k-1)``
@@ -221,7 +224,7 @@ def compute_sharing(rank: int, world: int, seconds: float = _SHARING_LOOP_S) -> 
 
 
 def _worker(rank: int, world: int, port: int, sizes: tuple[int, ...], scale: float, out: str) -> None:
-    """One process of `measure_gloo`: times every size, process 0 writes the medians to `out`."""
+    """One process of `measure_gloo`: times every size, process 0 writes the medians and means to `out`."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -362,18 +365,18 @@ def gloo_cluster_document(timings: LinkTimings, name: str, *, date: str | None =
     the measured ``compute_sharing`` (timings without it, from before it was measured,
     leave it out).
     """
-    send = fit_link(timings.sizes, timings.send_median_s)
-    hop = ring_hop(fit_link(timings.sizes, timings.allreduce_median_s), timings.processes)
+    send = fit_link(timings.sizes, timings.send_mean_s)
+    hop = ring_hop(fit_link(timings.sizes, timings.allreduce_mean_s), timings.processes)
     k = timings.processes
-    medians = ", ".join(
+    means = ", ".join(
         f"{_size(n)} {_us(s)} / {_us(a)}"
-        for n, s, a in zip(timings.sizes, timings.send_median_s, timings.allreduce_median_s, strict=True)
+        for n, s, a in zip(timings.sizes, timings.send_mean_s, timings.allreduce_mean_s, strict=True)
     )
     source = (
         f"partitioner profile --links gloo --processes {k} on {date or time.strftime('%Y-%m-%d')}, "
         f"torch {torch.__version__}, {_machine()}; {k} processes of one torch thread, gloo over the loopback. "
-        f"Medians of {min(timings.repeats)}-{max(timings.repeats)} timings per size "
-        f"(one-way send/recv, pairs exchanging at once / all-reduce over all {k}): {medians}. "
+        f"Means of {min(timings.repeats)}-{max(timings.repeats)} timings per size "
+        f"(one-way send/recv, pairs exchanging at once / all-reduce over all {k}): {means}. "
         f"Least squares on log ratios: send {_us(send.latency_s)} + bytes / {1e-9 / send.seconds_per_byte:.4g} GB/s; "
         f"all-reduce divided by the ring's 2(k-1)/k bytes and 2(k-1) latencies (k = {k}) per hop: "
         f"{_us(hop.latency_s)} + bytes / {1e-9 / hop.seconds_per_byte:.4g} GB/s."

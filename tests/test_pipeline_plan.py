@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -556,9 +557,36 @@ def test_gpt3_175b_shaped_tables_on_64_h100s() -> None:
     print(f"GPT-3 175B shaped, 64 x H100, batch {batch}: planned in {seconds:.1f} s, {p.description}")
 
 
+def test_ddp_buckets_counts_the_all_reduces_ddp_makes() -> None:
+    # DDP fills buckets with the parameters in the order their gradients arrive (the last
+    # layer's first), its first bucket 1 MiB, then 25 MiB; the planner counts them per layer,
+    # for every range of layers, from the layers' gradient bytes.
+    import torch
+    import torch.distributed as dist
+
+    from partitioner.pipeline_plan.terms import DDP_BUCKET_BYTES, DDP_FIRST_BUCKET_BYTES, ddp_buckets
+
+    assert DDP_FIRST_BUCKET_BYTES == dist._DEFAULT_FIRST_BUCKET_BYTES
+    mlp = [4 * (1024 * 512 + 512), 0, 4 * (512 * 256 + 256), 0, 4 * (256 * 128 + 128), 0, 4 * (128 * 10 + 10)]
+    assert ddp_buckets(mlp)[0, 7] == 1  # the seed MLP's 2.76 MB: one bucket (its first closes last)
+    rng = random.Random(0)
+    sizes = [0, 40, 1 << 18, 1 << 20, 3 << 20, 7 << 20, 30 << 20]
+    for _ in range(60):
+        grads = [rng.choice(sizes) for _ in range(rng.randint(1, 9))]
+        table = ddp_buckets(grads)
+        for i in range(len(grads)):
+            for e in range(i + 1, len(grads) + 1):
+                params = [torch.empty(g // 4) for g in reversed(grads[i:e]) if g > 0]
+                limits = [DDP_FIRST_BUCKET_BYTES, DDP_BUCKET_BYTES]
+                made = len(dist._compute_bucket_assignment_by_size(params, limits)[0]) if params else 0
+                assert table[i, e] == made, (grads, i, e)
+
+
 def test_a_replicas_all_reduce_is_priced_on_the_clusters_allreduce_hops() -> None:
     # A measured link prices a ring all-reduce hop apart from a send (gloo on a CPU also
-    # reduces and shares cores): 2 (r-1)/r x grads x s/B + 2 (r-1) x latency, of the hop.
+    # reduces and shares cores): 2 (r-1)/r x grads x s/B + 2 (r-1) x latency, of the hop,
+    # the latency once per DDP bucket (eight 4 MB layers: the last alone, then the other
+    # seven) and once more for the loss the step all-reduces.
     options = TrainingOptions(schedules=(PipelineSchedule.GPIPE,), max_stages=1, max_microbatches=1, shardings=("none",))
     cluster = hand_cluster(["a100-80gb x2"], spb=1e-12)
     hop = ((0.0, 2e-10), (2e-10, 0.0))
@@ -568,7 +596,7 @@ def test_a_replicas_all_reduce_is_priced_on_the_clusters_allreduce_hops() -> Non
     grads = 8 * 10**6 * 4  # 8 layers of 10^6 float32 parameters
     (stage,) = plan_pipeline(costs, measured, 8, options).pipeline.stages
     assert len(stage.devices) == 2
-    assert stage.allreduce_s == pytest.approx(grads * 2e-10 + 2 * 3e-4)
+    assert stage.allreduce_s == pytest.approx(grads * 2e-10 + 3 * 2 * 3e-4)
     (plain,) = plan_pipeline(costs, cluster, 8, options).pipeline.stages  # without: a hop is a send
     assert plain.allreduce_s == pytest.approx(grads * 1e-12)
 

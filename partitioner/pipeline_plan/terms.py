@@ -30,7 +30,10 @@ Data-parallel communication over the ``d`` replicas (ring over devices strided b
 all-gather and reduce-scatter ``(d-1)/d x bytes x s/B + (d-1) x latency``, all-reduce
 twice that):
 
-    none        all-reduce of G, once per step (after the stage's last backward)
+    none        all-reduce of G, once per step (after the stage's last backward), in DDP's
+                buckets: the latency term once per bucket (`ddp_buckets`), the bytes once
+    loss        the last stage all-reduces the step's loss over its replicas (a scalar:
+                ``2 (d-1)`` latencies, once per step, under any sharding)
     zero1       reduce-scatter of G and all-gather of W, once per step (exposed: the
                 reduce-scatter after the last backward, the gather before the first forward)
     zero2       W gathered once per step (exposed); G reduce-scattered every microbatch in
@@ -89,6 +92,9 @@ __all__ = [
     "stage_terms",
     "with_memory",
     "per_step_collectives",
+    "ddp_buckets",
+    "DDP_FIRST_BUCKET_BYTES",
+    "DDP_BUCKET_BYTES",
     "update_bytes",
 ]
 
@@ -97,11 +103,52 @@ NONE, FULL, SELECTIVE = 0, 1, 2
 RECOMPUTE_NAMES = ("none", "full", "selective")
 
 
-def per_step_collectives(sharding: Sharding, d: int, weights: Any, grads: Any, ring: tuple[float, float]) -> Any:
+DDP_FIRST_BUCKET_BYTES = 1 << 20
+"""The first gradient bucket of `torch.nn.parallel.DistributedDataParallel` (torch's
+``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES``: the last layers' gradients, sent early)."""
+DDP_BUCKET_BYTES = 25 << 20
+"""Its other buckets (``bucket_cap_mb=25``, DDP's default, as `partitioner.distributed` wraps stages)."""
+
+
+def ddp_buckets(layer_grads: Any) -> np.ndarray:
+    """ddp_buckets(g)[i, e]: how many all-reduces DDP makes of the gradients of layers
+    ``[i, e)`` (`g`: each layer's gradient bytes; 0 where they hold none).
+
+    DDP fills buckets in the order gradients arrive, the last layer's first, and closes one
+    once it holds `DDP_FIRST_BUCKET_BYTES` (the first) or `DDP_BUCKET_BYTES` (the others):
+    a layer is not split, so a layer larger than a bucket closes one of its own. Counted per
+    layer, as DDP counts per parameter (a layer's parameters arrive together).
+    """
+    g = np.asarray(layer_grads, dtype=np.int64)
+    n = len(g)
+    prefix = _prefix(g)
+    out = np.zeros((n + 1, n + 1), dtype=np.int64)
+    starts = np.arange(n + 1)
+    for e in range(1, n + 1):
+        closed = []  # where each full bucket (walking down from layer e - 1) ends, descending
+        top, cap = e, DDP_FIRST_BUCKET_BYTES
+        while True:
+            k = int(np.searchsorted(prefix, prefix[top] - cap, side="right")) - 1
+            if k < 0:
+                break
+            closed.append(k)
+            top, cap = k, DDP_BUCKET_BYTES
+        ends = np.array(closed[::-1] + [e], dtype=np.int64)  # ascending, e last
+        nxt = ends[np.searchsorted(ends, starts[:e], side="left")]  # the first bucket end at or above i
+        full = len(closed) - np.searchsorted(np.array(closed[::-1], dtype=np.int64), starts[:e], side="left")
+        out[:e, e] = full + (prefix[nxt] > prefix[starts[:e]])
+    return out
+
+
+def per_step_collectives(
+    sharding: Sharding, d: int, weights: Any, grads: Any, ring: tuple[float, float], buckets: Any = 1
+) -> Any:
     """Seconds of a stage's data-parallel collectives once per step (the docstring's table):
     all-reduce of the gradients (none), their reduce-scatter and the weights' all-gather
     (zero1), the weights' all-gather (zero2); nothing for zero3 (its collectives run every
-    microbatch). 0 for one replica."""
+    microbatch). 0 for one replica. The all-reduce runs in `buckets` all-reduces (DDP's,
+    `ddp_buckets`), each paying the ring's latency (on a gloo loopback of 4 processes about
+    6 ms each)."""
     if d < 2 or sharding in (Sharding.ZERO3, Sharding.ZERO3_KEEP):
         return 0.0
     per_byte, latency = ring
@@ -110,7 +157,7 @@ def per_step_collectives(sharding: Sharding, d: int, weights: Any, grads: Any, r
         return share * weights * per_byte + (d - 1) * latency
     if sharding is Sharding.ZERO1:
         return share * (grads + weights) * per_byte + 2 * (d - 1) * latency
-    return 2 * share * grads * per_byte + 2 * (d - 1) * latency
+    return 2 * share * grads * per_byte + 2 * (d - 1) * latency * buckets
 
 
 def update_bytes(weights: Any, grads: Any, optimizer: Any, precision: Precision) -> Any:
@@ -175,6 +222,13 @@ class LayerTables:
         self.tp_comm = _prefix([layer.tp_comm_bytes if s else 0 for layer, s in zip(layers, split)])
         self.tp_collectives = _prefix([1 if s and layer.tp_comm_bytes > 0 else 0 for layer, s in zip(layers, split)])
         self._top2: np.ndarray | None = None
+        self._buckets: np.ndarray | None = None
+
+    def buckets(self) -> np.ndarray:
+        """buckets()[i, e]: DDP's all-reduces of the gradients of ``[i, e)`` (`ddp_buckets`)."""
+        if self._buckets is None:
+            self._buckets = ddp_buckets(self.layer_grads)
+        return self._buckets
 
     def top_two(self) -> np.ndarray:
         """top_two()[i, e]: weights of the two largest layers of ``[i, e)`` (0 where e <= i)."""
@@ -350,7 +404,10 @@ def stage_terms(
 
     held_w, held_g, held_o = weights, grads, optimizer
     gathered: Any = 0
-    allreduce: Any = per_step_collectives(sharding, d, weights, grads, spec.ring)
+    buckets = tables.buckets()[i, e] if sharding is Sharding.NONE and d > 1 else 1
+    allreduce: Any = per_step_collectives(sharding, d, weights, grads, spec.ring, buckets)
+    if spec.last and d > 1:  # partitioner.distributed's step all-reduces the loss over the replicas
+        allreduce = allreduce + 2 * (d - 1) * latency
     dp_fwd: Any = 0.0
     layers = e - i
     reduces = sharding in (Sharding.ZERO2, Sharding.ZERO3, Sharding.ZERO3_KEEP)  # every microbatch
