@@ -24,6 +24,15 @@ and times rounds of steps (``part.step``, an SGD step over ``part.parameters()``
 (`PipelinePlan.step_time_s`). Both plans run the same configuration; when their layer
 splits agree one run measures both.
 
+Both plans price this machine's CPU with a profile measured here (``partitioner profile
+--device cpu``: its matmul peak, GEMM efficiency by size and by narrow side, element-wise
+bandwidth, launch floor): ``--cpu-profile FILE``, else ``benchmarks/out/profiles/cpu.json``,
+measured first when absent and kept there; it takes the built-in ``cpu`` profile's place
+(``PARTITIONER_PROFILE_PATH``). Layers are timed at the global batch; a plan's microbatches
+are smaller, and their times are scaled by the profile's roofline from the measured ones,
+so the built-in profile (one efficiency for every matmul) prices a microbatch of one
+GPT-2 sample 1.5x too fast, the measured one within 6% (one process, 16 microbatches).
+
 The gloo profile also holds the machine's **compute sharing** (measured with the links):
 how much slower a one-thread matmul loop runs in N processes at once than in one alone.
 The planner multiplies each stage's compute by it (`partitioner.cluster.Cluster.slowdown`);
@@ -176,6 +185,25 @@ def gloo_cluster(processes: int, given: dict[int, Path], say: Any) -> tuple[Any,
     return write_cluster_document(gloo_cluster_document(timings, path.stem), path), path
 
 
+def use_cpu_profile(given: Path | None, say: Any) -> Path:
+    """Make the planner price ``cpu`` devices with `given`, else with ``benchmarks/out/profiles/cpu.json``
+    (measured first when absent): its folder goes first on ``PARTITIONER_PROFILE_PATH``."""
+    from partitioner.calibrate import measure_device
+    from partitioner.profile_files import PROFILE_PATH_ENV, load_profile, profile_to_json
+
+    path = given or OUT / "profiles" / "cpu.json"
+    if path.name != "cpu.json":
+        raise ValueError(f"{path}: the CPU profile must be a file named cpu.json (it replaces the built-in cpu profile)")
+    if not path.exists():
+        say(f"measuring this CPU into {path} (partitioner profile --device cpu)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(profile_to_json(measure_device("cpu", name="cpu")))
+    if load_profile(path).name != "cpu":
+        raise ValueError(f"{path}: a profile named {load_profile(path).name!r}, not 'cpu'")
+    os.environ[PROFILE_PATH_ENV] = os.pathsep.join(filter(None, (str(path.parent), os.environ.get(PROFILE_PATH_ENV))))
+    return path
+
+
 def one_process_step(case: Case, repeats: int) -> float:
     """Median seconds of the plain model's training step on the whole batch, one thread:
     forward, backward and an SGD step, as the plans price it."""
@@ -299,12 +327,13 @@ def _run_plan(plan: Any, case: Case, path: Path, rounds: int, steps_per_round: i
 
 
 def run(cases: tuple[Case, ...], processes: tuple[int, ...], clusters: dict[int, Path], rounds: int,
-        steps_per_round: int, say: Any) -> dict[str, Any]:
+        steps_per_round: int, say: Any, cpu: Path | None = None) -> dict[str, Any]:
     from benchmarks.run import _hardware, _versions
     from partitioner.training import compile_training
 
     workdir = Path(tempfile.mkdtemp(prefix="distributed-step-"))
     torch.set_num_threads(1)
+    cpu_profile = use_cpu_profile(cpu, say)
     records = []
     profiles = {}
     for n in processes:
@@ -349,7 +378,7 @@ def run(cases: tuple[Case, ...], processes: tuple[int, ...], clusters: dict[int,
                     say(f"    {links}: {measured['layout']}: predicted {predicted * 1e3:.2f} ms, "
                         f"measured {step * 1e3:.2f} ms ({step / predicted:.2f}x; sharing {measured['sharing']:.2f}x)")
     return {"hardware": _hardware(), "versions": _versions(), "rounds": rounds, "steps_per_round": steps_per_round,
-            "profiles": profiles, "records": records}
+            "profiles": profiles, "cpu_profile": str(cpu_profile), "records": records}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -379,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", type=Path, action="append", default=[],
                         help="a gloo cluster profile (partitioner profile --links gloo) for runs of its process count; "
                              "default benchmarks/out/gloo-N.json, measured when absent")
+    parser.add_argument("--cpu-profile", type=Path,
+                        help="a measured profile of this CPU named cpu (partitioner profile --device cpu --name cpu), "
+                             "file cpu.json; default benchmarks/out/profiles/cpu.json, measured when absent")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -391,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
 
     clusters = {load_cluster(path).num_devices: path for path in args.cluster}
     result = run(cases, tuple(args.processes), clusters, args.rounds, args.steps_per_round,
-                 lambda text: print(text, file=sys.stderr, flush=True))
+                 lambda text: print(text, file=sys.stderr, flush=True), args.cpu_profile)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

@@ -66,13 +66,20 @@ def test_a_heavy_last_layer_takes_twice_the_replicas() -> None:
     layer, at 2.039 TB/s x 0.85 (a100-80gb): ``u`` = 0.692 ms a layer, after the last
     backward. Unequal: 60 ms + the first stage's 2u. Equal: 2 + 2 + 2 now wins, its first
     stage ending at 108 ms + u (2 + 2 ends at 108 + 2u).
+
+    And each backward but a microbatch's first adds its gradients into those held: 3 x 0.4 GB
+    a layer at the same pace, 3/4 of it in each backward (``a`` a layer). The first stage's
+    backwards are the slowest (two layers), so they pace the end: unequal 60 ms + 9a (the
+    last stage's first backward with a, then the first stage's four with 2a each), equal
+    108 ms + 6a (the last stage's four backwards, then one of each stage before it).
     """
     u = 12 * 10**8 / (2.039e12 * 0.85)
+    a = 3 * 4 * 10**8 * 3 / 4 / (2.039e12 * 0.85)
     cluster, costs = heavy_case(HEAVY)
     result = plan_pipeline(costs, cluster, 16, HEAVY)
     p = result.pipeline
     assert [(s.first_layer, s.last_layer, len(s.devices)) for s in p.stages] == [(0, 1, 2), (2, 2, 4)]
-    assert p.step_time_s == pytest.approx(0.060 + 2 * u, rel=1e-12)
+    assert p.step_time_s == pytest.approx(0.060 + 9 * a + 2 * u, rel=1e-12)
     assert p.description == "2 stages (1 on 2 x a100-80gb, 1 on 4 x a100-80gb); gpipe, 4 microbatches"
     assert_plan_valid(result, cluster, costs, HEAVY)
 
@@ -80,7 +87,7 @@ def test_a_heavy_last_layer_takes_twice_the_replicas() -> None:
     launchable = plan_pipeline(costs, cluster, 16, equal)
     q = launchable.pipeline
     assert {len(s.devices) for s in q.stages} == {2} and (q.stages[-1].first_layer, q.stages[-1].last_layer) == (2, 2)
-    assert q.step_time_s == pytest.approx(0.108 + u, rel=1e-12)
+    assert q.step_time_s == pytest.approx(0.108 + 6 * a + u, rel=1e-12)
     assert [(s.first_layer, s.last_layer) for s in q.stages] == [(0, 0), (1, 1), (2, 2)]
     assert_plan_valid(launchable, cluster, costs, equal)
 

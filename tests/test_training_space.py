@@ -23,7 +23,7 @@ from partitioner.options import Optimizer, Precision, Recompute, Sharding, Train
 from partitioner.pipeline_plan import Configuration, Group, StageModel, configurations, microbatch_sizes, plan_pipeline
 from partitioner.pipeline_plan.search import _dominated
 from partitioner.pipeline_plan.space import tensor_parallel_degrees
-from partitioner.pipeline_plan.terms import update_bytes
+from partitioner.pipeline_plan.terms import FULL, NONE, SELECTIVE, update_bytes
 from partitioner.plan import Plan
 from partitioner.simulate import PipelineSchedule
 from partitioner.training_costs import ChainLayer, LayerTimes, TrainingCosts, training_state_bytes
@@ -197,12 +197,34 @@ def test_the_optimizer_step_is_its_shards_bytes_over_the_slowest_memory(sharding
     assert spec.update_per_byte == 1 / (2.039e12 * 0.85)
     assert t.update == pytest.approx(stepped / (2.039e12 * 0.85))
     assert t.cost == pytest.approx(t.fwd + t.bwd + t.allreduce + t.update)  # m = 1, sends free
-    assert model.stage(spec, 0, 8, 4).cost == pytest.approx(t.fwd + t.bwd + (t.allreduce + t.update) / 4)
+    four = model.stage(spec, 0, 8, 4)
+    assert four.cost == pytest.approx(four.fwd + four.bwd + (four.allreduce + four.update) / 4)
     # Processes sharing cores step as much slower; a group of two kinds at the slower memory's pace.
     assert model.terms(replace(spec, slowdown=3.0), 0, 8, 1).update == pytest.approx(3 * t.update)
     mixed = hand_cluster(["a100-80gb", "a100-40gb"])
     assert StageModel(tp_costs(mixed, 8, options), mixed, 8, options).update_per_byte(Group((0, 1))) == 1 / (
         1.555e12 * 0.85)
+
+
+@pytest.mark.parametrize("sharding", list(Sharding))
+def test_each_backward_but_the_first_adds_its_gradients_at_the_memorys_pace(sharding: Sharding) -> None:
+    """Over m microbatches, autograd adds each backward's gradients into those held (read both,
+    write one: 3 G bytes) in all but the first: (m-1)/m of it in each backward, at the
+    memory's pace (the A100's 2.039 TB/s x 0.85). The gradients held are a 1/d shard under
+    ZeRO-2/3 and whole under ZeRO-1 and none."""
+    options = TrainingOptions(max_microbatches=4)
+    cluster = hand_cluster(["a100-80gb x4"])
+    model = StageModel(tp_costs(cluster, 8, options), cluster, 8, options)
+    (spec,) = model.specs(one_stage(4, 2, sharding))
+    one, four = model.stage(spec, 0, 8, 1), model.stage(spec, 0, 8, 4)
+    whole = sharding in (Sharding.NONE, Sharding.ZERO1)
+    grads = 4 * 8 * (10**6 - 900_000 + 450_000) / (1 if whole else 2)
+    assert four.grads == pytest.approx(grads)
+    added = 3 * grads * 3 / 4 / (2.039e12 * 0.85)
+    for mode in (NONE, SELECTIVE, FULL):
+        assert four.mode(mode)[0] - one.mode(mode)[0] == pytest.approx(added, rel=1e-9)
+    assert model.terms(replace(spec, slowdown=2.0), 0, 8, 4).bwd - model.terms(replace(spec, slowdown=2.0), 0, 8, 1).bwd \
+        == pytest.approx(2 * added, rel=1e-9)
 
 
 def test_zero3_exposes_what_compute_cannot_hide() -> None:

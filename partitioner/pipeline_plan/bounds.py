@@ -12,7 +12,7 @@ import numpy as np
 
 from partitioner.options import Sharding
 from partitioner.pipeline_plan.space import Configuration
-from partitioner.pipeline_plan.terms import FULL, SELECTIVE, per_step_collectives
+from partitioner.pipeline_plan.terms import FULL, SELECTIVE, accumulate_bytes, per_step_collectives
 from partitioner.simulate import PipelineSchedule
 
 if TYPE_CHECKING:
@@ -29,7 +29,8 @@ def work(model: StageModel, config: Configuration) -> float:
 
     Rank ``g``'s load for the whole model, ``T_g``: ``m`` microbatches of forward and
     backward per device (tensor-parallel compute, the cheapest recomputation the
-    options allow, the TP all-reduces without latency), unless overlapped with backward
+    options allow, the TP all-reduces without latency, the gradients each backward
+    adds into those held), unless overlapped with backward
     its per-step data-parallel collectives (without latency), and its optimizer step over
     the parameters a device updates (on the compute lane, never overlapped). A split gives
     rank ``g`` layers ``L_g`` and it is busy at least ``sum over L_g`` of those per-layer
@@ -66,8 +67,11 @@ def work(model: StageModel, config: Configuration) -> float:
                 t = config.tp
                 passes = 3 if cheapest == FULL else 2
                 per_layer = per_layer + passes * 2 * (t - 1) / t * np.diff(tab.tp_comm) * b * model.ring(g, t, True)[0]
-            per_microbatch = float(per_layer.sum())
             sharding = config.sharding if d > 1 else Sharding.NONE
+            # Gradients summed over the microbatches, (m-1)/m of it in each backward.
+            held = tab.layer_grads / (d if sharding in (Sharding.ZERO2, Sharding.ZERO3, Sharding.ZERO3_KEEP) else 1)
+            per_layer = per_layer + accumulate_bytes(held, m) * model.update_per_byte(g) * slowdown
+            per_microbatch = float(per_layer.sum())
             stepped = np.diff(tab.update) / (d if sharding is not Sharding.NONE else 1)
             per_layer = m * per_layer + stepped * model.update_per_byte(g) * slowdown
             if not model.options.overlap_allreduce:

@@ -45,6 +45,13 @@ twice that):
                 the first layer's gather of each pass and the last reduce-scatter
     zero3-keep  as zero3, one gather (forward) per microbatch
 
+Gradients accumulate over the microbatches: each backward but the first adds its gradients
+into those the device holds (autograd's AccumulateGrad, ``grad += new``), memory-bound::
+
+    accumulate  3 x G bytes (read both, write the sum), G the gradients held (1/d under
+                ZeRO-2/3, whose shards accumulate); (m-1)/m of it in every backward, priced
+                as the update below (bytes x s/B x slowdown)
+
 The optimizer step runs once per step on the compute lane, after the stage's last backward
 and its data-parallel collectives above (nothing overlaps it, whether or not the all-reduce
 hides under the backward). It is memory-bound: it reads the gradients, reads and writes the
@@ -96,6 +103,7 @@ __all__ = [
     "DDP_FIRST_BUCKET_BYTES",
     "DDP_BUCKET_BYTES",
     "update_bytes",
+    "accumulate_bytes",
 ]
 
 NONE, FULL, SELECTIVE = 0, 1, 2
@@ -158,6 +166,12 @@ def per_step_collectives(
     if sharding is Sharding.ZERO1:
         return share * (grads + weights) * per_byte + 2 * (d - 1) * latency
     return 2 * share * grads * per_byte + 2 * (d - 1) * latency * buckets
+
+
+def accumulate_bytes(grads: Any, m: int) -> Any:
+    """Bytes one backward moves, on average over `m` microbatches, to add its gradients into
+    the `grads` bytes held: ``3 G`` (read both, write the sum) in each but the first."""
+    return 3 * grads * (m - 1) / m
 
 
 def update_bytes(weights: Any, grads: Any, optimizer: Any, precision: Precision) -> Any:
@@ -427,6 +441,10 @@ def stage_terms(
     # The optimizer step over what this device updates: a 1/d shard under any sharding.
     stepped = tables.update[e] - tables.update[i] + update_bytes(tied[0], tied[1], tied[2], tables.precision)
     update = stepped / (d if sharding is not Sharding.NONE else 1) * spec.update_per_byte * spec.slowdown
+    # Each microbatch after the first adds its gradients into those held (autograd's
+    # AccumulateGrad: read both, write one), in its backward: (m - 1) / m of it in each.
+    held_for_sum = grads / d if sharding in (Sharding.ZERO2, Sharding.ZERO3, Sharding.ZERO3_KEEP) else grads
+    bc = bc + accumulate_bytes(held_for_sum, m) * spec.update_per_byte * spec.slowdown
 
     def dp_bwd(compute: Any) -> Any:
         if not reduces:
