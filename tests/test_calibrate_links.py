@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,19 @@ def test_the_profile_round_trips_and_loads_as_a_cluster(tmp_path: Path) -> None:
     assert cluster.transfer_s(1 << 20, 0, 3) == pytest.approx(50e-6 + (1 << 20) / 1e9, rel=0.01)
     hops = [cluster.allreduce_hop(k, (k + 1) % 4) for k in range(4)]
     assert ring_allreduce_s(1 << 24, hops) == pytest.approx(300e-6 + (1 << 24) / 5e8, rel=0.01)
+
+
+def test_the_profile_prices_the_means_a_step_pays_not_the_medians() -> None:
+    # A shared machine's tail: the medians of the same timings are half the means. A step
+    # pays the sum of its messages, tails and all; the link is fitted to the means.
+    exact = _timings(2)
+    tailless = replace(exact, send_median_s=tuple(t / 2 for t in exact.send_mean_s),
+                       allreduce_median_s=tuple(t / 2 for t in exact.allreduce_mean_s))
+    cluster = cluster_from_dict(gloo_cluster_document(tailless, "gloo-2"))
+    assert cluster.transfer_s(1 << 20, 0, 1) == pytest.approx(50e-6 + (1 << 20) / 1e9, rel=0.01)
+    assert ring_allreduce_s(1 << 24, [cluster.allreduce_hop(0, 1), cluster.allreduce_hop(1, 0)]) == pytest.approx(
+        300e-6 + (1 << 24) / 5e8, rel=0.01)
+    assert "Means of" in cluster.source
 
 
 def test_a_broken_document_is_not_written(tmp_path: Path) -> None:
