@@ -227,6 +227,21 @@ def test_each_backward_but_the_first_adds_its_gradients_at_the_memorys_pace(shar
         == pytest.approx(2 * added, rel=1e-9)
 
 
+@pytest.mark.parametrize(("tp", "sharding"), [(2, Sharding.NONE), (4, Sharding.ZERO3), (1, Sharding.ZERO2)])
+def test_the_last_stage_all_reduces_the_loss_over_all_its_devices(tp: int, sharding: Sharding) -> None:
+    """partitioner.distributed's step all-reduces the loss over the last stage's processes,
+    tensor-parallel ranks included: 2 (r-1) latencies on 4 devices, whatever the sharding;
+    a stage that is not the last does not."""
+    options = TrainingOptions(max_microbatches=1)
+    cluster = replace(hand_cluster(["a100-80gb x4"], spb=0.0),
+                      latency_s=tuple(tuple(0.0 if a == b else 1e-3 for b in range(4)) for a in range(4)))
+    model = StageModel(tp_costs(cluster, 4, options), cluster, 4, options)
+    (spec,) = model.specs(one_stage(4, tp, sharding))
+    assert spec.last and spec.replicas == 4
+    last, inner = model.stage(spec, 0, 8, 1), model.stage(replace(spec, last=False), 0, 8, 1)
+    assert last.allreduce - inner.allreduce == pytest.approx(2 * 3 * 1e-3)
+
+
 def test_zero3_exposes_what_compute_cannot_hide() -> None:
     # A slow ring: each pass's gathers exceed its compute; the exposed part is the rest plus
     # the gathers (and the last reduce-scatter) that nothing hides.

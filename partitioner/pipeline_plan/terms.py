@@ -32,8 +32,9 @@ twice that):
 
     none        all-reduce of G, once per step (after the stage's last backward), in DDP's
                 buckets: the latency term once per bucket (`ddp_buckets`), the bytes once
-    loss        the last stage all-reduces the step's loss over its replicas (a scalar:
-                ``2 (d-1)`` latencies, once per step, under any sharding)
+    loss        the last stage all-reduces the step's loss over its ``r = t d`` devices (a
+                scalar: ``2 (r-1)`` latencies of its slower ring, once per step, under any
+                sharding and tensor parallelism)
     zero1       reduce-scatter of G and all-gather of W, once per step (exposed: the
                 reduce-scatter after the last backward, the gather before the first forward)
     zero2       W gathered once per step (exposed); G reduce-scattered every microbatch in
@@ -420,8 +421,10 @@ def stage_terms(
     gathered: Any = 0
     buckets = tables.buckets()[i, e] if sharding is Sharding.NONE and d > 1 else 1
     allreduce: Any = per_step_collectives(sharding, d, weights, grads, spec.ring, buckets)
-    if spec.last and d > 1:  # partitioner.distributed's step all-reduces the loss over the replicas
-        allreduce = allreduce + 2 * (d - 1) * latency
+    if spec.last and spec.replicas > 1:
+        # partitioner.distributed's step all-reduces the loss over the last stage's processes
+        # (its tensor-parallel ranks too): a scalar, latency only, on the slower of its rings.
+        allreduce = allreduce + 2 * (spec.replicas - 1) * max(latency, spec.tp_ring[1])
     dp_fwd: Any = 0.0
     layers = e - i
     reduces = sharding in (Sharding.ZERO2, Sharding.ZERO3, Sharding.ZERO3_KEEP)  # every microbatch
