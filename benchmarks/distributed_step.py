@@ -198,8 +198,8 @@ def use_cpu_profile(given: Path | None, say: Any) -> Path:
         say(f"measuring this CPU into {path} (partitioner profile --device cpu)")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(profile_to_json(measure_device("cpu", name="cpu")))
-    if load_profile(path).name != "cpu":
-        raise ValueError(f"{path}: a profile named {load_profile(path).name!r}, not 'cpu'")
+    if (name := load_profile(path).name) != "cpu":
+        raise ValueError(f"{path}: a profile named {name!r}, not 'cpu'")
     os.environ[PROFILE_PATH_ENV] = os.pathsep.join(filter(None, (str(path.parent), os.environ.get(PROFILE_PATH_ENV))))
     return path
 

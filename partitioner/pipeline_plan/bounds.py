@@ -12,7 +12,7 @@ import numpy as np
 
 from partitioner.options import Sharding
 from partitioner.pipeline_plan.space import Configuration
-from partitioner.pipeline_plan.terms import FULL, SELECTIVE, accumulate_bytes, per_step_collectives
+from partitioner.pipeline_plan.terms import FULL, SELECTIVE, accumulate_bytes, per_step_collectives, shards_gradients
 from partitioner.simulate import PipelineSchedule
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def work(model: StageModel, config: Configuration) -> float:
                 per_layer = per_layer + passes * 2 * (t - 1) / t * np.diff(tab.tp_comm) * b * model.ring(g, t, True)[0]
             sharding = config.sharding if d > 1 else Sharding.NONE
             # Gradients summed over the microbatches, (m-1)/m of it in each backward.
-            held = tab.layer_grads / (d if sharding in (Sharding.ZERO2, Sharding.ZERO3, Sharding.ZERO3_KEEP) else 1)
+            held = tab.layer_grads / (d if shards_gradients(sharding) else 1)
             per_layer = per_layer + accumulate_bytes(held, m) * model.update_per_byte(g) * slowdown
             per_microbatch = float(per_layer.sum())
             stepped = np.diff(tab.update) / (d if sharding is not Sharding.NONE else 1)

@@ -105,6 +105,7 @@ __all__ = [
     "DDP_BUCKET_BYTES",
     "update_bytes",
     "accumulate_bytes",
+    "shards_gradients",
 ]
 
 NONE, FULL, SELECTIVE = 0, 1, 2
@@ -143,9 +144,9 @@ def ddp_buckets(layer_grads: Any) -> np.ndarray:
             closed.append(k)
             top, cap = k, DDP_BUCKET_BYTES
         ends = np.array(closed[::-1] + [e], dtype=np.int64)  # ascending, e last
-        nxt = ends[np.searchsorted(ends, starts[:e], side="left")]  # the first bucket end at or above i
-        full = len(closed) - np.searchsorted(np.array(closed[::-1], dtype=np.int64), starts[:e], side="left")
-        out[:e, e] = full + (prefix[nxt] > prefix[starts[:e]])
+        first = np.searchsorted(ends, starts[:e], side="left")  # the first bucket end at or above i
+        # Full buckets inside [i, e), and one more where layers below the lowest hold gradients.
+        out[:e, e] = len(closed) - first + (prefix[ends[first]] > prefix[starts[:e]])
     return out
 
 
@@ -167,6 +168,12 @@ def per_step_collectives(
     if sharding is Sharding.ZERO1:
         return share * (grads + weights) * per_byte + 2 * (d - 1) * latency
     return 2 * share * grads * per_byte + 2 * (d - 1) * latency * buckets
+
+
+def shards_gradients(sharding: Sharding) -> bool:
+    """Whether `sharding` holds a 1/d shard of the gradients, reduce-scattered every
+    microbatch (ZeRO-2 and both ZeRO-3s; ZeRO-1 keeps them whole until the step)."""
+    return sharding in (Sharding.ZERO2, Sharding.ZERO3, Sharding.ZERO3_KEEP)
 
 
 def accumulate_bytes(grads: Any, m: int) -> Any:
@@ -427,7 +434,7 @@ def stage_terms(
         allreduce = allreduce + 2 * (spec.replicas - 1) * max(latency, spec.tp_ring[1])
     dp_fwd: Any = 0.0
     layers = e - i
-    reduces = sharding in (Sharding.ZERO2, Sharding.ZERO3, Sharding.ZERO3_KEEP)  # every microbatch
+    reduces = shards_gradients(sharding)  # every microbatch
     if sharding is not Sharding.NONE:
         held_w, held_o = weights / d, optimizer / d
         gathered = tables.top_two()[i, e] if sharding is Sharding.ZERO3 else weights
@@ -446,8 +453,7 @@ def stage_terms(
     update = stepped / (d if sharding is not Sharding.NONE else 1) * spec.update_per_byte * spec.slowdown
     # Each microbatch after the first adds its gradients into those held (autograd's
     # AccumulateGrad: read both, write one), in its backward: (m - 1) / m of it in each.
-    held_for_sum = grads / d if sharding in (Sharding.ZERO2, Sharding.ZERO3, Sharding.ZERO3_KEEP) else grads
-    bc = bc + accumulate_bytes(held_for_sum, m) * spec.update_per_byte * spec.slowdown
+    bc = bc + accumulate_bytes(held_g, m) * spec.update_per_byte * spec.slowdown
 
     def dp_bwd(compute: Any) -> Any:
         if not reduces:
