@@ -23,7 +23,9 @@ What is measured, and how (each figure is the median of repeated timings after w
   to 64), as fractions of the peak the same way;
 - element-wise bandwidth by size (`DeviceProfile.memory_curve`): out-of-place ReLUs of
   16 KiB and up, timed as layers are (fresh inputs, outputs allocated), as fractions of the
-  memory bandwidth (above 1 from caches; far below where large outputs map fresh pages).
+  memory bandwidth (above 1 from caches; far below where large outputs map fresh pages);
+- convolution efficiency by size and the rates of batch norms, layer norms and pooling
+  (`DeviceProfile.conv_efficiency`, `DeviceProfile.op_rates`): `partitioner.calibrate_ops`.
 
 The figures are sustained rates, so the profile's efficiency factors are 1.0. On CPU the
 measurement runs with ``threads`` torch threads (1 by default, as layer profiling does) and
@@ -47,6 +49,7 @@ from typing import Any
 
 import torch
 
+from partitioner.calibrate_ops import CONV_SHAPES_NOTE, conv_curve, op_rates
 from partitioner.device_detection import system_memory_bytes
 from partitioner.devices import DTYPES, PROFILE_NAME_RE, DeviceProfile, Link, PeakFlops
 from partitioner.dtypes import torch_dtype
@@ -532,6 +535,16 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
     memory_curve = _memory_curve(dev, sync, budget, bandwidth, launch)
     say("element-wise bandwidth: " + ", ".join(f"{x / 2**20:.3g} MiB {y:.0%}" for x, y in memory_curve))
 
+    def time_call(fn: Callable[[], object]) -> float:
+        return _median_seconds(fn, sync, budget.sample_s, budget.batch_s)
+
+    say(f"convolution efficiency by size: {fastest} 3x3 convolutions")
+    convs = conv_curve(dev, fastest, peaks[fastest], launch, time_call)
+    say("convolution efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%}" for x, y in convs))
+    say("op rates: batch norm, layer norm, max and average pooling")
+    rates = op_rates(dev, budget.copy_bytes // 16, launch, time_call)
+    say("op rates, forward / backward: " + ", ".join(f"{kind} {f / 1e9:.3g} / {b / 1e9:.3g} GB/s" for kind, f, b in rates))
+
     mode = "quick" if quick else "full"
     not_measured = f"; not measured: {', '.join(skipped)}" if skipped else ""
     return DeviceProfile(
@@ -556,6 +569,8 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
             + f"{', '.join(str(d) for d in _NARROW_SIDES if d < sides[fastest])}"
             + f"; element-wise bandwidth by size from out-of-place ReLUs of 16 KiB to "
             + f"{max(s for s in _PASS_SIZES if s <= budget.copy_bytes) >> 20} MiB on fresh inputs"
+            + f"; convolution efficiency from 3x3 {fastest} convolutions ({CONV_SHAPES_NOTE}) against the peak"
+            + f"; op rates from one op of each kind on {budget.copy_bytes >> 24} MiB"
             + f"; sustained figures, efficiencies 1.0{not_measured}"
         ),
         launch_s=launch,
@@ -563,6 +578,8 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
         gemm_efficiency=curve,
         gemm_narrow=narrow,
         memory_curve=memory_curve,
+        conv_efficiency=convs,
+        op_rates=rates,
         calibrated=True,
     )
 

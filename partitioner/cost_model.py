@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from partitioner.devices import DTYPES, GEMM_AXES, Device, DeviceProfile, link_cost
+from partitioner.devices import DTYPES, GEMM_AXES, OP_KINDS, Device, DeviceProfile, link_cost
 from partitioner.errors import DeviceError
 from partitioner.ir import INPUT, OUTPUT, TIME_SOURCES, BatchShare, Layer, LayerGraph, Problem, ReplicaCost
 from partitioner.options import PlanOptions
@@ -129,17 +129,27 @@ def memory_fraction(profile: DeviceProfile, nbytes: float) -> float:
     return _log_interpolated(points, nbytes)
 
 
-def _elementwise_s(layer: Layer, profile: DeviceProfile, nbytes: float, batch_fraction: float) -> float:
-    """Seconds of the forward's memory-bound nodes moving `nbytes` in all: each of
-    `Layer.passes` at its size's `memory_fraction` (scaled to `nbytes`), or the whole at
-    `memory_efficiency` for a layer that does not itemise them."""
+def _elementwise_s(layer: Layer, profile: DeviceProfile, nbytes: float, batch_fraction: float) -> tuple[float, float]:
+    """(forward, backward) seconds of the forward's memory-bound nodes moving `nbytes` in
+    all: each of `Layer.passes` at its size's `memory_fraction` (scaled to `nbytes`), or the
+    whole at `memory_efficiency` for a layer that does not itemise them; the backward moves
+    `BACKWARD_TRAFFIC_FACTOR` times the bytes. A node of a kind the profile prices apart (a
+    batch norm, a pooling) runs no faster than its `DeviceProfile.op_rates`, each way."""
     bandwidth = profile.memory_bandwidth_Bps
-    total = sum(b * count for b, count in layer.passes) * batch_fraction
-    if not layer.passes or total <= 0 or not profile.memory_curve:
-        return nbytes / (bandwidth * profile.memory_efficiency)
+    total = sum(b * count for b, count, *_ in layer.passes) * batch_fraction
+    if not layer.passes or total <= 0 or not (profile.memory_curve or profile.op_rates):
+        seconds = nbytes / (bandwidth * profile.memory_efficiency)
+        return seconds, BACKWARD_TRAFFIC_FACTOR * seconds
     share = nbytes / total
-    return sum(count * b * batch_fraction * share / (bandwidth * memory_fraction(profile, b * batch_fraction * share))
-               for b, count in layer.passes)
+    rates = {kind: (forward, backward) for kind, forward, backward in profile.op_rates}
+    fwd = bwd = 0.0
+    for b, count, *kind in layer.passes:
+        moved = b * batch_fraction * share
+        curve = moved / (bandwidth * memory_fraction(profile, moved))
+        rate = rates.get(OP_KINDS[kind[0] - 1]) if kind and kind[0] else None
+        fwd += count * (max(curve, moved / rate[0]) if rate else curve)
+        bwd += count * (max(BACKWARD_TRAFFIC_FACTOR * curve, moved / rate[1]) if rate else BACKWARD_TRAFFIC_FACTOR * curve)
+    return fwd, bwd
 
 
 def _log_interpolated(points: Sequence[tuple[float, float]], x: float) -> float:
@@ -155,7 +165,8 @@ def _log_interpolated(points: Sequence[tuple[float, float]], x: float) -> float:
 
 def _matmul_s(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: float) -> float:
     """Compute seconds of the forward's FLOPs, each matmul at its size's efficiency and its
-    sides' (`narrow_efficiency`), the lesser.
+    sides' (`narrow_efficiency`), the lesser; a convolution at its size's
+    `DeviceProfile.conv_efficiency` where the profile has that curve.
 
     A matmul of ``g`` FLOPs at a fraction of the batch does ``g x fraction`` (its rows
     shrink, and so does its side m, the traced batch's rows); FLOPs the layer does not
@@ -164,8 +175,19 @@ def _matmul_s(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: 
     peak = profile.peak_flops_for(dtype)
     itemised = 0
     seconds = 0.0
+    # Convolutions are entries of `gemms` too (sides unknown): those `convs` counts run at
+    # the profile's convolution curve where it has one.
+    convs = dict(layer.convs) if profile.conv_efficiency else {}
     for flops, count, *sides in layer.gemms:
         scaled = flops * batch_fraction
+        as_conv = min(count, convs.get(flops, 0))
+        if as_conv:
+            convs[flops] -= as_conv
+            seconds += as_conv * scaled / (peak * _log_interpolated(profile.conv_efficiency, scaled))
+            itemised += flops * as_conv
+            count -= as_conv
+            if not count:
+                continue
         efficiency = gemm_efficiency(profile, scaled)
         if len(sides) == 3 and profile.gemm_narrow:
             m, n, k = sides
@@ -257,10 +279,10 @@ def _estimate(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: 
         bwd_compute = fwd_compute * layer.bwd_flops / layer.fwd_flops
     else:
         bwd_compute = layer.bwd_flops * batch_fraction / (profile.peak_flops_for(dtype) * profile.compute_efficiency)
-    elementwise_s = _elementwise_s(layer, profile, elementwise, batch_fraction)
-    fwd = max(fwd_compute, matmul_bytes / bandwidth) + elementwise_s
+    elementwise_fwd, elementwise_bwd = _elementwise_s(layer, profile, elementwise, batch_fraction)
+    fwd = max(fwd_compute, matmul_bytes / bandwidth) + elementwise_fwd
     bwd = (max(bwd_compute, BACKWARD_TRAFFIC_FACTOR * matmul_bytes / bandwidth)
-           + BACKWARD_TRAFFIC_FACTOR * elementwise_s + layer.table_grad_bytes / bandwidth)
+           + elementwise_bwd + layer.table_grad_bytes / bandwidth)
     return (_device_s(fwd, layer.fwd_kernels, profile, layer.module_calls),
             _device_s(bwd, layer.bwd_kernels, profile))
 

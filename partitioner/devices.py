@@ -45,6 +45,7 @@ __all__ = [
     "PeakFlops",
     "Link",
     "DeviceProfile",
+    "OP_KINDS",
     "Device",
     "FieldError",
     "InvalidProfileError",
@@ -169,6 +170,20 @@ class DeviceProfile:
     allocator returns large blocks to the system). Interpolated linearly in log(bytes), held
     at the end points; it replaces `memory_efficiency` for such ops. Empty: every
     element-wise op at `memory_efficiency`."""
+    conv_efficiency: tuple[tuple[float, float], ...] = ()
+    """(FLOPs of one convolution, achieved fraction of `peak_flops`) points, FLOPs increasing,
+    as `gemm_efficiency` for matmuls: a convolution runs its own kernels (direct, Winograd,
+    implicit GEMM), often far below a matmul of its FLOPs (few channels vectorise poorly).
+    Empty: convolutions are priced as matmuls of their FLOPs."""
+    op_rates: tuple[tuple[str, float, float], ...] = ()
+    """(op kind, forward bytes per second, backward bytes per second) triples, kinds of
+    `OP_KINDS` in that order: the sustained rates of a memory-bound op of that kind, measured,
+    by the bytes its forward reads and writes. Its forward takes the longer of its
+    `memory_curve` price and its bytes at the forward rate, its backward the longer of twice
+    that price and its bytes at the backward rate: a batch norm that computes batch
+    statistics reads its input twice and reduces per channel, a CPU's max pooling compares
+    element by element (its backward only scatters), and neither runs faster from caches. A
+    kind missing: priced on the curve alone."""
     calibrated: bool = False
     """Whether the figures were measured on the device (`partitioner profile`), not read
     from a datasheet: the report says how sure its times are by it."""
@@ -328,6 +343,8 @@ def _validate_profile(p: DeviceProfile) -> None:
     _check_gemm_curve(p.gemm_efficiency)
     _check_narrow_curves(p.gemm_narrow)
     _check_memory_curve(p.memory_curve)
+    _check_curve("conv_efficiency", p.conv_efficiency, ("flops", "efficiency"), _MAX_FLOPS, 1.0)
+    _check_op_rates(p.op_rates)
     if not isinstance(p.calibrated, bool):
         raise FieldError("calibrated", "must be true or false", p.calibrated)
 
@@ -344,6 +361,27 @@ _MAX_PASS_BYTES = 1e15
 def _check_memory_curve(points: object) -> None:
     """`points` must be at most 64 (bytes, fraction) pairs, bytes strictly increasing."""
     _check_curve("memory_curve", points, ("bytes", "fraction"), _MAX_PASS_BYTES, _MAX_MEMORY_FRACTION)
+
+
+OP_KINDS = ("batch_norm", "norm", "max_pool", "avg_pool")
+"""Kinds of memory-bound ops a profile may price apart (`DeviceProfile.op_rates`):
+``batch_norm`` (a batch norm computing batch statistics: training mode), ``norm`` (layer,
+group and RMS norms), ``max_pool`` and ``avg_pool`` (pooling windows)."""
+
+
+def _check_op_rates(triples: object) -> None:
+    """`triples` must be (kind, forward rate, backward rate) triples, kinds of `OP_KINDS` in its
+    order, each at most once, rates within the bandwidth bounds."""
+    if not isinstance(triples, tuple):
+        raise FieldError("op_rates", f"must map op kinds ({', '.join(OP_KINDS)}) to bytes per second", triples)
+    kinds = [t[0] if isinstance(t, tuple) and t else t for t in triples]
+    if kinds != [k for k in OP_KINDS if k in kinds]:
+        raise FieldError("op_rates", f"must name each of {', '.join(OP_KINDS)} at most once, in that order", kinds)
+    for i, triple in enumerate(triples):
+        if len(triple) != 3:
+            raise FieldError(f"op_rates[{i}]", "must be [kind, forward bytes/s, backward bytes/s]", triple)
+        for j, way in ((1, "forward"), (2, "backward")):
+            _check_number(f"op_rates.{triple[0]}.{way}", triple[j], MAX_BANDWIDTH_BPS, MIN_BANDWIDTH_BPS)
 
 
 def _check_curve(key: str, points: object, names: tuple[str, str], x_max: float, y_max: float) -> None:

@@ -83,10 +83,16 @@ class Layer:
     elementwise_bytes: int = 0
     """The part of `traffic_bytes` moved by nodes that count no FLOPs (element-wise ops,
     norms, softmax, copies): memory-bound kernels that run after the matmuls, not beside them."""
-    passes: tuple[tuple[int, int], ...] = ()
-    """(bytes one such node moves, how many such nodes), largest first: `elementwise_bytes`
-    node by node, less what its lookups leave unread; a device's `DeviceProfile.memory_curve`
-    prices each at its size. Empty when unknown (then `elementwise_bytes` is priced whole)."""
+    passes: tuple[tuple[int, ...], ...] = ()
+    """(bytes one such node moves, how many such nodes[, kind]), largest first:
+    `elementwise_bytes` node by node, less what its lookups leave unread; a device's
+    `DeviceProfile.memory_curve` prices each at its size, no faster than the profile's
+    `DeviceProfile.op_rates` of its kind (``partitioner.devices.OP_KINDS`` index + 1; absent
+    for a plain element-wise node). Empty when unknown (then `elementwise_bytes` is priced
+    whole)."""
+    convs: tuple[tuple[int, int], ...] = ()
+    """(FLOPs of one convolution, how many such) of `gemms`, largest first: priced by the
+    profile's `DeviceProfile.conv_efficiency` where it has one."""
     unread_bytes: int = 0
     """Of `traffic_bytes`, bytes of parameter and buffer tables its lookups (embedding,
     index_select, gather) leave unread in a forward: they read only the rows they pick."""

@@ -33,6 +33,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from partitioner.devices import OP_KINDS
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
 from partitioner.mutations import PIN
 from partitioner.profiling import BACKWARD_KERNEL_FACTOR, NodeStats
@@ -336,8 +337,10 @@ class _Totals:
     module_calls: int = 0
     gemms: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
     """(FLOPs, m, n, k) of one op -> how many."""
-    passes: dict[int, int] = field(default_factory=dict)
-    """Bytes one node without FLOPs moves -> how many."""
+    passes: dict[tuple[int, int], int] = field(default_factory=dict)
+    """(bytes one node without FLOPs moves, its kind: `OP_KINDS` index + 1, 0 for none) -> how many."""
+    convs: dict[int, int] = field(default_factory=dict)
+    """FLOPs of one convolution -> how many."""
     tp_flops: int = 0
     tp_params: int = 0
     tp_saved: int = 0
@@ -414,8 +417,10 @@ def _layer_records(
             a.traffic += s.traffic_bytes
             a.elementwise += s.traffic_bytes if s.flops == 0 else 0
             if s.flops == 0 and s.traffic_bytes > s.unread_bytes:
-                moved = s.traffic_bytes - s.unread_bytes
+                moved = (s.traffic_bytes - s.unread_bytes, OP_KINDS.index(s.kind) + 1 if s.kind else 0)
                 a.passes[moved] = a.passes.get(moved, 0) + 1
+            for g in s.conv_flops:
+                a.convs[g] = a.convs.get(g, 0) + 1
             a.unread += s.unread_bytes
             a.table_grad += s.table_grad_bytes
             a.kernels += s.kernels
@@ -452,7 +457,9 @@ def _layer_records(
                 bwd_kernels=BACKWARD_KERNEL_FACTOR * a.kernels,
                 gemms=tuple(sorted(((g, count, *shape) for (g, *shape), count in a.gemms.items()), reverse=True)),
                 elementwise_bytes=a.elementwise,
-                passes=tuple(sorted(a.passes.items(), reverse=True)),
+                passes=tuple(sorted(((b, count, kind) if kind else (b, count) for (b, kind), count in a.passes.items()),
+                                    reverse=True)),
+                convs=tuple(sorted(a.convs.items(), reverse=True)),
                 unread_bytes=a.unread,
                 table_grad_bytes=a.table_grad,
                 tp_flops=a.tp_flops,

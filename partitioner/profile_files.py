@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from partitioner.devices import DTYPES, PROFILE_NAME_RE, DeviceProfile, InvalidProfileError, Link, PeakFlops
+from partitioner.devices import DTYPES, OP_KINDS, PROFILE_NAME_RE, DeviceProfile, InvalidProfileError, Link, PeakFlops
 from partitioner.errors import ProfileError
 from partitioner.files import FileTooLarge, NotRegularFile, read_capped
 from partitioner.units import format_bytes
@@ -69,7 +69,8 @@ def json_object(where: str, key: str, value: object, required: set[str], optiona
 
 
 _LINK_KEYS = {f.name for f in fields(Link)}
-_OPTIONAL_PROFILE_KEYS = {"launch_s", "module_call_s", "gemm_efficiency", "gemm_narrow", "memory_curve", "calibrated"}
+_OPTIONAL_PROFILE_KEYS = {"launch_s", "module_call_s", "gemm_efficiency", "gemm_narrow", "memory_curve",
+                          "conv_efficiency", "op_rates", "calibrated"}
 """Keys added after the first schema: a profile without them still loads (their defaults)."""
 _PROFILE_KEYS = {f.name for f in fields(DeviceProfile)} - _OPTIONAL_PROFILE_KEYS
 _CALIBRATE_SOURCE = "partitioner.calibrate.measure_device"
@@ -111,6 +112,21 @@ def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
         raise ProfileError(
             f"{where}: key 'memory_curve' must be a list of [bytes, fraction] pairs (got {memory!r:.80})"
         )
+    conv = top.get("conv_efficiency", [])
+    if not isinstance(conv, list):
+        raise ProfileError(
+            f"{where}: key 'conv_efficiency' must be a list of [flops, efficiency] pairs (got {conv!r:.80})"
+        )
+    rates = top.get("op_rates", {})
+    if not isinstance(rates, dict):
+        raise ProfileError(
+            f"{where}: key 'op_rates' must map op kinds ({', '.join(OP_KINDS)}) to [forward, backward] "
+            f"bytes per second (got {rates!r:.80})"
+        )
+    for kind, pair in rates.items():
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ProfileError(f"{where}: key 'op_rates.{kind}' must be [forward, backward] bytes per second "
+                               f"(got {pair!r:.80})")
     # A file measured before `calibrated` existed says so in its source.
     calibrated = top.get("calibrated", isinstance(top["source"], str) and top["source"].startswith(_CALIBRATE_SOURCE))
     try:
@@ -131,6 +147,12 @@ def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
             gemm_efficiency=tuple(tuple(p) if isinstance(p, list) else p for p in curve),
             gemm_narrow=tuple(tuple(p) if isinstance(p, list) else p for p in narrow),
             memory_curve=tuple(tuple(p) if isinstance(p, list) else p for p in memory),
+            conv_efficiency=tuple(tuple(p) if isinstance(p, list) else p for p in conv),
+            # Kinds in OP_KINDS order (a file may list them in any); an unknown kind is kept
+            # last, for the profile's check to name it.
+            op_rates=tuple(
+                (kind, *pair) for kind, pair in sorted(rates.items(), key=lambda kv: (OP_KINDS + (kv[0],)).index(kv[0]))
+            ),
             calibrated=calibrated,
         )
     except InvalidProfileError as e:
@@ -193,6 +215,10 @@ def profile_to_json(profile: DeviceProfile) -> str:
         data["gemm_narrow"] = [list(p) for p in profile.gemm_narrow]
     if profile.memory_curve:
         data["memory_curve"] = [list(p) for p in profile.memory_curve]
+    if profile.conv_efficiency:
+        data["conv_efficiency"] = [list(p) for p in profile.conv_efficiency]
+    if profile.op_rates:
+        data["op_rates"] = {kind: [forward, backward] for kind, forward, backward in profile.op_rates}
     if profile.calibrated:
         data["calibrated"] = True
     return _to_json(data) + "\n"

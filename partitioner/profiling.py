@@ -58,6 +58,7 @@ from partitioner.trace_export import quiet_fake_tensor_log
 
 __all__ = [
     "NodeStats",
+    "op_kind",
     "profile_nodes",
     "written_parameters",
     "tensor_bytes",
@@ -75,6 +76,28 @@ sum that accumulates a gradient read twice); two is the middle of that range."""
 
 # Lookups: their first argument is a table of which they read only the rows they return.
 _LOOKUPS = frozenset({"embedding", "index_select", "gather", "index", "take_along_dim"})
+
+# Memory-bound ops a device profile may price apart (`DeviceProfile.op_rates`), by a part of
+# their ATen name (``batch_norm`` covers ``native_batch_norm``, ``_native_batch_norm_legit``...).
+_NORMS = ("layer_norm", "group_norm", "rms_norm", "instance_norm")
+
+
+def op_kind(name: str, args: Any = (), kwargs: Any = None) -> str:
+    """The kind (`partitioner.devices.OP_KINDS`) of the ATen op named `name` (its overload
+    packet's name, as ``native_layer_norm``) called with `args` and `kwargs`; ``""`` for any
+    other op. A batch norm is ``batch_norm`` when it computes batch statistics (its one bool
+    argument, ``training``, is true), else a plain element-wise op (a scale and a shift)."""
+    if "batch_norm" in name:
+        training = any(a is True for a in args) or bool((kwargs or {}).get("training"))
+        return "batch_norm" if training and "no_training" not in name else ""
+    if any(part in name for part in _NORMS):
+        return "norm"
+    if "max_pool" in name:
+        return "max_pool"
+    if "avg_pool" in name:
+        return "avg_pool"
+    return ""
+
 
 # Ops that allocate without writing: no kernel runs (``empty`` hands out allocator memory).
 _NO_KERNEL = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh"})
@@ -113,6 +136,11 @@ class NodeStats:
     (module docstring)."""
     table_grad_bytes: int = 0
     """Of `unread_bytes`, those of tables that require grad: a backward writes their gradient."""
+    conv_flops: tuple[int, ...] = ()
+    """Of `gemm_flops`, those of convolutions (priced by `DeviceProfile.conv_efficiency`)."""
+    kind: str = ""
+    """The kind of the first op it ran that a profile prices apart (`op_kind`: ``batch_norm``,
+    ``norm``, ``max_pool``, ``avg_pool``); ``""`` for none."""
     shape: tuple[int, ...] = ()
     """Shape of its result when that is one tensor (else empty): what `partitioner.tp_detect`
     reads widths and heads from."""
@@ -151,6 +179,8 @@ class _OpCounter(TorchDispatchMode):
         """Whether the run records gradients; without, no activation requires grad to tell by."""
         self.unread = 0
         self.table_grad = 0
+        self.conv_flops: list[int] = []
+        self.kind = ""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         before = self.counter.get_total_flops()
@@ -160,6 +190,9 @@ class _OpCounter(TorchDispatchMode):
             self.gemm_flops.append(int(flops))
             self.gemm_shapes.append(_gemm_shape(func, args, out))
             self.bwd_flops += _backward_flops(func, int(flops), args) if self.grads else BACKWARD_FLOP_FACTOR * int(flops)
+            if "conv" in func._overloadpacket.__name__:
+                self.conv_flops.append(int(flops))
+        self.kind = self.kind or op_kind(func._overloadpacket.__name__, args, kwargs)
         if _launches_kernel(func, out):
             self.kernels += 1
         table = args[0] if args else None
@@ -282,6 +315,8 @@ class _StatsInterpreter(fx.Interpreter):
             bwd_flops=ops.bwd_flops,
             unread_bytes=min(ops.unread, max(0, traffic - value_bytes)),
             table_grad_bytes=min(ops.table_grad, ops.unread, max(0, traffic - value_bytes)),
+            conv_flops=tuple(ops.conv_flops),
+            kind=ops.kind,
             shape=tuple(int(d) for d in out.shape) if isinstance(out, torch.Tensor) else (),
         )
         return out

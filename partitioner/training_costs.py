@@ -320,7 +320,7 @@ def training_costs(
                 layer,
                 traffic_bytes=round(layer.traffic_bytes * scale),
                 elementwise_bytes=round(layer.elementwise_bytes * scale),
-                passes=tuple((round(b * scale), count) for b, count in layer.passes),
+                passes=tuple((round(b * scale), count, *kind) for b, count, *kind in layer.passes),
                 unread_bytes=round(layer.unread_bytes * scale),
                 table_grad_bytes=round(layer.table_grad_bytes * scale),
                 param_bytes=round(layer.param_bytes * scale),

@@ -12,7 +12,8 @@ import torch
 
 from partitioner import calibrate
 from partitioner.calibrate import default_profile_name, measure_device, write_profile
-from partitioner.devices import DeviceProfile, load_profile, resolve_devices
+from partitioner.calibrate_ops import conv_curve, op_rates
+from partitioner.devices import OP_KINDS, DeviceProfile, load_profile, resolve_devices
 from partitioner.errors import DeviceError
 
 
@@ -68,13 +69,20 @@ def test_launch_floor_and_matmul_curve_are_measured(measured: tuple[DeviceProfil
     sizes = [x for x, _ in profile.memory_curve]
     assert sizes[0] == 2 * 16 * 1024 and sizes[-1] == 2 * 64 * 2**20 and sizes == sorted(sizes)
     assert all(0 < y <= 100 for _, y in profile.memory_curve) and "element-wise bandwidth" in profile.source
+    # 3x3 convolutions of 8 to 128 channels, as fractions of the peak; each kind's rates.
+    flops = [x for x, _ in profile.conv_efficiency]
+    assert flops == [2 * 8 * 16 * 16 * c * c * 9 for c in (8, 16, 32, 64, 128)]
+    assert all(0 < y <= 1 for _, y in profile.conv_efficiency) and "convolution efficiency" in profile.source
+    assert [kind for kind, *_ in profile.op_rates] == list(OP_KINDS) and "op rates" in profile.source
+    assert all(1e6 <= rate < 1e13 for _, *rates in profile.op_rates for rate in rates)
 
 
 def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]) -> None:
     profile, _ = measured
     figures = [line for line in PROGRESS
                if "GFLOP/s" in line or " us per kernel" in line or " us per call" in line or "FLOPs" in line
-               or line.startswith(("narrow sides", "element-wise bandwidth: "))]
+               or line.startswith(("narrow sides", "element-wise bandwidth: ", "convolution efficiency: ",
+                                   "op rates, forward"))]
     assert [line for line in PROGRESS if line not in figures] == [
         "1/3: float32 matmuls",
         "2/3: tf32 matmuls",  # then skipped on a CPU
@@ -85,6 +93,8 @@ def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]
         f"matmul efficiency by size: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)}",
         f"matmul efficiency by a narrow side: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)}",
         "element-wise bandwidth by size: out-of-place ReLUs",
+        f"convolution efficiency by size: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)} 3x3 convolutions",
+        "op rates: batch norm, layer norm, max and average pooling",
     ]
     assert [line.split(" GFLOP/s")[0] for line in figures] == [
         f"float32: {profile.peak_flops.float32 / 1e9:.4g}",
@@ -94,6 +104,9 @@ def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]
         "matmul efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%}" for x, y in profile.gemm_efficiency),
         "narrow sides: " + ", ".join(f"{a}={d:g} {y:.0%}" for a, d, y in profile.gemm_narrow),
         "element-wise bandwidth: " + ", ".join(f"{x / 2**20:.3g} MiB {y:.0%}" for x, y in profile.memory_curve),
+        "convolution efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%}" for x, y in profile.conv_efficiency),
+        "op rates, forward / backward: " + ", ".join(f"{k} {f / 1e9:.3g} / {b / 1e9:.3g} GB/s"
+                                                     for k, f, b in profile.op_rates),
     ]
 
 
@@ -184,3 +197,26 @@ def test_quick_cuda_profile() -> None:
     if torch.cuda.get_device_capability() >= (8, 0):
         assert profile.peak_flops.bfloat16 is not None and profile.peak_flops.bfloat16 > profile.peak_flops.float32
     assert (profile.peer_link is not None) == (torch.cuda.device_count() >= 2)
+
+
+def test_convolution_curve_and_op_rates_divide_what_they_time() -> None:
+    """`calibrate_ops` on a clock that says 1 ms a call: each convolution's FLOPs over 1 ms
+    as a fraction of the peak; each op's forward bytes (input and output) per millisecond,
+    and per the backward's time (timed with autograd, less the forward with it)."""
+    seconds = iter(())
+
+    def clock(fn: object) -> float:
+        fn()  # type: ignore[operator]
+        return next(seconds, 1e-3)
+
+    curve = conv_curve(torch.device("cpu"), "float32", 1e12, 0.0, clock)
+    assert curve == tuple((float(f), round(f / 1e-3 / 1e12, 4)) for f in (2 * 8 * 256 * c * c * 9 for c in (8, 16, 32, 64, 128)))
+    # Forward 1 ms, forward with autograd 1 ms, forward and backward 3 ms: the backward took 2 ms.
+    seconds = iter([1e-3, 1e-3, 3e-3] * len(OP_KINDS))
+    rates = op_rates(torch.device("cpu"), 4 * 32**4, 0.0, clock)
+    moved = {"batch_norm": 2 * 32**4 * 4, "norm": 2 * 32**4 * 4, "max_pool": (32**4 + 32**4 // 4) * 4,
+             "avg_pool": (32**4 + 32**4 // 4) * 4}
+    assert rates == tuple((k, float(f"{moved[k] / 1e-3:.4g}"), float(f"{moved[k] / 2e-3:.4g}")) for k in OP_KINDS)
+    # On a CPU the dispatch floor comes off each time (at most half of it).
+    floored = op_rates(torch.device("cpu"), 4 * 32**4, 4e-4, clock)
+    assert floored[0][1] == float(f"{moved['batch_norm'] / 6e-4:.4g}")

@@ -7,7 +7,7 @@ import pytest
 from dataclasses import replace
 
 from partitioner.cost_model import build_problem, gemm_efficiency, memory_fraction, narrow_efficiency, layer_fwd_bwd_time, layer_memory, layer_time, layer_time_source, replica_cost, roofline_time
-from partitioner.devices import Device, DeviceProfile, Link, PeakFlops, link_cost
+from partitioner.devices import OP_KINDS, Device, DeviceProfile, Link, PeakFlops, link_cost
 from partitioner.errors import DeviceError
 from partitioner.ir import INPUT, OUTPUT, Layer, LayerGraph, Value
 from partitioner.options import Objective, Optimizer, PlanOptions
@@ -238,6 +238,38 @@ def test_each_elementwise_pass_runs_at_its_size_bandwidth() -> None:
     # Without the curve, or for a layer that does not itemise its passes: bytes at memory_efficiency.
     assert layer_fwd_bwd_time(small, TOY)[0] == pytest.approx(4e6 / 5e10)
     assert layer_fwd_bwd_time(replace(big, passes=()), curved)[0] == pytest.approx(1e8 / 5e10)
+
+
+def test_kinds_of_ops_run_no_faster_than_their_measured_rates() -> None:
+    """A max pooling of 1e6 bytes: the curve says 1e6 / 2e11 s; at a measured 1e9 B/s forward
+    and 1e10 B/s backward it takes the longer each way. A plain pass beside it keeps the
+    curve's price; a profile without the kind's rate prices it on the curve."""
+    curved = replace(TOY, memory_curve=((1e6, 2.0), (1e8, 0.1)))
+    pool = OP_KINDS.index("max_pool") + 1
+    layer = Layer(index=0, name="pool", traffic_bytes=2 * 10**6, elementwise_bytes=2 * 10**6,
+                  passes=((10**6, 1, pool), (10**6, 1)))
+    rated = replace(curved, op_rates=(("max_pool", 1e9, 1e10),))
+    assert layer_fwd_bwd_time(layer, rated) == (pytest.approx(1e6 / 1e9 + 1e6 / 2e11),
+                                                pytest.approx(1e6 / 1e10 + 2e6 / 2e11))
+    # A rate faster than the curve changes nothing; another kind's rate does not apply.
+    fast = replace(curved, op_rates=(("max_pool", 1e13, 1e13),))
+    other = replace(curved, op_rates=(("batch_norm", 1e9, 1e9),))
+    plain = (pytest.approx(2e6 / 2e11), pytest.approx(4e6 / 2e11))
+    assert layer_fwd_bwd_time(layer, fast) == plain == layer_fwd_bwd_time(layer, other)
+    # At half the batch the pass moves half the bytes, at the same rate.
+    assert layer_fwd_bwd_time(layer, rated, batch_fraction=0.5)[0] == pytest.approx(5e5 / 1e9 + 5e5 / 2e11)
+
+
+def test_convolutions_run_at_their_curve() -> None:
+    """Two convolutions and a matmul of 1e9 FLOPs each: with a convolution curve (0.25 at 1e9
+    FLOPs) the convolutions run at a quarter of the peak, the matmul at its own efficiency;
+    without the curve all three as matmuls."""
+    layer = Layer(index=0, name="convs", fwd_flops=3 * 10**9, bwd_flops=0, gemms=((10**9, 3),),
+                  convs=((10**9, 2),))
+    convs = replace(TOY, conv_efficiency=((1e6, 0.05), (1e9, 0.25)))
+    peak = 1e12
+    assert layer_time(layer, convs, INFER) == pytest.approx(2e9 / (peak * 0.25) + 1e9 / (peak * TOY.compute_efficiency))
+    assert layer_time(layer, TOY, INFER) == pytest.approx(3e9 / (peak * TOY.compute_efficiency))
 
 
 def test_module_calls_cost_the_host_in_the_forward_only() -> None:

@@ -13,7 +13,8 @@ from torch import nn
 
 from partitioner.ir import INPUT, OUTPUT
 from partitioner.layers import LayeredModel, build_layers, refinable_modules, refine_layers
-from partitioner.profiling import NodeStats, profile_nodes
+from partitioner.devices import OP_KINDS
+from partitioner.profiling import NodeStats, op_kind, profile_nodes
 from partitioner.trace import trace_model
 from tests.models import PLAIN_CASES, ZOO, TwiceModel
 
@@ -289,6 +290,48 @@ def test_kernels_count_launching_ops_and_skip_views() -> None:
         assert sum(layer.module_calls for layer in layers) == 3, frontend
         # One pass of the ReLU's bytes (2 x 16 floats read, as many written), for the size curve.
         assert [p for layer in layers for p in layer.passes] == [(relu.traffic_bytes, 1)] == [(2 * 2 * 16 * 4, 1)]
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_convolutions_and_the_kinds_of_memory_bound_ops_are_kept(frontend: str) -> None:
+    """A conv net in training mode: the convolution's FLOPs apart (`Layer.convs`), the batch
+    norm's and the pooling's passes marked with their kinds (`OP_KINDS` index + 1), the ReLU's
+    plain; in eval mode the batch norm is a plain scale and shift."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    x = torch.randn(2, 3, 16, 16)
+    layers = group(model, (x,), {}, frontend=frontend, granularity="leaf").layered.graph.layers
+    conv = 2 * 2 * 16 * 16 * 8 * 3 * 9
+    assert [c for layer in layers for c in layer.convs] == [(conv, 1)]
+    assert (conv, 1) in [g[:2] for layer in layers for g in layer.gemms]  # and among the FLOP-counting ops
+    kinds = sorted(p[2] if len(p) == 3 else 0 for layer in layers for p in layer.passes)
+    ids = {k: OP_KINDS.index(k) + 1 for k in OP_KINDS}
+    assert [k for k in kinds if k] == sorted([ids["batch_norm"], ids["max_pool"], ids["avg_pool"]]), kinds
+    evaluated = group(model.eval(), (x,), {}, frontend=frontend, granularity="leaf").layered.graph.layers
+    assert sorted(p[2] for layer in evaluated for p in layer.passes if len(p) == 3) == sorted(
+        [ids["max_pool"], ids["avg_pool"]])
+    model.train()
+
+
+@pytest.mark.parametrize(
+    "name, args, kind",
+    [
+        ("native_batch_norm", (None, None, None, None, None, True, 0.1, 1e-5), "batch_norm"),
+        ("native_batch_norm", (None, None, None, None, None, False, 0.1, 1e-5), ""),
+        ("_native_batch_norm_legit_no_training", (None, None, None, None, None, 0.1, 1e-5), ""),
+        ("native_layer_norm", (), "norm"),
+        ("native_group_norm", (), "norm"),
+        ("_fused_rms_norm", (), "norm"),
+        ("max_pool2d_with_indices", (), "max_pool"),
+        ("adaptive_max_pool2d", (), "max_pool"),
+        ("avg_pool2d", (), "avg_pool"),
+        ("_adaptive_avg_pool2d", (), "avg_pool"),
+        ("relu", (), ""),
+        ("_softmax", (), ""),
+    ],
+)
+def test_op_kinds_by_name(name: str, args: tuple[Any, ...], kind: str) -> None:
+    assert op_kind(name, args) == kind
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])

@@ -1,0 +1,97 @@
+"""Calibration of the kernels a matmul and an element-wise op do not stand for: convolutions,
+batch norms, layer norms and pooling (`DeviceProfile.conv_efficiency`, `DeviceProfile.op_rates`).
+
+- convolution efficiency by size: 3x3 convolutions (stride 1, padding 1) of a fixed batch
+  and image, channels in = channels out doubled from 8 (`_CONV_SHAPES`), in the profile's
+  fastest dtype, each as a fraction of the peak matmul rate (a convolution of few channels
+  vectorises poorly, far below a matmul of its FLOPs);
+- op rates: one op of each kind of `OP_KINDS` on an input of about a sixteenth of the
+  bandwidth copy (`_op_cases`: a batch norm computing batch statistics, a layer norm over
+  1,024 features, a 3x3 max pooling of stride 2, a 2x2 average pooling), its forward timed
+  under ``no_grad`` and its backward apart: the bytes its forward reads and writes per
+  second of each.
+
+On a CPU the dispatch floor is taken off each time (at most half of it), as for the matmul
+curves, since the cost model adds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from partitioner.devices import OP_KINDS
+from partitioner.dtypes import torch_dtype
+
+__all__ = ["conv_curve", "op_rates", "CONV_SHAPES_NOTE"]
+
+Timer = Callable[[Callable[[], object]], float]
+"""Median seconds of one call of a function (`partitioner.calibrate`'s timing)."""
+
+_CONV_SHAPES = {"cpu": (8, 16, (8, 16, 32, 64, 128)), "cuda": (32, 56, (16, 32, 64, 128, 256, 512))}
+"""Device type -> (batch, image side, channels) of `conv_curve`'s convolutions."""
+CONV_SHAPES_NOTE = "; ".join(
+    f"{kind}: batch {b}, {s}x{s} images, {', '.join(map(str, c))} channels" for kind, (b, s, c) in _CONV_SHAPES.items()
+)
+
+
+def _without_floor(seconds: float, device: torch.device, launch_s: float) -> float:
+    return max(seconds - launch_s, seconds / 2) if device.type == "cpu" else seconds
+
+
+def conv_curve(
+    device: torch.device, dtype: str, rate: float, launch_s: float, timer: Timer
+) -> tuple[tuple[float, float], ...]:
+    """(FLOPs, fraction of `rate`) of `_CONV_SHAPES`' 3x3 convolutions in `dtype`, FLOPs increasing."""
+    batch, side, channels = _CONV_SHAPES["cuda" if device.type == "cuda" else "cpu"]
+    points = []
+    with torch.no_grad():
+        for c in channels:
+            x = torch.randn(batch, c, side, side, device=device).to(torch_dtype(dtype))
+            w = torch.randn(c, c, 3, 3, device=device).to(torch_dtype(dtype))
+            flops = 2 * batch * side * side * c * c * 9
+            seconds = _without_floor(timer(partial(F.conv2d, x, w, padding=1)), device, launch_s)
+            points.append((float(flops), min(1.0, max(1e-3, round(flops / seconds / rate, 4)))))
+    return tuple(points)
+
+
+def _op_cases(elements: int, device: torch.device) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]:
+    """Kind -> (an op of that kind, an input for it of about `elements` float32 elements)."""
+    images = torch.randn(max(1, elements // (32 * 32 * 32)), 32, 32, 32, device=device)
+    rows = torch.randn(max(1, elements // 1024), 1024, device=device)
+    ones = torch.ones(32, device=device)
+    zeros = torch.zeros(32, device=device)
+    return {
+        "batch_norm": (lambda x: F.batch_norm(x, zeros.clone(), ones.clone(), ones, zeros, training=True), images),
+        "norm": (lambda x: F.layer_norm(x, (1024,)), rows),
+        "max_pool": (lambda x: F.max_pool2d(x, 3, 2, 1), images),
+        "avg_pool": (lambda x: F.avg_pool2d(x, 2), images),
+    }
+
+
+def _gradient(op: Callable[[torch.Tensor], torch.Tensor], leaf: torch.Tensor, ones: torch.Tensor) -> object:
+    return torch.autograd.grad(op(leaf), leaf, ones)
+
+
+def op_rates(
+    device: torch.device, nbytes: int, launch_s: float, timer: Timer
+) -> tuple[tuple[str, float, float], ...]:
+    """(kind, forward rate, backward rate) of one op of each of `OP_KINDS` on about `nbytes` of
+    float32 input, kinds in `OP_KINDS` order: the bytes its forward reads and writes over the
+    seconds of its forward (under ``no_grad``) and of its backward (the input's gradient from
+    ones, less the forward with autograd on; at least a twentieth of the two)."""
+    out = []
+    for kind, (op, x) in _op_cases(max(1, nbytes // 4), device).items():
+        with torch.no_grad():
+            moved = (x.numel() + op(x).numel()) * 4
+            forward = _without_floor(timer(partial(op, x)), device, launch_s)
+        leaf = x.clone().requires_grad_()
+        ones = torch.ones_like(op(leaf))
+        recorded = timer(partial(op, leaf))
+        both = timer(partial(_gradient, op, leaf, ones))
+        backward = _without_floor(max(both - recorded, both / 20), device, launch_s)
+        out.append((kind, float(f"{moved / forward:.4g}"), float(f"{moved / backward:.4g}")))
+    return tuple(out)
