@@ -185,6 +185,10 @@ class PlanStage:
     optimizer_s: float = 0.0
     """The optimizer step over the parameters each device updates (its shard under ZeRO), once
     per step, after its last backward and all-reduce (0 in plans from before it was priced)."""
+    host_sends: bool = False
+    """Whether its sends hold its compute lane until they have left: a CPU's, whose cores both
+    compute and move the bytes (gloo's threads, or the copy itself). A GPU's sends run
+    beside its kernels (False)."""
     gathered_bytes: int = 0
     """Unsharded working weights under ZeRO-3 (the two largest layers: in use and
     prefetched); all its weights under zero3-keep (between forward and backward), zero2
@@ -302,6 +306,7 @@ class PipelinePlan:
                 optimizer_s=s.optimizer_s,
                 collective_fwd_s=s.collective_fwd_s,
                 collective_bwd_s=s.collective_bwd_s,
+                host_sends=s.host_sends,
                 devices=tuple(device_names[d] for d in s.devices),
             )
             for s in self.stages

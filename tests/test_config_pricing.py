@@ -10,7 +10,8 @@ from partitioner.options import Recompute, Sharding, TrainingOptions
 from partitioner.parallel_config import ParallelConfig
 from partitioner.pipeline_plan import plan_pipeline
 from partitioner.plan import PipelinePlan, PlanStage
-from tests.test_pipeline_plan import hand_cluster
+from partitioner.simulate import simulate
+from tests.test_pipeline_plan import hand_cluster, hand_costs
 from tests.test_training_space import tp_costs
 
 
@@ -147,3 +148,26 @@ def test_zero1_and_zero2_are_priced_as_partitioner_distributed_runs_them() -> No
     assert two.allreduce_s == pytest.approx((d - 1) / d * w * ring, rel=0.05)  # the weights' gather only
     assert one.dp_comm_bwd_s == 0 and one.dp_comm_fwd_s == 0
     assert two.dp_comm_bwd_s > 0 and two.dp_comm_fwd_s == 0  # the reduce-scatter every microbatch
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_a_cpu_stage_s_sends_hold_its_compute(schedule: str) -> None:
+    """The same 2-stage configuration on two CPUs and on two GPUs, every layer and link alike
+    (the CPU's layers priced at the GPU's speed): the CPU stages' sends hold their compute
+    lane (`PlanStage.host_sends`), so their step is longer by sends the GPUs overlap; the
+    plan's step is what the simulator plays for its stages."""
+    opts = TrainingOptions(max_microbatches=4, config=ParallelConfig(tp=1, pp=2, dp=1, microbatches=4,
+                                                                    schedule=schedule, split="equal"))
+    steps = {}
+    for kind in ("cpu x2", "a100-80gb x2"):
+        cluster = hand_cluster([kind], spb=1e-8)
+        costs = hand_costs(cluster, 16, opts, speed={k: 1e-3 for k in cluster.kinds})
+        plan = plan_pipeline(costs, cluster, 16, opts)
+        p = plan.pipeline
+        assert all(s.host_sends == (kind == "cpu x2") for s in p.stages)
+        assert all(s.send_fwd_s > 0 for s in p.stages[:-1]) and all(s.send_bwd_s > 0 for s in p.stages[1:])
+        played = simulate(p.stage_costs([d.name for d in cluster.devices]), p.microbatches, p.schedule,
+                          overlap_allreduce=p.overlap_allreduce)
+        assert p.step_time_s == pytest.approx(played.step_time_s)
+        steps[kind] = p.step_time_s
+    assert steps["cpu x2"] > steps["a100-80gb x2"]

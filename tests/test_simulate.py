@@ -221,6 +221,22 @@ def test_sends_lie_on_the_critical_path_of_a_two_stage_gpipe() -> None:
     assert_timeline_valid(t, two_stages())
 
 
+def test_a_cpu_stage_s_sends_hold_its_compute_lane() -> None:
+    """The two stages above on CPUs (`host_sends`): each send is made as before, but its
+    rank computes nothing else until it has left (forward 1 of stage 0 waits for send 0);
+    each stage's period holds its sends, and the step grows by them."""
+    held = [replace(s, host_sends=True) for s in two_stages()]
+    t = simulate(held, 2, GPIPE)
+    f, c = EventKind.FORWARD, EventKind.BACKWARD
+    assert spans(t, 0, f) == [("F0", 0, 1), ("F1", 1.5, 2.5)]
+    assert spans(t, 0, EventKind.SEND) == [("S0", 1, 1.5), ("S1", 2.5, 3.0)]
+    assert spans(t, 1, f, c) == [("F0", 1.5, 2.5), ("F1", 3.0, 4.0), ("B0", 4.0, 6.0), ("B1", 6.25, 8.25)]
+    assert spans(t, 1, EventKind.SEND) == [("S0", 6.0, 6.25), ("S1", 8.25, 8.5)]
+    assert spans(t, 0, c) == [("B0", 6.25, 8.25), ("B1", 8.5, 10.5)]
+    assert t.step_time_s == 10.5 == gpipe_step_time(held, 2) > simulate(two_stages(), 2, GPIPE).step_time_s
+    assert_timeline_valid(t, held)
+
+
 def test_a_rank_sends_one_microbatch_at_a_time() -> None:
     slow_link = [StageCost(fwd_s=1, bwd_s=0, send_fwd_s=2, devices=("a",)), StageCost(fwd_s=1, bwd_s=0, devices=("b",))]
     t = simulate(slow_link, 3, GPIPE)
@@ -256,6 +272,7 @@ def pipelines(draw: st.DrawFn) -> tuple[list[StageCost], int]:
             optimizer_s=draw(seconds),
             activation_bytes=draw(st.integers(0, 100)),
             static_bytes=draw(st.integers(0, 100)),
+            host_sends=draw(st.booleans()),
             devices=(f"a{s}", f"b{s}"),
         )
         for s in range(p)

@@ -47,9 +47,10 @@ memory each (a sufficient condition; the simulator reports the rank's true peak)
 **Algorithm** (`stages`, `search`). For each configuration an exact DP over the stages in
 order splits the layers: it minimises the largest per-microbatch stage cost
 ``T = max(f + b + exposed all-reduce / m, send_fwd + send_bwd)`` (a rank's compute lane
-and its link) subject to every stage's memory under the schedule, then, among the splits
+and its link; on CPUs, whose cores move the bytes, the sends hold the compute lane:
+``T = f + b + send_fwd + send_bwd + ...``) subject to every stage's memory under the schedule, then, among the splits
 reaching that, the sum of ``f + b + sends`` (fill and drain). A rank is busy at least
-``m (f + b)`` and then all-reduces, so ``m x T*`` bounds the step of *every* split of the
+``m (f + b)`` (CPUs: and their sends) and then all-reduces, so ``m x T*`` bounds the step of *every* split of the
 configuration from below. Configurations go least bound first; one whose bound cannot
 beat the best step so far is skipped, and so is one another sharding dominates;
 otherwise its DP split and its equal split join the same best-first frontier, keyed by

@@ -22,6 +22,8 @@ prices them)::
     update      the optimizer step over the parameters a device updates (its shard under
                 ZeRO), once per step after the all-reduce, on the slowest kind's memory
     T           max(f + b + (exposed all-reduce + update) / m,  send_fwd + send_bwd)
+                CPUs (`StageSpec.host_sends`: their cores move the bytes, so a send holds
+                the compute lane): f + b + send_fwd + send_bwd + (exposed all-reduce + update) / m
 
 The DP minimises the largest ``T``, then the sum of ``f + b + sends`` among the splits
 reaching it. `StageModel.terms` computes every figure for one range or, given index
@@ -273,6 +275,7 @@ class StageModel:
                     sharding=config.sharding if config.data_parallel(g) > 1 else Sharding.NONE,
                     slowdown=self.slowdown(config, g),
                     update_per_byte=self.update_per_byte(g),
+                    host_sends=all(self.cluster.devices[d].profile.kind == "cpu" for d in g.devices),
                 )
             )
         return out
@@ -493,6 +496,7 @@ class StageModel:
                     recompute=rc == FULL,
                     selective=rc == SELECTIVE,
                     **times,
+                    host_sends=spec.host_sends,
                     tp_comm_s=float(t.tp_comm),
                     dp_comm_fwd_s=float(t.dp_fwd),
                     dp_comm_bwd_s=float(t.mode(rc)[4]),
@@ -512,6 +516,7 @@ class StageModel:
             stages.append(
                 StageCost(
                     **times,
+                    host_sends=spec.host_sends,
                     collective_fwd_s=stage.collective_fwd_s,
                     collective_bwd_s=stage.collective_bwd_s,
                     activation_bytes=kept,

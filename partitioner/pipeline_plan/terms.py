@@ -299,6 +299,8 @@ class StageSpec:
     update_per_byte: float = 0.0
     """Seconds per byte of its optimizer step: ``1 / (memory_bandwidth_Bps x memory_efficiency)``
     of its slowest kind (the largest), before the slowdown."""
+    host_sends: bool = False
+    """Whether its sends hold its compute lane (its devices are CPUs: `StageCost.host_sends`)."""
 
     @property
     def data_parallel(self) -> int:
@@ -483,6 +485,8 @@ def stage_terms(
         return np.maximum(0.0, allreduce - backward) if overlap_allreduce else allreduce
 
     link = send_fwd + send_bwd
+    # A CPU stage's sends hold its compute lane: its period is its passes and sends together.
+    busy, link = (link, 0.0) if spec.host_sends else (0.0, link)
     return StageTerms(
         fwd=fwd,
         bwd=bwd,
@@ -507,10 +511,10 @@ def stage_terms(
         keep=cut_in,
         static=static,
         **_fits(static, act, core, cut_in, spec.inflight, spec.capacity),
-        cost=np.maximum(fwd + bwd + (exposed(bwd) + update) / m, link),
-        cost_sel=np.maximum(fwd + bwd_sel + (exposed(bwd_sel) + update) / m, link),
-        cost_rc=np.maximum(fwd + bwd_rc + (exposed(bwd_rc) + update) / m, link),
-        total=fwd + bwd + link,
-        total_sel=fwd + bwd_sel + link,
-        total_rc=fwd + bwd_rc + link,
+        cost=np.maximum(fwd + bwd + busy + (exposed(bwd + busy) + update) / m, link),
+        cost_sel=np.maximum(fwd + bwd_sel + busy + (exposed(bwd_sel + busy) + update) / m, link),
+        cost_rc=np.maximum(fwd + bwd_rc + busy + (exposed(bwd_rc + busy) + update) / m, link),
+        total=fwd + bwd + busy + link,
+        total_sel=fwd + bwd_sel + busy + link,
+        total_rc=fwd + bwd_rc + busy + link,
     )

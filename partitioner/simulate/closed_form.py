@@ -36,7 +36,9 @@ def gpipe_step_time(stages: Sequence[StageCost], microbatches: int, *, overlap_a
                              max over s of E_s + max(0, allreduce_s - b_s) + optimizer_s  (overlapped)
 
     The backward phase starts afresh at ``T_F``: the last stage begins backward 0 when
-    its forwards are done, and every other compute lane and link is idle by then.
+    its forwards are done, and every other compute lane and link is idle by then. A stage
+    whose sends hold its compute lane (``host_sends``) is one machine ``f_s + sf_s`` (and
+    ``b_s + sb_s``): its send leaves when that machine is done.
 
     Args:
         stages: Cost of each stage, in model order (one stage per rank).
@@ -50,18 +52,24 @@ def gpipe_step_time(stages: Sequence[StageCost], microbatches: int, *, overlap_a
         raise ValueError("gpipe_step_time needs at least one stage")
     _check_counts(PipelineSchedule.GPIPE, len(stages), microbatches, 1)
     p, m = len(stages), microbatches
+    # A stage whose sends hold its compute lane (`StageCost.host_sends`) is one machine of
+    # pass and send: the send leaves at the same time, and the lane is busy until then.
+    held = [s.host_sends for s in stages]
     forward: list[float] = []
     for s, stage in enumerate(stages):
-        forward += [stage.fwd_s] + ([stage.send_fwd_s] if s < p - 1 else [])
+        send = [stage.send_fwd_s] if s < p - 1 else []
+        forward += [stage.fwd_s + sum(send)] if held[s] else [stage.fwd_s, *send]
     forwards_done = _flow_shop(forward, m)
     step, backward = forwards_done, []
     for s in reversed(range(p)):
         stage = stages[s]
-        backward.append(stage.bwd_s)
+        bwd = stage.bwd_s + (stage.send_bwd_s if held[s] else 0.0)
+        backward.append(bwd)
         last_backward_end = forwards_done + _flow_shop(backward, m)
-        exposed = max(0, stage.allreduce_s - stage.bwd_s) if overlap_allreduce else stage.allreduce_s
+        exposed = max(0, stage.allreduce_s - bwd) if overlap_allreduce else stage.allreduce_s
         step = max(step, last_backward_end + exposed + stage.optimizer_s)
-        backward.append(stage.send_bwd_s)
+        if not held[s]:
+            backward.append(stage.send_bwd_s)
     return step
 
 

@@ -60,6 +60,10 @@ class StageCost:
     `fwd_s`; the timeline shows them as `EventKind.COLLECTIVE`."""
     collective_bwd_s: float = 0
     """Of `bwd_s`, the same in the backward (all-reduces, gathers and reduce-scatters)."""
+    host_sends: bool = False
+    """Whether its sends hold its compute lane until they have left: a CPU's, whose cores both
+    compute and move the bytes (gloo's threads, or the copy itself). A GPU's sends run
+    beside its kernels (False)."""
     devices: tuple[str, ...]
     """Names of the devices that hold a replica of the stage (one or more, distinct)."""
 

@@ -9,8 +9,10 @@ The model (times in seconds, sizes in bytes; ``p`` ranks, ``m`` microbatches):
   sent back to it (the last stage's needs its own forward, which comes earlier).
 - Each rank has one **outgoing link** (its "comm" lane). When forward ``(s, i)`` ends its
   activations leave for stage ``s+1`` (``send_fwd_s``); when backward ``(s, i)`` ends its
-  input gradients leave for ``s-1`` (``send_bwd_s``). Sends do not hold the compute lane;
-  a rank's sends share its link and leave one at a time, in the order they were made.
+  input gradients leave for ``s-1`` (``send_bwd_s``). Sends do not hold the compute lane
+  (but a CPU stage's do, ``host_sends``: its cores move the bytes, and the action ends when
+  its send has left); a rank's sends share its link and leave one at a time, in the order
+  they were made.
   Links are full duplex and receivers always ready: a receive occupies nothing, and its
   ``RECV`` event is the send's interval seen from the receiver.
 - **Gradient all-reduce** (``allreduce_s``: replicated stages, tied weights) runs on a third lane per
@@ -177,6 +179,10 @@ class _Run:
                                                 microbatch=action.microbatch, start_s=end - collective, end_s=end,
                                                 forward=action.forward))
                 receiver = self._send(r, action, end)
+                if cost.host_sends and self.link_free[r] > end:
+                    # The send holds the lane: the rank is done with the action when it has left.
+                    free[r] = self.link_free[r]
+                    self.span[action] = (start, free[r])
                 if receiver in waiting:
                     runnable.append(waiting.pop(receiver))
                 head[r] += 1
