@@ -17,8 +17,10 @@ curves, since the cost model adds it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,18 +44,44 @@ def _without_floor(seconds: float, device: torch.device, launch_s: float) -> flo
     return max(seconds - launch_s, seconds / 2) if device.type == "cpu" else seconds
 
 
+@contextmanager
+def _cudnn_fp32_precision(tf32: bool) -> Iterator[None]:
+    """Let float32 cuDNN convolutions use TF32 tensor cores (or forbid it), as the matmul
+    peak of `dtype` was measured; restored after."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        saved: Any = conv.fp32_precision
+        conv.fp32_precision = "tf32" if tf32 else "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = saved
+    else:
+        saved = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = saved
+
+
 def conv_curve(
     device: torch.device, dtype: str, rate: float, launch_s: float, timer: Timer
 ) -> tuple[tuple[float, float], ...]:
-    """(FLOPs, fraction of `rate`) of `_CONV_SHAPES`' 3x3 convolutions in `dtype`, FLOPs increasing."""
+    """(FLOPs, fraction of `rate`) of `_CONV_SHAPES`' 3x3 convolutions in `dtype`, FLOPs
+    increasing; empty where the device has no convolution in `dtype` (it raises)."""
     batch, side, channels = _CONV_SHAPES["cuda" if device.type == "cuda" else "cpu"]
     points = []
-    with torch.no_grad():
+    precision = _cudnn_fp32_precision(dtype == "tf32") if device.type == "cuda" else nullcontext()
+    with torch.no_grad(), precision:
         for c in channels:
             x = torch.randn(batch, c, side, side, device=device).to(torch_dtype(dtype))
             w = torch.randn(c, c, 3, 3, device=device).to(torch_dtype(dtype))
             flops = 2 * batch * side * side * c * c * 9
-            seconds = _without_floor(timer(partial(F.conv2d, x, w, padding=1)), device, launch_s)
+            try:
+                seconds = _without_floor(timer(partial(F.conv2d, x, w, padding=1)), device, launch_s)
+            except RuntimeError:  # no kernel for this dtype here: convolutions priced as matmuls
+                return ()
             points.append((float(flops), min(1.0, max(1e-3, round(flops / seconds / rate, 4)))))
     return tuple(points)
 

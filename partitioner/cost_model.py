@@ -146,7 +146,7 @@ def _elementwise_s(layer: Layer, profile: DeviceProfile, nbytes: float, batch_fr
     for b, count, *kind in layer.passes:
         moved = b * batch_fraction * share
         curve = moved / (bandwidth * memory_fraction(profile, moved))
-        rate = rates.get(OP_KINDS[kind[0] - 1]) if kind and kind[0] else None
+        rate = rates.get(OP_KINDS[kind[0] - 1]) if kind and 0 < kind[0] <= len(OP_KINDS) else None
         fwd += count * (max(curve, moved / rate[0]) if rate else curve)
         bwd += count * (max(BACKWARD_TRAFFIC_FACTOR * curve, moved / rate[1]) if rate else BACKWARD_TRAFFIC_FACTOR * curve)
     return fwd, bwd
@@ -180,7 +180,8 @@ def _matmul_s(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: 
     convs = dict(layer.convs) if profile.conv_efficiency else {}
     for flops, count, *sides in layer.gemms:
         scaled = flops * batch_fraction
-        as_conv = min(count, convs.get(flops, 0))
+        # A convolution's sides are unknown (0, 0, 0): a matmul of as many FLOPs is not one.
+        as_conv = min(count, convs.get(flops, 0)) if not any(sides) else 0
         if as_conv:
             convs[flops] -= as_conv
             seconds += as_conv * scaled / (peak * _log_interpolated(profile.conv_efficiency, scaled))

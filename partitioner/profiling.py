@@ -88,8 +88,10 @@ def op_kind(name: str, args: Any = (), kwargs: Any = None) -> str:
     other op. A batch norm is ``batch_norm`` when it computes batch statistics (its one bool
     argument, ``training``, is true), else a plain element-wise op (a scale and a shift)."""
     if "batch_norm" in name:
+        if "with_update" in name:  # _batch_norm_with_update: training, no bool argument
+            return "batch_norm"
         training = any(a is True for a in args) or bool((kwargs or {}).get("training"))
-        return "batch_norm" if training and "no_training" not in name else ""
+        return "batch_norm" if training and "no_training" not in name and "no_update" not in name else ""
     if any(part in name for part in _NORMS):
         return "norm"
     if "max_pool" in name:

@@ -270,6 +270,9 @@ def test_convolutions_run_at_their_curve() -> None:
     peak = 1e12
     assert layer_time(layer, convs, INFER) == pytest.approx(2e9 / (peak * 0.25) + 1e9 / (peak * TOY.compute_efficiency))
     assert layer_time(layer, TOY, INFER) == pytest.approx(3e9 / (peak * TOY.compute_efficiency))
+    # A matmul of as many FLOPs with its sides known is not taken for a convolution.
+    mixed = replace(layer, gemms=((10**9, 1, 1000, 500, 1000), (10**9, 2)))
+    assert layer_time(mixed, convs, INFER) == pytest.approx(layer_time(layer, convs, INFER))
 
 
 def test_module_calls_cost_the_host_in_the_forward_only() -> None:

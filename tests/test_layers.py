@@ -326,6 +326,8 @@ def test_convolutions_and_the_kinds_of_memory_bound_ops_are_kept(frontend: str) 
         ("adaptive_max_pool2d", (), "max_pool"),
         ("avg_pool2d", (), "avg_pool"),
         ("_adaptive_avg_pool2d", (), "avg_pool"),
+        ("_batch_norm_with_update", (None, None, None, None, None, 0.1, 1e-5), "batch_norm"),
+        ("_batch_norm_no_update", (None, None, None, None, None, 0.1, 1e-5), ""),
         ("relu", (), ""),
         ("_softmax", (), ""),
     ],

@@ -300,6 +300,18 @@ def test_the_dp_is_exact_and_its_bound_holds_for_every_split(schedule: PipelineS
     assert assert_dp_exact(StageModel(costs, cluster, 8, options)) >= 5
 
 
+@pytest.mark.parametrize("schedule", list(PipelineSchedule))
+def test_the_dp_is_exact_on_cpus_whose_sends_hold_their_compute(schedule: PipelineSchedule) -> None:
+    """As above on four CPUs with slow links: every stage's sends hold its compute lane, and
+    the DP's T* and the bounds still hold against every split."""
+    options = TrainingOptions(schedules=(schedule,), max_microbatches=4)
+    cluster = hand_cluster(["cpu x4"], spb=1e-9)
+    costs = hand_costs(cluster, 8, options, n=7, cut=10**6)
+    model = StageModel(costs, cluster, 8, options)
+    assert all(spec.host_sends for config in configurations(cluster, 8, 7, options) for spec in model.specs(config))
+    assert assert_dp_exact(model) >= 5
+
+
 def assert_dp_exact(model: StageModel) -> int:
     """Against brute force on every pipeline configuration of `model`'s space: the DP reaches
     the least bottleneck ``T*``, and no split simulates faster than ``m x T*`` nor than the
@@ -332,6 +344,7 @@ _stage = st.tuples(
     schedule=st.sampled_from(list(PipelineSchedule)),
     virtual=st.integers(2, 3),
     overlap=st.booleans(),
+    held=st.booleans(),
 )
 def test_a_splits_bound_never_exceeds_its_simulated_step(
     stages: list[tuple[float, float, float, float, float, float, bool]],
@@ -339,6 +352,7 @@ def test_a_splits_bound_never_exceeds_its_simulated_step(
     schedule: PipelineSchedule,
     virtual: int,
     overlap: bool,
+    held: bool,
 ) -> None:
     v = virtual if schedule is PipelineSchedule.INTERLEAVED_1F1B else 1
     ranks = len(stages)
@@ -350,7 +364,7 @@ def test_a_splits_bound_never_exceeds_its_simulated_step(
         devices = (f"d{j % ranks}a", f"d{j % ranks}b") if replicated else (f"d{j % ranks}a",)
         costs.append(StageCost(fwd_s=f, bwd_s=b, send_fwd_s=sf if j < ranks * v - 1 else 0,
                                send_bwd_s=sb if j else 0, allreduce_s=ar if replicated else 0, optimizer_s=opt,
-                               devices=devices))
+                               host_sends=held, devices=devices))
     config = Configuration(groups=tuple(Group((r,)) for r in range(ranks)), layout="hand",
                            microbatches=microbatches, schedule=schedule, virtual_stages=v)
     part = Partition(configuration=config, ranges=(), recompute=(), origin="dp", stages=tuple(costs), plan_stages=())

@@ -63,7 +63,9 @@ def assert_timeline_valid(timeline: Timeline, stages: Sequence[StageCost]) -> No
     compute: dict[tuple[bool, int, int], tuple[float, float]] = {}
     for row in timeline.ranks:
         working = (EventKind.FORWARD, EventKind.BACKWARD, EventKind.OPTIMIZER)  # the compute lane, but idle
-        lanes = [row.of_kind(*working, EventKind.IDLE), row.of_kind(EventKind.SEND)]
+        held = [e for e in row.of_kind(EventKind.SEND) if stages[e.stage].host_sends]  # they hold it too
+        on_lane = sorted([*row.of_kind(*working, EventKind.IDLE), *held], key=lambda e: (e.start_s, e.end_s))
+        lanes = [on_lane, row.of_kind(EventKind.SEND)]
         for lane in lanes:  # one thing at a time on the compute lane and on the link
             for a, b in itertools.pairwise(lane):
                 assert b.start_s >= a.end_s - tol, (a, b)
@@ -78,7 +80,7 @@ def assert_timeline_valid(timeline: Timeline, stages: Sequence[StageCost]) -> No
         assert len(steps) == (1 if owed else 0) and all(math.isclose(e.duration_s, owed, abs_tol=tol) for e in steps)
         before = row.of_kind(EventKind.FORWARD, EventKind.BACKWARD, EventKind.ALLREDUCE)
         assert all(e.start_s >= max(b.end_s for b in before) - tol for e in steps)
-        busy = sum(e.duration_s for e in row.of_kind(*working))
+        busy = sum(e.duration_s for e in row.of_kind(*working)) + sum(e.duration_s for e in held)
         idle = sum(e.duration_s for e in row.of_kind(EventKind.IDLE))
         assert math.isclose(busy, row.busy_s, abs_tol=tol)
         assert math.isclose(busy + idle, timeline.step_time_s, abs_tol=10 * tol)
@@ -234,6 +236,9 @@ def test_a_cpu_stage_s_sends_hold_its_compute_lane() -> None:
     assert spans(t, 1, EventKind.SEND) == [("S0", 6.0, 6.25), ("S1", 8.25, 8.5)]
     assert spans(t, 0, c) == [("B0", 6.25, 8.25), ("B1", 8.5, 10.5)]
     assert t.step_time_s == 10.5 == gpipe_step_time(held, 2) > simulate(two_stages(), 2, GPIPE).step_time_s
+    # The held sends are busy time, not bubble: rank 0 idles only between its passes.
+    assert t.ranks[0].busy_s == 7.0
+    assert [(e.start_s, e.end_s) for e in t.ranks[0].of_kind(EventKind.IDLE)] == [(3.0, 6.25), (8.25, 8.5)]
     assert_timeline_valid(t, held)
 
 

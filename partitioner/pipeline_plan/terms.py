@@ -485,8 +485,10 @@ def stage_terms(
         return np.maximum(0.0, allreduce - backward) if overlap_allreduce else allreduce
 
     link = send_fwd + send_bwd
-    # A CPU stage's sends hold its compute lane: its period is its passes and sends together.
+    # A CPU stage's sends hold its compute lane: its period is its passes and sends together,
+    # and its all-reduce overlaps the last backward with that backward's send.
     busy, link = (link, 0.0) if spec.host_sends else (0.0, link)
+    held_bwd = send_bwd if spec.host_sends else 0.0
     return StageTerms(
         fwd=fwd,
         bwd=bwd,
@@ -511,9 +513,9 @@ def stage_terms(
         keep=cut_in,
         static=static,
         **_fits(static, act, core, cut_in, spec.inflight, spec.capacity),
-        cost=np.maximum(fwd + bwd + busy + (exposed(bwd + busy) + update) / m, link),
-        cost_sel=np.maximum(fwd + bwd_sel + busy + (exposed(bwd_sel + busy) + update) / m, link),
-        cost_rc=np.maximum(fwd + bwd_rc + busy + (exposed(bwd_rc + busy) + update) / m, link),
+        cost=np.maximum(fwd + bwd + busy + (exposed(bwd + held_bwd) + update) / m, link),
+        cost_sel=np.maximum(fwd + bwd_sel + busy + (exposed(bwd_sel + held_bwd) + update) / m, link),
+        cost_rc=np.maximum(fwd + bwd_rc + busy + (exposed(bwd_rc + held_bwd) + update) / m, link),
         total=fwd + bwd + busy + link,
         total_sel=fwd + bwd_sel + busy + link,
         total_rc=fwd + bwd_rc + busy + link,

@@ -38,7 +38,8 @@ def gpipe_step_time(stages: Sequence[StageCost], microbatches: int, *, overlap_a
     The backward phase starts afresh at ``T_F``: the last stage begins backward 0 when
     its forwards are done, and every other compute lane and link is idle by then. A stage
     whose sends hold its compute lane (``host_sends``) is one machine ``f_s + sf_s`` (and
-    ``b_s + sb_s``): its send leaves when that machine is done.
+    ``b_s + sb_s``, which the overlapped all-reduce's ``b_s`` then is): its send leaves
+    when that machine is done.
 
     Args:
         stages: Cost of each stage, in model order (one stage per rank).

@@ -248,7 +248,10 @@ class _Run:
     def _rank(self, r: int, order: tuple[Action, ...], step: float) -> RankTimeline:
         """Idle gaps, busy time and memory of rank `r` from its events."""
         lane = (EventKind.FORWARD, EventKind.BACKWARD, EventKind.OPTIMIZER)
-        compute = sorted((e for e in self.events[r] if e.kind in lane), key=lambda e: e.start_s)
+        # A send that holds the lane (`StageCost.host_sends`) keeps the rank busy, not idle.
+        compute = sorted((e for e in self.events[r] if e.kind in lane
+                          or e.kind is EventKind.SEND and e.stage is not None and self.stages[e.stage].host_sends),
+                         key=lambda e: e.start_s)
         idle: list[Event] = []
         clock: float = 0
         tolerance = 1e-12 * step  # gaps of float rounding are no bubble
