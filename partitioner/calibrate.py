@@ -40,16 +40,15 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from partitioner.calibrate_ops import CONV_SHAPES_NOTE, conv_curve, op_rates
+from partitioner.calibrate_ops import CONV_SHAPES_NOTE, conv_curve, fp32_precision, op_rates
 from partitioner.device_detection import system_memory_bytes
 from partitioner.devices import DTYPES, PROFILE_NAME_RE, DeviceProfile, Link, PeakFlops
 from partitioner.dtypes import torch_dtype
@@ -127,29 +126,9 @@ def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], sample_s
     return max(statistics.median(times), 1e-9)
 
 
-@contextmanager
-def _fp32_matmul_precision(tf32: bool) -> Iterator[None]:
-    """Let float32 CUDA matmuls use TF32 tensor cores (or forbid it), restoring the setting after."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; mixing it with allow_tf32 raises
-        saved: Any = matmul.fp32_precision
-        matmul.fp32_precision = "tf32" if tf32 else "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = saved
-    else:
-        saved = matmul.allow_tf32
-        matmul.allow_tf32 = tf32
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = saved
-
-
 def _matmul_flops(dtype: str, device: torch.device, sync: Callable[[], None], budget: _Budget) -> tuple[float, int]:
     """(sustained FLOP/s, matmul side used) for square matmuls in `dtype`."""
-    precision = _fp32_matmul_precision(dtype == "tf32") if device.type == "cuda" else nullcontext()
+    precision = fp32_precision(torch.backends.cuda.matmul, dtype == "tf32") if device.type == "cuda" else nullcontext()
     with precision:
         n = budget.min_matmul
         while True:
@@ -219,7 +198,7 @@ class _MatmulTimer:
 
     def efficiency(self, m: int, k: int, n: int) -> float:
         """Achieved fraction of the peak of ``(m x k) @ (k x n)``, in [0.001, 1]."""
-        precision = _fp32_matmul_precision(self.dtype == "tf32") if self.device.type == "cuda" else nullcontext()
+        precision = fp32_precision(torch.backends.cuda.matmul, self.dtype == "tf32") if self.device.type == "cuda" else nullcontext()
         with precision:
             a = torch.randn(m, k, device=self.device).to(torch_dtype(self.dtype))
             b = torch.randn(k, n, device=self.device).to(torch_dtype(self.dtype))

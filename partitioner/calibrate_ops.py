@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from partitioner.devices import OP_KINDS
 from partitioner.dtypes import torch_dtype
 
-__all__ = ["conv_curve", "op_rates", "CONV_SHAPES_NOTE"]
+__all__ = ["conv_curve", "op_rates", "fp32_precision", "CONV_SHAPES_NOTE"]
 
 Timer = Callable[[Callable[[], object]], float]
 """Median seconds of one call of a function (`partitioner.calibrate`'s timing)."""
@@ -45,24 +45,23 @@ def _without_floor(seconds: float, device: torch.device, launch_s: float) -> flo
 
 
 @contextmanager
-def _cudnn_fp32_precision(tf32: bool) -> Iterator[None]:
-    """Let float32 cuDNN convolutions use TF32 tensor cores (or forbid it), as the matmul
-    peak of `dtype` was measured; restored after."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
-        saved: Any = conv.fp32_precision
-        conv.fp32_precision = "tf32" if tf32 else "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = saved
+def fp32_precision(backend: Any, tf32: bool) -> Iterator[None]:
+    """Let float32 CUDA kernels of `backend` (``torch.backends.cuda.matmul``,
+    ``torch.backends.cudnn``) use TF32 tensor cores, or forbid it; restored after. torch
+    >= 2.9 sets ``fp32_precision`` (on ``cudnn.conv`` for convolutions: mixing it with
+    ``allow_tf32`` raises), older torch ``allow_tf32``."""
+    new = getattr(backend, "conv", backend)
+    value: str | bool
+    if hasattr(new, "fp32_precision"):
+        target, key, value = new, "fp32_precision", "tf32" if tf32 else "ieee"
     else:
-        saved = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = saved
+        target, key, value = backend, "allow_tf32", tf32
+    saved = getattr(target, key)
+    setattr(target, key, value)
+    try:
+        yield
+    finally:
+        setattr(target, key, saved)
 
 
 def conv_curve(
@@ -72,7 +71,7 @@ def conv_curve(
     increasing; empty where the device has no convolution in `dtype` (it raises)."""
     batch, side, channels = _CONV_SHAPES["cuda" if device.type == "cuda" else "cpu"]
     points = []
-    precision = _cudnn_fp32_precision(dtype == "tf32") if device.type == "cuda" else nullcontext()
+    precision = fp32_precision(torch.backends.cudnn, dtype == "tf32") if device.type == "cuda" else nullcontext()
     with torch.no_grad(), precision:
         for c in channels:
             x = torch.randn(batch, c, side, side, device=device).to(torch_dtype(dtype))

@@ -12,7 +12,7 @@ import torch
 
 from partitioner import calibrate
 from partitioner.calibrate import default_profile_name, measure_device, write_profile
-from partitioner.calibrate_ops import conv_curve, op_rates
+from partitioner.calibrate_ops import conv_curve, fp32_precision, op_rates
 from partitioner.devices import OP_KINDS, DeviceProfile, load_profile, resolve_devices
 from partitioner.errors import DeviceError
 
@@ -220,3 +220,16 @@ def test_convolution_curve_and_op_rates_divide_what_they_time() -> None:
     # On a CPU the dispatch floor comes off each time (at most half of it).
     floored = op_rates(torch.device("cpu"), 4 * 32**4, 4e-4, clock)
     assert floored[0][1] == float(f"{moved['batch_norm'] / 6e-4:.4g}")
+
+
+@pytest.mark.parametrize("backend", [torch.backends.cuda.matmul, torch.backends.cudnn])
+@pytest.mark.parametrize("tf32", [True, False])
+def test_fp32_precision_sets_and_restores_tf32(backend: object, tf32: bool) -> None:
+    """Calibration lets float32 matmuls and convolutions use TF32 exactly when it measures
+    tf32, and puts the caller's setting back (torch >= 2.9: ``fp32_precision``)."""
+    target = getattr(backend, "conv", backend)
+    key = "fp32_precision" if hasattr(target, "fp32_precision") else "allow_tf32"
+    before = getattr(target, key)
+    with fp32_precision(backend, tf32):
+        assert getattr(target, key) == ({True: "tf32", False: "ieee"}[tf32] if key == "fp32_precision" else tf32)
+    assert getattr(target, key) == before
