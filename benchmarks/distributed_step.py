@@ -188,8 +188,8 @@ def gloo_cluster(processes: int, given: dict[int, Path], say: Any) -> tuple[Any,
 def use_cpu_profile(given: Path | None, say: Any) -> Path:
     """Make the planner price ``cpu`` devices with `given`, else with ``benchmarks/out/profiles/cpu.json``
     (measured first when absent): its folder goes first on ``PARTITIONER_PROFILE_PATH``."""
-    from partitioner.calibrate import measure_device
-    from partitioner.profile_files import PROFILE_PATH_ENV, load_profile, profile_to_json
+    from partitioner.calibrate import measure_device, write_profile
+    from partitioner.profile_files import PROFILE_PATH_ENV, load_profile
 
     path = given or OUT / "profiles" / "cpu.json"
     if path.name != "cpu.json":
@@ -197,7 +197,7 @@ def use_cpu_profile(given: Path | None, say: Any) -> Path:
     if not path.exists():
         say(f"measuring this CPU into {path} (partitioner profile --device cpu)")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(profile_to_json(measure_device("cpu", name="cpu")))
+        write_profile(measure_device("cpu", name="cpu"), path)
     if (name := load_profile(path).name) != "cpu":
         raise ValueError(f"{path}: a profile named {name!r}, not 'cpu'")
     os.environ[PROFILE_PATH_ENV] = os.pathsep.join(filter(None, (str(path.parent), os.environ.get(PROFILE_PATH_ENV))))

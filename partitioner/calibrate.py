@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from partitioner.calibrate_ops import CONV_SHAPES_NOTE, conv_curve, fp32_precision, op_rates
+from partitioner.calibrate_ops import CONV_SHAPES_NOTE, conv_curve, fp32_precision, op_rates, without_floor
 from partitioner.device_detection import system_memory_bytes
 from partitioner.devices import DTYPES, PROFILE_NAME_RE, DeviceProfile, Link, PeakFlops
 from partitioner.dtypes import torch_dtype
@@ -203,8 +203,7 @@ class _MatmulTimer:
             a = torch.randn(m, k, device=self.device).to(torch_dtype(self.dtype))
             b = torch.randn(k, n, device=self.device).to(torch_dtype(self.dtype))
             seconds = _median_seconds(partial(torch.mm, a, b), self.sync, self.budget.sample_s, self.budget.batch_s)
-        if self.device.type == "cpu":
-            seconds = max(seconds - self.launch_s, seconds / 2)
+        seconds = without_floor(seconds, self.device, self.launch_s)
         return min(1.0, max(1e-3, round(2 * m * k * n / seconds / self.rate, 4)))
 
 
@@ -258,9 +257,7 @@ def _memory_curve(
             trials[size].append(_pass_seconds(size, device, sync, budget.sample_s / _PASS_TRIALS))
     points = []
     for size in sizes:
-        seconds = statistics.median(trials[size])
-        if device.type == "cpu":
-            seconds = max(seconds - launch_s, seconds / 2)
+        seconds = without_floor(statistics.median(trials[size]), device, launch_s)
         points.append((float(2 * size), min(100.0, max(1e-3, round(2 * size / seconds / bandwidth, 4)))))
     return tuple(points)
 

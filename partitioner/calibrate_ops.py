@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from partitioner.devices import OP_KINDS
 from partitioner.dtypes import torch_dtype
 
-__all__ = ["conv_curve", "op_rates", "fp32_precision", "CONV_SHAPES_NOTE"]
+__all__ = ["conv_curve", "op_rates", "fp32_precision", "without_floor", "CONV_SHAPES_NOTE"]
 
 Timer = Callable[[Callable[[], object]], float]
 """Median seconds of one call of a function (`partitioner.calibrate`'s timing)."""
@@ -40,7 +40,9 @@ CONV_SHAPES_NOTE = "; ".join(
 )
 
 
-def _without_floor(seconds: float, device: torch.device, launch_s: float) -> float:
+def without_floor(seconds: float, device: torch.device, launch_s: float) -> float:
+    """`seconds` less the dispatch floor `launch_s` (at most half of it) on a CPU, whose cost
+    model adds the floor back; unchanged on a GPU, where the floor is a max and stays in."""
     return max(seconds - launch_s, seconds / 2) if device.type == "cpu" else seconds
 
 
@@ -78,7 +80,7 @@ def conv_curve(
             w = torch.randn(c, c, 3, 3, device=device).to(torch_dtype(dtype))
             flops = 2 * batch * side * side * c * c * 9
             try:
-                seconds = _without_floor(timer(partial(F.conv2d, x, w, padding=1)), device, launch_s)
+                seconds = without_floor(timer(partial(F.conv2d, x, w, padding=1)), device, launch_s)
             except RuntimeError:  # no kernel for this dtype here: convolutions priced as matmuls
                 return ()
             points.append((float(flops), min(1.0, max(1e-3, round(flops / seconds / rate, 4)))))
@@ -114,11 +116,11 @@ def op_rates(
     for kind, (op, x) in _op_cases(max(1, nbytes // 4), device).items():
         with torch.no_grad():
             moved = (x.numel() + op(x).numel()) * 4
-            forward = _without_floor(timer(partial(op, x)), device, launch_s)
+            forward = without_floor(timer(partial(op, x)), device, launch_s)
         leaf = x.clone().requires_grad_()
         ones = torch.ones_like(op(leaf))
         recorded = timer(partial(op, leaf))
         both = timer(partial(_gradient, op, leaf, ones))
-        backward = _without_floor(max(both - recorded, both / 20), device, launch_s)
+        backward = without_floor(max(both - recorded, both / 20), device, launch_s)
         out.append((kind, float(f"{moved / forward:.4g}"), float(f"{moved / backward:.4g}")))
     return tuple(out)

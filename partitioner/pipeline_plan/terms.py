@@ -484,10 +484,10 @@ def stage_terms(
     def exposed(backward: Any) -> Any:
         return np.maximum(0.0, allreduce - backward) if overlap_allreduce else allreduce
 
-    link = send_fwd + send_bwd
+    sends = send_fwd + send_bwd
     # A CPU stage's sends hold its compute lane: its period is its passes and sends together,
     # and its all-reduce overlaps the last backward with that backward's send.
-    busy, link = (link, 0.0) if spec.host_sends else (0.0, link)
+    busy, link = (sends, 0.0) if spec.host_sends else (0.0, sends)
     held_bwd = send_bwd if spec.host_sends else 0.0
     return StageTerms(
         fwd=fwd,
@@ -516,7 +516,7 @@ def stage_terms(
         cost=np.maximum(fwd + bwd + busy + (exposed(bwd + held_bwd) + update) / m, link),
         cost_sel=np.maximum(fwd + bwd_sel + busy + (exposed(bwd_sel + held_bwd) + update) / m, link),
         cost_rc=np.maximum(fwd + bwd_rc + busy + (exposed(bwd_rc + held_bwd) + update) / m, link),
-        total=fwd + bwd + busy + link,
-        total_sel=fwd + bwd_sel + busy + link,
-        total_rc=fwd + bwd_rc + busy + link,
+        total=fwd + bwd + sends,
+        total_sel=fwd + bwd_sel + sends,
+        total_rc=fwd + bwd_rc + sends,
     )
