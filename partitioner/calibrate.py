@@ -24,7 +24,7 @@ What is measured, and how (each figure is the median of repeated timings after w
 - element-wise bandwidth by size (`DeviceProfile.memory_curve`): out-of-place ReLUs of
   16 KiB and up, timed as layers are (fresh inputs, outputs allocated), as fractions of the
   memory bandwidth (above 1 from caches; far below where large outputs map fresh pages);
-- convolution efficiency by size and the rates of batch norms, layer norms and pooling
+- convolution efficiency by size and the rates of batch norms, layer norms, pooling, activations and softmax
   (`DeviceProfile.conv_efficiency`, `DeviceProfile.op_rates`): `partitioner.calibrate_ops`.
 
 The figures are sustained rates, so the profile's efficiency factors are 1.0. On CPU the
@@ -517,8 +517,10 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
     say(f"convolution efficiency by size: {fastest} 3x3 convolutions")
     convs = conv_curve(dev, fastest, peaks[fastest], launch, time_call)
     say("convolution efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%}" for x, y in convs))
-    say("op rates: batch norm, layer norm, max and average pooling")
-    rates = op_rates(dev, budget.copy_bytes // 16, launch, time_call)
+    say("op rates: batch norm, layer norm, pooling, activations, softmax")
+    # Twelve kinds, three timings each: half the sampling time of the other figures.
+    rates = op_rates(dev, budget.copy_bytes // 16, launch,
+                     lambda fn: _median_seconds(fn, sync, budget.sample_s / 2, budget.batch_s))
     say("op rates, forward / backward: " + ", ".join(f"{kind} {f / 1e9:.3g} / {b / 1e9:.3g} GB/s" for kind, f, b in rates))
 
     mode = "quick" if quick else "full"

@@ -1,5 +1,6 @@
 """Calibration of the kernels a matmul and an element-wise op do not stand for: convolutions,
-batch norms, layer norms and pooling (`DeviceProfile.conv_efficiency`, `DeviceProfile.op_rates`).
+batch norms, layer norms, pooling, and the transcendental functions of activations and
+softmax (`DeviceProfile.conv_efficiency`, `DeviceProfile.op_rates`).
 
 - convolution efficiency by size: 3x3 convolutions (stride 1, padding 1) of a fixed batch
   and image, channels in = channels out doubled from 8 (`_CONV_SHAPES`), in the profile's
@@ -7,9 +8,9 @@ batch norms, layer norms and pooling (`DeviceProfile.conv_efficiency`, `DevicePr
   vectorises poorly, far below a matmul of its FLOPs);
 - op rates: one op of each kind of `OP_KINDS` on an input of about a sixteenth of the
   bandwidth copy (`_op_cases`: a batch norm computing batch statistics, a layer norm over
-  1,024 features, a 3x3 max pooling of stride 2, a 2x2 average pooling), its forward timed
-  under ``no_grad`` and its backward apart: the bytes its forward reads and writes per
-  second of each.
+  1,024 features, a 3x3 max pooling of stride 2, a 2x2 average pooling; each activation
+  and softmax over rows of 1,024), its forward timed under ``no_grad`` and its backward
+  apart: the bytes its forward reads and writes per second of each.
 
 On a CPU the dispatch floor is taken off each time (at most half of it), as for the matmul
 curves, since the cost model adds it.
@@ -98,6 +99,14 @@ def _op_cases(elements: int, device: torch.device) -> dict[str, tuple[Callable[[
         "norm": (lambda x: F.layer_norm(x, (1024,)), rows),
         "max_pool": (lambda x: F.max_pool2d(x, 3, 2, 1), images),
         "avg_pool": (lambda x: F.avg_pool2d(x, 2), images),
+        "tanh": (torch.tanh, rows),
+        "exp": (torch.exp, rows),
+        "sigmoid": (torch.sigmoid, rows),
+        "silu": (F.silu, rows),
+        "gelu": (F.gelu, rows),
+        "gelu_tanh": (partial(F.gelu, approximate="tanh"), rows),
+        "softmax": (partial(torch.softmax, dim=-1), rows),
+        "log_softmax": (partial(torch.log_softmax, dim=-1), rows),
     }
 
 

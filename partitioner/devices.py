@@ -177,13 +177,13 @@ class DeviceProfile:
     Empty: convolutions are priced as matmuls of their FLOPs."""
     op_rates: tuple[tuple[str, float, float], ...] = ()
     """(op kind, forward bytes per second, backward bytes per second) triples, kinds of
-    `OP_KINDS` in that order: the sustained rates of a memory-bound op of that kind, measured,
-    by the bytes its forward reads and writes. Its forward takes the longer of its
-    `memory_curve` price and its bytes at the forward rate, its backward the longer of twice
-    that price and its bytes at the backward rate: a batch norm that computes batch
-    statistics reads its input twice and reduces per channel, a CPU's max pooling compares
-    element by element (its backward only scatters), and neither runs faster from caches. A
-    kind missing: priced on the curve alone."""
+    `OP_KINDS` in that order: the sustained rates of an op of that kind, measured, by the
+    bytes its forward reads and writes. Its forward takes the longer of its `memory_curve`
+    price and its bytes at the forward rate, its backward the longer of twice that price and
+    its bytes at the backward rate: a batch norm that computes batch statistics reads its
+    input twice and reduces per channel, a CPU's max pooling compares element by element
+    (its backward only scatters), a CPU's ``tanh`` runs at a twentieth of a copy's rate, and
+    none runs faster from caches. A kind missing: priced on the curve alone."""
     calibrated: bool = False
     """Whether the figures were measured on the device (`partitioner profile`), not read
     from a datasheet: the report says how sure its times are by it."""
@@ -363,10 +363,16 @@ def _check_memory_curve(points: object) -> None:
     _check_curve("memory_curve", points, ("bytes", "fraction"), _MAX_PASS_BYTES, _MAX_MEMORY_FRACTION)
 
 
-OP_KINDS = ("batch_norm", "norm", "max_pool", "avg_pool")
-"""Kinds of memory-bound ops a profile may price apart (`DeviceProfile.op_rates`):
+OP_KINDS = ("batch_norm", "norm", "max_pool", "avg_pool",
+            "tanh", "exp", "sigmoid", "silu", "gelu", "gelu_tanh", "softmax", "log_softmax")
+"""Kinds of ops without FLOPs a profile may price apart (`DeviceProfile.op_rates`):
 ``batch_norm`` (a batch norm computing batch statistics: training mode), ``norm`` (layer,
-group and RMS norms), ``max_pool`` and ``avg_pool`` (pooling windows)."""
+group and RMS norms), ``max_pool`` and ``avg_pool`` (pooling windows); then the
+transcendental functions of activations and attention, each its ATen op: ``tanh``,
+``exp``, ``sigmoid``, ``silu``, ``gelu`` (the erf form), ``gelu_tanh`` (``approximate="tanh"``),
+``softmax`` and ``log_softmax``. A CPU computes these element by element in polynomial
+approximations, 5-20x slower than a copy of their bytes (a GPU keeps up with its memory).
+New kinds go at the end: a layer stores its nodes' kinds by position (`Layer.passes`)."""
 
 
 def _check_op_rates(triples: object) -> None:

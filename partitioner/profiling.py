@@ -77,16 +77,21 @@ sum that accumulates a gradient read twice); two is the middle of that range."""
 # Lookups: their first argument is a table of which they read only the rows they return.
 _LOOKUPS = frozenset({"embedding", "index_select", "gather", "index", "take_along_dim"})
 
-# Memory-bound ops a device profile may price apart (`DeviceProfile.op_rates`), by a part of
-# their ATen name (``batch_norm`` covers ``native_batch_norm``, ``_native_batch_norm_legit``...).
+# Ops a device profile may price apart (`DeviceProfile.op_rates`): norms by a part of their
+# ATen name (``batch_norm`` covers ``native_batch_norm``, ``_native_batch_norm_legit``...),
+# transcendental functions by the whole name, in-place or not (``tanh``, ``tanh_``).
 _NORMS = ("layer_norm", "group_norm", "rms_norm", "instance_norm")
+_FUNCTIONS = {"tanh": "tanh", "exp": "exp", "sigmoid": "sigmoid", "silu": "silu", "gelu": "gelu",
+              "_softmax": "softmax", "_safe_softmax": "softmax", "softmax": "softmax",
+              "_log_softmax": "log_softmax", "log_softmax": "log_softmax"}
 
 
 def op_kind(name: str, args: Any = (), kwargs: Any = None) -> str:
     """The kind (`partitioner.devices.OP_KINDS`) of the ATen op named `name` (its overload
     packet's name, as ``native_layer_norm``) called with `args` and `kwargs`; ``""`` for any
     other op. A batch norm is ``batch_norm`` when it computes batch statistics (its one bool
-    argument, ``training``, is true), else a plain element-wise op (a scale and a shift)."""
+    argument, ``training``, is true), else a plain element-wise op (a scale and a shift); a
+    GELU is ``gelu_tanh`` when it approximates with ``tanh`` (``approximate="tanh"``)."""
     if "batch_norm" in name:
         if "with_update" in name:  # _batch_norm_with_update: training, no bool argument
             return "batch_norm"
@@ -98,7 +103,10 @@ def op_kind(name: str, args: Any = (), kwargs: Any = None) -> str:
         return "max_pool"
     if "avg_pool" in name:
         return "avg_pool"
-    return ""
+    kind = _FUNCTIONS.get(name.removesuffix("_"), "")
+    if kind == "gelu" and (kwargs or {}).get("approximate", args[1] if len(args) > 1 else "none") == "tanh":
+        return "gelu_tanh"
+    return kind
 
 
 # Ops that allocate without writing: no kernel runs (``empty`` hands out allocator memory).
@@ -142,7 +150,7 @@ class NodeStats:
     """Of `gemm_flops`, those of convolutions (priced by `DeviceProfile.conv_efficiency`)."""
     kind: str = ""
     """The kind of the first op it ran that a profile prices apart (`op_kind`: ``batch_norm``,
-    ``norm``, ``max_pool``, ``avg_pool``); ``""`` for none."""
+    ``norm``, ``tanh``, ``softmax``, ...); ``""`` for none."""
     shape: tuple[int, ...] = ()
     """Shape of its result when that is one tensor (else empty): what `partitioner.tp_detect`
     reads widths and heads from."""

@@ -94,7 +94,7 @@ def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]
         f"matmul efficiency by a narrow side: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)}",
         "element-wise bandwidth by size: out-of-place ReLUs",
         f"convolution efficiency by size: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)} 3x3 convolutions",
-        "op rates: batch norm, layer norm, max and average pooling",
+        "op rates: batch norm, layer norm, pooling, activations, softmax",
     ]
     assert [line.split(" GFLOP/s")[0] for line in figures] == [
         f"float32: {profile.peak_flops.float32 / 1e9:.4g}",
@@ -216,6 +216,7 @@ def test_convolution_curve_and_op_rates_divide_what_they_time() -> None:
     rates = op_rates(torch.device("cpu"), 4 * 32**4, 0.0, clock)
     moved = {"batch_norm": 2 * 32**4 * 4, "norm": 2 * 32**4 * 4, "max_pool": (32**4 + 32**4 // 4) * 4,
              "avg_pool": (32**4 + 32**4 // 4) * 4}
+    moved |= {k: 2 * 32**4 * 4 for k in OP_KINDS[4:]}  # activations and softmax: as many out as in
     assert rates == tuple((k, float(f"{moved[k] / 1e-3:.4g}"), float(f"{moved[k] / 2e-3:.4g}")) for k in OP_KINDS)
     # On a CPU the dispatch floor comes off each time (at most half of it).
     floored = op_rates(torch.device("cpu"), 4 * 32**4, 4e-4, clock)

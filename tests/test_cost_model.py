@@ -258,6 +258,13 @@ def test_kinds_of_ops_run_no_faster_than_their_measured_rates() -> None:
     assert layer_fwd_bwd_time(layer, fast) == plain == layer_fwd_bwd_time(layer, other)
     # At half the batch the pass moves half the bytes, at the same rate.
     assert layer_fwd_bwd_time(layer, rated, batch_fraction=0.5)[0] == pytest.approx(5e5 / 1e9 + 5e5 / 2e11)
+    # Every kind (a tanh as a max pooling) at its own rate, and only at its own.
+    for i, kind in enumerate(OP_KINDS):
+        marked = replace(layer, passes=((10**6, 1, i + 1), (10**6, 1)))
+        assert layer_fwd_bwd_time(marked, replace(curved, op_rates=((kind, 1e9, 1e10),))) == (
+            pytest.approx(1e6 / 1e9 + 1e6 / 2e11), pytest.approx(1e6 / 1e10 + 2e6 / 2e11)), kind
+        others = tuple((k, 1e9, 1e10) for k in OP_KINDS if k != kind)
+        assert layer_fwd_bwd_time(marked, replace(curved, op_rates=others)) == plain, kind
 
 
 def test_convolutions_run_at_their_curve() -> None:

@@ -208,7 +208,7 @@ def _delete(path: str) -> Any:
         (_set("conv_efficiency", {"1e9": 0.5}), "'conv_efficiency' must be a list of [flops, efficiency] pairs"),
         (_set("op_rates", [["norm", 1e9, 1e9]]), "'op_rates' must map op kinds"),
         (_set("op_rates", {"norm": 1e9}), "'op_rates.norm' must be [forward, backward] bytes per second"),
-        (_set("op_rates", {"softmax": [1e9, 1e9]}), "'op_rates' must name each of batch_norm, norm, max_pool"),
+        (_set("op_rates", {"softmin": [1e9, 1e9]}), "'op_rates' must name each of batch_norm, norm, max_pool"),
         (_set("op_rates", {"norm": [1e9, 0.0]}), "'op_rates.norm.backward' must be finite"),
     ],
 )

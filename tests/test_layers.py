@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from partitioner.ir import INPUT, OUTPUT
@@ -329,11 +330,46 @@ def test_convolutions_and_the_kinds_of_memory_bound_ops_are_kept(frontend: str) 
         ("_batch_norm_with_update", (None, None, None, None, None, 0.1, 1e-5), "batch_norm"),
         ("_batch_norm_no_update", (None, None, None, None, None, 0.1, 1e-5), ""),
         ("relu", (), ""),
-        ("_softmax", (), ""),
+        ("tanh", (), "tanh"),
+        ("tanh_", (), "tanh"),
+        ("exp", (), "exp"),
+        ("expand", (), ""),
+        ("exponential_", (), ""),
+        ("sigmoid_", (), "sigmoid"),
+        ("silu", (), "silu"),
+        ("gelu", (), "gelu"),
+        ("_softmax", (None, -1, False), "softmax"),
+        ("_safe_softmax", (), "softmax"),
+        ("_log_softmax", (), "log_softmax"),
+        ("tanh_backward", (), ""),
     ],
 )
 def test_op_kinds_by_name(name: str, args: tuple[Any, ...], kind: str) -> None:
     assert op_kind(name, args) == kind
+
+
+def test_a_gelu_approximated_with_tanh_is_its_own_kind() -> None:
+    """``gelu``'s ``approximate`` is keyword-only in ATen; either way it decides the kind."""
+    assert op_kind("gelu", (None,), {"approximate": "tanh"}) == op_kind("gelu_", (None, "tanh")) == "gelu_tanh"
+    assert op_kind("gelu", (None,), {"approximate": "none"}) == op_kind("gelu", (None,)) == "gelu"
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_activations_and_softmax_are_marked_with_their_kinds(frontend: str) -> None:
+    """GPT-2's GELU written out (``tanh`` among multiplies and a power), a SiLU, a GELU of
+    each form and a softmax: each of those nodes' passes carries its kind, the multiplies,
+    adds and the power none."""
+
+    class Activations(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = 0.5 * x * (1.0 + torch.tanh(0.79788 * (x + 0.044715 * torch.pow(x, 3.0))))
+            x = F.gelu(F.gelu(F.silu(x)), approximate="tanh")
+            return torch.softmax(x, dim=-1)
+
+    layers = group(Activations(), (torch.randn(4, 8),), {}, frontend=frontend, granularity="leaf").layered.graph.layers
+    kinds = [OP_KINDS[p[2] - 1] for layer in layers for p in layer.passes if len(p) == 3 and p[2]]
+    assert sorted(kinds) == sorted(["tanh", "silu", "gelu", "gelu_tanh", "softmax"]), kinds
+    assert sum(count for layer in layers for _, count, *kind in layer.passes if not kind or not kind[0]) >= 5
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
