@@ -24,8 +24,10 @@ What is measured, and how (each figure is the median of repeated timings after w
 - element-wise bandwidth by size (`DeviceProfile.memory_curve`): out-of-place ReLUs of
   16 KiB and up, timed as layers are (fresh inputs, outputs allocated), as fractions of the
   memory bandwidth (above 1 from caches; far below where large outputs map fresh pages);
-- convolution efficiency by size and the rates of batch norms, layer norms, pooling, activations and softmax
-  (`DeviceProfile.conv_efficiency`, `DeviceProfile.op_rates`): `partitioner.calibrate_ops`.
+- convolution and attention efficiency by size and the rates of batch norms, layer norms,
+  pooling, activations and softmax (`DeviceProfile.conv_efficiency`,
+  `DeviceProfile.attention_efficiency`, `DeviceProfile.causal_attention_efficiency`,
+  `DeviceProfile.op_rates`): `partitioner.calibrate_ops`.
 
 The figures are sustained rates, so the profile's efficiency factors are 1.0. On CPU the
 measurement runs with ``threads`` torch threads (1 by default, as layer profiling does) and
@@ -48,7 +50,15 @@ from pathlib import Path
 
 import torch
 
-from partitioner.calibrate_ops import CONV_SHAPES_NOTE, conv_curve, fp32_precision, op_rates, without_floor
+from partitioner.calibrate_ops import (
+    ATTENTION_SHAPES_NOTE,
+    CONV_SHAPES_NOTE,
+    attention_curves,
+    conv_curve,
+    fp32_precision,
+    op_rates,
+    without_floor,
+)
 from partitioner.device_detection import system_memory_bytes
 from partitioner.devices import DTYPES, PROFILE_NAME_RE, DeviceProfile, Link, PeakFlops
 from partitioner.dtypes import torch_dtype
@@ -517,6 +527,10 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
     say(f"convolution efficiency by size: {fastest} 3x3 convolutions")
     convs = conv_curve(dev, fastest, peaks[fastest], launch, time_call)
     say("convolution efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%}" for x, y in convs))
+    say(f"attention efficiency by size: {fastest} scaled_dot_product_attention, full and causal")
+    attention, causal = attention_curves(dev, fastest, peaks[fastest], launch, time_call)
+    say("attention efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%} / {c:.0%}"
+                                             for (x, y), (_, c) in zip(attention, causal, strict=True)))
     say("op rates: batch norm, layer norm, pooling, activations, softmax")
     # Twelve kinds, three timings each: half the sampling time of the other figures.
     rates = op_rates(dev, budget.copy_bytes // 16, launch,
@@ -548,6 +562,8 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
             + f"; element-wise bandwidth by size from out-of-place ReLUs of 16 KiB to "
             + f"{max(s for s in _PASS_SIZES if s <= budget.copy_bytes) >> 20} MiB on fresh inputs"
             + f"; convolution efficiency from 3x3 {fastest} convolutions ({CONV_SHAPES_NOTE}) against the peak"
+            + f"; attention efficiency, full and causal, from {fastest} scaled_dot_product_attention "
+            f"({ATTENTION_SHAPES_NOTE}) against the peak"
             + f"; op rates from one op of each kind on {budget.copy_bytes >> 24} MiB"
             + f"; sustained figures, efficiencies 1.0{not_measured}"
         ),
@@ -557,6 +573,8 @@ def _measure(dev: torch.device, dtypes: list[str], quick: bool, name: str, say: 
         gemm_narrow=narrow,
         memory_curve=memory_curve,
         conv_efficiency=convs,
+        attention_efficiency=attention,
+        causal_attention_efficiency=causal,
         op_rates=rates,
         calibrated=True,
     )

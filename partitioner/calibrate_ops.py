@@ -1,11 +1,16 @@
 """Calibration of the kernels a matmul and an element-wise op do not stand for: convolutions,
-batch norms, layer norms, pooling, and the transcendental functions of activations and
-softmax (`DeviceProfile.conv_efficiency`, `DeviceProfile.op_rates`).
+fused attention, batch norms, layer norms, pooling, and the transcendental functions of activations and
+softmax (`DeviceProfile.conv_efficiency`, `DeviceProfile.attention_efficiency`,
+`DeviceProfile.causal_attention_efficiency`, `DeviceProfile.op_rates`).
 
 - convolution efficiency by size: 3x3 convolutions (stride 1, padding 1) of a fixed batch
   and image, channels in = channels out doubled from 8 (`_CONV_SHAPES`), in the profile's
   fastest dtype, each as a fraction of the peak matmul rate (a convolution of few channels
   vectorises poorly, far below a matmul of its FLOPs);
+- attention efficiency by size: ``scaled_dot_product_attention`` of a fixed batch, heads
+  and head size, sequences doubled (`_ATTENTION_SHAPES`), full and causal, in the profile's
+  fastest dtype, each as a fraction of the peak matmul rate (a short sequence keeps a tiled
+  kernel far below a matmul of its FLOPs; a causal one skips the masked half);
 - op rates: one op of each kind of `OP_KINDS` on an input of about a sixteenth of the
   bandwidth copy (`_op_cases`: a batch norm computing batch statistics, a layer norm over
   1,024 features, a 3x3 max pooling of stride 2, a 2x2 average pooling; each activation
@@ -29,7 +34,8 @@ import torch.nn.functional as F
 from partitioner.devices import OP_KINDS
 from partitioner.dtypes import torch_dtype
 
-__all__ = ["conv_curve", "op_rates", "fp32_precision", "without_floor", "CONV_SHAPES_NOTE"]
+__all__ = ["conv_curve", "attention_curves", "op_rates", "fp32_precision", "without_floor", "CONV_SHAPES_NOTE",
+           "ATTENTION_SHAPES_NOTE"]
 
 Timer = Callable[[Callable[[], object]], float]
 """Median seconds of one call of a function (`partitioner.calibrate`'s timing)."""
@@ -86,6 +92,38 @@ def conv_curve(
                 return ()
             points.append((float(flops), min(1.0, max(1e-3, round(flops / seconds / rate, 4)))))
     return tuple(points)
+
+
+_ATTENTION_SHAPES = {"cpu": (2, 4, 64, (32, 64, 128, 256, 512)), "cuda": (4, 16, 128, (256, 512, 1024, 2048, 4096))}
+"""Device type -> (batch, heads, head size, sequence lengths) of `attention_curves`' attention."""
+ATTENTION_SHAPES_NOTE = "; ".join(
+    f"{kind}: batch {b}, {h} heads of {d}, sequences of {', '.join(map(str, t))}"
+    for kind, (b, h, d, t) in _ATTENTION_SHAPES.items()
+)
+
+
+def attention_curves(
+    device: torch.device, dtype: str, rate: float, launch_s: float, timer: Timer
+) -> tuple[tuple[tuple[float, float], ...], tuple[tuple[float, float], ...]]:
+    """(full, causal) (FLOPs, fraction of `rate`) points of `_ATTENTION_SHAPES`'
+    ``scaled_dot_product_attention`` in `dtype` (self-attention, sequences increasing), the
+    FLOPs as torch counts them (``4 x batch x heads x sequence^2 x head size``, a causal one's
+    too); both empty where the device has no attention kernel in `dtype` (it raises)."""
+    batch, heads, size, lengths = _ATTENTION_SHAPES["cuda" if device.type == "cuda" else "cpu"]
+    full: list[tuple[float, float]] = []
+    causal: list[tuple[float, float]] = []
+    with torch.no_grad():
+        for t in lengths:
+            q, k, v = (torch.randn(batch, heads, t, size, device=device).to(torch_dtype(dtype)) for _ in range(3))
+            flops = 4 * batch * heads * t * t * size
+            try:
+                for points, is_causal, cap in ((full, False, 1.0), (causal, True, 2.0)):
+                    call = partial(F.scaled_dot_product_attention, q, k, v, is_causal=is_causal)
+                    seconds = without_floor(timer(call), device, launch_s)
+                    points.append((float(flops), min(cap, max(1e-3, round(flops / seconds / rate, 4)))))
+            except RuntimeError:  # no kernel for this dtype here: attention priced as matmuls
+                return (), ()
+    return tuple(full), tuple(causal)
 
 
 def _op_cases(elements: int, device: torch.device) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]:

@@ -163,10 +163,26 @@ def _log_interpolated(points: Sequence[tuple[float, float]], x: float) -> float:
     return points[-1][1]
 
 
+def _own_curves(layer: Layer, profile: DeviceProfile) -> dict[int, list[tuple[Sequence[tuple[float, float]], list[int]]]]:
+    """FLOPs of one op -> (the profile's curve for it, [how many such ops]) for `layer`'s
+    convolutions and fused attention where the profile has their curve (causal attention
+    on `causal_attention_efficiency`, else on `attention_efficiency`)."""
+    out: dict[int, list[tuple[Sequence[tuple[float, float]], list[int]]]] = {}
+    if profile.conv_efficiency:
+        for flops, count in layer.convs:
+            out.setdefault(flops, []).append((profile.conv_efficiency, [count]))
+    for flops, count, causal in layer.attention:
+        curve = (causal and profile.causal_attention_efficiency) or profile.attention_efficiency
+        if curve:
+            out.setdefault(flops, []).append((curve, [count]))
+    return out
+
+
 def _matmul_s(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: float) -> float:
     """Compute seconds of the forward's FLOPs, each matmul at its size's efficiency and its
     sides' (`narrow_efficiency`), the lesser; a convolution at its size's
-    `DeviceProfile.conv_efficiency` where the profile has that curve.
+    `DeviceProfile.conv_efficiency`, a fused attention at its `attention_efficiency`
+    (`causal_attention_efficiency`), where the profile has that curve.
 
     A matmul of ``g`` FLOPs at a fraction of the batch does ``g x fraction`` (its rows
     shrink, and so does its side m, the traced batch's rows); FLOPs the layer does not
@@ -175,20 +191,21 @@ def _matmul_s(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: 
     peak = profile.peak_flops_for(dtype)
     itemised = 0
     seconds = 0.0
-    # Convolutions are entries of `gemms` too (sides unknown): those `convs` counts run at
-    # the profile's convolution curve where it has one.
-    convs = dict(layer.convs) if profile.conv_efficiency else {}
+    # Convolutions and fused attention are entries of `gemms` too (sides unknown): those
+    # `convs` and `attention` count run at the profile's curve for them where it has one.
+    kernels = _own_curves(layer, profile)
     for flops, count, *sides in layer.gemms:
         scaled = flops * batch_fraction
-        # A convolution's sides are unknown (0, 0, 0): a matmul of as many FLOPs is not one.
-        as_conv = min(count, convs.get(flops, 0)) if not any(sides) else 0
-        if as_conv:
-            convs[flops] -= as_conv
-            seconds += as_conv * scaled / (peak * _log_interpolated(profile.conv_efficiency, scaled))
-            itemised += flops * as_conv
-            count -= as_conv
-            if not count:
-                continue
+        # Their sides are unknown (0, 0, 0): a matmul of as many FLOPs is not one of them.
+        for curve, left in (kernels.get(flops, []) if not any(sides) else []):
+            taken = min(count, left[0])
+            if taken:
+                left[0] -= taken
+                seconds += taken * scaled / (peak * _log_interpolated(curve, scaled))
+                itemised += flops * taken
+                count -= taken
+        if not count:
+            continue
         efficiency = gemm_efficiency(profile, scaled)
         if len(sides) == 3 and profile.gemm_narrow:
             m, n, k = sides

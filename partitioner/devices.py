@@ -175,6 +175,16 @@ class DeviceProfile:
     as `gemm_efficiency` for matmuls: a convolution runs its own kernels (direct, Winograd,
     implicit GEMM), often far below a matmul of its FLOPs (few channels vectorise poorly).
     Empty: convolutions are priced as matmuls of their FLOPs."""
+    attention_efficiency: tuple[tuple[float, float], ...] = ()
+    """(FLOPs of one fused attention, achieved fraction of `peak_flops`) points, FLOPs
+    increasing, as `gemm_efficiency`: ``scaled_dot_product_attention``'s kernels (flash,
+    memory-efficient; a CPU's) run their two matmuls in tiles with a softmax between, often
+    far below a matmul of their FLOPs at short sequences. Empty: attention is priced as
+    matmuls of its FLOPs."""
+    causal_attention_efficiency: tuple[tuple[float, float], ...] = ()
+    """The same for causal attention (``is_causal``), its FLOPs counted as torch counts them
+    (whole, though a kernel skips the masked half): up to 2 at long sequences. Empty: causal
+    attention is priced as `attention_efficiency` says."""
     op_rates: tuple[tuple[str, float, float], ...] = ()
     """(op kind, forward bytes per second, backward bytes per second) triples, kinds of
     `OP_KINDS` in that order: the sustained rates of an op of that kind, measured, by the
@@ -344,6 +354,8 @@ def _validate_profile(p: DeviceProfile) -> None:
     _check_narrow_curves(p.gemm_narrow)
     _check_memory_curve(p.memory_curve)
     _check_curve("conv_efficiency", p.conv_efficiency, ("flops", "efficiency"), _MAX_FLOPS, 1.0)
+    _check_curve("attention_efficiency", p.attention_efficiency, ("flops", "efficiency"), _MAX_FLOPS, 1.0)
+    _check_curve("causal_attention_efficiency", p.causal_attention_efficiency, ("flops", "efficiency"), _MAX_FLOPS, 2.0)
     _check_op_rates(p.op_rates)
     if not isinstance(p.calibrated, bool):
         raise FieldError("calibrated", "must be true or false", p.calibrated)

@@ -70,10 +70,30 @@ def json_object(where: str, key: str, value: object, required: set[str], optiona
 
 _LINK_KEYS = {f.name for f in fields(Link)}
 _OPTIONAL_PROFILE_KEYS = {"launch_s", "module_call_s", "gemm_efficiency", "gemm_narrow", "memory_curve",
-                          "conv_efficiency", "op_rates", "calibrated"}
+                          "conv_efficiency", "attention_efficiency", "causal_attention_efficiency", "op_rates",
+                          "calibrated"}
 """Keys added after the first schema: a profile without them still loads (their defaults)."""
 _PROFILE_KEYS = {f.name for f in fields(DeviceProfile)} - _OPTIONAL_PROFILE_KEYS
 _CALIBRATE_SOURCE = "partitioner.calibrate.measure_device"
+
+
+_CURVES = {
+    "gemm_efficiency": "[flops, efficiency] pairs",
+    "gemm_narrow": "[axis, size, efficiency] triples",
+    "memory_curve": "[bytes, fraction] pairs",
+    "conv_efficiency": "[flops, efficiency] pairs",
+    "attention_efficiency": "[flops, efficiency] pairs",
+    "causal_attention_efficiency": "[flops, efficiency] pairs",
+}
+"""The profile's keys that are lists of points, and what each point is."""
+
+
+def _points(top: dict[str, Any], key: str, what: str, where: str) -> tuple[Any, ...]:
+    """The list under `key` (empty when absent) as a tuple of tuples; the profile checks the points."""
+    points = top.get(key, [])
+    if not isinstance(points, list):
+        raise ProfileError(f"{where}: key {key!r} must be a list of {what} (got {points!r:.80})")
+    return tuple(tuple(p) if isinstance(p, list) else p for p in points)
 
 
 def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
@@ -97,26 +117,7 @@ def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
             continue
         link = json_object(where, key, raw, _LINK_KEYS, set())
         links[key] = Link(**link)
-    curve = top.get("gemm_efficiency", [])
-    if not isinstance(curve, list):
-        raise ProfileError(
-            f"{where}: key 'gemm_efficiency' must be a list of [flops, efficiency] pairs (got {curve!r:.80})"
-        )
-    narrow = top.get("gemm_narrow", [])
-    if not isinstance(narrow, list):
-        raise ProfileError(
-            f"{where}: key 'gemm_narrow' must be a list of [axis, size, efficiency] triples (got {narrow!r:.80})"
-        )
-    memory = top.get("memory_curve", [])
-    if not isinstance(memory, list):
-        raise ProfileError(
-            f"{where}: key 'memory_curve' must be a list of [bytes, fraction] pairs (got {memory!r:.80})"
-        )
-    conv = top.get("conv_efficiency", [])
-    if not isinstance(conv, list):
-        raise ProfileError(
-            f"{where}: key 'conv_efficiency' must be a list of [flops, efficiency] pairs (got {conv!r:.80})"
-        )
+    curves = {key: _points(top, key, what, where) for key, what in _CURVES.items()}
     rates = top.get("op_rates", {})
     if not isinstance(rates, dict):
         raise ProfileError(
@@ -144,10 +145,7 @@ def profile_from_dict(data: object, where: str = "<profile>") -> DeviceProfile:
             source=top["source"],
             launch_s=top.get("launch_s", 0.0),
             module_call_s=top.get("module_call_s", 0.0),
-            gemm_efficiency=tuple(tuple(p) if isinstance(p, list) else p for p in curve),
-            gemm_narrow=tuple(tuple(p) if isinstance(p, list) else p for p in narrow),
-            memory_curve=tuple(tuple(p) if isinstance(p, list) else p for p in memory),
-            conv_efficiency=tuple(tuple(p) if isinstance(p, list) else p for p in conv),
+            **curves,
             # Kinds in OP_KINDS order (a file may list them in any); an unknown kind is kept
             # last, for the profile's check to name it.
             op_rates=tuple(
@@ -209,14 +207,9 @@ def profile_to_json(profile: DeviceProfile) -> str:
         data["launch_s"] = profile.launch_s
     if profile.module_call_s:
         data["module_call_s"] = profile.module_call_s
-    if profile.gemm_efficiency:
-        data["gemm_efficiency"] = [list(p) for p in profile.gemm_efficiency]
-    if profile.gemm_narrow:
-        data["gemm_narrow"] = [list(p) for p in profile.gemm_narrow]
-    if profile.memory_curve:
-        data["memory_curve"] = [list(p) for p in profile.memory_curve]
-    if profile.conv_efficiency:
-        data["conv_efficiency"] = [list(p) for p in profile.conv_efficiency]
+    for key in _CURVES:
+        if points := getattr(profile, key):
+            data[key] = [list(p) for p in points]
     if profile.op_rates:
         data["op_rates"] = {kind: [forward, backward] for kind, forward, backward in profile.op_rates}
     if profile.calibrated:

@@ -148,6 +148,9 @@ class NodeStats:
     """Of `unread_bytes`, those of tables that require grad: a backward writes their gradient."""
     conv_flops: tuple[int, ...] = ()
     """Of `gemm_flops`, those of convolutions (priced by `DeviceProfile.conv_efficiency`)."""
+    attention_flops: tuple[tuple[int, bool], ...] = ()
+    """Of `gemm_flops`, those of fused attention kernels (``scaled_dot_product_attention``'s),
+    each with whether it is causal (``is_causal``: a kernel skips the masked half)."""
     kind: str = ""
     """The kind of the first op it ran that a profile prices apart (`op_kind`: ``batch_norm``,
     ``norm``, ``tanh``, ``softmax``, ...); ``""`` for none."""
@@ -190,6 +193,7 @@ class _OpCounter(TorchDispatchMode):
         self.unread = 0
         self.table_grad = 0
         self.conv_flops: list[int] = []
+        self.attention_flops: list[tuple[int, bool]] = []
         self.kind = ""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -202,6 +206,8 @@ class _OpCounter(TorchDispatchMode):
             self.bwd_flops += _backward_flops(func, int(flops), args) if self.grads else BACKWARD_FLOP_FACTOR * int(flops)
             if "conv" in func._overloadpacket.__name__:
                 self.conv_flops.append(int(flops))
+            elif "attention" in func._overloadpacket.__name__:
+                self.attention_flops.append((int(flops), _is_causal(func, args, kwargs)))
         self.kind = self.kind or op_kind(func._overloadpacket.__name__, args, kwargs)
         if _launches_kernel(func, out):
             self.kernels += 1
@@ -223,6 +229,15 @@ _MULTIPLIED = {
 }
 """Positions of the multiplied operands of the FLOP-counting ops (an added bias or mask is
 summed in a backward, not multiplied)."""
+
+
+def _is_causal(func: Any, args: Any, kwargs: Any) -> bool:
+    """Whether the attention op `func` was called with ``is_causal`` true (by its schema's
+    argument name: the position differs between the fused kernels)."""
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.name == "is_causal":
+            return bool(args[i]) if i < len(args) else bool((kwargs or {}).get("is_causal", False))
+    return False
 
 
 def _gemm_shape(func: Any, args: Any, out: Any) -> tuple[int, int, int]:
@@ -326,6 +341,7 @@ class _StatsInterpreter(fx.Interpreter):
             unread_bytes=min(ops.unread, max(0, traffic - value_bytes)),
             table_grad_bytes=min(ops.table_grad, ops.unread, max(0, traffic - value_bytes)),
             conv_flops=tuple(ops.conv_flops),
+            attention_flops=tuple(ops.attention_flops),
             kind=ops.kind,
             shape=tuple(int(d) for d in out.shape) if isinstance(out, torch.Tensor) else (),
         )

@@ -12,7 +12,7 @@ import torch
 
 from partitioner import calibrate
 from partitioner.calibrate import default_profile_name, measure_device, write_profile
-from partitioner.calibrate_ops import conv_curve, fp32_precision, op_rates
+from partitioner.calibrate_ops import attention_curves, conv_curve, fp32_precision, op_rates
 from partitioner.devices import OP_KINDS, DeviceProfile, load_profile, resolve_devices
 from partitioner.errors import DeviceError
 
@@ -73,6 +73,10 @@ def test_launch_floor_and_matmul_curve_are_measured(measured: tuple[DeviceProfil
     flops = [x for x, _ in profile.conv_efficiency]
     assert flops == [2 * 8 * 16 * 16 * c * c * 9 for c in (8, 16, 32, 64, 128)]
     assert all(0 < y <= 1 for _, y in profile.conv_efficiency) and "convolution efficiency" in profile.source
+    flops = [4 * 2 * 4 * t * t * 64 for t in (32, 64, 128, 256, 512)]
+    assert [x for x, _ in profile.attention_efficiency] == [x for x, _ in profile.causal_attention_efficiency] == flops
+    assert all(0 < y <= 1 for _, y in profile.attention_efficiency) and "attention efficiency" in profile.source
+    assert all(0 < y <= 2 for _, y in profile.causal_attention_efficiency)
     assert [kind for kind, *_ in profile.op_rates] == list(OP_KINDS) and "op rates" in profile.source
     assert all(1e6 <= rate < 1e13 for _, *rates in profile.op_rates for rate in rates)
 
@@ -94,6 +98,8 @@ def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]
         f"matmul efficiency by a narrow side: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)}",
         "element-wise bandwidth by size: out-of-place ReLUs",
         f"convolution efficiency by size: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)} 3x3 convolutions",
+        f"attention efficiency by size: {max(('float32', 'bfloat16'), key=profile.peak_flops_for)} "
+        "scaled_dot_product_attention, full and causal",
         "op rates: batch norm, layer norm, pooling, activations, softmax",
     ]
     assert [line.split(" GFLOP/s")[0] for line in figures] == [
@@ -105,6 +111,8 @@ def test_the_measurement_reports_each_step(measured: tuple[DeviceProfile, float]
         "narrow sides: " + ", ".join(f"{a}={d:g} {y:.0%}" for a, d, y in profile.gemm_narrow),
         "element-wise bandwidth: " + ", ".join(f"{x / 2**20:.3g} MiB {y:.0%}" for x, y in profile.memory_curve),
         "convolution efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%}" for x, y in profile.conv_efficiency),
+        "attention efficiency: " + ", ".join(f"{x:.3g} FLOPs {y:.0%} / {c:.0%}" for (x, y), (_, c)
+                                             in zip(profile.attention_efficiency, profile.causal_attention_efficiency)),
         "op rates, forward / backward: " + ", ".join(f"{k} {f / 1e9:.3g} / {b / 1e9:.3g} GB/s"
                                                      for k, f, b in profile.op_rates),
     ]
@@ -183,6 +191,16 @@ def test_bad_requests(device: str, dtypes: tuple[str, ...], expected: str) -> No
         measure_device(device, dtypes=dtypes, quick=True)
 
 
+def test_a_device_without_attention_in_its_dtype_gets_no_curve() -> None:
+    """Where ``scaled_dot_product_attention`` raises for the dtype, both curves are empty
+    (attention priced as matmuls), as a convolution curve is."""
+
+    def clock(fn: object) -> float:
+        raise RuntimeError("no kernel for this dtype")
+
+    assert attention_curves(torch.device("cpu"), "float32", 1e12, 0.0, clock) == ((), ())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_absent_cuda_is_refused() -> None:
     with pytest.raises(DeviceError, match="this machine has 0 CUDA device"):
@@ -201,7 +219,7 @@ def test_quick_cuda_profile() -> None:
 
 def test_convolution_curve_and_op_rates_divide_what_they_time() -> None:
     """`calibrate_ops` on a clock that says 1 ms a call: each convolution's FLOPs over 1 ms
-    as a fraction of the peak; each op's forward bytes (input and output) per millisecond,
+    as a fraction of the peak, each attention's over its time (full, causal); each op's forward bytes (input and output) per millisecond,
     and per the backward's time (timed with autograd, less the forward with it)."""
     seconds = iter(())
 
@@ -211,6 +229,12 @@ def test_convolution_curve_and_op_rates_divide_what_they_time() -> None:
 
     curve = conv_curve(torch.device("cpu"), "float32", 1e12, 0.0, clock)
     assert curve == tuple((float(f), round(f / 1e-3 / 1e12, 4)) for f in (2 * 8 * 256 * c * c * 9 for c in (8, 16, 32, 64, 128)))
+    # Attention: full 1 ms, causal 0.5 ms at each length (the causal one at twice the rate).
+    seconds = iter([1e-3, 5e-4] * 5)
+    full, causal = attention_curves(torch.device("cpu"), "float32", 1e12, 0.0, clock)
+    flops = [float(4 * 2 * 4 * t * t * 64) for t in (32, 64, 128, 256, 512)]
+    assert full == tuple((f, round(f / 1e-3 / 1e12, 4)) for f in flops)
+    assert causal == tuple((f, round(f / 5e-4 / 1e12, 4)) for f in flops)
     # Forward 1 ms, forward with autograd 1 ms, forward and backward 3 ms: the backward took 2 ms.
     seconds = iter([1e-3, 1e-3, 3e-3] * len(OP_KINDS))
     rates = op_rates(torch.device("cpu"), 4 * 32**4, 0.0, clock)

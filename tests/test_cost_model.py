@@ -267,6 +267,24 @@ def test_kinds_of_ops_run_no_faster_than_their_measured_rates() -> None:
         assert layer_fwd_bwd_time(marked, replace(curved, op_rates=others)) == plain, kind
 
 
+def test_fused_attention_runs_at_its_curve() -> None:
+    """A causal and a full attention of 1e9 FLOPs and a matmul of as many: with both
+    attention curves each attention at its own (causal 1.2, full 0.4), the matmul at the
+    flat efficiency; without the causal curve the causal one at the full one's; without
+    either, all three as matmuls."""
+    layer = Layer(index=0, name="attention", fwd_flops=3 * 10**9, gemms=((10**9, 3),), attention=((10**9, 1, 1), (10**9, 1, 0)))
+    both = replace(TOY, attention_efficiency=((1e6, 0.1), (1e9, 0.4)), causal_attention_efficiency=((1e9, 1.2),))
+    peak, flat = 1e12, TOY.compute_efficiency
+    assert layer_time(layer, both, INFER) == pytest.approx(1e9 / (peak * 1.2) + 1e9 / (peak * 0.4) + 1e9 / (peak * flat))
+    full_only = replace(both, causal_attention_efficiency=())
+    assert layer_time(layer, full_only, INFER) == pytest.approx(2e9 / (peak * 0.4) + 1e9 / (peak * flat))
+    assert layer_time(layer, TOY, INFER) == pytest.approx(3e9 / (peak * flat))
+    # Its backward keeps the forward's efficiency (twice the FLOPs each).
+    trained = replace(layer, bwd_flops=6 * 10**9)
+    fwd, bwd = layer_fwd_bwd_time(trained, both)
+    assert bwd == pytest.approx(2 * fwd)
+
+
 def test_convolutions_run_at_their_curve() -> None:
     """Two convolutions and a matmul of 1e9 FLOPs each: with a convolution curve (0.25 at 1e9
     FLOPs) the convolutions run at a quarter of the peak, the matmul at its own efficiency;

@@ -206,6 +206,10 @@ def _delete(path: str) -> Any:
         (_set("memory_curve", [[1e6, 2.0], [1e6, 1.0]]), "'memory_curve[1][0]' must be larger than the point"),
         (_set("conv_efficiency", [[1e9, 1.5]]), "'conv_efficiency[0][1]' must be finite and in [0.001, 1]"),
         (_set("conv_efficiency", {"1e9": 0.5}), "'conv_efficiency' must be a list of [flops, efficiency] pairs"),
+        (_set("attention_efficiency", [[1e9, 1.5]]), "'attention_efficiency[0][1]' must be finite and in [0.001, 1]"),
+        (_set("causal_attention_efficiency", [[1e9, 2.5]]),
+         "'causal_attention_efficiency[0][1]' must be finite and in [0.001, 2]"),
+        (_set("attention_efficiency", 0.5), "'attention_efficiency' must be a list of [flops, efficiency] pairs"),
         (_set("op_rates", [["norm", 1e9, 1e9]]), "'op_rates' must map op kinds"),
         (_set("op_rates", {"norm": 1e9}), "'op_rates.norm' must be [forward, backward] bytes per second"),
         (_set("op_rates", {"softmin": [1e9, 1e9]}), "'op_rates' must name each of batch_norm, norm, max_pool"),
@@ -259,10 +263,14 @@ def test_launch_floor_and_gemm_curve_round_trip(tmp_path: Path) -> None:
     assert load_profile(path) == profile
     # Op rates in any order in the file, in OP_KINDS order in the profile.
     kernels = data | {"conv_efficiency": [[2e6, 0.3], [6e8, 1.0]],
+                      "attention_efficiency": [[2e6, 0.45], [5e8, 0.6]],
+                      "causal_attention_efficiency": [[2e6, 0.4], [5e8, 1.3]],
                       "op_rates": {"max_pool": [6e8, 1e10], "batch_norm": [4e9, 9e9]}}
     path.write_text(json.dumps(kernels))
     profile = load_profile(path)
     assert profile.conv_efficiency == ((2e6, 0.3), (6e8, 1.0))
+    assert profile.attention_efficiency == ((2e6, 0.45), (5e8, 0.6))
+    assert profile.causal_attention_efficiency == ((2e6, 0.4), (5e8, 1.3))
     assert profile.op_rates == (("batch_norm", 4e9, 9e9), ("max_pool", 6e8, 1e10))
     path.write_text(profile_to_json(profile))
     assert load_profile(path) == profile

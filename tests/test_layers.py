@@ -355,6 +355,29 @@ def test_a_gelu_approximated_with_tanh_is_its_own_kind() -> None:
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_fused_attention_is_kept_with_its_mask(frontend: str) -> None:
+    """Three attentions of 2 x 4 heads x 16 tokens x 8: causal, full, and with a mask tensor
+    (full work: the kernel computes every block); each among the FLOP-counting ops and kept
+    in `Layer.attention` with whether it is causal."""
+
+    class Attentions(nn.Module):
+        def forward(self, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            x = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+            x = F.scaled_dot_product_attention(x, x, x)
+            return F.scaled_dot_product_attention(x, x, x, attn_mask=mask)
+
+    q, mask = torch.randn(2, 4, 16, 8), torch.ones(16, 16, dtype=torch.bool).tril()
+    layers = group(Attentions(), (q, mask), {}, frontend=frontend, granularity="leaf").layered.graph.layers
+    flops = 4 * 2 * 4 * 16 * 16 * 8
+    kept: Counter[tuple[int, int]] = Counter()
+    for layer in layers:
+        for g, count, causal in layer.attention:
+            kept[(g, causal)] += count
+    assert kept == {(flops, 1): 1, (flops, 0): 2}
+    assert sum(g[1] for layer in layers for g in layer.gemms if g[0] == flops) == 3
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_activations_and_softmax_are_marked_with_their_kinds(frontend: str) -> None:
     """GPT-2's GELU written out (``tanh`` among multiplies and a power), a SiLU, a GELU of
     each form and a softmax: each of those nodes' passes carries its kind, the multiplies,
