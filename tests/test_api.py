@@ -39,13 +39,15 @@ def _run_partitioned(case: ZooCase, pm: partitioner.PartitionedModule, args: tup
     return plain, grads
 
 
-def _assert_same(out: Any, grads: dict[str, torch.Tensor], ref_out: Any, ref_grads: dict[str, torch.Tensor]) -> None:
-    """Outputs and gradients of the split module equal the original's."""
+def _assert_same(
+    out: Any, grads: dict[str, torch.Tensor], ref_out: Any, ref_grads: dict[str, torch.Tensor], **tolerance: float
+) -> None:
+    """Outputs and gradients of the split module equal the original's (`tolerance`: assert_close's)."""
     for a, b in zip(out, ref_out, strict=True):
         torch.testing.assert_close(a, b)
     assert set(grads) == set(ref_grads)
     for k in ref_grads:
-        torch.testing.assert_close(grads[k], ref_grads[k], msg=lambda m: f"grad of {k}: {m}")
+        torch.testing.assert_close(grads[k], ref_grads[k], msg=lambda m: f"grad of {k}: {m}", **tolerance)
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -514,7 +516,10 @@ def _assert_copies_match(case: ZooCase, model: nn.Module, pm: partitioner.Partit
     ref_out, ref_grads = _reference(case, model, args, kwargs)
     out, _ = _run_partitioned(case, pm, args, kwargs)
     grads = {n: to_plain(pm.module.module.get_parameter(n).grad) for n in ref_grads}
-    _assert_same(out, grads, ref_out, ref_grads)
+    # Each copy's gradients are summed over its part of the batch, then averaged: another
+    # order of the same sums (on an AVX2 CPU, T5's gradients moved by up to 1.1e-5 of their
+    # size, past float32's default rtol of 1.3e-6), the tolerance test_split_layers gives it.
+    _assert_same(out, grads, ref_out, ref_grads, rtol=1e-5, atol=1e-4)
 
 
 def test_a_batch_smaller_than_the_devices_runs_on_copies_of_a_split() -> None:
