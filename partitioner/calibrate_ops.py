@@ -105,22 +105,24 @@ ATTENTION_SHAPES_NOTE = "; ".join(
 def attention_curves(
     device: torch.device, dtype: str, rate: float, launch_s: float, timer: Timer
 ) -> tuple[tuple[tuple[float, float], ...], tuple[tuple[float, float], ...]]:
-    """(full, causal) (FLOPs, fraction of `rate`) points of `_ATTENTION_SHAPES`'
-    ``scaled_dot_product_attention`` in `dtype` (self-attention, sequences increasing), the
-    FLOPs as torch counts them (``4 x batch x heads x sequence^2 x head size``, a causal one's
-    too); both empty where the device has no attention kernel in `dtype` (it raises)."""
+    """(full, causal) (FLOPs per sample and head, fraction of `rate`) points of
+    `_ATTENTION_SHAPES`' ``scaled_dot_product_attention`` in `dtype` (self-attention,
+    sequences increasing), the FLOPs as torch counts them (``4 x sequence^2 x head size``
+    per sample and head, a causal one's too); both empty where the device has no attention
+    kernel in `dtype` (it raises)."""
     batch, heads, size, lengths = _ATTENTION_SHAPES["cuda" if device.type == "cuda" else "cpu"]
     full: list[tuple[float, float]] = []
     causal: list[tuple[float, float]] = []
     with torch.no_grad():
         for t in lengths:
             q, k, v = (torch.randn(batch, heads, t, size, device=device).to(torch_dtype(dtype)) for _ in range(3))
-            flops = 4 * batch * heads * t * t * size
+            head = 4 * t * t * size
+            flops = batch * heads * head
             try:
                 for points, is_causal, cap in ((full, False, 1.0), (causal, True, 2.0)):
                     call = partial(F.scaled_dot_product_attention, q, k, v, is_causal=is_causal)
                     seconds = without_floor(timer(call), device, launch_s)
-                    points.append((float(flops), min(cap, max(1e-3, round(flops / seconds / rate, 4)))))
+                    points.append((float(head), min(cap, max(1e-3, round(flops / seconds / rate, 4)))))
             except RuntimeError:  # no kernel for this dtype here: attention priced as matmuls
                 return (), ()
     return tuple(full), tuple(causal)

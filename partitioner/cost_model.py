@@ -8,7 +8,10 @@ FLOPs / peak and bytes / bandwidth, summed over ops):
     matmuls  = max(sum_g flops_g / (peak_flops[dtype] * min(gemm_efficiency(flops_g),
                                                              narrow_efficiency(m_g, n_g, k_g))),
                    matmul bytes / bandwidth)
-    kernels  = matmuls + sum_p pass_bytes_p / (memory_bandwidth * memory_fraction(pass_bytes_p))
+               (a convolution at conv_efficiency(flops_g), an attention at
+                attention_efficiency(its FLOPs per sample and head), where the profile has them)
+    kernels  = matmuls + sum_p max(pass_bytes_p / (memory_bandwidth * memory_fraction(pass_bytes_p)),
+                                   pass_bytes_p / op_rates[kind_p])   (norms, pooling, activations)
     host     = launches x launch_s + module calls x module_call_s   (module calls: forward only)
     time     = max(kernels, host)     GPU: launches are asynchronous
                kernels + host          CPU: one thread dispatches and computes
@@ -163,18 +166,22 @@ def _log_interpolated(points: Sequence[tuple[float, float]], x: float) -> float:
     return points[-1][1]
 
 
-def _own_curves(layer: Layer, profile: DeviceProfile) -> dict[int, list[tuple[Sequence[tuple[float, float]], list[int]]]]:
-    """FLOPs of one op -> (the profile's curve for it, [how many such ops]) for `layer`'s
-    convolutions and fused attention where the profile has their curve (causal attention
-    on `causal_attention_efficiency`, else on `attention_efficiency`)."""
-    out: dict[int, list[tuple[Sequence[tuple[float, float]], list[int]]]] = {}
+_Own = dict[int, list[tuple[Sequence[tuple[float, float]], float, list[int]]]]
+"""FLOPs of one op -> (its curve, where to read it (0: at its FLOPs), [how many such ops])."""
+
+
+def _own_curves(layer: Layer, profile: DeviceProfile) -> _Own:
+    """`layer`'s convolutions (read at their FLOPs) and attention (read at their FLOPs per
+    sample and head; causal ones on `causal_attention_efficiency` where the profile has
+    it), where the profile has their curve."""
+    out: _Own = {}
     if profile.conv_efficiency:
         for flops, count in layer.convs:
-            out.setdefault(flops, []).append((profile.conv_efficiency, [count]))
-    for flops, count, causal in layer.attention:
+            out.setdefault(flops, []).append((profile.conv_efficiency, 0.0, [count]))
+    for flops, count, causal, head in layer.attention:
         curve = (causal and profile.causal_attention_efficiency) or profile.attention_efficiency
         if curve:
-            out.setdefault(flops, []).append((curve, [count]))
+            out.setdefault(flops, []).append((curve, float(head), [count]))
     return out
 
 
@@ -197,11 +204,11 @@ def _matmul_s(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: 
     for flops, count, *sides in layer.gemms:
         scaled = flops * batch_fraction
         # Their sides are unknown (0, 0, 0): a matmul of as many FLOPs is not one of them.
-        for curve, left in (kernels.get(flops, []) if not any(sides) else []):
+        for curve, at, left in (kernels.get(flops, []) if not any(sides) else []):
             taken = min(count, left[0])
             if taken:
                 left[0] -= taken
-                seconds += taken * scaled / (peak * _log_interpolated(curve, scaled))
+                seconds += taken * scaled / (peak * _log_interpolated(curve, at or scaled))
                 itemised += flops * taken
                 count -= taken
         if not count:

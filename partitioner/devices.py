@@ -176,11 +176,12 @@ class DeviceProfile:
     implicit GEMM), often far below a matmul of its FLOPs (few channels vectorise poorly).
     Empty: convolutions are priced as matmuls of their FLOPs."""
     attention_efficiency: tuple[tuple[float, float], ...] = ()
-    """(FLOPs of one fused attention, achieved fraction of `peak_flops`) points, FLOPs
-    increasing, as `gemm_efficiency`: ``scaled_dot_product_attention``'s kernels (flash,
-    memory-efficient; a CPU's) run their two matmuls in tiles with a softmax between, often
-    far below a matmul of their FLOPs at short sequences. Empty: attention is priced as
-    matmuls of its FLOPs."""
+    """(FLOPs of one attention per sample and head, ``4 x query length x key length x head
+    size``; achieved fraction of `peak_flops`) points, FLOPs increasing, as
+    `gemm_efficiency`: ``scaled_dot_product_attention``'s kernels (flash, memory-efficient;
+    a CPU's) run their two matmuls in tiles with a softmax between, far below a matmul of
+    their FLOPs at short sequences, and a head's sizes, not the batch, set that. Empty:
+    attention is priced as matmuls of its FLOPs."""
     causal_attention_efficiency: tuple[tuple[float, float], ...] = ()
     """The same for causal attention (``is_causal``), its FLOPs counted as torch counts them
     (whole, though a kernel skips the masked half): up to 2 at long sequences. Empty: causal

@@ -93,10 +93,11 @@ class Layer:
     convs: tuple[tuple[int, int], ...] = ()
     """(FLOPs of one convolution, how many such) of `gemms`, largest first: priced by the
     profile's `DeviceProfile.conv_efficiency` where it has one."""
-    attention: tuple[tuple[int, int, int], ...] = ()
-    """(FLOPs of one fused attention as torch counts them (a causal mask not taken off), how
-    many such, 1 if causal else 0) of `gemms`, largest first: priced by the profile's
-    `DeviceProfile.attention_efficiency` (`causal_attention_efficiency`) where it has one."""
+    attention: tuple[tuple[int, int, int, int], ...] = ()
+    """(FLOPs of one attention as torch counts them (a causal mask not taken off), how many
+    such, 1 if causal else 0, its FLOPs per sample and head) of `gemms`, largest first:
+    priced by the profile's `DeviceProfile.attention_efficiency`
+    (`causal_attention_efficiency`) at its FLOPs per sample and head, where it has one."""
     unread_bytes: int = 0
     """Of `traffic_bytes`, bytes of parameter and buffer tables its lookups (embedding,
     index_select, gather) leave unread in a forward: they read only the rows they pick."""

@@ -341,8 +341,8 @@ class _Totals:
     """(bytes one node without FLOPs moves, its kind: `OP_KINDS` index + 1, 0 for none) -> how many."""
     convs: dict[int, int] = field(default_factory=dict)
     """FLOPs of one convolution -> how many."""
-    attention: dict[tuple[int, int], int] = field(default_factory=dict)
-    """(FLOPs of one fused attention, 1 if causal) -> how many."""
+    attention: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    """(FLOPs of one attention, 1 if causal, its FLOPs per sample and head) -> how many."""
     tp_flops: int = 0
     tp_params: int = 0
     tp_saved: int = 0
@@ -423,8 +423,8 @@ def _layer_records(
                 a.passes[moved] = a.passes.get(moved, 0) + 1
             for g in s.conv_flops:
                 a.convs[g] = a.convs.get(g, 0) + 1
-            for g, causal in s.attention_flops:
-                a.attention[(g, int(causal))] = a.attention.get((g, int(causal)), 0) + 1
+            for g, causal, head in s.attention_flops:
+                a.attention[(g, int(causal), head)] = a.attention.get((g, int(causal), head), 0) + 1
             a.unread += s.unread_bytes
             a.table_grad += s.table_grad_bytes
             a.kernels += s.kernels
@@ -464,7 +464,8 @@ def _layer_records(
                 passes=tuple(sorted(((b, count, kind) if kind else (b, count) for (b, kind), count in a.passes.items()),
                                     reverse=True)),
                 convs=tuple(sorted(a.convs.items(), reverse=True)),
-                attention=tuple(sorted(((g, count, causal) for (g, causal), count in a.attention.items()), reverse=True)),
+                attention=tuple(sorted(((g, count, causal, head) for (g, causal, head), count in a.attention.items()),
+                                       reverse=True)),
                 unread_bytes=a.unread,
                 table_grad_bytes=a.table_grad,
                 tp_flops=a.tp_flops,

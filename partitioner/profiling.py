@@ -36,6 +36,7 @@ can price each at its own size's efficiency.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -83,7 +84,7 @@ _LOOKUPS = frozenset({"embedding", "index_select", "gather", "index", "take_alon
 _NORMS = ("layer_norm", "group_norm", "rms_norm", "instance_norm")
 _FUNCTIONS = {"tanh": "tanh", "exp": "exp", "sigmoid": "sigmoid", "silu": "silu", "gelu": "gelu",
               "_softmax": "softmax", "_safe_softmax": "softmax", "softmax": "softmax",
-              "_log_softmax": "log_softmax", "log_softmax": "log_softmax"}
+              "_masked_softmax": "softmax", "_log_softmax": "log_softmax", "log_softmax": "log_softmax"}
 
 
 def op_kind(name: str, args: Any = (), kwargs: Any = None) -> str:
@@ -148,9 +149,12 @@ class NodeStats:
     """Of `unread_bytes`, those of tables that require grad: a backward writes their gradient."""
     conv_flops: tuple[int, ...] = ()
     """Of `gemm_flops`, those of convolutions (priced by `DeviceProfile.conv_efficiency`)."""
-    attention_flops: tuple[tuple[int, bool], ...] = ()
-    """Of `gemm_flops`, those of fused attention kernels (``scaled_dot_product_attention``'s),
-    each with whether it is causal (``is_causal``: a kernel skips the masked half)."""
+    attention_flops: tuple[tuple[int, bool, int], ...] = ()
+    """Of `gemm_flops`, those of attention (``scaled_dot_product_attention``, whichever kernel
+    ran it: a node that calls it keeps one side-less entry of all its FLOPs), each with
+    whether it is causal (``is_causal``: a fused kernel skips the masked half) and its FLOPs
+    per sample and head (``4 x query length x key length x head size``: what its kernel's
+    efficiency goes by)."""
     kind: str = ""
     """The kind of the first op it ran that a profile prices apart (`op_kind`: ``batch_norm``,
     ``norm``, ``tanh``, ``softmax``, ...); ``""`` for none."""
@@ -193,7 +197,7 @@ class _OpCounter(TorchDispatchMode):
         self.unread = 0
         self.table_grad = 0
         self.conv_flops: list[int] = []
-        self.attention_flops: list[tuple[int, bool]] = []
+        self.attention_flops: list[tuple[int, bool, int]] = []
         self.kind = ""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -207,7 +211,7 @@ class _OpCounter(TorchDispatchMode):
             if "conv" in func._overloadpacket.__name__:
                 self.conv_flops.append(int(flops))
             elif "attention" in func._overloadpacket.__name__:
-                self.attention_flops.append((int(flops), _is_causal(func, args, kwargs)))
+                self.attention_flops.append((int(flops), _is_causal(func, args, kwargs), _head_flops(int(flops), args)))
         self.kind = self.kind or op_kind(func._overloadpacket.__name__, args, kwargs)
         if _launches_kernel(func, out):
             self.kernels += 1
@@ -232,12 +236,41 @@ summed in a backward, not multiplied)."""
 
 
 def _is_causal(func: Any, args: Any, kwargs: Any) -> bool:
-    """Whether the attention op `func` was called with ``is_causal`` true (by its schema's
-    argument name: the position differs between the fused kernels)."""
-    for i, argument in enumerate(func._schema.arguments):
-        if argument.name == "is_causal":
-            return bool(args[i]) if i < len(args) else bool((kwargs or {}).get("is_causal", False))
+    """Whether the attention op `func` (an ATen overload, or torch's
+    ``scaled_dot_product_attention`` function) was called causal: its ``is_causal`` argument,
+    found by name in the schema (the position differs between the fused kernels), or
+    ``custom_mask_type`` 1 or 2 (``_efficient_attention_forward``'s causal masks)."""
+    schema = getattr(func, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else list(_SDPA_ARGUMENTS)
+    for name in ("is_causal", "custom_mask_type"):
+        if name in names:
+            i = names.index(name)
+            value = args[i] if i < len(args) else (kwargs or {}).get(name, 0)
+            return value is True if name == "is_causal" else value in (1, 2)
     return False
+
+
+_SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+"""``torch.nn.functional.scaled_dot_product_attention``'s arguments, in order."""
+
+
+def _head_flops(flops: int, args: Any) -> int:
+    """`flops` of an attention whose query is ``args[0]`` per sample and head: over the
+    query's leading dimensions (batch, heads)."""
+    query = args[0] if args else None
+    if not isinstance(query, torch.Tensor) or query.dim() < 3:
+        return flops
+    return max(1, flops // max(1, math.prod(int(d) for d in query.shape[:-2])))
+
+
+def _calls_attention(n: fx.Node) -> bool:
+    """Whether node `n` calls ``scaled_dot_product_attention`` itself (torch's function, or
+    its ATen op or one of its kernels in an exported graph)."""
+    if n.op != "call_function":
+        return False
+    packet = getattr(n.target, "_overloadpacket", None)
+    name = packet.__name__ if packet is not None else getattr(n.target, "__name__", "")
+    return "scaled_dot_product" in name or name in ("_efficient_attention_forward", "_flash_attention_forward")
 
 
 def _gemm_shape(func: Any, args: Any, out: Any) -> tuple[int, int, int]:
@@ -319,6 +352,12 @@ class _StatsInterpreter(fx.Interpreter):
         if n.op in ("placeholder", "output"):
             return out
         flops = self.counter.get_total_flops() - before
+        if _calls_attention(n) and flops > 0:
+            # Whichever kernel ran it here (a fused one, or the math path's matmuls on meta or
+            # with dropout), the device's may differ: one attention entry of all its FLOPs.
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            entry = (int(flops), _is_causal(n.target, args, kwargs), _head_flops(int(flops), args))
+            ops.gemm_flops, ops.gemm_shapes, ops.attention_flops = [int(flops)], [(0, 0, 0)], [entry]
         value_bytes = tensor_bytes(out)
         inputs = [self.env[a] for a in n.all_input_nodes if a in self.env]
         in_bytes = sum(tensor_bytes(x) for x in inputs)

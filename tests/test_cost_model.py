@@ -267,22 +267,37 @@ def test_kinds_of_ops_run_no_faster_than_their_measured_rates() -> None:
         assert layer_fwd_bwd_time(marked, replace(curved, op_rates=others)) == plain, kind
 
 
-def test_fused_attention_runs_at_its_curve() -> None:
-    """A causal and a full attention of 1e9 FLOPs and a matmul of as many: with both
-    attention curves each attention at its own (causal 1.2, full 0.4), the matmul at the
-    flat efficiency; without the causal curve the causal one at the full one's; without
-    either, all three as matmuls."""
-    layer = Layer(index=0, name="attention", fwd_flops=3 * 10**9, gemms=((10**9, 3),), attention=((10**9, 1, 1), (10**9, 1, 0)))
-    both = replace(TOY, attention_efficiency=((1e6, 0.1), (1e9, 0.4)), causal_attention_efficiency=((1e9, 1.2),))
+def test_attention_runs_at_its_curve_by_its_flops_per_head() -> None:
+    """A causal and a full attention of 1e9 FLOPs (1e6 per sample and head) and a matmul of
+    as many: with both attention curves each attention at its own, read at 1e6 FLOPs
+    (causal 1.2, full 0.4), the matmul at the flat efficiency; without the causal curve the
+    causal one at the full one's; without either, all three as matmuls."""
+    layer = Layer(index=0, name="attention", fwd_flops=3 * 10**9, gemms=((10**9, 3),),
+                  attention=((10**9, 1, 1, 10**6), (10**9, 1, 0, 10**6)))
+    both = replace(TOY, attention_efficiency=((1e6, 0.4), (1e9, 0.9)), causal_attention_efficiency=((1e6, 1.2), (1e9, 1.8)))
     peak, flat = 1e12, TOY.compute_efficiency
     assert layer_time(layer, both, INFER) == pytest.approx(1e9 / (peak * 1.2) + 1e9 / (peak * 0.4) + 1e9 / (peak * flat))
     full_only = replace(both, causal_attention_efficiency=())
     assert layer_time(layer, full_only, INFER) == pytest.approx(2e9 / (peak * 0.4) + 1e9 / (peak * flat))
     assert layer_time(layer, TOY, INFER) == pytest.approx(3e9 / (peak * flat))
+    # Half the batch: half the FLOPs, each head as large, so the same efficiency.
+    assert layer_fwd_bwd_time(layer, both, batch_fraction=0.5)[0] == pytest.approx(layer_time(layer, both, INFER) / 2)
     # Its backward keeps the forward's efficiency (twice the FLOPs each).
-    trained = replace(layer, bwd_flops=6 * 10**9)
-    fwd, bwd = layer_fwd_bwd_time(trained, both)
+    fwd, bwd = layer_fwd_bwd_time(replace(layer, bwd_flops=6 * 10**9), both)
     assert bwd == pytest.approx(2 * fwd)
+
+
+def test_a_convolution_an_attention_and_a_matmul_of_equal_flops_keep_their_own_curves() -> None:
+    """1e9 FLOPs each: a convolution (0.2 on its curve), an attention (0.6 at its 1e6 FLOPs
+    per head) and a matmul whose sides are known (it is neither: the flat efficiency)."""
+    layer = Layer(index=0, name="mixed", fwd_flops=3 * 10**9, gemms=((10**9, 1, 1000, 500, 1000), (10**9, 2)),
+                  convs=((10**9, 1),), attention=((10**9, 1, 0, 10**6),))
+    profile = replace(TOY, conv_efficiency=((1e9, 0.2),), attention_efficiency=((1e6, 0.6),))
+    peak, flat = 1e12, TOY.compute_efficiency
+    assert layer_time(layer, profile, INFER) == pytest.approx(1e9 / (peak * 0.2) + 1e9 / (peak * 0.6) + 1e9 / (peak * flat))
+    # An attention counted beyond its side-less entries takes only what there is.
+    extra = replace(layer, attention=((10**9, 5, 0, 10**6),))
+    assert layer_time(extra, profile, INFER) == pytest.approx(layer_time(layer, profile, INFER))
 
 
 def test_convolutions_run_at_their_curve() -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from partitioner.ir import INPUT, OUTPUT
 from partitioner.layers import LayeredModel, build_layers, refinable_modules, refine_layers
 from partitioner.devices import OP_KINDS
-from partitioner.profiling import NodeStats, op_kind, profile_nodes
+from partitioner.profiling import NodeStats, _is_causal, op_kind, profile_nodes
 from partitioner.trace import trace_model
 from tests.models import PLAIN_CASES, ZOO, TwiceModel
 
@@ -340,6 +340,7 @@ def test_convolutions_and_the_kinds_of_memory_bound_ops_are_kept(frontend: str) 
         ("gelu", (), "gelu"),
         ("_softmax", (None, -1, False), "softmax"),
         ("_safe_softmax", (), "softmax"),
+        ("_masked_softmax", (), "softmax"),
         ("_log_softmax", (), "log_softmax"),
         ("tanh_backward", (), ""),
     ],
@@ -348,33 +349,56 @@ def test_op_kinds_by_name(name: str, args: tuple[Any, ...], kind: str) -> None:
     assert op_kind(name, args) == kind
 
 
+def test_causal_attention_is_read_from_each_kernels_own_argument() -> None:
+    """``is_causal`` sits at another position in each fused kernel (found by name), the
+    memory-efficient kernel says it with ``custom_mask_type``, torch's function by keyword."""
+    aten = torch.ops.aten
+    flash = aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert _is_causal(flash, (None, None, None, 0.0, True), {}) and not _is_causal(flash, (None, None, None), {})
+    efficient = aten._efficient_attention_forward.default
+    names = [a.name for a in efficient._schema.arguments]
+    args = [None] * len(names)
+    for mask, causal in ((0, False), (1, True), (2, True)):
+        args[names.index("custom_mask_type")] = mask
+        assert _is_causal(efficient, tuple(args), {}) is causal
+    assert _is_causal(F.scaled_dot_product_attention, (None, None, None), {"is_causal": True})
+    assert not _is_causal(F.scaled_dot_product_attention, (None, None, None, None, 0.0, False), {})
+
+
 def test_a_gelu_approximated_with_tanh_is_its_own_kind() -> None:
     """``gelu``'s ``approximate`` is keyword-only in ATen; either way it decides the kind."""
     assert op_kind("gelu", (None,), {"approximate": "tanh"}) == op_kind("gelu_", (None, "tanh")) == "gelu_tanh"
     assert op_kind("gelu", (None,), {"approximate": "none"}) == op_kind("gelu", (None,)) == "gelu"
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_fused_attention_is_kept_with_its_mask(frontend: str) -> None:
-    """Three attentions of 2 x 4 heads x 16 tokens x 8: causal, full, and with a mask tensor
-    (full work: the kernel computes every block); each among the FLOP-counting ops and kept
-    in `Layer.attention` with whether it is causal."""
+def test_attention_is_kept_with_its_mask_whichever_kernel_runs_it(frontend: str, device: str) -> None:
+    """Four attentions of 2 samples x 4 heads x 16 tokens x 8: causal, full, with a mask
+    tensor (full work: the kernel computes every block) and with dropout (on a CPU, and on
+    ``meta`` for all four, the math path's matmuls run, not a fused kernel): each is one
+    side-less FLOP-counting entry, kept in `Layer.attention` with whether it is causal and
+    its FLOPs per sample and head."""
 
     class Attentions(nn.Module):
         def forward(self, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             x = F.scaled_dot_product_attention(q, q, q, is_causal=True)
             x = F.scaled_dot_product_attention(x, x, x)
-            return F.scaled_dot_product_attention(x, x, x, attn_mask=mask)
+            x = F.scaled_dot_product_attention(x, x, x, attn_mask=mask)
+            return F.scaled_dot_product_attention(x, x, x, dropout_p=0.1)
 
-    q, mask = torch.randn(2, 4, 16, 8), torch.ones(16, 16, dtype=torch.bool).tril()
+    q = torch.randn(2, 4, 16, 8, device=device)
+    mask = torch.ones(16, 16, dtype=torch.bool, device=device).tril()
     layers = group(Attentions(), (q, mask), {}, frontend=frontend, granularity="leaf").layered.graph.layers
-    flops = 4 * 2 * 4 * 16 * 16 * 8
-    kept: Counter[tuple[int, int]] = Counter()
+    head = 4 * 16 * 16 * 8
+    flops = 2 * 4 * head
+    kept: Counter[tuple[int, int, int]] = Counter()
     for layer in layers:
-        for g, count, causal in layer.attention:
-            kept[(g, causal)] += count
-    assert kept == {(flops, 1): 1, (flops, 0): 2}
-    assert sum(g[1] for layer in layers for g in layer.gemms if g[0] == flops) == 3
+        for g, count, causal, per_head in layer.attention:
+            kept[(g, causal, per_head)] += count
+    assert kept == {(flops, 1, head): 1, (flops, 0, head): 3}
+    entries = Counter((g[0], tuple(g[2:])) for layer in layers for g in layer.gemms for _ in range(g[1]))
+    assert entries == {(flops, (0, 0, 0)): 4}, entries
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
