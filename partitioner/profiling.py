@@ -211,7 +211,9 @@ class _OpCounter(TorchDispatchMode):
             if "conv" in func._overloadpacket.__name__:
                 self.conv_flops.append(int(flops))
             elif "attention" in func._overloadpacket.__name__:
-                self.attention_flops.append((int(flops), _is_causal(func, args, kwargs), _head_flops(int(flops), args)))
+                name = func._overloadpacket.__name__
+                entry = (int(flops), _is_causal(func, args, kwargs), _head_flops(int(flops), args, name in _BTHD))
+                self.attention_flops.append(entry)
         self.kind = self.kind or op_kind(func._overloadpacket.__name__, args, kwargs)
         if _launches_kernel(func, out):
             self.kernels += 1
@@ -254,13 +256,20 @@ _SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal
 """``torch.nn.functional.scaled_dot_product_attention``'s arguments, in order."""
 
 
-def _head_flops(flops: int, args: Any) -> int:
+_BTHD = frozenset({"_flash_attention_forward", "_efficient_attention_forward"})
+"""Attention kernels whose query is (batch, tokens, heads, head size), not (batch, heads, tokens, head size)."""
+
+
+def _head_flops(flops: int, args: Any, bthd: bool = False) -> int:
     """`flops` of an attention whose query is ``args[0]`` per sample and head: over the
-    query's leading dimensions (batch, heads)."""
+    query's batch and heads (its leading dimensions; the first and third where the layout
+    is `bthd`: batch, tokens, heads, head size)."""
     query = args[0] if args else None
     if not isinstance(query, torch.Tensor) or query.dim() < 3:
         return flops
-    return max(1, flops // max(1, math.prod(int(d) for d in query.shape[:-2])))
+    shape = [int(d) for d in query.shape]
+    groups = shape[0] * shape[2] if bthd and len(shape) == 4 else math.prod(shape[:-2])
+    return max(1, flops // max(1, groups))
 
 
 def _calls_attention(n: fx.Node) -> bool:

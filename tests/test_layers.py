@@ -15,7 +15,7 @@ from torch import nn
 from partitioner.ir import INPUT, OUTPUT
 from partitioner.layers import LayeredModel, build_layers, refinable_modules, refine_layers
 from partitioner.devices import OP_KINDS
-from partitioner.profiling import NodeStats, _is_causal, op_kind, profile_nodes
+from partitioner.profiling import NodeStats, _head_flops, _is_causal, op_kind, profile_nodes
 from partitioner.trace import trace_model
 from tests.models import PLAIN_CASES, ZOO, TwiceModel
 
@@ -363,6 +363,14 @@ def test_causal_attention_is_read_from_each_kernels_own_argument() -> None:
         assert _is_causal(efficient, tuple(args), {}) is causal
     assert _is_causal(F.scaled_dot_product_attention, (None, None, None), {"is_causal": True})
     assert not _is_causal(F.scaled_dot_product_attention, (None, None, None, None, 0.0, False), {})
+
+
+def test_flops_per_head_follow_each_kernels_layout() -> None:
+    """Most attention kernels take (batch, heads, tokens, head size); flash's and the
+    memory-efficient forward (batch, tokens, heads, head size): either way 2 x 4 heads."""
+    flops = 2 * 4 * (4 * 16 * 16 * 8)
+    assert _head_flops(flops, (torch.empty(2, 4, 16, 8),)) == _head_flops(flops, (torch.empty(2, 16, 4, 8),), True) == 4 * 16 * 16 * 8
+    assert _head_flops(flops, ()) == flops  # no query to read: the whole
 
 
 def test_a_gelu_approximated_with_tanh_is_its_own_kind() -> None:
