@@ -30,7 +30,9 @@ its output aliases an input: ``view``, ``t``, ``expand``, ``permute``, ``_unsafe
 The rule is torch's own runtime estimator's (``torch.utils._runtime_estimation``: its
 view ops run no kernel). The FLOPs of each op that counts any (matmuls, convolutions,
 attention: the ops `FlopCounterMode` knows) are kept one by one, so that the cost model
-can price each at its own size's efficiency.
+can price each at its own size's efficiency; a node that calls
+``scaled_dot_product_attention`` itself keeps one entry of all its FLOPs, whichever kernel
+ran it here (`NodeStats.attention_flops`).
 """
 
 from __future__ import annotations
@@ -150,8 +152,11 @@ class NodeStats:
     conv_flops: tuple[int, ...] = ()
     """Of `gemm_flops`, those of convolutions (priced by `DeviceProfile.conv_efficiency`)."""
     attention_flops: tuple[tuple[int, bool, int], ...] = ()
-    """Of `gemm_flops`, those of attention (``scaled_dot_product_attention``, whichever kernel
-    ran it: a node that calls it keeps one side-less entry of all its FLOPs), each with
+    """Of `gemm_flops`, those of attention (``scaled_dot_product_attention``): a node that
+    calls it itself (an fx or exported function node) keeps one side-less entry of all its
+    FLOPs, whichever kernel ran it; inside a module called as one node (fx's leaf
+    ``nn.MultiheadAttention``) only a fused kernel is seen as attention (on ``meta``, or
+    with dropout, its math path's matmuls stay matmuls). Each with
     whether it is causal (``is_causal``: a fused kernel skips the masked half) and its FLOPs
     per sample and head (``4 x query length x key length x head size``: what its kernel's
     efficiency goes by)."""
@@ -365,7 +370,9 @@ class _StatsInterpreter(fx.Interpreter):
             # Whichever kernel ran it here (a fused one, or the math path's matmuls on meta or
             # with dropout), the device's may differ: one attention entry of all its FLOPs.
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            entry = (int(flops), _is_causal(n.target, args, kwargs), _head_flops(int(flops), args))
+            packet = getattr(n.target, "_overloadpacket", None)
+            bthd = packet is not None and packet.__name__ in _BTHD
+            entry = (int(flops), _is_causal(n.target, args, kwargs), _head_flops(int(flops), args, bthd))
             ops.gemm_flops, ops.gemm_shapes, ops.attention_flops = [int(flops)], [(0, 0, 0)], [entry]
         value_bytes = tensor_bytes(out)
         inputs = [self.env[a] for a in n.all_input_nodes if a in self.env]

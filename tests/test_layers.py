@@ -365,6 +365,22 @@ def test_causal_attention_is_read_from_each_kernels_own_argument() -> None:
     assert not _is_causal(F.scaled_dot_product_attention, (None, None, None, None, 0.0, False), {})
 
 
+def test_a_node_of_the_memory_efficient_kernel_reads_its_heads_from_its_layout() -> None:
+    """An exported graph may hold a fused kernel as a node: ``_efficient_attention_forward``
+    takes (batch, tokens, heads, head size), so 2 samples x 4 heads, causal by its mask type."""
+
+    class Kernel(nn.Module):
+        def forward(self, q: torch.Tensor) -> Any:
+            return torch.ops.aten._efficient_attention_forward.default(
+                q, q, q, None, None, None, None, None, 0.0, 1, False)
+
+    q = torch.randn(2, 16, 4, 8)
+    gm = torch.fx.symbolic_trace(Kernel())
+    stats = profile_nodes(gm, (q,), {}, training=False)
+    (flops, causal, head), = [e for s in stats.values() for e in s.attention_flops]
+    assert flops > 0 and causal and head == flops // (2 * 4)  # not over 2 x 16 tokens
+
+
 def test_flops_per_head_follow_each_kernels_layout() -> None:
     """Most attention kernels take (batch, heads, tokens, head size); flash's and the
     memory-efficient forward (batch, tokens, heads, head size): either way 2 x 4 heads."""
