@@ -200,11 +200,11 @@ def _matmul_s(layer: Layer, profile: DeviceProfile, dtype: str, batch_fraction: 
     seconds = 0.0
     # Convolutions and fused attention are entries of `gemms` too (sides unknown): those
     # `convs` and `attention` count run at the profile's curve for them where it has one.
-    kernels = _own_curves(layer, profile)
+    own = _own_curves(layer, profile)
     for flops, count, *sides in layer.gemms:
         scaled = flops * batch_fraction
         # Their sides are unknown (0, 0, 0): a matmul of as many FLOPs is not one of them.
-        for curve, at, left in (kernels.get(flops, []) if not any(sides) else []):
+        for curve, at, left in (own.get(flops, []) if not any(sides) else []):
             taken = min(count, left[0])
             if taken:
                 left[0] -= taken

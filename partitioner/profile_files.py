@@ -69,14 +69,6 @@ def json_object(where: str, key: str, value: object, required: set[str], optiona
 
 
 _LINK_KEYS = {f.name for f in fields(Link)}
-_OPTIONAL_PROFILE_KEYS = {"launch_s", "module_call_s", "gemm_efficiency", "gemm_narrow", "memory_curve",
-                          "conv_efficiency", "attention_efficiency", "causal_attention_efficiency", "op_rates",
-                          "calibrated"}
-"""Keys added after the first schema: a profile without them still loads (their defaults)."""
-_PROFILE_KEYS = {f.name for f in fields(DeviceProfile)} - _OPTIONAL_PROFILE_KEYS
-_CALIBRATE_SOURCE = "partitioner.calibrate.measure_device"
-
-
 _CURVES = {
     "gemm_efficiency": "[flops, efficiency] pairs",
     "gemm_narrow": "[axis, size, efficiency] triples",
@@ -86,6 +78,12 @@ _CURVES = {
     "causal_attention_efficiency": "[flops, efficiency] pairs",
 }
 """The profile's keys that are lists of points, and what each point is."""
+
+
+_OPTIONAL_PROFILE_KEYS = {"launch_s", "module_call_s", "op_rates", "calibrated"} | set(_CURVES)
+"""Keys added after the first schema: a profile without them still loads (their defaults)."""
+_PROFILE_KEYS = {f.name for f in fields(DeviceProfile)} - _OPTIONAL_PROFILE_KEYS
+_CALIBRATE_SOURCE = "partitioner.calibrate.measure_device"
 
 
 def _points(top: dict[str, Any], key: str, what: str, where: str) -> tuple[Any, ...]:

@@ -206,6 +206,7 @@ class _OpCounter(TorchDispatchMode):
         self.kind = ""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func._overloadpacket.__name__
         before = self.counter.get_total_flops()
         out = func(*args, **(kwargs or {}))
         flops = self.counter.get_total_flops() - before
@@ -213,17 +214,15 @@ class _OpCounter(TorchDispatchMode):
             self.gemm_flops.append(int(flops))
             self.gemm_shapes.append(_gemm_shape(func, args, out))
             self.bwd_flops += _backward_flops(func, int(flops), args) if self.grads else BACKWARD_FLOP_FACTOR * int(flops)
-            if "conv" in func._overloadpacket.__name__:
+            if "conv" in name:
                 self.conv_flops.append(int(flops))
-            elif "attention" in func._overloadpacket.__name__:
-                name = func._overloadpacket.__name__
-                entry = (int(flops), _is_causal(func, args, kwargs), _head_flops(int(flops), args, name in _BTHD))
-                self.attention_flops.append(entry)
-        self.kind = self.kind or op_kind(func._overloadpacket.__name__, args, kwargs)
+            elif "attention" in name:
+                self.attention_flops.append(_attention_entry(func, int(flops), args, kwargs))
+        self.kind = self.kind or op_kind(name, args, kwargs)
         if _launches_kernel(func, out):
             self.kernels += 1
         table = args[0] if args else None
-        if func._overloadpacket.__name__ in _LOOKUPS and isinstance(table, torch.Tensor) and id(table) in self.tables:
+        if name in _LOOKUPS and isinstance(table, torch.Tensor) and id(table) in self.tables:
             unread = max(0, tensor_bytes(table) - tensor_bytes(out))
             self.unread += unread
             self.table_grad += unread if table.requires_grad and torch.is_grad_enabled() else 0
@@ -277,14 +276,21 @@ def _head_flops(flops: int, args: Any, bthd: bool = False) -> int:
     return max(1, flops // max(1, groups))
 
 
+def _name(target: Any) -> str:
+    """The name of an ATen op (its overload packet's) or of a function."""
+    packet = getattr(target, "_overloadpacket", None)
+    return packet.__name__ if packet is not None else getattr(target, "__name__", "")
+
+
+def _attention_entry(target: Any, flops: int, args: Any, kwargs: Any) -> tuple[int, bool, int]:
+    """(FLOPs, causal, FLOPs per sample and head) of an attention call (`NodeStats.attention_flops`)."""
+    return flops, _is_causal(target, args, kwargs), _head_flops(flops, args, _name(target) in _BTHD)
+
+
 def _calls_attention(n: fx.Node) -> bool:
     """Whether node `n` calls ``scaled_dot_product_attention`` itself (torch's function, or
     its ATen op or one of its kernels in an exported graph)."""
-    if n.op != "call_function":
-        return False
-    packet = getattr(n.target, "_overloadpacket", None)
-    name = packet.__name__ if packet is not None else getattr(n.target, "__name__", "")
-    return "scaled_dot_product" in name or name in ("_efficient_attention_forward", "_flash_attention_forward")
+    return n.op == "call_function" and ("scaled_dot_product" in _name(n.target) or _name(n.target) in _BTHD)
 
 
 def _gemm_shape(func: Any, args: Any, out: Any) -> tuple[int, int, int]:
@@ -370,9 +376,7 @@ class _StatsInterpreter(fx.Interpreter):
             # Whichever kernel ran it here (a fused one, or the math path's matmuls on meta or
             # with dropout), the device's may differ: one attention entry of all its FLOPs.
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            packet = getattr(n.target, "_overloadpacket", None)
-            bthd = packet is not None and packet.__name__ in _BTHD
-            entry = (int(flops), _is_causal(n.target, args, kwargs), _head_flops(int(flops), args, bthd))
+            entry = _attention_entry(n.target, int(flops), args, kwargs)
             ops.gemm_flops, ops.gemm_shapes, ops.attention_flops = [int(flops)], [(0, 0, 0)], [entry]
         value_bytes = tensor_bytes(out)
         inputs = [self.env[a] for a in n.all_input_nodes if a in self.env]
